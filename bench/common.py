@@ -1,0 +1,91 @@
+"""Shared pieces of the GPU benchmarks: environment record, timing, error metrics, shapes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+from collections.abc import Callable
+
+import torch
+
+# One linear layer of FLUX.2 klein at 1024x1024 (4096 image + 512 text tokens): (name, M, K, N).
+# M = 4608 for single blocks (image + text), 4096 / 512 for the image / text halves of double blocks.
+KLEIN_SHAPES: tuple[tuple[str, int, int, int], ...] = (
+    ("9B single.linear1", 4608, 4096, 36864),
+    ("9B single.linear2", 4608, 16384, 4096),
+    ("9B img.qkv", 4096, 4096, 12288),
+    ("9B img.proj", 4096, 4096, 4096),
+    ("9B img.mlp0", 4096, 4096, 24576),
+    ("9B img.mlp2", 4096, 12288, 4096),
+    ("9B txt.mlp0", 512, 4096, 24576),
+    ("4B single.linear1", 4608, 3072, 27648),
+    ("4B single.linear2", 4608, 12288, 3072),
+)
+# The same weights at M = 512 (short prompts, 512x512 images) and M = 1 (modulation, batch-1 text).
+EXTRA_M = (512, 1)
+
+
+def all_shapes() -> list[tuple[str, int, int, int]]:
+    """KLEIN_SHAPES plus each distinct (K, N) at M = 512 and M = 1."""
+    shapes = list(KLEIN_SHAPES)
+    seen = {(m, k, n) for _, m, k, n in shapes}
+    for name, _, k, n in KLEIN_SHAPES:
+        for m in EXTRA_M:
+            if (m, k, n) not in seen:
+                seen.add((m, k, n))
+                shapes.append((f"{name} M={m}", m, k, n))
+    return shapes
+
+
+def environment() -> dict:
+    """GPU, driver-visible versions and the date, recorded with every result file."""
+    import triton
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+    }
+    try:
+        import comfy_kitchen
+
+        env["comfy_kitchen"] = getattr(comfy_kitchen, "__version__", "installed")
+    except ImportError:
+        env["comfy_kitchen"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                   memory_gb=round(props.total_memory / 2**30, 1))
+    return env
+
+
+def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of ``fn`` in ms (triton.testing.do_bench: events, L2 flushed before each run)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
+    o, r = out.double(), ref.double()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    return float((o - r).norm() / r.norm())
+
+
+def tops(m: int, k: int, n: int, ms: float) -> float:
+    return 2.0 * m * n * k / (ms * 1e-3) / 1e12
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Run the GPU tier, the PTX check, the benchmarks and the config sweep on the GPU machine.
+#
+#   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
+#
+# STEPs: tests | ptx | bench | bench-quick | sweep-large | sweep-mid | sweep-small | sweep-small64
+# Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
+# Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
+# package is imported as int8_w8a8 through a symlink, since the machine cannot pip install -e.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/int8_w8a8
+export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+status=0
+for step in "$@"; do
+    echo "=== $step ==="
+    start=$SECONDS
+    case "$step" in
+        tests) python3 -m pytest tests -m "kernels or gpu" -q -p no:randomly 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+        ptx) python3 -m int8_w8a8.bench.check_ptx --arch 90 2>&1 | tee "$OUT/ptx.txt" ;;
+        bench) python3 -m int8_w8a8.bench.bench_linear --out "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.txt" ;;
+        bench-quick) python3 -m int8_w8a8.bench.bench_linear --quick --out "$OUT/bench_linear.json" 2>&1 \
+            | tee "$OUT/bench_linear.txt" ;;
+        sweep-*) python3 -m int8_w8a8.bench.sweep_gemm --bucket "${step#sweep-}" --out "$OUT/sweep_${step#sweep-}.json" \
+            2>&1 | tee "$OUT/sweep_${step#sweep-}.txt" ;;
+        *) echo "unknown step $step"; status=2 ;;
+    esac
+    [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+    echo "=== $step took $((SECONDS - start)) s ==="
+done
+exit $status

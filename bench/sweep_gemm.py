@@ -1,0 +1,110 @@
+"""Sweep GEMM tile configurations per M bucket on this GPU (GEMM + epilogue only, bf16 out).
+
+    python -m int8_w8a8.bench.sweep_gemm [--out sweep.json] [--bucket large|mid|small|all]
+
+The winners go into ``kernels/configs.py`` by hand, one per (GPU generation, M bucket): the pack
+never autotunes at run time. Each candidate is checked against the twin before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+
+from ..kernels import reference, triton_gemm, triton_quant
+from ..kernels.configs import GemmConfig
+from . import common
+
+BUCKETS: dict[str, list[tuple[int, int, int]]] = {
+    "large": [(4608, 4096, 36864), (4608, 16384, 4096), (4096, 4096, 4096), (4096, 12288, 4096),
+              (4096, 4096, 12288)],
+    "mid": [(512, 4096, 24576), (512, 16384, 4096), (256, 4096, 12288), (128, 4096, 24576)],
+    "small64": [(64, 4096, 24576), (33, 4096, 12288)],
+    "small": [(1, 4096, 24576), (16, 4096, 24576), (1, 16384, 4096), (1, 3072, 9216)],
+}
+
+
+def candidates(bucket: str) -> list[GemmConfig]:
+    out = []
+    if bucket == "large":
+        for (bm, bn), bk, st, sub, g in itertools.product(((128, 256), (256, 128)), (64, 128), (3, 4), (True, False),
+                                                       (8, 16)):
+            out.append(GemmConfig("tma", bm, bn, bk, group_m=g, num_warps=8, num_stages=st, epilogue_subtile=sub))
+        for bk, st, cps in itertools.product((64, 128), (3, 4), (1, 2)):
+            out.append(GemmConfig("tma", 128, 128, bk, group_m=8, num_warps=8, num_stages=st, ctas_per_sm=cps))
+            out.append(GemmConfig("tma", 128, 128, bk, group_m=8, num_warps=4, num_stages=st, ctas_per_sm=cps))
+    elif bucket == "mid":
+        for (bm, bn), bk, st, w in itertools.product(((128, 256), (128, 128), (64, 256), (64, 128)), (64, 128),
+                                                     (3, 4), (4, 8)):
+            if bm == 128 and w == 4 and bn == 256:
+                continue
+            out.append(GemmConfig("tma", bm, bn, bk, num_warps=w, num_stages=st, epilogue_subtile=bn == 256))
+    elif bucket == "small64":
+        for bn, bk, st in itertools.product((64, 128, 256), (128, 256), (3, 4, 5)):
+            out.append(GemmConfig("tma", 64, bn, bk, num_warps=4, num_stages=st))
+        for bn, bk in itertools.product((32, 64, 128), (128, 256)):
+            out.append(GemmConfig("generic", 64, bn, bk, num_warps=4, num_stages=4))
+    else:
+        for bn, bk, st, w in itertools.product((32, 64, 128), (128, 256, 512), (3, 4, 6), (2, 4)):
+            if bn * bk * st > 160 * 1024:
+                continue
+            out.append(GemmConfig("generic", 16, bn, bk, group_m=1, num_warps=w, num_stages=st))
+        for bn, bk, st in itertools.product((64, 128), (128, 256), (3, 4)):
+            out.append(GemmConfig("tma", 64, bn, bk, num_warps=4, num_stages=st))
+    return out
+
+
+def run_bucket(bucket: str) -> list[dict]:
+    results = []
+    for m, k, n in BUCKETS[bucket]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        xq, xs = triton_quant.quantize_rows(x)
+        xs = xs.reshape(-1)
+        wq, ws = triton_quant.quantize_weight(w)
+        ws = ws.reshape(-1)
+        ref = reference.epilogue(reference.int8_matmul(xq, wq), xs, ws, None, torch.bfloat16)
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        rows = []
+        for cfg in candidates(bucket):
+            try:
+                out.fill_(float("nan"))
+                triton_gemm.gemm(xq, xs, wq, ws, None, out, cfg)
+                torch.cuda.synchronize()
+                if not torch.equal(out, ref):
+                    rows.append({"config": cfg.__dict__, "error": "wrong result"})
+                    continue
+                ms = common.bench_ms(lambda cfg=cfg: triton_gemm.gemm(xq, xs, wq, ws, None, out, cfg),
+                                     warmup_ms=10, rep_ms=50)
+                rows.append({"config": cfg.__dict__, "ms": ms, "tops": common.tops(m, k, n, ms)})
+            except Exception as exc:  # out of shared memory etc.: record and go on
+                rows.append({"config": cfg.__dict__, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+        best = ok[0] if ok else None
+        print(f"[{bucket}] M={m} K={k} N={n}: {len(ok)}/{len(rows)} ran;"
+              + (f" best {best['tops']:.0f} TOPS {best['ms']:.4f} ms {best['config']}" if best else " none ran"))
+        for r in ok[1:4]:
+            print(f"      next {r['tops']:.0f} TOPS {r['config']}")
+        results.append({"M": m, "K": k, "N": n, "results": rows})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="sweep_gemm.json")
+    parser.add_argument("--bucket", default="all", choices=["all", *BUCKETS])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_gemm needs a CUDA GPU", file=sys.stderr)
+        return 2
+    buckets = list(BUCKETS) if args.bucket == "all" else [args.bucket]
+    payload = {"env": common.environment(), "buckets": {b: run_bucket(b) for b in buckets}}
+    common.write_json(args.out, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

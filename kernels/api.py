@@ -1,0 +1,121 @@
+"""Public kernel API: validate arguments, then run the implementation the dispatch rules pick.
+
+Outside torch.compile the implementation is called directly (the custom-op dispatcher adds tens of
+microseconds per call, which matters for batch-1 layers). While Dynamo traces, calls go through the
+``int8_w8a8::*`` custom ops registered in ``library.py``, which Inductor treats as opaque nodes with
+shape-only fake implementations: no graph breaks, no recompiles when M changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, reference
+from .dispatch import choose_backend
+
+
+def quantize_rows(
+    x: torch.Tensor, *, smooth: torch.Tensor | None = None, rotate_group: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token INT8 quantization of activations.
+
+    Args:
+        x: float16/bfloat16/float32 ``[..., K]``, any strides; leading dims fold into M.
+        smooth: optional ``[K]`` per-channel divisor (SmoothQuant), applied before the rotation.
+        rotate_group: 0, or a ConvRot group (64, 128, 256) rotating each group of K (``x_g @ H``).
+
+    Returns:
+        ``q`` int8 ``[M, K]`` and ``scale`` float32 ``[M, 1]``; rows with NaN/Inf get scale NaN.
+    """
+    _checks.check_float_input(x, "x")
+    _checks.check_smooth(smooth, x.shape[-1])
+    _checks.check_rotate_group(rotate_group, x.shape[-1])
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.quantize_rows(x, smooth, rotate_group)
+    return quantize_rows_impl(x, smooth, rotate_group)
+
+
+def quantize_weight(
+    w: torch.Tensor, *, per_row: bool = True, seed: int | None = None, rotate_group: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight ``[N, K]``: round-to-nearest-even, or stochastic rounding when seeded.
+
+    Returns ``q`` int8 ``[N, K]`` and ``scale`` float32 ``[N, 1]`` (per_row) or ``[]``. With
+    ``rotate_group`` the weight is rotated (``W_g @ H^T``) first, to pair with activations quantized
+    with the same group. NaN/Inf in ``w`` raise ``ValueError``.
+    """
+    reference.check_weight_input(w, per_row, seed, rotate_group)
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.quantize_weight(w, per_row, seed, rotate_group)
+    return quantize_weight_impl(w, per_row, seed, rotate_group)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+    smooth: torch.Tensor | None = None,
+    rotate_group: int = 0,
+) -> torch.Tensor:
+    """W8A8 linear layer: ``y = (quant(x) @ q.T) * x_scale * scale + bias``.
+
+    Args:
+        x: float16/bfloat16/float32 ``[..., K]``.
+        q: int8 weight ``[N, K]``.
+        scale: float32 weight scale, ``[]`` (per-tensor), ``[N]`` or ``[N, 1]`` (per-row); finite, > 0.
+        bias: optional ``[N]``.
+        out_dtype: float16/bfloat16/float32; default ``x.dtype``.
+        smooth, rotate_group: as in ``quantize_rows``; ``q`` must have been built to match.
+
+    Returns:
+        ``y [..., N]`` in ``out_dtype``.
+    """
+    _, _, _, dtype = _checks.check_linear_args(x, q, scale, bias, out_dtype, smooth, rotate_group)
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.int8_linear(x, q, scale, bias, dtype, smooth, rotate_group)
+    return int8_linear_impl(x, q, scale, bias, dtype, smooth, rotate_group)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, rotate_group: int = 0) -> torch.Tensor:
+    """``w = q * scale`` as ``dtype`` ``[N, K]``; with ``rotate_group`` the rotation is undone."""
+    reference.check_dequantize_args(q, scale, dtype, rotate_group)
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.dequantize(q, scale, dtype, rotate_group)
+    return dequantize_impl(q, scale, dtype, rotate_group)
+
+
+# ---- implementations behind both the eager calls and the custom ops (arguments already checked) ----
+def quantize_rows_impl(x, smooth, rotate_group):
+    if choose_backend(x.device).name == "triton":
+        from . import triton_quant
+
+        return triton_quant.quantize_rows(x, smooth=smooth, rotate_group=rotate_group)
+    return reference.quantize_rows_unchecked(x, smooth, rotate_group)
+
+
+def quantize_weight_impl(w, per_row, seed, rotate_group):
+    if choose_backend(w.device).name == "triton":
+        from . import triton_quant
+
+        return triton_quant.quantize_weight(w, per_row=per_row, seed=seed, rotate_group=rotate_group)
+    return reference.quantize_weight_unchecked(w, per_row, seed, rotate_group)
+
+
+def int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group):
+    backend = choose_backend(x.device)
+    if backend.name == "triton":
+        from . import triton_ops
+
+        return triton_ops.int8_linear(x, q, scale, bias, out_dtype, smooth, rotate_group, backend)
+    return reference.int8_linear_unchecked(x, q, scale, bias, out_dtype, smooth, rotate_group)
+
+
+def dequantize_impl(q, scale, dtype, rotate_group):
+    if choose_backend(q.device).name == "triton":
+        from . import triton_ops
+
+        return triton_ops.dequantize(q, scale, dtype, rotate_group)
+    return reference.dequantize_unchecked(q, scale, dtype, rotate_group)

@@ -1,0 +1,73 @@
+"""``int8_w8a8::*`` torch.library custom ops with fake (meta) implementations.
+
+torch.compile sees each op as one opaque node whose output shapes come from the fakes below, so a
+compiled model traces through the pack's kernels with symbolic M and without graph breaks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import api
+
+LIB = "int8_w8a8"
+
+
+@torch.library.custom_op(f"{LIB}::quantize_rows", mutates_args=())
+def quantize_rows_op(
+    x: torch.Tensor, smooth: torch.Tensor | None, rotate_group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = api.quantize_rows_impl(x, smooth, rotate_group)
+    return q, scale.clone()  # the eager path returns a view; custom ops may not return views
+
+
+@quantize_rows_op.register_fake
+def _(x, smooth, rotate_group):
+    k = x.shape[-1]
+    m = math.prod(x.shape[:-1])
+    return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIB}::quantize_weight", mutates_args=())
+def quantize_weight_op(
+    w: torch.Tensor, per_row: bool, seed: int | None, rotate_group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = api.quantize_weight_impl(w, per_row, seed, rotate_group)
+    return q, scale.clone()
+
+
+@quantize_weight_op.register_fake
+def _(w, per_row, seed, rotate_group):
+    n, k = w.shape
+    scale_shape = (n, 1) if per_row else ()
+    return w.new_empty((n, k), dtype=torch.int8), w.new_empty(scale_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIB}::int8_linear", mutates_args=())
+def int8_linear_op(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    smooth: torch.Tensor | None,
+    rotate_group: int,
+) -> torch.Tensor:
+    return api.int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group)
+
+
+@int8_linear_op.register_fake
+def _(x, q, scale, bias, out_dtype, smooth, rotate_group):
+    return x.new_empty((*x.shape[:-1], q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op(f"{LIB}::dequantize", mutates_args=())
+def dequantize_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rotate_group: int) -> torch.Tensor:
+    return api.dequantize_impl(q, scale, dtype, rotate_group)
+
+
+@dequantize_op.register_fake
+def _(q, scale, dtype, rotate_group):
+    return q.new_empty(q.shape, dtype=dtype)

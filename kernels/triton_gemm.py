@@ -1,0 +1,215 @@
+"""Triton INT8 GEMM with the dequantization fused into the epilogue.
+
+``out[m, n] = ((acc[m, n] * x_scale[m]) * w_scale[n or 0]) + bias[n]``, with
+``acc = xq @ wq.T`` accumulated exactly in int32.
+
+Two kernels:
+
+* ``_gemm_tma_kernel`` (SM 9.0+): a persistent grid of one program per SM walks the output tiles
+  in grouped order (GROUP_M rows of tiles share weight tiles in L2). Operands arrive through TMA
+  tensor descriptors, the product runs on wgmma, and the loop over tiles is flattened so the loads
+  of the next tile are issued while the current one finishes its epilogue. TMA zero-fills reads
+  past the edges and clips stores, so there are no masks.
+* ``_gemm_kernel`` (SM 8.0+, and every shape TMA cannot take): one program per output tile with
+  masked pointer loads, so any K and N work and the weight may have any strides. With BLOCK_M = 16
+  it is also the small-M path (M <= 16): each program streams a [BLOCK_N, K] slab of int8 weight
+  through shared memory once, and no dequantized copy of the weight ever exists.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .configs import GemmConfig
+from .triton_quant import interpreting
+
+
+@triton.jit
+def _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
+    """Grouped ("super-row") ordering of output tiles for L2 reuse of the weight."""
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr,
+              PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """int32 acc [BM, BN] -> float32 ((acc * x_scale) * w_scale) + bias (``reference.epilogue``)."""
+    xs = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)
+    out = acc.to(tl.float32) * xs[:, None]
+    if PER_ROW_W:
+        ws = tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0)
+        out = out * ws[None, :]
+    else:
+        out = out * tl.load(ws_ptr)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        out = out + b[None, :]
+    return out
+
+
+@triton.jit
+def _gemm_tma_kernel(
+    # TMA descriptors: xq [M, K] int8, wq [N, K] int8, out [M, N]
+    a_desc, b_desc, c_desc,
+    # epilogue operands: x_scale [M] f32, w_scale [N] or [] f32, bias [N]
+    xs_ptr, ws_ptr, bias_ptr,
+    M, N, K,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr,
+):
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    num_pid_in_group = GROUP_M * num_pid_n
+    out_dtype = c_desc.dtype
+    # The epilogue recomputes its tile coordinates from a second counter so the software pipeliner
+    # can run the next tile's loads ahead of this tile's epilogue (as in Triton's persistent matmul).
+    tile_id_c = start_pid - NUM_PROGRAMS
+    for tile_id in tl.range(start_pid, num_tiles, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
+        off_am = pid_m * BLOCK_M
+        off_bn = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_am, ki * BLOCK_K])
+            b = b_desc.load([off_bn, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+
+        tile_id_c += NUM_PROGRAMS
+        pid_m, pid_n = _tile_coords(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
+        off_cm = pid_m * BLOCK_M
+        off_cn = pid_n * BLOCK_N
+        offs_m = off_cm + tl.arange(0, BLOCK_M)
+        if EPILOGUE_SUBTILE:
+            acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            acc0, acc1 = tl.split(acc)
+            offs_n0 = off_cn + tl.arange(0, BLOCK_N // 2)
+            out0 = _epilogue(acc0, offs_m, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, PER_ROW_W, HAS_BIAS)
+            c_desc.store([off_cm, off_cn], out0.to(out_dtype))
+            out1 = _epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, xs_ptr, ws_ptr, bias_ptr,
+                             PER_ROW_W, HAS_BIAS)
+            c_desc.store([off_cm, off_cn + BLOCK_N // 2], out1.to(out_dtype))
+        else:
+            offs_n = off_cn + tl.arange(0, BLOCK_N)
+            out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, PER_ROW_W, HAS_BIAS)
+            c_desc.store([off_cm, off_cn], out.to(out_dtype))
+
+
+@triton.jit
+def _gemm_kernel(
+    # pointers: xq [M, K] int8 (row stride stride_am, unit column stride), wq [N, K] int8, out [M, N]
+    a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr,
+    M, N, K,
+    stride_am, stride_bn, stride_bk, stride_cm,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), GROUP_M * num_pid_n, num_pid_m, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows/columns past the edge read row 0 instead (never stored), so loads need only the K mask.
+    safe_m = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    safe_n = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + safe_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = (offs_k < K - k0)[None, :]
+            a = tl.load(a_ptrs, mask=k_ok, other=0)
+            b = tl.load(b_ptrs, mask=k_ok, other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, PER_ROW_W, HAS_BIAS)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 under the interpreter: a small persistent grid)."""
+    if interpreting() or device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tma_compatible(xq: torch.Tensor, wq: torch.Tensor, out: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides and unit inner strides."""
+    k = xq.shape[1]
+    return (
+        k % 16 == 0
+        and xq.stride(1) == 1 and xq.stride(0) % 16 == 0
+        and wq.stride(1) == 1 and wq.stride(0) % 16 == 0
+        and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
+        and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
+    )
+
+
+def gemm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    cfg: GemmConfig,
+) -> torch.Tensor:
+    """Launch the INT8 GEMM described by ``cfg`` into ``out [M, N]``.
+
+    xq int8 [M, K] with unit column stride; x_scale float32 [M]; wq int8 [N, K] (any strides for the
+    generic kernel); w_scale float32 [N] (per-row) or [] (per-tensor); bias [N] or None.
+    """
+    m, k = xq.shape
+    n = wq.shape[0]
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # no products: only the bias survives
+        return out.copy_(bias.to(out.dtype).expand(m, n)) if bias is not None else out.zero_()
+    per_row = w_scale.dim() > 0
+    bias_arg = bias if bias is not None else x_scale
+    if cfg.kernel == "tma":
+        sub = 2 if cfg.epilogue_subtile else 1
+        a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k])
+        b_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k])
+        c_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [cfg.block_m, cfg.block_n // sub])
+        programs = num_sms(out.device) * cfg.ctas_per_sm
+        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        _gemm_tma_kernel[(min(programs, tiles),)](
+            a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, m, n, k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            NUM_PROGRAMS=programs, PER_ROW_W=per_row, HAS_BIAS=bias is not None,
+            EPILOGUE_SUBTILE=cfg.epilogue_subtile,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        )
+    else:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        _gemm_kernel[grid](
+            xq, wq, out, x_scale, w_scale, bias_arg, m, n, k,
+            xq.stride(0), wq.stride(0), wq.stride(1), out.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            PER_ROW_W=per_row, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        )
+    return out

@@ -1,0 +1,51 @@
+"""The public kernel API implemented on the Triton kernels (unchecked: api.py validates first)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import configs, triton_gemm, triton_quant
+from .dispatch import Backend
+from .hadamard import rotate
+from .reference import TINY_SCALE
+
+
+def int8_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    smooth: torch.Tensor | None,
+    rotate_group: int,
+    backend: Backend,
+    config: configs.GemmConfig | None = None,
+) -> torch.Tensor:
+    """x [..., K] float -> y [..., N] in out_dtype. ``config`` overrides the rule (benchmarks, tests)."""
+    k = x.shape[-1]
+    n = q.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    xs = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=x.device) if k == 0 else \
+        torch.empty((m,), dtype=torch.float32, device=x.device)
+    triton_quant.launch_quantize(x2, xq, xs, smooth=smooth, rotate_group=rotate_group)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    ws = scale.reshape(-1) if scale.dim() else scale
+    if ws.dim() and not ws.is_contiguous():
+        ws = ws.contiguous()
+    if config is None:
+        arch = backend.arch or (8, 0)
+        tma_ok = not backend.rocm and arch >= (9, 0) and triton_gemm.tma_compatible(xq, q, out)
+        config = configs.select_config(m, arch if not backend.rocm else (8, 0), tma_ok)
+    triton_gemm.gemm(xq, xs, q, ws, bias, out, config)
+    return out.reshape(*lead, n)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rotate_group: int) -> torch.Tensor:
+    """q [N, K] int8 -> w [N, K] dtype; with rotation the result is rotated back to the original basis."""
+    if not rotate_group:
+        return triton_quant.dequantize(q, scale, dtype)
+    w = triton_quant.dequantize(q, scale, torch.float32)
+    return rotate(w, rotate_group).to(dtype)

@@ -1,0 +1,293 @@
+"""Triton kernels: per-row INT8 quantization (activations and weights) and dequantization.
+
+One program quantizes ``BLOCK_M`` rows. When a row fits in one tile (``K <= 16384``) it is read
+once and kept in registers; longer rows are read twice, once for the absmax and once to quantize,
+and the second read is served from L2. Optional per-channel smoothing and a group Hadamard rotation
+(ConvRot) are applied to each tile before both uses, so they cost no extra pass over memory.
+
+The arithmetic follows ``reference.py`` operation for operation (IEEE division through ``div_rn``,
+no FMA contraction) so that, without rotation, the int8 values and scales equal the twin's bit for
+bit. With rotation the group sums are accumulated in float32 by a tensor-core dot, so a value lying
+within rounding of a .5 boundary may round the other way (off by one in rare elements).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .hadamard import hadamard_pm1_cached
+from .reference import _SEED_MASK, INV_127, TINY_SCALE
+
+# Globals read inside @triton.jit functions must be tl.constexpr.
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+_INV_127 = tl.constexpr(INV_127)
+_TINY = tl.constexpr(TINY_SCALE)
+SINGLE_PASS_MAX_K = 16384  # rows up to this length are held in registers (one read of x)
+TWO_PASS_BLOCK_K = 4096
+TILE_ELEMS = 8192  # elements per program tile: enough bytes in flight without spilling
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _mul32(h, c: tl.constexpr):
+    """Wrapping uint32 multiply by a constant."""
+    return h * tl.full(h.shape, c, tl.uint32)
+
+
+@triton.jit
+def _fmix32(h):
+    """MurmurHash3 32-bit finalizer (see ``reference._fmix32``)."""
+    h ^= h >> 16
+    h = _mul32(h, 0x85EBCA6B)
+    h ^= h >> 13
+    h = _mul32(h, 0xC2B2AE35)
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _uniform(seed, rows, cols):
+    """Uniform [0, 1) float32 noise [BLOCK_M, BLOCK_K], equal to ``reference.uniform_noise``."""
+    seed_h = _fmix32(seed.to(tl.uint32))
+    row_h = _fmix32(rows.to(tl.uint32) ^ seed_h)
+    h = _fmix32(_mul32(cols.to(tl.uint32), 0x9E3779B1)[None, :] ^ row_h[:, None])
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def round_half_even(y):
+    """Round float32 to the nearest integer, ties to even (``torch.round``).
+
+    ``libdevice.rint`` would do this in one instruction but does not run in the interpreter.
+    Exact for |y| < 2**22, which holds after scaling to [-127, 127].
+    """
+    f = tl.floor(y)
+    d = y - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _load_rows(
+    x_ptr, smooth_ptr, h_ptr, rows, row_ok, cols, K, stride_xm, stride_xk,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Load a [BLOCK_M, BLOCK_K] tile, smooth and rotate it; returns float32 (0 outside the tensor)."""
+    col_ok = cols < K
+    ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk
+    v = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if HAS_SMOOTH:
+        s = tl.load(smooth_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
+        v = tl.math.div_rn(v.to(tl.float32), s[None, :])
+    if GROUP > 0:
+        g = tl.arange(0, GROUP)
+        h = tl.load(h_ptr + g[:, None] * GROUP + g[None, :])  # +-1, exact in the dot dtype
+        vg = tl.reshape(v, (BLOCK_M * BLOCK_K // GROUP, GROUP))
+        if DOT_FP32:
+            # float32 operands: three tf32 products recover float32 accuracy on tensor cores
+            vg = tl.dot(vg.to(tl.float32), h, input_precision="tf32x3")
+        else:
+            # float16/bfloat16 operands times +-1 are exact; sums accumulate in float32
+            vg = tl.dot(vg, h)
+        v = tl.reshape(vg, (BLOCK_M, BLOCK_K)) * INV_SQRT_G
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _row_stats(v, absmax, nonfinite):
+    finite = tl.abs(v) <= FLT_MAX  # false for NaN and +-Inf
+    absmax = tl.maximum(absmax, tl.max(tl.where(finite, tl.abs(v), 0.0), axis=1))
+    nonfinite += tl.sum((~finite).to(tl.int32), axis=1)
+    return absmax, nonfinite
+
+
+@triton.jit
+def _quantize_store(v, inv, seed, rows, row_ok, cols, K, q_ptr, stride_qm, STOCHASTIC: tl.constexpr):
+    y = v * inv[:, None]
+    if STOCHASTIC:
+        r = tl.floor(y + _uniform(seed, rows, cols))
+    else:
+        r = round_half_even(y)
+    r = tl.minimum(tl.maximum(r, -128.0), 127.0)  # clamp before the cast
+    r = tl.where(tl.abs(v) <= FLT_MAX, r, 0.0)  # non-finite inputs store 0; their row scale is NaN
+    ptrs = q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :]
+    tl.store(ptrs, r.to(tl.int8), mask=row_ok[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    # pointers
+    x_ptr, q_ptr, scale_ptr, smooth_ptr, h_ptr, fixed_scale_ptr,
+    # sizes and strides
+    M, K, stride_xm, stride_xk, stride_qm, seed,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, DOT_FP32: tl.constexpr,
+    FIXED_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
+):
+    """q[m, k] = clamp(round(t(x)[m, k] / scale[m])), scale[m] = max(absmax_k t(x)[m, :] / 127, tiny).
+
+    t = smoothing then group rotation. With FIXED_SCALE every row uses *fixed_scale_ptr and no
+    scale is written. A row holding NaN/Inf stores scale NaN.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK_K)
+    if FIXED_SCALE:
+        scale = tl.load(fixed_scale_ptr + rows * 0)
+    if SINGLE_PASS:
+        v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, cols, K, stride_xm, stride_xk,
+                       BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, DOT_FP32)
+        if not FIXED_SCALE:
+            absmax, nonfinite = _row_stats(v, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
+            scale = tl.maximum(absmax * _INV_127, _TINY)
+            tl.store(scale_ptr + rows, tl.where(nonfinite > 0, float("nan"), scale), mask=row_ok)
+        inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
+        _quantize_store(v, inv, seed, rows, row_ok, cols, K, q_ptr, stride_qm, STOCHASTIC)
+    else:
+        if not FIXED_SCALE:
+            absmax = tl.zeros((BLOCK_M,), tl.float32)
+            nonfinite = tl.zeros((BLOCK_M,), tl.int32)
+            for k0 in range(0, K, BLOCK_K):
+                v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, k0 + cols, K, stride_xm, stride_xk,
+                               BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, DOT_FP32)
+                absmax, nonfinite = _row_stats(v, absmax, nonfinite)
+            scale = tl.maximum(absmax * _INV_127, _TINY)
+            tl.store(scale_ptr + rows, tl.where(nonfinite > 0, float("nan"), scale), mask=row_ok)
+        inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
+        for k0 in range(0, K, BLOCK_K):
+            v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, k0 + cols, K, stride_xm, stride_xk,
+                           BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, DOT_FP32)
+            _quantize_store(v, inv, seed, rows, row_ok, k0 + cols, K, q_ptr, stride_qm, STOCHASTIC)
+
+
+@triton.jit
+def _dequantize_kernel(
+    q_ptr, scale_ptr, out_ptr, N, K, stride_qn, stride_qk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr,
+):
+    """out[n, k] = q[n, k] * scale[n or 0], written contiguously in out's dtype."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + cols[None, :] * stride_qk, mask=mask, other=0)
+    if PER_ROW:
+        s = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)[:, None]
+    else:
+        s = tl.load(scale_ptr)
+    w = q.to(tl.float32) * s
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def interpreting() -> bool:
+    """True when kernels run on the CPU under ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (no argument validation: callers in api.py validated already)
+# --------------------------------------------------------------------------------------------
+def quant_blocks(k: int, group: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_K, SINGLE_PASS, num_warps) for rows of length ``k``.
+
+    About TILE_ELEMS elements per program; the rotation dot needs at least 16 groups per tile.
+    """
+    if k <= SINGLE_PASS_MAX_K:
+        block_k, single = max(16, triton.next_power_of_2(k), group), True
+    else:
+        block_k, single = TWO_PASS_BLOCK_K, False
+    block_m = max(1, TILE_ELEMS // block_k)
+    if group:
+        block_m = max(block_m, 16 * group // block_k)
+    warps = 4 if block_m * block_k <= 4096 else 8
+    return block_m, block_k, single, warps
+
+
+def launch_quantize(
+    x2: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor | None,
+    *,
+    smooth: torch.Tensor | None = None,
+    rotate_group: int = 0,
+    fixed_scale: torch.Tensor | None = None,
+    seed: int | None = None,
+) -> None:
+    """Quantize rows of ``x2 [M, K]`` (any strides) into ``q [M, K]`` and ``scale [M]`` (float32).
+
+    With ``fixed_scale`` (0-d float32) every row uses that scale and ``scale`` is not written.
+    """
+    m, k = x2.shape
+    if m == 0 or k == 0:
+        return
+    block_m, block_k, single, warps = quant_blocks(k, rotate_group)
+    # The interpreter stores bfloat16 as raw uint16 and multiplies those bits in tl.dot, so under
+    # TRITON_INTERPRET the rotation runs in float32 (tf32x3) for every input dtype.
+    dot_fp32 = x2.dtype == torch.float32 or smooth is not None or interpreting()
+    h = hadamard_pm1_cached(rotate_group, x2.device, torch.float32 if dot_fp32 else x2.dtype) if rotate_group else x2
+    dummy = q
+    _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
+        x2, q, scale if scale is not None else dummy, smooth if smooth is not None else dummy, h,
+        fixed_scale if fixed_scale is not None else dummy,
+        m, k, x2.stride(0), x2.stride(1), q.stride(0), 0 if seed is None else seed & _SEED_MASK,
+        BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_PASS=single,
+        HAS_SMOOTH=smooth is not None, GROUP=rotate_group,
+        INV_SQRT_G=1.0 / math.sqrt(rotate_group) if rotate_group else 1.0, DOT_FP32=dot_fp32,
+        FIXED_SCALE=fixed_scale is not None, STOCHASTIC=seed is not None,
+        num_warps=warps, enable_fp_fusion=False,
+    )
+
+
+def quantize_rows(
+    x: torch.Tensor, *, smooth: torch.Tensor | None = None, rotate_group: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``quantize_rows`` (unchecked). x [..., K] -> (q int8 [M, K], scale float32 [M, 1])."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=x.device) if k == 0 else \
+        torch.empty((m,), dtype=torch.float32, device=x.device)
+    launch_quantize(x2, q, scale, smooth=smooth, rotate_group=rotate_group)
+    return q, scale[:, None]
+
+
+def quantize_weight(
+    w: torch.Tensor, *, per_row: bool = True, seed: int | None = None, rotate_group: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``quantize_weight`` (unchecked). w [N, K] -> (q int8 [N, K], scale [N, 1] or [])."""
+    from .reference import per_tensor_scale
+
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=torch.int8, device=w.device)
+    if per_row:
+        scale = torch.full((n,), TINY_SCALE, dtype=torch.float32, device=w.device) if k == 0 else \
+            torch.empty((n,), dtype=torch.float32, device=w.device)
+        launch_quantize(w, q, scale, rotate_group=rotate_group, seed=seed)
+        return q, scale[:, None]
+    fixed = per_tensor_scale(w.abs().amax() if w.numel() else w.new_zeros(()))
+    launch_quantize(w, q, None, fixed_scale=fixed, seed=seed)
+    return q, fixed
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Triton ``dequantize`` without rotation (unchecked). q [N, K] -> w [N, K] in ``dtype``."""
+    n, k = q.shape
+    out = torch.empty((n, k), dtype=dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    block_n, block_k = 16, 256
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        q, scale.reshape(-1), out, n, k, q.stride(0), q.stride(1),
+        BLOCK_N=block_n, BLOCK_K=block_k, PER_ROW=scale.dim() > 0, num_warps=4,
+    )
+    return out

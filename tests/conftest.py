@@ -1,0 +1,71 @@
+"""Test tiers and shared helpers.
+
+Tiers (pytest markers): ``unit`` (CPU, torch twins and pure Python), ``kernels`` (the Triton kernels:
+under ``TRITON_INTERPRET=1`` on a machine without a GPU, natively on a GPU), ``integration`` (a real
+ComfyUI checkout from ``COMFYUI_PATH``; skipped with the reason when absent), ``gpu`` (CUDA only).
+
+``TRITON_INTERPRET`` must be set before any module defining a ``@triton.jit`` kernel is imported,
+which is why it happens here, at conftest import time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh random seed per test, seeded into torch and printed so a failure can be replayed.
+
+    Set INT8_W8A8_TEST_SEED to replay one.
+    """
+    value = int(os.environ.get("INT8_W8A8_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    print(f"[seed] {request.node.nodeid}: INT8_W8A8_TEST_SEED={value}")
+    return value
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 20*log10(||ref|| / ||ref - out||) in dB (float64)."""
+    r, o = ref.double(), out.double()
+    noise = (r - o).norm()
+    if noise == 0:
+        return float("inf")
+    return float(20 * torch.log10(r.norm() / noise))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    r, o = ref.double(), out.double()
+    return float((o - r).norm() / r.norm())
+
+
+def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units of last place between two same-dtype float tensors (NaN == NaN)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    int_t = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    ai, bi = a.view(int_t).long(), b.view(int_t).long()
+    # map sign-magnitude bit patterns onto a monotonic integer line
+    bits = a.element_size() * 8
+    ai = torch.where(ai < 0, -(ai & ((1 << (bits - 1)) - 1)), ai)
+    bi = torch.where(bi < 0, -(bi & ((1 << (bits - 1)) - 1)), bi)
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    d = torch.where(both_nan, 0, (ai - bi).abs())
+    return int(d.max()) if d.numel() else 0

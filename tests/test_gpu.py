@@ -1,0 +1,126 @@
+"""GPU tier: the dispatched kernels on a real GPU, at FLUX.2 klein shapes, eager and compiled.
+
+Skipped without CUDA (conftest). Run on the GPU machine with ``pytest -m gpu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from int8_w8a8 import kernels
+from int8_w8a8.kernels import configs, dispatch, reference, triton_gemm
+
+from .conftest import rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def _arch() -> tuple[int, int]:
+    return torch.cuda.get_device_capability()
+
+
+def test_dispatch_picks_triton_here():
+    backend = kernels.choose_backend(torch.device("cuda"))
+    assert backend.name == "triton", backend.reason
+    assert backend.arch == _arch()
+
+
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 64, 65, 512, 4608])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_public_int8_linear_equals_twin(seed, m, per_row):
+    k, n = 3072, 9216
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    q, s = kernels.quantize_weight(torch.randn(n, k, device="cuda") * 0.02, per_row=per_row)
+    y = kernels.int8_linear(x, q, s)
+    y_twin = reference.int8_linear(x, q, s)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, y_twin)  # bf16 output rounded once, identically, from identical integers
+
+
+def test_attn_proj_slice_input(seed):
+    # FLUX double blocks feed attn[:, txt_len:] (a non-foldable 3-D slice) into img_attn.proj
+    attn = torch.randn(2, 512 + 1024, 3072, device="cuda", dtype=torch.bfloat16)
+    q, s = kernels.quantize_weight(torch.randn(3072, 3072, device="cuda") * 0.02)
+    sl = attn[:, 512:]
+    y = kernels.int8_linear(sl, q, s)
+    assert y.shape == (2, 1024, 3072)
+    assert torch.equal(y, kernels.int8_linear(sl.contiguous(), q, s))
+
+
+def test_small_m_never_dequantizes_the_weight(seed):
+    n, k = 24576, 4096
+    q, s = kernels.quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    kernels.int8_linear(x, q, s)  # compile outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    y = kernels.int8_linear(x, q, s)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 4 * 2**20, f"M=1 allocated {extra / 2**20:.1f} MiB; a bf16 weight copy would be 192 MiB"
+    assert rel_err(y, reference.int8_linear(x, q, s)) == 0.0
+
+
+def test_accuracy_vs_bf16_gaussian(seed):
+    m, k, n = 4608, 4096, 4096
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+    y_bf16 = torch.nn.functional.linear(x, w)
+    q, s = kernels.quantize_weight(w)
+    assert rel_err(kernels.int8_linear(x, q, s), y_bf16) <= 1.5e-2
+    q, s = kernels.quantize_weight(w, per_row=False)
+    assert rel_err(kernels.int8_linear(x, q, s), y_bf16) <= 2.0e-2
+
+
+def test_large_k_quantization(seed):
+    x = torch.randn(3, 70001, device="cuda", dtype=torch.float16)
+    q, s = kernels.quantize_rows(x)
+    q_ref, s_ref = reference.quantize_rows(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def test_hopper_kernels_use_wgmma_and_tma(seed):
+    if _arch() < (9, 0):
+        pytest.skip("wgmma/TMA exist from SM 9.0")
+    m, k, n = 512, 4096, 4096
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    q, s = kernels.quantize_weight(torch.randn(n, k, device="cuda") * 0.02)
+    kernels.int8_linear(x, q, s)
+    cfg = configs.select_config(m, _arch(), True)
+    assert cfg.kernel == "tma"
+    kernel_cache = triton_gemm._gemm_tma_kernel.device_caches[torch.cuda.current_device()][0]
+    ptx = [kc.asm["ptx"] for kc in kernel_cache.values()]
+    assert ptx and all("wgmma.mma_async" in p and ".s8.s8" in p for p in ptx)
+    assert all("cp.async.bulk.tensor" in p for p in ptx)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, q1, s1, q2, s2):
+        super().__init__()
+        self.q1, self.s1, self.q2, self.s2 = q1, s1, q2, s2
+
+    def forward(self, x):
+        h = kernels.int8_linear(x, self.q1, self.s1)
+        return kernels.int8_linear(torch.nn.functional.gelu(h), self.q2, self.s2)
+
+
+def test_compile_inductor_no_breaks_no_recompiles(seed):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    q1, s1 = kernels.quantize_weight(torch.randn(1024, 512, device="cuda") * 0.02)
+    q2, s2 = kernels.quantize_weight(torch.randn(512, 1024, device="cuda") * 0.02, per_row=False)
+    block = _Block(q1, s1, q2, s2)
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    frames = []
+    for m in (17, 512, 33, 1):
+        x = torch.randn(1, m, 512, device="cuda", dtype=torch.bfloat16)
+        y = compiled(x)
+        frames.append(counters["stats"]["unique_graphs"])
+        assert torch.equal(y, block(x))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert frames[-1] == frames[0] == 1, f"recompiled: unique graphs after each call {frames}"

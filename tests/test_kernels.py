@@ -1,0 +1,240 @@
+"""Triton kernels against their torch twins, on fresh random data and awkward shapes.
+
+On a machine without a GPU these run under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors;
+on a GPU they run the compiled kernels. Without rotation the kernels must equal the twin bit for bit
+(int8 values, scales, float32 outputs). Two interpreter limits are allowed for explicitly: its
+float32 -> bfloat16 cast truncates instead of rounding to nearest even (bf16 outputs may differ by
+one ulp there, never on a GPU), and its tl.dot cannot multiply bfloat16 (the rotation runs in float32
+there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from int8_w8a8.kernels import reference as ref
+from int8_w8a8.kernels import triton_gemm, triton_ops, triton_quant
+from int8_w8a8.kernels.configs import GemmConfig
+from int8_w8a8.kernels.dispatch import Backend
+
+from .conftest import INTERPRETED, KERNEL_DEVICE, rel_err, ulp_diff
+
+pytestmark = pytest.mark.kernels
+
+DEV = KERNEL_DEVICE
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _same_scales(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0)) and torch.equal(a.isnan(), b.isnan())
+
+
+def _assert_out_equal(out: torch.Tensor, expect: torch.Tensor) -> None:
+    """Bitwise equal, except bf16 under the interpreter (truncating cast): at most one ulp."""
+    if INTERPRETED and out.dtype == torch.bfloat16:
+        assert ulp_diff(out, expect) <= 1
+    else:
+        assert torch.equal(out.nan_to_num(7.0), expect.nan_to_num(7.0)) and torch.equal(out.isnan(), expect.isnan())
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_rows
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (15, 100), (16, 64), (17, 33), (3, 2, 129), (2, 16384), (2, 16385)])
+def test_quantize_rows_matches_twin(seed, dtype, shape):
+    x = (torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 10).to(DEV, dtype)
+    q, s = triton_quant.quantize_rows(x)
+    q_ref, s_ref = ref.quantize_rows(x)
+    assert q.shape == q_ref.shape and s.shape == s_ref.shape == (q.shape[0], 1)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(s, s_ref)
+
+
+def test_quantize_rows_long_rows_two_pass(seed):
+    # K > 65536 exercises the two-pass loop (absmax pass, then quantize pass) with a ragged tail
+    x = torch.randn(2, 70001, device=DEV, dtype=torch.bfloat16) * 3
+    q, s = triton_quant.quantize_rows(x)
+    q_ref, s_ref = ref.quantize_rows(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_rows_strided_input(seed, dtype):
+    base = torch.randn(40, 96, device=DEV, dtype=dtype)
+    for view in (base.t(), base[:, ::3], base[::2, 5:77]):
+        q, s = triton_quant.quantize_rows(view)
+        q_ref, s_ref = ref.quantize_rows(view.contiguous())
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def test_quantize_rows_nonfinite_and_zero_rows(seed):
+    x = torch.randn(6, 300, device=DEV)
+    x[1, 7] = float("nan")
+    x[2, 0] = float("inf")
+    x[3, 299] = -float("inf")
+    x[4] = 0.0
+    q, s = triton_quant.quantize_rows(x)
+    q_ref, s_ref = ref.quantize_rows(x)
+    assert torch.equal(q, q_ref) and _same_scales(s, s_ref)
+    assert torch.isnan(s[1:4]).all() and not torch.isnan(s[[0, 4, 5]]).any()
+    assert (q[4] == 0).all() and s[4].item() == ref.TINY_SCALE
+    assert (q[1:4] == 0).sum() >= 1  # non-finite entries store 0
+
+
+def test_quantize_rows_smooth_exact(seed):
+    x = torch.randn(9, 200, device=DEV, dtype=torch.bfloat16)
+    smooth = torch.rand(200, device=DEV) + 0.25
+    q, s = triton_quant.quantize_rows(x, smooth=smooth)
+    q_ref, s_ref = ref.quantize_rows(x, smooth=smooth)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("group", [64, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_rows_rotation_close_to_twin(seed, group, dtype):
+    x = torch.randn(17, 2 * group, device=DEV, dtype=dtype)
+    q, s = triton_quant.quantize_rows(x, rotate_group=group)
+    q_ref, s_ref = ref.quantize_rows(x, rotate_group=group)
+    # float32 sums of the group (tensor cores) vs the twin's exact float64 sums: values within
+    # rounding of a .5 boundary may land one step apart
+    diff = (q.int() - q_ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    assert torch.allclose(s, s_ref, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_weight / dequantize
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("seed_arg", [None, 0, 123456789, 2**32 - 1])
+def test_quantize_weight_matches_twin(seed, per_row, seed_arg):
+    w = torch.randn(33, 70, device=DEV, dtype=torch.bfloat16) * 0.05
+    q, s = triton_quant.quantize_weight(w, per_row=per_row, seed=seed_arg)
+    q_ref, s_ref = ref.quantize_weight(w, per_row=per_row, seed=seed_arg)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert s.shape == ((33, 1) if per_row else ())
+
+
+def test_quantize_weight_rotated_close_to_twin(seed):
+    w = torch.randn(24, 512, device=DEV) * 0.05
+    q, s = triton_quant.quantize_weight(w, rotate_group=256)
+    q_ref, s_ref = ref.quantize_weight(w, rotate_group=256)
+    assert (q.int() - q_ref.int()).abs().max() <= 1
+    assert torch.allclose(s, s_ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_row", [True, False])
+def test_dequantize_matches_twin(seed, dtype, per_row):
+    q = torch.randint(-128, 128, (37, 300), dtype=torch.int8, device=DEV)
+    s = torch.rand((37, 1) if per_row else (), device=DEV) + 0.01
+    out = triton_quant.dequantize(q, s, dtype)
+    _assert_out_equal(out, ref.dequantize(q, s, dtype))
+
+
+def test_dequantize_strided_weight(seed):
+    q = torch.randint(-128, 128, (64, 48), dtype=torch.int8, device=DEV).t()
+    s = torch.rand(48, device=DEV) + 0.01
+    out = triton_quant.dequantize(q, s, torch.float32)
+    assert torch.equal(out, ref.dequantize(q.contiguous(), s, torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM + epilogue
+# ---------------------------------------------------------------------------------------------
+GENERIC = [GemmConfig("generic", 16, 32, 64, group_m=1), GemmConfig("generic", 32, 16, 32, group_m=2, num_stages=2)]
+TMA = [GemmConfig("tma", 16, 32, 32), GemmConfig("tma", 32, 32, 32, epilogue_subtile=True, ctas_per_sm=2)]
+
+
+def _gemm_case(m, k, n, per_row, with_bias, out_dtype, cfg):
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=DEV)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=DEV)
+    # scales keep |out| well inside float16's range
+    xs = (torch.rand(m, device=DEV) + 0.1) * 1e-3
+    ws = torch.rand(n, device=DEV) + 0.01 if per_row else torch.rand((), device=DEV) + 0.01
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16) if with_bias else None
+    out = torch.full((m, n), float("nan"), device=DEV, dtype=out_dtype)  # poison: every element must be written
+    triton_gemm.gemm(xq, xs, wq, ws, bias, out, cfg)
+    expect = ref.epilogue(ref.int8_matmul(xq, wq), xs, ws, bias, out_dtype)
+    _assert_out_equal(out, expect)
+
+
+@pytest.mark.parametrize("cfg", GENERIC, ids=str)
+@pytest.mark.parametrize("m,k,n", [(1, 16, 20), (15, 100, 24), (16, 64, 40), (17, 70, 33), (33, 200, 17)])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_generic_gemm_exact(seed, cfg, m, k, n, per_row):
+    _gemm_case(m, k, n, per_row, with_bias=m % 2 == 1, out_dtype=torch.float32, cfg=cfg)
+
+
+@pytest.mark.parametrize("cfg", TMA, ids=str)
+@pytest.mark.parametrize("m,k,n", [(1, 16, 24), (17, 80, 40), (70, 64, 48)])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_tma_gemm_exact(seed, cfg, m, k, n, per_row):
+    _gemm_case(m, k, n, per_row, with_bias=per_row, out_dtype=torch.float32, cfg=cfg)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg", [GENERIC[0], TMA[1]], ids=str)
+def test_gemm_half_outputs(seed, out_dtype, cfg):
+    _gemm_case(19, 96, 40, True, True, out_dtype, cfg)
+
+
+def test_gemm_strided_weight_generic(seed):
+    wq = torch.randint(-128, 128, (80, 24), dtype=torch.int8, device=DEV).t()  # [24, 80] with strides (1, 24)
+    xq = torch.randint(-128, 128, (5, 80), dtype=torch.int8, device=DEV)
+    xs, ws = torch.rand(5, device=DEV) + 0.1, torch.rand(24, device=DEV) + 0.1
+    out = torch.empty(5, 24, device=DEV)
+    triton_gemm.gemm(xq, xs, wq, ws, None, out, GENERIC[0])
+    assert torch.equal(out, ref.epilogue(ref.int8_matmul(xq, wq.contiguous()), xs, ws, None, torch.float32))
+
+
+def test_gemm_empty_dims(seed):
+    xs, ws = torch.ones(3, device=DEV), torch.ones(4, device=DEV)
+    bias = torch.randn(4, device=DEV)
+    out = torch.full((3, 4), float("nan"), device=DEV)
+    triton_gemm.gemm(torch.empty(3, 0, dtype=torch.int8, device=DEV), xs,
+                     torch.empty(4, 0, dtype=torch.int8, device=DEV), ws, bias, out, GENERIC[0])
+    assert torch.equal(out, bias.expand(3, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole Triton int8_linear (quantize + GEMM), forced onto each kernel
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [None, GENERIC[1], TMA[0]], ids=str)
+@pytest.mark.parametrize("m", [1, 15, 16, 17])
+def test_triton_int8_linear_matches_twin(seed, cfg, m):
+    k, n = 96, 40
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    q, s = ref.quantize_weight(torch.randn(n, k, device=DEV) * 0.02)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    backend = Backend("triton", "test", (9, 0))
+    y = triton_ops.int8_linear(x, q, s, bias, torch.float32, None, 0, backend, config=cfg)
+    assert torch.equal(y, ref.int8_linear(x, q, s, bias, out_dtype=torch.float32))
+
+
+def test_triton_int8_linear_nan_row_poisons_only_its_row(seed):
+    x = torch.randn(2, 5, 64, device=DEV)
+    x[1, 3, 10] = float("nan")
+    x[0, 0, 0] = float("inf")
+    q, s = ref.quantize_weight(torch.randn(24, 64, device=DEV) * 0.02)
+    y = triton_ops.int8_linear(x, q, s, None, torch.float32, None, 0, Backend("triton", "test", (8, 0)))
+    bad = torch.zeros(2, 5, dtype=torch.bool, device=DEV)
+    bad[1, 3] = bad[0, 0] = True
+    assert torch.isnan(y[bad]).all()
+    assert torch.isfinite(y[~bad]).all()
+    assert torch.equal(y[~bad], ref.int8_linear(x, q, s, out_dtype=torch.float32)[~bad])
+
+
+@pytest.mark.parametrize("group", [64, 256])
+def test_triton_int8_linear_rotation(seed, group):
+    k, n = 2 * group, 48
+    x = torch.randn(20, k, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=DEV) * 0.02
+    q, s = ref.quantize_weight(w, rotate_group=group)
+    y = triton_ops.int8_linear(x, q, s, None, torch.float32, None, group, Backend("triton", "test", (9, 0)))
+    y_twin = ref.int8_linear(x, q, s, out_dtype=torch.float32, rotate_group=group)
+    assert rel_err(y, y_twin) < 2e-3  # only rare off-by-one activation codes differ
+    y_float = x.double() @ w.double().T
+    assert rel_err(y, y_float) < 1.5e-2
