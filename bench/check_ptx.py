@@ -101,8 +101,8 @@ def compile_quant(k: int, group: int, arch: int, dtype: str = "bf16") -> dict:
     block_m, block_k, single, warps = triton_quant.quant_blocks(k, group)
     consts = {
         "BLOCK_M": block_m, "BLOCK_K": block_k, "SINGLE_PASS": single, "HAS_SMOOTH": False,
-        "GROUP": group, "INV_SQRT_G": 1.0 / group**0.5 if group else 1.0, "DOT_FP32": dtype == "fp32",
-        "FIXED_SCALE": False, "STOCHASTIC": False,
+        "GROUP": group, "INV_SQRT_G": 1.0 / group**0.5 if group else 1.0, "KRON": group == 256,
+        "DOT_FP32": dtype == "fp32", "FIXED_SCALE": False, "STOCHASTIC": False, "FAST_ROUND": True,
     }
     sig = {
         "x_ptr": f"*{dtype}", "q_ptr": "*i8", "scale_ptr": "*fp32", "smooth_ptr": "*fp32",
@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     for max_m, cfg in table:
         label = f"gemm M<={max_m}" if max_m < 1 << 40 else "gemm large M"
         rows.append({"what": label, "config": asdict(cfg), **compile_gemm(cfg, args.arch)})
-    for k, g in ((4096, 0), (16384, 0), (65600, 0), (4096, 256), (3072, 128)):
-        rows.append({"what": f"quant K={k} group={g}", **compile_quant(k, g, args.arch)})
+    for k, g, dt in ((4096, 0, "bf16"), (16384, 0, "bf16"), (65600, 0, "bf16"), (4096, 256, "bf16"),
+                     (4096, 256, "fp32"), (3072, 128, "bf16"), (3072, 128, "fp32"), (3072, 64, "fp16")):
+        rows.append({"what": f"quant K={k} G={g} {dt}", **compile_quant(k, g, args.arch, dt)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -18,42 +18,50 @@ from ..kernels import reference, triton_gemm, triton_quant
 from ..kernels.configs import GemmConfig
 from . import common
 
+# Shapes per M bucket of kernels/configs.py (bucket upper bounds 16, 64, 256, 1024, unbounded).
 BUCKETS: dict[str, list[tuple[int, int, int]]] = {
     "large": [(4608, 4096, 36864), (4608, 16384, 4096), (4096, 4096, 4096), (4096, 12288, 4096),
               (4096, 4096, 12288)],
-    "mid": [(512, 4096, 24576), (512, 16384, 4096), (256, 4096, 12288), (128, 4096, 24576)],
-    "small64": [(64, 4096, 24576), (33, 4096, 12288)],
+    "m1024": [(512, 4096, 24576), (512, 16384, 4096), (512, 4096, 12288), (1024, 3072, 27648)],
+    "m256": [(256, 4096, 12288), (128, 4096, 24576), (200, 16384, 4096)],
+    "m64": [(64, 4096, 24576), (33, 4096, 12288), (64, 16384, 4096)],
     "small": [(1, 4096, 24576), (16, 4096, 24576), (1, 16384, 4096), (1, 3072, 9216)],
 }
 
 
-def candidates(bucket: str) -> list[GemmConfig]:
+def _persistent_grid() -> list[GemmConfig]:
     out = []
-    if bucket == "large":
-        for (bm, bn), bk, st, sub, g in itertools.product(((128, 256), (256, 128)), (64, 128), (3, 4), (True, False),
-                                                       (8, 16)):
-            out.append(GemmConfig("tma", bm, bn, bk, group_m=g, num_warps=8, num_stages=st, epilogue_subtile=sub))
-        for bk, st, cps in itertools.product((64, 128), (3, 4), (1, 2)):
-            out.append(GemmConfig("tma", 128, 128, bk, group_m=8, num_warps=8, num_stages=st, ctas_per_sm=cps))
-            out.append(GemmConfig("tma", 128, 128, bk, group_m=8, num_warps=4, num_stages=st, ctas_per_sm=cps))
-    elif bucket == "mid":
-        for (bm, bn), bk, st, w in itertools.product(((128, 256), (128, 128), (64, 256), (64, 128)), (64, 128),
-                                                     (3, 4), (4, 8)):
-            if bm == 128 and w == 4 and bn == 256:
-                continue
-            out.append(GemmConfig("tma", bm, bn, bk, num_warps=w, num_stages=st, epilogue_subtile=bn == 256))
-    elif bucket == "small64":
-        for bn, bk, st in itertools.product((64, 128, 256), (128, 256), (3, 4, 5)):
-            out.append(GemmConfig("tma", 64, bn, bk, num_warps=4, num_stages=st))
-        for bn, bk in itertools.product((32, 64, 128), (128, 256)):
-            out.append(GemmConfig("generic", 64, bn, bk, num_warps=4, num_stages=4))
-    else:
-        for bn, bk, st, w in itertools.product((32, 64, 128), (128, 256, 512), (3, 4, 6), (2, 4)):
-            if bn * bk * st > 160 * 1024:
-                continue
+    for bk, st, cps, w in itertools.product((64, 128), (3, 4, 5), (1, 2), (4, 8)):
+        if bk == 128 and st == 5:
+            continue
+        out.append(GemmConfig("tma", 128, 128, bk, group_m=8, num_warps=w, num_stages=st, ctas_per_sm=cps))
+    for (bm, bn), g in itertools.product(((128, 256), (256, 128)), (8, 16)):
+        out.append(GemmConfig("tma", bm, bn, 128, group_m=g, num_warps=8, num_stages=3))
+    out.append(GemmConfig("tma", 128, 128, 64, group_m=16, num_warps=4, num_stages=4, ctas_per_sm=2))
+    out.append(GemmConfig("tma", 128, 128, 64, group_m=4, num_warps=4, num_stages=4, ctas_per_sm=2))
+    return out
+
+
+def candidates(bucket: str) -> list[GemmConfig]:
+    if bucket in ("large", "m1024"):
+        out = _persistent_grid()
+        if bucket == "m1024":
+            out += [GemmConfig("tma", 64, bn, 128, num_warps=4, num_stages=st, ctas_per_sm=c)
+                    for bn, st, c in itertools.product((128, 256), (3, 4), (1, 2))]
+        return out
+    if bucket == "m256":
+        return [GemmConfig("tma", bm, bn, bk, num_warps=w, num_stages=4, ctas_per_sm=c)
+                for (bm, bn), bk, w, c in itertools.product(((64, 128), (128, 128), (128, 64)), (64, 128), (4, 8), (1, 2))
+                if not (bm == 64 and w == 8)]
+    if bucket == "m64":
+        out = [GemmConfig("tma", 64, bn, bk, num_warps=4, num_stages=st, ctas_per_sm=c)
+               for bn, bk, st, c in itertools.product((64, 128, 256), (128, 256), (3, 4), (1, 2))]
+        out += [GemmConfig("generic", 64, bn, bk, num_warps=4, num_stages=4) for bn in (32, 64) for bk in (128, 256)]
+        return out
+    out = []
+    for bn, bk, st, w in itertools.product((32, 64, 128), (128, 256, 512), (3, 4, 6), (2, 4)):
+        if bn * bk * st <= 160 * 1024 and not (bn == 128 and w == 2):
             out.append(GemmConfig("generic", 16, bn, bk, group_m=1, num_warps=w, num_stages=st))
-        for bn, bk, st in itertools.product((64, 128), (128, 256), (3, 4)):
-            out.append(GemmConfig("tma", 64, bn, bk, num_warps=4, num_stages=st))
     return out
 
 

@@ -44,13 +44,18 @@ class GemmConfig:
 
 
 SMALL_M = 16  # M <= 16: modulation layers and batch-1 text; memory-bound on the weight
+# Bucket upper bounds used by the tables below: (16, 64, 256, 1024, unbounded).
 
 # (max M of the bucket, config). Hopper: wgmma wants BLOCK_M in multiples of 64 per warpgroup.
 HOPPER_TABLE: tuple[tuple[int, GemmConfig], ...] = (
     (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
     (64, GemmConfig("tma", 64, 128, 128, num_warps=4, num_stages=4)),
     (256, GemmConfig("tma", 128, 128, 128, num_warps=8, num_stages=4)),
-    (1 << 62, GemmConfig("tma", 128, 256, 128, num_warps=8, num_stages=3, epilogue_subtile=True)),
+    (1024, GemmConfig("tma", 128, 128, 64, group_m=8, num_warps=4, num_stages=4, ctas_per_sm=2)),
+    # 2 programs per SM with 128x128 tiles: one program's epilogue hides under the other's main loop.
+    # H200 sweep 2026-11-21 (bench/results/h200-sweep-large.txt): 1277 TOPS at 4608x4096x36864 vs 1243
+    # for 128x256x128 with one program per SM; best on all five large klein shapes.
+    (1 << 62, GemmConfig("tma", 128, 128, 64, group_m=8, num_warps=4, num_stages=4, ctas_per_sm=2)),
 )
 
 # Ampere / Ada (mma.sync): 100-164 KB of shared memory per SM, so smaller K tiles.

@@ -22,7 +22,7 @@ _H2 = ((1, 1), (1, -1))
 
 @functools.cache
 def _pm1_cpu(group: int) -> torch.Tensor:
-    if group <= 0 or group & (group - 1):
+    if group <= 1 or group & (group - 1):
         raise ValueError(f"rotate_group: Hadamard group must be a power of two, got {group}")
     is_power_of_4 = (group.bit_length() - 1) % 2 == 0
     base = torch.tensor(_H4 if is_power_of_4 else _H2, dtype=torch.float32)

@@ -27,9 +27,10 @@ from .reference import _SEED_MASK, INV_127, TINY_SCALE
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _INV_127 = tl.constexpr(INV_127)
 _TINY = tl.constexpr(TINY_SCALE)
-SINGLE_PASS_MAX_K = 16384  # rows up to this length are held in registers (one read of x)
-TWO_PASS_BLOCK_K = 4096
-TILE_ELEMS = 8192  # elements per program tile: enough bytes in flight without spilling
+# Elements per program tile: 32 float32 registers per thread at 4 warps, so many programs fit on an
+# SM and keep enough loads in flight (8192-element tiles at 8 warps ran at a third of bandwidth).
+TILE_ELEMS = 4096
+QUANT_WARPS = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ def _uniform(seed, rows, cols):
 
 @triton.jit
 def round_half_even(y):
-    """Round float32 to the nearest integer, ties to even (``torch.round``).
+    """Round float32 to the nearest integer, ties to even (``torch.round``), as float32.
 
     ``libdevice.rint`` would do this in one instruction but does not run in the interpreter.
     Exact for |y| < 2**22, which holds after scaling to [-127, 127].
@@ -76,10 +77,66 @@ def round_half_even(y):
 
 
 @triton.jit
+def _to_int(y, STOCHASTIC: tl.constexpr, FAST_ROUND: tl.constexpr):
+    """float32 -> int32: round half to even, or floor for stochastic rounding (``y`` has noise added).
+
+    FAST_ROUND uses one PTX conversion (``cvt.rni``/``cvt.rmi``; NaN becomes 0); the interpreter,
+    which cannot run inline assembly, takes the floor-based path.
+    """
+    if FAST_ROUND:
+        if STOCHASTIC:
+            r = tl.inline_asm_elementwise("cvt.rmi.s32.f32 $0, $1;", "=r,r", [y], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [y], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        if STOCHASTIC:
+            f = tl.floor(y)
+        else:
+            f = round_half_even(y)
+        f = tl.where(tl.abs(f) <= 2147483520.0, f, 0.0)  # keep the cast defined; callers clamp after
+        r = f.to(tl.int32)
+    return r
+
+
+@triton.jit
+def _rotate(v, h_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+            INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Group rotation of a [BLOCK_M, BLOCK_K] tile: each group of GROUP columns times H (+-1), / sqrt(G).
+
+    KRON (G = 256): H256 = H16 (x) H16, so a group viewed as X [16, 16] rotates as H16^T X H16: two
+    16-deep dots instead of one 256-deep dot, and a 1 KB matrix instead of 128-256 KB of shared memory.
+    float16/bfloat16 operands times +-1 are exact with float32 accumulation; float32 operands (and the
+    second Kronecker factor, which multiplies float32 partial sums) use three tf32 products (tf32x3).
+    """
+    if KRON:
+        g = tl.arange(0, 16)
+        h = tl.load(h_ptr + g[:, None] * 16 + g[None, :])
+        R: tl.constexpr = BLOCK_M * BLOCK_K // 256
+        x2 = tl.reshape(v, (R * 16, 16))
+        if DOT_FP32:
+            y = tl.dot(x2.to(tl.float32), h.to(tl.float32), input_precision="tf32x3")
+        else:
+            y = tl.dot(x2, h)
+        hf = tl.broadcast_to(h.to(tl.float32)[None, :, :], (R, 16, 16))
+        z = tl.dot(hf, tl.reshape(y, (R, 16, 16)), input_precision="tf32x3")  # H16 is symmetric
+        out = tl.reshape(z, (BLOCK_M, BLOCK_K))
+    else:
+        g = tl.arange(0, GROUP)
+        h = tl.load(h_ptr + g[:, None] * GROUP + g[None, :])
+        vg = tl.reshape(v, (BLOCK_M * BLOCK_K // GROUP, GROUP))
+        if DOT_FP32:
+            vg = tl.dot(vg.to(tl.float32), h, input_precision="tf32x3")
+        else:
+            vg = tl.dot(vg, h)
+        out = tl.reshape(vg, (BLOCK_M, BLOCK_K))
+    return out * INV_SQRT_G
+
+
+@triton.jit
 def _load_rows(
     x_ptr, smooth_ptr, h_ptr, rows, row_ok, cols, K, stride_xm, stride_xk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, DOT_FP32: tl.constexpr,
+    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Load a [BLOCK_M, BLOCK_K] tile, smooth and rotate it; returns float32 (0 outside the tensor)."""
     col_ok = cols < K
@@ -89,16 +146,7 @@ def _load_rows(
         s = tl.load(smooth_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
         v = tl.math.div_rn(v.to(tl.float32), s[None, :])
     if GROUP > 0:
-        g = tl.arange(0, GROUP)
-        h = tl.load(h_ptr + g[:, None] * GROUP + g[None, :])  # +-1, exact in the dot dtype
-        vg = tl.reshape(v, (BLOCK_M * BLOCK_K // GROUP, GROUP))
-        if DOT_FP32:
-            # float32 operands: three tf32 products recover float32 accuracy on tensor cores
-            vg = tl.dot(vg.to(tl.float32), h, input_precision="tf32x3")
-        else:
-            # float16/bfloat16 operands times +-1 are exact; sums accumulate in float32
-            vg = tl.dot(vg, h)
-        v = tl.reshape(vg, (BLOCK_M, BLOCK_K)) * INV_SQRT_G
+        v = _rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, DOT_FP32)
     return v.to(tl.float32)
 
 
@@ -111,14 +159,14 @@ def _row_stats(v, absmax, nonfinite):
 
 
 @triton.jit
-def _quantize_store(v, inv, seed, rows, row_ok, cols, K, q_ptr, stride_qm, STOCHASTIC: tl.constexpr):
+def _quantize_store(v, inv, seed, rows, row_ok, cols, K, q_ptr, stride_qm,
+                    STOCHASTIC: tl.constexpr, FAST_ROUND: tl.constexpr):
     y = v * inv[:, None]
     if STOCHASTIC:
-        r = tl.floor(y + _uniform(seed, rows, cols))
-    else:
-        r = round_half_even(y)
-    r = tl.minimum(tl.maximum(r, -128.0), 127.0)  # clamp before the cast
-    r = tl.where(tl.abs(v) <= FLT_MAX, r, 0.0)  # non-finite inputs store 0; their row scale is NaN
+        y = y + _uniform(seed, rows, cols)
+    r = _to_int(y, STOCHASTIC, FAST_ROUND)
+    r = tl.minimum(tl.maximum(r, -128), 127)  # clamp before the cast to int8
+    r = tl.where(tl.abs(v) <= FLT_MAX, r, 0)  # non-finite inputs store 0; their row scale is NaN
     ptrs = q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :]
     tl.store(ptrs, r.to(tl.int8), mask=row_ok[:, None] & (cols < K)[None, :])
 
@@ -131,8 +179,8 @@ def _quantize_rows_kernel(
     M, K, stride_xm, stride_xk, stride_qm, seed,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, DOT_FP32: tl.constexpr,
-    FIXED_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
+    DOT_FP32: tl.constexpr, FIXED_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, FAST_ROUND: tl.constexpr,
 ):
     """q[m, k] = clamp(round(t(x)[m, k] / scale[m])), scale[m] = max(absmax_k t(x)[m, :] / 127, tiny).
 
@@ -146,28 +194,30 @@ def _quantize_rows_kernel(
         scale = tl.load(fixed_scale_ptr + rows * 0)
     if SINGLE_PASS:
         v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, cols, K, stride_xm, stride_xk,
-                       BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, DOT_FP32)
+                       BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32)
         if not FIXED_SCALE:
             absmax, nonfinite = _row_stats(v, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
             scale = tl.maximum(absmax * _INV_127, _TINY)
             tl.store(scale_ptr + rows, tl.where(nonfinite > 0, float("nan"), scale), mask=row_ok)
         inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
-        _quantize_store(v, inv, seed, rows, row_ok, cols, K, q_ptr, stride_qm, STOCHASTIC)
+        _quantize_store(v, inv, seed, rows, row_ok, cols, K, q_ptr, stride_qm, STOCHASTIC, FAST_ROUND)
     else:
+        # Two passes over the row: absmax, then quantize. The second read of this program's rows
+        # (BLOCK_M x K elements) is served from L2.
         if not FIXED_SCALE:
             absmax = tl.zeros((BLOCK_M,), tl.float32)
             nonfinite = tl.zeros((BLOCK_M,), tl.int32)
             for k0 in range(0, K, BLOCK_K):
                 v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, k0 + cols, K, stride_xm, stride_xk,
-                               BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, DOT_FP32)
+                               BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32)
                 absmax, nonfinite = _row_stats(v, absmax, nonfinite)
             scale = tl.maximum(absmax * _INV_127, _TINY)
             tl.store(scale_ptr + rows, tl.where(nonfinite > 0, float("nan"), scale), mask=row_ok)
         inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
         for k0 in range(0, K, BLOCK_K):
             v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, k0 + cols, K, stride_xm, stride_xk,
-                           BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, DOT_FP32)
-            _quantize_store(v, inv, seed, rows, row_ok, k0 + cols, K, q_ptr, stride_qm, STOCHASTIC)
+                           BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32)
+            _quantize_store(v, inv, seed, rows, row_ok, k0 + cols, K, q_ptr, stride_qm, STOCHASTIC, FAST_ROUND)
 
 
 @triton.jit
@@ -199,17 +249,14 @@ def interpreting() -> bool:
 def quant_blocks(k: int, group: int) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_K, SINGLE_PASS, num_warps) for rows of length ``k``.
 
-    About TILE_ELEMS elements per program; the rotation dot needs at least 16 groups per tile.
+    Rows that fit one TILE_ELEMS tile are read once; longer rows take two passes over K. A full-H
+    rotation dot needs at least 16 groups per tile.
     """
-    if k <= SINGLE_PASS_MAX_K:
-        block_k, single = max(16, triton.next_power_of_2(k), group), True
-    else:
-        block_k, single = TWO_PASS_BLOCK_K, False
+    block_k = min(max(16, triton.next_power_of_2(k), group), TILE_ELEMS)
     block_m = max(1, TILE_ELEMS // block_k)
-    if group:
+    if group and group != 256:
         block_m = max(block_m, 16 * group // block_k)
-    warps = 4 if block_m * block_k <= 4096 else 8
-    return block_m, block_k, single, warps
+    return block_m, block_k, k <= block_k, QUANT_WARPS
 
 
 def launch_quantize(
@@ -233,7 +280,9 @@ def launch_quantize(
     # The interpreter stores bfloat16 as raw uint16 and multiplies those bits in tl.dot, so under
     # TRITON_INTERPRET the rotation runs in float32 (tf32x3) for every input dtype.
     dot_fp32 = x2.dtype == torch.float32 or smooth is not None or interpreting()
-    h = hadamard_pm1_cached(rotate_group, x2.device, torch.float32 if dot_fp32 else x2.dtype) if rotate_group else x2
+    kron = rotate_group == 256
+    h_order = 16 if kron else rotate_group
+    h = hadamard_pm1_cached(h_order, x2.device, torch.float32 if dot_fp32 else x2.dtype) if rotate_group else x2
     dummy = q
     _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
         x2, q, scale if scale is not None else dummy, smooth if smooth is not None else dummy, h,
@@ -241,8 +290,8 @@ def launch_quantize(
         m, k, x2.stride(0), x2.stride(1), q.stride(0), 0 if seed is None else seed & _SEED_MASK,
         BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_PASS=single,
         HAS_SMOOTH=smooth is not None, GROUP=rotate_group,
-        INV_SQRT_G=1.0 / math.sqrt(rotate_group) if rotate_group else 1.0, DOT_FP32=dot_fp32,
-        FIXED_SCALE=fixed_scale is not None, STOCHASTIC=seed is not None,
+        INV_SQRT_G=1.0 / math.sqrt(rotate_group) if rotate_group else 1.0, KRON=kron, DOT_FP32=dot_fp32,
+        FIXED_SCALE=fixed_scale is not None, STOCHASTIC=seed is not None, FAST_ROUND=not interpreting(),
         num_warps=warps, enable_fp_fusion=False,
     )
 

@@ -116,11 +116,12 @@ def test_compile_inductor_no_breaks_no_recompiles(seed):
     q2, s2 = kernels.quantize_weight(torch.randn(512, 1024, device="cuda") * 0.02, per_row=False)
     block = _Block(q1, s1, q2, s2)
     compiled = torch.compile(block, fullgraph=True, dynamic=True)
-    frames = []
-    for m in (17, 512, 33, 1):
+    graphs = []
+    for m in (17, 512, 33, 4608, 2, 1, 7):
         x = torch.randn(1, m, 512, device="cuda", dtype=torch.bfloat16)
         y = compiled(x)
-        frames.append(counters["stats"]["unique_graphs"])
+        graphs.append(counters["stats"]["unique_graphs"])
         assert torch.equal(y, block(x))
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert frames[-1] == frames[0] == 1, f"recompiled: unique graphs after each call {frames}"
+    # one graph for every M >= 2; PyTorch's 0/1 specialization adds exactly one for M == 1
+    assert graphs[:5] == [1] * 5 and graphs[-1] <= 2, f"unique graphs after each call: {graphs}"
