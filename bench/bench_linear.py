@@ -18,6 +18,7 @@ Gaussian data (x ~ N(0, 1), w ~ N(0, 0.02)).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -29,6 +30,8 @@ from ..kernels import configs, dispatch, triton_gemm, triton_quant
 from . import common
 
 FP8_MAX = 448.0
+# also timed as CUDA-graph replays (device time alone, no host overhead)
+GRAPH_TIMED = ("bf16", "kitchen", "pack_row", "pack_tensor", "fp8_rowwise")
 
 
 def _fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +88,13 @@ def bench_shape(name: str, m: int, k: int, n: int, quick: bool) -> dict:
     tma_ok = backend.arch >= (9, 0) and triton_gemm.tma_compatible(xq, q_row, out)
     cfg = configs.select_config(m, backend.arch, tma_ok)
     methods["pack_gemm"] = lambda: triton_gemm.gemm(xq, xs, q_row, s_row.reshape(-1), None, out, cfg)
+    methods["quant"] = lambda: triton_quant.quantize_rows(x)
     x8, x8s = _fp8_rows(x)
     methods["fp8_gemm"] = lambda: torch._scaled_mm(x8, w8.t(), scale_a=x8s, scale_b=w8s.t(), out_dtype=torch.bfloat16)
 
     ref = F.linear(x, w)
     row = {"name": name, "M": m, "K": k, "N": n, "config": cfg.__dict__, "kitchen_backend": kitchen_backend,
-           "ms": {}, "tops": {}, "rel_err": {}}
+           "ms": {}, "ms_graph": {}, "tops": {}, "rel_err": {}}
     for label, fn in methods.items():
         try:
             y = fn()
@@ -103,12 +107,23 @@ def bench_shape(name: str, m: int, k: int, n: int, quick: bool) -> dict:
             row.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"[:300]
             continue
         row["ms"][label] = ms
+        if label in GRAPH_TIMED:
+            try:
+                row["ms_graph"][label] = common.bench_graph_ms(fn)
+            except Exception as exc:  # not capturable (e.g. host syncs inside)
+                row.setdefault("errors", {})[f"{label}_graph"] = f"{type(exc).__name__}: {exc}"[:300]
+        if label == "quant":
+            row["quant_gbps"] = m * k * (x.element_size() + 1) / (ms * 1e-3) / 1e9
+            continue
         row["tops"][label] = common.tops(m, k, n, ms)
         if label not in ("pack_gemm",):
-            row["rel_err"][label] = common.rel_err(y, ref)
+            row["rel_err"][label] = common.rel_err(y if not isinstance(y, tuple) else y[0], ref)
     row["rel_err"]["pack_gemm"] = common.rel_err(out, ref)
     base = row["ms"]["bf16"]
-    row["speedup_vs_bf16"] = {lab: base / v for lab, v in row["ms"].items() if v}
+    row["speedup_vs_bf16"] = {lab: base / v for lab, v in row["ms"].items() if v and lab != "quant"}
+    gbase = row["ms_graph"].get("bf16")
+    if gbase:
+        row["speedup_vs_bf16_graph"] = {lab: gbase / v for lab, v in row["ms_graph"].items() if v}
     return row
 
 
@@ -133,13 +148,17 @@ def format_table(rows: list[dict]) -> str:
             cells.append(f"{ms:7.3f} ({r['tops'][c]:5.0f})" if ms else f"{'-':>17}")
         lines.append(f"{r['name']:<30} {r['M']:>5} {r['K']:>6} {r['N']:>6} | " + " | ".join(f"{c:>17}" for c in cells))
     lines.append("")
-    lines.append(f"{'layer':<30} " + " ".join(f"{c + ' x':>13}" for c in cols[1:6]) + "   pack_row err  kitchen err  fp8 err")
+    lines.append(f"{'layer':<30} " + " ".join(f"{c + ' x':>13}" for c in cols[1:6])
+                 + "  row/kitchen  quant GB/s  graph: bf16 ms  row ms  row x  kitchen x   err: row  kitchen   fp8")
     for r in rows:
-        sp = r["speedup_vs_bf16"]
-        e = r["rel_err"]
+        sp, e, g = r["speedup_vs_bf16"], r["rel_err"], r["ms_graph"]
+        gx = r.get("speedup_vs_bf16_graph", {})
+        vs_ck = r["ms"]["kitchen"] / r["ms"]["pack_row"] if r["ms"].get("kitchen") else float("nan")
         lines.append(f"{r['name']:<30} " + " ".join(f"{sp.get(c, 0):13.2f}" for c in cols[1:6])
-                     + f"   {e.get('pack_row', float('nan')):.4f}       {e.get('kitchen', float('nan')):.4f}"
-                     f"       {e.get('fp8_rowwise', float('nan')):.4f}")
+                     + f"  {vs_ck:11.2f}  {r.get('quant_gbps', 0):10.0f}  {g.get('bf16', 0):14.4f}"
+                     f"  {g.get('pack_row', 0):6.4f}  {gx.get('pack_row', 0):5.2f}  {gx.get('kitchen', 0):9.2f}"
+                     f"   {e.get('pack_row', float('nan')):.4f}   {e.get('kitchen', float('nan')):.4f}"
+                     f"  {e.get('fp8_rowwise', float('nan')):.4f}")
     return "\n".join(lines)
 
 
@@ -155,10 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ck = _kitchen()
     if ck is not None:
-        try:
+        with contextlib.suppress(Exception):
             ck.registry.disable("triton")  # ComfyUI keeps kitchen's Triton backend off by default too
-        except Exception:
-            pass
     rows = [bench_shape(*s, quick=args.quick) for s in common.all_shapes() if args.only in s[0]]
     table = format_table(rows)
     print(table)

@@ -36,7 +36,8 @@ def _resource_usage(cubin: bytes) -> dict:
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=False).stdout
     found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
-    return {"regs": int(found.get("REG", -1)), "stack": int(found.get("STACK", -1)), "local": int(found.get("LOCAL", -1))}
+    return {key.lower(): int(found.get(key, -1)) for key in ("REG", "STACK", "LOCAL")} | {
+        "regs": int(found.get("REG", -1))}
 
 
 def _summarize(compiled) -> dict:
@@ -82,6 +83,14 @@ def compile_gemm(cfg: configs.GemmConfig, arch: int, out: str = "bf16", per_row:
         }
         consts.update(NUM_PROGRAMS=132 * cfg.ctas_per_sm, EPILOGUE_SUBTILE=cfg.epilogue_subtile)
         fn = triton_gemm._gemm_tma_kernel
+    elif cfg.kernel == "small":
+        sig = {
+            "x_ptr": "*bf16", "b_ptr": "*i8", "c_ptr": f"*{out}", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
+            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_bn": "i32", "stride_cm": "i32",
+        }
+        consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PER_ROW_W": per_row,
+                  "HAS_BIAS": False, "EVEN_K": True, "FAST_ROUND": True, "stride_xk": 1, "stride_bk": 1}
+        fn = triton_gemm._gemm_small_fused_kernel
     else:
         sig = {
             "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": f"*{out}", "xs_ptr": "*fp32", "ws_ptr": "*fp32",
@@ -90,8 +99,8 @@ def compile_gemm(cfg: configs.GemmConfig, arch: int, out: str = "bf16", per_row:
         }
         consts.update(EVEN_K=True, stride_bk=1)
         fn = triton_gemm._gemm_kernel
-    divisible = ("a_ptr", "b_ptr", "c_ptr", "xs_ptr", "ws_ptr", "bias_ptr", "N", "K", "stride_am", "stride_bn",
-                 "stride_cm")
+    divisible = ("a_ptr", "b_ptr", "c_ptr", "x_ptr", "xs_ptr", "ws_ptr", "bias_ptr", "N", "K", "stride_am",
+                 "stride_xm", "stride_bn", "stride_cm")
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
     return _summarize(_compile(fn, sig, consts, divisible, arch, options))
 
@@ -135,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         tc = ",".join(r["wgmma"]) or ",".join(r["mma_sync"]) or "-"
         print(f"{r['what']:<26} tc={tc:<55} tma_ld={r['tma_loads']} tma_st={r['tma_stores']} "
-              f"cp.async={r['cp_async']} ld={''.join(r['widest_global_load'])} smem={r['shared_bytes']} regs={r['regs']} local={r['local']}")
+              f"cp.async={r['cp_async']} ld={''.join(r['widest_global_load'])} smem={r['shared_bytes']} "
+              f"regs={r['regs']} local={r['local']}")
     return 0
 
 

@@ -8,6 +8,8 @@ sync, so they run once per tensor version and are skipped while torch.compile tr
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,7 +48,9 @@ def check_int8_weight(q: torch.Tensor, name: str = "q") -> tuple[int, int]:
 def check_scale(scale: torch.Tensor, n: int, name: str = "scale") -> bool:
     """``scale`` is float32 of shape [], [N] or [N, 1]; returns True when it is per-row."""
     if not isinstance(scale, torch.Tensor):
-        raise ValueError(f"{name}: expected a float32 tensor of shape [], [{n}] or [{n}, 1], got {type(scale).__name__}")
+        raise ValueError(
+            f"{name}: expected a float32 tensor of shape [], [{n}] or [{n}, 1], got {type(scale).__name__}"
+        )
     if scale.dtype != torch.float32:
         raise ValueError(f"{name}: expected dtype float32, got {_dtype_name(scale.dtype)}")
     shape = tuple(scale.shape)
@@ -70,10 +74,9 @@ def check_positive_finite(t: torch.Tensor, name: str) -> None:
             f"{name}: every value must be finite and > 0; found {int((~ok).sum())} bad value(s), "
             f"first at flat index {bad}. Re-quantize the weight or fix the file that provided it."
         )
-    try:
+    # tensor subclasses that refuse attributes are simply checked on every call
+    with contextlib.suppress(AttributeError, RuntimeError):
         setattr(t, _CHECKED_ATTR, t._version)
-    except (AttributeError, RuntimeError):  # tensor subclasses that refuse attributes: check every call
-        pass
 
 
 def check_bias(bias: torch.Tensor | None, n: int) -> None:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 class GemmConfig:
     """Tile shape and launch parameters of one INT8 GEMM kernel.
 
-    kernel: "tma" (persistent, TMA descriptors, wgmma; SM 9.0+) or "generic" (pointer loads; any
-    SM >= 8.0, any K and N). epilogue_subtile stores the output tile in two halves (less shared
+    kernel: "tma" (persistent, TMA descriptors, wgmma; SM 9.0+), "generic" (pointer loads; any
+    SM >= 8.0, any K and N) or "small" (M <= block_m: activation quantization fused into the
+    GEMM). epilogue_subtile stores the output tile in two halves (less shared
     memory, one more pipeline stage fits). ctas_per_sm > 1 launches that many persistent programs
     per SM, so one program's epilogue overlaps another's main loop (Triton 3.6 does not warp-
     specialize on Hopper).
@@ -33,8 +34,8 @@ class GemmConfig:
     ctas_per_sm: int = 1
 
     def __post_init__(self) -> None:
-        if self.kernel not in ("tma", "generic"):
-            raise ValueError(f"GemmConfig.kernel: expected 'tma' or 'generic', got {self.kernel!r}")
+        if self.kernel not in ("tma", "generic", "small"):
+            raise ValueError(f"GemmConfig.kernel: expected 'tma', 'generic' or 'small', got {self.kernel!r}")
         if self.ctas_per_sm < 1:
             raise ValueError(f"GemmConfig.ctas_per_sm: expected >= 1, got {self.ctas_per_sm}")
         for name in ("block_m", "block_n", "block_k"):
@@ -48,10 +49,14 @@ SMALL_M = 16  # M <= 16: modulation layers and batch-1 text; memory-bound on the
 
 # (max M of the bucket, config). Hopper: wgmma wants BLOCK_M in multiples of 64 per warpgroup.
 HOPPER_TABLE: tuple[tuple[int, GemmConfig], ...] = (
-    (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
+    # H200 sweep (bench/results/h200-sweep-small.txt): within 11% of the best config on each of
+    # 1x4096x24576, 16x4096x24576, 1x16384x4096, 1x3072x9216.
+    (SMALL_M, GemmConfig("small", 16, 32, 512, group_m=1, num_warps=2, num_stages=4)),
     (64, GemmConfig("tma", 64, 128, 128, num_warps=4, num_stages=4)),
     (256, GemmConfig("tma", 128, 128, 128, num_warps=8, num_stages=4)),
-    (1024, GemmConfig("tma", 128, 128, 64, group_m=8, num_warps=4, num_stages=4, ctas_per_sm=2)),
+    # H200 sweep (h200-sweep-m1024.txt): within 9% of the best on M=512 x {4096x24576, 16384x4096,
+    # 4096x12288} and 1024x3072x27648.
+    (1024, GemmConfig("tma", 64, 128, 128, group_m=8, num_warps=4, num_stages=4, ctas_per_sm=2)),
     # 2 programs per SM with 128x128 tiles: one program's epilogue hides under the other's main loop.
     # H200 sweep 2026-11-21 (bench/results/h200-sweep-large.txt): 1277 TOPS at 4608x4096x36864 vs 1243
     # for 128x256x128 with one program per SM; best on all five large klein shapes.
@@ -60,7 +65,7 @@ HOPPER_TABLE: tuple[tuple[int, GemmConfig], ...] = (
 
 # Ampere / Ada (mma.sync): 100-164 KB of shared memory per SM, so smaller K tiles.
 AMPERE_TABLE: tuple[tuple[int, GemmConfig], ...] = (
-    (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
+    (SMALL_M, GemmConfig("small", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
     (64, GemmConfig("generic", 64, 128, 128, num_warps=4, num_stages=3)),
     (256, GemmConfig("generic", 128, 128, 64, num_warps=4, num_stages=4)),
     (1 << 62, GemmConfig("generic", 128, 256, 64, num_warps=8, num_stages=3)),
@@ -68,7 +73,7 @@ AMPERE_TABLE: tuple[tuple[int, GemmConfig], ...] = (
 
 # Shapes the generic kernel takes on every GPU (unaligned K/N on Hopper, and the interpreter).
 GENERIC_FALLBACK: tuple[tuple[int, GemmConfig], ...] = (
-    (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
+    (SMALL_M, GemmConfig("small", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
     (64, GemmConfig("generic", 64, 128, 128, num_warps=4, num_stages=3)),
     (1 << 62, GemmConfig("generic", 128, 128, 64, num_warps=4, num_stages=4)),
 )

@@ -26,7 +26,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import GemmConfig
-from .triton_quant import interpreting
+from .triton_quant import _INV_127, _TINY, _row_stats, _to_int, interpreting
 
 
 @triton.jit
@@ -147,6 +147,93 @@ def _gemm_kernel(
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+@triton.jit
+def _gemm_small_fused_kernel(
+    # pointers: x [M, K] float (any strides), wq [N, K] int8, out [M, N]
+    x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_bn, stride_bk, stride_cm,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FAST_ROUND: tl.constexpr,
+):
+    """M <= BLOCK_M (16): activation quantization and GEMM in one launch.
+
+    Every program reads the few activation rows itself (from L2 after the first), computes their
+    per-token scales exactly as ``_quantize_rows_kernel`` does, then streams its [BLOCK_N, K] slab of
+    the weight, quantizing each activation tile in registers before the dot. One launch instead of
+    two, and no int8 copy of x in memory: batch-1 layers are bound by reading the weight once.
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    # pass 1: per-row absmax over K
+    absmax = tl.zeros((BLOCK_M,), tl.float32)
+    nonfinite = tl.zeros((BLOCK_M,), tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs_k
+        v = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+        absmax, nonfinite = _row_stats(v.to(tl.float32), absmax, nonfinite)
+    scale = tl.maximum(absmax * _INV_127, _TINY)
+    inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
+    x_scale = tl.where(nonfinite > 0, float("nan"), scale)
+    # pass 2: quantize each x tile in registers, multiply with the weight tile
+    safe_n = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    b_ptrs = b_ptr + safe_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs_k
+        k_ok = cols < K
+        v = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        v = v.to(tl.float32)
+        r = tl.minimum(tl.maximum(_to_int(v * inv[:, None], False, FAST_ROUND), -128), 127)
+        a = tl.where(tl.abs(v) <= 3.4028234663852886e38, r, 0).to(tl.int8)
+        if EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[None, :], other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        b_ptrs += BLOCK_K * stride_bk
+    # epilogue (``reference.epilogue``)
+    out = acc.to(tl.float32) * x_scale[:, None]
+    if PER_ROW_W:
+        out = out * tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    else:
+        out = out * tl.load(ws_ptr)
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+
+
+def gemm_small_fused(
+    x2: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    cfg: GemmConfig,
+) -> torch.Tensor:
+    """Quantize ``x2 [M, K]`` (M <= cfg.block_m, any strides) and multiply by ``wq [N, K]`` into ``out``."""
+    m, k = x2.shape
+    n = wq.shape[0]
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.to(out.dtype).expand(m, n)) if bias is not None else out.zero_()
+    _gemm_small_fused_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x2, wq, out, w_scale, bias if bias is not None else w_scale, m, n, k,
+        x2.stride(0), x2.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        PER_ROW_W=w_scale.dim() > 0, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+        FAST_ROUND=not interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+    )
+    return out
+
+
 @functools.cache
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (4 under the interpreter: a small persistent grid)."""
@@ -176,7 +263,7 @@ def gemm(
     out: torch.Tensor,
     cfg: GemmConfig,
 ) -> torch.Tensor:
-    """Launch the INT8 GEMM described by ``cfg`` into ``out [M, N]``.
+    """Launch the INT8 GEMM described by ``cfg`` into ``out [M, N]`` (a "small" config runs as "generic").
 
     xq int8 [M, K] with unit column stride; x_scale float32 [M]; wq int8 [N, K] (any strides for the
     generic kernel); w_scale float32 [N] (per-row) or [] (per-tensor); bias [N] or None.

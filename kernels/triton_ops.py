@@ -21,26 +21,33 @@ def int8_linear(
     backend: Backend,
     config: configs.GemmConfig | None = None,
 ) -> torch.Tensor:
-    """x [..., K] float -> y [..., N] in out_dtype. ``config`` overrides the rule (benchmarks, tests)."""
+    """x [..., K] float -> y [..., N] in out_dtype. ``config`` overrides the rule (benchmarks, tests).
+
+    This runs once per linear layer per step, so it does as little Python as it can: batch-1 layers
+    take tens of microseconds on the GPU.
+    """
     k = x.shape[-1]
     n = q.shape[0]
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    ws = scale.reshape(-1) if scale.dim() else scale
+    if ws.dim() and ws.stride(0) != 1:
+        ws = ws.contiguous()
+    arch = (8, 0) if backend.rocm or backend.arch is None else backend.arch
+    if config is None:
+        config = configs.select_config(m, arch, tma_ok=True)
+    if config.kernel == "small" and smooth is None and not rotate_group and m <= config.block_m:
+        triton_gemm.gemm_small_fused(x2, q, ws, bias, out, config)
+        return out.reshape(*x.shape[:-1], n)
     xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
     xs = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=x.device) if k == 0 else \
         torch.empty((m,), dtype=torch.float32, device=x.device)
     triton_quant.launch_quantize(x2, xq, xs, smooth=smooth, rotate_group=rotate_group)
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    ws = scale.reshape(-1) if scale.dim() else scale
-    if ws.dim() and not ws.is_contiguous():
-        ws = ws.contiguous()
-    if config is None:
-        arch = backend.arch or (8, 0)
-        tma_ok = not backend.rocm and arch >= (9, 0) and triton_gemm.tma_compatible(xq, q, out)
-        config = configs.select_config(m, arch if not backend.rocm else (8, 0), tma_ok)
+    if config.kernel == "tma" and (arch < (9, 0) or not triton_gemm.tma_compatible(xq, q, out)):
+        config = configs.select_config(m, arch, tma_ok=False)
     triton_gemm.gemm(xq, xs, q, ws, bias, out, config)
-    return out.reshape(*lead, n)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rotate_group: int) -> torch.Tensor:

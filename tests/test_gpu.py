@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from int8_w8a8 import kernels
-from int8_w8a8.kernels import configs, dispatch, reference, triton_gemm
+from int8_w8a8.kernels import configs, reference, triton_gemm
 
 from .conftest import rel_err
 
