@@ -31,7 +31,7 @@ from . import common
 
 FP8_MAX = 448.0
 # also timed as CUDA-graph replays (device time alone, no host overhead)
-GRAPH_TIMED = ("bf16", "kitchen", "pack_row", "pack_tensor", "fp8_rowwise")
+GRAPH_TIMED = ("bf16", "kitchen", "pack_row", "pack_tensor", "fp8_rowwise", "quant")
 
 
 def _fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +113,8 @@ def bench_shape(name: str, m: int, k: int, n: int, quick: bool) -> dict:
             except Exception as exc:  # not capturable (e.g. host syncs inside)
                 row.setdefault("errors", {})[f"{label}_graph"] = f"{type(exc).__name__}: {exc}"[:300]
         if label == "quant":
-            row["quant_gbps"] = m * k * (x.element_size() + 1) / (ms * 1e-3) / 1e9
+            q_ms = row["ms_graph"].get("quant", ms)
+            row["quant_gbps"] = m * k * (x.element_size() + 1) / (q_ms * 1e-3) / 1e9
             continue
         row["tops"][label] = common.tops(m, k, n, ms)
         if label not in ("pack_gemm",):

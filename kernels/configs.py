@@ -16,11 +16,11 @@ class GemmConfig:
     """Tile shape and launch parameters of one INT8 GEMM kernel.
 
     kernel: "tma" (persistent, TMA descriptors, wgmma; SM 9.0+), "generic" (pointer loads; any
-    SM >= 8.0, any K and N) or "small" (M <= block_m: activation quantization fused into the
-    GEMM). epilogue_subtile stores the output tile in two halves (less shared
-    memory, one more pipeline stage fits). ctas_per_sm > 1 launches that many persistent programs
-    per SM, so one program's epilogue overlaps another's main loop (Triton 3.6 does not warp-
-    specialize on Hopper).
+    SM >= 8.0, any K and N) or "gemv" (M <= 4: activation quantization fused in, int32 products on
+    the CUDA cores; block_m is ignored, block_n is the widest used at M = 1). epilogue_subtile
+    stores the output tile in two halves (less shared memory, one more pipeline stage fits).
+    ctas_per_sm > 1 launches that many persistent programs per SM, so one program's epilogue
+    overlaps another's main loop (Triton 3.6 does not warp-specialize on Hopper).
     """
 
     kernel: str
@@ -34,8 +34,8 @@ class GemmConfig:
     ctas_per_sm: int = 1
 
     def __post_init__(self) -> None:
-        if self.kernel not in ("tma", "generic", "small"):
-            raise ValueError(f"GemmConfig.kernel: expected 'tma', 'generic' or 'small', got {self.kernel!r}")
+        if self.kernel not in ("tma", "generic", "gemv"):
+            raise ValueError(f"GemmConfig.kernel: expected 'tma', 'generic' or 'gemv', got {self.kernel!r}")
         if self.ctas_per_sm < 1:
             raise ValueError(f"GemmConfig.ctas_per_sm: expected >= 1, got {self.ctas_per_sm}")
         for name in ("block_m", "block_n", "block_k"):
@@ -44,14 +44,16 @@ class GemmConfig:
                 raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {v}")
 
 
-SMALL_M = 16  # M <= 16: modulation layers and batch-1 text; memory-bound on the weight
-# Bucket upper bounds used by the tables below: (16, 64, 256, 1024, unbounded).
+GEMV_M = 4  # M <= 4: batch-1/2 modulation layers; the CUDA-core GEMV reads the weight once
+SMALL_M = 16  # M <= 16: short text; tensor cores on a 16-row tile, still bound by the weight
+# Bucket upper bounds used by the tables below: (4, 16, 64, 256, 1024, unbounded).
 
 # (max M of the bucket, config). Hopper: wgmma wants BLOCK_M in multiples of 64 per warpgroup.
 HOPPER_TABLE: tuple[tuple[int, GemmConfig], ...] = (
+    (GEMV_M, GemmConfig("gemv", 16, 64, 128, group_m=1, num_warps=4, num_stages=4)),
     # H200 sweep (bench/results/h200-sweep-small.txt): within 11% of the best config on each of
-    # 1x4096x24576, 16x4096x24576, 1x16384x4096, 1x3072x9216.
-    (SMALL_M, GemmConfig("small", 16, 32, 512, group_m=1, num_warps=2, num_stages=4)),
+    # 1x4096x24576, 16x4096x24576, 1x16384x4096, 1x3072x9216 (GEMM alone).
+    (SMALL_M, GemmConfig("generic", 16, 32, 512, group_m=1, num_warps=2, num_stages=4)),
     (64, GemmConfig("tma", 64, 128, 128, num_warps=4, num_stages=4)),
     (256, GemmConfig("tma", 128, 128, 128, num_warps=8, num_stages=4)),
     # H200 sweep (h200-sweep-m1024.txt): within 9% of the best on M=512 x {4096x24576, 16384x4096,
@@ -65,7 +67,8 @@ HOPPER_TABLE: tuple[tuple[int, GemmConfig], ...] = (
 
 # Ampere / Ada (mma.sync): 100-164 KB of shared memory per SM, so smaller K tiles.
 AMPERE_TABLE: tuple[tuple[int, GemmConfig], ...] = (
-    (SMALL_M, GemmConfig("small", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
+    (GEMV_M, GemmConfig("gemv", 16, 64, 128, group_m=1, num_warps=4, num_stages=4)),
+    (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
     (64, GemmConfig("generic", 64, 128, 128, num_warps=4, num_stages=3)),
     (256, GemmConfig("generic", 128, 128, 64, num_warps=4, num_stages=4)),
     (1 << 62, GemmConfig("generic", 128, 256, 64, num_warps=8, num_stages=3)),
@@ -73,7 +76,8 @@ AMPERE_TABLE: tuple[tuple[int, GemmConfig], ...] = (
 
 # Shapes the generic kernel takes on every GPU (unaligned K/N on Hopper, and the interpreter).
 GENERIC_FALLBACK: tuple[tuple[int, GemmConfig], ...] = (
-    (SMALL_M, GemmConfig("small", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
+    (GEMV_M, GemmConfig("gemv", 16, 64, 128, group_m=1, num_warps=4, num_stages=4)),
+    (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
     (64, GemmConfig("generic", 64, 128, 128, num_warps=4, num_stages=3)),
     (1 << 62, GemmConfig("generic", 128, 128, 64, num_warps=4, num_stages=4)),
 )

@@ -18,15 +18,14 @@ Two kernels:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import GemmConfig
-from .triton_quant import _INV_127, _TINY, _row_stats, _to_int, interpreting
+from .launch import FastLauncher
+from .triton_quant import _INV_127, _TINY, _row_stats, _to_int, interpreting, num_sms
 
 
 @triton.jit
@@ -148,7 +147,7 @@ def _gemm_kernel(
 
 
 @triton.jit
-def _gemm_small_fused_kernel(
+def _gemv_kernel(
     # pointers: x [M, K] float (any strides), wq [N, K] int8, out [M, N]
     x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
     M, N, K,
@@ -157,12 +156,12 @@ def _gemm_small_fused_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FAST_ROUND: tl.constexpr,
 ):
-    """M <= BLOCK_M (16): activation quantization and GEMM in one launch.
+    """M <= BLOCK_M <= 4 (batch-1/2 modulation and text layers): quantization and product in one launch.
 
-    Every program reads the few activation rows itself (from L2 after the first), computes their
-    per-token scales exactly as ``_quantize_rows_kernel`` does, then streams its [BLOCK_N, K] slab of
-    the weight, quantizing each activation tile in registers before the dot. One launch instead of
-    two, and no int8 copy of x in memory: batch-1 layers are bound by reading the weight once.
+    Each program reads the activation rows itself (a few KB, from L2 after the first program),
+    computes their per-token scales exactly as ``_quantize_rows_kernel`` does, then streams its
+    [BLOCK_N, K] slab of the weight once, multiplying on the CUDA cores in int32. The tensor cores
+    would need 16 rows of which all but M are padding, and the layer is bound by reading the weight.
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
@@ -179,7 +178,7 @@ def _gemm_small_fused_kernel(
     scale = tl.maximum(absmax * _INV_127, _TINY)
     inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
     x_scale = tl.where(nonfinite > 0, float("nan"), scale)
-    # pass 2: quantize each x tile in registers, multiply with the weight tile
+    # pass 2: quantize each x tile in registers, multiply-accumulate with the weight tile in int32
     safe_n = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     b_ptrs = b_ptr + safe_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -189,12 +188,12 @@ def _gemm_small_fused_kernel(
         v = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         v = v.to(tl.float32)
         r = tl.minimum(tl.maximum(_to_int(v * inv[:, None], False, FAST_ROUND), -128), 127)
-        a = tl.where(tl.abs(v) <= 3.4028234663852886e38, r, 0).to(tl.int8)
+        a = tl.where(tl.abs(v) <= 3.4028234663852886e38, r, 0)
         if EVEN_K:
             b = tl.load(b_ptrs)
         else:
             b = tl.load(b_ptrs, mask=k_ok[None, :], other=0)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        acc += tl.sum(a[:, None, :] * b.to(tl.int32)[None, :, :], axis=2)
         b_ptrs += BLOCK_K * stride_bk
     # epilogue (``reference.epilogue``)
     out = acc.to(tl.float32) * x_scale[:, None]
@@ -208,7 +207,18 @@ def _gemm_small_fused_kernel(
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
 
 
-def gemm_small_fused(
+GEMV_MAX_M = 4
+# Products held per program (BLOCK_M x BLOCK_N x BLOCK_K int32) stay at 8192: 64 registers a thread at 4 warps.
+_GEMV_PRODUCTS = 8192
+
+
+def gemv_blocks(m: int, cfg: GemmConfig) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the GEMV for ``m`` rows: BLOCK_M = next power of two, BLOCK_N shrinks to match."""
+    block_m = triton.next_power_of_2(max(m, 1))
+    return block_m, max(16, min(cfg.block_n, _GEMV_PRODUCTS // (block_m * cfg.block_k)))
+
+
+def gemv(
     x2: torch.Tensor,
     wq: torch.Tensor,
     w_scale: torch.Tensor,
@@ -216,17 +226,19 @@ def gemm_small_fused(
     out: torch.Tensor,
     cfg: GemmConfig,
 ) -> torch.Tensor:
-    """Quantize ``x2 [M, K]`` (M <= cfg.block_m, any strides) and multiply by ``wq [N, K]`` into ``out``."""
+    """Quantize ``x2 [M, K]`` (M <= 4, any strides) and multiply by ``wq [N, K]`` into ``out [M, N]``."""
     m, k = x2.shape
     n = wq.shape[0]
     if m == 0 or n == 0:
         return out
     if k == 0:
         return out.copy_(bias.to(out.dtype).expand(m, n)) if bias is not None else out.zero_()
-    _gemm_small_fused_kernel[(triton.cdiv(n, cfg.block_n),)](
+    block_m, block_n = gemv_blocks(m, cfg)
+    _GEMV(
+        (triton.cdiv(n, block_n),),
         x2, wq, out, w_scale, bias if bias is not None else w_scale, m, n, k,
         x2.stride(0), x2.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
         PER_ROW_W=w_scale.dim() > 0, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
         FAST_ROUND=not interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
@@ -234,12 +246,9 @@ def gemm_small_fused(
     return out
 
 
-@functools.cache
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (4 under the interpreter: a small persistent grid)."""
-    if interpreting() or device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+_GEMV = FastLauncher(_gemv_kernel, interpreting())
+_GEMM_TMA = FastLauncher(_gemm_tma_kernel, interpreting())
+_GEMM = FastLauncher(_gemm_kernel, interpreting())
 
 
 def tma_compatible(xq: torch.Tensor, wq: torch.Tensor, out: torch.Tensor) -> bool:
@@ -263,7 +272,7 @@ def gemm(
     out: torch.Tensor,
     cfg: GemmConfig,
 ) -> torch.Tensor:
-    """Launch the INT8 GEMM described by ``cfg`` into ``out [M, N]`` (a "small" config runs as "generic").
+    """Launch the INT8 GEMM described by ``cfg`` ("tma" or "generic") into ``out [M, N]``.
 
     xq int8 [M, K] with unit column stride; x_scale float32 [M]; wq int8 [N, K] (any strides for the
     generic kernel); w_scale float32 [N] (per-row) or [] (per-tensor); bias [N] or None.
@@ -276,6 +285,8 @@ def gemm(
         return out.copy_(bias.to(out.dtype).expand(m, n)) if bias is not None else out.zero_()
     per_row = w_scale.dim() > 0
     bias_arg = bias if bias is not None else x_scale
+    if cfg.kernel not in ("tma", "generic"):
+        raise ValueError(f"gemm: config kernel {cfg.kernel!r} takes unquantized x; use gemv()")
     if cfg.kernel == "tma":
         sub = 2 if cfg.epilogue_subtile else 1
         a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k])
@@ -283,7 +294,8 @@ def gemm(
         c_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [cfg.block_m, cfg.block_n // sub])
         programs = num_sms(out.device) * cfg.ctas_per_sm
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        _gemm_tma_kernel[(min(programs, tiles),)](
+        _GEMM_TMA(
+            (min(programs, tiles),),
             a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, m, n, k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             NUM_PROGRAMS=programs, PER_ROW_W=per_row, HAS_BIAS=bias is not None,
@@ -292,7 +304,8 @@ def gemm(
         )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _gemm_kernel[grid](
+        _GEMM(
+            grid,
             xq, wq, out, x_scale, w_scale, bias_arg, m, n, k,
             xq.stride(0), wq.stride(0), wq.stride(1), out.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,

@@ -125,3 +125,17 @@ def test_compile_inductor_no_breaks_no_recompiles(seed):
     assert not counters["graph_break"], dict(counters["graph_break"])
     # one graph for every M >= 2; PyTorch's 0/1 specialization adds exactly one for M == 1
     assert graphs[:5] == [1] * 5 and graphs[-1] <= 2, f"unique graphs after each call: {graphs}"
+
+
+def test_direct_launches_keep_specializations_apart(seed):
+    # The fast launcher reuses a compiled kernel only for arguments with the same alignment and
+    # divisibility; alternate aligned and misaligned inputs of the same shape family.
+    k, n = 4099, 48  # odd K: row r of a [M, K] bf16 tensor starts at a misaligned address
+    q, s = kernels.quantize_weight(torch.randn(n, k, device="cuda") * 0.02)
+    big = torch.randn(40, k, device="cuda", dtype=torch.bfloat16)
+    for x in (big[:17], big[1:18], big[:17], big[3:20], big[:3], big[1:4]):
+        assert torch.equal(kernels.int8_linear(x, q, s), reference.int8_linear(x, q, s))
+    for m in (1, 2, 4, 16, 17, 300, 1, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        q2, s2 = kernels.quantize_weight(torch.randn(256, 4096, device="cuda") * 0.02, per_row=m % 2 == 0)
+        assert torch.equal(kernels.int8_linear(x, q2, s2), reference.int8_linear(x, q2, s2))
