@@ -83,15 +83,6 @@ def compile_gemm(cfg: configs.GemmConfig, arch: int, out: str = "bf16", per_row:
         }
         consts.update(NUM_PROGRAMS=132 * cfg.ctas_per_sm, EPILOGUE_SUBTILE=cfg.epilogue_subtile)
         fn = triton_gemm._gemm_tma_kernel
-    elif cfg.kernel == "gemv":
-        sig = {
-            "x_ptr": "*bf16", "b_ptr": "*i8", "c_ptr": f"*{out}", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
-            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_bn": "i32", "stride_cm": "i32",
-        }
-        consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PER_ROW_W": per_row,
-                  "HAS_BIAS": False, "EVEN_K": True, "FAST_ROUND": True, "stride_xk": 1, "stride_bk": 1}
-        consts["BLOCK_M"] = 1
-        fn = triton_gemm._gemv_kernel
     else:
         sig = {
             "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": f"*{out}", "xs_ptr": "*fp32", "ws_ptr": "*fp32",
@@ -100,8 +91,8 @@ def compile_gemm(cfg: configs.GemmConfig, arch: int, out: str = "bf16", per_row:
         }
         consts.update(EVEN_K=True, stride_bk=1)
         fn = triton_gemm._gemm_kernel
-    divisible = ("a_ptr", "b_ptr", "c_ptr", "x_ptr", "xs_ptr", "ws_ptr", "bias_ptr", "N", "K", "stride_am",
-                 "stride_xm", "stride_bn", "stride_cm")
+    divisible = ("a_ptr", "b_ptr", "c_ptr", "xs_ptr", "ws_ptr", "bias_ptr", "N", "K", "stride_am", "stride_bn",
+                 "stride_cm")
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
     return _summarize(_compile(fn, sig, consts, divisible, arch, options))
 

@@ -1,6 +1,6 @@
 """Sweep GEMM tile configurations per M bucket on this GPU (GEMM + epilogue only, bf16 out).
 
-    python -m int8_w8a8.bench.sweep_gemm [--out sweep.json] [--bucket large|mid|small|all]
+    python -m int8_w8a8.bench.sweep_gemm [--out sweep.json] [--bucket large|m1024|m256|m64|small|all]
 
 The winners go into ``kernels/configs.py`` by hand, one per (GPU generation, M bucket): the pack
 never autotunes at run time. Each candidate is checked against the twin before it is timed.
@@ -25,8 +25,7 @@ BUCKETS: dict[str, list[tuple[int, int, int]]] = {
     "m1024": [(512, 4096, 24576), (512, 16384, 4096), (512, 4096, 12288), (1024, 3072, 27648)],
     "m256": [(256, 4096, 12288), (128, 4096, 24576), (200, 16384, 4096)],
     "m64": [(64, 4096, 24576), (33, 4096, 12288), (64, 16384, 4096)],
-    "small": [(16, 4096, 24576), (8, 16384, 4096), (5, 3072, 9216)],
-    "gemv": [(1, 4096, 24576), (1, 16384, 4096), (1, 3072, 9216), (2, 4096, 24576), (4, 4096, 12288)],
+    "small": [(16, 4096, 24576), (8, 16384, 4096), (5, 3072, 9216), (1, 4096, 24576)],
 }
 
 
@@ -60,10 +59,6 @@ def candidates(bucket: str) -> list[GemmConfig]:
                for bn, bk, st, c in itertools.product((64, 128, 256), (128, 256), (3, 4), (1, 2))]
         out += [GemmConfig("generic", 64, bn, bk, num_warps=4, num_stages=4) for bn in (32, 64) for bk in (128, 256)]
         return out
-    if bucket == "gemv":  # the fused GEMV quantizes x itself: timed end to end (see _one)
-        return [GemmConfig("gemv", 16, bn, bk, group_m=1, num_warps=w, num_stages=st)
-                for bn, bk, st, w in itertools.product((32, 64, 128), (64, 128, 256), (2, 3, 4), (4, 8))
-                if bn * bk <= 8192]
     out = []
     for bn, bk, st, w in itertools.product((32, 64, 128), (128, 256, 512), (3, 4, 6), (2, 4)):
         if bn * bk * st <= 160 * 1024 and not (bn == 128 and w == 2):
@@ -72,9 +67,7 @@ def candidates(bucket: str) -> list[GemmConfig]:
 
 
 def _one(cfg: GemmConfig, x, xq, xs, wq, ws, out):
-    """The timed call: the fused small kernel takes bf16 x; the others take pre-quantized x."""
-    if cfg.kernel == "gemv":
-        return lambda: triton_gemm.gemv(x, wq, ws, None, out, cfg)
+    """The timed call: GEMM and epilogue on pre-quantized x."""
     return lambda: triton_gemm.gemm(xq, xs, wq, ws, None, out, cfg)
 
 

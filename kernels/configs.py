@@ -15,9 +15,8 @@ from dataclasses import dataclass
 class GemmConfig:
     """Tile shape and launch parameters of one INT8 GEMM kernel.
 
-    kernel: "tma" (persistent, TMA descriptors, wgmma; SM 9.0+), "generic" (pointer loads; any
-    SM >= 8.0, any K and N) or "gemv" (M <= 4: activation quantization fused in, int32 products on
-    the CUDA cores; block_m is ignored, block_n is the widest used at M = 1). epilogue_subtile
+    kernel: "tma" (persistent, TMA descriptors, wgmma; SM 9.0+) or "generic" (pointer loads; any
+    SM >= 8.0, any K and N). epilogue_subtile
     stores the output tile in two halves (less shared memory, one more pipeline stage fits).
     ctas_per_sm > 1 launches that many persistent programs per SM, so one program's epilogue
     overlaps another's main loop (Triton 3.6 does not warp-specialize on Hopper).
@@ -34,8 +33,8 @@ class GemmConfig:
     ctas_per_sm: int = 1
 
     def __post_init__(self) -> None:
-        if self.kernel not in ("tma", "generic", "gemv"):
-            raise ValueError(f"GemmConfig.kernel: expected 'tma', 'generic' or 'gemv', got {self.kernel!r}")
+        if self.kernel not in ("tma", "generic"):
+            raise ValueError(f"GemmConfig.kernel: expected 'tma' or 'generic', got {self.kernel!r}")
         if self.ctas_per_sm < 1:
             raise ValueError(f"GemmConfig.ctas_per_sm: expected >= 1, got {self.ctas_per_sm}")
         for name in ("block_m", "block_n", "block_k"):
@@ -44,30 +43,29 @@ class GemmConfig:
                 raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {v}")
 
 
-GEMV_M = 4  # M <= 4: batch-1/2 modulation layers; the CUDA-core GEMV reads the weight once
-SMALL_M = 16  # M <= 16: short text; tensor cores on a 16-row tile, still bound by the weight
-# Bucket upper bounds used by the tables below: (4, 16, 64, 256, 1024, unbounded).
+SMALL_M = 16  # M <= 16: modulation layers and short text; bound by reading the weight once
+# Bucket upper bounds used by the tables below: (16, 64, 256, 1024, unbounded). The Hopper entries
+# come from bench/sweep_gemm.py on the H200 (bench/results/h200-sweep-*.json), picked with
+# bench/pick_configs.py: the config whose worst shape in the bucket is closest to that shape's best.
 
 # (max M of the bucket, config). Hopper: wgmma wants BLOCK_M in multiples of 64 per warpgroup.
 HOPPER_TABLE: tuple[tuple[int, GemmConfig], ...] = (
-    (GEMV_M, GemmConfig("gemv", 16, 64, 128, group_m=1, num_warps=4, num_stages=4)),
-    # H200 sweep (bench/results/h200-sweep-small.txt): within 11% of the best config on each of
-    # 1x4096x24576, 16x4096x24576, 1x16384x4096, 1x3072x9216 (GEMM alone).
+    # >= 0.89 of the best on 16x4096x24576, 8x16384x4096, 5x3072x9216
     (SMALL_M, GemmConfig("generic", 16, 32, 512, group_m=1, num_warps=2, num_stages=4)),
-    (64, GemmConfig("tma", 64, 128, 128, num_warps=4, num_stages=4)),
-    (256, GemmConfig("tma", 128, 128, 128, num_warps=8, num_stages=4)),
-    # H200 sweep (h200-sweep-m1024.txt): within 9% of the best on M=512 x {4096x24576, 16384x4096,
-    # 4096x12288} and 1024x3072x27648.
-    (1024, GemmConfig("tma", 64, 128, 128, group_m=8, num_warps=4, num_stages=4, ctas_per_sm=2)),
-    # 2 programs per SM with 128x128 tiles: one program's epilogue hides under the other's main loop.
-    # H200 sweep 2026-11-21 (bench/results/h200-sweep-large.txt): 1277 TOPS at 4608x4096x36864 vs 1243
-    # for 128x256x128 with one program per SM; best on all five large klein shapes.
-    (1 << 62, GemmConfig("tma", 128, 128, 64, group_m=8, num_warps=4, num_stages=4, ctas_per_sm=2)),
+    # >= 0.88 on 64x4096x24576, 33x4096x12288, 64x16384x4096
+    (64, GemmConfig("tma", 64, 128, 256, num_warps=4, num_stages=4, ctas_per_sm=2)),
+    # >= 0.86 on 256x4096x12288, 128x4096x24576, 200x16384x4096
+    (256, GemmConfig("tma", 128, 128, 128, num_warps=4, num_stages=4)),
+    # >= 0.91 on 512 x {4096x24576, 16384x4096, 4096x12288} and 1024x3072x27648
+    (1024, GemmConfig("tma", 64, 128, 128, num_warps=4, num_stages=4, ctas_per_sm=2)),
+    # best on all five large klein shapes (1277 TOPS at 4608x4096x36864 vs 1243 for 128x256x128 with
+    # one program per SM): two programs per SM, so one's epilogue runs under the other's main loop
+    (1 << 62, GemmConfig("tma", 128, 128, 64, num_warps=4, num_stages=4, ctas_per_sm=2)),
 )
 
-# Ampere / Ada (mma.sync): 100-164 KB of shared memory per SM, so smaller K tiles.
+# Ampere / Ada (mma.sync): 100-164 KB of shared memory per SM, so smaller K tiles. Not yet swept on
+# those GPUs (no such machine here); the tiles follow the Hopper results within Ampere's limits.
 AMPERE_TABLE: tuple[tuple[int, GemmConfig], ...] = (
-    (GEMV_M, GemmConfig("gemv", 16, 64, 128, group_m=1, num_warps=4, num_stages=4)),
     (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
     (64, GemmConfig("generic", 64, 128, 128, num_warps=4, num_stages=3)),
     (256, GemmConfig("generic", 128, 128, 64, num_warps=4, num_stages=4)),
@@ -76,7 +74,6 @@ AMPERE_TABLE: tuple[tuple[int, GemmConfig], ...] = (
 
 # Shapes the generic kernel takes on every GPU (unaligned K/N on Hopper, and the interpreter).
 GENERIC_FALLBACK: tuple[tuple[int, GemmConfig], ...] = (
-    (GEMV_M, GemmConfig("gemv", 16, 64, 128, group_m=1, num_warps=4, num_stages=4)),
     (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
     (64, GemmConfig("generic", 64, 128, 128, num_warps=4, num_stages=3)),
     (1 << 62, GemmConfig("generic", 128, 128, 64, num_warps=4, num_stages=4)),

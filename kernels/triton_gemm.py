@@ -14,6 +14,11 @@ Two kernels:
   masked pointer loads, so any K and N work and the weight may have any strides. With BLOCK_M = 16
   it is also the small-M path (M <= 16): each program streams a [BLOCK_N, K] slab of int8 weight
   through shared memory once, and no dequantized copy of the weight ever exists.
+
+Rejected on the H200 (bench/results/): a small-M kernel that quantized the activation itself in every
+program (0.166 ms at 1x4096x36864 vs 0.041 for quantize + this kernel: each program re-quantized a
+16-row tile), and a CUDA-core int32 GEMV for M <= 4 (62 us vs 42 at 1x4096x24576, 146 us at K=16384:
+bound by int8->int32 conversions and reductions, not by the weight read).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import GemmConfig
 from .launch import FastLauncher
-from .triton_quant import _INV_127, _TINY, _row_stats, _to_int, interpreting, num_sms
+from .triton_quant import interpreting, num_sms
 
 
 @triton.jit
@@ -146,107 +151,6 @@ def _gemm_kernel(
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
-@triton.jit
-def _gemv_kernel(
-    # pointers: x [M, K] float (any strides), wq [N, K] int8, out [M, N]
-    x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_bn, stride_bk, stride_cm,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FAST_ROUND: tl.constexpr,
-):
-    """M <= BLOCK_M <= 4 (batch-1/2 modulation and text layers): quantization and product in one launch.
-
-    Each program reads the activation rows itself (a few KB, from L2 after the first program),
-    computes their per-token scales exactly as ``_quantize_rows_kernel`` does, then streams its
-    [BLOCK_N, K] slab of the weight once, multiplying on the CUDA cores in int32. The tensor cores
-    would need 16 rows of which all but M are padding, and the layer is bound by reading the weight.
-    """
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    offs_k = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    # pass 1: per-row absmax over K
-    absmax = tl.zeros((BLOCK_M,), tl.float32)
-    nonfinite = tl.zeros((BLOCK_M,), tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + offs_k
-        v = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-        absmax, nonfinite = _row_stats(v.to(tl.float32), absmax, nonfinite)
-    scale = tl.maximum(absmax * _INV_127, _TINY)
-    inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
-    x_scale = tl.where(nonfinite > 0, float("nan"), scale)
-    # pass 2: quantize each x tile in registers, multiply-accumulate with the weight tile in int32
-    safe_n = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    b_ptrs = b_ptr + safe_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + offs_k
-        k_ok = cols < K
-        v = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        v = v.to(tl.float32)
-        r = tl.minimum(tl.maximum(_to_int(v * inv[:, None], False, FAST_ROUND), -128), 127)
-        a = tl.where(tl.abs(v) <= 3.4028234663852886e38, r, 0)
-        if EVEN_K:
-            b = tl.load(b_ptrs)
-        else:
-            b = tl.load(b_ptrs, mask=k_ok[None, :], other=0)
-        acc += tl.sum(a[:, None, :] * b.to(tl.int32)[None, :, :], axis=2)
-        b_ptrs += BLOCK_K * stride_bk
-    # epilogue (``reference.epilogue``)
-    out = acc.to(tl.float32) * x_scale[:, None]
-    if PER_ROW_W:
-        out = out * tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    else:
-        out = out * tl.load(ws_ptr)
-    if HAS_BIAS:
-        out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
-
-
-GEMV_MAX_M = 4
-# Products held per program (BLOCK_M x BLOCK_N x BLOCK_K int32) stay at 8192: 64 registers a thread at 4 warps.
-_GEMV_PRODUCTS = 8192
-
-
-def gemv_blocks(m: int, cfg: GemmConfig) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the GEMV for ``m`` rows: BLOCK_M = next power of two, BLOCK_N shrinks to match."""
-    block_m = triton.next_power_of_2(max(m, 1))
-    return block_m, max(16, min(cfg.block_n, _GEMV_PRODUCTS // (block_m * cfg.block_k)))
-
-
-def gemv(
-    x2: torch.Tensor,
-    wq: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out: torch.Tensor,
-    cfg: GemmConfig,
-) -> torch.Tensor:
-    """Quantize ``x2 [M, K]`` (M <= 4, any strides) and multiply by ``wq [N, K]`` into ``out [M, N]``."""
-    m, k = x2.shape
-    n = wq.shape[0]
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.copy_(bias.to(out.dtype).expand(m, n)) if bias is not None else out.zero_()
-    block_m, block_n = gemv_blocks(m, cfg)
-    _GEMV(
-        (triton.cdiv(n, block_n),),
-        x2, wq, out, w_scale, bias if bias is not None else w_scale, m, n, k,
-        x2.stride(0), x2.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
-        PER_ROW_W=w_scale.dim() > 0, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
-        FAST_ROUND=not interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-    )
-    return out
-
-
-_GEMV = FastLauncher(_gemv_kernel, interpreting())
 _GEMM_TMA = FastLauncher(_gemm_tma_kernel, interpreting())
 _GEMM = FastLauncher(_gemm_kernel, interpreting())
 
@@ -285,8 +189,6 @@ def gemm(
         return out.copy_(bias.to(out.dtype).expand(m, n)) if bias is not None else out.zero_()
     per_row = w_scale.dim() > 0
     bias_arg = bias if bias is not None else x_scale
-    if cfg.kernel not in ("tma", "generic"):
-        raise ValueError(f"gemm: config kernel {cfg.kernel!r} takes unquantized x; use gemv()")
     if cfg.kernel == "tma":
         sub = 2 if cfg.epilogue_subtile else 1
         a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k])

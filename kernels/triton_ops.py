@@ -37,11 +37,6 @@ def int8_linear(
     arch = (8, 0) if backend.rocm or backend.arch is None else backend.arch
     if config is None:
         config = configs.select_config(m, arch, tma_ok=True)
-    if config.kernel == "gemv":
-        if smooth is None and not rotate_group and m <= triton_gemm.GEMV_MAX_M:
-            triton_gemm.gemv(x2, q, ws, bias, out, config)
-            return out.reshape(*x.shape[:-1], n)
-        config = configs.select_config(configs.SMALL_M, arch, tma_ok=False)  # smoothing/rotation: quantize first
     xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
     xs = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=x.device) if k == 0 else \
         torch.empty((m,), dtype=torch.float32, device=x.device)

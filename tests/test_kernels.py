@@ -199,39 +199,10 @@ def test_gemm_empty_dims(seed):
     assert torch.equal(out, bias.expand(3, 4))
 
 
-GEMV = [GemmConfig("gemv", 16, 32, 64, group_m=1), GemmConfig("gemv", 16, 16, 128, group_m=1, num_stages=2)]
-
-
-@pytest.mark.parametrize("cfg", GEMV, ids=str)
-@pytest.mark.parametrize("m,k,n", [(1, 16, 20), (2, 100, 33), (3, 64, 24), (4, 300, 40), (1, 1, 7)])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_matches_twin(seed, cfg, m, k, n, dtype):
-    x = torch.randn(m, k, device=DEV, dtype=dtype) * torch.rand(m, 1, device=DEV, dtype=dtype) * 4
-    x[m // 2, k // 2] = 0.0
-    q, s = ref.quantize_weight(torch.randn(n, k, device=DEV) * 0.02, per_row=n % 2 == 0)
-    bias = torch.randn(n, device=DEV) if m % 2 else None
-    out = torch.full((m, n), float("nan"), device=DEV)
-    triton_gemm.gemv(x, q, s.reshape(-1) if s.dim() else s, bias, out, cfg)
-    assert torch.equal(out, ref.int8_linear(x, q, s, bias, out_dtype=torch.float32))
-
-
-def test_gemv_strided_and_nonfinite(seed):
-    base = torch.randn(40, 4, device=DEV)
-    x = base.t()[:, :33]  # [4, 33] with strides (1, 4)
-    x[1, 5] = float("nan")
-    x[2, 0] = float("-inf")
-    q, s = ref.quantize_weight(torch.randn(24, 33, device=DEV) * 0.02)
-    out = torch.empty(4, 24, device=DEV)
-    triton_gemm.gemv(x, q, s.reshape(-1), None, out, GEMV[0])
-    expect = ref.int8_linear(x.contiguous(), q, s, out_dtype=torch.float32)
-    assert torch.equal(out.nan_to_num(1.5), expect.nan_to_num(1.5))
-    assert torch.isnan(out[[1, 2]]).all() and torch.isfinite(out[[0, 3]]).all()
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole Triton int8_linear (quantize + GEMM), forced onto each kernel
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", [None, GENERIC[1], TMA[0], GEMV[0]], ids=str)
+@pytest.mark.parametrize("cfg", [None, GENERIC[1], TMA[0]], ids=str)
 @pytest.mark.parametrize("m", [1, 15, 16, 17])
 def test_triton_int8_linear_matches_twin(seed, cfg, m):
     k, n = 96, 40
