@@ -1,9 +1,10 @@
 """Argument validation shared by the Triton kernels and their torch twins.
 
 Every check raises ``ValueError`` naming the argument and what was expected, so a bad call fails
-in Python with a readable message instead of inside a kernel. Shape and dtype checks are free
-(metadata only). Value checks on scales and smoothing vectors (finite, positive) need one host
-sync, so they run once per tensor version and are skipped while torch.compile traces.
+in Python with a readable message instead of inside a kernel. Shape and dtype checks read metadata
+only and run in the public functions, also while torch.compile traces them. Value checks (finite,
+positive scales; finite weights) need a host sync: they run in the implementations, which execute
+at run time even inside a compiled graph, and for scales once per tensor version.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def check_scale(scale: torch.Tensor, n: int, name: str = "scale") -> bool:
 
 
 def check_positive_finite(t: torch.Tensor, name: str) -> None:
-    """All values of ``t`` are finite and > 0. One host sync per tensor version; skipped under compile."""
-    if torch.compiler.is_compiling() or t.numel() == 0:
+    """All values of ``t`` are finite and > 0. One host sync per tensor version."""
+    if t.numel() == 0:
         return
     if getattr(t, _CHECKED_ATTR, None) == t._version:
         return
@@ -95,7 +96,6 @@ def check_smooth(smooth: torch.Tensor | None, k: int) -> None:
         raise ValueError(f"smooth: expected a float16/bfloat16/float32 tensor of shape [{k}]")
     if tuple(smooth.shape) != (k,):
         raise ValueError(f"smooth: expected shape [{k}] (one divisor per input channel), got {list(smooth.shape)}")
-    check_positive_finite(smooth, "smooth")
 
 
 def check_rotate_group(rotate_group: int, k: int) -> None:
@@ -121,7 +121,7 @@ def check_linear_args(
     smooth: torch.Tensor | None,
     rotate_group: int,
 ) -> tuple[int, int, bool, torch.dtype]:
-    """Validate ``int8_linear`` arguments; returns (N, K, per_row, out_dtype)."""
+    """Validate ``int8_linear`` metadata; returns (N, K, per_row, out_dtype). Values: ``check_values``."""
     check_float_input(x, "x")
     n, k = check_int8_weight(q, "q")
     if x.shape[-1] != k:
@@ -129,8 +129,15 @@ def check_linear_args(
     if x.device != q.device:
         raise ValueError(f"x is on {x.device} but q is on {q.device}; move both to the same device")
     per_row = check_scale(scale, n, "scale")
-    check_positive_finite(scale, "scale")
     check_bias(bias, n)
     check_smooth(smooth, k)
     check_rotate_group(rotate_group, k)
     return n, k, per_row, check_out_dtype(out_dtype, x.dtype)
+
+
+def check_values(scale: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> None:
+    """Value checks of a weight scale and a smoothing vector (host sync, cached per tensor version)."""
+    if scale is not None:
+        check_positive_finite(scale, "scale")
+    if smooth is not None:
+        check_positive_finite(smooth, "smooth")

@@ -87,8 +87,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, rota
     return dequantize_impl(q, scale, dtype, rotate_group)
 
 
-# ---- implementations behind both the eager calls and the custom ops (arguments already checked) ----
+# ---- implementations behind both the eager calls and the custom ops ----
+# Metadata was checked by the public functions; value checks (host syncs) happen here, at run time,
+# so they also guard compiled graphs.
 def quantize_rows_impl(x, smooth, rotate_group):
+    _checks.check_values(smooth=smooth)
     if choose_backend(x.device).name == "triton":
         from . import triton_quant
 
@@ -97,6 +100,7 @@ def quantize_rows_impl(x, smooth, rotate_group):
 
 
 def quantize_weight_impl(w, per_row, seed, rotate_group):
+    reference.check_weight_finite(w)
     if choose_backend(w.device).name == "triton":
         from . import triton_quant
 
@@ -105,6 +109,7 @@ def quantize_weight_impl(w, per_row, seed, rotate_group):
 
 
 def int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group):
+    _checks.check_values(scale, smooth)
     backend = choose_backend(x.device)
     if backend.name == "triton":
         from . import triton_ops
@@ -114,6 +119,7 @@ def int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group):
 
 
 def dequantize_impl(q, scale, dtype, rotate_group):
+    _checks.check_values(scale)
     if choose_backend(q.device).name == "triton":
         from . import triton_ops
 

@@ -17,6 +17,8 @@ the Triton kernels can reproduce it bit for bit:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _checks
@@ -77,6 +79,13 @@ def uniform_noise(seed: int, row0: int, rows: int, cols: int, device: torch.devi
 # --------------------------------------------------------------------------------------------
 # Row quantization
 # --------------------------------------------------------------------------------------------
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` as ``[M, K]`` (a view when the strides allow; also for K = 0)."""
+    k = x.shape[-1]
+    return x.reshape(-1, k) if k else x.reshape(math.prod(x.shape[:-1]), 0)
+
+
+
 def _transform(x2: torch.Tensor, smooth: torch.Tensor | None, rotate_group: int) -> torch.Tensor:
     """Float32 view of the activation rows after smoothing and rotation. x2 [M, K]."""
     xf = x2.float()
@@ -145,6 +154,7 @@ def quantize_rows(
     _checks.check_float_input(x, "x")
     _checks.check_smooth(smooth, x.shape[-1])
     _checks.check_rotate_group(rotate_group, x.shape[-1])
+    _checks.check_values(smooth=smooth)
     return quantize_rows_unchecked(x, smooth, rotate_group)
 
 
@@ -152,7 +162,7 @@ def quantize_rows_unchecked(
     x: torch.Tensor, smooth: torch.Tensor | None, rotate_group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = as_rows(x)
     q, scale = _quantize_chunked(
         lambda r0, r1: _transform(x2[r0:r1], smooth, rotate_group), x2.shape[0], k, x.device
     )
@@ -160,6 +170,7 @@ def quantize_rows_unchecked(
 
 
 def check_weight_input(w: torch.Tensor, per_row: bool, seed: int | None, rotate_group: int) -> None:
+    """Metadata checks of ``quantize_weight`` arguments (values: ``check_weight_finite``)."""
     _checks.check_float_input(w, "w")
     if w.dim() != 2:
         raise ValueError(f"w: expected a 2-D weight [N, K], got shape {list(w.shape)}")
@@ -168,6 +179,10 @@ def check_weight_input(w: torch.Tensor, per_row: bool, seed: int | None, rotate_
     _checks.check_rotate_group(rotate_group, w.shape[1])
     if rotate_group and not per_row:
         raise ValueError("rotate_group: ConvRot needs per-row weight scales (per_row=True)")
+
+
+def check_weight_finite(w: torch.Tensor) -> None:
+    """NaN/Inf in a weight to be quantized raise ``ValueError`` with the rows (one host sync)."""
     finite = torch.isfinite(w)
     if not bool(finite.all()):
         rows = (~finite).any(dim=1).nonzero().flatten()
@@ -198,6 +213,7 @@ def quantize_weight(
         ``q`` int8 ``[N, K]`` and ``scale`` float32 ``[N, 1]`` or ``[]``.
     """
     check_weight_input(w, per_row, seed, rotate_group)
+    check_weight_finite(w)
     return quantize_weight_unchecked(w, per_row, seed, rotate_group)
 
 
@@ -280,6 +296,7 @@ def int8_linear(
         ``y`` ``[..., N]`` in ``out_dtype``.
     """
     _, _, _, out_dtype = _checks.check_linear_args(x, q, scale, bias, out_dtype, smooth, rotate_group)
+    _checks.check_values(scale, smooth)
     return int8_linear_unchecked(x, q, scale, bias, out_dtype, smooth, rotate_group)
 
 
@@ -305,13 +322,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, rota
     q int8 ``[N, K]``; scale float32 ``[]``, ``[N]`` or ``[N, 1]``. Returns ``[N, K]``.
     """
     check_dequantize_args(q, scale, dtype, rotate_group)
+    _checks.check_values(scale)
     return dequantize_unchecked(q, scale, dtype, rotate_group)
 
 
 def check_dequantize_args(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rotate_group: int) -> None:
     n, k = _checks.check_int8_weight(q, "q")
     _checks.check_scale(scale, n, "scale")
-    _checks.check_positive_finite(scale, "scale")
     _checks.check_out_dtype(dtype, dtype)
     _checks.check_rotate_group(rotate_group, k)
 

@@ -7,7 +7,7 @@ import torch
 from . import configs, triton_gemm, triton_quant
 from .dispatch import Backend
 from .hadamard import rotate
-from .reference import TINY_SCALE
+from .reference import TINY_SCALE, as_rows
 
 
 def int8_linear(
@@ -28,7 +28,7 @@ def int8_linear(
     """
     k = x.shape[-1]
     n = q.shape[0]
-    x2 = x.reshape(-1, k)
+    x2 = as_rows(x)
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     ws = scale.reshape(-1) if scale.dim() else scale

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .hadamard import hadamard_pm1_cached
 from .launch import FastLauncher
-from .reference import _SEED_MASK, INV_127, TINY_SCALE
+from .reference import _SEED_MASK, INV_127, TINY_SCALE, as_rows
 
 
 def interpreting() -> bool:
@@ -339,7 +339,7 @@ def quantize_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``quantize_rows`` (unchecked). x [..., K] -> (q int8 [M, K], scale float32 [M, 1])."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = as_rows(x)
     m = x2.shape[0]
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=x.device) if k == 0 else \

@@ -1,0 +1,69 @@
+"""torch.compile over the public ops: one graph, no breaks, no recompiles when M changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from int8_w8a8 import kernels
+from int8_w8a8.kernels import reference
+
+pytestmark = pytest.mark.unit
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self, k=64, h=96, n=40):
+        super().__init__()
+        self.q1, self.s1 = reference.quantize_weight(torch.randn(h, k) * 0.05)
+        self.q2, self.s2 = reference.quantize_weight(torch.randn(n, h) * 0.05, per_row=False)
+        self.bias = torch.randn(n)
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(kernels.int8_linear(x, self.q1, self.s1))
+        return kernels.int8_linear(h, self.q2, self.s2, self.bias, out_dtype=torch.float32)
+
+
+def test_fullgraph_dynamic_no_breaks_no_recompiles(seed):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = _TwoLayers()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    for m in (17, 300, 33, 2, 4608, 1, 5):
+        x = torch.randn(1, m, 64, dtype=torch.bfloat16)
+        assert torch.equal(compiled(x), model(x))
+        frames.append(counter.frame_count)
+    # fullgraph=True already fails on any graph break; one graph serves every M >= 2 and PyTorch's
+    # 0/1 specialization adds exactly one for M == 1
+    assert frames[:5] == [1] * 5 and frames[-1] == 2, frames
+    ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert "int8_w8a8.int8_linear" in ops
+
+
+def test_custom_ops_pass_opcheck(seed):
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    w = torch.randn(24, 64)
+    q, s = reference.quantize_weight(w)
+    ops = torch.ops.int8_w8a8
+    torch.library.opcheck(ops.quantize_rows, (x, None, 0))
+    torch.library.opcheck(ops.quantize_rows, (x.float(), torch.rand(64) + 0.5, 64))
+    torch.library.opcheck(ops.quantize_weight, (w, True, 3, 0))
+    torch.library.opcheck(ops.quantize_weight, (w, False, None, 0))
+    torch.library.opcheck(ops.int8_linear, (x, q, s, torch.randn(24), torch.float32, None, 0))
+    torch.library.opcheck(ops.dequantize, (q, s, torch.bfloat16, 0))
+
+
+def test_compiled_quantize_and_dequantize(seed):
+    torch._dynamo.reset()
+
+    def fn(w, x):
+        q, s = kernels.quantize_weight(w)
+        xq, xs = kernels.quantize_rows(x)
+        return kernels.dequantize(q, s, torch.float32), xq, xs
+
+    w, x = torch.randn(16, 32), torch.randn(3, 32)
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(w, x)
+    expect = fn(w, x)
+    assert all(torch.equal(a, b) for a, b in zip(out, expect, strict=True))
