@@ -69,3 +69,34 @@ def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
     both_nan = torch.isnan(a) & torch.isnan(b)
     d = torch.where(both_nan, 0, (ai - bi).abs())
     return int(d.max()) if d.numel() else 0
+
+
+@pytest.fixture(scope="session")
+def comfyui():
+    """A real ComfyUI checkout from COMFYUI_PATH, imported for CPU use; skips the test when absent.
+
+    ComfyUI is not on PyPI: see README.md (Tests) for making a checkout.
+    """
+    import sys
+
+    path = os.environ.get("COMFYUI_PATH")
+    if not path or not os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")):
+        pytest.skip("integration tier: set COMFYUI_PATH to a ComfyUI checkout (0.27+) to run it")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        from comfy.cli_args import args
+
+        args.cpu = True  # before comfy.model_management is imported
+        import comfy.model_management
+        import comfy.ops
+        import folder_paths  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"integration tier: ComfyUI at {path} does not import ({exc}); install its requirements")
+    import types
+
+    import comfy
+
+    import nodes
+
+    return types.SimpleNamespace(path=path, comfy=comfy, nodes=nodes)

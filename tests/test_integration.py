@@ -1,0 +1,44 @@
+"""Integration tier: the pack inside a real ComfyUI (COMFYUI_PATH), on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+
+import pytest
+import torch
+
+from int8_w8a8 import kernels
+
+pytestmark = pytest.mark.integration
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_comfyui_loads_the_pack_as_a_custom_node(comfyui):
+    ok = asyncio.run(comfyui.nodes.load_custom_node(str(ROOT)))
+    assert ok, "ComfyUI's loader rejected the pack (see the log above)"
+
+
+def test_pack_kernels_on_comfyui_native_int8_weights(comfyui):
+    """A layer loaded by ComfyUI's own mixed-precision ops (int8_tensorwise, per-row scale [N, 1])
+    holds a QuantizedTensor whose data and scale run unchanged through the pack's kernels."""
+    import json
+
+    import comfy.ops
+
+    n, k = 48, 256
+    w = torch.randn(n, k) * 0.05
+    q, s = kernels.quantize_weight(w)
+    ops = comfy.ops.mixed_precision_ops({}, compute_dtype=torch.float32)
+    layer = ops.Linear(k, n, bias=False)
+    sd = {"weight": q, "weight_scale": s,
+          "comfy_quant": torch.tensor(list(json.dumps({"format": "int8_tensorwise"}).encode()), dtype=torch.uint8)}
+    layer.load_state_dict(sd, strict=False)
+    qt = layer.weight
+    assert type(qt).__name__ == "QuantizedTensor" and qt._layout_cls == "TensorWiseINT8Layout"
+    x = torch.randn(7, k)
+    ours = kernels.int8_linear(x, qt._qdata, qt._params.scale, out_dtype=torch.float32)
+    assert torch.equal(ours, kernels.int8_linear(x, q, s, out_dtype=torch.float32))
+    y64 = x.double() @ w.double().T
+    assert float((ours.double() - y64).norm() / y64.norm()) < 1.5e-2
