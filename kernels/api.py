@@ -36,18 +36,24 @@ def quantize_rows(
 
 
 def quantize_weight(
-    w: torch.Tensor, *, per_row: bool = True, seed: int | None = None, rotate_group: int = 0
+    w: torch.Tensor,
+    *,
+    per_row: bool = True,
+    seed: int | None = None,
+    rotate_group: int = 0,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a weight ``[N, K]``: round-to-nearest-even, or stochastic rounding when seeded.
 
     Returns ``q`` int8 ``[N, K]`` and ``scale`` float32 ``[N, 1]`` (per_row) or ``[]``. With
     ``rotate_group`` the weight is rotated (``W_g @ H^T``) first, to pair with activations quantized
-    with the same group. NaN/Inf in ``w`` raise ``ValueError``.
+    with the same group. ``scale`` (0-d float32, per-tensor only) fixes the scale instead of
+    deriving it from the absmax. NaN/Inf in ``w`` raise ``ValueError``.
     """
-    reference.check_weight_input(w, per_row, seed, rotate_group)
+    reference.check_weight_input(w, per_row, seed, rotate_group, scale)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.quantize_weight(w, per_row, seed, rotate_group)
-    return quantize_weight_impl(w, per_row, seed, rotate_group)
+        return torch.ops.int8_w8a8.quantize_weight(w, per_row, seed, rotate_group, scale)
+    return quantize_weight_impl(w, per_row, seed, rotate_group, scale)
 
 
 def int8_linear(
@@ -59,6 +65,7 @@ def int8_linear(
     out_dtype: torch.dtype | None = None,
     smooth: torch.Tensor | None = None,
     rotate_group: int = 0,
+    validate: bool = True,
 ) -> torch.Tensor:
     """W8A8 linear layer: ``y = (quant(x) @ q.T) * x_scale * scale + bias``.
 
@@ -69,22 +76,29 @@ def int8_linear(
         bias: optional ``[N]``.
         out_dtype: float16/bfloat16/float32; default ``x.dtype``.
         smooth, rotate_group: as in ``quantize_rows``; ``q`` must have been built to match.
+        validate: check that ``scale`` and ``smooth`` are finite and positive (one host sync per
+            tensor version). Callers that validated them when the weight was loaded pass False, so
+            that offloading, which hands over a fresh copy of the scale every step, stays sync-free.
 
     Returns:
         ``y [..., N]`` in ``out_dtype``.
     """
     _, _, _, dtype = _checks.check_linear_args(x, q, scale, bias, out_dtype, smooth, rotate_group)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.int8_linear(x, q, scale, bias, dtype, smooth, rotate_group)
-    return int8_linear_impl(x, q, scale, bias, dtype, smooth, rotate_group)
+        return torch.ops.int8_w8a8.int8_linear(x, q, scale, bias, dtype, smooth, rotate_group, validate)
+    return int8_linear_impl(x, q, scale, bias, dtype, smooth, rotate_group, validate)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, rotate_group: int = 0) -> torch.Tensor:
-    """``w = q * scale`` as ``dtype`` ``[N, K]``; with ``rotate_group`` the rotation is undone."""
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, rotate_group: int = 0, validate: bool = True
+) -> torch.Tensor:
+    """``w = q * scale`` as ``dtype`` ``[N, K]``; with ``rotate_group`` the rotation is undone.
+
+    ``validate`` as in ``int8_linear``."""
     reference.check_dequantize_args(q, scale, dtype, rotate_group)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.dequantize(q, scale, dtype, rotate_group)
-    return dequantize_impl(q, scale, dtype, rotate_group)
+        return torch.ops.int8_w8a8.dequantize(q, scale, dtype, rotate_group, validate)
+    return dequantize_impl(q, scale, dtype, rotate_group, validate)
 
 
 # ---- implementations behind both the eager calls and the custom ops ----
@@ -99,17 +113,20 @@ def quantize_rows_impl(x, smooth, rotate_group):
     return reference.quantize_rows_unchecked(x, smooth, rotate_group)
 
 
-def quantize_weight_impl(w, per_row, seed, rotate_group):
+def quantize_weight_impl(w, per_row, seed, rotate_group, scale=None):
     reference.check_weight_finite(w)
+    if scale is not None:
+        _checks.check_values(scale)
     if choose_backend(w.device).name == "triton":
         from . import triton_quant
 
-        return triton_quant.quantize_weight(w, per_row=per_row, seed=seed, rotate_group=rotate_group)
-    return reference.quantize_weight_unchecked(w, per_row, seed, rotate_group)
+        return triton_quant.quantize_weight(w, per_row=per_row, seed=seed, rotate_group=rotate_group, scale=scale)
+    return reference.quantize_weight_unchecked(w, per_row, seed, rotate_group, scale)
 
 
-def int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group):
-    _checks.check_values(scale, smooth)
+def int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group, validate=True):
+    if validate:
+        _checks.check_values(scale, smooth)
     backend = choose_backend(x.device)
     if backend.name == "triton":
         from . import triton_ops
@@ -118,8 +135,9 @@ def int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group):
     return reference.int8_linear_unchecked(x, q, scale, bias, out_dtype, smooth, rotate_group)
 
 
-def dequantize_impl(q, scale, dtype, rotate_group):
-    _checks.check_values(scale)
+def dequantize_impl(q, scale, dtype, rotate_group, validate=True):
+    if validate:
+        _checks.check_values(scale)
     if choose_backend(q.device).name == "triton":
         from . import triton_ops
 

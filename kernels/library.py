@@ -32,14 +32,14 @@ def _(x, smooth, rotate_group):
 
 @torch.library.custom_op(f"{LIB}::quantize_weight", mutates_args=())
 def quantize_weight_op(
-    w: torch.Tensor, per_row: bool, seed: int | None, rotate_group: int
+    w: torch.Tensor, per_row: bool, seed: int | None, rotate_group: int, scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q, scale = api.quantize_weight_impl(w, per_row, seed, rotate_group)
-    return q, scale.clone()
+    q, out_scale = api.quantize_weight_impl(w, per_row, seed, rotate_group, scale)
+    return q, out_scale.clone()
 
 
 @quantize_weight_op.register_fake
-def _(w, per_row, seed, rotate_group):
+def _(w, per_row, seed, rotate_group, scale):
     n, k = w.shape
     scale_shape = (n, 1) if per_row else ()
     return w.new_empty((n, k), dtype=torch.int8), w.new_empty(scale_shape, dtype=torch.float32)
@@ -54,20 +54,23 @@ def int8_linear_op(
     out_dtype: torch.dtype,
     smooth: torch.Tensor | None,
     rotate_group: int,
+    validate: bool,
 ) -> torch.Tensor:
-    return api.int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group)
+    return api.int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group, validate)
 
 
 @int8_linear_op.register_fake
-def _(x, q, scale, bias, out_dtype, smooth, rotate_group):
+def _(x, q, scale, bias, out_dtype, smooth, rotate_group, validate):
     return x.new_empty((*x.shape[:-1], q.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op(f"{LIB}::dequantize", mutates_args=())
-def dequantize_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rotate_group: int) -> torch.Tensor:
-    return api.dequantize_impl(q, scale, dtype, rotate_group)
+def dequantize_op(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rotate_group: int, validate: bool
+) -> torch.Tensor:
+    return api.dequantize_impl(q, scale, dtype, rotate_group, validate)
 
 
 @dequantize_op.register_fake
-def _(q, scale, dtype, rotate_group):
+def _(q, scale, dtype, rotate_group, validate):
     return q.new_empty(q.shape, dtype=dtype)

@@ -169,8 +169,15 @@ def quantize_rows_unchecked(
     return q, scale[:, None]
 
 
-def check_weight_input(w: torch.Tensor, per_row: bool, seed: int | None, rotate_group: int) -> None:
+def check_weight_input(
+    w: torch.Tensor, per_row: bool, seed: int | None, rotate_group: int, scale: torch.Tensor | None = None
+) -> None:
     """Metadata checks of ``quantize_weight`` arguments (values: ``check_weight_finite``)."""
+    if scale is not None:
+        if per_row or not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.dim() != 0:
+            raise ValueError("scale: a given scale must be a 0-d float32 tensor and needs per_row=False")
+        if scale.device != w.device:
+            raise ValueError(f"scale: is on {scale.device} but w is on {w.device}")
     _checks.check_float_input(w, "w")
     if w.dim() != 2:
         raise ValueError(f"w: expected a 2-D weight [N, K], got shape {list(w.shape)}")
@@ -198,7 +205,12 @@ def per_tensor_scale(absmax: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_weight(
-    w: torch.Tensor, *, per_row: bool = True, seed: int | None = None, rotate_group: int = 0
+    w: torch.Tensor,
+    *,
+    per_row: bool = True,
+    seed: int | None = None,
+    rotate_group: int = 0,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a weight ``w [N, K]`` to INT8.
 
@@ -208,22 +220,26 @@ def quantize_weight(
         seed: None for round-to-nearest-even, or an int seed for stochastic rounding (reproducible
             on every device: the noise is a hash of seed, row and column).
         rotate_group: ConvRot group (64/128/256) applied as ``W_g @ H^T`` before quantizing.
+        scale: with ``per_row=False``, a given 0-d float32 scale instead of ``absmax / 127``.
 
     Returns:
         ``q`` int8 ``[N, K]`` and ``scale`` float32 ``[N, 1]`` or ``[]``.
     """
-    check_weight_input(w, per_row, seed, rotate_group)
+    check_weight_input(w, per_row, seed, rotate_group, scale)
     check_weight_finite(w)
-    return quantize_weight_unchecked(w, per_row, seed, rotate_group)
+    if scale is not None:
+        _checks.check_positive_finite(scale, "scale")
+    return quantize_weight_unchecked(w, per_row, seed, rotate_group, scale)
 
 
 def quantize_weight_unchecked(
-    w: torch.Tensor, per_row: bool, seed: int | None, rotate_group: int
+    w: torch.Tensor, per_row: bool, seed: int | None, rotate_group: int, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
     kwargs = {"seed": seed}
     if not per_row:
-        kwargs["fixed_scale"] = per_tensor_scale(w.abs().amax() if w.numel() else w.new_zeros(()))
+        kwargs["fixed_scale"] = scale if scale is not None else per_tensor_scale(
+            w.abs().amax() if w.numel() else w.new_zeros(()))
     q, scale = _quantize_chunked(lambda r0, r1: _transform(w[r0:r1], None, rotate_group), n, k, w.device, **kwargs)
     return (q, scale[:, None]) if per_row else (q, kwargs["fixed_scale"].to(w.device))
 
@@ -316,13 +332,16 @@ def int8_linear_unchecked(
     return y.reshape(*lead, n)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, rotate_group: int = 0) -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, rotate_group: int = 0, validate: bool = True
+) -> torch.Tensor:
     """``w = q * scale`` in ``dtype``; with ``rotate_group`` the ConvRot rotation is undone.
 
     q int8 ``[N, K]``; scale float32 ``[]``, ``[N]`` or ``[N, 1]``. Returns ``[N, K]``.
     """
     check_dequantize_args(q, scale, dtype, rotate_group)
-    _checks.check_values(scale)
+    if validate:
+        _checks.check_values(scale)
     return dequantize_unchecked(q, scale, dtype, rotate_group)
 
 

@@ -349,7 +349,12 @@ def quantize_rows(
 
 
 def quantize_weight(
-    w: torch.Tensor, *, per_row: bool = True, seed: int | None = None, rotate_group: int = 0
+    w: torch.Tensor,
+    *,
+    per_row: bool = True,
+    seed: int | None = None,
+    rotate_group: int = 0,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``quantize_weight`` (unchecked). w [N, K] -> (q int8 [N, K], scale [N, 1] or [])."""
     from .reference import per_tensor_scale
@@ -361,7 +366,7 @@ def quantize_weight(
             torch.empty((n,), dtype=torch.float32, device=w.device)
         launch_quantize(w, q, scale, rotate_group=rotate_group, seed=seed)
         return q, scale[:, None]
-    fixed = per_tensor_scale(w.abs().amax() if w.numel() else w.new_zeros(()))
+    fixed = scale if scale is not None else per_tensor_scale(w.abs().amax() if w.numel() else w.new_zeros(()))
     launch_quantize(w, q, None, fixed_scale=fixed, seed=seed)
     return q, fixed
 

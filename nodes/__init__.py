@@ -1,22 +1,35 @@
-"""ComfyUI nodes (V3 API): thin wrappers that parse inputs and call ``ops`` and ``lora``."""
+"""ComfyUI nodes (V3 API): thin wrappers that parse inputs and call ``ops`` (and ``lora``).
+
+Importing this package needs no ComfyUI; the node classes are built on first access, inside
+ComfyUI, by ``node_list()``.
+"""
 
 from __future__ import annotations
 
+import functools
 
-def _node_list() -> list:
-    """The node classes this version of the pack provides."""
-    return []
+
+@functools.cache
+def node_list() -> tuple:
+    """The pack's node classes (imports ComfyUI)."""
+    from . import model_nodes
+
+    return (model_nodes.Int8DiffusionModelLoader, model_nodes.Int8QuantizeModel, model_nodes.Int8SaveModel)
 
 
 def __getattr__(name: str):
-    # The extension class subclasses ComfyUI's ComfyExtension, so it is built on first access:
-    # importing this package must keep working without ComfyUI.
+    # The extension class subclasses ComfyUI's ComfyExtension, so it is built on first access.
     if name == "Int8W8A8Extension":
         from comfy_api.latest import ComfyExtension
 
         class Int8W8A8Extension(ComfyExtension):
+            async def on_load(self) -> None:
+                from ..ops import native
+
+                native.install()
+
             async def get_node_list(self) -> list:
-                return _node_list()
+                return list(node_list())
 
         globals()[name] = Int8W8A8Extension
         return Int8W8A8Extension

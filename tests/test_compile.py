@@ -49,10 +49,11 @@ def test_custom_ops_pass_opcheck(seed):
     ops = torch.ops.int8_w8a8
     torch.library.opcheck(ops.quantize_rows, (x, None, 0))
     torch.library.opcheck(ops.quantize_rows, (x.float(), torch.rand(64) + 0.5, 64))
-    torch.library.opcheck(ops.quantize_weight, (w, True, 3, 0))
-    torch.library.opcheck(ops.quantize_weight, (w, False, None, 0))
-    torch.library.opcheck(ops.int8_linear, (x, q, s, torch.randn(24), torch.float32, None, 0))
-    torch.library.opcheck(ops.dequantize, (q, s, torch.bfloat16, 0))
+    torch.library.opcheck(ops.quantize_weight, (w, True, 3, 0, None))
+    torch.library.opcheck(ops.quantize_weight, (w, False, None, 0, None))
+    torch.library.opcheck(ops.quantize_weight, (w, False, 5, 0, torch.tensor(0.01)))
+    torch.library.opcheck(ops.int8_linear, (x, q, s, torch.randn(24), torch.float32, None, 0, True))
+    torch.library.opcheck(ops.dequantize, (q, s, torch.bfloat16, 0, False))
 
 
 def test_compiled_quantize_and_dequantize(seed):

@@ -16,8 +16,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_comfyui_loads_the_pack_as_a_custom_node(comfyui):
-    ok = asyncio.run(comfyui.nodes.load_custom_node(str(ROOT)))
-    assert ok, "ComfyUI's loader rejected the pack (see the log above)"
+    import comfy.quant_ops
+
+    algo = comfy.quant_ops.QUANT_ALGOS["int8_tensorwise"]
+    before = algo["comfy_tensor_layout"]
+    try:
+        ok = asyncio.run(comfyui.nodes.load_custom_node(str(ROOT)))
+        assert ok, "ComfyUI's loader rejected the pack (see the log above)"
+        for node_id in ("Int8DiffusionModelLoader", "Int8QuantizeModel", "Int8SaveModel"):
+            assert node_id in comfyui.nodes.NODE_CLASS_MAPPINGS, node_id
+        names = comfyui.nodes.NODE_DISPLAY_NAME_MAPPINGS
+        assert names["Int8DiffusionModelLoader"] == "Load Diffusion Model (INT8 W8A8)"
+        assert algo["comfy_tensor_layout"] == "Int8W8A8Layout"  # on_load routed native INT8 to the pack
+    finally:
+        algo["comfy_tensor_layout"] = before
 
 
 def test_pack_kernels_on_comfyui_native_int8_weights(comfyui):
@@ -36,7 +48,7 @@ def test_pack_kernels_on_comfyui_native_int8_weights(comfyui):
           "comfy_quant": torch.tensor(list(json.dumps({"format": "int8_tensorwise"}).encode()), dtype=torch.uint8)}
     layer.load_state_dict(sd, strict=False)
     qt = layer.weight
-    assert type(qt).__name__ == "QuantizedTensor" and qt._layout_cls == "TensorWiseINT8Layout"
+    assert type(qt).__name__ == "QuantizedTensor" and qt._layout_cls in ("TensorWiseINT8Layout", "Int8W8A8Layout")
     x = torch.randn(7, k)
     ours = kernels.int8_linear(x, qt._qdata, qt._params.scale, out_dtype=torch.float32)
     assert torch.equal(ours, kernels.int8_linear(x, q, s, out_dtype=torch.float32))

@@ -117,6 +117,14 @@ def test_quantize_weight_matches_twin(seed, per_row, seed_arg):
     assert s.shape == ((33, 1) if per_row else ())
 
 
+def test_quantize_weight_fixed_scale_matches_twin(seed):
+    w = torch.randn(20, 50, device=DEV) * 0.05
+    fixed = torch.tensor(0.002, device=DEV)
+    q, s = triton_quant.quantize_weight(w, per_row=False, seed=9, scale=fixed)
+    q_ref, s_ref = ref.quantize_weight(w, per_row=False, seed=9, scale=fixed)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and s.item() == fixed.item()
+
+
 def test_quantize_weight_rotated_close_to_twin(seed):
     w = torch.randn(24, 512, device=DEV) * 0.05
     q, s = triton_quant.quantize_weight(w, rotate_group=256)

@@ -1,0 +1,159 @@
+"""``Int8Linear`` and the operations class handed to ComfyUI's model constructor (ComfyUI glue).
+
+ComfyUI builds a model's layers from an "operations" namespace (``comfy.ops.manual_cast`` and
+friends). ``make_operations(config)`` returns one whose ``Linear`` is ``Int8Linear`` bound to a
+frozen ``LoadConfig``; everything else (norms, convolutions, embeddings) is ComfyUI's.
+
+``Int8Linear`` holds either the pack's INT8 ``QuantizedTensor`` or a float weight:
+* loading (``_load_from_state_dict``): takes one layer of a normalized state dict (see formats.py):
+  INT8 data and scale are wrapped as they are; float and FP8 weights of layers the profile
+  quantizes are converted here, one layer at a time, on the GPU when there is one;
+* forward: ``cast_bias_weight(..., offloadable=True, want_requant=True)`` so that ComfyUI's
+  offloading, DynamicVRAM and LoRA-on-cast work, then the pack's kernel on the 2-D view of the input.
+  With weight functions attached (legacy lowvram LoRA) or forced casting it runs the float fallback;
+* LoRA merge (``convert_weight``/``set_weight``), saving (``state_dict``) and ``.to()`` (``_apply``)
+  follow ComfyUI's mixed-precision ops, so core's patcher and savers treat it like a native layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import comfy.model_management
+import comfy.ops
+import torch
+
+from .. import kernels
+from . import layout
+from .config import LoadConfig
+from .formats import FP8_FORMATS, INT8_FORMAT, Int8FormatError
+
+logger = logging.getLogger(__name__)
+
+_FP8_DTYPES = {name: dtype for dtype, name in FP8_FORMATS.items()}
+
+
+class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
+    """A Linear whose weight is the pack's INT8 QuantizedTensor or, for kept layers, a float tensor."""
+
+    config: LoadConfig  # set on the per-load subclass made by make_operations
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.factory_kwargs = {"device": device, "dtype": dtype}
+        self.weight = None  # created by _load_from_state_dict: int8 or float, decided per layer
+        self.quant_format = None
+        if bias:
+            self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self):
+        return None
+
+    # ---------------------------------------------------------------- loading
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        layer = prefix[:-1]
+        weight = state_dict.pop(f"{prefix}weight", None)
+        scale = state_dict.pop(f"{prefix}weight_scale", None)
+        conf = state_dict.pop(f"{prefix}comfy_quant", None)
+        state_dict.pop(f"{prefix}input_scale", None)
+        if weight is not None:
+            built = self._build_weight(layer, weight, scale, conf)
+            self.weight = torch.nn.Parameter(built, requires_grad=False)
+            self.quant_format = INT8_FORMAT if layout.is_int8_weight(built) else None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if weight is not None and f"{prefix}weight" in missing_keys:
+            missing_keys.remove(f"{prefix}weight")
+
+    def _build_weight(self, layer: str, weight: torch.Tensor, scale, conf) -> torch.Tensor:
+        cfg = self.config
+        info = json.loads(bytes(conf.to(torch.uint8).cpu().numpy().tobytes())) if conf is not None else {}
+        fmt = info.get("format")
+        target = self.factory_kwargs["device"] or weight.device
+        logical = self.factory_kwargs["dtype"] or torch.bfloat16
+        if fmt == INT8_FORMAT:
+            group = int(info.get("convrot_groupsize", 256)) if info.get("convrot") else 0
+            return layout.make_weight(weight.to(target), scale.to(target, torch.float32), logical, rotate_group=group)
+        if fmt in _FP8_DTYPES:  # scaled FP8: back to float first
+            device = cfg.compute_device or weight.device
+            weight = weight.to(device).float() * scale.to(device, torch.float32)
+        if weight.is_floating_point() and weight.dim() == 2 and cfg.converts(layer):
+            return self._convert(layer, weight, target, logical)
+        return weight.to(device=target, dtype=logical if weight.is_floating_point() else weight.dtype)
+
+    def _convert(self, layer: str, weight: torch.Tensor, target, logical: torch.dtype):
+        cfg = self.config
+        opts = cfg.convert
+        group = opts.rotate_group if opts.rotate_group and weight.shape[1] % opts.rotate_group == 0 else 0
+        if opts.rotate_group and not group:
+            logger.info("int8_w8a8: %s: ConvRot group %d does not divide %d input features; no rotation",
+                        layer, opts.rotate_group, weight.shape[1])
+        try:
+            w = weight.to(cfg.compute_device or weight.device)
+            q, s = kernels.quantize_weight(w, per_row=opts.per_row, seed=opts.seed, rotate_group=group)
+        except ValueError as exc:
+            raise Int8FormatError(f"{cfg.source}: layer '{layer}': cannot quantize: {exc}") from exc
+        if cfg.progress is not None:
+            cfg.progress(layer)
+        return layout.make_weight(q.to(target), s.to(target), logical, rotate_group=group)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        comfy.ops.run_every_op()
+        w = self.weight
+        fast = (layout.is_int8_weight(w) and not self.weight_function and not self.bias_function
+                and not getattr(self, "comfy_force_cast_weights", False))
+        if fast:
+            weight, bias, offload = comfy.ops.cast_bias_weight(
+                self, input=None, dtype=w.dtype, device=x.device, bias_dtype=x.dtype, offloadable=True,
+                compute_dtype=x.dtype, want_requant=True)
+            if layout.is_int8_weight(weight):
+                y = layout.linear(x, weight, bias, x.dtype)
+            else:  # a cast path that returned floats (e.g. a DynamicVRAM layer run on the CPU)
+                y = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+        else:
+            weight, bias, offload = comfy.ops.cast_bias_weight(self, x, offloadable=True)
+            y = torch.nn.functional.linear(x, weight, bias)
+        comfy.ops.uncast_bias_weight(self, weight, bias, offload)
+        return y
+
+    # ---------------------------------------------------------------- patcher / saving hooks
+    def convert_weight(self, weight, inplace=False, **kwargs):
+        return weight.dequantize() if layout.is_int8_weight(weight) else weight
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        if layout.is_int8_weight(self.weight):
+            weight = self.weight.requantize_from_float(weight, scale="recalculate", stochastic_rounding=seed,
+                                                       inplace_ops=True).to(self.weight.dtype)
+        else:
+            weight = weight.to(self.weight.dtype)
+        if return_weight:
+            return weight
+        assert inplace_update is False  # ComfyUI never patches these layers in place
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def state_dict(self, *args, destination=None, prefix="", **kwargs):
+        sd = destination if destination is not None else {}
+        return comfy.ops._quantized_weight_state_dict(self, sd, prefix)
+
+    def _apply(self, fn, recurse=True):
+        return comfy.ops._quantized_apply(self, fn, recurse)
+
+
+def make_operations(config: LoadConfig) -> type:
+    """A ComfyUI operations class for one load: ComfyUI's manual_cast ops with ``Int8Linear``."""
+
+    linear = type("Linear", (Int8Linear,), {"config": config, "__module__": __name__})
+    return type("Int8Operations", (comfy.ops.manual_cast,), {"Linear": linear, "__module__": __name__})
+
+
+def default_compute_device() -> str | None:
+    """Where to quantize float weights on load: ComfyUI's torch device when it is a GPU."""
+    device = comfy.model_management.get_torch_device()
+    return None if comfy.model_management.is_device_cpu(device) else str(device)

@@ -1,0 +1,53 @@
+"""Per-load configuration, passed explicitly and never mutated (no class-level flags)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .profiles import ModelProfile
+
+WEIGHT_SCALES = ("per-row", "per-tensor")
+ROTATE_GROUPS = (0, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How float (and FP8) weights are turned into INT8.
+
+    per_row: one scale per output channel (default; more accurate) or one per tensor.
+    rotate_group: ConvRot group (0 = off); applied where it divides a layer's input width.
+    seed: None for round-to-nearest-even, or a seed for stochastic rounding.
+    """
+
+    per_row: bool = True
+    rotate_group: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rotate_group not in ROTATE_GROUPS:
+            raise ValueError(f"ConvRot group: expected one of {ROTATE_GROUPS}, got {self.rotate_group}")
+        if self.rotate_group and not self.per_row:
+            raise ValueError("ConvRot needs per-row weight scales")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Everything one load needs to build its ``Int8Linear`` layers.
+
+    profile: the architecture's profile when float layers are converted; None when the source is
+        already quantized (its float layers stay as the file has them).
+    source: a name for messages (the file name).
+    compute_device: where float weights are quantized ("cuda:0"; None = where they are).
+    progress: called with the layer name after each converted layer (the node's progress bar).
+    """
+
+    profile: ModelProfile | None
+    convert: ConvertOptions
+    source: str
+    compute_device: str | None = None
+    progress: Callable[[str], None] | None = None
+
+    def converts(self, layer: str) -> bool:
+        """Whether a float Linear weight at ``layer`` is quantized on load."""
+        return self.profile is not None and not self.profile.keeps(layer)

@@ -1,0 +1,162 @@
+"""Loading, converting and saving INT8 diffusion models through ComfyUI's own loader (ComfyUI glue).
+
+``load_file``      a diffusion-model file of any supported format -> ModelPatcher on Int8Linear layers
+``quantize_model`` a MODEL from any loader (e.g. stock BF16) -> a clone whose Linear weights are INT8
+``save_model``     a MODEL -> a ComfyUI-native int8_tensorwise safetensors file (loads without the pack)
+
+All three fail before anything is built or written when the input cannot be used, with the file,
+the layer and what to do in the message; nothing half-loaded is returned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import torch
+
+from . import formats, layout, profiles
+from .comfy_ops import default_compute_device, make_operations
+from .config import ConvertOptions, LoadConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What the loader node asks for: a profile name ("auto" or one of profiles.CHOICES) and how to convert."""
+
+    profile: str = profiles.AUTO
+    convert: ConvertOptions = field(default_factory=ConvertOptions)
+
+
+def read_file(path: str) -> tuple[dict, dict | None]:
+    """The state dict and safetensors header of ``path``, with a readable error for broken files."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return comfy.utils.load_torch_file(path, return_metadata=True)
+    except Exception as exc:  # safetensors raises its own error types; all mean "unreadable"
+        raise formats.Int8FormatError(
+            f"{name}: cannot be read ({type(exc).__name__}: {exc}). The file is truncated or is not a "
+            "safetensors/PyTorch checkpoint; download or copy it again."
+        ) from exc
+
+
+def _linear_weights(sd: dict) -> list[str]:
+    return [k[:-7] for k, v in sd.items() if k.endswith(".weight") and isinstance(v, torch.Tensor) and v.dim() == 2]
+
+
+def _plan(nsd: dict, report: formats.FormatReport, options: LoadOptions, source: str):
+    """The profile to convert with (None for pre-quantized sources) and how many layers it converts."""
+    keys = set(nsd)
+    if report.quantized:
+        # A pre-quantized file decides itself which layers are INT8; its float layers stay float.
+        if options.profile != profiles.AUTO:
+            profiles.resolve(options.profile, keys, source)  # still refuse the wrong architecture
+        return None, 0
+    profile = profiles.resolve(options.profile, keys, source)
+    todo = [k for k in _linear_weights(nsd) if not profile.keeps(k) and nsd[f"{k}.weight"].is_floating_point()]
+    fp8 = [k[:-12] for k in nsd if k.endswith(".comfy_quant")]
+    return profile, len(todo) + len([k for k in fp8 if not profile.keeps(k)])
+
+
+def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source: str,
+          model_options: dict | None = None, disable_dynamic: bool = False):
+    """Build a ModelPatcher from a normalized state dict (formats.normalize) with Int8Linear layers."""
+    profile, todo = _plan(nsd, report, options, source)
+    pbar = comfy.utils.ProgressBar(todo) if todo else None
+    config = LoadConfig(
+        profile=profile, convert=options.convert, source=source, compute_device=default_compute_device(),
+        progress=(lambda layer: pbar.update(1)) if pbar is not None else None,
+    )
+    opts = dict(model_options or {})
+    opts["custom_operations"] = make_operations(config)
+    patcher = comfy.sd.load_diffusion_model_state_dict(nsd, model_options=opts, disable_dynamic=disable_dynamic)
+    if patcher is None:
+        raise formats.Int8FormatError(
+            f"{source}: ComfyUI does not recognize this diffusion model's architecture; check that the file is a "
+            "diffusion model (not a checkpoint of another kind, a LoRA or a text encoder)"
+        )
+    n_int8 = sum(layout.is_int8_weight(getattr(m, "weight", None)) for m in patcher.model.diffusion_model.modules())
+    logger.info("int8_w8a8: %s loaded with %d INT8 Linear layers (%s)", source, n_int8,
+                f"converted {todo} with profile {profile.name}" if profile else "pre-quantized")
+    return patcher
+
+
+def load_file(path: str, options: LoadOptions | None = None, disable_dynamic: bool = False):
+    """Load ``path`` (any supported format) as a ModelPatcher whose Linear layers run on the pack's kernels."""
+    options = options or LoadOptions()
+    source = os.path.basename(path)
+    sd, metadata = read_file(path)
+    nsd, report = formats.normalize(sd, metadata, source)
+    patcher = build(nsd, report, options, source, disable_dynamic=disable_dynamic)
+    # TorchCompileModel (and multi-GPU clones) rebuild the model through this
+    patcher.cached_patcher_init = (load_file, (path, options))
+    return patcher
+
+
+def quantize_model(model, options: LoadOptions | None = None, disable_dynamic: bool = False):
+    """A clone of ``model`` (a ModelPatcher) whose Linear weights are INT8.
+
+    The clone keeps the model's patches (LoRAs), object patches and options; its weights are built
+    from the model's current (unpatched) weights, converted layer by layer.
+    """
+    options = options or LoadOptions()
+    source = f"the input model ({type(model.model).__name__})"
+    sd = model.model.diffusion_model.state_dict()
+    nsd, report = formats.normalize(sd, None, source)
+    if report.quantized and not report.layers.get("float"):
+        logger.info("int8_w8a8: %s is already INT8; returning it unchanged", source)
+        return model.clone()
+    # a partly quantized input: build from its float layers (the INT8 ones pass through)
+    built = build(nsd, report, options, source, model_options={"dtype": model.model.get_dtype()},
+                  disable_dynamic=disable_dynamic or not model.is_dynamic())
+    clone = model.clone(model_override=built.get_clone_model_override())
+    clone.size = 0  # recomputed from the INT8 weights
+    clone.cached_patcher_init = (_quantize_again, (model, options))
+    return clone
+
+
+def _quantize_again(model, options: LoadOptions, disable_dynamic: bool = False):
+    return quantize_model(model, options, disable_dynamic=disable_dynamic)
+
+
+def native_state_dict(model) -> tuple[dict, dict]:
+    """The diffusion model's weights in ComfyUI's native int8_tensorwise form, LoRA patches merged.
+
+    Returns (state dict, safetensors header metadata with ``_quantization_metadata``).
+    """
+    dm = model.model.diffusion_model
+    for name, module in dm.named_modules():
+        w = getattr(module, "weight", None)
+        if layout.is_int8_weight(w) and getattr(w._params, "smooth", None) is not None:
+            raise ValueError(f"layer '{name}' uses SmoothQuant, which ComfyUI's native format cannot express")
+    sd = model.model_state_dict_for_saving(dm, "diffusion_model.")
+    layers = {}
+    for key in [k for k in sd if k.endswith(".comfy_quant")]:
+        conf = json.loads(bytes(sd[key].to(torch.uint8).cpu().numpy().tobytes()))
+        layers[key[: -len(".comfy_quant")]] = conf
+    header = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    return sd, header
+
+
+def save_model(model, path: str) -> str:
+    """Write ``model``'s diffusion model to ``path`` as a native int8_tensorwise safetensors file."""
+    comfy.model_management.load_models_gpu([model])
+    sd, header = native_state_dict(model)
+    if not json.loads(header["_quantization_metadata"])["layers"]:
+        raise ValueError("the model has no INT8 layers to save; quantize it first (Quantize Model to INT8)")
+    for k, t in list(sd.items()):
+        if isinstance(t, torch.Tensor) and not t.is_contiguous():
+            sd[k] = t.contiguous()
+    tmp = f"{path}.partial"
+    comfy.utils.save_torch_file(sd, tmp, metadata=header)
+    os.replace(tmp, path)  # never leave a truncated file under the final name
+    return path

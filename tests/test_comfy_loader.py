@@ -1,0 +1,346 @@
+"""Integration tier: loading, converting, saving and running INT8 models inside a real ComfyUI (CPU).
+
+A tiny FLUX.2 (hidden 256, one double and one single block) is built with ComfyUI's own Flux class
+and random weights, written to safetensors files in every supported format, and loaded through the
+pack's loader, ComfyUI's stock loader and the nodes. Outputs are compared with the float model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import safetensors.torch
+import torch
+
+from . import formats_util as fu
+from .conftest import sqnr_db
+
+pytestmark = pytest.mark.integration
+
+H, CTX = 256, 64
+QUANTIZED = 10  # 4 img + 4 txt layers of the double block, linear1 and linear2 of the single block
+
+
+def _flux2_module():
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    return Flux(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=CTX,
+                hidden_size=H, mlp_ratio=3.0, num_heads=H // 128, depth=1, depth_single_blocks=1,
+                axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False,
+                txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True, ops_bias=False,
+                default_ref_method="index", ref_index_scale=10.0, operations=comfy.ops.disable_weight_init,
+                device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def flux2(comfyui):
+    """A tiny FLUX.2 in BF16: state dict, fixed inputs and the float model's output."""
+    import comfy.sd
+
+    gen = torch.Generator().manual_seed(1234)
+    sd = {}
+    for k, v in _flux2_module().state_dict().items():
+        if v.dim() >= 2:
+            sd[k] = torch.randn(v.shape, generator=gen) / math.sqrt(v.shape[1])
+        elif "norm" in k:
+            sd[k] = torch.ones(v.shape)
+        else:
+            sd[k] = torch.randn(v.shape, generator=gen) * 0.02
+    sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    inputs = (torch.randn(1, 128, 4, 4, generator=gen), torch.tensor([0.6]), torch.randn(1, 8, CTX, generator=gen))
+    ref = forward(comfy.sd.load_diffusion_model_state_dict(dict(sd), disable_dynamic=True), inputs)
+    return {"sd": sd, "inputs": inputs, "ref": ref}
+
+
+def forward(patcher, inputs) -> torch.Tensor:
+    model = patcher.model
+    dtype = model.manual_cast_dtype or model.get_dtype()
+    x, t, ctx = (i.to(dtype) for i in inputs)
+    with torch.inference_mode():
+        return model.diffusion_model(x, t, ctx).float()
+
+
+def _quantized_layer(layer: str) -> bool:
+    from int8_w8a8.ops import profiles
+
+    return not profiles.BY_NAME["flux2"].keeps(layer)
+
+
+def _write(tmp_path, name, sd, meta=None):
+    path = tmp_path / name
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=meta)
+    return str(path)
+
+
+def _int8_layers(patcher):
+    from int8_w8a8.ops import layout
+
+    return [n for n, m in patcher.model.diffusion_model.named_modules()
+            if layout.is_int8_weight(getattr(m, "weight", None))]
+
+
+FILES = {
+    "native": lambda sd: fu.native(sd, _quantized_layer),
+    "native-header-only": lambda sd: fu.native(sd, _quantized_layer, header_only=True),
+    "native-per-tensor": lambda sd: fu.native(sd, _quantized_layer, per_row=False),
+    "native-convrot": lambda sd: fu.native(sd, _quantized_layer, convrot=256),
+    "modelopt-vistralis": lambda sd: fu.modelopt(sd, _quantized_layer),
+    "int8-fast-quarot": lambda sd: fu.int8_fast(sd, _quantized_layer),
+    "int8-fast-convrot": lambda sd: fu.int8_fast(sd, _quantized_layer, style="convrot"),
+    "1d-fp16-scales": lambda sd: fu.one_d_scales(sd, _quantized_layer),
+    "legacy-scale-names": lambda sd: fu.legacy_names(sd, _quantized_layer),
+    "fp8-scaled": lambda sd: fu.fp8_scaled(sd, _quantized_layer),
+    "bf16": lambda sd: (dict(sd), None),
+}
+
+
+@pytest.mark.parametrize("fmt", list(FILES))
+def test_every_format_loads_and_matches_bf16(flux2, tmp_path, fmt):
+    from int8_w8a8.ops import loader
+
+    path = _write(tmp_path, f"{fmt}.safetensors", *FILES[fmt](flux2["sd"]))
+    patcher = loader.load_file(path)
+    assert len(_int8_layers(patcher)) == QUANTIZED
+    assert sqnr_db(flux2["ref"], forward(patcher, flux2["inputs"])) >= 25
+    assert patcher.cached_patcher_init[0] is loader.load_file
+
+
+@pytest.mark.parametrize("convert", [{"per_row": False}, {"rotate_group": 256}, {"rotate_group": 64, "seed": 7}])
+def test_conversion_options(flux2, tmp_path, convert):
+    from int8_w8a8.ops import loader
+    from int8_w8a8.ops.config import ConvertOptions
+
+    path = _write(tmp_path, "bf16.safetensors", flux2["sd"])
+    patcher = loader.load_file(path, loader.LoadOptions(convert=ConvertOptions(**convert)))
+    weights = [patcher.model.diffusion_model.get_submodule(n).weight for n in _int8_layers(patcher)]
+    assert len(weights) == QUANTIZED
+    assert all(w._params.convrot == bool(convert.get("rotate_group")) for w in weights)
+    assert all((w._params.scale.dim() == 0) == (convert.get("per_row") is False) for w in weights)
+    assert sqnr_db(flux2["ref"], forward(patcher, flux2["inputs"])) >= 25
+
+
+@pytest.fixture
+def models_dir(comfyui, tmp_path, monkeypatch):
+    import folder_paths
+
+    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
+    folder_paths.add_model_folder_path("diffusion_models", str(tmp_path), is_default=True)
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    yield tmp_path
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)
+
+
+def test_loader_node(flux2, models_dir):
+    from int8_w8a8.nodes import model_nodes
+
+    _write(models_dir, "klein-int8.safetensors", *fu.native(flux2["sd"], _quantized_layer, convrot=256))
+    schema = model_nodes.Int8DiffusionModelLoader.define_schema()
+    assert all(getattr(i, "tooltip", None) for i in schema.inputs)
+    assert "klein-int8.safetensors" in schema.inputs[0].options
+    out = model_nodes.Int8DiffusionModelLoader.execute("klein-int8.safetensors", "auto", "per-row", "0")
+    assert sqnr_db(flux2["ref"], forward(out.args[0], flux2["inputs"])) >= 25
+
+
+def test_stock_loader_runs_on_the_pack_kernels(flux2, models_dir, monkeypatch):
+    """ComfyUI's own UNETLoader on a native file: the pack's layout, its kernels, no dequantized weights
+    (also not for the img_attn.proj layer, whose input is a strided slice), same output as the pack's loader."""
+    import nodes
+    from int8_w8a8.ops import layout, loader, native
+
+    _write(models_dir, "native.safetensors", *fu.native(flux2["sd"], _quantized_layer))
+    previous = native.install()
+    try:
+        stock = nodes.UNETLoader().load_unet("native.safetensors", "default")[0]
+        weights = [m.weight for m in stock.model.diffusion_model.modules()
+                   if isinstance(getattr(m, "weight", None), torch.Tensor) and layout.is_int8_weight(m.weight)]
+        assert len(weights) == QUANTIZED and all(w._layout_cls == layout.LAYOUT_NAME for w in weights)
+        calls = []
+        original = layout.Int8W8A8Layout.dequantize.__func__
+        monkeypatch.setattr(layout.Int8W8A8Layout, "dequantize",
+                            classmethod(lambda cls, q, p: calls.append(1) or original(cls, q, p)))
+        y_stock = forward(stock, flux2["inputs"])
+        assert calls == [], f"{len(calls)} INT8 weights were dequantized in the forward pass"
+        y_pack = forward(loader.load_file(str(models_dir / "native.safetensors")), flux2["inputs"])
+        assert torch.equal(y_stock, y_pack)
+    finally:
+        native.uninstall("TensorWiseINT8Layout")
+    try:
+        plain = nodes.UNETLoader().load_unet("native.safetensors", "default")[0]
+        assert all(m.weight._layout_cls == "TensorWiseINT8Layout" for m in plain.model.diffusion_model.modules()
+                   if isinstance(getattr(m, "weight", None), torch.Tensor) and layout.is_int8_weight(m.weight))
+        assert sqnr_db(flux2["ref"], forward(plain, flux2["inputs"])) >= 25
+    finally:
+        native.uninstall(previous or "TensorWiseINT8Layout")
+
+
+def test_native_hook_environment_switch(comfyui, monkeypatch):
+    import comfy.quant_ops
+
+    from int8_w8a8.ops import native
+
+    monkeypatch.setenv(native.ENV, "0")
+    before = comfy.quant_ops.QUANT_ALGOS["int8_tensorwise"]["comfy_tensor_layout"]
+    assert native.install() is None
+    assert comfy.quant_ops.QUANT_ALGOS["int8_tensorwise"]["comfy_tensor_layout"] == before
+
+
+def _add_lora(patcher, layer="double_blocks.0.img_mlp.0", rank=4, seed=0):
+    """A LoRA patch in ComfyUI's own format (LoRAAdapter), through add_patches."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    w = patcher.model.diffusion_model.get_submodule(layer).weight
+    n, k = w.shape
+    gen = torch.Generator().manual_seed(seed)
+    up, down = torch.randn(n, rank, generator=gen) * 0.05, torch.randn(rank, k, generator=gen) * 0.05
+    adapter = LoRAAdapter(set(), (up, down, None, None, None, None))
+    key = f"diffusion_model.{layer}.weight"
+    assert patcher.add_patches({key: adapter}, 1.0) == [key]
+    return key
+
+
+def test_quantize_node_keeps_patches_and_leaves_the_input(flux2, models_dir):
+    import nodes
+    from int8_w8a8.nodes import model_nodes
+
+    _write(models_dir, "bf16.safetensors", flux2["sd"])
+    stock = nodes.UNETLoader().load_unet("bf16.safetensors", "default")[0]
+    key = _add_lora(stock)
+    out = model_nodes.Int8QuantizeModel.execute(stock, "flux2", "per-row", "0").args[0]
+    assert len(_int8_layers(out)) == QUANTIZED and key in out.patches
+    assert not any(isinstance(m.weight, torch.Tensor) and m.weight.dtype == torch.int8
+                   for m in stock.model.diffusion_model.modules() if hasattr(m, "weight") and m.weight is not None)
+    assert out.model_size() < 0.75 * stock.model_size()
+    out.patches.clear()  # the unpatched INT8 model vs the float reference
+    assert sqnr_db(flux2["ref"], forward(out, flux2["inputs"])) >= 25
+
+
+def test_save_node_writes_native_files_stock_comfyui_loads(flux2, models_dir):
+    import comfy.model_management
+    import comfy.sd
+
+    from int8_w8a8.nodes import model_nodes
+    from int8_w8a8.ops import loader
+
+    int8 = loader.load_file(_write(models_dir, "bf16.safetensors", flux2["sd"]))
+    key = _add_lora(int8)
+    comfy.model_management.load_models_gpu([int8])
+    y_patched = forward(int8, flux2["inputs"])
+    model_nodes.Int8SaveModel.execute(int8, "int8/test")
+    saved = sorted((models_dir / "int8").glob("test_*.safetensors"))
+    assert len(saved) == 1 and not list((models_dir / "int8").glob("*.partial"))
+    with safetensors.safe_open(str(saved[0]), "pt") as f:
+        layers = json.loads(f.metadata()["_quantization_metadata"])["layers"]
+        assert len(layers) == QUANTIZED and all(c["format"] == "int8_tensorwise" for c in layers.values())
+        assert f.get_tensor(key[len("diffusion_model."):]).dtype == torch.int8
+        keys = set(f.keys())
+        assert all(f"{name}.comfy_quant" in keys for name in layers)
+    # stock ComfyUI, without the pack's hook, loads it; the LoRA is merged into the saved weights
+    comfy.model_management.unload_all_models()
+    reloaded = comfy.sd.load_diffusion_model(str(saved[0]))
+    y_reloaded = forward(reloaded, flux2["inputs"])
+    assert sqnr_db(y_patched, y_reloaded) >= 30
+    assert sqnr_db(flux2["ref"], y_reloaded) < sqnr_db(y_patched, y_reloaded)  # the LoRA is in there
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(4000)
+
+
+def _overwrite(path):
+    with open(path, "wb") as f:
+        f.write(b"\x00" * 64)
+
+
+BAD_FILES = {
+    "truncated": (_truncate, r"cannot be read .*truncated"),
+    "not-safetensors": (_overwrite, r"cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_broken_files_fail_cleanly(flux2, tmp_path, case):
+    import comfy.model_management
+
+    from int8_w8a8.ops import formats, loader
+
+    path = _write(tmp_path, "broken.safetensors", *fu.native(flux2["sd"], _quantized_layer))
+    mutate, message = BAD_FILES[case]
+    mutate(path)
+    loaded = len(comfy.model_management.current_loaded_models)
+    with pytest.raises(formats.Int8FormatError, match=message) as info:
+        loader.load_file(path)
+    assert "broken.safetensors" in str(info.value)
+    assert len(comfy.model_management.current_loaded_models) == loaded
+
+
+def test_wrong_architecture_and_bad_layers_fail_before_building(flux2, tmp_path):
+    from int8_w8a8.ops import formats, loader, profiles
+
+    path = _write(tmp_path, "bf16.safetensors", flux2["sd"])
+    with pytest.raises(ValueError, match=r"bf16\.safetensors: is a FLUX\.2 .* profile 'chroma' was selected"):
+        loader.load_file(path, loader.LoadOptions(profile="chroma"))
+    sd, meta = fu.native(flux2["sd"], _quantized_layer)
+    sd["single_blocks.0.linear2.weight_scale"] = torch.full((H, 1), float("inf"))
+    with pytest.raises(formats.Int8FormatError, match=r"layer 'single_blocks.0.linear2': weight scale has 256 non"):
+        loader.load_file(_write(tmp_path, "nan.safetensors", sd, meta))
+    assert profiles.BY_NAME["flux2"].matches(flux2["sd"])
+
+
+def test_memory_modes_lowvram_and_full(flux2, tmp_path):
+    import comfy.model_management
+
+    from int8_w8a8.ops import loader
+
+    patcher = loader.load_file(_write(tmp_path, "bf16.safetensors", flux2["sd"]))
+    key = _add_lora(patcher)
+    layer = patcher.model.diffusion_model.get_submodule(key[len("diffusion_model."):-len(".weight")])
+    q_before, s_before = layer.weight._qdata.clone(), layer.weight._params.scale.clone()
+    # legacy lowvram: every module offloaded, LoRA applied on the fly in float (LowVramPatch)
+    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
+    y_lowvram = forward(patcher, flux2["inputs"])
+    patcher.unpatch_model()
+    assert torch.equal(layer.weight._qdata, q_before) and torch.equal(layer.weight._params.scale, s_before)
+    # full load: the LoRA merged into the INT8 weights (requantized), restored bit-exactly on unload
+    comfy.model_management.load_models_gpu([patcher])
+    y_full = forward(patcher, flux2["inputs"])
+    assert not torch.equal(layer.weight._qdata, q_before)
+    comfy.model_management.unload_all_models()
+    assert torch.equal(layer.weight._qdata, q_before) and torch.equal(layer.weight._params.scale, s_before)
+    assert sqnr_db(y_lowvram, y_full) >= 25
+
+
+def test_torch_compile_no_graph_breaks_and_rebuild(flux2, tmp_path, monkeypatch):
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention
+    import comfy.model_management
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    from int8_w8a8.ops import loader
+
+    # ComfyUI's CPU default (sub-quadratic attention) asks psutil for free memory, which breaks graphs;
+    # GPUs use PyTorch's SDPA, as here
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    path = _write(tmp_path, "bf16.safetensors", flux2["sd"])
+    patcher = loader.load_file(path)
+    comfy.model_management.load_models_gpu([patcher])
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    dm = patcher.model.diffusion_model
+    compiled = torch.compile(dm, backend=backend, fullgraph=True)
+    x, t, ctx = flux2["inputs"]
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    with torch.inference_mode():
+        y = compiled(x.to(dtype), t.to(dtype), ctx.to(dtype)).float()
+    assert backend.frame_count == 1 and not counters["graph_break"]
+    assert sqnr_db(forward(patcher, flux2["inputs"]), y) >= 60
+    # TorchCompileModel rebuilds a non-dynamic model through cached_patcher_init
+    fn, fn_args = patcher.cached_patcher_init
+    rebuilt = fn(*fn_args, disable_dynamic=True)
+    assert torch.equal(forward(rebuilt, flux2["inputs"]), forward(patcher, flux2["inputs"]))
