@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | ptx | bench | bench-quick | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-comfy | ptx | bench | bench-quick | host | sweep-{large,m1024,m256,m64,small}
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
 # package is imported as int8_w8a8 through a symlink, since the machine cannot pip install -e.
@@ -18,6 +18,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/int8_w8a8
 export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-}
+# a pruned ComfyUI checkout carried in .comfyui/ enables the GPU tier's ComfyUI tests
+[ -f .comfyui/comfy/model_patcher.py ] && export COMFYUI_PATH=$PWD/.comfyui
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 status=0
@@ -26,6 +28,7 @@ for step in "$@"; do
     start=$SECONDS
     case "$step" in
         tests) python3 -m pytest tests -m "kernels or gpu" -q -p no:randomly 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+        tests-comfy) python3 -m pytest tests/test_gpu_comfy.py -q -x 2>&1 | tee "$OUT/pytest-comfy.log" | tail -40 ;;
         ptx) python3 -m int8_w8a8.bench.check_ptx --arch 90 2>&1 | tee "$OUT/ptx.txt" ;;
         bench) python3 -m int8_w8a8.bench.bench_linear --out "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.txt" ;;
         bench-quick) python3 -m int8_w8a8.bench.bench_linear --quick --out "$OUT/bench_linear.json" 2>&1 \

@@ -73,7 +73,7 @@ def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
 
 @pytest.fixture(scope="session")
 def comfyui():
-    """A real ComfyUI checkout from COMFYUI_PATH, imported for CPU use; skips the test when absent.
+    """A real ComfyUI checkout from COMFYUI_PATH (on the CPU, or the GPU when there is one); skips when absent.
 
     ComfyUI is not on PyPI: see README.md (Tests) for making a checkout.
     """
@@ -87,7 +87,7 @@ def comfyui():
     try:
         from comfy.cli_args import args
 
-        args.cpu = True  # before comfy.model_management is imported
+        args.cpu = not HAS_CUDA  # before comfy.model_management is imported
         import comfy.model_management
         import comfy.ops
         import folder_paths  # noqa: F401
