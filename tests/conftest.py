@@ -97,6 +97,4 @@ def comfyui():
 
     import comfy
 
-    import nodes
-
-    return types.SimpleNamespace(path=path, comfy=comfy, nodes=nodes)
+    return types.SimpleNamespace(path=path, comfy=comfy)  # tests import ComfyUI's `nodes` where they use it

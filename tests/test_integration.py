@@ -18,14 +18,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_comfyui_loads_the_pack_as_a_custom_node(comfyui):
     import comfy.quant_ops
 
+    import nodes
+
     algo = comfy.quant_ops.QUANT_ALGOS["int8_tensorwise"]
     before = algo["comfy_tensor_layout"]
     try:
-        ok = asyncio.run(comfyui.nodes.load_custom_node(str(ROOT)))
+        ok = asyncio.run(nodes.load_custom_node(str(ROOT)))
         assert ok, "ComfyUI's loader rejected the pack (see the log above)"
         for node_id in ("Int8DiffusionModelLoader", "Int8QuantizeModel", "Int8SaveModel"):
-            assert node_id in comfyui.nodes.NODE_CLASS_MAPPINGS, node_id
-        names = comfyui.nodes.NODE_DISPLAY_NAME_MAPPINGS
+            assert node_id in nodes.NODE_CLASS_MAPPINGS, node_id
+        names = nodes.NODE_DISPLAY_NAME_MAPPINGS
         assert names["Int8DiffusionModelLoader"] == "Load Diffusion Model (INT8 W8A8)"
         assert algo["comfy_tensor_layout"] == "Int8W8A8Layout"  # on_load routed native INT8 to the pack
     finally:
