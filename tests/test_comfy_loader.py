@@ -94,6 +94,8 @@ FILES = {
     "legacy-scale-names": lambda sd: fu.legacy_names(sd, _quantized_layer),
     "fp8-scaled": lambda sd: fu.fp8_scaled(sd, _quantized_layer),
     "bf16": lambda sd: (dict(sd), None),
+    "fp16": lambda sd: ({k: v.half() for k, v in sd.items()}, None),
+    "fp32": lambda sd: ({k: v.float() for k, v in sd.items()}, None),
 }
 
 
@@ -132,6 +134,40 @@ def models_dir(comfyui, tmp_path, monkeypatch):
     yield tmp_path
     folder_paths.folder_names_and_paths.clear()
     folder_paths.folder_names_and_paths.update(saved)
+
+
+def test_conversion_reports_progress_per_layer(flux2, tmp_path, monkeypatch):
+    import comfy.utils
+
+    from int8_w8a8.ops import loader
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, node_id=None):
+            self.total, self.done = total, 0
+            bars.append(self)
+
+        def update(self, value):
+            self.done += value
+
+    monkeypatch.setattr(comfy.utils, "ProgressBar", Bar)
+    loader.load_file(_write(tmp_path, "bf16.safetensors", flux2["sd"]))
+    assert [(b.total, b.done) for b in bars] == [(QUANTIZED, QUANTIZED)]
+    bars.clear()
+    loader.load_file(_write(tmp_path, "int8.safetensors", *fu.native(flux2["sd"], _quantized_layer)))
+    assert bars == []  # nothing to convert
+
+
+def test_stock_torch_compile_node_accepts_the_model(flux2, tmp_path):
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    from int8_w8a8.ops import loader
+
+    patcher = loader.load_file(_write(tmp_path, "bf16.safetensors", flux2["sd"]))
+    compiled = TorchCompileModel.execute(patcher, "inductor").args[0]
+    assert "torch.compile" in str(compiled.model_options.get("transformer_options", {})) or compiled.wrappers
+    assert compiled.cached_patcher_init == patcher.cached_patcher_init
 
 
 def test_loader_node(flux2, models_dir):
