@@ -46,8 +46,9 @@ def _summarize(compiled) -> dict:
     return {
         "wgmma": sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))),
         "mma_sync": sorted(set(re.findall(r"mma\.sync[\w.]*", ptx)))[:3],
-        "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
-        "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
+        # Triton 3.6 writes loads as shared::cluster, 3.9 as shared::cta
+        "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx)),
+        "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::\w+", ptx)),
         "cp_async": len(re.findall(r"cp\.async\.cg|cp\.async\.ca", ptx)),
         "widest_global_load": max(re.findall(r"ld\.global(?:\.\w+)*?\.(v[248])?\.?b(\d+)", ptx) or [("", "0")],
                                   key=lambda t: int(t[0][1:] or 1) * int(t[1])),
