@@ -112,6 +112,23 @@ def check_out_dtype(out_dtype: torch.dtype | None, default: torch.dtype) -> torc
     return dtype
 
 
+def check_lora(lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, n: int, k: int, device) -> None:
+    """A low-rank term: both or neither, lora_a [R, K], lora_b [N, R], float, on the input's device."""
+    if lora_a is None and lora_b is None:
+        return
+    if lora_a is None or lora_b is None:
+        raise ValueError("lora_a, lora_b: give both (lora_a [R, K] and lora_b [N, R]) or neither")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D float16/bfloat16/float32 tensor")
+        if t.device != device:
+            raise ValueError(f"{name}: is on {t.device} but x is on {device}")
+    r = lora_a.shape[0]
+    if lora_a.shape[1] != k or tuple(lora_b.shape) != (n, r) or r == 0:
+        raise ValueError(f"lora_a, lora_b: expected [R, {k}] and [{n}, R] with R >= 1, got {list(lora_a.shape)} "
+                         f"and {list(lora_b.shape)}")
+
+
 def check_linear_args(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -120,6 +137,8 @@ def check_linear_args(
     out_dtype: torch.dtype | None,
     smooth: torch.Tensor | None,
     rotate_group: int,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
 ) -> tuple[int, int, bool, torch.dtype]:
     """Validate ``int8_linear`` metadata; returns (N, K, per_row, out_dtype). Values: ``check_values``."""
     check_float_input(x, "x")
@@ -132,6 +151,7 @@ def check_linear_args(
     check_bias(bias, n)
     check_smooth(smooth, k)
     check_rotate_group(rotate_group, k)
+    check_lora(lora_a, lora_b, n, k, x.device)
     return n, k, per_row, check_out_dtype(out_dtype, x.dtype)
 
 

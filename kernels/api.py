@@ -66,8 +66,10 @@ def int8_linear(
     smooth: torch.Tensor | None = None,
     rotate_group: int = 0,
     validate: bool = True,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W8A8 linear layer: ``y = (quant(x) @ q.T) * x_scale * scale + bias``.
+    """W8A8 linear layer: ``y = (quant(x) @ q.T) * x_scale * scale + bias [+ (x @ lora_a.T) @ lora_b.T]``.
 
     Args:
         x: float16/bfloat16/float32 ``[..., K]``.
@@ -79,14 +81,18 @@ def int8_linear(
         validate: check that ``scale`` and ``smooth`` are finite and positive (one host sync per
             tensor version). Callers that validated them when the weight was loaded pass False, so
             that offloading, which hands over a fresh copy of the scale every step, stays sync-free.
+        lora_a, lora_b: an optional low-rank (LoRA) term, ``lora_a [R, K]`` and ``lora_b [N, R]`` with
+            the LoRA's scale folded into ``lora_b``. ``x @ lora_a.T`` is computed in x's dtype and the
+            second product is accumulated into the GEMM's float32 epilogue, so the output is written once.
 
     Returns:
         ``y [..., N]`` in ``out_dtype``.
     """
-    _, _, _, dtype = _checks.check_linear_args(x, q, scale, bias, out_dtype, smooth, rotate_group)
+    _, _, _, dtype = _checks.check_linear_args(x, q, scale, bias, out_dtype, smooth, rotate_group, lora_a, lora_b)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.int8_linear(x, q, scale, bias, dtype, smooth, rotate_group, validate)
-    return int8_linear_impl(x, q, scale, bias, dtype, smooth, rotate_group, validate)
+        return torch.ops.int8_w8a8.int8_linear(x, q, scale, bias, dtype, smooth, rotate_group, validate,
+                                               lora_a, lora_b)
+    return int8_linear_impl(x, q, scale, bias, dtype, smooth, rotate_group, validate, lora_a, lora_b)
 
 
 def dequantize(
@@ -124,15 +130,16 @@ def quantize_weight_impl(w, per_row, seed, rotate_group, scale=None):
     return reference.quantize_weight_unchecked(w, per_row, seed, rotate_group, scale)
 
 
-def int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group, validate=True):
+def int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group, validate=True, lora_a=None, lora_b=None):
     if validate:
         _checks.check_values(scale, smooth)
     backend = choose_backend(x.device)
     if backend.name == "triton":
         from . import triton_ops
 
-        return triton_ops.int8_linear(x, q, scale, bias, out_dtype, smooth, rotate_group, backend)
-    return reference.int8_linear_unchecked(x, q, scale, bias, out_dtype, smooth, rotate_group)
+        return triton_ops.int8_linear(x, q, scale, bias, out_dtype, smooth, rotate_group, backend,
+                                      lora_a=lora_a, lora_b=lora_b)
+    return reference.int8_linear_unchecked(x, q, scale, bias, out_dtype, smooth, rotate_group, lora_a, lora_b)
 
 
 def dequantize_impl(q, scale, dtype, rotate_group, validate=True):

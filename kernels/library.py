@@ -55,12 +55,14 @@ def int8_linear_op(
     smooth: torch.Tensor | None,
     rotate_group: int,
     validate: bool,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
 ) -> torch.Tensor:
-    return api.int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group, validate)
+    return api.int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group, validate, lora_a, lora_b)
 
 
 @int8_linear_op.register_fake
-def _(x, q, scale, bias, out_dtype, smooth, rotate_group, validate):
+def _(x, q, scale, bias, out_dtype, smooth, rotate_group, validate, lora_a, lora_b):
     return x.new_empty((*x.shape[:-1], q.shape[0]), dtype=out_dtype)
 
 

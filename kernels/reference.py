@@ -275,17 +275,27 @@ def epilogue(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    lora_h: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``((acc * x_scale) * w_scale) + bias`` in float32, rounded once to ``out_dtype``.
+    """``((acc * x_scale) * w_scale) + bias [+ lora_h @ lora_b.T]`` in float32, rounded once to ``out_dtype``.
 
-    acc int32 [M, N]; x_scale float32 [M] or [M, 1]; w_scale float32 [], [N] or [N, 1]; bias [N].
+    acc int32 [M, N]; x_scale float32 [M] or [M, 1]; w_scale float32 [], [N] or [N, 1]; bias [N];
+    lora_h [M, R] and lora_b [N, R] (the low-rank term, see ``int8_linear``).
     """
     m, n = acc.shape
     out = acc.float() * x_scale.reshape(m, 1)
     out = out * (w_scale.reshape(1, n) if w_scale.dim() else w_scale)
     if bias is not None:
         out = out + bias.float()
+    if lora_h is not None:
+        out = out + lora_h.float() @ lora_b.float().T
     return out.to(out_dtype)
+
+
+def lora_hidden(x2: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """The low-rank projection ``x2 @ lora_a.T`` [M, R] in x's dtype (the first LoRA matmul)."""
+    return x2 @ lora_a.to(x2.dtype).T
 
 
 def int8_linear(
@@ -297,8 +307,11 @@ def int8_linear(
     out_dtype: torch.dtype | None = None,
     smooth: torch.Tensor | None = None,
     rotate_group: int = 0,
+    validate: bool = True,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W8A8 linear: ``y = dequant(quant(x) @ q.T) + bias``.
+    """W8A8 linear: ``y = dequant(quant(x) @ q.T) + bias [+ (x @ lora_a.T) @ lora_b.T]``.
 
     Args:
         x: float ``[..., K]``.
@@ -307,13 +320,18 @@ def int8_linear(
         bias: optional float ``[N]``.
         out_dtype: output dtype (default ``x.dtype``).
         smooth, rotate_group: as in ``quantize_rows``.
+        validate: check scale and smooth values (see ``kernels.int8_linear``).
+        lora_a, lora_b: an optional low-rank term, ``lora_a [R, K]`` and ``lora_b [N, R]`` float (the
+            LoRA's scale folded into ``lora_b``); added in float32 before the output is rounded.
 
     Returns:
         ``y`` ``[..., N]`` in ``out_dtype``.
     """
-    _, _, _, out_dtype = _checks.check_linear_args(x, q, scale, bias, out_dtype, smooth, rotate_group)
-    _checks.check_values(scale, smooth)
-    return int8_linear_unchecked(x, q, scale, bias, out_dtype, smooth, rotate_group)
+    _, _, _, out_dtype = _checks.check_linear_args(x, q, scale, bias, out_dtype, smooth, rotate_group,
+                                                   lora_a, lora_b)
+    if validate:
+        _checks.check_values(scale, smooth)
+    return int8_linear_unchecked(x, q, scale, bias, out_dtype, smooth, rotate_group, lora_a, lora_b)
 
 
 def int8_linear_unchecked(
@@ -324,11 +342,14 @@ def int8_linear_unchecked(
     out_dtype: torch.dtype,
     smooth: torch.Tensor | None,
     rotate_group: int,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n = q.shape[0]
     lead = x.shape[:-1]
     xq, xs = quantize_rows_unchecked(x, smooth, rotate_group)
-    y = epilogue(int8_matmul(xq, q), xs, scale, bias, out_dtype)
+    h = lora_hidden(as_rows(x), lora_a) if lora_a is not None else None
+    y = epilogue(int8_matmul(xq, q), xs, scale, bias, out_dtype, h, lora_b)
     return y.reshape(*lead, n)
 
 

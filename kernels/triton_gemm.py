@@ -45,9 +45,14 @@ def _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr,
-              PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """int32 acc [BM, BN] -> float32 ((acc * x_scale) * w_scale) + bias (``reference.epilogue``)."""
+def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm, stride_lbn,
+              PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr):
+    """int32 acc [BM, BN] -> float32 ((acc * x_scale) * w_scale) + bias [+ h @ lora_b.T] (``reference.epilogue``).
+
+    The LoRA term (LORA_R > 0: h [M, R] = x @ lora_a.T and lora_b [N, R], R padded to LORA_R) is one
+    more tensor-core product accumulated straight into the float32 tile, so the output is still written
+    once: adding it afterwards would read and write the whole output again.
+    """
     xs = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)
     out = acc.to(tl.float32) * xs[:, None]
     if PER_ROW_W:
@@ -58,6 +63,16 @@ def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr,
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         out = out + b[None, :]
+    if LORA_R > 0:
+        r = tl.arange(0, LORA_R)
+        h = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + r[None, :], mask=(offs_m < M)[:, None],
+                    other=0.0)
+        lb = tl.load(lb_ptr + offs_n.to(tl.int64)[:, None] * stride_lbn + r[None, :], mask=(offs_n < N)[:, None],
+                     other=0.0)
+        if LORA_FP32:  # float32 operands, and the interpreter, which cannot multiply bfloat16 in tl.dot
+            out = tl.dot(h.to(tl.float32), tl.trans(lb.to(tl.float32)), out, input_precision="ieee")
+        else:
+            out = tl.dot(h, tl.trans(lb), out)
     return out
 
 
@@ -65,13 +80,13 @@ def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr,
 def _gemm_tma_kernel(
     # TMA descriptors: xq [M, K] int8, wq [N, K] int8, out [M, N]
     a_desc, b_desc, c_desc,
-    # epilogue operands: x_scale [M] f32, w_scale [N] or [] f32, bias [N]
-    xs_ptr, ws_ptr, bias_ptr,
-    M, N, K,
+    # epilogue operands: x_scale [M] f32, w_scale [N] or [] f32, bias [N], LoRA h [M, R] and lora_b [N, R]
+    xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
+    M, N, K, stride_hm, stride_lbn,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EPILOGUE_SUBTILE: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr,
 ):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -102,26 +117,29 @@ def _gemm_tma_kernel(
             acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             acc0, acc1 = tl.split(acc)
             offs_n0 = off_cn + tl.arange(0, BLOCK_N // 2)
-            out0 = _epilogue(acc0, offs_m, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, PER_ROW_W, HAS_BIAS)
+            out0 = _epilogue(acc0, offs_m, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
+                             stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
             c_desc.store([off_cm, off_cn], out0.to(out_dtype))
-            out1 = _epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, xs_ptr, ws_ptr, bias_ptr,
-                             PER_ROW_W, HAS_BIAS)
+            out1 = _epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
+                             stride_hm, stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
             c_desc.store([off_cm, off_cn + BLOCK_N // 2], out1.to(out_dtype))
         else:
             offs_n = off_cn + tl.arange(0, BLOCK_N)
-            out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, PER_ROW_W, HAS_BIAS)
+            out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
+                            stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
             c_desc.store([off_cm, off_cn], out.to(out_dtype))
 
 
 @triton.jit
 def _gemm_kernel(
     # pointers: xq [M, K] int8 (row stride stride_am, unit column stride), wq [N, K] int8, out [M, N]
-    a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr,
+    a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
     M, N, K,
-    stride_am, stride_bn, stride_bk, stride_cm,
+    stride_am, stride_bn, stride_bk, stride_cm, stride_hm, stride_lbn,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, LORA_R: tl.constexpr,
+    LORA_FP32: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -146,13 +164,31 @@ def _gemm_kernel(
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
-    out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, PER_ROW_W, HAS_BIAS)
+    out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm, stride_lbn,
+                    PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 _GEMM_TMA = FastLauncher(_gemm_tma_kernel, interpreting())
 _GEMM = FastLauncher(_gemm_kernel, interpreting())
+
+
+def lora_rank_padded(r: int) -> int:
+    """The LoRA rank the kernels use: tl.dot needs a power of two >= 16 (zero columns add nothing)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def _pad_lora(h, b):
+    """(h, b, R) with R padded to ``lora_rank_padded``; (None, None, 0) without a LoRA term."""
+    if h is None:
+        return None, None, 0
+    r = h.shape[1]
+    rp = lora_rank_padded(r)
+    if rp != r or h.stride(1) != 1 or b.stride(1) != 1:
+        h = torch.nn.functional.pad(h, (0, rp - r)).contiguous()
+        b = torch.nn.functional.pad(b, (0, rp - r)).contiguous()
+    return h, b.to(h.dtype), rp
 
 
 def tma_compatible(xq: torch.Tensor, wq: torch.Tensor, out: torch.Tensor) -> bool:
@@ -175,20 +211,27 @@ def gemm(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     cfg: GemmConfig,
+    lora_h: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the INT8 GEMM described by ``cfg`` ("tma" or "generic") into ``out [M, N]``.
 
     xq int8 [M, K] with unit column stride; x_scale float32 [M]; wq int8 [N, K] (any strides for the
-    generic kernel); w_scale float32 [N] (per-row) or [] (per-tensor); bias [N] or None.
+    generic kernel); w_scale float32 [N] (per-row) or [] (per-tensor); bias [N] or None; optional
+    LoRA term lora_h [M, R] and lora_b [N, R] (same float dtype, unit column strides).
     """
     m, k = xq.shape
     n = wq.shape[0]
     if m == 0 or n == 0:
         return out
-    if k == 0:  # no products: only the bias survives
+    if k == 0:  # no products: only the bias (and a LoRA term of zero) survive
         return out.copy_(bias.to(out.dtype).expand(m, n)) if bias is not None else out.zero_()
     per_row = w_scale.dim() > 0
     bias_arg = bias if bias is not None else x_scale
+    lora_h, lora_b, lora_r = _pad_lora(lora_h, lora_b)
+    lora = {"LORA_R": lora_r, "LORA_FP32": lora_r > 0 and (lora_h.dtype == torch.float32 or interpreting())}
+    h_arg, lb_arg = (lora_h, lora_b) if lora_r else (x_scale, x_scale)
+    stride_h, stride_lb = (lora_h.stride(0), lora_b.stride(0)) if lora_r else (0, 0)
     if cfg.kernel == "tma":
         sub = 2 if cfg.epilogue_subtile else 1
         a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k])
@@ -198,20 +241,20 @@ def gemm(
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         _GEMM_TMA(
             (min(programs, tiles),),
-            a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, m, n, k,
+            a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, h_arg, lb_arg, m, n, k, stride_h, stride_lb,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             NUM_PROGRAMS=programs, PER_ROW_W=per_row, HAS_BIAS=bias is not None,
-            EPILOGUE_SUBTILE=cfg.epilogue_subtile,
+            EPILOGUE_SUBTILE=cfg.epilogue_subtile, **lora,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         _GEMM(
             grid,
-            xq, wq, out, x_scale, w_scale, bias_arg, m, n, k,
-            xq.stride(0), wq.stride(0), wq.stride(1), out.stride(0),
+            xq, wq, out, x_scale, w_scale, bias_arg, h_arg, lb_arg, m, n, k,
+            xq.stride(0), wq.stride(0), wq.stride(1), out.stride(0), stride_h, stride_lb,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            PER_ROW_W=per_row, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+            PER_ROW_W=per_row, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, **lora,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
     return out

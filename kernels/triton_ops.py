@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import configs, triton_gemm, triton_quant
+from . import configs, reference, triton_gemm, triton_quant
 from .dispatch import Backend
 from .hadamard import rotate
 from .reference import TINY_SCALE, as_rows
@@ -20,6 +20,8 @@ def int8_linear(
     rotate_group: int,
     backend: Backend,
     config: configs.GemmConfig | None = None,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [..., K] float -> y [..., N] in out_dtype. ``config`` overrides the rule (benchmarks, tests).
 
@@ -43,7 +45,11 @@ def int8_linear(
     triton_quant.launch_quantize(x2, xq, xs, smooth=smooth, rotate_group=rotate_group)
     if config.kernel == "tma" and (arch < (9, 0) or not triton_gemm.tma_compatible(xq, q, out)):
         config = configs.select_config(m, arch, tma_ok=False)
-    triton_gemm.gemm(xq, xs, q, ws, bias, out, config)
+    lora_h = None
+    if lora_a is not None:
+        # h = x @ lora_a.T, padded to the kernel's rank when lora_a was prepared that way (see lora/dynamic.py)
+        lora_h = reference.lora_hidden(x2, lora_a)
+    triton_gemm.gemm(xq, xs, q, ws, bias, out, config, lora_h, lora_b)
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -52,7 +52,9 @@ def test_custom_ops_pass_opcheck(seed):
     torch.library.opcheck(ops.quantize_weight, (w, True, 3, 0, None))
     torch.library.opcheck(ops.quantize_weight, (w, False, None, 0, None))
     torch.library.opcheck(ops.quantize_weight, (w, False, 5, 0, torch.tensor(0.01)))
-    torch.library.opcheck(ops.int8_linear, (x, q, s, torch.randn(24), torch.float32, None, 0, True))
+    torch.library.opcheck(ops.int8_linear, (x, q, s, torch.randn(24), torch.float32, None, 0, True, None, None))
+    la, lb = torch.randn(8, 64, dtype=torch.bfloat16), torch.randn(24, 8, dtype=torch.bfloat16)
+    torch.library.opcheck(ops.int8_linear, (x, q, s, None, torch.bfloat16, None, 0, False, la, lb))
     torch.library.opcheck(ops.dequantize, (q, s, torch.bfloat16, 0, False))
 
 

@@ -246,3 +246,24 @@ def test_triton_int8_linear_rotation(seed, group):
     assert rel_err(y, y_twin) < 2e-3  # only rare off-by-one activation codes differ
     y_float = x.double() @ w.double().T
     assert rel_err(y, y_float) < 1.5e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA term in the epilogue
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [GENERIC[0], TMA[1], None], ids=str)
+@pytest.mark.parametrize("m,rank", [(1, 8), (17, 16), (40, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_epilogue_matches_twin(seed, cfg, m, rank, dtype):
+    k, n = 96, 48
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    q, s = ref.quantize_weight(torch.randn(n, k, device=DEV) * 0.05)
+    lora_a = (torch.randn(rank, k, device=DEV) * 0.1).to(dtype)
+    lora_b = (torch.randn(n, rank, device=DEV) * 0.1).to(dtype)
+    backend = Backend("triton", "test", (9, 0))
+    y = triton_ops.int8_linear(x, q, s, None, torch.float32, None, 0, backend, config=cfg, lora_a=lora_a,
+                               lora_b=lora_b)
+    y_twin = ref.int8_linear(x, q, s, out_dtype=torch.float32, lora_a=lora_a, lora_b=lora_b)
+    y_base = ref.int8_linear(x, q, s, out_dtype=torch.float32)
+    assert rel_err(y - y_base, y_twin - y_base) < 1e-5  # the low-rank term, summed in another order
+    assert rel_err(y, y_twin) < 1e-6

@@ -272,3 +272,17 @@ def test_scale_checks_are_cached_per_tensor_version():
     with pytest.raises(ValueError, match=r"^scale"):
         ref.int8_linear(x, q, s)
     assert math.isfinite(float(s.abs().min()))
+
+
+def test_lora_term_is_added_exactly(seed):
+    x = torch.randn(7, 64, dtype=torch.float64).float()
+    w = torch.randn(24, 64) * 0.05
+    a, b = torch.randn(4, 64) * 0.1, torch.randn(24, 4) * 0.1
+    q, s = ref.quantize_weight(w)
+    y = ref.int8_linear(x, q, s, out_dtype=torch.float32, lora_a=a, lora_b=b)
+    base = ref.int8_linear(x, q, s, out_dtype=torch.float32)
+    assert rel_err(y - base, (x.double() @ a.double().T) @ b.double().T) < 1e-5
+    with pytest.raises(ValueError, match="^lora_a, lora_b: give both"):
+        ref.int8_linear(x, q, s, lora_a=a)
+    with pytest.raises(ValueError, match=r"^lora_a, lora_b: expected \[R, 64\] and \[24, R\]"):
+        ref.int8_linear(x, q, s, lora_a=a, lora_b=b[:, :3])
