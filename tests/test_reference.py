@@ -282,7 +282,7 @@ def test_lora_term_is_added_exactly(seed):
     y = ref.int8_linear(x, q, s, out_dtype=torch.float32, lora_a=a, lora_b=b)
     base = ref.int8_linear(x, q, s, out_dtype=torch.float32)
     assert rel_err(y - base, (x.double() @ a.double().T) @ b.double().T) < 1e-5
-    with pytest.raises(ValueError, match="^lora_a, lora_b: give both"):
+    with pytest.raises(ValueError, match=r"^lora_a, lora_b: give both"):
         ref.int8_linear(x, q, s, lora_a=a)
     with pytest.raises(ValueError, match=r"^lora_a, lora_b: expected \[R, 64\] and \[24, R\]"):
         ref.int8_linear(x, q, s, lora_a=a, lora_b=b[:, :3])
