@@ -108,6 +108,7 @@ def compile_quant(k: int, group: int, arch: int, dtype: str = "bf16") -> dict:
         "BLOCK_M": block_m, "BLOCK_K": block_k, "SINGLE_PASS": single, "HAS_SMOOTH": False,
         "GROUP": group, "INV_SQRT_G": 1.0 / group**0.5 if group else 1.0, "KRON": group == 256,
         "DOT_FP32": dtype == "fp32", "FIXED_SCALE": False, "STOCHASTIC": False, "FAST_ROUND": True,
+        "FIXED_PER_ROW": False,
     }
     sig = {
         "x_ptr": f"*{dtype}", "q_ptr": "*i8", "scale_ptr": "*fp32", "smooth_ptr": "*fp32",

@@ -3,15 +3,19 @@
 Public API (stable; ``int8_w8a8.kernels.reference`` has same-signature twins):
 
 - ``quantize_rows(x, *, smooth=None, rotate_group=0) -> (q [M, K] int8, scale [M, 1] float32)``
-- ``quantize_weight(w, *, per_row=True, seed=None, rotate_group=0) -> (q [N, K] int8, scale)``
-- ``int8_linear(x, q, scale, bias=None, *, out_dtype=None, smooth=None, rotate_group=0) -> y``
-- ``dequantize(q, scale, dtype, *, rotate_group=0) -> w``
+- ``quantize_weight(w, *, per_row=True, seed=None, rotate_group=0, scale=None) -> (q [N, K] int8, scale)``
+- ``int8_linear(x, q, scale, bias=None, *, out_dtype=None, smooth=None, rotate_group=0, validate=True,
+  lora_a=None, lora_b=None) -> y`` (an optional LoRA term fused into the epilogue)
+- ``dequantize(q, scale, dtype, *, rotate_group=0, validate=True) -> w``
+- ``lora_rank_padded(r) -> int`` (the rank the LoRA epilogue runs at)
 
 Importing this package needs only torch; Triton is imported on first use on a CUDA device.
 """
 
 from . import library  # noqa: F401  (registers the int8_w8a8::* custom ops)
-from .api import dequantize, int8_linear, quantize_rows, quantize_weight
+from .api import dequantize, int8_linear, lora_rank_padded, quantize_rows, quantize_weight
 from .dispatch import Backend, choose_backend
 
-__all__ = ["Backend", "choose_backend", "dequantize", "int8_linear", "quantize_rows", "quantize_weight"]
+__all__ = [
+    "Backend", "choose_backend", "dequantize", "int8_linear", "lora_rank_padded", "quantize_rows", "quantize_weight",
+]

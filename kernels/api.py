@@ -14,6 +14,15 @@ from . import _checks, reference
 from .dispatch import choose_backend
 
 
+def lora_rank_padded(r: int) -> int:
+    """The LoRA rank the GEMM epilogue runs at: ``tl.dot`` needs a power of two >= 16.
+
+    Callers that keep a LoRA term across calls pad it to this rank once (zero rows of ``lora_a`` and
+    zero columns of ``lora_b`` add nothing), so the kernels do not pad it on every forward.
+    """
+    return max(16, 1 << max(0, int(r) - 1).bit_length())
+
+
 def quantize_rows(
     x: torch.Tensor, *, smooth: torch.Tensor | None = None, rotate_group: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:

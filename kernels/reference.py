@@ -113,8 +113,8 @@ def _quantize_float_rows(
         absmax = torch.where(finite, xf.abs(), 0.0).amax(dim=1) if k else xf.new_zeros(m)
         scale = torch.clamp(absmax * torch.tensor(INV_127, dtype=torch.float32), min=TINY_SCALE)
         bad = ~finite.all(dim=1)
-    else:
-        scale = fixed_scale.float().reshape(1).expand(m)
+    else:  # one scale for all rows ([]) or one per row ([m, 1])
+        scale = fixed_scale.float().reshape(-1).expand(m)
         bad = torch.zeros(m, dtype=torch.bool, device=xf.device)
     inv = torch.reciprocal(scale)
     y = xf * inv[:, None]
@@ -132,9 +132,11 @@ def _quantize_chunked(xf_fn, m: int, k: int, device, **kwargs) -> tuple[torch.Te
     step = max(1, _CHUNK_ELEMS // max(k, 1))
     q = torch.empty((m, k), dtype=torch.int8, device=device)
     scale = torch.empty((m,), dtype=torch.float32, device=device)
+    fixed = kwargs.pop("fixed_scale", None)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
-        q[r0:r1], scale[r0:r1] = _quantize_float_rows(xf_fn(r0, r1), row0=r0, **kwargs)
+        chunk_fixed = fixed if fixed is None or fixed.dim() == 0 else fixed[r0:r1]
+        q[r0:r1], scale[r0:r1] = _quantize_float_rows(xf_fn(r0, r1), row0=r0, fixed_scale=chunk_fixed, **kwargs)
     return q, scale
 
 
@@ -174,8 +176,11 @@ def check_weight_input(
 ) -> None:
     """Metadata checks of ``quantize_weight`` arguments (values: ``check_weight_finite``)."""
     if scale is not None:
-        if per_row or not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.dim() != 0:
-            raise ValueError("scale: a given scale must be a 0-d float32 tensor and needs per_row=False")
+        n = w.shape[0] if w.dim() == 2 else -1
+        want = (n, 1) if per_row else ()
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != want:
+            raise ValueError(f"scale: a given scale must be float32 of shape {list(want)} "
+                             f"({'per-row' if per_row else 'per-tensor'})")
         if scale.device != w.device:
             raise ValueError(f"scale: is on {scale.device} but w is on {w.device}")
     _checks.check_float_input(w, "w")
@@ -220,7 +225,8 @@ def quantize_weight(
         seed: None for round-to-nearest-even, or an int seed for stochastic rounding (reproducible
             on every device: the noise is a hash of seed, row and column).
         rotate_group: ConvRot group (64/128/256) applied as ``W_g @ H^T`` before quantizing.
-        scale: with ``per_row=False``, a given 0-d float32 scale instead of ``absmax / 127``.
+        scale: a given float32 scale instead of ``absmax / 127``: ``[N, 1]`` with ``per_row``, ``[]``
+            without (values beyond 127 steps clamp).
 
     Returns:
         ``q`` int8 ``[N, K]`` and ``scale`` float32 ``[N, 1]`` or ``[]``.
@@ -240,8 +246,13 @@ def quantize_weight_unchecked(
     if not per_row:
         kwargs["fixed_scale"] = scale if scale is not None else per_tensor_scale(
             w.abs().amax() if w.numel() else w.new_zeros(()))
-    q, scale = _quantize_chunked(lambda r0, r1: _transform(w[r0:r1], None, rotate_group), n, k, w.device, **kwargs)
-    return (q, scale[:, None]) if per_row else (q, kwargs["fixed_scale"].to(w.device))
+    elif scale is not None:
+        kwargs["fixed_scale"] = scale
+    fixed = kwargs.get("fixed_scale")
+    q, out = _quantize_chunked(lambda r0, r1: _transform(w[r0:r1], None, rotate_group), n, k, w.device, **kwargs)
+    if per_row:
+        return q, (out[:, None] if fixed is None else fixed.clone())
+    return q, fixed.to(w.device)
 
 
 # --------------------------------------------------------------------------------------------

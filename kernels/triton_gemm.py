@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .api import lora_rank_padded
 from .configs import GemmConfig
 from .launch import FastLauncher
 from .triton_quant import interpreting, num_sms
@@ -172,11 +173,6 @@ def _gemm_kernel(
 
 _GEMM_TMA = FastLauncher(_gemm_tma_kernel, interpreting())
 _GEMM = FastLauncher(_gemm_kernel, interpreting())
-
-
-def lora_rank_padded(r: int) -> int:
-    """The LoRA rank the kernels use: tl.dot needs a power of two >= 16 (zero columns add nothing)."""
-    return max(16, triton.next_power_of_2(r))
 
 
 def _pad_lora(h, b):

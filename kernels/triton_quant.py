@@ -193,6 +193,7 @@ def _quantize_rows_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
     DOT_FP32: tl.constexpr, FIXED_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, FAST_ROUND: tl.constexpr,
+    FIXED_PER_ROW: tl.constexpr,
 ):
     """q[m, k] = clamp(round(t(x)[m, k] / scale[m])), scale[m] = max(absmax_k t(x)[m, :] / 127, tiny).
 
@@ -204,7 +205,7 @@ def _quantize_rows_kernel(
         _quantize_row_block(
             x_ptr, q_ptr, scale_ptr, smooth_ptr, h_ptr, fixed_scale_ptr, rb, M, K, stride_xm, stride_xk,
             stride_qm, seed, BLOCK_M, BLOCK_K, SINGLE_PASS, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32,
-            FIXED_SCALE, STOCHASTIC, FAST_ROUND,
+            FIXED_SCALE, STOCHASTIC, FAST_ROUND, FIXED_PER_ROW,
         )
 
 
@@ -214,12 +215,16 @@ def _quantize_row_block(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
     DOT_FP32: tl.constexpr, FIXED_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, FAST_ROUND: tl.constexpr,
+    FIXED_PER_ROW: tl.constexpr,
 ):
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
     if FIXED_SCALE:
-        scale = tl.load(fixed_scale_ptr + rows * 0)
+        if FIXED_PER_ROW:
+            scale = tl.load(fixed_scale_ptr + rows, mask=row_ok, other=1.0)
+        else:
+            scale = tl.load(fixed_scale_ptr + rows * 0)
     if SINGLE_PASS:
         v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, cols, K, stride_xm, stride_xk,
                        BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32)
@@ -297,7 +302,8 @@ def launch_quantize(
 ) -> None:
     """Quantize rows of ``x2 [M, K]`` (any strides) into ``q [M, K]`` and ``scale [M]`` (float32).
 
-    With ``fixed_scale`` (0-d float32) every row uses that scale and ``scale`` is not written.
+    With ``fixed_scale`` (float32, 0-d or one per row, contiguous) the rows use it and ``scale`` is not
+    written.
     """
     m, k = x2.shape
     if m == 0 or k == 0:
@@ -322,6 +328,7 @@ def launch_quantize(
         HAS_SMOOTH=smooth is not None, GROUP=rotate_group,
         INV_SQRT_G=1.0 / math.sqrt(rotate_group) if rotate_group else 1.0, KRON=kron, DOT_FP32=dot_fp32,
         FIXED_SCALE=fixed_scale is not None, STOCHASTIC=seed is not None, FAST_ROUND=not interpreting(),
+        FIXED_PER_ROW=fixed_scale is not None and fixed_scale.dim() > 0,
         num_warps=warps, enable_fp_fusion=False,
     )
 
@@ -361,11 +368,14 @@ def quantize_weight(
 
     n, k = w.shape
     q = torch.empty((n, k), dtype=torch.int8, device=w.device)
+    if per_row and scale is not None:
+        launch_quantize(w, q, None, rotate_group=rotate_group, seed=seed, fixed_scale=scale.reshape(-1).contiguous())
+        return q, scale.clone()
     if per_row:
-        scale = torch.full((n,), TINY_SCALE, dtype=torch.float32, device=w.device) if k == 0 else \
+        out = torch.full((n,), TINY_SCALE, dtype=torch.float32, device=w.device) if k == 0 else \
             torch.empty((n,), dtype=torch.float32, device=w.device)
-        launch_quantize(w, q, scale, rotate_group=rotate_group, seed=seed)
-        return q, scale[:, None]
+        launch_quantize(w, q, out, rotate_group=rotate_group, seed=seed)
+        return q, out[:, None]
     fixed = scale if scale is not None else per_tensor_scale(w.abs().amax() if w.numel() else w.new_zeros(()))
     launch_quantize(w, q, None, fixed_scale=fixed, seed=seed)
     return q, fixed

@@ -28,6 +28,7 @@ from .. import kernels
 from . import layout
 from .config import LoadConfig
 from .formats import FP8_FORMATS, INT8_FORMAT, Int8FormatError
+from .lowrank import LowRank
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
     """A Linear whose weight is the pack's INT8 QuantizedTensor or, for kept layers, a float tensor."""
 
     config: LoadConfig  # set on the per-load subclass made by make_operations
+    int8_lora: LowRank | None = None  # a dynamic LoRA term, set per model clone by an object patch
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -113,15 +115,18 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
             weight, bias, offload = comfy.ops.cast_bias_weight(
                 self, input=None, dtype=w.dtype, device=x.device, bias_dtype=x.dtype, offloadable=True,
                 compute_dtype=x.dtype, want_requant=True)
+            term = self.int8_lora
             if layout.is_int8_weight(weight):
-                y = layout.linear(x, weight, bias, x.dtype)
+                y = layout.linear(x, weight, bias, x.dtype, lora=term)  # LoRA fused into the GEMM epilogue
+                term = None
             else:  # a cast path that returned floats (e.g. a DynamicVRAM layer run on the CPU)
                 y = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
         else:
             weight, bias, offload = comfy.ops.cast_bias_weight(self, x, offloadable=True)
             y = torch.nn.functional.linear(x, weight, bias)
+            term = self.int8_lora
         comfy.ops.uncast_bias_weight(self, weight, bias, offload)
-        return y
+        return y if term is None else term.apply(x, y)
 
     # ---------------------------------------------------------------- patcher / saving hooks
     def convert_weight(self, weight, inplace=False, **kwargs):

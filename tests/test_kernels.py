@@ -125,6 +125,14 @@ def test_quantize_weight_fixed_scale_matches_twin(seed):
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and s.item() == fixed.item()
 
 
+def test_quantize_weight_fixed_per_row_scales_match_twin(seed):
+    w = torch.randn(20, 50, device=DEV) * 0.05
+    fixed = torch.rand(20, 1, device=DEV) * 1e-3 + 5e-4
+    q, s = triton_quant.quantize_weight(w, seed=11, scale=fixed)
+    q_ref, s_ref = ref.quantize_weight(w, seed=11, scale=fixed)
+    assert torch.equal(q, q_ref) and torch.equal(s, fixed) and torch.equal(s_ref, fixed)
+
+
 def test_quantize_weight_rotated_close_to_twin(seed):
     w = torch.randn(24, 512, device=DEV) * 0.05
     q, s = triton_quant.quantize_weight(w, rotate_group=256)
