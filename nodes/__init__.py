@@ -12,9 +12,13 @@ import functools
 @functools.cache
 def node_list() -> tuple:
     """The pack's node classes (imports ComfyUI)."""
-    from . import model_nodes
+    from . import lora_nodes, model_nodes
 
-    return (model_nodes.Int8DiffusionModelLoader, model_nodes.Int8QuantizeModel, model_nodes.Int8SaveModel)
+    return (
+        model_nodes.Int8DiffusionModelLoader, model_nodes.Int8QuantizeModel, model_nodes.Int8SaveModel,
+        lora_nodes.Int8LoraMerge, lora_nodes.Int8LoraMergeStack, lora_nodes.Int8LoraDynamic,
+        lora_nodes.Int8LoraDynamicStack, lora_nodes.Int8LoraStack,
+    )
 
 
 def __getattr__(name: str):

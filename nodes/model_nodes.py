@@ -7,8 +7,10 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from ..lora import preload
 from ..ops import loader, profiles
 from ..ops.config import ROTATE_GROUPS, ConvertOptions
+from .lora_nodes import LoraStack
 
 CATEGORY = "loaders/int8 w8a8"
 
@@ -54,15 +56,25 @@ class Int8DiffusionModelLoader(io.ComfyNode):
                                tooltip="A file from models/diffusion_models: INT8 (native, ConvRot, INT8-Fast, "
                                        "ModelOpt) or BF16/FP16/FP32/FP8 to convert on load."),
                 *_conversion_inputs(),
+                LoraStack.Input("lora_stack", optional=True,
+                                tooltip="LoRAs from 'LoRA Stack (INT8, before quantization)'. When the file is "
+                                        "converted on load they are added to the float weights before quantizing "
+                                        "(one rounding); on INT8 files they are merged like the merge node."),
             ],
             outputs=[io.Model.Output(tooltip="The model with its Linear layers on INT8 W8A8 kernels.")],
         )
 
     @classmethod
-    def execute(cls, unet_name, model_profile, weight_scale, convrot_group) -> io.NodeOutput:
+    def execute(cls, unet_name, model_profile, weight_scale, convrot_group, lora_stack=None) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        options = loader.LoadOptions(profile=model_profile, convert=_convert_options(weight_scale, convrot_group))
-        return io.NodeOutput(loader.load_file(path, options))
+        built: list = []
+        prepare = preload.factory(tuple(lora_stack), unet_name, sink=built) if lora_stack else None
+        options = loader.LoadOptions(profile=model_profile, convert=_convert_options(weight_scale, convrot_group),
+                                     prepare=prepare)
+        model = loader.load_file(path, options)
+        if not built:
+            return io.NodeOutput(model)
+        return io.NodeOutput(model, ui={"text": [r.summary() for r in built[-1].reports]})
 
 
 class Int8QuantizeModel(io.ComfyNode):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 from .profiles import ModelProfile
 
@@ -31,6 +34,23 @@ class ConvertOptions:
             raise ValueError("ConvRot needs per-row weight scales")
 
 
+class WeightPrep(Protocol):
+    """Changes float weights just before their first quantization (the loader's LoRA input).
+
+    Merging a LoRA into an INT8 weight rounds it twice; applied here, each weight is rounded once.
+    """
+
+    def __call__(self, layer: str, weight: torch.Tensor) -> torch.Tensor:
+        """The weight ``[N, K]`` of Linear ``layer`` (float, on the compute device) with the changes applied;
+        must not modify ``weight`` in place (it may be the loaded file's tensor)."""
+        ...
+
+    def attach(self, patcher) -> None:
+        """After loading: hand what was not applied (layers kept in float, biases, pre-quantized layers) to
+        the ModelPatcher as ordinary patches."""
+        ...
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """Everything one load needs to build its ``Int8Linear`` layers.
@@ -40,6 +60,7 @@ class LoadConfig:
     source: a name for messages (the file name).
     compute_device: where float weights are quantized ("cuda:0"; None = where they are).
     progress: called with the layer name after each converted layer (the node's progress bar).
+    prepare: applied to each float weight that is converted, just before it is quantized.
     """
 
     profile: ModelProfile | None
@@ -47,6 +68,7 @@ class LoadConfig:
     source: str
     compute_device: str | None = None
     progress: Callable[[str], None] | None = None
+    prepare: WeightPrep | None = None
 
     def converts(self, layer: str) -> bool:
         """Whether a float Linear weight at ``layer`` is quantized on load."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import comfy.model_management
@@ -22,17 +23,22 @@ import torch
 
 from . import formats, layout, profiles
 from .comfy_ops import default_compute_device, make_operations
-from .config import ConvertOptions, LoadConfig
+from .config import ConvertOptions, LoadConfig, WeightPrep
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """What the loader node asks for: a profile name ("auto" or one of profiles.CHOICES) and how to convert."""
+    """What the loader node asks for: a profile name ("auto" or one of profiles.CHOICES) and how to convert.
+
+    prepare: an optional factory, called with the normalized state dict, of the ``WeightPrep`` that
+    changes float weights before their first quantization (``lora.preload`` builds one from a LoRA stack).
+    """
 
     profile: str = profiles.AUTO
     convert: ConvertOptions = field(default_factory=ConvertOptions)
+    prepare: Callable[[dict], WeightPrep] | None = None
 
 
 def read_file(path: str) -> tuple[dict, dict | None]:
@@ -71,10 +77,11 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
           model_options: dict | None = None, disable_dynamic: bool = False):
     """Build a ModelPatcher from a normalized state dict (formats.normalize) with Int8Linear layers."""
     profile, todo = _plan(nsd, report, options, source)
+    prepare = options.prepare(nsd) if options.prepare is not None else None  # fails before anything is built
     pbar = comfy.utils.ProgressBar(todo) if todo else None
     config = LoadConfig(
         profile=profile, convert=options.convert, source=source, compute_device=default_compute_device(),
-        progress=(lambda layer: pbar.update(1)) if pbar is not None else None,
+        progress=(lambda layer: pbar.update(1)) if pbar is not None else None, prepare=prepare,
     )
     opts = dict(model_options or {})
     opts["custom_operations"] = make_operations(config)
@@ -84,6 +91,8 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
             f"{source}: ComfyUI does not recognize this diffusion model's architecture; check that the file is a "
             "diffusion model (not a checkpoint of another kind, a LoRA or a text encoder)"
         )
+    if prepare is not None:
+        prepare.attach(patcher)
     n_int8 = sum(layout.is_int8_weight(getattr(m, "weight", None)) for m in patcher.model.diffusion_model.modules())
     logger.info("int8_w8a8: %s loaded with %d INT8 Linear layers (%s)", source, n_int8,
                 f"converted {todo} with profile {profile.name}" if profile else "pre-quantized")

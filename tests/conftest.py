@@ -98,3 +98,24 @@ def comfyui():
     import comfy
 
     return types.SimpleNamespace(path=path, comfy=comfy)  # tests import ComfyUI's `nodes` where they use it
+
+
+@pytest.fixture(scope="session")
+def flux2(comfyui):
+    """A tiny FLUX.2 in BF16 (tests/tiny_flux2.py): state dict, fixed inputs and the float model's output."""
+    from . import tiny_flux2
+
+    return tiny_flux2.make()
+
+
+@pytest.fixture
+def models_dir(comfyui, tmp_path, monkeypatch):
+    """``tmp_path`` registered as ComfyUI's diffusion_models folder for one test."""
+    import folder_paths
+
+    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
+    folder_paths.add_model_folder_path("diffusion_models", str(tmp_path), is_default=True)
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    yield tmp_path
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)

@@ -8,7 +8,6 @@ pack's loader, ComfyUI's stock loader and the nodes. Outputs are compared with t
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import safetensors.torch
@@ -16,71 +15,12 @@ import torch
 
 from . import formats_util as fu
 from .conftest import sqnr_db
+from .tiny_flux2 import QUANTIZED, H, forward
+from .tiny_flux2 import int8_layers as _int8_layers
+from .tiny_flux2 import quantized_layer as _quantized_layer
+from .tiny_flux2 import write as _write
 
 pytestmark = pytest.mark.integration
-
-H, CTX = 256, 64
-QUANTIZED = 10  # 4 img + 4 txt layers of the double block, linear1 and linear2 of the single block
-
-
-def _flux2_module():
-    import comfy.ops
-    from comfy.ldm.flux.model import Flux
-
-    return Flux(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=CTX,
-                hidden_size=H, mlp_ratio=3.0, num_heads=H // 128, depth=1, depth_single_blocks=1,
-                axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False,
-                txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True, ops_bias=False,
-                default_ref_method="index", ref_index_scale=10.0, operations=comfy.ops.disable_weight_init,
-                device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def flux2(comfyui):
-    """A tiny FLUX.2 in BF16: state dict, fixed inputs and the float model's output."""
-    import comfy.sd
-
-    gen = torch.Generator().manual_seed(1234)
-    sd = {}
-    for k, v in _flux2_module().state_dict().items():
-        if v.dim() >= 2:
-            sd[k] = torch.randn(v.shape, generator=gen) / math.sqrt(v.shape[1])
-        elif "norm" in k:
-            sd[k] = torch.ones(v.shape)
-        else:
-            sd[k] = torch.randn(v.shape, generator=gen) * 0.02
-    sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
-    inputs = (torch.randn(1, 128, 4, 4, generator=gen), torch.tensor([0.6]), torch.randn(1, 8, CTX, generator=gen))
-    ref = forward(comfy.sd.load_diffusion_model_state_dict(dict(sd), disable_dynamic=True), inputs)
-    return {"sd": sd, "inputs": inputs, "ref": ref}
-
-
-def forward(patcher, inputs) -> torch.Tensor:
-    model = patcher.model
-    dtype = model.manual_cast_dtype or model.get_dtype()
-    x, t, ctx = (i.to(dtype) for i in inputs)
-    with torch.inference_mode():
-        return model.diffusion_model(x, t, ctx).float()
-
-
-def _quantized_layer(layer: str) -> bool:
-    from int8_w8a8.ops import profiles
-
-    return not profiles.BY_NAME["flux2"].keeps(layer)
-
-
-def _write(tmp_path, name, sd, meta=None):
-    path = tmp_path / name
-    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=meta)
-    return str(path)
-
-
-def _int8_layers(patcher):
-    from int8_w8a8.ops import layout
-
-    return [n for n, m in patcher.model.diffusion_model.named_modules()
-            if layout.is_int8_weight(getattr(m, "weight", None))]
-
 
 FILES = {
     "native": lambda sd: fu.native(sd, _quantized_layer),
@@ -122,18 +62,6 @@ def test_conversion_options(flux2, tmp_path, convert):
     assert all(w._params.convrot == bool(convert.get("rotate_group")) for w in weights)
     assert all((w._params.scale.dim() == 0) == (convert.get("per_row") is False) for w in weights)
     assert sqnr_db(flux2["ref"], forward(patcher, flux2["inputs"])) >= 25
-
-
-@pytest.fixture
-def models_dir(comfyui, tmp_path, monkeypatch):
-    import folder_paths
-
-    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
-    folder_paths.add_model_folder_path("diffusion_models", str(tmp_path), is_default=True)
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    yield tmp_path
-    folder_paths.folder_names_and_paths.clear()
-    folder_paths.folder_names_and_paths.update(saved)
 
 
 def test_conversion_reports_progress_per_layer(flux2, tmp_path, monkeypatch):
