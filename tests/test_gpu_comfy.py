@@ -157,13 +157,37 @@ comfy.model_management.unload_all_models()
 y_again = forward(patcher)
 assert sqnr(y_plain, y_again) > 60, sqnr(y_plain, y_again)
 print(f"OK dynamic: plain vs lora {sqnr(y_plain, y_lora):.1f} dB, plain vs plain again {sqnr(y_plain, y_again):.1f} dB")
+
+# the pack's LoRA nodes under DynamicVRAM: merge (on cast, requantized into the VRAM copy) and dynamic
+import os, tempfile
+import safetensors.torch
+from int8_w8a8.lora import dynamic, loading, merge
+lora_sd = {}
+for name in ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1", "single_blocks.1.linear2", "img_in"):
+    n, k = patcher.model.diffusion_model.get_submodule(name).weight.shape
+    lora_sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(n, 16, generator=gen) * 0.025
+    lora_sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(16, k, generator=gen) / k ** 0.5
+lora_path = os.path.join(tempfile.mkdtemp(), "lora.safetensors")
+safetensors.torch.save_file(lora_sd, lora_path)
+merged = merge.merge(patcher, [loading.LoraSpec(lora_path)])[0]
+comfy.model_management.unload_all_models()
+y_merged = forward(merged)
+comfy.model_management.unload_all_models()
+dyn = dynamic.apply(patcher, [loading.LoraSpec(lora_path)])[0]
+y_dyn = forward(dyn)
+assert sqnr(y_plain, y_dyn) < 40, sqnr(y_plain, y_dyn)
+assert sqnr(y_merged, y_dyn) > 25, sqnr(y_merged, y_dyn)
+comfy.model_management.unload_all_models()
+y_third = forward(patcher)
+assert sqnr(y_plain, y_third) > 60, sqnr(y_plain, y_third)
+print(f"OK nodes: merged vs dynamic {sqnr(y_merged, y_dyn):.1f} dB, plain vs dynamic {sqnr(y_plain, y_dyn):.1f} dB")
 """
 
 
 def test_dynamic_vram_with_lora(model_file, comfyui):
     """ComfyUI's DynamicVRAM (comfy-aimdo): the model loads on ModelPatcherDynamic, runs, takes a LoRA
-    on cast (requantized into the VRAM copy) and drops it again. In a fresh process: aimdo must be
-    initialized before torch touches CUDA."""
+    on cast (requantized into the VRAM copy) and drops it again; the pack's merge and dynamic LoRAs
+    agree there. In a fresh process: aimdo must be initialized before torch touches CUDA."""
     import os
     import subprocess
     import sys
@@ -176,4 +200,4 @@ def test_dynamic_vram_with_lora(model_file, comfyui):
     if out.returncode == 3:
         pytest.skip(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "OK dynamic" in out.stdout
+    assert "OK dynamic" in out.stdout and "OK nodes" in out.stdout

@@ -1,0 +1,128 @@
+"""FLUX.2 klein transformers with random weights inside ComfyUI, for model-level benchmarks (GPU).
+
+Built with ComfyUI's own ``comfy.ldm.flux.model.Flux`` at the real widths and depths, weights
+~ N(0, 1/fan_in) generated on the GPU (no checkpoint needed, nothing leaves the GPU). The BF16 model
+goes through ComfyUI's stock ``load_diffusion_model_state_dict``; the INT8 one through the pack's
+loader from the same BF16 tensors (converted on the GPU, layer by layer). Needs COMFYUI_PATH.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Flux2Config:
+    """Transformer widths of a FLUX.2 model (ComfyUI's Flux with image_model="flux2")."""
+
+    name: str
+    hidden: int
+    heads: int
+    depth: int
+    single: int
+    context: int
+
+
+CONFIGS = {
+    "klein9b": Flux2Config("klein 9B", hidden=4096, heads=32, depth=8, single=24, context=12288),
+    "klein4b": Flux2Config("klein 4B", hidden=3072, heads=24, depth=5, single=20, context=7680),
+    "tiny": Flux2Config("tiny FLUX.2", hidden=256, heads=2, depth=1, single=1, context=64),  # CPU smoke runs
+}
+
+
+def setup_comfyui(cpu: bool = False) -> None:
+    """Import ComfyUI from COMFYUI_PATH (on the GPU, or on the CPU for smoke runs)."""
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout (bench/run_on_gpu.sh does it for a carried .comfyui/)")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from comfy.cli_args import args
+
+    args.cpu = cpu  # before comfy.model_management is imported
+    import comfy.model_management  # noqa: F401
+
+
+def module(cfg: Flux2Config, device="meta", dtype=torch.bfloat16):
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    return Flux(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=cfg.context,
+                hidden_size=cfg.hidden, mlp_ratio=3.0, num_heads=cfg.heads, depth=cfg.depth,
+                depth_single_blocks=cfg.single, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False,
+                guidance_embed=False, txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True, ops_bias=False,
+                default_ref_method="index", ref_index_scale=10.0, operations=comfy.ops.disable_weight_init,
+                device=device, dtype=dtype)
+
+
+def random_state_dict(cfg: Flux2Config, device: str = "cuda", seed: int = 0) -> dict[str, torch.Tensor]:
+    """BF16 weights on ``device``: N(0, 1/fan_in) matrices, ones for norms, small biases."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for k, v in module(cfg).state_dict().items():
+        if v.dim() >= 2:
+            t = torch.randn(v.shape, device=device, generator=gen, dtype=torch.bfloat16)
+            sd[k] = t.mul_(1 / math.sqrt(v.shape[1]))
+        elif "norm" in k:
+            sd[k] = torch.ones(v.shape, device=device, dtype=torch.bfloat16)
+        else:
+            sd[k] = torch.randn(v.shape, device=device, generator=gen, dtype=torch.bfloat16) * 0.02
+    return sd
+
+
+def inputs(cfg: Flux2Config, device: str = "cuda", image: int = 1024, text: int = 512, seed: int = 1):
+    """(x [1, 128, image/16, image/16], timestep [1], context [1, text, context]) in BF16 on ``device``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    side = image // 16
+    return (torch.randn(1, 128, side, side, device=device, generator=gen, dtype=torch.bfloat16),
+            torch.tensor([0.7], device=device, dtype=torch.bfloat16),
+            torch.randn(1, text, cfg.context, device=device, generator=gen, dtype=torch.bfloat16))
+
+
+def _options(device: str) -> dict:
+    """Load and keep the model on ``device``: no host round trip for a model that fits (the H200's case)."""
+    return {"offload_device": torch.device(device), "load_device": torch.device(device)}
+
+
+def load_bf16(sd: dict, device: str = "cuda"):
+    """ComfyUI's stock loader on a copy of ``sd``'s dict (tensors are copied into the model)."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=_options(device), disable_dynamic=True)
+
+
+def load_int8(sd: dict, device: str = "cuda", options=None):
+    """The pack's loader on ``sd`` (converted on the GPU when there is one, layer by layer)."""
+    from ..ops import formats, loader
+
+    nsd, report = formats.normalize(dict(sd), None, "random FLUX.2")
+    return loader.build(nsd, report, options or loader.LoadOptions(), "random FLUX.2", model_options=_options(device),
+                        disable_dynamic=True)
+
+
+def forward(patcher, x) -> torch.Tensor:
+    """One transformer forward (the patcher's patches applied by ComfyUI first)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    with torch.inference_mode():
+        return patcher.model.diffusion_model(*(t.to(dtype) for t in x))
+
+
+def weight_bytes(patcher) -> int:
+    """Bytes of the diffusion model's parameters and buffers (INT8 data and scales for INT8 layers)."""
+    from ..ops import layout
+
+    total = 0
+    for t in list(patcher.model.diffusion_model.parameters()) + list(patcher.model.diffusion_model.buffers()):
+        if layout.is_int8_weight(t):
+            total += t._qdata.numel() + t._params.scale.numel() * 4
+        else:
+            total += t.numel() * t.element_size()
+    return total
