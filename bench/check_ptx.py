@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     for max_m, cfg in table:
         label = f"gemm M<={max_m}" if max_m < 1 << 40 else "gemm large M"
         rows.append({"what": label, "config": asdict(cfg), **compile_gemm(cfg, args.arch)})
-        rows.append({"what": label + " +LoRA64", "config": asdict(cfg), **compile_gemm(cfg, args.arch, lora_r=64)})
+        for rank in (64, 512):  # one chunk, and the most stacked LoRAs are likely to reach
+            rows.append({"what": f"{label} +LoRA{rank}", "config": asdict(cfg),
+                         **compile_gemm(cfg, args.arch, lora_r=rank)})
     for k, g, dt in ((4096, 0, "bf16"), (16384, 0, "bf16"), (65600, 0, "bf16"), (4096, 256, "bf16"),
                      (4096, 256, "fp32"), (3072, 128, "bf16"), (3072, 128, "fp32"), (3072, 64, "fp16")):
         rows.append({"what": f"quant K={k} G={g} {dt}", **compile_quant(k, g, args.arch, dt)})

@@ -65,15 +65,18 @@ def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr
         b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         out = out + b[None, :]
     if LORA_R > 0:
-        r = tl.arange(0, LORA_R)
-        h = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + r[None, :], mask=(offs_m < M)[:, None],
-                    other=0.0)
-        lb = tl.load(lb_ptr + offs_n.to(tl.int64)[:, None] * stride_lbn + r[None, :], mask=(offs_n < N)[:, None],
-                     other=0.0)
-        if LORA_FP32:  # float32 operands, and the interpreter, which cannot multiply bfloat16 in tl.dot
-            out = tl.dot(h.to(tl.float32), tl.trans(lb.to(tl.float32)), out, input_precision="ieee")
-        else:
-            out = tl.dot(h, tl.trans(lb), out)
+        # in chunks of at most 64 ranks: registers stay bounded for stacked LoRAs of any total rank
+        CHUNK: tl.constexpr = 64 if LORA_R > 64 else LORA_R
+        rows_h = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
+        rows_b = lb_ptr + offs_n.to(tl.int64)[:, None] * stride_lbn
+        for r0 in tl.static_range(0, LORA_R, CHUNK):
+            r = r0 + tl.arange(0, CHUNK)
+            h = tl.load(rows_h + r[None, :], mask=(offs_m < M)[:, None], other=0.0)
+            lb = tl.load(rows_b + r[None, :], mask=(offs_n < N)[:, None], other=0.0)
+            if LORA_FP32:  # float32 operands, and the interpreter, which cannot multiply bfloat16 in tl.dot
+                out = tl.dot(h.to(tl.float32), tl.trans(lb.to(tl.float32)), out, input_precision="ieee")
+            else:
+                out = tl.dot(h, tl.trans(lb), out)
     return out
 
 
@@ -98,8 +101,10 @@ def _gemm_tma_kernel(
     out_dtype = c_desc.dtype
     # The epilogue recomputes its tile coordinates from a second counter so the software pipeliner
     # can run the next tile's loads ahead of this tile's epilogue (as in Triton's persistent matmul).
+    # Not with a LoRA term: flattening would multi-buffer the epilogue's LoRA tiles too, num_stages
+    # times (~300 KB of shared memory at rank 128); the second CTA per SM still hides the epilogue.
     tile_id_c = start_pid - NUM_PROGRAMS
-    for tile_id in tl.range(start_pid, num_tiles, NUM_PROGRAMS, flatten=True):
+    for tile_id in tl.range(start_pid, num_tiles, NUM_PROGRAMS, flatten=LORA_R == 0):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         off_am = pid_m * BLOCK_M
         off_bn = pid_n * BLOCK_N
