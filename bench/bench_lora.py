@@ -75,7 +75,7 @@ def write_lora(sd: dict, rank: int, folder: str, seed: int) -> str:
 
 def _sync() -> None:
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _time_forward(patcher, x, reps: int = 5, warmup: int = 2) -> float:

@@ -66,7 +66,10 @@ def check_positive_finite(t: torch.Tensor, name: str) -> None:
     """All values of ``t`` are finite and > 0. One host sync per tensor version."""
     if t.numel() == 0:
         return
-    if getattr(t, _CHECKED_ATTR, None) == t._version:
+    # inference tensors (made under torch.inference_mode, e.g. a LoRA merged on cast) have no version
+    # counter: they are checked every time
+    version = None if t.is_inference() else t._version
+    if version is not None and getattr(t, _CHECKED_ATTR, None) == version:
         return
     ok = torch.isfinite(t) & (t > 0)
     if not bool(ok.all()):
@@ -76,8 +79,9 @@ def check_positive_finite(t: torch.Tensor, name: str) -> None:
             f"first at flat index {bad}. Re-quantize the weight or fix the file that provided it."
         )
     # tensor subclasses that refuse attributes are simply checked on every call
-    with contextlib.suppress(AttributeError, RuntimeError):
-        setattr(t, _CHECKED_ATTR, t._version)
+    if version is not None:
+        with contextlib.suppress(AttributeError, RuntimeError):
+            setattr(t, _CHECKED_ATTR, version)
 
 
 def check_bias(bias: torch.Tensor | None, n: int) -> None:

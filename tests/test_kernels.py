@@ -133,6 +133,21 @@ def test_quantize_weight_fixed_per_row_scales_match_twin(seed):
     assert torch.equal(q, q_ref) and torch.equal(s, fixed) and torch.equal(s_ref, fixed)
 
 
+def test_fixed_scales_made_in_inference_mode_are_checked(seed):
+    """Under torch.inference_mode (DynamicVRAM merges a LoRA on cast there) scales have no version counter:
+    the public API still checks their values instead of failing on the missing counter."""
+    from int8_w8a8 import kernels
+
+    with torch.inference_mode():
+        w = torch.randn(20, 50, device=DEV) * 0.05
+        fixed = torch.full((20, 1), 1e-3, device=DEV)
+        q, s = kernels.quantize_weight(w, scale=fixed)
+        assert torch.equal(s, fixed)
+        assert torch.equal(kernels.dequantize(q, s, torch.float32), q.float() * fixed)
+        with pytest.raises(ValueError, match="finite and > 0"):
+            kernels.quantize_weight(w, scale=torch.full((20, 1), float("nan"), device=DEV))
+
+
 def test_quantize_weight_rotated_close_to_twin(seed):
     w = torch.randn(24, 512, device=DEV) * 0.05
     q, s = triton_quant.quantize_weight(w, rotate_group=256)
