@@ -2,16 +2,14 @@
 
 The clone gets ComfyUI patches; when ComfyUI loads it, each patched layer is dequantized, every LoRA
 of the stack is applied in float by core's ``calculate_weight`` (LoRA, LoCon, LoHa, LoKr, DoRA), and
-the result is requantized once (``Int8Linear.set_weight`` -> ``Int8W8A8Layout.quantize``) onto per-row
-scales: rows whose values still fit keep their scale, so unchanged values stay exactly where they were
-and only the LoRA's change is rounded; rows that grew get a recalculated scale. Under DynamicVRAM the
-same happens when a layer is first cast, and the result stays in VRAM; with lowvram offload ComfyUI
-applies the patch in float on the fly. Unpatching restores the original INT8 tensors bit-exactly
-(ComfyUI keeps the original QuantizedTensor as its backup).
+the result is requantized once (``Int8Linear.set_weight`` -> ``Int8W8A8Layout.quantize``) with a
+recalculated scale per row. Under DynamicVRAM the same happens when a layer is first cast, and the
+result stays in VRAM; with lowvram offload ComfyUI applies the patch in float on the fly. Unpatching
+restores the original INT8 tensors bit-exactly (ComfyUI keeps the original QuantizedTensor as its backup).
 
 Rounding: "nearest" (default) or "stochastic" (seeded by ComfyUI with a hash of the layer name, what
-ComfyUI does for its own INT8 layers). On a tiny FLUX.2 with rank-8 LoRAs nearest loses 0.9-1.8 dB of
-SQNR against BF16+LoRA where stochastic loses 1.8-2.6 dB (bench/NOTES.md, "LoRA merge rounding").
+ComfyUI does for its own INT8 layers). On a tiny FLUX.2 with rank-8 LoRAs nearest loses 0.8-1.4 dB of
+SQNR against BF16+LoRA, stochastic and ComfyUI's own merge 1.6-2.4 dB (bench/NOTES.md, "LoRA merge").
 """
 
 from __future__ import annotations

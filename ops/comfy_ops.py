@@ -42,7 +42,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
     int8_lora: LowRank | None = None  # a dynamic LoRA term, set per model clone by an object patch
     # How a merged (LoRA-patched) weight is requantized: "nearest" or "stochastic" (seeded by ComfyUI with a
     # hash of the layer name); set per clone by an object patch. Nearest is the default because it loses
-    # ~1 dB less SQNR on a merge (bench/NOTES.md, "LoRA merge rounding").
+    # ~1 dB less SQNR on a merge (bench/NOTES.md, "LoRA merge").
     int8_merge_rounding: str = "nearest"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):

@@ -57,37 +57,19 @@ class Int8W8A8Layout(TensorWiseINT8Layout):
         convrot: bool = False,
         convrot_groupsize: int = 256,
         smooth: torch.Tensor | None = None,
-        base_scale: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, Params]:
         """Kitchen's ``quantize`` signature on the pack's kernels.
 
         ``stochastic_rounding`` > 0 is the seed of reproducible stochastic rounding (ComfyUI passes a
-        hash of the layer name when it requantizes after a LoRA). ``scale`` "recalculate"/None derive
-        the scale from the data; a tensor fixes a per-tensor scale.
-
-        ``base_scale`` (set by ``requantize_kwargs`` when ComfyUI requantizes a patched weight): the
-        scale of the weight before patching. Rows whose new absmax still fits keep that scale, so the
-        patched values land on the grid the weight already had and only the LoRA's change is rounded
-        (stochastically); rows that grew get a recalculated scale. Recalculating every row instead
-        rounds every value a second time, which costs ~3 dB of SQNR on top of the first quantization.
-        The result always has per-row scales.
+        hash of the layer name when it requantizes after a LoRA); otherwise round-to-nearest-even.
+        ``scale`` "recalculate"/None derive the scale from the data; a tensor fixes a per-tensor scale.
         """
         seed = int(stochastic_rounding) if stochastic_rounding and int(stochastic_rounding) > 0 else None
         if not is_weight:
             q, s = kernels.quantize_rows(tensor)
             return q, cls.Params(scale=s, orig_dtype=tensor.dtype, orig_shape=tuple(q.shape), is_weight=False)
         w = tensor if smooth is None else tensor.float() * smooth
-        group = convrot_groupsize if convrot else 0
-        n = w.shape[0]
-        if base_scale is not None and base_scale.numel() in (1, n) and (scale is None or scale == "recalculate"):
-            _, fresh = kernels.quantize_weight(w, per_row=True, rotate_group=group)
-            base = base_scale.to(device=w.device, dtype=torch.float32).reshape(-1, 1).expand(n, 1)
-            keep = torch.where(fresh <= base, base, fresh).contiguous()
-            q, s = kernels.quantize_weight(w, per_row=True, seed=seed, rotate_group=group, scale=keep)
-            params = cls.Params(scale=s, orig_dtype=tensor.dtype, orig_shape=tuple(tensor.shape), is_weight=True,
-                                convrot=bool(convrot), convrot_groupsize=int(convrot_groupsize), smooth=smooth)
-            return q, params
         if convrot or per_channel:
             q, s = kernels.quantize_weight(w, per_row=True, seed=seed, rotate_group=convrot_groupsize if convrot else 0)
         else:
@@ -114,8 +96,10 @@ class Int8W8A8Layout(TensorWiseINT8Layout):
         out = super().requantize_kwargs(qtensor)
         p = qtensor._params
         out["smooth"] = getattr(p, "smooth", None)
-        if out["is_weight"] and not getattr(p, "transposed", False) and len(p.orig_shape) == 2:
-            out["base_scale"] = p.scale  # see quantize(): keep each row's grid where it still fits
+        if out["is_weight"] and len(p.orig_shape) == 2:
+            # A patched (LoRA-merged) weight gets a recalculated scale per row, also when the file had one
+            # per tensor: a LoRA changes rows unevenly, and the kernels run both kinds at the same speed.
+            out["per_channel"] = True
         return out
 
 

@@ -201,6 +201,29 @@ def test_merge_runs_int8_and_unpatches_bit_exactly(flux2, env, monkeypatch):
     assert torch.equal(run(env, base), env["y0"])
 
 
+def test_merge_requantizes_per_tensor_files_per_row(flux2, env, tmp_path):
+    """A file with one scale per weight: merged layers come back with recalculated per-row scales (a LoRA
+    changes rows unevenly), and unpatch to the original per-tensor scales."""
+    import comfy.model_management
+
+    from int8_w8a8.nodes import lora_nodes
+    from int8_w8a8.ops import loader
+
+    base = loader.load_file(write(tmp_path, "per-tensor.safetensors",
+                                  *fu.native(flux2["sd"], quantized_layer, per_row=False)))
+    before = _int8_state(base)
+    assert all(s.dim() == 0 for _, s in before.values())
+    name = write_lora(env, "per-tensor-lora.safetensors", lu.lora(flux2["sd"], QUANTIZED_LAYERS, seed=7))
+    model = lora_nodes.Int8LoraMerge.execute(base, name, 1.0).args[0]
+    comfy.model_management.load_models_gpu([model])
+    assert all(s.shape == (q.shape[0], 1) for q, s in _int8_state(model).values())
+    y = forward(model, env["inputs"])
+    comfy.model_management.unload_all_models()
+    assert _same_state(_int8_state(base), before)
+    s0 = sqnr_db(flux2["ref"], run(env, base))
+    assert s0 - sqnr_db(reference(flux2, env, (name, 1.0)), y) < 3.0
+
+
 def test_merge_stack_and_offload(flux2, env):
     """The stack node: several LoRAs with their own strengths, empty and zero slots skipped, requantized once;
     the same clone under lowvram offload (ComfyUI applies the patches in float on the fly) agrees."""
