@@ -25,10 +25,17 @@ def test_comfyui_loads_the_pack_as_a_custom_node(comfyui):
     try:
         ok = asyncio.run(nodes.load_custom_node(str(ROOT)))
         assert ok, "ComfyUI's loader rejected the pack (see the log above)"
-        for node_id in ("Int8DiffusionModelLoader", "Int8QuantizeModel", "Int8SaveModel"):
+        for node_id in ("Int8DiffusionModelLoader", "Int8QuantizeModel", "Int8SaveModel", "Int8LoraMerge",
+                        "Int8LoraMergeStack", "Int8LoraDynamic", "Int8LoraDynamicStack", "Int8LoraStack"):
             assert node_id in nodes.NODE_CLASS_MAPPINGS, node_id
+            inputs = nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()  # what ComfyUI's /object_info serves
+            assert inputs.get("required") or inputs.get("optional"), node_id
         names = nodes.NODE_DISPLAY_NAME_MAPPINGS
         assert names["Int8DiffusionModelLoader"] == "Load Diffusion Model (INT8 W8A8)"
+        assert names["Int8LoraMerge"] == "Load LoRA (INT8 merge)"
+        assert names["Int8LoraDynamic"] == "Load LoRA (INT8 dynamic)"
+        stack = nodes.NODE_CLASS_MAPPINGS["Int8LoraMergeStack"].INPUT_TYPES()["optional"]
+        assert {f"lora_{i}" for i in range(1, 11)} <= set(stack)
         assert algo["comfy_tensor_layout"] == "Int8W8A8Layout"  # on_load routed native INT8 to the pack
     finally:
         algo["comfy_tensor_layout"] = before
