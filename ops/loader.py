@@ -142,6 +142,7 @@ def native_state_dict(model) -> tuple[dict, dict]:
 
     Returns (state dict, safetensors header metadata with ``_quantization_metadata``).
     """
+    comfy.model_management.load_models_gpu([model])  # patched and resident: ComfyUI's saver reads it then
     dm = model.model.diffusion_model
     for name, module in dm.named_modules():
         w = getattr(module, "weight", None)
@@ -158,7 +159,6 @@ def native_state_dict(model) -> tuple[dict, dict]:
 
 def save_model(model, path: str) -> str:
     """Write ``model``'s diffusion model to ``path`` as a native int8_tensorwise safetensors file."""
-    comfy.model_management.load_models_gpu([model])
     sd, header = native_state_dict(model)
     if not json.loads(header["_quantization_metadata"])["layers"]:
         raise ValueError("the model has no INT8 layers to save; quantize it first (Quantize Model to INT8)")

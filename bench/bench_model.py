@@ -1,0 +1,207 @@
+"""One FLUX.2 klein diffusion step inside ComfyUI: BF16, FP8, ComfyUI's native INT8 and the pack (GPU).
+
+    python -m int8_w8a8.bench.bench_model [--models klein9b klein4b] [--res 512 1024 2048]
+        [--variants bf16 fp8-fast comfy-int8 pack-row pack-tensor] [--compile] [--out results.json]
+
+Each model is ComfyUI's own Flux class at the real widths with random weights (bench/flux2_model.py;
+weights do not change timing). A step is ``BaseModel.apply_model`` on x [1, 128, res/16, res/16] and
+512 text tokens, with the patcher's wrappers, as ComfyUI's samplers call it, so the stock
+TorchCompileModel node (``--compile``) works as in a workflow. Variants, all from the same weights:
+
+  bf16         ComfyUI's stock loader
+  fp8-fast     stock loader, weight_dtype fp8_e4m3fn_fast (FP8 weights, torch._scaled_mm)
+  comfy-int8   a native int8_tensorwise file (per-row) on ComfyUI's own layout and comfy-kitchen kernels
+  pack-row     the pack's loader, per-row weight scales
+  pack-tensor  the pack's loader, per-tensor weight scales
+
+One variant is resident at a time. Reported: median step ms (7 runs after 2 warm-ups), speed-up over
+BF16, weight GB, peak GB allocated during a step (weights + activations), SQNR of the output vs BF16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import time
+
+import torch
+
+from . import common, flux2_model
+
+VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-row", "pack-tensor")
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(variant: str, cfg: flux2_model.Flux2Config):
+    """The variant's ModelPatcher, built from the seeded random BF16 weights (made afresh and freed)."""
+    import comfy.sd
+
+    from ..ops import loader, native
+    from ..ops.config import ConvertOptions
+
+    device = _device()
+    sd = flux2_model.random_state_dict(cfg, device)
+    options = {"offload_device": torch.device(device), "load_device": torch.device(device)}
+    if variant == "bf16":
+        return flux2_model.load_bf16(sd, device)
+    if variant == "fp8-fast":
+        return comfy.sd.load_diffusion_model_state_dict(
+            sd, model_options={**options, "dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+            disable_dynamic=True)
+    if variant in ("pack-row", "pack-tensor"):
+        convert = ConvertOptions(per_row=variant == "pack-row")
+        return flux2_model.load_int8(sd, device, loader.LoadOptions(convert=convert))
+    if variant == "comfy-int8":
+        pack = flux2_model.load_int8(sd, device)
+        del sd
+        nsd, header = loader.native_state_dict(pack)  # ComfyUI's loader copies these into its own layers
+        del pack
+        native.uninstall("TensorWiseINT8Layout")  # ComfyUI's own layout and kernels, as without the pack
+        patcher = comfy.sd.load_diffusion_model_state_dict(nsd, model_options=options, metadata=header,
+                                                           disable_dynamic=True)
+        layouts = {getattr(m.weight, "_layout_cls", None) for m in patcher.model.diffusion_model.modules()
+                   if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        assert "TensorWiseINT8Layout" in layouts and "Int8W8A8Layout" not in layouts, layouts
+        return patcher
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+
+
+def step_inputs(cfg: flux2_model.Flux2Config, res: int, text: int = 512):
+    x, t, ctx = flux2_model.inputs(cfg, _device(), image=res, text=text)
+    return x.float(), t.float(), ctx
+
+
+def step(patcher, inputs) -> torch.Tensor:
+    """One denoising step the way ComfyUI's samplers call the model (wrappers included)."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    comfy.model_management.load_models_gpu([patcher])
+    x, sigma, ctx = inputs
+    options = dict(patcher.model_options.get("transformer_options", {}))
+    options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
+    with torch.inference_mode():
+        return patcher.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=options)
+
+
+def measure(patcher, inputs, reps: int = 7, warmup: int = 2) -> dict:
+    t0 = time.perf_counter()
+    y = step(patcher, inputs).float()
+    _sync()
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step(patcher, inputs)
+    times = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        step(patcher, inputs)
+        _sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        step(patcher, inputs)
+        _sync()
+        peak = torch.cuda.max_memory_allocated() / 1e9
+    return {"ms": common.median(times), "first_call_s": first_s, "peak_gb": peak, "y": y}
+
+
+def _free() -> None:
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(models: list[str], resolutions: list[int], variants: list[str], compile_: bool) -> list[dict]:
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    from ..ops import native
+
+    rows = []
+    for name in models:
+        cfg = flux2_model.CONFIGS[name]
+        reference: dict[int, torch.Tensor] = {}
+        for variant in variants:
+            patcher = build(variant, cfg)
+            weights = flux2_model.weight_bytes(patcher) / 1e9
+            modes = [("eager", patcher)]
+            if compile_:
+                modes.append(("compile", TorchCompileModel.execute(patcher, "inductor").args[0]))
+            for mode, model in modes:
+                for res in resolutions:
+                    if mode == "compile":
+                        torch._dynamo.reset()
+                    out = measure(model, step_inputs(cfg, res))
+                    y = out.pop("y")
+                    if variant == "bf16" and mode == "eager":
+                        reference[res] = y
+                    ref = reference.get(res)
+                    sqnr = None if ref is None else float(20 * torch.log10(ref.norm() / (ref - y).norm()))
+                    row = {"model": cfg.name, "res": res, "variant": variant, "mode": mode, "weights_gb": weights,
+                           "sqnr_vs_bf16": sqnr, **out}
+                    rows.append(row)
+                    print(f"{cfg.name} {res}x{res} {variant:<12} {mode:<8} {row['ms']:8.1f} ms  weights "
+                          f"{weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
+                          f"{row['first_call_s']:.1f} s  SQNR {sqnr if sqnr is not None else float('nan'):5.1f} dB",
+                          flush=True)
+            del patcher, modes, model
+            native.install()  # undo comfy-int8's switch (a no-op when the pack's hook is already in place)
+            _free()
+    for row in rows:
+        base = next((r for r in rows if r["model"] == row["model"] and r["res"] == row["res"]
+                     and r["variant"] == "bf16" and r["mode"] == row["mode"]), None)
+        row["x_bf16"] = base["ms"] / row["ms"] if base else None
+        native_row = next((r for r in rows if r["model"] == row["model"] and r["res"] == row["res"]
+                           and r["variant"] == "comfy-int8" and r["mode"] == row["mode"]), None)
+        row["x_comfy_int8"] = native_row["ms"] / row["ms"] if native_row else None
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | res | variant | mode | step ms | x BF16 | x ComfyUI INT8 | weights GB | peak GB | SQNR dB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['res']} | {r['variant']} | {r['mode']} | {r['ms']:.1f} | "
+                     f"{fmt(r['x_bf16'], '.2f')} | {fmt(r['x_comfy_int8'], '.2f')} | {r['weights_gb']:.2f} | "
+                     f"{fmt(r['peak_gb'], '.2f')} | {fmt(r['sqnr_vs_bf16'], '.1f')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["klein9b", "klein4b"], choices=sorted(flux2_model.CONFIGS))
+    parser.add_argument("--res", type=int, nargs="+", default=[1024])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--compile", action="store_true", help="also run under the stock TorchCompileModel node")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
+    from ..ops import native
+
+    native.install()  # as in ComfyUI with the pack installed; comfy-int8 switches it off for its own load
+    rows = run(args.models, args.res, args.variants, args.compile)
+    print(table(rows))
+    if args.out:
+        common.write_json(args.out, {"env": common.environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
