@@ -125,9 +125,22 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def run(models: list[str], resolutions: list[int], variants: list[str], compile_: bool) -> list[dict]:
-    from comfy_extras.nodes_torch_compile import TorchCompileModel
+def compiled(patcher):
+    """What the stock TorchCompileModel node returns (inductor), without importing the node module: it
+    pulls in ComfyUI's whole node API (PyAV and more), which the GPU machine lacks."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
 
+    try:
+        from comfy_extras.nodes_torch_compile import skip_torch_compile_dict
+    except ImportError:  # the node's guard filter: no guards on dicts (transformer_options change per step)
+        def skip_torch_compile_dict(guard_entries):
+            return [("transformer_options" not in entry.name) for entry in guard_entries]
+    clone = patcher.clone(disable_dynamic=True)
+    set_torch_compile_wrapper(model=clone, backend="inductor", options={"guard_filter_fn": skip_torch_compile_dict})
+    return clone
+
+
+def run(models: list[str], resolutions: list[int], variants: list[str], compile_: bool) -> list[dict]:
     from ..ops import native
 
     rows = []
@@ -139,7 +152,7 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
             weights = flux2_model.weight_bytes(patcher) / 1e9
             modes = [("eager", patcher)]
             if compile_:
-                modes.append(("compile", TorchCompileModel.execute(patcher, "inductor").args[0]))
+                modes.append(("compile", compiled(patcher)))
             for mode, model in modes:
                 for res in resolutions:
                     if mode == "compile":
