@@ -171,6 +171,7 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
                           f"{row['first_call_s']:.1f} s  SQNR {sqnr if sqnr is not None else float('nan'):5.1f} dB",
                           flush=True)
             del patcher, modes, model
+            torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
             native.install()  # undo comfy-int8's switch (a no-op when the pack's hook is already in place)
             _free()
     for row in rows:
