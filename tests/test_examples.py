@@ -45,12 +45,15 @@ class MessageLog:
 
 @pytest.fixture(scope="module")
 def workspace(comfyui, flux2, tmp_path_factory):
+    import comfy.quant_ops
     import folder_paths
 
     import nodes
 
+    algo = comfy.quant_ops.QUANT_ALGOS["int8_tensorwise"]
+    layout_before = algo["comfy_tensor_layout"]
     asyncio.run(nodes.init_builtin_extra_nodes())
-    assert asyncio.run(nodes.load_custom_node(str(ROOT)))
+    assert asyncio.run(nodes.load_custom_node(str(ROOT)))  # its on_load routes native INT8 to the pack
     root = tmp_path_factory.mktemp("examples")
     saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
     saved_output = folder_paths.get_output_directory()
@@ -70,6 +73,7 @@ def workspace(comfyui, flux2, tmp_path_factory):
     folder_paths.folder_names_and_paths.update(saved)
     folder_paths.set_output_directory(saved_output)
     folder_paths.filename_list_cache.clear()
+    algo["comfy_tensor_layout"] = layout_before
 
 
 def _load(path: pathlib.Path) -> dict:
