@@ -72,3 +72,25 @@ def int8_layers(patcher) -> list[str]:
 
     return [n for n, m in patcher.model.diffusion_model.named_modules()
             if layout.is_int8_weight(getattr(m, "weight", None))]
+
+
+def vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A FLUX.2 VAE (ComfyUI's AutoencoderKL, 32 z-channels, batch-norm latent: 128 channels at 1/16) with
+    random weights N(0, 1/fan_in); ComfyUI's VAE class detects it from these keys like the real one."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": 32, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+                "batch_norm_latent": True}
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in AutoencoderKL(ddconfig=ddconfig, embed_dim=32).state_dict().items():
+        if v.dim() >= 2:
+            sd[k] = torch.randn(v.shape, generator=gen) / math.sqrt(v[0].numel())
+        elif k.endswith("running_var") or (k.endswith("weight") and "norm" in k):
+            sd[k] = torch.ones(v.shape)
+        elif v.is_floating_point():
+            sd[k] = torch.zeros(v.shape)
+        else:
+            sd[k] = v
+    return sd
