@@ -77,6 +77,7 @@ def int8_linear(
     validate: bool = True,
     lora_a: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
+    quant_in_graph: bool = False,
 ) -> torch.Tensor:
     """W8A8 linear layer: ``y = (quant(x) @ q.T) * x_scale * scale + bias [+ (x @ lora_a.T) @ lora_b.T]``.
 
@@ -93,12 +94,22 @@ def int8_linear(
         lora_a, lora_b: an optional low-rank (LoRA) term, ``lora_a [R, K]`` and ``lora_b [N, R]`` with
             the LoRA's scale folded into ``lora_b``. ``x @ lora_a.T`` is computed in x's dtype and the
             second product is accumulated into the GEMM's float32 epilogue, so the output is written once.
+        quant_in_graph: under torch.compile, quantize ``x`` with plain torch ops inside the traced graph
+            (``reference.quantize_rows_in_graph``), so the compiler can fuse the quantization into the op
+            that produces ``x`` (a norm, a modulation), and run only the GEMM as an opaque op. Without a
+            rotation only; no effect in eager mode.
 
     Returns:
         ``y [..., N]`` in ``out_dtype``.
     """
     _, _, _, dtype = _checks.check_linear_args(x, q, scale, bias, out_dtype, smooth, rotate_group, lora_a, lora_b)
     if torch.compiler.is_compiling():
+        if quant_in_graph and not rotate_group:
+            x2 = x.reshape(-1, x.shape[-1])
+            xq, xs = reference.quantize_rows_in_graph(x2, smooth)
+            h = reference.lora_hidden(x2, lora_a) if lora_a is not None else None
+            y = torch.ops.int8_w8a8.int8_gemm(xq, xs, q, scale, bias, dtype, validate, h, lora_b)
+            return y.reshape(*x.shape[:-1], q.shape[0])
         return torch.ops.int8_w8a8.int8_linear(x, q, scale, bias, dtype, smooth, rotate_group, validate,
                                                lora_a, lora_b)
     return int8_linear_impl(x, q, scale, bias, dtype, smooth, rotate_group, validate, lora_a, lora_b)
@@ -149,6 +160,18 @@ def int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group, validat
         return triton_ops.int8_linear(x, q, scale, bias, out_dtype, smooth, rotate_group, backend,
                                       lora_a=lora_a, lora_b=lora_b)
     return reference.int8_linear_unchecked(x, q, scale, bias, out_dtype, smooth, rotate_group, lora_a, lora_b)
+
+
+def int8_gemm_impl(xq, x_scale, q, scale, bias, out_dtype, validate=True, lora_h=None, lora_b=None):
+    """The GEMM of ``int8_linear`` on rows quantized elsewhere (the ``quant_in_graph`` path)."""
+    if validate:
+        _checks.check_values(scale)
+    backend = choose_backend(xq.device)
+    if backend.name == "triton":
+        from . import triton_ops
+
+        return triton_ops.int8_gemm(xq, x_scale, q, scale, bias, out_dtype, backend, lora_h, lora_b)
+    return reference.int8_gemm_unchecked(xq, x_scale, q, scale, bias, out_dtype, lora_h, lora_b)
 
 
 def dequantize_impl(q, scale, dtype, rotate_group, validate=True):

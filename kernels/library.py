@@ -66,6 +66,26 @@ def _(x, q, scale, bias, out_dtype, smooth, rotate_group, validate, lora_a, lora
     return x.new_empty((*x.shape[:-1], q.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op(f"{LIB}::int8_gemm", mutates_args=())
+def int8_gemm_op(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    validate: bool,
+    lora_h: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+) -> torch.Tensor:
+    return api.int8_gemm_impl(xq, x_scale, q, scale, bias, out_dtype, validate, lora_h, lora_b)
+
+
+@int8_gemm_op.register_fake
+def _(xq, x_scale, q, scale, bias, out_dtype, validate, lora_h, lora_b):
+    return xq.new_empty((xq.shape[0], q.shape[0]), dtype=out_dtype)
+
+
 @torch.library.custom_op(f"{LIB}::dequantize", mutates_args=())
 def dequantize_op(
     q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rotate_group: int, validate: bool

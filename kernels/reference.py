@@ -26,6 +26,10 @@ from .hadamard import rotate
 
 INV_127 = 1.0 / 127.0  # rounded to float32 where it is used
 TINY_SCALE = 2.0**-126  # smallest normal float32: all-zero rows still get a positive scale
+# 0-d tensors of the two: torch.compile traces module-level Python floats as symbols (and restarts the
+# trace to specialize them), tensors as constants
+_INV_127_F32 = torch.tensor(INV_127, dtype=torch.float32)
+_TINY_SCALE_F32 = torch.tensor(TINY_SCALE, dtype=torch.float32)
 _SEED_MASK = 0x7FFFFFFF  # seeds are reduced to 31 bits so kernels take them as int32
 _CHUNK_ELEMS = 1 << 24  # rows are processed in chunks of about this many elements to bound memory
 _EXACT_FP32_K = 1024  # 1024 * 128 * 128 = 2**24: float32 sums of int8 products are exact up to this K
@@ -111,7 +115,7 @@ def _quantize_float_rows(
     finite = torch.isfinite(xf)
     if fixed_scale is None:
         absmax = torch.where(finite, xf.abs(), 0.0).amax(dim=1) if k else xf.new_zeros(m)
-        scale = torch.clamp(absmax * torch.tensor(INV_127, dtype=torch.float32), min=TINY_SCALE)
+        scale = torch.maximum(absmax * _INV_127_F32.to(xf.device), _TINY_SCALE_F32.to(xf.device))
         bad = ~finite.all(dim=1)
     else:  # one scale for all rows ([]) or one per row ([m, 1])
         scale = fixed_scale.float().reshape(-1).expand(m)
@@ -169,6 +173,19 @@ def quantize_rows_unchecked(
         lambda r0, r1: _transform(x2[r0:r1], smooth, rotate_group), x2.shape[0], k, x.device
     )
     return q, scale[:, None]
+
+
+def quantize_rows_in_graph(x2: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows`` of rows ``x2 [M, K]`` as plain torch ops, without chunking, for torch.compile to
+    trace and fuse into the op that produces ``x2`` (the same arithmetic as the kernel: absmax of the
+    finite values / 127, multiply by its reciprocal, round half to even, clamp)."""
+    q, scale = _quantize_float_rows(_transform(x2, smooth, 0))
+    return q, scale[:, None]
+
+
+def int8_gemm_unchecked(xq, x_scale, q, scale, bias, out_dtype, lora_h=None, lora_b=None) -> torch.Tensor:
+    """The GEMM and epilogue of ``int8_linear`` on already-quantized rows ``xq [M, K]``, ``x_scale [M, 1]``."""
+    return epilogue(int8_matmul(xq, q), x_scale, scale, bias, out_dtype, lora_h, lora_b)
 
 
 def check_weight_input(

@@ -53,6 +53,31 @@ def int8_linear(
     return out.reshape(*x.shape[:-1], n)
 
 
+def int8_gemm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    backend: Backend,
+    lora_h: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Already-quantized rows xq [M, K] int8 and x_scale [M, 1] -> y [M, N] in out_dtype."""
+    m, n = xq.shape[0], q.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    ws = scale.reshape(-1) if scale.dim() else scale
+    if ws.dim() and ws.stride(0) != 1:
+        ws = ws.contiguous()
+    xq = xq if xq.stride(-1) == 1 else xq.contiguous()
+    arch = (8, 0) if backend.rocm or backend.arch is None else backend.arch
+    tma_ok = arch >= (9, 0) and triton_gemm.tma_compatible(xq, q, out)
+    config = configs.select_config(m, arch, tma_ok=tma_ok)
+    triton_gemm.gemm(xq, x_scale.reshape(-1).contiguous(), q, ws, bias, out, config, lora_h, lora_b)
+    return out
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rotate_group: int) -> torch.Tensor:
     """q [N, K] int8 -> w [N, K] dtype; with rotation the result is rotated back to the original basis."""
     if not rotate_group:

@@ -123,7 +123,8 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
                 compute_dtype=x.dtype, want_requant=True)
             term = self.int8_lora
             if layout.is_int8_weight(weight):
-                y = layout.linear(x, weight, bias, x.dtype, lora=term)  # LoRA fused into the GEMM epilogue
+                # the LoRA term is fused into the GEMM epilogue
+                y = layout.linear(x, weight, bias, x.dtype, lora=term, quant_in_graph=self.config.quant_in_graph)
                 term = None
             else:  # a cast path that returned floats (e.g. a DynamicVRAM layer run on the CPU)
                 y = torch.nn.functional.linear(x, weight.to(x.dtype), bias)

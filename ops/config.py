@@ -61,6 +61,8 @@ class LoadConfig:
     compute_device: where float weights are quantized ("cuda:0"; None = where they are).
     progress: called with the layer name after each converted layer (the node's progress bar).
     prepare: applied to each float weight that is converted, just before it is quantized.
+    quant_in_graph: under torch.compile, quantize activations with torch ops the compiler can fuse into
+        the op producing them (``kernels.int8_linear``); off until measured faster on the GPU.
     """
 
     profile: ModelProfile | None
@@ -69,6 +71,7 @@ class LoadConfig:
     compute_device: str | None = None
     progress: Callable[[str], None] | None = None
     prepare: WeightPrep | None = None
+    quant_in_graph: bool = False
 
     def converts(self, layer: str) -> bool:
         """Whether a float Linear weight at ``layer`` is quantized on load."""

@@ -132,11 +132,12 @@ def rotate_group_of(params) -> int:
 
 
 def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None = None,
-           lora=None):
+           lora=None, quant_in_graph: bool = False):
     """``x @ W.T + bias [+ low-rank term]`` for an INT8 QuantizedTensor ``W [N, K]`` (not transposed).
 
-    ``lora``: an ``ops.lowrank.LowRank`` (a, b) fused into the GEMM epilogue. Values of the scale are not
-    re-checked here (no host sync in forward): loaders validate them.
+    ``lora``: an ``ops.lowrank.LowRank`` (a, b) fused into the GEMM epilogue. ``quant_in_graph``: see
+    ``kernels.int8_linear``. Values of the scale are not re-checked here (no host sync in forward):
+    loaders validate them.
     """
     p = weight._params
     if isinstance(x, QuantizedTensor):  # an already-quantized activation: per-token dynamic quant wants floats
@@ -145,6 +146,7 @@ def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None, 
         x, weight._qdata, p.scale, bias, out_dtype=out_dtype or x.dtype, smooth=getattr(p, "smooth", None),
         rotate_group=rotate_group_of(p), validate=False,
         lora_a=None if lora is None else lora.a, lora_b=None if lora is None else lora.b,
+        quant_in_graph=quant_in_graph,
     )
 
 

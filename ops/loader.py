@@ -34,11 +34,13 @@ class LoadOptions:
 
     prepare: an optional factory, called with the normalized state dict, of the ``WeightPrep`` that
     changes float weights before their first quantization (``lora.preload`` builds one from a LoRA stack).
+    quant_in_graph: see ``LoadConfig``.
     """
 
     profile: str = profiles.AUTO
     convert: ConvertOptions = field(default_factory=ConvertOptions)
     prepare: Callable[[dict], WeightPrep] | None = None
+    quant_in_graph: bool = False
 
 
 def read_file(path: str) -> tuple[dict, dict | None]:
@@ -82,6 +84,7 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
     config = LoadConfig(
         profile=profile, convert=options.convert, source=source, compute_device=default_compute_device(),
         progress=(lambda layer: pbar.update(1)) if pbar is not None else None, prepare=prepare,
+        quant_in_graph=options.quant_in_graph,
     )
     opts = dict(model_options or {})
     opts["custom_operations"] = make_operations(config)

@@ -278,7 +278,8 @@ def test_memory_modes_lowvram_and_full(flux2, tmp_path):
     assert sqnr_db(y_lowvram, y_full) >= 25
 
 
-def test_torch_compile_no_graph_breaks_and_rebuild(flux2, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quant_in_graph", [False, True])
+def test_torch_compile_no_graph_breaks_and_rebuild(flux2, tmp_path, monkeypatch, quant_in_graph):
     import comfy.ldm.flux.math
     import comfy.ldm.modules.attention
     import comfy.model_management
@@ -291,7 +292,7 @@ def test_torch_compile_no_graph_breaks_and_rebuild(flux2, tmp_path, monkeypatch)
     # GPUs use PyTorch's SDPA, as here
     monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
     path = _write(tmp_path, "bf16.safetensors", flux2["sd"])
-    patcher = loader.load_file(path)
+    patcher = loader.load_file(path, loader.LoadOptions(quant_in_graph=quant_in_graph))
     comfy.model_management.load_models_gpu([patcher])
     torch._dynamo.reset()
     counters.clear()

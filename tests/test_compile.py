@@ -42,6 +42,44 @@ def test_fullgraph_dynamic_no_breaks_no_recompiles(seed):
     assert "int8_w8a8.int8_linear" in ops
 
 
+class _NormThenLinear(torch.nn.Module):
+    """A norm feeding an INT8 layer, as in a transformer block; the quantization may join the graph."""
+
+    def __init__(self, quant_in_graph: bool, k=64, n=40):
+        super().__init__()
+        self.q, self.s = reference.quantize_weight(torch.randn(n, k) * 0.05)
+        self.lora_a, self.lora_b = torch.randn(16, k) * 0.1, torch.randn(n, 16) * 0.1
+        self.quant_in_graph = quant_in_graph
+
+    def forward(self, x):
+        h = torch.nn.functional.layer_norm(x, x.shape[-1:]) * 1.5 + 0.1
+        return kernels.int8_linear(h, self.q, self.s, lora_a=self.lora_a.to(x.dtype), lora_b=self.lora_b.to(x.dtype),
+                                   quant_in_graph=self.quant_in_graph)
+
+
+@pytest.mark.parametrize("quant_in_graph", [False, True])
+def test_quantization_in_graph_traces_into_one_graph(seed, quant_in_graph):
+    """quant_in_graph: the activation quantization is traced as torch ops (amax, round) next to the norm,
+    only the GEMM stays an opaque op; the result equals eager mode's, for every M, without recompiles."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = _NormThenLinear(quant_in_graph)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    for m in (17, 300, 2):
+        x = torch.randn(1, m, 64, dtype=torch.bfloat16)
+        x[0, 1] = 0  # an all-zero row
+        assert torch.equal(compiled(x), model(x))
+    assert counter.frame_count == 1
+    ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")}
+    if quant_in_graph:
+        assert "int8_w8a8.int8_gemm" in ops and "int8_w8a8.int8_linear" not in ops
+        assert any("amax" in op for op in ops) and any("round" in op for op in ops), ops
+    else:
+        assert "int8_w8a8.int8_linear" in ops and "int8_w8a8.int8_gemm" not in ops
+
+
 def test_custom_ops_pass_opcheck(seed):
     x = torch.randn(5, 64, dtype=torch.bfloat16)
     w = torch.randn(24, 64)
@@ -56,6 +94,10 @@ def test_custom_ops_pass_opcheck(seed):
     la, lb = torch.randn(8, 64, dtype=torch.bfloat16), torch.randn(24, 8, dtype=torch.bfloat16)
     torch.library.opcheck(ops.int8_linear, (x, q, s, None, torch.bfloat16, None, 0, False, la, lb))
     torch.library.opcheck(ops.dequantize, (q, s, torch.bfloat16, 0, False))
+    xq, xs = reference.quantize_rows(x)
+    torch.library.opcheck(ops.int8_gemm, (xq, xs, q, s, torch.randn(24), torch.float32, True, None, None))
+    h = x @ la.T
+    torch.library.opcheck(ops.int8_gemm, (xq, xs, q, s, None, torch.bfloat16, False, h, lb))
 
 
 def test_compiled_quantize_and_dequantize(seed):

@@ -127,6 +127,28 @@ def test_compile_inductor_no_breaks_no_recompiles(seed):
     assert graphs[:5] == [1] * 5 and graphs[-1] <= 2, f"unique graphs after each call: {graphs}"
 
 
+def test_compile_inductor_quantization_in_graph(seed):
+    """quant_in_graph under Inductor: the quantization is generated (and fused with the norm) by the
+    compiler; its codes may differ from the Triton quantizer's by a rounding step, not more."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    q, s = kernels.quantize_weight(torch.randn(3072, 1024, device="cuda") * 0.02)
+
+    def block(x):
+        h = torch.nn.functional.layer_norm(x, x.shape[-1:]) * 1.1 + 0.05
+        return kernels.int8_linear(h, q, s, quant_in_graph=True)
+
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    for m in (17, 512, 4608):
+        x = torch.randn(1, m, 1024, device="cuda", dtype=torch.bfloat16)
+        y = compiled(x)
+        assert rel_err(y, block(x)) < 2e-3
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+
+
 def test_direct_launches_keep_specializations_apart(seed):
     # The fast launcher reuses a compiled kernel only for arguments with the same alignment and
     # divisibility; alternate aligned and misaligned inputs of the same shape family.
