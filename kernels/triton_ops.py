@@ -29,28 +29,18 @@ def int8_linear(
     take tens of microseconds on the GPU.
     """
     k = x.shape[-1]
-    n = q.shape[0]
     x2 = as_rows(x)
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    ws = scale.reshape(-1) if scale.dim() else scale
-    if ws.dim() and ws.stride(0) != 1:
-        ws = ws.contiguous()
-    arch = (8, 0) if backend.rocm or backend.arch is None else backend.arch
-    if config is None:
-        config = configs.select_config(m, arch, tma_ok=True)
     xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
     xs = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=x.device) if k == 0 else \
         torch.empty((m,), dtype=torch.float32, device=x.device)
     triton_quant.launch_quantize(x2, xq, xs, smooth=smooth, rotate_group=rotate_group)
-    if config.kernel == "tma" and (arch < (9, 0) or not triton_gemm.tma_compatible(xq, q, out)):
-        config = configs.select_config(m, arch, tma_ok=False)
     lora_h = None
     if lora_a is not None:
         # h = x @ lora_a.T, padded to the kernel's rank when lora_a was prepared that way (see lora/dynamic.py)
         lora_h = reference.lora_hidden(x2, lora_a)
-    triton_gemm.gemm(xq, xs, q, ws, bias, out, config, lora_h, lora_b)
-    return out.reshape(*x.shape[:-1], n)
+    out = _gemm(xq, xs, q, scale, bias, out_dtype, backend, config, lora_h, lora_b)
+    return out.reshape(*x.shape[:-1], q.shape[0])
 
 
 def int8_gemm(
@@ -65,16 +55,23 @@ def int8_gemm(
     lora_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Already-quantized rows xq [M, K] int8 and x_scale [M, 1] -> y [M, N] in out_dtype."""
+    xq = xq if xq.stride(-1) == 1 else xq.contiguous()
+    return _gemm(xq, x_scale.reshape(-1).contiguous(), q, scale, bias, out_dtype, backend, None, lora_h, lora_b)
+
+
+def _gemm(xq, xs, q, scale, bias, out_dtype, backend: Backend, config: configs.GemmConfig | None, lora_h, lora_b):
+    """xq [M, K] int8 (unit column stride), xs [M] float32 -> out [M, N]: the GEMM with the config the rule
+    picks for these operands (``config``, when given and the operands allow it)."""
     m, n = xq.shape[0], q.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     ws = scale.reshape(-1) if scale.dim() else scale
     if ws.dim() and ws.stride(0) != 1:
         ws = ws.contiguous()
-    xq = xq if xq.stride(-1) == 1 else xq.contiguous()
     arch = (8, 0) if backend.rocm or backend.arch is None else backend.arch
     tma_ok = arch >= (9, 0) and triton_gemm.tma_compatible(xq, q, out)
-    config = configs.select_config(m, arch, tma_ok=tma_ok)
-    triton_gemm.gemm(xq, x_scale.reshape(-1).contiguous(), q, ws, bias, out, config, lora_h, lora_b)
+    if config is None or (config.kernel == "tma" and not tma_ok):
+        config = configs.select_config(m, arch, tma_ok=tma_ok)
+    triton_gemm.gemm(xq, xs, q, ws, bias, out, config, lora_h, lora_b)
     return out
 
 

@@ -25,18 +25,11 @@ from ..ops import layout
 from ..ops.comfy_ops import Int8Linear
 from ..ops.lowrank import ATTR, LowRank, lowrank_forward_for
 from . import loading
-
-PREFIX = "diffusion_model."
+from .loading import PREFIX
 
 
 def _compute_dtype(model) -> torch.dtype:
     return model.model.manual_cast_dtype or model.model.get_dtype()
-
-
-def _split_key(key) -> tuple[str, tuple | None, object]:
-    if isinstance(key, str):
-        return key, None, None
-    return key[0], key[1] if len(key) > 1 else None, key[2] if len(key) > 2 else None
 
 
 def _low_rank(adapter, weight_key: str, offset) -> bool:
@@ -61,7 +54,7 @@ def split(model, patches: dict, strength: float, name: str) -> tuple[dict[str, L
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     rest, refused = {}, []
     for key, adapter in patches.items():
-        weight_key, offset, function = _split_key(key)
+        weight_key, offset, function = loading.split_key(key)
         target = comfy.utils.get_attr(model.model, weight_key)
         if not _low_rank(adapter, weight_key, offset) or target.dim() != 2:
             if layout.is_int8_weight(target):

@@ -20,6 +20,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+PREFIX = "diffusion_model."  # where ComfyUI's model keeps the diffusion model's weights
+
+
+def split_key(key) -> tuple[str, tuple | None, object]:
+    """(weight key, slice, function) of a ComfyUI patch key: a weight name, or a tuple of the name, the
+    slice ``(dim, start, length)`` of a fused weight it patches and a function applied to the result."""
+    if isinstance(key, str):
+        return key, None, None
+    return key[0], key[1] if len(key) > 1 else None, key[2] if len(key) > 2 else None
+
+
 class LoraError(ValueError):
     """A LoRA that cannot be applied: names the file, what is wrong and a few offending keys."""
 
@@ -93,7 +104,7 @@ def match(model, sd: dict, name: str) -> tuple[dict, MatchReport]:
 
 
 def _target_shape(model, key) -> tuple[str, tuple[int, ...]]:
-    weight_key, offset = (key, None) if isinstance(key, str) else (key[0], key[1] if len(key) > 1 else None)
+    weight_key, offset, _ = split_key(key)
     shape = tuple(comfy.utils.get_attr(model.model, weight_key).shape)
     if offset is not None and len(shape) > offset[0]:
         shape = (*shape[: offset[0]], offset[2], *shape[offset[0] + 1:])

@@ -20,9 +20,9 @@ import comfy.utils
 
 from ..ops.comfy_ops import Int8Linear
 from . import loading
+from .loading import PREFIX
 
 ROUNDINGS = ("nearest", "stochastic")
-PREFIX = "diffusion_model."
 
 
 def merge(model, stack: Sequence[loading.LoraSpec], rounding: str = "nearest") -> tuple[object, list]:
@@ -42,7 +42,7 @@ def merge(model, stack: Sequence[loading.LoraSpec], rounding: str = "nearest") -
         clone.add_patches(patches, spec.strength)
         if rounding != "nearest":
             for key in patches:
-                path = (key if isinstance(key, str) else key[0])[len(PREFIX):].rsplit(".", 1)[0]
+                path = loading.split_key(key)[0][len(PREFIX):].rsplit(".", 1)[0]
                 if isinstance(comfy.utils.get_attr(clone.model, f"{PREFIX}{path}"), Int8Linear):
                     clone.add_object_patch(f"{PREFIX}{path}.int8_merge_rounding", rounding)
     return clone, [report for _, _, report in matched]

@@ -19,10 +19,10 @@ import comfy.model_detection
 import torch
 
 from . import loading
+from .loading import PREFIX
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "diffusion_model."
 QUANT_SUFFIXES = (".comfy_quant", ".weight_scale", ".input_scale")
 
 
@@ -38,10 +38,6 @@ class _MetaModel:
                                     "keys cannot be matched")
         with torch.device("meta"):
             self.model = config.get_model(plain, "", device=torch.device("meta"))
-
-
-def _weight_key(key) -> str:
-    return key if isinstance(key, str) else key[0]
 
 
 class PreQuantLora:
@@ -63,9 +59,8 @@ class PreQuantLora:
             self.reports.append(report)
             self._stack.append((patches, spec.strength))
             for key, patch in patches.items():
-                offset = None if isinstance(key, str) or len(key) < 2 else key[1]
-                function = None if isinstance(key, str) or len(key) < 3 else key[2]
-                self._per_weight.setdefault(_weight_key(key), []).append((spec.strength, patch, 1.0, offset, function))
+                weight_key, offset, function = loading.split_key(key)
+                self._per_weight.setdefault(weight_key, []).append((spec.strength, patch, 1.0, offset, function))
 
     def __call__(self, layer: str, weight: torch.Tensor) -> torch.Tensor:
         key = f"{PREFIX}{layer}.weight"
@@ -80,7 +75,7 @@ class PreQuantLora:
         """Add every patch that was not applied before quantization to ``patcher`` as an ordinary patch."""
         left = 0
         for patches, strength in self._stack:
-            rest = {k: v for k, v in patches.items() if _weight_key(k) not in self._applied}
+            rest = {k: v for k, v in patches.items() if loading.split_key(k)[0] not in self._applied}
             left += len(patcher.add_patches(rest, strength)) if rest else 0
         logger.info("int8_w8a8: LoRA before quantization: %d weights patched before quantizing, %d patched as usual",
                     len(self._applied), left)
