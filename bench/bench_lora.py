@@ -73,11 +73,6 @@ def write_lora(sd: dict, rank: int, folder: str, seed: int) -> str:
     return path
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _time_forward(patcher, x, reps: int = 7, warmup: int = 2) -> float:
     """Median ms of one forward (patches already applied by a first call)."""
     return _time_interleaved([patcher], x, reps, warmup)[0]
@@ -94,10 +89,10 @@ def _time_interleaved(patchers: list, x, reps: int = 7, warmup: int = 2) -> list
     for i in range(warmup + reps):
         for j, patcher in enumerate(patchers):
             comfy.model_management.load_models_gpu([patcher])
-            _sync()
+            common.sync()
             t0 = time.perf_counter()
             flux2_model.forward(patcher, x)
-            _sync()
+            common.sync()
             if i >= warmup:
                 times[j].append((time.perf_counter() - t0) * 1e3)
     return [common.median(t) for t in times]
@@ -121,10 +116,6 @@ def bench_model(cfg: flux2_model.Flux2Config, ranks: list[int], folder: str, dev
 
     from ..lora import dynamic, loading, merge
 
-    def sqnr(ref, y) -> float:
-        ref, y = ref.double(), y.double()
-        return float(20 * torch.log10(ref.norm() / (ref - y).norm()))
-
     out = {"model": cfg.name}
     sd = flux2_model.random_state_dict(cfg, device)
     x = flux2_model.inputs(cfg, device, image=1024 if device == "cuda" else 128, text=512 if device == "cuda" else 16)
@@ -135,7 +126,7 @@ def bench_model(cfg: flux2_model.Flux2Config, ranks: list[int], folder: str, dev
     out["int8_load_s"] = time.perf_counter() - t0
     y_int8 = flux2_model.forward(int8, x).float()
     out["bf16_ms"], out["int8_ms"] = _time_interleaved([bf16, int8], x)  # both models stay resident
-    out["int8_sqnr"] = sqnr(y_bf16, y_int8)
+    out["int8_sqnr"] = common.sqnr_db(y_bf16, y_int8)
     out["bf16_gb"], out["int8_gb"] = flux2_model.weight_bytes(bf16) / 1e9, flux2_model.weight_bytes(int8) / 1e9
     print(f"{cfg.name}: BF16 {out['bf16_ms']:.1f} ms, INT8 {out['int8_ms']:.1f} ms ({out['int8_sqnr']:.1f} dB), "
           f"weights {out['bf16_gb']:.2f} / {out['int8_gb']:.2f} GB, INT8 load {out['int8_load_s']:.1f} s", flush=True)
@@ -158,25 +149,25 @@ def bench_model(cfg: flux2_model.Flux2Config, ranks: list[int], folder: str, dev
         y_ref = flux2_model.forward(ref, x).float()
         comfy.model_management.unload_all_models()  # drop the BF16 copies before the INT8 merge
         del ref
-        out["dynamic_r64_sqnr"] = sqnr(y_ref, y_dyn)
+        out["dynamic_r64_sqnr"] = common.sqnr_db(y_ref, y_dyn)
         flux2_model.forward(int8, x)  # the base model loaded, as before a LoRA is added in a workflow
         before = _checksum(int8)
         merged, _ = merge.merge(int8, [loading.LoraSpec(path)])
-        _sync()
+        common.sync()
         t0 = time.perf_counter()
         comfy.model_management.load_models_gpu([merged])
-        _sync()
+        common.sync()
         out["merge_r64_s"] = time.perf_counter() - t0
         y_merged = flux2_model.forward(merged, x).float()
         out["merged_r64_ms"] = _time_forward(merged, x)
-        out["merged_r64_sqnr"] = sqnr(y_ref, y_merged)
+        out["merged_r64_sqnr"] = common.sqnr_db(y_ref, y_merged)
         t0 = time.perf_counter()
         comfy.model_management.load_models_gpu([int8])
-        _sync()
+        common.sync()
         out["unpatch_s"] = time.perf_counter() - t0
         out["unpatched_bit_exact"] = _checksum(int8) == before and torch.equal(flux2_model.forward(int8, x).float(),
                                                                                 y_int8)
-        out["bf16_lora_vs_bf16_sqnr"] = sqnr(y_ref, y_bf16)
+        out["bf16_lora_vs_bf16_sqnr"] = common.sqnr_db(y_ref, y_bf16)
         print(f"  rank 64 vs BF16+LoRA: dynamic {out['dynamic_r64_sqnr']:.1f} dB, merged {out['merged_r64_sqnr']:.1f} "
               f"dB (INT8 without LoRA vs BF16: {out['int8_sqnr']:.1f} dB; the LoRA moves BF16 by "
               f"{out['bf16_lora_vs_bf16_sqnr']:.1f} dB)", flush=True)

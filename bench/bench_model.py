@@ -39,11 +39,6 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def build(variant: str, cfg: flux2_model.Flux2Config):
     """The variant's ModelPatcher, built from the seeded random BF16 weights (made afresh and freed)."""
     import comfy.sd
@@ -100,22 +95,22 @@ def step(patcher, inputs) -> torch.Tensor:
 def measure(patcher, inputs, reps: int = 7, warmup: int = 2) -> dict:
     t0 = time.perf_counter()
     y = step(patcher, inputs).float()
-    _sync()
+    common.sync()
     first_s = time.perf_counter() - t0
     for _ in range(warmup - 1):
         step(patcher, inputs)
     times = []
     for _ in range(reps):
-        _sync()
+        common.sync()
         t0 = time.perf_counter()
         step(patcher, inputs)
-        _sync()
+        common.sync()
         times.append((time.perf_counter() - t0) * 1e3)
     peak = None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         step(patcher, inputs)
-        _sync()
+        common.sync()
         peak = torch.cuda.max_memory_allocated() / 1e9
     return {"ms": common.median(times), "first_call_s": first_s, "peak_gb": peak, "y": y}
 
@@ -166,7 +161,7 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
                     if variant == "bf16" and mode == "eager":
                         reference[res] = y
                     ref = reference.get(res)
-                    sqnr = None if ref is None else float(20 * torch.log10(ref.norm() / (ref - y).norm()))
+                    sqnr = None if ref is None else common.sqnr_db(ref, y)
                     row = {"model": cfg.name, "res": res, "variant": variant, "mode": mode, "weights_gb": weights,
                            "sqnr_vs_bf16": sqnr, **out}
                     rows.append(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import platform
 import statistics
 from collections.abc import Callable
@@ -75,6 +76,19 @@ def bench_graph_ms(fn: Callable[[], object]) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
+def sqnr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
+    """10 log10(||ref||^2 / ||ref - y||^2) in float64; inf when equal."""
+    ref, y = ref.double().flatten(), y.double().flatten()
+    err = (ref - y).norm()
+    return math.inf if err == 0 else float(20 * torch.log10(ref.norm() / err))
+
+
+def sync() -> None:
+    """Wait for the GPU (a no-op on CPU-only runs), for wall-clock timings of whole steps."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -40,11 +40,6 @@ def _lora_file(sd: dict, layers: list[str], rel: float, seed: int, path: str) ->
     return path
 
 
-def _sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
-    ref, y = ref.double(), y.double()
-    return float(20 * torch.log10(ref.norm() / (ref - y).norm()))
-
-
 def study(seeds: int, folder: str) -> dict:
     import comfy.lora
     import comfy.model_management
@@ -65,7 +60,7 @@ def study(seeds: int, folder: str) -> dict:
     bf16 = flux2_model.load_bf16(sd, "cpu")
     y_bf16 = run(bf16)
     int8 = flux2_model.load_int8(sd, "cpu")
-    s0 = _sqnr(y_bf16, run(int8))
+    s0 = common.sqnr_db(y_bf16, run(int8))
     native = loader.save_model(int8, os.path.join(folder, "native.safetensors"))
     comfy.model_management.unload_all_models()
     layers = [n for n, m in int8.model.diffusion_model.named_modules()
@@ -73,7 +68,7 @@ def study(seeds: int, folder: str) -> dict:
     losses: dict[str, dict[float, list[float]]] = {}
 
     def record(name, rel, y_ref, y, base=s0):
-        losses.setdefault(name, {}).setdefault(rel, []).append(base - _sqnr(y_ref, y))
+        losses.setdefault(name, {}).setdefault(rel, []).append(base - common.sqnr_db(y_ref, y))
 
     for rel in RELS:
         for seed in range(seeds):
@@ -86,7 +81,7 @@ def study(seeds: int, folder: str) -> dict:
             for rounding in merge.ROUNDINGS:
                 record(f"merge, {rounding}", rel, y_ref, run(merge.merge(int8, spec, rounding)[0]))
             kitchen = comfy.sd.load_diffusion_model(native, disable_dynamic=True)
-            s0_kitchen = _sqnr(y_bf16, run(kitchen))
+            s0_kitchen = common.sqnr_db(y_bf16, run(kitchen))
             kitchen.add_patches(comfy.lora.load_lora(comfy.utils.load_torch_file(path),
                                                      comfy.lora.model_lora_keys_unet(kitchen.model, {})), 1.0)
             record("comfyui", rel, y_ref, run(kitchen), s0_kitchen)

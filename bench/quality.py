@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .common import sqnr_db
+
 logger = logging.getLogger(__name__)
 
 LAYER_ROWS = 64  # output rows kept per layer for the per-layer SQNR (an unbiased sample of the tokens)
@@ -50,13 +52,6 @@ class Sampling:
 
 
 # ------------------------------------------------------------------------------------------ metrics
-
-
-def sqnr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
-    """10 log10(||ref||^2 / ||ref - y||^2) in float64; inf when equal."""
-    ref, y = ref.double().flatten(), y.double().flatten()
-    err = (ref - y).norm()
-    return math.inf if err == 0 else float(20 * torch.log10(ref.norm() / err))
 
 
 def psnr_db(ref: torch.Tensor, y: torch.Tensor, peak: float | None = None) -> float:
