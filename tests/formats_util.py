@@ -103,3 +103,19 @@ def blockwise(sd, quantize, block=64):
         out[f"{layer}.weight_scale"] = torch.ones(n // block, k // block)
         out[f"{layer}.comfy_quant"] = _conf({"format": "int8_blockwise", "group_size": block})
     return out, None
+
+
+# Every INT8 format: name -> writer(sd, quantize) -> (state dict, header metadata). Both the unit tier
+# (formats.normalize) and the integration tier (files through ComfyUI) run all of them.
+INT8_WRITERS: dict[str, Callable] = {
+    "native": lambda sd, quantize: native(sd, quantize),
+    "native-header-only": lambda sd, quantize: native(sd, quantize, header_only=True),
+    "native-per-layer-only": lambda sd, quantize: native(sd, quantize, per_layer_only=True),
+    "native-per-tensor": lambda sd, quantize: native(sd, quantize, per_row=False),
+    "native-convrot": lambda sd, quantize: native(sd, quantize, convrot=256),
+    "modelopt": lambda sd, quantize: modelopt(sd, quantize),
+    "int8-fast-quarot": lambda sd, quantize: int8_fast(sd, quantize),
+    "int8-fast-convrot": lambda sd, quantize: int8_fast(sd, quantize, style="convrot"),
+    "1d-fp16-scales": lambda sd, quantize: one_d_scales(sd, quantize),
+    "legacy-scale-names": lambda sd, quantize: legacy_names(sd, quantize),
+}

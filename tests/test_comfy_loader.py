@@ -7,6 +7,7 @@ pack's loader, ComfyUI's stock loader and the nodes. Outputs are compared with t
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -23,15 +24,7 @@ from .tiny_flux2 import write as _write
 pytestmark = pytest.mark.integration
 
 FILES = {
-    "native": lambda sd: fu.native(sd, _quantized_layer),
-    "native-header-only": lambda sd: fu.native(sd, _quantized_layer, header_only=True),
-    "native-per-tensor": lambda sd: fu.native(sd, _quantized_layer, per_row=False),
-    "native-convrot": lambda sd: fu.native(sd, _quantized_layer, convrot=256),
-    "modelopt-vistralis": lambda sd: fu.modelopt(sd, _quantized_layer),
-    "int8-fast-quarot": lambda sd: fu.int8_fast(sd, _quantized_layer),
-    "int8-fast-convrot": lambda sd: fu.int8_fast(sd, _quantized_layer, style="convrot"),
-    "1d-fp16-scales": lambda sd: fu.one_d_scales(sd, _quantized_layer),
-    "legacy-scale-names": lambda sd: fu.legacy_names(sd, _quantized_layer),
+    **{name: functools.partial(writer, quantize=_quantized_layer) for name, writer in fu.INT8_WRITERS.items()},
     "fp8-scaled": lambda sd: fu.fp8_scaled(sd, _quantized_layer),
     "bf16": lambda sd: (dict(sd), None),
     "fp16": lambda sd: ({k: v.half() for k, v in sd.items()}, None),

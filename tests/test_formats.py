@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -111,18 +112,7 @@ def test_profile_resolution_errors():
 
 
 # ------------------------------------------------------------------ readers
-FORMATS = {
-    "native": lambda sd: fu.native(sd, _is_quantized),
-    "native-header-only": lambda sd: fu.native(sd, _is_quantized, header_only=True),
-    "native-per-layer-only": lambda sd: fu.native(sd, _is_quantized, per_layer_only=True),
-    "native-per-tensor": lambda sd: fu.native(sd, _is_quantized, per_row=False),
-    "native-convrot": lambda sd: fu.native(sd, _is_quantized, convrot=256),
-    "modelopt": lambda sd: fu.modelopt(sd, _is_quantized),
-    "int8-fast-quarot": lambda sd: fu.int8_fast(sd, _is_quantized),
-    "int8-fast-convrot": lambda sd: fu.int8_fast(sd, _is_quantized, style="convrot"),
-    "1d-fp16-scales": lambda sd: fu.one_d_scales(sd, _is_quantized),
-    "legacy-scale-names": lambda sd: fu.legacy_names(sd, _is_quantized),
-}
+FORMATS = {name: functools.partial(writer, quantize=_is_quantized) for name, writer in fu.INT8_WRITERS.items()}
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
