@@ -5,7 +5,7 @@ Public API (stable; ``int8_w8a8.kernels.reference`` has same-signature twins):
 - ``quantize_rows(x, *, smooth=None, rotate_group=0) -> (q [M, K] int8, scale [M, 1] float32)``
 - ``quantize_weight(w, *, per_row=True, seed=None, rotate_group=0, scale=None) -> (q [N, K] int8, scale)``
 - ``int8_linear(x, q, scale, bias=None, *, out_dtype=None, smooth=None, rotate_group=0, validate=True,
-  lora_a=None, lora_b=None) -> y`` (an optional LoRA term fused into the epilogue)
+  lora_a=None, lora_b=None, quant_in_graph=False) -> y`` (an optional LoRA term fused into the epilogue)
 - ``dequantize(q, scale, dtype, *, rotate_group=0, validate=True) -> w``
 - ``lora_rank_padded(r) -> int`` (the rank the LoRA epilogue runs at)
 
