@@ -68,7 +68,8 @@ def _compile(fn, sig: dict, consts: dict, divisible: tuple[str, ...], arch: int,
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def compile_gemm(cfg: configs.GemmConfig, arch: int, out: str = "bf16", per_row: bool = True, lora_r: int = 0) -> dict:
+def compile_gemm(cfg: configs.GemmConfig, arch: int, out: str = "bf16", per_row: bool = True, lora_r: int = 0,
+                 residual: bool = False) -> dict:
     """Compile one GEMM config for ``sm_<arch>`` and summarize its PTX."""
     consts = {
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
@@ -81,22 +82,24 @@ def compile_gemm(cfg: configs.GemmConfig, arch: int, out: str = "bf16", per_row:
             "b_desc": f"tensordesc<i8[{cfg.block_n}, {cfg.block_k}]>",
             "c_desc": f"tensordesc<{out}[{cfg.block_m}, {cfg.block_n // sub}]>",
             "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "h_ptr": "*bf16", "lb_ptr": "*bf16",
-            "M": "i32", "N": "i32", "K": "i32", "stride_hm": "i32", "stride_lbn": "i32",
+            "res_ptr": f"*{out}", "gate_ptr": "*bf16",
+            "M": "i32", "N": "i32", "K": "i32", "stride_hm": "i32", "stride_lbn": "i32", "stride_rm": "i32",
+            "stride_gb": "i32", "rows_per_batch": "i32",
         }
         consts.update(NUM_PROGRAMS=132 * cfg.ctas_per_sm, EPILOGUE_SUBTILE=cfg.epilogue_subtile, LORA_R=lora_r,
-                      LORA_FP32=False)
+                      LORA_FP32=False, RESIDUAL=residual)
         fn = triton_gemm._gemm_tma_kernel
     else:
         sig = {
             "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": f"*{out}", "xs_ptr": "*fp32", "ws_ptr": "*fp32",
-            "bias_ptr": "*fp32", "h_ptr": "*bf16", "lb_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-            "stride_am": "i32", "stride_bn": "i32", "stride_bk": "i32", "stride_cm": "i32", "stride_hm": "i32",
-            "stride_lbn": "i32",
+            "bias_ptr": "*fp32", "h_ptr": "*bf16", "lb_ptr": "*bf16", "gate_ptr": "*bf16", "M": "i32", "N": "i32",
+            "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_bk": "i32", "stride_cm": "i32",
+            "stride_hm": "i32", "stride_lbn": "i32", "stride_gb": "i32", "rows_per_batch": "i32",
         }
-        consts.update(EVEN_K=True, stride_bk=1, LORA_R=lora_r, LORA_FP32=False)
+        consts.update(EVEN_K=True, stride_bk=1, LORA_R=lora_r, LORA_FP32=False, RESIDUAL=residual)
         fn = triton_gemm._gemm_kernel
-    divisible = ("a_ptr", "b_ptr", "c_ptr", "xs_ptr", "ws_ptr", "bias_ptr", "h_ptr", "lb_ptr", "N", "K",
-                 "stride_am", "stride_bn", "stride_cm", "stride_hm", "stride_lbn")
+    divisible = ("a_ptr", "b_ptr", "c_ptr", "xs_ptr", "ws_ptr", "bias_ptr", "h_ptr", "lb_ptr", "res_ptr", "gate_ptr",
+                 "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_hm", "stride_lbn", "stride_rm", "stride_gb")
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
     return _summarize(_compile(fn, sig, consts, divisible, arch, options))
 
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         for rank in (64, 512):  # one chunk, and the most stacked LoRAs are likely to reach
             rows.append({"what": f"{label} +LoRA{rank}", "config": asdict(cfg),
                          **compile_gemm(cfg, args.arch, lora_r=rank)})
+        rows.append({"what": f"{label} +residual", "config": asdict(cfg), **compile_gemm(cfg, args.arch, residual=True)})
     for k, g, dt in ((4096, 0, "bf16"), (16384, 0, "bf16"), (65600, 0, "bf16"), (4096, 256, "bf16"),
                      (4096, 256, "fp32"), (3072, 128, "bf16"), (3072, 128, "fp32"), (3072, 64, "fp16")):
         rows.append({"what": f"quant K={k} G={g} {dt}", **compile_quant(k, g, args.arch, dt)})

@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-comfy | ptx | bench | bench-quick | model | model-compile | lora | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-comfy | ptx | bench | bench-quick | model | model-compile | lora | profile | host | sweep-{large,m1024,m256,m64,small}
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
 # package is imported as int8_w8a8 through a symlink, since the machine cannot pip install -e.
@@ -38,6 +38,8 @@ for step in "$@"; do
         model-compile) python3 -m int8_w8a8.bench.bench_model --models klein9b --res 1024 --compile \
             --variants ${VARIANTS:-bf16 pack-row} --out "$OUT/bench_model_compile.json" 2>&1 | tee "$OUT/bench_model_compile.txt" ;;
         lora) python3 -m int8_w8a8.bench.bench_lora --out "$OUT/bench_lora.json" 2>&1 | tee "$OUT/bench_lora.txt" ;;
+        profile) python3 -m int8_w8a8.bench.profile_step --variants ${VARIANTS:-bf16 pack-row} ${PROFILE_ARGS:-} \
+            --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.txt" ;;
         host) python3 -m int8_w8a8.bench.profile_host 2>&1 | tee "$OUT/profile_host.txt" ;;
         sweep-*) python3 -m int8_w8a8.bench.sweep_gemm --bucket "${step#sweep-}" --out "$OUT/sweep_${step#sweep-}.json" \
             2>&1 | tee "$OUT/sweep_${step#sweep-}.txt" ;;

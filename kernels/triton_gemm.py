@@ -81,16 +81,27 @@ def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr
 
 
 @triton.jit
+def _residual(out, offs_m, offs_n, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch):
+    """``residual + gate[row // rows_per_batch] * out`` (a block's gated residual add, written in place)."""
+    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    r = tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :], mask=ok, other=0.0)
+    batch = (offs_m // rows_per_batch).to(tl.int64)
+    g = tl.load(gate_ptr + batch[:, None] * stride_gb + offs_n[None, :], mask=ok, other=0.0)
+    return r.to(tl.float32) + g.to(tl.float32) * out
+
+
+@triton.jit
 def _gemm_tma_kernel(
     # TMA descriptors: xq [M, K] int8, wq [N, K] int8, out [M, N]
     a_desc, b_desc, c_desc,
-    # epilogue operands: x_scale [M] f32, w_scale [N] or [] f32, bias [N], LoRA h [M, R] and lora_b [N, R]
-    xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
-    M, N, K, stride_hm, stride_lbn,
+    # epilogue operands: x_scale [M] f32, w_scale [N] or [] f32, bias [N], LoRA h [M, R] and lora_b [N, R],
+    # with RESIDUAL the output's own pointer (read before it is overwritten) and gate [B, N]
+    xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, res_ptr, gate_ptr,
+    M, N, K, stride_hm, stride_lbn, stride_rm, stride_gb, rows_per_batch,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EPILOGUE_SUBTILE: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -125,27 +136,34 @@ def _gemm_tma_kernel(
             offs_n0 = off_cn + tl.arange(0, BLOCK_N // 2)
             out0 = _epilogue(acc0, offs_m, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
                              stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
+            if RESIDUAL:
+                out0 = _residual(out0, offs_m, offs_n0, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch)
             c_desc.store([off_cm, off_cn], out0.to(out_dtype))
-            out1 = _epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
+            offs_n1 = offs_n0 + BLOCK_N // 2
+            out1 = _epilogue(acc1, offs_m, offs_n1, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
                              stride_hm, stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
+            if RESIDUAL:
+                out1 = _residual(out1, offs_m, offs_n1, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch)
             c_desc.store([off_cm, off_cn + BLOCK_N // 2], out1.to(out_dtype))
         else:
             offs_n = off_cn + tl.arange(0, BLOCK_N)
             out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
                             stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
+            if RESIDUAL:
+                out = _residual(out, offs_m, offs_n, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch)
             c_desc.store([off_cm, off_cn], out.to(out_dtype))
 
 
 @triton.jit
 def _gemm_kernel(
     # pointers: xq [M, K] int8 (row stride stride_am, unit column stride), wq [N, K] int8, out [M, N]
-    a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
+    a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr,
     M, N, K,
-    stride_am, stride_bn, stride_bk, stride_cm, stride_hm, stride_lbn,
+    stride_am, stride_bn, stride_bk, stride_cm, stride_hm, stride_lbn, stride_gb, rows_per_batch,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, LORA_R: tl.constexpr,
-    LORA_FP32: tl.constexpr,
+    LORA_FP32: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -172,6 +190,8 @@ def _gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
     out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm, stride_lbn,
                     PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
+    if RESIDUAL:  # c is the residual, updated in place
+        out = _residual(out, offs_m, offs_n, M, N, c_ptr, stride_cm, gate_ptr, stride_gb, rows_per_batch)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
@@ -214,8 +234,13 @@ def gemm(
     cfg: GemmConfig,
     lora_h: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    rows_per_batch: int = 1,
 ) -> torch.Tensor:
     """Launch the INT8 GEMM described by ``cfg`` ("tma" or "generic") into ``out [M, N]``.
+
+    With ``gate`` ([B, N], unit column stride) ``out`` holds a residual on entry and is updated in place:
+    ``out += gate[row // rows_per_batch] * (GEMM + epilogue)``, rounded once.
 
     xq int8 [M, K] with unit column stride; x_scale float32 [M]; wq int8 [N, K] (any strides for the
     generic kernel); w_scale float32 [N] (per-row) or [] (per-tensor); bias [N] or None; optional
@@ -226,13 +251,18 @@ def gemm(
     if m == 0 or n == 0:
         return out
     if k == 0:  # no products: only the bias (and a LoRA term of zero) survive
-        return out.copy_(bias.to(out.dtype).expand(m, n)) if bias is not None else out.zero_()
+        y = bias.float().expand(m, n) if bias is not None else torch.zeros((m, n), device=out.device)
+        if gate is not None:
+            batch = torch.arange(m, device=out.device) // rows_per_batch
+            return out.copy_((out.float() + gate.float()[batch] * y).to(out.dtype))
+        return out.copy_(y.to(out.dtype))
     per_row = w_scale.dim() > 0
     bias_arg = bias if bias is not None else x_scale
     lora_h, lora_b, lora_r = _pad_lora(lora_h, lora_b)
     lora = {"LORA_R": lora_r, "LORA_FP32": lora_r > 0 and (lora_h.dtype == torch.float32 or interpreting())}
     h_arg, lb_arg = (lora_h, lora_b) if lora_r else (x_scale, x_scale)
     stride_h, stride_lb = (lora_h.stride(0), lora_b.stride(0)) if lora_r else (0, 0)
+    gate_arg, stride_gb = (gate, gate.stride(0)) if gate is not None else (x_scale, 0)
     if cfg.kernel == "tma":
         sub = 2 if cfg.epilogue_subtile else 1
         a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k])
@@ -242,20 +272,22 @@ def gemm(
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         _GEMM_TMA(
             (min(programs, tiles),),
-            a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, h_arg, lb_arg, m, n, k, stride_h, stride_lb,
+            a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, h_arg, lb_arg, out, gate_arg,
+            m, n, k, stride_h, stride_lb, out.stride(0), stride_gb, rows_per_batch,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             NUM_PROGRAMS=programs, PER_ROW_W=per_row, HAS_BIAS=bias is not None,
-            EPILOGUE_SUBTILE=cfg.epilogue_subtile, **lora,
+            EPILOGUE_SUBTILE=cfg.epilogue_subtile, RESIDUAL=gate is not None, **lora,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         _GEMM(
             grid,
-            xq, wq, out, x_scale, w_scale, bias_arg, h_arg, lb_arg, m, n, k,
-            xq.stride(0), wq.stride(0), wq.stride(1), out.stride(0), stride_h, stride_lb,
+            xq, wq, out, x_scale, w_scale, bias_arg, h_arg, lb_arg, gate_arg, m, n, k,
+            xq.stride(0), wq.stride(0), wq.stride(1), out.stride(0), stride_h, stride_lb, stride_gb, rows_per_batch,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            PER_ROW_W=per_row, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, **lora,
+            PER_ROW_W=per_row, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, RESIDUAL=gate is not None,
+            **lora,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
     return out

@@ -59,11 +59,21 @@ def int8_gemm(
     return _gemm(xq, x_scale.reshape(-1).contiguous(), q, scale, bias, out_dtype, backend, None, lora_h, lora_b)
 
 
-def _gemm(xq, xs, q, scale, bias, out_dtype, backend: Backend, config: configs.GemmConfig | None, lora_h, lora_b):
+def gemm_residual(xq, xs, q, scale, bias, residual, gate, rows_per_batch: int, backend: Backend) -> torch.Tensor:
+    """``residual [M, N] += gate[row // rows_per_batch] * GEMM``, in place (kernels/fused.py validated)."""
+    xq = xq if xq.stride(-1) == 1 else xq.contiguous()
+    return _gemm(xq, xs.contiguous(), q, scale, bias, residual.dtype, backend, None, None, None,
+                 out=residual, gate=gate, rows_per_batch=rows_per_batch)
+
+
+def _gemm(xq, xs, q, scale, bias, out_dtype, backend: Backend, config: configs.GemmConfig | None, lora_h, lora_b,
+          out=None, gate=None, rows_per_batch: int = 1):
     """xq [M, K] int8 (unit column stride), xs [M] float32 -> out [M, N]: the GEMM with the config the rule
-    picks for these operands (``config``, when given and the operands allow it)."""
+    picks for these operands (``config``, when given and the operands allow it). With ``gate``, ``out`` is
+    a residual updated in place (``triton_gemm.gemm``)."""
     m, n = xq.shape[0], q.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     ws = scale.reshape(-1) if scale.dim() else scale
     if ws.dim() and ws.stride(0) != 1:
         ws = ws.contiguous()
@@ -71,7 +81,7 @@ def _gemm(xq, xs, q, scale, bias, out_dtype, backend: Backend, config: configs.G
     tma_ok = arch >= (9, 0) and triton_gemm.tma_compatible(xq, q, out)
     if config is None or (config.kernel == "tma" and not tma_ok):
         config = configs.select_config(m, arch, tma_ok=tma_ok)
-    triton_gemm.gemm(xq, xs, q, ws, bias, out, config, lora_h, lora_b)
+    triton_gemm.gemm(xq, xs, q, ws, bias, out, config, lora_h, lora_b, gate, rows_per_batch)
     return out
 
 

@@ -1,0 +1,118 @@
+"""Where one FLUX.2 klein step spends its GPU time, by kernel family (GPU).
+
+    python -m int8_w8a8.bench.profile_step [--model klein9b] [--res 1024] [--variants bf16 pack-row]
+        [--compile] [--out profile.json]
+
+Builds each variant as bench_model does, runs two warm-up steps, then one step under
+torch.profiler (CUDA activity only) and sums kernel time per family: INT8 GEMM and activation
+quantization (the pack), cuBLAS/cuDNN GEMMs, attention, norms, element-wise work, copies/concats.
+Also reports the step's wall time next to the summed kernel time, so host-bound steps show up
+(kernel sum well below wall time), and the 15 most expensive kernels by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import defaultdict
+
+import torch
+
+from . import bench_model, common, flux2_model
+
+# (family, substrings of the kernel name, any of which puts a kernel in it), first match wins.
+FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("pack int8 gemm", ("_gemm_tma_kernel", "_gemm_kernel")),
+    ("pack act quant", ("_quantize_rows_kernel", "_quantize_row_block", "_fused_")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated")),
+    ("gemm (cuBLAS/kitchen)", ("gemm", "xmma", "cutlass", "nvjet", "_scaled_mm", "int8_", "wgmma")),
+    ("rope", ("rope",)),
+    ("norm", ("layer_norm", "layernorm", "rms", "norm")),
+    ("copy/cat", ("cat", "copy", "Copy", "transpose")),
+    ("triton (inductor)", ("triton_",)),
+)
+
+
+def family(name: str) -> str:
+    for fam, keys in FAMILIES:
+        if any(k in name for k in keys):
+            return fam
+    return "element-wise/other"
+
+
+def profile(model, inputs) -> dict:
+    """One profiled step after two warm-ups: per-family ms and count, kernel sum, wall ms, top kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for _ in range(2):
+        bench_model.step(model, inputs)
+    common.sync()
+    t0 = time.perf_counter()
+    bench_model.step(model, inputs)
+    common.sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    cuda = torch.cuda.is_available()  # on the CPU (smoke runs) the families hold CPU op times instead
+    device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        bench_model.step(model, inputs)
+        common.sync()
+    per_family: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        if evt.device_type != device_type:
+            continue
+        ms = (evt.device_time if cuda else evt.self_cpu_time_total) / 1e3
+        fam = family(evt.name)
+        per_family[fam][0] += ms
+        per_family[fam][1] += 1
+        per_kernel[evt.name][0] += ms
+        per_kernel[evt.name][1] += 1
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"wall_ms": wall_ms, "kernel_ms": sum(v[0] for v in per_family.values()),
+            "families": {k: {"ms": v[0], "count": v[1]} for k, v in sorted(per_family.items(), key=lambda kv: -kv[1][0])},
+            "top": [{"name": k[:120], "ms": v[0], "count": v[1]} for k, v in top]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="klein9b", choices=sorted(flux2_model.CONFIGS))
+    parser.add_argument("--res", type=int, default=1024)
+    parser.add_argument("--variants", nargs="+", default=["bf16", "pack-row"], choices=bench_model.VARIANTS)
+    parser.add_argument("--compile", action="store_true", help="profile the TorchCompileModel-wrapped model too")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
+    from ..ops import native
+
+    native.install()
+    cfg = flux2_model.CONFIGS[args.model]
+    inputs = bench_model.step_inputs(cfg, args.res)
+    results = []
+    for variant in args.variants:
+        patcher = bench_model.build(variant, cfg)
+        modes = [("eager", patcher)] + ([("compile", bench_model.compiled(patcher))] if args.compile else [])
+        for mode, model in modes:
+            res = profile(model, inputs)
+            res.update(variant=variant, mode=mode, model=cfg.name, res=args.res)
+            results.append(res)
+            print(f"\n## {cfg.name} {args.res}x{args.res} {variant} {mode}: wall {res['wall_ms']:.1f} ms, "
+                  f"kernels {res['kernel_ms']:.1f} ms")
+            print("| family | ms | kernels |\n|---|---|---|")
+            for fam, v in res["families"].items():
+                print(f"| {fam} | {v['ms']:.2f} | {v['count']} |")
+            print("| top kernel | ms | count |\n|---|---|---|")
+            for t in res["top"]:
+                print(f"| {t['name'][:90]} | {t['ms']:.2f} | {t['count']} |")
+        del patcher, modes, model
+        torch._dynamo.reset()
+        native.install()
+        bench_model._free()
+    if args.out:
+        common.write_json(args.out, {"env": common.environment(), "rows": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Fused block kernels: the memory-bound work around a DiT block's INT8 linears (eager mode).
+
+Public functions (Triton on NVIDIA GPUs, the twins in ``reference_fused.py`` elsewhere, by the same
+dispatch rules as the rest of the package). Each takes the bf16/fp16/fp32 tensors a FLUX-style block
+holds and returns what the next INT8 GEMM consumes, so the intermediate activation is never written:
+
+- ``norm_modulate_quantize(x, shift, scale, eps) -> (q [M, K] int8, x_scale [M] float32)``
+- ``glu_quantize(prefix, glu) -> (q [M, P + F] int8, x_scale [M] float32)``
+- ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v)
+- ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate) -> residual`` (updated in place)
+
+Not traced by torch.compile (callers use them in eager mode; under compile Inductor fuses the
+unfused ops itself).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference_fused
+from .dispatch import choose_backend
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton(device: torch.device) -> bool:
+    return choose_backend(device).name == "triton"
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x [..., K]`` as rows ``[M, K]`` with a unit column stride (copied only when it has none)."""
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{name}: expected float16/bfloat16/float32, got {x.dtype}")
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
+
+
+def _per_batch(t: torch.Tensor, batch: int, width: int, name: str) -> torch.Tensor:
+    """A modulation tensor ``[B, 1, W]`` or ``[B, W]`` as ``[B, W]`` with a unit column stride."""
+    t2 = t.reshape(t.shape[0], -1) if t.dim() == 3 and t.shape[1] == 1 else t
+    if t2.dim() != 2 or t2.shape[1] != width or t2.shape[0] not in (1, batch):
+        raise ValueError(f"{name}: expected [B, 1, {width}] or [B, {width}] with B = {batch} or 1, got "
+                         f"{list(t.shape)}")
+    t2 = t2.expand(batch, width)
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+def norm_modulate_quantize(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 rows of ``LayerNorm(x) * (1 + scale) + shift`` (LayerNorm without affine, per-batch modulation).
+
+    Args:
+        x: ``[B, S, K]`` float; shift, scale: ``[B, 1, K]`` (or ``[B, K]``) float.
+    Returns:
+        ``q`` int8 ``[B*S, K]`` and ``x_scale`` float32 ``[B*S]`` (rows with NaN/Inf: NaN).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x: expected [B, S, K], got {list(x.shape)}")
+    b, s, k = x.shape
+    x2 = _rows(x, "x")
+    sh, sc = _per_batch(shift, b, k, "shift"), _per_batch(scale, b, k, "scale")
+    if _triton(x.device):
+        from . import triton_fused
+
+        if k <= triton_fused.NORM_MAX_K:
+            return triton_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps)
+    return reference_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps)
+
+
+def glu_quantize(prefix: torch.Tensor | None, glu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 rows of ``[prefix | silu(g) * u]`` with ``g, u = glu.chunk(2, -1)`` (FLUX.2's SwiGLU).
+
+    Args:
+        prefix: ``[..., P]`` float or None (FLUX.2 single blocks: the attention output).
+        glu: ``[..., 2F]`` float, same leading dims (any row stride: a column slice of a wider output).
+    Returns:
+        ``q`` int8 ``[M, P + F]`` and ``x_scale`` float32 ``[M]``.
+    """
+    if glu.shape[-1] % 2:
+        raise ValueError(f"glu: last dim must be even (gate and up halves), got {glu.shape[-1]}")
+    g2 = _rows(glu, "glu")
+    p2 = None if prefix is None else _rows(prefix, "prefix")
+    if p2 is not None and p2.shape[0] != g2.shape[0]:
+        raise ValueError(f"prefix: {p2.shape[0]} rows but glu has {g2.shape[0]}")
+    f = glu.shape[-1] // 2
+    if _triton(glu.device):
+        from . import triton_fused
+
+        return triton_fused.glu_quantize(p2, g2, f)
+    return reference_fused.glu_quantize(p2, g2, f)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, pe: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seq_off: int, heads: int, eps_q: float, eps_k: float,
+) -> None:
+    """Split a fused qkv projection into heads, RMS-normalize q and k (weights ``[D]``), rotate them by
+    ``pe`` and write q, k, v into ``[B, H, S_total, D]`` at sequence positions ``seq_off:seq_off + S``.
+
+    Args:
+        qkv: ``[B, S, 3 * H * D]`` float (unit last stride; any row stride).
+        pe: ``[B or 1, 1, S_total, D/2, 2, 2]`` float32 rotation matrices (ComfyUI's ``EmbedND`` output).
+        q, k, v: contiguous ``[B, H, S_total, D]`` outputs in qkv's dtype.
+    """
+    bsz, s, width = qkv.shape
+    d = width // (3 * heads) if heads else 0
+    if heads <= 0 or width != 3 * heads * d or d % 2:
+        raise ValueError(f"qkv: last dim {width} is not 3 * heads ({heads}) * an even head dim")
+    want = (bsz, heads, q.shape[2], d)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if tuple(t.shape) != want or not t.is_contiguous() or t.dtype != qkv.dtype:
+            raise ValueError(f"{name}: expected a contiguous {qkv.dtype} tensor {list(want)}, got {list(t.shape)}")
+    if seq_off < 0 or seq_off + s > q.shape[2] or pe.shape[2] < seq_off + s or tuple(pe.shape[3:]) != (d // 2, 2, 2):
+        raise ValueError(f"pe {list(pe.shape)} / seq_off {seq_off}: do not cover {s} positions of head dim {d}")
+    if _triton(qkv.device) and qkv.stride(-1) == 1 and (d & (d - 1)) == 0:
+        from . import triton_fused
+
+        pe = pe if pe.dtype == torch.float32 and pe[0, 0, 0].is_contiguous() else pe.float().contiguous()
+        return triton_fused.qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+    return reference_fused.qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+
+
+def int8_gemm_residual(
+    xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor, gate: torch.Tensor,
+) -> torch.Tensor:
+    """``residual += gate * (xq @ q.T * x_scale * scale + bias)``, in place, rounded once (a block's gated
+    residual add fused into the GEMM epilogue).
+
+    Args:
+        xq: int8 ``[B*S, K]``; x_scale: float32 ``[B*S]``; q: int8 ``[N, K]``; scale: float32 ``[]`` or
+            ``[N]``/``[N, 1]``; bias ``[N]`` or None.
+        residual: ``[B, S, N]`` float, contiguous; gate: ``[B, 1, N]`` or ``[B, N]``.
+    Returns:
+        ``residual``.
+    """
+    if residual.dim() != 3 or not residual.is_contiguous():
+        raise ValueError(f"residual: expected a contiguous [B, S, N] tensor, got {list(residual.shape)}")
+    b, s, n = residual.shape
+    if xq.shape[0] != b * s or q.shape[0] != n or xq.shape[1] != q.shape[1]:
+        raise ValueError(f"shapes: xq {list(xq.shape)}, q {list(q.shape)}, residual {list(residual.shape)}")
+    g = _per_batch(gate, b, n, "gate")
+    r2 = residual.view(b * s, n)
+    xs = x_scale.reshape(-1)
+    if _triton(xq.device):
+        from . import triton_ops
+
+        triton_ops.gemm_residual(xq, xs, q, scale, bias, r2, g, max(s, 1), choose_backend(xq.device))
+        return residual
+    ws = scale.reshape(-1) if scale.dim() else scale
+    reference_fused.int8_gemm_residual(xq, xs, q, ws, bias, r2, g, max(s, 1))
+    return residual

@@ -1,0 +1,70 @@
+"""Pure-torch twins of the fused block kernels (``triton_fused.py``): the CPU path and the test oracle.
+
+Same signatures and float32 arithmetic as the kernels (one rounding at the end). Row quantization is
+``reference._quantize_float_rows``, so the int8 codes follow the same rules as ``quantize_rows``:
+absmax of the finite values / 127 (at least ``TINY_SCALE``), round half to even, NaN/Inf rows get
+scale NaN and store 0 for their non-finite elements.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import _quantize_float_rows, epilogue, int8_matmul
+
+
+def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
+    """``quant(LayerNorm(x2) * (1 + mscale[b]) + shift[b])``; x2 [M, K], shift/mscale [B, K], b = row // rows_per_batch.
+
+    Returns q int8 [M, K] and scale float32 [M]."""
+    m = x2.shape[0]
+    xf = x2.float()
+    mean = xf.mean(dim=1, keepdim=True)
+    d = xf - mean
+    var = (d * d).mean(dim=1, keepdim=True)
+    batch = torch.arange(m, device=x2.device) // rows_per_batch
+    y = d * torch.rsqrt(var + eps) * (1.0 + mscale.float()[batch]) + shift.float()[batch]
+    return _quantize_float_rows(y)
+
+
+def glu_rows(prefix, glu, f: int) -> torch.Tensor:
+    """Float32 rows ``[prefix | silu(glu[:, :f]) * glu[:, f:2f]]`` [M, P + F]."""
+    g = glu[:, :f].float()
+    act = torch.nn.functional.silu(g) * glu[:, f:2 * f].float()
+    return act if prefix is None else torch.cat((prefix.float(), act), dim=1)
+
+
+def glu_quantize(prefix, glu, f: int):
+    """prefix [M, P] or None, glu [M, 2F] -> q int8 [M, P + F], scale float32 [M]."""
+    return _quantize_float_rows(glu_rows(prefix, glu, f))
+
+
+def rms_rope(x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor, eps: float) -> torch.Tensor:
+    """Float32 ``rope(rms_norm(x) * weight)``; x [B, H, S, D], pe [Bp, 1, S, D/2, 2, 2] float32."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    y2 = y.reshape(*y.shape[:-1], -1, 1, 2)
+    out = pe[..., 0] * y2[..., 0] + pe[..., 1] * y2[..., 1]
+    return out.reshape(y.shape)
+
+
+def qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float, eps_k: float):
+    """qkv [B, S, 3*H*D] -> q, k (normalized, rotated) and v written into [B, H, S_total, D] at ``seq_off``."""
+    bsz, s, width = qkv.shape
+    d = width // (3 * heads)
+    parts = qkv.reshape(bsz, s, 3, heads, d).permute(2, 0, 3, 1, 4)
+    pe_part = pe[:, :, seq_off:seq_off + s]
+    q[:, :, seq_off:seq_off + s] = rms_rope(parts[0], q_weight, pe_part, eps_q).to(q.dtype)
+    k[:, :, seq_off:seq_off + s] = rms_rope(parts[1], k_weight, pe_part, eps_k).to(k.dtype)
+    v[:, :, seq_off:seq_off + s] = parts[2].to(v.dtype)
+
+
+def int8_gemm_residual(xq, x_scale, q, w_scale, bias, residual, gate, rows_per_batch: int) -> torch.Tensor:
+    """``residual += gate[b] * (int8 GEMM + epilogue)`` in float32, rounded once; in place, returns ``residual``.
+
+    xq [M, K] int8, x_scale [M], q [N, K] int8, w_scale [] or [N], bias [N] or None, residual [M, N],
+    gate [B, N], b = row // rows_per_batch."""
+    y = epilogue(int8_matmul(xq, q), x_scale, w_scale, bias, torch.float32)
+    batch = torch.arange(y.shape[0], device=y.device) // rows_per_batch
+    residual.copy_((residual.float() + gate.float()[batch] * y).to(residual.dtype))
+    return residual

@@ -1,0 +1,240 @@
+"""Triton kernels that fuse the memory-bound work around a transformer block's INT8 linears.
+
+In an eager FLUX.2 step these ops, not the GEMMs, are most of the non-attention time (profile in
+bench/NOTES.md): each one reads and writes a whole bf16 activation. Fused here:
+
+* ``_norm_mod_quant_kernel``: LayerNorm (no affine) -> ``* (1 + scale) + shift`` -> per-row INT8.
+  The modulated activation only feeds a linear layer, so it is never written in bf16.
+* ``_glu_quant_kernel``: the input rows of a block's output linear, ``[prefix | silu(g) * u]``
+  (FLUX.2 single blocks: attention output next to the SwiGLU of the MLP half; double blocks: the
+  SwiGLU alone), quantized per row without materializing the activation or the concatenation.
+* ``_qk_norm_rope_kernel``: per-head RMSNorm of q and k, rotary embedding, and the copy of q, k, v
+  from the fused qkv projection into contiguous ``[B, H, S, D]`` buffers (at a sequence offset, so
+  the two streams of a double block land in one buffer without ``torch.cat``).
+
+All arithmetic is float32 with one rounding at the end, so results differ from ComfyUI's op-by-op
+bf16 path by that path's intermediate roundings; the torch twins are in ``reference_fused.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import FastLauncher
+from .reference import TINY_SCALE
+from .triton_quant import (
+    _INV_127,
+    _TINY,
+    QUANT_WARPS,
+    TILE_ELEMS,
+    TWO_PASS_L2_BYTES,
+    _quantize_store,
+    _row_stats,
+    interpreting,
+    num_sms,
+)
+
+
+@triton.jit
+def _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite):
+    scale = tl.maximum(absmax * _INV_127, _TINY)
+    tl.store(scale_ptr + rows, tl.where(nonfinite > 0, float("nan"), scale), mask=row_ok)
+    return tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _norm_mod_quant_kernel(
+    x_ptr, shift_ptr, mscale_ptr, q_ptr, scale_ptr,
+    M, K, rows_per_batch, stride_xm, stride_mb, stride_qm, eps,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
+):
+    """q, scale = quant(LayerNorm(x) * (1 + mscale[b]) + shift[b]), b = row // rows_per_batch.
+
+    A row fits one tile (K <= BLOCK_K): read once, statistics and quantization from registers.
+    """
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
+        x = x.to(tl.float32)
+        mean = tl.sum(x, axis=1) / K
+        d = tl.where(ok, x - mean[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / K
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        mod = (rows // rows_per_batch).to(tl.int64)[:, None] * stride_mb + cols[None, :]
+        sc = tl.load(mscale_ptr + mod, mask=ok, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + mod, mask=ok, other=0.0).to(tl.float32)
+        y = tl.where(ok, (d * rstd[:, None]) * (1.0 + sc) + sh, 0.0)
+        absmax, nonfinite = _row_stats(y, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
+        inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
+        _quantize_store(y, inv, 0, rows, row_ok, cols, K, q_ptr, stride_qm, False, FAST_ROUND)
+
+
+@triton.jit
+def _glu_tile(g_ptr, rows, row_ok, cols, F, stride_gm):
+    """silu(g) * u for a [BLOCK_M, BLOCK_K] tile; g = columns [0, F), u = columns [F, 2F) of each row."""
+    ok = row_ok[:, None] & (cols < F)[None, :]
+    base = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
+    g = tl.load(base, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(base + F, mask=ok, other=0.0).to(tl.float32)
+    return g * tl.sigmoid(g) * u
+
+
+@triton.jit
+def _prefix_tile(p_ptr, rows, row_ok, cols, P, stride_pm):
+    ok = row_ok[:, None] & (cols < P)[None, :]
+    return tl.load(p_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _glu_quant_kernel(
+    p_ptr, g_ptr, q_ptr, scale_ptr,
+    M, P, F, stride_pm, stride_gm, stride_qm,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
+):
+    """Rows ``[p[m, :P] | silu(g[m, :F]) * g[m, F:2F]]`` -> q [M, P + F] int8 and scale [M].
+
+    Two passes over each row (absmax, then quantize); the second is served from L2 because the
+    launcher bounds the rows in flight.
+    """
+    cols = tl.arange(0, BLOCK_K)
+    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        absmax = tl.zeros((BLOCK_M,), tl.float32)
+        nonfinite = tl.zeros((BLOCK_M,), tl.int32)
+        for k0 in range(0, P, BLOCK_K):
+            v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
+            absmax, nonfinite = _row_stats(v, absmax, nonfinite)
+        for k0 in range(0, F, BLOCK_K):
+            v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm)
+            absmax, nonfinite = _row_stats(v, absmax, nonfinite)
+        inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
+        for k0 in range(0, P, BLOCK_K):
+            v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
+            _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, False, FAST_ROUND)
+        for k0 in range(0, F, BLOCK_K):
+            v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm)
+            _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, False, FAST_ROUND)
+
+
+@triton.jit
+def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, i, eps, D: tl.constexpr):
+    """RMSNorm (weight w) then rotate pairs (2i, 2i+1) by the 2x2 matrices f; store to dst rows."""
+    x0 = tl.load(src + 2 * i[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
+    x1 = tl.load(src + 2 * i[None, :] + 1, mask=s_ok[:, None], other=0.0).to(tl.float32)
+    ms = (tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / D
+    r = 1.0 / tl.sqrt_rn(ms + eps)
+    w0 = tl.load(w_ptr + 2 * i).to(tl.float32)
+    w1 = tl.load(w_ptr + 2 * i + 1).to(tl.float32)
+    y0 = x0 * r[:, None] * w0[None, :]
+    y1 = x1 * r[:, None] * w1[None, :]
+    o0 = f00 * y0 + f01 * y1
+    o1 = f10 * y0 + f11 * y1
+    tl.store(dst + 2 * i[None, :], o0.to(dst.dtype.element_ty), mask=s_ok[:, None])
+    tl.store(dst + 2 * i[None, :] + 1, o1.to(dst.dtype.element_ty), mask=s_ok[:, None])
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    src_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr,
+    S, H, seq_off, stride_sb, stride_ss, stride_pb, stride_ps, stride_ob, stride_oh, stride_os, eps_q, eps_k,
+    BLOCK_S: tl.constexpr, D: tl.constexpr,
+):
+    """One (batch, head) and BLOCK_S tokens of a fused qkv projection ``src [B, S, 3 * H * D]``:
+    q, k <- rope(rms_norm(.)) and v copied, into ``[B, H, seq_off + S, D]`` outputs.
+
+    ``pe [Bp, seq_off + S, D/2, 2, 2]`` float32 holds each pair's rotation matrix (ComfyUI's layout).
+    """
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = s < S
+    i = tl.arange(0, D // 2)
+    row = src_ptr + b.to(tl.int64) * stride_sb + s.to(tl.int64)[:, None] * stride_ss + h * D
+    pe = pe_ptr + b.to(tl.int64) * stride_pb + (seq_off + s).to(tl.int64)[:, None] * stride_ps + 4 * i[None, :]
+    f00 = tl.load(pe, mask=s_ok[:, None], other=0.0)
+    f01 = tl.load(pe + 1, mask=s_ok[:, None], other=0.0)
+    f10 = tl.load(pe + 2, mask=s_ok[:, None], other=0.0)
+    f11 = tl.load(pe + 3, mask=s_ok[:, None], other=0.0)
+    out = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + (seq_off + s).to(tl.int64)[:, None] * stride_os
+    _norm_rope_store(row, qw_ptr, f00, f01, f10, f11, q_ptr + out, s_ok, i, eps_q, D)
+    _norm_rope_store(row + H * D, kw_ptr, f00, f01, f10, f11, k_ptr + out, s_ok, i, eps_k, D)
+    d = tl.arange(0, D)
+    v = tl.load(row + 2 * H * D + d[None, :], mask=s_ok[:, None], other=0.0)
+    tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
+
+
+_NORM_MOD_QUANT = FastLauncher(_norm_mod_quant_kernel, interpreting())
+_GLU_QUANT = FastLauncher(_glu_quant_kernel, interpreting())
+_QK_NORM_ROPE = FastLauncher(_qk_norm_rope_kernel, interpreting())
+
+# Rows of up to this many features are normalized in one tile (FLUX.2 klein: 3072 and 4096).
+NORM_MAX_K = 16384
+
+
+def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
+    """x2 [M, K] (unit column stride), shift/mscale [B, K] (unit column stride) -> q [M, K] int8, scale [M]."""
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x2.device)
+    scale = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=x2.device) if k == 0 else \
+        torch.empty((m,), dtype=torch.float32, device=x2.device)
+    if m == 0 or k == 0:
+        return q, scale
+    block_k = max(16, triton.next_power_of_2(k))
+    block_m = max(1, TILE_ELEMS // block_k)
+    warps = QUANT_WARPS if block_k <= TILE_ELEMS else 8
+    blocks = triton.cdiv(m, block_m)
+    _NORM_MOD_QUANT(
+        (blocks,), x2, shift, mscale, q, scale, m, k, rows_per_batch, x2.stride(0), shift.stride(0), q.stride(0),
+        float(eps), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), num_warps=warps,
+        enable_fp_fusion=False,
+    )
+    return q, scale
+
+
+def glu_quantize(prefix, glu, f: int):
+    """prefix [M, P] or None, glu [M, 2F] (unit column strides) -> q [M, P + F] int8, scale [M]."""
+    m = glu.shape[0]
+    p = 0 if prefix is None else prefix.shape[1]
+    q = torch.empty((m, p + f), dtype=torch.int8, device=glu.device)
+    scale = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=glu.device) if p + f == 0 else \
+        torch.empty((m,), dtype=torch.float32, device=glu.device)
+    if m == 0 or p + f == 0:
+        return q, scale
+    block_k = min(max(16, triton.next_power_of_2(max(p, f))), TILE_ELEMS // 2)
+    block_m = 1
+    row_bytes = (p + 2 * f) * glu.element_size()
+    blocks = m
+    if glu.is_cuda:
+        blocks = min(blocks, max(num_sms(glu.device), TWO_PASS_L2_BYTES // max(1, row_bytes)))
+    pre = prefix if prefix is not None else glu
+    _GLU_QUANT(
+        (blocks,), pre, glu, q, scale, m, p, f, pre.stride(0), glu.stride(0), q.stride(0),
+        BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), num_warps=QUANT_WARPS,
+        enable_fp_fusion=False,
+    )
+    return q, scale
+
+
+def qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float, eps_k: float):
+    """qkv [B, S, 3*H*D] (unit last stride) -> q, k, v [B, H, S_total, D] (contiguous) at ``seq_off``."""
+    bsz, s, width = qkv.shape
+    d = width // (3 * heads)
+    if bsz == 0 or s == 0:
+        return
+    block_s = 32
+    stride_pb = 0 if pe.shape[0] == 1 else pe.stride(0)
+    _QK_NORM_ROPE(
+        (triton.cdiv(s, block_s), bsz * heads), qkv, q_weight, k_weight, pe, q, k, v,
+        s, heads, seq_off, qkv.stride(0), qkv.stride(1), stride_pb, pe.stride(2), q.stride(0), q.stride(1),
+        q.stride(2), float(eps_q), float(eps_k), BLOCK_S=block_s, D=d, num_warps=4, enable_fp_fusion=False,
+    )
+

@@ -1,0 +1,215 @@
+"""Fused block kernels (kernels/fused.py) against their torch twins and float64 references.
+
+Kernels tier: under TRITON_INTERPRET=1 on a machine without a GPU, compiled on a GPU. The kernels do
+their arithmetic in float32 like the twins, but transcendental functions (sigmoid, sqrt) may differ in
+the last bit, so an int8 code may differ by one where a value sits on a rounding boundary; everything
+else is checked for equality or against float64 in SQNR.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from int8_w8a8.kernels import fused, reference_fused
+from int8_w8a8.kernels import reference as ref
+
+from .conftest import INTERPRETED, KERNEL_DEVICE, sqnr_db, ulp_diff
+
+pytestmark = pytest.mark.kernels
+
+DEV = KERNEL_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _triton_kernels(monkeypatch):
+    """The Triton kernels are under test: on a CPU machine the interpreter runs them (not the twins)."""
+    monkeypatch.setattr(fused, "_triton", lambda device: True)
+
+
+def _close_codes(q: torch.Tensor, q_ref: torch.Tensor) -> None:
+    """int8 codes equal up to rare +-1 flips at rounding boundaries."""
+    diff = (q.int() - q_ref.int()).abs()
+    assert int(diff.max()) <= 1 if diff.numel() else True
+    assert float((diff > 0).float().mean()) < 2e-3 if diff.numel() else True
+
+
+def _close_scales(s: torch.Tensor, s_ref: torch.Tensor) -> None:
+    assert torch.equal(s.isnan(), s_ref.isnan())
+    ok = ~s_ref.isnan()
+    torch.testing.assert_close(s[ok], s_ref[ok], rtol=2e-6, atol=0)
+
+
+def _dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return q.double() * s.double().reshape(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm + modulation + quantization
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+@pytest.mark.parametrize("shape", [(1, 1, 7), (1, 15, 100), (2, 16, 64), (1, 17, 33), (2, 3, 4096)])
+def test_norm_modulate_quantize(seed, dtype, shape):
+    b, s, k = shape
+    x = (torch.randn(shape) * 3 + 1).to(DEV, dtype)
+    shift = (torch.randn(b, 1, k) * 0.5).to(DEV, dtype)
+    scale = (torch.randn(b, 1, k) * 0.5).to(DEV, dtype)
+    q, xs = fused.norm_modulate_quantize(x, shift, scale, 1e-6)
+    q_ref, xs_ref = reference_fused.norm_modulate_quantize(x.reshape(-1, k), shift.reshape(b, k),
+                                                           scale.reshape(b, k), s, 1e-6)
+    assert q.shape == (b * s, k) and xs.shape == (b * s,)
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    # float64 truth: ComfyUI's LayerNorm(eps=1e-6) then addcmul(shift, y, 1 + scale)
+    y = torch.nn.functional.layer_norm(x.double(), (k,), eps=1e-6) * (1 + scale.double()) + shift.double()
+    if k > 1:
+        assert sqnr_db(y.reshape(-1, k), _dequant(q, xs)) > 35
+
+
+def test_norm_modulate_quantize_strided_nan_and_constant_rows(seed):
+    wide = torch.randn(2, 17, 200, device=DEV, dtype=torch.bfloat16)
+    x = wide[..., 8:136]  # a column slice: row stride 200
+    x[0, 3] = float("nan")
+    x[1, 5] = 2.0  # constant row: normalizes to zero, leaving only the shift
+    shift = torch.randn(2, 1, 128, device=DEV, dtype=torch.bfloat16)
+    scale = torch.randn(2, 1, 128, device=DEV, dtype=torch.bfloat16)
+    q, xs = fused.norm_modulate_quantize(x, shift, scale)
+    q_ref, xs_ref = reference_fused.norm_modulate_quantize(x.reshape(-1, 128), shift[:, 0], scale[:, 0], 17, 1e-6)
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    assert xs[3].isnan() and not xs[17 + 4].isnan()
+    assert sqnr_db(shift[1, 0].double(), _dequant(q[17 + 5:17 + 6], xs[17 + 5:17 + 6])[0]) > 35
+
+
+def test_norm_modulate_quantize_rejects_bad_modulation():
+    x = torch.randn(2, 3, 8, device=DEV)
+    with pytest.raises(ValueError, match="shift"):
+        fused.norm_modulate_quantize(x, torch.zeros(2, 2, 8, device=DEV), torch.zeros(2, 1, 8, device=DEV))
+
+
+# ---------------------------------------------------------------------------------------------
+# [prefix | silu(g) * u] + quantization
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("m,p,f", [(1, 0, 7), (15, 0, 100), (16, 64, 48), (17, 33, 65), (3, 128, 3000)])
+def test_glu_quantize(seed, dtype, m, p, f):
+    wide = torch.randn(m, 3 * p + 2 * f + 5, dtype=dtype) * 2
+    glu = wide[:, 3 * p + 5:].to(DEV)  # a column slice of a wider projection, as in FLUX.2's linear1
+    prefix = (torch.randn(m, p, dtype=dtype) * 0.5).to(DEV) if p else None
+    q, xs = fused.glu_quantize(prefix, glu)
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f)
+    assert q.shape == (m, p + f)
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    g, u = glu.double().chunk(2, dim=-1)
+    truth = torch.nn.functional.silu(g) * u
+    if prefix is not None:
+        truth = torch.cat((prefix.double(), truth), dim=1)
+    assert sqnr_db(truth, _dequant(q, xs)) > 30
+
+
+def test_glu_quantize_nan_and_zero_rows():
+    glu = torch.randn(4, 64, device=DEV, dtype=torch.bfloat16)
+    glu[1] = 0
+    glu[2, 40] = float("inf")
+    prefix = torch.randn(4, 16, device=DEV, dtype=torch.bfloat16)
+    prefix[1] = 0
+    q, xs = fused.glu_quantize(prefix, glu)
+    assert xs[2].isnan() and not xs[1].isnan() and int(q[1].abs().max()) == 0
+    _close_codes(q, reference_fused.glu_quantize(prefix, glu, 32)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# q/k RMSNorm + RoPE + head split
+# ---------------------------------------------------------------------------------------------
+def _pe(b: int, s: int, d: int) -> torch.Tensor:
+    """Rotation matrices in ComfyUI's EmbedND layout [b, 1, s, d/2, 2, 2] (float32)."""
+    ang = torch.randn(b, s, d // 2, dtype=torch.float64) * 3
+    c, sn = torch.cos(ang), torch.sin(ang)
+    return torch.stack([c, -sn, sn, c], dim=-1).reshape(b, 1, s, d // 2, 2, 2).float()
+
+
+def _comfy_qk(x: torch.Tensor, w: torch.Tensor, pe: torch.Tensor, eps: float) -> torch.Tensor:
+    """float64 truth: torch rms_norm then ComfyUI's _apply_rope1 formula."""
+    y = torch.nn.functional.rms_norm(x.double(), (x.shape[-1],), w.double(), eps)
+    y2 = y.reshape(*y.shape[:-1], -1, 1, 2)
+    pe = pe.double()
+    return (pe[..., 0] * y2[..., 0] + pe[..., 1] * y2[..., 1]).reshape(y.shape)
+
+
+@pytest.mark.parametrize("b,heads,d", [(1, 2, 16), (2, 3, 64), (1, 2, 128)])
+@pytest.mark.parametrize("s_txt,s_img", [(1, 15), (17, 16)])
+def test_qk_norm_rope_two_streams(seed, b, heads, d, s_txt, s_img):
+    dtype = torch.bfloat16
+    total = s_txt + s_img
+    pe = _pe(b, total, d).to(DEV)
+    q = torch.empty(b, heads, total, d, device=DEV, dtype=dtype)
+    k, v = torch.empty_like(q), torch.empty_like(q)
+    outs = []
+    for off, s in ((0, s_txt), (s_txt, s_img)):
+        wide = torch.randn(b, s, 3 * heads * d + 8, device=DEV, dtype=dtype) * 2
+        qkv = wide[..., :3 * heads * d]  # row stride wider than the q/k/v part (FLUX.2's linear1)
+        qw = torch.rand(d, device=DEV, dtype=dtype) + 0.5
+        kw = torch.rand(d, device=DEV, dtype=dtype) + 0.5
+        fused.qk_norm_rope(qkv, qw, kw, pe, q, k, v, seq_off=off, heads=heads, eps_q=1e-6, eps_k=2 ** -7)
+        outs.append((qkv, qw, kw, off, s))
+    for qkv, qw, kw, off, s in outs:
+        parts = qkv.reshape(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
+        sl = slice(off, off + s)
+        want_q = _comfy_qk(parts[0], qw, pe[:, :, sl], 1e-6)
+        want_k = _comfy_qk(parts[1], kw, pe[:, :, sl], 2 ** -7)
+        assert sqnr_db(want_q, q[:, :, sl]) > 45 and sqnr_db(want_k, k[:, :, sl]) > 45
+        assert torch.equal(v[:, :, sl], parts[2])
+    # twin agrees with the kernel to float32 rounding (one bf16 ulp at most)
+    qt, kt, vt = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for qkv, qw, kw, off, _ in outs:
+        reference_fused.qk_norm_rope(qkv, qw, kw, pe, qt, kt, vt, off, heads, 1e-6, 2 ** -7)
+    assert ulp_diff(qt, q) <= 1 and ulp_diff(kt, k) <= 1 and torch.equal(vt, v)
+
+
+def test_qk_norm_rope_broadcast_pe_and_bad_args():
+    b, heads, d, s = 2, 2, 32, 5
+    pe = _pe(1, s, d).to(DEV)
+    qkv = torch.randn(b, s, 3 * heads * d, device=DEV)
+    q = torch.empty(b, heads, s, d, device=DEV)
+    k, v = torch.empty_like(q), torch.empty_like(q)
+    fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), pe, q, k, v, seq_off=0,
+                       heads=heads, eps_q=1e-6, eps_k=1e-6)
+    want = _comfy_qk(qkv.reshape(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)[0], torch.ones(d), pe.cpu(), 1e-6)
+    assert sqnr_db(want, q.cpu()) > 100  # float32 throughout
+    with pytest.raises(ValueError, match="pe"):
+        fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), pe, q, k, v, seq_off=1,
+                           heads=heads, eps_q=1e-6, eps_k=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM with the gated residual add in the epilogue
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("b,s,k,n", [(1, 1, 64, 48), (1, 15, 100, 36), (2, 16, 128, 64), (1, 17, 96, 200),
+                                     (1, 300, 256, 384)])
+@pytest.mark.parametrize("per_row", (True, False))
+def test_int8_gemm_residual(seed, b, s, k, n, per_row):
+    dtype = torch.bfloat16
+    x = torch.randn(b * s, k, device=DEV, dtype=dtype)
+    w = torch.randn(n, k, device=DEV) / k ** 0.5
+    q, ws = ref.quantize_weight(w, per_row=per_row)
+    xq, xs = ref.quantize_rows(x)
+    bias = torch.randn(n, device=DEV, dtype=dtype) * 0.1 if n % 2 else None
+    residual = torch.randn(b, s, n, device=DEV, dtype=dtype)
+    gate = torch.randn(b, 1, n, device=DEV, dtype=dtype)
+    before = residual.clone()
+    out = fused.int8_gemm_residual(xq, xs, q, ws, bias, residual, gate)
+    assert out is residual
+    twin = before.clone()
+    wsr = ws.reshape(-1) if ws.dim() else ws
+    reference_fused.int8_gemm_residual(xq, xs.reshape(-1), q, wsr, bias, twin.view(b * s, n), gate.reshape(b, n), s)
+    if INTERPRETED:  # the interpreter's float32 -> bf16 cast truncates: one ulp
+        assert sqnr_db(twin.double(), residual.double()) > 45
+    else:
+        assert torch.equal(residual, twin)
+    y = (xq.double() @ q.double().T) * xs.double().reshape(-1, 1) * (ws.double().reshape(1, -1) if per_row
+                                                                      else ws.double())
+    if bias is not None:
+        y = y + bias.double()
+    truth = before.double() + gate.double() * y.reshape(b, s, n)
+    assert sqnr_db(truth, residual) > 45
