@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         for rank in (64, 512):  # one chunk, and the most stacked LoRAs are likely to reach
             rows.append({"what": f"{label} +LoRA{rank}", "config": asdict(cfg),
                          **compile_gemm(cfg, args.arch, lora_r=rank)})
-        rows.append({"what": f"{label} +residual", "config": asdict(cfg), **compile_gemm(cfg, args.arch, residual=True)})
+        rows.append({"what": f"{label} +residual", "config": asdict(cfg),
+                     **compile_gemm(cfg, args.arch, residual=True)})
     for k, g, dt in ((4096, 0, "bf16"), (16384, 0, "bf16"), (65600, 0, "bf16"), (4096, 256, "bf16"),
                      (4096, 256, "fp32"), (3072, 128, "bf16"), (3072, 128, "fp32"), (3072, 64, "fp16")):
         rows.append({"what": f"quant K={k} G={g} {dt}", **compile_quant(k, g, args.arch, dt)})

@@ -70,8 +70,9 @@ def profile(model, inputs) -> dict:
         per_kernel[evt.name][0] += ms
         per_kernel[evt.name][1] += 1
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]
+    families = sorted(per_family.items(), key=lambda kv: -kv[1][0])
     return {"wall_ms": wall_ms, "kernel_ms": sum(v[0] for v in per_family.values()),
-            "families": {k: {"ms": v[0], "count": v[1]} for k, v in sorted(per_family.items(), key=lambda kv: -kv[1][0])},
+            "families": {k: {"ms": v[0], "count": v[1]} for k, v in families},
             "top": [{"name": k[:120], "ms": v[0], "count": v[1]} for k, v in top]}
 
 
