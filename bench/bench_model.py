@@ -13,6 +13,8 @@ TorchCompileModel node (``--compile``) works as in a workflow. Variants, all fro
   comfy-int8   a native int8_tensorwise file (per-row) on ComfyUI's own layout and comfy-kitchen kernels
   pack-row     the pack's loader, per-row weight scales
   pack-tensor  the pack's loader, per-tensor weight scales
+  pack-row-unfused per-row on ComfyUI's own blocks (LoadOptions.fused_blocks=False): the INT8 linears
+               alone, without the fused norm/SwiGLU/RoPE/residual kernels the pack runs by default
   pack-row-graphq  per-row, activations quantized with torch ops inside the compiled graph
                (LoadOptions.quant_in_graph: Inductor fuses them into the producing op; same as
                pack-row in eager mode). Not in the default list until measured.
@@ -32,7 +34,7 @@ import torch
 
 from . import common, flux2_model
 
-VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-row", "pack-tensor", "pack-row-graphq")
+VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-row", "pack-tensor", "pack-row-graphq", "pack-row-unfused")
 
 
 def _device() -> str:
@@ -55,9 +57,10 @@ def build(variant: str, cfg: flux2_model.Flux2Config):
         return comfy.sd.load_diffusion_model_state_dict(
             sd, model_options={**options, "dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
             disable_dynamic=True)
-    if variant in ("pack-row", "pack-tensor", "pack-row-graphq"):
+    if variant in ("pack-row", "pack-tensor", "pack-row-graphq", "pack-row-unfused"):
         convert = ConvertOptions(per_row=variant != "pack-tensor")
-        options = loader.LoadOptions(convert=convert, quant_in_graph=variant == "pack-row-graphq")
+        options = loader.LoadOptions(convert=convert, quant_in_graph=variant == "pack-row-graphq",
+                                     fused_blocks=variant != "pack-row-unfused")
         return flux2_model.load_int8(sd, device, options)
     if variant == "comfy-int8":
         pack = flux2_model.load_int8(sd, device)

@@ -8,11 +8,16 @@ Public API (stable; ``int8_w8a8.kernels.reference`` has same-signature twins):
   lora_a=None, lora_b=None, quant_in_graph=False) -> y`` (an optional LoRA term fused into the epilogue)
 - ``dequantize(q, scale, dtype, *, rotate_group=0, validate=True) -> w``
 - ``lora_rank_padded(r) -> int`` (the rank the LoRA epilogue runs at)
+- ``kernels.fused``: LayerNorm/modulation, SwiGLU and q/k norm + RoPE fused with quantization, and the
+  gated residual add fused into the GEMM (eager-mode FLUX blocks, ``ops/flux_fused.py``)
 
 Importing this package needs only torch; Triton is imported on first use on a CUDA device.
 """
 
-from . import library  # noqa: F401  (registers the int8_w8a8::* custom ops)
+from . import (
+    fused,  # noqa: F401  (the fused block kernels, kernels.fused.*)
+    library,  # noqa: F401  (registers the int8_w8a8::* custom ops)
+)
 from .api import dequantize, int8_linear, lora_rank_padded, quantize_rows, quantize_weight
 from .dispatch import Backend, choose_backend
 

@@ -8,6 +8,7 @@ holds and returns what the next INT8 GEMM consumes, so the intermediate activati
 - ``glu_quantize(prefix, glu) -> (q [M, P + F] int8, x_scale [M] float32)``
 - ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v)
 - ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate) -> residual`` (updated in place)
+- ``int8_gemm(xq, x_scale, q, scale, bias, out_dtype) -> y [M, N]`` (the GEMM on rows quantized here)
 
 Not traced by torch.compile (callers use them in eager mode; under compile Inductor fuses the
 unfused ops itself).
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference_fused
+from . import api, reference_fused
 from .dispatch import choose_backend
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -151,3 +152,11 @@ def int8_gemm_residual(
     ws = scale.reshape(-1) if scale.dim() else scale
     reference_fused.int8_gemm_residual(xq, xs, q, ws, bias, r2, g, max(s, 1))
     return residual
+
+
+def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``y [M, N] = xq @ q.T * x_scale * scale + bias`` on rows quantized by the functions above.
+
+    xq int8 ``[M, K]``, x_scale float32 ``[M]``; the weight's values were validated when it was loaded."""
+    return api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False)

@@ -1,0 +1,127 @@
+"""Integration tier: FLUX.2 blocks on the fused kernels (ops/flux_fused.py) inside a real ComfyUI (CPU).
+
+The fused blocks are registered as ComfyUI block replacements, which ComfyUI applies when the model
+runs through ``apply_model`` with the patcher's transformer options (as samplers call it). Checked:
+the fused model equals ComfyUI's block order of operations up to bf16 rounding (SQNR against each
+other and against the BF16 model), every rule that must fall back does (and then the output is ComfyUI's
+own bit for bit), and models built without ``fused_blocks`` carry no replacements.
+"""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+
+from int8_w8a8.kernels import fused as fused_kernels
+
+from . import lora_util as lu
+from .conftest import sqnr_db
+
+pytestmark = pytest.mark.integration
+
+
+def step(patcher, inputs, fused: bool = True) -> torch.Tensor:
+    """One ``apply_model`` call; ``fused=False`` drops the block replacements from the options."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    comfy.model_management.load_models_gpu([patcher])
+    x, sigma, ctx = inputs
+    options = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
+    if not fused:
+        options.pop("patches_replace", None)
+    options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
+    dtype = patcher.model.get_dtype()
+    with torch.inference_mode():
+        return patcher.model.apply_model(x.to(dtype), sigma, c_crossattn=ctx.to(dtype),
+                                         transformer_options=options).float()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How often the fused kernels ran (a counting wrapper around the pack's own functions)."""
+    counts = {"glu": 0, "norm": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(fused_kernels, "glu_quantize", counting("glu", fused_kernels.glu_quantize))
+    monkeypatch.setattr(fused_kernels, "norm_modulate_quantize", counting("norm", fused_kernels.norm_modulate_quantize))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def models(flux2):
+    import comfy.sd
+
+    from int8_w8a8.ops import formats, loader
+
+    def int8(**kw):
+        nsd, report = formats.normalize(dict(flux2["sd"]), None, "tiny")
+        return loader.build(nsd, report, loader.LoadOptions(**kw), "tiny", disable_dynamic=True)
+
+    gen = torch.Generator().manual_seed(7)
+    inputs = (torch.randn(2, 128, 4, 6, generator=gen), torch.tensor([0.7, 0.3]),
+              torch.randn(2, 8, 64, generator=gen))
+    bf16 = comfy.sd.load_diffusion_model_state_dict(dict(flux2["sd"]), disable_dynamic=True)
+    return {"fused": int8(), "plain": int8(fused_blocks=False), "inputs": inputs, "ref": step(bf16, inputs)}
+
+
+def test_replacements_registered_only_when_asked(models):
+    dit = models["fused"].model_options["transformer_options"]["patches_replace"]["dit"]
+    assert set(dit) == {("double_block", 0), ("single_block", 0)}
+    assert "patches_replace" not in models["plain"].model_options.get("transformer_options", {})
+
+
+def test_fused_matches_comfyui_blocks(models, calls):
+    inputs, ref = models["inputs"], models["ref"]
+    unfused = step(models["fused"], inputs, fused=False)
+    assert calls == {"glu": 0, "norm": 0}
+    fused = step(models["fused"], inputs)
+    # double block: 2 streams x (norm1, norm2), single block: pre_norm; SwiGLU: 2 streams + single block
+    assert calls == {"norm": 5, "glu": 3}
+    assert torch.equal(unfused, step(models["plain"], inputs))
+    assert sqnr_db(unfused, fused) > 30  # the same INT8 model, bf16 intermediates rounded differently
+    s_fused, s_unfused = sqnr_db(ref, fused), sqnr_db(ref, unfused)
+    assert s_fused > 25 and s_fused > s_unfused - 0.5, (s_fused, s_unfused)
+    # batch entries are independent: the first alone gives the same rows
+    single = step(models["fused"], tuple(t[:1] for t in inputs))
+    assert sqnr_db(fused[:1], single) > 60
+
+
+def test_attention_patch_falls_back(models, calls):
+    fused = models["fused"].clone()
+    seen = []
+
+    def attn1_patch(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        seen.append(q.shape)
+        return {"q": q, "k": k, "v": v}
+
+    fused.set_model_attn1_patch(attn1_patch)
+    y = step(fused, models["inputs"])
+    assert seen and calls == {"glu": 0, "norm": 0}
+    assert torch.equal(y, step(models["plain"], models["inputs"]))
+
+
+def test_dynamic_lora_falls_back_and_merged_lora_stays_fused(models, calls, tmp_path, monkeypatch, flux2):
+    import folder_paths
+
+    from int8_w8a8.lora import dynamic, loading, merge
+
+    layers = ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear2"]
+    safetensors.torch.save_file(lu.lora(flux2["sd"], layers, rank=4), str(tmp_path / "l.safetensors"))
+    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(tmp_path / name))
+    spec = [loading.LoraSpec("l.safetensors", 1.0)]
+    dyn, _ = dynamic.apply(models["fused"], spec)
+    y_dyn = step(dyn, models["inputs"])
+    assert calls == {"glu": 0, "norm": 0}  # both blocks hold a layer with a run-time LoRA term
+    assert torch.equal(y_dyn, step(dyn, models["inputs"], fused=False))
+    merged, _ = merge.merge(models["fused"], spec)
+    y_merged = step(merged, models["inputs"])
+    assert calls == {"norm": 5, "glu": 3}
+    assert sqnr_db(y_dyn, y_merged) > 25
+    assert sqnr_db(step(merged, models["inputs"], fused=False), y_merged) > 30
