@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-comfy | ptx | bench | bench-quick | model | model-compile | lora | profile | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-comfy | ptx | bench | bench-quick | model | model-compile | lora | profile | fused | model-9b | host | sweep-{large,m1024,m256,m64,small}
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
 # package is imported as int8_w8a8 through a symlink, since the machine cannot pip install -e.
@@ -40,6 +40,10 @@ for step in "$@"; do
         lora) python3 -m int8_w8a8.bench.bench_lora --out "$OUT/bench_lora.json" 2>&1 | tee "$OUT/bench_lora.txt" ;;
         profile) python3 -m int8_w8a8.bench.profile_step --variants ${VARIANTS:-bf16 pack-row} ${PROFILE_ARGS:-} \
             --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.txt" ;;
+        fused) python3 -m int8_w8a8.bench.bench_fused --out "$OUT/bench_fused.json" 2>&1 | tee "$OUT/bench_fused.txt" ;;
+        model-9b) python3 -m int8_w8a8.bench.bench_model --models klein9b --res ${RES:-1024} \
+            --variants ${VARIANTS:-bf16 comfy-int8 pack-row pack-row-unfused} --out "$OUT/bench_model_9b.json" 2>&1 \
+            | tee "$OUT/bench_model_9b.txt" ;;
         host) python3 -m int8_w8a8.bench.profile_host 2>&1 | tee "$OUT/profile_host.txt" ;;
         sweep-*) python3 -m int8_w8a8.bench.sweep_gemm --bucket "${step#sweep-}" --out "$OUT/sweep_${step#sweep-}.json" \
             2>&1 | tee "$OUT/sweep_${step#sweep-}.txt" ;;

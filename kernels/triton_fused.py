@@ -124,20 +124,18 @@ def _glu_quant_kernel(
 
 
 @triton.jit
-def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, i, eps, D: tl.constexpr):
-    """RMSNorm (weight w) then rotate pairs (2i, 2i+1) by the 2x2 matrices f; store to dst rows."""
-    x0 = tl.load(src + 2 * i[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
-    x1 = tl.load(src + 2 * i[None, :] + 1, mask=s_ok[:, None], other=0.0).to(tl.float32)
-    ms = (tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / D
-    r = 1.0 / tl.sqrt_rn(ms + eps)
-    w0 = tl.load(w_ptr + 2 * i).to(tl.float32)
-    w1 = tl.load(w_ptr + 2 * i + 1).to(tl.float32)
-    y0 = x0 * r[:, None] * w0[None, :]
-    y1 = x1 * r[:, None] * w1[None, :]
-    o0 = f00 * y0 + f01 * y1
-    o1 = f10 * y0 + f11 * y1
-    tl.store(dst + 2 * i[None, :], o0.to(dst.dtype.element_ty), mask=s_ok[:, None])
-    tl.store(dst + 2 * i[None, :] + 1, o1.to(dst.dtype.element_ty), mask=s_ok[:, None])
+def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, BLOCK_S: tl.constexpr, D: tl.constexpr, eps):
+    """RMSNorm (weight w) then rotate pairs (2i, 2i+1) by the 2x2 matrices f; store to dst rows.
+
+    Rows are read and written whole (coalesced); the pairs are separated in registers (reshape + split).
+    """
+    d = tl.arange(0, D)
+    x = tl.load(src + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
+    y = x * r[:, None] * tl.load(w_ptr + d).to(tl.float32)[None, :]
+    y0, y1 = tl.split(tl.reshape(y, (BLOCK_S, D // 2, 2)))
+    o = tl.join(f00 * y0 + f01 * y1, f10 * y0 + f11 * y1)
+    tl.store(dst + d[None, :], tl.reshape(o, (BLOCK_S, D)).to(dst.dtype.element_ty), mask=s_ok[:, None])
 
 
 @triton.jit
@@ -157,16 +155,16 @@ def _qk_norm_rope_kernel(
     h = pid_bh % H
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < S
-    i = tl.arange(0, D // 2)
     row = src_ptr + b.to(tl.int64) * stride_sb + s.to(tl.int64)[:, None] * stride_ss + h * D
-    pe = pe_ptr + b.to(tl.int64) * stride_pb + (seq_off + s).to(tl.int64)[:, None] * stride_ps + 4 * i[None, :]
-    f00 = tl.load(pe, mask=s_ok[:, None], other=0.0)
-    f01 = tl.load(pe + 1, mask=s_ok[:, None], other=0.0)
-    f10 = tl.load(pe + 2, mask=s_ok[:, None], other=0.0)
-    f11 = tl.load(pe + 3, mask=s_ok[:, None], other=0.0)
+    j = tl.arange(0, 2 * D)  # D/2 pairs x 4 matrix entries, contiguous
+    pe = tl.load(pe_ptr + b.to(tl.int64) * stride_pb + (seq_off + s).to(tl.int64)[:, None] * stride_ps + j[None, :],
+                 mask=s_ok[:, None], other=0.0)
+    f0, f1 = tl.split(tl.reshape(pe, (BLOCK_S, D // 2, 2, 2)))  # f[..., j, c]: split on c
+    f00, f10 = tl.split(f0)
+    f01, f11 = tl.split(f1)
     out = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + (seq_off + s).to(tl.int64)[:, None] * stride_os
-    _norm_rope_store(row, qw_ptr, f00, f01, f10, f11, q_ptr + out, s_ok, i, eps_q, D)
-    _norm_rope_store(row + H * D, kw_ptr, f00, f01, f10, f11, k_ptr + out, s_ok, i, eps_k, D)
+    _norm_rope_store(row, qw_ptr, f00, f01, f10, f11, q_ptr + out, s_ok, BLOCK_S, D, eps_q)
+    _norm_rope_store(row + H * D, kw_ptr, f00, f01, f10, f11, k_ptr + out, s_ok, BLOCK_S, D, eps_k)
     d = tl.arange(0, D)
     v = tl.load(row + 2 * H * D + d[None, :], mask=s_ok[:, None], other=0.0)
     tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
@@ -178,6 +176,9 @@ _QK_NORM_ROPE = FastLauncher(_qk_norm_rope_kernel, interpreting())
 
 # Rows of up to this many features are normalized in one tile (FLUX.2 klein: 3072 and 4096).
 NORM_MAX_K = 16384
+# [prefix | SwiGLU] rows: columns per tile and warps per program (bench/bench_fused.py).
+GLU_BLOCK_K = 2048
+GLU_WARPS = QUANT_WARPS
 
 
 def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
@@ -200,8 +201,10 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
     return q, scale
 
 
-def glu_quantize(prefix, glu, f: int):
-    """prefix [M, P] or None, glu [M, 2F] (unit column strides) -> q [M, P + F] int8, scale [M]."""
+def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_flight: int = 0):
+    """prefix [M, P] or None, glu [M, 2F] (unit column strides) -> q [M, P + F] int8, scale [M].
+
+    ``block_k``, ``warps``, ``rows_in_flight``: overrides for benchmarks (0: the rule)."""
     m = glu.shape[0]
     p = 0 if prefix is None else prefix.shape[1]
     q = torch.empty((m, p + f), dtype=torch.int8, device=glu.device)
@@ -209,16 +212,16 @@ def glu_quantize(prefix, glu, f: int):
         torch.empty((m,), dtype=torch.float32, device=glu.device)
     if m == 0 or p + f == 0:
         return q, scale
-    block_k = min(max(16, triton.next_power_of_2(max(p, f))), TILE_ELEMS // 2)
+    block_k = block_k or min(max(16, triton.next_power_of_2(max(p, f))), GLU_BLOCK_K)
     block_m = 1
     row_bytes = (p + 2 * f) * glu.element_size()
     blocks = m
     if glu.is_cuda:
-        blocks = min(blocks, max(num_sms(glu.device), TWO_PASS_L2_BYTES // max(1, row_bytes)))
+        blocks = min(blocks, rows_in_flight or max(num_sms(glu.device), TWO_PASS_L2_BYTES // max(1, row_bytes)))
     pre = prefix if prefix is not None else glu
     _GLU_QUANT(
         (blocks,), pre, glu, q, scale, m, p, f, pre.stride(0), glu.stride(0), q.stride(0),
-        BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), num_warps=QUANT_WARPS,
+        BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), num_warps=warps or GLU_WARPS,
         enable_fp_fusion=False,
     )
     return q, scale
@@ -230,7 +233,7 @@ def qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int,
     d = width // (3 * heads)
     if bsz == 0 or s == 0:
         return
-    block_s = 32
+    block_s = 16
     stride_pb = 0 if pe.shape[0] == 1 else pe.stride(0)
     _QK_NORM_ROPE(
         (triton.cdiv(s, block_s), bsz * heads), qkv, q_weight, k_weight, pe, q, k, v,

@@ -1,0 +1,83 @@
+"""The fused block kernels at FLUX.2 klein 9B shapes against the ops they replace (GPU).
+
+    python -m int8_w8a8.bench.bench_fused [--out results.json]
+
+Each fused kernel is timed (triton.testing.do_bench, median) next to ComfyUI's unfused sequence of
+torch ops plus the pack's separate quantization, with the bytes it must move and the bandwidth that
+implies. GLU (``[attention | SwiGLU]`` + quantization) is also timed over a few tile/warp choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from . import common
+
+
+def _rope_ref(x, pe):
+    x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    return (pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]).reshape(*x.shape).to(x.dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from ..kernels import fused, triton_fused, triton_quant
+
+    dev, dt = "cuda", torch.bfloat16
+    b, s, hidden, heads, f = 1, 4608, 4096, 32, 12288
+    d = hidden // heads
+    rows = []
+
+    def record(name, ms, nbytes):
+        rows.append({"name": name, "ms": ms, "GB/s": nbytes / ms / 1e6})
+        print(f"{name:<58} {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s", flush=True)
+
+    x = torch.randn(b, s, hidden, device=dev, dtype=dt)
+    shift = torch.randn(b, 1, hidden, device=dev, dtype=dt) * 0.1
+    scale = torch.randn(b, 1, hidden, device=dev, dtype=dt) * 0.1
+    ln = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+    record("norm+mod+quant fused [4608, 4096]", common.bench_ms(lambda: fused.norm_modulate_quantize(x, shift, scale)),
+           x.numel() * 3)
+    record("  unfused: layer_norm, addcmul, quantize_rows", common.bench_ms(
+        lambda: triton_quant.quantize_rows(torch.addcmul(shift, ln(x), 1 + scale))), x.numel() * 11)
+
+    h = torch.randn(b, s, 3 * hidden + 2 * f, device=dev, dtype=dt)
+    attn = torch.randn(b, s, hidden, device=dev, dtype=dt)
+    mlp = h[..., 3 * hidden:]
+    nbytes = attn.numel() * 2 + mlp.numel() * 2 + s * (hidden + f)
+    record("[attn | swiglu]+quant fused (rule)", common.bench_ms(lambda: fused.glu_quantize(attn, mlp)), nbytes)
+    for block_k, warps, flight in ((1024, 4, 0), (2048, 4, 0), (4096, 8, 0), (2048, 8, 0), (4096, 4, 0),
+                                   (2048, 4, 2000), (4096, 8, 2000), (2048, 4, 4608)):
+        ms = common.bench_ms(lambda bk=block_k, w=warps, fl=flight: triton_fused.glu_quantize(
+            attn.reshape(s, -1), mlp.reshape(s, -1), f, bk, w, fl))
+        record(f"  glu block_k={block_k} warps={warps} rows_in_flight={flight or 'rule'}", ms, nbytes)
+
+    def unfused_glu():
+        g, u = mlp.chunk(2, dim=-1)
+        return triton_quant.quantize_rows(torch.cat((attn, torch.nn.functional.silu(g) * u), 2))
+    record("  unfused: silu, mul, cat, quantize_rows", common.bench_ms(unfused_glu), nbytes * 3)
+
+    pe = torch.randn(1, 1, s, d // 2, 2, 2, device=dev, dtype=torch.float32)
+    qw = torch.ones(d, device=dev, dtype=dt)
+    q = torch.empty(b, heads, s, d, device=dev, dtype=dt)
+    k, v = torch.empty_like(q), torch.empty_like(q)
+    qkv = h[..., :3 * hidden]
+    record("q/k rms+rope+split fused", common.bench_ms(lambda: fused.qk_norm_rope(
+        qkv, qw, qw, pe, q, k, v, seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-6)), qkv.numel() * 4 + pe.numel() * 4)
+
+    def unfused_qk():
+        qq, kk, vv = qkv.view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
+        qq = torch.nn.functional.rms_norm(qq, (d,), qw, 1e-6)
+        kk = torch.nn.functional.rms_norm(kk, (d,), qw, 1e-6)
+        return _rope_ref(qq, pe), _rope_ref(kk, pe), vv
+    record("  unfused: rms_norm x2, rope (torch) x2", common.bench_ms(unfused_qk), qkv.numel() * 8)
+    if args.out:
+        common.write_json(args.out, {"env": common.environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
