@@ -29,7 +29,6 @@ from .triton_quant import (
     _TINY,
     QUANT_WARPS,
     TILE_ELEMS,
-    TWO_PASS_L2_BYTES,
     _quantize_store,
     _row_stats,
     interpreting,
@@ -176,9 +175,12 @@ _QK_NORM_ROPE = FastLauncher(_qk_norm_rope_kernel, interpreting())
 
 # Rows of up to this many features are normalized in one tile (FLUX.2 klein: 3072 and 4096).
 NORM_MAX_K = 16384
-# [prefix | SwiGLU] rows: columns per tile and warps per program (bench/bench_fused.py).
-GLU_BLOCK_K = 2048
-GLU_WARPS = QUANT_WARPS
+# [prefix | SwiGLU] rows: columns per tile, warps and programs per SM, from bench/bench_fused.py on the
+# H200 at 4608 x [4096 | 2 x 12288]: 155 us at 4096/8/~2000 programs vs 247 us at 2048/4 with the rows
+# in flight bounded by L2 (the bound left too few loads in flight; the second pass mostly hits L2 anyway).
+GLU_BLOCK_K = 4096
+GLU_WARPS = 8
+GLU_PROGRAMS_PER_SM = 16
 
 
 def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
@@ -214,10 +216,7 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
         return q, scale
     block_k = block_k or min(max(16, triton.next_power_of_2(max(p, f))), GLU_BLOCK_K)
     block_m = 1
-    row_bytes = (p + 2 * f) * glu.element_size()
-    blocks = m
-    if glu.is_cuda:
-        blocks = min(blocks, rows_in_flight or max(num_sms(glu.device), TWO_PASS_L2_BYTES // max(1, row_bytes)))
+    blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
     pre = prefix if prefix is not None else glu
     _GLU_QUANT(
         (blocks,), pre, glu, q, scale, m, p, f, pre.stride(0), glu.stride(0), q.stride(0),
