@@ -175,7 +175,7 @@ def test_qk_norm_rope_broadcast_pe_and_bad_args():
     k, v = torch.empty_like(q), torch.empty_like(q)
     fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), pe, q, k, v, seq_off=0,
                        heads=heads, eps_q=1e-6, eps_k=1e-6)
-    want = _comfy_qk(qkv.reshape(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)[0], torch.ones(d), pe.cpu(), 1e-6)
+    want = _comfy_qk(qkv.cpu().reshape(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)[0], torch.ones(d), pe.cpu(), 1e-6)
     assert sqnr_db(want, q.cpu()) > 100  # float32 throughout
     with pytest.raises(ValueError, match="pe"):
         fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), pe, q, k, v, seq_off=1,
