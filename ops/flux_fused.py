@@ -60,8 +60,6 @@ def _plain(module) -> bool:
 
 def _why_not(args: dict, linears: list, norms: list, mods: list, x: torch.Tensor) -> str | None:
     """The first rule the call breaks, or None when the fused block may run."""
-    if torch.compiler.is_compiling():
-        return "under torch.compile"
     if args.get("attn_mask") is not None:
         return "attention mask present"
     if args.get("pe") is None:
@@ -129,6 +127,8 @@ class FusedDoubleBlock:
         self.index = index
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        if torch.compiler.is_compiling():  # first, so Dynamo traces nothing else of this (no logging: breaks)
+            return extra["original_block"](args)
         model = self.model()
         block = model.double_blocks[self.index] if model is not None else None
         img, txt, vec = args["img"], args["txt"], args["vec"]
@@ -176,6 +176,8 @@ class FusedSingleBlock:
         self.index = index
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        if torch.compiler.is_compiling():
+            return extra["original_block"](args)
         model = self.model()
         block = model.single_blocks[self.index] if model is not None else None
         x, vec = args["img"], args["vec"]
@@ -229,6 +231,7 @@ def install(patcher) -> int:
             if type(block) is cls and (kind, i) not in replaced:
                 patcher.set_model_patch_replace(fused(model, i), "dit", kind, i)
                 count += 1
-    logger.info("int8_w8a8: fused FLUX blocks registered on %d of %d blocks", count,
+    logger.info("int8_w8a8: fused FLUX blocks registered on %d of %d blocks (eager mode; under torch.compile "
+                "ComfyUI's blocks run and Inductor fuses them)", count,
                 len(model.double_blocks) + len(model.single_blocks))
     return count

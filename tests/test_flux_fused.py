@@ -125,3 +125,31 @@ def test_dynamic_lora_falls_back_and_merged_lora_stays_fused(models, calls, tmp_
     assert calls == {"norm": 5, "glu": 3}
     assert sqnr_db(y_dyn, y_merged) > 25
     assert sqnr_db(step(merged, models["inputs"], fused=False), y_merged) > 30
+
+
+def test_torch_compile_runs_comfyui_blocks_in_one_graph(models, calls, monkeypatch):
+    """Under torch.compile the replacements hand over to ComfyUI's blocks before anything else is traced:
+    one graph, no breaks, no fused kernels, the unfused model's output."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention
+    import comfy.model_management
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    # ComfyUI's CPU attention asks psutil for free memory, which breaks graphs; GPUs use SDPA, as here
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    patcher = models["fused"]
+    x, sigma, ctx = models["inputs"]
+    options = patcher.model_options["transformer_options"]
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(patcher.model.diffusion_model, backend=backend, fullgraph=True)
+    comfy.model_management.load_models_gpu([patcher])
+    dtype = patcher.model.get_dtype()
+    with torch.inference_mode():
+        y = compiled(x.to(dtype), sigma.to(dtype), ctx.to(dtype), transformer_options=dict(options)).float()
+        want = patcher.model.diffusion_model(x.to(dtype), sigma.to(dtype), ctx.to(dtype)).float()
+    assert not counters["graph_break"] and backend.frame_count == 1
+    assert calls == {"glu": 0, "norm": 0}
+    assert sqnr_db(want, y) > 60
