@@ -23,23 +23,22 @@ import triton
 import triton.language as tl
 
 from .launch import FastLauncher
-from .reference import TINY_SCALE
 from .triton_quant import (
-    _INV_127,
-    _TINY,
     QUANT_WARPS,
     TILE_ELEMS,
     _quantize_store,
     _row_stats,
+    _store_row_scale,
     interpreting,
     num_sms,
+    row_scales,
 )
 
 
 @triton.jit
 def _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite):
-    scale = tl.maximum(absmax * _INV_127, _TINY)
-    tl.store(scale_ptr + rows, tl.where(nonfinite > 0, float("nan"), scale), mask=row_ok)
+    """Store the row scales (``triton_quant``'s rule) and return their reciprocals for quantizing."""
+    scale = _store_row_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
     return tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
@@ -187,8 +186,7 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
     """x2 [M, K] (unit column stride), shift/mscale [B, K] (unit column stride) -> q [M, K] int8, scale [M]."""
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x2.device)
-    scale = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=x2.device) if k == 0 else \
-        torch.empty((m,), dtype=torch.float32, device=x2.device)
+    scale = row_scales(m, k, x2.device)
     if m == 0 or k == 0:
         return q, scale
     block_k = max(16, triton.next_power_of_2(k))
@@ -210,8 +208,7 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
     m = glu.shape[0]
     p = 0 if prefix is None else prefix.shape[1]
     q = torch.empty((m, p + f), dtype=torch.int8, device=glu.device)
-    scale = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=glu.device) if p + f == 0 else \
-        torch.empty((m,), dtype=torch.float32, device=glu.device)
+    scale = row_scales(m, p + f, glu.device)
     if m == 0 or p + f == 0:
         return q, scale
     block_k = block_k or min(max(16, triton.next_power_of_2(max(p, f))), GLU_BLOCK_K)

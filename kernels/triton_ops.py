@@ -7,7 +7,7 @@ import torch
 from . import configs, reference, triton_gemm, triton_quant
 from .dispatch import Backend
 from .hadamard import rotate
-from .reference import TINY_SCALE, as_rows
+from .reference import as_rows
 
 
 def int8_linear(
@@ -32,8 +32,7 @@ def int8_linear(
     x2 = as_rows(x)
     m = x2.shape[0]
     xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    xs = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=x.device) if k == 0 else \
-        torch.empty((m,), dtype=torch.float32, device=x.device)
+    xs = triton_quant.row_scales(m, k, x.device)
     triton_quant.launch_quantize(x2, xq, xs, smooth=smooth, rotate_group=rotate_group)
     lora_h = None
     if lora_a is not None:

@@ -171,6 +171,14 @@ def _row_stats(v, absmax, nonfinite):
 
 
 @triton.jit
+def _store_row_scale(scale_ptr, rows, row_ok, absmax, nonfinite):
+    """scale = max(absmax / 127, tiny), stored (NaN for rows with NaN/Inf); returns the finite scale."""
+    scale = tl.maximum(absmax * _INV_127, _TINY)
+    tl.store(scale_ptr + rows, tl.where(nonfinite > 0, float("nan"), scale), mask=row_ok)
+    return scale
+
+
+@triton.jit
 def _quantize_store(v, inv, seed, rows, row_ok, cols, K, q_ptr, stride_qm,
                     STOCHASTIC: tl.constexpr, FAST_ROUND: tl.constexpr):
     y = v * inv[:, None]
@@ -230,8 +238,7 @@ def _quantize_row_block(
                        BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32)
         if not FIXED_SCALE:
             absmax, nonfinite = _row_stats(v, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
-            scale = tl.maximum(absmax * _INV_127, _TINY)
-            tl.store(scale_ptr + rows, tl.where(nonfinite > 0, float("nan"), scale), mask=row_ok)
+            scale = _store_row_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
         inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
         _quantize_store(v, inv, seed, rows, row_ok, cols, K, q_ptr, stride_qm, STOCHASTIC, FAST_ROUND)
     else:
@@ -244,8 +251,7 @@ def _quantize_row_block(
                 v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, k0 + cols, K, stride_xm, stride_xk,
                                BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32)
                 absmax, nonfinite = _row_stats(v, absmax, nonfinite)
-            scale = tl.maximum(absmax * _INV_127, _TINY)
-            tl.store(scale_ptr + rows, tl.where(nonfinite > 0, float("nan"), scale), mask=row_ok)
+            scale = _store_row_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
         inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
         for k0 in range(0, K, BLOCK_K):
             v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, k0 + cols, K, stride_xm, stride_xk,
@@ -341,6 +347,14 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def row_scales(m: int, k: int, device) -> torch.Tensor:
+    """The float32 [m] buffer a quantizer writes row scales into; rows of no elements (k = 0) get the
+    smallest scale, as in the twin, since no kernel runs for them."""
+    if k == 0:
+        return torch.full((m,), TINY_SCALE, dtype=torch.float32, device=device)
+    return torch.empty((m,), dtype=torch.float32, device=device)
+
+
 def quantize_rows(
     x: torch.Tensor, *, smooth: torch.Tensor | None = None, rotate_group: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,8 +363,7 @@ def quantize_rows(
     x2 = as_rows(x)
     m = x2.shape[0]
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = torch.full((m,), TINY_SCALE, dtype=torch.float32, device=x.device) if k == 0 else \
-        torch.empty((m,), dtype=torch.float32, device=x.device)
+    scale = row_scales(m, k, x.device)
     launch_quantize(x2, q, scale, smooth=smooth, rotate_group=rotate_group)
     return q, scale[:, None]
 
@@ -372,8 +385,7 @@ def quantize_weight(
         launch_quantize(w, q, None, rotate_group=rotate_group, seed=seed, fixed_scale=scale.reshape(-1).contiguous())
         return q, scale.clone()
     if per_row:
-        out = torch.full((n,), TINY_SCALE, dtype=torch.float32, device=w.device) if k == 0 else \
-            torch.empty((n,), dtype=torch.float32, device=w.device)
+        out = row_scales(n, k, w.device)
         launch_quantize(w, q, out, rotate_group=rotate_group, seed=seed)
         return q, out[:, None]
     fixed = scale if scale is not None else per_tensor_scale(w.abs().amax() if w.numel() else w.new_zeros(()))
