@@ -28,7 +28,10 @@ from __future__ import annotations
 import logging
 import weakref
 
+import comfy.ldm.modules.attention
 import torch
+from comfy.ldm.flux.layers import DoubleStreamBlock, SiLUActivation, SingleStreamBlock
+from comfy.ldm.flux.model import Flux
 
 from .. import kernels
 from .comfy_ops import Int8Linear
@@ -81,9 +84,8 @@ def _why_not(args: dict, linears: list, norms: list, mods: list, x: torch.Tensor
 
 def _attention(q, k, v, heads: int, transformer_options: dict) -> torch.Tensor:
     """ComfyUI's attention on [B, H, S, D] q/k/v (already rotated); returns [B, S, H*D]."""
-    from comfy.ldm.modules.attention import optimized_attention
-
-    return optimized_attention(q, k, v, heads, skip_reshape=True, transformer_options=transformer_options)
+    return comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, skip_reshape=True,
+                                                           transformer_options=transformer_options)
 
 
 def _qkv_buffers(x: torch.Tensor, heads: int, head_dim: int, seq: int):
@@ -114,8 +116,6 @@ def _stream_out(x, attn, mod1, mod2, proj, norm2, mlp) -> None:
 
 
 def _swiglu(mlp) -> bool:
-    from comfy.ldm.flux.layers import SiLUActivation
-
     return isinstance(mlp, torch.nn.Sequential) and len(mlp) == 3 and isinstance(mlp[1], SiLUActivation)
 
 
@@ -217,9 +217,6 @@ def install(patcher) -> int:
 
     Blocks already replaced by another node are left alone. Models of other classes get none.
     """
-    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
-    from comfy.ldm.flux.model import Flux
-
     model = patcher.model.diffusion_model
     if type(model) is not Flux:
         return 0
