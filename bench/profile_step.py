@@ -21,10 +21,12 @@ import torch
 
 from . import bench_model, common, flux2_model
 
-# (family, substrings of the kernel name, any of which puts a kernel in it), first match wins.
+# (family, substrings of the kernel name, any of which puts a kernel in it), first match wins. The fused
+# block kernels fall into the families of the work they absorb: _norm_mod_quant_kernel -> norm,
+# _qk_norm_rope_kernel -> rope, _glu_quant_kernel -> element-wise/other (the top-kernel list names them).
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pack int8 gemm", ("_gemm_tma_kernel", "_gemm_kernel")),
-    ("pack act quant", ("_quantize_rows_kernel", "_quantize_row_block", "_fused_")),
+    ("pack act quant", ("_quantize_rows_kernel", "_quantize_row_block")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated")),
     ("gemm (cuBLAS/kitchen)", ("gemm", "xmma", "cutlass", "nvjet", "_scaled_mm", "int8_", "wgmma")),
     ("rope", ("rope",)),
