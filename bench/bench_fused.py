@@ -50,11 +50,19 @@ def main() -> None:
     mlp = h[..., 3 * hidden:]
     nbytes = attn.numel() * 2 + mlp.numel() * 2 + s * (hidden + f)
     record("[attn | swiglu]+quant fused (rule)", common.bench_ms(lambda: fused.glu_quantize(attn, mlp)), nbytes)
-    for block_k, warps, flight in ((1024, 4, 0), (2048, 4, 0), (4096, 8, 0), (2048, 8, 0), (4096, 4, 0),
-                                   (2048, 4, 2000), (4096, 8, 2000), (2048, 4, 4608)):
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for warps, per_sm in ((8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 1), (16, 0)):
+        flight = per_sm * sms if per_sm else s
+        ms = common.bench_ms(lambda w=warps, fl=flight: triton_fused.glu_quantize(
+            attn.reshape(s, -1), mlp.reshape(s, -1), f, 0, w, fl, one_pass=True))
+        record(f"  glu one-pass warps={warps} programs={flight}", ms, nbytes)
+    for block_k, warps, flight in ((4096, 8, 0), (2048, 4, 0)):
         ms = common.bench_ms(lambda bk=block_k, w=warps, fl=flight: triton_fused.glu_quantize(
-            attn.reshape(s, -1), mlp.reshape(s, -1), f, bk, w, fl))
-        record(f"  glu block_k={block_k} warps={warps} rows_in_flight={flight or 'rule'}", ms, nbytes)
+            attn.reshape(s, -1), mlp.reshape(s, -1), f, bk, w, fl, one_pass=False))
+        record(f"  glu two-pass block_k={block_k} warps={warps} rows_in_flight={flight or 'rule'}", ms, nbytes)
+    img_mlp = torch.randn(b, 4096, 2 * f, device=dev, dtype=dt)
+    record("swiglu+quant fused [4096, 2 x 12288] (double block, rule)",
+           common.bench_ms(lambda: fused.glu_quantize(None, img_mlp)), img_mlp.numel() * 2 + 4096 * f)
 
     def unfused_glu():
         g, u = mlp.chunk(2, dim=-1)

@@ -23,7 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..kernels import configs, triton_gemm, triton_quant
+from ..kernels import configs, triton_fused, triton_gemm, triton_quant
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -125,6 +125,18 @@ def compile_quant(k: int, group: int, arch: int, dtype: str = "bf16") -> dict:
     return _summarize(_compile(triton_quant._quantize_rows_kernel, sig, consts, divisible, arch, options))
 
 
+def compile_glu_row(p: int, f: int, arch: int, warps: int = 0) -> dict:
+    """Compile the one-pass [prefix | SwiGLU] quantizer for rows of ``p`` + ``f`` features (the rule's warps)."""
+    block_p, block_f = max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(f))
+    warps = warps or max(4, min(triton_fused.GLU_ROW_WARPS, (block_p + block_f) // 1024))
+    sig = {"p_ptr": "*bf16", "g_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "M": "i32", "P": "i32",
+           "F": "i32", "stride_pm": "i32", "stride_gm": "i32", "stride_qm": "i32"}
+    consts = {"BLOCK_P": block_p, "BLOCK_F": block_f, "FAST_ROUND": True}
+    divisible = ("p_ptr", "g_ptr", "q_ptr", "scale_ptr", "P", "F", "stride_pm", "stride_gm", "stride_qm")
+    options = {"num_warps": warps, "enable_fp_fusion": False}
+    return _summarize(_compile(triton_fused._glu_quant_row_kernel, sig, consts, divisible, arch, options))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an int (90 = sm_90)")
@@ -143,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, g, dt in ((4096, 0, "bf16"), (16384, 0, "bf16"), (65600, 0, "bf16"), (4096, 256, "bf16"),
                      (4096, 256, "fp32"), (3072, 128, "bf16"), (3072, 128, "fp32"), (3072, 64, "fp16")):
         rows.append({"what": f"quant K={k} G={g} {dt}", **compile_quant(k, g, args.arch, dt)})
+    for p, f in ((4096, 12288), (0, 12288), (3072, 9216)):  # FLUX.2 klein 9B single / double, 4B single
+        rows.append({"what": f"glu one-pass P={p} F={f}", **compile_glu_row(p, f, args.arch)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -10,8 +10,9 @@ holds and returns what the next INT8 GEMM consumes, so the intermediate activati
 - ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate) -> residual`` (updated in place)
 - ``int8_gemm(xq, x_scale, q, scale, bias, out_dtype) -> y [M, N]`` (the GEMM on rows quantized here)
 
-Not traced by torch.compile (callers use them in eager mode; under compile Inductor fuses the
-unfused ops itself).
+Under torch.compile each function is one ``int8_w8a8::*`` custom op (``library.py``) with a shape-only
+fake, like the rest of the kernel API, so fused blocks trace into one graph; ``qk_norm_rope`` and
+``int8_gemm_residual`` are ops that mutate their outputs (functionalized and re-inplaced by Inductor).
 """
 
 from __future__ import annotations
@@ -36,12 +37,20 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
 
 
-def _per_batch(t: torch.Tensor, batch: int, width: int, name: str) -> torch.Tensor:
-    """A modulation tensor ``[B, 1, W]`` or ``[B, W]`` as ``[B, W]`` with a unit column stride."""
-    t2 = t.reshape(t.shape[0], -1) if t.dim() == 3 and t.shape[1] == 1 else t
-    if t2.dim() != 2 or t2.shape[1] != width or t2.shape[0] not in (1, batch):
+def _check_per_batch(t: torch.Tensor, batch: int, width: int, name: str) -> None:
+    """A modulation tensor must be ``[B, 1, W]`` or ``[B, W]`` with B = ``batch`` or 1."""
+    shape = tuple(t.shape)
+    if len(shape) == 3 and shape[1] == 1:
+        shape = (shape[0], shape[2])
+    if len(shape) != 2 or shape[1] != width or shape[0] not in (1, batch):
         raise ValueError(f"{name}: expected [B, 1, {width}] or [B, {width}] with B = {batch} or 1, got "
                          f"{list(t.shape)}")
+
+
+def _per_batch(t: torch.Tensor, batch: int, width: int, name: str) -> torch.Tensor:
+    """A modulation tensor ``[B, 1, W]`` or ``[B, W]`` as ``[B, W]`` with a unit column stride."""
+    _check_per_batch(t, batch, width, name)
+    t2 = t.reshape(t.shape[0], -1) if t.dim() == 3 else t
     t2 = t2.expand(batch, width)
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
@@ -56,8 +65,24 @@ def norm_modulate_quantize(
     Returns:
         ``q`` int8 ``[B*S, K]`` and ``x_scale`` float32 ``[B*S]`` (rows with NaN/Inf: NaN).
     """
+    check_norm_modulate(x, shift, scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.norm_modulate_quantize(x, shift, scale, float(eps))
+    return norm_modulate_quantize_impl(x, shift, scale, eps)
+
+
+def check_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
+    """Metadata checks of ``norm_modulate_quantize`` (also run on fake tensors while tracing)."""
     if x.dim() != 3:
         raise ValueError(f"x: expected [B, S, K], got {list(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"x: expected float16/bfloat16/float32, got {x.dtype}")
+    b, _, k = x.shape
+    _check_per_batch(shift, b, k, "shift")
+    _check_per_batch(scale, b, k, "scale")
+
+
+def norm_modulate_quantize_impl(x, shift, scale, eps):
     b, s, k = x.shape
     x2 = _rows(x, "x")
     sh, sc = _per_batch(shift, b, k, "shift"), _per_batch(scale, b, k, "scale")
@@ -78,12 +103,26 @@ def glu_quantize(prefix: torch.Tensor | None, glu: torch.Tensor) -> tuple[torch.
     Returns:
         ``q`` int8 ``[M, P + F]`` and ``x_scale`` float32 ``[M]``.
     """
+    check_glu(prefix, glu)
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.glu_quantize(prefix, glu)
+    return glu_quantize_impl(prefix, glu)
+
+
+def check_glu(prefix: torch.Tensor | None, glu: torch.Tensor) -> None:
+    """Metadata checks of ``glu_quantize``."""
     if glu.shape[-1] % 2:
         raise ValueError(f"glu: last dim must be even (gate and up halves), got {glu.shape[-1]}")
+    for name, t in (("glu", glu), ("prefix", prefix)):
+        if t is not None and t.dtype not in _FLOATS:
+            raise ValueError(f"{name}: expected float16/bfloat16/float32, got {t.dtype}")
+    if prefix is not None and prefix.shape[:-1].numel() != glu.shape[:-1].numel():
+        raise ValueError(f"prefix: {prefix.shape[:-1].numel()} rows but glu has {glu.shape[:-1].numel()}")
+
+
+def glu_quantize_impl(prefix, glu):
     g2 = _rows(glu, "glu")
     p2 = None if prefix is None else _rows(prefix, "prefix")
-    if p2 is not None and p2.shape[0] != g2.shape[0]:
-        raise ValueError(f"prefix: {p2.shape[0]} rows but glu has {g2.shape[0]}")
     f = glu.shape[-1] // 2
     if _triton(glu.device):
         from . import triton_fused
@@ -102,18 +141,35 @@ def qk_norm_rope(
     Args:
         qkv: ``[B, S, 3 * H * D]`` float (unit last stride; any row stride).
         pe: ``[B or 1, 1, S_total, D/2, 2, 2]`` float32 rotation matrices (ComfyUI's ``EmbedND`` output).
-        q, k, v: contiguous ``[B, H, S_total, D]`` outputs in qkv's dtype.
+        q, k, v: ``[B, H, S_total, D]`` outputs in qkv's dtype with a unit last stride and equal strides:
+            contiguous, or ``[B, S_total, H, D]`` buffers seen through ``.transpose(1, 2)``, the layout
+            attention kernels return their output in (then ``[B, S, H * D]`` needs no copy).
     """
+    check_qk_norm_rope(qkv, pe, q, k, v, seq_off, heads)
+    if torch.compiler.is_compiling():
+        torch.ops.int8_w8a8.qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, float(eps_q),
+                                         float(eps_k))
+        return
+    qk_norm_rope_impl(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+
+
+def check_qk_norm_rope(qkv, pe, q, k, v, seq_off: int, heads: int) -> None:
+    """Metadata checks of ``qk_norm_rope``."""
     bsz, s, width = qkv.shape
     d = width // (3 * heads) if heads else 0
     if heads <= 0 or width != 3 * heads * d or d % 2:
         raise ValueError(f"qkv: last dim {width} is not 3 * heads ({heads}) * an even head dim")
     want = (bsz, heads, q.shape[2], d)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if tuple(t.shape) != want or not t.is_contiguous() or t.dtype != qkv.dtype:
-            raise ValueError(f"{name}: expected a contiguous {qkv.dtype} tensor {list(want)}, got {list(t.shape)}")
+        if tuple(t.shape) != want or t.stride() != q.stride() or q.stride(-1) != 1 or t.dtype != qkv.dtype:
+            raise ValueError(f"{name}: expected a {qkv.dtype} tensor {list(want)} with a unit last stride and "
+                             f"q's strides, got {list(t.shape)} with strides {t.stride()}")
     if seq_off < 0 or seq_off + s > q.shape[2] or pe.shape[2] < seq_off + s or tuple(pe.shape[3:]) != (d // 2, 2, 2):
         raise ValueError(f"pe {list(pe.shape)} / seq_off {seq_off}: do not cover {s} positions of head dim {d}")
+
+
+def qk_norm_rope_impl(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k) -> None:
+    d = qkv.shape[-1] // (3 * heads)
     if _triton(qkv.device) and qkv.stride(-1) == 1 and (d & (d - 1)) == 0:
         from . import triton_fused
 
@@ -136,11 +192,26 @@ def int8_gemm_residual(
     Returns:
         ``residual``.
     """
+    check_gemm_residual(xq, q, residual, gate)
+    if torch.compiler.is_compiling():
+        torch.ops.int8_w8a8.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate)
+    else:
+        int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate)
+    return residual
+
+
+def check_gemm_residual(xq, q, residual, gate) -> None:
+    """Metadata checks of ``int8_gemm_residual``."""
     if residual.dim() != 3 or not residual.is_contiguous():
         raise ValueError(f"residual: expected a contiguous [B, S, N] tensor, got {list(residual.shape)}")
     b, s, n = residual.shape
     if xq.shape[0] != b * s or q.shape[0] != n or xq.shape[1] != q.shape[1]:
         raise ValueError(f"shapes: xq {list(xq.shape)}, q {list(q.shape)}, residual {list(residual.shape)}")
+    _check_per_batch(gate, b, n, "gate")
+
+
+def int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate) -> None:
+    b, s, n = residual.shape
     g = _per_batch(gate, b, n, "gate")
     r2 = residual.view(b * s, n)
     xs = x_scale.reshape(-1)
@@ -148,10 +219,9 @@ def int8_gemm_residual(
         from . import triton_ops
 
         triton_ops.gemm_residual(xq, xs, q, scale, bias, r2, g, max(s, 1), choose_backend(xq.device))
-        return residual
+        return
     ws = scale.reshape(-1) if scale.dim() else scale
     reference_fused.int8_gemm_residual(xq, xs, q, ws, bias, r2, g, max(s, 1))
-    return residual
 
 
 def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -159,4 +229,7 @@ def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: t
     """``y [M, N] = xq @ q.T * x_scale * scale + bias`` on rows quantized by the functions above.
 
     xq int8 ``[M, K]``, x_scale float32 ``[M]``; the weight's values were validated when it was loaded."""
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.int8_gemm(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False, None,
+                                             None)
     return api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from . import api
+from . import api, fused
 
 LIB = "int8_w8a8"
 
@@ -96,3 +96,55 @@ def dequantize_op(
 @dequantize_op.register_fake
 def _(q, scale, dtype, rotate_group, validate):
     return q.new_empty(q.shape, dtype=dtype)
+
+
+# ---- the fused block kernels (kernels/fused.py): traced by fused FLUX blocks under torch.compile ----
+@torch.library.custom_op(f"{LIB}::norm_modulate_quantize", mutates_args=())
+def norm_modulate_quantize_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused.norm_modulate_quantize_impl(x, shift, scale, eps)
+
+
+@norm_modulate_quantize_op.register_fake
+def _(x, shift, scale, eps):
+    m = x.shape[0] * x.shape[1]
+    return x.new_empty((m, x.shape[2]), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIB}::glu_quantize", mutates_args=())
+def glu_quantize_op(prefix: torch.Tensor | None, glu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused.glu_quantize_impl(prefix, glu)
+
+
+@glu_quantize_op.register_fake
+def _(prefix, glu):
+    m = math.prod(glu.shape[:-1])
+    width = glu.shape[-1] // 2 + (prefix.shape[-1] if prefix is not None else 0)
+    return glu.new_empty((m, width), dtype=torch.int8), glu.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIB}::qk_norm_rope", mutates_args=("q", "k", "v"))
+def qk_norm_rope_op(
+    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, pe: torch.Tensor, q: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, seq_off: int, heads: int, eps_q: float, eps_k: float,
+) -> None:
+    fused.qk_norm_rope_impl(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+
+
+@qk_norm_rope_op.register_fake
+def _(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k):
+    return None
+
+
+@torch.library.custom_op(f"{LIB}::int8_gemm_residual", mutates_args=("residual",))
+def int8_gemm_residual_op(
+    xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor, gate: torch.Tensor,
+) -> None:
+    fused.int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate)
+
+
+@int8_gemm_residual_op.register_fake
+def _(xq, x_scale, q, scale, bias, residual, gate):
+    return None

@@ -13,11 +13,15 @@ layers, the replacements here run the same math with ``kernels.fused``:
 
 They are registered as ComfyUI "dit" block replacements (``set_model_patch_replace``) on the model
 the pack's loader builds, so clones, LoRA patches and offloading go through ComfyUI as usual. Each
-call checks the rules below and otherwise runs ComfyUI's own block (logged once per reason):
-not under torch.compile (Inductor fuses the unfused block itself), no attention mask, no
+call checks the rules below and otherwise runs ComfyUI's own block (logged once per reason, in eager
+calls: logging inside a traced function would break the graph): no attention mask, no
 ``attn1_patch``/``attn1_output_patch``, modulation of shape [B, 1, D] (not the per-token modulation of
 reference-image edits), FLUX.2-style SwiGLU MLPs, and every linear ``Int8Linear.fusable()`` (no
 dynamic LoRA term, no rotation, no lowvram weight functions).
+
+Under torch.compile (ComfyUI's TorchCompileModel) the fused blocks are traced too: every kernel is an
+``int8_w8a8::*`` custom op, so the compiled model runs the same kernels as eager mode in one graph, and
+Inductor compiles the little that is left between them (bench/NOTES.md, item 12).
 
 Numerics: float32 inside each fused kernel, rounded once, where ComfyUI rounds to bf16 after every op;
 tests compare both against float64 (``tests/test_flux_fused.py``).
@@ -42,7 +46,7 @@ _LOGGED: set[str] = set()  # fallback reasons already logged (once per process)
 
 
 def _fallback(reason: str) -> None:
-    if reason not in _LOGGED:
+    if reason not in _LOGGED and not torch.compiler.is_compiling():
         _LOGGED.add(reason)
         logger.info("int8_w8a8: fused FLUX blocks: %s; running ComfyUI's block", reason)
 
@@ -89,8 +93,10 @@ def _attention(q, k, v, heads: int, transformer_options: dict) -> torch.Tensor:
 
 
 def _qkv_buffers(x: torch.Tensor, heads: int, head_dim: int, seq: int):
-    shape = (x.shape[0], heads, seq, head_dim)
-    return tuple(torch.empty(shape, device=x.device, dtype=x.dtype) for _ in range(3))
+    """q, k, v ``[B, H, S, D]`` views of ``[B, S, H, D]`` buffers: attention kernels (cuDNN, flash) write their
+    output in q's layout, so ``[B, S, H * D]`` is then a view, not a transposing copy (1.6 ms per 9B step)."""
+    shape = (x.shape[0], seq, heads, head_dim)
+    return tuple(torch.empty(shape, device=x.device, dtype=x.dtype).transpose(1, 2) for _ in range(3))
 
 
 def _stream_qkv(x, mod, norm1, qkv_layer, qk_norm, pe, bufs, seq_off: int, heads: int) -> None:
@@ -127,8 +133,6 @@ class FusedDoubleBlock:
         self.index = index
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        if torch.compiler.is_compiling():  # first, so Dynamo traces nothing else of this (no logging: breaks)
-            return extra["original_block"](args)
         model = self.model()
         block = model.double_blocks[self.index] if model is not None else None
         img, txt, vec = args["img"], args["txt"], args["vec"]
@@ -176,8 +180,6 @@ class FusedSingleBlock:
         self.index = index
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        if torch.compiler.is_compiling():
-            return extra["original_block"](args)
         model = self.model()
         block = model.single_blocks[self.index] if model is not None else None
         x, vec = args["img"], args["vec"]
@@ -228,7 +230,6 @@ def install(patcher) -> int:
             if type(block) is cls and (kind, i) not in replaced:
                 patcher.set_model_patch_replace(fused(model, i), "dit", kind, i)
                 count += 1
-    logger.info("int8_w8a8: fused FLUX blocks registered on %d of %d blocks (eager mode; under torch.compile "
-                "ComfyUI's blocks run and Inductor fuses them)", count,
+    logger.info("int8_w8a8: fused FLUX blocks registered on %d of %d blocks", count,
                 len(model.double_blocks) + len(model.single_blocks))
     return count

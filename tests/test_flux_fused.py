@@ -127,9 +127,9 @@ def test_dynamic_lora_falls_back_and_merged_lora_stays_fused(models, calls, tmp_
     assert sqnr_db(step(merged, models["inputs"], fused=False), y_merged) > 30
 
 
-def test_torch_compile_runs_comfyui_blocks_in_one_graph(models, calls, monkeypatch):
-    """Under torch.compile the replacements hand over to ComfyUI's blocks before anything else is traced:
-    one graph, no breaks, no fused kernels, the unfused model's output."""
+def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch):
+    """Under torch.compile the fused blocks are traced (their kernels are custom ops): one graph, no breaks,
+    the fused kernels in it, and the eager fused model's output."""
     import comfy.ldm.flux.math
     import comfy.ldm.modules.attention
     import comfy.model_management
@@ -138,6 +138,8 @@ def test_torch_compile_runs_comfyui_blocks_in_one_graph(models, calls, monkeypat
 
     # ComfyUI's CPU attention asks psutil for free memory, which breaks graphs; GPUs use SDPA, as here
     monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    monkeypatch.setattr(comfy.ldm.modules.attention, "optimized_attention",
+                        comfy.ldm.modules.attention.attention_pytorch)
     patcher = models["fused"]
     x, sigma, ctx = models["inputs"]
     options = patcher.model_options["transformer_options"]
@@ -147,9 +149,16 @@ def test_torch_compile_runs_comfyui_blocks_in_one_graph(models, calls, monkeypat
     compiled = torch.compile(patcher.model.diffusion_model, backend=backend, fullgraph=True)
     comfy.model_management.load_models_gpu([patcher])
     dtype = patcher.model.get_dtype()
+    args = (x.to(dtype), sigma.to(dtype), ctx.to(dtype))
     with torch.inference_mode():
-        y = compiled(x.to(dtype), sigma.to(dtype), ctx.to(dtype), transformer_options=dict(options)).float()
-        want = patcher.model.diffusion_model(x.to(dtype), sigma.to(dtype), ctx.to(dtype)).float()
+        want = patcher.model.diffusion_model(*args, transformer_options=dict(options)).float()
+        eager_calls = dict(calls)
+        y = compiled(*args, transformer_options=dict(options)).float()
+        unfused = patcher.model.diffusion_model(*args).float()
+    assert eager_calls == {"norm": 5, "glu": 3}
     assert not counters["graph_break"] and backend.frame_count == 1
-    assert calls == {"glu": 0, "norm": 0}
+    ops = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
+    for op in ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "int8_gemm_residual"):
+        assert any(op in name for name in ops), (op, sorted(ops))
     assert sqnr_db(want, y) > 60
+    assert sqnr_db(unfused, y) > 30

@@ -90,9 +90,20 @@ def test_norm_modulate_quantize_rejects_bad_modulation():
 # ---------------------------------------------------------------------------------------------
 # [prefix | silu(g) * u] + quantization
 # ---------------------------------------------------------------------------------------------
+@pytest.fixture(params=["one-pass", "two-pass"])
+def glu_kernel(request, monkeypatch):
+    """Both GLU kernels: rows held in registers (the rule for FLUX.2 widths) and the two-pass kernel for
+    wider rows (forced by a zero one-pass bound)."""
+    if request.param == "two-pass":
+        from int8_w8a8.kernels import triton_fused
+
+        monkeypatch.setattr(triton_fused, "GLU_ONE_PASS_MAX", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m,p,f", [(1, 0, 7), (15, 0, 100), (16, 64, 48), (17, 33, 65), (3, 128, 3000)])
-def test_glu_quantize(seed, dtype, m, p, f):
+def test_glu_quantize(seed, dtype, m, p, f, glu_kernel):
     wide = torch.randn(m, 3 * p + 2 * f + 5, dtype=dtype) * 2
     glu = wide[:, 3 * p + 5:].to(DEV)  # a column slice of a wider projection, as in FLUX.2's linear1
     prefix = (torch.randn(m, p, dtype=dtype) * 0.5).to(DEV) if p else None
@@ -108,7 +119,7 @@ def test_glu_quantize(seed, dtype, m, p, f):
     assert sqnr_db(truth, _dequant(q, xs)) > 30
 
 
-def test_glu_quantize_nan_and_zero_rows():
+def test_glu_quantize_nan_and_zero_rows(glu_kernel):
     glu = torch.randn(4, 64, device=DEV, dtype=torch.bfloat16)
     glu[1] = 0
     glu[2, 40] = float("inf")
@@ -137,14 +148,21 @@ def _comfy_qk(x: torch.Tensor, w: torch.Tensor, pe: torch.Tensor, eps: float) ->
     return (pe[..., 0] * y2[..., 0] + pe[..., 1] * y2[..., 1]).reshape(y.shape)
 
 
+def _heads_buffers(b: int, heads: int, s: int, d: int, dtype, layout: str):
+    """q, k, v as [B, H, S, D]: contiguous ("bhsd") or [B, S, H, D] buffers transposed ("bshd")."""
+    if layout == "bhsd":
+        return tuple(torch.empty(b, heads, s, d, device=DEV, dtype=dtype) for _ in range(3))
+    return tuple(torch.empty(b, s, heads, d, device=DEV, dtype=dtype).transpose(1, 2) for _ in range(3))
+
+
 @pytest.mark.parametrize("b,heads,d", [(1, 2, 16), (2, 3, 64), (1, 2, 128)])
 @pytest.mark.parametrize("s_txt,s_img", [(1, 15), (17, 16)])
-def test_qk_norm_rope_two_streams(seed, b, heads, d, s_txt, s_img):
+@pytest.mark.parametrize("layout", ("bhsd", "bshd"))
+def test_qk_norm_rope_two_streams(seed, b, heads, d, s_txt, s_img, layout):
     dtype = torch.bfloat16
     total = s_txt + s_img
     pe = _pe(b, total, d).to(DEV)
-    q = torch.empty(b, heads, total, d, device=DEV, dtype=dtype)
-    k, v = torch.empty_like(q), torch.empty_like(q)
+    q, k, v = _heads_buffers(b, heads, total, d, dtype, layout)
     outs = []
     for off, s in ((0, s_txt), (s_txt, s_img)):
         wide = torch.randn(b, s, 3 * heads * d + 8, device=DEV, dtype=dtype) * 2
@@ -180,6 +198,10 @@ def test_qk_norm_rope_broadcast_pe_and_bad_args():
     with pytest.raises(ValueError, match="pe"):
         fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), pe, q, k, v, seq_off=1,
                            heads=heads, eps_q=1e-6, eps_k=1e-6)
+    with pytest.raises(ValueError, match="strides"):  # k in another layout than q
+        fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), pe, q,
+                           _heads_buffers(b, heads, s, d, q.dtype, "bshd")[1], v, seq_off=0, heads=heads,
+                           eps_q=1e-6, eps_k=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
