@@ -21,6 +21,20 @@ def _rope_ref(x, pe):
     return (pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]).reshape(*x.shape).to(x.dtype)
 
 
+def _gemm_residual_ms(m: int, k: int, n: int, dev: str, dt: torch.dtype) -> tuple[float, float]:
+    """(plain INT8 GEMM, the same with ``residual += gate * y`` in its epilogue) in ms."""
+    from ..kernels import fused
+
+    xq = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
+    xs = torch.rand(m, device=dev) * 0.01
+    wq = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
+    ws = torch.rand(n, device=dev) * 0.01
+    res = torch.randn(1, m, n, device=dev, dtype=dt)
+    gate = torch.randn(1, 1, n, device=dev, dtype=dt)
+    return (common.bench_ms(lambda: fused.int8_gemm(xq, xs, wq, ws, None, dt)),
+            common.bench_ms(lambda: fused.int8_gemm_residual(xq, xs, wq, ws, None, res, gate)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
@@ -50,16 +64,10 @@ def main() -> None:
     mlp = h[..., 3 * hidden:]
     nbytes = attn.numel() * 2 + mlp.numel() * 2 + s * (hidden + f)
     record("[attn | swiglu]+quant fused (rule)", common.bench_ms(lambda: fused.glu_quantize(attn, mlp)), nbytes)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    for warps, per_sm in ((8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 1), (16, 0)):
-        flight = per_sm * sms if per_sm else s
-        ms = common.bench_ms(lambda w=warps, fl=flight: triton_fused.glu_quantize(
-            attn.reshape(s, -1), mlp.reshape(s, -1), f, 0, w, fl, one_pass=True))
-        record(f"  glu one-pass warps={warps} programs={flight}", ms, nbytes)
-    for block_k, warps, flight in ((4096, 8, 0), (2048, 4, 0)):
+    for block_k, warps, flight in ((4096, 8, 0), (2048, 4, 0), (4096, 8, 2000), (8192, 16, 0)):
         ms = common.bench_ms(lambda bk=block_k, w=warps, fl=flight: triton_fused.glu_quantize(
-            attn.reshape(s, -1), mlp.reshape(s, -1), f, bk, w, fl, one_pass=False))
-        record(f"  glu two-pass block_k={block_k} warps={warps} rows_in_flight={flight or 'rule'}", ms, nbytes)
+            attn.reshape(s, -1), mlp.reshape(s, -1), f, bk, w, fl))
+        record(f"  glu block_k={block_k} warps={warps} rows_in_flight={flight or 'rule'}", ms, nbytes)
     img_mlp = torch.randn(b, 4096, 2 * f, device=dev, dtype=dt)
     record("swiglu+quant fused [4096, 2 x 12288] (double block, rule)",
            common.bench_ms(lambda: fused.glu_quantize(None, img_mlp)), img_mlp.numel() * 2 + 4096 * f)
@@ -83,6 +91,12 @@ def main() -> None:
         kk = torch.nn.functional.rms_norm(kk, (d,), qw, 1e-6)
         return _rope_ref(qq, pe), _rope_ref(kk, pe), vv
     record("  unfused: rms_norm x2, rope (torch) x2", common.bench_ms(unfused_qk), qkv.numel() * 8)
+    # the gated residual add in the GEMM epilogue: its cost over the plain GEMM (reads the residual tile once)
+    for m, k, n in ((4608, 16384, 4096), (4096, 4096, 4096), (4096, 12288, 4096)):
+        plain, with_res = _gemm_residual_ms(m, k, n, dev, dt)
+        record(f"int8 gemm {m}x{k}x{n}", plain, m * k + n * k + m * n * 2)
+        record(f"  + gated residual in the epilogue (+{(with_res - plain) * 1e3:.1f} us)", with_res,
+               m * k + n * k + m * n * 4)
     if args.out:
         common.write_json(args.out, {"env": common.environment(), "rows": rows})
 

@@ -17,13 +17,13 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..kernels import configs, triton_fused, triton_gemm, triton_quant
+from ..kernels import configs, triton_gemm, triton_quant
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -82,8 +82,8 @@ def compile_gemm(cfg: configs.GemmConfig, arch: int, out: str = "bf16", per_row:
             "b_desc": f"tensordesc<i8[{cfg.block_n}, {cfg.block_k}]>",
             "c_desc": f"tensordesc<{out}[{cfg.block_m}, {cfg.block_n // sub}]>",
             "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "h_ptr": "*bf16", "lb_ptr": "*bf16",
-            "res_ptr": f"*{out}", "gate_ptr": "*bf16",
-            "M": "i32", "N": "i32", "K": "i32", "stride_hm": "i32", "stride_lbn": "i32", "stride_rm": "i32",
+            "gate_ptr": "*bf16",
+            "M": "i32", "N": "i32", "K": "i32", "stride_hm": "i32", "stride_lbn": "i32",
             "stride_gb": "i32", "rows_per_batch": "i32",
         }
         consts.update(NUM_PROGRAMS=132 * cfg.ctas_per_sm, EPILOGUE_SUBTILE=cfg.epilogue_subtile, LORA_R=lora_r,
@@ -98,8 +98,8 @@ def compile_gemm(cfg: configs.GemmConfig, arch: int, out: str = "bf16", per_row:
         }
         consts.update(EVEN_K=True, stride_bk=1, LORA_R=lora_r, LORA_FP32=False, RESIDUAL=residual)
         fn = triton_gemm._gemm_kernel
-    divisible = ("a_ptr", "b_ptr", "c_ptr", "xs_ptr", "ws_ptr", "bias_ptr", "h_ptr", "lb_ptr", "res_ptr", "gate_ptr",
-                 "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_hm", "stride_lbn", "stride_rm", "stride_gb")
+    divisible = ("a_ptr", "b_ptr", "c_ptr", "xs_ptr", "ws_ptr", "bias_ptr", "h_ptr", "lb_ptr", "gate_ptr",
+                 "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_hm", "stride_lbn", "stride_gb")
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
     return _summarize(_compile(fn, sig, consts, divisible, arch, options))
 
@@ -125,18 +125,6 @@ def compile_quant(k: int, group: int, arch: int, dtype: str = "bf16") -> dict:
     return _summarize(_compile(triton_quant._quantize_rows_kernel, sig, consts, divisible, arch, options))
 
 
-def compile_glu_row(p: int, f: int, arch: int, warps: int = 0) -> dict:
-    """Compile the one-pass [prefix | SwiGLU] quantizer for rows of ``p`` + ``f`` features (the rule's warps)."""
-    block_p, block_f = max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(f))
-    warps = warps or max(4, min(triton_fused.GLU_ROW_WARPS, (block_p + block_f) // 1024))
-    sig = {"p_ptr": "*bf16", "g_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "M": "i32", "P": "i32",
-           "F": "i32", "stride_pm": "i32", "stride_gm": "i32", "stride_qm": "i32"}
-    consts = {"BLOCK_P": block_p, "BLOCK_F": block_f, "FAST_ROUND": True}
-    divisible = ("p_ptr", "g_ptr", "q_ptr", "scale_ptr", "P", "F", "stride_pm", "stride_gm", "stride_qm")
-    options = {"num_warps": warps, "enable_fp_fusion": False}
-    return _summarize(_compile(triton_fused._glu_quant_row_kernel, sig, consts, divisible, arch, options))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an int (90 = sm_90)")
@@ -150,13 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         for rank in (64, 512):  # one chunk, and the most stacked LoRAs are likely to reach
             rows.append({"what": f"{label} +LoRA{rank}", "config": asdict(cfg),
                          **compile_gemm(cfg, args.arch, lora_r=rank)})
-        rows.append({"what": f"{label} +residual", "config": asdict(cfg),
-                     **compile_gemm(cfg, args.arch, residual=True)})
+        res_cfg = replace(cfg, epilogue_subtile=True) if cfg.kernel == "tma" else cfg  # as triton_ops runs it
+        rows.append({"what": f"{label} +residual", "config": asdict(res_cfg),
+                     **compile_gemm(res_cfg, args.arch, residual=True)})
     for k, g, dt in ((4096, 0, "bf16"), (16384, 0, "bf16"), (65600, 0, "bf16"), (4096, 256, "bf16"),
                      (4096, 256, "fp32"), (3072, 128, "bf16"), (3072, 128, "fp32"), (3072, 64, "fp16")):
         rows.append({"what": f"quant K={k} G={g} {dt}", **compile_quant(k, g, args.arch, dt)})
-    for p, f in ((4096, 12288), (0, 12288), (3072, 9216)):  # FLUX.2 klein 9B single / double, 4B single
-        rows.append({"what": f"glu one-pass P={p} F={f}", **compile_glu_row(p, f, args.arch)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

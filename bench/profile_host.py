@@ -49,6 +49,7 @@ def main() -> int:
     xs = xs.reshape(-1)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     cfg = configs.select_config(m, backend.arch, tma_ok=False)
+    x3, mod = x.reshape(1, m, k), torch.zeros(1, 1, k, device="cuda", dtype=torch.bfloat16)
     parts = {
         "F.linear bf16": lambda: F.linear(x, w),
         "int8_linear (public)": lambda: kernels.int8_linear(x, q, s),
@@ -58,6 +59,12 @@ def main() -> int:
         "choose_backend": lambda: dispatch.choose_backend(x.device),
         "quantize launch": lambda: triton_quant.launch_quantize(x, xq, xs),
         "gemm launch": lambda: triton_gemm.gemm(xq, xs, q, s.reshape(-1), None, out, cfg),
+        # the dispatcher's cost for a custom op (what compiled graphs call) next to the direct call
+        "int8_gemm impl (direct)": lambda: kernels.api.int8_gemm_impl(xq, xs, q, s, None, torch.bfloat16, False),
+        "int8_gemm op (torch.ops)": lambda: torch.ops.int8_w8a8.int8_gemm(xq, xs, q, s, None, torch.bfloat16, False,
+                                                                          None, None),
+        "norm_modulate_quantize impl": lambda: kernels.fused.norm_modulate_quantize_impl(x3, mod, mod, 1e-6),
+        "norm_modulate_quantize op": lambda: torch.ops.int8_w8a8.norm_modulate_quantize(x3, mod, mod, 1e-6),
         "3x torch.empty": lambda: (torch.empty((m, k), dtype=torch.int8, device="cuda"),
                                    torch.empty((m,), dtype=torch.float32, device="cuda"),
                                    torch.empty((m, n), dtype=torch.bfloat16, device="cuda")),

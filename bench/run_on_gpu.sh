@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-comfy | ptx | bench | bench-quick | model | model-compile | lora | profile | fused | model-9b | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-comfy | tests-fused | blocks | ptx | bench | bench-quick | model | model-compile | lora | profile | fused | model-9b | host | sweep-{large,m1024,m256,m64,small}
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
 # package is imported as int8_w8a8 through a symlink, since the machine cannot pip install -e.
@@ -29,6 +29,9 @@ for step in "$@"; do
     case "$step" in
         tests) python3 -m pytest tests -m "kernels or gpu" -q -p no:randomly 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
         tests-comfy) python3 -m pytest tests/test_gpu_comfy.py -q -x 2>&1 | tee "$OUT/pytest-comfy.log" | tail -40 ;;
+        tests-fused) python3 -m pytest tests/test_fused.py -q -p no:randomly 2>&1 \
+            | tee "$OUT/pytest-fused.log" | tail -15 ;;
+        blocks) python3 -m int8_w8a8.bench.bench_blocks --out "$OUT/bench_blocks.json" 2>&1 | tee "$OUT/bench_blocks.txt" ;;
         ptx) python3 -m int8_w8a8.bench.check_ptx --arch 90 2>&1 | tee "$OUT/ptx.txt" ;;
         bench) python3 -m int8_w8a8.bench.bench_linear --out "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.txt" ;;
         bench-quick) python3 -m int8_w8a8.bench.bench_linear --quick --out "$OUT/bench_linear.json" 2>&1 \

@@ -97,8 +97,8 @@ def _glu_quant_kernel(
 ):
     """Rows ``[p[m, :P] | silu(g[m, :F]) * g[m, F:2F]]`` -> q [M, P + F] int8 and scale [M].
 
-    Two passes over each row (absmax, then quantize); the second is served from L2 because the
-    launcher bounds the rows in flight.
+    Two passes over each row (absmax, then quantize); the second is served mostly from L2, which holds
+    the rows of the programs resident on the SMs (about 8 per SM at 8 warps).
     """
     cols = tl.arange(0, BLOCK_K)
     for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
@@ -119,31 +119,6 @@ def _glu_quant_kernel(
         for k0 in range(0, F, BLOCK_K):
             v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, False, FAST_ROUND)
-
-
-@triton.jit
-def _glu_quant_row_kernel(
-    p_ptr, g_ptr, q_ptr, scale_ptr,
-    M, P, F, stride_pm, stride_gm, stride_qm,
-    BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr, FAST_ROUND: tl.constexpr,
-):
-    """``_glu_quant_kernel`` in one pass: a whole row ``[prefix | SwiGLU]`` (P <= BLOCK_P, F <= BLOCK_F)
-    is held in registers between its absmax and its quantization, so each input byte is read once.
-
-    ``P == 0`` (no prefix) leaves the prefix tile fully masked: no loads, no stores.
-    """
-    cols_p = tl.arange(0, BLOCK_P)
-    cols_f = tl.arange(0, BLOCK_F)
-    for r in range(tl.program_id(0), M, tl.num_programs(0)):
-        rows = r + tl.arange(0, 1)
-        row_ok = rows < M
-        v = _glu_tile(g_ptr, rows, row_ok, cols_f, F, stride_gm)
-        absmax, nonfinite = _row_stats(v, tl.zeros((1,), tl.float32), tl.zeros((1,), tl.int32))
-        pv = _prefix_tile(p_ptr, rows, row_ok, cols_p, P, stride_pm)
-        absmax, nonfinite = _row_stats(pv, absmax, nonfinite)
-        inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
-        _quantize_store(pv, inv, 0, rows, row_ok, cols_p, P, q_ptr, stride_qm, False, FAST_ROUND)
-        _quantize_store(v, inv, 0, rows, row_ok, cols_f, F, q_ptr + P, stride_qm, False, FAST_ROUND)
 
 
 @triton.jit
@@ -195,23 +170,18 @@ def _qk_norm_rope_kernel(
 
 _NORM_MOD_QUANT = FastLauncher(_norm_mod_quant_kernel, interpreting())
 _GLU_QUANT = FastLauncher(_glu_quant_kernel, interpreting())
-_GLU_QUANT_ROW = FastLauncher(_glu_quant_row_kernel, interpreting())
 _QK_NORM_ROPE = FastLauncher(_qk_norm_rope_kernel, interpreting())
 
 # Rows of up to this many features are normalized in one tile (FLUX.2 klein: 3072 and 4096).
 NORM_MAX_K = 16384
-# [prefix | SwiGLU] rows: columns per tile, warps and programs per SM, from bench/bench_fused.py on the
-# H200 at 4608 x [4096 | 2 x 12288]: 155 us at 4096/8/~2000 programs vs 247 us at 2048/4 with the rows
-# in flight bounded by L2 (the bound left too few loads in flight; the second pass mostly hits L2 anyway).
+# [prefix | SwiGLU] rows: columns per tile, warps and programs per SM, from bench/bench_fused.py and, in
+# a real step (warm L2, after the GEMM that writes the input), bench/bench_blocks.py on the H200 at 9B
+# widths: 4096 / 8 / 32 per SM (about a row per program) 273 us per double + single block, 16 per SM
+# 282, 4 per SM (rows in flight bounded by L2) 323, 8192-column tiles 374. Rejected: a one-pass kernel
+# holding each row in registers (415 us: 125 registers x 512 threads leave one row per SM in flight).
 GLU_BLOCK_K = 4096
 GLU_WARPS = 8
-GLU_PROGRAMS_PER_SM = 16
-# Rows whose tiles (prefix and SwiGLU, each padded to a power of two) hold at most this many elements
-# are quantized in one pass from registers (``_glu_quant_row_kernel``): FLUX.2 klein's 4096 + 16384.
-# Warps per row and programs per SM from bench/bench_fused.py on the H200 (NOTES.md, item 12).
-GLU_ONE_PASS_MAX = 32768
-GLU_ROW_WARPS = 16
-GLU_ROW_PROGRAMS_PER_SM = 2
+GLU_PROGRAMS_PER_SM = 32
 
 
 def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
@@ -233,32 +203,20 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
     return q, scale
 
 
-def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_flight: int = 0,
-                 one_pass: bool | None = None):
+def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_flight: int = 0):
     """prefix [M, P] or None, glu [M, 2F] (unit column strides) -> q [M, P + F] int8, scale [M].
 
-    ``block_k`` (two-pass kernel), ``warps``, ``rows_in_flight``, ``one_pass``: overrides for benchmarks
-    and tests (0 / None: the rule)."""
+    ``block_k``, ``warps``, ``rows_in_flight``: overrides for benchmarks (0: the rule)."""
     m = glu.shape[0]
     p = 0 if prefix is None else prefix.shape[1]
     q = torch.empty((m, p + f), dtype=torch.int8, device=glu.device)
     scale = row_scales(m, p + f, glu.device)
     if m == 0 or p + f == 0:
         return q, scale
-    pre = prefix if prefix is not None else glu
-    block_p, block_f = max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(f))
-    if one_pass if one_pass is not None else block_p + block_f <= GLU_ONE_PASS_MAX:
-        default_warps = max(4, min(GLU_ROW_WARPS, (block_p + block_f) // 1024))
-        blocks = min(m, rows_in_flight or GLU_ROW_PROGRAMS_PER_SM * num_sms(glu.device))
-        _GLU_QUANT_ROW(
-            (blocks,), pre, glu, q, scale, m, p, f, pre.stride(0), glu.stride(0), q.stride(0),
-            BLOCK_P=block_p, BLOCK_F=block_f, FAST_ROUND=not interpreting(), num_warps=warps or default_warps,
-            enable_fp_fusion=False,
-        )
-        return q, scale
     block_k = block_k or min(max(16, triton.next_power_of_2(max(p, f))), GLU_BLOCK_K)
     block_m = 1
     blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
+    pre = prefix if prefix is not None else glu
     _GLU_QUANT(
         (blocks,), pre, glu, q, scale, m, p, f, pre.stride(0), glu.stride(0), q.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), num_warps=warps or GLU_WARPS,

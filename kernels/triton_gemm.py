@@ -81,13 +81,20 @@ def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr
 
 
 @triton.jit
+def _gated(r, out, offs_m, offs_n, M, N, gate_ptr, stride_gb, rows_per_batch):
+    """``r + gate[row // rows_per_batch] * out`` in float32 (r: the residual tile)."""
+    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    batch = (offs_m // rows_per_batch).to(tl.int64)
+    g = tl.load(gate_ptr + batch[:, None] * stride_gb + offs_n[None, :], mask=ok, other=0.0)
+    return r.to(tl.float32) + g.to(tl.float32) * out
+
+
+@triton.jit
 def _residual(out, offs_m, offs_n, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch):
     """``residual + gate[row // rows_per_batch] * out`` (a block's gated residual add, written in place)."""
     ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     r = tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :], mask=ok, other=0.0)
-    batch = (offs_m // rows_per_batch).to(tl.int64)
-    g = tl.load(gate_ptr + batch[:, None] * stride_gb + offs_n[None, :], mask=ok, other=0.0)
-    return r.to(tl.float32) + g.to(tl.float32) * out
+    return _gated(r, out, offs_m, offs_n, M, N, gate_ptr, stride_gb, rows_per_batch)
 
 
 @triton.jit
@@ -95,9 +102,9 @@ def _gemm_tma_kernel(
     # TMA descriptors: xq [M, K] int8, wq [N, K] int8, out [M, N]
     a_desc, b_desc, c_desc,
     # epilogue operands: x_scale [M] f32, w_scale [N] or [] f32, bias [N], LoRA h [M, R] and lora_b [N, R],
-    # with RESIDUAL the output's own pointer (read before it is overwritten) and gate [B, N]
-    xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, res_ptr, gate_ptr,
-    M, N, K, stride_hm, stride_lbn, stride_rm, stride_gb, rows_per_batch,
+    # with RESIDUAL gate [B, N] (the residual is the output itself, read through c_desc before it is stored)
+    xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr,
+    M, N, K, stride_hm, stride_lbn, stride_gb, rows_per_batch,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -136,21 +143,24 @@ def _gemm_tma_kernel(
             offs_n0 = off_cn + tl.arange(0, BLOCK_N // 2)
             out0 = _epilogue(acc0, offs_m, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
                              stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
-            if RESIDUAL:
-                out0 = _residual(out0, offs_m, offs_n0, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch)
+            if RESIDUAL:  # the residual tile arrives through the output's own descriptor (TMA)
+                out0 = _gated(c_desc.load([off_cm, off_cn]), out0, offs_m, offs_n0, M, N, gate_ptr, stride_gb,
+                              rows_per_batch)
             c_desc.store([off_cm, off_cn], out0.to(out_dtype))
             offs_n1 = offs_n0 + BLOCK_N // 2
             out1 = _epilogue(acc1, offs_m, offs_n1, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
                              stride_hm, stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
             if RESIDUAL:
-                out1 = _residual(out1, offs_m, offs_n1, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch)
+                out1 = _gated(c_desc.load([off_cm, off_cn + BLOCK_N // 2]), out1, offs_m, offs_n1, M, N, gate_ptr,
+                              stride_gb, rows_per_batch)
             c_desc.store([off_cm, off_cn + BLOCK_N // 2], out1.to(out_dtype))
         else:
             offs_n = off_cn + tl.arange(0, BLOCK_N)
             out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
                             stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
             if RESIDUAL:
-                out = _residual(out, offs_m, offs_n, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch)
+                out = _gated(c_desc.load([off_cm, off_cn]), out, offs_m, offs_n, M, N, gate_ptr, stride_gb,
+                             rows_per_batch)
             c_desc.store([off_cm, off_cn], out.to(out_dtype))
 
 
@@ -272,8 +282,8 @@ def gemm(
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         _GEMM_TMA(
             (min(programs, tiles),),
-            a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, h_arg, lb_arg, out, gate_arg,
-            m, n, k, stride_h, stride_lb, out.stride(0), stride_gb, rows_per_batch,
+            a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, h_arg, lb_arg, gate_arg,
+            m, n, k, stride_h, stride_lb, stride_gb, rows_per_batch,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             NUM_PROGRAMS=programs, PER_ROW_W=per_row, HAS_BIAS=bias is not None,
             EPILOGUE_SUBTILE=cfg.epilogue_subtile, RESIDUAL=gate is not None, **lora,

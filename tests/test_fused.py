@@ -90,20 +90,9 @@ def test_norm_modulate_quantize_rejects_bad_modulation():
 # ---------------------------------------------------------------------------------------------
 # [prefix | silu(g) * u] + quantization
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(params=["one-pass", "two-pass"])
-def glu_kernel(request, monkeypatch):
-    """Both GLU kernels: rows held in registers (the rule for FLUX.2 widths) and the two-pass kernel for
-    wider rows (forced by a zero one-pass bound)."""
-    if request.param == "two-pass":
-        from int8_w8a8.kernels import triton_fused
-
-        monkeypatch.setattr(triton_fused, "GLU_ONE_PASS_MAX", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m,p,f", [(1, 0, 7), (15, 0, 100), (16, 64, 48), (17, 33, 65), (3, 128, 3000)])
-def test_glu_quantize(seed, dtype, m, p, f, glu_kernel):
+def test_glu_quantize(seed, dtype, m, p, f):
     wide = torch.randn(m, 3 * p + 2 * f + 5, dtype=dtype) * 2
     glu = wide[:, 3 * p + 5:].to(DEV)  # a column slice of a wider projection, as in FLUX.2's linear1
     prefix = (torch.randn(m, p, dtype=dtype) * 0.5).to(DEV) if p else None
@@ -119,7 +108,7 @@ def test_glu_quantize(seed, dtype, m, p, f, glu_kernel):
     assert sqnr_db(truth, _dequant(q, xs)) > 30
 
 
-def test_glu_quantize_nan_and_zero_rows(glu_kernel):
+def test_glu_quantize_nan_and_zero_rows():
     glu = torch.randn(4, 64, device=DEV, dtype=torch.bfloat16)
     glu[1] = 0
     glu[2, 40] = float("inf")
