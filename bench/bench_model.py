@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -95,7 +100,9 @@ def step(patcher, inputs) -> torch.Tensor:
         return patcher.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=options)
 
 
-def measure(patcher, inputs, reps: int = 7, warmup: int = 2) -> dict:
+def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0) -> dict:
+    """Median step ms, first-call s and peak GB; ``baseline``: bytes allocated before the variant was built
+    (graphs compiled for earlier variants can keep their models alive; they are not this variant's peak)."""
     t0 = time.perf_counter()
     y = step(patcher, inputs).float()
     common.sync()
@@ -114,7 +121,7 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2) -> dict:
         torch.cuda.reset_peak_memory_stats()
         step(patcher, inputs)
         common.sync()
-        peak = torch.cuda.max_memory_allocated() / 1e9
+        peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9
     return {"ms": common.median(times), "first_call_s": first_s, "peak_gb": peak, "y": y}
 
 
@@ -142,14 +149,28 @@ def compiled(patcher):
     return clone
 
 
-def run(models: list[str], resolutions: list[int], variants: list[str], compile_: bool) -> list[dict]:
+def _ref_path(ref_dir: str, model: str, res: int) -> str:
+    return os.path.join(ref_dir, f"ref-{model}-{res}.pt")
+
+
+def run(models: list[str], resolutions: list[int], variants: list[str], compile_: bool,
+        ref_dir: str | None = None) -> list[dict]:
+    """Rows of measurements (speed-ups added by ``add_ratios``). ``ref_dir``: where BF16 eager outputs are
+    saved, and read back by runs of other variants (``--isolate`` runs each variant in its own process)."""
     from ..ops import native
 
     rows = []
     for name in models:
         cfg = flux2_model.CONFIGS[name]
         reference: dict[int, torch.Tensor] = {}
+        if ref_dir:
+            for res in resolutions:
+                if os.path.exists(_ref_path(ref_dir, name, res)):
+                    reference[res] = torch.load(_ref_path(ref_dir, name, res)).to(_device())
         for variant in variants:
+            baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+            if baseline > 1 << 28:
+                print(f"note: {baseline / 1e9:.2f} GB still allocated from earlier variants (not counted in peak)")
             patcher = build(variant, cfg)
             weights = flux2_model.weight_bytes(patcher) / 1e9
             modes = [("eager", patcher)]
@@ -159,10 +180,12 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
                 for res in resolutions:
                     if mode == "compile":
                         torch._dynamo.reset()
-                    out = measure(model, step_inputs(cfg, res))
+                    out = measure(model, step_inputs(cfg, res), baseline=baseline)
                     y = out.pop("y")
                     if variant == "bf16" and mode == "eager":
                         reference[res] = y
+                        if ref_dir:
+                            torch.save(y.cpu(), _ref_path(ref_dir, name, res))
                     ref = reference.get(res)
                     sqnr = None if ref is None else common.sqnr_db(ref, y)
                     row = {"model": cfg.name, "res": res, "variant": variant, "mode": mode, "weights_gb": weights,
@@ -176,6 +199,11 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
             torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
             native.install()  # undo comfy-int8's switch (a no-op when the pack's hook is already in place)
             _free()
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Speed-ups over BF16 and over ComfyUI's INT8 of the same model, resolution and mode."""
     for row in rows:
         base = next((r for r in rows if r["model"] == row["model"] and r["res"] == row["res"]
                      and r["variant"] == "bf16" and r["mode"] == row["mode"]), None)
@@ -183,6 +211,23 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
         native_row = next((r for r in rows if r["model"] == row["model"] and r["res"] == row["res"]
                            and r["variant"] == "comfy-int8" and r["mode"] == row["mode"]), None)
         row["x_comfy_int8"] = native_row["ms"] / row["ms"] if native_row else None
+    return rows
+
+
+def run_isolated(args) -> list[dict]:
+    """Each variant in a fresh process: graphs compiled for one variant can keep its model and guards alive
+    in the process (peak memory and guard time of the next variant would include them)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants:  # bf16 first when listed: the others read its outputs for SQNR
+            out = os.path.join(tmp, f"{variant}.json")
+            cmd = [sys.executable, "-m", __spec__.name, "--models", *args.models, "--res", *map(str, args.res),
+                   "--variants", variant, "--ref-dir", tmp, "--rows-out", out] + (["--compile"] if args.compile else [])
+            subprocess.run(cmd, check=True)
+            with open(out) as f:
+                rows += json.load(f)
+    order = {v: i for i, v in enumerate(args.variants)}
+    rows.sort(key=lambda r: (r["model"], r["res"], order[r["variant"]], r["mode"] != "eager"))
     return rows
 
 
@@ -207,13 +252,27 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS[:5]), choices=VARIANTS)
     parser.add_argument("--compile", action="store_true", help="also run under the stock TorchCompileModel node")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--isolate", action="store_true", help="run each variant in its own process")
+    parser.add_argument("--ref-dir", default=None, help=argparse.SUPPRESS)  # used by --isolate's children
+    parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.isolate:
+        rows = add_ratios(run_isolated(args))
+        print(table(rows))
+        if args.out:
+            common.write_json(args.out, {"env": common.environment(), "rows": rows})
+        return
     logging.basicConfig(level=logging.WARNING)
     flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
     from ..ops import native
 
     native.install()  # as in ComfyUI with the pack installed; comfy-int8 switches it off for its own load
-    rows = run(args.models, args.res, args.variants, args.compile)
+    rows = run(args.models, args.res, args.variants, args.compile, args.ref_dir)
+    if args.rows_out:
+        with open(args.rows_out, "w") as f:
+            json.dump(rows, f)
+        return
+    rows = add_ratios(rows)
     print(table(rows))
     if args.out:
         common.write_json(args.out, {"env": common.environment(), "rows": rows})

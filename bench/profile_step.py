@@ -43,8 +43,11 @@ def family(name: str) -> str:
     return "element-wise/other"
 
 
-def profile(model, inputs) -> dict:
-    """One profiled step after two warm-ups: per-family ms and count, kernel sum, wall ms, top kernels."""
+def profile(model, inputs, trace: str | None = None) -> dict:
+    """One profiled step after two warm-ups: per-family ms and count, kernel sum, wall ms, top kernels.
+
+    ``trace``: also record host activity and write a Chrome trace (gzipped JSON) to this path, to see
+    where the GPU waits for the host."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -57,9 +60,14 @@ def profile(model, inputs) -> dict:
     wall_ms = (time.perf_counter() - t0) * 1e3
     cuda = torch.cuda.is_available()  # on the CPU (smoke runs) the families hold CPU op times instead
     device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]
+    if trace:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else activities
+    with torch_profile(activities=activities) as prof:
         bench_model.step(model, inputs)
         common.sync()
+    if trace:
+        prof.export_chrome_trace(trace)
     per_family: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for evt in prof.events():
@@ -85,6 +93,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["bf16", "pack-row"], choices=bench_model.VARIANTS)
     parser.add_argument("--compile", action="store_true", help="profile the TorchCompileModel-wrapped model too")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--trace-dir", default=None, help="write a Chrome trace (host and GPU) per variant and mode")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
@@ -98,7 +107,8 @@ def main() -> None:
         patcher = bench_model.build(variant, cfg)
         modes = [("eager", patcher)] + ([("compile", bench_model.compiled(patcher))] if args.compile else [])
         for mode, model in modes:
-            res = profile(model, inputs)
+            trace = f"{args.trace_dir}/{args.model}-{args.res}-{variant}-{mode}.json.gz" if args.trace_dir else None
+            res = profile(model, inputs, trace)
             res.update(variant=variant, mode=mode, model=cfg.name, res=args.res)
             results.append(res)
             print(f"\n## {cfg.name} {args.res}x{args.res} {variant} {mode}: wall {res['wall_ms']:.1f} ms, "

@@ -38,7 +38,7 @@ for step in "$@"; do
             | tee "$OUT/bench_linear.txt" ;;
         model) python3 -m int8_w8a8.bench.bench_model --res 512 1024 2048 --out "$OUT/bench_model.json" 2>&1 \
             | tee "$OUT/bench_model.txt" ;;
-        model-compile) python3 -m int8_w8a8.bench.bench_model --models klein9b --res 1024 --compile \
+        model-compile) python3 -m int8_w8a8.bench.bench_model --models ${MODELS:-klein9b} --res ${RES:-1024} --compile --isolate \
             --variants ${VARIANTS:-bf16 pack-row} --out "$OUT/bench_model_compile.json" 2>&1 | tee "$OUT/bench_model_compile.txt" ;;
         lora) python3 -m int8_w8a8.bench.bench_lora --out "$OUT/bench_lora.json" 2>&1 | tee "$OUT/bench_lora.txt" ;;
         profile) python3 -m int8_w8a8.bench.profile_step --variants ${VARIANTS:-bf16 pack-row} ${PROFILE_ARGS:-} \
