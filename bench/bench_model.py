@@ -122,7 +122,7 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0) 
         step(patcher, inputs)
         common.sync()
         peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9
-    return {"ms": common.median(times), "first_call_s": first_s, "peak_gb": peak, "y": y}
+    return {"ms": common.median(times), "runs_ms": times, "first_call_s": first_s, "peak_gb": peak, "y": y}
 
 
 def _free() -> None:
@@ -191,7 +191,8 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
                     row = {"model": cfg.name, "res": res, "variant": variant, "mode": mode, "weights_gb": weights,
                            "sqnr_vs_bf16": sqnr, **out}
                     rows.append(row)
-                    print(f"{cfg.name} {res}x{res} {variant:<12} {mode:<8} {row['ms']:8.1f} ms  weights "
+                    print(f"{cfg.name} {res}x{res} {variant:<12} {mode:<8} {row['ms']:8.1f} ms "
+                          f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  weights "
                           f"{weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
                           f"{row['first_call_s']:.1f} s  SQNR {sqnr if sqnr is not None else float('nan'):5.1f} dB",
                           flush=True)
