@@ -1,4 +1,4 @@
-"""Fused block kernels: the memory-bound work around a DiT block's INT8 linears (eager mode).
+"""Fused block kernels: the memory-bound work around a DiT block's INT8 linears.
 
 Public functions (Triton on NVIDIA GPUs, the twins in ``reference_fused.py`` elsewhere, by the same
 dispatch rules as the rest of the package). Each takes the bf16/fp16/fp32 tensors a FLUX-style block

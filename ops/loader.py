@@ -35,7 +35,7 @@ class LoadOptions:
     prepare: an optional factory, called with the normalized state dict, of the ``WeightPrep`` that
     changes float weights before their first quantization (``lora.preload`` builds one from a LoRA stack).
     quant_in_graph: see ``LoadConfig``.
-    fused_blocks: run FLUX blocks whose linears are INT8 on the fused kernels in eager mode
+    fused_blocks: run FLUX blocks whose linears are INT8 on the fused kernels, eager and compiled
     (``flux_fused``; other models and unsupported calls use ComfyUI's blocks).
     """
 
