@@ -214,8 +214,8 @@ def test_int8_gemm_residual(seed, b, s, k, n, per_row):
     twin = before.clone()
     wsr = ws.reshape(-1) if ws.dim() else ws
     reference_fused.int8_gemm_residual(xq, xs.reshape(-1), q, wsr, bias, twin.view(b * s, n), gate.reshape(b, n), s)
-    if INTERPRETED:  # the interpreter's float32 -> bf16 cast truncates: one ulp
-        assert sqnr_db(twin.double(), residual.double()) > 45
+    if INTERPRETED:  # the interpreter's float32 -> bf16 cast truncates: one ulp (an SQNR bound flakes at M = 1)
+        assert ulp_diff(twin, residual) <= 1
     else:
         assert torch.equal(residual, twin)
     y = (xq.double() @ q.double().T) * xs.double().reshape(-1, 1) * (ws.double().reshape(1, -1) if per_row
@@ -223,4 +223,4 @@ def test_int8_gemm_residual(seed, b, s, k, n, per_row):
     if bias is not None:
         y = y + bias.double()
     truth = before.double() + gate.double() * y.reshape(b, s, n)
-    assert sqnr_db(truth, residual) > 45
+    assert sqnr_db(truth, residual) > (40 if INTERPRETED else 45)  # truncation costs ~6 dB over 48 values
