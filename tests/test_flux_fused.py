@@ -162,3 +162,39 @@ def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypat
         assert any(op in name for name in ops), (op, sorted(ops))
     assert sqnr_db(want, y) > 60
     assert sqnr_db(unfused, y) > 30
+
+
+def test_torch_compile_dynamic_shapes(models, monkeypatch):
+    """Compiled with dynamic shapes, a second image size gives the eager fused model's output, with no more
+    compilations than ComfyUI's own blocks need (Flux's forward specializes on the image size itself: the
+    fused ops' fakes and checks work on symbolic sizes and add no recompiles)."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention
+    import comfy.model_management
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    monkeypatch.setattr(comfy.ldm.modules.attention, "optimized_attention",
+                        comfy.ldm.modules.attention.attention_pytorch)
+    _, sigma, ctx = models["inputs"]
+    frames = {}
+    for name in ("plain", "fused"):
+        patcher = models[name]
+        options = patcher.model_options.get("transformer_options", {})
+        torch._dynamo.reset()
+        counters.clear()
+        backend = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(patcher.model.diffusion_model, backend=backend, dynamic=True, fullgraph=True)
+        comfy.model_management.load_models_gpu([patcher])
+        dtype = patcher.model.get_dtype()
+        gen = torch.Generator().manual_seed(3)
+        with torch.inference_mode():
+            for h, w in ((4, 6), (6, 8), (8, 8)):
+                args = (torch.randn(2, 128, h, w, generator=gen).to(dtype), sigma.to(dtype), ctx.to(dtype))
+                want = patcher.model.diffusion_model(*args, transformer_options=dict(options)).float()
+                y = compiled(*args, transformer_options=dict(options)).float()
+                assert sqnr_db(want, y) > 60, (name, h, w)
+        assert not counters["graph_break"]
+        frames[name] = backend.frame_count
+    assert frames["fused"] == frames["plain"], frames
