@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         for rank in (64, 512):  # one chunk, and the most stacked LoRAs are likely to reach
             rows.append({"what": f"{label} +LoRA{rank}", "config": asdict(cfg),
                          **compile_gemm(cfg, args.arch, lora_r=rank)})
-        res_cfg = replace(cfg, epilogue_subtile=True) if cfg.kernel == "tma" else cfg  # as triton_ops runs it
+        res_cfg = configs.for_residual(cfg)  # as triton_ops runs it
         rows.append({"what": f"{label} +residual", "config": asdict(res_cfg),
                      **compile_gemm(res_cfg, args.arch, residual=True)})
     for k, g, dt in ((4096, 0, "bf16"), (16384, 0, "bf16"), (65600, 0, "bf16"), (4096, 256, "bf16"),

@@ -29,10 +29,8 @@ def _triton(device: torch.device) -> bool:
     return choose_backend(device).name == "triton"
 
 
-def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x [..., K]`` as rows ``[M, K]`` with a unit column stride (copied only when it has none)."""
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"{name}: expected float16/bfloat16/float32, got {x.dtype}")
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
 
@@ -47,9 +45,9 @@ def _check_per_batch(t: torch.Tensor, batch: int, width: int, name: str) -> None
                          f"{list(t.shape)}")
 
 
-def _per_batch(t: torch.Tensor, batch: int, width: int, name: str) -> torch.Tensor:
-    """A modulation tensor ``[B, 1, W]`` or ``[B, W]`` as ``[B, W]`` with a unit column stride."""
-    _check_per_batch(t, batch, width, name)
+def _per_batch(t: torch.Tensor, batch: int, width: int) -> torch.Tensor:
+    """A modulation tensor ``[B, 1, W]`` or ``[B, W]`` (``_check_per_batch`` passed) as ``[B, W]`` with a unit
+    column stride."""
     t2 = t.reshape(t.shape[0], -1) if t.dim() == 3 else t
     t2 = t2.expand(batch, width)
     return t2 if t2.stride(1) == 1 else t2.contiguous()
@@ -83,9 +81,10 @@ def check_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 
 
 def norm_modulate_quantize_impl(x, shift, scale, eps):
+    """``norm_modulate_quantize`` after its checks passed (eager, and the body of its custom op)."""
     b, s, k = x.shape
-    x2 = _rows(x, "x")
-    sh, sc = _per_batch(shift, b, k, "shift"), _per_batch(scale, b, k, "scale")
+    x2 = _rows(x)
+    sh, sc = _per_batch(shift, b, k), _per_batch(scale, b, k)
     if _triton(x.device):
         from . import triton_fused
 
@@ -121,8 +120,9 @@ def check_glu(prefix: torch.Tensor | None, glu: torch.Tensor) -> None:
 
 
 def glu_quantize_impl(prefix, glu):
-    g2 = _rows(glu, "glu")
-    p2 = None if prefix is None else _rows(prefix, "prefix")
+    """``glu_quantize`` after its checks passed (eager, and the body of its custom op)."""
+    g2 = _rows(glu)
+    p2 = None if prefix is None else _rows(prefix)
     f = glu.shape[-1] // 2
     if _triton(glu.device):
         from . import triton_fused
@@ -169,6 +169,7 @@ def check_qk_norm_rope(qkv, pe, q, k, v, seq_off: int, heads: int) -> None:
 
 
 def qk_norm_rope_impl(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k) -> None:
+    """``qk_norm_rope`` after its checks passed (eager, and the body of its custom op)."""
     d = qkv.shape[-1] // (3 * heads)
     if _triton(qkv.device) and qkv.stride(-1) == 1 and (d & (d - 1)) == 0:
         from . import triton_fused
@@ -211,8 +212,9 @@ def check_gemm_residual(xq, q, residual, gate) -> None:
 
 
 def int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate) -> None:
+    """``int8_gemm_residual`` after its checks passed (eager, and the body of its custom op)."""
     b, s, n = residual.shape
-    g = _per_batch(gate, b, n, "gate")
+    g = _per_batch(gate, b, n)
     r2 = residual.view(b * s, n)
     xs = x_scale.reshape(-1)
     if _triton(xq.device):

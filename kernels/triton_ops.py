@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from . import configs, reference, triton_gemm, triton_quant
@@ -82,10 +80,8 @@ def _gemm(xq, xs, q, scale, bias, out_dtype, backend: Backend, config: configs.G
     tma_ok = arch >= (9, 0) and triton_gemm.tma_compatible(xq, q, out)
     if config is None or (config.kernel == "tma" and not tma_ok):
         config = configs.select_config(m, arch, tma_ok=tma_ok)
-    if gate is not None and config.kernel == "tma" and not config.epilogue_subtile:
-        # the residual tile comes in through TMA, into shared memory: in two halves the buffer fits next to
-        # the operand stages with two CTAs per SM (98 KB vs 131 KB for 128 x 128 tiles, bench/check_ptx.py)
-        config = dataclasses.replace(config, epilogue_subtile=True)
+    if gate is not None:
+        config = configs.for_residual(config)
     triton_gemm.gemm(xq, xs, q, ws, bias, out, config, lora_h, lora_b, gate, rows_per_batch)
     return out
 
