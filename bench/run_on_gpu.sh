@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-comfy | tests-fused | blocks | ptx | bench | bench-quick | model | model-compile | lora | profile | fused | model-9b | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-comfy | tests-fused | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | host | sweep-{large,m1024,m256,m64,small}
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
 # package is imported as int8_w8a8 through a symlink, since the machine cannot pip install -e.
@@ -34,6 +34,8 @@ for step in "$@"; do
         blocks) python3 -m int8_w8a8.bench.bench_blocks --out "$OUT/bench_blocks.json" 2>&1 | tee "$OUT/bench_blocks.txt" ;;
         ptx) python3 -m int8_w8a8.bench.check_ptx --arch 90 2>&1 | tee "$OUT/ptx.txt" ;;
         bench) python3 -m int8_w8a8.bench.bench_linear --out "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.txt" ;;
+        sustained) python3 -m int8_w8a8.bench.sustained_gemm --out "$OUT/sustained_gemm.json" 2>&1 \
+            | tee "$OUT/sustained_gemm.txt" ;;
         bench-quick) python3 -m int8_w8a8.bench.bench_linear --quick --out "$OUT/bench_linear.json" 2>&1 \
             | tee "$OUT/bench_linear.txt" ;;
         model) python3 -m int8_w8a8.bench.bench_model --res 512 1024 2048 --out "$OUT/bench_model.json" 2>&1 \

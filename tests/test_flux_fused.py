@@ -74,7 +74,30 @@ def models(flux2):
 def test_replacements_registered_only_when_asked(models):
     dit = models["fused"].model_options["transformer_options"]["patches_replace"]["dit"]
     assert set(dit) == {("double_block", 0), ("single_block", 0)}
+    assert set(models["fused"].object_patches) == {"diffusion_model.pe_embedder"}
     assert "patches_replace" not in models["plain"].model_options.get("transformer_options", {})
+    assert not models["plain"].object_patches
+
+
+def test_rope_table_is_comfyuis_bit_for_bit(models):
+    """The object-patched ``pe_embedder`` returns ComfyUI's ``EmbedND`` table exactly: called directly, through
+    its custom op (what a traced model runs), and for positions FLUX.2 gives image, text and reference tokens."""
+    from comfy.ldm.flux.layers import EmbedND
+
+    from int8_w8a8.ops import flux_fused
+
+    table = models["fused"].object_patches["diffusion_model.pe_embedder"]
+    assert isinstance(table, flux_fused.EagerRopeTable)
+    own = models["fused"].model.diffusion_model.pe_embedder
+    assert type(own) is EmbedND and table.embedder is own
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.cat([torch.randint(0, 64, (2, 37, 4), generator=gen).float(),
+                     torch.rand(2, 5, 4, generator=gen) * 1000], dim=1)
+    want = own(ids)
+    assert want.dtype == torch.float32 and want.shape == (2, 1, 42, sum(own.axes_dim) // 2, 2, 2)
+    assert torch.equal(table(ids), want)
+    assert torch.equal(flux_fused.rope_table_op(ids, own.theta, list(own.axes_dim)), want)
+    torch.library.opcheck(flux_fused.rope_table_op, (ids, float(own.theta), list(own.axes_dim)))
 
 
 def test_fused_matches_comfyui_blocks(models, calls):
@@ -158,7 +181,7 @@ def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypat
     assert eager_calls == {"norm": 5, "glu": 3}
     assert not counters["graph_break"] and backend.frame_count == 1
     ops = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
-    for op in ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "int8_gemm_residual"):
+    for op in ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "int8_gemm_residual", "flux_rope_table"):
         assert any(op in name for name in ops), (op, sorted(ops))
     assert sqnr_db(want, y) > 60
     assert sqnr_db(unfused, y) > 30

@@ -1,0 +1,137 @@
+"""Sustained 8-bit GEMM throughput with the GPU's clocks and power read alongside (GPU machine).
+
+    python -m int8_w8a8.bench.sustained_gemm [--seconds 3] [--out sustained.json]
+
+Short ``do_bench`` runs measure a GPU that is still at its boost clock; a diffusion step keeps the tensor
+cores busy for tens of milliseconds per layer and hundreds of milliseconds per step. Here each GEMM of
+the 9B step's largest shapes runs back to back for ``--seconds`` while ``nvidia-smi`` samples the SM
+clock, the board power and the active clock-event (throttle) reasons every 50 ms. Methods, all on the
+same operands: the pack's INT8 GEMM (quantized activations in, bf16 out, dequantization in the
+epilogue), cuBLAS FP8 (``torch._scaled_mm``, row-wise scales), cuBLAS INT8 (``torch._int_mm``, int32
+out) and cuBLAS BF16. The table gives TOPS, the median clock and power while it ran, and TOPS as a
+fraction of the dense peak at that clock (1979 TOPS at 1980 MHz on an H200), which separates "the
+kernel leaves tensor-core cycles idle" from "the board lowered the clock".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+
+import torch
+
+from .. import kernels
+from ..kernels import configs, dispatch, triton_gemm, triton_quant
+from . import common
+
+SHAPES = (("9B single.linear1", 4608, 4096, 36864), ("9B single.linear2", 4608, 16384, 4096),
+          ("9B img.mlp0", 4096, 4096, 24576))
+PEAK_TOPS, PEAK_MHZ = 1979.0, 1980.0  # H200 dense INT8/FP8 peak at its maximum boost clock (datasheet)
+QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+
+
+class Sampler:
+    """``nvidia-smi`` in the background, one line per 50 ms: SM MHz, watts, clock-event bitmask."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits",
+                                      "-lms", "50", "-i", "0"], stdout=subprocess.PIPE, text=True)
+
+    def stop(self) -> list[tuple[float, float, int]]:
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        rows = []
+        for line in out.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                rows.append((float(parts[0]), float(parts[1]), int(parts[2], 16)))
+            except (ValueError, IndexError):
+                continue
+        return rows
+
+
+def sustained(fn, seconds: float) -> tuple[float, list[tuple[float, float, int]]]:
+    """ms per call of ``fn`` run back to back for ``seconds`` (after a 1 s warm-up), and the samples."""
+    end = time.perf_counter() + 1.0
+    while time.perf_counter() < end:
+        fn()
+    torch.cuda.synchronize()
+    sampler = Sampler()
+    time.sleep(0.2)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    calls = 0
+    start.record()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            fn()
+        calls += 10
+        if calls % 50 == 0:
+            torch.cuda.synchronize()  # keep the host within a few calls of the GPU
+    stop.record()
+    torch.cuda.synchronize()
+    samples = sampler.stop()
+    return start.elapsed_time(stop) / calls, samples
+
+
+def run_shape(name: str, m: int, k: int, n: int, seconds: float) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(m + k + n)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    xq, xs = triton_quant.quantize_rows(x)
+    xs = xs.reshape(-1)
+    q, s = kernels.quantize_weight(w)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    backend = dispatch.choose_backend(x.device)
+    cfg = configs.select_config(m, backend.arch, triton_gemm.tma_compatible(xq, q, out))
+    fp8 = torch.finfo(torch.float8_e4m3fn).max
+    x8s = x.abs().amax(1, keepdim=True).float() / fp8
+    w8s = w.abs().amax(1, keepdim=True).float() / fp8
+    x8, w8 = (x.float() / x8s).to(torch.float8_e4m3fn), (w.float() / w8s).to(torch.float8_e4m3fn)
+    methods = {
+        "pack int8": lambda: triton_gemm.gemm(xq, xs, q, s.reshape(-1), None, out, cfg),
+        "cuBLAS fp8": lambda: torch._scaled_mm(x8, w8.t(), scale_a=x8s, scale_b=w8s.t(), out_dtype=torch.bfloat16),
+        "cuBLAS int8": lambda: torch._int_mm(xq, q.t()),
+        "cuBLAS bf16": lambda: torch.mm(x, w.t()),
+    }
+    rows = []
+    for label, fn in methods.items():
+        ms, samples = sustained(fn, seconds)
+        tops = common.tops(m, k, n, ms)
+        mhz = statistics.median(s[0] for s in samples) if samples else None
+        watts = statistics.median(s[1] for s in samples) if samples else None
+        reasons = 0
+        for s_ in samples:
+            reasons |= s_[2]
+        peak = PEAK_TOPS * (mhz / PEAK_MHZ) if mhz else None
+        if label == "cuBLAS bf16" and peak:
+            peak /= 2  # dense BF16 runs at half the 8-bit rate
+        rows.append({"shape": name, "M": m, "K": k, "N": n, "method": label, "ms": ms, "tops": tops, "sm_mhz": mhz,
+                     "watts": watts, "clock_event_reasons": hex(reasons), "samples": len(samples),
+                     "of_peak_at_clock": tops / peak if peak else None})
+        print(f"{name:18s} {label:12s} {ms:7.3f} ms {tops:6.0f} TOPS  SM {mhz or 0:5.0f} MHz  {watts or 0:5.0f} W  "
+              f"reasons {hex(reasons):>6s}  {100 * rows[-1]['of_peak_at_clock'] if peak else 0:4.1f}% of peak at "
+              "that clock", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = []
+    for shape in SHAPES:
+        rows += run_shape(*shape, seconds=args.seconds)
+    print("clock_event_reasons bits (nvidia-smi): 0x1 idle, 0x4 SW power cap, 0x8 HW slowdown, "
+          "0x20 SW thermal, 0x40 HW thermal, 0x80 HW power brake")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": common.environment(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
