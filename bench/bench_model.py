@@ -101,12 +101,15 @@ def step(patcher, inputs) -> torch.Tensor:
 
 
 def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0) -> dict:
-    """Median step ms, first-call s and peak GB; ``baseline``: bytes allocated before the variant was built
-    (graphs compiled for earlier variants can keep their models alive; they are not this variant's peak)."""
+    """Median step ms, first-call s, peak GB, and the SM clock and board power over the warm-up and timed steps
+    (an H200 running these steps sits at its power cap: ``bench/NOTES.md`` item 13); ``baseline``: bytes
+    allocated before the variant was built (graphs compiled for earlier variants can keep their models alive;
+    they are not this variant's peak)."""
     t0 = time.perf_counter()
     y = step(patcher, inputs).float()
     common.sync()
     first_s = time.perf_counter() - t0
+    sampler = common.PowerSampler() if torch.cuda.is_available() else None
     for _ in range(warmup - 1):
         step(patcher, inputs)
     times = []
@@ -116,13 +119,16 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0) 
         step(patcher, inputs)
         common.sync()
         times.append((time.perf_counter() - t0) * 1e3)
+    power = (sampler.stop() if sampler else None) or {}
     peak = None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         step(patcher, inputs)
         common.sync()
         peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9
-    return {"ms": common.median(times), "runs_ms": times, "first_call_s": first_s, "peak_gb": peak, "y": y}
+    return {"ms": common.median(times), "runs_ms": times, "first_call_s": first_s, "peak_gb": peak,
+            "sm_mhz": power.get("sm_mhz"), "watts": power.get("watts"),
+            "clock_event_reasons": power.get("clock_event_reasons"), "y": y}
 
 
 def _free() -> None:
@@ -194,8 +200,8 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
                     print(f"{cfg.name} {res}x{res} {variant:<12} {mode:<8} {row['ms']:8.1f} ms "
                           f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  weights "
                           f"{weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
-                          f"{row['first_call_s']:.1f} s  SQNR {sqnr if sqnr is not None else float('nan'):5.1f} dB",
-                          flush=True)
+                          f"{row['first_call_s']:.1f} s  SQNR {sqnr if sqnr is not None else float('nan'):5.1f} dB  "
+                          f"SM {row['sm_mhz'] or 0:.0f} MHz {row['watts'] or 0:.0f} W", flush=True)
             del patcher, modes, model
             torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
             native.install()  # undo comfy-int8's switch (a no-op when the pack's hook is already in place)

@@ -7,6 +7,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 from collections.abc import Callable
 
 import torch
@@ -110,3 +111,39 @@ def median(xs: list[float]) -> float:
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
+
+
+class PowerSampler:
+    """``nvidia-smi`` in the background while a benchmark runs: SM clock (MHz), board power (W) and the
+    clock-event (throttle) reasons bitmask, one sample per ``period_ms``. ``stop()`` returns the medians and
+    the OR of the reasons (0x4: software power cap), or None where nvidia-smi is missing."""
+
+    QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+
+    def __init__(self, period_ms: int = 50):
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
+                                          "-lms", str(period_ms), "-i", "0"], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+
+    def stop(self) -> dict | None:
+        if self.proc is None:
+            return None
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        rows = []
+        for line in out.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                rows.append((float(parts[0]), float(parts[1]), int(parts[2], 16)))
+            except (ValueError, IndexError):
+                continue
+        if not rows:
+            return None
+        reasons = 0
+        for r in rows:
+            reasons |= r[2]
+        return {"sm_mhz": statistics.median(r[0] for r in rows), "watts": statistics.median(r[1] for r in rows),
+                "clock_event_reasons": hex(reasons), "samples": len(rows)}

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import time
 
 import torch
@@ -30,36 +28,23 @@ from . import common
 SHAPES = (("9B single.linear1", 4608, 4096, 36864), ("9B single.linear2", 4608, 16384, 4096),
           ("9B img.mlp0", 4096, 4096, 24576))
 PEAK_TOPS, PEAK_MHZ = 1979.0, 1980.0  # H200 dense INT8/FP8 peak at its maximum boost clock (datasheet)
-QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+# Tile configs tried besides the table's: at the power cap, bigger tiles move fewer operand bytes from L2 and
+# shared memory per multiply-add (12 KB per 1M MACs at 128x256 vs 16 KB at 128x128), which may buy clock.
+EXTRA_CONFIGS = {
+    "128x256x128 w8 s3": configs.GemmConfig("tma", 128, 256, 128, group_m=8, num_warps=8, num_stages=3),
+    "256x128x128 w8 s4 sub": configs.GemmConfig("tma", 256, 128, 128, group_m=8, num_warps=8, num_stages=4,
+                                                epilogue_subtile=True),
+    "128x256x64 w8 s4": configs.GemmConfig("tma", 128, 256, 64, group_m=8, num_warps=8, num_stages=4),
+}
 
 
-class Sampler:
-    """``nvidia-smi`` in the background, one line per 50 ms: SM MHz, watts, clock-event bitmask."""
-
-    def __init__(self):
-        self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits",
-                                      "-lms", "50", "-i", "0"], stdout=subprocess.PIPE, text=True)
-
-    def stop(self) -> list[tuple[float, float, int]]:
-        self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        rows = []
-        for line in out.splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            try:
-                rows.append((float(parts[0]), float(parts[1]), int(parts[2], 16)))
-            except (ValueError, IndexError):
-                continue
-        return rows
-
-
-def sustained(fn, seconds: float) -> tuple[float, list[tuple[float, float, int]]]:
-    """ms per call of ``fn`` run back to back for ``seconds`` (after a 1 s warm-up), and the samples."""
+def sustained(fn, seconds: float) -> tuple[float, dict | None]:
+    """ms per call of ``fn`` run back to back for ``seconds`` (after a 1 s warm-up), and the clock/power record."""
     end = time.perf_counter() + 1.0
     while time.perf_counter() < end:
         fn()
     torch.cuda.synchronize()
-    sampler = Sampler()
+    sampler = common.PowerSampler()
     time.sleep(0.2)
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     calls = 0
@@ -93,28 +78,26 @@ def run_shape(name: str, m: int, k: int, n: int, seconds: float) -> list[dict]:
     x8, w8 = (x.float() / x8s).to(torch.float8_e4m3fn), (w.float() / w8s).to(torch.float8_e4m3fn)
     methods = {
         "pack int8": lambda: triton_gemm.gemm(xq, xs, q, s.reshape(-1), None, out, cfg),
+        **{f"pack {name}": (lambda c=c: triton_gemm.gemm(xq, xs, q, s.reshape(-1), None, out, c))
+           for name, c in EXTRA_CONFIGS.items()},
         "cuBLAS fp8": lambda: torch._scaled_mm(x8, w8.t(), scale_a=x8s, scale_b=w8s.t(), out_dtype=torch.bfloat16),
         "cuBLAS int8": lambda: torch._int_mm(xq, q.t()),
         "cuBLAS bf16": lambda: torch.mm(x, w.t()),
     }
     rows = []
     for label, fn in methods.items():
-        ms, samples = sustained(fn, seconds)
+        ms, power = sustained(fn, seconds)
+        power = power or {"sm_mhz": None, "watts": None, "clock_event_reasons": "-", "samples": 0}
         tops = common.tops(m, k, n, ms)
-        mhz = statistics.median(s[0] for s in samples) if samples else None
-        watts = statistics.median(s[1] for s in samples) if samples else None
-        reasons = 0
-        for s_ in samples:
-            reasons |= s_[2]
+        mhz = power["sm_mhz"]
         peak = PEAK_TOPS * (mhz / PEAK_MHZ) if mhz else None
         if label == "cuBLAS bf16" and peak:
             peak /= 2  # dense BF16 runs at half the 8-bit rate
-        rows.append({"shape": name, "M": m, "K": k, "N": n, "method": label, "ms": ms, "tops": tops, "sm_mhz": mhz,
-                     "watts": watts, "clock_event_reasons": hex(reasons), "samples": len(samples),
+        rows.append({"shape": name, "M": m, "K": k, "N": n, "method": label, "ms": ms, "tops": tops, **power,
                      "of_peak_at_clock": tops / peak if peak else None})
-        print(f"{name:18s} {label:12s} {ms:7.3f} ms {tops:6.0f} TOPS  SM {mhz or 0:5.0f} MHz  {watts or 0:5.0f} W  "
-              f"reasons {hex(reasons):>6s}  {100 * rows[-1]['of_peak_at_clock'] if peak else 0:4.1f}% of peak at "
-              "that clock", flush=True)
+        print(f"{name:18s} {label:28s} {ms:7.3f} ms {tops:6.0f} TOPS  SM {mhz or 0:5.0f} MHz  "
+              f"{power['watts'] or 0:5.0f} W  reasons {power['clock_event_reasons']:>6s}  "
+              f"{100 * rows[-1]['of_peak_at_clock'] if peak else 0:4.1f}% of peak at that clock", flush=True)
     return rows
 
 
