@@ -100,16 +100,15 @@ def step(patcher, inputs) -> torch.Tensor:
         return patcher.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=options)
 
 
-def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0) -> dict:
-    """Median step ms, first-call s, peak GB, and the SM clock and board power over the warm-up and timed steps
-    (an H200 running these steps sits at its power cap: ``bench/NOTES.md`` item 13); ``baseline``: bytes
-    allocated before the variant was built (graphs compiled for earlier variants can keep their models alive;
-    they are not this variant's peak)."""
+def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, power_s: float = 2.5) -> dict:
+    """Median step ms, first-call s, peak GB, and the median SM clock and board power while steps run back to
+    back for ``power_s`` seconds after the timed ones (``bench/NOTES.md`` item 13: 8-bit GEMMs alone hold an
+    H200 at its power cap); ``baseline``: bytes allocated before the variant was built (graphs compiled for
+    earlier variants can keep their models alive; they are not this variant's peak)."""
     t0 = time.perf_counter()
     y = step(patcher, inputs).float()
     common.sync()
     first_s = time.perf_counter() - t0
-    sampler = common.PowerSampler() if torch.cuda.is_available() else None
     for _ in range(warmup - 1):
         step(patcher, inputs)
     times = []
@@ -119,7 +118,17 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0) 
         step(patcher, inputs)
         common.sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    power = (sampler.stop() if sampler else None) or {}
+    power = {}
+    if torch.cuda.is_available() and power_s > 0:
+        sampler, n = common.PowerSampler(), 0
+        end = time.perf_counter() + power_s
+        while time.perf_counter() < end:
+            step(patcher, inputs)
+            n += 1
+            if n % 2 == 0:
+                common.sync()  # the host stays within two steps of the GPU
+        common.sync()
+        power = sampler.stop() or {}
     peak = None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

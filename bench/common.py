@@ -118,7 +118,7 @@ class PowerSampler:
     clock-event (throttle) reasons bitmask, one sample per ``period_ms``. ``stop()`` returns the medians and
     the OR of the reasons (0x4: software power cap), or None where nvidia-smi is missing."""
 
-    QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+    QUERY = "clocks.sm,power.draw.instant,clocks_event_reasons.active"
 
     def __init__(self, period_ms: int = 50):
         try:

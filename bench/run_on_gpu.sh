@@ -29,7 +29,7 @@ for step in "$@"; do
     case "$step" in
         tests) python3 -m pytest tests -m "kernels or gpu" -q -p no:randomly 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
         tests-comfy) python3 -m pytest tests/test_gpu_comfy.py -q -x 2>&1 | tee "$OUT/pytest-comfy.log" | tail -40 ;;
-        tests-fused) python3 -m pytest tests/test_fused.py -q -p no:randomly 2>&1 \
+        tests-fused) python3 -m pytest tests/test_fused.py tests/test_flux_fused.py -q -p no:randomly 2>&1 \
             | tee "$OUT/pytest-fused.log" | tail -15 ;;
         blocks) python3 -m int8_w8a8.bench.bench_blocks --out "$OUT/bench_blocks.json" 2>&1 | tee "$OUT/bench_blocks.txt" ;;
         ptx) python3 -m int8_w8a8.bench.check_ptx --arch 90 2>&1 | tee "$OUT/ptx.txt" ;;

@@ -27,7 +27,7 @@ def step(patcher, inputs, fused: bool = True) -> torch.Tensor:
     import comfy.patcher_extension
 
     comfy.model_management.load_models_gpu([patcher])
-    x, sigma, ctx = inputs
+    x, sigma, ctx = (t.to(patcher.load_device) for t in inputs)  # CPU here, the GPU on the GPU machine
     options = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
     if not fused:
         options.pop("patches_replace", None)
@@ -172,7 +172,7 @@ def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypat
     compiled = torch.compile(patcher.model.diffusion_model, backend=backend, fullgraph=True)
     comfy.model_management.load_models_gpu([patcher])
     dtype = patcher.model.get_dtype()
-    args = (x.to(dtype), sigma.to(dtype), ctx.to(dtype))
+    args = tuple(t.to(patcher.load_device, dtype) for t in (x, sigma, ctx))
     with torch.inference_mode():
         want = patcher.model.diffusion_model(*args, transformer_options=dict(options)).float()
         eager_calls = dict(calls)
@@ -214,7 +214,8 @@ def test_torch_compile_dynamic_shapes(models, monkeypatch):
         gen = torch.Generator().manual_seed(3)
         with torch.inference_mode():
             for h, w in ((4, 6), (6, 8), (8, 8)):
-                args = (torch.randn(2, 128, h, w, generator=gen).to(dtype), sigma.to(dtype), ctx.to(dtype))
+                args = tuple(t.to(patcher.load_device, dtype)
+                             for t in (torch.randn(2, 128, h, w, generator=gen), sigma, ctx))
                 want = patcher.model.diffusion_model(*args, transformer_options=dict(options)).float()
                 y = compiled(*args, transformer_options=dict(options)).float()
                 assert sqnr_db(want, y) > 60, (name, h, w)
