@@ -18,6 +18,8 @@ TorchCompileModel node (``--compile``) works as in a workflow. Variants, all fro
   pack-row-graphq  per-row, activations quantized with torch ops inside the compiled graph
                (LoadOptions.quant_in_graph: Inductor fuses them into the producing op; same as
                pack-row in eager mode). Not in the default list until measured.
+  pack-convrot per-row with ConvRot group 256 (rotated activations: the fused blocks fall back to
+               ComfyUI's, whose linears rotate inside the activation quantization)
 
 One variant is resident at a time. Reported: median step ms (7 runs after 2 warm-ups), speed-up over
 BF16, weight GB, peak GB allocated during a step (weights + activations), SQNR of the output vs BF16.
@@ -39,7 +41,8 @@ import torch
 
 from . import common, flux2_model
 
-VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-row", "pack-tensor", "pack-row-graphq", "pack-row-unfused")
+VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-row", "pack-tensor", "pack-row-graphq", "pack-row-unfused",
+            "pack-convrot")
 
 
 def _device() -> str:
@@ -62,8 +65,8 @@ def build(variant: str, cfg: flux2_model.Flux2Config):
         return comfy.sd.load_diffusion_model_state_dict(
             sd, model_options={**options, "dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
             disable_dynamic=True)
-    if variant in ("pack-row", "pack-tensor", "pack-row-graphq", "pack-row-unfused"):
-        convert = ConvertOptions(per_row=variant != "pack-tensor")
+    if variant.startswith("pack-"):
+        convert = ConvertOptions(per_row=variant != "pack-tensor", rotate_group=256 if variant == "pack-convrot" else 0)
         options = loader.LoadOptions(convert=convert, quant_in_graph=variant == "pack-row-graphq",
                                      fused_blocks=variant != "pack-row-unfused")
         return flux2_model.load_int8(sd, device, options)
