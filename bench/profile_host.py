@@ -64,7 +64,7 @@ def main() -> int:
         "int8_gemm op (torch.ops)": lambda: torch.ops.int8_w8a8.int8_gemm(xq, xs, q, s, None, torch.bfloat16, False,
                                                                           None, None),
         "norm_modulate_quantize impl": lambda: kernels.fused.norm_modulate_quantize_impl(x3, mod, mod, 1e-6),
-        "norm_modulate_quantize op": lambda: torch.ops.int8_w8a8.norm_modulate_quantize(x3, mod, mod, 1e-6),
+        "norm_modulate_quantize op": lambda: torch.ops.int8_w8a8.norm_modulate_quantize(x3, mod, mod, 1e-6, 0),
         "3x torch.empty": lambda: (torch.empty((m, k), dtype=torch.int8, device="cuda"),
                                    torch.empty((m,), dtype=torch.float32, device="cuda"),
                                    torch.empty((m, n), dtype=torch.bfloat16, device="cuda")),

@@ -4,8 +4,8 @@ Public functions (Triton on NVIDIA GPUs, the twins in ``reference_fused.py`` els
 dispatch rules as the rest of the package). Each takes the bf16/fp16/fp32 tensors a FLUX-style block
 holds and returns what the next INT8 GEMM consumes, so the intermediate activation is never written:
 
-- ``norm_modulate_quantize(x, shift, scale, eps) -> (q [M, K] int8, x_scale [M] float32)``
-- ``glu_quantize(prefix, glu) -> (q [M, P + F] int8, x_scale [M] float32)``
+- ``norm_modulate_quantize(x, shift, scale, eps, *, rotate_group=0) -> (q [M, K] int8, x_scale [M] float32)``
+- ``glu_quantize(prefix, glu, *, rotate_group=0) -> (q [M, P + F] int8, x_scale [M] float32)``
 - ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v)
 - ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate) -> residual`` (updated in place)
 - ``int8_gemm(xq, x_scale, q, scale, bias, out_dtype) -> y [M, N]`` (the GEMM on rows quantized here)
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import api, reference_fused
+from . import _checks, api, reference_fused
 from .dispatch import choose_backend
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,22 +54,24 @@ def _per_batch(t: torch.Tensor, batch: int, width: int) -> torch.Tensor:
 
 
 def norm_modulate_quantize(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, *, rotate_group: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """INT8 rows of ``LayerNorm(x) * (1 + scale) + shift`` (LayerNorm without affine, per-batch modulation).
 
     Args:
         x: ``[B, S, K]`` float; shift, scale: ``[B, 1, K]`` (or ``[B, K]``) float.
+        rotate_group: 0, or the ConvRot group (64, 128, 256; divides K) of the layer the rows feed: each
+            group of the modulated row is rotated by a Hadamard matrix before quantizing.
     Returns:
         ``q`` int8 ``[B*S, K]`` and ``x_scale`` float32 ``[B*S]`` (rows with NaN/Inf: NaN).
     """
-    check_norm_modulate(x, shift, scale)
+    check_norm_modulate(x, shift, scale, rotate_group)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.norm_modulate_quantize(x, shift, scale, float(eps))
-    return norm_modulate_quantize_impl(x, shift, scale, eps)
+        return torch.ops.int8_w8a8.norm_modulate_quantize(x, shift, scale, float(eps), rotate_group)
+    return norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group)
 
 
-def check_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
+def check_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, rotate_group: int = 0) -> None:
     """Metadata checks of ``norm_modulate_quantize`` (also run on fake tensors while tracing)."""
     if x.dim() != 3:
         raise ValueError(f"x: expected [B, S, K], got {list(x.shape)}")
@@ -78,9 +80,10 @@ def check_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     b, _, k = x.shape
     _check_per_batch(shift, b, k, "shift")
     _check_per_batch(scale, b, k, "scale")
+    _checks.check_rotate_group(rotate_group, k)
 
 
-def norm_modulate_quantize_impl(x, shift, scale, eps):
+def norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group=0):
     """``norm_modulate_quantize`` after its checks passed (eager, and the body of its custom op)."""
     b, s, k = x.shape
     x2 = _rows(x)
@@ -89,26 +92,30 @@ def norm_modulate_quantize_impl(x, shift, scale, eps):
         from . import triton_fused
 
         if k <= triton_fused.NORM_MAX_K:
-            return triton_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps)
-    return reference_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps)
+            return triton_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group)
+    return reference_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group)
 
 
-def glu_quantize(prefix: torch.Tensor | None, glu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def glu_quantize(
+    prefix: torch.Tensor | None, glu: torch.Tensor, *, rotate_group: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """INT8 rows of ``[prefix | silu(g) * u]`` with ``g, u = glu.chunk(2, -1)`` (FLUX.2's SwiGLU).
 
     Args:
         prefix: ``[..., P]`` float or None (FLUX.2 single blocks: the attention output).
         glu: ``[..., 2F]`` float, same leading dims (any row stride: a column slice of a wider output).
+        rotate_group: 0, or the ConvRot group of the layer the rows feed (divides P and F): each group of
+            the row is rotated by a Hadamard matrix before quantizing.
     Returns:
         ``q`` int8 ``[M, P + F]`` and ``x_scale`` float32 ``[M]``.
     """
-    check_glu(prefix, glu)
+    check_glu(prefix, glu, rotate_group)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.glu_quantize(prefix, glu)
-    return glu_quantize_impl(prefix, glu)
+        return torch.ops.int8_w8a8.glu_quantize(prefix, glu, rotate_group)
+    return glu_quantize_impl(prefix, glu, rotate_group)
 
 
-def check_glu(prefix: torch.Tensor | None, glu: torch.Tensor) -> None:
+def check_glu(prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int = 0) -> None:
     """Metadata checks of ``glu_quantize``."""
     if glu.shape[-1] % 2:
         raise ValueError(f"glu: last dim must be even (gate and up halves), got {glu.shape[-1]}")
@@ -117,9 +124,13 @@ def check_glu(prefix: torch.Tensor | None, glu: torch.Tensor) -> None:
             raise ValueError(f"{name}: expected float16/bfloat16/float32, got {t.dtype}")
     if prefix is not None and prefix.shape[:-1].numel() != glu.shape[:-1].numel():
         raise ValueError(f"prefix: {prefix.shape[:-1].numel()} rows but glu has {glu.shape[:-1].numel()}")
+    # groups must not straddle the prefix / SwiGLU boundary
+    _checks.check_rotate_group(rotate_group, glu.shape[-1] // 2)
+    if prefix is not None:
+        _checks.check_rotate_group(rotate_group, prefix.shape[-1])
 
 
-def glu_quantize_impl(prefix, glu):
+def glu_quantize_impl(prefix, glu, rotate_group=0):
     """``glu_quantize`` after its checks passed (eager, and the body of its custom op)."""
     g2 = _rows(glu)
     p2 = None if prefix is None else _rows(prefix)
@@ -127,8 +138,8 @@ def glu_quantize_impl(prefix, glu):
     if _triton(glu.device):
         from . import triton_fused
 
-        return triton_fused.glu_quantize(p2, g2, f)
-    return reference_fused.glu_quantize(p2, g2, f)
+        return triton_fused.glu_quantize(p2, g2, f, rotate_group=rotate_group)
+    return reference_fused.glu_quantize(p2, g2, f, rotate_group)
 
 
 def qk_norm_rope(

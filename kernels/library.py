@@ -101,24 +101,26 @@ def _(q, scale, dtype, rotate_group, validate):
 # ---- the fused block kernels (kernels/fused.py): traced by fused FLUX blocks under torch.compile ----
 @torch.library.custom_op(f"{LIB}::norm_modulate_quantize", mutates_args=())
 def norm_modulate_quantize_op(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, rotate_group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return fused.norm_modulate_quantize_impl(x, shift, scale, eps)
+    return fused.norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group)
 
 
 @norm_modulate_quantize_op.register_fake
-def _(x, shift, scale, eps):
+def _(x, shift, scale, eps, rotate_group):
     m = x.shape[0] * x.shape[1]
     return x.new_empty((m, x.shape[2]), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{LIB}::glu_quantize", mutates_args=())
-def glu_quantize_op(prefix: torch.Tensor | None, glu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return fused.glu_quantize_impl(prefix, glu)
+def glu_quantize_op(
+    prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused.glu_quantize_impl(prefix, glu, rotate_group)
 
 
 @glu_quantize_op.register_fake
-def _(prefix, glu):
+def _(prefix, glu, rotate_group):
     m = math.prod(glu.shape[:-1])
     width = glu.shape[-1] // 2 + (prefix.shape[-1] if prefix is not None else 0)
     return glu.new_empty((m, width), dtype=torch.int8), glu.new_empty((m,), dtype=torch.float32)

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import torch
 
+from .hadamard import rotate
 from .reference import _quantize_float_rows, epilogue, int8_matmul
 
 
-def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
-    """``quant(LayerNorm(x2) * (1 + mscale[b]) + shift[b])``; x2 [M, K], shift/mscale [B, K], b = row // rows_per_batch.
+def _rotated(y: torch.Tensor, rotate_group: int) -> torch.Tensor:
+    """``y`` (float32 rows) with each ConvRot group rotated (``hadamard.rotate``, float64 sums), or as is."""
+    return rotate(y, rotate_group) if rotate_group else y
+
+
+def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0):
+    """``quant(rot(LayerNorm(x2) * (1 + mscale[b]) + shift[b]))``; x2 [M, K], shift/mscale [B, K],
+    b = row // rows_per_batch, rot: the ConvRot group rotation (``rotate_group`` > 0) or the identity.
 
     Returns q int8 [M, K] and scale float32 [M]."""
     m = x2.shape[0]
@@ -24,7 +31,7 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
     var = (d * d).mean(dim=1, keepdim=True)
     batch = torch.arange(m, device=x2.device) // rows_per_batch
     y = d * torch.rsqrt(var + eps) * (1.0 + mscale.float()[batch]) + shift.float()[batch]
-    return _quantize_float_rows(y)
+    return _quantize_float_rows(_rotated(y, rotate_group))
 
 
 def glu_rows(prefix, glu, f: int) -> torch.Tensor:
@@ -34,9 +41,10 @@ def glu_rows(prefix, glu, f: int) -> torch.Tensor:
     return act if prefix is None else torch.cat((prefix.float(), act), dim=1)
 
 
-def glu_quantize(prefix, glu, f: int):
-    """prefix [M, P] or None, glu [M, 2F] -> q int8 [M, P + F], scale float32 [M]."""
-    return _quantize_float_rows(glu_rows(prefix, glu, f))
+def glu_quantize(prefix, glu, f: int, rotate_group: int = 0):
+    """prefix [M, P] or None, glu [M, 2F] -> q int8 [M, P + F], scale float32 [M] (rows rotated per ConvRot
+    group when ``rotate_group`` > 0; P and F are multiples of it)."""
+    return _quantize_float_rows(_rotated(glu_rows(prefix, glu, f), rotate_group))
 
 
 def rms_rope(x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor, eps: float) -> torch.Tensor:

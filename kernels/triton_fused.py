@@ -12,21 +12,28 @@ bench/NOTES.md): each one reads and writes a whole bf16 activation. Fused here:
   from the fused qkv projection into contiguous ``[B, H, S, D]`` buffers (at a sequence offset, so
   the two streams of a double block land in one buffer without ``torch.cat``).
 
-All arithmetic is float32 with one rounding at the end, so results differ from ComfyUI's op-by-op
-bf16 path by that path's intermediate roundings; the torch twins are in ``reference_fused.py``.
+The two quantizing kernels optionally rotate each group of GROUP columns by a Hadamard matrix before
+quantizing (ConvRot weights expect rotated activations), with ``triton_quant._rotate`` in float32
+(tf32x3) on the values in registers. All arithmetic is float32 with one rounding at the end, so
+results differ from ComfyUI's op-by-op bf16 path by that path's intermediate roundings; the torch
+twins are in ``reference_fused.py``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
+from .hadamard import hadamard_pm1_cached
 from .launch import FastLauncher
 from .triton_quant import (
     QUANT_WARPS,
     TILE_ELEMS,
     _quantize_store,
+    _rotate,
     _row_stats,
     _store_row_scale,
     interpreting,
@@ -43,14 +50,25 @@ def _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite):
 
 
 @triton.jit
+def _maybe_rotate(v, h_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                  INV_SQRT_G: tl.constexpr, KRON: tl.constexpr):
+    """``v`` (float32 [BLOCK_M, BLOCK_K], zero outside the tensor) with each GROUP-column group rotated."""
+    if GROUP > 0:
+        v = _rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, True)
+    return v
+
+
+@triton.jit
 def _norm_mod_quant_kernel(
-    x_ptr, shift_ptr, mscale_ptr, q_ptr, scale_ptr,
+    x_ptr, shift_ptr, mscale_ptr, q_ptr, scale_ptr, h_ptr,
     M, K, rows_per_batch, stride_xm, stride_mb, stride_qm, eps,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
+    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
 ):
-    """q, scale = quant(LayerNorm(x) * (1 + mscale[b]) + shift[b]), b = row // rows_per_batch.
+    """q, scale = quant(rot(LayerNorm(x) * (1 + mscale[b]) + shift[b])), b = row // rows_per_batch.
 
-    A row fits one tile (K <= BLOCK_K): read once, statistics and quantization from registers.
+    A row fits one tile (K <= BLOCK_K): read once, statistics and quantization from registers. rot: the
+    group rotation when GROUP > 0 (K % GROUP == 0), else the identity.
     """
     cols = tl.arange(0, BLOCK_K)
     col_ok = cols < K
@@ -68,6 +86,7 @@ def _norm_mod_quant_kernel(
         sc = tl.load(mscale_ptr + mod, mask=ok, other=0.0).to(tl.float32)
         sh = tl.load(shift_ptr + mod, mask=ok, other=0.0).to(tl.float32)
         y = tl.where(ok, (d * rstd[:, None]) * (1.0 + sc) + sh, 0.0)
+        y = _maybe_rotate(y, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
         absmax, nonfinite = _row_stats(y, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
         _quantize_store(y, inv, 0, rows, row_ok, cols, K, q_ptr, stride_qm, False, FAST_ROUND)
@@ -91,14 +110,17 @@ def _prefix_tile(p_ptr, rows, row_ok, cols, P, stride_pm):
 
 @triton.jit
 def _glu_quant_kernel(
-    p_ptr, g_ptr, q_ptr, scale_ptr,
+    p_ptr, g_ptr, q_ptr, scale_ptr, h_ptr,
     M, P, F, stride_pm, stride_gm, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
+    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
 ):
-    """Rows ``[p[m, :P] | silu(g[m, :F]) * g[m, F:2F]]`` -> q [M, P + F] int8 and scale [M].
+    """Rows ``rot([p[m, :P] | silu(g[m, :F]) * g[m, F:2F]])`` -> q [M, P + F] int8 and scale [M].
 
     Two passes over each row (absmax, then quantize); the second is served mostly from L2, which holds
-    the rows of the programs resident on the SMs (about 8 per SM at 8 warps).
+    the rows of the programs resident on the SMs (about 8 per SM at 8 warps). With GROUP > 0 both passes
+    rotate each tile (P and F multiples of GROUP, BLOCK_K a multiple of GROUP: groups never straddle
+    tiles or the prefix/GLU boundary).
     """
     cols = tl.arange(0, BLOCK_K)
     for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
@@ -108,16 +130,20 @@ def _glu_quant_kernel(
         nonfinite = tl.zeros((BLOCK_M,), tl.int32)
         for k0 in range(0, P, BLOCK_K):
             v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
+            v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             absmax, nonfinite = _row_stats(v, absmax, nonfinite)
         for k0 in range(0, F, BLOCK_K):
             v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm)
+            v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             absmax, nonfinite = _row_stats(v, absmax, nonfinite)
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
         for k0 in range(0, P, BLOCK_K):
             v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
+            v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, False, FAST_ROUND)
         for k0 in range(0, F, BLOCK_K):
             v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm)
+            v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, False, FAST_ROUND)
 
 
@@ -184,28 +210,48 @@ GLU_WARPS = 8
 GLU_PROGRAMS_PER_SM = 32
 
 
-def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float):
-    """x2 [M, K] (unit column stride), shift/mscale [B, K] (unit column stride) -> q [M, K] int8, scale [M]."""
+def _rotation(group: int, device: torch.device) -> tuple[torch.Tensor | None, dict]:
+    """The +-1 Hadamard matrix (float32; H16 for group 256, applied as H16 (x) H16) and the kernels' rotation
+    meta-parameters for ConvRot ``group`` (0: none)."""
+    if not group:
+        return None, {"GROUP": 0, "INV_SQRT_G": 1.0, "KRON": False}
+    kron = group == 256
+    h = hadamard_pm1_cached(16 if kron else group, device, torch.float32)
+    return h, {"GROUP": group, "INV_SQRT_G": 1.0 / math.sqrt(group), "KRON": kron}
+
+
+def _min_tile(group: int) -> int:
+    """Elements a tile needs for the rotation's dot (at least 16 rows of groups; H16 (x) H16 needs 256)."""
+    return 0 if not group else 256 if group == 256 else 16 * group
+
+
+def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0):
+    """x2 [M, K] (unit column stride), shift/mscale [B, K] (unit column stride) -> q [M, K] int8, scale [M].
+
+    ``rotate_group``: ConvRot group (K % group == 0) applied before quantizing, or 0."""
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x2.device)
     scale = row_scales(m, k, x2.device)
     if m == 0 or k == 0:
         return q, scale
     block_k = max(16, triton.next_power_of_2(k))
-    block_m = max(1, TILE_ELEMS // block_k)
+    block_m = max(1, TILE_ELEMS // block_k, _min_tile(rotate_group) // block_k)
     warps = QUANT_WARPS if block_k <= TILE_ELEMS else 8
     blocks = triton.cdiv(m, block_m)
+    h, rot = _rotation(rotate_group, x2.device)
     _NORM_MOD_QUANT(
-        (blocks,), x2, shift, mscale, q, scale, m, k, rows_per_batch, x2.stride(0), shift.stride(0), q.stride(0),
-        float(eps), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), num_warps=warps,
-        enable_fp_fusion=False,
+        (blocks,), x2, shift, mscale, q, scale, h if h is not None else q, m, k, rows_per_batch, x2.stride(0),
+        shift.stride(0), q.stride(0), float(eps), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(),
+        **rot, num_warps=warps, enable_fp_fusion=False,
     )
     return q, scale
 
 
-def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_flight: int = 0):
+def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_flight: int = 0,
+                 rotate_group: int = 0):
     """prefix [M, P] or None, glu [M, 2F] (unit column strides) -> q [M, P + F] int8, scale [M].
 
+    ``rotate_group``: ConvRot group (P and F multiples of it) applied before quantizing, or 0.
     ``block_k``, ``warps``, ``rows_in_flight``: overrides for benchmarks (0: the rule)."""
     m = glu.shape[0]
     p = 0 if prefix is None else prefix.shape[1]
@@ -214,13 +260,15 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
     if m == 0 or p + f == 0:
         return q, scale
     block_k = block_k or min(max(16, triton.next_power_of_2(max(p, f))), GLU_BLOCK_K)
+    block_k = max(block_k, _min_tile(rotate_group))  # one row per program: the tile holds the groups
     block_m = 1
+    h, rot = _rotation(rotate_group, glu.device)
     blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
     pre = prefix if prefix is not None else glu
     _GLU_QUANT(
-        (blocks,), pre, glu, q, scale, m, p, f, pre.stride(0), glu.stride(0), q.stride(0),
-        BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), num_warps=warps or GLU_WARPS,
-        enable_fp_fusion=False,
+        (blocks,), pre, glu, q, scale, h if h is not None else q, m, p, f, pre.stride(0), glu.stride(0),
+        q.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), **rot,
+        num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
     )
     return q, scale
 

@@ -137,23 +137,29 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
     def fusable(self) -> bool:
         """Whether a fused block may feed this layer pre-quantized rows (``run_quantized``): an INT8 weight
-        without rotation or smoothing, no dynamic LoRA term and no weight functions (lowvram LoRA)."""
+        without smoothing, no dynamic LoRA term and no weight functions (lowvram LoRA). A ConvRot weight is
+        fusable: the rows must then be rotated by ``input_rotation()`` before they are quantized."""
         w = self.weight
         if not layout.is_int8_weight(w) or self.weight_function or self.bias_function or self.int8_lora is not None:
             return False
-        p = w._params
-        return (not getattr(self, "comfy_force_cast_weights", False) and not layout.rotate_group_of(p)
-                and getattr(p, "smooth", None) is None)
+        return not getattr(self, "comfy_force_cast_weights", False) and getattr(w._params, "smooth", None) is None
+
+    def input_rotation(self) -> int:
+        """The ConvRot group the rows given to ``run_quantized`` must be rotated by (0: none)."""
+        w = self.weight
+        return layout.rotate_group_of(w._params) if layout.is_int8_weight(w) else 0
 
     def run_quantized(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype,
                       residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer on rows a fused kernel already quantized (only when ``fusable()``).
+        """The layer on rows a fused kernel already quantized (only when ``fusable()``; rotated by
+        ``input_rotation()``, as the stored weight is).
 
         xq int8 [M, K], x_scale float32 [M] -> y [M, N] in out_dtype; with ``residual`` ([B, S, N],
         contiguous) and ``gate`` ([B, 1, N]) it returns ``residual += gate * y`` computed in the GEMM's
         epilogue, in place. The weight comes through ComfyUI's cast path, so offloading works.
         """
         comfy.ops.run_every_op()
+        group = self.input_rotation()
         weight, bias, offload = comfy.ops.cast_bias_weight(
             self, input=None, dtype=self.weight.dtype, device=xq.device, bias_dtype=out_dtype, offloadable=True,
             compute_dtype=out_dtype, want_requant=True)
@@ -163,8 +169,8 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
                 y = kernels.fused.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate)
             else:
                 y = kernels.fused.int8_gemm(xq, x_scale, q, scale, bias, out_dtype)
-        else:  # a cast path that returned floats (a DynamicVRAM layer run on the CPU)
-            x = (xq.float() * x_scale.reshape(-1, 1)).to(out_dtype)
+        else:  # a cast path that returned floats (a DynamicVRAM layer run on the CPU), the rotation undone
+            x = kernels.dequantize(xq, x_scale.reshape(-1, 1).float(), out_dtype, rotate_group=group)
             y = torch.nn.functional.linear(x, weight.to(out_dtype), bias)
             if residual is not None:
                 y = residual.add_((gate * y.view(residual.shape)).to(residual.dtype))

@@ -17,7 +17,8 @@ call checks the rules below and otherwise runs ComfyUI's own block (logged once 
 calls: logging inside a traced function would break the graph): no attention mask, no
 ``attn1_patch``/``attn1_output_patch``, modulation of shape [B, 1, D] (not the per-token modulation of
 reference-image edits), FLUX.2-style SwiGLU MLPs, and every linear ``Int8Linear.fusable()`` (no
-dynamic LoRA term, no rotation, no lowvram weight functions).
+dynamic LoRA term, no SmoothQuant, no lowvram weight functions). ConvRot layers stay fused: each fused
+quantizer rotates its rows by the group of the layer they feed (``Int8Linear.input_rotation()``).
 
 Under torch.compile (ComfyUI's TorchCompileModel) the fused blocks are traced too: every kernel is an
 ``int8_w8a8::*`` custom op, so the compiled model runs the same kernels as eager mode in one graph, and
@@ -84,7 +85,7 @@ def _why_not(args: dict, linears: list, norms: list, mods: list, x: torch.Tensor
         if m.dim() != 3 or m.shape[1] != 1 or m.shape[0] not in (1, x.shape[0]):
             return "per-token modulation (reference-image timesteps)"
     if not all(isinstance(layer, Int8Linear) and layer.fusable() for layer in linears):
-        return "a linear layer is not a plain INT8 layer (dynamic LoRA, rotation, kept in float or lowvram patches)"
+        return "a linear layer is not a plain INT8 layer (dynamic LoRA, SmoothQuant, kept in float or lowvram patches)"
     if not all(_plain(n) for n in norms):
         return "norm weights patched on the fly"
     return None
@@ -106,7 +107,8 @@ def _qkv_buffers(x: torch.Tensor, heads: int, head_dim: int, seq: int):
 def _stream_qkv(x, mod, norm1, qkv_layer, qk_norm, pe, bufs, seq_off: int, heads: int) -> None:
     """One stream's modulated norm -> INT8 qkv GEMM -> q/k norm + RoPE into ``bufs`` at ``seq_off``."""
     b, s, _ = x.shape
-    xq, xs = kernels.fused.norm_modulate_quantize(x, mod.shift, mod.scale, norm1.eps)
+    xq, xs = kernels.fused.norm_modulate_quantize(x, mod.shift, mod.scale, norm1.eps,
+                                                  rotate_group=qkv_layer.input_rotation())
     qkv = qkv_layer.run_quantized(xq, xs, x.dtype).view(b, s, -1)
     q, k, v = bufs
     kernels.fused.qk_norm_rope(
@@ -117,11 +119,12 @@ def _stream_qkv(x, mod, norm1, qkv_layer, qk_norm, pe, bufs, seq_off: int, heads
 
 def _stream_out(x, attn, mod1, mod2, proj, norm2, mlp) -> None:
     """One stream after attention: x += g1 * proj(attn); x += g2 * mlp(norm2(x) modulated), in place."""
-    aq, a_scale = kernels.quantize_rows(attn)
+    aq, a_scale = kernels.quantize_rows(attn, rotate_group=proj.input_rotation())
     proj.run_quantized(aq, a_scale.reshape(-1), x.dtype, residual=x, gate=mod1.gate)
-    xq, xs = kernels.fused.norm_modulate_quantize(x, mod2.shift, mod2.scale, norm2.eps)
+    xq, xs = kernels.fused.norm_modulate_quantize(x, mod2.shift, mod2.scale, norm2.eps,
+                                                  rotate_group=mlp[0].input_rotation())
     h = mlp[0].run_quantized(xq, xs, x.dtype)
-    hq, hs = kernels.fused.glu_quantize(None, h)
+    hq, hs = kernels.fused.glu_quantize(None, h, rotate_group=mlp[2].input_rotation())
     mlp[2].run_quantized(hq, hs, x.dtype, residual=x, gate=mod2.gate)
 
 
@@ -196,12 +199,16 @@ class FusedSingleBlock:
             why = "MLP is not FLUX.2's SwiGLU"
         if why is None and not x.is_contiguous():
             why = "non-contiguous hidden states"
+        group = block.linear2.input_rotation() if why is None else 0
+        if group and (x.shape[-1] % group or block.mlp_hidden_dim % group):
+            why = f"ConvRot group {group} straddles linear2's attention / MLP input boundary"
         if why is not None:
             _fallback(why)
             return extra["original_block"](args)
         b, s, hidden = x.shape
         heads = block.num_heads
-        xq, xs = kernels.fused.norm_modulate_quantize(x, mod.shift, mod.scale, block.pre_norm.eps)
+        xq, xs = kernels.fused.norm_modulate_quantize(x, mod.shift, mod.scale, block.pre_norm.eps,
+                                                      rotate_group=block.linear1.input_rotation())
         h = block.linear1.run_quantized(xq, xs, x.dtype).view(b, s, -1)
         bufs = _qkv_buffers(x, heads, hidden // heads, s)
         kernels.fused.qk_norm_rope(
@@ -210,7 +217,7 @@ class FusedSingleBlock:
             eps_k=_rms_eps(block.norm.key_norm, x.dtype))
         attn = _attention(*bufs, heads, args.get("transformer_options") or {})
         del bufs
-        aq, a_scale = kernels.fused.glu_quantize(attn, h[..., 3 * hidden:])
+        aq, a_scale = kernels.fused.glu_quantize(attn, h[..., 3 * hidden:], rotate_group=group)
         del h, attn
         block.linear2.run_quantized(aq, a_scale, x.dtype, residual=x, gate=mod.gate)
         if x.dtype == torch.float16:

@@ -98,6 +98,10 @@ def test_custom_ops_pass_opcheck(seed):
     torch.library.opcheck(ops.int8_gemm, (xq, xs, q, s, torch.randn(24), torch.float32, True, None, None))
     h = x @ la.T
     torch.library.opcheck(ops.int8_gemm, (xq, xs, q, s, None, torch.bfloat16, False, h, lb))
+    x3, mod = torch.randn(2, 5, 128, dtype=torch.bfloat16), torch.randn(2, 1, 128, dtype=torch.bfloat16)
+    for group in (0, 64):
+        torch.library.opcheck(ops.norm_modulate_quantize, (x3, mod, mod, 1e-6, group))
+        torch.library.opcheck(ops.glu_quantize, (x3, torch.randn(2, 5, 256, dtype=torch.bfloat16), group))
 
 
 def test_compiled_quantize_and_dequantize(seed):

@@ -116,6 +116,30 @@ def test_fused_matches_comfyui_blocks(models, calls):
     assert sqnr_db(fused[:1], single) > 60
 
 
+@pytest.mark.parametrize("group", [64, 256])
+def test_convrot_model_stays_fused(flux2, models, calls, group):
+    """ConvRot weights keep the fused blocks: each fused quantizer rotates its rows by the group of the layer
+    it feeds, and the output matches ComfyUI's blocks on the same rotated weights (which rotate inside their
+    own activation quantization)."""
+    from int8_w8a8.ops import formats, loader
+    from int8_w8a8.ops.config import ConvertOptions
+
+    nsd, report = formats.normalize(dict(flux2["sd"]), None, "tiny")
+    rotated = loader.build(nsd, report, loader.LoadOptions(convert=ConvertOptions(rotate_group=group)), "tiny",
+                           disable_dynamic=True)
+    fed = [m for name, m in rotated.model.diffusion_model.named_modules()  # the linears fused kernels feed
+           if name.endswith(("qkv", "proj", "mlp.0", "mlp.2", "linear1", "linear2"))]
+    assert len(fed) == 10 and all(m.input_rotation() == group and m.fusable() for m in fed)
+    inputs, ref = models["inputs"], models["ref"]
+    unfused = step(rotated, inputs, fused=False)
+    assert calls == {"glu": 0, "norm": 0}
+    fused = step(rotated, inputs)
+    assert calls == {"norm": 5, "glu": 3}
+    assert sqnr_db(unfused, fused) > 30
+    s_fused, s_unfused = sqnr_db(ref, fused), sqnr_db(ref, unfused)
+    assert s_fused > 25 and s_fused > s_unfused - 0.5, (s_fused, s_unfused)
+
+
 def test_attention_patch_falls_back(models, calls):
     fused = models["fused"].clone()
     seen = []

@@ -13,6 +13,7 @@ import torch
 
 from int8_w8a8.kernels import fused, reference_fused
 from int8_w8a8.kernels import reference as ref
+from int8_w8a8.kernels.hadamard import rotate
 
 from .conftest import INTERPRETED, KERNEL_DEVICE, sqnr_db, ulp_diff
 
@@ -81,10 +82,41 @@ def test_norm_modulate_quantize_strided_nan_and_constant_rows(seed):
     assert sqnr_db(shift[1, 0].double(), _dequant(q[17 + 5:17 + 6], xs[17 + 5:17 + 6])[0]) > 35
 
 
+def _close_rotated(q, xs, q_ref, xs_ref, truth):
+    """Rotated rows: the kernel rotates in float32 (tf32x3 dots) where the twin sums in float64, so codes
+    on a .5 boundary may land one step apart and scales agree to float32 rounding of the group sums."""
+    diff = (q.int() - q_ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+    assert torch.equal(xs.isnan(), xs_ref.isnan())
+    torch.testing.assert_close(xs, xs_ref, rtol=1e-5, atol=0, equal_nan=True)
+    assert sqnr_db(truth, _dequant(q, xs)) > 35
+
+
+@pytest.mark.parametrize("group", [64, 128, 256])
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 17, 2), (2, 15, 16)])  # K in groups
+def test_norm_modulate_quantize_rotated(seed, group, dtype, shape):
+    """ConvRot: the modulated rows rotated per group before quantizing, as the rotated weights expect."""
+    b, s, groups = shape
+    k = groups * group
+    x = (torch.randn(b, s, k) * 3 + 1).to(DEV, dtype)
+    shift = (torch.randn(b, 1, k) * 0.5).to(DEV, dtype)
+    scale = (torch.randn(b, 1, k) * 0.5).to(DEV, dtype)
+    q, xs = fused.norm_modulate_quantize(x, shift, scale, 1e-6, rotate_group=group)
+    q_ref, xs_ref = reference_fused.norm_modulate_quantize(x.reshape(-1, k), shift.reshape(b, k),
+                                                           scale.reshape(b, k), s, 1e-6, group)
+    y = torch.nn.functional.layer_norm(x.double(), (k,), eps=1e-6) * (1 + scale.double()) + shift.double()
+    _close_rotated(q, xs, q_ref, xs_ref, rotate(y.reshape(-1, k), group).double())
+
+
 def test_norm_modulate_quantize_rejects_bad_modulation():
     x = torch.randn(2, 3, 8, device=DEV)
     with pytest.raises(ValueError, match="shift"):
         fused.norm_modulate_quantize(x, torch.zeros(2, 2, 8, device=DEV), torch.zeros(2, 1, 8, device=DEV))
+    x = torch.randn(2, 3, 192, device=DEV)
+    mod = torch.zeros(2, 1, 192, device=DEV)
+    with pytest.raises(ValueError, match="rotate_group: 128 does not divide K=192"):
+        fused.norm_modulate_quantize(x, mod, mod, rotate_group=128)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +138,24 @@ def test_glu_quantize(seed, dtype, m, p, f):
     if prefix is not None:
         truth = torch.cat((prefix.double(), truth), dim=1)
     assert sqnr_db(truth, _dequant(q, xs)) > 30
+
+
+@pytest.mark.parametrize("group,m,p,f", [(64, 1, 0, 64), (64, 17, 128, 192), (128, 15, 0, 384),
+                                         (256, 3, 256, 768), (256, 2, 4096, 12288)])
+def test_glu_quantize_rotated(seed, group, m, p, f):
+    """ConvRot: [prefix | SwiGLU] rows rotated per group in both passes (absmax and quantization)."""
+    glu = (torch.randn(m, 2 * f) * 2).to(DEV, torch.bfloat16)
+    prefix = (torch.randn(m, p) * 0.5).to(DEV, torch.bfloat16) if p else None
+    q, xs = fused.glu_quantize(prefix, glu, rotate_group=group)
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f, group)
+    assert q.shape == (m, p + f)
+    g, u = glu.double().chunk(2, dim=-1)
+    truth = torch.nn.functional.silu(g) * u
+    if prefix is not None:
+        truth = torch.cat((prefix.double(), truth), dim=1)
+    _close_rotated(q, xs, q_ref, xs_ref, rotate(truth, group).double())
+    with pytest.raises(ValueError, match="rotate_group"):  # a group straddling the prefix / SwiGLU boundary
+        fused.glu_quantize(torch.zeros(m, 32, device=DEV), glu, rotate_group=group)
 
 
 def test_glu_quantize_nan_and_zero_rows():
