@@ -92,7 +92,10 @@ def norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group=0):
         from . import triton_fused
 
         if k <= triton_fused.NORM_MAX_K:
-            return triton_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group)
+            try:
+                return triton_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group)
+            except triton_fused.TileTooLargeError:
+                pass  # logged once by the launcher
     return reference_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group)
 
 
@@ -138,7 +141,10 @@ def glu_quantize_impl(prefix, glu, rotate_group=0):
     if _triton(glu.device):
         from . import triton_fused
 
-        return triton_fused.glu_quantize(p2, g2, f, rotate_group=rotate_group)
+        try:
+            return triton_fused.glu_quantize(p2, g2, f, rotate_group=rotate_group)
+        except triton_fused.TileTooLargeError:
+            pass  # logged once by the launcher
     return reference_fused.glu_quantize(p2, g2, f, rotate_group)
 
 

@@ -21,11 +21,13 @@ twins are in ``reference_fused.py``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .hadamard import hadamard_pm1_cached
 from .launch import FastLauncher
@@ -194,6 +196,32 @@ def _qk_norm_rope_kernel(
     tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
 
 
+logger = logging.getLogger(__name__)
+
+
+class TileTooLargeError(RuntimeError):
+    """A kernel specialization needs more shared memory than this GPU has; the caller runs the torch twin."""
+
+
+# Specializations this process found over the GPU's shared memory (Triton raises OutOfResources when it
+# first compiles one), keyed by kernel, dtype, tile and rotation group: not compiled again. The rotation's
+# dot operands take most of it: e.g. float32 rows with group 128 need 256 KB on sm_90 (227 KB there), and
+# GPUs with ~100 KB (sm_86/89) reject more (bench/NOTES.md item 15).
+_TOO_LARGE: set[tuple] = set()
+
+
+def _launch(launcher: FastLauncher, key: tuple, grid: tuple, *args, **kwargs) -> None:
+    """``launcher(grid, *args, **kwargs)``, or TileTooLargeError (logged once per key) when it does not fit."""
+    if key in _TOO_LARGE:
+        raise TileTooLargeError(key)
+    try:
+        launcher(grid, *args, **kwargs)
+    except OutOfResources as exc:
+        _TOO_LARGE.add(key)
+        logger.info("int8_w8a8: %s %s: %s; these rows are quantized by the torch twin", key[0], key[1:], exc)
+        raise TileTooLargeError(key) from exc
+
+
 _NORM_MOD_QUANT = FastLauncher(_norm_mod_quant_kernel, interpreting())
 _GLU_QUANT = FastLauncher(_glu_quant_kernel, interpreting())
 _QK_NORM_ROPE = FastLauncher(_qk_norm_rope_kernel, interpreting())
@@ -228,7 +256,8 @@ def _min_tile(group: int) -> int:
 def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0):
     """x2 [M, K] (unit column stride), shift/mscale [B, K] (unit column stride) -> q [M, K] int8, scale [M].
 
-    ``rotate_group``: ConvRot group (K % group == 0) applied before quantizing, or 0."""
+    ``rotate_group``: ConvRot group (K % group == 0) applied before quantizing, or 0. Raises TileTooLargeError
+    when the tile does not fit the GPU's shared memory."""
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x2.device)
     scale = row_scales(m, k, x2.device)
@@ -239,10 +268,11 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
     warps = QUANT_WARPS if block_k <= TILE_ELEMS else 8
     blocks = triton.cdiv(m, block_m)
     h, rot = _rotation(rotate_group, x2.device)
-    _NORM_MOD_QUANT(
-        (blocks,), x2, shift, mscale, q, scale, h if h is not None else q, m, k, rows_per_batch, x2.stride(0),
-        shift.stride(0), q.stride(0), float(eps), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(),
-        **rot, num_warps=warps, enable_fp_fusion=False,
+    key = ("norm_modulate_quantize", x2.dtype, block_m, block_k, rotate_group, x2.device)
+    _launch(
+        _NORM_MOD_QUANT, key, (blocks,), x2, shift, mscale, q, scale, h if h is not None else q, m, k,
+        rows_per_batch, x2.stride(0), shift.stride(0), q.stride(0), float(eps), BLOCK_M=block_m, BLOCK_K=block_k,
+        FAST_ROUND=not interpreting(), **rot, num_warps=warps, enable_fp_fusion=False,
     )
     return q, scale
 
@@ -251,7 +281,8 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
                  rotate_group: int = 0):
     """prefix [M, P] or None, glu [M, 2F] (unit column strides) -> q [M, P + F] int8, scale [M].
 
-    ``rotate_group``: ConvRot group (P and F multiples of it) applied before quantizing, or 0.
+    ``rotate_group``: ConvRot group (P and F multiples of it) applied before quantizing, or 0. Raises
+    TileTooLargeError when the tile does not fit the GPU's shared memory.
     ``block_k``, ``warps``, ``rows_in_flight``: overrides for benchmarks (0: the rule)."""
     m = glu.shape[0]
     p = 0 if prefix is None else prefix.shape[1]
@@ -265,9 +296,10 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
     h, rot = _rotation(rotate_group, glu.device)
     blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
     pre = prefix if prefix is not None else glu
-    _GLU_QUANT(
-        (blocks,), pre, glu, q, scale, h if h is not None else q, m, p, f, pre.stride(0), glu.stride(0),
-        q.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), **rot,
+    key = ("glu_quantize", glu.dtype, block_m, block_k, rotate_group, glu.device)
+    _launch(
+        _GLU_QUANT, key, (blocks,), pre, glu, q, scale, h if h is not None else q, m, p, f, pre.stride(0),
+        glu.stride(0), q.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), **rot,
         num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
     )
     return q, scale

@@ -109,6 +109,35 @@ def test_norm_modulate_quantize_rotated(seed, group, dtype, shape):
     _close_rotated(q, xs, q_ref, xs_ref, rotate(y.reshape(-1, k), group).double())
 
 
+def test_tile_over_shared_memory_runs_the_twin(monkeypatch, caplog):
+    """A specialization Triton rejects for shared memory (float32 rows with rotation group 128 on sm_90) runs
+    on the torch twin: logged once, and not compiled again for the same key."""
+    from triton.runtime.errors import OutOfResources
+
+    from int8_w8a8.kernels import triton_fused
+
+    launches = []
+
+    def too_large(grid, *args, **kwargs):
+        launches.append(kwargs["GROUP"])
+        raise OutOfResources(262144, 232448, "shared memory")
+
+    monkeypatch.setattr(triton_fused, "_NORM_MOD_QUANT", too_large)
+    monkeypatch.setattr(triton_fused, "_GLU_QUANT", too_large)
+    monkeypatch.setattr(triton_fused, "_TOO_LARGE", set())
+    x, mod = torch.randn(1, 5, 256, device=DEV), torch.randn(1, 1, 256, device=DEV)
+    glu = torch.randn(5, 512, device=DEV)
+    with caplog.at_level("INFO", logger="int8_w8a8.kernels.triton_fused"):
+        for _ in range(2):
+            q, xs = fused.norm_modulate_quantize(x, mod, mod, rotate_group=128)
+            qg, xg = fused.glu_quantize(None, glu, rotate_group=128)
+    q_ref, xs_ref = reference_fused.norm_modulate_quantize(x[0], mod[:, 0], mod[:, 0], 5, 1e-6, 128)
+    assert torch.equal(q, q_ref) and torch.equal(xs, xs_ref)
+    assert all(torch.equal(a, b) for a, b in zip((qg, xg), reference_fused.glu_quantize(None, glu, 256, 128)))
+    assert launches == [128, 128]
+    assert sum("torch twin" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_norm_modulate_quantize_rejects_bad_modulation():
     x = torch.randn(2, 3, 8, device=DEV)
     with pytest.raises(ValueError, match="shift"):
