@@ -247,11 +247,16 @@ def test_qk_norm_rope_two_streams(seed, b, heads, d, s_txt, s_img, layout):
         want_k = _comfy_qk(parts[1], kw, pe[:, :, sl], 2 ** -7)
         assert sqnr_db(want_q, q[:, :, sl]) > 45 and sqnr_db(want_k, k[:, :, sl]) > 45
         assert torch.equal(v[:, :, sl], parts[2])
-    # twin agrees with the kernel to float32 rounding (one bf16 ulp at most)
+    # twin agrees with the kernel to float32 rounding: one bf16 ulp at the larger of |value| and 1 (rows are
+    # RMS-normalized, so 1 is their scale; a rotated pair that cancels to near zero differs by float32
+    # rounding of its two products, which is many ulps of the tiny result: seen on the GPU, seed 199541839)
     qt, kt, vt = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for qkv, qw, kw, off, _ in outs:
         reference_fused.qk_norm_rope(qkv, qw, kw, pe, qt, kt, vt, off, heads, 1e-6, 2 ** -7)
-    assert ulp_diff(qt, q) <= 1 and ulp_diff(kt, k) <= 1 and torch.equal(vt, v)
+    for got, twin in ((q, qt), (k, kt)):
+        bound = twin.float().abs().clamp(min=1.0) * 2 ** -7
+        assert bool(((got.float() - twin.float()).abs() <= bound).all())
+    assert torch.equal(vt, v)
 
 
 def test_qk_norm_rope_broadcast_pe_and_bad_args():
