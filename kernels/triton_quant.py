@@ -112,13 +112,16 @@ def _to_int(y, STOCHASTIC: tl.constexpr, FAST_ROUND: tl.constexpr):
 
 @triton.jit
 def _rotate(v, h_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-            INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, DOT_FP32: tl.constexpr):
+            INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Group rotation of a [BLOCK_M, BLOCK_K] tile: each group of GROUP columns times H (+-1), / sqrt(G).
 
     KRON (G = 256): H256 = H16 (x) H16, so a group viewed as X [16, 16] rotates as H16^T X H16: two
     16-deep dots instead of one 256-deep dot, and a 1 KB matrix instead of 128-256 KB of shared memory.
     float16/bfloat16 operands times +-1 are exact with float32 accumulation; float32 operands (and the
-    second Kronecker factor, which multiplies float32 partial sums) use three tf32 products (tf32x3).
+    second Kronecker factor, which multiplies float32 partial sums) use PRECISION: "tf32x3" (three tf32
+    products, float32-accurate; the quantizer of bf16/fp32 tensors) or "tf32" (operands rounded to a
+    10-bit mantissa, still 8x finer than a bf16 activation; the fused quantizers, whose float32 rows are
+    computed in registers: 2-2.5x faster there, bench/NOTES.md item 15).
     """
     if KRON:
         g = tl.arange(0, 16)
@@ -126,18 +129,18 @@ def _rotate(v, h_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.co
         R: tl.constexpr = BLOCK_M * BLOCK_K // 256
         x2 = tl.reshape(v, (R * 16, 16))
         if DOT_FP32:
-            y = tl.dot(x2.to(tl.float32), h.to(tl.float32), input_precision="tf32x3")
+            y = tl.dot(x2.to(tl.float32), h.to(tl.float32), input_precision=PRECISION)
         else:
             y = tl.dot(x2, h)
         hf = tl.broadcast_to(h.to(tl.float32)[None, :, :], (R, 16, 16))
-        z = tl.dot(hf, tl.reshape(y, (R, 16, 16)), input_precision="tf32x3")  # H16 is symmetric
+        z = tl.dot(hf, tl.reshape(y, (R, 16, 16)), input_precision=PRECISION)  # H16 is symmetric
         out = tl.reshape(z, (BLOCK_M, BLOCK_K))
     else:
         g = tl.arange(0, GROUP)
         h = tl.load(h_ptr + g[:, None] * GROUP + g[None, :])
         vg = tl.reshape(v, (BLOCK_M * BLOCK_K // GROUP, GROUP))
         if DOT_FP32:
-            vg = tl.dot(vg.to(tl.float32), h, input_precision="tf32x3")
+            vg = tl.dot(vg.to(tl.float32), h, input_precision=PRECISION)
         else:
             vg = tl.dot(vg, h)
         out = tl.reshape(vg, (BLOCK_M, BLOCK_K))
@@ -158,7 +161,7 @@ def _load_rows(
         s = tl.load(smooth_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
         v = tl.math.div_rn(v.to(tl.float32), s[None, :])
     if GROUP > 0:
-        v = _rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, DOT_FP32)
+        v = _rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, DOT_FP32, "tf32x3")
     return v.to(tl.float32)
 
 
