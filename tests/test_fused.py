@@ -86,13 +86,14 @@ def _close_rotated(q, xs, q_ref, xs_ref, truth):
     """Rotated rows: the kernels' rotation dots run in tf32 on a GPU (operands rounded to a 10-bit mantissa,
     relative error <= ~2^-10 of the group's values) where the twin sums in float64. So codes may land one step
     apart near .5 boundaries, scales agree to ~2^-10, and the kernel's error against the float64 truth is the
-    twin's quantization error plus next to nothing (<= 0.1 dB of SQNR)."""
+    twin's quantization error plus next to nothing (~0.02 dB expected; 0.5 dB allowed, since one flipped code
+    in a 64-element row moves its SQNR by ~0.2 dB: seen on the GPU, seed 731544997)."""
     diff = (q.int() - q_ref.int()).abs()
     assert int(diff.max()) <= 1
     assert torch.equal(xs.isnan(), xs_ref.isnan())
     torch.testing.assert_close(xs, xs_ref, rtol=2e-3, atol=0, equal_nan=True)
     s_kernel, s_twin = sqnr_db(truth, _dequant(q, xs)), sqnr_db(truth, _dequant(q_ref, xs_ref))
-    assert s_kernel > 35 and s_kernel > s_twin - 0.1, (s_kernel, s_twin)
+    assert s_kernel > 35 and s_kernel > s_twin - 0.5, (s_kernel, s_twin)
 
 
 @pytest.mark.parametrize("group", [64, 128, 256])
