@@ -117,7 +117,7 @@ def test_fused_matches_comfyui_blocks(models, calls):
 
 
 @pytest.mark.parametrize("group", [64, 256])
-def test_convrot_model_stays_fused(flux2, models, calls, group):
+def test_convrot_model_stays_fused(flux2, models, calls, group, monkeypatch):
     """ConvRot weights keep the fused blocks: each fused quantizer rotates its rows by the group of the layer
     it feeds, and the output matches ComfyUI's blocks on the same rotated weights (which rotate inside their
     own activation quantization)."""
@@ -138,6 +138,24 @@ def test_convrot_model_stays_fused(flux2, models, calls, group):
     assert sqnr_db(unfused, fused) > 30
     s_fused, s_unfused = sqnr_db(ref, fused), sqnr_db(ref, unfused)
     assert s_fused > 25 and s_fused > s_unfused - 0.5, (s_fused, s_unfused)
+    # traced: the groups are constants of the graph, which equals eager fused
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    monkeypatch.setattr(comfy.ldm.modules.attention, "optimized_attention",
+                        comfy.ldm.modules.attention.attention_pytorch)
+    torch._dynamo.reset()
+    counters.clear()
+    model = rotated.model.diffusion_model
+    dtype = rotated.model.get_dtype()
+    args = tuple(t.to(rotated.load_device, dtype) for t in inputs)
+    options = rotated.model_options["transformer_options"]
+    with torch.inference_mode():
+        want = model(*args, transformer_options=dict(options)).float()
+        y = torch.compile(model, backend="aot_eager", fullgraph=True)(*args, transformer_options=dict(options))
+    assert not counters["graph_break"] and sqnr_db(want, y.float()) > 60
 
 
 def test_attention_patch_falls_back(models, calls):
