@@ -56,7 +56,7 @@ def _maybe_rotate(v, h_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP:
                   INV_SQRT_G: tl.constexpr, KRON: tl.constexpr):
     """``v`` (float32 [BLOCK_M, BLOCK_K], zero outside the tensor) with each GROUP-column group rotated, the
     dots in tf32: rows rounded to a 10-bit mantissa (finer than the bf16 activation the unfused quantizer
-    rotates; the error stays ~10x below the int8 step) at 2-2.5x the speed of tf32x3 here."""
+    rotates; the error stays ~10x below the int8 step) at 1.6-2.2x the speed of tf32x3 here."""
     if GROUP > 0:
         v = _rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, True, "tf32")
     return v

@@ -121,7 +121,7 @@ def _rotate(v, h_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.co
     second Kronecker factor, which multiplies float32 partial sums) use PRECISION: "tf32x3" (three tf32
     products, float32-accurate; the quantizer of bf16/fp32 tensors) or "tf32" (operands rounded to a
     10-bit mantissa, still 8x finer than a bf16 activation; the fused quantizers, whose float32 rows are
-    computed in registers: 2-2.5x faster there, bench/NOTES.md item 15).
+    computed in registers: 1.6-2.2x faster there, bench/NOTES.md item 15).
     """
     if KRON:
         g = tl.arange(0, 16)
