@@ -24,7 +24,8 @@ SCALE_TOOLTIP = (
 )
 CONVROT_TOOLTIP = (
     "Used when converting: rotate groups of input channels with a Hadamard matrix before quantizing (ConvRot), "
-    "which spreads outliers and improves quality at a small speed cost. 0 = off; 256 is the ComfyUI-native default."
+    "which spreads outliers and improves quality at a small speed cost (klein 9B: +3 dB, ~8% slower with 256). "
+    "0 = off; 256 is the ComfyUI-native default and the fastest; 64 and 128 rotate with a full matrix, slower."
 )
 
 
