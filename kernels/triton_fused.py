@@ -22,14 +22,12 @@ twins are in ``reference_fused.py``.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .hadamard import hadamard_pm1_cached
 from .launch import FastLauncher
 from .triton_quant import (
     QUANT_WARPS,
@@ -40,8 +38,12 @@ from .triton_quant import (
     _store_row_scale,
     interpreting,
     num_sms,
+    rotation_args,
+    rotation_min_tile,
     row_scales,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -198,9 +200,6 @@ def _qk_norm_rope_kernel(
     tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
 
 
-logger = logging.getLogger(__name__)
-
-
 class TileTooLargeError(RuntimeError):
     """A kernel specialization needs more shared memory than this GPU has; the caller runs the torch twin."""
 
@@ -240,21 +239,6 @@ GLU_WARPS = 8
 GLU_PROGRAMS_PER_SM = 32
 
 
-def _rotation(group: int, device: torch.device) -> tuple[torch.Tensor | None, dict]:
-    """The +-1 Hadamard matrix (float32; H16 for group 256, applied as H16 (x) H16) and the kernels' rotation
-    meta-parameters for ConvRot ``group`` (0: none)."""
-    if not group:
-        return None, {"GROUP": 0, "INV_SQRT_G": 1.0, "KRON": False}
-    kron = group == 256
-    h = hadamard_pm1_cached(16 if kron else group, device, torch.float32)
-    return h, {"GROUP": group, "INV_SQRT_G": 1.0 / math.sqrt(group), "KRON": kron}
-
-
-def _min_tile(group: int) -> int:
-    """Elements a tile needs for the rotation's dot (at least 16 rows of groups; H16 (x) H16 needs 256)."""
-    return 0 if not group else 256 if group == 256 else 16 * group
-
-
 def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0):
     """x2 [M, K] (unit column stride), shift/mscale [B, K] (unit column stride) -> q [M, K] int8, scale [M].
 
@@ -266,10 +250,10 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
     if m == 0 or k == 0:
         return q, scale
     block_k = max(16, triton.next_power_of_2(k))
-    block_m = max(1, TILE_ELEMS // block_k, _min_tile(rotate_group) // block_k)
+    block_m = max(1, TILE_ELEMS // block_k, rotation_min_tile(rotate_group) // block_k)
     warps = QUANT_WARPS if block_k <= TILE_ELEMS else 8
     blocks = triton.cdiv(m, block_m)
-    h, rot = _rotation(rotate_group, x2.device)
+    h, rot = rotation_args(rotate_group, x2.device, torch.float32)
     key = ("norm_modulate_quantize", x2.dtype, block_m, block_k, rotate_group, x2.device)
     _launch(
         _NORM_MOD_QUANT, key, (blocks,), x2, shift, mscale, q, scale, h if h is not None else q, m, k,
@@ -293,9 +277,9 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
     if m == 0 or p + f == 0:
         return q, scale
     block_k = block_k or min(max(16, triton.next_power_of_2(max(p, f))), GLU_BLOCK_K)
-    block_k = max(block_k, _min_tile(rotate_group))  # one row per program: the tile holds the groups
+    block_k = max(block_k, rotation_min_tile(rotate_group))  # one row per program: the tile holds the groups
     block_m = 1
-    h, rot = _rotation(rotate_group, glu.device)
+    h, rot = rotation_args(rotate_group, glu.device, torch.float32)
     blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
     pre = prefix if prefix is not None else glu
     key = ("glu_quantize", glu.dtype, block_m, block_k, rotate_group, glu.device)

@@ -286,16 +286,30 @@ def _dequantize_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers (no argument validation: callers in api.py validated already)
 # --------------------------------------------------------------------------------------------
+def rotation_min_tile(group: int) -> int:
+    """Elements a tile needs for ``_rotate``'s dots: 16 rows of groups for a full G x G matrix; H16 (x) H16
+    (group 256) needs one group (0: no rotation)."""
+    return 0 if not group else 256 if group == 256 else 16 * group
+
+
+def rotation_args(group: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, dict]:
+    """The +-1 Hadamard matrix ``_rotate`` loads (in ``dtype``; H16 for group 256, applied as H16 (x) H16) and
+    the kernels' rotation meta-parameters GROUP, INV_SQRT_G, KRON for ConvRot ``group`` (0: none, no matrix)."""
+    if not group:
+        return None, {"GROUP": 0, "INV_SQRT_G": 1.0, "KRON": False}
+    kron = group == 256
+    h = hadamard_pm1_cached(16 if kron else group, device, dtype)
+    return h, {"GROUP": group, "INV_SQRT_G": 1.0 / math.sqrt(group), "KRON": kron}
+
+
 def quant_blocks(k: int, group: int) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_K, SINGLE_PASS, num_warps) for rows of length ``k``.
 
-    Rows that fit one TILE_ELEMS tile are read once; longer rows take two passes over K. A full-H
-    rotation dot needs at least 16 groups per tile.
+    Rows that fit one TILE_ELEMS tile are read once; longer rows take two passes over K. The tile holds
+    at least ``rotation_min_tile(group)`` elements.
     """
     block_k = min(max(16, triton.next_power_of_2(k), group), TILE_ELEMS)
-    block_m = max(1, TILE_ELEMS // block_k)
-    if group and group != 256:
-        block_m = max(block_m, 16 * group // block_k)
+    block_m = max(1, TILE_ELEMS // block_k, rotation_min_tile(group) // block_k)
     return block_m, block_k, k <= block_k, QUANT_WARPS
 
 
@@ -321,21 +335,19 @@ def launch_quantize(
     # The interpreter stores bfloat16 as raw uint16 and multiplies those bits in tl.dot, so under
     # TRITON_INTERPRET the rotation runs in float32 (tf32x3) for every input dtype.
     dot_fp32 = x2.dtype == torch.float32 or smooth is not None or interpreting()
-    kron = rotate_group == 256
-    h_order = 16 if kron else rotate_group
-    h = hadamard_pm1_cached(h_order, x2.device, torch.float32 if dot_fp32 else x2.dtype) if rotate_group else x2
+    h, rot = rotation_args(rotate_group, x2.device, torch.float32 if dot_fp32 else x2.dtype)
     dummy = q
     blocks = triton.cdiv(m, block_m)
     if not single and x2.is_cuda:
         blocks = min(blocks, max(num_sms(x2.device), TWO_PASS_L2_BYTES // (block_m * k * x2.element_size())))
     _QUANTIZE(
         (blocks,),
-        x2, q, scale if scale is not None else dummy, smooth if smooth is not None else dummy, h,
+        x2, q, scale if scale is not None else dummy, smooth if smooth is not None else dummy,
+        h if h is not None else dummy,
         fixed_scale if fixed_scale is not None else dummy,
         m, k, x2.stride(0), x2.stride(1), q.stride(0), 0 if seed is None else seed & _SEED_MASK,
         BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_PASS=single,
-        HAS_SMOOTH=smooth is not None, GROUP=rotate_group,
-        INV_SQRT_G=1.0 / math.sqrt(rotate_group) if rotate_group else 1.0, KRON=kron, DOT_FP32=dot_fp32,
+        HAS_SMOOTH=smooth is not None, **rot, DOT_FP32=dot_fp32,
         FIXED_SCALE=fixed_scale is not None, STOCHASTIC=seed is not None, FAST_ROUND=not interpreting(),
         FIXED_PER_ROW=fixed_scale is not None and fixed_scale.dim() > 0,
         num_warps=warps, enable_fp_fusion=False,
