@@ -251,7 +251,10 @@ class EagerRopeTable(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         e = self.embedder
         if torch.compiler.is_compiling() and ids.dim() == 3 and ids.shape[-1] == len(e.axes_dim):
-            return rope_table_op(ids, e.theta, list(e.axes_dim))
+            # through torch.ops, like the package's other ops: a second import of this module (ComfyUI loading
+            # the pack by path next to ``int8_w8a8``) re-defines the op, and the first definition's handle
+            # then points at a destroyed registration (calls through it failed with "vector::reserve")
+            return torch.ops.int8_w8a8.flux_rope_table(ids, e.theta, list(e.axes_dim))
         return e(ids)
 
 

@@ -96,8 +96,9 @@ def test_rope_table_is_comfyuis_bit_for_bit(models):
     want = own(ids)
     assert want.dtype == torch.float32 and want.shape == (2, 1, 42, sum(own.axes_dim) // 2, 2, 2)
     assert torch.equal(table(ids), want)
-    assert torch.equal(flux_fused.rope_table_op(ids, own.theta, list(own.axes_dim)), want)
-    torch.library.opcheck(flux_fused.rope_table_op, (ids, float(own.theta), list(own.axes_dim)))
+    op = torch.ops.int8_w8a8.flux_rope_table.default
+    assert torch.equal(op(ids, own.theta, list(own.axes_dim)), want)
+    torch.library.opcheck(op, (ids, float(own.theta), list(own.axes_dim)))
 
 
 def test_fused_matches_comfyui_blocks(models, calls):
