@@ -216,9 +216,9 @@ SQ = {
     "pre-quant-zero": (lambda sd: sd[f"{L}.pre_quant_scale"].__setitem__(3, 0.0),
                        r"pre_quant_scale has 1 non-finite or non-positive"),
     "unknown-sidecar": (lambda sd: sd.__setitem__(f"{L}.weight_zero_point", torch.zeros(H)),
-                        r"comes with '%s.weight_zero_point', which this pack does not know" % L),
+                        rf"comes with '{L}.weight_zero_point', which this pack does not know"),
     "awq-group-scale": (lambda sd: sd.__setitem__(f"{L}.weight_scale_2", torch.ones(())),
-                        r"'%s.weight_scale_2'.*wrong weights" % L),
+                        rf"'{L}.weight_scale_2'.*wrong weights"),
 }
 
 
@@ -236,7 +236,7 @@ def test_smoothquant_and_unknown_keys_are_named(case):
 def test_unknown_keys_beside_fp8_weights_and_smoothed_fp8_are_refused():
     sd, meta = fu.fp8_scaled(flux2_sd(), _is_quantized)
     sd[f"{L}.weight_zero_point"] = torch.zeros(H)
-    with pytest.raises(formats.Int8FormatError, match=r"'%s.weight_zero_point'" % L):
+    with pytest.raises(formats.Int8FormatError, match=rf"'{L}.weight_zero_point'"):
         formats.normalize(sd, meta, "f.safetensors")
     sd, meta = fu.fp8_scaled(flux2_sd(), _is_quantized)
     sd[f"{L}.pre_quant_scale"] = torch.ones(H)
@@ -259,11 +259,11 @@ def test_smoothed_float_weights_are_folded_and_float_keys_pass():
 
 
 def test_report_says_what_the_file_holds_in_words():
-    nsd, report = formats.normalize(*fu.modelopt(flux2_sd(), _is_quantized), "klein.safetensors")
+    _, report = formats.normalize(*fu.modelopt(flux2_sd(), _is_quantized), "klein.safetensors")
     assert report.summary() == (
         "klein.safetensors: 10 INT8 layers (no format metadata (ModelOpt and others), per-row scales), 9 BF16 "
         "weights; ignored 10 static input scales (activations are quantized per token)")
-    nsd, report = formats.normalize(*fu.native(flux2_sd(), _is_quantized, convrot=256), "n.safetensors")
+    _, report = formats.normalize(*fu.native(flux2_sd(), _is_quantized, convrot=256), "n.safetensors")
     assert report.summary().startswith(
         "n.safetensors: 10 INT8 layers (ComfyUI native int8_tensorwise, per-row scales, ConvRot-256), 9 BF16")
 
