@@ -371,7 +371,8 @@ def test_loader_lora_stack_applies_before_quantization(flux2, env):
     assert [s.name for s in stack] == [a, b]
     ref = reference(flux2, env, (a, 1.0), (b, 0.5))
     out = model_nodes.Int8DiffusionModelLoader.execute("bf16.safetensors", "auto", "per-row", "0", lora_stack=stack)
-    assert len(out.ui["text"]) == 2 and "LoRA keys matched" in out.ui["text"][0]
+    load, *matched = out.ui["text"]  # what was loaded and converted, then one line per LoRA
+    assert "10 layers converted to INT8" in load and len(matched) == 2 and "LoRA keys matched" in matched[0]
     model = out.args[0]
     patched = {k[len("diffusion_model."):-len(".weight")] for k in model.patches}
     assert patched == set(KEPT_LAYERS)  # the quantized layers took it before quantization
