@@ -96,7 +96,7 @@ def describe(report: formats.FormatReport, profile, converted: int, kept: Counte
         how = ("per-row" if opts.per_row else "per-tensor") + " scales, " + (
             f"ConvRot-{opts.rotate_group}" if opts.rotate_group else "no ConvRot")
         origin = ", ".join([f"{n} {dtype}" for dtype, n in sorted(report.floating.items())]
-                           + [f"{n} {fmt}" for fmt, n in sorted(report.fp8.items())])
+                           + [f"{n} FP8-scaled ({fmt})" for fmt, n in sorted(report.fp8.items())])
         text = (f"{report.source} ({origin} weights): {converted} layers converted to INT8 ({how}); kept in high "
                 f"precision: {kept_text} (the {profile.name} profile keeps embedders, modulation and output "
                 "layers unquantized)")

@@ -248,3 +248,24 @@ def test_error_types_have_a_clean_name_in_comfyui(workspace, case):
     assert not executor.success and len(errors) == 1
     assert errors[0]["exception_type"] == exception_type
     assert message in errors[0]["exception_message"]
+
+
+def test_every_exception_class_of_the_pack_has_the_clean_module_name(comfyui):
+    """Every exception class defined in the pack's ComfyUI-facing modules (a user can see any of them) reports
+    itself as int8_w8a8.<Class>."""
+    import importlib
+    import pkgutil
+
+    import int8_w8a8
+
+    found = {}
+    for part in ("ops", "lora", "nodes"):
+        package = importlib.import_module(f"int8_w8a8.{part}")
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"int8_w8a8.{part}.{info.name}")
+            for value in vars(module).values():
+                if (isinstance(value, type) and issubclass(value, BaseException)
+                        and value.__module__.startswith(int8_w8a8.__name__)):
+                    found[value.__qualname__] = value.__module__
+    assert {"Int8FormatError", "LoraError", "Int8SaveError"} <= set(found)
+    assert set(found.values()) == {"int8_w8a8"}, found
