@@ -221,11 +221,13 @@ def _int8_kind(fmt: str | None, conf: dict | None, per_row: bool, group: int, sm
 
 
 def _sidecars(sd: dict) -> dict[str, set[str]]:
-    """Layer name -> the names of its direct keys (``a.b.weight_scale`` -> ``{"a.b": {"weight_scale"}}``)."""
+    """Module path -> the rest of every key under it (``a.b.weight_scale`` -> ``{"a": {"b.weight_scale"},
+    "a.b": {"weight_scale"}}``): a Linear layer has no submodules, so everything under it belongs to its weight."""
     out: dict[str, set[str]] = {}
     for key in sd:
-        layer, _, name = key.rpartition(".")
-        out.setdefault(layer, set()).add(name)
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            out.setdefault(".".join(parts[:i]), set()).add(".".join(parts[i:]))
     return out
 
 

@@ -129,11 +129,11 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
             f"{source}: ComfyUI does not recognize this diffusion model's architecture; check that the file is a "
             "diffusion model (not a checkpoint of another kind, a LoRA or a text encoder)"
         )
+    saving.remember_source_dtypes(patcher.model, dtypes)
     if prepare is not None:
         prepare.attach(patcher)
     if options.fused_blocks:
         flux_fused.install(patcher)
-    saving.remember_source_dtypes(patcher.model, dtypes)
     n_int8 = sum(layout.is_int8_weight(getattr(m, "weight", None)) for m in patcher.model.diffusion_model.modules())
     text = describe(report, profile, todo, kept, options, n_int8)
     logger.info("int8_w8a8: loaded %s", text)

@@ -219,6 +219,8 @@ SQ = {
                         rf"comes with '{L}.weight_zero_point', which this pack does not know"),
     "awq-group-scale": (lambda sd: sd.__setitem__(f"{L}.weight_scale_2", torch.ones(())),
                         rf"'{L}.weight_scale_2'.*wrong weights"),
+    "quantizer-state": (lambda sd: sd.__setitem__(f"{L}.weight_quantizer._amax", torch.ones(H, 1)),
+                        rf"'{L}.weight_quantizer._amax'"),
 }
 
 
