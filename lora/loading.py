@@ -34,6 +34,8 @@ def split_key(key) -> tuple[str, tuple | None, object]:
 class LoraError(ValueError):
     """A LoRA that cannot be applied: names the file, what is wrong and a few offending keys."""
 
+    __module__ = "int8_w8a8"  # what ComfyUI shows as the error's type (not the install path)
+
 
 @dataclass(frozen=True)
 class LoraSpec:

@@ -18,12 +18,13 @@ import comfy.lora
 import comfy.model_detection
 import torch
 
+from ..ops.formats import SMOOTH
 from . import loading
 from .loading import PREFIX
 
 logger = logging.getLogger(__name__)
 
-QUANT_SUFFIXES = (".comfy_quant", ".weight_scale", ".input_scale")
+QUANT_SUFFIXES = (".comfy_quant", ".weight_scale", ".input_scale", f".{SMOOTH}")
 
 
 class _MetaModel:

@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..lora import dynamic, loading, merge
+from .report import show
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ MERGE_DESCRIPTION = (
 DYNAMIC_DESCRIPTION = (
     "Adds LoRAs at run time, fused into the INT8 matrix multiplication; the INT8 weights are not touched. "
     "Changing a strength or a LoRA takes effect at once, without merging. LoRA and LoCon only (merge DoRA, LoHa "
-    "and LoKr); works with torch.compile."
+    "and LoKr); works with torch.compile. Save INT8 Model merges them into the file it writes."
 )
 
 
@@ -61,13 +62,14 @@ def _stack(kwargs: dict) -> list[loading.LoraSpec]:
     return out
 
 
-def _report(model, reports: list[loading.MatchReport]) -> io.NodeOutput:
-    text = [r.summary() for r in reports] or ["no LoRA applied"]
-    return io.NodeOutput(model, ui={"text": text})
+def _report(node_cls, model, reports: list[loading.MatchReport]) -> io.NodeOutput:
+    """The model, with each LoRA's "X/Y LoRA keys matched" shown on the node."""
+    return io.NodeOutput(model, ui=show(node_cls, [r.summary() for r in reports] or ["no LoRA applied"]))
 
 
 def _rounding_input() -> io.Combo.Input:
-    return io.Combo.Input("rounding", options=list(merge.ROUNDINGS), default="nearest", advanced=True,
+    # optional, so that ComfyUI lists it after every LoRA input (required inputs come first in the UI)
+    return io.Combo.Input("rounding", options=list(merge.ROUNDINGS), default="nearest", advanced=True, optional=True,
                           tooltip="How merged weights are requantized: nearest (more accurate) or stochastic "
                                   "(seeded per layer, what ComfyUI does for its own INT8 layers).")
 
@@ -84,11 +86,12 @@ class Int8LoraMerge(io.ComfyNode):
             node_id="Int8LoraMerge", display_name="Load LoRA (INT8 merge)", category=CATEGORY,
             description=MERGE_DESCRIPTION, inputs=[_model_input(), *_single_inputs(), _rounding_input()],
             outputs=[io.Model.Output(tooltip="The model with the LoRA merged when it is loaded.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, lora_name, strength, rounding="nearest") -> io.NodeOutput:
-        return _report(*merge.merge(model, [loading.LoraSpec(lora_name, strength)], rounding))
+        return _report(cls, *merge.merge(model, [loading.LoraSpec(lora_name, strength)], rounding))
 
 
 class Int8LoraMergeStack(io.ComfyNode):
@@ -99,11 +102,12 @@ class Int8LoraMergeStack(io.ComfyNode):
             description=MERGE_DESCRIPTION + f" Up to {SLOTS} LoRAs, requantized once for the whole stack.",
             inputs=[_model_input(), *_slot_inputs(), _rounding_input()],
             outputs=[io.Model.Output(tooltip="The model with the LoRAs merged when it is loaded.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, rounding="nearest", **kwargs) -> io.NodeOutput:
-        return _report(*merge.merge(model, _stack(kwargs), rounding))
+        return _report(cls, *merge.merge(model, _stack(kwargs), rounding))
 
 
 class Int8LoraDynamic(io.ComfyNode):
@@ -114,11 +118,12 @@ class Int8LoraDynamic(io.ComfyNode):
             description=DYNAMIC_DESCRIPTION, inputs=[_model_input(), *_single_inputs()],
             outputs=[io.Model.Output(tooltip="The model computing the LoRA at run time, on top of dynamic LoRAs "
                                              "already there.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
-        return _report(*dynamic.apply(model, [loading.LoraSpec(lora_name, strength)]))
+        return _report(cls, *dynamic.apply(model, [loading.LoraSpec(lora_name, strength)]))
 
 
 class Int8LoraDynamicStack(io.ComfyNode):
@@ -129,11 +134,12 @@ class Int8LoraDynamicStack(io.ComfyNode):
             description=DYNAMIC_DESCRIPTION + f" Up to {SLOTS} LoRAs, computed together as one low-rank term.",
             inputs=[_model_input(), *_slot_inputs()],
             outputs=[io.Model.Output(tooltip="The model computing the LoRAs at run time.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, **kwargs) -> io.NodeOutput:
-        return _report(*dynamic.apply(model, _stack(kwargs)))
+        return _report(cls, *dynamic.apply(model, _stack(kwargs)))
 
 
 class Int8LoraStack(io.ComfyNode):

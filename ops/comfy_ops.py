@@ -27,7 +27,7 @@ import torch
 from .. import kernels
 from . import layout
 from .config import LoadConfig
-from .formats import FP8_FORMATS, INT8_FORMAT, Int8FormatError
+from .formats import FP8_FORMATS, INT8_FORMAT, SMOOTH, Int8FormatError
 from .lowrank import LowRank
 
 logger = logging.getLogger(__name__)
@@ -67,9 +67,10 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         weight = state_dict.pop(f"{prefix}weight", None)
         scale = state_dict.pop(f"{prefix}weight_scale", None)
         conf = state_dict.pop(f"{prefix}comfy_quant", None)
+        smooth = state_dict.pop(f"{prefix}{SMOOTH}", None)
         state_dict.pop(f"{prefix}input_scale", None)
         if weight is not None:
-            built = self._build_weight(layer, weight, scale, conf)
+            built = self._build_weight(layer, weight, scale, conf, smooth)
             self.weight = torch.nn.Parameter(built, requires_grad=False)
             self.quant_format = INT8_FORMAT if layout.is_int8_weight(built) else None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -77,7 +78,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         if weight is not None and f"{prefix}weight" in missing_keys:
             missing_keys.remove(f"{prefix}weight")
 
-    def _build_weight(self, layer: str, weight: torch.Tensor, scale, conf) -> torch.Tensor:
+    def _build_weight(self, layer: str, weight: torch.Tensor, scale, conf, smooth=None) -> torch.Tensor:
         cfg = self.config
         info = json.loads(bytes(conf.to(torch.uint8).cpu().numpy().tobytes())) if conf is not None else {}
         fmt = info.get("format")
@@ -85,7 +86,8 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         logical = self.factory_kwargs["dtype"] or torch.bfloat16
         if fmt == INT8_FORMAT:
             group = int(info.get("convrot_groupsize", 256)) if info.get("convrot") else 0
-            return layout.make_weight(weight.to(target), scale.to(target, torch.float32), logical, rotate_group=group)
+            return layout.make_weight(weight.to(target), scale.to(target, torch.float32), logical, rotate_group=group,
+                                      smooth=None if smooth is None else smooth.to(target, torch.float32))
         if fmt in _FP8_DTYPES:  # scaled FP8: back to float first
             device = cfg.compute_device or weight.device
             weight = weight.to(device).float() * scale.to(device, torch.float32)

@@ -31,7 +31,8 @@ class ConvertOptions:
         if self.rotate_group not in ROTATE_GROUPS:
             raise ValueError(f"ConvRot group: expected one of {ROTATE_GROUPS}, got {self.rotate_group}")
         if self.rotate_group and not self.per_row:
-            raise ValueError("ConvRot needs per-row weight scales")
+            raise ValueError(f"ConvRot (rotate_group {self.rotate_group}) needs per-row weight scales: set "
+                             "per_row=True (weight_scale 'per-row' on the nodes) or rotate_group=0 (convrot_group '0')")
 
 
 class WeightPrep(Protocol):

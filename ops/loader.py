@@ -1,8 +1,8 @@
-"""Loading, converting and saving INT8 diffusion models through ComfyUI's own loader (ComfyUI glue).
+"""Loading and converting INT8 diffusion models through ComfyUI's own loader (ComfyUI glue).
 
 ``load_file``      a diffusion-model file of any supported format -> ModelPatcher on Int8Linear layers
 ``quantize_model`` a MODEL from any loader (e.g. stock BF16) -> a clone whose Linear weights are INT8
-``save_model``     a MODEL -> a ComfyUI-native int8_tensorwise safetensors file (loads without the pack)
+``save_model``     (saving.py, re-exported here) a MODEL -> a ComfyUI-native int8_tensorwise file
 
 All three fail before anything is built or written when the input cannot be used, with the file,
 the layer and what to do in the message; nothing half-loaded is returned.
@@ -10,9 +10,9 @@ the layer and what to do in the message; nothing half-loaded is returned.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,7 +21,7 @@ import comfy.sd
 import comfy.utils
 import torch
 
-from . import flux_fused, formats, layout, profiles
+from . import flux_fused, formats, layout, profiles, saving
 from .comfy_ops import default_compute_device, make_operations
 from .config import ConvertOptions, LoadConfig, WeightPrep
 
@@ -37,6 +37,7 @@ class LoadOptions:
     quant_in_graph: see ``LoadConfig``.
     fused_blocks: run FLUX blocks whose linears are INT8 on the fused kernels, eager and compiled
     (``flux_fused``; other models and unsupported calls use ComfyUI's blocks).
+    notify: called with what the load did, in words (``describe``), e.g. to show it on the node.
     """
 
     profile: str = profiles.AUTO
@@ -44,6 +45,7 @@ class LoadOptions:
     prepare: Callable[[dict], WeightPrep] | None = None
     quant_in_graph: bool = False
     fused_blocks: bool = True
+    notify: Callable[[str], None] | None = None
 
 
 def read_file(path: str) -> tuple[dict, dict | None]:
@@ -65,23 +67,52 @@ def _linear_weights(sd: dict) -> list[str]:
 
 
 def _plan(nsd: dict, report: formats.FormatReport, options: LoadOptions, source: str):
-    """The profile to convert with (None for pre-quantized sources) and how many layers it converts."""
+    """The profile to convert with (None for pre-quantized sources), how many layers it converts and the
+    dtypes of the 2-D float weights it keeps (name -> count)."""
     keys = set(nsd)
+    floats = [k for k in _linear_weights(nsd) if nsd[f"{k}.weight"].is_floating_point()]
     if report.quantized:
         # A pre-quantized file decides itself which layers are INT8; its float layers stay float.
         if options.profile != profiles.AUTO:
             profiles.resolve(options.profile, keys, source)  # still refuse the wrong architecture
-        return None, 0
+        return None, 0, Counter(formats.dtype_name(nsd[f"{k}.weight"].dtype) for k in floats)
     profile = profiles.resolve(options.profile, keys, source)
-    todo = [k for k in _linear_weights(nsd) if not profile.keeps(k) and nsd[f"{k}.weight"].is_floating_point()]
+    todo = [k for k in floats if not profile.keeps(k)]
     fp8 = [k[:-12] for k in nsd if k.endswith(".comfy_quant")]
-    return profile, len(todo) + len([k for k in fp8 if not profile.keeps(k)])
+    kept = Counter(formats.dtype_name(nsd[f"{k}.weight"].dtype) for k in floats if profile.keeps(k))
+    return profile, len(todo) + len([k for k in fp8 if not profile.keeps(k)]), kept
+
+
+def describe(report: formats.FormatReport, profile, converted: int, kept: Counter, options: LoadOptions,
+             n_int8: int) -> str:
+    """What a load did, in words: the source, its INT8 layers as stored, converted and kept (for the log and
+    the loader node)."""
+    kept_text = " and ".join(f"{n} in {dtype}" for dtype, n in sorted(kept.items())) or "none"
+    if profile is None:
+        text = (f"{report.source}: {report.quantized} layers INT8 as stored ({'; '.join(sorted(report.int8))}); "
+                f"layers kept in high precision as the file has them: {kept_text}")
+    else:
+        opts = options.convert
+        how = ("per-row" if opts.per_row else "per-tensor") + " scales, " + (
+            f"ConvRot-{opts.rotate_group}" if opts.rotate_group else "no ConvRot")
+        origin = ", ".join([f"{n} {dtype}" for dtype, n in sorted(report.floating.items())]
+                           + [f"{n} FP8-scaled ({fmt})" for fmt, n in sorted(report.fp8.items())])
+        text = (f"{report.source} ({origin} weights): {converted} layers converted to INT8 ({how}); kept in high "
+                f"precision: {kept_text} (the {profile.name} profile keeps embedders, modulation and output "
+                "layers unquantized)")
+    if n_int8 != report.quantized + converted:
+        text += f"; {n_int8} INT8 layers in the model"
+    if report.prefix:
+        text += f"; key prefix '{report.prefix}' removed"
+    if report.dropped:
+        text += "; ignored " + ", ".join(f"{n} {k}" for k, n in sorted(report.dropped.items()))
+    return text
 
 
 def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source: str,
           model_options: dict | None = None, disable_dynamic: bool = False):
     """Build a ModelPatcher from a normalized state dict (formats.normalize) with Int8Linear layers."""
-    profile, todo = _plan(nsd, report, options, source)
+    profile, todo, kept = _plan(nsd, report, options, source)
     prepare = options.prepare(nsd) if options.prepare is not None else None  # fails before anything is built
     pbar = comfy.utils.ProgressBar(todo) if todo else None
     config = LoadConfig(
@@ -89,6 +120,7 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
         progress=(lambda layer: pbar.update(1)) if pbar is not None else None, prepare=prepare,
         quant_in_graph=options.quant_in_graph,
     )
+    dtypes = saving.source_dtypes(nsd)  # before ComfyUI's loader consumes nsd
     opts = dict(model_options or {})
     opts["custom_operations"] = make_operations(config)
     patcher = comfy.sd.load_diffusion_model_state_dict(nsd, model_options=opts, disable_dynamic=disable_dynamic)
@@ -97,13 +129,16 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
             f"{source}: ComfyUI does not recognize this diffusion model's architecture; check that the file is a "
             "diffusion model (not a checkpoint of another kind, a LoRA or a text encoder)"
         )
+    saving.remember_source_dtypes(patcher.model, dtypes)
     if prepare is not None:
         prepare.attach(patcher)
     if options.fused_blocks:
         flux_fused.install(patcher)
     n_int8 = sum(layout.is_int8_weight(getattr(m, "weight", None)) for m in patcher.model.diffusion_model.modules())
-    logger.info("int8_w8a8: %s loaded with %d INT8 Linear layers (%s)", source, n_int8,
-                f"converted {todo} with profile {profile.name}" if profile else "pre-quantized")
+    text = describe(report, profile, todo, kept, options, n_int8)
+    logger.info("int8_w8a8: loaded %s", text)
+    if options.notify is not None:
+        options.notify(text)
     return patcher
 
 
@@ -129,7 +164,7 @@ def quantize_model(model, options: LoadOptions | None = None, disable_dynamic: b
     source = f"the input model ({type(model.model).__name__})"
     sd = model.model.diffusion_model.state_dict()
     nsd, report = formats.normalize(sd, None, source)
-    if report.quantized and not report.layers.get("float"):
+    if report.quantized and not report.floating:
         logger.info("int8_w8a8: %s is already INT8; returning it unchanged", source)
         return model.clone()
     # a partly quantized input: build from its float layers (the INT8 ones pass through)
@@ -147,35 +182,6 @@ def _quantize_again(model, options: LoadOptions, disable_dynamic: bool = False):
     return quantize_model(model, options, disable_dynamic=disable_dynamic)
 
 
-def native_state_dict(model) -> tuple[dict, dict]:
-    """The diffusion model's weights in ComfyUI's native int8_tensorwise form, LoRA patches merged.
-
-    Returns (state dict, safetensors header metadata with ``_quantization_metadata``).
-    """
-    comfy.model_management.load_models_gpu([model])  # patched and resident: ComfyUI's saver reads it then
-    dm = model.model.diffusion_model
-    for name, module in dm.named_modules():
-        w = getattr(module, "weight", None)
-        if layout.is_int8_weight(w) and getattr(w._params, "smooth", None) is not None:
-            raise ValueError(f"layer '{name}' uses SmoothQuant, which ComfyUI's native format cannot express")
-    sd = model.model_state_dict_for_saving(dm, "diffusion_model.")
-    layers = {}
-    for key in [k for k in sd if k.endswith(".comfy_quant")]:
-        conf = json.loads(bytes(sd[key].to(torch.uint8).cpu().numpy().tobytes()))
-        layers[key[: -len(".comfy_quant")]] = conf
-    header = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
-    return sd, header
-
-
-def save_model(model, path: str) -> str:
-    """Write ``model``'s diffusion model to ``path`` as a native int8_tensorwise safetensors file."""
-    sd, header = native_state_dict(model)
-    if not json.loads(header["_quantization_metadata"])["layers"]:
-        raise ValueError("the model has no INT8 layers to save; quantize it first (Quantize Model to INT8)")
-    for k, t in list(sd.items()):
-        if isinstance(t, torch.Tensor) and not t.is_contiguous():
-            sd[k] = t.contiguous()
-    tmp = f"{path}.partial"
-    comfy.utils.save_torch_file(sd, tmp, metadata=header)
-    os.replace(tmp, path)  # never leave a truncated file under the final name
-    return path
+# Saving lives in saving.py; the names stay importable from here for the benchmarks.
+native_state_dict = saving.native_state_dict
+save_model = saving.save_model

@@ -49,6 +49,27 @@ def modelopt(sd, quantize):
     return out, {"modelopt_version": "0.29.0"}
 
 
+def smoothing(k: int, seed: int = 0) -> torch.Tensor:
+    """A SmoothQuant smoothing vector s [K] (float32): per input channel, between e^-0.75 and e^0.75."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.empty(k).uniform_(-0.75, 0.75, generator=gen))
+
+
+def modelopt_smoothquant(sd, quantize, *, dtype=torch.bfloat16):
+    """NVIDIA ModelOpt INT8 SmoothQuant export: the weight stored as ``W * s`` per input channel and quantized
+    per row, ``pre_quant_scale = 1 / s`` (activations are multiplied by it) in the model's dtype, a static
+    ``input_scale``."""
+    out = dict(sd)
+    for i, layer in enumerate(_linear_layers(sd, quantize)):
+        w = sd[f"{layer}.weight"].float()
+        s = smoothing(w.shape[1], seed=i)
+        q, scale = ref.quantize_weight(w * s)
+        out[f"{layer}.weight"], out[f"{layer}.weight_scale"] = q, scale
+        out[f"{layer}.pre_quant_scale"] = (1.0 / s).to(dtype)
+        out[f"{layer}.input_scale"] = torch.tensor(0.0213, dtype=torch.float32)
+    return out, {"modelopt_version": "0.29.0"}
+
+
 def int8_fast(sd, quantize, *, style="quarot"):
     """ComfyUI-INT8-Fast saves: 'model.' prefix, comfy_quant without a 'format' key, rotated weights."""
     out = {}
@@ -114,6 +135,7 @@ INT8_WRITERS: dict[str, Callable] = {
     "native-per-tensor": lambda sd, quantize: native(sd, quantize, per_row=False),
     "native-convrot": lambda sd, quantize: native(sd, quantize, convrot=256),
     "modelopt": lambda sd, quantize: modelopt(sd, quantize),
+    "modelopt-smoothquant": lambda sd, quantize: modelopt_smoothquant(sd, quantize),
     "int8-fast-quarot": lambda sd, quantize: int8_fast(sd, quantize),
     "int8-fast-convrot": lambda sd, quantize: int8_fast(sd, quantize, style="convrot"),
     "1d-fp16-scales": lambda sd, quantize: one_d_scales(sd, quantize),

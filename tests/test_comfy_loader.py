@@ -43,6 +43,28 @@ def test_every_format_loads_and_matches_bf16(flux2, tmp_path, fmt):
     assert patcher.cached_patcher_init[0] is loader.load_file
 
 
+def test_smoothquant_file_runs_with_its_smoothing_vector(flux2, tmp_path):
+    """A ModelOpt SmoothQuant file (weights stored as W * s per input channel, pre_quant_scale = 1 / s): every
+    INT8 layer carries the smoothing vector and the model matches BF16; the same file without its vectors is
+    far off, which is what silently dropping them (ComfyUI drops keys it does not know) would give."""
+    from int8_w8a8.ops import formats, loader
+
+    sd, meta = fu.modelopt_smoothquant(flux2["sd"], _quantized_layer)
+    patcher = loader.load_file(_write(tmp_path, "sq.safetensors", sd, meta))
+    weights = [patcher.model.diffusion_model.get_submodule(n).weight for n in _int8_layers(patcher)]
+    assert len(weights) == QUANTIZED and all(w._params.smooth is not None for w in weights)
+    assert all(w._params.smooth.shape == (w._qdata.shape[1],) for w in weights)
+    good = sqnr_db(flux2["ref"], forward(patcher, flux2["inputs"]))
+    plain = {k: v for k, v in sd.items() if not k.endswith(".pre_quant_scale")}
+    unsmoothed = sqnr_db(flux2["ref"], forward(loader.load_file(_write(tmp_path, "plain.safetensors", plain, meta)),
+                                               flux2["inputs"]))
+    print(f"SmoothQuant file: {good:.1f} dB against BF16; without its smoothing vectors {unsmoothed:.1f} dB")
+    assert good >= 25 and unsmoothed < good - 10
+    sd["single_blocks.0.linear1.weight_zero_point"] = torch.zeros(9 * H)
+    with pytest.raises(formats.Int8FormatError, match=r"single_blocks.0.linear1.weight_zero_point"):
+        loader.load_file(_write(tmp_path, "zp.safetensors", sd, meta))
+
+
 @pytest.mark.parametrize("convert", [{"per_row": False}, {"rotate_group": 256}, {"rotate_group": 64, "seed": 7}])
 def test_conversion_options(flux2, tmp_path, convert):
     from int8_w8a8.ops import loader

@@ -129,14 +129,19 @@ def test_every_int8_format_normalizes_to_native(fmt):
         rotated = fmt in ("native-convrot", "int8-fast-quarot", "int8-fast-convrot")
         assert conf.get("convrot", False) == rotated and conf.get("convrot_groupsize", 256) == 256
         w = ref.dequantize(q, s, torch.float32, rotate_group=256 if rotated else 0)
+        if fmt == "modelopt-smoothquant":  # stored as W * smooth per input channel
+            smooth = nsd[f"{layer}.smooth"]
+            assert smooth.dtype == torch.float32 and smooth.shape == (q.shape[1],)
+            w = w / smooth
         assert float((w - sd[f"{layer}.weight"].float()).norm() / sd[f"{layer}.weight"].float().norm()) < 0.02
-    assert not any(k.endswith(("input_scale", "scale_weight")) for k in nsd)
+    assert any(k.endswith(".smooth") for k in nsd) == (fmt == "modelopt-smoothquant")
+    assert not any(k.endswith(("input_scale", "scale_weight", "pre_quant_scale")) for k in nsd)
     assert all(nsd[k].dtype == torch.bfloat16 for k in sd if k[:-7] not in QUANTIZED)
 
 
 def test_fp8_scaled_is_marked_for_conversion():
     nsd, report = formats.normalize(*fu.fp8_scaled(flux2_sd(), _is_quantized), "f.safetensors")
-    assert report.layers["fp8 scaled (converted)"] == len(QUANTIZED) and "scaled_fp8" not in nsd
+    assert report.fp8 == {"float8_e4m3fn": len(QUANTIZED)} and "scaled_fp8" not in nsd
     conf = _conf(nsd, "single_blocks.0.linear1")
     assert conf == {"format": "float8_e4m3fn"} and nsd["single_blocks.0.linear1.weight_scale"].shape == ()
 
@@ -187,3 +192,85 @@ def test_blockwise_is_rejected_with_its_format():
     sd[f"{L}.weight_scale"] = torch.ones(4, 4)  # blockwise-shaped scale without any metadata
     with pytest.raises(formats.Int8FormatError, match="is a blockwise scale"):
         formats.normalize(sd, None, "b.safetensors")
+
+
+# ------------------------------------------------------------------ SmoothQuant and keys no reader consumes
+def test_smoothquant_vector_is_the_reciprocal_of_pre_quant_scale():
+    """ModelOpt multiplies activations by pre_quant_scale; the layout divides them by smooth: smooth = 1 / it,
+    so that x / smooth @ (W * smooth)^T == x @ W^T."""
+    sd, meta = fu.modelopt_smoothquant(flux2_sd(), _is_quantized, dtype=torch.float32)
+    nsd, report = formats.normalize(sd, meta, "sq.safetensors")
+    layer = "single_blocks.0.linear2"
+    assert torch.allclose(nsd[f"{layer}.smooth"] * sd[f"{layer}.pre_quant_scale"], torch.ones(4 * H))
+    assert report.int8 == {"no format metadata (ModelOpt and others), per-row scales, SmoothQuant": len(QUANTIZED)}
+    x = torch.randn(5, 4 * H, dtype=torch.float64)
+    w = ref.dequantize(nsd[f"{layer}.weight"], nsd[f"{layer}.weight_scale"], torch.float32).double()
+    y = (x / nsd[f"{layer}.smooth"].double()) @ w.T
+    y_ref = x @ flux2_sd()[f"{layer}.weight"].double().T
+    assert float((y - y_ref).norm() / y_ref.norm()) < 0.02
+
+
+SQ = {
+    "pre-quant-shape": (lambda sd: sd.__setitem__(f"{L}.pre_quant_scale", torch.ones(7)),
+                        r"SmoothQuant pre_quant_scale of shape \[7\]"),
+    "pre-quant-zero": (lambda sd: sd[f"{L}.pre_quant_scale"].__setitem__(3, 0.0),
+                       r"pre_quant_scale has 1 non-finite or non-positive"),
+    "unknown-sidecar": (lambda sd: sd.__setitem__(f"{L}.weight_zero_point", torch.zeros(H)),
+                        rf"comes with '{L}.weight_zero_point', which this pack does not know"),
+    "awq-group-scale": (lambda sd: sd.__setitem__(f"{L}.weight_scale_2", torch.ones(())),
+                        rf"'{L}.weight_scale_2'.*wrong weights"),
+    "quantizer-state": (lambda sd: sd.__setitem__(f"{L}.weight_quantizer._amax", torch.ones(H, 1)),
+                        rf"'{L}.weight_quantizer._amax'"),
+}
+
+
+@pytest.mark.parametrize("case", list(SQ))
+def test_smoothquant_and_unknown_keys_are_named(case):
+    """A key beside a quantized weight that no reader consumes is an error naming the layer and the key (ComfyUI
+    would drop it and the layer would compute something else), as is a broken smoothing vector."""
+    mutate, message = SQ[case]
+    sd, meta = _mutated(lambda s: fu.modelopt_smoothquant(s, _is_quantized), mutate)
+    with pytest.raises(formats.Int8FormatError, match=message) as info:
+        formats.normalize(sd, meta, "f.safetensors")
+    assert "f.safetensors" in str(info.value) and f"layer '{L}'" in str(info.value)
+
+
+def test_unknown_keys_beside_fp8_weights_and_smoothed_fp8_are_refused():
+    sd, meta = fu.fp8_scaled(flux2_sd(), _is_quantized)
+    sd[f"{L}.weight_zero_point"] = torch.zeros(H)
+    with pytest.raises(formats.Int8FormatError, match=rf"'{L}.weight_zero_point'"):
+        formats.normalize(sd, meta, "f.safetensors")
+    sd, meta = fu.fp8_scaled(flux2_sd(), _is_quantized)
+    sd[f"{L}.pre_quant_scale"] = torch.ones(H)
+    with pytest.raises(formats.Int8FormatError, match=r"FP8 weight with a SmoothQuant/AWQ .*use the BF16 model"):
+        formats.normalize(sd, meta, "f.safetensors")
+
+
+def test_smoothed_float_weights_are_folded_and_float_keys_pass():
+    """A smoothing vector beside a float weight is folded into it (W = stored / smooth); keys beside float layers
+    that are not quantization sidecars pass through as before (ComfyUI's own checks apply)."""
+    sd = flux2_sd()
+    w = sd[f"{L}.weight"].float()
+    s = fu.smoothing(H)
+    sd[f"{L}.weight"] = (w * s).to(torch.bfloat16)
+    sd[f"{L}.pre_quant_scale"] = 1.0 / s
+    nsd, report = formats.normalize(sd, None, "f.safetensors")
+    assert f"{L}.pre_quant_scale" not in nsd and nsd[f"{L}.weight"].dtype == torch.bfloat16
+    assert float((nsd[f"{L}.weight"].float() - w).norm() / w.norm()) < 0.01
+    assert report.floating == {"BF16": len(FLUX2_SHAPES) - 3} and not report.int8  # three 1-D norm scales
+
+
+def test_report_says_what_the_file_holds_in_words():
+    _, report = formats.normalize(*fu.modelopt(flux2_sd(), _is_quantized), "klein.safetensors")
+    assert report.summary() == (
+        "klein.safetensors: 10 INT8 layers (no format metadata (ModelOpt and others), per-row scales), 9 BF16 "
+        "weights; ignored 10 static input scales (activations are quantized per token)")
+    _, report = formats.normalize(*fu.native(flux2_sd(), _is_quantized, convrot=256), "n.safetensors")
+    assert report.summary().startswith(
+        "n.safetensors: 10 INT8 layers (ComfyUI native int8_tensorwise, per-row scales, ConvRot-256), 9 BF16")
+
+
+def test_exception_types_have_a_clean_module_name():
+    """ComfyUI shows an error's type as module + class name; without this it is the pack's install path."""
+    assert formats.Int8FormatError.__module__ == "int8_w8a8"
+    assert f"{formats.Int8FormatError.__module__}.{formats.Int8FormatError.__qualname__}" == "int8_w8a8.Int8FormatError"

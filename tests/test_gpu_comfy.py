@@ -181,13 +181,29 @@ comfy.model_management.unload_all_models()
 y_third = forward(patcher)
 assert sqnr(y_plain, y_third) > 60, sqnr(y_plain, y_third)
 print(f"OK nodes: merged vs dynamic {sqnr(y_merged, y_dyn):.1f} dB, plain vs dynamic {sqnr(y_plain, y_dyn):.1f} dB")
+
+# Save INT8 Model on the DynamicVRAM model with the dynamic LoRA: its terms become patches that ComfyUI applies
+# lazily while the file is written (requantized once); stock ComfyUI (comfy-kitchen's layout) runs the file
+import comfy.sd
+from int8_w8a8.ops import saving
+comfy.model_management.unload_all_models()
+report = saving.save(dyn, os.path.join(tempfile.mkdtemp(), "saved.safetensors"))
+comfy.model_management.unload_all_models()
+stock = comfy.sd.load_diffusion_model(report.path, disable_dynamic=True)
+assert {m.weight._layout_cls for m in stock.model.diffusion_model.modules()
+        if layout.is_int8_weight(getattr(m, "weight", None))} == {"TensorWiseINT8Layout"}
+y_saved = forward(stock)
+assert report.dynamic == 4 and set(report.kept) == {"BF16"}, report
+assert sqnr(y_dyn, y_saved) > 30, sqnr(y_dyn, y_saved)
+print(f"OK save: {report.summary()}; stock ComfyUI vs dynamic {sqnr(y_dyn, y_saved):.1f} dB")
 """
 
 
 def test_dynamic_vram_with_lora(model_file, comfyui):
     """ComfyUI's DynamicVRAM (comfy-aimdo): the model loads on ModelPatcherDynamic, runs, takes a LoRA
     on cast (requantized into the VRAM copy) and drops it again; the pack's merge and dynamic LoRAs
-    agree there. In a fresh process: aimdo must be initialized before torch touches CUDA."""
+    agree there, and Save INT8 Model writes the dynamic one into a file stock ComfyUI runs. In a fresh
+    process: aimdo must be initialized before torch touches CUDA."""
     import os
     import subprocess
     import sys
@@ -203,4 +219,4 @@ def test_dynamic_vram_with_lora(model_file, comfyui):
     if out.returncode == 3:
         pytest.skip(stdout.strip().splitlines()[-1])
     assert out.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    assert "OK dynamic" in stdout and "OK nodes" in stdout
+    assert "OK dynamic" in stdout and "OK nodes" in stdout and "OK save" in stdout

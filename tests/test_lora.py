@@ -266,6 +266,22 @@ def test_merge_lycoris_and_dora(flux2, env, kind):
         lora_nodes.Int8LoraDynamic.execute(env["int8"], name, 0.8)
 
 
+def test_merge_and_dynamic_on_smoothquant_layers(flux2, env, tmp_path):
+    """A SmoothQuant file (weights stored as W * s, activations divided by s): a merged LoRA is requantized with
+    the layer's smoothing vector, a dynamic one is added to the unsmoothed activations; both match BF16+LoRA."""
+    from int8_w8a8.nodes import lora_nodes
+    from int8_w8a8.ops import loader
+
+    base = loader.load_file(write(tmp_path, "sq.safetensors", *fu.modelopt_smoothquant(flux2["sd"], quantized_layer)))
+    s0 = sqnr_db(flux2["ref"], run(env, base))
+    name = write_lora(env, "sq-lora.safetensors", lu.lora(flux2["sd"], QUANTIZED_LAYERS + KEPT_LAYERS, seed=9))
+    ref = reference(flux2, env, (name, 1.0))
+    merged = lora_nodes.Int8LoraMerge.execute(base, name, 1.0).args[0]
+    dyn = lora_nodes.Int8LoraDynamic.execute(base, name, 1.0).args[0]
+    assert s0 - sqnr_db(ref, run(env, merged)) < 3.0
+    assert s0 - sqnr_db(ref, run(env, dyn)) < 0.5
+
+
 # ------------------------------------------------------------------------------------------------ dynamic
 
 
@@ -371,7 +387,8 @@ def test_loader_lora_stack_applies_before_quantization(flux2, env):
     assert [s.name for s in stack] == [a, b]
     ref = reference(flux2, env, (a, 1.0), (b, 0.5))
     out = model_nodes.Int8DiffusionModelLoader.execute("bf16.safetensors", "auto", "per-row", "0", lora_stack=stack)
-    assert len(out.ui["text"]) == 2 and "LoRA keys matched" in out.ui["text"][0]
+    load, *matched = out.ui["text"]  # what was loaded and converted, then one line per LoRA
+    assert "10 layers converted to INT8" in load and len(matched) == 2 and "LoRA keys matched" in matched[0]
     model = out.args[0]
     patched = {k[len("diffusion_model."):-len(".weight")] for k in model.patches}
     assert patched == set(KEPT_LAYERS)  # the quantized layers took it before quantization

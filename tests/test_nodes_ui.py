@@ -1,0 +1,271 @@
+"""Integration tier: what a user of the nodes sees, through ComfyUI's own validation and PromptExecutor (CPU).
+
+The pack is registered as a custom node the way ComfyUI's main does it; prompts in API format are validated
+and run by ComfyUI's executor. Two stand-ins: the websocket server the executor reports to (as in
+test_examples), and, as ComfyUI's ``server.PromptServer.instance``, an object that records the progress text
+nodes send (ComfyUI's web server needs aiohttp and a frontend, which the test tier does not install); it
+keeps what ``PromptServer.send_progress_text(text, node_id)`` is called with, which is what the frontend draws
+under the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import sys
+import types
+
+import pytest
+import safetensors.torch
+import torch
+
+from . import formats_util as fu
+from . import lora_util as lu
+from .test_lora import KEPT_LAYERS, QUANTIZED_LAYERS
+from .tiny_flux2 import quantized_layer, write
+
+pytestmark = pytest.mark.integration
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class ExecutorLog:
+    """Where PromptExecutor sends its messages (the websocket server, in ComfyUI's main)."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class ProgressTexts:
+    """Records ``send_progress_text`` calls: (node id, text)."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, str]] = []
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.sent.append((str(node_id), text.decode() if isinstance(text, bytes) else text))
+
+    def of(self, node_id: str) -> str:
+        texts = [t for n, t in self.sent if n == node_id]
+        assert len(texts) == 1, (node_id, self.sent)
+        return texts[0]
+
+
+@pytest.fixture(scope="module")
+def workspace(comfyui, flux2, tmp_path_factory):
+    import comfy.quant_ops
+    import folder_paths
+
+    import nodes
+
+    algo = comfy.quant_ops.QUANT_ALGOS["int8_tensorwise"]
+    layout_before = algo["comfy_tensor_layout"]
+    assert asyncio.run(nodes.load_custom_node(str(ROOT)))
+    root = tmp_path_factory.mktemp("ui")
+    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
+    for kind in ("diffusion_models", "loras"):
+        (root / kind).mkdir()
+        folder_paths.add_model_folder_path(kind, str(root / kind), is_default=True)
+    folder_paths.filename_list_cache.clear()
+    sd = flux2["sd"]
+    write(root / "diffusion_models", "bf16.safetensors", sd)
+    zp, meta = fu.native(sd, quantized_layer)
+    zp["single_blocks.0.linear2.weight_zero_point"] = torch.zeros(256)
+    write(root / "diffusion_models", "zero-point.safetensors", zp, meta)
+    for name, lsd in {"a.safetensors": lu.lora(sd, QUANTIZED_LAYERS + KEPT_LAYERS, seed=111),
+                      "b.safetensors": lu.lora(sd, list(lu.DIFFUSERS), fmt="diffusers", seed=112)}.items():
+        safetensors.torch.save_file({k: v.contiguous() for k, v in lsd.items()}, str(root / "loras" / name))
+    (root / "loras" / "broken.safetensors").write_bytes(b"\x00" * 64)
+    yield root
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)
+    folder_paths.filename_list_cache.clear()
+    algo["comfy_tensor_layout"] = layout_before
+
+
+@pytest.fixture
+def texts(monkeypatch) -> ProgressTexts:
+    """ProgressTexts as ComfyUI's ``server.PromptServer.instance``."""
+    recorder = ProgressTexts()
+    module = sys.modules.get("server")
+    if hasattr(module, "PromptServer"):
+        monkeypatch.setattr(module.PromptServer, "instance", recorder, raising=False)
+    else:
+        stand_in = types.ModuleType("server")
+        stand_in.PromptServer = type("PromptServer", (), {"instance": recorder})
+        monkeypatch.setitem(sys.modules, "server", stand_in)
+    return recorder
+
+
+def _execute(prompt: dict, outputs: list[str]):
+    import execution
+
+    executor = execution.PromptExecutor(ExecutorLog(), cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    executor.execute(prompt, "ui-test", {}, outputs)
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    return executor, errors
+
+
+def _loader(weight_scale="per-row", convrot_group="0", unet_name="bf16.safetensors") -> dict:
+    return {"class_type": "Int8DiffusionModelLoader",
+            "inputs": {"unet_name": unet_name, "model_profile": "auto", "weight_scale": weight_scale,
+                       "convrot_group": convrot_group}}
+
+
+def _save(model, prefix="int8/ui") -> dict:
+    return {"class_type": "Int8SaveModel", "inputs": {"model": model, "filename_prefix": prefix}}
+
+
+# ------------------------------------------------------------------------------------------------ schema
+
+
+# What the UI-format example workflows rely on: node ids, input order (required, then optional) and category.
+SCHEMA = {
+    "Int8DiffusionModelLoader": ("loaders/int8 w8a8", ["unet_name", "model_profile", "weight_scale",
+                                                        "convrot_group"], ["lora_stack"]),
+    "Int8QuantizeModel": ("loaders/int8 w8a8", ["model", "model_profile", "weight_scale", "convrot_group"], []),
+    "Int8SaveModel": ("model/merging", ["model", "filename_prefix"], []),
+    "Int8LoraMerge": ("loaders/int8 w8a8", ["model", "lora_name", "strength"], ["rounding"]),
+    "Int8LoraMergeStack": ("loaders/int8 w8a8", ["model"],
+                           [x for i in range(1, 11) for x in (f"lora_{i}", f"strength_{i}")] + ["rounding"]),
+    "Int8LoraDynamic": ("loaders/int8 w8a8", ["model", "lora_name", "strength"], []),
+    "Int8LoraDynamicStack": ("loaders/int8 w8a8", ["model"],
+                             [x for i in range(1, 11) for x in (f"lora_{i}", f"strength_{i}")]),
+    "Int8LoraStack": ("loaders/int8 w8a8", [],
+                      ["lora_stack"] + [x for i in range(1, 11) for x in (f"lora_{i}", f"strength_{i}")]),
+}
+
+
+@pytest.mark.parametrize("node_id", list(SCHEMA))
+def test_node_categories_and_input_order(workspace, node_id):
+    """Inputs in the order the UI shows them (required first): rounding after every LoRA input on both merge
+    nodes; the save node beside ComfyUI's own Save Model (model/merging), the rest under loaders."""
+    import nodes
+
+    category, required, optional = SCHEMA[node_id]
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    inputs = cls.INPUT_TYPES()
+    assert list(inputs.get("required", {})) == required
+    assert list(inputs.get("optional", {})) == optional
+    assert category == cls.CATEGORY
+    if node_id != "Int8LoraStack":  # a plain data node, nothing to report
+        assert inputs["hidden"]["unique_id"] == ("UNIQUE_ID",)
+
+
+# ------------------------------------------------------------------------------------------------ text on the nodes
+
+
+def test_nodes_show_what_they_did_on_the_node(workspace, texts):
+    """Loader, LoRA nodes and the save node send their report as progress text (drawn on the node by the
+    frontend) and keep it in the history; the texts say what was loaded, converted, matched and written where."""
+    prompt = {
+        "1": _loader(),
+        "2": {"class_type": "Int8LoraMerge", "inputs": {"model": ["1", 0], "lora_name": "a.safetensors",
+                                                        "strength": 1.0, "rounding": "nearest"}},
+        "3": {"class_type": "Int8LoraDynamicStack", "inputs": {"model": ["2", 0], "lora_1": "b.safetensors",
+                                                               "strength_1": 0.5}},
+        "4": _save(["3", 0]),
+    }
+    executor, errors = _execute(prompt, ["4"])
+    assert executor.success and not errors, errors
+    loaded = texts.of("1")
+    assert loaded == ("bf16.safetensors (19 BF16 weights): 10 layers converted to INT8 (per-row scales, no ConvRot); "
+                      "kept in high precision: 9 in BF16 (the flux2 profile keeps embedders, modulation and output "
+                      "layers unquantized)")
+    n_a = 2 * (len(QUANTIZED_LAYERS) + len(KEPT_LAYERS))  # lora_up and lora_down per layer
+    assert texts.of("2") == f"a.safetensors: {n_a}/{n_a} LoRA keys matched (13 weights)"
+    assert texts.of("3").startswith("b.safetensors: 36/36 LoRA keys matched")
+    saved = sorted((workspace / "diffusion_models" / "int8").glob("ui_*.safetensors"))
+    assert len(saved) == 1
+    lines = texts.of("4").split("\n")
+    assert lines[0].startswith(f"saved {saved[0]} (")
+    assert "10 INT8 layers, kept in high precision: 9 in BF16" in lines[0]
+    assert "from dynamic LoRA nodes, requantized once" in lines[0]
+    assert lines[1] == f"the loaders list it as int8/{saved[0].name}"
+    history = executor.history_result["outputs"]
+    assert history["4"] == {"text": lines} and history["2"]["text"] == [texts.of("2")]
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def test_convrot_with_per_tensor_scales_fails_validation_naming_the_inputs(workspace):
+    import execution
+
+    for node in (_loader("per-tensor", "64"), _loader("per-row", "96")):
+        prompt = {"1": node, "2": _save(["1", 0])}
+        valid, _, _, node_errors = asyncio.run(execution.validate_prompt("v", prompt, None))
+        assert not valid
+        details = [e["details"] for e in node_errors["1"]["errors"]]
+        assert {d.split(" - ")[0] for d in details} == {"weight_scale", "convrot_group"}
+        if node["inputs"]["weight_scale"] == "per-tensor":
+            assert "convrot_group 64 needs weight_scale 'per-row'" in details[0] and "convrot_group to 0" in details[0]
+        else:
+            assert "convrot_group: '96' is not one of 0, 64, 128, 256" in details[0]
+    for scale, group in (("per-row", "128"), ("per-tensor", "0")):
+        valid, *_ = asyncio.run(execution.validate_prompt("v", {"1": _loader(scale, group), "2": _save(["1", 0])},
+                                                          None))
+        assert valid
+
+
+def test_conversion_inputs_from_links_are_checked_when_run(workspace):
+    from int8_w8a8.nodes import model_nodes
+
+    with pytest.raises(ValueError, match=r"convrot_group 256 needs weight_scale 'per-row'.*Set weight_scale to "
+                                         r"per-row, or convrot_group to 0"):
+        model_nodes.Int8DiffusionModelLoader.execute("bf16.safetensors", "auto", "per-tensor", "256")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+ERRORS = {
+    "lora": ({"1": _loader(), "2": {"class_type": "Int8LoraMerge", "inputs": {
+        "model": ["1", 0], "lora_name": "broken.safetensors", "strength": 1.0}}, "3": _save(["2", 0])},
+        "int8_w8a8.LoraError", "broken.safetensors: cannot be read"),
+    "format": ({"1": _loader(unet_name="zero-point.safetensors"), "2": _save(["1", 0])},
+               "int8_w8a8.Int8FormatError", "single_blocks.0.linear2.weight_zero_point"),
+    "save": ({"1": _loader(convrot_group="128"), "2": _save(["1", 0])},
+             "int8_w8a8.Int8SaveError", "use ConvRot group 128"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_error_types_have_a_clean_name_in_comfyui(workspace, case):
+    """ComfyUI reports an exception's type as module + class name; the pack's read int8_w8a8.<Class>, not the
+    module path ComfyUI imported the pack under (its install folder)."""
+    prompt, exception_type, message = ERRORS[case]
+    executor, errors = _execute(prompt, [max(prompt)])
+    assert not executor.success and len(errors) == 1
+    assert errors[0]["exception_type"] == exception_type
+    assert message in errors[0]["exception_message"]
+
+
+def test_every_exception_class_of_the_pack_has_the_clean_module_name(comfyui):
+    """Every exception class defined in the pack's ComfyUI-facing modules (a user can see any of them) reports
+    itself as int8_w8a8.<Class>."""
+    import importlib
+    import pkgutil
+
+    import int8_w8a8
+
+    found = {}
+    for part in ("ops", "lora", "nodes"):
+        package = importlib.import_module(f"int8_w8a8.{part}")
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"int8_w8a8.{part}.{info.name}")
+            for value in vars(module).values():
+                if (isinstance(value, type) and issubclass(value, BaseException)
+                        and value.__module__.startswith(int8_w8a8.__name__)):
+                    found[value.__qualname__] = value.__module__
+    assert {"Int8FormatError", "LoraError", "Int8SaveError"} <= set(found)
+    assert set(found.values()) == {"int8_w8a8"}, found
