@@ -87,10 +87,16 @@ def test_registry_metadata():
 
 @pytest.mark.unit
 def test_readme_commands_and_ci_agree():
+    """Every install, check and test command of .ci/run is in the README as written (both tiers' commands)."""
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    test_cmd = next(line for line in ci.splitlines() if "pytest" in line)
-    assert test_cmd.strip() in readme
+    keys = ("pip install", "check_comfyui", "pytest")
+    commands = [line.strip() for line in ci.splitlines()
+                if not line.lstrip().startswith("#") and any(k in line for k in keys)]
+    assert len(commands) == 4, commands  # install with ComfyUI, its import check, install without, pytest
+    for command in commands:
+        assert command in readme, f"README.md lacks the command .ci/run runs: {command}"
+    assert "bash .ci/run" in readme and "COMFYUI_PATH" in readme
     assert "python -m int8_w8a8 demo" in readme
 
 
@@ -130,16 +136,60 @@ def test_hopper_ptx_uses_wgmma_and_tma():
     assert all(r["local"] == 0 for r in rows)
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "int8_w8a8", *args], capture_output=True, text=True, timeout=300,
+                          cwd="/")
+
+
 @pytest.mark.unit
 def test_demo_runs_on_cpu():
-    out = subprocess.run([sys.executable, "-m", "int8_w8a8", "demo", "--hidden", "128", "--tokens", "16",
-                          "--device", "cpu", "--repeats", "1"], capture_output=True, text=True, timeout=300, cwd="/")
+    out = _cli("demo", "--hidden", "128", "--tokens", "16", "--device", "cpu", "--repeats", "1")
     assert out.returncode == 0, out.stderr
     assert "single.linear1" in out.stdout and "torch twin check: exact" in out.stdout
     assert "weights:" in out.stdout and "MiB in INT8 (5" in out.stdout  # about half of BF16
+    # the CPU's INT8 times are the reference path's, and the output says so
+    assert "note: INT8 ran on the pure-torch reference path" in out.stdout and "need an NVIDIA GPU" in out.stdout
 
 
 @pytest.mark.unit
-def test_cli_usage():
-    out = subprocess.run([sys.executable, "-m", "int8_w8a8"], capture_output=True, text=True, cwd="/")
-    assert out.returncode == 2 and "demo" in out.stderr
+def test_cli_usage(capsys):
+    """Help on stdout with exit 0; a missing or unknown command or a bad option: usage, one error line, exit 2."""
+    out = _cli("--help")  # the real entry point once; the other cases call its main() in this process
+    assert out.returncode == 0 and "usage: python -m int8_w8a8" in out.stdout and not out.stderr, out
+    assert "demo" in out.stdout and "info" in out.stdout
+    out = _cli("demo", "--tokens", "-1")
+    assert out.returncode == 2 and "argument --tokens: must be a positive whole number" in out.stderr, out
+    from int8_w8a8.__main__ import main
+
+    for args in (["demo", "--help"], ["info", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        help_ = capsys.readouterr()
+        assert exit_.value.code == 0 and f"usage: python -m int8_w8a8 {args[0]}" in help_.out and not help_.err
+    bad = {
+        (): "the following arguments are required",
+        ("foo",): "unknown command 'foo'; the commands are demo, info",
+        ("demo", "--tokens", "0"): "argument --tokens: must be a positive whole number, got 0",
+        ("demo", "--hidden", "0"): "argument --hidden: must be a positive whole number, got 0",
+        ("demo", "--hidden", "x"): "argument --hidden: invalid positive integer value: 'x'",
+        ("demo", "--repeats", "-3"): "argument --repeats: must be a positive whole number, got -3",
+        ("demo", "--device", "mps"): "argument --device: the demo runs on cpu or cuda, not mps",
+        ("demo", "--device", "gpu0"): "argument --device: 'gpu0' is not a device; use cpu or cuda (cuda:N)",
+        ("demo", "--hidden", "100", "--rotate-group", "64"): "--rotate-group 64 needs a hidden size that is a multiple",
+        ("demo", "--bogus"): "unrecognized arguments: --bogus",
+    }
+    import torch
+
+    if not torch.cuda.is_available():
+        bad[("demo", "--device", "cuda")] = "sees no CUDA GPU here; use --device cpu"
+    else:
+        bad[("demo", "--device", f"cuda:{torch.cuda.device_count()}")] = "there is no cuda:"
+    for args, message in bad.items():
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        errors = [line for line in out.err.splitlines() if "error:" in line]
+        assert code == 2 and not out.out, (args, code, out)
+        assert len(errors) == 1 and message in errors[0], (args, out.err)
