@@ -195,6 +195,10 @@ def _decide(device_type: str, index: int) -> Backend:
                              f"choose a capability <= {device_arch[0]}.{device_arch[1]}")
         arch, what = forced, f"{gpu}, SM {device_arch[0]}.{device_arch[1]} dispatched as SM {forced[0]}.{forced[1]} " \
                              f"by {FORCE_ARCH_ENV}"
+        if forced < (9, 0) <= device_arch and os.environ.get("DISABLE_MMA_V3", "0") in ("", "0"):
+            # Triton still compiles for the real GPU, and on sm_90 lowers the pointer-load kernel's dots with
+            # BLOCK_M >= 64 to wgmma; its own switch DISABLE_MMA_V3=1 keeps them on sm_8x's mma.sync
+            what += " (Triton still lowers dots for this GPU: DISABLE_MMA_V3=1 gives sm_8x's mma.sync)"
     gen = generation_for(arch)
     if gen is None:
         return _unknown_gpu(idx, arch, what)

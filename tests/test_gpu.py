@@ -7,6 +7,8 @@ Skipped without CUDA (conftest). Run on the GPU machine with ``pytest -m gpu``; 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -31,21 +33,22 @@ def test_dispatch_picks_triton_here():
 
 
 def test_forced_sm8x_path_runs_the_mma_sync_kernel(seed):
-    """Under INT8_W8A8_FORCE_ARCH=8.x every GEMM takes the pointer-load kernel from the mma.sync table, compiled
-    with INT8 mma.sync for this GPU: the stand-in for Ampere/Ada."""
+    """Under INT8_W8A8_FORCE_ARCH=8.x every GEMM takes the pointer-load kernel from the mma.sync table; with
+    Triton's DISABLE_MMA_V3=1 its dots are compiled to INT8 mma.sync as on sm_8x: the stand-in for Ampere/Ada."""
     if _arch() >= (9, 0):
         pytest.skip("runs with INT8_W8A8_FORCE_ARCH=8.6 (bench/run_on_gpu.sh tests-sm8x)")
     backend = kernels.choose_backend(torch.device("cuda"))
-    assert backend.table is configs.MMA_TABLE and "dispatched as SM" in backend.reason
+    assert backend.table is configs.MMA_TABLE
     k, n = 4096, 4096
     q, s = kernels.quantize_weight(torch.randn(n, k, device="cuda") * 0.02)
     for m in (1, 40, 200, 4608):  # every bucket
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(kernels.int8_linear(x, q, s), reference.int8_linear(x, q, s))
+    if torch.cuda.get_device_capability() >= (9, 0) and os.environ.get("DISABLE_MMA_V3", "0") in ("", "0"):
+        pytest.skip("without DISABLE_MMA_V3=1 Triton lowers these dots to wgmma on this GPU")
     cache = triton_gemm._gemm_kernel.device_caches[torch.cuda.current_device()][0]
     ptx = [kc.asm["ptx"] for kc in cache.values()]
-    assert ptx and all("mma.sync.aligned.m16n8k32" in p and ".s8.s8" in p for p in ptx), \
-        "this Triton lowers the pointer-load kernel to another instruction here: not a stand-in for sm_8x"
+    assert ptx and all("mma.sync.aligned.m16n8k32" in p and ".s8.s8" in p and "wgmma" not in p for p in ptx)
 
 
 def test_gpu_without_a_rule_runs_after_the_probe(seed, monkeypatch):
