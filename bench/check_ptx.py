@@ -280,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
     targets = [g.target for g in dispatch.GENERATIONS] if args.all else [args.arch]
     if len(targets) > 1 and args.jobs > 1:
-        # a process per target; the slowest ones first so the pool ends together
-        order = sorted(targets, key=lambda a: a in (75,))
+        # a process per target, the largest tables first so the workers end together
+        gens = {g.target: g for g in dispatch.GENERATIONS}
+        order = sorted(targets, key=lambda a: -len(gens[a].table.configs()) if gens[a].table else 0)
         with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(targets))) as pool:
             done = dict(zip(order, pool.map(check_target, order), strict=True))
         results = [done[a] for a in targets]

@@ -8,8 +8,8 @@ depends only on (table, M bucket), never on the exact M. Which generation gets w
 ``dispatch.GENERATIONS``.
 
 Shared memory per block, in bytes, measured by compiling every config for the target without a GPU
-(``python -m int8_w8a8.bench.check_ptx --arch N``; Triton 3.6.0 and, where it differs, 3.8.0): the
-numbers in the comments are the worst of the plain, LoRA (rank 16 and 512) and residual epilogues.
+(``python -m int8_w8a8.bench.check_ptx --arch N``; Triton 3.6.0 and 3.8.0): the numbers in the comments
+are the worst of the plain, LoRA (rank 16 and 512) and residual epilogues.
 The offline check (``tests/test_targets.py``) fails when a table no longer fits its generations or
 needs more than its recorded ``smem_bytes``.
 """
@@ -95,35 +95,35 @@ SMALL_M = 16  # M <= 16: modulation layers and short text; bound by reading the 
 _LARGE = 1 << 62
 
 # The pointer-load kernel on mma.sync: Ampere (8.0, 8.6), Ada (8.9), consumer Blackwell (12.x), GPUs
-# without a rule, ROCm, and every GPU's operands that TMA cannot take. Every config fits 99 KB (sm_86,
-# sm_89, sm_120 allow 101,376 bytes per block), so one table serves them all; not yet swept on those
-# GPUs (the tiles follow the Hopper results within that limit). Measured on H200 hardware as the
-# "sm_8x path" stand-in (bench/run_on_gpu.sh tests-sm8x, model-9b-sm8x).
+# without a rule, ROCm, and every GPU's operands that TMA cannot take. One table serves them all: every config
+# fits 99 KB (sm_86, sm_89 and sm_120 allow 101,376 bytes per block). Not yet swept on those GPUs (the tiles
+# follow the Hopper results within that limit); run on the H200 as the "sm_8x path" stand-in
+# (bench/run_on_gpu.sh tests-sm8x, model-9b-sm8x). Bytes on sm_80-89 and sm_120, Triton 3.6 and 3.8, any
+# epilogue; where Triton lowers them to wgmma (sm_90) or tcgen05 (sm_100, 3.8) they take up to 73,744.
 MMA_TABLE = GemmTable("mma.sync (sm_8x)", (
-    # 61,440 on sm_80-89 (73,728 on sm_90-120, where Triton pipelines it deeper)
-    (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
+    (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),  # 61,440
     (64, GemmConfig("generic", 64, 128, 128, num_warps=4, num_stages=3)),  # 49,152
     (256, GemmConfig("generic", 128, 128, 64, num_warps=4, num_stages=4)),  # 49,152
-    # 49,152; 65,536 with a LoRA term (sm_90/100: 73,728 with Triton 3.8)
-    (_LARGE, GemmConfig("generic", 128, 256, 64, num_warps=8, num_stages=3)),
-), smem_bytes=73_728)
+    (_LARGE, GemmConfig("generic", 128, 256, 64, num_warps=8, num_stages=3)),  # 49,152
+), smem_bytes=73_744)
 
 # Hopper (9.0): TMA + wgmma. Entries from bench/sweep_gemm.py on the H200 (bench/results/h200-sweep-*.json),
 # picked with bench/pick_configs.py: the config whose worst shape in the bucket is closest to that shape's
-# best. wgmma wants BLOCK_M in multiples of 64 per warpgroup. Shared memory on sm_90 (Triton 3.6 / 3.8);
-# the H200 allows 232,448 bytes per block, 233,472 per SM, so the two-programs-per-SM configs above
-# 116 KB run one program per SM at a time (the sweep still measured them best).
+# best. wgmma wants BLOCK_M in multiples of 64 per warpgroup. Bytes on sm_90 (Triton 3.6 and 3.8 alike; on
+# sm_100 Triton 3.6 needs 164,376 / 131,608 / 90,648 / 82,456 for the TMA rows, 3.8 up to 213,552): the H200
+# allows 232,448 per block and 233,472 per SM, so the two-programs-per-SM configs above 116 KB run one
+# program per SM at a time (the sweep still measured them best).
 HOPPER_TABLE = GemmTable("hopper (sm_90)", (
-    # >= 0.89 of the best on 16x4096x24576, 8x16384x4096, 5x3072x9216
+    # >= 0.89 of the best on 16x4096x24576, 8x16384x4096, 5x3072x9216; 73,728
     (SMALL_M, GemmConfig("generic", 16, 32, 512, group_m=1, num_warps=2, num_stages=4)),
-    # >= 0.88 on 64x4096x24576, 33x4096x12288, 64x16384x4096; 164,376 / 213,536
+    # >= 0.88 on 64x4096x24576, 33x4096x12288, 64x16384x4096; 213,536
     (64, GemmConfig("tma", 64, 128, 256, num_warps=4, num_stages=4, ctas_per_sm=2)),
-    # >= 0.86 on 256x4096x12288, 128x4096x24576, 200x16384x4096; 131,608
+    # >= 0.86 on 256x4096x12288, 128x4096x24576, 200x16384x4096; 164,384
     (256, GemmConfig("tma", 128, 128, 128, num_warps=4, num_stages=4)),
-    # >= 0.91 on 512 x {4096x24576, 16384x4096, 4096x12288} and 1024x3072x27648; 90,648
+    # >= 0.91 on 512 x {4096x24576, 16384x4096, 4096x12288} and 1024x3072x27648; 115,232
     (1024, GemmConfig("tma", 64, 128, 128, num_warps=4, num_stages=4, ctas_per_sm=2)),
     # best on all five large klein shapes (1277 TOPS at 4608x4096x36864 vs 1243 for 128x256x128 with
-    # one program per SM): two programs per SM, so one's epilogue runs under the other's main loop; 82,456
+    # one program per SM): two programs per SM, so one's epilogue runs under the other's main loop; 98,848
     (_LARGE, GemmConfig("tma", 128, 128, 64, num_warps=4, num_stages=4, ctas_per_sm=2)),
 ), smem_bytes=213_552, unaligned=MMA_TABLE)
 
@@ -136,10 +136,11 @@ def _lora_loop(table: GemmTable, name: str) -> GemmTable:
 
 # Datacenter Blackwell (10.x): the Hopper tiles, TMA loads, and whatever Triton lowers an int8 dot to there:
 # mma.sync with Triton 3.6 (it has no tcgen05 int8 lowering), tcgen05 kind::i8 with 3.8 (checked offline,
-# bench/check_ptx.py --arch 100). The LoRA epilogue's product runs on FMA instead of tensor cores: its
-# bf16 dots lower to tcgen05 there, Triton 3.6 allocates tensor memory per unrolled LoRA chunk (a 128-row
-# tile at rank 512 needs 1,024 of 512 columns: compiled to a kernel that only traps), and chained tcgen05
-# MMAs into one accumulator miscompile in Triton 3.6-3.8 (triton-lang/triton#10821). Never run on the
+# bench/check_ptx.py --arch 100). The LoRA epilogue's chunks run in a loop: its bf16 (and float32) dots lower
+# to tcgen05 there, and Triton 3.6 gives each unrolled 64-rank chunk its own accumulator in tensor memory (a
+# 128-row tile at rank 512 asked for 1,024-1,088 of 512 columns and compiled to a kernel that only traps);
+# looped, one accumulator takes 128-256 columns. One dot per iteration also stays clear of triton#10821 (two
+# tcgen05 dots into one accumulator per loop iteration miscompile in Triton 3.6-3.8). Never run on the
 # hardware. sm_100 allows 232,448 bytes per block, like sm_90.
 BLACKWELL_TABLE = _lora_loop(HOPPER_TABLE, "blackwell (sm_100)")
 
