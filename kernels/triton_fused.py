@@ -214,6 +214,12 @@ def _qk_norm_rope_kernel(
 _TWIN = "these rows are quantized by the torch twin"
 
 
+def _launch(launcher: FastLauncher, key: tuple, grid: tuple, *args, **kwargs) -> None:
+    """``launcher(grid, *args, **kwargs)`` for a kernel with one tile per specialization ``key`` (name first),
+    under the shared resource rule: TileTooLargeError (logged once per key) when it does not fit."""
+    first_fit(key[0], key[1:], (), no_smaller, lambda _: launcher(grid, *args, **kwargs), _TWIN)
+
+
 _NORM_MOD_QUANT = FastLauncher(_norm_mod_quant_kernel, interpreting())
 _GLU_QUANT = FastLauncher(_glu_quant_kernel, interpreting())
 _QK_NORM_ROPE = FastLauncher(_qk_norm_rope_kernel, interpreting())
@@ -245,15 +251,12 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
     warps = QUANT_WARPS if block_k <= TILE_ELEMS else 8
     blocks = triton.cdiv(m, block_m)
     h, rot = rotation_args(rotate_group, x2.device, torch.float32)
-
-    def launch(tile: tuple[int, int]) -> None:  # one tile per specialization: the row must fit it
-        _NORM_MOD_QUANT(
-            (blocks,), x2, shift, mscale, q, scale, h if h is not None else q, m, k, rows_per_batch, x2.stride(0),
-            shift.stride(0), q.stride(0), float(eps), BLOCK_M=tile[0], BLOCK_K=tile[1],
-            FAST_ROUND=not interpreting(), **rot, num_warps=warps, enable_fp_fusion=False,
-        )
-
-    first_fit("norm_modulate_quantize", (x2.dtype, rotate_group), (block_m, block_k), no_smaller, launch, _TWIN)
+    key = ("norm_modulate_quantize", x2.dtype, block_m, block_k, rotate_group, x2.device)
+    _launch(
+        _NORM_MOD_QUANT, key, (blocks,), x2, shift, mscale, q, scale, h if h is not None else q, m, k,
+        rows_per_batch, x2.stride(0), shift.stride(0), q.stride(0), float(eps), BLOCK_M=block_m, BLOCK_K=block_k,
+        FAST_ROUND=not interpreting(), **rot, num_warps=warps, enable_fp_fusion=False,
+    )
     return q, scale
 
 
@@ -284,8 +287,9 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
             num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
         )
 
-    first_fit("glu_quantize", (glu.dtype, rotate_group), (block_m, block_k), smaller_tile(rotate_group), launch,
-              _TWIN)
+    # the one fused kernel with a smaller tile: fewer columns per tile (down to what the rotation needs)
+    first_fit("glu_quantize", (glu.dtype, rotate_group, glu.device), (block_m, block_k), smaller_tile(rotate_group),
+              launch, _TWIN)
     return q, scale
 
 

@@ -321,7 +321,7 @@ def gemm(
             )
 
     # the specialization a misfit is remembered for: what else changes the kernel's resources
-    spec = (out.dtype, lora_r, lora_h.dtype if lora_r else None, gate is not None)
+    spec = (out.dtype, lora_r, lora_h.dtype if lora_r else None, gate is not None, out.device)
     first_fit("int8 GEMM", spec, cfg, smaller, launch,
               f"set {DISABLE_ENV}=1 to run the torch twin on this GPU")
     return out

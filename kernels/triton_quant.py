@@ -358,7 +358,7 @@ def launch_quantize(
             num_warps=warps, enable_fp_fusion=False,
         )
 
-    spec = (x2.dtype, k, rotate_group, dot_fp32)  # the rotation's matrix takes most of the shared memory
+    spec = (x2.dtype, k, rotate_group, dot_fp32, x2.device)  # the rotation's matrix takes most of the memory
     first_fit("quantize_rows", spec, (block_m, block_k), smaller_tile(rotate_group), launch,
               "these rows are quantized by the torch twin")
 
