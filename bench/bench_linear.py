@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels import configs, dispatch, triton_gemm, triton_quant
+from ..kernels import dispatch, triton_gemm, triton_quant
 from . import common
 
 FP8_MAX = 448.0
@@ -85,8 +85,8 @@ def bench_shape(name: str, m: int, k: int, n: int, quick: bool) -> dict:
     xs = xs.reshape(-1)
     backend = dispatch.choose_backend(x.device)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    tma_ok = backend.arch >= (9, 0) and triton_gemm.tma_compatible(xq, q_row, out)
-    cfg = configs.select_config(m, backend.arch, tma_ok)
+    tma_ok = backend.table.tma and triton_gemm.tma_compatible(xq, q_row, out)
+    cfg = backend.table.pick(m, tma_ok)
     methods["pack_gemm"] = lambda: triton_gemm.gemm(xq, xs, q_row, s_row.reshape(-1), None, out, cfg)
     methods["quant"] = lambda: triton_quant.quantize_rows(x)
     x8, x8s = _fp8_rows(x)

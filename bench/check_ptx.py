@@ -1,33 +1,151 @@
-"""Compile the pack's Triton kernels for a GPU target without a GPU and report what the PTX uses.
+"""Compile every Triton kernel the dispatch can choose for a GPU target, without a GPU, and check what it
+needs (shared memory per block) and what it runs on (INT8 tensor-core instructions, TMA).
 
-    python -m int8_w8a8.bench.check_ptx            # sm_90 (Hopper), table of every GEMM config
-    python -m int8_w8a8.bench.check_ptx --arch 80  # sm_80 (Ampere)
+    python -m int8_w8a8.bench.check_ptx                    # sm_90 (Hopper), a table
+    python -m int8_w8a8.bench.check_ptx --arch 120 --json  # consumer Blackwell
+    python -m int8_w8a8.bench.check_ptx --all --json       # every claimed target (tests/test_targets.py)
 
-For each kernel: the tensor-core instruction (wgmma for Hopper, mma.sync before), whether loads
-go through TMA (cp.async.bulk.tensor) or cp.async, shared memory, registers and spills. Must
-run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
+How: each kernel is launched by its real launcher (``triton_gemm.gemm``, ``triton_quant.launch_quantize``,
+``triton_fused.*``) on meta tensors at FLUX.2 klein widths. The launch is intercepted and compiled for
+``sm_<arch>`` with Triton's own argument specialization (what ``kernel[grid](...)`` would compile on that
+GPU), and a kernel needing more shared or tensor memory than the generation allows raises OutOfResources
+there, as it does on the GPU, so the launchers' resource fallback (smaller tile, else the torch twin) runs
+as it would. Per kernel: the INT8 tensor-core instructions (mma.sync, wgmma, tcgen05), TMA loads and
+stores, shared memory, registers and spills. Must run without TRITON_INTERPRET (the interpreter replaces
+@triton.jit functions).
+
+What is compiled is data: the GEMM configs of the target's generation (``dispatch.GENERATIONS``), each with
+the plain, LoRA and residual epilogues, and ``KERNEL_SPECS`` for the quantizers and fused kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+import time
+from collections.abc import Callable
+from unittest import mock
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.errors import OutOfResources
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from ..kernels import configs, triton_gemm, triton_quant
+from ..kernels import configs, dispatch, launch, triton_fused, triton_gemm, triton_quant
+from ..kernels.launch import TileTooLargeError
+
+META = torch.device("meta")  # shapes and dtypes only: nothing is allocated or computed
+TMEM_COLUMNS = 512  # tensor memory per SM on sm_100 (Triton checks the same at load time)
+
+# The INT8 tensor-core instruction families (dispatch.MMA_SYNC, WGMMA, TCGEN05) as they appear in the PTX.
+INT8_MMA = {
+    dispatch.MMA_SYNC: re.compile(r"mma\.sync\.aligned\.m16n8k32\.row\.col\.satfinite\.s32\.s8\.s8\.s32"),
+    dispatch.WGMMA: re.compile(r"wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k32\.s32\.s8\.s8"),
+    dispatch.TCGEN05: re.compile(r"tcgen05\.mma\.cta_group::\d\.kind::i8"),
+}
+
+
+def _t(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=META)
+
+
+def _quant(k: int, group: int, dtype: torch.dtype, m: int = 4608, **kw) -> None:
+    triton_quant.launch_quantize(_t(m, k, dtype=dtype), _t(m, k, dtype=torch.int8), _t(m, dtype=torch.float32),
+                                 rotate_group=group, **kw)
+
+
+def _norm(k: int, group: int) -> None:
+    triton_fused.norm_modulate_quantize(_t(4608, k), _t(1, k), _t(1, k), 4608, 1e-6, group)
+
+
+def _glu(p: int, f: int, group: int) -> None:
+    triton_fused.glu_quantize(_t(4608, p), _t(4608, 2 * f), f, rotate_group=group)
+
+
+def _qk_norm_rope(heads: int, d: int) -> None:
+    s = 4608
+    out = [_t(1, heads, s, d) for _ in range(3)]
+    triton_fused.qk_norm_rope(_t(1, s, 3 * heads * d), _t(d), _t(d), _t(1, 1, s, d // 2, 2, 2, dtype=torch.float32),
+                              *out, 0, heads, 1e-6, 1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One quantizer or fused-kernel specialization, launched as the pack launches it.
+
+    must_fit: it must fit every target's shared memory as it is; otherwise a smaller tile or the torch
+    twin (the launchers' resource rule, ``launch.first_fit``) is an accepted outcome, reported.
+    """
+
+    what: str
+    launch: Callable[[], None]
+    must_fit: bool = True
+
+
+# Every quantizer and fused-kernel specialization the pack launches at FLUX.2 klein widths (M = 4608 tokens),
+# one line each. ConvRot groups 64/128 rotate with a full 64/128-wide matrix in shared memory (67-197 KB):
+# on 99-KB GPUs those take a smaller tile or the torch twin; group 256 (the default, H16 (x) H16) must fit.
+KERNEL_SPECS: tuple[KernelSpec, ...] = (
+    KernelSpec("quantize_rows K=4096 bf16", lambda: _quant(4096, 0, torch.bfloat16)),
+    KernelSpec("quantize_rows K=16384 bf16 (two passes)", lambda: _quant(16384, 0, torch.bfloat16)),
+    KernelSpec("quantize_weight K=4096 fp32 stochastic", lambda: _quant(4096, 0, torch.float32, seed=7)),
+    KernelSpec("quantize_rows K=4096 G=256 bf16", lambda: _quant(4096, 256, torch.bfloat16)),
+    KernelSpec("quantize_rows K=4096 G=256 fp32", lambda: _quant(4096, 256, torch.float32)),
+    KernelSpec("quantize_rows K=3072 G=128 bf16", lambda: _quant(3072, 128, torch.bfloat16), must_fit=False),
+    KernelSpec("quantize_rows K=3072 G=128 fp32", lambda: _quant(3072, 128, torch.float32), must_fit=False),
+    KernelSpec("quantize_rows K=3072 G=64 fp16", lambda: _quant(3072, 64, torch.float16), must_fit=False),
+    KernelSpec("dequantize 3072x12288 bf16", lambda: triton_quant.dequantize(_t(3072, 12288, dtype=torch.int8),
+                                                                            _t(3072, dtype=torch.float32),
+                                                                            torch.bfloat16)),
+    KernelSpec("norm_modulate_quantize K=4096", lambda: _norm(4096, 0)),
+    KernelSpec("norm_modulate_quantize K=4096 G=256", lambda: _norm(4096, 256)),
+    KernelSpec("norm_modulate_quantize K=3072 G=128", lambda: _norm(3072, 128), must_fit=False),
+    KernelSpec("glu_quantize P=4096 F=12288", lambda: _glu(4096, 12288, 0)),
+    KernelSpec("glu_quantize P=4096 F=12288 G=256", lambda: _glu(4096, 12288, 256)),
+    KernelSpec("glu_quantize P=3072 F=9216 G=128", lambda: _glu(3072, 9216, 128), must_fit=False),
+    KernelSpec("qk_norm_rope H=32 D=128", lambda: _qk_norm_rope(32, 128)),
+)
+
+# LoRA ranks compiled into every GEMM config: the smallest chunk (ranks <= 16) and the most chunks stacked
+# LoRAs are likely to reach (8 chunks of 64).
+LORA_RANKS = (16, 512)
+
+
+def gemm_specs(table: configs.GemmTable) -> list[KernelSpec]:
+    """Every config of ``table`` (and of its table for unaligned operands) with each epilogue, launched through
+    ``triton_gemm.gemm`` at M = 4608, K = 4096, N = 12288, bf16 out."""
+    m, k, n = 4608, 4096, 12288
+
+    def run(cfg, rank=0, residual=False):
+        xq, wq = _t(m, k, dtype=torch.int8), _t(n, k, dtype=torch.int8)
+        xs, ws = _t(m, dtype=torch.float32), _t(n, dtype=torch.float32)
+        lora = (_t(m, rank), _t(n, rank)) if rank else (None, None)
+        gate = _t(1, n) if residual else None
+        triton_gemm.gemm(xq, xs, wq, ws, None, _t(m, n), cfg, *lora, gate, m)
+
+    specs = []
+    for cfg in dict.fromkeys(table.configs()):
+        name = (f"gemm {cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+                f"{' sub' if cfg.epilogue_subtile else ''}{f' {cfg.ctas_per_sm}/SM' if cfg.ctas_per_sm > 1 else ''}")
+        specs.append(KernelSpec(name, lambda cfg=cfg: run(cfg)))
+        specs += [KernelSpec(f"{name} +LoRA{r}", lambda cfg=cfg, r=r: run(cfg, r)) for r in LORA_RANKS]
+        res = configs.for_residual(cfg)  # as triton_ops runs it
+        specs.append(KernelSpec(f"{name} +residual", lambda res=res: run(res, residual=True)))
+    return specs
 
 
 def _resource_usage(cubin: bytes) -> dict:
-    """Registers, stack and local memory (spills) per thread, read from the cubin by cuobjdump."""
+    """Registers and local memory (spills) per thread, read from the cubin by cuobjdump."""
     import triton.backends.nvidia as nv
 
     tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
@@ -36,122 +154,144 @@ def _resource_usage(cubin: bytes) -> dict:
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=False).stdout
     found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
-    return {key.lower(): int(found.get(key, -1)) for key in ("REG", "STACK", "LOCAL")} | {
-        "regs": int(found.get("REG", -1))}
+    return {"regs": int(found.get("REG", -1)), "local": int(found.get("LOCAL", -1))}
 
 
-def _summarize(compiled) -> dict:
+def summarize(compiled) -> dict:
+    """What one compiled kernel uses: INT8 tensor-core instruction families, every MMA instruction, TMA,
+    cp.async, shared and tensor memory, registers and spills; ``trap_only``: the body compiled to a trap."""
     ptx = compiled.asm["ptx"]
     meta = compiled.metadata
     return {
-        "wgmma": sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))),
-        "mma_sync": sorted(set(re.findall(r"mma\.sync[\w.]*", ptx)))[:3],
+        "int8_mma": sorted(name for name, pattern in INT8_MMA.items() if pattern.search(ptx)),
+        "mma": sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync|tcgen05\.mma)[\w.:]*", ptx))),
         # Triton 3.6 writes loads as shared::cluster, 3.9 as shared::cta
         "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx)),
         "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::\w+", ptx)),
         "cp_async": len(re.findall(r"cp\.async\.cg|cp\.async\.ca", ptx)),
-        "widest_global_load": max(re.findall(r"ld\.global(?:\.\w+)*?\.(v[248])?\.?b(\d+)", ptx) or [("", "0")],
-                                  key=lambda t: int(t[0][1:] or 1) * int(t[1])),
         "shared_bytes": meta.shared,
+        "tmem_columns": getattr(meta, "tmem_size", None) or 0,
         "num_warps": meta.num_warps,
+        "trap_only": "trap;" in ptx and not re.search(r"\bld\.|\bst\.|mma", ptx),
         **_resource_usage(compiled.asm["cubin"]),
     }
 
 
-def _compile(fn, sig: dict, consts: dict, divisible: tuple[str, ...], arch: int, options: dict):
-    """triton.compile with the specializations the JIT applies at run time on aligned shapes:
-    pointers and ints divisible by 16 (``tt.divisibility``) and unit strides folded to constants."""
-    for name in consts:
-        sig[name] = "constexpr"
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible if n in sig}
-    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
+def compile_launch(fn: JITFunction, args: tuple, kwargs: dict, arch: int):
+    """What ``fn[grid](*args, **kwargs)`` compiles on an ``sm_<arch>`` GPU: Triton's JIT binder and argument
+    specialization (alignment, divisibility by 16, ints equal to 1), compiled for that target."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = {"debug": False, **kwargs}
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def compile_gemm(cfg: configs.GemmConfig, arch: int, out: str = "bf16", per_row: bool = True, lora_r: int = 0,
-                 residual: bool = False) -> dict:
-    """Compile one GEMM config for ``sm_<arch>`` and summarize its PTX."""
-    consts = {
-        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-        "PER_ROW_W": per_row, "HAS_BIAS": False,
-    }
-    if cfg.kernel == "tma":
-        sub = 2 if cfg.epilogue_subtile else 1
-        sig = {
-            "a_desc": f"tensordesc<i8[{cfg.block_m}, {cfg.block_k}]>",
-            "b_desc": f"tensordesc<i8[{cfg.block_n}, {cfg.block_k}]>",
-            "c_desc": f"tensordesc<{out}[{cfg.block_m}, {cfg.block_n // sub}]>",
-            "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "h_ptr": "*bf16", "lb_ptr": "*bf16",
-            "gate_ptr": "*bf16",
-            "M": "i32", "N": "i32", "K": "i32", "stride_hm": "i32", "stride_lbn": "i32",
-            "stride_gb": "i32", "rows_per_batch": "i32",
-        }
-        consts.update(NUM_PROGRAMS=132 * cfg.ctas_per_sm, EPILOGUE_SUBTILE=cfg.epilogue_subtile, LORA_R=lora_r,
-                      LORA_FP32=False, RESIDUAL=residual)
-        fn = triton_gemm._gemm_tma_kernel
-    else:
-        sig = {
-            "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": f"*{out}", "xs_ptr": "*fp32", "ws_ptr": "*fp32",
-            "bias_ptr": "*fp32", "h_ptr": "*bf16", "lb_ptr": "*bf16", "gate_ptr": "*bf16", "M": "i32", "N": "i32",
-            "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_bk": "i32", "stride_cm": "i32",
-            "stride_hm": "i32", "stride_lbn": "i32", "stride_gb": "i32", "rows_per_batch": "i32",
-        }
-        consts.update(EVEN_K=True, stride_bk=1, LORA_R=lora_r, LORA_FP32=False, RESIDUAL=residual)
-        fn = triton_gemm._gemm_kernel
-    divisible = ("a_ptr", "b_ptr", "c_ptr", "xs_ptr", "ws_ptr", "bias_ptr", "h_ptr", "lb_ptr", "gate_ptr",
-                 "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_hm", "stride_lbn", "stride_gb")
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
-    return _summarize(_compile(fn, sig, consts, divisible, arch, options))
+@contextlib.contextmanager
+def emulated_gpu(arch: int, smem_limit: int):
+    """Within the block, Triton launches compile for ``sm_<arch>`` instead of running, and one needing more
+    than ``smem_limit`` bytes of shared memory (or more tensor memory than the SM has) raises OutOfResources
+    as on that GPU. Yields the list of attempts: (kernel name, key meta-parameters, summary, fits)."""
+    attempts = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        compiled = compile_launch(self, args, kwargs, arch)
+        info = summarize(compiled)
+        params = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+        fits = info["shared_bytes"] <= smem_limit and info["tmem_columns"] <= TMEM_COLUMNS
+        attempts.append({"kernel": self.__name__, "params": params, "fits": fits, **info})
+        if info["tmem_columns"] > TMEM_COLUMNS:
+            raise OutOfResources(info["tmem_columns"], TMEM_COLUMNS, "tensor memory")
+        if not fits:
+            raise OutOfResources(info["shared_bytes"], smem_limit, "shared memory")
+
+    def direct(self, grid, *args, **kwargs):
+        self.fn[grid](*args, **kwargs)
+
+    with mock.patch.object(JITFunction, "run", run), mock.patch.object(launch.FastLauncher, "__call__", direct), \
+            mock.patch.object(launch, "_MISFITS", set()):
+        yield attempts
 
 
-def compile_quant(k: int, group: int, arch: int, dtype: str = "bf16") -> dict:
-    """Compile the row-quantization kernel for rows of length ``k``."""
-    block_m, block_k, single, warps = triton_quant.quant_blocks(k, group)
-    consts = {
-        "BLOCK_M": block_m, "BLOCK_K": block_k, "SINGLE_PASS": single, "HAS_SMOOTH": False,
-        "GROUP": group, "INV_SQRT_G": 1.0 / group**0.5 if group else 1.0, "KRON": group == 256,
-        "DOT_FP32": dtype == "fp32", "FIXED_SCALE": False, "STOCHASTIC": False, "FAST_ROUND": True,
-        "FIXED_PER_ROW": False,
-    }
-    sig = {
-        "x_ptr": f"*{dtype}", "q_ptr": "*i8", "scale_ptr": "*fp32", "smooth_ptr": "*fp32",
-        "h_ptr": f"*{dtype}", "fixed_scale_ptr": "*fp32", "M": "i32", "K": "i32",
-        "stride_xm": "i32", "stride_xk": "i32", "stride_qm": "i32", "seed": "i32",
-    }
-    consts["stride_xk"] = 1
-    del sig["stride_xk"]
-    divisible = ("x_ptr", "q_ptr", "scale_ptr", "smooth_ptr", "h_ptr", "K", "stride_xm", "stride_qm")
-    options = {"num_warps": warps, "enable_fp_fusion": False}
-    return _summarize(_compile(triton_quant._quantize_rows_kernel, sig, consts, divisible, arch, options))
+def _params(attempt: dict) -> str:
+    p = attempt["params"]
+    return " ".join(f"{k}={p[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "EPILOGUE_SUBTILE")
+                    if k in p)
+
+
+def check_target(arch: int) -> dict:
+    """Compile everything the dispatch can choose on ``sm_<arch>`` (a ``GENERATIONS`` target) and report it."""
+    gen = next(g for g in dispatch.GENERATIONS if g.target == arch)
+    start = time.perf_counter()
+    result = {"arch": arch, "generation": gen.name, "path": gen.path, "smem_limit": gen.smem_optin,
+              "triton": triton.__version__, "table": gen.table.name if gen.table else None,
+              "table_smem_bytes": gen.table.smem_bytes if gen.table else None, "rows": []}
+    if gen.table is None:
+        # not dispatched here (the torch twin runs); record why: Triton's int8 dot does not compile for it
+        try:
+            with emulated_gpu(arch, gen.smem_optin):
+                gemm_specs(configs.MMA_TABLE)[0].launch()
+            result["int8_dot_compiles"] = True
+        except Exception as exc:
+            result["int8_dot_compiles"] = False
+            result["int8_dot_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        return result
+    for kind, specs in (("gemm", gemm_specs(gen.table)), ("kernel", KERNEL_SPECS)):
+        for spec in specs:
+            with emulated_gpu(arch, gen.smem_optin) as attempts:
+                try:
+                    spec.launch()
+                    outcome = "fits" if len(attempts) == 1 else f"smaller config ({_params(attempts[-1])})"
+                except TileTooLargeError:
+                    outcome = "torch twin"
+            first = attempts[0]
+            result["rows"].append({"what": spec.what, "kind": kind, "must_fit": spec.must_fit, "outcome": outcome,
+                                   "attempts": len(attempts), **first,
+                                   "final_shared_bytes": attempts[-1]["shared_bytes"]})
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _table(result: dict) -> str:
+    lines = [f"sm_{result['arch']} {result['generation']}: {result['path']}; limit {result['smem_limit']} bytes per "
+             f"block; table {result['table']} (records {result['table_smem_bytes']}); Triton {result['triton']}; "
+             f"{result['seconds']} s"]
+    if "int8_dot_compiles" in result:
+        lines.append(f"  int8 tl.dot compiles: {result['int8_dot_compiles']} {result.get('int8_dot_error', '')}")
+    for r in result["rows"]:
+        mma = ",".join(r["int8_mma"]) or "-"
+        lines.append(f"  {r['what']:<52} {r['outcome']:<40} int8={mma:<16} smem={r['shared_bytes']:>6} "
+                     f"tmem={r['tmem_columns']:>4} tma={r['tma_loads']}/{r['tma_stores']} cp.async={r['cp_async']:>3} "
+                     f"regs={r['regs']:>3} local={r['local']}{' TRAP' if r['trap_only'] else ''}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability as an int (90 = sm_90)")
+    parser.add_argument("--arch", type=int, default=90, help="target as an int (90 = sm_90)")
+    parser.add_argument("--all", action="store_true", help="every target in dispatch.GENERATIONS")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="targets compiled in parallel")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    table = configs.HOPPER_TABLE if args.arch >= 90 else configs.AMPERE_TABLE
-    rows = []
-    for max_m, cfg in table:
-        label = f"gemm M<={max_m}" if max_m < 1 << 40 else "gemm large M"
-        rows.append({"what": label, "config": asdict(cfg), **compile_gemm(cfg, args.arch)})
-        for rank in (64, 512):  # one chunk, and the most stacked LoRAs are likely to reach
-            rows.append({"what": f"{label} +LoRA{rank}", "config": asdict(cfg),
-                         **compile_gemm(cfg, args.arch, lora_r=rank)})
-        res_cfg = configs.for_residual(cfg)  # as triton_ops runs it
-        rows.append({"what": f"{label} +residual", "config": asdict(res_cfg),
-                     **compile_gemm(res_cfg, args.arch, residual=True)})
-    for k, g, dt in ((4096, 0, "bf16"), (16384, 0, "bf16"), (65600, 0, "bf16"), (4096, 256, "bf16"),
-                     (4096, 256, "fp32"), (3072, 128, "bf16"), (3072, 128, "fp32"), (3072, 64, "fp16")):
-        rows.append({"what": f"quant K={k} G={g} {dt}", **compile_quant(k, g, args.arch, dt)})
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
+    targets = [g.target for g in dispatch.GENERATIONS] if args.all else [args.arch]
+    if len(targets) > 1 and args.jobs > 1:
+        # a process per target, the largest tables first so the workers end together
+        gens = {g.target: g for g in dispatch.GENERATIONS}
+        order = sorted(targets, key=lambda a: -len(gens[a].table.configs()) if gens[a].table else 0)
+        with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(targets))) as pool:
+            done = dict(zip(order, pool.map(check_target, order), strict=True))
+        results = [done[a] for a in targets]
+    else:
+        results = [check_target(a) for a in targets]
     if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    for r in rows:
-        tc = ",".join(r["wgmma"]) or ",".join(r["mma_sync"]) or "-"
-        print(f"{r['what']:<26} tc={tc:<55} tma_ld={r['tma_loads']} tma_st={r['tma_stores']} "
-              f"cp.async={r['cp_async']} ld={''.join(r['widest_global_load'])} smem={r['shared_bytes']} "
-              f"regs={r['regs']} local={r['local']}")
+        print(json.dumps(results, indent=1))
+    else:
+        print("\n\n".join(_table(r) for r in results))
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels import _checks, configs, dispatch, triton_gemm, triton_ops, triton_quant
+from ..kernels import _checks, dispatch, triton_gemm, triton_ops, triton_quant
 from . import common
 
 
@@ -48,7 +48,7 @@ def main() -> int:
     xq, xs = triton_quant.quantize_rows(x)
     xs = xs.reshape(-1)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    cfg = configs.select_config(m, backend.arch, tma_ok=False)
+    cfg = backend.table.pick(m, tma_ok=False)
     x3, mod = x.reshape(1, m, k), torch.zeros(1, 1, k, device="cuda", dtype=torch.bfloat16)
     parts = {
         "F.linear bf16": lambda: F.linear(x, w),

@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-comfy | tests-fused | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | host | sweep-{large,m1024,m256,m64,small}
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
 # package is imported as int8_w8a8 through a symlink, since the machine cannot pip install -e.
@@ -11,6 +11,11 @@ set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# tests-sm8x and model-9b-sm8x run the sm_8x path on this GPU, a stand-in for Ampere/Ada (~3 and ~4 min on the
+# H200): INT8_W8A8_FORCE_ARCH=8.6 dispatches the mma.sync table and pointer-load kernel those GPUs get, and
+# Triton's DISABLE_MMA_V3=1 lowers every dot to Ampere's mma.sync as on sm_8x (on sm_90 Triton would otherwise
+# use wgmma for tiles of 64+ rows; part of Triton's cache key).
+SM8X="INT8_W8A8_FORCE_ARCH=8.6 DISABLE_MMA_V3=1"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
@@ -28,6 +33,8 @@ for step in "$@"; do
     start=$SECONDS
     case "$step" in
         tests) python3 -m pytest tests -m "kernels or gpu" -q -p no:randomly 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+        tests-sm8x) env $SM8X python3 -m pytest tests -m "kernels or gpu" -q -p no:randomly 2>&1 \
+            | tee "$OUT/pytest-sm8x.log" | tail -25 ;;
         tests-comfy) python3 -m pytest tests/test_gpu_comfy.py -q -x 2>&1 | tee "$OUT/pytest-comfy.log" | tail -40 ;;
         tests-fused) python3 -m pytest tests/test_fused.py tests/test_flux_fused.py -q -p no:randomly 2>&1 \
             | tee "$OUT/pytest-fused.log" | tail -15 ;;
@@ -49,6 +56,14 @@ for step in "$@"; do
         model-9b) python3 -m int8_w8a8.bench.bench_model --models klein9b --res ${RES:-1024} \
             --variants ${VARIANTS:-bf16 comfy-int8 pack-row pack-row-unfused} --out "$OUT/bench_model_9b.json" 2>&1 \
             | tee "$OUT/bench_model_9b.txt" ;;
+        model-9b-sm8x) mkdir -p /tmp/sm8x-ref && (
+            echo "--- klein 9B step, Hopper path (as dispatched on this GPU) ---" &&
+            python3 -m int8_w8a8.bench.bench_model --models klein9b --res ${RES:-1024} --variants bf16 pack-row \
+                --ref-dir /tmp/sm8x-ref --out "$OUT/bench_model_9b_hopper.json" &&
+            echo "--- sm_8x path on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) ($SM8X), a stand-in for Ampere/Ada; x BF16 from the BF16 row above, SQNR vs its output ---" &&
+            env $SM8X python3 -m int8_w8a8.bench.bench_model --models klein9b --res ${RES:-1024} \
+                --variants pack-row --ref-dir /tmp/sm8x-ref --out "$OUT/bench_model_9b_sm8x.json"
+            ) 2>&1 | tee "$OUT/bench_model_9b_sm8x.txt" ;;
         host) python3 -m int8_w8a8.bench.profile_host 2>&1 | tee "$OUT/profile_host.txt" ;;
         sweep-*) python3 -m int8_w8a8.bench.sweep_gemm --bucket "${step#sweep-}" --out "$OUT/sweep_${step#sweep-}.json" \
             2>&1 | tee "$OUT/sweep_${step#sweep-}.txt" ;;

@@ -71,7 +71,7 @@ def run_shape(name: str, m: int, k: int, n: int, seconds: float) -> list[dict]:
     q, s = kernels.quantize_weight(w)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     backend = dispatch.choose_backend(x.device)
-    cfg = configs.select_config(m, backend.arch, triton_gemm.tma_compatible(xq, q, out))
+    cfg = backend.table.pick(m, triton_gemm.tma_compatible(xq, q, out))
     fp8 = torch.finfo(torch.float8_e4m3fn).max
     x8s = x.abs().amax(1, keepdim=True).float() / fp8
     w8s = w.abs().amax(1, keepdim=True).float() / fp8

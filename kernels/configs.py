@@ -1,9 +1,17 @@
-"""GEMM tile configurations, chosen by rule from the GPU generation and an M bucket.
+"""GEMM tile configurations: one table per GPU generation, chosen by an M bucket, and the rule for a
+smaller config when a GPU rejects one for resources.
 
 There is no autotuning at run time: a diffusion model sees a new token count with every
 resolution, batch size or reference image, and re-tuning for each would stall the first step.
-The table below was tuned once per GPU generation with ``bench/sweep_gemm.py`` (results in
-``bench/results/``); a config depends only on (arch, M bucket), never on the exact M.
+Each table was tuned once with ``bench/sweep_gemm.py`` (results in ``bench/results/``); a config
+depends only on (table, M bucket), never on the exact M. Which generation gets which table is
+``dispatch.GENERATIONS``.
+
+Shared memory per block, in bytes, measured by compiling every config for the target without a GPU
+(``python -m int8_w8a8.bench.check_ptx --arch N``; Triton 3.6.0 and 3.8.0): the numbers in the comments
+are the worst of the plain, LoRA (rank 16 and 512) and residual epilogues.
+The offline check (``tests/test_targets.py``) fails when a table no longer fits its generations or
+needs more than its recorded ``smem_bytes``.
 """
 
 from __future__ import annotations
@@ -16,11 +24,12 @@ import functools
 class GemmConfig:
     """Tile shape and launch parameters of one INT8 GEMM kernel.
 
-    kernel: "tma" (persistent, TMA descriptors, wgmma; SM 9.0+) or "generic" (pointer loads; any
-    SM >= 8.0, any K and N). epilogue_subtile
-    stores the output tile in two halves (less shared memory, one more pipeline stage fits).
-    ctas_per_sm > 1 launches that many persistent programs per SM, so one program's epilogue
-    overlaps another's main loop (Triton 3.6 does not warp-specialize on Hopper).
+    kernel: "tma" (persistent, TMA descriptors; SM 9.0+) or "generic" (pointer loads; any SM >= 8.0,
+    any K and N). epilogue_subtile stores the output tile in two halves (less shared memory, one more
+    pipeline stage fits). ctas_per_sm > 1 launches that many persistent programs per SM, so one
+    program's epilogue overlaps another's main loop (Triton 3.6 does not warp-specialize on Hopper).
+    lora_loop: a LoRA term of more than one 64-rank chunk runs its chunks in a loop, one accumulator for all,
+    instead of unrolled (datacenter Blackwell: see ``BLACKWELL_TABLE``).
     """
 
     kernel: str
@@ -32,6 +41,7 @@ class GemmConfig:
     num_stages: int = 3
     epilogue_subtile: bool = False
     ctas_per_sm: int = 1
+    lora_loop: bool = False
 
     def __post_init__(self) -> None:
         if self.kernel not in ("tma", "generic"):
@@ -44,65 +54,112 @@ class GemmConfig:
                 raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {v}")
 
 
-SMALL_M = 16  # M <= 16: modulation layers and short text; bound by reading the weight once
-# Bucket upper bounds used by the tables below: (16, 64, 256, 1024, unbounded). The Hopper entries
-# come from bench/sweep_gemm.py on the H200 (bench/results/h200-sweep-*.json), picked with
-# bench/pick_configs.py: the config whose worst shape in the bucket is closest to that shape's best.
+@dataclasses.dataclass(frozen=True)
+class GemmTable:
+    """The GEMM configs of one kind of GPU: ``rows`` of (largest M of the bucket, config), ascending.
 
-# (max M of the bucket, config). Hopper: wgmma wants BLOCK_M in multiples of 64 per warpgroup.
-HOPPER_TABLE: tuple[tuple[int, GemmConfig], ...] = (
-    # >= 0.89 of the best on 16x4096x24576, 8x16384x4096, 5x3072x9216
+    smem_bytes: the most shared memory per block any of its kernels needs (measured, see the module
+    docstring); dispatch compares it with the GPU's opt-in limit before choosing the table.
+    unaligned: the table for operands TMA cannot take (K or N not a multiple of 16, strided weights),
+    when the rows use the TMA kernel.
+    """
+
+    name: str
+    rows: tuple[tuple[int, GemmConfig], ...]
+    smem_bytes: int
+    unaligned: GemmTable | None = None
+
+    def pick(self, m: int, tma_ok: bool = True) -> GemmConfig:
+        """The config for M rows; ``tma_ok``: the operands meet TMA's rules (``triton_gemm.tma_compatible``)."""
+        cfg = self.rows[-1][1]
+        for max_m, c in self.rows:
+            if m <= max_m:
+                cfg = c
+                break
+        if cfg.kernel == "tma" and not tma_ok:
+            return self.unaligned.pick(m)
+        return cfg
+
+    @property
+    def tma(self) -> bool:
+        """Whether any of its configs runs the TMA kernel (the caller then checks the operands)."""
+        return any(cfg.kernel == "tma" for _, cfg in self.rows)
+
+    def configs(self) -> tuple[GemmConfig, ...]:
+        """Every config a GEMM may run with from this table (also those for unaligned operands)."""
+        own = tuple(cfg for _, cfg in self.rows)
+        return own + (self.unaligned.configs() if self.unaligned else ())
+
+
+SMALL_M = 16  # M <= 16: modulation layers and short text; bound by reading the weight once
+_LARGE = 1 << 62
+
+# The pointer-load kernel on mma.sync: Ampere (8.0, 8.6), Ada (8.9), consumer Blackwell (12.x), GPUs
+# without a rule, ROCm, and every GPU's operands that TMA cannot take. One table serves them all: every config
+# fits 99 KB (sm_86, sm_89 and sm_120 allow 101,376 bytes per block). Not yet swept on those GPUs (the tiles
+# follow the Hopper results within that limit); run on the H200 as the "sm_8x path" stand-in
+# (bench/run_on_gpu.sh tests-sm8x, model-9b-sm8x). Bytes on sm_80-89 and sm_120, Triton 3.6 and 3.8, any
+# epilogue; where Triton lowers them to wgmma (sm_90) or tcgen05 (sm_100, 3.8) they take up to 73,744.
+MMA_TABLE = GemmTable("mma.sync (sm_8x)", (
+    (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),  # 61,440
+    (64, GemmConfig("generic", 64, 128, 128, num_warps=4, num_stages=3)),  # 49,152
+    (256, GemmConfig("generic", 128, 128, 64, num_warps=4, num_stages=4)),  # 49,152
+    (_LARGE, GemmConfig("generic", 128, 256, 64, num_warps=8, num_stages=3)),  # 49,152
+), smem_bytes=73_744)
+
+# Hopper (9.0): TMA + wgmma. Entries from bench/sweep_gemm.py on the H200 (bench/results/h200-sweep-*.json),
+# picked with bench/pick_configs.py: the config whose worst shape in the bucket is closest to that shape's
+# best. wgmma wants BLOCK_M in multiples of 64 per warpgroup. Bytes on sm_90 (Triton 3.6 and 3.8 alike; on
+# sm_100 Triton 3.6 needs 164,376 / 131,608 / 90,648 / 82,456 for the TMA rows, 3.8 up to 213,552): the H200
+# allows 232,448 per block and 233,472 per SM, so the two-programs-per-SM configs above 116 KB run one
+# program per SM at a time (the sweep still measured them best).
+HOPPER_TABLE = GemmTable("hopper (sm_90)", (
+    # >= 0.89 of the best on 16x4096x24576, 8x16384x4096, 5x3072x9216; 73,728
     (SMALL_M, GemmConfig("generic", 16, 32, 512, group_m=1, num_warps=2, num_stages=4)),
-    # >= 0.88 on 64x4096x24576, 33x4096x12288, 64x16384x4096
+    # >= 0.88 on 64x4096x24576, 33x4096x12288, 64x16384x4096; 213,536
     (64, GemmConfig("tma", 64, 128, 256, num_warps=4, num_stages=4, ctas_per_sm=2)),
-    # >= 0.86 on 256x4096x12288, 128x4096x24576, 200x16384x4096
+    # >= 0.86 on 256x4096x12288, 128x4096x24576, 200x16384x4096; 164,384
     (256, GemmConfig("tma", 128, 128, 128, num_warps=4, num_stages=4)),
-    # >= 0.91 on 512 x {4096x24576, 16384x4096, 4096x12288} and 1024x3072x27648
+    # >= 0.91 on 512 x {4096x24576, 16384x4096, 4096x12288} and 1024x3072x27648; 115,232
     (1024, GemmConfig("tma", 64, 128, 128, num_warps=4, num_stages=4, ctas_per_sm=2)),
     # best on all five large klein shapes (1277 TOPS at 4608x4096x36864 vs 1243 for 128x256x128 with
-    # one program per SM): two programs per SM, so one's epilogue runs under the other's main loop
-    (1 << 62, GemmConfig("tma", 128, 128, 64, num_warps=4, num_stages=4, ctas_per_sm=2)),
-)
-
-# Ampere / Ada (mma.sync): 100-164 KB of shared memory per SM, so smaller K tiles. Not yet swept on
-# those GPUs (no such machine here); the tiles follow the Hopper results within Ampere's limits.
-AMPERE_TABLE: tuple[tuple[int, GemmConfig], ...] = (
-    (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
-    (64, GemmConfig("generic", 64, 128, 128, num_warps=4, num_stages=3)),
-    (256, GemmConfig("generic", 128, 128, 64, num_warps=4, num_stages=4)),
-    (1 << 62, GemmConfig("generic", 128, 256, 64, num_warps=8, num_stages=3)),
-)
-
-# Shapes the generic kernel takes on every GPU (unaligned K/N on Hopper, and the interpreter).
-GENERIC_FALLBACK: tuple[tuple[int, GemmConfig], ...] = (
-    (SMALL_M, GemmConfig("generic", 16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
-    (64, GemmConfig("generic", 64, 128, 128, num_warps=4, num_stages=3)),
-    (1 << 62, GemmConfig("generic", 128, 128, 64, num_warps=4, num_stages=4)),
-)
+    # one program per SM): two programs per SM, so one's epilogue runs under the other's main loop; 98,848
+    (_LARGE, GemmConfig("tma", 128, 128, 64, num_warps=4, num_stages=4, ctas_per_sm=2)),
+), smem_bytes=213_552, unaligned=MMA_TABLE)
 
 
-def _pick(table: tuple[tuple[int, GemmConfig], ...], m: int) -> GemmConfig:
-    for max_m, cfg in table:
-        if m <= max_m:
-            return cfg
-    return table[-1][1]
+def _lora_loop(table: GemmTable, name: str) -> GemmTable:
+    unaligned = _lora_loop(table.unaligned, table.unaligned.name) if table.unaligned else None
+    rows = tuple((m, dataclasses.replace(cfg, lora_loop=True)) for m, cfg in table.rows)
+    return GemmTable(name, rows, table.smem_bytes, unaligned)
 
 
-def select_config(m: int, arch: tuple[int, int], tma_ok: bool) -> GemmConfig:
-    """Config for an INT8 GEMM with M rows on a GPU of compute capability ``arch``.
+# Datacenter Blackwell (10.x): the Hopper tiles, TMA loads, and whatever Triton lowers an int8 dot to there:
+# mma.sync with Triton 3.6 (it has no tcgen05 int8 lowering), tcgen05 kind::i8 with 3.8 (checked offline,
+# bench/check_ptx.py --arch 100). The LoRA epilogue's chunks run in a loop: its bf16 (and float32) dots lower
+# to tcgen05 there, and Triton 3.6 gives each unrolled 64-rank chunk its own accumulator in tensor memory (a
+# 128-row tile at rank 512 asked for 1,024-1,088 of 512 columns and compiled to a kernel that only traps);
+# looped, one accumulator takes 128-256 columns. One dot per iteration also stays clear of triton#10821 (two
+# tcgen05 dots into one accumulator per loop iteration miscompile in Triton 3.6-3.8). Never run on the
+# hardware. sm_100 allows 232,448 bytes per block, like sm_90.
+BLACKWELL_TABLE = _lora_loop(HOPPER_TABLE, "blackwell (sm_100)")
 
-    ``tma_ok``: the operands meet TMA's rules (K % 16 == 0, 16-byte aligned rows and bases, a
-    contiguous weight, output rows a multiple of 16 bytes). Without it, or below SM 9.0, the
-    generic kernel runs.
-    """
-    if arch >= (9, 0):
-        cfg = _pick(HOPPER_TABLE, m)
-        if cfg.kernel == "tma" and not tma_ok:
-            return _pick(GENERIC_FALLBACK, m)
-        return cfg
-    if arch >= (8, 0):
-        return _pick(AMPERE_TABLE, m)
-    return _pick(GENERIC_FALLBACK, m)
+
+def smaller(cfg: GemmConfig) -> GemmConfig | None:
+    """The next smaller config of the same kernel, for a launch the GPU rejected for resources
+    (``launch.first_fit``), or None when there is none. Cheapest loss first: the TMA kernel's output tile
+    in halves, then fewer pipeline stages, then a shorter K tile, then narrower and shorter tiles."""
+    if cfg.kernel == "tma" and not cfg.epilogue_subtile:
+        return dataclasses.replace(cfg, epilogue_subtile=True)
+    if cfg.num_stages > 2:
+        return dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_k > 32:  # the int8 MMA takes K in steps of 32
+        return dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    if cfg.block_n > 32:
+        return dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+    if cfg.block_m > (64 if cfg.kernel == "tma" else 16):  # wgmma: 64 rows per warpgroup
+        return dataclasses.replace(cfg, block_m=cfg.block_m // 2)
+    return None
 
 
 @functools.cache

@@ -13,11 +13,17 @@ integer properties of shape and strides; constexprs and launch options verbatim;
 Launch hooks (profilers such as proton) only see the first launch of each specialization. The
 interpreter, and any Triton whose launcher does not take these arguments, use the normal path
 (decided once, logged).
+
+``first_fit`` is the one rule for a launch the GPU rejects for resources (Triton's OutOfResources:
+shared memory, tensor memory or threads per block, raised when a specialization is first loaded):
+the next smaller config of the same kernel, then the caller's torch twin for that call only.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import torch
 
@@ -27,6 +33,52 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # Triton < 3.4: no host descriptors, so no TMA kernels either
     TensorDescriptor = ()
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # no Triton: nothing is launched, nothing can run out of resources
+    class OutOfResources(RuntimeError):  # noqa: N818  (Triton's name)
+        pass
+
+C = TypeVar("C", bound=Hashable)
+
+
+class TileTooLargeError(RuntimeError):
+    """No config of a kernel fits this GPU's resources; the caller runs the torch twin for this call."""
+
+
+# (kernel, specialization, config) triples this process found over the GPU's resources: never compiled or
+# tried again. Mutated only by ``first_fit``; empty on every GPU whose tables fit (the fast path checks that).
+_MISFITS: set[tuple] = set()
+
+
+def first_fit(kernel: str, spec: Hashable, config: C, smaller: Callable[[C], C | None],
+              launch: Callable[[C], object], fallback: str) -> C:
+    """``launch(config)``; when the GPU rejects it for resources, ``launch(smaller(config))``, and so on.
+
+    Returns the config that ran. ``spec``: what else the compiled kernel depends on (dtypes, epilogue,
+    rotation group), so a misfit is remembered for exactly that specialization. Each misfit is logged once
+    (naming the kernel, config, the resource and, when no smaller config is left, ``fallback``: what the
+    caller does instead) and skipped from then on. Raises TileTooLargeError when no config fits.
+    """
+    cfg = config
+    while cfg is not None:
+        if not _MISFITS or (kernel, spec, cfg) not in _MISFITS:  # the first test keeps the common path cheap
+            try:
+                launch(cfg)
+                return cfg
+            except OutOfResources as exc:
+                _MISFITS.add((kernel, spec, cfg))
+                nxt = smaller(cfg)
+                logger.warning("int8_w8a8: %s %s: %s does not fit this GPU (%s); %s", kernel, spec, cfg, exc,
+                               f"using the next smaller config {nxt}" if nxt is not None
+                               else f"no smaller config: {fallback}")
+        cfg = smaller(cfg)
+    raise TileTooLargeError(f"{kernel} {spec}: no config fits this GPU ({fallback})")
+
+
+def no_smaller(cfg) -> None:
+    """``first_fit``'s ``smaller`` for kernels with one config per specialization."""
+    return None
 
 
 def _int_key(v: int) -> tuple:

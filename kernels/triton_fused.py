@@ -26,9 +26,13 @@ import logging
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
-from .launch import FastLauncher
+from .launch import (
+    FastLauncher,
+    TileTooLargeError,  # noqa: F401  (raised here, caught as triton_fused.TileTooLargeError)
+    first_fit,
+    no_smaller,
+)
 from .triton_quant import (
     QUANT_WARPS,
     TILE_ELEMS,
@@ -41,6 +45,7 @@ from .triton_quant import (
     rotation_args,
     rotation_min_tile,
     row_scales,
+    smaller_tile,
 )
 
 logger = logging.getLogger(__name__)
@@ -200,27 +205,19 @@ def _qk_norm_rope_kernel(
     tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
 
 
-class TileTooLargeError(RuntimeError):
-    """A kernel specialization needs more shared memory than this GPU has; the caller runs the torch twin."""
-
-
-# Specializations this process found over the GPU's shared memory (Triton raises OutOfResources when it
-# first compiles one), keyed by kernel, dtype, tile and rotation group: not compiled again. The rotation's
-# dot operands take most of it: e.g. float32 rows with group 128 need 256 KB on sm_90 (227 KB there), and
-# GPUs with ~100 KB (sm_86/89) reject more (bench/NOTES.md item 15).
-_TOO_LARGE: set[tuple] = set()
+# A specialization Triton rejects for resources (OutOfResources when it is first loaded) takes the next
+# smaller tile where the kernel has one (``launch.first_fit``, the rule the GEMM and the row quantizer share),
+# else raises TileTooLargeError and ``fused.py`` runs the torch twin for that call. The rotation's dot operands
+# take most of it: e.g. float32 rows with group 128 need 196,608 bytes in the norm quantizer and 167,936 in the
+# GLU quantizer at 4096 columns (sm_90 allows 232,448, sm_80 166,912, sm_86/89/120 101,376; bench/NOTES.md
+# items 15 and 16).
+_TWIN = "these rows are quantized by the torch twin"
 
 
 def _launch(launcher: FastLauncher, key: tuple, grid: tuple, *args, **kwargs) -> None:
-    """``launcher(grid, *args, **kwargs)``, or TileTooLargeError (logged once per key) when it does not fit."""
-    if key in _TOO_LARGE:
-        raise TileTooLargeError(key)
-    try:
-        launcher(grid, *args, **kwargs)
-    except OutOfResources as exc:
-        _TOO_LARGE.add(key)
-        logger.info("int8_w8a8: %s %s: %s; these rows are quantized by the torch twin", key[0], key[1:], exc)
-        raise TileTooLargeError(key) from exc
+    """``launcher(grid, *args, **kwargs)`` for a kernel with one tile per specialization ``key`` (name first),
+    under the shared resource rule: TileTooLargeError (logged once per key) when it does not fit."""
+    first_fit(key[0], key[1:], (), no_smaller, lambda _: launcher(grid, *args, **kwargs), _TWIN)
 
 
 _NORM_MOD_QUANT = FastLauncher(_norm_mod_quant_kernel, interpreting())
@@ -282,12 +279,17 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
     h, rot = rotation_args(rotate_group, glu.device, torch.float32)
     blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
     pre = prefix if prefix is not None else glu
-    key = ("glu_quantize", glu.dtype, block_m, block_k, rotate_group, glu.device)
-    _launch(
-        _GLU_QUANT, key, (blocks,), pre, glu, q, scale, h if h is not None else q, m, p, f, pre.stride(0),
-        glu.stride(0), q.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), **rot,
-        num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
-    )
+
+    def launch(tile: tuple[int, int]) -> None:
+        _GLU_QUANT(
+            (blocks,), pre, glu, q, scale, h if h is not None else q, m, p, f, pre.stride(0), glu.stride(0),
+            q.stride(0), BLOCK_M=tile[0], BLOCK_K=tile[1], FAST_ROUND=not interpreting(), **rot,
+            num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
+        )
+
+    # the one fused kernel with a smaller tile: fewer columns per tile (down to what the rotation needs)
+    first_fit("glu_quantize", (glu.dtype, rotate_group, glu.device), (block_m, block_k), smaller_tile(rotate_group),
+              launch, _TWIN)
     return q, scale
 
 

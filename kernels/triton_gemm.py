@@ -29,8 +29,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .api import lora_rank_padded
-from .configs import GemmConfig
-from .launch import FastLauncher
+from .configs import GemmConfig, smaller
+from .dispatch import DISABLE_ENV
+from .launch import FastLauncher, first_fit
 from .triton_quant import interpreting, num_sms
 
 
@@ -47,12 +48,15 @@ def _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm, stride_lbn,
-              PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr):
+              PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr,
+              LORA_LOOP: tl.constexpr):
     """int32 acc [BM, BN] -> float32 ((acc * x_scale) * w_scale) + bias [+ h @ lora_b.T] (``reference.epilogue``).
 
     The LoRA term (LORA_R > 0: h [M, R] = x @ lora_a.T and lora_b [N, R], R padded to LORA_R) is one
     more tensor-core product accumulated straight into the float32 tile, so the output is still written
-    once: adding it afterwards would read and write the whole output again.
+    once: adding it afterwards would read and write the whole output again. LORA_LOOP runs its chunks in a
+    loop instead of unrolled (``GemmConfig.lora_loop``: datacenter Blackwell, where each unrolled chunk's
+    tcgen05 product takes its own accumulator in tensor memory).
     """
     xs = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)
     out = acc.to(tl.float32) * xs[:, None]
@@ -69,15 +73,24 @@ def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr
         CHUNK: tl.constexpr = 64 if LORA_R > 64 else LORA_R
         rows_h = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
         rows_b = lb_ptr + offs_n.to(tl.int64)[:, None] * stride_lbn
-        for r0 in tl.static_range(0, LORA_R, CHUNK):
-            r = r0 + tl.arange(0, CHUNK)
-            h = tl.load(rows_h + r[None, :], mask=(offs_m < M)[:, None], other=0.0)
-            lb = tl.load(rows_b + r[None, :], mask=(offs_n < N)[:, None], other=0.0)
-            if LORA_FP32:  # float32 operands, and the interpreter, which cannot multiply bfloat16 in tl.dot
-                out = tl.dot(h.to(tl.float32), tl.trans(lb.to(tl.float32)), out, input_precision="ieee")
-            else:
-                out = tl.dot(h, tl.trans(lb), out)
+        if LORA_LOOP:
+            for r0 in tl.range(0, LORA_R, CHUNK, num_stages=1):  # not pipelined: no multi-buffered LoRA tiles
+                out = _lora_chunk(out, rows_h, rows_b, r0, offs_m, offs_n, M, N, CHUNK, LORA_FP32)
+        else:
+            for r0 in tl.static_range(0, LORA_R, CHUNK):
+                out = _lora_chunk(out, rows_h, rows_b, r0, offs_m, offs_n, M, N, CHUNK, LORA_FP32)
     return out
+
+
+@triton.jit
+def _lora_chunk(out, rows_h, rows_b, r0, offs_m, offs_n, M, N, CHUNK: tl.constexpr, LORA_FP32: tl.constexpr):
+    """``out + h[:, r0:r0 + CHUNK] @ lora_b[:, r0:r0 + CHUNK].T`` in float32."""
+    r = r0 + tl.arange(0, CHUNK)
+    h = tl.load(rows_h + r[None, :], mask=(offs_m < M)[:, None], other=0.0)
+    lb = tl.load(rows_b + r[None, :], mask=(offs_n < N)[:, None], other=0.0)
+    if LORA_FP32:  # float32 operands, and the interpreter, which cannot multiply bfloat16 in tl.dot
+        return tl.dot(h.to(tl.float32), tl.trans(lb.to(tl.float32)), out, input_precision="ieee")
+    return tl.dot(h, tl.trans(lb), out)
 
 
 @triton.jit
@@ -108,7 +121,8 @@ def _gemm_tma_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EPILOGUE_SUBTILE: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr, RESIDUAL: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr, LORA_LOOP: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -142,14 +156,14 @@ def _gemm_tma_kernel(
             acc0, acc1 = tl.split(acc)
             offs_n0 = off_cn + tl.arange(0, BLOCK_N // 2)
             out0 = _epilogue(acc0, offs_m, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
-                             stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
+                             stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32, LORA_LOOP)
             if RESIDUAL:  # the residual tile arrives through the output's own descriptor (TMA)
                 out0 = _gated(c_desc.load([off_cm, off_cn]), out0, offs_m, offs_n0, M, N, gate_ptr, stride_gb,
                               rows_per_batch)
             c_desc.store([off_cm, off_cn], out0.to(out_dtype))
             offs_n1 = offs_n0 + BLOCK_N // 2
             out1 = _epilogue(acc1, offs_m, offs_n1, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
-                             stride_hm, stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
+                             stride_hm, stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32, LORA_LOOP)
             if RESIDUAL:
                 out1 = _gated(c_desc.load([off_cm, off_cn + BLOCK_N // 2]), out1, offs_m, offs_n1, M, N, gate_ptr,
                               stride_gb, rows_per_batch)
@@ -157,7 +171,7 @@ def _gemm_tma_kernel(
         else:
             offs_n = off_cn + tl.arange(0, BLOCK_N)
             out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
-                            stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
+                            stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32, LORA_LOOP)
             if RESIDUAL:
                 out = _gated(c_desc.load([off_cm, off_cn]), out, offs_m, offs_n, M, N, gate_ptr, stride_gb,
                              rows_per_batch)
@@ -173,7 +187,7 @@ def _gemm_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, LORA_R: tl.constexpr,
-    LORA_FP32: tl.constexpr, RESIDUAL: tl.constexpr,
+    LORA_FP32: tl.constexpr, LORA_LOOP: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -199,7 +213,7 @@ def _gemm_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm, stride_lbn,
-                    PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32)
+                    PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32, LORA_LOOP)
     if RESIDUAL:  # c is the residual, updated in place
         out = _residual(out, offs_m, offs_n, M, N, c_ptr, stride_cm, gate_ptr, stride_gb, rows_per_batch)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
@@ -247,7 +261,8 @@ def gemm(
     gate: torch.Tensor | None = None,
     rows_per_batch: int = 1,
 ) -> torch.Tensor:
-    """Launch the INT8 GEMM described by ``cfg`` ("tma" or "generic") into ``out [M, N]``.
+    """Launch the INT8 GEMM described by ``cfg`` ("tma" or "generic") into ``out [M, N]``; when the GPU rejects
+    ``cfg`` for resources, the next smaller config (``configs.smaller``, ``launch.first_fit``).
 
     With ``gate`` ([B, N], unit column stride) ``out`` holds a residual on entry and is updated in place:
     ``out += gate[row // rows_per_batch] * (GEMM + epilogue)``, rounded once.
@@ -269,35 +284,44 @@ def gemm(
     per_row = w_scale.dim() > 0
     bias_arg = bias if bias is not None else x_scale
     lora_h, lora_b, lora_r = _pad_lora(lora_h, lora_b)
-    lora = {"LORA_R": lora_r, "LORA_FP32": lora_r > 0 and (lora_h.dtype == torch.float32 or interpreting())}
     h_arg, lb_arg = (lora_h, lora_b) if lora_r else (x_scale, x_scale)
     stride_h, stride_lb = (lora_h.stride(0), lora_b.stride(0)) if lora_r else (0, 0)
     gate_arg, stride_gb = (gate, gate.stride(0)) if gate is not None else (x_scale, 0)
-    if cfg.kernel == "tma":
-        sub = 2 if cfg.epilogue_subtile else 1
-        a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k])
-        b_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k])
-        c_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [cfg.block_m, cfg.block_n // sub])
-        programs = num_sms(out.device) * cfg.ctas_per_sm
-        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        _GEMM_TMA(
-            (min(programs, tiles),),
-            a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, h_arg, lb_arg, gate_arg,
-            m, n, k, stride_h, stride_lb, stride_gb, rows_per_batch,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            NUM_PROGRAMS=programs, PER_ROW_W=per_row, HAS_BIAS=bias is not None,
-            EPILOGUE_SUBTILE=cfg.epilogue_subtile, RESIDUAL=gate is not None, **lora,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-        )
-    else:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _GEMM(
-            grid,
-            xq, wq, out, x_scale, w_scale, bias_arg, h_arg, lb_arg, gate_arg, m, n, k,
-            xq.stride(0), wq.stride(0), wq.stride(1), out.stride(0), stride_h, stride_lb, stride_gb, rows_per_batch,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            PER_ROW_W=per_row, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, RESIDUAL=gate is not None,
-            **lora,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-        )
+
+    def launch(cfg: GemmConfig) -> None:
+        lora = {"LORA_R": lora_r, "LORA_FP32": lora_r > 0 and (lora_h.dtype == torch.float32 or interpreting()),
+                "LORA_LOOP": lora_r > 64 and cfg.lora_loop}
+        if cfg.kernel == "tma":
+            sub = 2 if cfg.epilogue_subtile else 1
+            a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k])
+            b_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k])
+            c_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [cfg.block_m, cfg.block_n // sub])
+            programs = num_sms(out.device) * cfg.ctas_per_sm
+            tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+            _GEMM_TMA(
+                (min(programs, tiles),),
+                a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, h_arg, lb_arg, gate_arg,
+                m, n, k, stride_h, stride_lb, stride_gb, rows_per_batch,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                NUM_PROGRAMS=programs, PER_ROW_W=per_row, HAS_BIAS=bias is not None,
+                EPILOGUE_SUBTILE=cfg.epilogue_subtile, RESIDUAL=gate is not None, **lora,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+            )
+        else:
+            grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+            _GEMM(
+                grid,
+                xq, wq, out, x_scale, w_scale, bias_arg, h_arg, lb_arg, gate_arg, m, n, k,
+                xq.stride(0), wq.stride(0), wq.stride(1), out.stride(0), stride_h, stride_lb, stride_gb,
+                rows_per_batch,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                PER_ROW_W=per_row, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+                RESIDUAL=gate is not None, **lora,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+            )
+
+    # the specialization a misfit is remembered for: what else changes the kernel's resources
+    spec = (out.dtype, lora_r, lora_h.dtype if lora_r else None, gate is not None, out.device)
+    first_fit("int8 GEMM", spec, cfg, smaller, launch,
+              f"set {DISABLE_ENV}=1 to run the torch twin on this GPU")
     return out

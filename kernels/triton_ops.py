@@ -7,6 +7,7 @@ import torch
 from . import configs, reference, triton_gemm, triton_quant
 from .dispatch import Backend
 from .hadamard import rotate
+from .launch import TileTooLargeError
 from .reference import as_rows
 
 
@@ -33,7 +34,11 @@ def int8_linear(
     m = x2.shape[0]
     xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
     xs = triton_quant.row_scales(m, k, x.device)
-    triton_quant.launch_quantize(x2, xq, xs, smooth=smooth, rotate_group=rotate_group)
+    try:
+        triton_quant.launch_quantize(x2, xq, xs, smooth=smooth, rotate_group=rotate_group)
+    except TileTooLargeError:  # no quantizer tile fits this GPU (logged once): these rows on the twin
+        xq, xs = reference.quantize_rows_unchecked(x2, smooth, rotate_group)
+        xs = xs.reshape(-1)
     lora_h = None
     if lora_a is not None:
         # h = x @ lora_a.T, padded to the kernel's rank when lora_a was prepared that way (see lora/dynamic.py)
@@ -67,19 +72,19 @@ def gemm_residual(xq, xs, q, scale, bias, residual, gate, rows_per_batch: int, b
 
 def _gemm(xq, xs, q, scale, bias, out_dtype, backend: Backend, config: configs.GemmConfig | None, lora_h, lora_b,
           out=None, gate=None, rows_per_batch: int = 1):
-    """xq [M, K] int8 (unit column stride), xs [M] float32 -> out [M, N]: the GEMM with the config the rule
-    picks for these operands (``config``, when given and the operands allow it). With ``gate``, ``out`` is
-    a residual updated in place (``triton_gemm.gemm``)."""
+    """xq [M, K] int8 (unit column stride), xs [M] float32 -> out [M, N]: the GEMM with the config the backend's
+    table picks for these operands (``config``, when given and the operands allow it). With ``gate``, ``out``
+    is a residual updated in place (``triton_gemm.gemm``)."""
     m, n = xq.shape[0], q.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     ws = scale.reshape(-1) if scale.dim() else scale
     if ws.dim() and ws.stride(0) != 1:
         ws = ws.contiguous()
-    arch = (8, 0) if backend.rocm or backend.arch is None else backend.arch
-    tma_ok = arch >= (9, 0) and triton_gemm.tma_compatible(xq, q, out)
+    table = backend.table
+    tma_ok = table.tma and triton_gemm.tma_compatible(xq, q, out)
     if config is None or (config.kernel == "tma" and not tma_ok):
-        config = configs.select_config(m, arch, tma_ok=tma_ok)
+        config = table.pick(m, tma_ok)
     if gate is not None:
         config = configs.for_residual(config)
     triton_gemm.gemm(xq, xs, q, ws, bias, out, config, lora_h, lora_b, gate, rows_per_batch)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .hadamard import hadamard_pm1_cached
-from .launch import FastLauncher
+from .launch import FastLauncher, TileTooLargeError, first_fit
 from .reference import _SEED_MASK, INV_127, TINY_SCALE, as_rows
 
 
@@ -326,32 +326,59 @@ def launch_quantize(
     """Quantize rows of ``x2 [M, K]`` (any strides) into ``q [M, K]`` and ``scale [M]`` (float32).
 
     With ``fixed_scale`` (float32, 0-d or one per row, contiguous) the rows use it and ``scale`` is not
-    written.
+    written. A tile the GPU rejects for resources (a rotation's matrix in shared memory) is retried smaller;
+    raises ``launch.TileTooLargeError`` when none fits (callers then run the torch twin).
     """
     m, k = x2.shape
     if m == 0 or k == 0:
         return
-    block_m, block_k, single, warps = quant_blocks(k, rotate_group)
+    block_m, block_k, _, warps = quant_blocks(k, rotate_group)
     # The interpreter stores bfloat16 as raw uint16 and multiplies those bits in tl.dot, so under
     # TRITON_INTERPRET the rotation runs in float32 (tf32x3) for every input dtype.
     dot_fp32 = x2.dtype == torch.float32 or smooth is not None or interpreting()
     h, rot = rotation_args(rotate_group, x2.device, torch.float32 if dot_fp32 else x2.dtype)
     dummy = q
-    blocks = triton.cdiv(m, block_m)
-    if not single and x2.is_cuda:
-        blocks = min(blocks, max(num_sms(x2.device), TWO_PASS_L2_BYTES // (block_m * k * x2.element_size())))
-    _QUANTIZE(
-        (blocks,),
-        x2, q, scale if scale is not None else dummy, smooth if smooth is not None else dummy,
-        h if h is not None else dummy,
-        fixed_scale if fixed_scale is not None else dummy,
-        m, k, x2.stride(0), x2.stride(1), q.stride(0), 0 if seed is None else seed & _SEED_MASK,
-        BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_PASS=single,
-        HAS_SMOOTH=smooth is not None, **rot, DOT_FP32=dot_fp32,
-        FIXED_SCALE=fixed_scale is not None, STOCHASTIC=seed is not None, FAST_ROUND=not interpreting(),
-        FIXED_PER_ROW=fixed_scale is not None and fixed_scale.dim() > 0,
-        num_warps=warps, enable_fp_fusion=False,
-    )
+
+    def launch(tile: tuple[int, int]) -> None:
+        block_m, block_k = tile
+        single = k <= block_k
+        blocks = triton.cdiv(m, block_m)
+        if not single and x2.is_cuda:
+            blocks = min(blocks, max(num_sms(x2.device), TWO_PASS_L2_BYTES // (block_m * k * x2.element_size())))
+        _QUANTIZE(
+            (blocks,),
+            x2, q, scale if scale is not None else dummy, smooth if smooth is not None else dummy,
+            h if h is not None else dummy,
+            fixed_scale if fixed_scale is not None else dummy,
+            m, k, x2.stride(0), x2.stride(1), q.stride(0), 0 if seed is None else seed & _SEED_MASK,
+            BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_PASS=single,
+            HAS_SMOOTH=smooth is not None, **rot, DOT_FP32=dot_fp32,
+            FIXED_SCALE=fixed_scale is not None, STOCHASTIC=seed is not None, FAST_ROUND=not interpreting(),
+            FIXED_PER_ROW=fixed_scale is not None and fixed_scale.dim() > 0,
+            num_warps=warps, enable_fp_fusion=False,
+        )
+
+    spec = (x2.dtype, k, rotate_group, dot_fp32, x2.device)  # the rotation's matrix takes most of the memory
+    first_fit("quantize_rows", spec, (block_m, block_k), smaller_tile(rotate_group), launch,
+              "these rows are quantized by the torch twin")
+
+
+def smaller_tile(group: int):
+    """``first_fit``'s rule for the quantizers' (BLOCK_M, BLOCK_K) tiles: half the columns, down to the
+    fewest elements the rotation's dot takes (``rotation_min_tile``); long rows then take two passes.
+    Group 128 float32 rows need 167,936 bytes at 4096 columns and 149,504 at 2048 with Triton 3.6 (sm_80 allows
+    166,912), 245,760 at 4096 with 3.8 (sm_90 allows 232,448)."""
+    min_tile = rotation_min_tile(group)
+
+    def smaller(tile: tuple[int, int]) -> tuple[int, int] | None:
+        block_m, block_k = tile
+        nk = block_k // 2
+        if nk < max(16, group):
+            return None
+        nm = max(1, min_tile // nk)
+        return (nm, nk) if nm * nk < block_m * block_k else None
+
+    return smaller
 
 
 @functools.cache
@@ -379,7 +406,12 @@ def quantize_rows(
     m = x2.shape[0]
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = row_scales(m, k, x.device)
-    launch_quantize(x2, q, scale, smooth=smooth, rotate_group=rotate_group)
+    try:
+        launch_quantize(x2, q, scale, smooth=smooth, rotate_group=rotate_group)
+    except TileTooLargeError:  # logged once by first_fit
+        from .reference import quantize_rows_unchecked
+
+        return quantize_rows_unchecked(x2, smooth, rotate_group)
     return q, scale[:, None]
 
 
@@ -391,7 +423,17 @@ def quantize_weight(
     rotate_group: int = 0,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton ``quantize_weight`` (unchecked). w [N, K] -> (q int8 [N, K], scale [N, 1] or [])."""
+    """Triton ``quantize_weight`` (unchecked). w [N, K] -> (q int8 [N, K], scale [N, 1] or []); the torch twin
+    when no quantizer tile fits the GPU (logged once)."""
+    try:
+        return _quantize_weight(w, per_row, seed, rotate_group, scale)
+    except TileTooLargeError:
+        from .reference import quantize_weight_unchecked
+
+        return quantize_weight_unchecked(w, per_row, seed, rotate_group, scale)
+
+
+def _quantize_weight(w, per_row, seed, rotate_group, scale):
     from .reference import per_tensor_scale
 
     n, k = w.shape

@@ -1,8 +1,12 @@
-"""Dispatch rules and config selection, on CPU with the hardware probes patched."""
+"""Dispatch rules per GPU generation and config selection, on CPU with the hardware probes patched
+(compute capability, device name and the opt-in shared memory per block)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import types
 
 import pytest
 import torch
@@ -15,16 +19,33 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(autouse=True)
 def _fresh_decisions():
+    """Decisions made afresh, without the switches of the calling environment (set back afterwards; this
+    fixture is set up before and torn down after the tests' own monkeypatches)."""
+    saved = {k: os.environ.pop(k) for k in (dispatch.FORCE_ARCH_ENV, dispatch.DISABLE_ENV) if k in os.environ}
     dispatch.reset()
     yield
+    os.environ.update(saved)
     dispatch.reset()
 
 
-def _as_gpu(monkeypatch, arch, hip=None):
+def _as_gpu(monkeypatch, arch, smem=None, name="NVIDIA Test GPU", hip=None):
+    """Make dispatch see a CUDA device of capability ``arch`` with ``smem`` bytes of opt-in shared memory per
+    block (default: what NVIDIA documents for that generation)."""
+    if smem is None:
+        gen = dispatch.generation_for(arch)
+        smem = gen.smem_optin if gen else 232_448
+    props = types.SimpleNamespace(name=name, shared_memory_per_block_optin=smem)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: arch)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(dispatch, "triton_import_error", lambda: None)
+
+
+def _forget_hardware():
+    """Forget the decisions and the probed capability and properties (``dispatch.reset`` without Triton's)."""
+    for cached in (dispatch._decide, dispatch._cuda_capability, dispatch._device_props):
+        cached.cache_clear()
 
 
 def test_cpu_tensors_use_the_twin():
@@ -33,28 +54,110 @@ def test_cpu_tensors_use_the_twin():
 
 
 @pytest.mark.parametrize(
-    "arch,name,words",
+    "arch,table,words",
     [
-        ((6, 1), "reference", "no INT8 tensor cores"),
-        ((7, 0), "reference", "no INT8 tensor cores"),
-        ((7, 5), "reference", "torch._int_mm"),
-        ((8, 0), "triton", "mma.sync"),
-        ((8, 9), "triton", "mma.sync"),
-        ((9, 0), "triton", "TMA"),
-        ((10, 0), "triton", "TMA"),
-        ((12, 0), "triton", "TMA"),
+        ((7, 5), None, "torch._int_mm"),
+        ((8, 0), configs.MMA_TABLE, "Ampere"),
+        ((8, 6), configs.MMA_TABLE, "Ampere"),
+        ((8, 9), configs.MMA_TABLE, "Ada"),
+        ((9, 0), configs.HOPPER_TABLE, "wgmma"),
+        ((10, 0), configs.BLACKWELL_TABLE, "Blackwell (datacenter)"),
+        ((10, 3), configs.BLACKWELL_TABLE, "Blackwell (datacenter)"),
+        ((12, 0), configs.MMA_TABLE, "Blackwell (consumer)"),
+        ((12, 1), configs.MMA_TABLE, "Blackwell (consumer)"),
     ],
 )
-def test_rules_by_compute_capability(monkeypatch, arch, name, words):
+def test_each_generation_gets_its_path_and_table(monkeypatch, arch, table, words):
+    _as_gpu(monkeypatch, arch, name="NVIDIA GeForce Test")
+    b = dispatch._decide("cuda", 0)
+    assert b.arch == arch and words in b.reason and "NVIDIA GeForce Test" in b.reason
+    if table is None:
+        assert b.name == "reference"
+    else:
+        assert b.name == "triton" and b.table is table
+
+
+@pytest.mark.parametrize("arch", [(6, 1), (7, 0), (7, 2)])
+def test_no_int8_tensor_cores_use_the_twin(monkeypatch, arch):
     _as_gpu(monkeypatch, arch)
     b = dispatch._decide("cuda", 0)
-    assert (b.name, b.arch) == (name, arch) and words in b.reason
+    assert b.name == "reference" and "no INT8 tensor cores" in b.reason
+
+
+def test_consumer_blackwell_never_gets_the_hopper_table(monkeypatch):
+    """sm_120 has TMA but no wgmma and 99 KB per block: the Hopper table's TMA configs need up to 213 KB."""
+    for arch in ((12, 0), (12, 1)):
+        _as_gpu(monkeypatch, arch)
+        _forget_hardware()
+        table = dispatch._decide("cuda", 0).table
+        assert not table.tma and table.smem_bytes <= 101_376
+        assert all(cfg.kernel == "generic" for cfg in table.configs())
+
+
+def test_every_generation_table_fits_its_documented_shared_memory():
+    for gen in dispatch.GENERATIONS:
+        assert gen.target == gen.capabilities[0][0] * 10 + gen.capabilities[0][1]
+        if gen.table is not None:
+            assert gen.table.smem_bytes <= gen.smem_optin, gen
+            assert gen.expected_mma("generic"), f"{gen.name}: no INT8 instruction expected"
+            if gen.table.tma:
+                assert gen.expected_mma("tma"), gen.name
+    caps = [c for g in dispatch.GENERATIONS for c in g.capabilities]
+    assert len(caps) == len(set(caps)), "a capability in two generations"
+
+
+def test_a_table_over_the_device_limit_is_replaced(monkeypatch, caplog):
+    """A Hopper exposing 99 KB per block (a MIG slice, a future part): not the Hopper table, and one log line
+    naming the GPU, the table's need and the limit."""
+    _as_gpu(monkeypatch, (9, 0), smem=101_376, name="NVIDIA H-small")
+    with caplog.at_level(logging.INFO, logger="int8_w8a8.kernels.dispatch"):
+        b = dispatch.choose_backend(torch.device("cuda", 0))
+        dispatch.choose_backend(torch.device("cuda", 0))
+    assert b.name == "triton" and b.table is configs.MMA_TABLE
+    lines = [r.getMessage() for r in caplog.records if "NVIDIA H-small" in r.getMessage()]
+    assert len(lines) == 1 and "101376" in lines[0] and str(configs.HOPPER_TABLE.smem_bytes) in lines[0]
+
+
+@pytest.mark.parametrize("arch", [(11, 0), (13, 0), (8, 8)])
+def test_unknown_gpu_runs_the_generic_path_when_the_probe_passes(monkeypatch, arch, caplog):
+    _as_gpu(monkeypatch, arch, name="NVIDIA Future GPU")
+    probes = []
+    monkeypatch.setattr(dispatch, "_probe", lambda device: probes.append(device))
+    with caplog.at_level(logging.INFO, logger="int8_w8a8.kernels.dispatch"):
+        for _ in range(3):
+            b = dispatch.choose_backend(torch.device("cuda", 0))
+    assert b.name == "triton" and b.table is configs.MMA_TABLE and len(probes) == 1
+    lines = [r.getMessage() for r in caplog.records if "NVIDIA Future GPU" in r.getMessage()]
+    assert len(lines) == 1 and "no rule for this GPU" in lines[0] and f"SM {arch[0]}.{arch[1]}" in lines[0]
+
+
+def test_unknown_gpu_falls_back_to_the_twin_when_the_probe_fails(monkeypatch):
+    """No GPU here: the real probe fails (no CUDA device), which must give the twin with the reason, not a crash."""
+    _as_gpu(monkeypatch, (13, 0), name="NVIDIA Future GPU")
+    b = dispatch._decide("cuda", 0)
+    assert b.name == "reference" and "probe failed" in b.reason and "NVIDIA Future GPU" in b.reason
+
+
+@pytest.mark.parametrize("arch", [(12, 0), (10, 0)])
+def test_blackwell_needs_the_triton_it_was_checked_with(monkeypatch, arch):
+    """Triton 3.6 is the first with a Blackwell ptxas (3.5's cannot assemble sm_121a); older: the torch twin."""
+    _as_gpu(monkeypatch, arch, name="NVIDIA GeForce RTX 5090")
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 5))
+    b = dispatch._decide("cuda", 0)
+    assert b.name == "reference" and "Triton 3.5 is older than 3.6" in b.reason
+    _forget_hardware()
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 6))
+    assert dispatch._decide("cuda", 0).name == "triton"
+    _forget_hardware()
+    _as_gpu(monkeypatch, (8, 9))
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 4))
+    assert dispatch._decide("cuda", 0).name == "triton"
 
 
 def test_rocm_uses_generic_triton(monkeypatch):
     _as_gpu(monkeypatch, (9, 4), hip="6.2")
     b = dispatch._decide("cuda", 0)
-    assert b.name == "triton" and b.rocm
+    assert b.name == "triton" and b.rocm and b.table is configs.MMA_TABLE
 
 
 def test_missing_triton_falls_back(monkeypatch):
@@ -70,6 +173,36 @@ def test_environment_switch(monkeypatch):
     assert dispatch._decide("cuda", 0).name == "reference"
 
 
+def test_forced_arch_dispatches_an_h200_as_sm86(monkeypatch, caplog):
+    _as_gpu(monkeypatch, (9, 0), name="NVIDIA H200")
+    monkeypatch.setenv(dispatch.FORCE_ARCH_ENV, "8.6")
+    with caplog.at_level(logging.INFO, logger="int8_w8a8.kernels.dispatch"):
+        b = dispatch.choose_backend(torch.device("cuda", 0))
+    assert b.name == "triton" and b.arch == (8, 6) and b.table is configs.MMA_TABLE
+    line = next(r.getMessage() for r in caplog.records if "NVIDIA H200" in r.getMessage())
+    assert dispatch.FORCE_ARCH_ENV in line and "dispatched as SM 8.6" in line and "SM 9.0" in line
+
+
+def test_forced_arch_keeps_the_device_limit(monkeypatch):
+    """Under the switch the table is still checked against the device's own shared memory."""
+    _as_gpu(monkeypatch, (10, 0), smem=232_448, name="NVIDIA B200")
+    monkeypatch.setenv(dispatch.FORCE_ARCH_ENV, "9.0")
+    assert dispatch._decide("cuda", 0).table is configs.HOPPER_TABLE
+    _forget_hardware()
+    _as_gpu(monkeypatch, (10, 0), smem=150_000, name="NVIDIA B200")
+    assert dispatch._decide("cuda", 0).table is configs.MMA_TABLE
+
+
+@pytest.mark.parametrize("value,match", [("9.0", "only an older generation"), ("eight", "such as 8.6"),
+                                         ("8", "such as 8.6")])
+def test_forced_arch_rejects_a_newer_or_malformed_capability(monkeypatch, value, match):
+    _as_gpu(monkeypatch, (8, 6), name="NVIDIA GeForce RTX 3090")
+    monkeypatch.setenv(dispatch.FORCE_ARCH_ENV, value)
+    with pytest.raises(ValueError, match=match) as info:
+        dispatch._decide("cuda", 0)
+    assert dispatch.FORCE_ARCH_ENV in str(info.value)
+
+
 def test_each_decision_is_logged_once(caplog):
     with caplog.at_level(logging.INFO, logger="int8_w8a8.kernels.dispatch"):
         for _ in range(5):
@@ -77,24 +210,51 @@ def test_each_decision_is_logged_once(caplog):
     assert len([r for r in caplog.records if "reference kernels on cpu" in r.getMessage()]) == 1
 
 
+def test_backends_built_from_an_arch_get_that_generation_table():
+    assert dispatch.Backend("triton", "test", (9, 0)).table is configs.HOPPER_TABLE
+    assert dispatch.Backend("triton", "test", (12, 0)).table is configs.MMA_TABLE
+    assert dispatch.Backend("triton", "test", (11, 0)).table is configs.MMA_TABLE
+    assert dispatch.Backend("reference", "test").table is configs.MMA_TABLE  # Triton forced on the CPU (tests)
+
+
 # ------------------------------------------------------------------ configs
 @pytest.mark.parametrize("m", [1, 16, 17, 64, 65, 256, 257, 1024, 1025, 4608, 10**6])
 def test_hopper_buckets(m):
-    cfg = configs.select_config(m, (9, 0), tma_ok=True)
+    cfg = configs.HOPPER_TABLE.pick(m)
     if m <= configs.SMALL_M:
         assert cfg.kernel == "generic" and cfg.block_m == 16
     else:
         assert cfg.kernel == "tma"
     # the rule depends on the bucket only: every M of a bucket gets the same config
-    bounds = [b for b, _ in configs.HOPPER_TABLE]
-    bucket_top = next(b for b in bounds if m <= b)
-    assert configs.select_config(bucket_top, (9, 0), True) == cfg
+    bucket_top = next(b for b, _ in configs.HOPPER_TABLE.rows if m <= b)
+    assert configs.HOPPER_TABLE.pick(bucket_top) == cfg
 
 
-def test_no_tma_without_alignment_or_before_hopper():
-    assert configs.select_config(4608, (9, 0), tma_ok=False).kernel == "generic"
-    assert configs.select_config(4608, (8, 6), tma_ok=True).kernel == "generic"
-    assert configs.select_config(4608, (7, 5), tma_ok=True).kernel == "generic"
+def test_no_tma_without_alignment_or_on_mma_tables():
+    assert configs.HOPPER_TABLE.pick(4608, tma_ok=False) == configs.MMA_TABLE.pick(4608)
+    assert configs.MMA_TABLE.pick(4608, tma_ok=True).kernel == "generic"
+    assert not configs.MMA_TABLE.tma and configs.HOPPER_TABLE.tma
+
+
+def test_blackwell_table_is_hopper_tiles_with_the_lora_chunks_in_a_loop():
+    for ours, hopper in zip(configs.BLACKWELL_TABLE.configs(), configs.HOPPER_TABLE.configs(), strict=True):
+        assert ours.lora_loop and ours == dataclasses.replace(hopper, lora_loop=True)
+    assert not any(cfg.lora_loop for cfg in configs.HOPPER_TABLE.configs() + configs.MMA_TABLE.configs())
+
+
+@pytest.mark.parametrize("cfg", configs.HOPPER_TABLE.configs() + configs.MMA_TABLE.configs(), ids=str)
+def test_smaller_configs_shrink_to_an_end(cfg):
+    """Each step needs no more shared memory (fewer or equal stages x tile bytes) and the chain ends."""
+    def cost(c):
+        return (c.block_m + c.block_n) * c.block_k * c.num_stages + c.block_m * c.block_n * (1 if c.epilogue_subtile
+                                                                                              else 2)
+
+    seen = [cfg]
+    while (nxt := configs.smaller(seen[-1])) is not None:
+        assert nxt.kernel == cfg.kernel and cost(nxt) < cost(seen[-1]), (seen[-1], nxt)
+        assert nxt.block_m >= (64 if cfg.kernel == "tma" else 16) and nxt.block_k >= 32
+        seen.append(nxt)
+    assert len(seen) < 20
 
 
 def test_config_validation():
@@ -107,6 +267,6 @@ def test_config_validation():
 
 
 def test_configs_are_frozen():
-    cfg = configs.select_config(1, (9, 0), True)
+    cfg = configs.HOPPER_TABLE.pick(1)
     with pytest.raises(AttributeError):
         cfg.block_m = 32

@@ -118,7 +118,7 @@ def test_tile_over_shared_memory_runs_the_twin(monkeypatch, caplog):
     on the torch twin: logged once, and not compiled again for the same key."""
     from triton.runtime.errors import OutOfResources
 
-    from int8_w8a8.kernels import triton_fused
+    from int8_w8a8.kernels import launch, triton_fused
 
     launches = []
 
@@ -128,7 +128,7 @@ def test_tile_over_shared_memory_runs_the_twin(monkeypatch, caplog):
 
     monkeypatch.setattr(triton_fused, "_NORM_MOD_QUANT", too_large)
     monkeypatch.setattr(triton_fused, "_GLU_QUANT", too_large)
-    monkeypatch.setattr(triton_fused, "_TOO_LARGE", set())
+    monkeypatch.setattr(launch, "_MISFITS", set())
     x, mod = torch.randn(1, 5, 256, device=DEV), torch.randn(1, 1, 256, device=DEV)
     glu = torch.randn(5, 512, device=DEV)
     with caplog.at_level("INFO", logger="int8_w8a8.kernels.triton_fused"):

@@ -1,15 +1,19 @@
 """GPU tier: the dispatched kernels on a real GPU, at FLUX.2 klein shapes, eager and compiled.
 
-Skipped without CUDA (conftest). Run on the GPU machine with ``pytest -m gpu``.
+Skipped without CUDA (conftest). Run on the GPU machine with ``pytest -m gpu``; with
+``INT8_W8A8_FORCE_ARCH=8.6`` the same tests run the sm_8x path (mma.sync table) on a newer GPU
+(``bench/run_on_gpu.sh tests-sm8x``).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from int8_w8a8 import kernels
-from int8_w8a8.kernels import configs, reference, triton_gemm
+from int8_w8a8.kernels import configs, dispatch, reference, triton_gemm, triton_ops
 
 from .conftest import rel_err
 
@@ -17,13 +21,72 @@ pytestmark = pytest.mark.gpu
 
 
 def _arch() -> tuple[int, int]:
-    return torch.cuda.get_device_capability()
+    """The capability the kernels are dispatched as (``INT8_W8A8_FORCE_ARCH`` when set)."""
+    return dispatch.forced_arch() or torch.cuda.get_device_capability()
 
 
 def test_dispatch_picks_triton_here():
     backend = kernels.choose_backend(torch.device("cuda"))
     assert backend.name == "triton", backend.reason
     assert backend.arch == _arch()
+    assert backend.table is dispatch.generation_for(_arch()).table
+
+
+def test_forced_sm8x_path_runs_the_mma_sync_kernel(seed):
+    """Under INT8_W8A8_FORCE_ARCH=8.x every GEMM takes the pointer-load kernel from the mma.sync table; with
+    Triton's DISABLE_MMA_V3=1 its dots are compiled to INT8 mma.sync as on sm_8x: the stand-in for Ampere/Ada."""
+    if _arch() >= (9, 0):
+        pytest.skip("runs with INT8_W8A8_FORCE_ARCH=8.6 (bench/run_on_gpu.sh tests-sm8x)")
+    backend = kernels.choose_backend(torch.device("cuda"))
+    assert backend.table is configs.MMA_TABLE
+    k, n = 4096, 4096
+    q, s = kernels.quantize_weight(torch.randn(n, k, device="cuda") * 0.02)
+    for m in (1, 40, 200, 4608):  # every bucket
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(kernels.int8_linear(x, q, s), reference.int8_linear(x, q, s))
+    if torch.cuda.get_device_capability() >= (9, 0) and os.environ.get("DISABLE_MMA_V3", "0") in ("", "0"):
+        pytest.skip("without DISABLE_MMA_V3=1 Triton lowers these dots to wgmma on this GPU")
+    cache = triton_gemm._gemm_kernel.device_caches[torch.cuda.current_device()][0]
+    ptx = [kc.asm["ptx"] for kc in cache.values()]
+    assert ptx and all("mma.sync.aligned.m16n8k32" in p and ".s8.s8" in p and "wgmma" not in p for p in ptx)
+
+
+def test_gpu_without_a_rule_runs_after_the_probe(seed, monkeypatch):
+    """A capability with no GENERATIONS entry (8.8, dispatched on this GPU) gets the pointer-load kernels once
+    a probe GEMM ran correctly here."""
+    if torch.cuda.get_device_capability() < (8, 8):
+        pytest.skip("needs a GPU of capability 8.8 or newer")
+    monkeypatch.setenv(dispatch.FORCE_ARCH_ENV, "8.8")
+    dispatch.reset()
+    try:
+        backend = kernels.choose_backend(torch.device("cuda"))
+        assert backend.name == "triton" and "probe GEMM ran correctly" in backend.reason, backend.reason
+        x = torch.randn(33, 512, device="cuda", dtype=torch.bfloat16)
+        q, s = kernels.quantize_weight(torch.randn(256, 512, device="cuda") * 0.02)
+        assert torch.equal(kernels.int8_linear(x, q, s), reference.int8_linear(x, q, s))
+    finally:
+        monkeypatch.undo()
+        dispatch.reset()
+
+
+@pytest.mark.parametrize("rank", [16, 200])
+def test_blackwell_lora_loop_on_this_gpu(seed, rank):
+    """The datacenter-Blackwell configs (LoRA chunks in a loop, one accumulator) run here, at every M bucket:
+    the same term as the twin's."""
+    backend = dispatch.Backend("triton", "test", (10, 0))
+    assert backend.table is configs.BLACKWELL_TABLE
+    k, n = 1024, 768
+    q, s = kernels.quantize_weight(torch.randn(n, k, device="cuda") * 0.05)
+    lora_a = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16) * 0.05
+    lora_b = torch.randn(n, rank, device="cuda", dtype=torch.bfloat16) * 0.05
+    for m in (16, 64, 256, 1024, 1500):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        cfg = backend.table.pick(m, tma_ok=torch.cuda.get_device_capability() >= (9, 0))
+        y = triton_ops.int8_linear(x, q, s, None, torch.float32, None, 0, backend, config=cfg, lora_a=lora_a,
+                                   lora_b=lora_b)
+        y_twin = reference.int8_linear(x, q, s, out_dtype=torch.float32, lora_a=lora_a, lora_b=lora_b)
+        y_base = reference.int8_linear(x, q, s, out_dtype=torch.float32)
+        assert cfg.lora_loop and rel_err(y - y_base, y_twin - y_base) < 1e-5, m  # summed in another order
 
 
 @pytest.mark.parametrize("m", [1, 15, 16, 17, 64, 65, 512, 4608])
@@ -82,13 +145,13 @@ def test_large_k_quantization(seed):
 
 
 def test_hopper_kernels_use_wgmma_and_tma(seed):
-    if _arch() < (9, 0):
-        pytest.skip("wgmma/TMA exist from SM 9.0")
+    if _arch() != (9, 0):
+        pytest.skip("the Hopper path (wgmma/TMA) runs on SM 9.0, without INT8_W8A8_FORCE_ARCH")
     m, k, n = 512, 4096, 4096
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     q, s = kernels.quantize_weight(torch.randn(n, k, device="cuda") * 0.02)
     kernels.int8_linear(x, q, s)
-    cfg = configs.select_config(m, _arch(), True)
+    cfg = kernels.choose_backend(x.device).table.pick(m, True)
     assert cfg.kernel == "tma"
     kernel_cache = triton_gemm._gemm_tma_kernel.device_caches[torch.cuda.current_device()][0]
     ptx = [kc.asm["ptx"] for kc in kernel_cache.values()]

@@ -1,0 +1,95 @@
+"""Every GPU target the README claims, checked without the hardware: each kernel the dispatch can choose there
+is compiled for it (``bench/check_ptx.py --all``, in a subprocess: TRITON_INTERPRET must be off for
+triton.compile to target a GPU) and must fit the generation's shared memory and run on the intended INT8
+tensor-core instructions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from int8_w8a8.kernels import dispatch, launch
+
+pytestmark = pytest.mark.unit
+
+GENERATIONS = {g.target: g for g in dispatch.GENERATIONS}
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[int, dict]:
+    """``check_ptx --all --json``, by target (a few minutes on two cores without Triton's cache)."""
+    pytest.importorskip("triton")
+    code = "from int8_w8a8.bench import check_ptx; import sys; sys.exit(check_ptx.main(['--all', '--json']))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1500, cwd="/",
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {r["arch"]: r for r in json.loads(out.stdout)}
+
+
+def test_every_claimed_target_is_checked(report):
+    assert sorted(report) == [75, 80, 86, 89, 90, 100, 120]
+
+
+def test_turing_runs_the_torch_path_because_int8_dots_do_not_compile(report):
+    gen = GENERATIONS[75]
+    assert gen.table is None and "torch._int_mm" in gen.path
+    assert report[75]["int8_dot_compiles"] is False, report[75]
+
+
+@pytest.mark.parametrize("arch", [a for a, g in GENERATIONS.items() if g.table is not None])
+def test_gemm_configs_fit_and_use_the_intended_tensor_cores(report, arch):
+    gen, result = GENERATIONS[arch], report[arch]
+    gemms = [r for r in result["rows"] if r["kind"] == "gemm"]
+    assert len(gemms) == 4 * len(set(gen.table.configs()))  # plain, two LoRA ranks, residual
+    for r in gemms:
+        where = f"sm_{arch} {r['what']}"
+        assert r["outcome"] == "fits", f"{where}: {r['shared_bytes']} bytes of shared memory, {r['tmem_columns']} " \
+                                       f"tensor-memory columns; the table must fit {gen.name} ({gen.smem_optin})"
+        assert r["shared_bytes"] <= gen.table.smem_bytes, \
+            f"{where} needs {r['shared_bytes']} bytes: raise {gen.table.name}'s smem_bytes (Triton {result['triton']})"
+        assert not r["trap_only"], f"{where}: Triton compiled the kernel to a trap"
+        kernel = "tma" if r["tma_loads"] or r["kernel"] == "_gemm_tma_kernel" else "generic"
+        expected = set(gen.expected_mma(kernel))
+        assert r["int8_mma"] and set(r["int8_mma"]) <= expected, f"{where}: INT8 dot on {r['int8_mma']}, " \
+                                                                 f"expected {sorted(expected)}"
+        if r["kernel"] == "_gemm_tma_kernel":
+            assert r["tma_loads"] > 0 and r["tma_stores"] > 0, where
+        else:
+            assert r["cp_async"] > 0, f"{where}: operand loads are not pipelined"
+
+
+def test_hopper_gemms_run_on_wgmma_with_tma_and_do_not_spill(report):
+    """The measured path: every TMA config on INT8 wgmma, loads and stores through TMA, no register spills."""
+    tma = [r for r in report[90]["rows"] if r["kind"] == "gemm" and r["kernel"] == "_gemm_tma_kernel"]
+    assert tma and all(r["int8_mma"] == [dispatch.WGMMA] for r in tma)
+    assert all(r["local"] == 0 for r in report[90]["rows"]), [r["what"] for r in report[90]["rows"] if r["local"]]
+
+
+def test_consumer_blackwell_runs_no_hopper_kernel(report):
+    rows = report[120]["rows"]
+    assert all(r["kernel"] != "_gemm_tma_kernel" for r in rows)
+    assert all(r["shared_bytes"] <= 101_376 for r in rows if r["kind"] == "gemm")
+
+
+@pytest.mark.parametrize("arch", [a for a, g in GENERATIONS.items() if g.table is not None])
+def test_quantizers_and_fused_kernels_fit_or_take_the_resource_rule(report, arch):
+    """Without rotation and with ConvRot group 256 every quantizer fits as launched; the full-matrix groups
+    (64, 128) may take a smaller tile or the torch twin (``launch.first_fit``), never an error."""
+    for r in (r for r in report[arch]["rows"] if r["kind"] == "kernel"):
+        assert r["outcome"] == "fits" or (not r["must_fit"] and r["outcome"].startswith(("smaller", "torch twin"))), \
+            f"sm_{arch} {r['what']}: {r['outcome']} ({r['shared_bytes']} bytes)"
+        assert not r["trap_only"], r["what"]
+
+
+def test_every_launched_kernel_is_in_the_check(report):
+    """A kernel added to kernels/ without a line in check_ptx.KERNEL_SPECS fails here."""
+    from int8_w8a8.kernels import triton_fused, triton_gemm, triton_quant
+
+    launched = {obj.fn.__name__ for mod in (triton_gemm, triton_quant, triton_fused) for obj in vars(mod).values()
+                if isinstance(obj, launch.FastLauncher)} | {"_dequantize_kernel"}
+    compiled = {r["kernel"] for r in report[90]["rows"]}
+    assert launched <= compiled, f"not compiled by bench/check_ptx.py: {sorted(launched - compiled)}"
