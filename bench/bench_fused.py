@@ -4,7 +4,8 @@
 
 Each fused kernel is timed (triton.testing.do_bench, median) next to ComfyUI's unfused sequence of
 torch ops plus the pack's separate quantization, with the bytes it must move and the bandwidth that
-implies. GLU (``[attention | SwiGLU]`` + quantization) is also timed over a few tile/warp choices.
+implies. GLU (``[attention | SwiGLU]`` + quantization) is also timed over a few tile/warp choices, and the
+same kernel with GELU-tanh (Chroma's, Qwen-Image's and Wan's MLPs).
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def main() -> None:
         g, u = mlp.chunk(2, dim=-1)
         return triton_quant.quantize_rows(torch.cat((attn, torch.nn.functional.silu(g) * u), 2))
     record("  unfused: silu, mul, cat, quantize_rows", common.bench_ms(unfused_glu), nbytes * 3)
+    # GELU-tanh (FLUX.1, Chroma, Qwen-Image, Wan MLPs): the same kernel with the activation as a meta-parameter
+    gelu_in = torch.randn(b, 4096, f, device=dev, dtype=dt)
+    record("gelu_tanh+quant fused [4096, 12288] (double block / FFN, rule)",
+           common.bench_ms(lambda: fused.glu_quantize(None, gelu_in, activation="gelu_tanh")), gelu_in.numel() * 3)
+    record("  unfused: gelu(tanh), quantize_rows", common.bench_ms(
+        lambda: triton_quant.quantize_rows(torch.nn.functional.gelu(gelu_in, approximate="tanh"))),
+        gelu_in.numel() * 7)
+    gelu_single = h[..., 3 * hidden:3 * hidden + f]
+    record("[attn | gelu_tanh]+quant fused (single block, rule)", common.bench_ms(
+        lambda: fused.glu_quantize(attn, gelu_single, activation="gelu_tanh")),
+        attn.numel() * 2 + gelu_single.numel() * 2 + s * (hidden + f))
 
     pe = torch.randn(1, 1, s, d // 2, 2, 2, device=dev, dtype=torch.float32)
     qw = torch.ones(d, device=dev, dtype=dt)

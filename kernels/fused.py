@@ -5,7 +5,8 @@ dispatch rules as the rest of the package). Each takes the bf16/fp16/fp32 tensor
 holds and returns what the next INT8 GEMM consumes, so the intermediate activation is never written:
 
 - ``norm_modulate_quantize(x, shift, scale, eps, *, rotate_group=0) -> (q [M, K] int8, x_scale [M] float32)``
-- ``glu_quantize(prefix, glu, *, rotate_group=0) -> (q [M, P + F] int8, x_scale [M] float32)``
+- ``glu_quantize(prefix, glu, *, rotate_group=0, activation="swiglu") -> (q [M, P + F] int8, x_scale [M] float32)``
+  (the MLP activation function is an argument: ``ACTIVATIONS``, SwiGLU or GELU-tanh)
 - ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v)
 - ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate) -> residual`` (updated in place)
 - ``int8_gemm(xq, x_scale, q, scale, bias, out_dtype) -> y [M, N]`` (the GEMM on rows quantized here)
@@ -21,6 +22,7 @@ import torch
 
 from . import _checks, api, reference_fused
 from .dispatch import choose_backend
+from .reference_fused import ACTIVATIONS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -100,52 +102,65 @@ def norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group=0):
 
 
 def glu_quantize(
-    prefix: torch.Tensor | None, glu: torch.Tensor, *, rotate_group: int = 0
+    prefix: torch.Tensor | None, glu: torch.Tensor, *, rotate_group: int = 0, activation: str = "swiglu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """INT8 rows of ``[prefix | silu(g) * u]`` with ``g, u = glu.chunk(2, -1)`` (FLUX.2's SwiGLU).
+    """INT8 rows of ``[prefix | act(glu)]``: the input of an MLP's down projection (after the attention output
+    in a parallel block's fused output linear), with the MLP's activation function ``act``.
 
     Args:
-        prefix: ``[..., P]`` float or None (FLUX.2 single blocks: the attention output).
-        glu: ``[..., 2F]`` float, same leading dims (any row stride: a column slice of a wider output).
+        prefix: ``[..., P]`` float or None (FLUX single blocks: the attention output).
+        glu: the MLP's up projection output, same leading dims (any row stride: a column slice of a wider
+            output): ``[..., 2F]`` gate and up halves for ``activation="swiglu"`` (``silu(g) * u``, FLUX.2,
+            Z-Image), ``[..., F]`` for ``"gelu_tanh"`` (GELU, tanh approximation: FLUX.1, Chroma, Qwen-Image,
+            Wan).
         rotate_group: 0, or the ConvRot group of the layer the rows feed (divides P and F): each group of
             the row is rotated by a Hadamard matrix before quantizing.
     Returns:
         ``q`` int8 ``[M, P + F]`` and ``x_scale`` float32 ``[M]``.
     """
-    check_glu(prefix, glu, rotate_group)
+    check_glu(prefix, glu, rotate_group, activation)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.glu_quantize(prefix, glu, rotate_group)
-    return glu_quantize_impl(prefix, glu, rotate_group)
+        return torch.ops.int8_w8a8.glu_quantize(prefix, glu, rotate_group, activation)
+    return glu_quantize_impl(prefix, glu, rotate_group, activation)
 
 
-def check_glu(prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int = 0) -> None:
+def glu_width(glu: torch.Tensor, activation: str) -> int:
+    """F, the activated columns of ``glu`` (``[..., 2F]`` for SwiGLU, ``[..., F]`` for GELU)."""
+    return glu.shape[-1] // ACTIVATIONS[activation]
+
+
+def check_glu(
+    prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int = 0, activation: str = "swiglu"
+) -> None:
     """Metadata checks of ``glu_quantize``."""
-    if glu.shape[-1] % 2:
-        raise ValueError(f"glu: last dim must be even (gate and up halves), got {glu.shape[-1]}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if glu.shape[-1] % ACTIVATIONS[activation]:
+        raise ValueError(f"glu: last dim must be even for {activation} (gate and up halves), got {glu.shape[-1]}")
     for name, t in (("glu", glu), ("prefix", prefix)):
         if t is not None and t.dtype not in _FLOATS:
             raise ValueError(f"{name}: expected float16/bfloat16/float32, got {t.dtype}")
     if prefix is not None and prefix.shape[:-1].numel() != glu.shape[:-1].numel():
         raise ValueError(f"prefix: {prefix.shape[:-1].numel()} rows but glu has {glu.shape[:-1].numel()}")
-    # groups must not straddle the prefix / SwiGLU boundary
-    _checks.check_rotate_group(rotate_group, glu.shape[-1] // 2)
+    # groups must not straddle the prefix / activation boundary
+    _checks.check_rotate_group(rotate_group, glu_width(glu, activation))
     if prefix is not None:
         _checks.check_rotate_group(rotate_group, prefix.shape[-1])
 
 
-def glu_quantize_impl(prefix, glu, rotate_group=0):
+def glu_quantize_impl(prefix, glu, rotate_group=0, activation="swiglu"):
     """``glu_quantize`` after its checks passed (eager, and the body of its custom op)."""
     g2 = _rows(glu)
     p2 = None if prefix is None else _rows(prefix)
-    f = glu.shape[-1] // 2
+    f = glu_width(glu, activation)
     if _triton(glu.device):
         from . import triton_fused
 
         try:
-            return triton_fused.glu_quantize(p2, g2, f, rotate_group=rotate_group)
+            return triton_fused.glu_quantize(p2, g2, f, rotate_group=rotate_group, activation=activation)
         except triton_fused.TileTooLargeError:
             pass  # logged once by the launcher
-    return reference_fused.glu_quantize(p2, g2, f, rotate_group)
+    return reference_fused.glu_quantize(p2, g2, f, rotate_group, activation)
 
 
 def qk_norm_rope(

@@ -114,15 +114,15 @@ def _(x, shift, scale, eps, rotate_group):
 
 @torch.library.custom_op(f"{LIB}::glu_quantize", mutates_args=())
 def glu_quantize_op(
-    prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int
+    prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int, activation: str = "swiglu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return fused.glu_quantize_impl(prefix, glu, rotate_group)
+    return fused.glu_quantize_impl(prefix, glu, rotate_group, activation)
 
 
 @glu_quantize_op.register_fake
-def _(prefix, glu, rotate_group):
+def _(prefix, glu, rotate_group, activation="swiglu"):
     m = math.prod(glu.shape[:-1])
-    width = glu.shape[-1] // 2 + (prefix.shape[-1] if prefix is not None else 0)
+    width = fused.glu_width(glu, activation) + (prefix.shape[-1] if prefix is not None else 0)
     return glu.new_empty((m, width), dtype=torch.int8), glu.new_empty((m,), dtype=torch.float32)
 
 

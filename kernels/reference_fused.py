@@ -34,17 +34,30 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
     return _quantize_float_rows(_rotated(y, rotate_group))
 
 
-def glu_rows(prefix, glu, f: int) -> torch.Tensor:
-    """Float32 rows ``[prefix | silu(glu[:, :f]) * glu[:, f:2f]]`` [M, P + F]."""
+# The MLP activation functions of the fused quantizer (``glu_quantize``) -> input columns per output column:
+# SwiGLU reads a gate and an up half (FLUX.2, Z-Image), GELU with the tanh approximation one column (FLUX.1,
+# Chroma, Qwen-Image, Wan).
+ACTIVATIONS = {"swiglu": 2, "gelu_tanh": 1}
+
+
+def activated(glu: torch.Tensor, f: int, activation: str = "swiglu") -> torch.Tensor:
+    """Float32 ``silu(glu[:, :f]) * glu[:, f:2f]`` ("swiglu") or ``gelu_tanh(glu[:, :f])`` ("gelu_tanh")."""
     g = glu[:, :f].float()
-    act = torch.nn.functional.silu(g) * glu[:, f:2 * f].float()
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(g, approximate="tanh")
+    return torch.nn.functional.silu(g) * glu[:, f:2 * f].float()
+
+
+def glu_rows(prefix, glu, f: int, activation: str = "swiglu") -> torch.Tensor:
+    """Float32 rows ``[prefix | act(glu)]`` [M, P + F] (``activated``)."""
+    act = activated(glu, f, activation)
     return act if prefix is None else torch.cat((prefix.float(), act), dim=1)
 
 
-def glu_quantize(prefix, glu, f: int, rotate_group: int = 0):
-    """prefix [M, P] or None, glu [M, 2F] -> q int8 [M, P + F], scale float32 [M] (rows rotated per ConvRot
-    group when ``rotate_group`` > 0; P and F are multiples of it)."""
-    return _quantize_float_rows(_rotated(glu_rows(prefix, glu, f), rotate_group))
+def glu_quantize(prefix, glu, f: int, rotate_group: int = 0, activation: str = "swiglu"):
+    """prefix [M, P] or None, glu [M, 2F] (SwiGLU) or [M, F] (GELU-tanh) -> q int8 [M, P + F], scale float32
+    [M] (rows rotated per ConvRot group when ``rotate_group`` > 0; P and F are multiples of it)."""
+    return _quantize_float_rows(_rotated(glu_rows(prefix, glu, f, activation), rotate_group))
 
 
 def rms_rope(x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor, eps: float) -> torch.Tensor:

@@ -5,9 +5,11 @@ bench/NOTES.md): each one reads and writes a whole bf16 activation. Fused here:
 
 * ``_norm_mod_quant_kernel``: LayerNorm (no affine) -> ``* (1 + scale) + shift`` -> per-row INT8.
   The modulated activation only feeds a linear layer, so it is never written in bf16.
-* ``_glu_quant_kernel``: the input rows of a block's output linear, ``[prefix | silu(g) * u]``
-  (FLUX.2 single blocks: attention output next to the SwiGLU of the MLP half; double blocks: the
-  SwiGLU alone), quantized per row without materializing the activation or the concatenation.
+* ``_glu_quant_kernel``: the input rows of a block's output linear, ``[prefix | act(h)]`` with the
+  MLP's activation function ``act`` chosen by ``ACT`` (``ACT_CODES``): SwiGLU ``silu(g) * u``
+  (FLUX.2, Z-Image) or GELU-tanh (FLUX.1, Chroma, Qwen-Image, Wan). Single blocks: attention output
+  next to the activated MLP half; double blocks: the activation alone. Quantized per row without
+  materializing the activation or the concatenation.
 * ``_qk_norm_rope_kernel``: per-head RMSNorm of q and k, rotary embedding, and the copy of q, k, v
   from the fused qkv projection into contiguous ``[B, H, S, D]`` buffers (at a sequence offset, so
   the two streams of a double block land in one buffer without ``torch.cat``).
@@ -98,14 +100,27 @@ def _norm_mod_quant_kernel(
         _quantize_store(y, inv, 0, rows, row_ok, cols, K, q_ptr, stride_qm, False, FAST_ROUND)
 
 
+# ``_glu_quant_kernel``'s ACT meta-parameter for each of ``reference_fused.ACTIVATIONS``
+ACT_CODES = {"swiglu": 0, "gelu_tanh": 1}
+_GELU_2C = tl.constexpr(2.0 * 0.7978845608028654)  # 2 * sqrt(2 / pi)
+
+
 @triton.jit
-def _glu_tile(g_ptr, rows, row_ok, cols, F, stride_gm):
-    """silu(g) * u for a [BLOCK_M, BLOCK_K] tile; g = columns [0, F), u = columns [F, 2F) of each row."""
+def _glu_tile(g_ptr, rows, row_ok, cols, F, stride_gm, ACT: tl.constexpr):
+    """act(h) for a [BLOCK_M, BLOCK_K] tile (0 outside the tensor).
+
+    ACT 0, SwiGLU: silu(g) * u with g = columns [0, F), u = columns [F, 2F) of each row. ACT 1, GELU-tanh:
+    0.5 * x * (1 + tanh(c * (x + 0.044715 * x^3))) on columns [0, F), written as x * sigmoid(2c * (...))
+    (the same function; Triton has no tanh that runs in the interpreter)."""
     ok = row_ok[:, None] & (cols < F)[None, :]
     base = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
     g = tl.load(base, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(base + F, mask=ok, other=0.0).to(tl.float32)
-    return g * tl.sigmoid(g) * u
+    if ACT == 0:
+        u = tl.load(base + F, mask=ok, other=0.0).to(tl.float32)
+        out = g * tl.sigmoid(g) * u
+    else:
+        out = g * tl.sigmoid(_GELU_2C * (g + 0.044715 * (g * g * g)))
+    return out
 
 
 @triton.jit
@@ -119,9 +134,9 @@ def _glu_quant_kernel(
     p_ptr, g_ptr, q_ptr, scale_ptr, h_ptr,
     M, P, F, stride_pm, stride_gm, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
-    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
+    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, ACT: tl.constexpr,
 ):
-    """Rows ``rot([p[m, :P] | silu(g[m, :F]) * g[m, F:2F]])`` -> q [M, P + F] int8 and scale [M].
+    """Rows ``rot([p[m, :P] | act(g[m])])`` -> q [M, P + F] int8 and scale [M] (``_glu_tile``: act by ACT).
 
     Two passes over each row (absmax, then quantize); the second is served mostly from L2, which holds
     the rows of the programs resident on the SMs (about 8 per SM at 8 warps). With GROUP > 0 both passes
@@ -139,7 +154,7 @@ def _glu_quant_kernel(
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             absmax, nonfinite = _row_stats(v, absmax, nonfinite)
         for k0 in range(0, F, BLOCK_K):
-            v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm)
+            v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm, ACT)
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             absmax, nonfinite = _row_stats(v, absmax, nonfinite)
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
@@ -148,7 +163,7 @@ def _glu_quant_kernel(
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, False, FAST_ROUND)
         for k0 in range(0, F, BLOCK_K):
-            v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm)
+            v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm, ACT)
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, False, FAST_ROUND)
 
@@ -264,8 +279,9 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
 
 
 def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_flight: int = 0,
-                 rotate_group: int = 0):
-    """prefix [M, P] or None, glu [M, 2F] (unit column strides) -> q [M, P + F] int8, scale [M].
+                 rotate_group: int = 0, activation: str = "swiglu"):
+    """prefix [M, P] or None, glu [M, 2F] (SwiGLU) or [M, F] (GELU-tanh), unit column strides -> q [M, P + F]
+    int8, scale [M]; ``activation`` one of ``ACT_CODES``.
 
     ``rotate_group``: ConvRot group (P and F multiples of it) applied before quantizing, or 0. Raises
     TileTooLargeError when the tile does not fit the GPU's shared memory.
@@ -282,11 +298,11 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
     h, rot = rotation_args(rotate_group, glu.device, torch.float32)
     blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
     pre = prefix if prefix is not None else glu
-    key = ("glu_quantize", glu.dtype, block_m, block_k, rotate_group, glu.device)
+    key = ("glu_quantize", glu.dtype, block_m, block_k, rotate_group, activation, glu.device)
     _launch(
         _GLU_QUANT, key, (blocks,), pre, glu, q, scale, h if h is not None else q, m, p, f, pre.stride(0),
         glu.stride(0), q.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), **rot,
-        num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
+        ACT=ACT_CODES[activation], num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
     )
     return q, scale
 

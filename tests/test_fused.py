@@ -135,12 +135,15 @@ def test_tile_over_shared_memory_runs_the_twin(monkeypatch, caplog):
         for _ in range(2):
             q, xs = fused.norm_modulate_quantize(x, mod, mod, rotate_group=128)
             qg, xg = fused.glu_quantize(None, glu, rotate_group=128)
+            qh, xh = fused.glu_quantize(None, glu, rotate_group=128, activation="gelu_tanh")
     q_ref, xs_ref = reference_fused.norm_modulate_quantize(x[0], mod[:, 0], mod[:, 0], 5, 1e-6, 128)
     assert torch.equal(q, q_ref) and torch.equal(xs, xs_ref)
     qg_ref, xg_ref = reference_fused.glu_quantize(None, glu, 256, 128)
     assert torch.equal(qg, qg_ref) and torch.equal(xg, xg_ref)
-    assert launches == [128, 128]
-    assert sum("torch twin" in r.getMessage() for r in caplog.records) == 2
+    qh_ref, xh_ref = reference_fused.glu_quantize(None, glu, 512, 128, "gelu_tanh")
+    assert torch.equal(qh, qh_ref) and torch.equal(xh, xh_ref)
+    assert launches == [128, 128, 128]  # one attempt per specialization (the activation is part of the key)
+    assert sum("torch twin" in r.getMessage() for r in caplog.records) == 3
 
 
 def test_norm_modulate_quantize_rejects_bad_modulation():
@@ -154,53 +157,111 @@ def test_norm_modulate_quantize_rejects_bad_modulation():
 
 
 # ---------------------------------------------------------------------------------------------
-# [prefix | silu(g) * u] + quantization
+# [prefix | act(h)] + quantization, act = SwiGLU or GELU-tanh
 # ---------------------------------------------------------------------------------------------
+ACTS = tuple(reference_fused.ACTIVATIONS)
+
+
+def _act64(glu: torch.Tensor, activation: str) -> torch.Tensor:
+    """float64 truth of the MLP activation: ComfyUI's SiLUActivation (silu(g) * u) or GELU(approximate="tanh")."""
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(glu.double(), approximate="tanh")
+    g, u = glu.double().chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+@pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m,p,f", [(1, 0, 7), (15, 0, 100), (16, 64, 48), (17, 33, 65), (3, 128, 3000)])
-def test_glu_quantize(seed, dtype, m, p, f):
-    wide = torch.randn(m, 3 * p + 2 * f + 5, dtype=dtype) * 2
-    glu = wide[:, 3 * p + 5:].to(DEV)  # a column slice of a wider projection, as in FLUX.2's linear1
+def test_glu_quantize(seed, activation, dtype, m, p, f):
+    width = f * reference_fused.ACTIVATIONS[activation]
+    wide = torch.randn(m, 3 * p + width + 5, dtype=dtype) * 2
+    glu = wide[:, 3 * p + 5:].to(DEV)  # a column slice of a wider projection, as in FLUX's linear1
     prefix = (torch.randn(m, p, dtype=dtype) * 0.5).to(DEV) if p else None
-    q, xs = fused.glu_quantize(prefix, glu)
-    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f)
+    q, xs = fused.glu_quantize(prefix, glu, activation=activation)
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f, 0, activation)
     assert q.shape == (m, p + f)
     _close_codes(q, q_ref)
     _close_scales(xs, xs_ref)
-    g, u = glu.double().chunk(2, dim=-1)
-    truth = torch.nn.functional.silu(g) * u
+    truth = _act64(glu, activation)
     if prefix is not None:
         truth = torch.cat((prefix.double(), truth), dim=1)
     assert sqnr_db(truth, _dequant(q, xs)) > 30
 
 
+def test_gelu_tanh_kernel_form_matches_torch(seed):
+    """The kernel's GELU is x * sigmoid(2c(x + 0.044715 x^3)), torch's 0.5 x (1 + tanh(c(...))): equal up to
+    float32 rounding from tiny to saturated values (|x| up to 1e4; the cube overflows float32 past ~7e12, where
+    both give x or -0)."""
+    x = torch.cat([torch.randn(4000) * 3, torch.logspace(-30, 4, 400), -torch.logspace(-30, 4, 400),
+                   torch.tensor([0.0, -0.0, 1e20, -1e20])]).reshape(1, -1).to(DEV)
+    q, xs = fused.glu_quantize(None, x, activation="gelu_tanh")
+    q_ref, xs_ref = reference_fused.glu_quantize(None, x, x.shape[1], 0, "gelu_tanh")
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    assert sqnr_db(_act64(x, "gelu_tanh"), _dequant(q, xs)) > 35
+
+
+@pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("group,m,p,f", [(64, 1, 0, 64), (64, 17, 128, 192), (128, 15, 0, 384),
                                          (256, 3, 256, 768), (256, 2, 4096, 12288)])
-def test_glu_quantize_rotated(seed, group, m, p, f):
-    """ConvRot: [prefix | SwiGLU] rows rotated per group in both passes (absmax and quantization)."""
-    glu = (torch.randn(m, 2 * f) * 2).to(DEV, torch.bfloat16)
+def test_glu_quantize_rotated(seed, activation, group, m, p, f):
+    """ConvRot: [prefix | act] rows rotated per group in both passes (absmax and quantization)."""
+    glu = (torch.randn(m, f * reference_fused.ACTIVATIONS[activation]) * 2).to(DEV, torch.bfloat16)
     prefix = (torch.randn(m, p) * 0.5).to(DEV, torch.bfloat16) if p else None
-    q, xs = fused.glu_quantize(prefix, glu, rotate_group=group)
-    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f, group)
+    q, xs = fused.glu_quantize(prefix, glu, rotate_group=group, activation=activation)
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f, group, activation)
     assert q.shape == (m, p + f)
-    g, u = glu.double().chunk(2, dim=-1)
-    truth = torch.nn.functional.silu(g) * u
+    truth = _act64(glu, activation)
     if prefix is not None:
         truth = torch.cat((prefix.double(), truth), dim=1)
     _close_rotated(q, xs, q_ref, xs_ref, rotate(truth, group).double())
-    with pytest.raises(ValueError, match="rotate_group"):  # a group straddling the prefix / SwiGLU boundary
-        fused.glu_quantize(torch.zeros(m, 32, device=DEV), glu, rotate_group=group)
+    with pytest.raises(ValueError, match="rotate_group"):  # a group straddling the prefix / activation boundary
+        fused.glu_quantize(torch.zeros(m, 32, device=DEV), glu, rotate_group=group, activation=activation)
 
 
-def test_glu_quantize_nan_and_zero_rows():
-    glu = torch.randn(4, 64, device=DEV, dtype=torch.bfloat16)
+@pytest.mark.parametrize("activation", ACTS)
+def test_glu_quantize_nan_and_zero_rows(activation):
+    f = 32
+    glu = torch.randn(5, f * reference_fused.ACTIVATIONS[activation], device=DEV, dtype=torch.bfloat16)
     glu[1] = 0
-    glu[2, 40] = float("inf")
-    prefix = torch.randn(4, 16, device=DEV, dtype=torch.bfloat16)
+    glu[2, 20] = float("inf")
+    glu[3, 7] = float("nan")
+    prefix = torch.randn(5, 16, device=DEV, dtype=torch.bfloat16)
     prefix[1] = 0
-    q, xs = fused.glu_quantize(prefix, glu)
-    assert xs[2].isnan() and not xs[1].isnan() and int(q[1].abs().max()) == 0
-    _close_codes(q, reference_fused.glu_quantize(prefix, glu, 32)[0])
+    q, xs = fused.glu_quantize(prefix, glu, activation=activation)
+    assert xs[2].isnan() and xs[3].isnan() and not xs[1].isnan() and int(q[1].abs().max()) == 0
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f, 0, activation)
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    assert int(q[2:4].abs().max()) <= 127  # non-finite elements store 0, the row's scale is NaN
+
+
+def test_glu_quantize_bad_args():
+    with pytest.raises(ValueError, match="activation: expected one of swiglu, gelu_tanh"):
+        fused.glu_quantize(None, torch.zeros(2, 8, device=DEV), activation="gelu")
+    with pytest.raises(ValueError, match="even for swiglu"):
+        fused.glu_quantize(None, torch.zeros(2, 7, device=DEV))
+    fused.glu_quantize(None, torch.zeros(2, 7, device=DEV), activation="gelu_tanh")  # any width for GELU
+    with pytest.raises(ValueError, match="prefix: 3 rows"):
+        fused.glu_quantize(torch.zeros(3, 4, device=DEV), torch.zeros(2, 8, device=DEV), activation="gelu_tanh")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_glu_quantize_op(activation):
+    """The custom op (what traced blocks call): its fake's shapes and the eager kernel agree (opcheck)."""
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    glu = torch.randn(2, 5, 128 * reference_fused.ACTIVATIONS[activation], dtype=torch.bfloat16)
+    for prefix, group in ((None, 0), (x, 0), (x, 64)):
+        torch.library.opcheck(torch.ops.int8_w8a8.glu_quantize.default, (prefix, glu, group, activation))
+
+    def fn(p, g):
+        return fused.glu_quantize(p, g, activation=activation)
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, glu)
+    want = fn(x, glu)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
