@@ -9,7 +9,7 @@ Public API (stable; ``int8_w8a8.kernels.reference`` has same-signature twins):
 - ``dequantize(q, scale, dtype, *, rotate_group=0, validate=True) -> w``
 - ``lora_rank_padded(r) -> int`` (the rank the LoRA epilogue runs at)
 - ``kernels.fused``: LayerNorm/modulation, SwiGLU or GELU-tanh and q/k norm + RoPE fused with quantization, and the
-  gated residual add fused into the GEMM (the fused FLUX blocks, ``ops/flux_fused.py``)
+  gated residual add fused into the GEMM (the fused blocks of ``ops/blocks/``)
 
 Importing this package needs only torch; Triton is imported on first use on a CUDA device.
 """

@@ -1,4 +1,4 @@
-"""Integration tier: FLUX.2 blocks on the fused kernels (ops/flux_fused.py) inside a real ComfyUI (CPU).
+"""Integration tier: FLUX.2 blocks on the fused kernels (ops/blocks/flux.py) inside a real ComfyUI (CPU).
 
 The fused blocks are registered as ComfyUI block replacements, which ComfyUI applies when the model
 runs through ``apply_model`` with the patcher's transformer options (as samplers call it). Checked:
@@ -84,10 +84,10 @@ def test_rope_table_is_comfyuis_bit_for_bit(models):
     its custom op (what a traced model runs), and for positions FLUX.2 gives image, text and reference tokens."""
     from comfy.ldm.flux.layers import EmbedND
 
-    from int8_w8a8.ops import flux_fused
+    from int8_w8a8.ops.blocks import common
 
     table = models["fused"].object_patches["diffusion_model.pe_embedder"]
-    assert isinstance(table, flux_fused.EagerRopeTable)
+    assert isinstance(table, common.EagerRopeTable)
     own = models["fused"].model.diffusion_model.pe_embedder
     assert type(own) is EmbedND and table.embedder is own
     gen = torch.Generator().manual_seed(5)
