@@ -6,7 +6,7 @@ imported before a model of it is loaded) and returns how many blocks it register
 Every module builds its blocks from the same ``kernels.fused`` kernels and shares the fallback rules and
 helpers of ``common``:
 
-- ``flux``: ComfyUI's Flux (FLUX.1, FLUX.2) and Chroma double/single stream blocks;
+- ``flux``: the double/single stream blocks of ComfyUI's Flux (FLUX.1, FLUX.2), Chroma and Chroma Radiance;
 - ``qwen_image``: Qwen-Image's joint transformer blocks.
 """
 
@@ -27,7 +27,8 @@ class Architecture:
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("flux", ("comfy.ldm.flux.model.Flux", "comfy.ldm.chroma.model.Chroma"), "flux"),
+    Architecture("flux", ("comfy.ldm.flux.model.Flux", "comfy.ldm.chroma.model.Chroma",
+                          "comfy.ldm.chroma_radiance.model.ChromaRadiance"), "flux"),
 )
 
 

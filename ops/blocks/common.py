@@ -79,11 +79,6 @@ def why_not(args: dict, linears: Iterable, norms: Iterable, mods: Iterable[torch
     return None
 
 
-def contiguous(*xs: torch.Tensor) -> str | None:
-    """The rule that hidden states updated in place by the GEMM epilogue are contiguous."""
-    return None if all(x.is_contiguous() for x in xs) else "non-contiguous hidden states"
-
-
 def convrot_split(group: int, *widths: int) -> str | None:
     """The rule that a ConvRot group does not straddle the parts of a fused quantizer's row."""
     if group and any(w % group for w in widths):

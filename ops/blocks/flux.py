@@ -19,8 +19,8 @@ registered as ComfyUI "dit" block replacements (``set_model_patch_replace``) on 
 builds, so clones, LoRA patches and offloading go through ComfyUI as usual. Each call checks the rules of
 ``common.why_not`` and these, and otherwise runs ComfyUI's own block (logged once per reason): modulation
 of shape [B, 1, D] (not the per-token modulation of reference-image edits), an MLP activation the kernels
-compute (SwiGLU or GELU-tanh; not FLUX.2's YakMLP), contiguous hidden states, and ConvRot groups that do not
-straddle linear2's attention / MLP input boundary. ConvRot layers stay fused: each fused quantizer rotates
+compute (SwiGLU or GELU-tanh; not FLUX.2's YakMLP), and ConvRot groups that do not straddle linear2's
+attention / MLP input boundary. ConvRot layers stay fused: each fused quantizer rotates
 its rows by the group of the layer they feed (``Int8Linear.input_rotation()``).
 
 Under torch.compile (ComfyUI's TorchCompileModel) the fused blocks are traced too: every kernel is an
@@ -117,10 +117,12 @@ class FusedDoubleBlock:
             why = "per-token modulation (reference-image timesteps)"
         if why is None and (activation is None or _mlp_activation(block.txt_mlp) != activation):
             why = "MLP activation is neither SwiGLU nor GELU-tanh"
-        why = why or common.contiguous(img, txt)
         if why is not None:
             common.fallback(self.arch, why)
             return extra["original_block"](args)
+        # the GEMM epilogues add into the hidden states in place: a strided view (Chroma Radiance's first block
+        # gets its patch embedding transposed) is copied once; the model goes on with the returned tensors
+        img, txt = img.contiguous(), txt.contiguous()
         heads = block.num_heads
         s_txt, s_img = txt.shape[1], img.shape[1]
         bufs = common.qkv_buffers(img, heads, block.hidden_size // heads, s_txt + s_img)
@@ -157,12 +159,12 @@ class FusedSingleBlock:
                              [mod.shift, mod.scale, mod.gate], x)
         if why is None and activation is None:
             why = "MLP activation is neither SwiGLU nor GELU-tanh"
-        why = why or common.contiguous(x)
         group = block.linear2.input_rotation() if why is None else 0
         why = why or common.convrot_split(group, block.hidden_size, block.mlp_hidden_dim)
         if why is not None:
             common.fallback(self.arch, why)
             return extra["original_block"](args)
+        x = x.contiguous()  # updated in place by linear2's epilogue
         b, s, hidden = x.shape
         heads = block.num_heads
         xq, xs = kernels.fused.norm_modulate_quantize(x, mod.shift, mod.scale, block.pre_norm.eps,
