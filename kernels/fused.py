@@ -7,7 +7,8 @@ holds and returns what the next INT8 GEMM consumes, so the intermediate activati
 - ``norm_modulate_quantize(x, shift, scale, eps, *, rotate_group=0) -> (q [M, K] int8, x_scale [M] float32)``
 - ``glu_quantize(prefix, glu, *, rotate_group=0, activation="swiglu") -> (q [M, P + F] int8, x_scale [M] float32)``
   (the MLP activation function is an argument: ``ACTIVATIONS``, SwiGLU or GELU-tanh)
-- ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v)
+- ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v;
+  ``qkv`` a fused projection or the three separate ones)
 - ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate) -> residual`` (updated in place)
 - ``int8_gemm(xq, x_scale, q, scale, bias, out_dtype) -> y [M, N]`` (the GEMM on rows quantized here)
 
@@ -164,51 +165,79 @@ def glu_quantize_impl(prefix, glu, rotate_group=0, activation="swiglu"):
 
 
 def qk_norm_rope(
-    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, pe: torch.Tensor,
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seq_off: int, heads: int, eps_q: float, eps_k: float,
+    qkv: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor], q_weight: torch.Tensor,
+    k_weight: torch.Tensor, pe: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seq_off: int,
+    heads: int, eps_q: float, eps_k: float,
 ) -> None:
-    """Split a fused qkv projection into heads, RMS-normalize q and k (weights ``[D]``), rotate them by
-    ``pe`` and write q, k, v into ``[B, H, S_total, D]`` at sequence positions ``seq_off:seq_off + S``.
+    """Split q/k/v projections into heads, RMS-normalize q and k (weights ``[D]``), rotate them by ``pe`` and
+    write q, k, v into ``[B, H, S_total, D]`` at sequence positions ``seq_off:seq_off + S``.
 
     Args:
-        qkv: ``[B, S, 3 * H * D]`` float (unit last stride; any row stride).
-        pe: ``[B or 1, 1, S_total, D/2, 2, 2]`` float32 rotation matrices (ComfyUI's ``EmbedND`` output).
+        qkv: a fused projection ``[B, S, 3 * H * D]`` (FLUX), or the three projections ``(xq, xk, xv)``, each
+            ``[B, S, H * D]`` with equal strides (Qwen-Image's to_q/to_k/to_v); float, unit last stride, any
+            row stride.
+        pe: ``[B or 1, 1, S_total, D/2, 2, 2]`` rotation matrices (ComfyUI's ``EmbedND`` layout), float32 or the
+            model's dtype (Qwen-Image rounds its table to it); used in float32.
         q, k, v: ``[B, H, S_total, D]`` outputs in qkv's dtype with a unit last stride and equal strides:
             contiguous, or ``[B, S_total, H, D]`` buffers seen through ``.transpose(1, 2)``, the layout
             attention kernels return their output in (then ``[B, S, H * D]`` needs no copy).
     """
-    check_qk_norm_rope(qkv, pe, q, k, v, seq_off, heads)
+    xq, xk, xv = split_qkv(qkv)
+    check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off, heads)
     if torch.compiler.is_compiling():
-        torch.ops.int8_w8a8.qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, float(eps_q),
+        torch.ops.int8_w8a8.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, float(eps_q),
                                          float(eps_k))
         return
-    qk_norm_rope_impl(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+    qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
 
 
-def check_qk_norm_rope(qkv, pe, q, k, v, seq_off: int, heads: int) -> None:
-    """Metadata checks of ``qk_norm_rope``."""
-    bsz, s, width = qkv.shape
-    d = width // (3 * heads) if heads else 0
-    if heads <= 0 or width != 3 * heads * d or d % 2:
-        raise ValueError(f"qkv: last dim {width} is not 3 * heads ({heads}) * an even head dim")
+def split_qkv(qkv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(xq, xk, xv)`` as given, or the three column thirds of a fused ``[B, S, 3 * W]`` projection (views)."""
+    if isinstance(qkv, (tuple, list)):
+        if len(qkv) != 3:
+            raise ValueError(f"qkv: expected a fused projection or three (q, k, v) projections, got {len(qkv)}")
+        return tuple(qkv)
+    width = qkv.shape[-1]
+    if width % 3:
+        raise ValueError(f"qkv: last dim {width} is not 3 * heads * head dim")
+    w = width // 3
+    return qkv[..., :w], qkv[..., w:2 * w], qkv[..., 2 * w:]
+
+
+def check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off: int, heads: int) -> None:
+    """Metadata checks of ``qk_norm_rope`` (on the three projections)."""
+    if xq.dim() != 3:
+        raise ValueError(f"qkv: expected [B, S, H * D] projections, got {list(xq.shape)}")
+    bsz, s, width = xq.shape
+    d = width // heads if heads else 0
+    if heads <= 0 or width != heads * d or d % 2:
+        raise ValueError(f"qkv: width {width} of each of q/k/v is not heads ({heads}) * an even head dim")
+    for name, t in (("k projection", xk), ("v projection", xv)):
+        if t.shape != xq.shape or t.stride() != xq.stride() or t.dtype != xq.dtype:
+            raise ValueError(f"{name}: expected the q projection's shape {list(xq.shape)}, strides {xq.stride()} and "
+                             f"dtype {xq.dtype}, got {list(t.shape)}, {t.stride()}, {t.dtype}")
     want = (bsz, heads, q.shape[2], d)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if tuple(t.shape) != want or t.stride() != q.stride() or q.stride(-1) != 1 or t.dtype != qkv.dtype:
-            raise ValueError(f"{name}: expected a {qkv.dtype} tensor {list(want)} with a unit last stride and "
+        if tuple(t.shape) != want or t.stride() != q.stride() or q.stride(-1) != 1 or t.dtype != xq.dtype:
+            raise ValueError(f"{name}: expected a {xq.dtype} tensor {list(want)} with a unit last stride and "
                              f"q's strides, got {list(t.shape)} with strides {t.stride()}")
+    if pe.dim() != 6 or not pe.is_floating_point():
+        raise ValueError(f"pe: expected float [B, 1, S, D/2, 2, 2] rotation matrices, got {list(pe.shape)} {pe.dtype}")
     if seq_off < 0 or seq_off + s > q.shape[2] or pe.shape[2] < seq_off + s or tuple(pe.shape[3:]) != (d // 2, 2, 2):
         raise ValueError(f"pe {list(pe.shape)} / seq_off {seq_off}: do not cover {s} positions of head dim {d}")
+    if pe.shape[0] not in (1, bsz):
+        raise ValueError(f"pe: batch {pe.shape[0]} is neither 1 nor the projections' {bsz}")
 
 
-def qk_norm_rope_impl(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k) -> None:
+def qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k) -> None:
     """``qk_norm_rope`` after its checks passed (eager, and the body of its custom op)."""
-    d = qkv.shape[-1] // (3 * heads)
-    if _triton(qkv.device) and qkv.stride(-1) == 1 and (d & (d - 1)) == 0:
+    d = xq.shape[-1] // heads
+    if _triton(xq.device) and xq.stride(-1) == 1 and (d & (d - 1)) == 0:
         from . import triton_fused
 
-        pe = pe if pe.dtype == torch.float32 and pe[0, 0, 0].is_contiguous() else pe.float().contiguous()
-        return triton_fused.qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
-    return reference_fused.qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+        pe = pe if pe.dtype in _FLOATS and pe[0, 0, 0].is_contiguous() else pe.float().contiguous()
+        return triton_fused.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+    return reference_fused.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
 
 
 def int8_gemm_residual(

@@ -128,14 +128,15 @@ def _(prefix, glu, rotate_group, activation="swiglu"):
 
 @torch.library.custom_op(f"{LIB}::qk_norm_rope", mutates_args=("q", "k", "v"))
 def qk_norm_rope_op(
-    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, pe: torch.Tensor, q: torch.Tensor,
-    k: torch.Tensor, v: torch.Tensor, seq_off: int, heads: int, eps_q: float, eps_k: float,
+    xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    pe: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_off: int, heads: int, eps_q: float,
+    eps_k: float,
 ) -> None:
-    fused.qk_norm_rope_impl(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+    fused.qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
 
 
 @qk_norm_rope_op.register_fake
-def _(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k):
+def _(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k):
     return None
 
 

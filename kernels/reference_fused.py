@@ -69,15 +69,20 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor, eps: float
     return out.reshape(y.shape)
 
 
-def qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float, eps_k: float):
-    """qkv [B, S, 3*H*D] -> q, k (normalized, rotated) and v written into [B, H, S_total, D] at ``seq_off``."""
-    bsz, s, width = qkv.shape
-    d = width // (3 * heads)
-    parts = qkv.reshape(bsz, s, 3, heads, d).permute(2, 0, 3, 1, 4)
-    pe_part = pe[:, :, seq_off:seq_off + s]
-    q[:, :, seq_off:seq_off + s] = rms_rope(parts[0], q_weight, pe_part, eps_q).to(q.dtype)
-    k[:, :, seq_off:seq_off + s] = rms_rope(parts[1], k_weight, pe_part, eps_k).to(k.dtype)
-    v[:, :, seq_off:seq_off + s] = parts[2].to(v.dtype)
+def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float,
+                 eps_k: float):
+    """xq, xk, xv [B, S, H*D] -> q, k (normalized, rotated) and v written into [B, H, S_total, D] at ``seq_off``;
+    pe [Bp, 1, S_total, D/2, 2, 2] float (used in float32)."""
+    bsz, s, width = xq.shape
+    d = width // heads
+    pe_part = pe[:, :, seq_off:seq_off + s].float()
+
+    def heads_of(x):
+        return x.reshape(bsz, s, heads, d).transpose(1, 2)
+
+    q[:, :, seq_off:seq_off + s] = rms_rope(heads_of(xq), q_weight, pe_part, eps_q).to(q.dtype)
+    k[:, :, seq_off:seq_off + s] = rms_rope(heads_of(xk), k_weight, pe_part, eps_k).to(k.dtype)
+    v[:, :, seq_off:seq_off + s] = heads_of(xv).to(v.dtype)
 
 
 def int8_gemm_residual(xq, x_scale, q, w_scale, bias, residual, gate, rows_per_batch: int) -> torch.Tensor:

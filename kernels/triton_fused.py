@@ -11,8 +11,9 @@ bench/NOTES.md): each one reads and writes a whole bf16 activation. Fused here:
   next to the activated MLP half; double blocks: the activation alone. Quantized per row without
   materializing the activation or the concatenation.
 * ``_qk_norm_rope_kernel``: per-head RMSNorm of q and k, rotary embedding, and the copy of q, k, v
-  from the fused qkv projection into contiguous ``[B, H, S, D]`` buffers (at a sequence offset, so
-  the two streams of a double block land in one buffer without ``torch.cat``).
+  from the q/k/v projections (three column slices of a fused qkv projection, or three separate
+  projections as Qwen-Image's) into ``[B, H, S, D]`` buffers (at a sequence offset, so the two streams
+  of a double block land in one buffer without ``torch.cat``).
 
 The two quantizing kernels optionally rotate each group of GROUP columns by a Hadamard matrix before
 quantizing (ConvRot weights expect rotated activations), with ``triton_quant._rotate`` (tf32 dots) on
@@ -185,14 +186,15 @@ def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, BLOCK_S: tl.cons
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    src_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr,
+    xq_ptr, xk_ptr, xv_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr,
     S, H, seq_off, stride_sb, stride_ss, stride_pb, stride_ps, stride_ob, stride_oh, stride_os, eps_q, eps_k,
     BLOCK_S: tl.constexpr, D: tl.constexpr,
 ):
-    """One (batch, head) and BLOCK_S tokens of a fused qkv projection ``src [B, S, 3 * H * D]``:
+    """One (batch, head) and BLOCK_S tokens of the q/k/v projections ``x* [B, S, H * D]`` (equal strides):
     q, k <- rope(rms_norm(.)) and v copied, into ``[B, H, seq_off + S, D]`` outputs.
 
-    ``pe [Bp, seq_off + S, D/2, 2, 2]`` float32 holds each pair's rotation matrix (ComfyUI's layout).
+    ``pe [Bp, seq_off + S, D/2, 2, 2]`` (float32, or the model's dtype: converted here) holds each pair's
+    rotation matrix (ComfyUI's layout).
     """
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -200,18 +202,18 @@ def _qk_norm_rope_kernel(
     h = pid_bh % H
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < S
-    row = src_ptr + b.to(tl.int64) * stride_sb + s.to(tl.int64)[:, None] * stride_ss + h * D
+    row = b.to(tl.int64) * stride_sb + s.to(tl.int64)[:, None] * stride_ss + h * D
     j = tl.arange(0, 2 * D)  # D/2 pairs x 4 matrix entries, contiguous
     pe = tl.load(pe_ptr + b.to(tl.int64) * stride_pb + (seq_off + s).to(tl.int64)[:, None] * stride_ps + j[None, :],
-                 mask=s_ok[:, None], other=0.0)
+                 mask=s_ok[:, None], other=0.0).to(tl.float32)
     f0, f1 = tl.split(tl.reshape(pe, (BLOCK_S, D // 2, 2, 2)))  # f[..., j, c]: split on c
     f00, f10 = tl.split(f0)
     f01, f11 = tl.split(f1)
     out = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + (seq_off + s).to(tl.int64)[:, None] * stride_os
-    _norm_rope_store(row, qw_ptr, f00, f01, f10, f11, q_ptr + out, s_ok, BLOCK_S, D, eps_q)
-    _norm_rope_store(row + H * D, kw_ptr, f00, f01, f10, f11, k_ptr + out, s_ok, BLOCK_S, D, eps_k)
+    _norm_rope_store(xq_ptr + row, qw_ptr, f00, f01, f10, f11, q_ptr + out, s_ok, BLOCK_S, D, eps_q)
+    _norm_rope_store(xk_ptr + row, kw_ptr, f00, f01, f10, f11, k_ptr + out, s_ok, BLOCK_S, D, eps_k)
     d = tl.arange(0, D)
-    v = tl.load(row + 2 * H * D + d[None, :], mask=s_ok[:, None], other=0.0)
+    v = tl.load(xv_ptr + row + d[None, :], mask=s_ok[:, None], other=0.0)
     tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
 
 
@@ -307,17 +309,18 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
     return q, scale
 
 
-def qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float, eps_k: float):
-    """qkv [B, S, 3*H*D] (unit last stride) -> q, k, v [B, H, S_total, D] (contiguous) at ``seq_off``."""
-    bsz, s, width = qkv.shape
-    d = width // (3 * heads)
+def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float,
+                 eps_k: float):
+    """xq, xk, xv [B, S, H*D] (unit last stride, equal strides) -> q, k, v [B, H, S_total, D] at ``seq_off``;
+    pe [Bp, 1, S_total, D/2, 2, 2] float (each position's D/2 x 2 x 2 entries contiguous)."""
+    bsz, s, width = xq.shape
+    d = width // heads
     if bsz == 0 or s == 0:
         return
     block_s = 16
     stride_pb = 0 if pe.shape[0] == 1 else pe.stride(0)
     _QK_NORM_ROPE(
-        (triton.cdiv(s, block_s), bsz * heads), qkv, q_weight, k_weight, pe, q, k, v,
-        s, heads, seq_off, qkv.stride(0), qkv.stride(1), stride_pb, pe.stride(2), q.stride(0), q.stride(1),
+        (triton.cdiv(s, block_s), bsz * heads), xq, xk, xv, q_weight, k_weight, pe, q, k, v,
+        s, heads, seq_off, xq.stride(0), xq.stride(1), stride_pb, pe.stride(2), q.stride(0), q.stride(1),
         q.stride(2), float(eps_q), float(eps_k), BLOCK_S=block_s, D=d, num_warps=4, enable_fp_fusion=False,
     )
-

@@ -317,11 +317,54 @@ def test_qk_norm_rope_two_streams(seed, b, heads, d, s_txt, s_img, layout):
     # rounding of its two products, which is many ulps of the tiny result: seen on the GPU, seed 199541839)
     qt, kt, vt = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for qkv, qw, kw, off, _ in outs:
-        reference_fused.qk_norm_rope(qkv, qw, kw, pe, qt, kt, vt, off, heads, 1e-6, 2 ** -7)
+        reference_fused.qk_norm_rope(*fused.split_qkv(qkv), qw, kw, pe, qt, kt, vt, off, heads, 1e-6, 2 ** -7)
     for got, twin in ((q, qt), (k, kt)):
         bound = twin.float().abs().clamp(min=1.0) * 2 ** -7
         assert bool(((got.float() - twin.float()).abs() <= bound).all())
     assert torch.equal(vt, v)
+
+
+@pytest.mark.parametrize("pe_dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("b,heads,d,s_txt,s_img", [(1, 2, 128, 7, 16), (2, 3, 64, 1, 17), (1, 1, 16, 15, 1)])
+def test_qk_norm_rope_separate_projections(seed, pe_dtype, b, heads, d, s_txt, s_img):
+    """Qwen-Image's form: q, k, v from three separate projections (to_q/to_k/to_v, add_q/k/v_proj), per-stream
+    norm weights, and the RoPE table rounded to the model's dtype, with a batch of its own (one per entry)."""
+    dtype = torch.bfloat16
+    total = s_txt + s_img
+    pe = _pe(b, total, d).to(DEV, pe_dtype)
+    q, k, v = _heads_buffers(b, heads, total, d, dtype, "bshd")
+    streams = []
+    for off, s in ((0, s_txt), (s_txt, s_img)):
+        proj = tuple(torch.randn(b * s, heads * d, device=DEV, dtype=dtype).view(b, s, -1) * 2 for _ in range(3))
+        qw, kw = (torch.rand(d, device=DEV, dtype=dtype) + 0.5 for _ in range(2))
+        fused.qk_norm_rope(proj, qw, kw, pe, q, k, v, seq_off=off, heads=heads, eps_q=1e-6, eps_k=1e-5)
+        streams.append((proj, qw, kw, off, s))
+    qt, kt, vt = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for (xq, xk, xv), qw, kw, off, s in streams:
+        sl = slice(off, off + s)
+        xq, xk, xv = (x.reshape(b, s, heads, d).transpose(1, 2) for x in (xq, xk, xv))
+        assert sqnr_db(_comfy_qk(xq, qw, pe[:, :, sl], 1e-6), q[:, :, sl]) > 45
+        assert sqnr_db(_comfy_qk(xk, kw, pe[:, :, sl], 1e-5), k[:, :, sl]) > 45
+        assert torch.equal(v[:, :, sl], xv)
+    for proj, qw, kw, off, _ in streams:
+        reference_fused.qk_norm_rope(*proj, qw, kw, pe, qt, kt, vt, off, heads, 1e-6, 1e-5)
+    for got, twin in ((q, qt), (k, kt)):
+        bound = twin.float().abs().clamp(min=1.0) * 2 ** -7
+        assert bool(((got.float() - twin.float()).abs() <= bound).all())
+    assert torch.equal(vt, v)
+
+
+def test_qk_norm_rope_op():
+    """The custom op (what traced blocks call) on a fused projection's thirds and on separate projections."""
+    b, heads, d, s = 2, 2, 32, 5
+    pe = _pe(1, s + 3, d)
+    qkv = torch.randn(b, s, 3 * heads * d, dtype=torch.bfloat16)
+    separate = tuple(torch.randn(b, s, heads * d, dtype=torch.bfloat16) for _ in range(3))
+    w = torch.ones(d, dtype=torch.bfloat16)
+    for proj, table in ((fused.split_qkv(qkv), pe), (separate, pe.to(torch.bfloat16))):
+        q, k, v = (torch.zeros(b, heads, s + 3, d, dtype=torch.bfloat16) for _ in range(3))
+        torch.library.opcheck(torch.ops.int8_w8a8.qk_norm_rope.default,
+                              (*proj, w, w, table, q, k, v, 3, heads, 1e-6, 1e-6))
 
 
 def test_qk_norm_rope_broadcast_pe_and_bad_args():
@@ -337,6 +380,12 @@ def test_qk_norm_rope_broadcast_pe_and_bad_args():
     with pytest.raises(ValueError, match="pe"):
         fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), pe, q, k, v, seq_off=1,
                            heads=heads, eps_q=1e-6, eps_k=1e-6)
+    with pytest.raises(ValueError, match="v projection"):  # separate projections of different shapes
+        fused.qk_norm_rope((qkv[..., :64], qkv[..., 64:128], qkv[..., 128:160]), torch.ones(d, device=DEV),
+                           torch.ones(d, device=DEV), pe, q, k, v, seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-6)
+    with pytest.raises(ValueError, match="pe: batch 3"):
+        fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), _pe(3, s, d).to(DEV), q, k, v,
+                           seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-6)
     with pytest.raises(ValueError, match="strides"):  # k in another layout than q
         fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), pe, q,
                            _heads_buffers(b, heads, s, d, q.dtype, "bshd")[1], v, seq_off=0, heads=heads,
