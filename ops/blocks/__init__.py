@@ -29,6 +29,7 @@ class Architecture:
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("flux", ("comfy.ldm.flux.model.Flux", "comfy.ldm.chroma.model.Chroma",
                           "comfy.ldm.chroma_radiance.model.ChromaRadiance"), "flux"),
+    Architecture("qwen-image", ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",), "qwen_image"),
 )
 
 

@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 
 _LOGGED: set[tuple[str, str]] = set()  # (architecture, reason) already logged (once per process)
 
+# A transformer-options key under which a model-level wrapper tells the fused blocks of one call why they must
+# hand it to ComfyUI's blocks (e.g. Qwen-Image's text mask, which its block hook does not pass on).
+OFF_KEY = "int8_w8a8_fused_blocks_off"
+
 
 def fallback(arch: str, reason: str) -> None:
     """Log once that ``arch``'s fused blocks hand a call to ComfyUI's block, and why."""
@@ -61,11 +65,14 @@ def why_not(args: dict, linears: Iterable, norms: Iterable, mods: Iterable[torch
     Linear layers the kernels feed; norms: the norms whose weights the kernels read; mods: the modulation
     tensors (shift/scale/gate) of the hidden states ``x [B, S, D]``.
     """
+    options = args.get("transformer_options") or {}
+    if options.get(OFF_KEY):
+        return options[OFF_KEY]
     if args.get("attn_mask") is not None:
         return "attention mask present"
     if args.get("pe") is None:
         return "no positional embedding"
-    patches = (args.get("transformer_options") or {}).get("patches", {})
+    patches = options.get("patches", {})
     if "attn1_patch" in patches or "attn1_output_patch" in patches:
         return "attention patches present"
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -74,8 +81,8 @@ def why_not(args: dict, linears: Iterable, norms: Iterable, mods: Iterable[torch
         return "per-token modulation (reference-image timesteps)"
     if not all(isinstance(layer, Int8Linear) and layer.fusable() for layer in linears):
         return "a linear layer is not a plain INT8 layer (dynamic LoRA, SmoothQuant, kept in float or lowvram patches)"
-    if not all(plain(n) for n in norms):
-        return "norm weights patched on the fly"
+    if not all(plain(n) and getattr(n, "weight", None) is not None for n in norms):
+        return "norm weights patched on the fly or absent"
     return None
 
 
