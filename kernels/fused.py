@@ -4,9 +4,11 @@ Public functions (Triton on NVIDIA GPUs, the twins in ``reference_fused.py`` els
 dispatch rules as the rest of the package). Each takes the bf16/fp16/fp32 tensors a FLUX-style block
 holds and returns what the next INT8 GEMM consumes, so the intermediate activation is never written:
 
-- ``norm_modulate_quantize(x, shift, scale, eps, *, rotate_group=0) -> (q [M, K] int8, x_scale [M] float32)``
+- ``norm_modulate_quantize(x, shift, scale, eps, *, rotate_group=0, norm="layer", weight=None)
+  -> (q [M, K] int8, x_scale [M] float32)`` (LayerNorm or RMSNorm, ``NORMS``)
 - ``glu_quantize(prefix, glu, *, rotate_group=0, activation="swiglu") -> (q [M, P + F] int8, x_scale [M] float32)``
   (the MLP activation function is an argument: ``ACTIVATIONS``, SwiGLU or GELU-tanh)
+- ``rms_norm_gate_add(x, y, weight, gate, eps) -> x + gate * RMSNorm(y) * weight`` (a new tensor)
 - ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v;
   ``qkv`` a fused projection or the three separate ones)
 - ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate) -> residual`` (updated in place)
@@ -23,9 +25,10 @@ import torch
 
 from . import _checks, api, reference_fused
 from .dispatch import choose_backend
-from .reference_fused import ACTIVATIONS
+from .reference_fused import ACTIVATIONS, NORMS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+NORM_GATE_MAX_N = 16384  # rows normalized in one tile by ``rms_norm_gate_add`` (Z-Image: 3840)
 
 
 def _triton(device: torch.device) -> bool:
@@ -57,53 +60,67 @@ def _per_batch(t: torch.Tensor, batch: int, width: int) -> torch.Tensor:
 
 
 def norm_modulate_quantize(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, *, rotate_group: int = 0
+    x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, eps: float = 1e-6, *, rotate_group: int = 0,
+    norm: str = "layer", weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """INT8 rows of ``LayerNorm(x) * (1 + scale) + shift`` (LayerNorm without affine, per-batch modulation).
+    """INT8 rows of ``norm(x) * (1 + scale) + shift`` (per-batch modulation).
 
     Args:
-        x: ``[B, S, K]`` float; shift, scale: ``[B, 1, K]`` (or ``[B, K]``) float.
+        x: ``[B, S, K]`` float; shift (or None: no shift), scale: ``[B, 1, K]`` (or ``[B, K]``) float.
+        norm: ``"layer"``: LayerNorm (FLUX, Qwen-Image); ``"rms"``: RMSNorm (Z-Image) (``NORMS``), each times
+            ``weight`` ``[K]`` when given (none: without affine).
         rotate_group: 0, or the ConvRot group (64, 128, 256; divides K) of the layer the rows feed: each
             group of the modulated row is rotated by a Hadamard matrix before quantizing.
     Returns:
         ``q`` int8 ``[B*S, K]`` and ``x_scale`` float32 ``[B*S]`` (rows with NaN/Inf: NaN).
     """
-    check_norm_modulate(x, shift, scale, rotate_group)
+    check_norm_modulate(x, shift, scale, rotate_group, norm, weight)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.norm_modulate_quantize(x, shift, scale, float(eps), rotate_group)
-    return norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group)
+        return torch.ops.int8_w8a8.norm_modulate_quantize(x, shift, scale, float(eps), rotate_group, norm, weight)
+    return norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group, norm, weight)
 
 
-def check_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, rotate_group: int = 0) -> None:
+def check_norm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, rotate_group: int = 0,
+                        norm: str = "layer", weight: torch.Tensor | None = None) -> None:
     """Metadata checks of ``norm_modulate_quantize`` (also run on fake tensors while tracing)."""
     if x.dim() != 3:
         raise ValueError(f"x: expected [B, S, K], got {list(x.shape)}")
     if x.dtype not in _FLOATS:
         raise ValueError(f"x: expected float16/bfloat16/float32, got {x.dtype}")
+    if norm not in NORMS:
+        raise ValueError(f"norm: expected one of {', '.join(NORMS)}, got {norm!r}")
     b, _, k = x.shape
-    _check_per_batch(shift, b, k, "shift")
+    if shift is not None:
+        _check_per_batch(shift, b, k, "shift")
     _check_per_batch(scale, b, k, "scale")
+    if weight is not None and (tuple(weight.shape) != (k,) or weight.dtype not in _FLOATS):
+        raise ValueError(f"weight: expected a float [{k}] norm weight, got {list(weight.shape)} {weight.dtype}")
     _checks.check_rotate_group(rotate_group, k)
 
 
-def norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group=0):
+def norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group=0, norm="layer", weight=None):
     """``norm_modulate_quantize`` after its checks passed (eager, and the body of its custom op)."""
     b, s, k = x.shape
     x2 = _rows(x)
-    sh, sc = _per_batch(shift, b, k), _per_batch(scale, b, k)
+    sc = _per_batch(scale, b, k)
+    sh = None if shift is None else _per_batch(shift, b, k)
+    if sh is not None and sh.stride(0) != sc.stride(0):  # the kernel steps through both with one row stride
+        sh, sc = sh.contiguous(), sc.contiguous()
+    w = None if weight is None else weight.contiguous()
     if _triton(x.device):
         from . import triton_fused
 
         if k <= triton_fused.NORM_MAX_K:
             try:
-                return triton_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group)
+                return triton_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group, norm, w)
             except triton_fused.TileTooLargeError:
                 pass  # logged once by the launcher
-    return reference_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group)
+    return reference_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group, norm, w)
 
 
 def glu_quantize(
-    prefix: torch.Tensor | None, glu: torch.Tensor, *, rotate_group: int = 0, activation: str = "swiglu"
+    prefix: torch.Tensor | None, glu: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *, rotate_group: int = 0,
+    activation: str = "swiglu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """INT8 rows of ``[prefix | act(glu)]``: the input of an MLP's down projection (after the attention output
     in a parallel block's fused output linear), with the MLP's activation function ``act``.
@@ -111,57 +128,109 @@ def glu_quantize(
     Args:
         prefix: ``[..., P]`` float or None (FLUX single blocks: the attention output).
         glu: the MLP's up projection output, same leading dims (any row stride: a column slice of a wider
-            output): ``[..., 2F]`` gate and up halves for ``activation="swiglu"`` (``silu(g) * u``, FLUX.2,
-            Z-Image), ``[..., F]`` for ``"gelu_tanh"`` (GELU, tanh approximation: FLUX.1, Chroma, Qwen-Image,
-            Wan).
+            output): ``[..., 2F]`` gate and up halves for ``activation="swiglu"`` (``silu(g) * u``, FLUX.2), or
+            the pair ``(gate, up)`` of ``[..., F]`` outputs of two projections (Z-Image's w1 / w3); ``[..., F]``
+            for ``"gelu_tanh"`` (GELU, tanh approximation: FLUX.1, Chroma, Qwen-Image, Wan).
         rotate_group: 0, or the ConvRot group of the layer the rows feed (divides P and F): each group of
             the row is rotated by a Hadamard matrix before quantizing.
     Returns:
         ``q`` int8 ``[M, P + F]`` and ``x_scale`` float32 ``[M]``.
     """
-    check_glu(prefix, glu, rotate_group, activation)
+    glu, up = glu if isinstance(glu, (tuple, list)) else (glu, None)
+    check_glu(prefix, glu, rotate_group, activation, up)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.glu_quantize(prefix, glu, rotate_group, activation)
-    return glu_quantize_impl(prefix, glu, rotate_group, activation)
+        return torch.ops.int8_w8a8.glu_quantize(prefix, glu, rotate_group, activation, up)
+    return glu_quantize_impl(prefix, glu, rotate_group, activation, up)
 
 
-def glu_width(glu: torch.Tensor, activation: str) -> int:
-    """F, the activated columns of ``glu`` (``[..., 2F]`` for SwiGLU, ``[..., F]`` for GELU)."""
-    return glu.shape[-1] // ACTIVATIONS[activation]
+def glu_width(glu: torch.Tensor, activation: str, up: torch.Tensor | None = None) -> int:
+    """F, the activated columns of ``glu`` (``[..., 2F]`` for SwiGLU, ``[..., F]`` for GELU or with ``up``)."""
+    return glu.shape[-1] if up is not None else glu.shape[-1] // ACTIVATIONS[activation]
 
 
 def check_glu(
-    prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int = 0, activation: str = "swiglu"
+    prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int = 0, activation: str = "swiglu",
+    up: torch.Tensor | None = None,
 ) -> None:
     """Metadata checks of ``glu_quantize``."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    if glu.shape[-1] % ACTIVATIONS[activation]:
+    if up is not None and (activation != "swiglu" or up.shape != glu.shape):
+        raise ValueError(f"glu: a (gate, up) pair needs swiglu and equal shapes, got {activation} with "
+                         f"{list(glu.shape)} and {list(up.shape)}")
+    if up is None and glu.shape[-1] % ACTIVATIONS[activation]:
         raise ValueError(f"glu: last dim must be even for {activation} (gate and up halves), got {glu.shape[-1]}")
-    for name, t in (("glu", glu), ("prefix", prefix)):
+    for name, t in (("glu", glu), ("prefix", prefix), ("up", up)):
         if t is not None and t.dtype not in _FLOATS:
             raise ValueError(f"{name}: expected float16/bfloat16/float32, got {t.dtype}")
     if prefix is not None and prefix.shape[:-1].numel() != glu.shape[:-1].numel():
         raise ValueError(f"prefix: {prefix.shape[:-1].numel()} rows but glu has {glu.shape[:-1].numel()}")
     # groups must not straddle the prefix / activation boundary
-    _checks.check_rotate_group(rotate_group, glu_width(glu, activation))
+    _checks.check_rotate_group(rotate_group, glu_width(glu, activation, up))
     if prefix is not None:
         _checks.check_rotate_group(rotate_group, prefix.shape[-1])
 
 
-def glu_quantize_impl(prefix, glu, rotate_group=0, activation="swiglu"):
+def glu_quantize_impl(prefix, glu, rotate_group=0, activation="swiglu", up=None):
     """``glu_quantize`` after its checks passed (eager, and the body of its custom op)."""
     g2 = _rows(glu)
+    u2 = None if up is None else _rows(up)
     p2 = None if prefix is None else _rows(prefix)
-    f = glu_width(glu, activation)
+    f = glu_width(glu, activation, up)
     if _triton(glu.device):
         from . import triton_fused
 
         try:
-            return triton_fused.glu_quantize(p2, g2, f, rotate_group=rotate_group, activation=activation)
+            return triton_fused.glu_quantize(p2, g2, f, rotate_group=rotate_group, activation=activation, up=u2)
         except triton_fused.TileTooLargeError:
             pass  # logged once by the launcher
-    return reference_fused.glu_quantize(p2, g2, f, rotate_group, activation)
+    return reference_fused.glu_quantize(p2, g2, f, rotate_group, activation, u2)
+
+
+def rms_norm_gate_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """``x + gate * RMSNorm(y) * weight`` as a new tensor, float32 inside, rounded once: a sublayer output that
+    is normalized after its projection, added to the residual stream through its gate (Z-Image's
+    ``attention_norm2`` / ``ffn_norm2``; the gate is ``tanh`` of the modulation there, applied by the caller).
+
+    Args:
+        x: ``[B, S, N]`` float, the residual stream (not modified).
+        y: ``[B, S, N]`` or ``[B * S, N]`` float, the projection output; weight: ``[N]``; gate: ``[B, 1, N]`` or
+            ``[B, N]`` (B or 1).
+    Returns:
+        ``[B, S, N]`` in x's dtype.
+    """
+    check_norm_gate_add(x, y, weight, gate)
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.rms_norm_gate_add(x, y, weight, gate, float(eps))
+    return rms_norm_gate_add_impl(x, y, weight, gate, eps)
+
+
+def check_norm_gate_add(x, y, weight, gate) -> None:
+    """Metadata checks of ``rms_norm_gate_add``."""
+    if x.dim() != 3:
+        raise ValueError(f"x: expected [B, S, N], got {list(x.shape)}")
+    b, s, n = x.shape
+    if y.shape[-1] != n or y.shape[:-1].numel() != b * s:
+        raise ValueError(f"y: expected [B, S, {n}] or [B * S, {n}] rows of x {list(x.shape)}, got {list(y.shape)}")
+    if tuple(weight.shape) != (n,):
+        raise ValueError(f"weight: expected [{n}], got {list(weight.shape)}")
+    for name, t in (("x", x), ("y", y), ("weight", weight), ("gate", gate)):
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{name}: expected float16/bfloat16/float32, got {t.dtype}")
+    _check_per_batch(gate, b, n, "gate")
+
+
+def rms_norm_gate_add_impl(x, y, weight, gate, eps) -> torch.Tensor:
+    """``rms_norm_gate_add`` after its checks passed (eager, and the body of its custom op)."""
+    b, s, n = x.shape
+    x2, y2, g = _rows(x), _rows(y), _per_batch(gate, b, n)
+    w = weight.contiguous()
+    if _triton(x.device) and n <= NORM_GATE_MAX_N:
+        from . import triton_fused
+
+        return triton_fused.rms_norm_gate_add(x2, y2, w, g, max(s, 1), eps).view(b, s, n)
+    return reference_fused.rms_norm_gate_add(x2, y2, w, g, max(s, 1), eps).view(b, s, n)
 
 
 def qk_norm_rope(

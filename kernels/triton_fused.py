@@ -3,13 +3,16 @@
 In an eager FLUX.2 step these ops, not the GEMMs, are most of the non-attention time (profile in
 bench/NOTES.md): each one reads and writes a whole bf16 activation. Fused here:
 
-* ``_norm_mod_quant_kernel``: LayerNorm (no affine) -> ``* (1 + scale) + shift`` -> per-row INT8.
+* ``_norm_mod_quant_kernel``: LayerNorm (no affine) or RMSNorm (with or without its weight) ->
+  ``* (1 + scale) (+ shift)`` -> per-row INT8.
   The modulated activation only feeds a linear layer, so it is never written in bf16.
 * ``_glu_quant_kernel``: the input rows of a block's output linear, ``[prefix | act(h)]`` with the
   MLP's activation function ``act`` chosen by ``ACT`` (``ACT_CODES``): SwiGLU ``silu(g) * u``
   (FLUX.2, Z-Image) or GELU-tanh (FLUX.1, Chroma, Qwen-Image, Wan). Single blocks: attention output
   next to the activated MLP half; double blocks: the activation alone. Quantized per row without
   materializing the activation or the concatenation.
+* ``_norm_gate_add_kernel``: a post-normalized sublayer output added to the residual through its gate,
+  ``x + gate * RMSNorm(y) * w`` (Z-Image's sandwich norms), in one pass.
 * ``_qk_norm_rope_kernel``: per-head RMSNorm of q and k, rotary embedding, and the copy of q, k, v
   from the q/k/v projections (three column slices of a fused qkv projection, or three separate
   projections as Qwen-Image's) into ``[B, H, S, D]`` buffers (at a sequence offset, so the two streams
@@ -69,15 +72,18 @@ def _maybe_rotate(v, h_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP:
 
 @triton.jit
 def _norm_mod_quant_kernel(
-    x_ptr, shift_ptr, mscale_ptr, q_ptr, scale_ptr, h_ptr,
+    x_ptr, shift_ptr, mscale_ptr, w_ptr, q_ptr, scale_ptr, h_ptr,
     M, K, rows_per_batch, stride_xm, stride_mb, stride_qm, eps,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
     GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
+    RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
-    """q, scale = quant(rot(LayerNorm(x) * (1 + mscale[b]) + shift[b])), b = row // rows_per_batch.
+    """q, scale = quant(rot(norm(x) * (1 + mscale[b]) + shift[b])), b = row // rows_per_batch.
 
-    A row fits one tile (K <= BLOCK_K): read once, statistics and quantization from registers. rot: the
-    group rotation when GROUP > 0 (K % GROUP == 0), else the identity.
+    norm: LayerNorm without affine (RMS false; FLUX, Qwen-Image) or RMSNorm (RMS true; Z-Image), times the
+    weight w when HAS_WEIGHT; without HAS_SHIFT there is no shift. A row fits one tile (K <= BLOCK_K): read
+    once, statistics and quantization from registers. rot: the group rotation when GROUP > 0 (K % GROUP == 0),
+    else the identity.
     """
     cols = tl.arange(0, BLOCK_K)
     col_ok = cols < K
@@ -87,14 +93,22 @@ def _norm_mod_quant_kernel(
         ok = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
         x = x.to(tl.float32)
-        mean = tl.sum(x, axis=1) / K
-        d = tl.where(ok, x - mean[:, None], 0.0)
+        if RMS:
+            d = x
+        else:
+            mean = tl.sum(x, axis=1) / K
+            d = tl.where(ok, x - mean[:, None], 0.0)
         var = tl.sum(d * d, axis=1) / K
         rstd = 1.0 / tl.sqrt_rn(var + eps)
+        y = d * rstd[:, None]
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         mod = (rows // rows_per_batch).to(tl.int64)[:, None] * stride_mb + cols[None, :]
         sc = tl.load(mscale_ptr + mod, mask=ok, other=0.0).to(tl.float32)
-        sh = tl.load(shift_ptr + mod, mask=ok, other=0.0).to(tl.float32)
-        y = tl.where(ok, (d * rstd[:, None]) * (1.0 + sc) + sh, 0.0)
+        y = y * (1.0 + sc)
+        if HAS_SHIFT:
+            y = y + tl.load(shift_ptr + mod, mask=ok, other=0.0).to(tl.float32)
+        y = tl.where(ok, y, 0.0)
         y = _maybe_rotate(y, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
         absmax, nonfinite = _row_stats(y, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
@@ -107,17 +121,19 @@ _GELU_2C = tl.constexpr(2.0 * 0.7978845608028654)  # 2 * sqrt(2 / pi)
 
 
 @triton.jit
-def _glu_tile(g_ptr, rows, row_ok, cols, F, stride_gm, ACT: tl.constexpr):
+def _glu_tile(g_ptr, u_ptr, rows, row_ok, cols, F, stride_gm, stride_um, ACT: tl.constexpr):
     """act(h) for a [BLOCK_M, BLOCK_K] tile (0 outside the tensor).
 
-    ACT 0, SwiGLU: silu(g) * u with g = columns [0, F), u = columns [F, 2F) of each row. ACT 1, GELU-tanh:
+    ACT 0, SwiGLU: silu(g) * u with g = columns [0, F) of g's rows, u = columns [0, F) of u's rows (the second
+    half of the same rows for a fused gate|up projection, or a separate one: Z-Image's w1 / w3). ACT 1, GELU-tanh:
     0.5 * x * (1 + tanh(c * (x + 0.044715 * x^3))) on columns [0, F), written as x * sigmoid(2c * (...))
     (the same function; Triton has no tanh that runs in the interpreter)."""
     ok = row_ok[:, None] & (cols < F)[None, :]
     base = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
     g = tl.load(base, mask=ok, other=0.0).to(tl.float32)
     if ACT == 0:
-        u = tl.load(base + F, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + cols[None, :], mask=ok, other=0.0)
+        u = u.to(tl.float32)
         out = g * tl.sigmoid(g) * u
     else:
         out = g * tl.sigmoid(_GELU_2C * (g + 0.044715 * (g * g * g)))
@@ -132,8 +148,8 @@ def _prefix_tile(p_ptr, rows, row_ok, cols, P, stride_pm):
 
 @triton.jit
 def _glu_quant_kernel(
-    p_ptr, g_ptr, q_ptr, scale_ptr, h_ptr,
-    M, P, F, stride_pm, stride_gm, stride_qm,
+    p_ptr, g_ptr, u_ptr, q_ptr, scale_ptr, h_ptr,
+    M, P, F, stride_pm, stride_gm, stride_um, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
     GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, ACT: tl.constexpr,
 ):
@@ -155,7 +171,7 @@ def _glu_quant_kernel(
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             absmax, nonfinite = _row_stats(v, absmax, nonfinite)
         for k0 in range(0, F, BLOCK_K):
-            v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm, ACT)
+            v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT)
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             absmax, nonfinite = _row_stats(v, absmax, nonfinite)
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
@@ -164,7 +180,7 @@ def _glu_quant_kernel(
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, False, FAST_ROUND)
         for k0 in range(0, F, BLOCK_K):
-            v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm, ACT)
+            v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT)
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, False, FAST_ROUND)
 
@@ -217,6 +233,31 @@ def _qk_norm_rope_kernel(
     tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
 
 
+@triton.jit
+def _norm_gate_add_kernel(
+    x_ptr, y_ptr, w_ptr, gate_ptr, out_ptr,
+    M, N, rows_per_batch, stride_xm, stride_ym, stride_gb, stride_om, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = x + gate[b] * RMSNorm(y) * w, b = row // rows_per_batch: a post-normalized sublayer output added to
+    the residual stream through its gate (Z-Image's attention_norm2 / ffn_norm2), float32, rounded once."""
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        ok = row_ok[:, None] & col_ok[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        y = tl.load(y_ptr + r64 * stride_ym + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(y * y, axis=1) / N + eps)
+        g = tl.load(gate_ptr + (rows // rows_per_batch).to(tl.int64)[:, None] * stride_gb + cols[None, :], mask=ok,
+                    other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        out = x + g * ((y * rstd[:, None]) * w[None, :])
+        tl.store(out_ptr + r64 * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 class TileTooLargeError(RuntimeError):
     """A kernel specialization needs more shared memory than this GPU has; the caller runs the torch twin."""
 
@@ -243,6 +284,7 @@ def _launch(launcher: FastLauncher, key: tuple, grid: tuple, *args, **kwargs) ->
 _NORM_MOD_QUANT = FastLauncher(_norm_mod_quant_kernel, interpreting())
 _GLU_QUANT = FastLauncher(_glu_quant_kernel, interpreting())
 _QK_NORM_ROPE = FastLauncher(_qk_norm_rope_kernel, interpreting())
+_NORM_GATE_ADD = FastLauncher(_norm_gate_add_kernel, interpreting())
 
 # Rows of up to this many features are normalized in one tile (FLUX.2 klein: 3072 and 4096).
 NORM_MAX_K = 16384
@@ -256,8 +298,10 @@ GLU_WARPS = 8
 GLU_PROGRAMS_PER_SM = 32
 
 
-def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0):
-    """x2 [M, K] (unit column stride), shift/mscale [B, K] (unit column stride) -> q [M, K] int8, scale [M].
+def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0,
+                           norm: str = "layer", weight=None):
+    """x2 [M, K] (unit column stride), shift (or None) / mscale [B, K] (unit column stride, equal strides) ->
+    q [M, K] int8, scale [M]. ``norm``: "layer" (no affine) or "rms"; ``weight`` [K] or None.
 
     ``rotate_group``: ConvRot group (K % group == 0) applied before quantizing, or 0. Raises TileTooLargeError
     when the tile does not fit the GPU's shared memory."""
@@ -271,19 +315,23 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
     warps = QUANT_WARPS if block_k <= TILE_ELEMS else 8
     blocks = triton.cdiv(m, block_m)
     h, rot = rotation_args(rotate_group, x2.device, torch.float32)
-    key = ("norm_modulate_quantize", x2.dtype, block_m, block_k, rotate_group, x2.device)
+    key = ("norm_modulate_quantize", x2.dtype, block_m, block_k, rotate_group, norm, weight is not None,
+           shift is not None, x2.device)
     _launch(
-        _NORM_MOD_QUANT, key, (blocks,), x2, shift, mscale, q, scale, h if h is not None else q, m, k,
-        rows_per_batch, x2.stride(0), shift.stride(0), q.stride(0), float(eps), BLOCK_M=block_m, BLOCK_K=block_k,
-        FAST_ROUND=not interpreting(), **rot, num_warps=warps, enable_fp_fusion=False,
+        _NORM_MOD_QUANT, key, (blocks,), x2, shift if shift is not None else mscale, mscale,
+        weight if weight is not None else mscale, q, scale, h if h is not None else q, m, k, rows_per_batch,
+        x2.stride(0), mscale.stride(0), q.stride(0), float(eps), BLOCK_M=block_m, BLOCK_K=block_k,
+        FAST_ROUND=not interpreting(), **rot, RMS=norm == "rms", HAS_WEIGHT=weight is not None,
+        HAS_SHIFT=shift is not None, num_warps=warps, enable_fp_fusion=False,
     )
     return q, scale
 
 
 def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_flight: int = 0,
-                 rotate_group: int = 0, activation: str = "swiglu"):
-    """prefix [M, P] or None, glu [M, 2F] (SwiGLU) or [M, F] (GELU-tanh), unit column strides -> q [M, P + F]
-    int8, scale [M]; ``activation`` one of ``ACT_CODES``.
+                 rotate_group: int = 0, activation: str = "swiglu", up=None):
+    """prefix [M, P] or None, glu [M, 2F] (SwiGLU) or [M, F] (GELU-tanh, or SwiGLU's gate with ``up`` [M, F]
+    its up projection), unit column strides -> q [M, P + F] int8, scale [M]; ``activation`` one of
+    ``ACT_CODES``.
 
     ``rotate_group``: ConvRot group (P and F multiples of it) applied before quantizing, or 0. Raises
     TileTooLargeError when the tile does not fit the GPU's shared memory.
@@ -301,9 +349,10 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
     blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
     pre = prefix if prefix is not None else glu
     key = ("glu_quantize", glu.dtype, block_m, block_k, rotate_group, activation, glu.device)
+    u = up if up is not None else glu[:, f:] if activation == "swiglu" else glu
     _launch(
-        _GLU_QUANT, key, (blocks,), pre, glu, q, scale, h if h is not None else q, m, p, f, pre.stride(0),
-        glu.stride(0), q.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), **rot,
+        _GLU_QUANT, key, (blocks,), pre, glu, u, q, scale, h if h is not None else q, m, p, f, pre.stride(0),
+        glu.stride(0), u.stride(0), q.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, FAST_ROUND=not interpreting(), **rot,
         ACT=ACT_CODES[activation], num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
     )
     return q, scale
@@ -324,3 +373,21 @@ def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, head
         s, heads, seq_off, xq.stride(0), xq.stride(1), stride_pb, pe.stride(2), q.stride(0), q.stride(1),
         q.stride(2), float(eps_q), float(eps_k), BLOCK_S=block_s, D=d, num_warps=4, enable_fp_fusion=False,
     )
+
+
+def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float):
+    """x2 [M, N], y2 [M, N] (unit column strides), weight [N], gate [B, N] (unit column stride) -> new [M, N] in
+    x2's dtype: ``x2 + gate[b] * rms_norm(y2) * weight``."""
+    m, n = x2.shape
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return out
+    block_n = max(16, triton.next_power_of_2(n))
+    block_m = max(1, TILE_ELEMS // block_n)
+    warps = QUANT_WARPS if block_n <= TILE_ELEMS else 8
+    _NORM_GATE_ADD(
+        (triton.cdiv(m, block_m),), x2, y2, weight, gate, out, m, n, rows_per_batch, x2.stride(0), y2.stride(0),
+        gate.stride(0), out.stride(0), float(eps), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        enable_fp_fusion=False,
+    )
+    return out

@@ -113,6 +113,60 @@ def test_norm_modulate_quantize_rotated(seed, group, dtype, shape):
     _close_rotated(q, xs, q_ref, xs_ref, rotate(y.reshape(-1, k), group).double())
 
 
+@pytest.mark.parametrize("weighted,shifted", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("shape", [(1, 1, 7), (1, 15, 100), (2, 16, 64), (1, 17, 33)])
+def test_norm_modulate_quantize_rms(seed, weighted, shifted, dtype, shape):
+    """RMSNorm (Z-Image's attention_norm1 / ffn_norm1: a weight, scale-only modulation) instead of LayerNorm."""
+    b, s, k = shape
+    wide = (torch.randn(b, s, k + 9) * 3 + 1).to(DEV, dtype)
+    x = wide[..., 9:]  # strided rows
+    x[0, 0] = 0  # an all-zero row: normalizes to zero
+    scale = (torch.randn(b, k) * 0.5).to(DEV, dtype)
+    shift = (torch.randn(b, 1, k) * 0.5).to(DEV, dtype) if shifted else None
+    w = (torch.rand(k) + 0.5).to(DEV, dtype) if weighted else None
+    q, xs = fused.norm_modulate_quantize(x, shift, scale, 1e-5, norm="rms", weight=w)
+    q_ref, xs_ref = reference_fused.norm_modulate_quantize(x.reshape(-1, k), None if shift is None else shift[:, 0],
+                                                           scale, s, 1e-5, 0, "rms", w)
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    y = torch.nn.functional.rms_norm(x.double(), (k,), None if w is None else w.double(), 1e-5)
+    y = y * (1 + scale.double()[:, None])
+    if shift is not None:
+        y = y + shift.double()
+    if k > 1:
+        assert sqnr_db(y.reshape(-1, k), _dequant(q, xs)) > 35
+    if not shifted:
+        assert int(q[0].abs().max()) == 0 and not xs[0].isnan()
+    x[-1, -1, 3] = float("inf")
+    _, xs = fused.norm_modulate_quantize(x, shift, scale, 1e-5, norm="rms", weight=w)
+    assert xs[-1].isnan() and bool(xs[:-1].isfinite().all())
+
+
+@pytest.mark.parametrize("group", [64, 256])
+def test_norm_modulate_quantize_rms_rotated(seed, group):
+    b, s, k = 2, 17, 2 * group
+    x = (torch.randn(b, s, k) * 3).to(DEV, torch.bfloat16)
+    scale = (torch.randn(b, k) * 0.5).to(DEV, torch.bfloat16)
+    w = (torch.rand(k) + 0.5).to(DEV, torch.bfloat16)
+    q, xs = fused.norm_modulate_quantize(x, None, scale, 1e-6, norm="rms", weight=w, rotate_group=group)
+    q_ref, xs_ref = reference_fused.norm_modulate_quantize(x.reshape(-1, k), None, scale, s, 1e-6, group, "rms", w)
+    y = torch.nn.functional.rms_norm(x.double(), (k,), w.double(), 1e-6) * (1 + scale.double()[:, None])
+    _close_rotated(q, xs, q_ref, xs_ref, rotate(y.reshape(-1, k), group).double())
+
+
+def test_norm_modulate_quantize_op():
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    mod, w = torch.randn(2, 1, 128, dtype=torch.bfloat16), torch.rand(128, dtype=torch.bfloat16)
+    op = torch.ops.int8_w8a8.norm_modulate_quantize.default
+    for shift, norm, weight, group in ((mod, "layer", None, 0), (None, "rms", w, 0), (mod, "rms", w, 64)):
+        torch.library.opcheck(op, (x, shift, mod, 1e-6, group, norm, weight))
+    with pytest.raises(ValueError, match="norm: expected one of layer, rms"):
+        fused.norm_modulate_quantize(x, mod, mod, norm="group")
+    with pytest.raises(ValueError, match="weight: expected a float \\[128\\]"):
+        fused.norm_modulate_quantize(x, mod, mod, norm="rms", weight=w[:64])
+
+
 def test_tile_over_shared_memory_runs_the_twin(monkeypatch, caplog):
     """A specialization Triton rejects for shared memory (float32 rows with rotation group 128 on sm_90) runs
     on the torch twin: logged once, and not compiled again for the same key."""
@@ -237,6 +291,28 @@ def test_glu_quantize_nan_and_zero_rows(activation):
     assert int(q[2:4].abs().max()) <= 127  # non-finite elements store 0, the row's scale is NaN
 
 
+@pytest.mark.parametrize("m,p,f", [(1, 0, 7), (15, 0, 100), (16, 64, 48), (17, 33, 65)])
+def test_glu_quantize_gate_up_pair(seed, m, p, f):
+    """SwiGLU from two projections (Z-Image's w1 and w3 on one quantized input): the (gate, up) pair, any row
+    strides, equals the fused [gate | up] form."""
+    gate = (torch.randn(m, f + 3) * 2).to(DEV, torch.bfloat16)[:, 3:]
+    up = (torch.randn(m, f) * 2).to(DEV, torch.bfloat16)
+    prefix = torch.randn(m, p, device=DEV, dtype=torch.bfloat16) if p else None
+    q, xs = fused.glu_quantize(prefix, (gate, up))
+    q_cat, xs_cat = fused.glu_quantize(prefix, torch.cat((gate, up), dim=1))
+    assert torch.equal(q, q_cat) and torch.equal(xs, xs_cat)
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, gate, f, 0, "swiglu", up)
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    truth = torch.nn.functional.silu(gate.double()) * up.double()
+    if prefix is not None:
+        truth = torch.cat((prefix.double(), truth), dim=1)
+    assert sqnr_db(truth, _dequant(q, xs)) > 30
+    torch.library.opcheck(torch.ops.int8_w8a8.glu_quantize.default, (prefix, gate, 0, "swiglu", up))
+    with pytest.raises(ValueError, match="pair needs swiglu"):
+        fused.glu_quantize(prefix, (gate, up), activation="gelu_tanh")
+
+
 def test_glu_quantize_bad_args():
     with pytest.raises(ValueError, match="activation: expected one of swiglu, gelu_tanh"):
         fused.glu_quantize(None, torch.zeros(2, 8, device=DEV), activation="gelu")
@@ -262,6 +338,45 @@ def test_glu_quantize_op(activation):
     got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, glu)
     want = fn(x, glu)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# x + gate * RMSNorm(y) * w (Z-Image's post-norms)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("b,s,n", [(1, 1, 7), (1, 15, 100), (2, 16, 64), (2, 17, 33), (1, 3, 3840)])
+def test_rms_norm_gate_add(seed, dtype, b, s, n):
+    x = torch.randn(b, s, n, device=DEV, dtype=dtype)
+    y = (torch.randn(b * s, n + 5) * 4).to(DEV, dtype)[:, 5:]  # a column slice: strided rows
+    w = (torch.rand(n) + 0.5).to(DEV, dtype)
+    gate = torch.randn(b, 1, n, device=DEV, dtype=dtype).tanh()
+    y[0] = 0  # an all-zero row: adds nothing
+    before = x.clone()
+    out = fused.rms_norm_gate_add(x, y, w, gate, 1e-5)
+    assert torch.equal(x, before) and out.shape == x.shape and out.dtype == dtype
+    twin = reference_fused.rms_norm_gate_add(x.reshape(-1, n), y, w, gate.reshape(b, n), s, 1e-5).view(b, s, n)
+    # float32 arithmetic in both, rounded once, but the row's mean square is summed in another order and the
+    # twin's rsqrt is not 1 / sqrt_rn: within a few ulps of the larger addend (measured <= 3.4 in float32; a sum
+    # that cancels to near zero may differ by many ulps of itself)
+    scale = torch.maximum(x.float().abs(), (twin.float() - x.float()).abs()).clamp(min=1.0)
+    assert float(((out.float() - twin.float()).abs() / (scale * torch.finfo(dtype).eps)).max()) <= 8
+    truth = x.double() + gate.double() * torch.nn.functional.rms_norm(y.double(), (n,), w.double(), 1e-5).view(
+        b, s, n)
+    assert sqnr_db(truth, out) > (45 if dtype == torch.bfloat16 else 120)
+    assert torch.equal(out[0, 0], x[0, 0])
+    y[-1, 2] = float("nan")
+    out = fused.rms_norm_gate_add(x, y.view(b, s, n) if y.is_contiguous() else y, w, gate[:1], 1e-5)
+    assert bool(out.reshape(-1, n)[-1].isnan().all()) and bool(out.reshape(-1, n)[:-1].isfinite().all())
+
+
+def test_rms_norm_gate_add_op_and_bad_args():
+    x, y = torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.randn(10, 64, dtype=torch.bfloat16)
+    w, gate = torch.rand(64, dtype=torch.bfloat16), torch.randn(2, 64, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.int8_w8a8.rms_norm_gate_add.default, (x, y, w, gate, 1e-6))
+    with pytest.raises(ValueError, match="y: expected"):
+        fused.rms_norm_gate_add(x, y[:9], w, gate, 1e-6)
+    with pytest.raises(ValueError, match="gate"):
+        fused.rms_norm_gate_add(x, y, w, torch.randn(3, 64), 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
