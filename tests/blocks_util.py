@@ -4,7 +4,8 @@ Tiny models are built with ComfyUI's own model classes (random BF16 weights) and
 loader (``loader.build``: ComfyUI's ``load_diffusion_model_state_dict`` with the pack's operations), so the
 fused blocks are installed where they are for users. ComfyUI's model detection reads most widths from the
 keys but assumes some of the real models' widths (Chroma's approximator: 3072 wide, 5120 hidden, 5 layers;
-Qwen-Image: 24 heads of 128, a 3584-wide text input): ``tiny_detection`` reads those from the keys too,
+Qwen-Image: 24 heads of 128, a 3584-wide text input; Z-Image: recognized by its 3840 width): ``tiny_detection``
+reads those from the keys too,
 so a tiny model of the same class loads. Each fused model is compared with ComfyUI's blocks on the same INT8
 weights and both with a float64 twin: ComfyUI's class in float64 with the INT8 weights dequantized.
 """
@@ -22,7 +23,8 @@ from int8_w8a8.kernels import fused as fused_kernels
 
 from .conftest import sqnr_db
 
-KERNELS = ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "int8_gemm_residual")
+KERNELS = ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "int8_gemm_residual")  # FLUX-style blocks
+COUNTED = (*KERNELS, "rms_norm_gate_add")
 
 
 def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -48,6 +50,22 @@ def _chroma_widths(sd: dict, prefix: str) -> dict:
             "out_dim": sd[f"{prefix}distilled_guidance_layer.out_proj.weight"].shape[0]}
 
 
+def _lumina_widths(sd: dict, prefix: str) -> dict:
+    """Z-Image's settings (ComfyUI applies them only at Z-Image's width, 3840) with the heads read from the keys;
+    a Lumina 2 layout (SiLU before its adaLN projection) keeps ComfyUI's defaults but for the heads."""
+    head_dim = sd[f"{prefix}layers.0.attention.q_norm.weight"].shape[0]
+    dim = sd[f"{prefix}cap_embedder.1.weight"].shape[0]
+    qkv = sd[f"{prefix}layers.0.attention.qkv.weight"].shape[0]
+    widths = {"n_heads": dim // head_dim, "n_kv_heads": (qkv - dim) // (2 * head_dim),
+              "ffn_dim_multiplier": sd[f"{prefix}layers.0.feed_forward.w1.weight"].shape[0] / dim,
+              "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0}
+    if f"{prefix}layers.0.adaLN_modulation.0.weight" in sd:  # Z-Image: one Linear, no SiLU
+        widths.update(z_image_modulation=True, time_scale=1000.0)
+        if f"{prefix}cap_pad_token" in sd:
+            widths["pad_tokens_multiple"] = 32
+    return widths
+
+
 def _qwen_widths(sd: dict, prefix: str) -> dict:
     head_dim = sd[f"{prefix}transformer_blocks.0.attn.norm_q.weight"].shape[0]
     return {"attention_head_dim": head_dim, "num_attention_heads": sd[f"{prefix}img_in.weight"].shape[0] // head_dim,
@@ -57,7 +75,7 @@ def _qwen_widths(sd: dict, prefix: str) -> dict:
 
 # image_model -> the widths ComfyUI's detection assumes for the real model, read from a state dict instead
 _WIDTHS: dict[str, Callable[[dict, str], dict]] = {"chroma": _chroma_widths, "chroma_radiance": _chroma_widths,
-                                                   "qwen_image": _qwen_widths}
+                                                   "qwen_image": _qwen_widths, "lumina2": _lumina_widths}
 
 
 @contextlib.contextmanager
@@ -161,18 +179,22 @@ def count_kernel_calls(monkeypatch, activations: bool = True) -> dict:
             return fn(*a, **k)
         return wrapped
 
-    for name in KERNELS:
+    for name in COUNTED:
         monkeypatch.setattr(fused_kernels, name, counting(name, getattr(fused_kernels, name)))
     return counts
 
 
 def sdpa_attention(monkeypatch) -> None:
-    """ComfyUI's PyTorch SDPA attention everywhere (its CPU default asks psutil for free memory, which breaks
-    torch.compile graphs; GPUs use SDPA, as here)."""
-    import comfy.ldm.flux.math
+    """ComfyUI's PyTorch SDPA attention everywhere, also where a model module imported the function by name (its
+    CPU default asks psutil for free memory, which breaks torch.compile graphs; GPUs use SDPA, as here)."""
+    import importlib
+
     import comfy.ldm.modules.attention
 
     sdpa = comfy.ldm.modules.attention.attention_pytorch
-    monkeypatch.setattr(comfy.ldm.modules.attention, "optimized_attention", sdpa)
-    monkeypatch.setattr(comfy.ldm.modules.attention, "optimized_attention_masked", sdpa)
-    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", sdpa)
+    for module, names in (("comfy.ldm.modules.attention", ("optimized_attention", "optimized_attention_masked")),
+                          ("comfy.ldm.flux.math", ("optimized_attention",)),
+                          ("comfy.ldm.qwen_image.model", ("optimized_attention_masked",)),
+                          ("comfy.ldm.lumina.model", ("optimized_attention_masked",))):
+        for name in names:
+            monkeypatch.setattr(importlib.import_module(module), name, sdpa)

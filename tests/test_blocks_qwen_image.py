@@ -213,14 +213,11 @@ def test_dynamic_lora_falls_back(models, calls, tmp_path, monkeypatch):
 def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch):
     """Traced by torch.compile (the mask wrapper included): one graph, no breaks, the fused kernels and the
     RoPE-table op in it, and the eager fused model's output."""
-    import comfy.ldm.qwen_image.model
     import comfy.patcher_extension
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
     bu.sdpa_attention(monkeypatch)
-    monkeypatch.setattr(comfy.ldm.qwen_image.model, "optimized_attention_masked",
-                        comfy.ldm.modules.attention.attention_pytorch)
     patcher = models["fused-bfloat16"]
     args = inputs()
     want = bu.run(patcher, args)

@@ -7,7 +7,8 @@ Every module builds its blocks from the same ``kernels.fused`` kernels and share
 helpers of ``common``:
 
 - ``flux``: the double/single stream blocks of ComfyUI's Flux (FLUX.1, FLUX.2), Chroma and Chroma Radiance;
-- ``qwen_image``: Qwen-Image's joint transformer blocks.
+- ``qwen_image``: Qwen-Image's joint transformer blocks;
+- ``zimage``: the main layers of Z-Image (and Lumina 2), through per-clone object patches (no block hook).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("flux", ("comfy.ldm.flux.model.Flux", "comfy.ldm.chroma.model.Chroma",
                           "comfy.ldm.chroma_radiance.model.ChromaRadiance"), "flux"),
     Architecture("qwen-image", ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",), "qwen_image"),
+    Architecture("z-image", ("comfy.ldm.lumina.model.NextDiT",), "zimage"),
 )
 
 

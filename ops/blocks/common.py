@@ -58,12 +58,13 @@ def per_batch(m: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 def why_not(args: dict, linears: Iterable, norms: Iterable, mods: Iterable[torch.Tensor],
-            x: torch.Tensor) -> str | None:
+            x: torch.Tensor, attention_patches: bool = True) -> str | None:
     """The first shared rule a block call breaks, or None when the fused block may run.
 
     args: the block-replacement arguments (``attn_mask``, ``pe``, ``transformer_options``); linears: the block's
     Linear layers the kernels feed; norms: the norms whose weights the kernels read; mods: the modulation
-    tensors (shift/scale/gate) of the hidden states ``x [B, S, D]``.
+    tensors (shift/scale/gate) of the hidden states ``x [B, S, D]``; attention_patches: whether ComfyUI's block
+    applies ``attn1_patch``/``attn1_output_patch`` (then their presence is a reason to run it).
     """
     options = args.get("transformer_options") or {}
     if options.get(OFF_KEY):
@@ -73,7 +74,7 @@ def why_not(args: dict, linears: Iterable, norms: Iterable, mods: Iterable[torch
     if args.get("pe") is None:
         return "no positional embedding"
     patches = options.get("patches", {})
-    if "attn1_patch" in patches or "attn1_output_patch" in patches:
+    if attention_patches and ("attn1_patch" in patches or "attn1_output_patch" in patches):
         return "attention patches present"
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"activations in {x.dtype}"
