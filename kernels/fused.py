@@ -25,7 +25,7 @@ import torch
 
 from . import _checks, api, reference_fused
 from .dispatch import choose_backend
-from .reference_fused import ACTIVATIONS, NORMS
+from .reference_fused import ACTIVATIONS, NORMS, QK_NORMS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 NORM_GATE_MAX_N = 16384  # rows normalized in one tile by ``rms_norm_gate_add`` (Z-Image: 3840)
@@ -236,10 +236,10 @@ def rms_norm_gate_add_impl(x, y, weight, gate, eps) -> torch.Tensor:
 def qk_norm_rope(
     qkv: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor], q_weight: torch.Tensor,
     k_weight: torch.Tensor, pe: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seq_off: int,
-    heads: int, eps_q: float, eps_k: float,
+    heads: int, eps_q: float, eps_k: float, qk_norm: str = "head",
 ) -> None:
-    """Split q/k/v projections into heads, RMS-normalize q and k (weights ``[D]``), rotate them by ``pe`` and
-    write q, k, v into ``[B, H, S_total, D]`` at sequence positions ``seq_off:seq_off + S``.
+    """Split q/k/v projections into heads, RMS-normalize q and k, rotate them by ``pe`` and write q, k, v into
+    ``[B, H, S_total, D]`` at sequence positions ``seq_off:seq_off + S``.
 
     Args:
         qkv: a fused projection ``[B, S, 3 * H * D]`` (FLUX), or the three projections ``(xq, xk, xv)``, each
@@ -250,14 +250,16 @@ def qk_norm_rope(
         q, k, v: ``[B, H, S_total, D]`` outputs in qkv's dtype with a unit last stride and equal strides:
             contiguous, or ``[B, S_total, H, D]`` buffers seen through ``.transpose(1, 2)``, the layout
             attention kernels return their output in (then ``[B, S, H * D]`` needs no copy).
+        qk_norm: ``"head"``: RMS over each head's D values, weights ``[D]`` (FLUX, Qwen-Image, Z-Image);
+            ``"row"``: RMS over the token's whole q (k) row, weights ``[H * D]`` (Wan) (``QK_NORMS``).
     """
     xq, xk, xv = split_qkv(qkv)
-    check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off, heads)
+    check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off, heads, q_weight, k_weight, qk_norm)
     if torch.compiler.is_compiling():
         torch.ops.int8_w8a8.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, float(eps_q),
-                                         float(eps_k))
+                                         float(eps_k), qk_norm)
         return
-    qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+    qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k, qk_norm)
 
 
 def split_qkv(qkv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,8 +275,11 @@ def split_qkv(qkv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return qkv[..., :w], qkv[..., w:2 * w], qkv[..., 2 * w:]
 
 
-def check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off: int, heads: int) -> None:
+def check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off: int, heads: int, q_weight=None, k_weight=None,
+                       qk_norm: str = "head") -> None:
     """Metadata checks of ``qk_norm_rope`` (on the three projections)."""
+    if qk_norm not in QK_NORMS:
+        raise ValueError(f"qk_norm: expected one of {', '.join(QK_NORMS)}, got {qk_norm!r}")
     if xq.dim() != 3:
         raise ValueError(f"qkv: expected [B, S, H * D] projections, got {list(xq.shape)}")
     bsz, s, width = xq.shape
@@ -296,17 +301,25 @@ def check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off: int, heads: int) -> Non
         raise ValueError(f"pe {list(pe.shape)} / seq_off {seq_off}: do not cover {s} positions of head dim {d}")
     if pe.shape[0] not in (1, bsz):
         raise ValueError(f"pe: batch {pe.shape[0]} is neither 1 nor the projections' {bsz}")
+    n = d if qk_norm == "head" else width
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w is not None and tuple(w.shape) != (n,):
+            raise ValueError(f"{name}: expected [{n}] for {qk_norm} norms, got {list(w.shape)}")
 
 
-def qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k) -> None:
+def qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
+                      qk_norm="head") -> None:
     """``qk_norm_rope`` after its checks passed (eager, and the body of its custom op)."""
     d = xq.shape[-1] // heads
+    row = qk_norm == "row"
     if _triton(xq.device) and xq.stride(-1) == 1 and (d & (d - 1)) == 0:
         from . import triton_fused
 
         pe = pe if pe.dtype in _FLOATS and pe[0, 0, 0].is_contiguous() else pe.float().contiguous()
-        return triton_fused.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
-    return reference_fused.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+        return triton_fused.qk_norm_rope(xq, xk, xv, q_weight.contiguous(), k_weight.contiguous(), pe, q, k, v,
+                                         seq_off, heads, eps_q, eps_k, row)
+    return reference_fused.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
+                                        row)
 
 
 def int8_gemm_residual(

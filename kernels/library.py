@@ -144,13 +144,13 @@ def _(x, y, weight, gate, eps):
 def qk_norm_rope_op(
     xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
     pe: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_off: int, heads: int, eps_q: float,
-    eps_k: float,
+    eps_k: float, qk_norm: str = "head",
 ) -> None:
-    fused.qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+    fused.qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k, qk_norm)
 
 
 @qk_norm_rope_op.register_fake
-def _(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k):
+def _(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k, qk_norm="head"):
     return None
 
 

@@ -78,15 +78,24 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor, eps: float
     """Float32 ``rope(rms_norm(x) * weight)``; x [B, H, S, D], pe [Bp, 1, S, D/2, 2, 2] float32."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    return rope(y, pe)
+
+
+# Where ``qk_norm_rope`` takes the RMS of q and k: over each head (weights [D]) or the whole row (weights [H*D]).
+QK_NORMS = ("head", "row")
+
+
+def rope(y: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """Float32 rotation of pairs (2i, 2i+1) of ``y`` [B, H, S, D] by ``pe`` [Bp, 1, S, D/2, 2, 2]."""
     y2 = y.reshape(*y.shape[:-1], -1, 1, 2)
-    out = pe[..., 0] * y2[..., 0] + pe[..., 1] * y2[..., 1]
-    return out.reshape(y.shape)
+    return (pe[..., 0] * y2[..., 0] + pe[..., 1] * y2[..., 1]).reshape(y.shape)
 
 
 def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float,
-                 eps_k: float):
+                 eps_k: float, row_norm: bool = False):
     """xq, xk, xv [B, S, H*D] -> q, k (normalized, rotated) and v written into [B, H, S_total, D] at ``seq_off``;
-    pe [Bp, 1, S_total, D/2, 2, 2] float (used in float32)."""
+    pe [Bp, 1, S_total, D/2, 2, 2] float (used in float32); ``row_norm``: RMS over the whole row (weights
+    [H*D]) instead of each head (weights [D])."""
     bsz, s, width = xq.shape
     d = width // heads
     pe_part = pe[:, :, seq_off:seq_off + s].float()
@@ -94,8 +103,15 @@ def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, head
     def heads_of(x):
         return x.reshape(bsz, s, heads, d).transpose(1, 2)
 
-    q[:, :, seq_off:seq_off + s] = rms_rope(heads_of(xq), q_weight, pe_part, eps_q).to(q.dtype)
-    k[:, :, seq_off:seq_off + s] = rms_rope(heads_of(xk), k_weight, pe_part, eps_k).to(k.dtype)
+    def normed(x, w, eps):
+        if not row_norm:
+            return rms_rope(heads_of(x), w, pe_part, eps)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * w.float()
+        return rope(heads_of(y), pe_part)
+
+    q[:, :, seq_off:seq_off + s] = normed(xq, q_weight, eps_q).to(q.dtype)
+    k[:, :, seq_off:seq_off + s] = normed(xk, k_weight, eps_k).to(k.dtype)
     v[:, :, seq_off:seq_off + s] = heads_of(xv).to(v.dtype)
 
 

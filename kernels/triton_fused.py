@@ -186,14 +186,18 @@ def _glu_quant_kernel(
 
 
 @triton.jit
-def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, BLOCK_S: tl.constexpr, D: tl.constexpr, eps):
+def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, r, BLOCK_S: tl.constexpr, D: tl.constexpr, eps,
+                     ROW_NORM: tl.constexpr):
     """RMSNorm (weight w) then rotate pairs (2i, 2i+1) by the 2x2 matrices f; store to dst rows.
 
-    Rows are read and written whole (coalesced); the pairs are separated in registers (reshape + split).
+    The norm is over this head's D values, or (ROW_NORM) over the token's whole q or k row, whose reciprocal
+    RMS ``r`` [BLOCK_S] the caller computed. Rows are read and written whole (coalesced); the pairs are
+    separated in registers (reshape + split).
     """
     d = tl.arange(0, D)
     x = tl.load(src + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
-    r = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
+    if not ROW_NORM:
+        r = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
     y = x * r[:, None] * tl.load(w_ptr + d).to(tl.float32)[None, :]
     y0, y1 = tl.split(tl.reshape(y, (BLOCK_S, D // 2, 2)))
     o = tl.join(f00 * y0 + f01 * y1, f10 * y0 + f11 * y1)
@@ -201,36 +205,66 @@ def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, BLOCK_S: tl.cons
 
 
 @triton.jit
+def _row_rstd(src, s_ok, H, BLOCK_S: tl.constexpr, D: tl.constexpr, eps):
+    """Reciprocal RMS of BLOCK_S whole rows of H * D values (one head's D columns at a time)."""
+    d = tl.arange(0, D)
+    acc = tl.zeros((BLOCK_S,), tl.float32)
+    for h in range(0, H):
+        x = tl.load(src + h * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt_rn(acc / (H * D) + eps)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(
     xq_ptr, xk_ptr, xv_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr,
     S, H, seq_off, stride_sb, stride_ss, stride_pb, stride_ps, stride_ob, stride_oh, stride_os, eps_q, eps_k,
-    BLOCK_S: tl.constexpr, D: tl.constexpr,
+    BLOCK_S: tl.constexpr, D: tl.constexpr, ROW_NORM: tl.constexpr,
 ):
-    """One (batch, head) and BLOCK_S tokens of the q/k/v projections ``x* [B, S, H * D]`` (equal strides):
-    q, k <- rope(rms_norm(.)) and v copied, into ``[B, H, seq_off + S, D]`` outputs.
+    """BLOCK_S tokens of the q/k/v projections ``x* [B, S, H * D]`` (equal strides): q, k <- rope(rms_norm(.))
+    and v copied, into ``[B, H, seq_off + S, D]`` outputs.
 
-    ``pe [Bp, seq_off + S, D/2, 2, 2]`` (float32, or the model's dtype: converted here) holds each pair's
-    rotation matrix (ComfyUI's layout).
+    Per-head norms (weights [D]: FLUX, Qwen-Image, Z-Image): one program per (batch, head). ROW_NORM (weights
+    [H * D], RMS over the whole q or k row: Wan): one program per batch entry, looping over the heads after a
+    first pass for the row's RMS (the second read comes from L1/L2). ``pe [Bp, seq_off + S, D/2, 2, 2]``
+    (float32, or the model's dtype: converted here) holds each pair's rotation matrix (ComfyUI's layout).
     """
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < S
-    row = b.to(tl.int64) * stride_sb + s.to(tl.int64)[:, None] * stride_ss + h * D
+    if ROW_NORM:
+        b = pid_bh
+        h0 = 0
+        h1 = H
+    else:
+        b = pid_bh // H
+        h0 = pid_bh % H
+        h1 = h0 + 1
+    tok = b.to(tl.int64) * stride_sb + s.to(tl.int64)[:, None] * stride_ss
     j = tl.arange(0, 2 * D)  # D/2 pairs x 4 matrix entries, contiguous
     pe = tl.load(pe_ptr + b.to(tl.int64) * stride_pb + (seq_off + s).to(tl.int64)[:, None] * stride_ps + j[None, :],
                  mask=s_ok[:, None], other=0.0).to(tl.float32)
     f0, f1 = tl.split(tl.reshape(pe, (BLOCK_S, D // 2, 2, 2)))  # f[..., j, c]: split on c
     f00, f10 = tl.split(f0)
     f01, f11 = tl.split(f1)
-    out = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + (seq_off + s).to(tl.int64)[:, None] * stride_os
-    _norm_rope_store(xq_ptr + row, qw_ptr, f00, f01, f10, f11, q_ptr + out, s_ok, BLOCK_S, D, eps_q)
-    _norm_rope_store(xk_ptr + row, kw_ptr, f00, f01, f10, f11, k_ptr + out, s_ok, BLOCK_S, D, eps_k)
+    rq = tl.zeros((BLOCK_S,), tl.float32)
+    rk = tl.zeros((BLOCK_S,), tl.float32)
+    if ROW_NORM:
+        rq = _row_rstd(xq_ptr + tok, s_ok, H, BLOCK_S, D, eps_q)
+        rk = _row_rstd(xk_ptr + tok, s_ok, H, BLOCK_S, D, eps_k)
     d = tl.arange(0, D)
-    v = tl.load(xv_ptr + row + d[None, :], mask=s_ok[:, None], other=0.0)
-    tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
+    for h in range(h0, h1):
+        h64 = tl.full((), 0, tl.int64) + h  # the loop variable is a Python int under the interpreter
+        row = tok + h64 * D
+        w_off = h * D if ROW_NORM else 0
+        out = b.to(tl.int64) * stride_ob + h64 * stride_oh + (seq_off + s).to(tl.int64)[:, None] * stride_os
+        _norm_rope_store(xq_ptr + row, qw_ptr + w_off, f00, f01, f10, f11, q_ptr + out, s_ok, rq, BLOCK_S, D, eps_q,
+                         ROW_NORM)
+        _norm_rope_store(xk_ptr + row, kw_ptr + w_off, f00, f01, f10, f11, k_ptr + out, s_ok, rk, BLOCK_S, D, eps_k,
+                         ROW_NORM)
+        v = tl.load(xv_ptr + row + d[None, :], mask=s_ok[:, None], other=0.0)
+        tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
 
 
 @triton.jit
@@ -359,9 +393,10 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
 
 
 def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float,
-                 eps_k: float):
+                 eps_k: float, row_norm: bool = False):
     """xq, xk, xv [B, S, H*D] (unit last stride, equal strides) -> q, k, v [B, H, S_total, D] at ``seq_off``;
-    pe [Bp, 1, S_total, D/2, 2, 2] float (each position's D/2 x 2 x 2 entries contiguous)."""
+    pe [Bp, 1, S_total, D/2, 2, 2] float (each position's D/2 x 2 x 2 entries contiguous); ``row_norm``: q/k
+    RMS over the whole row (weights [H*D]) instead of per head (weights [D])."""
     bsz, s, width = xq.shape
     d = width // heads
     if bsz == 0 or s == 0:
@@ -369,9 +404,10 @@ def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, head
     block_s = 16
     stride_pb = 0 if pe.shape[0] == 1 else pe.stride(0)
     _QK_NORM_ROPE(
-        (triton.cdiv(s, block_s), bsz * heads), xq, xk, xv, q_weight, k_weight, pe, q, k, v,
+        (triton.cdiv(s, block_s), bsz if row_norm else bsz * heads), xq, xk, xv, q_weight, k_weight, pe, q, k, v,
         s, heads, seq_off, xq.stride(0), xq.stride(1), stride_pb, pe.stride(2), q.stride(0), q.stride(1),
-        q.stride(2), float(eps_q), float(eps_k), BLOCK_S=block_s, D=d, num_warps=4, enable_fp_fusion=False,
+        q.stride(2), float(eps_q), float(eps_k), BLOCK_S=block_s, D=d, ROW_NORM=row_norm, num_warps=4,
+        enable_fp_fusion=False,
     )
 
 

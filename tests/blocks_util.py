@@ -4,7 +4,8 @@ Tiny models are built with ComfyUI's own model classes (random BF16 weights) and
 loader (``loader.build``: ComfyUI's ``load_diffusion_model_state_dict`` with the pack's operations), so the
 fused blocks are installed where they are for users. ComfyUI's model detection reads most widths from the
 keys but assumes some of the real models' widths (Chroma's approximator: 3072 wide, 5120 hidden, 5 layers;
-Qwen-Image: 24 heads of 128, a 3584-wide text input; Z-Image: recognized by its 3840 width): ``tiny_detection``
+Qwen-Image: 24 heads of 128, a 3584-wide text input; Z-Image: recognized by its 3840 width; Wan: a 4096-wide
+text input): ``tiny_detection``
 reads those from the keys too,
 so a tiny model of the same class loads. Each fused model is compared with ComfyUI's blocks on the same INT8
 weights and both with a float64 twin: ComfyUI's class in float64 with the INT8 weights dequantized.
@@ -74,8 +75,13 @@ def _qwen_widths(sd: dict, prefix: str) -> dict:
 
 
 # image_model -> the widths ComfyUI's detection assumes for the real model, read from a state dict instead
+def _wan_widths(sd: dict, prefix: str) -> dict:
+    return {"text_dim": sd[f"{prefix}text_embedding.0.weight"].shape[1]}
+
+
 _WIDTHS: dict[str, Callable[[dict, str], dict]] = {"chroma": _chroma_widths, "chroma_radiance": _chroma_widths,
-                                                   "qwen_image": _qwen_widths, "lumina2": _lumina_widths}
+                                                   "qwen_image": _qwen_widths, "lumina2": _lumina_widths,
+                                                   "wan2.1": _wan_widths}
 
 
 @contextlib.contextmanager
@@ -195,6 +201,7 @@ def sdpa_attention(monkeypatch) -> None:
     for module, names in (("comfy.ldm.modules.attention", ("optimized_attention", "optimized_attention_masked")),
                           ("comfy.ldm.flux.math", ("optimized_attention",)),
                           ("comfy.ldm.qwen_image.model", ("optimized_attention_masked",)),
-                          ("comfy.ldm.lumina.model", ("optimized_attention_masked",))):
+                          ("comfy.ldm.lumina.model", ("optimized_attention_masked",)),
+                          ("comfy.ldm.wan.model", ("optimized_attention",))):
         for name in names:
             monkeypatch.setattr(importlib.import_module(module), name, sdpa)

@@ -469,6 +469,39 @@ def test_qk_norm_rope_separate_projections(seed, pe_dtype, b, heads, d, s_txt, s
     assert torch.equal(vt, v)
 
 
+@pytest.mark.parametrize("b,heads,d,s", [(1, 3, 16, 17), (2, 2, 64, 15), (1, 4, 128, 1)])
+def test_qk_norm_rope_row_norm(seed, b, heads, d, s):
+    """Wan's form: q and k RMS-normalized over the whole row (all heads, weights [H * D]) before the head split,
+    then rotated per head by one table for every batch entry."""
+    dtype = torch.bfloat16
+    pe = _pe(1, s, d).to(DEV)
+    q, k, v = _heads_buffers(b, heads, s, d, dtype, "bshd")
+    xq, xk, xv = (torch.randn(b, s, heads * d, device=DEV, dtype=dtype) * 2 for _ in range(3))
+    qw, kw = ((torch.rand(heads * d) + 0.5).to(DEV, dtype) for _ in range(2))
+    fused.qk_norm_rope((xq, xk, xv), qw, kw, pe, q, k, v, seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-6,
+                       qk_norm="row")
+
+    def truth(x, w):
+        y = torch.nn.functional.rms_norm(x.double(), (heads * d,), w.double(), 1e-6)
+        y2 = y.reshape(b, s, heads, d).transpose(1, 2).reshape(b, heads, s, d // 2, 1, 2)
+        pe64 = pe.double()
+        return (pe64[..., 0] * y2[..., 0] + pe64[..., 1] * y2[..., 1]).reshape(b, heads, s, d)
+
+    assert sqnr_db(truth(xq, qw), q) > 45 and sqnr_db(truth(xk, kw), k) > 45
+    assert torch.equal(v, xv.reshape(b, s, heads, d).transpose(1, 2))
+    qt, kt, vt = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    reference_fused.qk_norm_rope(xq, xk, xv, qw, kw, pe, qt, kt, vt, 0, heads, 1e-6, 1e-6, True)
+    for got, twin in ((q, qt), (k, kt)):
+        bound = twin.float().abs().clamp(min=1.0) * 2 ** -7
+        assert bool(((got.float() - twin.float()).abs() <= bound).all())
+    with pytest.raises(ValueError, match=f"q_weight: expected \\[{heads * d}\\] for row norms"):
+        fused.qk_norm_rope((xq, xk, xv), qw[:d], kw, pe, q, k, v, seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-6,
+                           qk_norm="row")
+    torch.library.opcheck(torch.ops.int8_w8a8.qk_norm_rope.default,
+                          (xq.cpu(), xk.cpu(), xv.cpu(), qw.cpu(), kw.cpu(), pe.cpu(), q.cpu(), k.cpu(), v.cpu(), 0,
+                           heads, 1e-6, 1e-6, "row"))
+
+
 def test_qk_norm_rope_op():
     """The custom op (what traced blocks call) on a fused projection's thirds and on separate projections."""
     b, heads, d, s = 2, 2, 32, 5

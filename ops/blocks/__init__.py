@@ -8,7 +8,8 @@ helpers of ``common``:
 
 - ``flux``: the double/single stream blocks of ComfyUI's Flux (FLUX.1, FLUX.2), Chroma and Chroma Radiance;
 - ``qwen_image``: Qwen-Image's joint transformer blocks;
-- ``zimage``: the main layers of Z-Image (and Lumina 2), through per-clone object patches (no block hook).
+- ``zimage``: the main layers of Z-Image (and Lumina 2), through per-clone object patches (no block hook);
+- ``wan``: Wan 2.1 / 2.2 attention blocks (self-attention and feed-forward fused, ComfyUI's cross-attention).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                           "comfy.ldm.chroma_radiance.model.ChromaRadiance"), "flux"),
     Architecture("qwen-image", ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",), "qwen_image"),
     Architecture("z-image", ("comfy.ldm.lumina.model.NextDiT",), "zimage"),
+    Architecture("wan", ("comfy.ldm.wan.model.WanModel",), "wan"),
 )
 
 
