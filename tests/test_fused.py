@@ -324,8 +324,9 @@ def test_glu_quantize_bad_args():
 
 
 @pytest.mark.parametrize("activation", ACTS)
-def test_glu_quantize_op(activation):
-    """The custom op (what traced blocks call): its fake's shapes and the eager kernel agree (opcheck)."""
+def test_glu_quantize_op(seed, activation):
+    """The custom op (what traced blocks call): its fake's shapes and the eager kernel agree (opcheck), and a traced
+    call runs it on the same values."""
     x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
     glu = torch.randn(2, 5, 128 * reference_fused.ACTIVATIONS[activation], dtype=torch.bfloat16)
     for prefix, group in ((None, 0), (x, 0), (x, 64)):
@@ -336,8 +337,11 @@ def test_glu_quantize_op(activation):
 
     torch._dynamo.reset()
     got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, glu)
-    want = fn(x, glu)
+    # the op eagerly: the integration tier imports the pack a second time (as ComfyUI's custom node), whose
+    # registration of the op then dispatches through that copy's rules (the twin here, not the patched kernel)
+    want = torch.ops.int8_w8a8.glu_quantize.default(x, glu, 0, activation)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    _close_codes(got[0], fn(x, glu)[0])
 
 
 # ---------------------------------------------------------------------------------------------
