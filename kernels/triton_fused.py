@@ -257,7 +257,10 @@ def _qk_norm_rope_kernel(
     for h in range(h0, h1):
         h64 = tl.full((), 0, tl.int64) + h  # the loop variable is a Python int under the interpreter
         row = tok + h64 * D
-        w_off = h * D if ROW_NORM else 0
+        if ROW_NORM:  # the weights span the row: this head's D of them
+            w_off = h64 * D
+        else:
+            w_off = h64 * 0
         out = b.to(tl.int64) * stride_ob + h64 * stride_oh + (seq_off + s).to(tl.int64)[:, None] * stride_os
         _norm_rope_store(xq_ptr + row, qw_ptr + w_off, f00, f01, f10, f11, q_ptr + out, s_ok, rq, BLOCK_S, D, eps_q,
                          ROW_NORM)
