@@ -33,16 +33,16 @@ CHOICES: dict[str, tuple[tuple[str, str, object], ...]] = {
     "glu 4/SM": (("triton_fused", "GLU_PROGRAMS_PER_SM", 4),),
     "glu block 2048": (("triton_fused", "GLU_BLOCK_K", 2048),),
     "glu block 8192": (("triton_fused", "GLU_BLOCK_K", 8192), ("triton_fused", "GLU_WARPS", 16)),
-    "q/k/v [B, H, S, D]": (("flux_fused", "_qkv_buffers", _bhsd_buffers),),
+    "q/k/v [B, H, S, D]": (("blocks.common", "qkv_buffers", _bhsd_buffers),),
 }
 
 
 @contextlib.contextmanager
 def _set(pairs):
     from ..kernels import triton_fused
-    from ..ops import flux_fused
+    from ..ops.blocks import common
 
-    mods = {"triton_fused": triton_fused, "flux_fused": flux_fused}
+    mods = {"triton_fused": triton_fused, "blocks.common": common}
     old = [(mods[m], a, getattr(mods[m], a)) for m, a, _ in pairs]
     try:
         for m, a, v in pairs:

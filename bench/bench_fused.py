@@ -4,7 +4,9 @@
 
 Each fused kernel is timed (triton.testing.do_bench, median) next to ComfyUI's unfused sequence of
 torch ops plus the pack's separate quantization, with the bytes it must move and the bandwidth that
-implies. GLU (``[attention | SwiGLU]`` + quantization) is also timed over a few tile/warp choices.
+implies. GLU (``[attention | SwiGLU]`` + quantization) is also timed over a few tile/warp choices, and the
+same kernel with GELU-tanh (Chroma's, Qwen-Image's and Wan's MLPs), and the forms Qwen-Image, Z-Image and Wan
+use (three q/k/v projections, RMSNorm modulation, post-norm gated adds, row-wide q/k norms) at their widths.
 """
 
 from __future__ import annotations
@@ -33,6 +35,59 @@ def _gemm_residual_ms(m: int, k: int, n: int, dev: str, dt: torch.dtype) -> tupl
     gate = torch.randn(1, 1, n, device=dev, dtype=dt)
     return (common.bench_ms(lambda: fused.int8_gemm(xq, xs, wq, ws, None, dt)),
             common.bench_ms(lambda: fused.int8_gemm_residual(xq, xs, wq, ws, None, res, gate)))
+
+
+def _other_architectures(record, dev: str, dt: torch.dtype) -> None:
+    """The kernels' forms for Qwen-Image, Z-Image and Wan at their real widths (1024x1024 images; Wan 14B at
+    832x480 x 33 frames = 8 x 30 x 52 = 12480 tokens)."""
+    from ..kernels import fused, triton_quant
+
+    def pe_table(s, d, pe_dtype=torch.float32):
+        return torch.randn(1, 1, s, d // 2, 2, 2, device=dev, dtype=pe_dtype)
+
+    def bufs(s, heads, d):
+        return tuple(torch.empty(1, s, heads, d, device=dev, dtype=dt).transpose(1, 2) for _ in range(3))
+
+    # Qwen-Image: 24 heads of 128, 4096 image tokens; q/k/v from three projections, a bf16 RoPE table
+    s, heads, d = 4096, 24, 128
+    proj = tuple(torch.randn(1, s, heads * d, device=dev, dtype=dt) for _ in range(3))
+    w = torch.ones(d, device=dev, dtype=dt)
+    pe = pe_table(s, d, dt)
+    record("qwen-image: q/k rms+rope from 3 projections, bf16 table [4096, 3x3072]", common.bench_ms(
+        lambda: fused.qk_norm_rope(proj, w, w, pe, *bufs(s, heads, d), seq_off=0, heads=heads, eps_q=1e-6,
+                                   eps_k=1e-6)), proj[0].numel() * 6 * 2 + pe.numel() * 2)
+    # Z-Image: dim 3840, 30 heads, FFN 10240; 4096 image + 512 text tokens (padded)
+    s, dim, f = 4608, 3840, 10240
+    x = torch.randn(1, s, dim, device=dev, dtype=dt)
+    scale = torch.randn(1, dim, device=dev, dtype=dt) * 0.1
+    nw = torch.rand(dim, device=dev, dtype=dt) + 0.5
+    record("z-image: rms+weight+scale+quant [4608, 3840]", common.bench_ms(
+        lambda: fused.norm_modulate_quantize(x, None, scale, 1e-5, norm="rms", weight=nw)), x.numel() * 3)
+    record("  unfused: rms_norm, mul, quantize_rows", common.bench_ms(lambda: triton_quant.quantize_rows(
+        torch.nn.functional.rms_norm(x, (dim,), nw, 1e-5) * (1 + scale))), x.numel() * 9)
+    y = torch.randn(s, dim, device=dev, dtype=dt)
+    gate = torch.randn(1, dim, device=dev, dtype=dt).tanh()
+    record("z-image: x + tanh(g) * rms_norm(y) * w [4608, 3840]", common.bench_ms(
+        lambda: fused.rms_norm_gate_add(x, y, nw, gate, 1e-5)), x.numel() * 6)
+    record("  unfused: rms_norm, mul, add", common.bench_ms(
+        lambda: x + gate * torch.nn.functional.rms_norm(y.view(1, s, dim), (dim,), nw, 1e-5)), x.numel() * 10)
+    g, u = (torch.randn(s, f, device=dev, dtype=dt) for _ in range(2))
+    record("z-image: swiglu of (w1, w3) + quant [4608, 2 x 10240]", common.bench_ms(
+        lambda: fused.glu_quantize(None, (g, u))), g.numel() * 5)
+    # Wan 14B: dim 5120, 40 heads; q/k normalized over the whole row
+    s, heads, d = 12480, 40, 128
+    proj = tuple(torch.randn(1, s, heads * d, device=dev, dtype=dt) for _ in range(3))
+    w = torch.ones(heads * d, device=dev, dtype=dt)
+    pe = pe_table(s, d)
+    record("wan: q/k row-rms+rope from 3 projections [12480, 3x5120]", common.bench_ms(
+        lambda: fused.qk_norm_rope(proj, w, w, pe, *bufs(s, heads, d), seq_off=0, heads=heads, eps_q=1e-6,
+                                   eps_k=1e-6, qk_norm="row")), proj[0].numel() * 6 * 2 + pe.numel() * 4)
+
+    def unfused_wan():
+        qq = torch.nn.functional.rms_norm(proj[0], (heads * d,), w, 1e-6).view(1, s, heads, d).transpose(1, 2)
+        kk = torch.nn.functional.rms_norm(proj[1], (heads * d,), w, 1e-6).view(1, s, heads, d).transpose(1, 2)
+        return _rope_ref(qq, pe), _rope_ref(kk, pe)
+    record("  unfused: rms_norm x2, rope (torch) x2", common.bench_ms(unfused_wan), proj[0].numel() * 2 * 8)
 
 
 def main() -> None:
@@ -76,6 +131,17 @@ def main() -> None:
         g, u = mlp.chunk(2, dim=-1)
         return triton_quant.quantize_rows(torch.cat((attn, torch.nn.functional.silu(g) * u), 2))
     record("  unfused: silu, mul, cat, quantize_rows", common.bench_ms(unfused_glu), nbytes * 3)
+    # GELU-tanh (FLUX.1, Chroma, Qwen-Image, Wan MLPs): the same kernel with the activation as a meta-parameter
+    gelu_in = torch.randn(b, 4096, f, device=dev, dtype=dt)
+    record("gelu_tanh+quant fused [4096, 12288] (double block / FFN, rule)",
+           common.bench_ms(lambda: fused.glu_quantize(None, gelu_in, activation="gelu_tanh")), gelu_in.numel() * 3)
+    record("  unfused: gelu(tanh), quantize_rows", common.bench_ms(
+        lambda: triton_quant.quantize_rows(torch.nn.functional.gelu(gelu_in, approximate="tanh"))),
+        gelu_in.numel() * 7)
+    gelu_single = h[..., 3 * hidden:3 * hidden + f]
+    record("[attn | gelu_tanh]+quant fused (single block, rule)", common.bench_ms(
+        lambda: fused.glu_quantize(attn, gelu_single, activation="gelu_tanh")),
+        attn.numel() * 2 + gelu_single.numel() * 2 + s * (hidden + f))
 
     pe = torch.randn(1, 1, s, d // 2, 2, 2, device=dev, dtype=torch.float32)
     qw = torch.ones(d, device=dev, dtype=dt)
@@ -91,6 +157,7 @@ def main() -> None:
         kk = torch.nn.functional.rms_norm(kk, (d,), qw, 1e-6)
         return _rope_ref(qq, pe), _rope_ref(kk, pe), vv
     record("  unfused: rms_norm x2, rope (torch) x2", common.bench_ms(unfused_qk), qkv.numel() * 8)
+    _other_architectures(record, dev, dt)
     # the gated residual add in the GEMM epilogue: its cost over the plain GEMM (reads the residual tile once)
     for m, k, n in ((4608, 16384, 4096), (4096, 4096, 4096), (4096, 12288, 4096)):
         plain, with_res = _gemm_residual_ms(m, k, n, dev, dt)

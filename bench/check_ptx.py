@@ -64,19 +64,30 @@ def _quant(k: int, group: int, dtype: torch.dtype, m: int = 4608, **kw) -> None:
                                  rotate_group=group, **kw)
 
 
-def _norm(k: int, group: int) -> None:
-    triton_fused.norm_modulate_quantize(_t(4608, k), _t(1, k), _t(1, k), 4608, 1e-6, group)
+def _norm(k: int, group: int, norm: str = "layer", shift: bool = True, weight: bool = False) -> None:
+    triton_fused.norm_modulate_quantize(_t(4608, k), _t(1, k) if shift else None, _t(1, k), 4608, 1e-6, group,
+                                        norm=norm, weight=_t(k) if weight else None)
 
 
-def _glu(p: int, f: int, group: int) -> None:
-    triton_fused.glu_quantize(_t(4608, p), _t(4608, 2 * f), f, rotate_group=group)
+def _glu(p: int, f: int, group: int, activation: str = "swiglu", pair: bool = False) -> None:
+    width = f if activation == "gelu_tanh" or pair else 2 * f
+    triton_fused.glu_quantize(_t(4608, p) if p else None, _t(4608, width), f, rotate_group=group,
+                              activation=activation, up=_t(4608, f) if pair else None)
 
 
-def _qk_norm_rope(heads: int, d: int) -> None:
-    s = 4608
+def _qk_norm_rope(heads: int, d: int, separate: bool = False, row_norm: bool = False,
+                  pe_dtype: torch.dtype = torch.float32) -> None:
+    """Fused [B, S, 3HD] projection (FLUX) or three [B, S, HD] ones (Qwen-Image, Wan with ``row_norm``)."""
+    s, hd = 4608, heads * d
     out = [_t(1, heads, s, d) for _ in range(3)]
-    triton_fused.qk_norm_rope(_t(1, s, 3 * heads * d), _t(d), _t(d), _t(1, 1, s, d // 2, 2, 2, dtype=torch.float32),
-                              *out, 0, heads, 1e-6, 1e-6)
+    if separate:
+        xq, xk, xv = (_t(1, s, hd) for _ in range(3))
+    else:
+        qkv = _t(1, s, 3 * hd)
+        xq, xk, xv = qkv[..., :hd], qkv[..., hd:2 * hd], qkv[..., 2 * hd:]
+    w = hd if row_norm else d
+    triton_fused.qk_norm_rope(xq, xk, xv, _t(w), _t(w), _t(1, 1, s, d // 2, 2, 2, dtype=pe_dtype), *out, 0, heads,
+                              1e-6, 1e-6, row_norm=row_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +125,17 @@ KERNEL_SPECS: tuple[KernelSpec, ...] = (
     KernelSpec("glu_quantize P=4096 F=12288 G=256", lambda: _glu(4096, 12288, 256)),
     KernelSpec("glu_quantize P=3072 F=9216 G=128", lambda: _glu(3072, 9216, 128), must_fit=False),
     KernelSpec("qk_norm_rope H=32 D=128", lambda: _qk_norm_rope(32, 128)),
+    # the other architectures' block forms (ops/blocks): GELU-tanh MLPs (Chroma, Qwen-Image, Wan), Z-Image's
+    # RMSNorm + scale, SwiGLU from its (w1, w3) pair and post-norm gated add, separate q/k/v projections
+    KernelSpec("glu_quantize GELU-tanh P=3072 F=12288", lambda: _glu(3072, 12288, 0, "gelu_tanh")),
+    KernelSpec("glu_quantize GELU-tanh F=12288 G=256", lambda: _glu(0, 12288, 256, "gelu_tanh")),
+    KernelSpec("glu_quantize SwiGLU pair F=10240", lambda: _glu(0, 10240, 0, "swiglu", pair=True)),
+    KernelSpec("norm_modulate_quantize RMS+weight K=3840", lambda: _norm(3840, 0, "rms", shift=False, weight=True)),
+    KernelSpec("qk_norm_rope separate H=24 D=128 bf16 table", lambda: _qk_norm_rope(24, 128, True,
+                                                                                    pe_dtype=torch.bfloat16)),
+    KernelSpec("qk_norm_rope row norm H=40 D=128", lambda: _qk_norm_rope(40, 128, True, row_norm=True)),
+    KernelSpec("rms_norm_gate_add N=3840", lambda: triton_fused.rms_norm_gate_add(
+        _t(4608, 3840), _t(4608, 3840), _t(3840), _t(1, 3840), 4608, 1e-6)),
 )
 
 # LoRA ranks compiled into every GEMM config: the smallest chunk (ranks <= 16) and the most chunks stacked

@@ -8,8 +8,8 @@ Public API (stable; ``int8_w8a8.kernels.reference`` has same-signature twins):
   lora_a=None, lora_b=None, quant_in_graph=False) -> y`` (an optional LoRA term fused into the epilogue)
 - ``dequantize(q, scale, dtype, *, rotate_group=0, validate=True) -> w``
 - ``lora_rank_padded(r) -> int`` (the rank the LoRA epilogue runs at)
-- ``kernels.fused``: LayerNorm/modulation, SwiGLU and q/k norm + RoPE fused with quantization, and the
-  gated residual add fused into the GEMM (the fused FLUX blocks, ``ops/flux_fused.py``)
+- ``kernels.fused``: LayerNorm/modulation, SwiGLU or GELU-tanh and q/k norm + RoPE fused with quantization, and the
+  gated residual add fused into the GEMM (the fused blocks of ``ops/blocks/``)
 
 Importing this package needs only torch; Triton is imported on first use on a CUDA device.
 """

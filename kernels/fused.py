@@ -4,9 +4,13 @@ Public functions (Triton on NVIDIA GPUs, the twins in ``reference_fused.py`` els
 dispatch rules as the rest of the package). Each takes the bf16/fp16/fp32 tensors a FLUX-style block
 holds and returns what the next INT8 GEMM consumes, so the intermediate activation is never written:
 
-- ``norm_modulate_quantize(x, shift, scale, eps, *, rotate_group=0) -> (q [M, K] int8, x_scale [M] float32)``
-- ``glu_quantize(prefix, glu, *, rotate_group=0) -> (q [M, P + F] int8, x_scale [M] float32)``
-- ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v)
+- ``norm_modulate_quantize(x, shift, scale, eps, *, rotate_group=0, norm="layer", weight=None)
+  -> (q [M, K] int8, x_scale [M] float32)`` (LayerNorm or RMSNorm, ``NORMS``)
+- ``glu_quantize(prefix, glu, *, rotate_group=0, activation="swiglu") -> (q [M, P + F] int8, x_scale [M] float32)``
+  (the MLP activation function is an argument: ``ACTIVATIONS``, SwiGLU or GELU-tanh)
+- ``rms_norm_gate_add(x, y, weight, gate, eps) -> x + gate * RMSNorm(y) * weight`` (a new tensor)
+- ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v;
+  ``qkv`` a fused projection or the three separate ones)
 - ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate) -> residual`` (updated in place)
 - ``int8_gemm(xq, x_scale, q, scale, bias, out_dtype) -> y [M, N]`` (the GEMM on rows quantized here)
 
@@ -21,8 +25,10 @@ import torch
 
 from . import _checks, api, reference_fused
 from .dispatch import choose_backend
+from .reference_fused import ACTIVATIONS, NORMS, QK_NORMS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+NORM_GATE_MAX_N = 16384  # rows normalized in one tile by ``rms_norm_gate_add`` (Z-Image: 3840)
 
 
 def _triton(device: torch.device) -> bool:
@@ -54,146 +60,266 @@ def _per_batch(t: torch.Tensor, batch: int, width: int) -> torch.Tensor:
 
 
 def norm_modulate_quantize(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, *, rotate_group: int = 0
+    x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, eps: float = 1e-6, *, rotate_group: int = 0,
+    norm: str = "layer", weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """INT8 rows of ``LayerNorm(x) * (1 + scale) + shift`` (LayerNorm without affine, per-batch modulation).
+    """INT8 rows of ``norm(x) * (1 + scale) + shift`` (per-batch modulation).
 
     Args:
-        x: ``[B, S, K]`` float; shift, scale: ``[B, 1, K]`` (or ``[B, K]``) float.
+        x: ``[B, S, K]`` float; shift (or None: no shift), scale: ``[B, 1, K]`` (or ``[B, K]``) float.
+        norm: ``"layer"``: LayerNorm (FLUX, Qwen-Image); ``"rms"``: RMSNorm (Z-Image) (``NORMS``), each times
+            ``weight`` ``[K]`` when given (none: without affine).
         rotate_group: 0, or the ConvRot group (64, 128, 256; divides K) of the layer the rows feed: each
             group of the modulated row is rotated by a Hadamard matrix before quantizing.
     Returns:
         ``q`` int8 ``[B*S, K]`` and ``x_scale`` float32 ``[B*S]`` (rows with NaN/Inf: NaN).
     """
-    check_norm_modulate(x, shift, scale, rotate_group)
+    check_norm_modulate(x, shift, scale, rotate_group, norm, weight)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.norm_modulate_quantize(x, shift, scale, float(eps), rotate_group)
-    return norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group)
+        return torch.ops.int8_w8a8.norm_modulate_quantize(x, shift, scale, float(eps), rotate_group, norm, weight)
+    return norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group, norm, weight)
 
 
-def check_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, rotate_group: int = 0) -> None:
+def check_norm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, rotate_group: int = 0,
+                        norm: str = "layer", weight: torch.Tensor | None = None) -> None:
     """Metadata checks of ``norm_modulate_quantize`` (also run on fake tensors while tracing)."""
     if x.dim() != 3:
         raise ValueError(f"x: expected [B, S, K], got {list(x.shape)}")
     if x.dtype not in _FLOATS:
         raise ValueError(f"x: expected float16/bfloat16/float32, got {x.dtype}")
+    if norm not in NORMS:
+        raise ValueError(f"norm: expected one of {', '.join(NORMS)}, got {norm!r}")
     b, _, k = x.shape
-    _check_per_batch(shift, b, k, "shift")
+    if shift is not None:
+        _check_per_batch(shift, b, k, "shift")
     _check_per_batch(scale, b, k, "scale")
+    if weight is not None and (tuple(weight.shape) != (k,) or weight.dtype not in _FLOATS):
+        raise ValueError(f"weight: expected a float [{k}] norm weight, got {list(weight.shape)} {weight.dtype}")
     _checks.check_rotate_group(rotate_group, k)
 
 
-def norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group=0):
+def norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group=0, norm="layer", weight=None):
     """``norm_modulate_quantize`` after its checks passed (eager, and the body of its custom op)."""
     b, s, k = x.shape
     x2 = _rows(x)
-    sh, sc = _per_batch(shift, b, k), _per_batch(scale, b, k)
+    sc = _per_batch(scale, b, k)
+    sh = None if shift is None else _per_batch(shift, b, k)
+    if sh is not None and sh.stride(0) != sc.stride(0):  # the kernel steps through both with one row stride
+        sh, sc = sh.contiguous(), sc.contiguous()
+    w = None if weight is None else weight.contiguous()
     if _triton(x.device):
         from . import triton_fused
 
         if k <= triton_fused.NORM_MAX_K:
             try:
-                return triton_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group)
+                return triton_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group, norm, w)
             except triton_fused.TileTooLargeError:
                 pass  # logged once by the launcher
-    return reference_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group)
+    return reference_fused.norm_modulate_quantize(x2, sh, sc, max(s, 1), eps, rotate_group, norm, w)
 
 
 def glu_quantize(
-    prefix: torch.Tensor | None, glu: torch.Tensor, *, rotate_group: int = 0
+    prefix: torch.Tensor | None, glu: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *, rotate_group: int = 0,
+    activation: str = "swiglu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """INT8 rows of ``[prefix | silu(g) * u]`` with ``g, u = glu.chunk(2, -1)`` (FLUX.2's SwiGLU).
+    """INT8 rows of ``[prefix | act(glu)]``: the input of an MLP's down projection (after the attention output
+    in a parallel block's fused output linear), with the MLP's activation function ``act``.
 
     Args:
-        prefix: ``[..., P]`` float or None (FLUX.2 single blocks: the attention output).
-        glu: ``[..., 2F]`` float, same leading dims (any row stride: a column slice of a wider output).
+        prefix: ``[..., P]`` float or None (FLUX single blocks: the attention output).
+        glu: the MLP's up projection output, same leading dims (any row stride: a column slice of a wider
+            output): ``[..., 2F]`` gate and up halves for ``activation="swiglu"`` (``silu(g) * u``, FLUX.2), or
+            the pair ``(gate, up)`` of ``[..., F]`` outputs of two projections (Z-Image's w1 / w3); ``[..., F]``
+            for ``"gelu_tanh"`` (GELU, tanh approximation: FLUX.1, Chroma, Qwen-Image, Wan).
         rotate_group: 0, or the ConvRot group of the layer the rows feed (divides P and F): each group of
             the row is rotated by a Hadamard matrix before quantizing.
     Returns:
         ``q`` int8 ``[M, P + F]`` and ``x_scale`` float32 ``[M]``.
     """
-    check_glu(prefix, glu, rotate_group)
+    glu, up = glu if isinstance(glu, (tuple, list)) else (glu, None)
+    check_glu(prefix, glu, rotate_group, activation, up)
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.glu_quantize(prefix, glu, rotate_group)
-    return glu_quantize_impl(prefix, glu, rotate_group)
+        return torch.ops.int8_w8a8.glu_quantize(prefix, glu, rotate_group, activation, up)
+    return glu_quantize_impl(prefix, glu, rotate_group, activation, up)
 
 
-def check_glu(prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int = 0) -> None:
+def glu_width(glu: torch.Tensor, activation: str, up: torch.Tensor | None = None) -> int:
+    """F, the activated columns of ``glu`` (``[..., 2F]`` for SwiGLU, ``[..., F]`` for GELU or with ``up``)."""
+    return glu.shape[-1] if up is not None else glu.shape[-1] // ACTIVATIONS[activation]
+
+
+def check_glu(
+    prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int = 0, activation: str = "swiglu",
+    up: torch.Tensor | None = None,
+) -> None:
     """Metadata checks of ``glu_quantize``."""
-    if glu.shape[-1] % 2:
-        raise ValueError(f"glu: last dim must be even (gate and up halves), got {glu.shape[-1]}")
-    for name, t in (("glu", glu), ("prefix", prefix)):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if up is not None and (activation != "swiglu" or up.shape != glu.shape):
+        raise ValueError(f"glu: a (gate, up) pair needs swiglu and equal shapes, got {activation} with "
+                         f"{list(glu.shape)} and {list(up.shape)}")
+    if up is None and glu.shape[-1] % ACTIVATIONS[activation]:
+        raise ValueError(f"glu: last dim must be even for {activation} (gate and up halves), got {glu.shape[-1]}")
+    for name, t in (("glu", glu), ("prefix", prefix), ("up", up)):
         if t is not None and t.dtype not in _FLOATS:
             raise ValueError(f"{name}: expected float16/bfloat16/float32, got {t.dtype}")
     if prefix is not None and prefix.shape[:-1].numel() != glu.shape[:-1].numel():
         raise ValueError(f"prefix: {prefix.shape[:-1].numel()} rows but glu has {glu.shape[:-1].numel()}")
-    # groups must not straddle the prefix / SwiGLU boundary
-    _checks.check_rotate_group(rotate_group, glu.shape[-1] // 2)
+    # groups must not straddle the prefix / activation boundary
+    _checks.check_rotate_group(rotate_group, glu_width(glu, activation, up))
     if prefix is not None:
         _checks.check_rotate_group(rotate_group, prefix.shape[-1])
 
 
-def glu_quantize_impl(prefix, glu, rotate_group=0):
+def glu_quantize_impl(prefix, glu, rotate_group=0, activation="swiglu", up=None):
     """``glu_quantize`` after its checks passed (eager, and the body of its custom op)."""
     g2 = _rows(glu)
+    u2 = None if up is None else _rows(up)
     p2 = None if prefix is None else _rows(prefix)
-    f = glu.shape[-1] // 2
+    f = glu_width(glu, activation, up)
     if _triton(glu.device):
         from . import triton_fused
 
         try:
-            return triton_fused.glu_quantize(p2, g2, f, rotate_group=rotate_group)
+            return triton_fused.glu_quantize(p2, g2, f, rotate_group=rotate_group, activation=activation, up=u2)
         except triton_fused.TileTooLargeError:
             pass  # logged once by the launcher
-    return reference_fused.glu_quantize(p2, g2, f, rotate_group)
+    return reference_fused.glu_quantize(p2, g2, f, rotate_group, activation, u2)
+
+
+def rms_norm_gate_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """``x + gate * RMSNorm(y) * weight`` as a new tensor, float32 inside, rounded once: a sublayer output that
+    is normalized after its projection, added to the residual stream through its gate (Z-Image's
+    ``attention_norm2`` / ``ffn_norm2``; the gate is ``tanh`` of the modulation there, applied by the caller).
+
+    Args:
+        x: ``[B, S, N]`` float, the residual stream (not modified).
+        y: ``[B, S, N]`` or ``[B * S, N]`` float, the projection output; weight: ``[N]``; gate: ``[B, 1, N]`` or
+            ``[B, N]`` (B or 1).
+    Returns:
+        ``[B, S, N]`` in x's dtype.
+    """
+    check_norm_gate_add(x, y, weight, gate)
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.rms_norm_gate_add(x, y, weight, gate, float(eps))
+    return rms_norm_gate_add_impl(x, y, weight, gate, eps)
+
+
+def check_norm_gate_add(x, y, weight, gate) -> None:
+    """Metadata checks of ``rms_norm_gate_add``."""
+    if x.dim() != 3:
+        raise ValueError(f"x: expected [B, S, N], got {list(x.shape)}")
+    b, s, n = x.shape
+    if y.shape[-1] != n or y.shape[:-1].numel() != b * s:
+        raise ValueError(f"y: expected [B, S, {n}] or [B * S, {n}] rows of x {list(x.shape)}, got {list(y.shape)}")
+    if tuple(weight.shape) != (n,):
+        raise ValueError(f"weight: expected [{n}], got {list(weight.shape)}")
+    for name, t in (("x", x), ("y", y), ("weight", weight), ("gate", gate)):
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{name}: expected float16/bfloat16/float32, got {t.dtype}")
+    _check_per_batch(gate, b, n, "gate")
+
+
+def rms_norm_gate_add_impl(x, y, weight, gate, eps) -> torch.Tensor:
+    """``rms_norm_gate_add`` after its checks passed (eager, and the body of its custom op)."""
+    b, s, n = x.shape
+    x2, y2, g = _rows(x), _rows(y), _per_batch(gate, b, n)
+    w = weight.contiguous()
+    if _triton(x.device) and n <= NORM_GATE_MAX_N:
+        from . import triton_fused
+
+        return triton_fused.rms_norm_gate_add(x2, y2, w, g, max(s, 1), eps).view(b, s, n)
+    return reference_fused.rms_norm_gate_add(x2, y2, w, g, max(s, 1), eps).view(b, s, n)
 
 
 def qk_norm_rope(
-    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, pe: torch.Tensor,
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seq_off: int, heads: int, eps_q: float, eps_k: float,
+    qkv: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor], q_weight: torch.Tensor,
+    k_weight: torch.Tensor, pe: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seq_off: int,
+    heads: int, eps_q: float, eps_k: float, qk_norm: str = "head",
 ) -> None:
-    """Split a fused qkv projection into heads, RMS-normalize q and k (weights ``[D]``), rotate them by
-    ``pe`` and write q, k, v into ``[B, H, S_total, D]`` at sequence positions ``seq_off:seq_off + S``.
+    """Split q/k/v projections into heads, RMS-normalize q and k, rotate them by ``pe`` and write q, k, v into
+    ``[B, H, S_total, D]`` at sequence positions ``seq_off:seq_off + S``.
 
     Args:
-        qkv: ``[B, S, 3 * H * D]`` float (unit last stride; any row stride).
-        pe: ``[B or 1, 1, S_total, D/2, 2, 2]`` float32 rotation matrices (ComfyUI's ``EmbedND`` output).
+        qkv: a fused projection ``[B, S, 3 * H * D]`` (FLUX), or the three projections ``(xq, xk, xv)``, each
+            ``[B, S, H * D]`` with equal strides (Qwen-Image's to_q/to_k/to_v); float, unit last stride, any
+            row stride.
+        pe: ``[B or 1, 1, S_total, D/2, 2, 2]`` rotation matrices (ComfyUI's ``EmbedND`` layout), float32 or the
+            model's dtype (Qwen-Image rounds its table to it); used in float32.
         q, k, v: ``[B, H, S_total, D]`` outputs in qkv's dtype with a unit last stride and equal strides:
             contiguous, or ``[B, S_total, H, D]`` buffers seen through ``.transpose(1, 2)``, the layout
             attention kernels return their output in (then ``[B, S, H * D]`` needs no copy).
+        qk_norm: ``"head"``: RMS over each head's D values, weights ``[D]`` (FLUX, Qwen-Image, Z-Image);
+            ``"row"``: RMS over the token's whole q (k) row, weights ``[H * D]`` (Wan) (``QK_NORMS``).
     """
-    check_qk_norm_rope(qkv, pe, q, k, v, seq_off, heads)
+    xq, xk, xv = split_qkv(qkv)
+    check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off, heads, q_weight, k_weight, qk_norm)
     if torch.compiler.is_compiling():
-        torch.ops.int8_w8a8.qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, float(eps_q),
-                                         float(eps_k))
+        torch.ops.int8_w8a8.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, float(eps_q),
+                                         float(eps_k), qk_norm)
         return
-    qk_norm_rope_impl(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+    qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k, qk_norm)
 
 
-def check_qk_norm_rope(qkv, pe, q, k, v, seq_off: int, heads: int) -> None:
-    """Metadata checks of ``qk_norm_rope``."""
-    bsz, s, width = qkv.shape
-    d = width // (3 * heads) if heads else 0
-    if heads <= 0 or width != 3 * heads * d or d % 2:
-        raise ValueError(f"qkv: last dim {width} is not 3 * heads ({heads}) * an even head dim")
+def split_qkv(qkv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(xq, xk, xv)`` as given, or the three column thirds of a fused ``[B, S, 3 * W]`` projection (views)."""
+    if isinstance(qkv, (tuple, list)):
+        if len(qkv) != 3:
+            raise ValueError(f"qkv: expected a fused projection or three (q, k, v) projections, got {len(qkv)}")
+        return tuple(qkv)
+    width = qkv.shape[-1]
+    if width % 3:
+        raise ValueError(f"qkv: last dim {width} is not 3 * heads * head dim")
+    w = width // 3
+    return qkv[..., :w], qkv[..., w:2 * w], qkv[..., 2 * w:]
+
+
+def check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off: int, heads: int, q_weight=None, k_weight=None,
+                       qk_norm: str = "head") -> None:
+    """Metadata checks of ``qk_norm_rope`` (on the three projections)."""
+    if qk_norm not in QK_NORMS:
+        raise ValueError(f"qk_norm: expected one of {', '.join(QK_NORMS)}, got {qk_norm!r}")
+    if xq.dim() != 3:
+        raise ValueError(f"qkv: expected [B, S, H * D] projections, got {list(xq.shape)}")
+    bsz, s, width = xq.shape
+    d = width // heads if heads else 0
+    if heads <= 0 or width != heads * d or d % 2:
+        raise ValueError(f"qkv: width {width} of each of q/k/v is not heads ({heads}) * an even head dim")
+    for name, t in (("k projection", xk), ("v projection", xv)):
+        if t.shape != xq.shape or t.stride() != xq.stride() or t.dtype != xq.dtype:
+            raise ValueError(f"{name}: expected the q projection's shape {list(xq.shape)}, strides {xq.stride()} and "
+                             f"dtype {xq.dtype}, got {list(t.shape)}, {t.stride()}, {t.dtype}")
     want = (bsz, heads, q.shape[2], d)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if tuple(t.shape) != want or t.stride() != q.stride() or q.stride(-1) != 1 or t.dtype != qkv.dtype:
-            raise ValueError(f"{name}: expected a {qkv.dtype} tensor {list(want)} with a unit last stride and "
+        if tuple(t.shape) != want or t.stride() != q.stride() or q.stride(-1) != 1 or t.dtype != xq.dtype:
+            raise ValueError(f"{name}: expected a {xq.dtype} tensor {list(want)} with a unit last stride and "
                              f"q's strides, got {list(t.shape)} with strides {t.stride()}")
+    if pe.dim() != 6 or not pe.is_floating_point():
+        raise ValueError(f"pe: expected float [B, 1, S, D/2, 2, 2] rotation matrices, got {list(pe.shape)} {pe.dtype}")
     if seq_off < 0 or seq_off + s > q.shape[2] or pe.shape[2] < seq_off + s or tuple(pe.shape[3:]) != (d // 2, 2, 2):
         raise ValueError(f"pe {list(pe.shape)} / seq_off {seq_off}: do not cover {s} positions of head dim {d}")
+    if pe.shape[0] not in (1, bsz):
+        raise ValueError(f"pe: batch {pe.shape[0]} is neither 1 nor the projections' {bsz}")
+    n = d if qk_norm == "head" else width
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w is not None and tuple(w.shape) != (n,):
+            raise ValueError(f"{name}: expected [{n}] for {qk_norm} norms, got {list(w.shape)}")
 
 
-def qk_norm_rope_impl(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k) -> None:
+def qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
+                      qk_norm="head") -> None:
     """``qk_norm_rope`` after its checks passed (eager, and the body of its custom op)."""
-    d = qkv.shape[-1] // (3 * heads)
-    if _triton(qkv.device) and qkv.stride(-1) == 1 and (d & (d - 1)) == 0:
+    d = xq.shape[-1] // heads
+    row = qk_norm == "row"
+    if _triton(xq.device) and xq.stride(-1) == 1 and (d & (d - 1)) == 0:
         from . import triton_fused
 
-        pe = pe if pe.dtype == torch.float32 and pe[0, 0, 0].is_contiguous() else pe.float().contiguous()
-        return triton_fused.qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
-    return reference_fused.qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+        pe = pe if pe.dtype in _FLOATS and pe[0, 0, 0].is_contiguous() else pe.float().contiguous()
+        return triton_fused.qk_norm_rope(xq, xk, xv, q_weight.contiguous(), k_weight.contiguous(), pe, q, k, v,
+                                         seq_off, heads, eps_q, eps_k, row)
+    return reference_fused.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
+                                        row)
 
 
 def int8_gemm_residual(

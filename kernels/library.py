@@ -101,41 +101,56 @@ def _(q, scale, dtype, rotate_group, validate):
 # ---- the fused block kernels (kernels/fused.py): traced by fused FLUX blocks under torch.compile ----
 @torch.library.custom_op(f"{LIB}::norm_modulate_quantize", mutates_args=())
 def norm_modulate_quantize_op(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, rotate_group: int
+    x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, eps: float, rotate_group: int,
+    norm: str = "layer", weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return fused.norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group)
+    return fused.norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group, norm, weight)
 
 
 @norm_modulate_quantize_op.register_fake
-def _(x, shift, scale, eps, rotate_group):
+def _(x, shift, scale, eps, rotate_group, norm="layer", weight=None):
     m = x.shape[0] * x.shape[1]
     return x.new_empty((m, x.shape[2]), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{LIB}::glu_quantize", mutates_args=())
 def glu_quantize_op(
-    prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int
+    prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int, activation: str = "swiglu",
+    up: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return fused.glu_quantize_impl(prefix, glu, rotate_group)
+    return fused.glu_quantize_impl(prefix, glu, rotate_group, activation, up)
 
 
 @glu_quantize_op.register_fake
-def _(prefix, glu, rotate_group):
+def _(prefix, glu, rotate_group, activation="swiglu", up=None):
     m = math.prod(glu.shape[:-1])
-    width = glu.shape[-1] // 2 + (prefix.shape[-1] if prefix is not None else 0)
+    width = fused.glu_width(glu, activation, up) + (prefix.shape[-1] if prefix is not None else 0)
     return glu.new_empty((m, width), dtype=torch.int8), glu.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIB}::rms_norm_gate_add", mutates_args=())
+def rms_norm_gate_add_op(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float
+) -> torch.Tensor:
+    return fused.rms_norm_gate_add_impl(x, y, weight, gate, eps)
+
+
+@rms_norm_gate_add_op.register_fake
+def _(x, y, weight, gate, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op(f"{LIB}::qk_norm_rope", mutates_args=("q", "k", "v"))
 def qk_norm_rope_op(
-    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, pe: torch.Tensor, q: torch.Tensor,
-    k: torch.Tensor, v: torch.Tensor, seq_off: int, heads: int, eps_q: float, eps_k: float,
+    xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    pe: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_off: int, heads: int, eps_q: float,
+    eps_k: float, qk_norm: str = "head",
 ) -> None:
-    fused.qk_norm_rope_impl(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k)
+    fused.qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k, qk_norm)
 
 
 @qk_norm_rope_op.register_fake
-def _(qkv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k):
+def _(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k, qk_norm="head"):
     return None
 
 

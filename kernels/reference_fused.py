@@ -19,52 +19,109 @@ def _rotated(y: torch.Tensor, rotate_group: int) -> torch.Tensor:
     return rotate(y, rotate_group) if rotate_group else y
 
 
-def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0):
-    """``quant(rot(LayerNorm(x2) * (1 + mscale[b]) + shift[b]))``; x2 [M, K], shift/mscale [B, K],
-    b = row // rows_per_batch, rot: the ConvRot group rotation (``rotate_group`` > 0) or the identity.
+# The norms ``norm_modulate_quantize`` applies before modulating: LayerNorm without affine (FLUX, Qwen-Image)
+# or RMSNorm (Z-Image), each optionally times a weight [K].
+NORMS = ("layer", "rms")
+
+
+def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0,
+                           norm: str = "layer", weight=None):
+    """``quant(rot(norm(x2) * (1 + mscale[b]) + shift[b]))``; x2 [M, K], shift (or None) / mscale [B, K],
+    b = row // rows_per_batch; norm: LayerNorm ("layer") or RMSNorm ("rms"), times ``weight`` [K] when given;
+    rot: the ConvRot group rotation (``rotate_group`` > 0) or the identity.
 
     Returns q int8 [M, K] and scale float32 [M]."""
     m = x2.shape[0]
     xf = x2.float()
-    mean = xf.mean(dim=1, keepdim=True)
-    d = xf - mean
+    d = xf - xf.mean(dim=1, keepdim=True) if norm == "layer" else xf
     var = (d * d).mean(dim=1, keepdim=True)
     batch = torch.arange(m, device=x2.device) // rows_per_batch
-    y = d * torch.rsqrt(var + eps) * (1.0 + mscale.float()[batch]) + shift.float()[batch]
+    y = d * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.float()
+    y = y * (1.0 + mscale.float()[batch])
+    if shift is not None:
+        y = y + shift.float()[batch]
     return _quantize_float_rows(_rotated(y, rotate_group))
 
 
-def glu_rows(prefix, glu, f: int) -> torch.Tensor:
-    """Float32 rows ``[prefix | silu(glu[:, :f]) * glu[:, f:2f]]`` [M, P + F]."""
+# The MLP activation functions of the fused quantizer (``glu_quantize``) -> input columns per output column:
+# SwiGLU reads a gate and an up half (FLUX.2, Z-Image), GELU with the tanh approximation one column (FLUX.1,
+# Chroma, Qwen-Image, Wan).
+ACTIVATIONS = {"swiglu": 2, "gelu_tanh": 1}
+
+
+def activated(glu: torch.Tensor, f: int, activation: str = "swiglu", up=None) -> torch.Tensor:
+    """Float32 ``silu(glu[:, :f]) * u`` ("swiglu"; u = ``up`` [M, F] or ``glu[:, f:2f]``) or
+    ``gelu_tanh(glu[:, :f])`` ("gelu_tanh")."""
     g = glu[:, :f].float()
-    act = torch.nn.functional.silu(g) * glu[:, f:2 * f].float()
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(g, approximate="tanh")
+    u = up if up is not None else glu[:, f:2 * f]
+    return torch.nn.functional.silu(g) * u.float()
+
+
+def glu_rows(prefix, glu, f: int, activation: str = "swiglu", up=None) -> torch.Tensor:
+    """Float32 rows ``[prefix | act(glu)]`` [M, P + F] (``activated``)."""
+    act = activated(glu, f, activation, up)
     return act if prefix is None else torch.cat((prefix.float(), act), dim=1)
 
 
-def glu_quantize(prefix, glu, f: int, rotate_group: int = 0):
-    """prefix [M, P] or None, glu [M, 2F] -> q int8 [M, P + F], scale float32 [M] (rows rotated per ConvRot
-    group when ``rotate_group`` > 0; P and F are multiples of it)."""
-    return _quantize_float_rows(_rotated(glu_rows(prefix, glu, f), rotate_group))
+def glu_quantize(prefix, glu, f: int, rotate_group: int = 0, activation: str = "swiglu", up=None):
+    """prefix [M, P] or None, glu [M, 2F] (SwiGLU) or [M, F] (GELU-tanh; SwiGLU's gate with ``up`` [M, F]) ->
+    q int8 [M, P + F], scale float32 [M] (rows rotated per ConvRot group when ``rotate_group`` > 0; P and F are
+    multiples of it)."""
+    return _quantize_float_rows(_rotated(glu_rows(prefix, glu, f, activation, up), rotate_group))
 
 
 def rms_rope(x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor, eps: float) -> torch.Tensor:
     """Float32 ``rope(rms_norm(x) * weight)``; x [B, H, S, D], pe [Bp, 1, S, D/2, 2, 2] float32."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    return rope(y, pe)
+
+
+# Where ``qk_norm_rope`` takes the RMS of q and k: over each head (weights [D]) or the whole row (weights [H*D]).
+QK_NORMS = ("head", "row")
+
+
+def rope(y: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """Float32 rotation of pairs (2i, 2i+1) of ``y`` [B, H, S, D] by ``pe`` [Bp, 1, S, D/2, 2, 2]."""
     y2 = y.reshape(*y.shape[:-1], -1, 1, 2)
-    out = pe[..., 0] * y2[..., 0] + pe[..., 1] * y2[..., 1]
-    return out.reshape(y.shape)
+    return (pe[..., 0] * y2[..., 0] + pe[..., 1] * y2[..., 1]).reshape(y.shape)
 
 
-def qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float, eps_k: float):
-    """qkv [B, S, 3*H*D] -> q, k (normalized, rotated) and v written into [B, H, S_total, D] at ``seq_off``."""
-    bsz, s, width = qkv.shape
-    d = width // (3 * heads)
-    parts = qkv.reshape(bsz, s, 3, heads, d).permute(2, 0, 3, 1, 4)
-    pe_part = pe[:, :, seq_off:seq_off + s]
-    q[:, :, seq_off:seq_off + s] = rms_rope(parts[0], q_weight, pe_part, eps_q).to(q.dtype)
-    k[:, :, seq_off:seq_off + s] = rms_rope(parts[1], k_weight, pe_part, eps_k).to(k.dtype)
-    v[:, :, seq_off:seq_off + s] = parts[2].to(v.dtype)
+def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float,
+                 eps_k: float, row_norm: bool = False):
+    """xq, xk, xv [B, S, H*D] -> q, k (normalized, rotated) and v written into [B, H, S_total, D] at ``seq_off``;
+    pe [Bp, 1, S_total, D/2, 2, 2] float (used in float32); ``row_norm``: RMS over the whole row (weights
+    [H*D]) instead of each head (weights [D])."""
+    bsz, s, width = xq.shape
+    d = width // heads
+    pe_part = pe[:, :, seq_off:seq_off + s].float()
+
+    def heads_of(x):
+        return x.reshape(bsz, s, heads, d).transpose(1, 2)
+
+    def normed(x, w, eps):
+        if not row_norm:
+            return rms_rope(heads_of(x), w, pe_part, eps)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * w.float()
+        return rope(heads_of(y), pe_part)
+
+    q[:, :, seq_off:seq_off + s] = normed(xq, q_weight, eps_q).to(q.dtype)
+    k[:, :, seq_off:seq_off + s] = normed(xk, k_weight, eps_k).to(k.dtype)
+    v[:, :, seq_off:seq_off + s] = heads_of(xv).to(v.dtype)
+
+
+def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float) -> torch.Tensor:
+    """``x2 + gate[b] * rms_norm(y2) * weight`` in float32, rounded once to x2's dtype (a new tensor); x2, y2
+    [M, N], weight [N], gate [B, N], b = row // rows_per_batch."""
+    yf = y2.float()
+    n = yf * torch.rsqrt(yf.pow(2).mean(dim=1, keepdim=True) + eps) * weight.float()
+    batch = torch.arange(x2.shape[0], device=x2.device) // rows_per_batch
+    return (x2.float() + gate.float()[batch] * n).to(x2.dtype)
 
 
 def int8_gemm_residual(xq, x_scale, q, w_scale, bias, residual, gate, rows_per_batch: int) -> torch.Tensor:

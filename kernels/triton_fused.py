@@ -3,14 +3,20 @@
 In an eager FLUX.2 step these ops, not the GEMMs, are most of the non-attention time (profile in
 bench/NOTES.md): each one reads and writes a whole bf16 activation. Fused here:
 
-* ``_norm_mod_quant_kernel``: LayerNorm (no affine) -> ``* (1 + scale) + shift`` -> per-row INT8.
+* ``_norm_mod_quant_kernel``: LayerNorm (no affine) or RMSNorm (with or without its weight) ->
+  ``* (1 + scale) (+ shift)`` -> per-row INT8.
   The modulated activation only feeds a linear layer, so it is never written in bf16.
-* ``_glu_quant_kernel``: the input rows of a block's output linear, ``[prefix | silu(g) * u]``
-  (FLUX.2 single blocks: attention output next to the SwiGLU of the MLP half; double blocks: the
-  SwiGLU alone), quantized per row without materializing the activation or the concatenation.
+* ``_glu_quant_kernel``: the input rows of a block's output linear, ``[prefix | act(h)]`` with the
+  MLP's activation function ``act`` chosen by ``ACT`` (``ACT_CODES``): SwiGLU ``silu(g) * u``
+  (FLUX.2, Z-Image) or GELU-tanh (FLUX.1, Chroma, Qwen-Image, Wan). Single blocks: attention output
+  next to the activated MLP half; double blocks: the activation alone. Quantized per row without
+  materializing the activation or the concatenation.
+* ``_norm_gate_add_kernel``: a post-normalized sublayer output added to the residual through its gate,
+  ``x + gate * RMSNorm(y) * w`` (Z-Image's sandwich norms), in one pass.
 * ``_qk_norm_rope_kernel``: per-head RMSNorm of q and k, rotary embedding, and the copy of q, k, v
-  from the fused qkv projection into contiguous ``[B, H, S, D]`` buffers (at a sequence offset, so
-  the two streams of a double block land in one buffer without ``torch.cat``).
+  from the q/k/v projections (three column slices of a fused qkv projection, or three separate
+  projections as Qwen-Image's) into ``[B, H, S, D]`` buffers (at a sequence offset, so the two streams
+  of a double block land in one buffer without ``torch.cat``).
 
 The two quantizing kernels optionally rotate each group of GROUP columns by a Hadamard matrix before
 quantizing (ConvRot weights expect rotated activations), with ``triton_quant._rotate`` (tf32 dots) on
@@ -71,15 +77,18 @@ def _maybe_rotate(v, h_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP:
 
 @triton.jit
 def _norm_mod_quant_kernel(
-    x_ptr, shift_ptr, mscale_ptr, q_ptr, scale_ptr, h_ptr,
+    x_ptr, shift_ptr, mscale_ptr, w_ptr, q_ptr, scale_ptr, h_ptr,
     M, K, rows_per_batch, stride_xm, stride_mb, stride_qm, eps,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
     GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
+    RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
-    """q, scale = quant(rot(LayerNorm(x) * (1 + mscale[b]) + shift[b])), b = row // rows_per_batch.
+    """q, scale = quant(rot(norm(x) * (1 + mscale[b]) + shift[b])), b = row // rows_per_batch.
 
-    A row fits one tile (K <= BLOCK_K): read once, statistics and quantization from registers. rot: the
-    group rotation when GROUP > 0 (K % GROUP == 0), else the identity.
+    norm: LayerNorm without affine (RMS false; FLUX, Qwen-Image) or RMSNorm (RMS true; Z-Image), times the
+    weight w when HAS_WEIGHT; without HAS_SHIFT there is no shift. A row fits one tile (K <= BLOCK_K): read
+    once, statistics and quantization from registers. rot: the group rotation when GROUP > 0 (K % GROUP == 0),
+    else the identity.
     """
     cols = tl.arange(0, BLOCK_K)
     col_ok = cols < K
@@ -89,28 +98,51 @@ def _norm_mod_quant_kernel(
         ok = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
         x = x.to(tl.float32)
-        mean = tl.sum(x, axis=1) / K
-        d = tl.where(ok, x - mean[:, None], 0.0)
+        if RMS:
+            d = x
+        else:
+            mean = tl.sum(x, axis=1) / K
+            d = tl.where(ok, x - mean[:, None], 0.0)
         var = tl.sum(d * d, axis=1) / K
         rstd = 1.0 / tl.sqrt_rn(var + eps)
+        y = d * rstd[:, None]
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         mod = (rows // rows_per_batch).to(tl.int64)[:, None] * stride_mb + cols[None, :]
         sc = tl.load(mscale_ptr + mod, mask=ok, other=0.0).to(tl.float32)
-        sh = tl.load(shift_ptr + mod, mask=ok, other=0.0).to(tl.float32)
-        y = tl.where(ok, (d * rstd[:, None]) * (1.0 + sc) + sh, 0.0)
+        y = y * (1.0 + sc)
+        if HAS_SHIFT:
+            y = y + tl.load(shift_ptr + mod, mask=ok, other=0.0).to(tl.float32)
+        y = tl.where(ok, y, 0.0)
         y = _maybe_rotate(y, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
         absmax, nonfinite = _row_stats(y, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
         _quantize_store(y, inv, 0, rows, row_ok, cols, K, q_ptr, stride_qm, False, FAST_ROUND)
 
 
+# ``_glu_quant_kernel``'s ACT meta-parameter for each of ``reference_fused.ACTIVATIONS``
+ACT_CODES = {"swiglu": 0, "gelu_tanh": 1}
+_GELU_2C = tl.constexpr(2.0 * 0.7978845608028654)  # 2 * sqrt(2 / pi)
+
+
 @triton.jit
-def _glu_tile(g_ptr, rows, row_ok, cols, F, stride_gm):
-    """silu(g) * u for a [BLOCK_M, BLOCK_K] tile; g = columns [0, F), u = columns [F, 2F) of each row."""
+def _glu_tile(g_ptr, u_ptr, rows, row_ok, cols, F, stride_gm, stride_um, ACT: tl.constexpr):
+    """act(h) for a [BLOCK_M, BLOCK_K] tile (0 outside the tensor).
+
+    ACT 0, SwiGLU: silu(g) * u with g = columns [0, F) of g's rows, u = columns [0, F) of u's rows (the second
+    half of the same rows for a fused gate|up projection, or a separate one: Z-Image's w1 / w3). ACT 1, GELU-tanh:
+    0.5 * x * (1 + tanh(c * (x + 0.044715 * x^3))) on columns [0, F), written as x * sigmoid(2c * (...))
+    (the same function; Triton has no tanh that runs in the interpreter)."""
     ok = row_ok[:, None] & (cols < F)[None, :]
     base = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
     g = tl.load(base, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(base + F, mask=ok, other=0.0).to(tl.float32)
-    return g * tl.sigmoid(g) * u
+    if ACT == 0:
+        u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + cols[None, :], mask=ok, other=0.0)
+        u = u.to(tl.float32)
+        out = g * tl.sigmoid(g) * u
+    else:
+        out = g * tl.sigmoid(_GELU_2C * (g + 0.044715 * (g * g * g)))
+    return out
 
 
 @triton.jit
@@ -121,12 +153,12 @@ def _prefix_tile(p_ptr, rows, row_ok, cols, P, stride_pm):
 
 @triton.jit
 def _glu_quant_kernel(
-    p_ptr, g_ptr, q_ptr, scale_ptr, h_ptr,
-    M, P, F, stride_pm, stride_gm, stride_qm,
+    p_ptr, g_ptr, u_ptr, q_ptr, scale_ptr, h_ptr,
+    M, P, F, stride_pm, stride_gm, stride_um, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
-    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
+    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, ACT: tl.constexpr,
 ):
-    """Rows ``rot([p[m, :P] | silu(g[m, :F]) * g[m, F:2F]])`` -> q [M, P + F] int8 and scale [M].
+    """Rows ``rot([p[m, :P] | act(g[m])])`` -> q [M, P + F] int8 and scale [M] (``_glu_tile``: act by ACT).
 
     Two passes over each row (absmax, then quantize); the second is served mostly from L2, which holds
     the rows of the programs resident on the SMs (about 8 per SM at 8 warps). With GROUP > 0 both passes
@@ -144,7 +176,7 @@ def _glu_quant_kernel(
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             absmax, nonfinite = _row_stats(v, absmax, nonfinite)
         for k0 in range(0, F, BLOCK_K):
-            v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm)
+            v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT)
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             absmax, nonfinite = _row_stats(v, absmax, nonfinite)
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
@@ -153,20 +185,24 @@ def _glu_quant_kernel(
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, False, FAST_ROUND)
         for k0 in range(0, F, BLOCK_K):
-            v = _glu_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm)
+            v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT)
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, False, FAST_ROUND)
 
 
 @triton.jit
-def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, BLOCK_S: tl.constexpr, D: tl.constexpr, eps):
+def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, r, BLOCK_S: tl.constexpr, D: tl.constexpr, eps,
+                     ROW_NORM: tl.constexpr):
     """RMSNorm (weight w) then rotate pairs (2i, 2i+1) by the 2x2 matrices f; store to dst rows.
 
-    Rows are read and written whole (coalesced); the pairs are separated in registers (reshape + split).
+    The norm is over this head's D values, or (ROW_NORM) over the token's whole q or k row, whose reciprocal
+    RMS ``r`` [BLOCK_S] the caller computed. Rows are read and written whole (coalesced); the pairs are
+    separated in registers (reshape + split).
     """
     d = tl.arange(0, D)
     x = tl.load(src + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
-    r = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
+    if not ROW_NORM:
+        r = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
     y = x * r[:, None] * tl.load(w_ptr + d).to(tl.float32)[None, :]
     y0, y1 = tl.split(tl.reshape(y, (BLOCK_S, D // 2, 2)))
     o = tl.join(f00 * y0 + f01 * y1, f10 * y0 + f11 * y1)
@@ -174,35 +210,94 @@ def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, BLOCK_S: tl.cons
 
 
 @triton.jit
-def _qk_norm_rope_kernel(
-    src_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr,
-    S, H, seq_off, stride_sb, stride_ss, stride_pb, stride_ps, stride_ob, stride_oh, stride_os, eps_q, eps_k,
-    BLOCK_S: tl.constexpr, D: tl.constexpr,
-):
-    """One (batch, head) and BLOCK_S tokens of a fused qkv projection ``src [B, S, 3 * H * D]``:
-    q, k <- rope(rms_norm(.)) and v copied, into ``[B, H, seq_off + S, D]`` outputs.
+def _row_rstd(src, s_ok, H, BLOCK_S: tl.constexpr, D: tl.constexpr, eps):
+    """Reciprocal RMS of BLOCK_S whole rows of H * D values (one head's D columns at a time)."""
+    d = tl.arange(0, D)
+    acc = tl.zeros((BLOCK_S,), tl.float32)
+    for h in range(0, H):
+        x = tl.load(src + h * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt_rn(acc / (H * D) + eps)
 
-    ``pe [Bp, seq_off + S, D/2, 2, 2]`` float32 holds each pair's rotation matrix (ComfyUI's layout).
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    xq_ptr, xk_ptr, xv_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr,
+    S, H, seq_off, stride_sb, stride_ss, stride_pb, stride_ps, stride_ob, stride_oh, stride_os, eps_q, eps_k,
+    BLOCK_S: tl.constexpr, D: tl.constexpr, ROW_NORM: tl.constexpr,
+):
+    """BLOCK_S tokens of the q/k/v projections ``x* [B, S, H * D]`` (equal strides): q, k <- rope(rms_norm(.))
+    and v copied, into ``[B, H, seq_off + S, D]`` outputs.
+
+    Per-head norms (weights [D]: FLUX, Qwen-Image, Z-Image): one program per (batch, head). ROW_NORM (weights
+    [H * D], RMS over the whole q or k row: Wan): one program per batch entry, looping over the heads after a
+    first pass for the row's RMS (the second read comes from L1/L2). ``pe [Bp, seq_off + S, D/2, 2, 2]``
+    (float32, or the model's dtype: converted here) holds each pair's rotation matrix (ComfyUI's layout).
     """
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < S
-    row = src_ptr + b.to(tl.int64) * stride_sb + s.to(tl.int64)[:, None] * stride_ss + h * D
+    if ROW_NORM:
+        b = pid_bh
+        h0 = 0
+        h1 = H
+    else:
+        b = pid_bh // H
+        h0 = pid_bh % H
+        h1 = h0 + 1
+    tok = b.to(tl.int64) * stride_sb + s.to(tl.int64)[:, None] * stride_ss
     j = tl.arange(0, 2 * D)  # D/2 pairs x 4 matrix entries, contiguous
     pe = tl.load(pe_ptr + b.to(tl.int64) * stride_pb + (seq_off + s).to(tl.int64)[:, None] * stride_ps + j[None, :],
-                 mask=s_ok[:, None], other=0.0)
+                 mask=s_ok[:, None], other=0.0).to(tl.float32)
     f0, f1 = tl.split(tl.reshape(pe, (BLOCK_S, D // 2, 2, 2)))  # f[..., j, c]: split on c
     f00, f10 = tl.split(f0)
     f01, f11 = tl.split(f1)
-    out = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + (seq_off + s).to(tl.int64)[:, None] * stride_os
-    _norm_rope_store(row, qw_ptr, f00, f01, f10, f11, q_ptr + out, s_ok, BLOCK_S, D, eps_q)
-    _norm_rope_store(row + H * D, kw_ptr, f00, f01, f10, f11, k_ptr + out, s_ok, BLOCK_S, D, eps_k)
+    rq = tl.zeros((BLOCK_S,), tl.float32)
+    rk = tl.zeros((BLOCK_S,), tl.float32)
+    if ROW_NORM:
+        rq = _row_rstd(xq_ptr + tok, s_ok, H, BLOCK_S, D, eps_q)
+        rk = _row_rstd(xk_ptr + tok, s_ok, H, BLOCK_S, D, eps_k)
     d = tl.arange(0, D)
-    v = tl.load(row + 2 * H * D + d[None, :], mask=s_ok[:, None], other=0.0)
-    tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
+    for h in range(h0, h1):
+        h64 = tl.full((), 0, tl.int64) + h  # the loop variable is a Python int under the interpreter
+        row = tok + h64 * D
+        if ROW_NORM:  # the weights span the row: this head's D of them
+            w_off = h64 * D
+        else:
+            w_off = h64 * 0
+        out = b.to(tl.int64) * stride_ob + h64 * stride_oh + (seq_off + s).to(tl.int64)[:, None] * stride_os
+        _norm_rope_store(xq_ptr + row, qw_ptr + w_off, f00, f01, f10, f11, q_ptr + out, s_ok, rq, BLOCK_S, D, eps_q,
+                         ROW_NORM)
+        _norm_rope_store(xk_ptr + row, kw_ptr + w_off, f00, f01, f10, f11, k_ptr + out, s_ok, rk, BLOCK_S, D, eps_k,
+                         ROW_NORM)
+        v = tl.load(xv_ptr + row + d[None, :], mask=s_ok[:, None], other=0.0)
+        tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
+
+
+@triton.jit
+def _norm_gate_add_kernel(
+    x_ptr, y_ptr, w_ptr, gate_ptr, out_ptr,
+    M, N, rows_per_batch, stride_xm, stride_ym, stride_gb, stride_om, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = x + gate[b] * RMSNorm(y) * w, b = row // rows_per_batch: a post-normalized sublayer output added to
+    the residual stream through its gate (Z-Image's attention_norm2 / ffn_norm2), float32, rounded once."""
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        ok = row_ok[:, None] & col_ok[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        y = tl.load(y_ptr + r64 * stride_ym + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(y * y, axis=1) / N + eps)
+        g = tl.load(gate_ptr + (rows // rows_per_batch).to(tl.int64)[:, None] * stride_gb + cols[None, :], mask=ok,
+                    other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        out = x + g * ((y * rstd[:, None]) * w[None, :])
+        tl.store(out_ptr + r64 * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # A specialization Triton rejects for resources (OutOfResources when it is first loaded) takes the next
@@ -223,6 +318,7 @@ def _launch(launcher: FastLauncher, key: tuple, grid: tuple, *args, **kwargs) ->
 _NORM_MOD_QUANT = FastLauncher(_norm_mod_quant_kernel, interpreting())
 _GLU_QUANT = FastLauncher(_glu_quant_kernel, interpreting())
 _QK_NORM_ROPE = FastLauncher(_qk_norm_rope_kernel, interpreting())
+_NORM_GATE_ADD = FastLauncher(_norm_gate_add_kernel, interpreting())
 
 # Rows of up to this many features are normalized in one tile (FLUX.2 klein: 3072 and 4096).
 NORM_MAX_K = 16384
@@ -236,8 +332,10 @@ GLU_WARPS = 8
 GLU_PROGRAMS_PER_SM = 32
 
 
-def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0):
-    """x2 [M, K] (unit column stride), shift/mscale [B, K] (unit column stride) -> q [M, K] int8, scale [M].
+def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0,
+                           norm: str = "layer", weight=None):
+    """x2 [M, K] (unit column stride), shift (or None) / mscale [B, K] (unit column stride, equal strides) ->
+    q [M, K] int8, scale [M]. ``norm``: "layer" (no affine) or "rms"; ``weight`` [K] or None.
 
     ``rotate_group``: ConvRot group (K % group == 0) applied before quantizing, or 0. Raises TileTooLargeError
     when the tile does not fit the GPU's shared memory."""
@@ -251,18 +349,23 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
     warps = QUANT_WARPS if block_k <= TILE_ELEMS else 8
     blocks = triton.cdiv(m, block_m)
     h, rot = rotation_args(rotate_group, x2.device, torch.float32)
-    key = ("norm_modulate_quantize", x2.dtype, block_m, block_k, rotate_group, x2.device)
+    key = ("norm_modulate_quantize", x2.dtype, block_m, block_k, rotate_group, norm, weight is not None,
+           shift is not None, x2.device)
     _launch(
-        _NORM_MOD_QUANT, key, (blocks,), x2, shift, mscale, q, scale, h if h is not None else q, m, k,
-        rows_per_batch, x2.stride(0), shift.stride(0), q.stride(0), float(eps), BLOCK_M=block_m, BLOCK_K=block_k,
-        FAST_ROUND=not interpreting(), **rot, num_warps=warps, enable_fp_fusion=False,
+        _NORM_MOD_QUANT, key, (blocks,), x2, shift if shift is not None else mscale, mscale,
+        weight if weight is not None else mscale, q, scale, h if h is not None else q, m, k, rows_per_batch,
+        x2.stride(0), mscale.stride(0), q.stride(0), float(eps), BLOCK_M=block_m, BLOCK_K=block_k,
+        FAST_ROUND=not interpreting(), **rot, RMS=norm == "rms", HAS_WEIGHT=weight is not None,
+        HAS_SHIFT=shift is not None, num_warps=warps, enable_fp_fusion=False,
     )
     return q, scale
 
 
 def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_flight: int = 0,
-                 rotate_group: int = 0):
-    """prefix [M, P] or None, glu [M, 2F] (unit column strides) -> q [M, P + F] int8, scale [M].
+                 rotate_group: int = 0, activation: str = "swiglu", up=None):
+    """prefix [M, P] or None, glu [M, 2F] (SwiGLU) or [M, F] (GELU-tanh, or SwiGLU's gate with ``up`` [M, F]
+    its up projection), unit column strides -> q [M, P + F] int8, scale [M]; ``activation`` one of
+    ``ACT_CODES``.
 
     ``rotate_group``: ConvRot group (P and F multiples of it) applied before quantizing, or 0. Raises
     TileTooLargeError when the tile does not fit the GPU's shared memory.
@@ -279,31 +382,53 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
     h, rot = rotation_args(rotate_group, glu.device, torch.float32)
     blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
     pre = prefix if prefix is not None else glu
+    u = up if up is not None else glu[:, f:] if activation == "swiglu" else glu
 
     def launch(tile: tuple[int, int]) -> None:
         _GLU_QUANT(
-            (blocks,), pre, glu, q, scale, h if h is not None else q, m, p, f, pre.stride(0), glu.stride(0),
-            q.stride(0), BLOCK_M=tile[0], BLOCK_K=tile[1], FAST_ROUND=not interpreting(), **rot,
-            num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
+            (blocks,), pre, glu, u, q, scale, h if h is not None else q, m, p, f, pre.stride(0), glu.stride(0),
+            u.stride(0), q.stride(0), BLOCK_M=tile[0], BLOCK_K=tile[1], FAST_ROUND=not interpreting(), **rot,
+            ACT=ACT_CODES[activation], num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
         )
 
     # the one fused kernel with a smaller tile: fewer columns per tile (down to what the rotation needs)
-    first_fit("glu_quantize", (glu.dtype, rotate_group, glu.device), (block_m, block_k), smaller_tile(rotate_group),
-              launch, _TWIN)
+    first_fit("glu_quantize", (glu.dtype, rotate_group, activation, glu.device), (block_m, block_k),
+              smaller_tile(rotate_group), launch, _TWIN)
     return q, scale
 
 
-def qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float, eps_k: float):
-    """qkv [B, S, 3*H*D] (unit last stride) -> q, k, v [B, H, S_total, D] (contiguous) at ``seq_off``."""
-    bsz, s, width = qkv.shape
-    d = width // (3 * heads)
+def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float,
+                 eps_k: float, row_norm: bool = False):
+    """xq, xk, xv [B, S, H*D] (unit last stride, equal strides) -> q, k, v [B, H, S_total, D] at ``seq_off``;
+    pe [Bp, 1, S_total, D/2, 2, 2] float (each position's D/2 x 2 x 2 entries contiguous); ``row_norm``: q/k
+    RMS over the whole row (weights [H*D]) instead of per head (weights [D])."""
+    bsz, s, width = xq.shape
+    d = width // heads
     if bsz == 0 or s == 0:
         return
     block_s = 16
     stride_pb = 0 if pe.shape[0] == 1 else pe.stride(0)
     _QK_NORM_ROPE(
-        (triton.cdiv(s, block_s), bsz * heads), qkv, q_weight, k_weight, pe, q, k, v,
-        s, heads, seq_off, qkv.stride(0), qkv.stride(1), stride_pb, pe.stride(2), q.stride(0), q.stride(1),
-        q.stride(2), float(eps_q), float(eps_k), BLOCK_S=block_s, D=d, num_warps=4, enable_fp_fusion=False,
+        (triton.cdiv(s, block_s), bsz if row_norm else bsz * heads), xq, xk, xv, q_weight, k_weight, pe, q, k, v,
+        s, heads, seq_off, xq.stride(0), xq.stride(1), stride_pb, pe.stride(2), q.stride(0), q.stride(1),
+        q.stride(2), float(eps_q), float(eps_k), BLOCK_S=block_s, D=d, ROW_NORM=row_norm, num_warps=4,
+        enable_fp_fusion=False,
     )
 
+
+def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float):
+    """x2 [M, N], y2 [M, N] (unit column strides), weight [N], gate [B, N] (unit column stride) -> new [M, N] in
+    x2's dtype: ``x2 + gate[b] * rms_norm(y2) * weight``."""
+    m, n = x2.shape
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return out
+    block_n = max(16, triton.next_power_of_2(n))
+    block_m = max(1, TILE_ELEMS // block_n)
+    warps = QUANT_WARPS if block_n <= TILE_ELEMS else 8
+    _NORM_GATE_ADD(
+        (triton.cdiv(m, block_m),), x2, y2, weight, gate, out, m, n, rows_per_batch, x2.stride(0), y2.stride(0),
+        gate.stride(0), out.stride(0), float(eps), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        enable_fp_fusion=False,
+    )
+    return out

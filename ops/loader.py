@@ -21,7 +21,7 @@ import comfy.sd
 import comfy.utils
 import torch
 
-from . import flux_fused, formats, layout, profiles, saving
+from . import blocks, formats, layout, profiles, saving
 from .comfy_ops import default_compute_device, make_operations
 from .config import ConvertOptions, LoadConfig, WeightPrep
 
@@ -35,8 +35,8 @@ class LoadOptions:
     prepare: an optional factory, called with the normalized state dict, of the ``WeightPrep`` that
     changes float weights before their first quantization (``lora.preload`` builds one from a LoRA stack).
     quant_in_graph: see ``LoadConfig``.
-    fused_blocks: run FLUX blocks whose linears are INT8 on the fused kernels, eager and compiled
-    (``flux_fused``; other models and unsupported calls use ComfyUI's blocks).
+    fused_blocks: run transformer blocks whose linears are INT8 on the fused kernels, eager and compiled
+    (``blocks``, per architecture; other models and unsupported calls use ComfyUI's blocks).
     notify: called with what the load did, in words (``describe``), e.g. to show it on the node.
     """
 
@@ -133,7 +133,7 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
     if prepare is not None:
         prepare.attach(patcher)
     if options.fused_blocks:
-        flux_fused.install(patcher)
+        blocks.install(patcher)
     n_int8 = sum(layout.is_int8_weight(getattr(m, "weight", None)) for m in patcher.model.diffusion_model.modules())
     text = describe(report, profile, todo, kept, options, n_int8)
     logger.info("int8_w8a8: loaded %s", text)
@@ -173,7 +173,7 @@ def quantize_model(model, options: LoadOptions | None = None, disable_dynamic: b
     clone = model.clone(model_override=built.get_clone_model_override())
     clone.size = 0  # recomputed from the INT8 weights
     if options.fused_blocks:
-        flux_fused.install(clone)
+        blocks.install(clone)
     clone.cached_patcher_init = (_quantize_again, (model, options))
     return clone
 

@@ -1,4 +1,4 @@
-"""Integration tier: FLUX.2 blocks on the fused kernels (ops/flux_fused.py) inside a real ComfyUI (CPU).
+"""Integration tier: FLUX.2 (and FLUX.1) blocks on the fused kernels (ops/blocks/flux.py) inside a real ComfyUI (CPU).
 
 The fused blocks are registered as ComfyUI block replacements, which ComfyUI applies when the model
 runs through ``apply_model`` with the patcher's transformer options (as samplers call it). Checked:
@@ -84,10 +84,10 @@ def test_rope_table_is_comfyuis_bit_for_bit(models):
     its custom op (what a traced model runs), and for positions FLUX.2 gives image, text and reference tokens."""
     from comfy.ldm.flux.layers import EmbedND
 
-    from int8_w8a8.ops import flux_fused
+    from int8_w8a8.ops.blocks import common
 
     table = models["fused"].object_patches["diffusion_model.pe_embedder"]
-    assert isinstance(table, flux_fused.EagerRopeTable)
+    assert isinstance(table, common.EagerRopeTable)
     own = models["fused"].model.diffusion_model.pe_embedder
     assert type(own) is EmbedND and table.embedder is own
     gen = torch.Generator().manual_seed(5)
@@ -265,3 +265,42 @@ def test_torch_compile_dynamic_shapes(models, monkeypatch):
         assert not counters["graph_break"]
         frames[name] = backend.frame_count
     assert frames["fused"] == frames["plain"], frames
+
+
+def flux1_module(dtype=torch.float32, device="cpu", operations=None):
+    """A tiny FLUX.1 (dev-like: guidance embedding, pooled vector; GELU-tanh MLPs, modulation in each block)."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    return Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
+                hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[],
+                dtype=dtype, device=device, operations=operations or comfy.ops.disable_weight_init)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_flux1_native_int8_file_runs_fused_gelu_blocks(comfyui, monkeypatch, dtype):
+    """FLUX.1 (no conversion profile; its INT8 files load pre-quantized) runs the same fused blocks with GELU-tanh
+    MLPs and the modulation computed inside each block: against ComfyUI's blocks and the float64 twin."""
+    from int8_w8a8.ops import formats, loader
+
+    from . import blocks_util as bu
+    from . import formats_util
+
+    calls = bu.count_kernel_calls(monkeypatch)
+    sd = bu.random_state_dict(flux1_module(device="meta"), seed=21)
+    nsd, meta = formats_util.native(sd, lambda layer: layer.startswith(("double_blocks.", "single_blocks.")))
+    nsd, report = formats.normalize(nsd, meta, "tiny-flux1.safetensors")
+    patcher = loader.build(nsd, report, loader.LoadOptions(), "tiny-flux1", model_options={"dtype": dtype},
+                           disable_dynamic=True)
+    assert set(patcher.model_options["transformer_options"]["patches_replace"]["dit"]) == {
+        ("double_block", 0), ("single_block", 0)}
+    gen = torch.Generator().manual_seed(4)
+    args = (torch.randn(2, 16, 8, 8, generator=gen), torch.rand(2, generator=gen), torch.randn(2, 8, 64, generator=gen))
+    kwargs = {"y": torch.randn(2, 32, generator=gen).to(dtype), "guidance": torch.full((2,), 3.5)}
+    comfy = bu.run(patcher, args, kwargs, fused=False)
+    fused = bu.run(patcher, args, kwargs)
+    assert calls["glu_quantize:gelu_tanh"] == 3 and calls["norm_modulate_quantize"] == 5
+    assert sqnr_db(comfy, fused) > 30
+    truth = bu.run_twin(bu.float64_twin(patcher, flux1_module), args, kwargs)
+    bu.check_against_float64(fused, comfy, truth, 25)

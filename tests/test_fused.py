@@ -113,6 +113,60 @@ def test_norm_modulate_quantize_rotated(seed, group, dtype, shape):
     _close_rotated(q, xs, q_ref, xs_ref, rotate(y.reshape(-1, k), group).double())
 
 
+@pytest.mark.parametrize("weighted,shifted", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("shape", [(1, 1, 7), (1, 15, 100), (2, 16, 64), (1, 17, 33)])
+def test_norm_modulate_quantize_rms(seed, weighted, shifted, dtype, shape):
+    """RMSNorm (Z-Image's attention_norm1 / ffn_norm1: a weight, scale-only modulation) instead of LayerNorm."""
+    b, s, k = shape
+    wide = (torch.randn(b, s, k + 9) * 3 + 1).to(DEV, dtype)
+    x = wide[..., 9:]  # strided rows
+    x[0, 0] = 0  # an all-zero row: normalizes to zero
+    scale = (torch.randn(b, k) * 0.5).to(DEV, dtype)
+    shift = (torch.randn(b, 1, k) * 0.5).to(DEV, dtype) if shifted else None
+    w = (torch.rand(k) + 0.5).to(DEV, dtype) if weighted else None
+    q, xs = fused.norm_modulate_quantize(x, shift, scale, 1e-5, norm="rms", weight=w)
+    q_ref, xs_ref = reference_fused.norm_modulate_quantize(x.reshape(-1, k), None if shift is None else shift[:, 0],
+                                                           scale, s, 1e-5, 0, "rms", w)
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    y = torch.nn.functional.rms_norm(x.double(), (k,), None if w is None else w.double(), 1e-5)
+    y = y * (1 + scale.double()[:, None])
+    if shift is not None:
+        y = y + shift.double()
+    if k > 1:
+        assert sqnr_db(y.reshape(-1, k), _dequant(q, xs)) > 35
+    if not shifted:
+        assert int(q[0].abs().max()) == 0 and not xs[0].isnan()
+    x[-1, -1, 3] = float("inf")
+    _, xs = fused.norm_modulate_quantize(x, shift, scale, 1e-5, norm="rms", weight=w)
+    assert xs[-1].isnan() and bool(xs[:-1].isfinite().all())
+
+
+@pytest.mark.parametrize("group", [64, 256])
+def test_norm_modulate_quantize_rms_rotated(seed, group):
+    b, s, k = 2, 17, 2 * group
+    x = (torch.randn(b, s, k) * 3).to(DEV, torch.bfloat16)
+    scale = (torch.randn(b, k) * 0.5).to(DEV, torch.bfloat16)
+    w = (torch.rand(k) + 0.5).to(DEV, torch.bfloat16)
+    q, xs = fused.norm_modulate_quantize(x, None, scale, 1e-6, norm="rms", weight=w, rotate_group=group)
+    q_ref, xs_ref = reference_fused.norm_modulate_quantize(x.reshape(-1, k), None, scale, s, 1e-6, group, "rms", w)
+    y = torch.nn.functional.rms_norm(x.double(), (k,), w.double(), 1e-6) * (1 + scale.double()[:, None])
+    _close_rotated(q, xs, q_ref, xs_ref, rotate(y.reshape(-1, k), group).double())
+
+
+def test_norm_modulate_quantize_op():
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    mod, w = torch.randn(2, 1, 128, dtype=torch.bfloat16), torch.rand(128, dtype=torch.bfloat16)
+    op = torch.ops.int8_w8a8.norm_modulate_quantize.default
+    for shift, norm, weight, group in ((mod, "layer", None, 0), (None, "rms", w, 0), (mod, "rms", w, 64)):
+        torch.library.opcheck(op, (x, shift, mod, 1e-6, group, norm, weight))
+    with pytest.raises(ValueError, match="norm: expected one of layer, rms"):
+        fused.norm_modulate_quantize(x, mod, mod, norm="group")
+    with pytest.raises(ValueError, match="weight: expected a float \\[128\\]"):
+        fused.norm_modulate_quantize(x, mod, mod, norm="rms", weight=w[:64])
+
+
 def test_tile_over_shared_memory_runs_the_twin(monkeypatch, caplog):
     """A specialization Triton rejects for shared memory (float32 rows with rotation group 128 on sm_90) runs
     on the torch twin: logged once, and not compiled again for the same key."""
@@ -135,12 +189,15 @@ def test_tile_over_shared_memory_runs_the_twin(monkeypatch, caplog):
         for _ in range(2):
             q, xs = fused.norm_modulate_quantize(x, mod, mod, rotate_group=128)
             qg, xg = fused.glu_quantize(None, glu, rotate_group=128)
+            qh, xh = fused.glu_quantize(None, glu, rotate_group=128, activation="gelu_tanh")
     q_ref, xs_ref = reference_fused.norm_modulate_quantize(x[0], mod[:, 0], mod[:, 0], 5, 1e-6, 128)
     assert torch.equal(q, q_ref) and torch.equal(xs, xs_ref)
     qg_ref, xg_ref = reference_fused.glu_quantize(None, glu, 256, 128)
     assert torch.equal(qg, qg_ref) and torch.equal(xg, xg_ref)
-    assert launches == [128, 128]
-    assert sum("torch twin" in r.getMessage() for r in caplog.records) == 2
+    qh_ref, xh_ref = reference_fused.glu_quantize(None, glu, 512, 128, "gelu_tanh")
+    assert torch.equal(qh, qh_ref) and torch.equal(xh, xh_ref)
+    assert launches == [128, 128, 128]  # one attempt per specialization (the activation is part of the key)
+    assert sum("torch twin" in r.getMessage() for r in caplog.records) == 3
 
 
 def test_norm_modulate_quantize_rejects_bad_modulation():
@@ -154,53 +211,176 @@ def test_norm_modulate_quantize_rejects_bad_modulation():
 
 
 # ---------------------------------------------------------------------------------------------
-# [prefix | silu(g) * u] + quantization
+# [prefix | act(h)] + quantization, act = SwiGLU or GELU-tanh
 # ---------------------------------------------------------------------------------------------
+ACTS = tuple(reference_fused.ACTIVATIONS)
+
+
+def _act64(glu: torch.Tensor, activation: str) -> torch.Tensor:
+    """float64 truth of the MLP activation: ComfyUI's SiLUActivation (silu(g) * u) or GELU(approximate="tanh")."""
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(glu.double(), approximate="tanh")
+    g, u = glu.double().chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+@pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m,p,f", [(1, 0, 7), (15, 0, 100), (16, 64, 48), (17, 33, 65), (3, 128, 3000)])
-def test_glu_quantize(seed, dtype, m, p, f):
-    wide = torch.randn(m, 3 * p + 2 * f + 5, dtype=dtype) * 2
-    glu = wide[:, 3 * p + 5:].to(DEV)  # a column slice of a wider projection, as in FLUX.2's linear1
+def test_glu_quantize(seed, activation, dtype, m, p, f):
+    width = f * reference_fused.ACTIVATIONS[activation]
+    wide = torch.randn(m, 3 * p + width + 5, dtype=dtype) * 2
+    glu = wide[:, 3 * p + 5:].to(DEV)  # a column slice of a wider projection, as in FLUX's linear1
     prefix = (torch.randn(m, p, dtype=dtype) * 0.5).to(DEV) if p else None
-    q, xs = fused.glu_quantize(prefix, glu)
-    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f)
+    q, xs = fused.glu_quantize(prefix, glu, activation=activation)
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f, 0, activation)
     assert q.shape == (m, p + f)
     _close_codes(q, q_ref)
     _close_scales(xs, xs_ref)
-    g, u = glu.double().chunk(2, dim=-1)
-    truth = torch.nn.functional.silu(g) * u
+    truth = _act64(glu, activation)
     if prefix is not None:
         truth = torch.cat((prefix.double(), truth), dim=1)
     assert sqnr_db(truth, _dequant(q, xs)) > 30
 
 
+def test_gelu_tanh_kernel_form_matches_torch(seed):
+    """The kernel's GELU is x * sigmoid(2c(x + 0.044715 x^3)), torch's 0.5 x (1 + tanh(c(...))): equal up to
+    float32 rounding from tiny to saturated values (|x| up to 1e4; the cube overflows float32 past ~7e12, where
+    both give x or -0)."""
+    x = torch.cat([torch.randn(4000) * 3, torch.logspace(-30, 4, 400), -torch.logspace(-30, 4, 400),
+                   torch.tensor([0.0, -0.0, 1e20, -1e20])]).reshape(1, -1).to(DEV)
+    q, xs = fused.glu_quantize(None, x, activation="gelu_tanh")
+    q_ref, xs_ref = reference_fused.glu_quantize(None, x, x.shape[1], 0, "gelu_tanh")
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    assert sqnr_db(_act64(x, "gelu_tanh"), _dequant(q, xs)) > 35
+
+
+@pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("group,m,p,f", [(64, 1, 0, 64), (64, 17, 128, 192), (128, 15, 0, 384),
                                          (256, 3, 256, 768), (256, 2, 4096, 12288)])
-def test_glu_quantize_rotated(seed, group, m, p, f):
-    """ConvRot: [prefix | SwiGLU] rows rotated per group in both passes (absmax and quantization)."""
-    glu = (torch.randn(m, 2 * f) * 2).to(DEV, torch.bfloat16)
+def test_glu_quantize_rotated(seed, activation, group, m, p, f):
+    """ConvRot: [prefix | act] rows rotated per group in both passes (absmax and quantization)."""
+    glu = (torch.randn(m, f * reference_fused.ACTIVATIONS[activation]) * 2).to(DEV, torch.bfloat16)
     prefix = (torch.randn(m, p) * 0.5).to(DEV, torch.bfloat16) if p else None
-    q, xs = fused.glu_quantize(prefix, glu, rotate_group=group)
-    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f, group)
+    q, xs = fused.glu_quantize(prefix, glu, rotate_group=group, activation=activation)
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f, group, activation)
     assert q.shape == (m, p + f)
-    g, u = glu.double().chunk(2, dim=-1)
-    truth = torch.nn.functional.silu(g) * u
+    truth = _act64(glu, activation)
     if prefix is not None:
         truth = torch.cat((prefix.double(), truth), dim=1)
     _close_rotated(q, xs, q_ref, xs_ref, rotate(truth, group).double())
-    with pytest.raises(ValueError, match="rotate_group"):  # a group straddling the prefix / SwiGLU boundary
-        fused.glu_quantize(torch.zeros(m, 32, device=DEV), glu, rotate_group=group)
+    with pytest.raises(ValueError, match="rotate_group"):  # a group straddling the prefix / activation boundary
+        fused.glu_quantize(torch.zeros(m, 32, device=DEV), glu, rotate_group=group, activation=activation)
 
 
-def test_glu_quantize_nan_and_zero_rows():
-    glu = torch.randn(4, 64, device=DEV, dtype=torch.bfloat16)
+@pytest.mark.parametrize("activation", ACTS)
+def test_glu_quantize_nan_and_zero_rows(activation):
+    f = 32
+    glu = torch.randn(5, f * reference_fused.ACTIVATIONS[activation], device=DEV, dtype=torch.bfloat16)
     glu[1] = 0
-    glu[2, 40] = float("inf")
-    prefix = torch.randn(4, 16, device=DEV, dtype=torch.bfloat16)
+    glu[2, 20] = float("inf")
+    glu[3, 7] = float("nan")
+    prefix = torch.randn(5, 16, device=DEV, dtype=torch.bfloat16)
     prefix[1] = 0
-    q, xs = fused.glu_quantize(prefix, glu)
-    assert xs[2].isnan() and not xs[1].isnan() and int(q[1].abs().max()) == 0
-    _close_codes(q, reference_fused.glu_quantize(prefix, glu, 32)[0])
+    q, xs = fused.glu_quantize(prefix, glu, activation=activation)
+    assert xs[2].isnan() and xs[3].isnan() and not xs[1].isnan() and int(q[1].abs().max()) == 0
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f, 0, activation)
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    assert int(q[2:4].abs().max()) <= 127  # non-finite elements store 0, the row's scale is NaN
+
+
+@pytest.mark.parametrize("m,p,f", [(1, 0, 7), (15, 0, 100), (16, 64, 48), (17, 33, 65)])
+def test_glu_quantize_gate_up_pair(seed, m, p, f):
+    """SwiGLU from two projections (Z-Image's w1 and w3 on one quantized input): the (gate, up) pair, any row
+    strides, equals the fused [gate | up] form."""
+    gate = (torch.randn(m, f + 3) * 2).to(DEV, torch.bfloat16)[:, 3:]
+    up = (torch.randn(m, f) * 2).to(DEV, torch.bfloat16)
+    prefix = torch.randn(m, p, device=DEV, dtype=torch.bfloat16) if p else None
+    q, xs = fused.glu_quantize(prefix, (gate, up))
+    q_cat, xs_cat = fused.glu_quantize(prefix, torch.cat((gate, up), dim=1))
+    assert torch.equal(q, q_cat) and torch.equal(xs, xs_cat)
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, gate, f, 0, "swiglu", up)
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    truth = torch.nn.functional.silu(gate.double()) * up.double()
+    if prefix is not None:
+        truth = torch.cat((prefix.double(), truth), dim=1)
+    assert sqnr_db(truth, _dequant(q, xs)) > 30
+    torch.library.opcheck(torch.ops.int8_w8a8.glu_quantize.default, (prefix, gate, 0, "swiglu", up))
+    with pytest.raises(ValueError, match="pair needs swiglu"):
+        fused.glu_quantize(prefix, (gate, up), activation="gelu_tanh")
+
+
+def test_glu_quantize_bad_args():
+    with pytest.raises(ValueError, match="activation: expected one of swiglu, gelu_tanh"):
+        fused.glu_quantize(None, torch.zeros(2, 8, device=DEV), activation="gelu")
+    with pytest.raises(ValueError, match="even for swiglu"):
+        fused.glu_quantize(None, torch.zeros(2, 7, device=DEV))
+    fused.glu_quantize(None, torch.zeros(2, 7, device=DEV), activation="gelu_tanh")  # any width for GELU
+    with pytest.raises(ValueError, match="prefix: 3 rows"):
+        fused.glu_quantize(torch.zeros(3, 4, device=DEV), torch.zeros(2, 8, device=DEV), activation="gelu_tanh")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_glu_quantize_op(seed, activation):
+    """The custom op (what traced blocks call): its fake's shapes and the eager kernel agree (opcheck), and a traced
+    call runs it on the same values."""
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    glu = torch.randn(2, 5, 128 * reference_fused.ACTIVATIONS[activation], dtype=torch.bfloat16)
+    for prefix, group in ((None, 0), (x, 0), (x, 64)):
+        torch.library.opcheck(torch.ops.int8_w8a8.glu_quantize.default, (prefix, glu, group, activation))
+
+    def fn(p, g):
+        return fused.glu_quantize(p, g, activation=activation)
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, glu)
+    # the op eagerly: the integration tier imports the pack a second time (as ComfyUI's custom node), whose
+    # registration of the op then dispatches through that copy's rules (the twin here, not the patched kernel)
+    want = torch.ops.int8_w8a8.glu_quantize.default(x, glu, 0, activation)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    _close_codes(got[0], fn(x, glu)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# x + gate * RMSNorm(y) * w (Z-Image's post-norms)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("b,s,n", [(1, 1, 7), (1, 15, 100), (2, 16, 64), (2, 17, 33), (1, 3, 3840)])
+def test_rms_norm_gate_add(seed, dtype, b, s, n):
+    x = torch.randn(b, s, n, device=DEV, dtype=dtype)
+    y = (torch.randn(b * s, n + 5) * 4).to(DEV, dtype)[:, 5:]  # a column slice: strided rows
+    w = (torch.rand(n) + 0.5).to(DEV, dtype)
+    gate = torch.randn(b, 1, n, device=DEV, dtype=dtype).tanh()
+    y[0] = 0  # an all-zero row: adds nothing
+    before = x.clone()
+    out = fused.rms_norm_gate_add(x, y, w, gate, 1e-5)
+    assert torch.equal(x, before) and out.shape == x.shape and out.dtype == dtype
+    twin = reference_fused.rms_norm_gate_add(x.reshape(-1, n), y, w, gate.reshape(b, n), s, 1e-5).view(b, s, n)
+    # float32 arithmetic in both, rounded once, but the row's mean square is summed in another order and the
+    # twin's rsqrt is not 1 / sqrt_rn: within a few ulps of the larger addend (measured <= 3.4 in float32; a sum
+    # that cancels to near zero may differ by many ulps of itself)
+    scale = torch.maximum(x.float().abs(), (twin.float() - x.float()).abs()).clamp(min=1.0)
+    assert float(((out.float() - twin.float()).abs() / (scale * torch.finfo(dtype).eps)).max()) <= 8
+    truth = x.double() + gate.double() * torch.nn.functional.rms_norm(y.double(), (n,), w.double(), 1e-5).view(
+        b, s, n)
+    assert sqnr_db(truth, out) > (45 if dtype == torch.bfloat16 else 120)
+    assert torch.equal(out[0, 0], x[0, 0])
+    y[-1, 2] = float("nan")
+    out = fused.rms_norm_gate_add(x, y.view(b, s, n) if y.is_contiguous() else y, w, gate[:1], 1e-5)
+    assert bool(out.reshape(-1, n)[-1].isnan().all()) and bool(out.reshape(-1, n)[:-1].isfinite().all())
+
+
+def test_rms_norm_gate_add_op_and_bad_args():
+    x, y = torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.randn(10, 64, dtype=torch.bfloat16)
+    w, gate = torch.rand(64, dtype=torch.bfloat16), torch.randn(2, 64, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.int8_w8a8.rms_norm_gate_add.default, (x, y, w, gate, 1e-6))
+    with pytest.raises(ValueError, match="y: expected"):
+        fused.rms_norm_gate_add(x, y[:9], w, gate, 1e-6)
+    with pytest.raises(ValueError, match="gate"):
+        fused.rms_norm_gate_add(x, y, w, torch.randn(3, 64), 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,11 +436,87 @@ def test_qk_norm_rope_two_streams(seed, b, heads, d, s_txt, s_img, layout):
     # rounding of its two products, which is many ulps of the tiny result: seen on the GPU, seed 199541839)
     qt, kt, vt = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for qkv, qw, kw, off, _ in outs:
-        reference_fused.qk_norm_rope(qkv, qw, kw, pe, qt, kt, vt, off, heads, 1e-6, 2 ** -7)
+        reference_fused.qk_norm_rope(*fused.split_qkv(qkv), qw, kw, pe, qt, kt, vt, off, heads, 1e-6, 2 ** -7)
     for got, twin in ((q, qt), (k, kt)):
         bound = twin.float().abs().clamp(min=1.0) * 2 ** -7
         assert bool(((got.float() - twin.float()).abs() <= bound).all())
     assert torch.equal(vt, v)
+
+
+@pytest.mark.parametrize("pe_dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("b,heads,d,s_txt,s_img", [(1, 2, 128, 7, 16), (2, 3, 64, 1, 17), (1, 1, 16, 15, 1)])
+def test_qk_norm_rope_separate_projections(seed, pe_dtype, b, heads, d, s_txt, s_img):
+    """Qwen-Image's form: q, k, v from three separate projections (to_q/to_k/to_v, add_q/k/v_proj), per-stream
+    norm weights, and the RoPE table rounded to the model's dtype, with a batch of its own (one per entry)."""
+    dtype = torch.bfloat16
+    total = s_txt + s_img
+    pe = _pe(b, total, d).to(DEV, pe_dtype)
+    q, k, v = _heads_buffers(b, heads, total, d, dtype, "bshd")
+    streams = []
+    for off, s in ((0, s_txt), (s_txt, s_img)):
+        proj = tuple(torch.randn(b * s, heads * d, device=DEV, dtype=dtype).view(b, s, -1) * 2 for _ in range(3))
+        qw, kw = (torch.rand(d, device=DEV, dtype=dtype) + 0.5 for _ in range(2))
+        fused.qk_norm_rope(proj, qw, kw, pe, q, k, v, seq_off=off, heads=heads, eps_q=1e-6, eps_k=1e-5)
+        streams.append((proj, qw, kw, off, s))
+    qt, kt, vt = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for (xq, xk, xv), qw, kw, off, s in streams:
+        sl = slice(off, off + s)
+        xq, xk, xv = (x.reshape(b, s, heads, d).transpose(1, 2) for x in (xq, xk, xv))
+        assert sqnr_db(_comfy_qk(xq, qw, pe[:, :, sl], 1e-6), q[:, :, sl]) > 45
+        assert sqnr_db(_comfy_qk(xk, kw, pe[:, :, sl], 1e-5), k[:, :, sl]) > 45
+        assert torch.equal(v[:, :, sl], xv)
+    for proj, qw, kw, off, _ in streams:
+        reference_fused.qk_norm_rope(*proj, qw, kw, pe, qt, kt, vt, off, heads, 1e-6, 1e-5)
+    for got, twin in ((q, qt), (k, kt)):
+        bound = twin.float().abs().clamp(min=1.0) * 2 ** -7
+        assert bool(((got.float() - twin.float()).abs() <= bound).all())
+    assert torch.equal(vt, v)
+
+
+@pytest.mark.parametrize("b,heads,d,s", [(1, 3, 16, 17), (2, 2, 64, 15), (1, 4, 128, 1)])
+def test_qk_norm_rope_row_norm(seed, b, heads, d, s):
+    """Wan's form: q and k RMS-normalized over the whole row (all heads, weights [H * D]) before the head split,
+    then rotated per head by one table for every batch entry."""
+    dtype = torch.bfloat16
+    pe = _pe(1, s, d).to(DEV)
+    q, k, v = _heads_buffers(b, heads, s, d, dtype, "bshd")
+    xq, xk, xv = (torch.randn(b, s, heads * d, device=DEV, dtype=dtype) * 2 for _ in range(3))
+    qw, kw = ((torch.rand(heads * d) + 0.5).to(DEV, dtype) for _ in range(2))
+    fused.qk_norm_rope((xq, xk, xv), qw, kw, pe, q, k, v, seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-6,
+                       qk_norm="row")
+
+    def truth(x, w):
+        y = torch.nn.functional.rms_norm(x.double(), (heads * d,), w.double(), 1e-6)
+        y2 = y.reshape(b, s, heads, d).transpose(1, 2).reshape(b, heads, s, d // 2, 1, 2)
+        pe64 = pe.double()
+        return (pe64[..., 0] * y2[..., 0] + pe64[..., 1] * y2[..., 1]).reshape(b, heads, s, d)
+
+    assert sqnr_db(truth(xq, qw), q) > 45 and sqnr_db(truth(xk, kw), k) > 45
+    assert torch.equal(v, xv.reshape(b, s, heads, d).transpose(1, 2))
+    qt, kt, vt = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    reference_fused.qk_norm_rope(xq, xk, xv, qw, kw, pe, qt, kt, vt, 0, heads, 1e-6, 1e-6, True)
+    for got, twin in ((q, qt), (k, kt)):
+        bound = twin.float().abs().clamp(min=1.0) * 2 ** -7
+        assert bool(((got.float() - twin.float()).abs() <= bound).all())
+    with pytest.raises(ValueError, match=f"q_weight: expected \\[{heads * d}\\] for row norms"):
+        fused.qk_norm_rope((xq, xk, xv), qw[:d], kw, pe, q, k, v, seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-6,
+                           qk_norm="row")
+    torch.library.opcheck(torch.ops.int8_w8a8.qk_norm_rope.default,
+                          (xq.cpu(), xk.cpu(), xv.cpu(), qw.cpu(), kw.cpu(), pe.cpu(), q.cpu(), k.cpu(), v.cpu(), 0,
+                           heads, 1e-6, 1e-6, "row"))
+
+
+def test_qk_norm_rope_op():
+    """The custom op (what traced blocks call) on a fused projection's thirds and on separate projections."""
+    b, heads, d, s = 2, 2, 32, 5
+    pe = _pe(1, s + 3, d)
+    qkv = torch.randn(b, s, 3 * heads * d, dtype=torch.bfloat16)
+    separate = tuple(torch.randn(b, s, heads * d, dtype=torch.bfloat16) for _ in range(3))
+    w = torch.ones(d, dtype=torch.bfloat16)
+    for proj, table in ((fused.split_qkv(qkv), pe), (separate, pe.to(torch.bfloat16))):
+        q, k, v = (torch.zeros(b, heads, s + 3, d, dtype=torch.bfloat16) for _ in range(3))
+        torch.library.opcheck(torch.ops.int8_w8a8.qk_norm_rope.default,
+                              (*proj, w, w, table, q, k, v, 3, heads, 1e-6, 1e-6))
 
 
 def test_qk_norm_rope_broadcast_pe_and_bad_args():
@@ -276,6 +532,12 @@ def test_qk_norm_rope_broadcast_pe_and_bad_args():
     with pytest.raises(ValueError, match="pe"):
         fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), pe, q, k, v, seq_off=1,
                            heads=heads, eps_q=1e-6, eps_k=1e-6)
+    with pytest.raises(ValueError, match="v projection"):  # separate projections of different shapes
+        fused.qk_norm_rope((qkv[..., :64], qkv[..., 64:128], qkv[..., 128:160]), torch.ones(d, device=DEV),
+                           torch.ones(d, device=DEV), pe, q, k, v, seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-6)
+    with pytest.raises(ValueError, match="pe: batch 3"):
+        fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), _pe(3, s, d).to(DEV), q, k, v,
+                           seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-6)
     with pytest.raises(ValueError, match="strides"):  # k in another layout than q
         fused.qk_norm_rope(qkv, torch.ones(d, device=DEV), torch.ones(d, device=DEV), pe, q,
                            _heads_buffers(b, heads, s, d, q.dtype, "bshd")[1], v, seq_off=0, heads=heads,

@@ -1,0 +1,129 @@
+"""Wan 2.1 / 2.2 blocks on the fused kernels: ComfyUI's ``WanAttentionBlock`` (text-to-video cross-attention).
+
+Per block a fused call runs:
+
+  LayerNorm + modulation + quantization, ONCE -> self-attention q, k, v (three INT8 GEMMs on the same rows)
+  q/k RMSNorm over the whole row + RoPE + split into heads into a ``[B, S, H, D]`` buffer (no copy)
+  attention (ComfyUI's ``optimized_attention``, the user's backend)
+  attention output + quantization -> o GEMM with ``x += e2 * y`` in its epilogue
+  cross-attention: ComfyUI's own module on ``norm3(x)`` and the text context, ``x += y``
+  LayerNorm + modulation + quantization -> FFN up projection; GELU-tanh + quantization -> FFN down projection
+  with ``x += e5 * y`` in its epilogue.
+
+The cross-attention stays ComfyUI's (its q reads ``norm3(x)``, its k/v the text context; each of its layers
+quantizes its own input): its image variant (Wan 2.1 I2V) needs the CLIP token count, which the block hook
+does not pass, and it is a small part of a video step (512 context tokens against tens of thousands of
+video tokens).
+
+Registered as ComfyUI "dit" block replacements (``("double_block", i)``) on ``WanModel``. Each call checks the
+rules below and otherwise runs ComfyUI's block (logged once per reason): a text-to-video cross-attention,
+one modulation per batch entry (not Wan 2.2 TI2V's per-frame timesteps), no attention patches (``attn1_patch``,
+``attn2_patch``), plain INT8 layers (no dynamic LoRA, SmoothQuant, lowvram patches), q/k/v rotated by the same
+ConvRot group (they share one quantization), q/k norms present, a RoPE table for every token.
+
+The hidden states are updated in place by the GEMM epilogues (ComfyUI's Wan block makes a contiguous copy of
+its input first, so the model's first block input, a transposed patch embedding, is copied here too).
+Numerics: float32 inside each fused kernel, rounded once (``tests/test_blocks_wan.py`` compares ComfyUI's
+blocks and the fused ones with float64).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import comfy.model_management
+import torch
+from comfy.ldm.wan.model import WanAttentionBlock, WanT2VCrossAttention
+
+from ... import kernels
+from . import common
+
+ARCH = "Wan"
+
+
+class FusedBlock:
+    """``patches_replace["dit"][("double_block", i)]``: WanAttentionBlock i of a WanModel, fused."""
+
+    def __init__(self, model: torch.nn.Module, index: int):
+        self.model = weakref.ref(model)
+        self.index = index
+
+    @staticmethod
+    def _why_not(block, args: dict, x: torch.Tensor, e: torch.Tensor) -> str | None:
+        attn = block.self_attn
+        options = args.get("transformer_options") or {}
+        if type(block.cross_attn) is not WanT2VCrossAttention:
+            return "image cross-attention (the block hook does not pass the CLIP token count)"
+        if e.dim() != 4 or e.shape[1] != 1 or e.shape[2] != 6 or e.shape[0] not in (1, x.shape[0]):
+            return "per-token modulation (per-frame timesteps)"
+        if "attn2_patch" in options.get("patches", {}):
+            return "attention patches present"
+        if not attn.qk_norm:
+            return "no q/k norm"
+        ffn = block.ffn
+        if not (isinstance(ffn, torch.nn.Sequential) and len(ffn) == 3
+                and common.mlp_activation(ffn[1]) == "gelu_tanh"):
+            return "feed-forward is not GELU-tanh"
+        why = common.why_not(args, [attn.q, attn.k, attn.v, attn.o, ffn[0], ffn[2]], [attn.norm_q, attn.norm_k], (),
+                             x)
+        if why is not None:
+            return why
+        if len({layer.input_rotation() for layer in (attn.q, attn.k, attn.v)}) != 1:
+            return "q/k/v layers rotated by different ConvRot groups (they share one quantization)"
+        pe, d = args["pe"], attn.head_dim
+        if (pe.dim() != 6 or pe.shape[0] not in (1, x.shape[0]) or pe.shape[1] != x.shape[1] or pe.shape[2] != 1
+                or tuple(pe.shape[3:]) != (d // 2, 2, 2)):
+            return f"RoPE table {list(pe.shape)} does not match {x.shape[1]} tokens of head dim {d}"
+        return None
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        model = self.model()
+        block = model.blocks[self.index] if model is not None else None
+        if block is None:
+            return extra["original_block"](args)
+        x, e0 = args["img"], args["vec"]
+        why = self._why_not(block, args, x, e0)
+        if why is not None:
+            common.fallback(ARCH, why)
+            return extra["original_block"](args)
+        options = args.get("transformer_options") or {}
+        attn, ffn = block.self_attn, block.ffn
+        # ComfyUI's modulation: the block's table plus the time projection, in the activations' dtype
+        e = (comfy.model_management.cast_to(block.modulation, dtype=x.dtype, device=x.device).unsqueeze(0) + e0)
+        e = e.unbind(2)  # 6 x [B, 1, D]
+        x = x.contiguous()
+        b, s, _ = x.shape
+        heads = attn.num_heads
+        # self-attention: one quantization for q, k and v
+        xq, xs = kernels.fused.norm_modulate_quantize(x, e[0], e[1], block.norm1.eps,
+                                                      rotate_group=attn.q.input_rotation())
+        proj = tuple(layer.run_quantized(xq, xs, x.dtype).view(b, s, -1) for layer in (attn.q, attn.k, attn.v))
+        bufs = common.qkv_buffers(x, heads, attn.head_dim, s)
+        kernels.fused.qk_norm_rope(proj, common.small(attn.norm_q.weight, x), common.small(attn.norm_k.weight, x),
+                                   args["pe"].movedim(2, 1), *bufs, seq_off=0, heads=heads,
+                                   eps_q=common.rms_eps(attn.norm_q, x.dtype),
+                                   eps_k=common.rms_eps(attn.norm_k, x.dtype), qk_norm="row")
+        del proj
+        y = common.attention(*bufs, heads, options)
+        del bufs
+        aq, a_scale = kernels.quantize_rows(y, rotate_group=attn.o.input_rotation())
+        attn.o.run_quantized(aq, a_scale.reshape(-1), x.dtype, residual=x, gate=e[2])
+        # cross-attention: ComfyUI's module (text-to-video)
+        x = x + block.cross_attn(block.norm3(x), args["txt"], transformer_options=options)
+        # feed-forward
+        xq, xs = kernels.fused.norm_modulate_quantize(x, e[3], e[4], block.norm2.eps,
+                                                      rotate_group=ffn[0].input_rotation())
+        h = ffn[0].run_quantized(xq, xs, x.dtype)
+        hq, hs = kernels.fused.glu_quantize(None, h, rotate_group=ffn[2].input_rotation(), activation="gelu_tanh")
+        del h
+        ffn[2].run_quantized(hq, hs, x.dtype, residual=x, gate=e[5])
+        return {"img": x}
+
+
+def install(patcher) -> int:
+    """Register the fused blocks on ``patcher`` (a ModelPatcher of ComfyUI's WanModel); returns how many. The
+    RoPE table gets an ``EagerRopeTable`` object patch unless another node patched it already."""
+    model = patcher.model.diffusion_model
+    common.patch_rope_table(patcher, model, "rope_embedder")
+    return common.register(patcher, ARCH, (
+        ("double_block", model.blocks, WanAttentionBlock, lambda i: FusedBlock(model, i)),))

@@ -1,0 +1,207 @@
+"""Helpers for the fused-block tests of architectures beyond FLUX.2 (integration tier).
+
+Tiny models are built with ComfyUI's own model classes (random BF16 weights) and loaded through the pack's
+loader (``loader.build``: ComfyUI's ``load_diffusion_model_state_dict`` with the pack's operations), so the
+fused blocks are installed where they are for users. ComfyUI's model detection reads most widths from the
+keys but assumes some of the real models' widths (Chroma's approximator: 3072 wide, 5120 hidden, 5 layers;
+Qwen-Image: 24 heads of 128, a 3584-wide text input; Z-Image: recognized by its 3840 width; Wan: a 4096-wide
+text input): ``tiny_detection``
+reads those from the keys too,
+so a tiny model of the same class loads. Each fused model is compared with ComfyUI's blocks on the same INT8
+weights and both with a float64 twin: ComfyUI's class in float64 with the INT8 weights dequantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from int8_w8a8.kernels import fused as fused_kernels
+
+from .conftest import sqnr_db
+
+KERNELS = ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "int8_gemm_residual")  # FLUX-style blocks
+COUNTED = (*KERNELS, "rms_norm_gate_add")
+
+
+def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Random BF16 weights for ``module``'s keys: N(0, 1/fan_in) matrices, unit norm weights, small biases."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in module.state_dict().items():
+        if v.dim() >= 2:
+            sd[k] = torch.randn(v.shape, generator=gen) / math.sqrt(v[0].numel())
+        elif "norm" in k:
+            sd[k] = 1 + 0.1 * torch.randn(v.shape, generator=gen)
+        elif v.is_floating_point():
+            sd[k] = torch.randn(v.shape, generator=gen) * 0.02
+        else:
+            sd[k] = v
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _chroma_widths(sd: dict, prefix: str) -> dict:
+    n_layers = len({k.split(".")[2] for k in sd if k.startswith(f"{prefix}distilled_guidance_layer.norms.")})
+    w = sd[f"{prefix}distilled_guidance_layer.in_proj.weight"]
+    return {"in_dim": w.shape[1], "hidden_dim": w.shape[0], "n_layers": n_layers,
+            "out_dim": sd[f"{prefix}distilled_guidance_layer.out_proj.weight"].shape[0]}
+
+
+def _lumina_widths(sd: dict, prefix: str) -> dict:
+    """Z-Image's settings (ComfyUI applies them only at Z-Image's width, 3840) with the heads read from the keys;
+    a Lumina 2 layout (SiLU before its adaLN projection) keeps ComfyUI's defaults but for the heads."""
+    head_dim = sd[f"{prefix}layers.0.attention.q_norm.weight"].shape[0]
+    dim = sd[f"{prefix}cap_embedder.1.weight"].shape[0]
+    qkv = sd[f"{prefix}layers.0.attention.qkv.weight"].shape[0]
+    widths = {"n_heads": dim // head_dim, "n_kv_heads": (qkv - dim) // (2 * head_dim),
+              "ffn_dim_multiplier": sd[f"{prefix}layers.0.feed_forward.w1.weight"].shape[0] / dim,
+              "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0}
+    if f"{prefix}layers.0.adaLN_modulation.0.weight" in sd:  # Z-Image: one Linear, no SiLU
+        widths.update(z_image_modulation=True, time_scale=1000.0)
+        if f"{prefix}cap_pad_token" in sd:
+            widths["pad_tokens_multiple"] = 32
+    return widths
+
+
+def _qwen_widths(sd: dict, prefix: str) -> dict:
+    head_dim = sd[f"{prefix}transformer_blocks.0.attn.norm_q.weight"].shape[0]
+    return {"attention_head_dim": head_dim, "num_attention_heads": sd[f"{prefix}img_in.weight"].shape[0] // head_dim,
+            "joint_attention_dim": sd[f"{prefix}txt_norm.weight"].shape[0],
+            "out_channels": sd[f"{prefix}proj_out.weight"].shape[0] // 4}
+
+
+# image_model -> the widths ComfyUI's detection assumes for the real model, read from a state dict instead
+def _wan_widths(sd: dict, prefix: str) -> dict:
+    return {"text_dim": sd[f"{prefix}text_embedding.0.weight"].shape[1]}
+
+
+_WIDTHS: dict[str, Callable[[dict, str], dict]] = {"chroma": _chroma_widths, "chroma_radiance": _chroma_widths,
+                                                   "qwen_image": _qwen_widths, "lumina2": _lumina_widths,
+                                                   "wan2.1": _wan_widths}
+
+
+@contextlib.contextmanager
+def tiny_detection():
+    """ComfyUI's ``detect_unet_config`` with the assumed widths of ``_WIDTHS`` read from the state dict."""
+    import comfy.model_detection
+
+    original = comfy.model_detection.detect_unet_config
+
+    def detect(state_dict, key_prefix, metadata=None):
+        config = original(state_dict, key_prefix, metadata=metadata)
+        widths = _WIDTHS.get((config or {}).get("image_model"))
+        return {**config, **widths(state_dict, key_prefix)} if widths else config
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(comfy.model_detection, "detect_unet_config", detect)
+        yield
+
+
+def load(sd: dict, dtype: torch.dtype, **options):
+    """The pack's loader on ``sd`` (BF16 weights converted to INT8 on load) with activations in ``dtype``."""
+    from int8_w8a8.ops import formats, loader
+
+    nsd, report = formats.normalize(dict(sd), None, "tiny")
+    return loader.build(nsd, report, loader.LoadOptions(**options), "tiny", model_options={"dtype": dtype},
+                        disable_dynamic=True)
+
+
+def run(patcher, args: tuple, kwargs: dict | None = None, fused: bool = True, options: dict | None = None):
+    """The diffusion model on ``args`` with the patcher's transformer options and wrappers, as ComfyUI's samplers
+    pass them (``apply_model``: latents and context in the model's dtype, timesteps [B] in float32);
+    ``fused=False`` drops the block replacements."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    comfy.model_management.load_models_gpu([patcher])
+    dtype = patcher.model.get_dtype()
+    dev = patcher.load_device
+    args = tuple(a.to(dev, dtype if a.dim() > 1 else torch.float32) if a.is_floating_point() else a.to(dev)
+                 for a in args)
+    kwargs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in (kwargs or {}).items()}
+    opts = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
+    if not fused:
+        opts.pop("patches_replace", None)
+    opts["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
+    opts.update(options or {})
+    with torch.inference_mode():
+        return patcher.model.diffusion_model(*args, transformer_options=opts, **kwargs).float()
+
+
+def float64_twin(patcher, build: Callable[..., torch.nn.Module]) -> torch.nn.Module:
+    """ComfyUI's model class (``build(dtype=, device=, operations=)``) in float64 with ``patcher``'s weights,
+    INT8 ones dequantized: the INT8 model's exact math without activation quantization or bf16 rounding."""
+    import comfy.ops
+
+    from int8_w8a8.ops import layout
+
+    dm = patcher.model.diffusion_model
+    sd = {}
+    for name, t in [*dm.named_parameters(), *dm.named_buffers()]:
+        t = t.dequantize() if layout.is_int8_weight(t) else t
+        sd[name] = t.to("cpu", torch.float64) if t.is_floating_point() else t.cpu()
+    twin = build(dtype=torch.float64, device="cpu", operations=comfy.ops.disable_weight_init)
+    missing, unexpected = twin.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith("__") for k in missing), (missing, unexpected)
+    return twin.eval()
+
+
+def run_twin(twin, args: tuple, kwargs: dict | None = None) -> torch.Tensor:
+    """``twin`` on float64 copies of ``args`` on the CPU. ComfyUI's training flag is set for the call: its
+    RoPE and q/k-norm functions then take their pure-torch path (comfy-kitchen's refuse float64)."""
+    import comfy.model_management
+
+    args = tuple(a.cpu().double() if a.is_floating_point() else a.cpu() for a in args)
+    kwargs = {k: v.cpu().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in (kwargs or {}).items()}
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(comfy.model_management, "in_training", True)
+        return twin(*args, **kwargs).float()
+
+
+def check_against_float64(fused: torch.Tensor, comfy: torch.Tensor, truth: torch.Tensor, floor_db: float) -> None:
+    """The fused blocks at least as close to the float64 truth as ComfyUI's blocks on the same INT8 weights
+    (within 0.5 dB: both quantize activations; ComfyUI also rounds to bf16 after every op), above a floor."""
+    s_fused, s_comfy = sqnr_db(truth.cpu(), fused.cpu()), sqnr_db(truth.cpu(), comfy.cpu())
+    print(f"[sqnr vs float64] fused {s_fused:.2f} dB, ComfyUI blocks {s_comfy:.2f} dB")
+    assert s_fused > floor_db and s_fused > s_comfy - 0.5, (s_fused, s_comfy)
+
+
+def count_kernel_calls(monkeypatch, activations: bool = True) -> dict:
+    """Count calls of the fused kernels (counting wrappers around the pack's own functions); ``glu_quantize``
+    calls are also counted per activation (``"glu_quantize:gelu_tanh"``)."""
+    counts: dict[str, int] = {}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            counts[name] = counts.get(name, 0) + 1
+            if name == "glu_quantize" and activations:
+                key = f"{name}:{k.get('activation', 'swiglu')}"
+                counts[key] = counts.get(key, 0) + 1
+            return fn(*a, **k)
+        return wrapped
+
+    for name in COUNTED:
+        monkeypatch.setattr(fused_kernels, name, counting(name, getattr(fused_kernels, name)))
+    return counts
+
+
+def sdpa_attention(monkeypatch) -> None:
+    """ComfyUI's PyTorch SDPA attention everywhere, also where a model module imported the function by name (its
+    CPU default asks psutil for free memory, which breaks torch.compile graphs; GPUs use SDPA, as here)."""
+    import importlib
+
+    import comfy.ldm.modules.attention
+
+    sdpa = comfy.ldm.modules.attention.attention_pytorch
+    for module, names in (("comfy.ldm.modules.attention", ("optimized_attention", "optimized_attention_masked")),
+                          ("comfy.ldm.flux.math", ("optimized_attention",)),
+                          ("comfy.ldm.qwen_image.model", ("optimized_attention_masked",)),
+                          ("comfy.ldm.lumina.model", ("optimized_attention_masked",)),
+                          ("comfy.ldm.wan.model", ("optimized_attention",))):
+        for name in names:
+            monkeypatch.setattr(importlib.import_module(module), name, sdpa)

@@ -1,0 +1,240 @@
+"""Integration tier: Qwen-Image's blocks on the fused kernels (ops/blocks/qwen_image.py) inside a real ComfyUI.
+
+A tiny Qwen-Image (ComfyUI's own class: 2 heads of 128, two joint blocks, 64-wide text input) is loaded
+through the pack's loader. Checked: the fused blocks quantize each stream's modulated activation once for its
+three projections, match ComfyUI's blocks on the same INT8 weights and both the float64 twin, eager and
+traced by torch.compile in one graph; reference latents that keep one modulation per batch entry stay fused;
+every fallback rule (text mask, timestep-zero reference latents, attention patches, lowvram weight functions,
+dynamic LoRA, q/k/v layers with different ConvRot groups) runs ComfyUI's block, whose output is then
+ComfyUI's own bit for bit. On the CPU here, on the load device (the GPU) there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+
+from . import blocks_util as bu
+from . import lora_util as lu
+from .conftest import sqnr_db
+
+pytestmark = pytest.mark.integration
+
+HEADS, HEAD_DIM, CTX, LAYERS = 2, 128, 64, 2
+
+
+def qwen_module(dtype=torch.float32, device="cpu", operations=None):
+    import comfy.ops
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=LAYERS,
+                                       attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=CTX,
+                                       axes_dims_rope=(16, 56, 56), dtype=dtype, device=device,
+                                       operations=operations or comfy.ops.disable_weight_init)
+
+
+def inputs(batch: int = 2, h: int = 8, w: int = 8, txt: int = 7, seed: int = 7):
+    """(x [B, 16, 1, h, w], timestep [B], context [B, txt, CTX])."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 16, 1, h, w, generator=gen), torch.rand(batch, generator=gen),
+            torch.randn(batch, txt, CTX, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def models(comfyui):
+    sd = bu.random_state_dict(qwen_module(device="meta"), seed=13)
+    with bu.tiny_detection():
+        yield {"sd": sd, **{f"{name}-{str(dt)[6:]}": bu.load(sd, dt, fused_blocks=(name == "fused"))
+                            for name in ("fused", "plain") for dt in (torch.bfloat16, torch.float32)}}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Fused-kernel calls, and how often Int8Linear layers ran on rows quantized before them (``run_quantized``)
+    or quantized their own input (``forward``)."""
+    from int8_w8a8.ops.comfy_ops import Int8Linear
+
+    counts = bu.count_kernel_calls(monkeypatch)
+    for name in ("run_quantized", "forward"):
+        original = getattr(Int8Linear, name)
+
+        def counting(self, *a, _name=name, _fn=original, **k):
+            if _name == "run_quantized" or self.fusable():
+                counts[_name] = counts.get(_name, 0) + 1
+            return _fn(self, *a, **k)
+
+        monkeypatch.setattr(Int8Linear, name, counting)
+    return counts
+
+
+def test_install_registers_blocks_and_mask_wrapper(models):
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+    from comfy.patcher_extension import WrappersMP
+
+    from int8_w8a8.ops import blocks
+    from int8_w8a8.ops.blocks import common, qwen_image
+
+    fused = models["fused-bfloat16"]
+    assert type(fused.model.diffusion_model) is QwenImageTransformer2DModel
+    assert blocks.architecture_of(fused.model.diffusion_model).module == "qwen_image"
+    dit = fused.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert set(dit) == {("double_block", i) for i in range(LAYERS)}
+    assert fused.get_wrappers(WrappersMP.DIFFUSION_MODEL, qwen_image.WRAPPER_KEY) == [qwen_image._mask_rule]
+    assert isinstance(fused.object_patches["diffusion_model.pe_embedder"], common.EagerRopeTable)
+    clone = fused.clone()  # clones carry the replacements and the wrapper; installing again adds nothing
+    assert blocks.install(clone) == 0
+    assert len(clone.get_wrappers(WrappersMP.DIFFUSION_MODEL, qwen_image.WRAPPER_KEY)) == 1
+    plain = models["plain-bfloat16"]
+    assert "patches_replace" not in plain.model_options.get("transformer_options", {}) and not plain.wrappers.get(
+        WrappersMP.DIFFUSION_MODEL) and not plain.object_patches
+
+
+@pytest.mark.parametrize("dtype", ("bfloat16", "float32"))
+def test_fused_matches_comfyui_blocks_and_float64(models, calls, dtype):
+    fused_model = models[f"fused-{dtype}"]
+    args = inputs()
+    comfy = bu.run(fused_model, args, fused=False)
+    assert set(calls) == {"forward"}  # ComfyUI's blocks: every INT8 layer quantizes its own input
+    assert calls["forward"] == 14 * LAYERS
+    calls.clear()
+    fused = bu.run(fused_model, args)
+    # per block and stream: one modulated-norm quantization feeds q, k and v; one more feeds the FFN
+    per_block = {"norm_modulate_quantize": 4, "qk_norm_rope": 2, "glu_quantize": 2, "glu_quantize:gelu_tanh": 2,
+                 "int8_gemm_residual": 4, "run_quantized": 12, "forward": 2}  # forward: img_mod, txt_mod
+    assert calls == {k: v * LAYERS for k, v in per_block.items()}
+    assert torch.equal(comfy, bu.run(models[f"plain-{dtype}"], args))
+    assert sqnr_db(comfy, fused) > 30
+    truth = bu.run_twin(bu.float64_twin(fused_model, qwen_module), args)
+    bu.check_against_float64(fused, comfy, truth, 25)
+    single = bu.run(fused_model, tuple(a[:1] for a in args))
+    assert sqnr_db(fused[:1], single) > 60
+
+
+def test_reference_latents_stay_fused(models, calls):
+    """Edit-style reference latents ("index": extra image tokens, one modulation per batch entry) stay fused."""
+    patcher = models["fused-bfloat16"]
+    gen = torch.Generator().manual_seed(3)
+    kwargs = {"ref_latents": [torch.randn(2, 16, 1, 4, 4, generator=gen).to(torch.bfloat16)]}
+    comfy = bu.run(patcher, inputs(), kwargs, fused=False)
+    fused = bu.run(patcher, inputs(), kwargs)
+    assert calls["qk_norm_rope"] == 2 * LAYERS
+    assert sqnr_db(comfy, fused) > 30
+
+
+@pytest.mark.parametrize("group", [64, 256])
+def test_convrot_model_stays_fused(models, calls, group):
+    from int8_w8a8.ops.config import ConvertOptions
+
+    with bu.tiny_detection():
+        rotated = bu.load(models["sd"], torch.bfloat16, convert=ConvertOptions(rotate_group=group))
+    attn = rotated.model.diffusion_model.transformer_blocks[0].attn
+    assert attn.to_q.input_rotation() == attn.to_k.input_rotation() == group
+    args = inputs()
+    comfy = bu.run(rotated, args, fused=False)
+    fused = bu.run(rotated, args)
+    assert calls["qk_norm_rope"] == 2 * LAYERS
+    assert sqnr_db(comfy, fused) > 30
+
+
+def _attn_patch(q, k, v, pe=None, attn_mask=None, extra_options=None):
+    return {"q": q, "k": k, "v": v}
+
+
+@pytest.mark.parametrize("rule", ["text mask", "timestep-zero reference", "attn1_patch", "lowvram weight function"])
+def test_fallback_rules(models, calls, rule):
+    patcher = models["fused-bfloat16"].clone()
+    args, kwargs, undo = inputs(), {}, []
+    if rule == "text mask":  # ComfyUI's Qwen text encoder passes one when a prompt has padded tokens
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, 5:] = 0
+        kwargs = {"attention_mask": mask}
+    elif rule == "timestep-zero reference":  # Qwen-Image-Edit 2511: reference tokens modulated at timestep 0
+        kwargs = {"ref_latents": [torch.randn(2, 16, 1, 4, 4).to(torch.bfloat16)],
+                  "ref_latents_method": "index_timestep_zero"}
+    elif rule == "attn1_patch":
+        patcher.set_model_attn1_patch(_attn_patch)
+    else:
+        for m in (patcher.model.diffusion_model.transformer_blocks[0].attn.add_v_proj,
+                  patcher.model.diffusion_model.transformer_blocks[1].txt_mlp.net[2]):
+            m.weight_function.append(lambda w: w)
+            undo.append(m)
+    try:
+        y = bu.run(patcher, args, kwargs)
+        assert "qk_norm_rope" not in calls
+        assert torch.equal(y, bu.run(patcher, args, kwargs, fused=False))
+    finally:
+        for m in undo:
+            m.weight_function.pop()
+
+
+def test_qkv_with_different_convrot_groups_falls_back(models, calls):
+    """A file whose to_k is not rotated while to_q/to_v are (one quantization cannot serve both) runs ComfyUI's
+    block for that block only."""
+    from int8_w8a8.ops import formats, loader
+
+    from . import formats_util
+
+    def blocks(convrot):
+        return lambda layer: layer.startswith("transformer_blocks.") and (
+            (layer == "transformer_blocks.0.attn.to_k") != bool(convrot))
+
+    sd, layers = dict(models["sd"]), {}
+    import json
+    for convrot in (64, 0):
+        sd, meta = formats_util.native(sd, blocks(convrot), convrot=convrot)
+        layers.update(json.loads(meta["_quantization_metadata"])["layers"])
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    nsd, report = formats.normalize(sd, meta, "mixed.safetensors")
+    with bu.tiny_detection():
+        patcher = loader.build(nsd, report, loader.LoadOptions(), "mixed", model_options={"dtype": torch.bfloat16},
+                               disable_dynamic=True)
+    attn = patcher.model.diffusion_model.transformer_blocks[0].attn
+    assert (attn.to_q.input_rotation(), attn.to_k.input_rotation()) == (64, 0)
+    y = bu.run(patcher, inputs())
+    assert calls["qk_norm_rope"] == 2  # block 1 fused, block 0 ComfyUI's
+    assert sqnr_db(bu.run(patcher, inputs(), fused=False), y) > 30
+
+
+def test_dynamic_lora_falls_back(models, calls, tmp_path, monkeypatch):
+    import folder_paths
+
+    from int8_w8a8.lora import dynamic, loading
+
+    safetensors.torch.save_file(lu.lora(models["sd"], ["transformer_blocks.1.attn.to_v"], rank=4),
+                                str(tmp_path / "l.safetensors"))
+    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(tmp_path / name))
+    dyn, _ = dynamic.apply(models["fused-bfloat16"], [loading.LoraSpec("l.safetensors", 1.0)])
+    y = bu.run(dyn, inputs())
+    assert calls["qk_norm_rope"] == 2  # block 0 fused, block 1 (the LoRA's layer) ComfyUI's
+    assert sqnr_db(bu.run(dyn, inputs(), fused=False), y) > 30
+
+
+def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch):
+    """Traced by torch.compile (the mask wrapper included): one graph, no breaks, the fused kernels and the
+    RoPE-table op in it, and the eager fused model's output."""
+    import comfy.patcher_extension
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    bu.sdpa_attention(monkeypatch)
+    patcher = models["fused-bfloat16"]
+    args = inputs()
+    want = bu.run(patcher, args)
+    eager_calls = dict(calls)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(patcher.model.diffusion_model, backend=backend, fullgraph=True)
+    dev, dtype = patcher.load_device, patcher.model.get_dtype()
+    options = {**patcher.model_options["transformer_options"],
+               "wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)}
+    with torch.inference_mode():
+        y = compiled(*(a.to(dev, dtype if a.dim() > 1 else torch.float32) for a in args),
+                     transformer_options=options).float()
+    assert eager_calls["qk_norm_rope"] == 2 * LAYERS
+    assert not counters["graph_break"] and backend.frame_count == 1
+    ops = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
+    for op in (*bu.KERNELS, "flux_rope_table"):
+        assert any(op in name for name in ops), (op, sorted(ops))
+    assert sqnr_db(want, y) > 60

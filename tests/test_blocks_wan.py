@@ -1,0 +1,177 @@
+"""Integration tier: Wan's attention blocks on the fused kernels (ops/blocks/wan.py) inside a real ComfyUI.
+
+A tiny Wan 2.1 text-to-video model (ComfyUI's WanModel: 2 heads of 128, two blocks, a 2-frame latent video)
+is loaded through the pack's loader. Checked: one quantization feeds self-attention's q, k and v, the q/k
+norms over the whole row, the fused blocks match ComfyUI's on the same INT8 weights and both the float64 twin,
+eager and traced by torch.compile in one graph; every fallback rule (image cross-attention, per-frame
+modulation, attention patches, lowvram weight functions) runs ComfyUI's block, whose output is then ComfyUI's
+own bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from . import blocks_util as bu
+from .conftest import sqnr_db
+
+pytestmark = pytest.mark.integration
+
+DIM, CTX, LAYERS = 256, 64, 2
+
+
+def wan_module(dtype=torch.float32, device="cpu", operations=None, model_type="t2v"):
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    return WanModel(model_type=model_type, patch_size=(1, 2, 2), text_len=16, in_dim=16 if model_type == "t2v" else 36,
+                    dim=DIM, ffn_dim=512,
+                    freq_dim=256, text_dim=CTX, out_dim=16, num_heads=DIM // 128, num_layers=LAYERS, qk_norm=True,
+                    cross_attn_norm=True, eps=1e-6, dtype=dtype, device=device,
+                    operations=operations or comfy.ops.disable_weight_init)
+
+
+def inputs(batch: int = 2, frames: int = 2, h: int = 8, w: int = 8, seed: int = 7, channels: int = 16):
+    """(x [B, channels, frames, h, w], timestep [B], context [B, 16, CTX])."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, channels, frames, h, w, generator=gen), torch.rand(batch, generator=gen),
+            torch.randn(batch, 16, CTX, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def models(comfyui):
+    sd = bu.random_state_dict(wan_module(device="meta"), seed=19)
+    with bu.tiny_detection():
+        yield {"sd": sd, **{f"{name}-{str(dt)[6:]}": bu.load(sd, dt, fused_blocks=(name == "fused"))
+                            for name in ("fused", "plain") for dt in (torch.bfloat16, torch.float32)}}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    from int8_w8a8.ops.comfy_ops import Int8Linear
+
+    counts = bu.count_kernel_calls(monkeypatch)
+    for name in ("run_quantized", "forward"):
+        original = getattr(Int8Linear, name)
+
+        def counting(self, *a, _name=name, _fn=original, **k):
+            if _name == "run_quantized" or self.fusable():
+                counts[_name] = counts.get(_name, 0) + 1
+            return _fn(self, *a, **k)
+
+        monkeypatch.setattr(Int8Linear, name, counting)
+    return counts
+
+
+def test_install_registers_wan_blocks(models):
+    from comfy.ldm.wan.model import WanModel
+
+    from int8_w8a8.ops import blocks
+    from int8_w8a8.ops.blocks import common
+
+    fused = models["fused-bfloat16"]
+    assert type(fused.model.diffusion_model) is WanModel
+    assert blocks.architecture_of(fused.model.diffusion_model).module == "wan"
+    dit = fused.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert set(dit) == {("double_block", i) for i in range(LAYERS)}
+    assert isinstance(fused.object_patches["diffusion_model.rope_embedder"], common.EagerRopeTable)
+    assert not models["plain-bfloat16"].object_patches
+
+
+@pytest.mark.parametrize("dtype", ("bfloat16", "float32"))
+def test_fused_matches_comfyui_blocks_and_float64(models, calls, dtype):
+    fused_model = models[f"fused-{dtype}"]
+    args = inputs()
+    comfy = bu.run(fused_model, args, fused=False)
+    assert set(calls) == {"forward"} and calls["forward"] == 10 * LAYERS
+    calls.clear()
+    fused = bu.run(fused_model, args)
+    # per block: one quantization for q/k/v, one for the FFN; the cross-attention's 4 layers are ComfyUI's
+    per_block = {"norm_modulate_quantize": 2, "qk_norm_rope": 1, "glu_quantize": 1, "glu_quantize:gelu_tanh": 1,
+                 "int8_gemm_residual": 2, "run_quantized": 6, "forward": 4}
+    assert calls == {k: v * LAYERS for k, v in per_block.items()}
+    assert torch.equal(comfy, bu.run(models[f"plain-{dtype}"], args))
+    assert sqnr_db(comfy, fused) > 30
+    truth = bu.run_twin(bu.float64_twin(fused_model, wan_module), args)
+    bu.check_against_float64(fused, comfy, truth, 25)
+    single = bu.run(fused_model, tuple(a[:1] for a in args))
+    assert sqnr_db(fused[:1], single) > 60
+
+
+@pytest.mark.parametrize("group", [64, 256])
+def test_convrot_model_stays_fused(models, calls, group):
+    from int8_w8a8.ops.config import ConvertOptions
+
+    with bu.tiny_detection():
+        rotated = bu.load(models["sd"], torch.bfloat16, convert=ConvertOptions(rotate_group=group))
+    args = inputs()
+    comfy = bu.run(rotated, args, fused=False)
+    fused = bu.run(rotated, args)
+    assert calls["qk_norm_rope"] == LAYERS
+    assert sqnr_db(comfy, fused) > 30
+
+
+def _attn_patch(args):
+    return args["x"]
+
+
+@pytest.mark.parametrize("rule", ["attn1_patch", "attn2_patch", "per-frame modulation", "lowvram weight function"])
+def test_fallback_rules(models, calls, rule):
+    patcher = models["fused-bfloat16"].clone()
+    args, undo = inputs(), []
+    if rule in ("attn1_patch", "attn2_patch"):
+        patcher.set_model_patch(_attn_patch, rule)
+    elif rule == "per-frame modulation":  # Wan 2.2 TI2V: one timestep per latent frame
+        args = (args[0], torch.rand(2, 2), args[2])
+    else:  # ComfyUI's lowvram patches on one layer of each block (applied on the fly, on the shared module)
+        blocks = patcher.model.diffusion_model.blocks
+        for m in (blocks[0].self_attn.k, blocks[1].ffn[2]):
+            m.weight_function.append(lambda w: w)
+            undo.append(m)
+    try:
+        y = bu.run(patcher, args)
+        assert "qk_norm_rope" not in calls
+        assert torch.equal(y, bu.run(patcher, args, fused=False))
+    finally:
+        for m in undo:
+            m.weight_function.pop()
+
+
+def test_image_cross_attention_falls_back(comfyui, calls):
+    """Wan 2.1 I2V: the image cross-attention needs the CLIP token count, which the block hook does not pass."""
+    sd = bu.random_state_dict(wan_module(device="meta", model_type="i2v"), seed=20)
+    with bu.tiny_detection():
+        patcher = bu.load(sd, torch.bfloat16)
+    gen = torch.Generator().manual_seed(5)
+    kwargs = {"clip_fea": torch.randn(2, 257, 1280, generator=gen).to(torch.bfloat16)}
+    args = inputs(channels=36)  # the latent and the image conditioning ComfyUI concatenates to it
+    y = bu.run(patcher, args, kwargs)
+    assert "qk_norm_rope" not in calls
+    assert torch.equal(y, bu.run(patcher, args, kwargs, fused=False))
+
+
+def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    bu.sdpa_attention(monkeypatch)
+    patcher = models["fused-bfloat16"]
+    args = inputs()
+    want = bu.run(patcher, args)
+    eager_calls = dict(calls)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(patcher.model.diffusion_model, backend=backend, fullgraph=True)
+    dev, dtype = patcher.load_device, patcher.model.get_dtype()
+    options = dict(patcher.model_options["transformer_options"])
+    with torch.inference_mode():
+        y = compiled(*(a.to(dev, dtype if a.dim() > 1 else torch.float32) for a in args),
+                     transformer_options=options).float()
+    assert eager_calls["qk_norm_rope"] == LAYERS
+    assert not counters["graph_break"] and backend.frame_count == 1
+    ops = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
+    for op in (*bu.KERNELS, "flux_rope_table"):
+        assert any(op in name for name in ops), (op, sorted(ops))
+    assert sqnr_db(want, y) > 60

@@ -1,0 +1,236 @@
+"""Integration tier: Z-Image's main layers on the fused kernels (ops/blocks/zimage.py) inside a real ComfyUI.
+
+A tiny Z-Image (ComfyUI's NextDiT: 2 heads of 128, two main layers, two refiners of each kind) is loaded
+through the pack's loader. ComfyUI 0.29's Lumina model has no block hook: the fused layers are per-clone object
+patches of each layer's ``forward``. Checked: one quantization feeds w1 and w3, the fused layers match
+ComfyUI's on the same INT8 weights and both the float64 twin, eager and traced by torch.compile in one graph;
+a clone without the patches runs ComfyUI's layers on the same shared module; every fallback rule (float16,
+timestep-zero reference latents, grouped-query attention, lowvram weight functions, dynamic LoRA, w1/w3 with
+different ConvRot groups) runs ComfyUI's forward, whose output is then ComfyUI's own bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from . import blocks_util as bu
+from . import lora_util as lu
+from .conftest import sqnr_db
+
+pytestmark = pytest.mark.integration
+
+DIM, CTX, LAYERS = 256, 64, 2
+
+
+def zimage_module(dtype=torch.float32, device="cpu", operations=None, n_kv_heads=2, z_image=True):
+    import comfy.ops
+    from comfy.ldm.lumina.model import NextDiT
+
+    extra = {"z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32} if z_image else {}
+    return NextDiT(patch_size=2, in_channels=16, dim=DIM, n_layers=LAYERS, n_refiner_layers=2, n_heads=DIM // 128,
+                   n_kv_heads=n_kv_heads, ffn_dim_multiplier=3.0, norm_eps=1e-5, qk_norm=True, cap_feat_dim=CTX,
+                   axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0, **extra, dtype=dtype,
+                   device=device, operations=operations or comfy.ops.disable_weight_init)
+
+
+def inputs(batch: int = 2, h: int = 8, w: int = 8, txt: int = 7, seed: int = 7):
+    """(x [B, 16, h, w], timesteps [B], context [B, txt, CTX]) and the num_tokens kwarg."""
+    gen = torch.Generator().manual_seed(seed)
+    return ((torch.randn(batch, 16, h, w, generator=gen), torch.rand(batch, generator=gen),
+             torch.randn(batch, txt, CTX, generator=gen)), {"num_tokens": txt})
+
+
+@pytest.fixture(scope="module")
+def models(comfyui):
+    sd = bu.random_state_dict(zimage_module(device="meta"), seed=17)
+    with bu.tiny_detection():
+        yield {"sd": sd, **{f"{name}-{str(dt)[6:]}": bu.load(sd, dt, fused_blocks=(name == "fused"))
+                            for name in ("fused", "plain") for dt in (torch.bfloat16, torch.float32, torch.float16)}}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    from int8_w8a8.ops.comfy_ops import Int8Linear
+
+    counts = bu.count_kernel_calls(monkeypatch)
+    original = Int8Linear.run_quantized
+
+    def counting(self, *a, **k):
+        counts["run_quantized"] = counts.get("run_quantized", 0) + 1
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Int8Linear, "run_quantized", counting)
+    return counts
+
+
+def test_install_patches_each_clone_not_the_module(models, calls):
+    from comfy.ldm.lumina.model import JointTransformerBlock, NextDiT
+
+    from int8_w8a8.ops import blocks
+    from int8_w8a8.ops.blocks import common, zimage
+
+    fused = models["fused-bfloat16"]
+    dm = fused.model.diffusion_model
+    assert type(dm) is NextDiT and blocks.architecture_of(dm).module == "zimage"
+    forwards = {f"diffusion_model.layers.{i}.forward" for i in range(LAYERS)}
+    assert set(fused.object_patches) == forwards | {"diffusion_model.rope_embedder"}
+    assert all(isinstance(fused.object_patches[k], zimage.FusedForward) for k in forwards)
+    assert isinstance(fused.object_patches["diffusion_model.rope_embedder"], common.EagerRopeTable)
+    assert "patches_replace" not in fused.model_options.get("transformer_options", {})
+    assert not models["plain-bfloat16"].object_patches
+    # a clone without the patches runs ComfyUI's layers on the same shared module (object patches are per clone)
+    args, kwargs = inputs()
+    y_fused = bu.run(fused, args, kwargs)
+    assert calls["qk_norm_rope"] == LAYERS
+    calls.clear()
+    unpatched = fused.clone()
+    for k in forwards:
+        unpatched.object_patches.pop(k)
+    assert unpatched.model.diffusion_model is dm
+    y = bu.run(unpatched, args, kwargs)
+    assert not calls and type(dm.layers[0].forward).__name__ == "method"
+    assert torch.equal(y, bu.run(models["plain-bfloat16"], args, kwargs))
+    assert sqnr_db(y, y_fused) > 30
+    assert blocks.install(unpatched) == LAYERS and type(dm.layers[0]) is JointTransformerBlock
+
+
+@pytest.mark.parametrize("dtype", ("bfloat16", "float32"))
+def test_fused_matches_comfyui_layers_and_float64(models, calls, dtype):
+    args, kwargs = inputs()
+    comfy = bu.run(models[f"plain-{dtype}"], args, kwargs)
+    assert not calls
+    fused = bu.run(models[f"fused-{dtype}"], args, kwargs)
+    # per layer: RMSNorm quantizations for qkv and (shared) w1/w3; SwiGLU of the (w1, w3) pair; two post-norm adds
+    per_layer = {"norm_modulate_quantize": 2, "qk_norm_rope": 1, "glu_quantize": 1, "glu_quantize:swiglu": 1,
+                 "rms_norm_gate_add": 2, "run_quantized": 5}
+    assert calls == {k: v * LAYERS for k, v in per_layer.items()}
+    assert sqnr_db(comfy, fused) > 30
+    truth = bu.run_twin(bu.float64_twin(models[f"fused-{dtype}"], zimage_module), args, kwargs)
+    bu.check_against_float64(fused, comfy, truth, 25)
+    single = bu.run(models[f"fused-{dtype}"], tuple(a[:1] for a in args), kwargs)
+    assert sqnr_db(fused[:1], single) > 60
+
+
+@pytest.mark.parametrize("group", [64, 256])
+def test_convrot_model_stays_fused(models, calls, group):
+    from int8_w8a8.ops.config import ConvertOptions
+
+    with bu.tiny_detection():
+        rotated = bu.load(models["sd"], torch.bfloat16, convert=ConvertOptions(rotate_group=group))
+    args, kwargs = inputs()
+    fused = bu.run(rotated, args, kwargs)
+    assert calls["qk_norm_rope"] == LAYERS
+    with bu.tiny_detection():
+        plain = bu.load(models["sd"], torch.bfloat16, convert=ConvertOptions(rotate_group=group), fused_blocks=False)
+    assert sqnr_db(bu.run(plain, args, kwargs), fused) > 30
+
+
+def _same_as_comfyui(fused, plain, calls, args, kwargs):
+    y = bu.run(fused, args, kwargs)
+    assert "qk_norm_rope" not in calls
+    assert torch.equal(y, bu.run(plain, args, kwargs))
+
+
+def test_float16_falls_back(models, calls):
+    _same_as_comfyui(models["fused-float16"], models["plain-float16"], calls, *inputs())
+
+
+def test_timestep_zero_reference_falls_back(models, calls):
+    """Z-Image omni (reference latents): the reference tokens are modulated at timestep 0."""
+    args, kwargs = inputs()
+    kwargs = {**kwargs, "ref_latents": [torch.randn(2, 16, 4, 4).to(torch.bfloat16)]}
+    _same_as_comfyui(models["fused-bfloat16"], models["plain-bfloat16"], calls, args, kwargs)
+
+
+def test_lowvram_weight_function_falls_back(models, calls):
+    fused, plain = models["fused-bfloat16"], models["plain-bfloat16"]
+    layers = [p.model.diffusion_model.layers[1].feed_forward.w3 for p in (fused, plain)]
+    for m in layers:
+        m.weight_function.append(lambda w: w)
+    try:
+        args, kwargs = inputs()
+        y = bu.run(fused, args, kwargs)
+        assert calls["qk_norm_rope"] == 1  # layer 0 fused, layer 1 ComfyUI's
+        assert sqnr_db(bu.run(plain, args, kwargs), y) > 30
+    finally:
+        for m in layers:
+            m.weight_function.pop()
+
+
+def test_grouped_query_attention_falls_back(comfyui, calls):
+    """Lumina 2's layout (fewer key/value heads than query heads) runs ComfyUI's layers."""
+    sd = bu.random_state_dict(zimage_module(device="meta", n_kv_heads=1), seed=18)
+    with bu.tiny_detection():
+        fused, plain = (bu.load(sd, torch.bfloat16, fused_blocks=f) for f in (True, False))
+    assert fused.model.diffusion_model.layers[0].attention.n_local_kv_heads == 1
+    _same_as_comfyui(fused, plain, calls, *inputs())
+
+
+def test_w1_w3_with_different_convrot_groups_fall_back(models, calls):
+    """A file whose w3 is not rotated while w1 is (one quantization cannot serve both): that layer runs ComfyUI's."""
+    from int8_w8a8.ops import formats, loader
+
+    from . import formats_util
+
+    def chosen(convrot):
+        return lambda layer: layer.startswith("layers.") and ((layer == "layers.0.feed_forward.w3") != bool(convrot))
+
+    sd, layers = dict(models["sd"]), {}
+    for convrot in (64, 0):
+        sd, meta = formats_util.native(sd, chosen(convrot), convrot=convrot)
+        layers.update(json.loads(meta["_quantization_metadata"])["layers"])
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    nsd, report = formats.normalize(sd, meta, "mixed.safetensors")
+    with bu.tiny_detection():
+        patcher = loader.build(nsd, report, loader.LoadOptions(), "mixed", model_options={"dtype": torch.bfloat16},
+                               disable_dynamic=True)
+    ff = patcher.model.diffusion_model.layers[0].feed_forward
+    assert (ff.w1.input_rotation(), ff.w3.input_rotation()) == (64, 0)
+    args, kwargs = inputs()
+    y = bu.run(patcher, args, kwargs)
+    assert calls["qk_norm_rope"] == 1  # layer 1 fused, layer 0 ComfyUI's
+    assert bool(y.isfinite().all())
+
+
+def test_dynamic_lora_falls_back(models, calls, tmp_path, monkeypatch):
+    import folder_paths
+
+    from int8_w8a8.lora import dynamic, loading
+
+    safetensors.torch.save_file(lu.lora(models["sd"], ["layers.0.attention.out"], rank=4),
+                                str(tmp_path / "l.safetensors"))
+    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(tmp_path / name))
+    dyn, _ = dynamic.apply(models["fused-bfloat16"], [loading.LoraSpec("l.safetensors", 1.0)])
+    y = bu.run(dyn, *inputs())
+    assert calls["qk_norm_rope"] == 1  # layer 1 fused, layer 0 (the LoRA's layer) ComfyUI's
+    plain, _ = dynamic.apply(models["plain-bfloat16"], [loading.LoraSpec("l.safetensors", 1.0)])
+    assert sqnr_db(bu.run(plain, *inputs()), y) > 30
+
+
+def test_torch_compile_traces_fused_layers_in_one_graph(models, calls, monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    bu.sdpa_attention(monkeypatch)
+    patcher = models["fused-bfloat16"]
+    args, kwargs = inputs()
+    want = bu.run(patcher, args, kwargs)  # loads the patcher: the object patches are applied
+    eager_calls = dict(calls)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(patcher.model.diffusion_model, backend=backend, fullgraph=True)
+    dev, dtype = patcher.load_device, patcher.model.get_dtype()
+    with torch.inference_mode():
+        y = compiled(*(a.to(dev, dtype if a.dim() > 1 else torch.float32) for a in args), **kwargs,
+                     transformer_options={}).float()
+    assert eager_calls["qk_norm_rope"] == LAYERS
+    assert not counters["graph_break"] and backend.frame_count == 1
+    ops = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
+    for op in ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "rms_norm_gate_add", "flux_rope_table"):
+        assert any(op in name for name in ops), (op, sorted(ops))
+    assert sqnr_db(want, y) > 60
