@@ -50,7 +50,7 @@ for step in "$@"; do
         model-9b) python3 -m int8_w8a8.bench.bench_model --models klein9b --res ${RES:-1024} \
             --variants ${VARIANTS:-bf16 comfy-int8 pack-row pack-row-unfused} --out "$OUT/bench_model_9b.json" 2>&1 \
             | tee "$OUT/bench_model_9b.txt" ;;
-        host) python3 -m int8_w8a8.bench.profile_host 2>&1 | tee "$OUT/profile_host.txt" ;;
+        host) python3 -m int8_w8a8.bench.profile_host --out "$OUT/profile_host.json" 2>&1 | tee "$OUT/profile_host.txt" ;;
         # one architecture's five eager variants take ~3-4 min (one process each); Qwen-Image and Wan ~5 min
         arch-eager) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes eager \
             --variants ${VARIANTS:-bf16 fp8-fast comfy-int8 pack-native pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs \
