@@ -35,7 +35,7 @@ import logging
 
 import torch
 
-from . import api, launch
+from . import _checks, api, launch
 from .dispatch import Backend, choose_backend
 from .reference import as_rows
 
@@ -117,7 +117,11 @@ class _Replay:
                     args[pos] = values[slot]
                 for desc, slot in descs:
                     desc.base = out if slot == _OUT else _Address(values[slot])
-            rec.replay(args)
+            try:
+                rec.replay(args)
+            finally:
+                for desc, _ in descs:  # the plan must not keep this call's output (or buffers) alive
+                    desc.base = None
         return out
 
     def _views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,8 +154,12 @@ def _classify(records, x, xq, xs, out) -> list | None:
                 descs.append((arg, slot))  # the descriptor object is reused, its base replaced per call
             else:
                 slots.append((pos, slot))
-                template[pos] = None  # do not keep this call's tensors alive
+                template[pos] = None
         table.append((rec, tuple(template), tuple(slots), tuple(descs)))
+    for rec, template, _, descs in table:  # keep nothing of this call alive: its input, buffers, output
+        rec.args = template
+        for desc, _ in descs:
+            desc.base = None
     return table
 
 
@@ -168,8 +176,13 @@ class LinearPlan:
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  smooth: torch.Tensor | None = None, rotate_group: int = 0, backend: Backend | None = None):
+        # the weight half of the public API's checks, once per weight instead of once per call
+        self.n, self.k = _checks.check_int8_weight(q, "q")
+        _checks.check_scale(scale, self.n, "scale")
+        _checks.check_bias(bias, self.n)
+        _checks.check_smooth(smooth, self.k)
+        _checks.check_rotate_group(rotate_group, self.k)
         self.q, self.scale, self.bias, self.smooth, self.rotate_group = q, scale, bias, smooth, rotate_group
-        self.n, self.k = q.shape
         self.device = q.device
         self.backend = backend or choose_backend(q.device)
         self.replays: dict[tuple, _Replay | None] = {}

@@ -11,6 +11,7 @@ in, and that both give the same output.
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -89,6 +90,28 @@ def test_shared_workspace_grows_and_serves_every_plan(seed):
 
 
 @pytest.mark.kernels
+def test_plan_keeps_no_input_or_output_alive(seed):
+    """Recorded launches hold the weight's tensors only: a layer's input and output (hundreds of MB at video
+    sizes) must be freed when the model drops them, after the recording call and after replays."""
+    k, n = 64, 40
+    q, scale, _ = _weight(n, k)
+    plan = direct.LinearPlan(q, scale, None, backend=HOPPER)
+    for m in (3, 3, 40, 40):  # record and replay, generic kernel and TMA kernel
+        x = torch.randn(m, k, device=DEV)
+        y = plan(x)
+        storages = {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
+        for replay in plan.replays.values():
+            for rec, template, _, descs in replay.launches:
+                held = [a for a in (*rec.args, *template) if isinstance(a, torch.Tensor)]
+                held += [d.base for d, _ in descs if d.base is not None]
+                assert not storages & {t.untyped_storage().data_ptr() for t in held}, m
+        refs = (weakref.ref(x), weakref.ref(y))
+        del x, y
+        gc.collect()
+        assert [r() for r in refs] == [None, None], m
+
+
+@pytest.mark.kernels
 def test_inputs_the_plan_declines_or_does_not_replay(seed):
     k, n = 64, 24
     q, scale, _ = _weight(n, k)
@@ -106,6 +129,19 @@ def test_inputs_the_plan_declines_or_does_not_replay(seed):
     x_odd = base[1:].view(5, k)
     _assert_equal(plan(x_odd), triton_ops.int8_linear(x_odd, q, scale, None, torch.float32, None, 0, HOPPER))
     assert (torch.float32, x_odd.shape, x_odd.stride(), False) in plan.replays
+
+
+@pytest.mark.unit
+def test_plan_checks_the_weight_once(seed):
+    q, scale, _ = _weight(8, 32)
+    with pytest.raises(ValueError, match="scale: expected shape"):
+        direct.LinearPlan(q, scale[:4], None)
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        direct.LinearPlan(q, scale, torch.zeros(9, device=DEV))
+    with pytest.raises(ValueError, match="rotate_group"):
+        direct.LinearPlan(q, scale, None, rotate_group=64)  # does not divide K = 32
+    with pytest.raises(ValueError, match="q: expected dtype int8"):
+        direct.LinearPlan(q.float(), scale, None)
 
 
 @pytest.mark.kernels
