@@ -35,7 +35,7 @@ import logging
 
 import torch
 
-from . import _checks, api, launch
+from . import _checks, api
 from .dispatch import Backend, choose_backend
 from .reference import as_rows
 
@@ -224,7 +224,7 @@ class LinearPlan:
         m, k = x2.shape
         if self.backend.name != "triton" or m == 0 or k == 0 or x2.data_ptr() != x.data_ptr():
             return self._direct(x), None
-        from . import triton_ops, triton_quant
+        from . import launch, triton_ops, triton_quant  # Triton only here: importing the plan does not need it
 
         off, nbytes = _regions(m, k)
         buf = workspace(nbytes, x.device)

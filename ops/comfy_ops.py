@@ -8,9 +8,12 @@ frozen ``LoadConfig``; everything else (norms, convolutions, embeddings) is Comf
 * loading (``_load_from_state_dict``): takes one layer of a normalized state dict (see formats.py):
   INT8 data and scale are wrapped as they are; float and FP8 weights of layers the profile
   quantizes are converted here, one layer at a time, on the GPU when there is one;
-* forward: ``cast_bias_weight(..., offloadable=True, want_requant=True)`` so that ComfyUI's
-  offloading, DynamicVRAM and LoRA-on-cast work, then the pack's kernel on the 2-D view of the input.
-  With weight functions attached (legacy lowvram LoRA) or forced casting it runs the float fallback;
+* forward: a resident layer (where ComfyUI's own Linear would call F.linear directly) runs the weight's
+  ``kernels.direct.LinearPlan`` (checks once per weight, launches recorded and replayed: the eager hot
+  path); everything else goes through ``cast_bias_weight(..., offloadable=True, want_requant=True)`` so
+  that ComfyUI's offloading, DynamicVRAM and LoRA-on-cast work, then the pack's kernel op (also what
+  torch.compile traces). With weight functions attached (legacy lowvram LoRA) or forced casting it runs
+  the float fallback;
 * LoRA merge (``convert_weight``/``set_weight``), saving (``state_dict``) and ``.to()`` (``_apply``)
   follow ComfyUI's mixed-precision ops, so core's patcher and savers treat it like a native layer.
 """
