@@ -43,7 +43,7 @@ def plot(rows: list[dict], out: str, title: str) -> None:
     variants = [v for v in ORDER if any(r["variant"] == v for r in rows)]
     by_key = {(r["model"], r["res"], r["mode"], r["variant"]): r for r in rows}
     width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(groups)), 5))
+    fig, ax = plt.subplots(figsize=(max(9, 1.4 * len(groups)), 5.5))
     for i, variant in enumerate(variants):
         xs, ys = [], []
         for j, group in enumerate(groups):
@@ -58,7 +58,7 @@ def plot(rows: list[dict], out: str, title: str) -> None:
     ax.set_ylabel("step speed-up over BF16 (x)")
     ax.set_title(title, fontsize=10)
     ax.set_ylim(0, 1.12 * max(r["x_bf16"] for r in rows if r.get("x_bf16")))
-    ax.legend(fontsize=8, ncols=min(5, len(variants)), loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
+    ax.legend(fontsize=8, ncols=min(3, len(variants)), loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
