@@ -102,10 +102,14 @@ def layers(device: str, k: int, n: int):
 def _layer_parts(x, bf16, int8, weight, bias) -> dict:
     from ..kernels import reference
 
+    plan = int8._resident_plan()
     parts = {
         "F.linear bf16": lambda: F.linear(x, bf16.weight, bf16.bias),
         "ComfyUI Linear bf16 (disable_weight_init)": lambda: bf16(x),
         "Int8Linear resident (plan)": lambda: int8(x),
+        "LinearPlan alone (replay on the GPU)": lambda: plan(x),
+        "torch.empty of the output (the plan's one allocation)": lambda: torch.empty(
+            (*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device),
         # what offloaded layers run, and what every layer ran before the plan
         "Int8Linear through ComfyUI's cast path": lambda: int8._forward_cast(x),
         "kernels.int8_linear (public API)": lambda: kernels.int8_linear(x, weight._qdata, weight._params.scale, bias,
