@@ -144,6 +144,23 @@ def _dtype_of(patcher) -> str:
     return str(model.manual_cast_dtype or model.get_dtype()).replace("torch.", "")
 
 
+def layer_states(patcher) -> dict:
+    """The model's Linear layers after a step: how many, how many hold INT8 weights, and how many of the pack's
+    ``Int8Linear`` layers take ComfyUI's cast path on every call instead of the resident plan (partially
+    loaded or offloaded, or with weight functions; None for models without the pack's layers): a pack
+    variant slower than its kernels explain shows here."""
+    from ..ops import layout
+    from ..ops.comfy_ops import Int8Linear
+
+    linears = [m for m in patcher.model.diffusion_model.modules()
+               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+               and hasattr(m, "comfy_cast_weights")]
+    pack = [m for m in linears if isinstance(m, Int8Linear)]
+    return {"linear_layers": len(linears), "int8_layers": sum(layout.is_int8_weight(m.weight) for m in linears),
+            "pack_cast_layers": sum(bool(m.comfy_cast_weights or m.weight_function or m.bias_function)
+                                    for m in pack) if pack else None}
+
+
 def _ref_path(ref_dir: str, arch: str, res: str) -> str:
     return os.path.join(ref_dir, f"ref-{arch}-{res}.pt")
 
@@ -187,7 +204,7 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
                        "sqnr_vs_bf16": None if ref is None else common.sqnr_db(ref, y),
                        "device_ms": prof["kernel_ms"], "profiled_wall_ms": prof["wall_ms"],
                        "families": {k: round(v["ms"], 3) for k, v in prof["families"].items()},
-                       "top_kernels": prof["top"][:5], **info, **out}
+                       "top_kernels": prof["top"][:5], **layer_states(patcher), **info, **out}
                 rows.append(row)
                 print(f"{arch.title} {shape.res} {variant:<12} {mode:<7} {row['ms']:8.1f} ms "
                       f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  device {row['device_ms']:7.1f} ms  "

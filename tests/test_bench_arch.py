@@ -71,6 +71,9 @@ def test_harness_runs_every_variant_tiny(comfyui, pack_layout, key, tmp_path, ca
         assert row["arch"] == key and row["mode"] == "eager" and row["res"] == "tiny"
         assert row["ms"] > 0 and row["device_ms"] > 0 and row["x_bf16"] > 0 and row["weights_gb"] > 0
         assert row["x_fp8"] > 0 and row["x_native"] > 0
+        assert (row["int8_layers"] > 0) == (row["variant"] not in ("bf16", "fp8-fast")) and row["linear_layers"] > 0
+        pack = row["variant"].startswith("pack-")
+        assert (row["pack_cast_layers"] == 0) if pack else row["pack_cast_layers"] is None  # fully loaded
     assert by_variant["bf16"]["sqnr_vs_bf16"] == math.inf
     for variant in ("comfy-int8", "pack-native", "pack-convert", "stock-native"):
         # every INT8 variant holds the same INT8 weights; they differ in kernels and rounding of activations
