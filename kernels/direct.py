@@ -23,6 +23,7 @@ Rules, each an explicit fallback (``__call__`` returns None and the caller runs 
 * ``x`` is not a plain tensor, is on another device, has another last dimension, or is not float16/bfloat16/
   float32;
 Otherwise, without replay (checks still hoisted: ``api.int8_linear_impl`` directly):
+* CUDA graph capture (a captured replay would keep the workspace's address, which a later growth frees);
 * the torch-twin backend (CPU, Turing, no Triton); an empty input; an input whose rows are not a view
   (``reshape`` would copy); launches that went around the direct launcher or whose arguments alias this
   call's buffers in a way the plan cannot map; a Triton whose launcher rejects the replay (logged once).
@@ -53,8 +54,11 @@ _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
 def workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     """A uint8 buffer of at least ``nbytes`` on ``device`` for the current stream (grown, never shrunk)."""
-    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    stream = torch._C._cuda_getCurrentRawStream(index) if device.type == "cuda" else 0
+    key = (device.type, index, stream)
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < nbytes:
         # growing: the old buffer is freed in stream order (kernels queued on it still read valid memory)
@@ -184,6 +188,7 @@ class LinearPlan:
         _checks.check_rotate_group(rotate_group, self.k)
         self.q, self.scale, self.bias, self.smooth, self.rotate_group = q, scale, bias, smooth, rotate_group
         self.device = q.device
+        self.cuda = q.device.type == "cuda"
         self.backend = backend or choose_backend(q.device)
         self.replays: dict[tuple, _Replay | None] = {}
         self.biases: dict[torch.dtype, torch.Tensor | None] = {}
@@ -197,6 +202,9 @@ class LinearPlan:
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         if x.device != self.device or x.dtype not in _FLOAT_DTYPES or x.shape[-1] != self.k:
             return None
+        if self.cuda and torch._C._cuda_isCurrentStreamCapturing():
+            # a CUDA graph would bake in the workspace's address, which a later growth frees
+            return self._direct(x)
         key = (x.dtype, x.shape, x.stride(), x.data_ptr() % 16 == 0)
         replay = self.replays.get(key, False)
         if replay:

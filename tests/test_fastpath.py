@@ -177,6 +177,31 @@ def test_launches_aliasing_per_call_buffers_are_not_replayed(seed):
     assert direct._classify([shifted], x, xq, xs, out) is None
 
 
+@pytest.mark.gpu
+def test_cuda_graph_capture_takes_the_launch_path(seed):
+    """Captured replays would bake in the shared workspace's address; under capture the plan launches normally
+    (buffers from the graph's pool) and the graph replays correct results."""
+    from int8_w8a8.kernels.dispatch import choose_backend
+
+    k, n = 256, 96
+    q, scale, _ = _weight(n, k)
+    plan = direct.LinearPlan(q, scale, None)
+    x = torch.randn(40, k, device="cuda")
+    plan(x), plan(x)  # recorded, replayed
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        plan(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = plan(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_equal(y, triton_ops.int8_linear(x, q, scale, None, torch.float32, None, 0, choose_backend(x.device)))
+
+
 @pytest.mark.unit
 def test_torch_twin_backend_runs_without_replay(seed):
     k, n = 48, 16
