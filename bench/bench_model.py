@@ -51,20 +51,15 @@ def _device() -> str:
 
 def build(variant: str, cfg: flux2_model.Flux2Config):
     """The variant's ModelPatcher, built from the seeded random BF16 weights (made afresh and freed)."""
-    import comfy.sd
-
-    from ..ops import loader, native
+    from ..ops import loader
     from ..ops.config import ConvertOptions
 
     device = _device()
     sd = flux2_model.random_state_dict(cfg, device)
-    options = {"offload_device": torch.device(device), "load_device": torch.device(device)}
     if variant == "bf16":
         return flux2_model.load_bf16(sd, device)
     if variant == "fp8-fast":
-        return comfy.sd.load_diffusion_model_state_dict(
-            sd, model_options={**options, "dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
-            disable_dynamic=True)
+        return flux2_model.load_fp8_fast(sd, device)
     if variant.startswith("pack-"):
         convert = ConvertOptions(per_row=variant != "pack-tensor", rotate_group=256 if variant == "pack-convrot" else 0)
         options = loader.LoadOptions(convert=convert, quant_in_graph=variant == "pack-row-graphq",
@@ -75,32 +70,30 @@ def build(variant: str, cfg: flux2_model.Flux2Config):
         del sd
         nsd, header = loader.native_state_dict(pack)  # ComfyUI's loader copies these into its own layers
         del pack
-        native.uninstall("TensorWiseINT8Layout")  # ComfyUI's own layout and kernels, as without the pack
-        patcher = comfy.sd.load_diffusion_model_state_dict(nsd, model_options=options, metadata=header,
-                                                           disable_dynamic=True)
-        layouts = {getattr(m.weight, "_layout_cls", None) for m in patcher.model.diffusion_model.modules()
-                   if isinstance(getattr(m, "weight", None), torch.Tensor)}
-        assert "TensorWiseINT8Layout" in layouts and "Int8W8A8Layout" not in layouts, layouts
-        return patcher
+        return flux2_model.load_comfy_int8(nsd, header, device)
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 
 
 def step_inputs(cfg: flux2_model.Flux2Config, res: int, text: int = 512):
+    """(x, sigma, conditioning kwargs of ``apply_model``) for one step at ``res`` x ``res``."""
     x, t, ctx = flux2_model.inputs(cfg, _device(), image=res, text=text)
-    return x.float(), t.float(), ctx
+    return x.float(), t.float(), {"c_crossattn": ctx}
 
 
 def step(patcher, inputs) -> torch.Tensor:
-    """One denoising step the way ComfyUI's samplers call the model (wrappers included)."""
+    """One denoising step the way ComfyUI's samplers call the model (wrappers included).
+
+    ``inputs``: (x, sigma, conds), conds the keyword arguments of ``BaseModel.apply_model`` (c_crossattn and
+    whatever the model's ``extra_conds`` adds)."""
     import comfy.model_management
     import comfy.patcher_extension
 
     comfy.model_management.load_models_gpu([patcher])
-    x, sigma, ctx = inputs
+    x, sigma, conds = inputs
     options = dict(patcher.model_options.get("transformer_options", {}))
     options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
     with torch.inference_mode():
-        return patcher.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=options)
+        return patcher.model.apply_model(x, sigma, transformer_options=options, **conds)
 
 
 def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, power_s: float = 2.5) -> dict:
@@ -152,9 +145,10 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def compiled(patcher):
-    """What the stock TorchCompileModel node returns (inductor), without importing the node module: it
-    pulls in ComfyUI's whole node API (PyAV and more), which the GPU machine lacks."""
+def compiled(patcher, backend: str = "inductor"):
+    """What the stock TorchCompileModel node returns (``backend``: the node's choice, inductor by default),
+    without importing the node module: it pulls in ComfyUI's whole node API (PyAV and more), which the GPU
+    machine lacks."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     try:
@@ -163,7 +157,7 @@ def compiled(patcher):
         def skip_torch_compile_dict(guard_entries):
             return [("transformer_options" not in entry.name) for entry in guard_entries]
     clone = patcher.clone(disable_dynamic=True)
-    set_torch_compile_wrapper(model=clone, backend="inductor", options={"guard_filter_fn": skip_torch_compile_dict})
+    set_torch_compile_wrapper(model=clone, backend=backend, options={"guard_filter_fn": skip_torch_compile_dict})
     return clone
 
 

@@ -48,26 +48,38 @@ def setup_comfyui(cpu: bool = False) -> None:
     import comfy.model_management  # noqa: F401
 
 
+def unet_config(cfg: Flux2Config) -> dict:
+    """ComfyUI's unet config for ``cfg``: what its detection returns for a FLUX.2 klein file of these widths."""
+    return {"image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+            "context_in_dim": cfg.context, "hidden_size": cfg.hidden, "mlp_ratio": 3.0, "num_heads": cfg.heads,
+            "depth": cfg.depth, "depth_single_blocks": cfg.single, "axes_dim": [32, 32, 32, 32], "theta": 2000,
+            "patch_size": 1, "qkv_bias": False, "guidance_embed": False, "txt_ids_dims": [3],
+            "global_modulation": True, "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index",
+            "ref_index_scale": 10.0}
+
+
 def module(cfg: Flux2Config, device="meta", dtype=torch.bfloat16):
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
-    return Flux(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=cfg.context,
-                hidden_size=cfg.hidden, mlp_ratio=3.0, num_heads=cfg.heads, depth=cfg.depth,
-                depth_single_blocks=cfg.single, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False,
-                guidance_embed=False, txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True, ops_bias=False,
-                default_ref_method="index", ref_index_scale=10.0, operations=comfy.ops.disable_weight_init,
-                device=device, dtype=dtype)
+    return Flux(**unet_config(cfg), operations=comfy.ops.disable_weight_init, device=device, dtype=dtype)
 
 
 def random_state_dict(cfg: Flux2Config, device: str = "cuda", seed: int = 0) -> dict[str, torch.Tensor]:
     """BF16 weights on ``device``: N(0, 1/fan_in) matrices, ones for norms, small biases."""
+    return random_weights(module(cfg).state_dict(), device, seed)
+
+
+def random_weights(template: dict[str, torch.Tensor], device: str = "cuda", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded BF16 tensors shaped like ``template`` (e.g. a meta module's state dict), made on ``device``:
+    tensors of 2+ dims ~ N(0, 1/fan_in) with fan_in the product of all but the first dim (a Linear's K, a
+    convolution's C*kernel), 1-D tensors named like norms = 1, other 1-D tensors (biases) ~ N(0, 0.02^2)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     sd = {}
-    for k, v in module(cfg).state_dict().items():
+    for k, v in template.items():
         if v.dim() >= 2:
             t = torch.randn(v.shape, device=device, generator=gen, dtype=torch.bfloat16)
-            sd[k] = t.mul_(1 / math.sqrt(v.shape[1]))
+            sd[k] = t.mul_(1 / math.sqrt(math.prod(v.shape[1:])))
         elif "norm" in k:
             sd[k] = torch.ones(v.shape, device=device, dtype=torch.bfloat16)
         else:
@@ -96,13 +108,41 @@ def load_bf16(sd: dict, device: str = "cuda"):
     return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=_options(device), disable_dynamic=True)
 
 
-def load_int8(sd: dict, device: str = "cuda", options=None):
+def load_int8(sd: dict, device: str = "cuda", options=None, source: str = "random FLUX.2"):
     """The pack's loader on ``sd`` (converted on the GPU when there is one, layer by layer)."""
     from ..ops import formats, loader
 
-    nsd, report = formats.normalize(dict(sd), None, "random FLUX.2")
-    return loader.build(nsd, report, options or loader.LoadOptions(), "random FLUX.2", model_options=_options(device),
+    nsd, report = formats.normalize(dict(sd), None, source)
+    return loader.build(nsd, report, options or loader.LoadOptions(), source, model_options=_options(device),
                         disable_dynamic=True)
+
+
+def load_fp8_fast(sd: dict, device: str = "cuda"):
+    """ComfyUI's stock loader with weight_dtype fp8_e4m3fn_fast: FP8 weights and torch._scaled_mm where the GPU
+    has FP8 (activations cast to FP8 with a per-tensor scale of 1)."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model_state_dict(
+        dict(sd), model_options={**_options(device), "dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+        disable_dynamic=True)
+
+
+def load_comfy_int8(nsd: dict, header: dict, device: str = "cuda"):
+    """ComfyUI's stock loader on a native int8_tensorwise state dict with ComfyUI's own layout and
+    comfy-kitchen's kernels, as without the pack (the pack's layout hook is switched off for the load; call
+    ``native.install()`` afterwards to switch it back on)."""
+    import comfy.sd
+
+    from ..ops import native
+
+    native.uninstall("TensorWiseINT8Layout")
+    patcher = comfy.sd.load_diffusion_model_state_dict(nsd, model_options=_options(device), metadata=header,
+                                                       disable_dynamic=True)
+    layouts = {getattr(m.weight, "_layout_cls", None) for m in patcher.model.diffusion_model.modules()
+               if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    if "TensorWiseINT8Layout" not in layouts or "Int8W8A8Layout" in layouts:
+        raise RuntimeError(f"ComfyUI's native INT8 load did not use kitchen's layout alone: {layouts}")
+    return patcher
 
 
 def forward(patcher, x) -> torch.Tensor:

@@ -1,15 +1,28 @@
 """Host (CPU) cost of one int8_linear call, split into its parts, on the GPU machine.
 
-    python -m int8_w8a8.bench.profile_host
+    python -m int8_w8a8.bench.profile_host [--out host.json]      (GPU; ComfyUI layers need COMFYUI_PATH)
+    python -m int8_w8a8.bench.profile_host --cpu-proxy            (no GPU: the Python layers, CPU proxy)
 
 Batch-1 layers run in tens of microseconds on the GPU, so Python and launch overhead decide
 whether they beat BF16. Prints microseconds per call (median of several runs of many calls, no
 synchronization inside the loop) and a cProfile of the full call.
+
+Layer table (``layer_rows``): one layer as a ComfyUI model runs it, at M = 1, 256 and 4096 rows of K = N =
+3072: ComfyUI's BF16 Linear (F.linear), the pack's Int8Linear resident (the LinearPlan path: hoisted
+checks, replayed launches) and through ComfyUI's cast path (what offloaded layers run, and what every
+layer ran before the plan), the public kernel API, and F.linear on an INT8 weight through the aten handlers
+(native files on ComfyUI's stock loader). Host time per call: the GPU is synchronized before each call and
+the clock stops when the call returns, so queued kernels do not count. ``--cpu-proxy`` runs the same
+layers on CPU tensors at K = N = 64 with the torch-twin kernels: Python and dispatch costs of the layers
+around the kernels; the twin's own time is its row, to subtract. Launch costs only exist on the GPU.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import cProfile
+import os
 import pstats
 import statistics
 import sys
@@ -17,6 +30,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # --cpu-proxy records launches under Triton's interpreter (set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .. import kernels
 from ..kernels import _checks, dispatch, triton_gemm, triton_ops, triton_quant
@@ -36,9 +52,215 @@ def _us_per_call(fn, calls: int = 300, runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def main() -> int:
+def host_us(fn, calls: int = 300) -> float:
+    """Median host time of one call of ``fn`` in us, the device idle at each call's start (synchronized
+    before, not after: the kernels it queues run while the clock is stopped)."""
+    fn()
+    common.sync()
+    times = []
+    for _ in range(calls):
+        common.sync()
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t0)
+    common.sync()
+    return statistics.median(times) / 1e3
+
+
+def _comfyui() -> bool:
+    """Import ComfyUI from COMFYUI_PATH for the layer table (False when it is not there)."""
+    if not os.environ.get("COMFYUI_PATH"):
+        return False
+    from . import flux2_model
+
+    flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
+    return True
+
+
+def layers(device: str, k: int, n: int):
+    """(ComfyUI BF16 Linear, the pack's Int8Linear, the INT8 weight) with the same random weights on ``device``."""
+    import comfy.ops
+
+    from ..ops import layout
+    from ..ops.comfy_ops import make_operations
+    from ..ops.config import ConvertOptions, LoadConfig
+
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * k ** -0.5
+    bias = torch.randn(n, device=device, dtype=torch.bfloat16) * 0.02
+    bf16 = comfy.ops.disable_weight_init.Linear(k, n, bias=True, device=device, dtype=torch.bfloat16)
+    bf16.weight = torch.nn.Parameter(w, requires_grad=False)
+    bf16.bias = torch.nn.Parameter(bias, requires_grad=False)
+    ops = make_operations(LoadConfig(profile=None, convert=ConvertOptions(), source="profile_host"))
+    int8 = ops.Linear(k, n, bias=True, device=device, dtype=torch.bfloat16)
+    q, s = kernels.quantize_weight(w)
+    weight = layout.make_weight(q, s, torch.bfloat16)
+    int8.weight = torch.nn.Parameter(weight, requires_grad=False)
+    int8.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    return bf16, int8, weight
+
+
+def _layer_parts(x, bf16, int8, weight, bias) -> dict:
+    from ..kernels import reference
+
+    plan = int8._resident_plan()
+    parts = {
+        "F.linear bf16": lambda: F.linear(x, bf16.weight, bf16.bias),
+        "ComfyUI Linear bf16 (disable_weight_init)": lambda: bf16(x),
+        "Int8Linear resident (plan)": lambda: int8(x),
+        "LinearPlan alone (replay on the GPU)": lambda: plan(x),
+        "torch.empty of the output (the plan's one allocation)": lambda: torch.empty(
+            (*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device),
+        # what offloaded layers run, and what every layer ran before the plan
+        "Int8Linear through ComfyUI's cast path": lambda: int8._forward_cast(x),
+        "kernels.int8_linear (public API)": lambda: kernels.int8_linear(x, weight._qdata, weight._params.scale, bias,
+                                                                        validate=False),
+        "F.linear on the INT8 weight (aten handlers)": lambda: F.linear(x, weight, bias),
+    }
+    if x.device.type == "cpu":
+        parts["torch twin kernels alone (subtract)"] = lambda: reference.int8_linear_unchecked(
+            x, weight._qdata, weight._params.scale, bias, torch.bfloat16, None, 0)
+    return parts
+
+
+def layer_rows(device: str, ms=(1, 256, 4096), k: int = 3072, n: int = 3072, calls: int = 300) -> list[dict]:
+    """Host us per call of one linear layer the ways ComfyUI runs it (see the module docstring)."""
+    bf16, int8, weight = layers(device, k, n)
+    bias = int8.bias
+
+    rows = []
+    for m in ms:
+        x = torch.randn(1, m, k, device=device, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            for label, fn in _layer_parts(x, bf16, int8, weight, bias).items():
+                rows.append({"m": m, "k": k, "n": n, "part": label, "us": host_us(fn, calls)})
+    base = {r["m"]: r["us"] for r in rows if r["part"] == "F.linear bf16"}
+    for r in rows:
+        r["x_f_linear"] = r["us"] / base[r["m"]]
+    return rows
+
+
+def print_layer_rows(rows: list[dict], title: str) -> None:
+    print(f"\n## {title}")
+    print("| part | M | host us/call | x F.linear |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['part']} | {r['m']} | {r['us']:.1f} | {r['x_f_linear']:.2f} |")
+
+
+@contextlib.contextmanager
+def _null_kernels():
+    """CPU proxy only: the torch twin of int8_linear returns an empty output at once, so the layers above it
+    (ComfyUI's cast path, the public API, the plan, the aten handlers) are timed alone."""
+    from ..kernels import reference
+
+    real = reference.int8_linear_unchecked
+
+    def null(x, q, scale, bias, out_dtype, *args, **kwargs):
+        return torch.empty((*x.shape[:-1], q.shape[0]), dtype=out_dtype)
+
+    reference.int8_linear_unchecked = null
+    try:
+        yield
+    finally:
+        reference.int8_linear_unchecked = real
+
+
+@contextlib.contextmanager
+def _null_launches():
+    """CPU proxy only: a FastLauncher call does its Python (specialization key, cache lookup, argument list) and
+    stops where the GPU path calls Triton's C launcher; a replayed launch stops at the same place."""
+    from ..kernels import launch
+
+    call, replay = launch.FastLauncher.__call__, launch.Launch.replay
+
+    def key_only(self, grid, *args, **kwargs):
+        key = (0, tuple(launch._arg_key(a) for a in args), tuple(kwargs.items()))
+        self.cache.get(key)
+        full = list(args)
+        full.extend(kwargs[name] for name in self.names[len(args):])
+
+    launch.FastLauncher.__call__ = key_only
+    launch.Launch.replay = lambda self, args: None
+    try:
+        yield
+    finally:
+        launch.FastLauncher.__call__, launch.Launch.replay = call, replay
+
+
+def launch_rows(ms=(1, 256, 4096), k: int = 3072, n: int = 3072, calls: int = 2000) -> list[dict]:
+    """CPU proxy of the launch side at the real widths: ``triton_ops.int8_linear`` (buffers, config choice, TMA
+    descriptors, two FastLauncher keys) against a LinearPlan's replay (workspace, output, argument
+    substitution), both stopping where Triton's C launcher would run. Allocations are CPU ones here."""
+    from ..kernels import direct
+    from ..kernels.dispatch import Backend
+
+    hopper = Backend("triton", "cpu proxy", (9, 0))
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n, 1) * 0.01 + 1e-3
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    rows = []
+    for m in ms:
+        x = torch.randn(1, m, k, dtype=torch.bfloat16)
+        plan = direct.LinearPlan(q, scale, bias, backend=hopper)
+        with _null_launches():
+            plan.replays[(x.dtype, x.shape, x.stride(), True)] = _proxy_replay(plan, x, m, k)
+            for label, fn in _launch_parts(x, q, scale, bias, plan, hopper).items():
+                rows.append({"m": m, "k": k, "n": n, "part": label, "us": host_us(fn, calls)})
+    return rows
+
+
+def _launch_parts(x, q, scale, bias, plan, backend) -> dict:
+    return {
+        "triton_ops.int8_linear, launches stopped at the C launcher": lambda: triton_ops.int8_linear(
+            x, q, scale, bias, torch.bfloat16, None, 0, backend),
+        "LinearPlan replay, launches stopped at the C launcher": lambda: plan(x),
+    }
+
+
+def _proxy_replay(plan, x, m: int, k: int):
+    """A replay of ``plan`` for ``x`` whose launches look compiled (addresses, not tensors, substituted): built
+    from a recording with the launches stopped before the kernels, so nothing runs in the interpreter."""
+    from ..kernels import direct, launch, triton_ops
+
+    off, nbytes = direct._regions(m, k)
+    buf = direct.workspace(nbytes, x.device)
+    xq = buf[: m * k].view(torch.int8).view(m, k)
+    xs = buf[off: off + 4 * m].view(torch.float32)
+    with launch.recording() as records:
+        triton_quant.launch_quantize(x.view(m, k), xq, xs)
+        out = triton_ops.int8_gemm(xq, xs, plan.q, plan.scale, plan.bias_for(x.dtype), x.dtype, plan.backend)
+    for rec in records:
+        rec.kernel = object()  # as on a GPU: the replay substitutes raw addresses
+    return direct._Replay(direct._classify(records, x, xq, xs, out), m, k, plan.n,
+                          (*x.shape[:-1], plan.n), x.dtype)
+
+
+def cpu_proxy() -> int:
+    """CPU-proxy numbers (no GPU): the layer table with null kernels, and the launch side with null launches."""
+    if not _comfyui():
+        print("--cpu-proxy needs COMFYUI_PATH (ComfyUI's Linear and cast path)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    with _null_kernels():
+        rows = layer_rows("cpu", k=64, n=64, calls=3000)
+    print_layer_rows([r for r in rows if "twin" not in r["part"]],
+                     "CPU proxy, layer side (K = N = 64, the twin kernel returns at once; F.linear rows are real)")
+    rows = launch_rows()
+    print("\n## CPU proxy, launch side (K = N = 3072; both stop where Triton's C launcher would run)")
+    print("| part | M | host us/call |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['part']} | {r['m']} | {r['us']:.1f} |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-proxy", action="store_true", help="CPU tensors, no GPU: the Python layers only")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.cpu_proxy:
+        return cpu_proxy()
     if not torch.cuda.is_available():
-        print("profile_host needs a CUDA GPU", file=sys.stderr)
+        print("profile_host needs a CUDA GPU (or --cpu-proxy)", file=sys.stderr)
         return 2
     m, k, n = 1, 4096, 24576
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -88,6 +310,26 @@ def main() -> int:
     prof.disable()
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    if not _comfyui():
+        print("COMFYUI_PATH not set: no layer table")
+        return 0
+    rows = layer_rows("cuda")
+    print_layer_rows(rows, "One layer as ComfyUI runs it (K = N = 3072), host us per call")
+    _, int8, _ = layers("cuda", 3072, 3072)
+    x = torch.randn(1, 1, 3072, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        int8(x)
+        int8(x)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(500):
+            int8(x)
+        prof.disable()
+    torch.cuda.synchronize()
+    print("\n## cProfile: Int8Linear resident (plan), M = 1")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    if args.out:
+        common.write_json(args.out, {"env": common.environment(), "rows": rows})
     return 0
 
 

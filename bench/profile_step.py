@@ -43,15 +43,15 @@ def family(name: str) -> str:
     return "element-wise/other"
 
 
-def profile(model, inputs, trace: str | None = None) -> dict:
-    """One profiled step after two warm-ups: per-family ms and count, kernel sum, wall ms, top kernels.
+def profile(model, inputs, trace: str | None = None, warmup: int = 2) -> dict:
+    """One profiled step after ``warmup`` steps: per-family ms and count, kernel sum, wall ms, top kernels.
 
     ``trace``: also record host activity and write a Chrome trace (gzipped JSON) to this path, to see
     where the GPU waits for the host."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for _ in range(2):
+    for _ in range(warmup):
         bench_model.step(model, inputs)
     common.sync()
     t0 = time.perf_counter()

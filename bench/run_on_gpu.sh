@@ -3,7 +3,8 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | host | sweep-{large,m1024,m256,m64,small}
+#        arch-eager | arch-compile (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
 # package is imported as int8_w8a8 through a symlink, since the machine cannot pip install -e.
@@ -64,7 +65,16 @@ for step in "$@"; do
             env $SM8X python3 -m int8_w8a8.bench.bench_model --models klein9b --res ${RES:-1024} \
                 --variants pack-row --ref-dir /tmp/sm8x-ref --out "$OUT/bench_model_9b_sm8x.json"
             ) 2>&1 | tee "$OUT/bench_model_9b_sm8x.txt" ;;
-        host) python3 -m int8_w8a8.bench.profile_host 2>&1 | tee "$OUT/profile_host.txt" ;;
+        host) python3 -m int8_w8a8.bench.profile_host --out "$OUT/profile_host.json" 2>&1 | tee "$OUT/profile_host.txt" ;;
+        # one architecture's five eager variants take ~3-4 min (one process each); Qwen-Image and Wan ~5 min
+        arch-eager) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes eager \
+            --variants ${VARIANTS:-bf16 fp8-fast comfy-int8 pack-native pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs \
+            --out "$OUT/bench_arch_eager_${m// /_}.json" 2>&1 | tee "$OUT/bench_arch_eager_${m// /_}.txt" ;;
+        arch-compile) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes compile \
+            --variants ${VARIANTS:-bf16 fp8-fast pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs \
+            --out "$OUT/bench_arch_compile_${m// /_}.json" 2>&1 | tee "$OUT/bench_arch_compile_${m// /_}.txt" ;;
+        tests-fastpath) python3 -m pytest tests/test_fastpath.py -q -p no:randomly 2>&1 | tee "$OUT/pytest-fastpath.log" \
+            | tail -15 ;;
         sweep-*) python3 -m int8_w8a8.bench.sweep_gemm --bucket "${step#sweep-}" --out "$OUT/sweep_${step#sweep-}.json" \
             2>&1 | tee "$OUT/sweep_${step#sweep-}.txt" ;;
         *) echo "unknown step $step"; status=2 ;;

@@ -17,12 +17,19 @@ interpreter, and any Triton whose launcher does not take these arguments, use th
 ``first_fit`` is the one rule for a launch the GPU rejects for resources (Triton's OutOfResources:
 shared memory, tensor memory or threads per block, raised when a specialization is first loaded):
 the next smaller config of the same kernel, then the caller's torch twin for that call only.
+
+``recording()`` collects the launches made inside it (kernel, grid, arguments) as ``Launch`` records, which
+``Launch.replay`` launches again with some arguments replaced: the eager INT8 linear records its two
+launches once per input specialization and replays them (``kernels/direct.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -112,15 +119,22 @@ class FastLauncher:
         self.cache: dict[tuple, object] = {}
 
     def __call__(self, grid: tuple, *args, **kwargs) -> None:
+        records = _RECORDING.get()
         if not self.enabled:
             self.fn[grid](*args, **kwargs)
+            if records is not None:
+                records.append(Launch(self, grid, args, kwargs, None, None))
             return
         device = torch.cuda.current_device()
         key = (device, tuple(_arg_key(a) for a in args), tuple(kwargs.items()))
         kernel = self.cache.get(key)
         if kernel is None:
-            self.cache[key] = self.fn[grid](*args, **kwargs)
+            kernel = self.cache[key] = self.fn[grid](*args, **kwargs)
+            if records is not None:
+                records.append(Launch(self, grid, args, kwargs, kernel, device))
             return
+        if records is not None:
+            records.append(Launch(self, grid, args, kwargs, kernel, device))
         full = list(args)
         full.extend(kwargs[name] for name in self.names[len(args):])
         try:
@@ -131,3 +145,50 @@ class FastLauncher:
             logger.warning("int8_w8a8: direct Triton launches unavailable (%s); using kernel[grid](...)", exc)
             self.enabled = False
             self.fn[grid](*args, **kwargs)
+
+
+# ---- recorded launches, replayed with some arguments replaced (the eager INT8 linear's hot path) ----
+_RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("int8_w8a8_launch_recording", default=None)
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the ``FastLauncher`` launches made inside the block; yields the list of ``Launch`` records."""
+    records: list[Launch] = []
+    token = _RECORDING.set(records)
+    try:
+        yield records
+    finally:
+        _RECORDING.reset(token)
+
+
+@dataclass
+class Launch:
+    """One kernel launch as made: ``launcher`` (its ``FastLauncher``), ``grid``, positional ``args`` and keyword
+    ``kwargs`` (constexprs, options), and the compiled ``kernel`` on CUDA ``device`` (None when the launch went
+    through ``fn[grid]``: the interpreter, or a Triton whose launcher the direct path does not know)."""
+
+    launcher: FastLauncher
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    kernel: object | None
+    device: int | None
+    tail: list = field(init=False, repr=False)  # constexprs in signature order, after the positional arguments
+
+    def __post_init__(self) -> None:
+        self.tail = [self.kwargs[name] for name in self.launcher.names[len(self.args):]] if self.kernel else []
+
+    def replay(self, args: list) -> None:
+        """Launch again with ``args`` (positional, as recorded, some replaced: same dtypes, alignment and
+        integer values, so the same specialization; a pointer argument may be a plain int address).
+
+        Raises ``TypeError``/``AttributeError`` where this Triton's launcher takes other arguments; callers then
+        stop replaying (the FastLauncher has the same rule)."""
+        if self.kernel is None:
+            self.launcher.fn[self.grid](*args, **self.kwargs)
+            return
+        grid, kernel = self.grid, self.kernel
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                   torch._C._cuda_getCurrentRawStream(self.device), kernel.function, kernel.packed_metadata,
+                   None, None, None, *args, *self.tail)

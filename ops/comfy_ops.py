@@ -8,23 +8,29 @@ frozen ``LoadConfig``; everything else (norms, convolutions, embeddings) is Comf
 * loading (``_load_from_state_dict``): takes one layer of a normalized state dict (see formats.py):
   INT8 data and scale are wrapped as they are; float and FP8 weights of layers the profile
   quantizes are converted here, one layer at a time, on the GPU when there is one;
-* forward: ``cast_bias_weight(..., offloadable=True, want_requant=True)`` so that ComfyUI's
-  offloading, DynamicVRAM and LoRA-on-cast work, then the pack's kernel on the 2-D view of the input.
-  With weight functions attached (legacy lowvram LoRA) or forced casting it runs the float fallback;
+* forward: a resident layer (where ComfyUI's own Linear would call F.linear directly) runs the weight's
+  ``kernels.direct.LinearPlan`` (checks once per weight, launches recorded and replayed: the eager hot
+  path); everything else goes through ``cast_bias_weight(..., offloadable=True, want_requant=True)`` so
+  that ComfyUI's offloading, DynamicVRAM and LoRA-on-cast work, then the pack's kernel op (also what
+  torch.compile traces). With weight functions attached (legacy lowvram LoRA) or forced casting it runs
+  the float fallback;
 * LoRA merge (``convert_weight``/``set_weight``), saving (``state_dict``) and ``.to()`` (``_apply``)
   follow ComfyUI's mixed-precision ops, so core's patcher and savers treat it like a native layer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import weakref
 
 import comfy.model_management
 import comfy.ops
 import torch
 
 from .. import kernels
+from ..kernels.direct import LinearPlan
 from . import layout
 from .config import LoadConfig
 from .formats import FP8_FORMATS, INT8_FORMAT, SMOOTH, Int8FormatError
@@ -33,6 +39,16 @@ from .lowrank import LowRank
 logger = logging.getLogger(__name__)
 
 _FP8_DTYPES = {name: dtype for dtype, name in FP8_FORMATS.items()}
+# id(weight) -> (weak reference to the weight, bias, LinearPlan) of resident layers (Int8Linear._resident_plan);
+# an entry goes when its weight is freed. (A WeakKeyDictionary would compare tensors with ==, and torch's
+# WeakIdKeyDictionary costs ~7 us per lookup on a slow host: half a linear's budget.)
+_PLANS: dict[int, tuple] = {}
+
+
+def _drop_plan(key: int, ref: weakref.ref) -> None:
+    entry = _PLANS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _PLANS[key]
 
 
 class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
@@ -115,7 +131,55 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``x [..., K]`` -> ``[..., N]``. Two paths, chosen per call:
+
+        * resident (the weight is where ComfyUI keeps it, ``comfy_cast_weights`` off, no weight/bias functions,
+          no forced casting, eager, a plain tensor input): ComfyUI's cast path would hand the weight over
+          unchanged (``disable_weight_init.Linear`` calls ``F.linear`` directly in that case), so the layer's
+          ``kernels.direct.LinearPlan`` runs the kernels with the per-call checks hoisted and the launches
+          replayed; a dynamic LoRA term goes through the public kernel API;
+        * cast (offloaded, lowvram, DynamicVRAM, lowvram LoRA patches, torch.compile, anything the plan
+          declines): ``cast_bias_weight(..., offloadable=True, want_requant=True)``, then the kernel op.
+        """
         comfy.ops.run_every_op()
+        if (not torch.compiler.is_compiling() and not self.comfy_cast_weights and not self.weight_function
+                and not self.bias_function and type(x) is torch.Tensor
+                and not getattr(self, "comfy_force_cast_weights", False)):
+            plan = self._resident_plan()
+            if plan is not None:
+                term = self.int8_lora
+                if term is None:
+                    y = plan(x)
+                elif x.device == plan.device:
+                    w = self.weight
+                    y = layout.linear(x, w, plan.bias_for(x.dtype), x.dtype, lora=term)
+                else:
+                    y = None
+                if y is not None:
+                    return y
+        return self._forward_cast(x)
+
+    def _resident_plan(self) -> LinearPlan | None:
+        """The ``LinearPlan`` of the current INT8 weight and bias, or None for a float weight.
+
+        Plans are kept per weight object, never on the module, and dropped with their weight: a replaced weight
+        (a LoRA merge, unpatching, ``.to()`` when ComfyUI offloads) frees its plan, and with it the device
+        tensors the plan references, as soon as ComfyUI drops the weight."""
+        params = self._parameters
+        w, bias = params.get("weight"), params.get("bias")
+        entry = _PLANS.get(id(w))
+        if entry is not None and entry[0]() is w and entry[1] is bias:
+            return entry[2]
+        if not layout.is_int8_weight(w):
+            return None
+        p = w._params
+        plan = LinearPlan(w._qdata, p.scale, bias, getattr(p, "smooth", None), layout.rotate_group_of(p))
+        key = id(w)
+        _PLANS[key] = (weakref.ref(w, functools.partial(_drop_plan, key)), bias, plan)
+        return plan
+
+    def _forward_cast(self, x: torch.Tensor) -> torch.Tensor:
+        """Through ComfyUI's cast path: offloading, DynamicVRAM and LoRA-on-cast work (see the class docstring)."""
         w = self.weight
         fast = (layout.is_int8_weight(w) and not self.weight_function and not self.bias_function
                 and not getattr(self, "comfy_force_cast_weights", False))

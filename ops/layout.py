@@ -139,11 +139,17 @@ def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None, 
     ``kernels.int8_linear``. Values of the scale are not re-checked here (no host sync in forward):
     loaders validate them.
     """
-    p = weight._params
+    return _linear(x, weight._qdata, weight._params, bias, out_dtype, lora, quant_in_graph)
+
+
+def _linear(x, qdata: torch.Tensor, p, bias, out_dtype=None, lora=None, quant_in_graph: bool = False):
+    """``linear`` on a weight's parts: int8 ``qdata [N, K]`` and its params (only the scale, smoothing vector
+    and rotation are read, so the params of a transposed or expanded view of the weight serve as well; the
+    aten handlers pass those instead of building an untransposed wrapper per call)."""
     if isinstance(x, QuantizedTensor):  # an already-quantized activation: per-token dynamic quant wants floats
         x = x.dequantize()
     return kernels.int8_linear(
-        x, weight._qdata, p.scale, bias, out_dtype=out_dtype or x.dtype, smooth=getattr(p, "smooth", None),
+        x, qdata, p.scale, bias, out_dtype=out_dtype or x.dtype, smooth=getattr(p, "smooth", None),
         rotate_group=rotate_group_of(p), validate=False,
         lora_a=None if lora is None else lora.a, lora_b=None if lora is None else lora.b,
         quant_in_graph=quant_in_graph,
@@ -189,7 +195,7 @@ def _handle_linear(qt, args, kwargs):
 def _handle_mm(qt, args, kwargs):
     x, w = args
     if _is_weight_t(w, 2) and not _ours(x):
-        return linear(x, _untransposed(w), None)
+        return _linear(x, w._qdata, w._params, None)
     return aten.mm.default(*dequantize_args(args), **dequantize_args(kwargs))
 
 
@@ -198,7 +204,7 @@ def _handle_addmm(qt, args, kwargs):
     bias, x, w = args[:3]
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     if _is_weight_t(w, 2) and not _ours(x) and beta == 1 and alpha == 1 and not _ours(bias) and bias.dim() <= 1:
-        return linear(x, _untransposed(w), bias)
+        return _linear(x, w._qdata, w._params, bias)
     return aten.addmm.default(*dequantize_args(args), **dequantize_args(kwargs))
 
 
@@ -225,10 +231,7 @@ def _handle_view(qt, args, kwargs):
 def _handle_bmm(qt, args, kwargs):
     x, w = args
     if _is_weight_t(w, 3) and not _ours(x) and x.dim() == 3 and x.shape[0] == w._params.orig_shape[0]:
-        k, n = w._params.orig_shape[1:]
-        plain = QuantizedTensor(w._qdata, LAYOUT_NAME, dataclasses.replace(w._params, orig_shape=(n, k),
-                                                                           transposed=False))
-        return linear(x, plain, None)
+        return _linear(x, w._qdata, w._params, None)
     if _ours(w) and len(w._params.orig_shape) == 3:  # an expanded weight in an unexpected bmm: dequantize it
         k, n = w._params.orig_shape[1:]
         full = _untransposed(QuantizedTensor(w._qdata, LAYOUT_NAME, dataclasses.replace(

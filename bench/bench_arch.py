@@ -1,0 +1,337 @@
+"""One diffusion step of every supported architecture inside ComfyUI: BF16, FP8, ComfyUI's INT8 and the pack (GPU).
+
+    python -m int8_w8a8.bench.bench_arch [--models zimage chroma ...] [--variants ...] [--modes eager compile]
+        [--out results.json] [--native-file auto|file|memory] [--tiny] [--no-isolate]
+    python -m int8_w8a8.bench.bench_arch --merge a.json b.json --out all.json
+
+Models come from ``bench/arch_models.py`` (one table: FLUX.2 klein 9B/4B, Z-Image Turbo, Chroma1-HD,
+Qwen-Image 20B, Wan 2.1/2.2 14B T2V at 832x480x33), built by ComfyUI's detection and loader from random
+BF16 weights made on the GPU. A step is ``BaseModel.apply_model`` with the conditioning the model's
+``extra_conds`` makes, the patcher's wrappers included (``bench_model.step``), so the stock
+TorchCompileModel path (``--modes compile``) works as in a workflow. Variants, all from the same weights:
+
+  bf16          ComfyUI's stock loader (its compute dtype: Wan runs in float16 on NVIDIA GPUs, as ComfyUI picks)
+  fp8-fast      stock loader, weight_dtype fp8_e4m3fn_fast (FP8 weights, torch._scaled_mm)
+  comfy-int8    a native int8_tensorwise state dict on ComfyUI's own layout and comfy-kitchen's kernels
+  pack-native   the pack's loader reading a native int8_tensorwise file written by the pack's writer
+                (``loader.save_model`` / ``loader.load_file``); when the file would not fit comfortably
+                (``--native-file auto``: over NATIVE_FILE_MAX_GB or a quarter of free disk or RAM) the same
+                state dict and header go through the same reader (formats.normalize + loader.build) from
+                host memory instead; the row's ``native_source`` says which
+  pack-convert  the pack's loader converting the BF16 weights on load (on the GPU, layer by layer)
+  stock-native  (not in the defaults) ComfyUI's stock loader on the native state dict with the pack installed:
+                ComfyUI's mixed-precision layers on the pack's layout (what "Load Diffusion Model" gives)
+
+Each (architecture, variant) runs in its own process (``--no-isolate``: one process, for smoke runs);
+the BF16 process saves its eager output for the others' SQNR. Reported per row: median step ms (after
+warm-up), the speed-up over BF16, FP8 fast and ComfyUI's INT8 of the same mode, SQNR vs BF16 eager,
+weight GB, peak GB, and ``device_ms``: the summed kernel time of one step under torch.profiler
+(``profile_step.profile``), so a step whose device time is well below its wall time is host-bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from . import arch_models, bench_model, common, flux2_model, profile_step
+
+VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "stock-native")
+DEFAULT_VARIANTS = VARIANTS[:5]
+MODES = ("eager", "compile")
+# A native file larger than this is not written to disk by --native-file auto: writing and reading back
+# 14-20 GB (Wan, Qwen-Image) costs a minute of the GPU machine's time per variant.
+NATIVE_FILE_MAX_GB = 10.0
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _available_ram() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def native_route(nbytes: int, choice: str, folder: str) -> str:
+    """Where the pack-native variant's state dict goes between writer and reader: "file" or "memory"."""
+    if choice != "auto":
+        return choice
+    room = min(NATIVE_FILE_MAX_GB * 1e9, shutil.disk_usage(folder).free / 4, _available_ram() / 4)
+    return "file" if nbytes <= room else "memory"
+
+
+def _state_dict_bytes(sd: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in sd.values() if isinstance(t, torch.Tensor))
+
+
+def build(variant: str, arch: arch_models.Arch, tiny: bool, native_file: str = "auto", folder: str | None = None):
+    """(ModelPatcher, info) for one variant, from the seeded random BF16 weights (made afresh and freed).
+
+    ``info``: ``native_source`` ("file"/"memory") for the variants that read a native state dict."""
+    import comfy.sd
+
+    from ..ops import formats, loader
+
+    device = _device()
+    sd = arch_models.random_state_dict(arch, tiny, device)
+    if not tiny:
+        arch_models.check_detection(arch, sd)
+    info = {"native_source": None}
+    with arch_models.detection(arch, tiny):
+        if variant == "bf16":
+            return flux2_model.load_bf16(sd, device), info
+        if variant == "fp8-fast":
+            return flux2_model.load_fp8_fast(sd, device), info
+        if variant == "pack-convert":
+            return flux2_model.load_int8(sd, device, source=f"random {arch.title}"), info
+        if variant not in ("comfy-int8", "pack-native", "stock-native"):
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        pack = flux2_model.load_int8(sd, device, source=f"random {arch.title}")
+        del sd
+        if variant == "comfy-int8":
+            nsd, header = loader.native_state_dict(pack)  # ComfyUI's loader copies these into its own layers
+            del pack
+            return flux2_model.load_comfy_int8(nsd, header, device), info
+        source = f"random {arch.title} (native INT8)"
+        folder = folder or tempfile.gettempdir()
+        nsd, header = loader.native_state_dict(pack)
+        route = native_route(_state_dict_bytes(nsd), native_file, folder)
+        info["native_source"] = route
+        if route == "file":  # the pack's writer and reader, as a user saves and loads the file
+            path = os.path.join(folder, f"int8_w8a8-bench-{arch.key}-{os.getpid()}.safetensors")
+            del nsd
+            loader.save_model(pack, path)
+            del pack
+            _free()
+            try:
+                sd, header = loader.read_file(path)
+                if variant == "pack-native":
+                    nsd, report = formats.normalize(sd, header, source)
+                    patcher = loader.build(nsd, report, loader.LoadOptions(), source, disable_dynamic=True)
+                else:
+                    patcher = comfy.sd.load_diffusion_model_state_dict(sd, metadata=header, disable_dynamic=True)
+            finally:
+                os.remove(path)
+            return patcher, info
+        # the same state dict in host memory, as the reader gets it from a file (CPU tensors)
+        nsd = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in nsd.items()}
+        del pack
+        _free()
+        if variant == "pack-native":
+            nsd, report = formats.normalize(nsd, header, source)
+            return loader.build(nsd, report, loader.LoadOptions(), source, disable_dynamic=True), info
+        return comfy.sd.load_diffusion_model_state_dict(nsd, metadata=header, disable_dynamic=True), info
+
+
+def _free() -> None:
+    bench_model._free()
+
+
+def _dtype_of(patcher) -> str:
+    model = patcher.model
+    return str(model.manual_cast_dtype or model.get_dtype()).replace("torch.", "")
+
+
+def layer_states(patcher) -> dict:
+    """The model's Linear layers after a step: how many, how many hold INT8 weights, and how many of the pack's
+    ``Int8Linear`` layers take ComfyUI's cast path on every call instead of the resident plan (partially
+    loaded or offloaded, or with weight functions; None for models without the pack's layers): a pack
+    variant slower than its kernels explain shows here."""
+    from ..ops import layout
+    from ..ops.comfy_ops import Int8Linear
+
+    linears = [m for m in patcher.model.diffusion_model.modules()
+               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+               and hasattr(m, "comfy_cast_weights")]
+    pack = [m for m in linears if isinstance(m, Int8Linear)]
+    return {"linear_layers": len(linears), "int8_layers": sum(layout.is_int8_weight(m.weight) for m in linears),
+            "pack_cast_layers": sum(bool(m.comfy_cast_weights or m.weight_function or m.bias_function)
+                                    for m in pack) if pack else None}
+
+
+def _ref_path(ref_dir: str, arch: str, res: str) -> str:
+    return os.path.join(ref_dir, f"ref-{arch}-{res}.pt")
+
+
+def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = False, ref_dir: str | None = None,
+        native_file: str = "auto", reps: int = 7, warmup: int = 2, power_s: float = 0.0,
+        backend: str = "inductor") -> list[dict]:
+    """Rows of measurements in this process (ratios added by ``add_ratios``)."""
+    from ..ops import native
+
+    rows = []
+    device = _device()
+    for key in archs:
+        arch = arch_models.ARCHS[key]
+        shape = arch.step_shape(tiny)
+        ref = None
+        if ref_dir and os.path.exists(_ref_path(ref_dir, key, shape.res)):
+            ref = torch.load(_ref_path(ref_dir, key, shape.res)).to(device)
+        for variant in variants:
+            baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+            patcher, info = build(variant, arch, tiny, native_file)
+            native.install()  # comfy-int8 switched the pack's layout hook off for its own load
+            inputs = arch_models.step_inputs(patcher, shape, device)
+            weights = flux2_model.weight_bytes(patcher) / 1e9
+            if variant == "bf16" and "eager" not in modes and ref is None:
+                ref = bench_model.step(patcher, inputs).float()  # SQNR is always against BF16 eager
+                if ref_dir:
+                    torch.save(ref.cpu(), _ref_path(ref_dir, key, shape.res))
+            for mode in modes:
+                model = patcher if mode == "eager" else bench_model.compiled(patcher, backend)
+                torch._dynamo.reset()
+                out = bench_model.measure(model, inputs, reps=reps, warmup=warmup, baseline=baseline, power_s=power_s)
+                y = out.pop("y")
+                if variant == "bf16" and mode == "eager":
+                    ref = y
+                    if ref_dir:
+                        torch.save(y.cpu(), _ref_path(ref_dir, key, shape.res))
+                prof = profile_step.profile(model, inputs, warmup=0)
+                row = {"model": arch.title, "arch": key, "res": shape.res, "variant": variant, "mode": mode,
+                       "dtype": _dtype_of(patcher), "weights_gb": weights,
+                       "sqnr_vs_bf16": None if ref is None else common.sqnr_db(ref, y),
+                       "device_ms": prof["kernel_ms"], "profiled_wall_ms": prof["wall_ms"],
+                       "families": {k: round(v["ms"], 3) for k, v in prof["families"].items()},
+                       "top_kernels": prof["top"][:5], **layer_states(patcher), **info, **out}
+                rows.append(row)
+                print(f"{arch.title} {shape.res} {variant:<12} {mode:<7} {row['ms']:8.1f} ms "
+                      f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  device {row['device_ms']:7.1f} ms  "
+                      f"weights {weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
+                      f"{row['first_call_s']:.1f} s  SQNR {_fmt(row['sqnr_vs_bf16'], '5.1f')} dB  {row['dtype']}"
+                      + (f"  native from {info['native_source']}" if info["native_source"] else ""), flush=True)
+                del model
+            del patcher, inputs
+            torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
+            _free()
+    return rows
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """x_bf16, x_fp8, x_native: the speed-up over BF16, FP8 fast and ComfyUI's INT8 of the same architecture,
+    resolution and mode; busy: device ms / step ms (well below 1: the host, not the GPU, sets the pace)."""
+    by_key = {(r["arch"], r["res"], r["mode"], r["variant"]): r for r in rows}
+    for row in rows:
+        for name, variant in (("x_bf16", "bf16"), ("x_fp8", "fp8-fast"), ("x_native", "comfy-int8")):
+            base = by_key.get((row["arch"], row["res"], row["mode"], variant))
+            row[name] = base["ms"] / row["ms"] if base else None
+        row["busy"] = row["device_ms"] / row["ms"] if row.get("device_ms") is not None else None
+    return rows
+
+
+def run_isolated(args) -> list[dict]:
+    """Each (architecture, variant) in a fresh process: a process keeps compiled graphs, the caching
+    allocator's blocks and Triton's state of earlier variants (see bench/NOTES.md item 12)."""
+    rows = []
+    ref_dir = args.ref_dir or tempfile.mkdtemp(prefix="int8_w8a8-arch-")
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.models:
+            for variant in args.variants:  # bf16 first when listed: the others read its output for SQNR
+                out = os.path.join(tmp, f"{key}-{variant}.json")
+                cmd = [sys.executable, "-m", __spec__.name, "--models", key, "--variants", variant,
+                       "--modes", *args.modes, "--ref-dir", ref_dir, "--rows-out", out, "--no-isolate",
+                       "--native-file", args.native_file, "--reps", str(args.reps), "--warmup", str(args.warmup),
+                       "--power-s", str(args.power_s), "--backend", args.backend] + (["--tiny"] if args.tiny else [])
+                done = subprocess.run(cmd)
+                if done.returncode != 0:  # one failing variant (e.g. out of memory) does not lose the others
+                    print(f"{key} {variant}: process failed with exit code {done.returncode}", flush=True)
+                    continue
+                with open(out) as f:
+                    rows += json.load(f)
+    if not args.ref_dir:
+        shutil.rmtree(ref_dir, ignore_errors=True)
+    return rows
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    arch_order = {k: i for i, k in enumerate(arch_models.ARCHS)}
+    variant_order = {v: i for i, v in enumerate(VARIANTS)}
+    return sorted(rows, key=lambda r: (arch_order.get(r["arch"], 99), r["res"], MODES.index(r["mode"]),
+                                       variant_order.get(r["variant"], 99)))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | res | variant | mode | step ms | x BF16 | x FP8 | x native | SQNR dB | device ms | busy | "
+             "weights GB | peak GB | dtype | native from |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['res']} | {r['variant']} | {r['mode']} | {r['ms']:.1f} | "
+                     f"{_fmt(r['x_bf16'], '.2f')} | {_fmt(r['x_fp8'], '.2f')} | {_fmt(r['x_native'], '.2f')} | "
+                     f"{_fmt(r['sqnr_vs_bf16'], '.1f')} | {_fmt(r['device_ms'], '.1f')} | "
+                     f"{_fmt(r['busy'] and 100 * r['busy'], '.0f')}% | {r['weights_gb']:.2f} | "
+                     f"{_fmt(r['peak_gb'], '.2f')} | {r['dtype']} | {r.get('native_source') or '-'} |")
+    return "\n".join(lines)
+
+
+def merge(paths: list[str]) -> list[dict]:
+    """Rows of several result files; a (arch, res, variant, mode) in several files is taken from the last."""
+    by_key = {}
+    for path in paths:
+        with open(path) as f:
+            for row in json.load(f)["rows"]:
+                by_key[(row["arch"], row["res"], row["variant"], row["mode"])] = row
+    return sort_rows(add_ratios(list(by_key.values())))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(arch_models.ARCHS), choices=list(arch_models.ARCHS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=MODES)
+    parser.add_argument("--native-file", default="auto", choices=("auto", "file", "memory"))
+    parser.add_argument("--tiny", action="store_true", help="small widths (CPU smoke runs of the harness)")
+    parser.add_argument("--no-isolate", action="store_true", help="all variants in this process")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--power-s", type=float, default=0.0, help="seconds of back-to-back steps with power sampled")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compile mode")
+    parser.add_argument("--ref-dir", default=None, help="where BF16 eager outputs are kept (reused across runs)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge result files, print the table")
+    parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # used by the isolated children
+    args = parser.parse_args(argv)
+    if args.merge:
+        rows = merge(args.merge)
+        print(table(rows))
+        if args.out:
+            common.write_json(args.out, {"env": common.environment(), "rows": rows})
+        return
+    if args.ref_dir:
+        os.makedirs(args.ref_dir, exist_ok=True)
+    if not args.no_isolate:
+        rows = sort_rows(add_ratios(run_isolated(args)))
+    else:
+        logging.basicConfig(level=logging.WARNING)
+        flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
+        from ..ops import native
+
+        native.install()  # as in ComfyUI with the pack installed; comfy-int8 switches it off for its own load
+        rows = run(args.models, args.variants, args.modes, args.tiny, args.ref_dir, args.native_file, args.reps,
+                   args.warmup, args.power_s, args.backend)
+        if args.rows_out:
+            with open(args.rows_out, "w") as f:
+                json.dump(rows, f)
+            return
+        rows = sort_rows(add_ratios(rows))
+    print(table(rows))
+    if args.out:
+        common.write_json(args.out, {"env": common.environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

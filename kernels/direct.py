@@ -1,0 +1,247 @@
+"""The eager hot path of one INT8 linear layer: checks hoisted, kernel launches recorded once and replayed.
+
+``kernels.int8_linear`` validates its arguments, picks the backend, allocates the activation buffers, picks
+the GEMM config and builds ~30 launch arguments (TMA descriptors, specialization keys) on every call: tens of
+microseconds of host time per layer, more than the GPU needs for the batch-1 and text-token layers of a step
+(bench/NOTES.md items 5 and 18). A ``LinearPlan`` holds one layer's weight and does that work once:
+
+* per weight (the plan's lifetime): the weight's int8 data, scale, bias, smoothing vector and ConvRot group,
+  and the backend decision for its device; the owner (``ops.comfy_ops.Int8Linear``) builds a new plan when
+  the weight object changes (a LoRA merge, ``.to()``, unpatching);
+* per input specialization (dtype, shape, strides and 16-byte alignment of ``x``, so every kernel argument
+  but the addresses is fixed): the first call quantizes and multiplies through the normal launch path
+  inside ``launch.recording()``; later calls replay those launches with the addresses of this call's input,
+  activation buffers and output substituted.
+
+The activation buffers (int8 rows and their float32 scales, consumed by the GEMM right after the quantizer
+wrote them) live in one workspace per device and stream, shared by all plans: kernels on one stream run in
+order, so a layer's quantizer cannot overwrite rows the previous layer's GEMM has not read yet. It grows to
+the largest M x K seen (e.g. 14040 x 13824 bytes, 194 MB, for Wan 14B's FFN down projection) and is kept.
+The output is a fresh tensor each call.
+
+Rules, each an explicit fallback (``__call__`` returns None and the caller runs the general path):
+* ``x`` is not a plain tensor, is on another device, has another last dimension, or is not float16/bfloat16/
+  float32;
+Otherwise, without replay (checks still hoisted: ``api.int8_linear_impl`` directly):
+* CUDA graph capture (a captured replay would keep the workspace's address, which a later growth frees);
+* the torch-twin backend (CPU, Turing, no Triton); an empty input; an input whose rows are not a view
+  (``reshape`` would copy); launches that went around the direct launcher or whose arguments alias this
+  call's buffers in a way the plan cannot map; a Triton whose launcher rejects the replay (logged once).
+Dynamic LoRA terms run through the public API (``kernels.int8_linear``), without replay.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import _checks, api
+from .dispatch import Backend, choose_backend
+from .reference import as_rows
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ALIGN = 256  # bytes between the int8 rows and the row scales in the workspace
+# per-call tensors of a recorded launch: the input, the workspace's two regions, the output
+_X, _XQ, _XS, _OUT = range(4)
+
+
+# ---------------------------------------------------------------- shared activation workspace
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 buffer of at least ``nbytes`` on ``device`` for the current stream (grown, never shrunk)."""
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    stream = torch._C._cuda_getCurrentRawStream(index) if device.type == "cuda" else 0
+    key = (device.type, index, stream)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < nbytes:
+        # growing: the old buffer is freed in stream order (kernels queued on it still read valid memory)
+        buf = _WORKSPACES[key] = torch.empty(max(nbytes, 2 * (buf.numel() if buf is not None else 0)),
+                                             dtype=torch.uint8, device=device)
+    return buf
+
+
+def release_workspaces() -> None:
+    """Free every workspace (tests; a process that stops running INT8 layers)."""
+    _WORKSPACES.clear()
+
+
+class _Address:
+    """A device address where a Triton launcher or TMA descriptor expects a tensor (it only asks ``data_ptr``)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+def _regions(m: int, k: int) -> tuple[int, int]:
+    """(offset of the row scales, total bytes) of the workspace for M rows of K int8 values."""
+    off = -(-(m * k) // _ALIGN) * _ALIGN
+    return off, off + 4 * m
+
+
+class _Replay:
+    """The recorded launches of one input specialization and where the per-call tensors go in them."""
+
+    __slots__ = ("k", "launches", "m", "n", "nbytes", "off", "out_dtype", "out_shape")
+
+    def __init__(self, launches, m, k, n, out_shape, out_dtype):
+        self.launches = launches  # [(Launch, template args, [(position, slot)], [(descriptor, slot)])]
+        self.m, self.k, self.n = m, k, n
+        self.off, self.nbytes = _regions(m, k)
+        self.out_shape, self.out_dtype = out_shape, out_dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        buf = workspace(self.nbytes, x.device)
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=x.device)
+        base = buf.data_ptr()
+        values = (x, base, base + self.off, out)
+        views = None
+        for rec, template, slots, descs in self.launches:
+            args = list(template)
+            if rec.kernel is None:  # launched through fn[grid] (the interpreter): tensors, not addresses
+                if views is None:
+                    views = (x, *self._views(buf), out)
+                for pos, slot in slots:
+                    args[pos] = views[slot]
+                for desc, slot in descs:
+                    desc.base = views[slot]
+            else:
+                for pos, slot in slots:
+                    args[pos] = values[slot]
+                for desc, slot in descs:
+                    desc.base = out if slot == _OUT else _Address(values[slot])
+            try:
+                rec.replay(args)
+            finally:
+                for desc, _ in descs:  # the plan must not keep this call's output (or buffers) alive
+                    desc.base = None
+        return out
+
+    def _views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, k = self.m, self.k
+        return buf[: m * k].view(torch.int8).view(m, k), buf[self.off: self.off + 4 * m].view(torch.float32)
+
+
+def _classify(records, x, xq, xs, out) -> list | None:
+    """The replay table of recorded launches, or None when a tensor argument aliases a per-call buffer at an
+    address the plan cannot map (a view at an offset)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    slot_of = {x.data_ptr(): _X, xq.data_ptr(): _XQ, xs.data_ptr(): _XS, out.data_ptr(): _OUT}
+    per_call = {t.untyped_storage().data_ptr() for t in (x, xq, out)}
+    table = []
+    for rec in records:
+        template, slots, descs = list(rec.args), [], []
+        for pos, arg in enumerate(rec.args):
+            tensor = arg.base if isinstance(arg, TensorDescriptor) else arg
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            slot = slot_of.get(tensor.data_ptr())
+            if slot is None:
+                if tensor.untyped_storage().data_ptr() in per_call:
+                    return None
+                continue  # a persistent tensor (weight, scale, bias, Hadamard matrix): kept by the template
+            if isinstance(arg, TensorDescriptor):
+                if arg.base.data_ptr() % 16 or slot == _X:
+                    return None
+                descs.append((arg, slot))  # the descriptor object is reused, its base replaced per call
+            else:
+                slots.append((pos, slot))
+                template[pos] = None
+        table.append((rec, tuple(template), tuple(slots), tuple(descs)))
+    for rec, template, _, descs in table:  # keep nothing of this call alive: its input, buffers, output
+        rec.args = template
+        for desc, _ in descs:
+            desc.base = None
+    return table
+
+
+class LinearPlan:
+    """``y = x @ W.T + bias`` for one INT8 weight, eager, with the per-call host work done once.
+
+    ``q`` int8 ``[N, K]``, ``scale`` float32 ``[]``/``[N]``/``[N, 1]`` (validated when the weight was built),
+    ``bias`` ``[N]`` or None, ``smooth`` ``[K]`` or None, ``rotate_group`` the ConvRot group (0: none). Call with
+    ``x [..., K]`` (float16/bfloat16/float32, on q's device) for ``y [..., N]`` in x's dtype, or None when the
+    plan does not take ``x`` (see the module docstring). ``backend`` overrides the dispatch rule (tests).
+    """
+
+    MAX_SPECIALIZATIONS = 16  # input shapes remembered per layer (a workflow uses a few per resolution)
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 smooth: torch.Tensor | None = None, rotate_group: int = 0, backend: Backend | None = None):
+        # the weight half of the public API's checks, once per weight instead of once per call
+        self.n, self.k = _checks.check_int8_weight(q, "q")
+        _checks.check_scale(scale, self.n, "scale")
+        _checks.check_bias(bias, self.n)
+        _checks.check_smooth(smooth, self.k)
+        _checks.check_rotate_group(rotate_group, self.k)
+        self.q, self.scale, self.bias, self.smooth, self.rotate_group = q, scale, bias, smooth, rotate_group
+        self.device = q.device
+        self.cuda = q.device.type == "cuda"
+        self.backend = backend or choose_backend(q.device)
+        self.replays: dict[tuple, _Replay | None] = {}
+        self.biases: dict[torch.dtype, torch.Tensor | None] = {}
+
+    def bias_for(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The bias in the output dtype (cast once per dtype, as ComfyUI's cast path does on every call)."""
+        if dtype not in self.biases:
+            self.biases[dtype] = None if self.bias is None else self.bias.to(dtype)
+        return self.biases[dtype]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.device != self.device or x.dtype not in _FLOAT_DTYPES or x.shape[-1] != self.k:
+            return None
+        if self.cuda and torch._C._cuda_isCurrentStreamCapturing():
+            # a CUDA graph would bake in the workspace's address, which a later growth frees
+            return self._direct(x)
+        key = (x.dtype, x.shape, x.stride(), x.data_ptr() % 16 == 0)
+        replay = self.replays.get(key, False)
+        if replay:
+            try:
+                return replay(x)
+            except (TypeError, AttributeError) as exc:  # this Triton's launcher takes other arguments
+                logger.warning("int8_w8a8: replaying recorded launches failed (%s); using the launch path", exc)
+                self.replays[key] = None
+                return self._direct(x)
+        if replay is None:
+            return self._direct(x)
+        if len(self.replays) >= self.MAX_SPECIALIZATIONS:
+            self.replays.clear()
+        y, self.replays[key] = self._record(x)
+        return y
+
+    def _direct(self, x: torch.Tensor) -> torch.Tensor:
+        """The general implementation without the public API's checks (they were done for this weight)."""
+        return api.int8_linear_impl(x, self.q, self.scale, self.bias_for(x.dtype), x.dtype, self.smooth,
+                                    self.rotate_group, False)
+
+    def _record(self, x: torch.Tensor) -> tuple[torch.Tensor, _Replay | None]:
+        """Run the kernels once through the launch path, recording the launches: (y, replay or None)."""
+        x2 = as_rows(x)
+        m, k = x2.shape
+        if self.backend.name != "triton" or m == 0 or k == 0 or x2.data_ptr() != x.data_ptr():
+            return self._direct(x), None
+        from . import launch, triton_ops, triton_quant  # Triton only here: importing the plan does not need it
+
+        off, nbytes = _regions(m, k)
+        buf = workspace(nbytes, x.device)
+        xq = buf[: m * k].view(torch.int8).view(m, k)
+        xs = buf[off: off + 4 * m].view(torch.float32)
+        bias = self.bias_for(x.dtype)
+        with launch.recording() as records:  # the launch sequence of triton_ops.int8_linear, into our buffers
+            triton_quant.launch_quantize(x2, xq, xs, smooth=self.smooth, rotate_group=self.rotate_group)
+            out = triton_ops.int8_gemm(xq, xs, self.q, self.scale, bias, x.dtype, self.backend)
+        y = out.reshape(*x.shape[:-1], self.n)
+        table = _classify(records, x, xq, xs, out) if records else None
+        return y, None if table is None else _Replay(table, m, k, self.n, tuple(y.shape), x.dtype)

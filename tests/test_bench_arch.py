@@ -1,0 +1,128 @@
+"""Integration tier: the per-architecture step benchmark (bench/bench_arch.py) end to end at tiny widths (CPU).
+
+The GPU numbers come from ``bash bench/run_on_gpu.sh arch-eager``; these tests keep the harness from rotting:
+every architecture in the table, every variant, the compile mode, the native file written and read back or
+handed over in memory, and each variant in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+# parameters of the real models (billions), as published; the table's configs must build them
+REAL_PARAMS = {"klein9b": 9.1, "klein4b": 3.9, "zimage": 6.15, "chroma": 8.9, "qwen-image": 20.4, "wan14b": 14.3}
+
+
+@pytest.fixture
+def pack_layout(comfyui):
+    """The harness installs the pack's layout for native files (as ComfyUI with the pack does); restore it."""
+    import comfy.quant_ops
+
+    algo = comfy.quant_ops.QUANT_ALGOS["int8_tensorwise"]
+    saved = algo["comfy_tensor_layout"]
+    yield
+    algo["comfy_tensor_layout"] = saved
+
+
+def test_every_architecture_is_listed():
+    from int8_w8a8.bench import arch_models
+
+    assert set(arch_models.ARCHS) == set(REAL_PARAMS)
+
+
+@pytest.mark.parametrize("key", sorted(REAL_PARAMS))
+def test_table_is_what_comfyui_detects_at_real_widths(comfyui, key):
+    """The real-width config of each row builds, through ComfyUI's detection of its keys and shapes, the same
+    model (checked on the meta device), with the real model's parameter count."""
+    from int8_w8a8.bench import arch_models
+
+    arch = arch_models.ARCHS[key]
+    sd = arch_models.meta_model(arch.config).state_dict()
+    arch_models.check_detection(arch, sd)
+    params = sum(v.numel() for v in sd.values()) / 1e9
+    assert params == pytest.approx(REAL_PARAMS[key], rel=0.03)
+    broken = dict(sd)
+    layer = next(k for k, v in sd.items() if v.dim() == 2 and ("blocks.1." in k or "layers.1." in k))
+    broken[layer] = torch.empty((16, 16), device="meta")  # a second block of other widths than the first
+    with pytest.raises(AssertionError, match="other shapes"):
+        arch_models.check_detection(arch, broken)
+
+
+@pytest.mark.parametrize("key", sorted(REAL_PARAMS))
+def test_harness_runs_every_variant_tiny(comfyui, pack_layout, key, tmp_path, capsys):
+    from int8_w8a8.bench import bench_arch
+
+    out = tmp_path / "rows.json"
+    bench_arch.main(["--tiny", "--no-isolate", "--models", key, "--variants", *bench_arch.VARIANTS, "--reps", "1",
+                     "--warmup", "0", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == list(bench_arch.VARIANTS)
+    by_variant = {r["variant"]: r for r in rows}
+    for row in rows:
+        assert row["arch"] == key and row["mode"] == "eager" and row["res"] == "tiny"
+        assert row["ms"] > 0 and row["device_ms"] > 0 and row["x_bf16"] > 0 and row["weights_gb"] > 0
+        assert row["x_fp8"] > 0 and row["x_native"] > 0
+        assert (row["int8_layers"] > 0) == (row["variant"] not in ("bf16", "fp8-fast")) and row["linear_layers"] > 0
+        pack = row["variant"].startswith("pack-")
+        assert (row["pack_cast_layers"] == 0) if pack else row["pack_cast_layers"] is None  # fully loaded
+    assert by_variant["bf16"]["sqnr_vs_bf16"] == math.inf
+    for variant in ("comfy-int8", "pack-native", "pack-convert", "stock-native"):
+        # every INT8 variant holds the same INT8 weights; they differ in kernels and rounding of activations
+        assert 25 < by_variant[variant]["sqnr_vs_bf16"] < math.inf, variant
+        assert by_variant[variant]["weights_gb"] < by_variant["bf16"]["weights_gb"], variant
+        assert by_variant[variant]["weights_gb"] == pytest.approx(by_variant["pack-convert"]["weights_gb"], rel=0.02)
+    assert by_variant["fp8-fast"]["sqnr_vs_bf16"] > 15
+    assert by_variant["pack-native"]["native_source"] == "file"  # small enough to go through the disk
+    assert by_variant["pack-convert"]["native_source"] is None
+    assert "| x BF16 | x FP8 | x native |" in capsys.readouterr().out
+
+
+def test_harness_compile_mode_and_native_state_dict_in_memory(comfyui, pack_layout, tmp_path):
+    from int8_w8a8.bench import bench_arch
+
+    out = tmp_path / "rows.json"
+    bench_arch.main(["--tiny", "--no-isolate", "--models", "zimage", "--variants", "bf16", "pack-native",
+                     "--modes", "compile", "--backend", "eager", "--native-file", "memory", "--reps", "1",
+                     "--warmup", "1", "--ref-dir", str(tmp_path / "refs"), "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["mode"]) for r in rows] == [("bf16", "compile"), ("pack-native", "compile")]
+    # without an eager BF16 row the BF16 process still makes the eager reference for SQNR
+    assert os.path.exists(tmp_path / "refs" / "ref-zimage-tiny.pt")
+    assert rows[1]["native_source"] == "memory" and 25 < rows[1]["sqnr_vs_bf16"] < math.inf
+    assert rows[0]["sqnr_vs_bf16"] > 60  # compiled BF16 against eager BF16
+
+
+def test_harness_isolates_variants_and_merges_files(comfyui, tmp_path):
+    """Each variant in its own process (the default), SQNR through the reference the BF16 process saved; two
+    result files merged into one table with the ratios recomputed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.path.dirname(_package_root()),
+                                                                    os.environ.get("PYTHONPATH")) if p)}
+    run = [sys.executable, "-m", "int8_w8a8.bench.bench_arch", "--tiny", "--models", "wan14b", "--reps", "1",
+           "--warmup", "0"]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    subprocess.run([*run, "--variants", "bf16", "pack-convert", "--out", str(first)], env=env, check=True,
+                   timeout=600)
+    rows = json.loads(first.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["bf16", "pack-convert"]
+    assert 25 < rows[1]["sqnr_vs_bf16"] < math.inf and rows[1]["x_bf16"] > 0
+    second.write_text(json.dumps({"rows": [{**rows[1], "variant": "fp8-fast", "ms": 2 * rows[1]["ms"]}]}))
+    from int8_w8a8.bench import bench_arch
+
+    merged = bench_arch.merge([str(first), str(second)])
+    assert [r["variant"] for r in merged] == ["bf16", "fp8-fast", "pack-convert"]
+    assert merged[2]["x_fp8"] == pytest.approx(2.0)
+
+
+def _package_root() -> str:
+    import int8_w8a8
+
+    return os.path.dirname(int8_w8a8.__file__)
