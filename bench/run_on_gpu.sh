@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | host | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -28,16 +28,23 @@ export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-}
 [ -f .comfyui/comfy/model_patcher.py ] && export COMFYUI_PATH=$PWD/.comfyui
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+# PYTEST_WORKERS=N runs the test steps in N processes on the one GPU (pytest-xdist is on the machine):
+# most of their time is Triton compiling on the CPU
+XDIST=${PYTEST_WORKERS:+-n $PYTEST_WORKERS}
 status=0
 for step in "$@"; do
     echo "=== $step ==="
     start=$SECONDS
     case "$step" in
-        tests) python3 -m pytest tests -m "kernels or gpu" -q -p no:randomly 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
-        tests-sm8x) env $SM8X python3 -m pytest tests -m "kernels or gpu" -q -p no:randomly 2>&1 \
+        tests) python3 -m pytest tests -m "kernels or gpu" $XDIST -q -p no:randomly 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+        tests-sm8x) env $SM8X python3 -m pytest tests -m "kernels or gpu" $XDIST -q -p no:randomly 2>&1 \
             | tee "$OUT/pytest-sm8x.log" | tail -25 ;;
         tests-comfy) python3 -m pytest tests/test_gpu_comfy.py -q -x 2>&1 | tee "$OUT/pytest-comfy.log" | tail -40 ;;
-        tests-fused) python3 -m pytest tests/test_fused.py tests/test_flux_fused.py -q -p no:randomly 2>&1 \
+        # the fused blocks of every architecture through ComfyUI on the GPU (test_fused.py runs in `tests`)
+        tests-blocks) python3 -m pytest tests/test_flux_fused.py tests/test_blocks_*.py $XDIST -q -p no:randomly 2>&1 \
+            | tee "$OUT/pytest-blocks.log" | tail -15 ;;
+        tests-fused) python3 -m pytest tests/test_fused.py tests/test_flux_fused.py tests/test_blocks_*.py $XDIST -q \
+            -p no:randomly 2>&1 \
             | tee "$OUT/pytest-fused.log" | tail -15 ;;
         blocks) python3 -m int8_w8a8.bench.bench_blocks --out "$OUT/bench_blocks.json" 2>&1 | tee "$OUT/bench_blocks.txt" ;;
         ptx) python3 -m int8_w8a8.bench.check_ptx --arch 90 2>&1 | tee "$OUT/ptx.txt" ;;
