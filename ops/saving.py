@@ -28,9 +28,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.utils
 import torch
 from comfy.weight_adapter.lora import LoRAAdapter
+from comfy_kitchen.tensor import QuantizedTensor
 
 from . import formats, layout, lowrank
 
@@ -163,13 +165,51 @@ def _to_source_dtypes(sd: dict, dtypes: dict | None) -> None:
             sd[key] = t.to("cpu").to(want)
 
 
+def _lazily_cast(module) -> bool:
+    """A layer ComfyUI patches and casts on the fly (lowvram, DynamicVRAM) instead of holding it patched."""
+    return hasattr(module, "comfy_cast_weights") and not getattr(module, "comfy_patched_weights", False)
+
+
+def _state_dict_for_saving(model, dm) -> dict:
+    """ComfyUI's ``ModelPatcher.model_state_dict_for_saving(dm, PREFIX)``, except for quantized weights that
+    ComfyUI casts lazily: their pieces are read (patched) right away through ComfyUI's own
+    ``LazyCastingQuantizedParam``. ComfyUI 0.29 wraps each such piece in a ``torch.nn.Parameter``, which int8
+    data cannot be ("Only Tensors of floating point and complex dtype can require gradients"), so its saver
+    fails on every INT8 model under DynamicVRAM (seen on the H200, tests/test_gpu_comfy.py). Models without
+    such weights go through ComfyUI's function as they are."""
+    if not any(isinstance(getattr(m, "weight", None), QuantizedTensor) and _lazily_cast(m) for m in dm.modules()):
+        return model.model_state_dict_for_saving(dm, PREFIX)
+    original = dm.state_dict()
+    out, keys = {}, list(original)
+    while keys:
+        k = keys.pop(0)
+        module_name, _, leaf = k.rpartition(".")
+        try:
+            op = comfy.utils.get_attr(dm, module_name) if module_name and leaf in ("weight", "bias") else None
+        except AttributeError:
+            op = None
+        if op is None or not _lazily_cast(op):
+            out[k] = original[k]
+            continue
+        weight = comfy.utils.get_attr(model.model, PREFIX + k)
+        if isinstance(weight, QuantizedTensor):
+            caster = comfy.model_patcher.LazyCastingQuantizedParam(model, PREFIX + k)
+            for piece in [x for x in weight.state_dict(k) if x in original]:
+                if piece in keys:
+                    keys.remove(piece)
+                out[piece] = caster.state_dict_tensor(PREFIX + piece)
+            continue
+        out[k] = comfy.model_patcher.LazyCastingParam(model, PREFIX + k, weight)
+    return out
+
+
 def _prepare(model) -> tuple[dict, dict, int, int, int]:
     """(state dict, header, INT8 layers, patched weights, layers with dynamic terms) for ``model``."""
     n_int8 = check_stock_runs(model.model.diffusion_model)
     model, dynamic = dynamic_terms_as_patches(model)
     comfy.model_management.load_models_gpu([model])  # patched and resident: ComfyUI's saver reads it then
     dm = model.model.diffusion_model
-    sd = model.model_state_dict_for_saving(dm, PREFIX)
+    sd = _state_dict_for_saving(model, dm)
     _to_source_dtypes(sd, getattr(model.model, SOURCE_DTYPES, None))
     layers = {}
     for key in [k for k in sd if k.endswith(".comfy_quant")]:

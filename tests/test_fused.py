@@ -156,8 +156,8 @@ def test_norm_modulate_quantize_rms_rotated(seed, group):
 
 
 def test_norm_modulate_quantize_op():
-    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
-    mod, w = torch.randn(2, 1, 128, dtype=torch.bfloat16), torch.rand(128, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16, device=DEV)
+    mod, w = torch.randn(2, 1, 128, dtype=torch.bfloat16, device=DEV), torch.rand(128, dtype=torch.bfloat16, device=DEV)
     op = torch.ops.int8_w8a8.norm_modulate_quantize.default
     for shift, norm, weight, group in ((mod, "layer", None, 0), (None, "rms", w, 0), (mod, "rms", w, 64)):
         torch.library.opcheck(op, (x, shift, mod, 1e-6, group, norm, weight))
@@ -327,8 +327,8 @@ def test_glu_quantize_bad_args():
 def test_glu_quantize_op(seed, activation):
     """The custom op (what traced blocks call): its fake's shapes and the eager kernel agree (opcheck), and a traced
     call runs it on the same values."""
-    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
-    glu = torch.randn(2, 5, 128 * reference_fused.ACTIVATIONS[activation], dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16, device=DEV)
+    glu = torch.randn(2, 5, 128 * reference_fused.ACTIVATIONS[activation], dtype=torch.bfloat16, device=DEV)
     for prefix, group in ((None, 0), (x, 0), (x, 64)):
         torch.library.opcheck(torch.ops.int8_w8a8.glu_quantize.default, (prefix, glu, group, activation))
 
@@ -374,13 +374,14 @@ def test_rms_norm_gate_add(seed, dtype, b, s, n):
 
 
 def test_rms_norm_gate_add_op_and_bad_args():
-    x, y = torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.randn(10, 64, dtype=torch.bfloat16)
-    w, gate = torch.rand(64, dtype=torch.bfloat16), torch.randn(2, 64, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, device=DEV)
+    y = torch.randn(10, 64, dtype=torch.bfloat16, device=DEV)
+    w, gate = torch.rand(64, dtype=torch.bfloat16, device=DEV), torch.randn(2, 64, dtype=torch.bfloat16, device=DEV)
     torch.library.opcheck(torch.ops.int8_w8a8.rms_norm_gate_add.default, (x, y, w, gate, 1e-6))
     with pytest.raises(ValueError, match="y: expected"):
         fused.rms_norm_gate_add(x, y[:9], w, gate, 1e-6)
     with pytest.raises(ValueError, match="gate"):
-        fused.rms_norm_gate_add(x, y, w, torch.randn(3, 64), 1e-6)
+        fused.rms_norm_gate_add(x, y, w, torch.randn(3, 64, device=DEV), 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,19 +503,18 @@ def test_qk_norm_rope_row_norm(seed, b, heads, d, s):
         fused.qk_norm_rope((xq, xk, xv), qw[:d], kw, pe, q, k, v, seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-6,
                            qk_norm="row")
     torch.library.opcheck(torch.ops.int8_w8a8.qk_norm_rope.default,
-                          (xq.cpu(), xk.cpu(), xv.cpu(), qw.cpu(), kw.cpu(), pe.cpu(), q.cpu(), k.cpu(), v.cpu(), 0,
-                           heads, 1e-6, 1e-6, "row"))
+                          (xq, xk, xv, qw, kw, pe, q, k, v, 0, heads, 1e-6, 1e-6, "row"))
 
 
 def test_qk_norm_rope_op():
     """The custom op (what traced blocks call) on a fused projection's thirds and on separate projections."""
     b, heads, d, s = 2, 2, 32, 5
-    pe = _pe(1, s + 3, d)
-    qkv = torch.randn(b, s, 3 * heads * d, dtype=torch.bfloat16)
-    separate = tuple(torch.randn(b, s, heads * d, dtype=torch.bfloat16) for _ in range(3))
-    w = torch.ones(d, dtype=torch.bfloat16)
+    pe = _pe(1, s + 3, d).to(DEV)
+    qkv = torch.randn(b, s, 3 * heads * d, dtype=torch.bfloat16, device=DEV)
+    separate = tuple(torch.randn(b, s, heads * d, dtype=torch.bfloat16, device=DEV) for _ in range(3))
+    w = torch.ones(d, dtype=torch.bfloat16, device=DEV)
     for proj, table in ((fused.split_qkv(qkv), pe), (separate, pe.to(torch.bfloat16))):
-        q, k, v = (torch.zeros(b, heads, s + 3, d, dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.zeros(b, heads, s + 3, d, dtype=torch.bfloat16, device=DEV) for _ in range(3))
         torch.library.opcheck(torch.ops.int8_w8a8.qk_norm_rope.default,
                               (*proj, w, w, table, q, k, v, 3, heads, 1e-6, 1e-6))
 

@@ -142,12 +142,28 @@ def test_real_out_of_resources_on_the_gpu(seed, monkeypatch):
 
     utils = triton.runtime.driver.active.utils
     real = utils.get_device_properties
+    from int8_w8a8.kernels import triton_gemm
+
+    def forget_loaded_kernels() -> None:
+        # Triton checks shared memory when it loads a compiled kernel, once per process and specialization: drop
+        # the loaded GEMM kernels (the pack's launchers and Triton's in-memory cache; the disk cache stays) so the
+        # patched limit is checked, and again afterwards so no kernel loaded under it (or failed) is kept
+        for launcher in (triton_gemm._GEMM_TMA, triton_gemm._GEMM):
+            launcher.cache.clear()
+            launcher.fn.device_caches.clear()
+
+    forget_loaded_kernels()
+    monkeypatch.setattr(launch, "_MISFITS", set())
     monkeypatch.setattr(utils, "get_device_properties", lambda dev: {**real(dev), "max_shared_mem": 101_376})
-    backend = Backend("triton", "test", (9, 0))
-    m, k, n = 48, 4096, 4096 + 16  # a specialization no other test compiles (fp16 out, per-tensor, bias)
-    x = torch.randn(m, k, device=DEV, dtype=torch.float16)
-    q, s = ref.quantize_weight(torch.randn(n, k, device=DEV) * 0.02, per_row=False)
-    bias = torch.randn(n, device=DEV, dtype=torch.float16)
-    y = triton_ops.int8_linear(x, q, s, bias, torch.float16, None, 0, backend)
-    assert torch.equal(y, ref.int8_linear(x, q, s, bias))
-    assert any(key[0] == "int8 GEMM" for key in launch._MISFITS)
+    try:
+        backend = Backend("triton", "test", (9, 0))
+        m, k, n = 48, 4096, 4096 + 16  # the Hopper table's M <= 64 config: TMA, 164 KB on sm_90
+        x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+        q, s = ref.quantize_weight(torch.randn(n, k, device=DEV) * 0.02, per_row=False)
+        bias = torch.randn(n, device=DEV, dtype=torch.float16)
+        y = triton_ops.int8_linear(x, q, s, bias, torch.float16, None, 0, backend)
+        assert torch.equal(y, ref.int8_linear(x, q, s, bias))
+        assert any(key[0] == "int8 GEMM" for key in launch._MISFITS), launch._MISFITS
+    finally:
+        monkeypatch.undo()
+        forget_loaded_kernels()
