@@ -39,7 +39,8 @@ def _sass_counts(cubin: bytes) -> dict:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=False).stdout
-    return {"sass_i2f": len(re.findall(r"\bI2F\b[\w.]*", sass)), "sass_f2i": len(re.findall(r"\bF2I\b[\w.]*", sass)),
+    return {"sass_i2f": len(re.findall(r"\bI2F\b", sass)), "sass_i2fp": len(re.findall(r"\bI2FP\b", sass)),
+            "sass_f2i": len(re.findall(r"\bF2I\b", sass)),
             "sass_mufu_ex2": len(re.findall(r"MUFU\.EX2", sass)), "sass_hgmma_igmma": len(re.findall(r"[HIQ]GMMA", sass))}
 
 
@@ -91,6 +92,7 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
     consts = {"D": head_dim, "ROWS": triton_attention.QUANT_ROWS, **rot, "FAST_ROUND": True, "sqd": 1}
     del sig["sqd"]
     opts = {"num_warps": triton_attention.QUANT_WARPS}
+    kv_opts = {"num_warps": triton_attention.quant_kv_warps(cfg.block_n, head_dim)}
     out["quant_q"] = _summary(_compile(triton_attention._quant_q_kernel, sig, consts,
                                        ("q_ptr", "h_ptr", "q8_ptr", "qs_ptr", "sqb", "sqh", "sqs"), arch, opts), arch)
     sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "ksum_ptr": "*fp32", "vmax_ptr": "*fp32",
@@ -105,7 +107,7 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
     consts = {"D": head_dim, "BLOCK_N": cfg.block_n, **rot, "PV_INT8": cfg.pv == "int8", "FAST_ROUND": True,
               "EMULATE_FP8": False, "skd": 1, "svd": 1}
     del sig["skd"], sig["svd"]
-    out["quant_kv"] = _summary(_compile(triton_attention._quant_kv_kernel, sig, consts, div + ("S_pad",), arch, opts),
+    out["quant_kv"] = _summary(_compile(triton_attention._quant_kv_kernel, sig, consts, div + ("S_pad",), arch, kv_opts),
                                arch)
     return out
 
@@ -128,14 +130,22 @@ def problems(row: dict, pv: str) -> list[str]:
     return bad
 
 
-def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128)) -> list[dict]:
-    """Compile every config and head size; each row carries its ``problems`` (empty when it passes)."""
+def quick_set() -> list[tuple[AttentionConfig, int]]:
+    """The default config at both head sizes and the first e4m3 variant at D = 128 (the unit test's set)."""
+    fp8 = next(c for c in attention_configs.VARIANTS if c.pv == "fp8")
+    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128)]
+
+
+def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128), quick: bool = False) -> list[dict]:
+    """Compile every config and head size (``quick``: ``quick_set()``, and the quantization kernels of the
+    default only); each row carries its ``problems`` (empty when it passes)."""
     rows = []
-    for cfg in configs:
-        for d in head_dims:
-            r = compile_attention(cfg, arch, d)
-            rows.append({"what": f"attention {cfg.name} D={d}", "config": asdict(cfg), **r,
-                         "problems": problems(r, cfg.pv)})
+    pairs = quick_set() if quick else [(c, d) for c in configs for d in head_dims]
+    if quick:
+        configs = [attention_configs.DEFAULT]
+    for cfg, d in pairs:
+        r = compile_attention(cfg, arch, d)
+        rows.append({"what": f"attention {cfg.name} D={d}", "config": asdict(cfg), **r, "problems": problems(r, cfg.pv)})
     for cfg in {(c.pv, c.block_n, c.rotate): c for c in configs}.values():
         for name, r in compile_quant(cfg, arch).items():
             bad = [] if r["local"] <= 0 else [f"register spills: local {r['local']} B"]
@@ -147,17 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an int (90 = sm_90)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--quick", action="store_true", help="the default config and one fp8 variant only")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("check_ptx_attention: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
-    rows = check(arch=args.arch)
+    rows = check(arch=args.arch, quick=args.quick)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
             tc = ",".join(w.replace("wgmma.mma_async.sync.aligned.", "") for w in r["wgmma"]) or "-"
-            sass = f"I2F={r.get('sass_i2f', '?')} EX2={r.get('sass_mufu_ex2', '?')}"
+            sass = f"I2F={r.get('sass_i2f', '?')} I2FP={r.get('sass_i2fp', '?')} EX2={r.get('sass_mufu_ex2', '?')}"
             print(f"{r['what']:<44} {tc:<60} tma={r['tma_loads']} smem={r['shared_bytes']} regs={r['regs']} "
                   f"local={r['local']} {sass} {'OK' if not r['problems'] else '; '.join(r['problems'])}")
     return 1 if any(r["problems"] for r in rows) else 0

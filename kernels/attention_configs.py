@@ -73,7 +73,7 @@ class AttentionConfig:
     @property
     def name(self) -> str:
         return (f"{self.pv}-{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}"
-                + ("" if self.rotate else "-norot") + ("" if self.fast_cvt else "-i2f"))
+                + ("" if self.rotate else "-norot") + ("-fastcvt" if self.fast_cvt else ""))
 
 
 # The variants one benchmark run measures (bench/bench_attention.py), first = the default until measured.

@@ -61,6 +61,12 @@ QUANT_WARPS = 4
 STATS_CHUNKS = 16  # chunks of keys per head in the statistics pass (the K/V kernel reduces that many rows)
 
 
+def quant_kv_warps(block_n: int, head_dim: int) -> int:
+    """Warps of the K/V quantization kernel: its float32 K and V tiles hold block_n x D values each (at 4 warps
+    a 128 x 128 tile alone takes 128 registers per thread)."""
+    return 8 if block_n * head_dim >= 128 * 128 else 4
+
+
 # --------------------------------------------------------------------------------------------
 # Quantization pass
 # --------------------------------------------------------------------------------------------
@@ -351,7 +357,8 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
               D=d, ROWS=QUANT_ROWS, **rot, num_warps=QUANT_WARPS)
     _QUANT_KV((nk, bh), k, v, hm, part[0], part[1], k8, ks, vt, vs, vcs if vcs is not None else ks, s_kv, h,
               n_chunks, nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
-              PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast, num_warps=QUANT_WARPS)
+              PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast,
+              num_warps=quant_kv_warps(cfg.block_n, d))
     return QuantizedQKV(q8, qs, k8, ks, vt, vs, vcs, (b, h, s_q, s_kv, d), cfg.block_n, cfg.pv)
 
 
