@@ -41,7 +41,8 @@ def _sass_counts(cubin: bytes) -> dict:
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=False).stdout
     return {"sass_i2f": len(re.findall(r"\bI2F\b", sass)), "sass_i2fp": len(re.findall(r"\bI2FP\b", sass)),
             "sass_f2i": len(re.findall(r"\bF2I\b", sass)),
-            "sass_mufu_ex2": len(re.findall(r"MUFU\.EX2", sass)), "sass_hgmma_igmma": len(re.findall(r"[HIQ]GMMA", sass))}
+            "sass_mufu_ex2": len(re.findall(r"MUFU\.EX2", sass)),
+            "sass_hgmma_igmma": len(re.findall(r"[HIQ]GMMA", sass))}
 
 
 def _summary(compiled, arch: int) -> dict:
@@ -107,8 +108,8 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
     consts = {"D": head_dim, "BLOCK_N": cfg.block_n, **rot, "PV_INT8": cfg.pv == "int8", "FAST_ROUND": True,
               "EMULATE_FP8": False, "skd": 1, "svd": 1}
     del sig["skd"], sig["svd"]
-    out["quant_kv"] = _summary(_compile(triton_attention._quant_kv_kernel, sig, consts, div + ("S_pad",), arch, kv_opts),
-                               arch)
+    out["quant_kv"] = _summary(
+        _compile(triton_attention._quant_kv_kernel, sig, consts, (*div, "S_pad"), arch, kv_opts), arch)
     return out
 
 
@@ -145,7 +146,8 @@ def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128
         configs = [attention_configs.DEFAULT]
     for cfg, d in pairs:
         r = compile_attention(cfg, arch, d)
-        rows.append({"what": f"attention {cfg.name} D={d}", "config": asdict(cfg), **r, "problems": problems(r, cfg.pv)})
+        rows.append({"what": f"attention {cfg.name} D={d}", "config": asdict(cfg), **r,
+                     "problems": problems(r, cfg.pv)})
     for cfg in {(c.pv, c.block_n, c.rotate): c for c in configs}.values():
         for name, r in compile_quant(cfg, arch).items():
             bad = [] if r["local"] <= 0 else [f"register spills: local {r['local']} B"]

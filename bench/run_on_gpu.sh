@@ -50,6 +50,7 @@ for step in "$@"; do
             --variants ${VARIANTS:-bf16 comfy-int8 pack-row pack-row-unfused} --out "$OUT/bench_model_9b.json" 2>&1 \
             | tee "$OUT/bench_model_9b.txt" ;;
         host) python3 -m int8_w8a8.bench.profile_host 2>&1 | tee "$OUT/profile_host.txt" ;;
+        attention) { python3 -m pytest tests/test_attention.py -q -p no:randomly 2>&1 | tail -15; python3 -m int8_w8a8.bench.check_ptx_attention; python3 -m int8_w8a8.bench.bench_attention --out "$OUT/bench_attention.json"; } 2>&1 | tee "$OUT/bench_attention.txt" ;;
         sweep-*) python3 -m int8_w8a8.bench.sweep_gemm --bucket "${step#sweep-}" --out "$OUT/sweep_${step#sweep-}.json" \
             2>&1 | tee "$OUT/sweep_${step#sweep-}.txt" ;;
         *) echo "unknown step $step"; status=2 ;;

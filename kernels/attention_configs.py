@@ -77,17 +77,20 @@ class AttentionConfig:
 
 
 # The variants one benchmark run measures (bench/bench_attention.py), first = the default until measured.
-# Hopper wgmma: 64 query rows per warpgroup, so 128-row tiles take 8 warps; an int32 [128, 128] score
-# tile and the float32 [128, D] accumulator then use 64 + 64 registers per thread.
-# Offline (sm_90, D = 128): 128x128 tiles at 8 warps take 215 registers per thread, so one program per SM
-# (two warpgroups that the scheduler interleaves); 64x128 at 4 warps takes 189, so two programs per SM.
+# Hopper wgmma: 64 query rows per warpgroup, so 128-row tiles take 8 warps. Offline (sm_90, D = 128,
+# bench/check_ptx_attention.py): 128x128 at 8 warps takes over 200 registers per thread, one program per SM,
+# whose two warpgroups the loop's CTA barriers (TMA buffer reuse) keep in step; 64-row tiles at 4 warps
+# take 168-207 registers, two (64x128) or three (64x64) independent programs per SM, so one program's
+# softmax can run while another's wgmma does.
 VARIANTS: tuple[AttentionConfig, ...] = (
     AttentionConfig(128, 128, 8, 2, "int8"),
     AttentionConfig(128, 128, 8, 3, "int8"),
     AttentionConfig(128, 64, 8, 3, "int8"),
     AttentionConfig(64, 128, 4, 3, "int8"),
+    AttentionConfig(64, 64, 4, 3, "int8"),
     AttentionConfig(128, 128, 8, 2, "int8", fast_cvt=True),
     AttentionConfig(128, 128, 8, 2, "fp8"),
+    AttentionConfig(64, 128, 4, 3, "fp8"),
 )
 DEFAULT = VARIANTS[0]
 

@@ -15,7 +15,8 @@ order D (identity without ``rotate``):
   because 8-bit wgmma reads its B operand K-major;
 * scores in log2 units ``t = (q8 . k8) * (qs[i] * s * ks[b])``; blocks of keys update the running row max m,
   the row sum l and the float32 accumulator:
-  - int8: ``x = min(exp2(t - m_blk + log2 254), 254)`` (m_blk: this block's row max), ``P = round(x) - 127`` int8,
+  - int8: ``x = exp2(t - m_blk * (1 + 2**-20 sign(m_blk)) + log2 254)`` (m_blk: this block's row max, raised by
+    8 ulps so that roundings cannot lift x past 254.5, where int8 would wrap), ``P = round(x) - 127`` int8,
     ``acc = acc * 2**(m - m_new) + ((P @ V8) + 127 * colsum_b(V8)) * 2**(m_blk - m_new)``,
     ``l = l * 2**(m - m_new) + sum(x) * 2**(m_blk - m_new)``;
   - fp8: ``x = exp2(t - m_new + log2 448)``, ``acc = acc * 2**(m - m_new) + fp8(x) @ V8``,
@@ -42,6 +43,7 @@ LOG2E = 1.4426950408889634
 P_INT8_MAX = 254.0  # int8 P: round(x) in 0..254, stored as round(x) - 127
 P_FP8_MAX = 448.0  # e4m3's largest finite value
 INV_448 = 1.0 / 448.0
+MAX_MARGIN = 2.0**-20  # int8 P: the block's row max is raised by |m| * MAX_MARGIN (8 float32 ulps)
 _ELEMS = 1 << 22  # score elements per chunk of the twin's attention (bounds its memory)
 
 
@@ -146,7 +148,7 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out_dtype: torch.dtyp
         r1 = min(s_q, r0 + rows)
         qf = q8[:, r0:r1].float()
         m = torch.full((bh, r1 - r0), float("-inf"), device=qf.device)
-        l = torch.zeros_like(m)
+        lsum = torch.zeros_like(m)
         acc = torch.zeros((bh, r1 - r0, d), device=qf.device)
         for j in range(nk):
             k0, k1 = j * bn, min(s_kv, (j + 1) * bn)
@@ -158,19 +160,20 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out_dtype: torch.dtyp
             alpha = torch.exp2(m - m_new)
             vb = vt[:, :, k0:k1].float().transpose(1, 2)  # [bh, keys, d]
             if qa.pv == "int8":
-                x = torch.exp2(t - m_blk[..., None] + math.log2(P_INT8_MAX)).clamp(max=P_INT8_MAX)
+                m_safe = m_blk + m_blk.abs() * MAX_MARGIN
+                x = torch.exp2(t - m_safe[..., None] + math.log2(P_INT8_MAX))
                 p = torch.round(x) - 127.0
                 pv = p @ vb + 127.0 * qa.v_colsum[:, j, None, :].float()  # exact: |sums| < 2**24
                 beta = torch.exp2(m_blk - m_new)
                 acc = acc * alpha[..., None] + pv * beta[..., None]
-                l = l * alpha + x.sum(dim=2) * beta
+                lsum = lsum * alpha + x.sum(dim=2) * beta
             else:
                 x = torch.exp2(t - m_new[..., None] + math.log2(P_FP8_MAX))
                 pv = x.to(torch.float8_e4m3fn).float() @ vb
                 acc = acc * alpha[..., None] + pv
-                l = l * alpha + x.sum(dim=2)
+                lsum = lsum * alpha + x.sum(dim=2)
             m = m_new
-        o = acc * torch.reciprocal(l)[..., None] * qa.v_scale[:, None, :]
+        o = acc * torch.reciprocal(lsum)[..., None] * qa.v_scale[:, None, :]
         out[:, r0:r1] = o.to(out_dtype)
     return out.reshape(b, h, s_q, d)
 

@@ -308,7 +308,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
     for args, kwargs, msg in cases:
         with pytest.raises(ValueError, match=msg.replace("[", r"\[")):
             attention_8bit(*args, **kwargs)
-    with pytest.raises(ValueError, match="AttentionConfig.block_n"):
+    with pytest.raises(ValueError, match=r"AttentionConfig\.block_n"):
         AttentionConfig(block_n=256)
 
 
