@@ -33,6 +33,7 @@ from .dispatch import DISABLE_ENV, triton_import_error
 logger = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+MAX_HEADS = 65535  # (batch, head) pairs: the second dimension of the kernels' launch grid
 
 # GPU generations (SM major, minor) that run the Triton kernel. It is written for Hopper's wgmma; on
 # other generations Triton would lower the same dots to other instructions, unmeasured.
@@ -142,6 +143,9 @@ def check_attention_args(
         raise ValueError(f"v: expected k's shape {list(k.shape)}, got {list(v.shape)}")
     if k.shape[2] == 0:
         raise ValueError("k: S_kv = 0 keys; attention needs at least one key")
+    if q.shape[0] * q.shape[1] > MAX_HEADS:
+        raise ValueError(f"q: B * H = {q.shape[0] * q.shape[1]} exceeds the {MAX_HEADS} (batch, head) pairs one "
+                         f"launch covers; split the batch")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a finite float > 0 (default 1/sqrt(D)), got {scale!r}")
 
