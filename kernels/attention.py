@@ -8,7 +8,8 @@ Rules, in order, decided once per device and logged once:
    importable, not disabled by ``INT8_W8A8_DISABLE_TRITON``) -> the Triton kernel (``triton_attention``) with
    that generation's configuration (``attention_configs.BY_ARCH``).
 3. comfy-kitchen's ``int8_attention`` where ``KITCHEN_SPEEDUP_VS_SDPA`` records it measured faster than
-   SDPA on that generation and it is installed with its CUDA extension.
+   SDPA on that generation and its custom op is loaded (``torch.ops.comfy_kitchen``; ComfyUI imports
+   comfy-kitchen at startup). No generation is recorded faster today, so this rule picks nothing yet.
 4. Otherwise PyTorch's ``scaled_dot_product_attention`` (BF16/FP16, unquantized): where nothing 8-bit is
    measured faster, the 8-bit call must not be slower than the attention it replaces.
 
@@ -53,15 +54,13 @@ class AttentionBackend:
     arch: tuple[int, int] | None = None
 
 
-def _kitchen_available(device: torch.device) -> bool:
+def _kitchen_op():
+    """comfy-kitchen's ``int8_attention`` custom op when comfy-kitchen is loaded in this process (ComfyUI imports it
+    at startup; ``kernels`` never imports ComfyUI or comfy-kitchen itself), else None."""
     try:
-        from comfy_kitchen import sage_attention
-    except Exception:  # not installed, or its extension fails to load
-        return False
-    try:
-        return bool(sage_attention.is_available(device))
-    except Exception:
-        return False
+        return torch.ops.comfy_kitchen.int8_attention
+    except (AttributeError, RuntimeError):
+        return None
 
 
 @functools.cache
@@ -88,8 +87,8 @@ def _decide(device_type: str, index: int) -> AttentionBackend:
     if speedup <= 1.0:
         return AttentionBackend("sdpa", f"{why_not_triton}; comfy-kitchen int8_attention measured {speedup:.2f}x "
                                         f"SDPA on {gen}", arch)
-    if not _kitchen_available(device):
-        return AttentionBackend("sdpa", f"{why_not_triton}; comfy-kitchen int8_attention is not available", arch)
+    if _kitchen_op() is None:
+        return AttentionBackend("sdpa", f"{why_not_triton}; comfy-kitchen int8_attention is not loaded", arch)
     return AttentionBackend("kitchen", f"{gen}: comfy-kitchen int8_attention ({speedup:.2f}x SDPA measured)", arch)
 
 
@@ -192,9 +191,7 @@ def attention_8bit_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_sc
     if backend.name == "reference":
         return _like_q(reference_attention.attention_8bit(q, k, v, scale=sm_scale, config=config_for(None)), q)
     if backend.name == "kitchen":
-        from comfy_kitchen.sage_attention import int8_attention
-
-        return _like_q(int8_attention(q, k, v, scale=sm_scale), q)
+        return _like_q(_kitchen_op()(q, k, v, sm_scale), q)
     return _like_q(torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sm_scale), q)
 
 

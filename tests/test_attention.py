@@ -265,7 +265,7 @@ def test_dispatch_rules_are_data(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(attn, "triton_import_error", lambda: None)
-    monkeypatch.setattr(attn, "_kitchen_available", lambda device: True)
+    monkeypatch.setattr(attn, "_kitchen_op", lambda: object())
     cuda = torch.device("cuda", 0)
     try:
         attn.reset()
@@ -282,7 +282,7 @@ def test_dispatch_rules_are_data(monkeypatch):
         monkeypatch.setitem(attn.KITCHEN_SPEEDUP_VS_SDPA, (8, 9), 1.3)
         attn.reset()
         assert attn.choose_attention(cuda).name == "kitchen"
-        monkeypatch.setattr(attn, "_kitchen_available", lambda device: False)
+        monkeypatch.setattr(attn, "_kitchen_op", lambda: None)
         attn.reset()
         assert attn.choose_attention(cuda).name == "sdpa"
     finally:
