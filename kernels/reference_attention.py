@@ -58,6 +58,13 @@ class QuantizedQKV:
     v_colsum: int32 ``[BH, ceil(S_kv / block_n), D]``, each block's column sums of the int8 V (pv = "int8";
         None for "fp8").
     shape: (B, H, S_q, S_kv, D).
+
+    Another kernel can write these directly (the fused blocks' q/k norm + RoPE, next step of issue 14): Q needs
+    nothing beyond its own row (rotate the normalized, rotated-by-RoPE row by H, absmax, round; row
+    ``(b * H + h) * S_q + s``), so it fuses as is. K needs the per-head mean over all tokens and V the
+    per-channel absmax over all tokens before any block is quantized: a producer that sees one tile of tokens
+    writes bf16 K and V plus per-tile column sums of rotated K and channel maxima of V, and a second pass (the
+    K/V kernel here) quantizes them.
     """
 
     q: torch.Tensor
