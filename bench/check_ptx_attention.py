@@ -1,0 +1,180 @@
+"""Compile the 8-bit attention kernels for a GPU target without a GPU and check what the PTX uses.
+
+    python -m int8_w8a8.bench.check_ptx_attention             # sm_90, every config in VARIANTS
+    python -m int8_w8a8.bench.check_ptx_attention --json
+
+For the attention kernel of each config: the wgmma instructions of both products (s8 x s8 for Q K^T; s8 or
+e4m3 for P V), TMA loads, shared memory (227 KB per block on sm_90), registers, spills, and in the SASS the
+int32 -> float32 conversion instructions (I2F) the ``fast_cvt`` option removes. Also the three
+quantization kernels. Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+
+from ..kernels import attention_configs, triton_attention
+from ..kernels.attention_configs import AttentionConfig
+from .check_ptx import _compile, _resource_usage
+
+SMEM_LIMIT = {90: 232448, 100: 232448, 120: 101376, 80: 166912, 86: 101376, 89: 101376}  # bytes per block
+
+
+def _sass_counts(cubin: bytes) -> dict:
+    """Counts of conversion instructions in the SASS (cuobjdump -sass), or {} when the tool is missing."""
+    import triton.backends.nvidia as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=False).stdout
+    return {"sass_i2f": len(re.findall(r"\bI2F\b", sass)), "sass_i2fp": len(re.findall(r"\bI2FP\b", sass)),
+            "sass_f2i": len(re.findall(r"\bF2I\b", sass)),
+            "sass_mufu_ex2": len(re.findall(r"MUFU\.EX2", sass)),
+            "sass_hgmma_igmma": len(re.findall(r"[HIQ]GMMA", sass))}
+
+
+def _summary(compiled, arch: int) -> dict:
+    ptx = compiled.asm["ptx"]
+    meta = compiled.metadata
+    wgmma = sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx)))
+    return {
+        "wgmma": wgmma,
+        "wgmma_s8": any(".s32.s8.s8" in w for w in wgmma),
+        "wgmma_e4m3": any(".e4m3.e4m3" in w for w in wgmma),
+        "mma_sync": sorted(set(re.findall(r"mma\.sync[\w.]*", ptx)))[:3],
+        "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx)),
+        "shared_bytes": meta.shared,
+        "smem_limit": SMEM_LIMIT.get(arch, 0),
+        "num_warps": meta.num_warps,
+        **_resource_usage(compiled.asm["cubin"]),
+        **_sass_counts(compiled.asm["cubin"]),
+    }
+
+
+def compile_attention(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, out: str = "bf16") -> dict:
+    """Compile the attention kernel of ``cfg`` for ``sm_<arch>``; summary of its PTX/SASS."""
+    v = "i8" if cfg.pv == "int8" else "fp8e4nv"
+    sig = {
+        "desc_q": f"tensordesc<i8[{cfg.block_m}, {head_dim}]>",
+        "desc_k": f"tensordesc<i8[{cfg.block_n}, {head_dim}]>",
+        "desc_v": f"tensordesc<{v}[{head_dim}, {cfg.block_n}]>",
+        "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "vcs_ptr": "*i32", "out_ptr": f"*{out}",
+        "qk_mult": "fp32", "S_q": "i32", "S_kv": "i32", "H": "i32", "n_blocks": "i32",
+        "stride_ob": "i32", "stride_oh": "i32", "stride_os": "i32", "stride_od": "i32",
+    }
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PV_INT8": cfg.pv == "int8",
+              "FAST_CVT": cfg.fast_cvt, "EMULATE_FP8": False, "stride_od": 1}
+    del sig["stride_od"]
+    divisible = ("qs_ptr", "ks_ptr", "vs_ptr", "vcs_ptr", "out_ptr", "stride_ob", "stride_oh", "stride_os")
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return _summary(_compile(triton_attention._attention_kernel, sig, consts, divisible, arch, options), arch)
+
+
+def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dtype: str = "bf16") -> dict:
+    """Compile the three quantization kernels of ``cfg``; one summary per kernel."""
+    rot = {"ROT_SCALE": 1.0 / math.sqrt(head_dim) if cfg.rotate else 0.0, "DOT_FP32": False}
+    strides = {f"s{t}{a}": "i32" for t in "kv" for a in "bhsd"}
+    div = ("k_ptr", "v_ptr", "h_ptr", "skb", "skh", "sks", "svb", "svh", "svs")
+    out = {}
+    sig = {"q_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "q8_ptr": "*i8", "qs_ptr": "*fp32", "S": "i32", "H": "i32",
+           "sqb": "i32", "sqh": "i32", "sqs": "i32", "sqd": "i32"}
+    consts = {"D": head_dim, "ROWS": triton_attention.QUANT_ROWS, **rot, "FAST_ROUND": True, "sqd": 1}
+    del sig["sqd"]
+    opts = {"num_warps": triton_attention.QUANT_WARPS}
+    kv_opts = {"num_warps": triton_attention.quant_kv_warps(cfg.block_n, head_dim)}
+    out["quant_q"] = _summary(_compile(triton_attention._quant_q_kernel, sig, consts,
+                                       ("q_ptr", "h_ptr", "q8_ptr", "qs_ptr", "sqb", "sqh", "sqs"), arch, opts), arch)
+    sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "ksum_ptr": "*fp32", "vmax_ptr": "*fp32",
+           "S": "i32", "H": "i32", "CHUNK": "i32", "n_chunks": "i32", **strides}
+    consts = {"D": head_dim, "ROWS": triton_attention.QUANT_ROWS, **rot, "skd": 1, "svd": 1}
+    del sig["skd"], sig["svd"]
+    out["kv_stats"] = _summary(_compile(triton_attention._kv_stats_kernel, sig, consts, div, arch, opts), arch)
+    v = "*i8" if cfg.pv == "int8" else "*fp8e4nv"
+    sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "ksum_ptr": "*fp32", "vmax_ptr": "*fp32",
+           "k8_ptr": "*i8", "ks_ptr": "*fp32", "vt_ptr": v, "vs_ptr": "*fp32", "vcs_ptr": "*i32", "S": "i32",
+           "H": "i32", "n_chunks": "i32", "n_blocks": "i32", "S_pad": "i32", **strides}
+    consts = {"D": head_dim, "BLOCK_N": cfg.block_n, **rot, "PV_INT8": cfg.pv == "int8", "FAST_ROUND": True,
+              "EMULATE_FP8": False, "skd": 1, "svd": 1}
+    del sig["skd"], sig["svd"]
+    out["quant_kv"] = _summary(
+        _compile(triton_attention._quant_kv_kernel, sig, consts, (*div, "S_pad"), arch, kv_opts), arch)
+    return out
+
+
+def problems(row: dict, pv: str) -> list[str]:
+    """What is wrong with one attention kernel's summary (empty: it passes the check)."""
+    bad = []
+    if not row["wgmma_s8"]:
+        bad.append("Q K^T does not use wgmma s8")
+    if pv == "int8" and sum(".s32.s8.s8" in w for w in row["wgmma"]) < 1:
+        bad.append("P V does not use wgmma s8")
+    if pv == "fp8" and not row["wgmma_e4m3"]:
+        bad.append("P V does not use wgmma e4m3")
+    if row["mma_sync"]:
+        bad.append(f"mma.sync present: {row['mma_sync']}")
+    if row["local"] > 0 or row["stack"] > 0:
+        bad.append(f"register spills: local {row['local']} B, stack {row['stack']} B")
+    if row["smem_limit"] and row["shared_bytes"] > row["smem_limit"]:
+        bad.append(f"shared memory {row['shared_bytes']} B over {row['smem_limit']}")
+    return bad
+
+
+def quick_set() -> list[tuple[AttentionConfig, int]]:
+    """The default config at both head sizes and the first e4m3 variant at D = 128 (the unit test's set)."""
+    fp8 = next(c for c in attention_configs.VARIANTS if c.pv == "fp8")
+    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128)]
+
+
+def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128), quick: bool = False) -> list[dict]:
+    """Compile every config and head size (``quick``: ``quick_set()``, and the quantization kernels of the
+    default only); each row carries its ``problems`` (empty when it passes)."""
+    rows = []
+    pairs = quick_set() if quick else [(c, d) for c in configs for d in head_dims]
+    if quick:
+        configs = [attention_configs.DEFAULT]
+    for cfg, d in pairs:
+        r = compile_attention(cfg, arch, d)
+        rows.append({"what": f"attention {cfg.name} D={d}", "config": asdict(cfg), **r,
+                     "problems": problems(r, cfg.pv)})
+    for cfg in {(c.pv, c.block_n, c.rotate): c for c in configs}.values():
+        for name, r in compile_quant(cfg, arch).items():
+            bad = [] if r["local"] <= 0 else [f"register spills: local {r['local']} B"]
+            rows.append({"what": f"{name} {cfg.pv} block_n={cfg.block_n}", **r, "problems": bad})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an int (90 = sm_90)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--quick", action="store_true", help="the default config and one fp8 variant only")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("check_ptx_attention: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
+        return 2
+    rows = check(arch=args.arch, quick=args.quick)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            tc = ",".join(w.replace("wgmma.mma_async.sync.aligned.", "") for w in r["wgmma"]) or "-"
+            sass = f"I2F={r.get('sass_i2f', '?')} I2FP={r.get('sass_i2fp', '?')} EX2={r.get('sass_mufu_ex2', '?')}"
+            print(f"{r['what']:<44} {tc:<60} tma={r['tma_loads']} smem={r['shared_bytes']} regs={r['regs']} "
+                  f"local={r['local']} {sass} {'OK' if not r['problems'] else '; '.join(r['problems'])}")
+    return 1 if any(r["problems"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

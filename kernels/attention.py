@@ -1,0 +1,205 @@
+"""8-bit attention: ``attention_8bit(q, k, v, *, scale=None)``, the rules that pick its implementation, and
+its ``int8_w8a8::attention_8bit`` custom op (opaque to torch.compile, with a fake for shapes).
+
+Rules, in order, decided once per device and logged once:
+
+1. Tensors not on a CUDA device -> the torch twin (``reference_attention``: the same quantization, float32).
+2. A GPU generation in ``TRITON_ARCHS`` (Hopper, SM 9.0: wgmma) with Triton usable (``dispatch``'s rules:
+   importable, not disabled by ``INT8_W8A8_DISABLE_TRITON``) -> the Triton kernel (``triton_attention``) with
+   that generation's configuration (``attention_configs.BY_ARCH``).
+3. comfy-kitchen's ``int8_attention`` where ``KITCHEN_SPEEDUP_VS_SDPA`` records it measured faster than
+   SDPA on that generation and its custom op is loaded (``torch.ops.comfy_kitchen``; ComfyUI imports
+   comfy-kitchen at startup). No generation is recorded faster today, so this rule picks nothing yet.
+4. Otherwise PyTorch's ``scaled_dot_product_attention`` (BF16/FP16, unquantized): where nothing 8-bit is
+   measured faster, the 8-bit call must not be slower than the attention it replaces.
+
+Callers with masks, causal attention, other head sizes or dtypes use ComfyUI's attention (the model-level
+rule lives with the fused blocks); a direct call with them raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+
+import torch
+
+from . import reference_attention
+from .attention_configs import HEAD_DIMS, config_for
+from .dispatch import DISABLE_ENV, triton_import_error
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+MAX_HEADS = 65535  # (batch, head) pairs: the second dimension of the kernels' launch grid
+
+# GPU generations (SM major, minor) that run the Triton kernel. It is written for Hopper's wgmma; on
+# other generations Triton would lower the same dots to other instructions, unmeasured.
+TRITON_ARCHS = frozenset({(9, 0)})
+# comfy-kitchen 0.2.40 int8_attention relative to SDPA's default backend (SDPA time / kitchen time) on
+# the generations where both were measured; used only where > 1. H200 (issue 14): 0.550 ms (cuDNN) vs
+# 1.120 ms at B=1, H=32, S=4608, D=128, and 7.31 vs 10.91 ms at S=16896.
+KITCHEN_SPEEDUP_VS_SDPA: dict[tuple[int, int], float] = {(9, 0): 0.550 / 1.120}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """The decision for one device: ``name`` is "triton", "kitchen", "sdpa" or "reference"."""
+
+    name: str
+    reason: str
+    arch: tuple[int, int] | None = None
+
+
+def _kitchen_op():
+    """comfy-kitchen's ``int8_attention`` custom op when comfy-kitchen is loaded in this process (ComfyUI imports it
+    at startup; ``kernels`` never imports ComfyUI or comfy-kitchen itself), else None."""
+    try:
+        return torch.ops.comfy_kitchen.int8_attention
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def _decide(device_type: str, index: int) -> AttentionBackend:
+    if device_type != "cuda":
+        return AttentionBackend("reference", f"tensors are on {device_type}: the torch twin (8-bit numerics, float32)")
+    device = torch.device("cuda", index if index >= 0 else torch.cuda.current_device())
+    arch = tuple(torch.cuda.get_device_capability(device))
+    gen = f"SM {arch[0]}.{arch[1]}"
+    why_not_triton = f"{gen} is not a generation the Triton kernel is written for ({sorted(TRITON_ARCHS)})"
+    if torch.version.hip is not None:
+        why_not_triton = "ROCm: the Triton kernel is written for NVIDIA wgmma"
+    elif arch in TRITON_ARCHS:
+        if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+            why_not_triton = f"{DISABLE_ENV} is set"
+        elif (err := triton_import_error()) is not None:
+            why_not_triton = err
+        else:
+            cfg = config_for(arch)
+            return AttentionBackend("triton", f"{gen}: Triton INT8 QK / {cfg.pv} PV on wgmma ({cfg.name})", arch)
+    speedup = KITCHEN_SPEEDUP_VS_SDPA.get(arch)
+    if speedup is None:
+        return AttentionBackend("sdpa", f"{why_not_triton}; comfy-kitchen int8_attention is unmeasured on {gen}", arch)
+    if speedup <= 1.0:
+        return AttentionBackend("sdpa", f"{why_not_triton}; comfy-kitchen int8_attention measured {speedup:.2f}x "
+                                        f"SDPA on {gen}", arch)
+    if _kitchen_op() is None:
+        return AttentionBackend("sdpa", f"{why_not_triton}; comfy-kitchen int8_attention is not loaded", arch)
+    return AttentionBackend("kitchen", f"{gen}: comfy-kitchen int8_attention ({speedup:.2f}x SDPA measured)", arch)
+
+
+@functools.cache
+def _log_once(backend: AttentionBackend, device: str) -> None:
+    logger.info("int8_w8a8: 8-bit attention on %s: %s (%s)", device, backend.name, backend.reason)
+
+
+def choose_attention(device: torch.device) -> AttentionBackend:
+    """Apply the rules above to ``device``; the decision is logged the first time it is made."""
+    backend = _decide(device.type, device.index if device.index is not None else -1)
+    _log_once(backend, str(device))
+    return backend
+
+
+def reset() -> None:
+    """Forget cached decisions (tests that change the environment)."""
+    _decide.cache_clear()
+    _log_once.cache_clear()
+
+
+def check_attention_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+    attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+) -> None:
+    """Metadata checks of ``attention_8bit`` (also run on fake tensors while tracing); ValueError naming the
+    argument and what is supported."""
+    if attn_mask is not None:
+        raise ValueError("attn_mask: 8-bit attention takes no mask (supported: attn_mask=None); masked attention "
+                         "should run ComfyUI's attention")
+    if is_causal:
+        raise ValueError("is_causal: 8-bit attention is non-causal only (supported: is_causal=False)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor [B, H, S, D], got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}: expected dtype bfloat16 or float16, got {str(t.dtype).replace('torch.', '')}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dimensions [B, H, S, D], got shape {list(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: is on {t.device} but q is on {q.device}; move q, k, v to one device")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k, v: expected q's dtype {q.dtype} for all three, got k {k.dtype}, v {v.dtype}")
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"q: head size D={d} is not supported (supported: {', '.join(map(str, HEAD_DIMS))})")
+    if tuple(k.shape[:2]) != tuple(q.shape[:2]) or k.shape[-1] != d:
+        raise ValueError(f"k: expected [B, H, S_kv, D] = [{q.shape[0]}, {q.shape[1]}, S_kv, {d}] (q's B, H and D; "
+                         f"no grouped heads), got {list(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected k's shape {list(k.shape)}, got {list(v.shape)}")
+    if k.shape[2] == 0:
+        raise ValueError("k: S_kv = 0 keys; attention needs at least one key")
+    if q.shape[0] * q.shape[1] > MAX_HEADS:
+        raise ValueError(f"q: B * H = {q.shape[0] * q.shape[1]} exceeds the {MAX_HEADS} (batch, head) pairs one "
+                         f"launch covers; split the batch")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a finite float > 0 (default 1/sqrt(D)), got {scale!r}")
+
+
+def attention_8bit(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+    attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+) -> torch.Tensor:
+    """Non-causal attention ``softmax(q k^T * scale) v`` with 8-bit tensor-core products where measured faster.
+
+    Args:
+        q: ``[B, H, S_q, D]`` bfloat16/float16, any strides; D = 64 or 128.
+        k, v: ``[B, H, S_kv, D]``, q's dtype and device; S_kv >= 1 (S_kv may differ from S_q).
+        scale: softmax scale, finite and > 0; default ``1 / sqrt(D)``.
+        attn_mask, is_causal: must be None / False (ValueError otherwise).
+
+    Returns:
+        ``[B, H, S_q, D]`` in q's dtype, with q's strides when q is dense (``torch.empty_like(q)``). A row of q
+        holding NaN/Inf gives a NaN row and leaves the others alone.
+    """
+    check_attention_args(q, k, v, scale, attn_mask, is_causal)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.attention_8bit(q, k, v, sm_scale)
+    return attention_8bit_impl(q, k, v, sm_scale)
+
+
+def _like_q(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``out`` with the strides of ``torch.empty_like(q)`` (what the fake promises), copied only if needed."""
+    if out.stride() == torch.empty_like(q, device="meta").stride() and out.dtype == q.dtype:
+        return out
+    return torch.empty_like(q).copy_(out)
+
+
+def attention_8bit_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """``attention_8bit`` after its checks (eager, and the body of the custom op)."""
+    backend = choose_attention(q.device)
+    if q.shape[2] == 0 or q.shape[0] * q.shape[1] == 0:
+        return torch.empty_like(q)
+    if backend.name == "triton":
+        from . import triton_attention
+
+        return triton_attention.attention(q, k, v, sm_scale, config_for(backend.arch))
+    if backend.name == "reference":
+        return _like_q(reference_attention.attention_8bit(q, k, v, scale=sm_scale, config=config_for(None)), q)
+    if backend.name == "kitchen":
+        return _like_q(_kitchen_op()(q, k, v, sm_scale), q)
+    return _like_q(torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sm_scale), q)
+
+
+@torch.library.custom_op("int8_w8a8::attention_8bit", mutates_args=())
+def attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return attention_8bit_impl(q, k, v, scale)
+
+
+@attention_8bit_op.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q)

@@ -1,0 +1,395 @@
+"""Triton 8-bit attention for Hopper: INT8 Q K^T and 8-bit P V on wgmma, with its quantization pass.
+
+Three quantization kernels read the bf16/fp16 inputs (any strides) and write the formats of
+``reference_attention.QuantizedQKV`` (numerics there; the configuration in ``attention_configs.py``):
+
+* ``_kv_stats_kernel``: per (head, chunk of keys) the column sums of K (rotated) and the channel absmax of V,
+  so the next kernel knows the per-head K mean and V scale without a serial pass over the sequence;
+* ``_quant_q_kernel``: Q rows -> int8 + one scale per token;
+* ``_quant_kv_kernel``: one block of ``block_n`` keys per program: K minus the mean -> int8 + one scale,
+  V -> int8 or e4m3 with the per-channel scale, written transposed (wgmma reads 8-bit B operands K-major),
+  plus the block's int8 column sums of V.
+
+``_attention_kernel`` is the forward pass of FlashAttention-2 with one program per (query tile, head):
+the Q tile stays in shared memory; K and V^T tiles arrive through TMA descriptors in a software-pipelined
+loop (``num_stages``); both products run on wgmma (s8 x s8 -> s32 for Q K^T; s8 or e4m3 for P V); softmax
+statistics are float32. A last, partial block of keys is a separate, masked copy of the loop body, so the
+full blocks carry no masks. Tiles read past a head's last query or key land in the next head's rows (or
+TMA's zero fill at the end of the tensor): those queries are not stored and those keys are masked.
+
+Triton 3.6 does not warp-specialize on Hopper: each warpgroup waits for its own wgmma, and the CTA barriers
+the pipeliner places before reusing a TMA buffer keep a program's warpgroups in step, so softmax overlaps
+the tensor cores only across programs (64-row tiles: two or three programs per SM). Per score the loop
+issues ~14 instructions for int8 P V and ~10 for e4m3 (offline SASS, bench/check_ptx_attention.py), against
+1/16 of an SM clock of 8-bit tensor-core work: the ALU, not the tensor cores, bounds this kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .attention_configs import AttentionConfig
+from .hadamard import hadamard_pm1_cached
+from .launch import FastLauncher
+from .reference_attention import INV_448, LOG2E, MAX_MARGIN, P_FP8_MAX, P_INT8_MAX, QuantizedQKV, padded_kv_len
+from .triton_quant import (
+    _INV_127,
+    _TINY,
+    FLT_MAX,
+    _quantize_store,
+    _rotate,
+    _row_stats,
+    _store_row_scale,
+    _to_int,
+    interpreting,
+    round_half_even,
+)
+
+# 1.5 * 2**23: a float32 in [2**23, 2**24) has unit spacing, so adding an integer |x| < 2**22 to this
+# constant (as bits: to MAGIC_I) gives the float32 MAGIC_F + x exactly.
+MAGIC_F = tl.constexpr(12582912.0)
+MAGIC_I = tl.constexpr(0x4B400000)
+_LOG2_P_INT8 = tl.constexpr(math.log2(P_INT8_MAX))
+_LOG2_P_FP8 = tl.constexpr(math.log2(P_FP8_MAX))
+_INV_448 = tl.constexpr(INV_448)
+_MAX_MARGIN = tl.constexpr(MAX_MARGIN)
+
+QUANT_ROWS = 64  # token rows per tile in the quantization kernels (64 x 128 float32: 64 registers at 4 warps)
+QUANT_WARPS = 4
+STATS_CHUNKS = 16  # chunks of keys per head in the statistics pass (the K/V kernel reduces that many rows)
+
+
+def quant_kv_warps(block_n: int, head_dim: int) -> int:
+    """Warps of the K/V quantization kernel: its float32 K and V tiles hold block_n x D values each (at 4 warps
+    a 128 x 128 tile alone takes 128 registers per thread)."""
+    return 8 if block_n * head_dim >= 128 * 128 else 4
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization pass
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _to_e4m3(x, EMULATE: tl.constexpr):
+    """float32 -> float8 e4m3, round to nearest even, saturating at +-448 (``cvt.rn.satfinite`` on the GPU).
+
+    EMULATE (the interpreter, whose conversion truncates and drops the carry into the exponent) rounds to
+    the e4m3 grid in float32 first, which its conversion then keeps exactly: 3 mantissa bits for normal
+    values, steps of 2**-9 below 2**-6.
+    """
+    if EMULATE:
+        bits = x.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        small = round_half_even(x * 512.0) * 0.001953125
+        x = tl.where(tl.abs(x) < 0.015625, small, normal)
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _load_tile(ptr, b, h, rows, row_ok, sb, sh, ss, sd, D: tl.constexpr):
+    """A [ROWS, D] tile of a [B, H, S, D] tensor with any strides, float32 (0 outside)."""
+    d = tl.arange(0, D)
+    base = ptr + b.to(tl.int64) * sb + h.to(tl.int64) * sh
+    x = tl.load(base + rows.to(tl.int64)[:, None] * ss + d[None, :] * sd, mask=row_ok[:, None], other=0.0)
+    return x
+
+
+@triton.jit
+def _maybe_rotate_qk(x, h_ptr, ROWS: tl.constexpr, D: tl.constexpr, ROT_SCALE: tl.constexpr,
+                     DOT_FP32: tl.constexpr):
+    """x @ H * ROT_SCALE in float32 (H: the +-1 Hadamard matrix of order D, ROT_SCALE = 1 / sqrt(D); 0: no
+    rotation). bf16/fp16 operands times +-1 are exact with float32 sums; DOT_FP32 (the interpreter, whose
+    dot cannot multiply bfloat16) rotates in float32 (tf32x3)."""
+    if ROT_SCALE > 0:
+        y = _rotate(x, h_ptr, ROWS, D, D, ROT_SCALE, False, DOT_FP32, "tf32x3")
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _kv_stats_kernel(
+    k_ptr, v_ptr, h_ptr, ksum_ptr, vmax_ptr,
+    S, H, CHUNK, n_chunks, skb, skh, sks, skd, svb, svh, svs, svd,
+    D: tl.constexpr, ROWS: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """ksum[bh, c] = column sums of (rotated) K over chunk c of keys; vmax[bh, c] = channel absmax of V
+    (NaN where the chunk holds NaN/Inf)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    ksum = tl.zeros((D,), tl.float32)
+    vmax = tl.zeros((D,), tl.float32)
+    vbad = tl.zeros((D,), tl.int32)
+    end = tl.minimum(S, (c + 1) * CHUNK)
+    for r0 in range(c * CHUNK, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        ok = rows < end
+        kt = _load_tile(k_ptr, b, h, rows, ok, skb, skh, sks, skd, D)
+        ksum += tl.sum(_maybe_rotate_qk(kt, h_ptr, ROWS, D, ROT_SCALE, DOT_FP32), axis=0)
+        vt = _load_tile(v_ptr, b, h, rows, ok, svb, svh, svs, svd, D).to(tl.float32)
+        fin = tl.abs(vt) <= FLT_MAX
+        vmax = tl.maximum(vmax, tl.max(tl.where(fin, tl.abs(vt), 0.0), axis=0))
+        vbad += tl.sum((~fin).to(tl.int32), axis=0)
+    d = tl.arange(0, D)
+    out = (bh * n_chunks + c).to(tl.int64) * D + d
+    tl.store(ksum_ptr + out, ksum)
+    tl.store(vmax_ptr + out, tl.where(vbad > 0, float("nan"), vmax))
+
+
+@triton.jit
+def _quant_q_kernel(
+    q_ptr, h_ptr, q8_ptr, qs_ptr, S, H, sqb, sqh, sqs, sqd,
+    D: tl.constexpr, ROWS: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
+    FAST_ROUND: tl.constexpr,
+):
+    """Q rows (rotated) -> int8 [BH * S, D] and one float32 scale per row (triton_quant's row rule)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    s = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = s < S
+    x = _maybe_rotate_qk(_load_tile(q_ptr, b, h, s, ok, sqb, sqh, sqs, sqd, D), h_ptr, ROWS, D, ROT_SCALE, DOT_FP32)
+    rows = bh.to(tl.int64) * S + s
+    absmax, nonfinite = _row_stats(x, tl.zeros((ROWS,), tl.float32), tl.zeros((ROWS,), tl.int32))
+    scale = _store_row_scale(qs_ptr, rows, ok, absmax, nonfinite)
+    inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
+    _quantize_store(x, inv, 0, rows, ok, tl.arange(0, D), D, q8_ptr, D, False, FAST_ROUND)
+
+
+@triton.jit
+def _quant_kv_kernel(
+    k_ptr, v_ptr, h_ptr, ksum_ptr, vmax_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vcs_ptr,
+    S, H, n_chunks, n_blocks, S_pad, skb, skh, sks, skd, svb, svh, svs, svd,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
+    PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr, EMULATE_FP8: tl.constexpr,
+):
+    """Keys [j * BLOCK_N, (j + 1) * BLOCK_N) of one head: K - mean -> int8 + one scale; V -> 8-bit with the
+    per-channel scale, stored transposed; int8 V's column sums (PV_INT8)."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, D)
+    # per-head statistics from the chunk partials, reduced in a fixed order (deterministic)
+    ksum = tl.zeros((D,), tl.float32)
+    vmax = tl.zeros((D,), tl.float32)
+    for c in range(0, n_chunks):
+        off = (bh * n_chunks + c).to(tl.int64) * D + d
+        ksum += tl.load(ksum_ptr + off)
+        vmax = tl.maximum(vmax, tl.load(vmax_ptr + off), propagate_nan=tl.PropagateNan.ALL)
+    mean = ksum / S
+    s = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = s < S
+    # K: one scale for the whole block
+    kt = _maybe_rotate_qk(_load_tile(k_ptr, b, h, s, ok, skb, skh, sks, skd, D), h_ptr, BLOCK_N, D, ROT_SCALE, DOT_FP32)
+    kt = tl.where(ok[:, None], kt - mean[None, :], 0.0)
+    fin = tl.abs(kt) <= FLT_MAX
+    absmax = tl.max(tl.max(tl.where(fin, tl.abs(kt), 0.0), axis=1), axis=0)
+    bad = tl.sum(tl.sum((~fin).to(tl.int32), axis=1), axis=0)
+    kscale = tl.maximum(absmax * _INV_127, _TINY)
+    tl.store(ks_ptr + bh * n_blocks + j, tl.where(bad > 0, float("nan"), kscale))
+    kinv = tl.math.div_rn(tl.full((BLOCK_N,), 1.0, tl.float32), kscale + tl.zeros((BLOCK_N,), tl.float32))
+    rows = bh.to(tl.int64) * S + s
+    _quantize_store(kt, kinv, 0, rows, ok, d, D, k8_ptr, D, False, FAST_ROUND)
+    # V: one scale per channel
+    if PV_INT8:
+        vscale = tl.maximum(vmax * _INV_127, _TINY)
+    else:
+        vscale = tl.maximum(vmax * _INV_448, _TINY)
+    vscale = tl.where(vmax == vmax, vscale, float("nan"))  # NaN (a channel with NaN/Inf) survives max()
+    if j == 0:
+        tl.store(vs_ptr + bh * D + d, vscale)
+    vinv = tl.math.div_rn(tl.full((D,), 1.0, tl.float32), tl.where(vscale == vscale, vscale, 1.0))
+    vt = _load_tile(v_ptr, b, h, s, ok, svb, svh, svs, svd, D).to(tl.float32)
+    vfin = tl.abs(vt) <= FLT_MAX
+    y = tl.where(vfin, vt * vinv[None, :], 0.0)
+    dst = vt_ptr + (bh * D + d).to(tl.int64)[:, None] * S_pad + s[None, :]
+    if PV_INT8:
+        r = tl.minimum(tl.maximum(_to_int(y, False, FAST_ROUND), -128), 127)
+        r = tl.where(ok[:, None], r, 0)
+        tl.store(vcs_ptr + (bh * n_blocks + j).to(tl.int64) * D + d, tl.sum(r, axis=0))
+        tl.store(dst, tl.trans(r.to(tl.int8)), mask=ok[None, :])
+    else:
+        tl.store(dst, tl.trans(_to_e4m3(y, EMULATE_FP8)), mask=ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _to_float(x, FAST_CVT: tl.constexpr):
+    """int32 -> float32, exact for |x| < 2**22. FAST_CVT: an integer add and a float subtraction (bits of
+    MAGIC_F + x, minus MAGIC_F) instead of the conversion instruction, which runs at a quarter of the
+    FMA rate on the SM."""
+    if FAST_CVT:
+        y = (x + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _attn_block(
+    acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_ptr, vcs_ptr, j, kv_row, vt_row, S_kv,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, PV_INT8: tl.constexpr,
+    FAST_CVT: tl.constexpr, EMULATE_FP8: tl.constexpr,
+):
+    """One block of BLOCK_N keys: scores, online softmax update, 8-bit P @ V into the float32 acc."""
+    start_n = j * BLOCK_N
+    k = desc_k.load([kv_row + start_n, 0])
+    qk = _to_float(tl.dot(q, k.T), FAST_CVT)  # the int32 product is exact; so is its conversion
+    rm = rm_q * tl.load(ks_ptr + j)  # per row: q scale * k scale * sm_scale * log2(e), >= 0 or NaN
+    if MASK:
+        qk = tl.where((start_n + tl.arange(0, BLOCK_N) < S_kv)[None, :], qk, float("-inf"))
+    m_blk = tl.max(qk, 1) * rm  # this block's row max in log2 units (rm >= 0 commutes with max)
+    m_new = tl.maximum(m_i, m_blk)
+    alpha = tl.math.exp2(m_i - m_new)
+    if PV_INT8:
+        # x = 254 * exp2(t - m_blk) in (0, 254]: one FMA and one exp2 per score. The row max is raised by 8
+        # ulps (|m_blk| * 2**-20) so the roundings of the exponent can never lift x past 254.5, which would
+        # round to 255 and wrap in int8; the factor it takes off x is the same in acc and l.
+        x = tl.math.exp2(qk * rm[:, None] + (-(m_blk + tl.abs(m_blk) * _MAX_MARGIN) + _LOG2_P_INT8)[:, None])
+        beta = tl.math.exp2(m_blk - m_new)
+        l_i = l_i * alpha + tl.sum(x, 1) * beta
+        # round(x) - 127 in the low byte: adding 1.5 * 2**23 - 127 rounds x to an integer (ties to even)
+        p = (x + (MAGIC_F - 127.0)).to(tl.int32, bitcast=True).to(tl.int8)
+        vt = desc_v.load([vt_row, start_n])  # [HEAD_DIM, BLOCK_N] int8
+        pv = tl.dot(p, vt.T)  # sum_n (round(x) - 127) * v: int32, exact
+        cs = tl.load(vcs_ptr + j * HEAD_DIM + tl.arange(0, HEAD_DIM)) * 127
+        acc = acc * alpha[:, None] + _to_float(pv + cs[None, :], FAST_CVT) * beta[:, None]
+    else:
+        x = tl.math.exp2(qk * rm[:, None] + (-m_new + _LOG2_P_FP8)[:, None])  # 448 * exp2(t - m_new)
+        l_i = l_i * alpha + tl.sum(x, 1)
+        vt = desc_v.load([vt_row, start_n])  # [HEAD_DIM, BLOCK_N] e4m3
+        # this block's product alone, then a float32 add: two-level accumulation (see attention_configs)
+        acc = acc * alpha[:, None] + tl.dot(_to_e4m3(x, EMULATE_FP8), vt.T)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attention_kernel(
+    desc_q, desc_k, desc_v, qs_ptr, ks_ptr, vs_ptr, vcs_ptr, out_ptr,
+    qk_mult, S_q, S_kv, H, n_blocks, stride_ob, stride_oh, stride_os, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr,
+    FAST_CVT: tl.constexpr, EMULATE_FP8: tl.constexpr,
+):
+    """out[b, h, i] = softmax_j(q_i . k_j * sm_scale) @ v for BLOCK_M queries i of head (b, h)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    q = desc_q.load([bh * S_q + pid_m * BLOCK_M, 0])
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < S_q
+    rm_q = tl.load(qs_ptr + bh.to(tl.int64) * S_q + offs_m, mask=m_ok, other=0.0) * qk_mult
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    kv_row = bh * S_kv
+    vt_row = bh * HEAD_DIM
+    ks_base = ks_ptr + bh * n_blocks
+    vcs_base = vcs_ptr + bh.to(tl.int64) * n_blocks * HEAD_DIM
+    n_full = S_kv // BLOCK_N
+    for j in tl.range(0, n_full):
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
+                                    S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, FAST_CVT, EMULATE_FP8)
+    if n_full < n_blocks:
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, n_full, kv_row,
+                                    vt_row, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, FAST_CVT, EMULATE_FP8)
+    d = tl.arange(0, HEAD_DIM)
+    vs = tl.load(vs_ptr + bh * HEAD_DIM + d)
+    o = acc * (1.0 / l_i)[:, None] * vs[None, :]
+    b = bh // H
+    h = bh % H
+    ptrs = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+            + offs_m.to(tl.int64)[:, None] * stride_os + d[None, :] * stride_od)
+    tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+_KV_STATS = FastLauncher(_kv_stats_kernel, interpreting())
+_QUANT_Q = FastLauncher(_quant_q_kernel, interpreting())
+_QUANT_KV = FastLauncher(_quant_kv_kernel, interpreting())
+_ATTENTION = FastLauncher(_attention_kernel, interpreting())
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (arguments validated by attention.py)
+# --------------------------------------------------------------------------------------------
+def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(x.stride())
+
+
+def stats_chunk(s_kv: int) -> int:
+    """Keys per chunk of the statistics pass: STATS_CHUNKS chunks per head, whole QUANT_ROWS tiles."""
+    return -(-max(1, -(-s_kv // STATS_CHUNKS)) // QUANT_ROWS) * QUANT_ROWS
+
+
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig) -> QuantizedQKV:
+    """The quantization pass: ``q [B, H, S_q, D]``, ``k, v [B, H, S_kv, D]`` (bf16/fp16, any strides)."""
+    b, h, s_q, d = q.shape
+    s_kv = k.shape[2]
+    bh = b * h
+    dev = q.device
+    nk = triton.cdiv(s_kv, cfg.block_n)
+    chunk = stats_chunk(s_kv)
+    n_chunks = triton.cdiv(s_kv, chunk)
+    s_pad = padded_kv_len(s_kv)
+    # the interpreter multiplies bfloat16 bits as integers in tl.dot: it rotates in float32
+    dot_fp32 = interpreting()
+    hmat = hadamard_pm1_cached(d, dev, torch.float32 if dot_fp32 else q.dtype) if cfg.rotate else None
+    rot = {"ROT_SCALE": 1.0 / math.sqrt(d) if cfg.rotate else 0.0, "DOT_FP32": dot_fp32}
+    q8 = torch.empty((bh * s_q, d), dtype=torch.int8, device=dev)
+    qs = torch.empty((bh * s_q,), dtype=torch.float32, device=dev)
+    k8 = torch.empty((bh * s_kv, d), dtype=torch.int8, device=dev)
+    ks = torch.empty((bh, nk), dtype=torch.float32, device=dev)
+    vdtype = torch.int8 if cfg.pv == "int8" else torch.float8_e4m3fn
+    vt = torch.empty((bh * d, s_pad), dtype=vdtype, device=dev)
+    vs = torch.empty((bh, d), dtype=torch.float32, device=dev)
+    vcs = torch.empty((bh, nk, d), dtype=torch.int32, device=dev) if cfg.pv == "int8" else None
+    part = torch.empty((2, bh, n_chunks, d), dtype=torch.float32, device=dev)
+    fast = not interpreting()
+    hm = hmat if hmat is not None else q8
+    if s_q and bh:
+        _QUANT_Q((triton.cdiv(s_q, QUANT_ROWS), bh), q, hm, q8, qs, s_q, h, *_strides(q), D=d, ROWS=QUANT_ROWS, **rot,
+                 FAST_ROUND=fast, num_warps=QUANT_WARPS)
+    _KV_STATS((n_chunks, bh), k, v, hm, part[0], part[1], s_kv, h, chunk, n_chunks, *_strides(k), *_strides(v),
+              D=d, ROWS=QUANT_ROWS, **rot, num_warps=QUANT_WARPS)
+    _QUANT_KV((nk, bh), k, v, hm, part[0], part[1], k8, ks, vt, vs, vcs if vcs is not None else ks, s_kv, h,
+              n_chunks, nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
+              PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast,
+              num_warps=quant_kv_warps(cfg.block_n, d))
+    return QuantizedQKV(q8, qs, k8, ks, vt, vs, vcs, (b, h, s_q, s_kv, d), cfg.block_n, cfg.pv)
+
+
+def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cfg: AttentionConfig) -> torch.Tensor:
+    """Run the attention kernel on quantized inputs into ``out [B, H, S_q, D]`` (any strides); returns out."""
+    b, h, s_q, s_kv, d = qa.shape
+    if cfg.block_n != qa.block_n or cfg.pv != qa.pv:
+        raise ValueError(f"cfg: block_n={cfg.block_n}, pv={cfg.pv} do not match the quantized inputs "
+                         f"(block_n={qa.block_n}, pv={qa.pv})")
+    if s_q == 0 or b * h == 0:
+        return out
+    desc_q = TensorDescriptor(qa.q, list(qa.q.shape), [d, 1], [cfg.block_m, d])
+    desc_k = TensorDescriptor(qa.k, list(qa.k.shape), [d, 1], [cfg.block_n, d])
+    desc_v = TensorDescriptor(qa.v, [qa.v.shape[0], s_kv], [qa.v.stride(0), 1], [d, cfg.block_n])
+    vcs = qa.v_colsum if qa.v_colsum is not None else qa.k_scale
+    _ATTENTION(
+        (triton.cdiv(s_q, cfg.block_m), b * h), desc_q, desc_k, desc_v, qa.q_scale, qa.k_scale, qa.v_scale, vcs, out,
+        float(sm_scale * LOG2E), s_q, s_kv, h, qa.k_scale.shape[1], *out.stride(),
+        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV_INT8=cfg.pv == "int8", FAST_CVT=cfg.fast_cvt,
+        EMULATE_FP8=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, cfg: AttentionConfig,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize, then attend: ``[B, H, S_q, D]`` in q's dtype (``torch.empty_like(q)`` unless ``out`` is given)."""
+    out = torch.empty_like(q) if out is None else out
+    return attention_quantized(quantize(q, k, v, cfg), sm_scale, out, cfg)

@@ -1,0 +1,342 @@
+"""8-bit attention: the torch twin and the Triton kernel against float64 attention, the quantization pass
+against the twin, NaN/Inf rows, zero V, strided inputs, the custom op under torch.compile, the dispatch rules,
+bad input, and the sm_90 PTX of the kernel (offline).
+
+Sizes are small so the interpreter tier stays fast; S is never a multiple of the tile (64 or 128).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from int8_w8a8.kernels import attention as attn
+from int8_w8a8.kernels import attention_8bit, reference_attention
+from int8_w8a8.kernels.attention_configs import DEFAULT, VARIANTS, AttentionConfig
+
+from .conftest import KERNEL_DEVICE, rel_err
+
+# accuracy bound of issue 14 (kitchen measured 0.0167, sageattention 0.0134 at S = 4608); the e4m3 P/V form
+# measures ~0.035 on Gaussian inputs (3 mantissa bits on both operands: reference_attention docstring)
+BOUND = 0.02
+BOUND_FP8 = 0.045
+# the interpreter's tile: 64 x 64 keeps each program small; S values below are not multiples of it
+SMALL = AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+FP8 = next(c for c in VARIANTS if c.pv == "fp8")
+
+
+def ref64(q, k, v, scale=None):
+    """Float64 attention ``softmax(q k^T * scale) v`` on the same (bf16/fp16) inputs."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    return torch.softmax(s, dim=-1) @ v
+
+
+def make(b, h, s_q, s_kv, d, *, dtype=torch.bfloat16, device="cpu", keys="gauss"):
+    """Gaussian q, k, v; ``keys="offset"``: K with a large shared offset (10 sigma per channel, the same for every
+    token) and four outlier channels with 4x the spread and offset of the others."""
+    q, k, v = (torch.randn(b, h, s, d) for s in (s_q, s_kv, s_kv))
+    if keys == "offset":
+        k = k + 10 * torch.randn(b, h, 1, d)
+        k[..., 5:9] *= 4
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def triton_run(q, k, v, cfg, scale=None, out_dtype=None):
+    """The Triton path (quantize + kernel) with ``cfg``; ``out_dtype`` float32 compares without bf16 rounding."""
+    from int8_w8a8.kernels import triton_attention
+
+    d = q.shape[-1]
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
+    sm = 1.0 / math.sqrt(d) if scale is None else scale
+    return triton_attention.attention_quantized(triton_attention.quantize(q, k, v, cfg), sm, out, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# The torch twin (unit tier)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.unit
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("keys", ["gauss", "offset"])
+def test_twin_accuracy(seed, d, keys):
+    q, k, v = make(2, 3, 100, 200, d, keys=keys)
+    out = reference_attention.attention_8bit(q, k, v, config=SMALL)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, ref64(q, k, v)) <= BOUND
+
+
+@pytest.mark.unit
+def test_twin_fp8_form_is_less_accurate(seed):
+    """The e4m3 P/V form (the issue's first sketch) stays within its own, looser bound; on Gaussian inputs it
+    is over the 2 % of issue 14, which is why int8 P/V is the default."""
+    q, k, v = make(1, 2, 90, 150, 128)
+    err8 = rel_err(reference_attention.attention_8bit(q, k, v, config=FP8), ref64(q, k, v))
+    err_i = rel_err(reference_attention.attention_8bit(q, k, v, config=DEFAULT), ref64(q, k, v))
+    assert err_i <= BOUND < err8 <= BOUND_FP8
+
+
+@pytest.mark.unit
+def test_twin_scale_and_fp16(seed):
+    q, k, v = make(1, 2, 40, 77, 64, dtype=torch.float16)
+    out = reference_attention.attention_8bit(q, k, v, scale=0.1, config=SMALL)
+    assert out.dtype == torch.float16 and rel_err(out, ref64(q, k, v, 0.1)) <= BOUND
+
+
+@pytest.mark.unit
+def test_rotation_helps_outlier_channels(seed):
+    """Without the Hadamard rotation the four wide K channels set every block's scale (~3 % error here)."""
+    q, k, v = make(1, 2, 80, 200, 128, keys="offset")
+    ref = ref64(q, k, v)
+    plain = rel_err(reference_attention.attention_8bit(q, k, v, config=AttentionConfig(rotate=False)), ref)
+    rotated = rel_err(reference_attention.attention_8bit(q, k, v, config=DEFAULT), ref)
+    assert rotated <= BOUND < plain
+
+
+@pytest.mark.unit
+def test_public_api_on_cpu_is_the_twin(seed):
+    q, k, v = make(2, 2, 33, 65, 64)
+    assert attn.choose_attention(q.device).name == "reference"
+    out = attention_8bit(q, k, v)
+    assert torch.equal(out, reference_attention.attention_8bit(q, k, v, config=DEFAULT))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared behaviour of both paths: NaN/Inf rows, zero V, strided inputs
+# --------------------------------------------------------------------------------------------
+def _paths():
+    return [pytest.param("twin", marks=pytest.mark.unit), pytest.param("triton", marks=pytest.mark.kernels)]
+
+
+def _run(path, q, k, v, cfg=SMALL):
+    if path == "twin":
+        return reference_attention.attention_8bit(q, k, v, config=cfg)
+    return triton_run(q, k, v, cfg)
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_query_row_poisons_only_its_row(seed, path, bad):
+    q, k, v = make(1, 2, 70, 90, 64, device=KERNEL_DEVICE if path == "triton" else "cpu")
+    q[0, 1, 5, 7] = bad
+    out = _run(path, q, k, v).float().cpu()
+    assert torch.isnan(out[0, 1, 5]).all()
+    others = torch.ones(out.shape[:3], dtype=torch.bool)
+    others[0, 1, 5] = False
+    assert torch.isfinite(out[others]).all()
+    ref = ref64(q.cpu(), k.cpu(), v.cpu())
+    assert rel_err(out[others], ref[others]) <= BOUND
+
+
+@pytest.mark.parametrize("path", _paths())
+def test_zero_v_gives_zeros(seed, path):
+    q, k, v = make(1, 2, 50, 70, 128, device=KERNEL_DEVICE if path == "triton" else "cpu")
+    out = _run(path, q, k, torch.zeros_like(v))
+    assert torch.equal(out.float().cpu(), torch.zeros(out.shape))
+
+
+@pytest.mark.parametrize("path", _paths())
+def test_strided_inputs_and_output_layout(seed, path):
+    """q, k, v as [B, S, H, D] buffers seen through transpose(1, 2) (the fused blocks' layout) and a V that is
+    a slice of a wider buffer give the same result as contiguous copies; the output keeps q's layout."""
+    dev = KERNEL_DEVICE if path == "triton" else "cpu"
+    b, h, s_q, s_kv, d = 2, 3, 45, 70, 64
+    qb = torch.randn(b, s_q, h, d, device=dev).bfloat16()
+    kb = torch.randn(b, s_kv, h, d, device=dev).bfloat16()
+    vb = torch.randn(b, h, s_kv, 2 * d, device=dev).bfloat16()
+    q, k, v = qb.transpose(1, 2), kb.transpose(1, 2), vb[..., d:]
+    if path == "twin":
+        out = attention_8bit(q, k, v)
+        same = attention_8bit(q.contiguous(), k.contiguous(), v.contiguous())
+    else:
+        out = triton_run(q, k, v, SMALL, out_dtype=None)
+        same = triton_run(q.contiguous(), k.contiguous(), v.contiguous(), SMALL)
+    assert torch.equal(out, same)
+    if path == "twin":
+        assert out.stride() == torch.empty_like(q).stride()
+    assert rel_err(out.cpu(), ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton kernels (interpreter on the CPU, natively on a GPU)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.kernels
+@pytest.mark.parametrize("cfg", [SMALL, AttentionConfig(64, 64, 4, 2, "fp8")], ids=["int8", "fp8"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_quantization_pass_matches_twin(seed, cfg, d):
+    from int8_w8a8.kernels import triton_attention
+
+    q, k, v = make(2, 2, 37, 100, d, device=KERNEL_DEVICE)
+    got = triton_attention.quantize(q, k, v, cfg)
+    want = reference_attention.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), cfg)
+    s_kv = k.shape[2]
+    # the rotation's float32 sums (and the K mean's) run in another order than the twin's: a value within an
+    # ulp of a .5 boundary may round the other way
+    for name in ("q", "k"):
+        diff = (getattr(got, name).cpu().int() - getattr(want, name).int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3, name
+    # as values: the interpreter's e4m3 rounding writes +0 where torch writes -0
+    assert torch.equal(got.v[:, :s_kv].cpu().float(), want.v[:, :s_kv].float())
+    if cfg.pv == "int8":
+        assert torch.equal(got.v_colsum.cpu(), want.v_colsum)
+    for name in ("q_scale", "k_scale", "v_scale"):  # rotation sums differ in order: within a few ulps
+        torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name), rtol=1e-6, atol=0)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("keys", ["gauss", "offset"])
+def test_kernel_vs_twin_and_float64(seed, d, keys):
+    """B, H > 1, S_q != S_kv, neither a multiple of the tile."""
+    q, k, v = make(2, 2, 70, 150, d, device=KERNEL_DEVICE, keys=keys)
+    out = triton_run(q, k, v, SMALL, out_dtype=torch.float32).cpu()
+    twin = reference_attention.attention_quantized(
+        reference_attention.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), SMALL), 1 / math.sqrt(d), torch.float32)
+    # the same quantized inputs and blockwise arithmetic: differences come from exp2 and summation order,
+    # flipping the rounding of a few P values
+    assert rel_err(out, twin) <= 2e-3
+    assert rel_err(out, ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND
+
+
+@pytest.mark.kernels
+def test_kernel_fp8_form(seed):
+    cfg = AttentionConfig(64, 64, 4, 2, "fp8")
+    q, k, v = make(1, 2, 70, 150, 128, device=KERNEL_DEVICE)
+    out = triton_run(q, k, v, cfg, out_dtype=torch.float32).cpu()
+    twin = reference_attention.attention_quantized(
+        reference_attention.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), cfg), 1 / math.sqrt(128), torch.float32)
+    assert rel_err(out, twin) <= 5e-3  # an e4m3 rounding flip moves a P value by up to 1/16
+    assert rel_err(out, ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND_FP8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: c.name)
+def test_gpu_variants_at_model_sizes(seed, cfg):
+    """Every benchmarked variant natively, at a size with many tiles per head, against float64."""
+    q, k, v = make(1, 4, 1000, 1500, 128, device="cuda")
+    out = triton_run(q, k, v, cfg)
+    bound = BOUND if cfg.pv == "int8" else BOUND_FP8
+    assert rel_err(out.cpu(), ref64(q.cpu(), k.cpu(), v.cpu())) <= bound
+
+
+@pytest.mark.gpu
+def test_gpu_public_api_dispatch(seed):
+    q, k, v = make(1, 2, 300, 257, 128, device="cuda")
+    backend = attn.choose_attention(q.device)
+    out = attention_8bit(q, k, v)
+    tol = 0.005 if backend.name == "sdpa" else BOUND
+    assert rel_err(out.cpu(), ref64(q.cpu(), k.cpu(), v.cpu())) <= tol, backend
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile, the custom op, dispatch rules, bad input
+# --------------------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_opcheck_and_fullgraph_compile(seed):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q, k, v = make(1, 2, 40, 72, 64)
+    torch.library.opcheck(torch.ops.int8_w8a8.attention_8bit, (q, k, v, 0.125))
+    torch.library.opcheck(torch.ops.int8_w8a8.attention_8bit, (q.transpose(1, 2).contiguous().transpose(1, 2), k, v,
+                                                               0.2))
+
+    def block(q, k, v):
+        return attention_8bit(q * 1.5, k, v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), block(q, k, v))
+    ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert "int8_w8a8.attention_8bit.default" in ops or "int8_w8a8.attention_8bit" in ops, ops
+
+
+@pytest.mark.unit
+def test_dispatch_rules_are_data(monkeypatch):
+    """Hopper -> Triton; Hopper without Triton -> SDPA (kitchen measured slower there); an unmeasured
+    generation -> SDPA; a generation where kitchen is recorded faster -> kitchen when it is available."""
+    cap = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(attn, "triton_import_error", lambda: None)
+    monkeypatch.setattr(attn, "_kitchen_op", lambda: object())
+    cuda = torch.device("cuda", 0)
+    try:
+        attn.reset()
+        assert attn.choose_attention(cuda).name == "triton"
+        monkeypatch.setenv("INT8_W8A8_DISABLE_TRITON", "1")
+        attn.reset()
+        backend = attn.choose_attention(cuda)
+        assert backend.name == "sdpa" and "measured 0.49x" in backend.reason
+        monkeypatch.delenv("INT8_W8A8_DISABLE_TRITON")
+        cap["value"] = (8, 9)
+        attn.reset()
+        backend = attn.choose_attention(cuda)
+        assert backend.name == "sdpa" and "unmeasured" in backend.reason
+        monkeypatch.setitem(attn.KITCHEN_SPEEDUP_VS_SDPA, (8, 9), 1.3)
+        attn.reset()
+        assert attn.choose_attention(cuda).name == "kitchen"
+        monkeypatch.setattr(attn, "_kitchen_op", lambda: None)
+        attn.reset()
+        assert attn.choose_attention(cuda).name == "sdpa"
+    finally:
+        attn.reset()
+
+
+@pytest.mark.unit
+def test_bad_input_raises_value_error_naming_the_argument():
+    q, k, v = make(1, 2, 8, 8, 64)
+    cases = [
+        ((q, k, v), {"attn_mask": torch.zeros(8, 8)}, "attn_mask"),
+        ((q, k, v), {"is_causal": True}, "is_causal"),
+        ((q.float(), k, v), {}, "q: expected dtype bfloat16 or float16"),
+        ((q, k.half(), v), {}, "k, v"),
+        ((q[..., :32], k[..., :32], v[..., :32]), {}, "head size D=32"),
+        ((q[0], k, v), {}, "q: expected 4 dimensions"),
+        ((q, k[:, :1], v[:, :1]), {}, "k: expected [B, H, S_kv, D]"),
+        ((q, k, v[:, :, :4]), {}, "v: expected k's shape"),
+        ((q, k[:, :, :0], v[:, :, :0]), {}, "S_kv = 0"),
+        ((q, k, v), {"scale": -1.0}, "scale"),
+        ((q, k, v), {"scale": float("nan")}, "scale"),
+        (([1.0], k, v), {}, "q: expected a torch.Tensor"),
+        ((q.expand(32768, 2, 8, 64), k.expand(32768, 2, 8, 64), v.expand(32768, 2, 8, 64)), {}, "B * H = 65536"),
+    ]
+    for args, kwargs, msg in cases:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            attention_8bit(*args, **kwargs)
+    with pytest.raises(ValueError, match=r"AttentionConfig\.block_n"):
+        AttentionConfig(block_n=256)
+
+
+@pytest.mark.unit
+def test_empty_queries():
+    q, k, v = make(1, 2, 0, 8, 64)
+    assert attention_8bit(q, k, v).shape == q.shape
+
+
+@pytest.mark.kernels
+def test_hopper_ptx_attention_uses_wgmma_for_both_products():
+    """Offline sm_90 compile: wgmma s8 for Q K^T, s8 (default) or e4m3 (fp8 form) for P V, TMA loads, no
+    spills, shared memory within 227 KB (the default config at D = 64 and 128, the fp8 variant at 128)."""
+    code = ("from int8_w8a8.bench import check_ptx_attention as c; import sys; "
+            "sys.exit(c.main(['--quick', '--json']))")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode != 0 and "No module named 'triton'" in out.stderr:
+        pytest.skip("Triton is not installed")
+    rows = json.loads(out.stdout) if out.stdout.strip().startswith("[") else []
+    assert rows and out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    kernels = [r for r in rows if r["what"].startswith("attention")]
+    assert len(kernels) == 3
+    for r in kernels:
+        assert not r["problems"], r
+        assert any(".s32.s8.s8" in w for w in r["wgmma"]) and r["tma_loads"] > 0, r
+        if r["config"]["pv"] == "fp8":
+            assert any(".e4m3.e4m3" in w for w in r["wgmma"]), r
+    assert all(not r["problems"] for r in rows), [r for r in rows if r["problems"]]
