@@ -167,7 +167,7 @@ def gemm_specs(table: configs.GemmTable) -> list[KernelSpec]:
 
 
 def _resource_usage(cubin: bytes) -> dict:
-    """Registers and local memory (spills) per thread, read from the cubin by cuobjdump."""
+    """Registers, stack and local memory (spills) per thread, read from the cubin by cuobjdump."""
     import triton.backends.nvidia as nv
 
     tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
@@ -176,7 +176,8 @@ def _resource_usage(cubin: bytes) -> dict:
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=False).stdout
     found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
-    return {"regs": int(found.get("REG", -1)), "local": int(found.get("LOCAL", -1))}
+    return {"regs": int(found.get("REG", -1)), "local": int(found.get("LOCAL", -1)),
+            "stack": int(found.get("STACK", -1))}
 
 
 def summarize(compiled) -> dict:

@@ -21,11 +21,25 @@ import sys
 import tempfile
 from dataclasses import asdict
 
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
 from ..kernels import attention_configs, triton_attention
 from ..kernels.attention_configs import AttentionConfig
-from .check_ptx import _compile, _resource_usage
+from .check_ptx import _resource_usage
 
 SMEM_LIMIT = {90: 232448, 100: 232448, 120: 101376, 80: 166912, 86: 101376, 89: 101376}  # bytes per block
+
+
+def _compile(fn, sig: dict, consts: dict, divisible: tuple[str, ...], arch: int, options: dict):
+    """triton.compile with the specializations the JIT applies at run time on aligned shapes:
+    pointers and ints divisible by 16 (``tt.divisibility``) and unit strides folded to constants."""
+    for name in consts:
+        sig[name] = "constexpr"
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible if n in sig}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _sass_counts(cubin: bytes) -> dict:
