@@ -5,17 +5,21 @@ loader (``loader.build``: ComfyUI's ``load_diffusion_model_state_dict`` with the
 fused blocks are installed where they are for users. ComfyUI's model detection reads most widths from the
 keys but assumes some of the real models' widths (Chroma's approximator: 3072 wide, 5120 hidden, 5 layers;
 Qwen-Image: 24 heads of 128, a 3584-wide text input; Z-Image: recognized by its 3840 width; Wan: a 4096-wide
-text input): ``tiny_detection``
-reads those from the keys too,
-so a tiny model of the same class loads. Each fused model is compared with ComfyUI's blocks on the same INT8
-weights and both with a float64 twin: ComfyUI's class in float64 with the INT8 weights dequantized.
+text input): ``tiny_detection`` reads those from the keys too, so a tiny model of the same class loads. Each
+fused model is compared with ComfyUI's blocks on the same INT8 weights and both with a float64 twin: ComfyUI's
+class in float64 with the INT8 weights dequantized.
+
+What the GPU run sees is what ComfyUI does: inputs reach the model as ComfyUI's ``_apply_model`` converts them
+(``model_inputs``: dtype and load device, lists such as ``ref_latents`` included), lowvram weight functions
+come from ComfyUI's own lowvram load (``lowvram``; a load resets weight functions set by hand), and batch
+entries are compared bit for bit only at equal shapes (``check_batch_entries``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pytest
 import torch
@@ -110,19 +114,33 @@ def load(sd: dict, dtype: torch.dtype, **options):
                         disable_dynamic=True)
 
 
-def run(patcher, args: tuple, kwargs: dict | None = None, fused: bool = True, options: dict | None = None):
-    """The diffusion model on ``args`` with the patcher's transformer options and wrappers, as ComfyUI's samplers
-    pass them (``apply_model``: latents and context in the model's dtype, timesteps [B] in float32);
-    ``fused=False`` drops the block replacements."""
+def model_inputs(patcher, args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict]:
+    """``args`` (x, timesteps, context) and ``kwargs`` as ComfyUI's ``BaseModel._apply_model`` hands them to the
+    diffusion model for the samplers: x and context in the model's dtype, timesteps [B] (or [B, frames]) in
+    float32, every other tensor argument, also each tensor of a list (``ref_latents``), through ComfyUI's
+    ``convert_tensor`` (floats to the model's dtype), all on the patcher's load device."""
+    import comfy.model_base
+
+    dtype, dev = patcher.model.get_dtype(), patcher.load_device
+    args = tuple(a.to(dev, torch.float32 if i == 1 else dtype) if a.is_floating_point() else a.to(dev)
+                 for i, a in enumerate(args))
+    kwargs = {k: [comfy.model_base.convert_tensor(t, dtype, dev) for t in v] if isinstance(v, list)
+              else comfy.model_base.convert_tensor(v, dtype, dev) for k, v in (kwargs or {}).items()}
+    return args, kwargs
+
+
+def run(patcher, args: tuple, kwargs: dict | None = None, fused: bool = True, options: dict | None = None,
+        load: bool = True):
+    """The diffusion model on ``args`` (x, timesteps, context) and ``kwargs`` (converted by ``model_inputs``)
+    with the patcher's transformer options and wrappers. ``fused=False`` drops the block replacements;
+    ``load=False`` runs the model as the caller loaded it (e.g. ``lowvram``) instead of loading it through
+    ComfyUI's model management (a full load, which would replace a lowvram load)."""
     import comfy.model_management
     import comfy.patcher_extension
 
-    comfy.model_management.load_models_gpu([patcher])
-    dtype = patcher.model.get_dtype()
-    dev = patcher.load_device
-    args = tuple(a.to(dev, dtype if a.dim() > 1 else torch.float32) if a.is_floating_point() else a.to(dev)
-                 for a in args)
-    kwargs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in (kwargs or {}).items()}
+    if load:
+        comfy.model_management.load_models_gpu([patcher])
+    args, kwargs = model_inputs(patcher, args, kwargs)
     opts = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
     if not fused:
         opts.pop("patches_replace", None)
@@ -130,6 +148,39 @@ def run(patcher, args: tuple, kwargs: dict | None = None, fused: bool = True, op
     opts.update(options or {})
     with torch.inference_mode():
         return patcher.model.diffusion_model(*args, transformer_options=opts, **kwargs).float()
+
+
+@contextlib.contextmanager
+def lowvram(patcher, layers: Iterable[str], rank: int = 4):
+    """``patcher`` (a clone of a shared model) loaded the way ComfyUI loads a model that does not fit its device,
+    with a LoRA on each of ``layers`` (names relative to the diffusion model).
+
+    ComfyUI's ``ModelPatcher.load`` with a memory budget leaves every weight offloaded (cast to the device per
+    layer) and gives each patched layer a ``LowVramPatch`` weight function that applies the LoRA on the fly; a
+    load resets every other layer's weight functions. This is that load (``patch_model`` with a 1-byte budget,
+    after ComfyUI's model management unloaded everything, as when it frees the device for it); the model runs
+    as loaded (``run(..., load=False)``) and is unpatched after.
+    """
+    import comfy.model_management
+    from comfy.model_patcher import LowVramPatch
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    dm = patcher.model.diffusion_model
+    for i, layer in enumerate(layers):
+        n, k = dm.get_submodule(layer).weight.shape
+        gen = torch.Generator().manual_seed(i)
+        up, down = torch.randn(n, rank, generator=gen) * 0.05, torch.randn(rank, k, generator=gen) * 0.05
+        key = f"diffusion_model.{layer}.weight"
+        assert patcher.add_patches({key: LoRAAdapter(set(), (up, down, None, None, None, None))}, 1.0) == [key]
+    comfy.model_management.unload_all_models()
+    patcher.patch_model(device_to=patcher.load_device, lowvram_model_memory=1)
+    try:
+        functions = {name: m.weight_function for name, m in dm.named_modules() if getattr(m, "weight_function", None)}
+        assert set(functions) == set(layers) and all(
+            len(f) == 1 and isinstance(f[0], LowVramPatch) for f in functions.values()), functions
+        yield patcher
+    finally:
+        patcher.unpatch_model(device_to=patcher.offload_device)
 
 
 def float64_twin(patcher, build: Callable[..., torch.nn.Module]) -> torch.nn.Module:
@@ -150,17 +201,26 @@ def float64_twin(patcher, build: Callable[..., torch.nn.Module]) -> torch.nn.Mod
     return twin.eval()
 
 
-def run_twin(twin, args: tuple, kwargs: dict | None = None) -> torch.Tensor:
-    """``twin`` on float64 copies of ``args`` on the CPU. ComfyUI's training flag is set for the call: its
-    RoPE and q/k-norm functions then take their pure-torch path (comfy-kitchen's refuse float64)."""
+def float64_truth(patcher, build: Callable[..., torch.nn.Module], args: tuple,
+                  kwargs: dict | None = None) -> torch.Tensor:
+    """``float64_twin(patcher, build)`` on the CPU, in float64, on the values ``run`` gives the patcher's model
+    (``model_inputs``: rounded to the model's dtype where ComfyUI rounds them), so both see the same inputs.
+    ComfyUI's training flag is set for the call: its RoPE and q/k-norm functions then take their pure-torch path
+    (comfy-kitchen's refuse float64)."""
     import comfy.model_management
 
-    args = tuple(a.cpu().double() if a.is_floating_point() else a.cpu() for a in args)
-    kwargs = {k: v.cpu().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-              for k, v in (kwargs or {}).items()}
+    def cpu64(v):
+        if isinstance(v, list):
+            return [cpu64(t) for t in v]
+        if isinstance(v, torch.Tensor):
+            return v.cpu().double() if v.is_floating_point() else v.cpu()
+        return v
+
+    twin = float64_twin(patcher, build)
+    args, kwargs = model_inputs(patcher, args, kwargs)
     with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(comfy.model_management, "in_training", True)
-        return twin(*args, **kwargs).float()
+        return twin(*(cpu64(a) for a in args), **{k: cpu64(v) for k, v in kwargs.items()}).float()
 
 
 def check_against_float64(fused: torch.Tensor, comfy: torch.Tensor, truth: torch.Tensor, floor_db: float) -> None:
@@ -169,6 +229,32 @@ def check_against_float64(fused: torch.Tensor, comfy: torch.Tensor, truth: torch
     s_fused, s_comfy = sqnr_db(truth.cpu(), fused.cpu()), sqnr_db(truth.cpu(), comfy.cpu())
     print(f"[sqnr vs float64] fused {s_fused:.2f} dB, ComfyUI blocks {s_comfy:.2f} dB")
     assert s_fused > floor_db and s_fused > s_comfy - 0.5, (s_fused, s_comfy)
+
+
+def check_batch_entries(run_batch: Callable[[tuple], torch.Tensor], args: tuple, other: tuple,
+                        batched: torch.Tensor, truth: torch.Tensor, margin_db: float = 1.0) -> None:
+    """Batch entries are independent: ``run_batch(args)`` of a batch of two gave ``batched``; ``other`` are
+    inputs of the same shapes (another seed); ``truth`` is the float64 (or unquantized) output for ``args``.
+
+    Entry 1 replaced by ``other``'s: entry 0 stays the same bit for bit (same shapes, so the same kernels; a
+    change is entry 1 leaking into entry 0). Entry 0 alone (a batch of one): as close to ``truth`` as in the
+    batch, within ``margin_db``, but not bit for bit. At another problem size a float op may round differently
+    in the last bit (cuBLAS picks its GEMM kernels by shape; no TF32 is involved: PyTorch leaves it off for
+    matmuls, neither ComfyUI nor the pack turns it on, and the pack's only float Triton dots rotate ConvRot
+    groups). That moves an activation at the midpoint of two INT8 codes to the other code, and the flip spreads
+    through the later quantizations: on an H200 a float32 Z-Image's batch of one was 44.9 dB from its batched
+    entry; on the CPU a 2^-23 change of one input element moved its output by 40 dB, about its distance to
+    float64 (39.4 dB). A flip swaps a rounding error for one of the same size and the other sign, so the error
+    power is still the activation quantization's; only its realization differs, whose SQNR against ``truth``
+    moved by at most 0.26 dB in 64 simulated ones (Chroma, Qwen-Image, Wan, Z-Image in float32 and bf16, every
+    float linear's result moved by up to 4 float32 ulps before its rounding to the model's dtype)."""
+    swapped = run_batch(tuple(torch.cat([a[:1], o[1:]]) for a, o in zip(args, other, strict=True)))
+    assert torch.equal(swapped[:1], batched[:1]), "batch entry 0 changed with entry 1"
+    single = run_batch(tuple(a[:1] for a in args))
+    t = truth[:1].cpu()
+    s_batched, s_single = sqnr_db(t, batched[:1].cpu()), sqnr_db(t, single.cpu())
+    print(f"[sqnr vs truth] entry 0 in the batch {s_batched:.2f} dB, alone {s_single:.2f} dB")
+    assert s_single > s_batched - margin_db, (s_single, s_batched)
 
 
 def count_kernel_calls(monkeypatch, activations: bool = True) -> dict:
