@@ -35,7 +35,7 @@ def replay(monkeypatch):
     if DEV == "cpu":  # the GEMM's backend: the rules pick the twin on the CPU
         monkeypatch.setattr(fused, "choose_backend", lambda device: HOPPER)
         monkeypatch.setattr(api, "choose_backend", lambda device: HOPPER)
-    for rep in fused.REPLAYERS:
+    for rep in (*fused.REPLAYERS, api._rows_replayer()):
         monkeypatch.setattr(rep, "enabled", True)
         monkeypatch.setattr(rep, "table", {})
     return fused
@@ -129,6 +129,20 @@ def test_rms_norm_gate_add_replays_bit_identical(seed, replay):
         w, gate = torch.rand(n, device=DEV, dtype=BF16), torch.randn(1, 1, n, device=DEV, dtype=BF16)  # broadcast
         _equal(fused.rms_norm_gate_add(x, y, w, gate, 1e-5), fused.rms_norm_gate_add_impl(x, y, w, gate, 1e-5))
     assert _recorded(fused._NORM_GATE_ADD) == ["_Recorded"]
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("group", [0, 128])
+def test_quantize_rows_replays_bit_identical(seed, replay, group):
+    """The public quantizer (a fused block's attention output rows) replays without smoothing."""
+    import int8_w8a8.kernels as kernels
+
+    for _ in range(3):
+        x = torch.randn(2, 7, 256, device=DEV, dtype=BF16)
+        _equal(kernels.quantize_rows(x, rotate_group=group), api.quantize_rows_impl(x, None, group))
+    assert _recorded(api._rows_replayer()) == ["_Recorded"]
+    with pytest.raises(ValueError, match="rotate_group"):
+        kernels.quantize_rows(x, rotate_group=96)
 
 
 def _rows_and_weight(m: int, k: int, n: int):
@@ -229,7 +243,7 @@ def test_module_replayers_are_off_under_the_interpreter():
     import os
 
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    assert all(rep.enabled is not interpreted for rep in fused.REPLAYERS)
+    assert all(rep.enabled is not interpreted for rep in (*fused.REPLAYERS, api._rows_replayer()))
     assert direct.Replayer("per-weight").enabled  # LinearPlan's: a fresh table per weight
 
 
