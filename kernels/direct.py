@@ -193,7 +193,6 @@ class LinearPlan:
         self.backend = backend or choose_backend(q.device)
         self.replays: dict[tuple, _Replay | None] = {}
         self.biases: dict[torch.dtype, torch.Tensor | None] = {}
-        self.rows = Replayer("int8 GEMM on quantized rows")  # gemm / gemm_residual: rows quantized elsewhere
 
     def bias_for(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The bias in the output dtype (cast once per dtype, as ComfyUI's cast path does on every call)."""
@@ -225,30 +224,26 @@ class LinearPlan:
 
     def gemm(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
         """``y [M, N]`` in ``out_dtype`` of rows a fused kernel quantized (``xq`` int8 ``[M, K]``, ``x_scale``
-        float32 ``[M]``, rotated and without smoothing as the weight expects): ``fused.int8_gemm`` on this weight,
-        its launches replayed (``Replayer``). None when ``xq`` is on another device."""
+        float32 ``[M]``, rotated and without smoothing as the weight expects): ``fused.int8_gemm`` on this weight
+        with its bias cast once per dtype; eager calls of it replay their launches (``Replayer``, one table per
+        function: layers of one shape share a recording, their weight addresses substituted). None when ``xq``
+        is on another device."""
         if xq.device != self.device:
             return None
-        bias = self.bias_for(out_dtype)
-        q, scale = self.q, self.scale
-        return self.rows((xq, x_scale), (out_dtype, False), _no_check,
-                         lambda: api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False),
-                         keep=(q, scale, bias))
+        from . import fused  # fused imports this module
+
+        return fused.int8_gemm(xq, x_scale, self.q, self.scale, self.bias_for(out_dtype), out_dtype)
 
     def gemm_residual(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype,
                       residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor | None:
-        """``residual [B, S, N] += gate [B, 1, N] * (xq @ W.T + bias)`` in place (bias in ``out_dtype``), as
-        ``fused.int8_gemm_residual`` with its checks on the first call of each specialization; returns
-        ``residual``, or None when ``xq`` is on another device."""
+        """``residual [B, S, N] += gate [B, 1, N] * (xq @ W.T + bias)`` in place (bias in ``out_dtype``):
+        ``fused.int8_gemm_residual`` on this weight (checked and replayed as ``gemm``); returns ``residual``, or
+        None when ``xq`` is on another device."""
         if xq.device != self.device:
             return None
-        bias = self.bias_for(out_dtype)
-        q, scale = self.q, self.scale
-        self.rows((xq, x_scale, residual, gate), (out_dtype, True),
-                  lambda: _fused().check_gemm_residual(xq, q, residual, gate),
-                  lambda: _fused().int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate),
-                  keep=(q, scale, bias))
-        return residual
+        from . import fused
+
+        return fused.int8_gemm_residual(xq, x_scale, self.q, self.scale, self.bias_for(out_dtype), residual, gate)
 
     def _direct(self, x: torch.Tensor) -> torch.Tensor:
         """The general implementation without the public API's checks (they were done for this weight)."""
@@ -277,16 +272,6 @@ class LinearPlan:
 
 
 # ---------------------------------------------------------------- any eager kernel call: record once, replay
-def _no_check() -> None:
-    return None
-
-
-def _fused():
-    from . import fused  # imports this module: imported when first needed
-
-    return fused
-
-
 class _Recorded:
     """The launches of one specialization: ``launches`` as (Launch, template args, [(position, slot, byte offset,
     view)], [(descriptor, slot, byte offset, view)]); ``outputs`` the tensors the call allocates, as (shape,
