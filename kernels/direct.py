@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 
@@ -317,6 +318,16 @@ def _view_at(base: torch.Tensor, off: int, view: tuple) -> torch.Tensor:
     return t.set_(base.untyped_storage(), start // t.element_size(), shape, stride)
 
 
+_REPLAYERS: weakref.WeakSet = weakref.WeakSet()  # every Replayer, for forget_recordings
+
+
+def forget_recordings() -> None:
+    """Drop every Replayer's recorded specializations (tests that patch the launch path; nothing else needs it:
+    the launch path's choices are fixed per device for a process)."""
+    for rep in list(_REPLAYERS):
+        rep.table.clear()
+
+
 class Replayer:
     """Eager calls of one kernel function with the per-call host work done once per specialization.
 
@@ -343,6 +354,7 @@ class Replayer:
         self.name = name
         self.enabled = interpreted or os.environ.get("TRITON_INTERPRET", "0") != "1"
         self.table: dict[tuple, _Recorded | None] = {}
+        _REPLAYERS.add(self)
 
     def __call__(self, tensors: tuple, static: tuple, check, impl, keep: tuple = ()):
         if not self.enabled:
