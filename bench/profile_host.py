@@ -234,6 +234,222 @@ def _proxy_replay(plan, x, m: int, k: int):
                           (*x.shape[:-1], plan.n), x.dtype)
 
 
+# ---------------------------------------------------------------- fused blocks (issue 13): per call and per block
+# Real widths at 1024x1024: 4096 image tokens, hidden 3072 (Qwen-Image, FLUX.1/Chroma), 24 heads of 128, MLP 12288
+# with GELU-tanh; Z-Image's post-norm width 3840. Text streams: 512 tokens.
+WIDTH, HEADS, HEAD_DIM, MLP, IMG, TXT, ZWIDTH = 3072, 24, 128, 12288, 4096, 512, 3840
+
+
+def _int8_layer(device: str, k: int, n: int):
+    """An Int8Linear (resident, fusable) with random INT8 weights of [n, k], a per-row scale and a bf16 bias."""
+    from ..ops import layout
+    from ..ops.comfy_ops import make_operations
+    from ..ops.config import ConvertOptions, LoadConfig
+
+    ops = make_operations(LoadConfig(profile=None, convert=ConvertOptions(), source="profile_host"))
+    layer = ops.Linear(k, n, bias=True, device=device, dtype=torch.bfloat16)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+    scale = torch.rand(n, 1, device=device) * 1e-3 + 1e-4
+    layer.weight = torch.nn.Parameter(layout.make_weight(q, scale, torch.bfloat16), requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.randn(n, device=device, dtype=torch.bfloat16) * 0.02, requires_grad=False)
+    return layer
+
+
+@contextlib.contextmanager
+def _cast_path(*layers):
+    """The layers as ComfyUI leaves an offloaded one (``comfy_cast_weights``): run_quantized's cast path, which
+    every fused-block GEMM took before the resident plan."""
+    for layer in layers:
+        layer.comfy_cast_weights = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.comfy_cast_weights = False
+
+
+@contextlib.contextmanager
+def _replay(on: bool):
+    """The eager replayers of kernels/fused.py and kernels.quantize_rows on (``on``) or off (the launch path on
+    every call, checks included: what eager fused calls ran before)."""
+    from ..kernels import api, fused
+
+    reps = (*fused.REPLAYERS, api._rows_replayer())
+    saved = [(r.enabled, r.table) for r in reps]
+    for r in reps:
+        r.enabled, r.table = on, {}
+    try:
+        yield
+    finally:
+        for r, (enabled, table) in zip(reps, saved, strict=True):
+            r.enabled, r.table = enabled, table
+
+
+def _fused_inputs(device: str) -> dict:
+    bf16 = torch.bfloat16
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, dtype=bf16)
+
+    mod = rnd(1, 6 * WIDTH)
+    x = rnd(1, IMG, WIDTH)
+    proj = tuple(rnd(1, IMG, WIDTH) for _ in range(3))
+    bufs = tuple(torch.empty(1, IMG + TXT, HEADS, HEAD_DIM, device=device, dtype=bf16).transpose(1, 2)
+                 for _ in range(3))
+    ang = torch.randn(1, IMG + TXT, HEAD_DIM // 2, device=device)
+    pe = torch.stack([ang.cos(), -ang.sin(), ang.sin(), ang.cos()], -1).reshape(1, 1, IMG + TXT, HEAD_DIM // 2, 2, 2)
+    return {"x": x, "shift": mod[:, :WIDTH], "scale": mod[:, WIDTH:2 * WIDTH], "gate": mod[:, 2 * WIDTH:3 * WIDTH],
+            "h": rnd(IMG, MLP), "proj": proj, "bufs": bufs, "pe": pe, "qw": rnd(HEAD_DIM), "kw": rnd(HEAD_DIM),
+            "zx": rnd(1, IMG, ZWIDTH), "zy": rnd(IMG, ZWIDTH), "zw": rnd(ZWIDTH), "zg": rnd(1, 1, ZWIDTH),
+            "attn": rnd(1, IMG, WIDTH)}
+
+
+def _fused_parts(t: dict) -> dict:
+    """label -> call, for each fused kernel call of a block, eager, at the real widths."""
+    from ..kernels import fused
+
+    x, sh, sc = t["x"], t["shift"], t["scale"]
+    parts = {
+        "norm_modulate_quantize": lambda: fused.norm_modulate_quantize(x, sh, sc, 1e-6),
+        "glu_quantize (GELU-tanh, 12288)": lambda: fused.glu_quantize(None, t["h"], activation="gelu_tanh"),
+        "qk_norm_rope (three projections)": lambda: fused.qk_norm_rope(
+            t["proj"], t["qw"], t["kw"], t["pe"], *t["bufs"], seq_off=TXT, heads=HEADS, eps_q=1e-6, eps_k=1e-6),
+        "rms_norm_gate_add (3840)": lambda: fused.rms_norm_gate_add(t["zx"], t["zy"], t["zw"], t["zg"], 1e-5),
+        "quantize_rows (attention output)": lambda: kernels.quantize_rows(t["attn"]),
+    }
+    return parts
+
+
+def fused_rows(device: str, calls: int = 300) -> list[dict]:
+    """Host us per eager call of each fused kernel (replayed now, launch path as before) and of run_quantized
+    (resident plan now, ComfyUI's cast path as before), at the real widths; then one Qwen-Image block and one
+    FLUX/Chroma double block (both streams, attention excluded) both ways."""
+    t = _fused_inputs(device)
+    rows = []
+    with torch.inference_mode():
+        for label, fn in _fused_parts(t).items():
+            for on, how in ((False, "launch path + checks (before)"), (True, "replayed (now)")):
+                with _replay(on):
+                    rows.append({"part": label, "how": how, "us": host_us(fn, calls)})
+        up, down = _int8_layer(device, WIDTH, MLP), _int8_layer(device, MLP, WIDTH)
+        xq, xs = kernels.fused.norm_modulate_quantize(t["x"], t["shift"], t["scale"], 1e-6)
+        hq, hs = kernels.fused.glu_quantize(None, t["h"], activation="gelu_tanh")
+        res = t["x"].clone()
+        gate = t["gate"].reshape(1, 1, WIDTH)
+        gemms = {
+            "run_quantized (4096 x 3072 -> 12288)": lambda: up.run_quantized(xq, xs, torch.bfloat16),
+            "run_quantized + residual (4096 x 12288 -> 3072)": lambda: down.run_quantized(
+                hq, hs, torch.bfloat16, residual=res, gate=gate),
+        }
+        for label, fn in gemms.items():
+            with _replay(False), _cast_path(up, down):
+                rows.append({"part": label, "how": "ComfyUI cast path + launch path (before)",
+                             "us": host_us(fn, calls)})
+            with _replay(True):
+                rows.append({"part": label, "how": "resident LinearPlan (now)", "us": host_us(fn, calls)})
+        for label, block in _blocks(device, t).items():
+            layers = block.layers
+            with _replay(False), _cast_path(*layers):
+                rows.append({"part": label, "how": "before (cast path, launch path)", "us": host_us(block, 30)})
+            with _replay(True):
+                rows.append({"part": label, "how": "now (plans, replays)", "us": host_us(block, 30)})
+    return rows
+
+
+class _Block:
+    """One block's fused kernel sequence, both streams (image 4096 tokens, text 512), attention excluded (its
+    output is a fixed tensor): the calls ``ops/blocks`` makes, with one set of layers serving both streams."""
+
+    def __init__(self, run, layers):
+        self.run, self.layers = run, layers
+
+    def __call__(self):
+        self.run()
+
+
+def _blocks(device: str, t: dict) -> dict:
+    from types import SimpleNamespace
+
+    from ..ops.blocks import flux, qwen_image
+
+    bf16 = torch.bfloat16
+    norm = SimpleNamespace(eps=1e-6)
+    rms = torch.nn.RMSNorm(HEAD_DIM, eps=1e-6, device=device, dtype=bf16)
+    streams = []
+    for s, off in ((IMG, TXT), (TXT, 0)):
+        mod = torch.randn(1, 6 * WIDTH, device=device, dtype=bf16)
+        streams.append((torch.randn(1, s, WIDTH, device=device, dtype=bf16), mod.chunk(6, dim=-1), off,
+                        torch.randn(1, s, WIDTH, device=device, dtype=bf16)))
+    bufs, pe = t["bufs"], t["pe"]
+    blocks = {}
+    # Qwen-Image: to_q/to_k/to_v, to_out, FFN up/down (GELU-tanh)
+    q_l, k_l, v_l, o_l = (_int8_layer(device, WIDTH, WIDTH) for _ in range(4))
+    up, down = _int8_layer(device, WIDTH, MLP), _int8_layer(device, MLP, WIDTH)
+    ff = SimpleNamespace(net=[SimpleNamespace(proj=up), None, down])
+
+    def qwen():
+        for x, m, off, _ in streams:
+            qwen_image._stream_qkv(x, m[0], m[1], norm, (q_l, k_l, v_l), rms, rms, pe, bufs, off, HEADS)
+        for x, m, _, attn in streams:
+            qwen_image._stream_out(x, attn, o_l, m[2], norm, m[3], m[4], ff, m[5])
+
+    blocks["Qwen-Image block (2 streams, no attention)"] = _Block(qwen, (q_l, k_l, v_l, o_l, up, down))
+    # FLUX.1 / Chroma double block: fused qkv, proj, MLP up/down (GELU-tanh)
+    qkv_l, proj = _int8_layer(device, WIDTH, 3 * WIDTH), _int8_layer(device, WIDTH, WIDTH)
+    mlp = [up, None, down]
+    qk = SimpleNamespace(query_norm=rms, key_norm=rms)
+
+    def double():
+        for x, m, off, _ in streams:
+            mod1 = SimpleNamespace(shift=m[0].unsqueeze(1), scale=m[1].unsqueeze(1), gate=m[2].unsqueeze(1))
+            flux._stream_qkv(x, mod1, norm, qkv_l, qk, pe, bufs, off, HEADS)
+        for x, m, _, attn in streams:
+            mod1 = SimpleNamespace(shift=m[0].unsqueeze(1), scale=m[1].unsqueeze(1), gate=m[2].unsqueeze(1))
+            mod2 = SimpleNamespace(shift=m[3].unsqueeze(1), scale=m[4].unsqueeze(1), gate=m[5].unsqueeze(1))
+            flux._stream_out(x, attn, mod1, mod2, proj, norm, mlp, "gelu_tanh")
+
+    blocks["FLUX/Chroma double block (2 streams, no attention)"] = _Block(double, (qkv_l, proj, up, down))
+    return blocks
+
+
+def print_fused_rows(rows: list[dict], title: str) -> None:
+    print(f"\n## {title}")
+    print("| call | path | host us/call |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['part']} | {r['how']} | {r['us']:.1f} |")
+
+
+@contextlib.contextmanager
+def _proxy_launches():
+    """CPU proxy of the fused path: Triton's path forced (the interpreter never runs: launches stop where Triton's
+    C launcher would run, as ``_null_launches``, but record compiled-looking launches so replays substitute
+    addresses, as on a GPU)."""
+    from ..kernels import api, fused, launch
+    from ..kernels.dispatch import Backend
+
+    hopper = Backend("triton", "cpu proxy", (9, 0))
+    call, replay = launch.FastLauncher.__call__, launch.Launch.replay
+    saved = fused._triton, fused.choose_backend, api.choose_backend
+
+    def key_only(self, grid, *args, **kwargs):
+        key = (0, tuple(launch._arg_key(a) for a in args), tuple(kwargs.items()))
+        self.cache.get(key)
+        full = list(args)
+        full.extend(kwargs[name] for name in self.names[len(args):])
+        records = launch._RECORDING.get()
+        if records is not None:
+            records.append(launch.Launch(self, grid, args, kwargs, object(), 0))
+
+    launch.FastLauncher.__call__ = key_only
+    launch.Launch.replay = lambda self, args: None
+    fused._triton, fused.choose_backend, api.choose_backend = (lambda d: True), (lambda d: hopper), (lambda d: hopper)
+    try:
+        yield
+    finally:
+        launch.FastLauncher.__call__, launch.Launch.replay = call, replay
+        fused._triton, fused.choose_backend, api.choose_backend = saved
+
+
 def cpu_proxy() -> int:
     """CPU-proxy numbers (no GPU): the layer table with null kernels, and the launch side with null launches."""
     if not _comfyui():
@@ -249,6 +465,10 @@ def cpu_proxy() -> int:
     print("| part | M | host us/call |\n|---|---|---|")
     for r in rows:
         print(f"| {r['part']} | {r['m']} | {r['us']:.1f} |")
+    with _proxy_launches():
+        rows = fused_rows("cpu", calls=200)
+    print_fused_rows(rows, "CPU proxy, fused blocks (real widths on CPU tensors; launches stop where Triton's C "
+                           "launcher would run; no kernel runs)")
     return 0
 
 
@@ -328,8 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     print("\n## cProfile: Int8Linear resident (plan), M = 1")
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    frows = fused_rows("cuda")
+    print_fused_rows(frows, "Fused blocks, eager (1024x1024 widths), host us per call (GPU idle at each start)")
     if args.out:
-        common.write_json(args.out, {"env": common.environment(), "rows": rows})
+        common.write_json(args.out, {"env": common.environment(), "rows": rows, "fused_rows": frows})
     return 0
 
 

@@ -8,6 +8,8 @@ shape-only fake implementations: no graph breaks, no recompiles when M changes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _checks, reference
@@ -36,12 +38,28 @@ def quantize_rows(
     Returns:
         ``q`` int8 ``[M, K]`` and ``scale`` float32 ``[M, 1]``; rows with NaN/Inf get scale NaN.
     """
+    if torch.compiler.is_compiling() or smooth is not None or not isinstance(x, torch.Tensor):
+        _check_quantize_rows(x, smooth, rotate_group)
+        if torch.compiler.is_compiling():
+            return torch.ops.int8_w8a8.quantize_rows(x, smooth, rotate_group)
+        return quantize_rows_impl(x, smooth, rotate_group)
+    # eager, no smoothing (a fused block's attention output): checks and launch path once per specialization,
+    # launches replayed (kernels/direct.Replayer)
+    return _rows_replayer()((x,), (rotate_group,), lambda: _check_quantize_rows(x, None, rotate_group),
+                            lambda: quantize_rows_impl(x, None, rotate_group))
+
+
+def _check_quantize_rows(x, smooth, rotate_group: int) -> None:
     _checks.check_float_input(x, "x")
     _checks.check_smooth(smooth, x.shape[-1])
     _checks.check_rotate_group(rotate_group, x.shape[-1])
-    if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.quantize_rows(x, smooth, rotate_group)
-    return quantize_rows_impl(x, smooth, rotate_group)
+
+
+@functools.cache
+def _rows_replayer():
+    from .direct import Replayer  # direct imports this module
+
+    return Replayer("quantize_rows", interpreted=False)
 
 
 def quantize_weight(

@@ -33,6 +33,8 @@ Dynamic LoRA terms run through the public API (``kernels.int8_linear``), without
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 
 import torch
 
@@ -221,6 +223,29 @@ class LinearPlan:
         y, self.replays[key] = self._record(x)
         return y
 
+    def gemm(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """``y [M, N]`` in ``out_dtype`` of rows a fused kernel quantized (``xq`` int8 ``[M, K]``, ``x_scale``
+        float32 ``[M]``, rotated and without smoothing as the weight expects): ``fused.int8_gemm`` on this weight
+        with its bias cast once per dtype; eager calls of it replay their launches (``Replayer``, one table per
+        function: layers of one shape share a recording, their weight addresses substituted). None when ``xq``
+        is on another device."""
+        if xq.device != self.device:
+            return None
+        from . import fused  # fused imports this module
+
+        return fused.int8_gemm(xq, x_scale, self.q, self.scale, self.bias_for(out_dtype), out_dtype)
+
+    def gemm_residual(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype,
+                      residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor | None:
+        """``residual [B, S, N] += gate [B, 1, N] * (xq @ W.T + bias)`` in place (bias in ``out_dtype``):
+        ``fused.int8_gemm_residual`` on this weight (checked and replayed as ``gemm``); returns ``residual``, or
+        None when ``xq`` is on another device."""
+        if xq.device != self.device:
+            return None
+        from . import fused
+
+        return fused.int8_gemm_residual(xq, x_scale, self.q, self.scale, self.bias_for(out_dtype), residual, gate)
+
     def _direct(self, x: torch.Tensor) -> torch.Tensor:
         """The general implementation without the public API's checks (they were done for this weight)."""
         return api.int8_linear_impl(x, self.q, self.scale, self.bias_for(x.dtype), x.dtype, self.smooth,
@@ -245,3 +270,175 @@ class LinearPlan:
         y = out.reshape(*x.shape[:-1], self.n)
         table = _classify(records, x, xq, xs, out) if records else None
         return y, None if table is None else _Replay(table, m, k, self.n, tuple(y.shape), x.dtype)
+
+
+# ---------------------------------------------------------------- any eager kernel call: record once, replay
+class _Recorded:
+    """The launches of one specialization: ``launches`` as (Launch, template args, [(position, slot, byte offset,
+    view)], [(descriptor, slot, byte offset, view)]); ``outputs`` the tensors the call allocates, as (shape,
+    dtype); ``result`` how to build the return value (None, or a tuple of ("in", i) / ("out", j) items, with
+    ``single`` when it is one tensor, not a tuple)."""
+
+    __slots__ = ("launches", "outputs", "result", "single")
+
+    def __init__(self, launches, outputs, result, single):
+        self.launches, self.outputs, self.result, self.single = launches, outputs, result, single
+
+    def __call__(self, tensors: tuple, device: torch.device):
+        outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.outputs]
+        sources = (*tensors, *outs)
+        for rec, template, slots, descs in self.launches:
+            args = list(template)
+            if rec.kernel is None:  # launched through fn[grid] (the interpreter): tensors, not addresses
+                for pos, slot, off, view in slots:
+                    args[pos] = _view_at(sources[slot], off, view)
+                for desc, slot, off, view in descs:
+                    desc.base = _view_at(sources[slot], off, view)
+            else:
+                for pos, slot, off, _ in slots:
+                    args[pos] = sources[slot].data_ptr() + off
+                for desc, slot, off, _ in descs:
+                    desc.base = _Address(sources[slot].data_ptr() + off)
+            try:
+                rec.replay(args)
+            finally:
+                for desc, *_ in descs:  # keep no per-call tensor alive
+                    desc.base = None
+        if self.result is None:
+            return None
+        built = tuple(tensors[i] if kind == "in" else outs[i] for kind, i in self.result)
+        return built[0] if self.single else built
+
+
+def _view_at(base: torch.Tensor, off: int, view: tuple) -> torch.Tensor:
+    """The tensor (dtype, shape, strides) ``off`` bytes after ``base``'s first element, in its storage."""
+    dtype, shape, stride = view
+    start = base.storage_offset() * base.element_size() + off
+    t = torch.empty(0, dtype=dtype, device=base.device)
+    return t.set_(base.untyped_storage(), start // t.element_size(), shape, stride)
+
+
+_REPLAYERS: weakref.WeakSet = weakref.WeakSet()  # every Replayer, for forget_recordings
+
+
+def forget_recordings() -> None:
+    """Drop every Replayer's recorded specializations (tests that patch the launch path; nothing else needs it:
+    the launch path's choices are fixed per device for a process)."""
+    for rep in list(_REPLAYERS):
+        rep.table.clear()
+
+
+class Replayer:
+    """Eager calls of one kernel function with the per-call host work done once per specialization.
+
+    ``replayer(tensors, static, check, impl)``: ``tensors`` the call's tensor arguments (None allowed) and
+    ``static`` its other arguments (hashable); ``check()`` raises for bad arguments, ``impl()`` runs the function
+    and returns None, a tensor or a tuple of tensors. The first call of a specialization (``static``, the device,
+    and dtype, shape, strides and address mod 16 of every tensor: everything the checks, the launch path's choices
+    and Triton's specialization read) runs ``check()`` and ``impl()`` inside ``launch.recording()``; later calls
+    skip both, allocate the outputs and replay the recorded launches with this call's addresses substituted.
+
+    A specialization is not replayed (``impl()`` runs each call, without ``check()``) when its effects are not
+    all in recorded direct launches: no launch (torch twins, empty tensors), or a launch that reads a tensor which
+    is neither an argument (or a view into one), nor a returned allocation, nor declared persistent with
+    ``launch.keep`` or ``keep`` here (a per-call copy such as ``.contiguous()``), or an address two arguments
+    share (ambiguous), or a returned tensor that is not a fresh contiguous allocation.
+    """
+
+    MAX_SPECIALIZATIONS = 64
+
+    def __init__(self, name: str, interpreted: bool = True) -> None:
+        """``interpreted``: also record and replay under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU
+        test tier). A module-level replayer passes False: its table outlives the tests, which patch the launch
+        path (forced kernels, simulated misfits); tests of the replay itself switch ``enabled`` on."""
+        self.name = name
+        self.enabled = interpreted or os.environ.get("TRITON_INTERPRET", "0") != "1"
+        self.table: dict[tuple, _Recorded | None] = {}
+        _REPLAYERS.add(self)
+
+    def __call__(self, tensors: tuple, static: tuple, check, impl, keep: tuple = ()):
+        if not self.enabled:
+            check()
+            return impl()
+        device = tensors[0].device
+        key = (static, device, *[None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() % 16)
+                                 for t in tensors])
+        entry = self.table.get(key, False)
+        if entry:
+            try:
+                return entry(tensors, device)
+            except (TypeError, AttributeError) as exc:  # this Triton's launcher takes other arguments
+                logger.warning("int8_w8a8: replaying %s failed (%s); using the launch path", self.name, exc)
+                self.table[key] = None
+                return impl()
+        if entry is None:
+            return impl()
+        check()
+        if len(self.table) >= self.MAX_SPECIALIZATIONS:
+            self.table.clear()
+        from . import launch
+
+        with launch.recording() as records:
+            result = impl()
+        self.table[key] = _record(records, tensors, result, keep) if records else None
+        return result
+
+
+def _record(records, tensors: tuple, result, keep: tuple) -> _Recorded | None:
+    """The replay of ``records`` made by a call on ``tensors`` that returned ``result``, or None (see Replayer)."""
+    from .launch import TensorDescriptor
+
+    single = isinstance(result, torch.Tensor)
+    returned = (result,) if single else tuple(result) if isinstance(result, (tuple, list)) else ()
+    if result is not None and not single and not all(isinstance(t, torch.Tensor) for t in returned):
+        return None
+    ids = {id(t): i for i, t in enumerate(tensors) if t is not None}
+    outputs, shape_of, spec = [], [], []
+    for t in returned:
+        if id(t) in ids:
+            spec.append(("in", ids[id(t)]))
+            continue
+        if (t.storage_offset() or not t.is_contiguous()
+                or t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.numel() == 0):
+            return None
+        spec.append(("out", len(outputs)))
+        outputs.append(t)
+        shape_of.append((tuple(t.shape), t.dtype))
+    sources = [*tensors, *outputs]
+    by_ptr: dict[int, list[int]] = {}
+    by_storage: dict[int, list[int]] = {}
+    for i, t in enumerate(sources):
+        if t is not None:
+            by_ptr.setdefault(t.data_ptr(), []).append(i)
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(i)
+    kept = set(records.kept) | {t.untyped_storage().data_ptr() for t in keep if t is not None}
+    table = []
+    for rec in records:
+        template, slots, descs = list(rec.args), [], []
+        for pos, arg in enumerate(rec.args):
+            tensor = arg.base if isinstance(arg, TensorDescriptor) else arg
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            ptr, storage = tensor.data_ptr(), tensor.untyped_storage().data_ptr()
+            exact = by_ptr.get(ptr, ())
+            candidates = exact or by_storage.get(storage, ())
+            if len(candidates) > 1:
+                return None  # two arguments at one address (or in one storage): which one a replay uses is unknown
+            if not candidates:
+                if storage in kept:
+                    continue  # persistent: the template keeps it
+                return None  # a per-call temporary (a copy made by the launch path)
+            slot = candidates[0]
+            entry = (slot, ptr - sources[slot].data_ptr(), (tensor.dtype, tuple(tensor.shape), tensor.stride()))
+            if isinstance(arg, TensorDescriptor):
+                descs.append((arg, *entry))
+            else:
+                slots.append((pos, *entry))
+                template[pos] = None
+        table.append((rec, tuple(template), tuple(slots), tuple(descs)))
+    for rec, template, _, descs in table:  # keep nothing of this call alive
+        rec.args = template
+        for desc, *_ in descs:
+            desc.base = None
+    return _Recorded(tuple(table), tuple(shape_of), tuple(spec) if result is not None else None, single)
+

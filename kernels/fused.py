@@ -24,11 +24,22 @@ from __future__ import annotations
 import torch
 
 from . import _checks, api, reference_fused
+from .direct import Replayer
 from .dispatch import choose_backend
 from .reference_fused import ACTIVATIONS, NORMS, QK_NORMS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 NORM_GATE_MAX_N = 16384  # rows normalized in one tile by ``rms_norm_gate_add`` (Z-Image: 3840)
+
+# Eager calls: checks and launch-path work once per specialization, launches replayed (``direct.Replayer``);
+# a fused block makes ~10 of these calls, each ~100 us of Python before (bench/NOTES.md item 21).
+_NORM_MODULATE = Replayer("norm_modulate_quantize", interpreted=False)
+_GLU = Replayer("glu_quantize", interpreted=False)
+_NORM_GATE_ADD = Replayer("rms_norm_gate_add", interpreted=False)
+_QK_NORM_ROPE = Replayer("qk_norm_rope", interpreted=False)
+_GEMM_RESIDUAL = Replayer("int8_gemm_residual", interpreted=False)
+_GEMM = Replayer("int8_gemm", interpreted=False)
+REPLAYERS = (_NORM_MODULATE, _GLU, _NORM_GATE_ADD, _QK_NORM_ROPE, _GEMM_RESIDUAL, _GEMM)
 
 
 def _triton(device: torch.device) -> bool:
@@ -74,10 +85,12 @@ def norm_modulate_quantize(
     Returns:
         ``q`` int8 ``[B*S, K]`` and ``x_scale`` float32 ``[B*S]`` (rows with NaN/Inf: NaN).
     """
-    check_norm_modulate(x, shift, scale, rotate_group, norm, weight)
     if torch.compiler.is_compiling():
+        check_norm_modulate(x, shift, scale, rotate_group, norm, weight)
         return torch.ops.int8_w8a8.norm_modulate_quantize(x, shift, scale, float(eps), rotate_group, norm, weight)
-    return norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group, norm, weight)
+    return _NORM_MODULATE((x, shift, scale, weight), (float(eps), rotate_group, norm),
+                          lambda: check_norm_modulate(x, shift, scale, rotate_group, norm, weight),
+                          lambda: norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group, norm, weight))
 
 
 def check_norm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, rotate_group: int = 0,
@@ -137,10 +150,12 @@ def glu_quantize(
         ``q`` int8 ``[M, P + F]`` and ``x_scale`` float32 ``[M]``.
     """
     glu, up = glu if isinstance(glu, (tuple, list)) else (glu, None)
-    check_glu(prefix, glu, rotate_group, activation, up)
     if torch.compiler.is_compiling():
+        check_glu(prefix, glu, rotate_group, activation, up)
         return torch.ops.int8_w8a8.glu_quantize(prefix, glu, rotate_group, activation, up)
-    return glu_quantize_impl(prefix, glu, rotate_group, activation, up)
+    return _GLU((glu, prefix, up), (rotate_group, activation),
+                lambda: check_glu(prefix, glu, rotate_group, activation, up),
+                lambda: glu_quantize_impl(prefix, glu, rotate_group, activation, up))
 
 
 def glu_width(glu: torch.Tensor, activation: str, up: torch.Tensor | None = None) -> int:
@@ -200,10 +215,11 @@ def rms_norm_gate_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, ga
     Returns:
         ``[B, S, N]`` in x's dtype.
     """
-    check_norm_gate_add(x, y, weight, gate)
     if torch.compiler.is_compiling():
+        check_norm_gate_add(x, y, weight, gate)
         return torch.ops.int8_w8a8.rms_norm_gate_add(x, y, weight, gate, float(eps))
-    return rms_norm_gate_add_impl(x, y, weight, gate, eps)
+    return _NORM_GATE_ADD((x, y, weight, gate), (float(eps),), lambda: check_norm_gate_add(x, y, weight, gate),
+                          lambda: rms_norm_gate_add_impl(x, y, weight, gate, eps))
 
 
 def check_norm_gate_add(x, y, weight, gate) -> None:
@@ -254,12 +270,15 @@ def qk_norm_rope(
             ``"row"``: RMS over the token's whole q (k) row, weights ``[H * D]`` (Wan) (``QK_NORMS``).
     """
     xq, xk, xv = split_qkv(qkv)
-    check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off, heads, q_weight, k_weight, qk_norm)
     if torch.compiler.is_compiling():
+        check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off, heads, q_weight, k_weight, qk_norm)
         torch.ops.int8_w8a8.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, float(eps_q),
                                          float(eps_k), qk_norm)
         return
-    qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k, qk_norm)
+    _QK_NORM_ROPE((xq, xk, xv, q_weight, k_weight, pe, q, k, v), (seq_off, heads, eps_q, eps_k, qk_norm),
+                  lambda: check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off, heads, q_weight, k_weight, qk_norm),
+                  lambda: qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
+                                            qk_norm))
 
 
 def split_qkv(qkv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -336,11 +355,13 @@ def int8_gemm_residual(
     Returns:
         ``residual``.
     """
-    check_gemm_residual(xq, q, residual, gate)
     if torch.compiler.is_compiling():
+        check_gemm_residual(xq, q, residual, gate)
         torch.ops.int8_w8a8.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate)
     else:
-        int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate)
+        _GEMM_RESIDUAL((xq, x_scale, q, scale, bias, residual, gate), (),
+                       lambda: check_gemm_residual(xq, q, residual, gate),
+                       lambda: int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate))
     return residual
 
 
@@ -377,4 +398,9 @@ def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: t
     if torch.compiler.is_compiling():
         return torch.ops.int8_w8a8.int8_gemm(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False, None,
                                              None)
-    return api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False)
+    return _GEMM((xq, x_scale, q, scale, bias), (out_dtype,), _no_check,
+                 lambda: api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False))
+
+
+def _no_check() -> None:
+    return None

@@ -151,15 +151,32 @@ class FastLauncher:
 _RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("int8_w8a8_launch_recording", default=None)
 
 
+class Records(list):
+    """The ``Launch`` records of one ``recording()`` block, and ``kept``: the storage addresses of tensors the
+    launch code declared persistent with ``keep`` (cached across calls, e.g. Hadamard matrices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: set[int] = set()
+
+
 @contextlib.contextmanager
 def recording():
-    """Collect the ``FastLauncher`` launches made inside the block; yields the list of ``Launch`` records."""
-    records: list[Launch] = []
+    """Collect the ``FastLauncher`` launches made inside the block; yields the ``Records`` list."""
+    records = Records()
     token = _RECORDING.set(records)
     try:
         yield records
     finally:
         _RECORDING.reset(token)
+
+
+def keep(t: torch.Tensor | None) -> None:
+    """Declare ``t`` persistent (a tensor cached across calls that a launch reads) to the recording in progress,
+    if any: a replay may keep its address (``direct.Replayer``). Costs a context variable read otherwise."""
+    records = _RECORDING.get()
+    if records is not None and t is not None and isinstance(records, Records):
+        records.kept.add(t.untyped_storage().data_ptr())
 
 
 @dataclass

@@ -37,6 +37,7 @@ from .launch import (
     FastLauncher,
     TileTooLargeError,  # noqa: F401  (raised here, caught as triton_fused.TileTooLargeError)
     first_fit,
+    keep,
     no_smaller,
 )
 from .triton_quant import (
@@ -349,6 +350,7 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
     warps = QUANT_WARPS if block_k <= TILE_ELEMS else 8
     blocks = triton.cdiv(m, block_m)
     h, rot = rotation_args(rotate_group, x2.device, torch.float32)
+    keep(h)  # cached per group and device: a recorded launch may keep its address (direct.Replayer)
     key = ("norm_modulate_quantize", x2.dtype, block_m, block_k, rotate_group, norm, weight is not None,
            shift is not None, x2.device)
     _launch(
@@ -380,6 +382,7 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
     block_k = max(block_k, rotation_min_tile(rotate_group))  # one row per program: the tile holds the groups
     block_m = 1
     h, rot = rotation_args(rotate_group, glu.device, torch.float32)
+    keep(h)
     blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
     pre = prefix if prefix is not None else glu
     u = up if up is not None else glu[:, f:] if activation == "swiglu" else glu

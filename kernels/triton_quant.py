@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .hadamard import hadamard_pm1_cached
-from .launch import FastLauncher, TileTooLargeError, first_fit
+from .launch import FastLauncher, TileTooLargeError, first_fit, keep
 from .reference import _SEED_MASK, INV_127, TINY_SCALE, as_rows
 
 
@@ -337,6 +337,7 @@ def launch_quantize(
     # TRITON_INTERPRET the rotation runs in float32 (tf32x3) for every input dtype.
     dot_fp32 = x2.dtype == torch.float32 or smooth is not None or interpreting()
     h, rot = rotation_args(rotate_group, x2.device, torch.float32 if dot_fp32 else x2.dtype)
+    keep(h)  # cached per group, device and dtype: a recorded launch may keep its address (direct.Replayer)
     dummy = q
 
     def launch(tile: tuple[int, int]) -> None:

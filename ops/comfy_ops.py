@@ -10,8 +10,9 @@ frozen ``LoadConfig``; everything else (norms, convolutions, embeddings) is Comf
   quantizes are converted here, one layer at a time, on the GPU when there is one;
 * forward: a resident layer (where ComfyUI's own Linear would call F.linear directly) runs the weight's
   ``kernels.direct.LinearPlan`` (checks once per weight, launches recorded and replayed: the eager hot
-  path); everything else goes through ``cast_bias_weight(..., offloadable=True, want_requant=True)`` so
-  that ComfyUI's offloading, DynamicVRAM and LoRA-on-cast work, then the pack's kernel op (also what
+  path), and so does ``run_quantized`` (the GEMMs of fused blocks); everything else goes through
+  ``cast_bias_weight(..., offloadable=True, want_requant=True)`` so that ComfyUI's offloading, DynamicVRAM
+  and LoRA-on-cast work, then the pack's kernel op (also what
   torch.compile traces). With weight functions attached (legacy lowvram LoRA) or forced casting it runs
   the float fallback;
 * LoRA merge (``convert_weight``/``set_weight``), saving (``state_dict``) and ``.to()`` (``_apply``)
@@ -142,10 +143,8 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
           declines): ``cast_bias_weight(..., offloadable=True, want_requant=True)``, then the kernel op.
         """
         comfy.ops.run_every_op()
-        if (not torch.compiler.is_compiling() and not self.comfy_cast_weights and not self.weight_function
-                and not self.bias_function and type(x) is torch.Tensor
-                and not getattr(self, "comfy_force_cast_weights", False)):
-            plan = self._resident_plan()
+        if type(x) is torch.Tensor:
+            plan = self._plan_if_resident()
             if plan is not None:
                 term = self.int8_lora
                 if term is None:
@@ -158,6 +157,14 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
                 if y is not None:
                     return y
         return self._forward_cast(x)
+
+    def _plan_if_resident(self) -> LinearPlan | None:
+        """The weight's ``LinearPlan`` when ComfyUI's cast path would hand the weight over unchanged (eager,
+        ``comfy_cast_weights`` off, no weight/bias functions, no forced casting, an INT8 weight), else None."""
+        if (torch.compiler.is_compiling() or self.comfy_cast_weights or self.weight_function or self.bias_function
+                or getattr(self, "comfy_force_cast_weights", False)):
+            return None
+        return self._resident_plan()
 
     def _resident_plan(self) -> LinearPlan | None:
         """The ``LinearPlan`` of the current INT8 weight and bias, or None for a float weight.
@@ -222,9 +229,17 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
         xq int8 [M, K], x_scale float32 [M] -> y [M, N] in out_dtype; with ``residual`` ([B, S, N],
         contiguous) and ``gate`` ([B, 1, N]) it returns ``residual += gate * y`` computed in the GEMM's
-        epilogue, in place. The weight comes through ComfyUI's cast path, so offloading works.
+        epilogue, in place. A resident layer (``forward``'s rule) runs its ``LinearPlan`` (launches recorded once
+        per input specialization and replayed); otherwise the weight comes through ComfyUI's cast path, so
+        offloading, lowvram and DynamicVRAM work.
         """
         comfy.ops.run_every_op()
+        plan = self._plan_if_resident()
+        if plan is not None:
+            y = (plan.gemm(xq, x_scale, out_dtype) if residual is None
+                 else plan.gemm_residual(xq, x_scale, out_dtype, residual, gate))
+            if y is not None:
+                return y
         group = self.input_rotation()
         weight, bias, offload = comfy.ops.cast_bias_weight(
             self, input=None, dtype=self.weight.dtype, device=xq.device, bias_dtype=out_dtype, offloadable=True,

@@ -119,3 +119,13 @@ def models_dir(comfyui, tmp_path, monkeypatch):
     yield tmp_path
     folder_paths.folder_names_and_paths.clear()
     folder_paths.folder_names_and_paths.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernel_recordings():
+    """Launches recorded by ``kernels.direct.Replayer`` (eager calls on a GPU) belong to one test: tests patch the
+    launch path (forced kernels, simulated misfits), which a recording from an earlier test would bypass."""
+    from int8_w8a8.kernels import direct
+
+    direct.forget_recordings()
+    yield
