@@ -80,7 +80,7 @@ for step in "$@"; do
         arch-compile) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes compile \
             --variants ${VARIANTS:-bf16 fp8-fast pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs \
             --out "$OUT/bench_arch_compile_${m// /_}.json" 2>&1 | tee "$OUT/bench_arch_compile_${m// /_}.txt" ;;
-        tests-fastpath) python3 -m pytest tests/test_fastpath.py -q -p no:randomly 2>&1 | tee "$OUT/pytest-fastpath.log" \
+        tests-fastpath) python3 -m pytest tests/test_fastpath.py tests/test_fastpath_fused.py $XDIST -q -p no:randomly 2>&1 | tee "$OUT/pytest-fastpath.log" \
             | tail -15 ;;
         attention) { python3 -m pytest tests/test_attention.py -q -p no:randomly 2>&1 | tail -15; python3 -m int8_w8a8.bench.check_ptx_attention; python3 -m int8_w8a8.bench.bench_attention --out "$OUT/bench_attention.json"; } 2>&1 | tee "$OUT/bench_attention.txt" ;;
         sweep-*) python3 -m int8_w8a8.bench.sweep_gemm --bucket "${step#sweep-}" --out "$OUT/sweep_${step#sweep-}.json" \
