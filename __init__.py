@@ -6,6 +6,9 @@ Importing the package needs neither ComfyUI nor a GPU; ComfyUI finds the nodes t
 
 __version__ = "0.1.0"
 
+# Frontend code ComfyUI serves for the pack: web/reports.js shows the nodes' reports on the nodes.
+WEB_DIRECTORY = "web"
+
 
 async def comfy_entrypoint():
     """ComfyUI V3 entry point: the pack's ``ComfyExtension``."""

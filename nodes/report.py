@@ -2,7 +2,8 @@
 
 ComfyUI's frontend draws a node's *progress text* under the node's widgets, for every node, output node or
 not (ComfyUI's own Get Image Size node reports the size that way, through ``PromptServer.send_progress_text``);
-a node's ``ui`` output only reaches ``/history`` and extensions that know its keys. ``show`` does both. The
+a node's ``ui`` output reaches ``/history`` and the "executed" message, which ``web/reports.js`` shows on the
+node (also when ComfyUI replays it for a cached output node) and sizes the node to. ``show`` does both. The
 lines are logged where they are made (``ops.loader``, ``ops.saving``, ``lora.loading``), not here again.
 """
 

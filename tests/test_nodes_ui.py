@@ -195,6 +195,57 @@ def test_nodes_show_what_they_did_on_the_node(workspace, texts):
     assert history["4"] == {"text": lines} and history["2"]["text"] == [texts.of("2")]
 
 
+def _reporting_nodes_in_frontend() -> set[str]:
+    """The node ids web/reports.js shows reports for (its REPORTING_NODES set)."""
+    import re
+
+    source = (ROOT / "web" / "reports.js").read_text()
+    block = re.search(r"const REPORTING_NODES = new Set\(\[(.*?)\]\);", source, re.S)
+    assert block, "web/reports.js: REPORTING_NODES not found"
+    return set(re.findall(r'"(\w+)"', block.group(1)))
+
+
+def test_frontend_extension_is_served_and_covers_every_reporting_node(workspace):
+    """ComfyUI serves web/ for the pack (WEB_DIRECTORY), and reports.js handles exactly the nodes that report:
+    those whose schema hands them their node id, which show() needs to send the text."""
+    import int8_w8a8
+    import nodes
+    from int8_w8a8.nodes import node_list
+
+    assert int8_w8a8.WEB_DIRECTORY == "web"
+    served = [d for d in nodes.EXTENSION_WEB_DIRS.values() if pathlib.Path(d).resolve() == ROOT / "web"]
+    assert served and (pathlib.Path(served[0]) / "reports.js").is_file(), nodes.EXTENSION_WEB_DIRS
+    reporting = {cls.__name__ for cls in node_list() if "unique_id" in cls.INPUT_TYPES().get("hidden", {})}
+    assert reporting == _reporting_nodes_in_frontend()
+    assert len(reporting) == len(node_list()) - 1  # all but the plain LoRA list for the loader
+
+
+def test_reporting_nodes_return_their_text_as_ui_output(workspace, texts):
+    """What web/reports.js shows from the "executed" message (which ComfyUI also replays for a cached output node,
+    without progress text): the ``text`` entry of the node's ui output, a list of lines, equal to the progress text
+    sent when it ran."""
+    prompt = {
+        "1": _loader(),
+        "2": {"class_type": "Int8LoraMergeStack", "inputs": {"model": ["1", 0], "lora_1": "a.safetensors",
+                                                             "strength_1": 0.5, "rounding": "nearest"}},
+        "3": {"class_type": "Int8LoraDynamic", "inputs": {"model": ["2", 0], "lora_name": "b.safetensors",
+                                                          "strength": 0.5}},
+        "4": {"class_type": "Int8QuantizeModel", "inputs": {"model": ["3", 0], "model_profile": "auto",
+                                                            "weight_scale": "per-row", "convrot_group": "0"}},
+        "5": _save(["4", 0], prefix="int8/ui-cached"),
+    }
+    executor, errors = _execute(prompt, ["5"])
+    assert executor.success and not errors, errors
+    outputs = executor.history_result["outputs"]
+    assert set(outputs) == set(prompt)
+    for node_id, output in outputs.items():
+        assert set(output) == {"text"} and output["text"], (node_id, output)
+        assert all(isinstance(line, str) and line for line in output["text"])
+        assert "\n".join(output["text"]) == texts.of(node_id)
+    assert outputs["2"]["text"][0].startswith("a.safetensors: ")
+    assert outputs["4"]["text"][0].startswith("the input model (Flux2): 10 layers INT8 as stored")
+
+
 # ------------------------------------------------------------------------------------------------ validation
 
 
