@@ -135,38 +135,62 @@ class _Replay:
         return buf[: m * k].view(torch.int8).view(m, k), buf[self.off: self.off + 4 * m].view(torch.float32)
 
 
-def _classify(records, x, xq, xs, out) -> list | None:
-    """The replay table of recorded launches, or None when a tensor argument aliases a per-call buffer at an
-    address the plan cannot map (a view at an offset)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+_PERSISTENT = object()  # _replay_table's locate: a tensor the template keeps
 
-    slot_of = {x.data_ptr(): _X, xq.data_ptr(): _XQ, xs.data_ptr(): _XS, out.data_ptr(): _OUT}
-    per_call = {t.untyped_storage().data_ptr() for t in (x, xq, out)}
+
+def _replay_table(records, locate) -> tuple | None:
+    """The replay table of ``records`` (the launches of one recorded call), or None when they cannot be replayed.
+
+    Per launch ``(Launch, template args, slots, descs)``: ``slots`` as ``(position, *entry)`` for tensor arguments
+    and ``descs`` as ``(TensorDescriptor, *entry)`` for descriptors whose base is a per-call tensor, where
+    ``entry = locate(tensor, is_desc)`` says where the replay finds that tensor; ``locate`` returns
+    ``_PERSISTENT`` for a tensor the template keeps, or None when the launches cannot be replayed. On success
+    the records keep nothing of the recording call alive (the templates replace their arguments, the
+    descriptors' bases are cleared)."""
+    from .launch import TensorDescriptor
+
     table = []
     for rec in records:
         template, slots, descs = list(rec.args), [], []
         for pos, arg in enumerate(rec.args):
-            tensor = arg.base if isinstance(arg, TensorDescriptor) else arg
+            is_desc = isinstance(arg, TensorDescriptor)
+            tensor = arg.base if is_desc else arg
             if not isinstance(tensor, torch.Tensor):
                 continue
-            slot = slot_of.get(tensor.data_ptr())
-            if slot is None:
-                if tensor.untyped_storage().data_ptr() in per_call:
-                    return None
-                continue  # a persistent tensor (weight, scale, bias, Hadamard matrix): kept by the template
-            if isinstance(arg, TensorDescriptor):
-                if arg.base.data_ptr() % 16 or slot == _X:
-                    return None
-                descs.append((arg, slot))  # the descriptor object is reused, its base replaced per call
+            entry = locate(tensor, is_desc)
+            if entry is None:
+                return None
+            if entry is _PERSISTENT:
+                continue
+            if is_desc:
+                descs.append((arg, *entry))
             else:
-                slots.append((pos, slot))
+                slots.append((pos, *entry))
                 template[pos] = None
         table.append((rec, tuple(template), tuple(slots), tuple(descs)))
     for rec, template, _, descs in table:  # keep nothing of this call alive: its input, buffers, output
         rec.args = template
-        for desc, _ in descs:
+        for desc, *_ in descs:
             desc.base = None
-    return table
+    return tuple(table)
+
+
+def _classify(records, x, xq, xs, out) -> tuple | None:
+    """The replay table of recorded launches, or None when a tensor argument aliases a per-call buffer at an
+    address the plan cannot map (a view at an offset)."""
+    slot_of = {x.data_ptr(): _X, xq.data_ptr(): _XQ, xs.data_ptr(): _XS, out.data_ptr(): _OUT}
+    per_call = {t.untyped_storage().data_ptr() for t in (x, xq, out)}
+
+    def locate(tensor: torch.Tensor, is_desc: bool):
+        slot = slot_of.get(tensor.data_ptr())
+        if slot is None:
+            # a persistent tensor (weight, scale, bias, Hadamard matrix) is kept by the template
+            return None if tensor.untyped_storage().data_ptr() in per_call else _PERSISTENT
+        if is_desc and (tensor.data_ptr() % 16 or slot == _X):
+            return None
+        return (slot,)  # a descriptor object is reused, its base replaced per call
+
+    return _replay_table(records, locate)
 
 
 class LinearPlan:
@@ -386,8 +410,6 @@ class Replayer:
 
 def _record(records, tensors: tuple, result, keep: tuple) -> _Recorded | None:
     """The replay of ``records`` made by a call on ``tensors`` that returned ``result``, or None (see Replayer)."""
-    from .launch import TensorDescriptor
-
     single = isinstance(result, torch.Tensor)
     returned = (result,) if single else tuple(result) if isinstance(result, (tuple, list)) else ()
     if result is not None and not single and not all(isinstance(t, torch.Tensor) for t in returned):
@@ -412,33 +434,20 @@ def _record(records, tensors: tuple, result, keep: tuple) -> _Recorded | None:
             by_ptr.setdefault(t.data_ptr(), []).append(i)
             by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(i)
     kept = set(records.kept) | {t.untyped_storage().data_ptr() for t in keep if t is not None}
-    table = []
-    for rec in records:
-        template, slots, descs = list(rec.args), [], []
-        for pos, arg in enumerate(rec.args):
-            tensor = arg.base if isinstance(arg, TensorDescriptor) else arg
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            ptr, storage = tensor.data_ptr(), tensor.untyped_storage().data_ptr()
-            exact = by_ptr.get(ptr, ())
-            candidates = exact or by_storage.get(storage, ())
-            if len(candidates) > 1:
-                return None  # two arguments at one address (or in one storage): which one a replay uses is unknown
-            if not candidates:
-                if storage in kept:
-                    continue  # persistent: the template keeps it
-                return None  # a per-call temporary (a copy made by the launch path)
-            slot = candidates[0]
-            entry = (slot, ptr - sources[slot].data_ptr(), (tensor.dtype, tuple(tensor.shape), tensor.stride()))
-            if isinstance(arg, TensorDescriptor):
-                descs.append((arg, *entry))
-            else:
-                slots.append((pos, *entry))
-                template[pos] = None
-        table.append((rec, tuple(template), tuple(slots), tuple(descs)))
-    for rec, template, _, descs in table:  # keep nothing of this call alive
-        rec.args = template
-        for desc, *_ in descs:
-            desc.base = None
-    return _Recorded(tuple(table), tuple(shape_of), tuple(spec) if result is not None else None, single)
+
+    def locate(tensor: torch.Tensor, is_desc: bool):
+        ptr, storage = tensor.data_ptr(), tensor.untyped_storage().data_ptr()
+        candidates = by_ptr.get(ptr, ()) or by_storage.get(storage, ())
+        if len(candidates) > 1:
+            return None  # two arguments at one address (or in one storage): which one a replay uses is unknown
+        if not candidates:
+            # persistent: the template keeps it; otherwise a per-call temporary (a copy made by the launch path)
+            return _PERSISTENT if storage in kept else None
+        slot = candidates[0]
+        return slot, ptr - sources[slot].data_ptr(), (tensor.dtype, tuple(tensor.shape), tensor.stride())
+
+    table = _replay_table(records, locate)
+    if table is None:
+        return None
+    return _Recorded(table, tuple(shape_of), tuple(spec) if result is not None else None, single)
 
