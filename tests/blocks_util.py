@@ -105,6 +105,18 @@ def tiny_detection():
         yield
 
 
+@contextlib.contextmanager
+def tiny_models(build: Callable[..., torch.nn.Module], seed: int,
+                dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)):
+    """A module-scoped ``models`` fixture's value, inside ``tiny_detection`` for the fixture's scope: ``"sd"``,
+    random BF16 weights for ``build(device="meta")`` (``random_state_dict``), and ``"fused-<dtype>"`` /
+    ``"plain-<dtype>"`` (e.g. ``"fused-bfloat16"``): the pack's loads of them with and without fused blocks."""
+    sd = random_state_dict(build(device="meta"), seed=seed)
+    with tiny_detection():
+        yield {"sd": sd, **{f"{name}-{str(dt)[6:]}": load(sd, dt, fused_blocks=(name == "fused"))
+                            for name in ("fused", "plain") for dt in dtypes}}
+
+
 def load(sd: dict, dtype: torch.dtype, **options):
     """The pack's loader on ``sd`` (BF16 weights converted to INT8 on load) with activations in ``dtype``."""
     from int8_w8a8.ops import formats, loader
@@ -112,6 +124,29 @@ def load(sd: dict, dtype: torch.dtype, **options):
     nsd, report = formats.normalize(dict(sd), None, "tiny")
     return loader.build(nsd, report, loader.LoadOptions(**options), "tiny", model_options={"dtype": dtype},
                         disable_dynamic=True)
+
+
+def load_one_unrotated(sd: dict, prefix: str, unrotated: str):
+    """The pack's load (bfloat16 activations) of a file made from ``sd`` whose layers under ``prefix`` are
+    stored as ComfyUI native INT8 with ConvRot group 64, all but ``unrotated``, which is INT8 without rotation."""
+    import json
+
+    from int8_w8a8.ops import formats, loader
+
+    from . import formats_util
+
+    def chosen(convrot):
+        return lambda layer: layer.startswith(prefix) and ((layer == unrotated) != bool(convrot))
+
+    sd, layers = dict(sd), {}
+    for convrot in (64, 0):
+        sd, meta = formats_util.native(sd, chosen(convrot), convrot=convrot)
+        layers.update(json.loads(meta["_quantization_metadata"])["layers"])
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    nsd, report = formats.normalize(sd, meta, "mixed.safetensors")
+    with tiny_detection():
+        return loader.build(nsd, report, loader.LoadOptions(), "mixed", model_options={"dtype": torch.bfloat16},
+                            disable_dynamic=True)
 
 
 def model_inputs(patcher, args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict]:
@@ -274,6 +309,47 @@ def count_kernel_calls(monkeypatch, activations: bool = True) -> dict:
     for name in COUNTED:
         monkeypatch.setattr(fused_kernels, name, counting(name, getattr(fused_kernels, name)))
     return counts
+
+
+def count_linear_calls(monkeypatch, counts: dict, names: tuple[str, ...] = ("run_quantized", "forward")) -> dict:
+    """Also count, in ``counts`` (``count_kernel_calls``'), how often Int8Linear layers ran on rows quantized
+    before them (``"run_quantized"``) or, fusable layers only, quantized their own input (``"forward"``)."""
+    from int8_w8a8.ops.comfy_ops import Int8Linear
+
+    for name in names:
+        original = getattr(Int8Linear, name)
+
+        def counting(self, *a, _name=name, _fn=original, **k):
+            if _name == "run_quantized" or self.fusable():
+                counts[_name] = counts.get(_name, 0) + 1
+            return _fn(self, *a, **k)
+
+        monkeypatch.setattr(Int8Linear, name, counting)
+    return counts
+
+
+def compiled_in_one_graph(patcher, args: tuple, kwargs: dict | None = None, options: dict | None = None,
+                          ops: Iterable[str] = (*KERNELS, "flux_rope_table")) -> torch.Tensor:
+    """The patcher's diffusion model traced by ``torch.compile(fullgraph=True)`` (aot_eager) and run on ``args``
+    (x, timesteps, context: on the load device, timesteps [B] in float32, the others in the model's dtype),
+    ``kwargs`` as given and ``transformer_options=options`` (default ``{}``): checks one graph, no breaks, each
+    of ``ops`` in it; returns the output in float32."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(patcher.model.diffusion_model, backend=backend, fullgraph=True)
+    dev, dtype = patcher.load_device, patcher.model.get_dtype()
+    with torch.inference_mode():
+        y = compiled(*(a.to(dev, dtype if a.dim() > 1 else torch.float32) for a in args), **(kwargs or {}),
+                     transformer_options={} if options is None else options).float()
+    assert not counters["graph_break"] and backend.frame_count == 1
+    names = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
+    for op in ops:
+        assert any(op in name for name in names), (op, sorted(names))
+    return y
 
 
 def sdpa_attention(monkeypatch) -> None:

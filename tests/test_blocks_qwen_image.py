@@ -45,29 +45,15 @@ def inputs(batch: int = 2, h: int = 8, w: int = 8, txt: int = 7, seed: int = 7):
 
 @pytest.fixture(scope="module")
 def models(comfyui):
-    sd = bu.random_state_dict(qwen_module(device="meta"), seed=13)
-    with bu.tiny_detection():
-        yield {"sd": sd, **{f"{name}-{str(dt)[6:]}": bu.load(sd, dt, fused_blocks=(name == "fused"))
-                            for name in ("fused", "plain") for dt in (torch.bfloat16, torch.float32)}}
+    with bu.tiny_models(qwen_module, seed=13) as models:
+        yield models
 
 
 @pytest.fixture
 def calls(monkeypatch):
     """Fused-kernel calls, and how often Int8Linear layers ran on rows quantized before them (``run_quantized``)
     or quantized their own input (``forward``)."""
-    from int8_w8a8.ops.comfy_ops import Int8Linear
-
-    counts = bu.count_kernel_calls(monkeypatch)
-    for name in ("run_quantized", "forward"):
-        original = getattr(Int8Linear, name)
-
-        def counting(self, *a, _name=name, _fn=original, **k):
-            if _name == "run_quantized" or self.fusable():
-                counts[_name] = counts.get(_name, 0) + 1
-            return _fn(self, *a, **k)
-
-        monkeypatch.setattr(Int8Linear, name, counting)
-    return counts
+    return bu.count_linear_calls(monkeypatch, bu.count_kernel_calls(monkeypatch))
 
 
 def test_install_registers_blocks_and_mask_wrapper(models):
@@ -166,24 +152,7 @@ def test_fallback_rules(models, calls, rule):
 def test_qkv_with_different_convrot_groups_falls_back(models, calls):
     """A file whose to_k is not rotated while to_q/to_v are (one quantization cannot serve both) runs ComfyUI's
     block for that block only."""
-    from int8_w8a8.ops import formats, loader
-
-    from . import formats_util
-
-    def blocks(convrot):
-        return lambda layer: layer.startswith("transformer_blocks.") and (
-            (layer == "transformer_blocks.0.attn.to_k") != bool(convrot))
-
-    sd, layers = dict(models["sd"]), {}
-    import json
-    for convrot in (64, 0):
-        sd, meta = formats_util.native(sd, blocks(convrot), convrot=convrot)
-        layers.update(json.loads(meta["_quantization_metadata"])["layers"])
-    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
-    nsd, report = formats.normalize(sd, meta, "mixed.safetensors")
-    with bu.tiny_detection():
-        patcher = loader.build(nsd, report, loader.LoadOptions(), "mixed", model_options={"dtype": torch.bfloat16},
-                               disable_dynamic=True)
+    patcher = bu.load_one_unrotated(models["sd"], "transformer_blocks.", "transformer_blocks.0.attn.to_k")
     attn = patcher.model.diffusion_model.transformer_blocks[0].attn
     assert (attn.to_q.input_rotation(), attn.to_k.input_rotation()) == (64, 0)
     y = bu.run(patcher, inputs())
@@ -209,27 +178,14 @@ def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypat
     """Traced by torch.compile (the mask wrapper included): one graph, no breaks, the fused kernels and the
     RoPE-table op in it, and the eager fused model's output."""
     import comfy.patcher_extension
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch._dynamo.utils import counters
 
     bu.sdpa_attention(monkeypatch)
     patcher = models["fused-bfloat16"]
     args = inputs()
     want = bu.run(patcher, args)
     eager_calls = dict(calls)
-    torch._dynamo.reset()
-    counters.clear()
-    backend = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(patcher.model.diffusion_model, backend=backend, fullgraph=True)
-    dev, dtype = patcher.load_device, patcher.model.get_dtype()
     options = {**patcher.model_options["transformer_options"],
                "wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)}
-    with torch.inference_mode():
-        y = compiled(*(a.to(dev, dtype if a.dim() > 1 else torch.float32) for a in args),
-                     transformer_options=options).float()
+    y = bu.compiled_in_one_graph(patcher, args, options=options)
     assert eager_calls["qk_norm_rope"] == 2 * LAYERS
-    assert not counters["graph_break"] and backend.frame_count == 1
-    ops = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
-    for op in (*bu.KERNELS, "flux_rope_table"):
-        assert any(op in name for name in ops), (op, sorted(ops))
     assert sqnr_db(want, y) > 60

@@ -43,27 +43,13 @@ def inputs(batch: int = 2, frames: int = 2, h: int = 8, w: int = 8, seed: int = 
 
 @pytest.fixture(scope="module")
 def models(comfyui):
-    sd = bu.random_state_dict(wan_module(device="meta"), seed=19)
-    with bu.tiny_detection():
-        yield {"sd": sd, **{f"{name}-{str(dt)[6:]}": bu.load(sd, dt, fused_blocks=(name == "fused"))
-                            for name in ("fused", "plain") for dt in (torch.bfloat16, torch.float32)}}
+    with bu.tiny_models(wan_module, seed=19) as models:
+        yield models
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    from int8_w8a8.ops.comfy_ops import Int8Linear
-
-    counts = bu.count_kernel_calls(monkeypatch)
-    for name in ("run_quantized", "forward"):
-        original = getattr(Int8Linear, name)
-
-        def counting(self, *a, _name=name, _fn=original, **k):
-            if _name == "run_quantized" or self.fusable():
-                counts[_name] = counts.get(_name, 0) + 1
-            return _fn(self, *a, **k)
-
-        monkeypatch.setattr(Int8Linear, name, counting)
-    return counts
+    return bu.count_linear_calls(monkeypatch, bu.count_kernel_calls(monkeypatch))
 
 
 def test_install_registers_wan_blocks(models):
@@ -146,26 +132,11 @@ def test_image_cross_attention_falls_back(comfyui, calls):
 
 
 def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch):
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch._dynamo.utils import counters
-
     bu.sdpa_attention(monkeypatch)
     patcher = models["fused-bfloat16"]
     args = inputs()
     want = bu.run(patcher, args)
     eager_calls = dict(calls)
-    torch._dynamo.reset()
-    counters.clear()
-    backend = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(patcher.model.diffusion_model, backend=backend, fullgraph=True)
-    dev, dtype = patcher.load_device, patcher.model.get_dtype()
-    options = dict(patcher.model_options["transformer_options"])
-    with torch.inference_mode():
-        y = compiled(*(a.to(dev, dtype if a.dim() > 1 else torch.float32) for a in args),
-                     transformer_options=options).float()
+    y = bu.compiled_in_one_graph(patcher, args, options=dict(patcher.model_options["transformer_options"]))
     assert eager_calls["qk_norm_rope"] == LAYERS
-    assert not counters["graph_break"] and backend.frame_count == 1
-    ops = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
-    for op in (*bu.KERNELS, "flux_rope_table"):
-        assert any(op in name for name in ops), (op, sorted(ops))
     assert sqnr_db(want, y) > 60

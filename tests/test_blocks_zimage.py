@@ -11,8 +11,6 @@ different ConvRot groups) runs ComfyUI's forward, whose output is then ComfyUI's
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import safetensors.torch
 import torch
@@ -46,25 +44,13 @@ def inputs(batch: int = 2, h: int = 8, w: int = 8, txt: int = 7, seed: int = 7):
 
 @pytest.fixture(scope="module")
 def models(comfyui):
-    sd = bu.random_state_dict(zimage_module(device="meta"), seed=17)
-    with bu.tiny_detection():
-        yield {"sd": sd, **{f"{name}-{str(dt)[6:]}": bu.load(sd, dt, fused_blocks=(name == "fused"))
-                            for name in ("fused", "plain") for dt in (torch.bfloat16, torch.float32, torch.float16)}}
+    with bu.tiny_models(zimage_module, seed=17, dtypes=(torch.bfloat16, torch.float32, torch.float16)) as models:
+        yield models
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    from int8_w8a8.ops.comfy_ops import Int8Linear
-
-    counts = bu.count_kernel_calls(monkeypatch)
-    original = Int8Linear.run_quantized
-
-    def counting(self, *a, **k):
-        counts["run_quantized"] = counts.get("run_quantized", 0) + 1
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(Int8Linear, "run_quantized", counting)
-    return counts
+    return bu.count_linear_calls(monkeypatch, bu.count_kernel_calls(monkeypatch), ("run_quantized",))
 
 
 def test_install_patches_each_clone_not_the_module(models, calls):
@@ -168,22 +154,7 @@ def test_grouped_query_attention_falls_back(comfyui, calls):
 
 def test_w1_w3_with_different_convrot_groups_fall_back(models, calls):
     """A file whose w3 is not rotated while w1 is (one quantization cannot serve both): that layer runs ComfyUI's."""
-    from int8_w8a8.ops import formats, loader
-
-    from . import formats_util
-
-    def chosen(convrot):
-        return lambda layer: layer.startswith("layers.") and ((layer == "layers.0.feed_forward.w3") != bool(convrot))
-
-    sd, layers = dict(models["sd"]), {}
-    for convrot in (64, 0):
-        sd, meta = formats_util.native(sd, chosen(convrot), convrot=convrot)
-        layers.update(json.loads(meta["_quantization_metadata"])["layers"])
-    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
-    nsd, report = formats.normalize(sd, meta, "mixed.safetensors")
-    with bu.tiny_detection():
-        patcher = loader.build(nsd, report, loader.LoadOptions(), "mixed", model_options={"dtype": torch.bfloat16},
-                               disable_dynamic=True)
+    patcher = bu.load_one_unrotated(models["sd"], "layers.", "layers.0.feed_forward.w3")
     ff = patcher.model.diffusion_model.layers[0].feed_forward
     assert (ff.w1.input_rotation(), ff.w3.input_rotation()) == (64, 0)
     args, kwargs = inputs()
@@ -208,25 +179,12 @@ def test_dynamic_lora_falls_back(models, calls, tmp_path, monkeypatch):
 
 
 def test_torch_compile_traces_fused_layers_in_one_graph(models, calls, monkeypatch):
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch._dynamo.utils import counters
-
     bu.sdpa_attention(monkeypatch)
     patcher = models["fused-bfloat16"]
     args, kwargs = inputs()
     want = bu.run(patcher, args, kwargs)  # loads the patcher: the object patches are applied
     eager_calls = dict(calls)
-    torch._dynamo.reset()
-    counters.clear()
-    backend = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(patcher.model.diffusion_model, backend=backend, fullgraph=True)
-    dev, dtype = patcher.load_device, patcher.model.get_dtype()
-    with torch.inference_mode():
-        y = compiled(*(a.to(dev, dtype if a.dim() > 1 else torch.float32) for a in args), **kwargs,
-                     transformer_options={}).float()
+    y = bu.compiled_in_one_graph(patcher, args, kwargs, options={}, ops=(
+        "norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "rms_norm_gate_add", "flux_rope_table"))
     assert eager_calls["qk_norm_rope"] == LAYERS
-    assert not counters["graph_break"] and backend.frame_count == 1
-    ops = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
-    for op in ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "rms_norm_gate_add", "flux_rope_table"):
-        assert any(op in name for name in ops), (op, sorted(ops))
     assert sqnr_db(want, y) > 60
