@@ -121,6 +121,22 @@ def models_dir(comfyui, tmp_path, monkeypatch):
     folder_paths.folder_names_and_paths.update(saved)
 
 
+@pytest.fixture
+def cast_calls(comfyui, monkeypatch):
+    """Counts calls of ComfyUI's real cast_bias_weight (the function still runs)."""
+    import comfy.ops
+
+    calls = []
+    real = comfy.ops.cast_bias_weight
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counting)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _fresh_kernel_recordings():
     """Launches recorded by ``kernels.direct.Replayer`` (eager calls on a GPU) belong to one test: tests patch the

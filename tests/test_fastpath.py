@@ -231,22 +231,6 @@ def _layer(k: int = 64, n: int = 48, bias: bool = True):
     return layer
 
 
-@pytest.fixture
-def cast_calls(comfyui, monkeypatch):
-    """Counts calls of ComfyUI's real cast_bias_weight (the function still runs)."""
-    import comfy.ops
-
-    calls = []
-    real = comfy.ops.cast_bias_weight
-
-    def counting(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counting)
-    return calls
-
-
 def _plan_of(layer):
     from int8_w8a8.ops import comfy_ops
 

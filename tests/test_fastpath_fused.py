@@ -249,22 +249,6 @@ def test_module_replayers_are_off_under_the_interpreter():
 
 
 # ---------------------------------------------------------------------------------------------------- ComfyUI
-@pytest.fixture
-def cast_calls(comfyui, monkeypatch):
-    """Counts calls of ComfyUI's real cast_bias_weight (the function still runs)."""
-    import comfy.ops
-
-    calls = []
-    real = comfy.ops.cast_bias_weight
-
-    def counting(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counting)
-    return calls
-
-
 def _layer(k: int = 64, n: int = 48):
     from int8_w8a8.ops import layout
     from int8_w8a8.ops.comfy_ops import make_operations

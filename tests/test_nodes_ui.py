@@ -21,27 +21,13 @@ import torch
 
 from . import formats_util as fu
 from . import lora_util as lu
+from .test_examples import MessageLog
 from .test_lora import KEPT_LAYERS, QUANTIZED_LAYERS
 from .tiny_flux2 import quantized_layer, write
 
 pytestmark = pytest.mark.integration
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-class ExecutorLog:
-    """Where PromptExecutor sends its messages (the websocket server, in ComfyUI's main)."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-    def queue_updated(self):
-        pass
 
 
 class ProgressTexts:
@@ -108,7 +94,7 @@ def texts(monkeypatch) -> ProgressTexts:
 def _execute(prompt: dict, outputs: list[str]):
     import execution
 
-    executor = execution.PromptExecutor(ExecutorLog(), cache_type=execution.CacheType.CLASSIC,
+    executor = execution.PromptExecutor(MessageLog(), cache_type=execution.CacheType.CLASSIC,
                                         cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(prompt, "ui-test", {}, outputs)
     errors = [data for event, data in executor.status_messages if event == "execution_error"]
