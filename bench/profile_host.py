@@ -167,7 +167,9 @@ def _null_kernels():
 @contextlib.contextmanager
 def _null_launches():
     """CPU proxy only: a FastLauncher call does its Python (specialization key, cache lookup, argument list) and
-    stops where the GPU path calls Triton's C launcher; a replayed launch stops at the same place."""
+    stops where the GPU path calls Triton's C launcher; a replayed launch stops at the same place. Inside
+    ``launch.recording()`` the launches are recorded as compiled ones (a kernel, device 0), so replays substitute
+    addresses, as on a GPU."""
     from ..kernels import launch
 
     call, replay = launch.FastLauncher.__call__, launch.Launch.replay
@@ -177,6 +179,9 @@ def _null_launches():
         self.cache.get(key)
         full = list(args)
         full.extend(kwargs[name] for name in self.names[len(args):])
+        records = launch._RECORDING.get()
+        if records is not None:
+            records.append(launch.Launch(self, grid, args, kwargs, object(), 0))
 
     launch.FastLauncher.__call__ = key_only
     launch.Launch.replay = lambda self, args: None
@@ -218,7 +223,8 @@ def _launch_parts(x, q, scale, bias, plan, backend) -> dict:
 
 def _proxy_replay(plan, x, m: int, k: int):
     """A replay of ``plan`` for ``x`` whose launches look compiled (addresses, not tensors, substituted): built
-    from a recording with the launches stopped before the kernels, so nothing runs in the interpreter."""
+    from a recording with the launches stopped before the kernels (inside ``_null_launches``), so nothing runs in
+    the interpreter."""
     from ..kernels import direct, launch, triton_ops
 
     off, nbytes = direct._regions(m, k)
@@ -228,8 +234,6 @@ def _proxy_replay(plan, x, m: int, k: int):
     with launch.recording() as records:
         triton_quant.launch_quantize(x.view(m, k), xq, xs)
         out = triton_ops.int8_gemm(xq, xs, plan.q, plan.scale, plan.bias_for(x.dtype), x.dtype, plan.backend)
-    for rec in records:
-        rec.kernel = object()  # as on a GPU: the replay substitutes raw addresses
     return direct._Replay(direct._classify(records, x, xq, xs, out), m, k, plan.n,
                           (*x.shape[:-1], plan.n), x.dtype)
 
@@ -422,31 +426,17 @@ def print_fused_rows(rows: list[dict], title: str) -> None:
 @contextlib.contextmanager
 def _proxy_launches():
     """CPU proxy of the fused path: Triton's path forced (the interpreter never runs: launches stop where Triton's
-    C launcher would run, as ``_null_launches``, but record compiled-looking launches so replays substitute
-    addresses, as on a GPU)."""
-    from ..kernels import api, fused, launch
+    C launcher would run and are recorded as compiled ones: ``_null_launches``)."""
+    from ..kernels import api, fused
     from ..kernels.dispatch import Backend
 
     hopper = Backend("triton", "cpu proxy", (9, 0))
-    call, replay = launch.FastLauncher.__call__, launch.Launch.replay
     saved = fused._triton, fused.choose_backend, api.choose_backend
-
-    def key_only(self, grid, *args, **kwargs):
-        key = (0, tuple(launch._arg_key(a) for a in args), tuple(kwargs.items()))
-        self.cache.get(key)
-        full = list(args)
-        full.extend(kwargs[name] for name in self.names[len(args):])
-        records = launch._RECORDING.get()
-        if records is not None:
-            records.append(launch.Launch(self, grid, args, kwargs, object(), 0))
-
-    launch.FastLauncher.__call__ = key_only
-    launch.Launch.replay = lambda self, args: None
     fused._triton, fused.choose_backend, api.choose_backend = (lambda d: True), (lambda d: hopper), (lambda d: hopper)
     try:
-        yield
+        with _null_launches():
+            yield
     finally:
-        launch.FastLauncher.__call__, launch.Launch.replay = call, replay
         fused._triton, fused.choose_backend, api.choose_backend = saved
 
 
