@@ -94,6 +94,13 @@ def convrot_split(group: int, *widths: int) -> str | None:
     return None
 
 
+def one_rotation(what: str, *layers) -> str | None:
+    """The rule that layers fed by one fused quantization (``what`` names them) expect one ConvRot group."""
+    if len({layer.input_rotation() for layer in layers}) != 1:
+        return f"{what} rotated by different ConvRot groups (they share one quantization)"
+    return None
+
+
 def mlp_activation(act) -> str | None:
     """The ``kernels.fused.glu_quantize`` activation for a ComfyUI activation module, or None for one the
     kernels do not compute: SiLUActivation (``silu(g) * u``) -> "swiglu", ``nn.GELU(approximate="tanh")`` ->

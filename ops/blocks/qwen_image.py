@@ -118,9 +118,10 @@ class FusedBlock:
             return why
         if txt.dtype != img.dtype:
             return f"text stream in {txt.dtype}, image stream in {img.dtype}"
-        for layers in ((attn.to_q, attn.to_k, attn.to_v), (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)):
-            if len({layer.input_rotation() for layer in layers}) != 1:
-                return "q/k/v layers rotated by different ConvRot groups (they share one quantization)"
+        why = (common.one_rotation("q/k/v layers", attn.to_q, attn.to_k, attn.to_v)
+               or common.one_rotation("q/k/v layers", attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if why is not None:
+            return why
         if not _identity_dropout(attn.to_out[1]):
             return "attention output dropout is active"
         total, d = txt.shape[1] + img.shape[1], attn.dim_head

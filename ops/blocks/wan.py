@@ -68,8 +68,9 @@ class FusedBlock:
                              x)
         if why is not None:
             return why
-        if len({layer.input_rotation() for layer in (attn.q, attn.k, attn.v)}) != 1:
-            return "q/k/v layers rotated by different ConvRot groups (they share one quantization)"
+        why = common.one_rotation("q/k/v layers", attn.q, attn.k, attn.v)
+        if why is not None:
+            return why
         pe, d = args["pe"], attn.head_dim
         if (pe.dim() != 6 or pe.shape[0] not in (1, x.shape[0]) or pe.shape[1] != x.shape[1] or pe.shape[2] != 1
                 or tuple(pe.shape[3:]) != (d // 2, 2, 2)):

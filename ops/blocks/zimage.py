@@ -73,8 +73,9 @@ class FusedForward:
                               attn.q_norm, attn.k_norm], (), x, attention_patches=False)
         if why is not None:
             return why
-        if ff.w1.input_rotation() != ff.w3.input_rotation():
-            return "w1/w3 rotated by different ConvRot groups (they share one quantization)"
+        why = common.one_rotation("w1/w3", ff.w1, ff.w3)
+        if why is not None:
+            return why
         d = attn.head_dim
         if (freqs_cis.dim() != 6 or freqs_cis.shape[0] not in (1, x.shape[0]) or freqs_cis.shape[1] != x.shape[1]
                 or freqs_cis.shape[2] != 1 or tuple(freqs_cis.shape[3:]) != (d // 2, 2, 2)):
