@@ -21,6 +21,8 @@ TorchCompileModel path (``--modes compile``) works as in a workflow. Variants, a
   pack-convert  the pack's loader converting the BF16 weights on load (on the GPU, layer by layer)
   stock-native  (not in the defaults) ComfyUI's stock loader on the native state dict with the pack installed:
                 ComfyUI's mixed-precision layers on the pack's layout (what "Load Diffusion Model" gives)
+  pack-native-cpu-offload  (not in the defaults) pack-native with ComfyUI's default offload device (the CPU)
+                instead of the GPU every other variant is given, as the native rows ran until 2026-12-02
 
 Each (architecture, variant) runs in its own process (``--no-isolate``: one process, for smoke runs);
 the BF16 process saves its eager output for the others' SQNR. Reported per row: median step ms (after
@@ -44,7 +46,7 @@ import torch
 
 from . import arch_models, bench_model, common, flux2_model, profile_step
 
-VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "stock-native")
+VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "stock-native", "pack-native-cpu-offload")
 DEFAULT_VARIANTS = VARIANTS[:5]
 MODES = ("eager", "compile")
 # A native file larger than this is not written to disk by --native-file auto: writing and reading back
@@ -96,7 +98,7 @@ def build(variant: str, arch: arch_models.Arch, tiny: bool, native_file: str = "
             return flux2_model.load_fp8_fast(sd, device), info
         if variant == "pack-convert":
             return flux2_model.load_int8(sd, device, source=f"random {arch.title}"), info
-        if variant not in ("comfy-int8", "pack-native", "stock-native"):
+        if variant not in ("comfy-int8", "pack-native", "stock-native", "pack-native-cpu-offload"):
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         pack = flux2_model.load_int8(sd, device, source=f"random {arch.title}")
         del sd
@@ -105,6 +107,11 @@ def build(variant: str, arch: arch_models.Arch, tiny: bool, native_file: str = "
             del pack
             return flux2_model.load_comfy_int8(nsd, header, device), info
         source = f"random {arch.title} (native INT8)"
+        # load and offload device as every other variant (the GPU), except pack-native-cpu-offload: ComfyUI's
+        # default offload device (the CPU), as a user's load has it
+        opts = flux2_model._options(device)
+        if variant == "pack-native-cpu-offload":
+            variant, opts = "pack-native", {"load_device": torch.device(device)}
         folder = folder or tempfile.gettempdir()
         nsd, header = loader.native_state_dict(pack)
         route = native_route(_state_dict_bytes(nsd), native_file, folder)
@@ -119,9 +126,11 @@ def build(variant: str, arch: arch_models.Arch, tiny: bool, native_file: str = "
                 sd, header = loader.read_file(path)
                 if variant == "pack-native":
                     nsd, report = formats.normalize(sd, header, source)
-                    patcher = loader.build(nsd, report, loader.LoadOptions(), source, disable_dynamic=True)
+                    patcher = loader.build(nsd, report, loader.LoadOptions(), source, model_options=opts,
+                                           disable_dynamic=True)
                 else:
-                    patcher = comfy.sd.load_diffusion_model_state_dict(sd, metadata=header, disable_dynamic=True)
+                    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts, metadata=header,
+                                                                       disable_dynamic=True)
             finally:
                 os.remove(path)
             return patcher, info
@@ -131,8 +140,10 @@ def build(variant: str, arch: arch_models.Arch, tiny: bool, native_file: str = "
         _free()
         if variant == "pack-native":
             nsd, report = formats.normalize(nsd, header, source)
-            return loader.build(nsd, report, loader.LoadOptions(), source, disable_dynamic=True), info
-        return comfy.sd.load_diffusion_model_state_dict(nsd, metadata=header, disable_dynamic=True), info
+            return loader.build(nsd, report, loader.LoadOptions(), source, model_options=opts,
+                                disable_dynamic=True), info
+        return comfy.sd.load_diffusion_model_state_dict(nsd, model_options=opts, metadata=header,
+                                                        disable_dynamic=True), info
 
 
 def _free() -> None:
