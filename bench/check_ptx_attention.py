@@ -187,9 +187,11 @@ def problems(row: dict, pv: str) -> list[str]:
 
 
 def quick_set() -> list[tuple[AttentionConfig, int]]:
-    """The default config at both head sizes and the first e4m3 variant at D = 128 (the unit test's set)."""
+    """The default config at both head sizes, the first e4m3 variant and the first variant with every int8
+    switch (biased_acc) at D = 128 (the unit test's set)."""
     fp8 = next(c for c in attention_configs.VARIANTS if c.pv == "fp8")
-    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128)]
+    fast = next(c for c in attention_configs.VARIANTS if c.biased_acc)
+    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128), (fast, 128)]
 
 
 def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128), quick: bool = False) -> list[dict]:

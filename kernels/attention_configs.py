@@ -44,7 +44,8 @@ off until measured, each a field so one GPU run compares them):
   bits (its float32 is 1.5 * 2**23 + PV exactly, no int-to-float conversion), and the accumulator carries
   1.5 * 2**23 times the summed block weights w (a per-row float, ``w = w * gamma + 1``) that the end takes off.
   The accumulator's magnitude becomes ~1.3e7 w, so each update rounds at ~w units of PV: ~1e-4 relative
-  error on Gaussian inputs (PV of a block is ~1e4..1e5 units), against 1.5 % for the quantization.
+  error on Gaussian inputs (PV of a block is ~1e4..1e5 units), against 1.5 % for the quantization. An
+  all-zero V channel gives those few units times its scale (the smallest normal float32), not exact zeros.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ a block is ``m_ref = max(m_blk, m_new - 64)`` in place of m_blk, and acc, l are 
 block's ``2**m_safe`` (``acc = acc * 2**(m_safe_prev - m_safe) + PV``, the same for l): equal to the above in
 exact arithmetic except for blocks more than 64 log2 units below the running max, whose P rounds to 0
 instead of keeping its own scale (< 2**-56 of the row's weight); ``rowsum_dot``: ``l`` sums ``round(x)``, the P
-that multiplies V, instead of x; ``p_f16``: ``P = round(f16(x)) - 127`` (x rounded to float16 first);
+that multiplies V, instead of x; ``p_f16``: ``P = f16(f16(x) + 1153) - 1280`` (x rounded to float16, then to an
+integer by a float16 add, whose ties go to the even sum: to odd ``round(x)``);
 ``biased_acc``: ``acc = acc * gamma + (PV + 1.5 * 2**23)`` in float32 and ``w = w * gamma + 1``, then
 ``acc - 1.5 * 2**23 * w`` at the end (the kernel's roundings at the accumulator's biased magnitude; the twin
 rounds the product and the sum separately where the kernel fuses them).
@@ -187,7 +188,10 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out_dtype: torch.dtyp
                 m_ref = torch.maximum(m_blk, m_new - LAZY_RANGE) if cfg.lazy_rescale else m_blk
                 m_safe = m_ref + m_ref.abs() * MAX_MARGIN
                 x = torch.exp2(t - m_safe[..., None] + math.log2(P_INT8_MAX))
-                p = torch.round(x.half().float() if cfg.p_f16 else x) - 127.0
+                if cfg.p_f16:  # the kernel's float16 f16(x) + 1153: ties go to the even sum, i.e. odd round(x)
+                    p = (x.half() + 1153.0).float() - 1280.0
+                else:
+                    p = torch.round(x) - 127.0
                 pv = p @ vb + 127.0 * qa.v_colsum[:, j, None, :].float()  # exact: |sums| < 2**24
                 # rowsum_dot: the sum of the rounded P (exact integers; the kernel's ones-matrix product)
                 s_blk = (p + 127.0).sum(dim=2) if cfg.rowsum_dot else x.sum(dim=2)

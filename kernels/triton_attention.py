@@ -248,7 +248,9 @@ def _to_float(x, FAST_CVT: tl.constexpr):
 
 @triton.jit
 def _round_p(x, P_F16: tl.constexpr, EMULATE: tl.constexpr):
-    """x in [0, 254.5) -> int8 round(x) - 127 (ties to even).
+    """x in [0, 254.5) -> int8 round(x) - 127. Both forms round by adding an odd constant, so a tie goes to
+    the even sum: an odd round(x) (in float32 x must be exactly k + 0.5, which the twin's half-to-even
+    ``torch.round`` may round the other way; in float16 ties are common and the twin follows the kernel).
 
     P_F16: x to float16 first (round to nearest), then + 1153 in float16, whose spacing is 1 in [1024, 2048):
     the low byte of the sum's bits is round(x) + 129 = round(x) - 127 mod 256. On the GPU one inline PTX block
@@ -308,7 +310,7 @@ def _attn_block(
         # 8 ulps (|m_ref| * 2**-20) so the roundings of the exponent can never lift x past 254.5, which would
         # round to 255 and wrap in int8; the factor it takes off x is the same in acc and l.
         m_safe = m_ref + tl.abs(m_ref) * _MAX_MARGIN
-        x = tl.math.exp2(qk * rm[:, None] + (_LOG2_P_INT8 - m_safe)[:, None])
+        x = tl.math.exp2(qk * rm[:, None] + (-m_safe + _LOG2_P_INT8)[:, None])
         p = _round_p(x, P_F16, EMULATE_FP8)
         vt = desc_v.load([vt_row, start_n])  # [HEAD_DIM, BLOCK_N] int8
         pv = tl.dot(p, vt.T)  # sum_n (round(x) - 127) * v: int32, exact
