@@ -42,17 +42,54 @@ def _compile(fn, sig: dict, consts: dict, divisible: tuple[str, ...], arch: int,
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def _sass_counts(cubin: bytes) -> dict:
-    """Counts of conversion instructions in the SASS (cuobjdump -sass), or {} when the tool is missing."""
+def _sass(cubin: bytes) -> str:
+    """The SASS of a cubin (cuobjdump -sass), or "" when the tool is missing."""
     import triton.backends.nvidia as nv
 
     tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return {}
+        return ""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=False).stdout
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=False).stdout
+
+
+def main_loop(sass: str, scores: int, threads: int) -> dict:
+    """The steady-state loop of the attention kernel in the SASS: the backward branch whose body holds the
+    most wgmma instructions (ties: the shortest body) and no EXIT (the barrier-retry stubs after the kernel's
+    end branch back into the loop too). ``loop_instr`` instructions per iteration per thread,
+    ``instr_per_score`` = loop_instr * threads / scores (the issue slots one score takes: an SM issues 128
+    thread-instructions per clock), ``loop_ops``: the ten most frequent opcodes. {} without SASS."""
+    ins = [(int(m.group(1), 16), m.group(2).strip())
+           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    best = None
+    for addr, text in ins:
+        m = re.search(r"\bBRA\b[^0]*0x([0-9a-f]+)", text)
+        if not m or int(m.group(1), 16) >= addr:
+            continue
+        body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+        if any(re.search(r"\bEXIT\b", t) for t in body):
+            continue
+        key = (sum("GMMA" in t for t in body), -len(body))
+        if best is None or key > best[0]:
+            best = (key, body)
+    if best is None or best[0][0] == 0:
+        return {}
+    body = best[1]
+    ops: dict[str, int] = {}
+    for t in body:
+        op = re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
+        ops[op] = ops.get(op, 0) + 1
+    top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:10])
+    return {"loop_instr": len(body), "instr_per_score": round(len(body) * threads / scores, 2), "loop_ops": top}
+
+
+def _sass_counts(cubin: bytes) -> dict:
+    """Counts of conversion instructions in the SASS (cuobjdump -sass), or {} when the tool is missing."""
+    sass = _sass(cubin)
+    if not sass:
+        return {}
     return {"sass_i2f": len(re.findall(r"\bI2F\b", sass)), "sass_i2fp": len(re.findall(r"\bI2FP\b", sass)),
             "sass_f2i": len(re.findall(r"\bF2I\b", sass)),
             "sass_mufu_ex2": len(re.findall(r"MUFU\.EX2", sass)),
@@ -89,11 +126,15 @@ def compile_attention(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128,
         "stride_ob": "i32", "stride_oh": "i32", "stride_os": "i32", "stride_od": "i32",
     }
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PV_INT8": cfg.pv == "int8",
-              "FAST_CVT": cfg.fast_cvt, "EMULATE_FP8": False, "stride_od": 1}
+              "FAST_CVT": cfg.fast_cvt, "EMULATE_FP8": False, "LAZY": cfg.lazy_rescale, "ROWSUM_DOT": cfg.rowsum_dot,
+              "P_F16": cfg.p_f16, "BIASED": cfg.biased_acc, "stride_od": 1}
     del sig["stride_od"]
     divisible = ("qs_ptr", "ks_ptr", "vs_ptr", "vcs_ptr", "out_ptr", "stride_ob", "stride_oh", "stride_os")
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return _summary(_compile(triton_attention._attention_kernel, sig, consts, divisible, arch, options), arch)
+    compiled = _compile(triton_attention._attention_kernel, sig, consts, divisible, arch, options)
+    row = _summary(compiled, arch)
+    row.update(main_loop(_sass(compiled.asm["cubin"]), cfg.block_m * cfg.block_n, 32 * cfg.num_warps))
+    return row
 
 
 def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dtype: str = "bf16") -> dict:
@@ -146,9 +187,11 @@ def problems(row: dict, pv: str) -> list[str]:
 
 
 def quick_set() -> list[tuple[AttentionConfig, int]]:
-    """The default config at both head sizes and the first e4m3 variant at D = 128 (the unit test's set)."""
+    """The default config at both head sizes, the first e4m3 variant and the first variant with every int8
+    switch (biased_acc) at D = 128 (the unit test's set)."""
     fp8 = next(c for c in attention_configs.VARIANTS if c.pv == "fp8")
-    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128)]
+    fast = next(c for c in attention_configs.VARIANTS if c.biased_acc)
+    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128), (fast, 128)]
 
 
 def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128), quick: bool = False) -> list[dict]:
@@ -185,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             tc = ",".join(w.replace("wgmma.mma_async.sync.aligned.", "") for w in r["wgmma"]) or "-"
             sass = f"I2F={r.get('sass_i2f', '?')} I2FP={r.get('sass_i2fp', '?')} EX2={r.get('sass_mufu_ex2', '?')}"
+            if "instr_per_score" in r:
+                sass += f" loop={r['loop_instr']} instr/score={r['instr_per_score']}"
             print(f"{r['what']:<44} {tc:<60} tma={r['tma_loads']} smem={r['shared_bytes']} regs={r['regs']} "
                   f"local={r['local']} {sass} {'OK' if not r['problems'] else '; '.join(r['problems'])}")
     return 1 if any(r["problems"] for r in rows) else 0
