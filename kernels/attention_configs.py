@@ -25,7 +25,7 @@ Both forms accumulate each block's P @ V separately and add it to the float32 ac
 tensor-core accumulator keeps ~13 mantissa bits on Hopper: accumulated over thousands of keys it would
 lose ~2 %).
 
-Switches of the int8 form that remove ALU work from the loop (issue 14, session 2; bench/NOTES.md item 22;
+Switches of the int8 form that remove ALU work from the loop (issue 14, session 2; bench/NOTES.md item 23;
 off until measured, each a field so one GPU run compares them):
 
 * lazy_rescale: the accumulator and row sum are kept in units of the current block's reference max
