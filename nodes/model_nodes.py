@@ -84,10 +84,10 @@ def _conversion_inputs() -> list:
 
 
 def _attention_input():
-    # last and advanced: workflows saved before the option keep their widget values in place (the frontend reads
-    # them by position) and get the default
+    # the last widget, advanced and optional: workflows saved before the option keep their widget values in place
+    # (the frontend reads them by position) and API prompts without it still validate; both get "auto"
     return io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto", tooltip=ATTENTION_TOOLTIP,
-                          advanced=True)
+                          advanced=True, optional=True)
 
 
 def output_folder() -> str:
