@@ -135,20 +135,23 @@ def test_choice_is_per_clone_and_checked(flux2):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_8bit_attention_step_against_bf16(comfyui, flux2, arch, attn_calls):
     """One step per choice: "8-bit" calls the op once per fused block and loses at most 2 dB of SQNR vs the BF16
-    model; "bf16" and (on the CPU) "auto" never call it and give the same output."""
+    model; "bf16" never calls it; "auto" gives the output of the choice its rule makes (on the CPU: "bf16")."""
     from int8_w8a8.kernels import attention as attention_rules
 
     models = flux2 if arch == "flux2" else _loads(arch)
     _, make_inputs, blocks = ARCHS[arch]
     args, kwargs = make_inputs()
     ref = bu.run(models["ref"], args, kwargs)
+    # the CPU rule: the twin is not measured faster than SDPA; on a GPU the table of its generation decides
+    auto = attention_rules.auto_8bit(torch.device(models["auto"].load_device)).eight_bit
+    assert auto is False or torch.cuda.is_available()
     y = {}
     for choice in CHOICES:
         attn_calls.clear()
         y[choice] = bu.run(models[choice], args, kwargs)
-        assert len(attn_calls) == (blocks if choice == "8-bit" else 0), (choice, len(attn_calls))
-    assert not attention_rules.auto_8bit(torch.device("cpu")).eight_bit  # the CPU rule: the twin is not faster
-    assert torch.equal(y["auto"], y["bf16"])
+        eight_bit = choice == "8-bit" or (choice == "auto" and auto)
+        assert len(attn_calls) == (blocks if eight_bit else 0), (choice, len(attn_calls))
+    assert torch.equal(y["auto"], y["8-bit" if auto else "bf16"])
     s16, s8, apart = sqnr_db(ref, y["bf16"]), sqnr_db(ref, y["8-bit"]), sqnr_db(y["bf16"], y["8-bit"])
     print(f"[sqnr vs BF16] {arch}: fused with ComfyUI's attention {s16:.2f} dB, with 8-bit attention {s8:.2f} dB "
           f"(the two {apart:.2f} dB apart)")
