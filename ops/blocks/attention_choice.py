@@ -9,22 +9,24 @@ the transformer options ComfyUI's samplers pass down. Every fused block calls ``
 1. choice "bf16", or none (fused blocks installed without one) -> ComfyUI's attention;
 2. an attention mask -> ComfyUI's (the fused blocks hand masked calls to ComfyUI's blocks before this);
 3. another node set ``optimized_attention_override`` on the model -> ComfyUI's, which applies it;
-4. arguments ``attention_8bit`` does not take (``kernels.attention.attention_problem``: dtype other than
-   bf16/fp16, head size not 64 or 128, q/k/v shapes) -> ComfyUI's;
-5. a device where ``attention_8bit`` would run SDPA (no 8-bit implementation measured worth running there,
+4. a device where ``attention_8bit`` would run SDPA (no 8-bit implementation measured worth running there,
    ``kernels.attention`` rule 4) -> ComfyUI's, which is the user's backend;
-6. choice "auto": ``kernels.attention.auto_8bit`` -> ComfyUI's unless the 8-bit implementation of that GPU
+5. choice "auto": ``kernels.attention.auto_8bit`` -> ComfyUI's unless the 8-bit implementation of that GPU
    generation is measured faster than SDPA and within the accuracy bound (on the H200 it is not: 0.60x);
+6. arguments ``attention_8bit`` does not take (``kernels.attention.attention_problem``: dtype other than
+   bf16/fp16, head size not 64 or 128, q/k/v shapes) -> ComfyUI's;
 7. otherwise ``kernels.attention_8bit`` (Triton on Hopper, the torch twin on the CPU).
 
 Each outcome is logged once per choice and reason, in eager calls (logging in a traced function would break
-the graph). Rules 5 and 6 depend on the device only and are constants to torch.compile. Models, blocks or
+the graph). Rules 4 and 5 depend on the device only and are constants to torch.compile; they come before the
+shape checks, so a model whose choice resolves to ComfyUI's attention adds no shape guards. Models, blocks or
 calls that run ComfyUI's own code (fallbacks of the fused blocks, architectures without them, Wan's
 cross-attention) keep ComfyUI's attention whatever the choice.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import comfy.ldm.modules.attention
@@ -50,7 +52,19 @@ def set_choice(patcher, choice: str) -> None:
 
 @torch.compiler.assume_constant_result
 def _device_rule(choice: str, device_type: str, index: int) -> str | None:
-    """Rules 5 and 6 for a device: why ComfyUI's attention runs there, or None for 8-bit."""
+    """Rules 4 and 5 for a device: why ComfyUI's attention runs there, or None for 8-bit (a constant to
+    torch.compile; cached: eager calls pay ~1 us for it, not the ~15 us of the rules)."""
+    return _device_rule_cached(choice, device_type, index)
+
+
+def reset() -> None:
+    """Forget the cached device rules and the kernels' decisions (tests that change the environment)."""
+    _device_rule_cached.cache_clear()
+    attention_rules.reset()
+
+
+@functools.cache
+def _device_rule_cached(choice: str, device_type: str, index: int) -> str | None:
     device = torch.device(device_type, index) if index >= 0 else torch.device(device_type)
     backend = attention_rules.choose_attention(device)
     if backend.name == "sdpa":
@@ -72,11 +86,9 @@ def why_not_8bit(choice: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return "attention mask present"
     if OVERRIDE_KEY in options:
         return "another node overrides ComfyUI's attention on this model"
-    problem = attention_rules.attention_problem(q, k, v)
-    if problem is not None:
-        return problem
     index = q.device.index
-    return _device_rule(choice, q.device.type, -1 if index is None else index)
+    why = _device_rule(choice, q.device.type, -1 if index is None else index)
+    return why if why is not None else attention_rules.attention_problem(q, k, v)
 
 
 def _log_once(choice: str, outcome: str) -> None:
