@@ -14,7 +14,7 @@ Rules, in order, decided once per device and logged once:
    measured faster, the 8-bit call must not be slower than the attention it replaces.
 
 Callers with masks, causal attention, other head sizes or dtypes use ComfyUI's attention (the model-level
-rule lives with the fused blocks, ``ops/blocks/attention.py``); a direct call with them raises ``ValueError``.
+rule lives with the fused blocks, ``ops/blocks/attention_choice.py``); a direct call with them raises ``ValueError``.
 
 Whether a model's ``auto`` attention choice runs this function at all is data too: ``auto_8bit(device)`` picks
 8-bit only where the implementation the rules above choose was measured faster than SDPA's default backend on
