@@ -20,6 +20,9 @@ TorchCompileModel node (``--compile``) works as in a workflow. Variants, all fro
                pack-row in eager mode). Not in the default list until measured.
   pack-convrot per-row with ConvRot group 256 (rotated activations: the fused blocks fall back to
                ComfyUI's, whose linears rotate inside the activation quantization)
+  pack-row-attn16 / pack-row-attn8  per-row, the fused blocks' attention chosen explicitly: ComfyUI's
+               ("bf16", SDPA here) or the pack's 8-bit attention ("8-bit": Triton on Hopper); pack-row is
+               "auto" (LoadOptions.attention). Which attention ran is logged once per choice.
 
 One variant is resident at a time. Reported: median step ms (7 runs after 2 warm-ups), speed-up over
 BF16, weight GB, peak GB allocated during a step (weights + activations), SQNR of the output vs BF16.
@@ -42,7 +45,8 @@ import torch
 from . import common, flux2_model
 
 VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-row", "pack-tensor", "pack-row-graphq", "pack-row-unfused",
-            "pack-convrot")
+            "pack-convrot", "pack-row-attn16", "pack-row-attn8")
+ATTENTION = {"pack-row-attn16": "bf16", "pack-row-attn8": "8-bit"}  # variant -> LoadOptions.attention (else auto)
 
 
 def _device() -> str:
@@ -63,7 +67,8 @@ def build(variant: str, cfg: flux2_model.Flux2Config):
     if variant.startswith("pack-"):
         convert = ConvertOptions(per_row=variant != "pack-tensor", rotate_group=256 if variant == "pack-convrot" else 0)
         options = loader.LoadOptions(convert=convert, quant_in_graph=variant == "pack-row-graphq",
-                                     fused_blocks=variant != "pack-row-unfused")
+                                     fused_blocks=variant != "pack-row-unfused",
+                                     attention=ATTENTION.get(variant, "auto"))
         return flux2_model.load_int8(sd, device, options)
     if variant == "comfy-int8":
         pack = flux2_model.load_int8(sd, device)
@@ -276,6 +281,8 @@ def main() -> None:
             common.write_json(args.out, {"env": common.environment(), "rows": rows})
         return
     logging.basicConfig(level=logging.WARNING)
+    for name in ("int8_w8a8.ops.blocks.attention_choice", "int8_w8a8.kernels.attention"):
+        logging.getLogger(name).setLevel(logging.INFO)  # which attention the fused blocks ran, once per choice
     flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
     from ..ops import native
 

@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-attn8 | attention | host | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -61,6 +61,11 @@ for step in "$@"; do
         profile) python3 -m int8_w8a8.bench.profile_step --variants ${VARIANTS:-bf16 pack-row} ${PROFILE_ARGS:-} \
             --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.txt" ;;
         fused) python3 -m int8_w8a8.bench.bench_fused --out "$OUT/bench_fused.json" 2>&1 | tee "$OUT/bench_fused.txt" ;;
+        # FLUX.2 klein 9B step, fused pack with ComfyUI's attention vs 8-bit attention (issue 14: >= 1.1x at 1024,
+        # >= 1.3x at 2048, SQNR vs BF16 down by <= 2 dB); ~3 min on the H200
+        model-attn8) python3 -m int8_w8a8.bench.bench_model --models klein9b --res ${RES:-1024 2048} \
+            --variants ${VARIANTS:-bf16 pack-row-attn16 pack-row-attn8} --out "$OUT/bench_model_attn8.json" 2>&1 \
+            | tee "$OUT/bench_model_attn8.txt" ;;
         model-9b) python3 -m int8_w8a8.bench.bench_model --models klein9b --res ${RES:-1024} \
             --variants ${VARIANTS:-bf16 comfy-int8 pack-row pack-row-unfused} --out "$OUT/bench_model_9b.json" 2>&1 \
             | tee "$OUT/bench_model_9b.txt" ;;

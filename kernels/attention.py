@@ -14,7 +14,14 @@ Rules, in order, decided once per device and logged once:
    measured faster, the 8-bit call must not be slower than the attention it replaces.
 
 Callers with masks, causal attention, other head sizes or dtypes use ComfyUI's attention (the model-level
-rule lives with the fused blocks); a direct call with them raises ``ValueError``.
+rule lives with the fused blocks, ``ops/blocks/attention_choice.py``); a direct call with them raises ``ValueError``.
+
+Whether a model's ``auto`` attention choice runs this function at all is data too: ``auto_8bit(device)`` picks
+8-bit only where the implementation the rules above choose was measured faster than SDPA's default backend on
+that GPU generation (quantization included, at every size measured) and within ``REL_ERROR_BOUND``
+(``TRITON_MEASURED``, ``KITCHEN_SPEEDUP_VS_SDPA``/``KITCHEN_REL_ERROR``). Nothing is measured faster today: on the
+H200 the best accurate Triton variant runs at 0.60-0.81x cuDNN, so ``auto`` keeps ComfyUI's attention there.
+Updating the tables after a GPU run changes ``auto``.
 """
 
 from __future__ import annotations
@@ -43,6 +50,38 @@ TRITON_ARCHS = frozenset({(9, 0)})
 # the generations where both were measured; used only where > 1. H200 (issue 14): 0.550 ms (cuDNN) vs
 # 1.120 ms at B=1, H=32, S=4608, D=128, and 7.31 vs 10.91 ms at S=16896.
 KITCHEN_SPEEDUP_VS_SDPA: dict[tuple[int, int], float] = {(9, 0): 0.550 / 1.120}
+KITCHEN_REL_ERROR = 0.0167  # vs float64 at S = 4608 (issue 14); 0.0161-0.0165 in bench/results/h200-bench-attention.txt
+
+# Issue 14's accuracy bound for 8-bit attention: relative error vs float64 attention on Gaussian inputs.
+REL_ERROR_BOUND = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One 8-bit implementation measured against SDPA's default backend on one GPU generation.
+
+    speedup: SDPA time / 8-bit time (quantization of Q, K, V included), the lowest over the sizes measured;
+    rel_error: relative error vs float64 attention, the largest over those sizes.
+    """
+
+    speedup: float
+    rel_error: float
+
+
+# The Triton kernel per (GPU generation, ``AttentionConfig.name``): only the configuration ``config_for`` picks
+# for a generation counts; one without an entry is unmeasured (``auto`` keeps ComfyUI's attention). H200,
+# torch 2.11, B=1, H = 24 and 32, S = 4608 and 16896, D = 128 (bench/results/h200-bench-attention.txt; SDPA
+# default = cuDNN: 0.40-0.51 ms at 4608, 5.56-7.48 ms at 16896).
+TRITON_MEASURED: dict[tuple[tuple[int, int], str], Measured] = {
+    ((9, 0), "int8-128x128-w8-s2"): Measured(0.46, 0.0165),
+    ((9, 0), "int8-128x128-w8-s3"): Measured(0.49, 0.0165),
+    ((9, 0), "int8-128x64-w8-s3"): Measured(0.39, 0.0158),
+    ((9, 0), "int8-64x128-w4-s3"): Measured(0.60, 0.0165),
+    ((9, 0), "int8-64x64-w4-s3"): Measured(0.54, 0.0158),
+    ((9, 0), "int8-128x128-w8-s2-fastcvt"): Measured(0.46, 0.0165),
+    ((9, 0), "fp8-128x128-w8-s2"): Measured(0.53, 0.0387),
+    ((9, 0), "fp8-64x128-w4-s3"): Measured(0.74, 0.0387),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +143,56 @@ def choose_attention(device: torch.device) -> AttentionBackend:
     return backend
 
 
+@dataclasses.dataclass(frozen=True)
+class AutoDecision:
+    """What ``auto`` does on one device: ``eight_bit`` True runs ``attention_8bit``; ``reason`` says why, with the
+    measured numbers."""
+
+    eight_bit: bool
+    reason: str
+
+
+def measured(backend: AttentionBackend) -> Measured | None:
+    """The measurement of the implementation ``backend`` runs on its generation, or None where there is none."""
+    if backend.name == "triton":
+        return TRITON_MEASURED.get((backend.arch, config_for(backend.arch).name))
+    if backend.name == "kitchen" and backend.arch in KITCHEN_SPEEDUP_VS_SDPA:
+        return Measured(KITCHEN_SPEEDUP_VS_SDPA[backend.arch], KITCHEN_REL_ERROR)
+    return None
+
+
+@functools.cache
+def _auto(device_type: str, index: int) -> AutoDecision:
+    backend = _decide(device_type, index)
+    if backend.name == "reference":
+        return AutoDecision(False, f"{backend.reason}, slower than SDPA (no GPU measured)")
+    if backend.name == "sdpa":
+        return AutoDecision(False, f"no 8-bit attention runs here ({backend.reason})")
+    gen = f"SM {backend.arch[0]}.{backend.arch[1]}"
+    impl = f"Triton {config_for(backend.arch).name}" if backend.name == "triton" else "comfy-kitchen int8_attention"
+    m = measured(backend)
+    if m is None:
+        return AutoDecision(False, f"{impl} is unmeasured on {gen}")
+    numbers = f"{impl} measured {m.speedup:.2f}x SDPA, rel. error {m.rel_error:.4f} on {gen}"
+    if m.rel_error > REL_ERROR_BOUND:
+        return AutoDecision(False, f"{numbers}: over the {REL_ERROR_BOUND} accuracy bound")
+    if m.speedup <= 1.0:
+        return AutoDecision(False, f"{numbers}: not faster")
+    return AutoDecision(True, numbers)
+
+
+def auto_8bit(device: torch.device) -> AutoDecision:
+    """The ``auto`` rule for ``device``: 8-bit only where the implementation ``choose_attention`` picks is measured
+    faster than SDPA's default backend on that generation and within ``REL_ERROR_BOUND``. Cached per device;
+    callers log it (the fused blocks: once per reason)."""
+    return _auto(device.type, device.index if device.index is not None else -1)
+
+
 def reset() -> None:
     """Forget cached decisions (tests that change the environment)."""
     _decide.cache_clear()
     _log_once.cache_clear()
+    _auto.cache_clear()
 
 
 def check_attention_args(
@@ -116,37 +201,49 @@ def check_attention_args(
 ) -> None:
     """Metadata checks of ``attention_8bit`` (also run on fake tensors while tracing); ValueError naming the
     argument and what is supported."""
+    problem = attention_problem(q, k, v, scale, attn_mask, is_causal)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def attention_problem(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+    attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+) -> str | None:
+    """The first argument ``attention_8bit`` does not take, in words (the argument and what is supported), or
+    None: the rule callers apply before choosing 8-bit attention (metadata only, so it traces)."""
     if attn_mask is not None:
-        raise ValueError("attn_mask: 8-bit attention takes no mask (supported: attn_mask=None); masked attention "
-                         "should run ComfyUI's attention")
+        return ("attn_mask: 8-bit attention takes no mask (supported: attn_mask=None); masked attention "
+                "should run ComfyUI's attention")
     if is_causal:
-        raise ValueError("is_causal: 8-bit attention is non-causal only (supported: is_causal=False)")
+        return "is_causal: 8-bit attention is non-causal only (supported: is_causal=False)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor [B, H, S, D], got {type(t).__name__}")
+            return f"{name}: expected a torch.Tensor [B, H, S, D], got {type(t).__name__}"
         if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name}: expected dtype bfloat16 or float16, got {str(t.dtype).replace('torch.', '')}")
+            return f"{name}: expected dtype bfloat16 or float16, got {str(t.dtype).replace('torch.', '')}"
         if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dimensions [B, H, S, D], got shape {list(t.shape)}")
+            return f"{name}: expected 4 dimensions [B, H, S, D], got shape {list(t.shape)}"
         if t.device != q.device:
-            raise ValueError(f"{name}: is on {t.device} but q is on {q.device}; move q, k, v to one device")
+            return f"{name}: is on {t.device} but q is on {q.device}; move q, k, v to one device"
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"k, v: expected q's dtype {q.dtype} for all three, got k {k.dtype}, v {v.dtype}")
+        return f"k, v: expected q's dtype {q.dtype} for all three, got k {k.dtype}, v {v.dtype}"
     d = q.shape[-1]
     if d not in HEAD_DIMS:
-        raise ValueError(f"q: head size D={d} is not supported (supported: {', '.join(map(str, HEAD_DIMS))})")
+        return f"q: head size D={d} is not supported (supported: {', '.join(map(str, HEAD_DIMS))})"
     if tuple(k.shape[:2]) != tuple(q.shape[:2]) or k.shape[-1] != d:
-        raise ValueError(f"k: expected [B, H, S_kv, D] = [{q.shape[0]}, {q.shape[1]}, S_kv, {d}] (q's B, H and D; "
-                         f"no grouped heads), got {list(k.shape)}")
+        return (f"k: expected [B, H, S_kv, D] = [{q.shape[0]}, {q.shape[1]}, S_kv, {d}] (q's B, H and D; "
+                f"no grouped heads), got {list(k.shape)}")
     if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v: expected k's shape {list(k.shape)}, got {list(v.shape)}")
+        return f"v: expected k's shape {list(k.shape)}, got {list(v.shape)}"
     if k.shape[2] == 0:
-        raise ValueError("k: S_kv = 0 keys; attention needs at least one key")
+        return "k: S_kv = 0 keys; attention needs at least one key"
     if q.shape[0] * q.shape[1] > MAX_HEADS:
-        raise ValueError(f"q: B * H = {q.shape[0] * q.shape[1]} exceeds the {MAX_HEADS} (batch, head) pairs one "
-                         f"launch covers; split the batch")
+        return (f"q: B * H = {q.shape[0] * q.shape[1]} exceeds the {MAX_HEADS} (batch, head) pairs one "
+                f"launch covers; split the batch")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite float > 0 (default 1/sqrt(D)), got {scale!r}")
+        return f"scale: expected a finite float > 0 (default 1/sqrt(D)), got {scale!r}"
+    return None
 
 
 def attention_8bit(
@@ -162,8 +259,10 @@ def attention_8bit(
         attn_mask, is_causal: must be None / False (ValueError otherwise).
 
     Returns:
-        ``[B, H, S_q, D]`` in q's dtype, with q's strides when q is dense (``torch.empty_like(q)``). A row of q
-        holding NaN/Inf gives a NaN row and leaves the others alone.
+        ``[B, H, S_q, D]`` in q's dtype, with q's strides when q is dense (``torch.empty_like(q)``, every path and
+        the fake): for q a ``[B, H, S, D]`` view of a ``[B, S, H, D]`` buffer (the fused blocks'),
+        ``out.transpose(1, 2).reshape(B, S, H * D)`` is a view, not a copy. A row of q holding NaN/Inf gives a
+        NaN row and leaves the others alone.
     """
     check_attention_args(q, k, v, scale, attn_mask, is_causal)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

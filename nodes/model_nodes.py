@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..lora import preload
 from ..ops import loader, profiles, saving
-from ..ops.config import ROTATE_GROUPS, WEIGHT_SCALES, ConvertOptions
+from ..ops.config import ATTENTION_CHOICES, ROTATE_GROUPS, WEIGHT_SCALES, ConvertOptions
 from .lora_nodes import LoraStack
 from .report import show
 
@@ -30,6 +30,17 @@ CONVROT_TOOLTIP = (
     "which spreads outliers and improves quality at a small speed cost (klein 9B: +3 dB, ~8% slower with 256). "
     "0 = off; 256 is the ComfyUI-native default and the fastest; 64 and 128 rotate with a full matrix, slower. "
     "Needs weight_scale per-row. Stock ComfyUI runs 64 and 256 only, so Save INT8 Model refuses 128."
+)
+
+ATTENTION_TOOLTIP = (
+    "Attention inside the pack's fused transformer blocks. 'bf16': ComfyUI's attention, the backend you chose "
+    "for ComfyUI (as without this option). '8-bit': the pack's 8-bit attention (INT8 Q K^T and 8-bit P V; "
+    "about 1.6% relative error): Triton on Hopper, comfy-kitchen's where measured faster, the PyTorch twin on "
+    "the CPU; calls it cannot take (masks, head sizes other than 64/128, FP32) and GPUs without an 8-bit "
+    "attention worth running use ComfyUI's. 'auto': 8-bit only where it was measured faster than ComfyUI's "
+    "attention on this GPU generation and within the accuracy bound (2% relative error); today that is nowhere "
+    "(on an H200 it runs at 0.6-0.8x cuDNN's BF16 attention), so auto keeps ComfyUI's. Models and blocks that "
+    "run ComfyUI's own code (fallbacks, architectures without fused blocks) always keep ComfyUI's attention."
 )
 
 
@@ -72,6 +83,13 @@ def _conversion_inputs() -> list:
     ]
 
 
+def _attention_input():
+    # the last widget, advanced and optional: workflows saved before the option keep their widget values in place
+    # (the frontend reads them by position) and API prompts without it still validate; both get "auto"
+    return io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto", tooltip=ATTENTION_TOOLTIP,
+                          advanced=True, optional=True)
+
+
 def output_folder() -> str:
     """Where Save INT8 Model writes: ComfyUI's models/diffusion_models folder.
 
@@ -103,6 +121,7 @@ class Int8DiffusionModelLoader(io.ComfyNode):
                                tooltip="A file from models/diffusion_models: INT8 (native, ConvRot, INT8-Fast, "
                                        "ModelOpt, SmoothQuant) or BF16/FP16/FP32/FP8 to convert on load."),
                 *_conversion_inputs(),
+                _attention_input(),
                 LoraStack.Input("lora_stack", optional=True,
                                 tooltip="LoRAs from 'LoRA Stack (INT8, before quantization)'. When the file is "
                                         "converted on load they are added to the float weights before quantizing "
@@ -117,13 +136,14 @@ class Int8DiffusionModelLoader(io.ComfyNode):
         return _validate_conversion(weight_scale, convrot_group)
 
     @classmethod
-    def execute(cls, unet_name, model_profile, weight_scale, convrot_group, lora_stack=None) -> io.NodeOutput:
+    def execute(cls, unet_name, model_profile, weight_scale, convrot_group, attention="auto",
+                lora_stack=None) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         built: list = []
         text: list[str] = []
         prepare = preload.factory(tuple(lora_stack), unet_name, sink=built) if lora_stack else None
         options = loader.LoadOptions(profile=model_profile, convert=_convert_options(weight_scale, convrot_group),
-                                     prepare=prepare, notify=text.append)
+                                     prepare=prepare, attention=attention, notify=text.append)
         model = loader.load_file(path, options)
         lines = text[-1:] + ([r.summary() for r in built[-1].reports] if built else [])
         return io.NodeOutput(model, ui=show(cls, lines))
@@ -139,7 +159,7 @@ class Int8QuantizeModel(io.ComfyNode):
             description="Returns a clone of the model whose Linear weights are INT8 (W8A8), keeping its LoRAs and "
                         "settings. The input model is left as it is.",
             inputs=[io.Model.Input("model", tooltip="A diffusion model from any loader, e.g. the stock BF16 one."),
-                    *_conversion_inputs()],
+                    *_conversion_inputs(), _attention_input()],
             outputs=[io.Model.Output(tooltip="The INT8 clone.")],
             hidden=[io.Hidden.unique_id],
         )
@@ -149,10 +169,10 @@ class Int8QuantizeModel(io.ComfyNode):
         return _validate_conversion(weight_scale, convrot_group)
 
     @classmethod
-    def execute(cls, model, model_profile, weight_scale, convrot_group) -> io.NodeOutput:
+    def execute(cls, model, model_profile, weight_scale, convrot_group, attention="auto") -> io.NodeOutput:
         text: list[str] = []
         options = loader.LoadOptions(profile=model_profile, convert=_convert_options(weight_scale, convrot_group),
-                                     notify=text.append)
+                                     attention=attention, notify=text.append)
         out = loader.quantize_model(model, options)
         return io.NodeOutput(out, ui=show(cls, text[-1:] or ["the model is already INT8; returned unchanged"]))
 

@@ -77,3 +77,11 @@ class LoadConfig:
     def converts(self, layer: str) -> bool:
         """Whether a float Linear weight at ``layer`` is quantized on load."""
         return self.profile is not None and not self.profile.keeps(layer)
+
+
+# The attention of the fused blocks (``LoadOptions.attention``, the loader nodes' ``attention`` input):
+# "auto": 8-bit where measured faster than SDPA on that GPU generation and within the accuracy bound
+#         (``kernels.attention.auto_8bit``; nowhere today), else ComfyUI's;
+# "bf16": ComfyUI's attention (``optimized_attention``: the backend the user chose), as before the option;
+# "8-bit": the pack's ``kernels.attention_8bit`` wherever the call and the GPU allow it.
+ATTENTION_CHOICES = ("auto", "bf16", "8-bit")

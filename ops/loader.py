@@ -23,7 +23,7 @@ import torch
 
 from . import blocks, formats, layout, profiles, saving
 from .comfy_ops import default_compute_device, make_operations
-from .config import ConvertOptions, LoadConfig, WeightPrep
+from .config import ATTENTION_CHOICES, ConvertOptions, LoadConfig, WeightPrep
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class LoadOptions:
     quant_in_graph: see ``LoadConfig``.
     fused_blocks: run transformer blocks whose linears are INT8 on the fused kernels, eager and compiled
     (``blocks``, per architecture; other models and unsupported calls use ComfyUI's blocks).
+    attention: the fused blocks' attention, one of ``ATTENTION_CHOICES``: "auto" (8-bit only where measured
+    faster on the GPU generation and within the accuracy bound), "bf16" (ComfyUI's attention), "8-bit"
+    (``blocks.attention_choice`` has the rules). Blocks that run ComfyUI's code keep ComfyUI's attention.
     notify: called with what the load did, in words (``describe``), e.g. to show it on the node.
     """
 
@@ -45,7 +48,12 @@ class LoadOptions:
     prepare: Callable[[dict], WeightPrep] | None = None
     quant_in_graph: bool = False
     fused_blocks: bool = True
+    attention: str = "auto"
     notify: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention: expected one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
 
 
 def read_file(path: str) -> tuple[dict, dict | None]:
@@ -133,7 +141,7 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
     if prepare is not None:
         prepare.attach(patcher)
     if options.fused_blocks:
-        blocks.install(patcher)
+        blocks.install(patcher, options.attention)
     n_int8 = sum(layout.is_int8_weight(getattr(m, "weight", None)) for m in patcher.model.diffusion_model.modules())
     text = describe(report, profile, todo, kept, options, n_int8)
     logger.info("int8_w8a8: loaded %s", text)
@@ -173,7 +181,7 @@ def quantize_model(model, options: LoadOptions | None = None, disable_dynamic: b
     clone = model.clone(model_override=built.get_clone_model_override())
     clone.size = 0  # recomputed from the INT8 weights
     if options.fused_blocks:
-        blocks.install(clone)
+        blocks.install(clone, options.attention)
     clone.cached_patcher_init = (_quantize_again, (model, options))
     return clone
 

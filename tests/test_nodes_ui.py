@@ -101,10 +101,10 @@ def _execute(prompt: dict, outputs: list[str]):
     return executor, errors
 
 
-def _loader(weight_scale="per-row", convrot_group="0", unet_name="bf16.safetensors") -> dict:
+def _loader(weight_scale="per-row", convrot_group="0", unet_name="bf16.safetensors", **optional) -> dict:
     return {"class_type": "Int8DiffusionModelLoader",
             "inputs": {"unet_name": unet_name, "model_profile": "auto", "weight_scale": weight_scale,
-                       "convrot_group": convrot_group}}
+                       "convrot_group": convrot_group, **optional}}
 
 
 def _save(model, prefix="int8/ui") -> dict:
@@ -117,8 +117,9 @@ def _save(model, prefix="int8/ui") -> dict:
 # What the UI-format example workflows rely on: node ids, input order (required, then optional) and category.
 SCHEMA = {
     "Int8DiffusionModelLoader": ("loaders/int8 w8a8", ["unet_name", "model_profile", "weight_scale",
-                                                        "convrot_group"], ["lora_stack"]),
-    "Int8QuantizeModel": ("loaders/int8 w8a8", ["model", "model_profile", "weight_scale", "convrot_group"], []),
+                                                        "convrot_group"], ["attention", "lora_stack"]),
+    "Int8QuantizeModel": ("loaders/int8 w8a8", ["model", "model_profile", "weight_scale", "convrot_group"],
+                          ["attention"]),
     "Int8SaveModel": ("model/merging", ["model", "filename_prefix"], []),
     "Int8LoraMerge": ("loaders/int8 w8a8", ["model", "lora_name", "strength"], ["rounding"]),
     "Int8LoraMergeStack": ("loaders/int8 w8a8", ["model"],
@@ -252,6 +253,38 @@ def test_convrot_with_per_tensor_scales_fails_validation_naming_the_inputs(works
         valid, *_ = asyncio.run(execution.validate_prompt("v", {"1": _loader(scale, group), "2": _save(["1", 0])},
                                                           None))
         assert valid
+
+
+def test_attention_option(workspace):
+    """Both loaders offer the fused blocks' attention (advanced, optional: prompts and workflows made before it
+    validate and get "auto"), explain each choice in the tooltip, refuse other values, and record the choice on
+    the model they return."""
+    import execution
+
+    import nodes
+    from int8_w8a8.nodes import model_nodes
+    from int8_w8a8.ops.blocks import attention_choice
+
+    for node_id in ("Int8DiffusionModelLoader", "Int8QuantizeModel"):
+        kind, options = nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["optional"]["attention"]
+        assert (kind if isinstance(kind, list) else options["options"]) == ["auto", "bf16", "8-bit"]
+        assert options["default"] == "auto" and options.get("advanced") is True
+        tip = options["tooltip"]
+        for words in ("'auto'", "'bf16'", "'8-bit'", "measured faster", "accuracy bound", "ComfyUI's own code",
+                      "keeps ComfyUI's"):
+            assert words in tip, words
+    for choice in ("auto", "bf16", "8-bit"):
+        prompt = {"1": _loader(attention=choice), "2": _save(["1", 0])}
+        assert asyncio.run(execution.validate_prompt("v", prompt, None))[0]
+    valid, _, _, node_errors = asyncio.run(execution.validate_prompt(
+        "v", {"1": _loader(attention="fp8"), "2": _save(["1", 0])}, None))
+    assert not valid and node_errors["1"]["errors"][0]["extra_info"]["input_name"] == "attention"
+    key = attention_choice.KEY
+    model = model_nodes.Int8DiffusionModelLoader.execute("bf16.safetensors", "auto", "per-row", "0",
+                                                         attention="8-bit").result[0]
+    assert model.model_options["transformer_options"][key] == "8-bit"
+    default = model_nodes.Int8DiffusionModelLoader.execute("bf16.safetensors", "auto", "per-row", "0").result[0]
+    assert default.model_options["transformer_options"][key] == "auto"
 
 
 def test_conversion_inputs_from_links_are_checked_when_run(workspace):

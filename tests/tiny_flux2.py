@@ -15,7 +15,8 @@ H, CTX = 256, 64
 QUANTIZED = 10  # 4 img + 4 txt layers of the double block, linear1 and linear2 of the single block
 
 
-def flux2_module():
+def flux2_module(dtype=torch.float32, device="cpu", operations=None):
+    """ComfyUI's Flux class at the tiny widths (the ``build`` signature of ``blocks_util``)."""
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
@@ -23,8 +24,8 @@ def flux2_module():
                 hidden_size=H, mlp_ratio=3.0, num_heads=H // 128, depth=1, depth_single_blocks=1,
                 axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False,
                 txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True, ops_bias=False,
-                default_ref_method="index", ref_index_scale=10.0, operations=comfy.ops.disable_weight_init,
-                device="cpu", dtype=torch.float32)
+                default_ref_method="index", ref_index_scale=10.0,
+                operations=operations or comfy.ops.disable_weight_init, device=device, dtype=dtype)
 
 
 def make() -> dict:

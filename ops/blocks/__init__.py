@@ -10,6 +10,8 @@ helpers of ``common``:
 - ``qwen_image``: Qwen-Image's joint transformer blocks;
 - ``zimage``: the main layers of Z-Image (and Lumina 2), through per-clone object patches (no block hook);
 - ``wan``: Wan 2.1 / 2.2 attention blocks (self-attention and feed-forward fused, ComfyUI's cross-attention).
+
+Their attention is ComfyUI's or the pack's 8-bit attention, by the load's choice (``attention_choice``).
 """
 
 from __future__ import annotations
@@ -43,11 +45,16 @@ def architecture_of(model) -> Architecture | None:
     return next((a for a in ARCHITECTURES if name in a.models), None)
 
 
-def install(patcher) -> int:
+def install(patcher, attention: str = "auto") -> int:
     """Register the fused blocks of ``patcher``'s diffusion model (a ComfyUI ModelPatcher); returns how many.
 
-    Blocks already replaced by another node are left alone; models of other classes get none."""
+    Blocks already replaced by another node are left alone; models of other classes get none. ``attention``
+    (``ops.config.ATTENTION_CHOICES``) is the fused blocks' attention, recorded in the patcher's transformer
+    options (``attention_choice``: per clone, read by every block call)."""
     arch = architecture_of(patcher.model.diffusion_model)
     if arch is None:
         return 0
+    from . import attention_choice  # imports ComfyUI, as the architecture modules do
+
+    attention_choice.set_choice(patcher, attention)
     return importlib.import_module(f"{__name__}.{arch.module}").install(patcher)

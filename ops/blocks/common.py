@@ -1,6 +1,6 @@
 """What every architecture's fused blocks share: the fallback rules and their logging, the q/k/v buffers,
-ComfyUI's attention call, the MLP activations the kernels compute, ComfyUI's RoPE table behind a custom op,
-and the registration of block replacements on a ModelPatcher.
+the attention call (ComfyUI's or 8-bit: ``attention_choice``), the MLP activations the kernels compute,
+ComfyUI's RoPE table behind a custom op, and the registration of block replacements on a ModelPatcher.
 
 A fused block checks its call against ``why_not`` (plus its architecture's own rules) and, when a rule fails,
 runs ComfyUI's block with the reason logged once per process and architecture (``fallback``; in eager calls
@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-import comfy.ldm.modules.attention
 import torch
 from comfy.ldm.flux.layers import EmbedND, SiLUActivation
 
 from ..comfy_ops import Int8Linear
+from . import attention_choice
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ def mlp_activation(act) -> str | None:
 
 
 def attention(q, k, v, heads: int, transformer_options: dict) -> torch.Tensor:
-    """ComfyUI's attention on [B, H, S, D] q/k/v (already rotated); returns [B, S, H*D]."""
-    return comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, skip_reshape=True,
-                                                           transformer_options=transformer_options)
+    """The block's attention on [B, H, S, D] q/k/v (already rotated); returns [B, S, H*D]: ComfyUI's, or the
+    pack's 8-bit attention where the load chose it and the rules of ``attention_choice`` allow it."""
+    return attention_choice.attention(q, k, v, heads, transformer_options)
 
 
 def qkv_buffers(x: torch.Tensor, heads: int, head_dim: int, seq: int):

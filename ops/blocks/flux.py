@@ -8,7 +8,8 @@ layers, the replacements here run the same math with ``kernels.fused``:
 
   LayerNorm + modulation + quantization -> INT8 qkv / linear1 / mlp-in GEMM
   q/k RMSNorm + RoPE + split into heads (both streams of a double block into one buffer, no cat)
-  attention (ComfyUI's ``optimized_attention``, so the user's attention backend is kept)
+  attention: ComfyUI's ``optimized_attention`` (the user's backend) or 8-bit, by the load's choice
+  (``common.attention``; ``attention_choice`` has the rules)
   [attention | act(mlp)] + quantization -> INT8 proj / linear2 / mlp-out GEMM with ``x += gate * y``
   fused into its epilogue; act is the block's MLP activation: SwiGLU (FLUX.2) or GELU-tanh (FLUX.1, Chroma).
 

@@ -7,7 +7,7 @@ stream (image, text) a fused block runs:
 
   LayerNorm + modulation + quantization, ONCE -> to_q, to_k, to_v (three INT8 GEMMs on the same rows)
   q/k RMSNorm + RoPE + split into heads, both streams into one ``[B, S, H, D]`` buffer (no cat)
-  attention (ComfyUI's ``optimized_attention``, the user's backend)
+  attention (ComfyUI's ``optimized_attention``, the user's backend, or 8-bit: ``attention_choice``)
   attention output + quantization -> to_out / to_add_out with ``x += gate * y`` in the GEMM epilogue
   LayerNorm + modulation + quantization -> FFN up projection; GELU-tanh + quantization -> FFN down
   projection with ``x += gate * y`` in its epilogue.

@@ -4,7 +4,7 @@ Per block a fused call runs:
 
   LayerNorm + modulation + quantization, ONCE -> self-attention q, k, v (three INT8 GEMMs on the same rows)
   q/k RMSNorm over the whole row + RoPE + split into heads into a ``[B, S, H, D]`` buffer (no copy)
-  attention (ComfyUI's ``optimized_attention``, the user's backend)
+  attention (ComfyUI's ``optimized_attention``, the user's backend, or 8-bit: ``attention_choice``)
   attention output + quantization -> o GEMM with ``x += e2 * y`` in its epilogue
   cross-attention: ComfyUI's own module on ``norm3(x)`` and the text context, ``x += y``
   LayerNorm + modulation + quantization -> FFN up projection; GELU-tanh + quantization -> FFN down projection

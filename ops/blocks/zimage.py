@@ -9,7 +9,7 @@ The fused version runs, per block:
 
   RMSNorm (weight) + modulation + quantization -> INT8 qkv GEMM
   q/k RMSNorm + RoPE + split into heads into a ``[B, S, H, D]`` buffer (ComfyUI's RoPE table layout, no copy)
-  attention (ComfyUI's ``optimized_attention``, the user's backend)
+  attention (ComfyUI's ``optimized_attention``, the user's backend, or 8-bit: ``attention_choice``)
   attention output + quantization -> INT8 out GEMM; ``x + tanh(g1) * RMSNorm(y) * w`` in one pass
   RMSNorm + modulation + quantization, ONCE -> w1 and w3 (two INT8 GEMMs on the same rows)
   SwiGLU of the (w1, w3) pair + quantization -> w2; ``x + tanh(g2) * RMSNorm(y) * w`` in one pass.
