@@ -70,8 +70,9 @@ class Measured:
 
 # The Triton kernel per (GPU generation, ``AttentionConfig.name``): only the configuration ``config_for`` picks
 # for a generation counts; one without an entry is unmeasured (``auto`` keeps ComfyUI's attention). H200,
-# torch 2.11, B=1, H = 24 and 32, S = 4608 and 16896, D = 128 (bench/results/h200-bench-attention.txt; SDPA
-# default = cuDNN: 0.40-0.51 ms at 4608, 5.56-7.48 ms at 16896).
+# torch 2.11, B=1, H = 24 and 32, S = 4608 and 16896, D = 128, the lowest speed-up and largest error over two
+# runs (bench/results/h200-bench-attention.txt and h200-bench-attention-switches.txt; SDPA default = cuDNN:
+# 0.40-0.52 ms at 4608, 5.56-7.48 ms at 16896).
 TRITON_MEASURED: dict[tuple[tuple[int, int], str], Measured] = {
     ((9, 0), "int8-128x128-w8-s2"): Measured(0.46, 0.0165),
     ((9, 0), "int8-128x128-w8-s3"): Measured(0.49, 0.0165),
@@ -81,6 +82,14 @@ TRITON_MEASURED: dict[tuple[tuple[int, int], str], Measured] = {
     ((9, 0), "int8-128x128-w8-s2-fastcvt"): Measured(0.46, 0.0165),
     ((9, 0), "fp8-128x128-w8-s2"): Measured(0.53, 0.0387),
     ((9, 0), "fp8-64x128-w4-s3"): Measured(0.74, 0.0387),
+    ((9, 0), "int8-64x128-w4-s3-lazy"): Measured(0.61, 0.0165),
+    ((9, 0), "int8-64x128-w4-s3-rowdot"): Measured(0.60, 0.0165),
+    ((9, 0), "int8-64x128-w4-s3-pf16"): Measured(0.61, 0.0165),
+    ((9, 0), "int8-64x128-w4-s3-lazy-rowdot-pf16"): Measured(0.61, 0.0165),
+    ((9, 0), "int8-64x128-w4-s3-lazy-rowdot-pf16-biased"): Measured(0.62, 0.0167),
+    ((9, 0), "int8-64x128-w4-s2-lazy-rowdot-pf16-biased"): Measured(0.55, 0.0167),
+    ((9, 0), "int8-64x64-w4-s3-lazy-rowdot-pf16-biased"): Measured(0.49, 0.0165),
+    ((9, 0), "int8-128x128-w8-s3-lazy-rowdot-pf16-biased"): Measured(0.51, 0.0167),
 }
 
 
