@@ -239,7 +239,8 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         rotated by the layer's group and quantized per rank (``LowRank.int8_down``; one INT8 GEMM of R columns,
         ``kernels.fused.lora_down``), and ``h @ b.T`` is accumulated in the GEMM's float32 epilogue, so the
         output is still written once. h thus sees the layer's own activation quantization (as the main product
-        does) plus the rounding of ``a`` to int8 (~40 dB for Gaussian rows; bench/NOTES.md item 27).
+        does) plus the rounding of ``a`` to int8 (~40 dB for Gaussian rows; bench/NOTES.md, "Dynamic LoRA in the
+        fused blocks").
         """
         comfy.ops.run_every_op()
         group = self.input_rotation()

@@ -166,7 +166,8 @@ def test_run_quantized_adds_the_lora_term(seed, cast_calls, m, group, k, per_row
     dequantized weight plus the bf16 term on the unquantized input): within 2 dB of the unfused path's distance to
     float64 (ConvRot needs per-row scales) with a LoRA of 0.2 times the weight's norm, where
     the term's own error (its down projection sees the activation quantization and ``a``'s int8 rounding: ~39 dB
-    of the term) is close to the main product's; a realistic LoRA (0.1) costs ~0.1 dB (bench/NOTES.md item 27).
+    of the term) is close to the main product's; a realistic LoRA (0.1) costs ~0.1 dB (bench/NOTES.md, "Dynamic
+    LoRA in the fused blocks").
     Far from the output without the term; the resident (LinearPlan) and cast paths agree bit for bit, and
     a term without a stored int8 down projection quantizes it per call to the same result."""
     from int8_w8a8.kernels.hadamard import rotate
