@@ -23,9 +23,15 @@ TorchCompileModel node (``--compile``) works as in a workflow. Variants, all fro
   pack-row-attn16 / pack-row-attn8  per-row, the fused blocks' attention chosen explicitly: ComfyUI's
                ("bf16", SDPA here) or the pack's 8-bit attention ("8-bit": Triton on Hopper); pack-row is
                "auto" (LoadOptions.attention). Which attention ran is logged once per choice.
+  <variant>-lora64  the variant with a random rank-64 LoRA on every linear of the model (bench_lora.write_lora,
+               a safetensors file written here, same seed for every variant): pack variants apply it with the
+               pack's dynamic LoRA (lora/dynamic.py, as "Load LoRA (INT8 dynamic)" does), bf16 with ComfyUI's
+               own LoRA patching (merged into the BF16 weights on load: the reference for the LoRA rows' SQNR).
+               Rows report ``lora_overhead``, the step's time over the same variant without the LoRA.
 
 One variant is resident at a time. Reported: median step ms (7 runs after 2 warm-ups), speed-up over
-BF16, weight GB, peak GB allocated during a step (weights + activations), SQNR of the output vs BF16.
+BF16, weight GB, peak GB allocated during a step (weights + activations), SQNR of the output vs BF16 (for
+``-lora64`` variants: vs ``bf16-lora64``).
 """
 
 from __future__ import annotations
@@ -44,9 +50,18 @@ import torch
 
 from . import common, flux2_model
 
-VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-row", "pack-tensor", "pack-row-graphq", "pack-row-unfused",
-            "pack-convrot", "pack-row-attn16", "pack-row-attn8")
+BASE_VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-row", "pack-tensor", "pack-row-graphq", "pack-row-unfused",
+                 "pack-convrot", "pack-row-attn16", "pack-row-attn8")
 ATTENTION = {"pack-row-attn16": "bf16", "pack-row-attn8": "8-bit"}  # variant -> LoadOptions.attention (else auto)
+LORA_SUFFIX, LORA_RANK = "-lora64", 64
+VARIANTS = BASE_VARIANTS + tuple(f"{v}{LORA_SUFFIX}" for v in ("bf16", "pack-row", "pack-row-unfused"))
+
+
+def split_lora(variant: str) -> tuple[str, int]:
+    """(base variant, LoRA rank; 0 without a LoRA)."""
+    if variant.endswith(LORA_SUFFIX):
+        return variant[: -len(LORA_SUFFIX)], LORA_RANK
+    return variant, 0
 
 
 def _device() -> str:
@@ -55,11 +70,41 @@ def _device() -> str:
 
 def build(variant: str, cfg: flux2_model.Flux2Config):
     """The variant's ModelPatcher, built from the seeded random BF16 weights (made afresh and freed)."""
+    base, rank = split_lora(variant)
+    device = _device()
+    sd = flux2_model.random_state_dict(cfg, device)
+    patcher = _build(base, sd, device)
+    if rank:
+        patcher = with_lora(patcher, sd, rank, pack=base.startswith("pack-"))
+    return patcher
+
+
+def with_lora(patcher, sd: dict, rank: int, pack: bool):
+    """``patcher`` with a random rank-``rank`` LoRA on every linear of ``sd`` (``bench_lora.write_lora``, seeded by
+    the rank), written as a safetensors file: the pack's dynamic LoRA (``lora/dynamic.apply``) for pack variants,
+    ComfyUI's LoRA patches for the others."""
+    import comfy.lora
+    import comfy.utils
+
+    from ..lora import dynamic, loading
+    from .bench_lora import write_lora
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_lora(sd, rank, folder, seed=rank)
+        if pack:
+            clone, reports = dynamic.apply(patcher, [loading.LoraSpec(path)])
+            print(f"dynamic LoRA: {reports[0].summary()}")
+            return clone
+        clone = patcher.clone()
+        key_map = comfy.lora.model_lora_keys_unet(clone.model, {})
+        clone.add_patches(comfy.lora.load_lora(comfy.utils.load_torch_file(path), key_map), 1.0)
+        return clone
+
+
+def _build(variant: str, sd: dict, device: str):
     from ..ops import loader
     from ..ops.config import ConvertOptions
 
-    device = _device()
-    sd = flux2_model.random_state_dict(cfg, device)
     if variant == "bf16":
         return flux2_model.load_bf16(sd, device)
     if variant == "fp8-fast":
@@ -166,8 +211,8 @@ def compiled(patcher, backend: str = "inductor"):
     return clone
 
 
-def _ref_path(ref_dir: str, model: str, res: int) -> str:
-    return os.path.join(ref_dir, f"ref-{model}-{res}.pt")
+def _ref_path(ref_dir: str, model: str, res: int, rank: int = 0) -> str:
+    return os.path.join(ref_dir, f"ref-{model}-{res}{f'-lora{rank}' if rank else ''}.pt")
 
 
 def run(models: list[str], resolutions: list[int], variants: list[str], compile_: bool,
@@ -179,11 +224,12 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
     rows = []
     for name in models:
         cfg = flux2_model.CONFIGS[name]
-        reference: dict[int, torch.Tensor] = {}
+        reference: dict[tuple[int, int], torch.Tensor] = {}  # (res, LoRA rank) -> the BF16 eager output
         if ref_dir:
             for res in resolutions:
-                if os.path.exists(_ref_path(ref_dir, name, res)):
-                    reference[res] = torch.load(_ref_path(ref_dir, name, res)).to(_device())
+                for rank in (0, LORA_RANK):
+                    if os.path.exists(_ref_path(ref_dir, name, res, rank)):
+                        reference[res, rank] = torch.load(_ref_path(ref_dir, name, res, rank)).to(_device())
         for variant in variants:
             baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
             if baseline > 1 << 28:
@@ -199,11 +245,12 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
                         torch._dynamo.reset()
                     out = measure(model, step_inputs(cfg, res), baseline=baseline)
                     y = out.pop("y")
-                    if variant == "bf16" and mode == "eager":
-                        reference[res] = y
+                    base, rank = split_lora(variant)
+                    if base == "bf16" and mode == "eager":
+                        reference[res, rank] = y
                         if ref_dir:
-                            torch.save(y.cpu(), _ref_path(ref_dir, name, res))
-                    ref = reference.get(res)
+                            torch.save(y.cpu(), _ref_path(ref_dir, name, res, rank))
+                    ref = reference.get((res, rank))
                     sqnr = None if ref is None else common.sqnr_db(ref, y)
                     row = {"model": cfg.name, "res": res, "variant": variant, "mode": mode, "weights_gb": weights,
                            "sqnr_vs_bf16": sqnr, **out}
@@ -229,6 +276,10 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         native_row = next((r for r in rows if r["model"] == row["model"] and r["res"] == row["res"]
                            and r["variant"] == "comfy-int8" and r["mode"] == row["mode"]), None)
         row["x_comfy_int8"] = native_row["ms"] / row["ms"] if native_row else None
+        base, rank = split_lora(row["variant"])
+        without = next((r for r in rows if r["model"] == row["model"] and r["res"] == row["res"]
+                        and r["variant"] == base and r["mode"] == row["mode"]), None) if rank else None
+        row["lora_overhead"] = row["ms"] / without["ms"] - 1 if without else None
     return rows
 
 
@@ -250,15 +301,17 @@ def run_isolated(args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | res | variant | mode | step ms | x BF16 | x ComfyUI INT8 | weights GB | peak GB | SQNR dB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | res | variant | mode | step ms | x BF16 | x ComfyUI INT8 | LoRA +% | weights GB | peak GB | "
+             "SQNR dB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
     for r in rows:
         lines.append(f"| {r['model']} | {r['res']} | {r['variant']} | {r['mode']} | {r['ms']:.1f} | "
-                     f"{fmt(r['x_bf16'], '.2f')} | {fmt(r['x_comfy_int8'], '.2f')} | {r['weights_gb']:.2f} | "
+                     f"{fmt(r['x_bf16'], '.2f')} | {fmt(r['x_comfy_int8'], '.2f')} | "
+                     f"{fmt(None if r.get('lora_overhead') is None else 100 * r['lora_overhead'], '+.1f')} | "
+                     f"{r['weights_gb']:.2f} | "
                      f"{fmt(r['peak_gb'], '.2f')} | {fmt(r['sqnr_vs_bf16'], '.1f')} |")
     return "\n".join(lines)
 
@@ -267,7 +320,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["klein9b", "klein4b"], choices=sorted(flux2_model.CONFIGS))
     parser.add_argument("--res", type=int, nargs="+", default=[1024])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[:5]), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(BASE_VARIANTS[:5]), choices=VARIANTS)
     parser.add_argument("--compile", action="store_true", help="also run under the stock TorchCompileModel node")
     parser.add_argument("--out", default=None)
     parser.add_argument("--isolate", action="store_true", help="run each variant in its own process")

@@ -15,7 +15,7 @@ stores, shared memory, registers and spills. Must run without TRITON_INTERPRET (
 @triton.jit functions).
 
 What is compiled is data: the GEMM configs of the target's generation (``dispatch.GENERATIONS``), each with
-the plain, LoRA and residual epilogues, and ``KERNEL_SPECS`` for the quantizers and fused kernels.
+the plain, LoRA, residual and residual + LoRA epilogues, and ``KERNEL_SPECS`` for the quantizers and fused kernels.
 """
 
 from __future__ import annotations
@@ -163,6 +163,10 @@ def gemm_specs(table: configs.GemmTable) -> list[KernelSpec]:
         specs += [KernelSpec(f"{name} +LoRA{r}", lambda cfg=cfg, r=r: run(cfg, r)) for r in LORA_RANKS]
         res = configs.for_residual(cfg)  # as triton_ops runs it
         specs.append(KernelSpec(f"{name} +residual", lambda res=res: run(res, residual=True)))
+        # a fused block's gated residual add with a dynamic LoRA term (Int8Linear.run_quantized): the most
+        # chunks, the worst case for shared memory and registers
+        specs.append(KernelSpec(f"{name} +residual +LoRA{LORA_RANKS[-1]}",
+                                lambda res=res: run(res, LORA_RANKS[-1], residual=True)))
     return specs
 
 

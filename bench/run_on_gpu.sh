@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-attn8 | attention | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | host | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -77,6 +77,12 @@ for step in "$@"; do
             env $SM8X python3 -m int8_w8a8.bench.bench_model --models klein9b --res ${RES:-1024} \
                 --variants pack-row --ref-dir /tmp/sm8x-ref --out "$OUT/bench_model_9b_sm8x.json"
             ) 2>&1 | tee "$OUT/bench_model_9b_sm8x.txt" ;;
+        # klein 9B at 1024x1024 (~3 min): the fused pack without and with a random rank-64 dynamic LoRA on every
+        # linear (lora/dynamic.py), "LoRA +%" the overhead (target <= 15%), SQNR vs BF16 + the same LoRA;
+        # VARIANTS="... pack-row-unfused-lora64" adds the LoRA on ComfyUI's blocks (the path before bench/NOTES.md item 24)
+        model-9b-lora) python3 -m int8_w8a8.bench.bench_model --models klein9b --res ${RES:-1024} \
+            --variants ${VARIANTS:-bf16-lora64 pack-row pack-row-lora64} --out "$OUT/bench_model_9b_lora.json" 2>&1 \
+            | tee "$OUT/bench_model_9b_lora.txt" ;;
         host) python3 -m int8_w8a8.bench.profile_host --out "$OUT/profile_host.json" 2>&1 | tee "$OUT/profile_host.txt" ;;
         # one architecture's five eager variants take ~3-4 min (one process each); Qwen-Image and Wan ~5 min
         arch-eager) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes eager \

@@ -9,7 +9,7 @@ depends only on (table, M bucket), never on the exact M. Which generation gets w
 
 Shared memory per block, in bytes, measured by compiling every config for the target without a GPU
 (``python -m int8_w8a8.bench.check_ptx --arch N``; Triton 3.6.0 and 3.8.0): the numbers in the comments
-are the worst of the plain, LoRA (rank 16 and 512) and residual epilogues.
+are the worst of the plain, LoRA (rank 16 and 512), residual and residual + LoRA (rank 512) epilogues.
 The offline check (``tests/test_targets.py``) fails when a table no longer fits its generations or
 needs more than its recorded ``smem_bytes``.
 """

@@ -27,7 +27,9 @@ Otherwise, without replay (checks still hoisted: ``api.int8_linear_impl`` direct
 * the torch-twin backend (CPU, Turing, no Triton); an empty input; an input whose rows are not a view
   (``reshape`` would copy); launches that went around the direct launcher or whose arguments alias this
   call's buffers in a way the plan cannot map; a Triton whose launcher rejects the replay (logged once).
-Dynamic LoRA terms run through the public API (``kernels.int8_linear``), without replay.
+Dynamic LoRA terms: ``__call__`` does not take them (the owner runs the public API, ``kernels.int8_linear``,
+without replay); ``gemm`` and ``gemm_residual`` (pre-quantized rows) take the term's down projection and up
+matrix and replay with them.
 """
 
 from __future__ import annotations
@@ -247,28 +249,32 @@ class LinearPlan:
         y, self.replays[key] = self._record(x)
         return y
 
-    def gemm(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
+    def gemm(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype, lora_h: torch.Tensor | None = None,
+             lora_b: torch.Tensor | None = None) -> torch.Tensor | None:
         """``y [M, N]`` in ``out_dtype`` of rows a fused kernel quantized (``xq`` int8 ``[M, K]``, ``x_scale``
         float32 ``[M]``, rotated and without smoothing as the weight expects): ``fused.int8_gemm`` on this weight
         with its bias cast once per dtype; eager calls of it replay their launches (``Replayer``, one table per
-        function: layers of one shape share a recording, their weight addresses substituted). None when ``xq``
-        is on another device."""
+        function: layers of one shape share a recording, their weight addresses substituted). ``lora_h [M, R]``,
+        ``lora_b [N, R]``: a dynamic LoRA term added in the epilogue (``fused.int8_gemm``). None when ``xq`` is on
+        another device."""
         if xq.device != self.device:
             return None
         from . import fused  # fused imports this module
 
-        return fused.int8_gemm(xq, x_scale, self.q, self.scale, self.bias_for(out_dtype), out_dtype)
+        return fused.int8_gemm(xq, x_scale, self.q, self.scale, self.bias_for(out_dtype), out_dtype, lora_h, lora_b)
 
     def gemm_residual(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype,
-                      residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor | None:
-        """``residual [B, S, N] += gate [B, 1, N] * (xq @ W.T + bias)`` in place (bias in ``out_dtype``):
-        ``fused.int8_gemm_residual`` on this weight (checked and replayed as ``gemm``); returns ``residual``, or
-        None when ``xq`` is on another device."""
+                      residual: torch.Tensor, gate: torch.Tensor, lora_h: torch.Tensor | None = None,
+                      lora_b: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``residual [B, S, N] += gate [B, 1, N] * (xq @ W.T + bias [+ lora_h @ lora_b.T])`` in place (bias in
+        ``out_dtype``): ``fused.int8_gemm_residual`` on this weight (checked and replayed as ``gemm``); returns
+        ``residual``, or None when ``xq`` is on another device."""
         if xq.device != self.device:
             return None
         from . import fused
 
-        return fused.int8_gemm_residual(xq, x_scale, self.q, self.scale, self.bias_for(out_dtype), residual, gate)
+        return fused.int8_gemm_residual(xq, x_scale, self.q, self.scale, self.bias_for(out_dtype), residual, gate,
+                                        lora_h, lora_b)
 
     def _direct(self, x: torch.Tensor) -> torch.Tensor:
         """The general implementation without the public API's checks (they were done for this weight)."""

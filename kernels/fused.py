@@ -11,8 +11,11 @@ holds and returns what the next INT8 GEMM consumes, so the intermediate activati
 - ``rms_norm_gate_add(x, y, weight, gate, eps) -> x + gate * RMSNorm(y) * weight`` (a new tensor)
 - ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v;
   ``qkv`` a fused projection or the three separate ones)
-- ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate) -> residual`` (updated in place)
-- ``int8_gemm(xq, x_scale, q, scale, bias, out_dtype) -> y [M, N]`` (the GEMM on rows quantized here)
+- ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate, lora_h=None, lora_b=None) -> residual``
+  (updated in place)
+- ``int8_gemm(xq, x_scale, q, scale, bias, out_dtype, lora_h=None, lora_b=None) -> y [M, N]`` (the GEMM on rows
+  quantized here); both with an optional low-rank (dynamic LoRA) term in the epilogue
+- ``lora_down(xq, x_scale, a_q, a_scale, out_dtype) -> h [M, R]`` (that term's down projection of the same rows)
 
 Under torch.compile each function is one ``int8_w8a8::*`` custom op (``library.py``) with a shape-only
 fake, like the rest of the kernel API, so fused blocks trace into one graph; ``qk_norm_rope`` and
@@ -343,25 +346,28 @@ def qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, head
 
 def int8_gemm_residual(
     xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-    residual: torch.Tensor, gate: torch.Tensor,
+    residual: torch.Tensor, gate: torch.Tensor, lora_h: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``residual += gate * (xq @ q.T * x_scale * scale + bias)``, in place, rounded once (a block's gated
-    residual add fused into the GEMM epilogue).
+    """``residual += gate * (xq @ q.T * x_scale * scale + bias [+ lora_h @ lora_b.T])``, in place, rounded once (a
+    block's gated residual add fused into the GEMM epilogue, a dynamic LoRA term inside the gate).
 
     Args:
         xq: int8 ``[B*S, K]``; x_scale: float32 ``[B*S]``; q: int8 ``[N, K]``; scale: float32 ``[]`` or
             ``[N]``/``[N, 1]``; bias ``[N]`` or None.
         residual: ``[B, S, N]`` float, contiguous; gate: ``[B, 1, N]`` or ``[B, N]``.
+        lora_h, lora_b: an optional low-rank term (``check_lora_term``): ``lora_h [B*S, R]`` (the LoRA's down
+            projection of these rows, ``lora_down``) and ``lora_b [N, R]``, one float dtype, accumulated in float32.
     Returns:
         ``residual``.
     """
     if torch.compiler.is_compiling():
         check_gemm_residual(xq, q, residual, gate)
-        torch.ops.int8_w8a8.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate)
+        check_lora_term(xq, q, lora_h, lora_b)
+        torch.ops.int8_w8a8.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b)
     else:
-        _GEMM_RESIDUAL((xq, x_scale, q, scale, bias, residual, gate), (),
-                       lambda: check_gemm_residual(xq, q, residual, gate),
-                       lambda: int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate))
+        _GEMM_RESIDUAL((xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b), (),
+                       lambda: (check_gemm_residual(xq, q, residual, gate), check_lora_term(xq, q, lora_h, lora_b)),
+                       lambda: int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b))
     return residual
 
 
@@ -375,7 +381,27 @@ def check_gemm_residual(xq, q, residual, gate) -> None:
     _check_per_batch(gate, b, n, "gate")
 
 
-def int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate) -> None:
+def check_lora_term(xq: torch.Tensor, q: torch.Tensor, lora_h: torch.Tensor | None,
+                    lora_b: torch.Tensor | None) -> None:
+    """A GEMM's low-rank term: both or neither, ``lora_h [M, R]`` (M = xq's rows) and ``lora_b [N, R]`` (N = q's
+    rows), one float dtype, on xq's device."""
+    if lora_h is None and lora_b is None:
+        return
+    if lora_h is None or lora_b is None:
+        raise ValueError("lora_h, lora_b: give both (lora_h [M, R] and lora_b [N, R]) or neither")
+    m, n = xq.shape[0], q.shape[0]
+    if (lora_h.dim() != 2 or lora_b.dim() != 2 or lora_h.shape[0] != m or lora_b.shape[0] != n
+            or lora_h.shape[1] != lora_b.shape[1] or lora_h.shape[1] == 0):
+        raise ValueError(f"lora_h, lora_b: expected [{m}, R] and [{n}, R] with R >= 1, got {list(lora_h.shape)} and "
+                         f"{list(lora_b.shape)}")
+    if lora_h.dtype not in _FLOATS or lora_b.dtype != lora_h.dtype:
+        raise ValueError(f"lora_h, lora_b: expected one float16/bfloat16/float32 dtype, got {lora_h.dtype} and "
+                         f"{lora_b.dtype}")
+    if lora_h.device != xq.device or lora_b.device != xq.device:
+        raise ValueError(f"lora_h, lora_b: on {lora_h.device} / {lora_b.device} but xq is on {xq.device}")
+
+
+def int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate, lora_h=None, lora_b=None) -> None:
     """``int8_gemm_residual`` after its checks passed (eager, and the body of its custom op)."""
     b, s, n = residual.shape
     g = _per_batch(gate, b, n)
@@ -384,23 +410,36 @@ def int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate) -> None
     if _triton(xq.device):
         from . import triton_ops
 
-        triton_ops.gemm_residual(xq, xs, q, scale, bias, r2, g, max(s, 1), choose_backend(xq.device))
+        triton_ops.gemm_residual(xq, xs, q, scale, bias, r2, g, max(s, 1), choose_backend(xq.device), lora_h, lora_b)
         return
     ws = scale.reshape(-1) if scale.dim() else scale
-    reference_fused.int8_gemm_residual(xq, xs, q, ws, bias, r2, g, max(s, 1))
+    reference_fused.int8_gemm_residual(xq, xs, q, ws, bias, r2, g, max(s, 1), lora_h, lora_b)
 
 
 def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``y [M, N] = xq @ q.T * x_scale * scale + bias`` on rows quantized by the functions above.
+              bias: torch.Tensor | None, out_dtype: torch.dtype, lora_h: torch.Tensor | None = None,
+              lora_b: torch.Tensor | None = None) -> torch.Tensor:
+    """``y [M, N] = xq @ q.T * x_scale * scale + bias [+ lora_h @ lora_b.T]`` on rows quantized by the functions
+    above (the low-rank term as in ``int8_gemm_residual``).
 
     xq int8 ``[M, K]``, x_scale float32 ``[M]``; the weight's values were validated when it was loaded."""
     if torch.compiler.is_compiling():
-        return torch.ops.int8_w8a8.int8_gemm(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False, None,
-                                             None)
-    return _GEMM((xq, x_scale, q, scale, bias), (out_dtype,), _no_check,
-                 lambda: api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False))
+        check_lora_term(xq, q, lora_h, lora_b)
+        return torch.ops.int8_w8a8.int8_gemm(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False, lora_h,
+                                             lora_b)
+    return _GEMM((xq, x_scale, q, scale, bias, lora_h, lora_b), (out_dtype,),
+                 lambda: check_lora_term(xq, q, lora_h, lora_b),
+                 lambda: api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False, lora_h,
+                                            lora_b))
 
 
-def _no_check() -> None:
-    return None
+def lora_down(xq: torch.Tensor, x_scale: torch.Tensor, a_q: torch.Tensor, a_scale: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """A LoRA's down projection ``h [M, R] = x @ a.T`` of rows a fused kernel quantized, for ``lora_h`` above.
+
+    ``xq`` int8 ``[M, K]`` and ``x_scale`` float32 ``[M]`` are the GEMM's own operands (rotated as its weight
+    expects); ``a_q`` int8 ``[R, K]`` and ``a_scale`` float32 ``[R]``/``[R, 1]`` are the LoRA's ``a`` quantized per
+    rank (rotated by the same ConvRot group; ``ops.lowrank.LowRank.int8_down``). It is the INT8 GEMM with R output
+    columns: it reads the rows once, as int8, on the INT8 tensor cores (M * K bytes, where converting the rows to
+    bf16 for a float matmul would move 5 * M * K), and its epilogue applies both scales."""
+    return int8_gemm(xq, x_scale, a_q, a_scale, None, out_dtype)

@@ -157,11 +157,12 @@ def _(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
 @torch.library.custom_op(f"{LIB}::int8_gemm_residual", mutates_args=("residual",))
 def int8_gemm_residual_op(
     xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-    residual: torch.Tensor, gate: torch.Tensor,
+    residual: torch.Tensor, gate: torch.Tensor, lora_h: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
 ) -> None:
-    fused.int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate)
+    fused.int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b)
 
 
 @int8_gemm_residual_op.register_fake
-def _(xq, x_scale, q, scale, bias, residual, gate):
+def _(xq, x_scale, q, scale, bias, residual, gate, lora_h=None, lora_b=None):
     return None

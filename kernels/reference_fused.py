@@ -124,12 +124,14 @@ def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float) -> 
     return (x2.float() + gate.float()[batch] * n).to(x2.dtype)
 
 
-def int8_gemm_residual(xq, x_scale, q, w_scale, bias, residual, gate, rows_per_batch: int) -> torch.Tensor:
+def int8_gemm_residual(xq, x_scale, q, w_scale, bias, residual, gate, rows_per_batch: int, lora_h=None,
+                       lora_b=None) -> torch.Tensor:
     """``residual += gate[b] * (int8 GEMM + epilogue)`` in float32, rounded once; in place, returns ``residual``.
 
     xq [M, K] int8, x_scale [M], q [N, K] int8, w_scale [] or [N], bias [N] or None, residual [M, N],
-    gate [B, N], b = row // rows_per_batch."""
-    y = epilogue(int8_matmul(xq, q), x_scale, w_scale, bias, torch.float32)
+    gate [B, N], b = row // rows_per_batch; optional low-rank term lora_h [M, R], lora_b [N, R] (added in the
+    epilogue, inside the gate)."""
+    y = epilogue(int8_matmul(xq, q), x_scale, w_scale, bias, torch.float32, lora_h, lora_b)
     batch = torch.arange(y.shape[0], device=y.device) // rows_per_batch
     residual.copy_((residual.float() + gate.float()[batch] * y).to(residual.dtype))
     return residual

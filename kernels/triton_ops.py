@@ -63,10 +63,12 @@ def int8_gemm(
     return _gemm(xq, x_scale.reshape(-1).contiguous(), q, scale, bias, out_dtype, backend, None, lora_h, lora_b)
 
 
-def gemm_residual(xq, xs, q, scale, bias, residual, gate, rows_per_batch: int, backend: Backend) -> torch.Tensor:
-    """``residual [M, N] += gate[row // rows_per_batch] * GEMM``, in place (kernels/fused.py validated)."""
+def gemm_residual(xq, xs, q, scale, bias, residual, gate, rows_per_batch: int, backend: Backend, lora_h=None,
+                  lora_b=None) -> torch.Tensor:
+    """``residual [M, N] += gate[row // rows_per_batch] * (GEMM [+ lora_h @ lora_b.T])``, in place (kernels/fused.py
+    validated)."""
     xq = xq if xq.stride(-1) == 1 else xq.contiguous()
-    return _gemm(xq, xs.contiguous(), q, scale, bias, residual.dtype, backend, None, None, None,
+    return _gemm(xq, xs.contiguous(), q, scale, bias, residual.dtype, backend, None, lora_h, lora_b,
                  out=residual, gate=gate, rows_per_batch=rows_per_batch)
 
 

@@ -2,7 +2,8 @@
 
 ``apply(model, stack)`` returns a clone whose affected layers carry an ``ops.lowrank.LowRank`` term
 (object patches on the clone, so the shared module is untouched once the clone is unloaded). Int8Linear
-fuses the term into its GEMM epilogue; other layers (ComfyUI's own ops, e.g. from the stock loader) get
+fuses the term into its GEMM epilogue, also inside fused blocks (its down projection on the block's int8
+rows, ``Int8Linear.run_quantized``); other layers (ComfyUI's own ops, e.g. from the stock loader) get
 a per-clone ``forward`` that adds it. A new strength or LoRA only builds new terms; nothing is merged
 or reloaded, and stacked LoRAs (also from several nodes in a chain) concatenate along the rank.
 
@@ -116,8 +117,13 @@ def apply(model, stack: Sequence[loading.LoraSpec]) -> tuple[object, list[loadin
         previous = clone.object_patches.get(f"{PREFIX}{path}.{ATTR}")
         if previous is not None:  # a dynamic LoRA earlier in the chain: add up along the rank
             term = _unpadded(previous).concat(term)
-        clone.add_object_patch(f"{PREFIX}{path}.{ATTR}", _padded(term, device, dtype))
         module = comfy.utils.get_attr(clone.model, f"{PREFIX}{path}")
+        term = _padded(term, device, dtype)
+        if isinstance(module, Int8Linear) and layout.is_int8_weight(module.weight):
+            # fused blocks run the layer on rows they quantized: the down projection too, with ``a`` rotated as
+            # the layer's weight and quantized once here (LowRank.int8_down)
+            term = term.with_int8_down(module.input_rotation())
+        clone.add_object_patch(f"{PREFIX}{path}.{ATTR}", term)
         if not isinstance(module, Int8Linear):  # ComfyUI's own ops: a per-clone forward adds the term
             clone.add_object_patch(f"{PREFIX}{path}.forward", lowrank_forward_for(module))
     for rest, strength in plain:

@@ -210,10 +210,11 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
     def fusable(self) -> bool:
         """Whether a fused block may feed this layer pre-quantized rows (``run_quantized``): an INT8 weight
-        without smoothing, no dynamic LoRA term and no weight functions (lowvram LoRA). A ConvRot weight is
-        fusable: the rows must then be rotated by ``input_rotation()`` before they are quantized."""
+        without smoothing and no weight functions (lowvram LoRA) or forced casting. A ConvRot weight is fusable:
+        the rows must then be rotated by ``input_rotation()`` before they are quantized. A dynamic LoRA term
+        (``int8_lora``) is fusable too: ``run_quantized`` adds it."""
         w = self.weight
-        if not layout.is_int8_weight(w) or self.weight_function or self.bias_function or self.int8_lora is not None:
+        if not layout.is_int8_weight(w) or self.weight_function or self.bias_function:
             return False
         return not getattr(self, "comfy_force_cast_weights", False) and getattr(w._params, "smooth", None) is None
 
@@ -232,27 +233,42 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         epilogue, in place. A resident layer (``forward``'s rule) runs its ``LinearPlan`` (launches recorded once
         per input specialization and replayed); otherwise the weight comes through ComfyUI's cast path, so
         offloading, lowvram and DynamicVRAM work.
+
+        A dynamic LoRA term (``int8_lora``: ``a [R, K]``, ``b [N, R]``) is part of ``y`` (inside the gate) on both
+        paths: its down projection runs on the same int8 rows, ``h = (xq @ a_q.T) * x_scale * a_scale`` with ``a``
+        rotated by the layer's group and quantized per rank (``LowRank.int8_down``; one INT8 GEMM of R columns,
+        ``kernels.fused.lora_down``), and ``h @ b.T`` is accumulated in the GEMM's float32 epilogue, so the
+        output is still written once. h thus sees the layer's own activation quantization (as the main product
+        does) plus the rounding of ``a`` to int8 (~40 dB for Gaussian rows; bench/NOTES.md, "Dynamic LoRA in the
+        fused blocks").
         """
         comfy.ops.run_every_op()
+        group = self.input_rotation()
+        term = self.int8_lora
+        lora_h = lora_b = None
+        if term is not None:
+            a_q, a_scale = term.int8_down(group)
+            lora_h, lora_b = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, term.b.dtype), term.b
         plan = self._plan_if_resident()
         if plan is not None:
-            y = (plan.gemm(xq, x_scale, out_dtype) if residual is None
-                 else plan.gemm_residual(xq, x_scale, out_dtype, residual, gate))
+            y = (plan.gemm(xq, x_scale, out_dtype, lora_h, lora_b) if residual is None
+                 else plan.gemm_residual(xq, x_scale, out_dtype, residual, gate, lora_h, lora_b))
             if y is not None:
                 return y
-        group = self.input_rotation()
         weight, bias, offload = comfy.ops.cast_bias_weight(
             self, input=None, dtype=self.weight.dtype, device=xq.device, bias_dtype=out_dtype, offloadable=True,
             compute_dtype=out_dtype, want_requant=True)
         if layout.is_int8_weight(weight):
             q, scale = weight._qdata, weight._params.scale
             if residual is not None:
-                y = kernels.fused.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate)
+                y = kernels.fused.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b)
             else:
-                y = kernels.fused.int8_gemm(xq, x_scale, q, scale, bias, out_dtype)
+                y = kernels.fused.int8_gemm(xq, x_scale, q, scale, bias, out_dtype, lora_h, lora_b)
         else:  # a cast path that returned floats (a DynamicVRAM layer run on the CPU), the rotation undone
             x = kernels.dequantize(xq, x_scale.reshape(-1, 1).float(), out_dtype, rotate_group=group)
             y = torch.nn.functional.linear(x, weight.to(out_dtype), bias)
+            if term is not None:
+                y = term.apply(x, y)
             if residual is not None:
                 y = residual.add_((gate * y.view(residual.shape)).to(residual.dtype))
         comfy.ops.uncast_bias_weight(self, weight, bias, offload)

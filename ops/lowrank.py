@@ -5,28 +5,73 @@ slice of a fused weight (q/k/v of a qkv projection) concatenated along R, with t
 strength folded into ``b`` and zero rows of ``b`` outside a slice. ``lora/dynamic.py`` builds them;
 they reach a layer as the ``int8_lora`` attribute, set per model clone by ComfyUI's object patches,
 so clones of one model carry different LoRAs and nothing stays on the shared module after unpatching.
+
+A fused block hands an INT8 layer its input already quantized (``Int8Linear.run_quantized``: int8 rows, rotated
+by the layer's ConvRot group, and per-row scales), so there the term's down projection runs on those rows too:
+``h = (xq @ a_q.T) * x_scale * a_scale``, with ``a`` rotated by the same group (the rotation is orthonormal:
+``x @ a.T = (x H) @ (a H).T``) and quantized per rank (``int8_down``); ``lora/dynamic.py`` quantizes it once per
+term for the layer it is set on (``with_int8_down``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
+
 ATTR = "int8_lora"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
+class Int8Down:
+    """A term's ``a`` rotated by ConvRot group ``rotate_group`` (0: none) and quantized per rank: ``q`` int8
+    ``[R, K]``, ``scale`` float32 ``[R, 1]`` (``kernels.quantize_weight``, round-to-nearest-even)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    rotate_group: int
+
+
+def quantize_down(a: torch.Tensor, rotate_group: int) -> Int8Down:
+    """``a [R, K]`` (float) as an ``Int8Down`` for rows rotated by ``rotate_group``. Zero rows (rank padding) get
+    the quantizer's tiny scale and stay zero."""
+    q, scale = kernels.quantize_weight(a.float(), per_row=True, rotate_group=rotate_group)
+    return Int8Down(q, scale, rotate_group)
+
+
+@dataclass(frozen=True, eq=False)
 class LowRank:
-    """``a [R, K]`` and ``b [N, R]`` on the model's device and compute dtype (R padded for the kernels)."""
+    """``a [R, K]`` and ``b [N, R]`` on the model's device and compute dtype (R padded for the kernels); ``down``:
+    ``a`` quantized for one ConvRot group (``with_int8_down``), or None."""
 
     a: torch.Tensor
     b: torch.Tensor
+    down: Int8Down | None = None
 
     def __post_init__(self) -> None:
         if self.a.dim() != 2 or self.b.dim() != 2 or self.a.shape[0] != self.b.shape[1]:
             raise ValueError(f"LowRank: expected a [R, K] and b [N, R], got {list(self.a.shape)}, {list(self.b.shape)}")
+        if self.down is not None and tuple(self.down.q.shape) != tuple(self.a.shape):
+            raise ValueError(f"LowRank: int8 down projection {list(self.down.q.shape)} does not match a "
+                             f"{list(self.a.shape)}")
+
+    def with_int8_down(self, rotate_group: int) -> LowRank:
+        """This term with ``a`` quantized once for pre-quantized rows rotated by ``rotate_group`` (the ConvRot
+        group of the layer it is set on)."""
+        return dataclasses.replace(self, down=quantize_down(self.a, rotate_group))
+
+    def int8_down(self, rotate_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a_q int8 [R, K], a_scale float32 [R, 1])`` for rows rotated by ``rotate_group``: the one
+        ``with_int8_down`` stored when its group and device match, else quantized now (a term built another way;
+        correct, one small quantization per call)."""
+        d = self.down
+        if d is None or d.rotate_group != rotate_group or d.q.device != self.a.device:
+            d = quantize_down(self.a, rotate_group)
+        return d.q, d.scale
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y + (x @ a.T) @ b.T`` computed in x's dtype (the float fallback; INT8 layers fuse it)."""

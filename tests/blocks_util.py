@@ -218,6 +218,39 @@ def lowvram(patcher, layers: Iterable[str], rank: int = 4):
         patcher.unpatch_model(device_to=patcher.offload_device)
 
 
+def dynamic_lora(patchers: Iterable, sd: dict, prefixes: tuple[str, ...], tmp_path, monkeypatch, rank: int = 4,
+                 rel: float = 0.2) -> list:
+    """Clones of ``patchers`` with one LoRA applied by the pack's dynamic LoRA (``lora/dynamic.apply``, what the
+    "Load LoRA (INT8 dynamic)" node runs): rank ``rank`` on every linear layer of ``sd`` under ``prefixes`` (the
+    blocks; separate q/k/v projections each get their own pair), each changing its weight by ``rel`` of its norm,
+    written as a real safetensors file and read through ComfyUI's LoRA loader."""
+    import folder_paths
+    import safetensors.torch
+
+    from int8_w8a8.lora import dynamic, loading
+
+    from . import lora_util
+
+    layers = [name for name in lora_util.linear_layers(sd) if name.startswith(prefixes)]
+    safetensors.torch.save_file(lora_util.lora(sd, layers, rank=rank, rel=rel), str(tmp_path / "dyn.safetensors"))
+    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(tmp_path / name))
+    clones = []
+    for patcher in patchers:
+        clone, reports = dynamic.apply(patcher, [loading.LoraSpec("dyn.safetensors", 1.0)])
+        assert reports[0].matched_keys == reports[0].total_keys == 2 * len(layers), reports[0].summary()
+        clones.append(clone)
+    return clones
+
+
+def check_dynamic_lora(fused: torch.Tensor, comfy: torch.Tensor, fused_without: torch.Tensor,
+                       floor_db: float = 30) -> None:
+    """The fused blocks with a dynamic LoRA (``fused``) match ComfyUI's blocks with the same LoRA (``comfy``)
+    above ``floor_db``, and the LoRA is there: the fused model without it (``fused_without``) is 10 dB further."""
+    s_with, s_without = sqnr_db(comfy, fused), sqnr_db(comfy, fused_without)
+    print(f"[sqnr vs ComfyUI's blocks + LoRA] fused + LoRA {s_with:.2f} dB, fused without it {s_without:.2f} dB")
+    assert s_with > floor_db and s_with > s_without + 10, (s_with, s_without)
+
+
 def float64_twin(patcher, build: Callable[..., torch.nn.Module]) -> torch.nn.Module:
     """ComfyUI's model class (``build(dtype=, device=, operations=)``) in float64 with ``patcher``'s weights,
     INT8 ones dequantized: the INT8 model's exact math without activation quantization or bf16 rounding."""

@@ -5,7 +5,8 @@ precomputes every block's shift/scale/gate) and a GELU-tanh MLP. A tiny Chroma (
 256, 2 heads of 128, one double and one single block) is loaded through the pack's loader; its fused
 blocks are compared with ComfyUI's blocks on the same INT8 weights and both with the float64 twin, eager
 and traced by torch.compile in one graph; every fallback rule a Chroma call can break runs ComfyUI's block
-(then the output is ComfyUI's own bit for bit). On the CPU here, on the load device (the GPU) there.
+(then the output is ComfyUI's own bit for bit);
+a dynamic LoRA on every block linear stays fused. On the CPU here, on the load device (the GPU) there.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-import safetensors.torch
 import torch
 
 from . import blocks_util as bu
-from . import lora_util as lu
 from .conftest import sqnr_db
 
 pytestmark = pytest.mark.integration
@@ -167,23 +166,24 @@ def test_fallback_rules(models, calls, rule):
         assert torch.equal(y, bu.run(patcher, args, kwargs, fused=False, load=not lowvram))
 
 
-def test_dynamic_lora_falls_back_and_merged_lora_stays_fused(models, calls, tmp_path, monkeypatch):
-    import folder_paths
+def test_dynamic_and_merged_lora_stay_fused(models, calls, tmp_path, monkeypatch):
+    """A dynamic LoRA on every linear of both blocks keeps them fused (the same kernel calls as without it) and
+    matches ComfyUI's blocks with the same LoRA; the LoRA merged instead stays fused too."""
+    from int8_w8a8.lora import loading, merge
 
-    from int8_w8a8.lora import dynamic, loading, merge
-
-    layers = ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear2"]
-    safetensors.torch.save_file(lu.lora(models["sd"], layers, rank=4), str(tmp_path / "l.safetensors"))
-    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(tmp_path / name))
-    spec = [loading.LoraSpec("l.safetensors", 1.0)]
     args, kwargs = inputs()
-    dyn, _ = dynamic.apply(models["fused-bfloat16"], spec)
+    without = bu.run(models["fused-bfloat16"], args, kwargs)
+    want_calls = dict(calls)
+    calls.clear()
+    dyn, plain = bu.dynamic_lora([models["fused-bfloat16"], models["plain-bfloat16"]], models["sd"],
+                                 ("double_blocks.", "single_blocks."), tmp_path, monkeypatch)
     y_dyn = bu.run(dyn, args, kwargs)
-    assert not calls  # both blocks hold a layer with a run-time LoRA term
-    assert torch.equal(y_dyn, bu.run(dyn, args, kwargs, fused=False))
-    merged, _ = merge.merge(models["fused-bfloat16"], spec)
+    assert calls == want_calls and calls["glu_quantize:gelu_tanh"] == 3
+    bu.check_dynamic_lora(y_dyn, bu.run(plain, args, kwargs), without)
+    calls.clear()
+    merged, _ = merge.merge(models["fused-bfloat16"], [loading.LoraSpec("dyn.safetensors", 1.0)])
     y_merged = bu.run(merged, args, kwargs)
-    assert calls["glu_quantize:gelu_tanh"] == 3
+    assert calls == want_calls
     assert sqnr_db(y_dyn, y_merged) > 25
 
 

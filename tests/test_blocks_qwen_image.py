@@ -5,8 +5,9 @@ through the pack's loader. Checked: the fused blocks quantize each stream's modu
 three projections, match ComfyUI's blocks on the same INT8 weights and both the float64 twin, eager and
 traced by torch.compile in one graph; reference latents that keep one modulation per batch entry stay fused;
 every fallback rule (text mask, timestep-zero reference latents, attention patches, lowvram weight functions,
-dynamic LoRA, q/k/v layers with different ConvRot groups) runs ComfyUI's block, whose output is then
-ComfyUI's own bit for bit. On the CPU here, on the load device (the GPU) there.
+q/k/v layers with different ConvRot groups) runs ComfyUI's block, whose output is then
+ComfyUI's own bit for bit;
+a dynamic LoRA on every block linear stays fused, also traced. On the CPU here, on the load device (the GPU) there.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-import safetensors.torch
 import torch
 
 from . import blocks_util as bu
-from . import lora_util as lu
 from .conftest import sqnr_db
 
 pytestmark = pytest.mark.integration
@@ -160,18 +159,36 @@ def test_qkv_with_different_convrot_groups_falls_back(models, calls):
     assert sqnr_db(bu.run(patcher, inputs(), fused=False), y) > 30
 
 
-def test_dynamic_lora_falls_back(models, calls, tmp_path, monkeypatch):
-    import folder_paths
-
-    from int8_w8a8.lora import dynamic, loading
-
-    safetensors.torch.save_file(lu.lora(models["sd"], ["transformer_blocks.1.attn.to_v"], rank=4),
-                                str(tmp_path / "l.safetensors"))
-    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(tmp_path / name))
-    dyn, _ = dynamic.apply(models["fused-bfloat16"], [loading.LoraSpec("l.safetensors", 1.0)])
+def test_dynamic_lora_stays_fused(models, calls, tmp_path, monkeypatch):
+    """A dynamic LoRA on every linear of the blocks (to_q, to_k and to_v, which share one quantization, each with
+    its own term) keeps every block fused and matches ComfyUI's blocks with the same LoRA."""
+    without = bu.run(models["fused-bfloat16"], inputs())
+    want_calls = dict(calls)
+    calls.clear()
+    dyn, plain = bu.dynamic_lora([models["fused-bfloat16"], models["plain-bfloat16"]], models["sd"],
+                                 ("transformer_blocks.",), tmp_path, monkeypatch)
+    attn = dyn.model.diffusion_model.transformer_blocks[0].attn
     y = bu.run(dyn, inputs())
-    assert calls["qk_norm_rope"] == 2  # block 0 fused, block 1 (the LoRA's layer) ComfyUI's
-    assert sqnr_db(bu.run(dyn, inputs(), fused=False), y) > 30
+    assert calls == want_calls and calls["qk_norm_rope"] == 4  # two streams in each of two blocks
+    assert len({id(layer.int8_lora) for layer in (attn.to_q, attn.to_k, attn.to_v)}) == 3  # set while loaded
+    bu.check_dynamic_lora(y, bu.run(plain, inputs()), without)
+
+
+def test_torch_compile_with_a_dynamic_lora_in_one_graph(models, calls, tmp_path, monkeypatch):
+    """Traced with a dynamic LoRA on every block linear: still one graph without breaks, the fused kernels and the
+    LoRA's GEMMs in it, and the eager output."""
+    import comfy.patcher_extension
+
+    bu.sdpa_attention(monkeypatch)
+    (dyn,) = bu.dynamic_lora([models["fused-bfloat16"]], models["sd"], ("transformer_blocks.",), tmp_path,
+                             monkeypatch)
+    args = inputs()
+    want = bu.run(dyn, args)
+    assert calls["qk_norm_rope"] == 2 * LAYERS
+    options = {**dyn.model_options["transformer_options"],
+               "wrappers": comfy.patcher_extension.copy_nested_dicts(dyn.wrappers)}
+    y = bu.compiled_in_one_graph(dyn, args, options=options, ops=(*bu.KERNELS, "int8_gemm", "flux_rope_table"))
+    assert sqnr_db(want, y) > 60
 
 
 def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch):

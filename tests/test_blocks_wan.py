@@ -5,7 +5,7 @@ is loaded through the pack's loader. Checked: one quantization feeds self-attent
 norms over the whole row, the fused blocks match ComfyUI's on the same INT8 weights and both the float64 twin,
 eager and traced by torch.compile in one graph; every fallback rule (image cross-attention, per-frame
 modulation, attention patches, lowvram weight functions) runs ComfyUI's block, whose output is then ComfyUI's
-own bit for bit.
+own bit for bit; a dynamic LoRA on every block linear stays fused.
 """
 
 from __future__ import annotations
@@ -129,6 +129,20 @@ def test_image_cross_attention_falls_back(comfyui, calls):
     y = bu.run(patcher, args, kwargs)
     assert "qk_norm_rope" not in calls
     assert torch.equal(y, bu.run(patcher, args, kwargs, fused=False))
+
+
+def test_dynamic_lora_stays_fused(models, calls, tmp_path, monkeypatch):
+    """A dynamic LoRA on every linear of the blocks (self-attention's q, k and v, which share one quantization,
+    each with its own term; the cross-attention and FFN) keeps every block fused and matches ComfyUI's blocks
+    with the same LoRA."""
+    without = bu.run(models["fused-bfloat16"], inputs())
+    want_calls = dict(calls)
+    calls.clear()
+    dyn, plain = bu.dynamic_lora([models["fused-bfloat16"], models["plain-bfloat16"]], models["sd"], ("blocks.",),
+                                 tmp_path, monkeypatch)
+    y = bu.run(dyn, inputs())
+    assert calls == want_calls and calls["qk_norm_rope"] == LAYERS
+    bu.check_dynamic_lora(y, bu.run(plain, inputs()), without)
 
 
 def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch):

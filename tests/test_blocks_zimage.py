@@ -5,18 +5,17 @@ through the pack's loader. ComfyUI 0.29's Lumina model has no block hook: the fu
 patches of each layer's ``forward``. Checked: one quantization feeds w1 and w3, the fused layers match
 ComfyUI's on the same INT8 weights and both the float64 twin, eager and traced by torch.compile in one graph;
 a clone without the patches runs ComfyUI's layers on the same shared module; every fallback rule (float16,
-timestep-zero reference latents, grouped-query attention, lowvram weight functions, dynamic LoRA, w1/w3 with
-different ConvRot groups) runs ComfyUI's forward, whose output is then ComfyUI's own bit for bit.
+timestep-zero reference latents, grouped-query attention, lowvram weight functions, w1/w3 with
+different ConvRot groups) runs ComfyUI's forward, whose output is then ComfyUI's own bit for bit;
+a dynamic LoRA on every layer linear stays fused.
 """
 
 from __future__ import annotations
 
 import pytest
-import safetensors.torch
 import torch
 
 from . import blocks_util as bu
-from . import lora_util as lu
 from .conftest import sqnr_db
 
 pytestmark = pytest.mark.integration
@@ -163,19 +162,17 @@ def test_w1_w3_with_different_convrot_groups_fall_back(models, calls):
     assert bool(y.isfinite().all())
 
 
-def test_dynamic_lora_falls_back(models, calls, tmp_path, monkeypatch):
-    import folder_paths
-
-    from int8_w8a8.lora import dynamic, loading
-
-    safetensors.torch.save_file(lu.lora(models["sd"], ["layers.0.attention.out"], rank=4),
-                                str(tmp_path / "l.safetensors"))
-    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(tmp_path / name))
-    dyn, _ = dynamic.apply(models["fused-bfloat16"], [loading.LoraSpec("l.safetensors", 1.0)])
+def test_dynamic_lora_stays_fused(models, calls, tmp_path, monkeypatch):
+    """A dynamic LoRA on every linear of the main layers (w1 and w3, which share one quantization, each with its
+    own term) keeps them fused and matches ComfyUI's layers with the same LoRA."""
+    without = bu.run(models["fused-bfloat16"], *inputs())
+    want_calls = dict(calls)
+    calls.clear()
+    dyn, plain = bu.dynamic_lora([models["fused-bfloat16"], models["plain-bfloat16"]], models["sd"], ("layers.",),
+                                 tmp_path, monkeypatch)
     y = bu.run(dyn, *inputs())
-    assert calls["qk_norm_rope"] == 1  # layer 1 fused, layer 0 (the LoRA's layer) ComfyUI's
-    plain, _ = dynamic.apply(models["plain-bfloat16"], [loading.LoraSpec("l.safetensors", 1.0)])
-    assert sqnr_db(bu.run(plain, *inputs()), y) > 30
+    assert calls == want_calls and calls["qk_norm_rope"] == LAYERS
+    bu.check_dynamic_lora(y, bu.run(plain, *inputs()), without)
 
 
 def test_torch_compile_traces_fused_layers_in_one_graph(models, calls, monkeypatch):

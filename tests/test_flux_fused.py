@@ -4,19 +4,18 @@ The fused blocks are registered as ComfyUI block replacements, which ComfyUI app
 runs through ``apply_model`` with the patcher's transformer options (as samplers call it). Checked:
 the fused model equals ComfyUI's block order of operations up to bf16 rounding (SQNR against each
 other and against the BF16 model), every rule that must fall back does (and then the output is ComfyUI's
-own bit for bit), and models built without ``fused_blocks`` carry no replacements.
+own bit for bit), a dynamic LoRA keeps the blocks fused (eager and traced), and models built without
+``fused_blocks`` carry no replacements.
 """
 
 from __future__ import annotations
 
 import pytest
-import safetensors.torch
 import torch
 
 from int8_w8a8.kernels import fused as fused_kernels
 
 from . import blocks_util as bu
-from . import lora_util as lu
 from .conftest import sqnr_db
 
 pytestmark = pytest.mark.integration
@@ -177,29 +176,31 @@ def test_attention_patch_falls_back(models, calls):
     assert torch.equal(y, step(models["plain"], models["inputs"]))
 
 
-def test_dynamic_lora_falls_back_and_merged_lora_stays_fused(models, calls, tmp_path, monkeypatch, flux2):
-    import folder_paths
+def test_dynamic_and_merged_lora_stay_fused(models, calls, tmp_path, monkeypatch, flux2):
+    """A dynamic LoRA on every linear of the blocks (through lora/dynamic.py, as the node applies it) keeps both
+    blocks fused and matches ComfyUI's blocks with the same LoRA; the LoRA merged instead stays fused too."""
+    from int8_w8a8.lora import loading, merge
 
-    from int8_w8a8.lora import dynamic, loading, merge
-
-    layers = ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear2"]
-    safetensors.torch.save_file(lu.lora(flux2["sd"], layers, rank=4), str(tmp_path / "l.safetensors"))
-    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(tmp_path / name))
-    spec = [loading.LoraSpec("l.safetensors", 1.0)]
-    dyn, _ = dynamic.apply(models["fused"], spec)
-    y_dyn = step(dyn, models["inputs"])
-    assert calls == {"glu": 0, "norm": 0}  # both blocks hold a layer with a run-time LoRA term
-    assert torch.equal(y_dyn, step(dyn, models["inputs"], fused=False))
-    merged, _ = merge.merge(models["fused"], spec)
-    y_merged = step(merged, models["inputs"])
+    without = step(models["fused"], models["inputs"])
     assert calls == {"norm": 5, "glu": 3}
+    dyn, plain = bu.dynamic_lora([models["fused"], models["plain"]], flux2["sd"], ("double_blocks.", "single_blocks."),
+                                 tmp_path, monkeypatch)
+    y_dyn = step(dyn, models["inputs"])
+    assert calls == {"norm": 10, "glu": 6}
+    bu.check_dynamic_lora(y_dyn, step(plain, models["inputs"]), without)
+    assert calls == {"norm": 10, "glu": 6}  # the plain model runs ComfyUI's blocks
+    merged, _ = merge.merge(models["fused"], [loading.LoraSpec("dyn.safetensors", 1.0)])
+    y_merged = step(merged, models["inputs"])
+    assert calls == {"norm": 15, "glu": 9}
     assert sqnr_db(y_dyn, y_merged) > 25
     assert sqnr_db(step(merged, models["inputs"], fused=False), y_merged) > 30
 
 
-def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "dynamic-lora"])
+def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch, tmp_path, flux2, lora):
     """Under torch.compile the fused blocks are traced (their kernels are custom ops): one graph, no breaks,
-    the fused kernels in it, and the eager fused model's output."""
+    the fused kernels in it, and the eager fused model's output; also with a dynamic LoRA on every block linear
+    (its down projections and epilogue terms are the same custom ops)."""
     import comfy.ldm.flux.math
     import comfy.ldm.modules.attention
     import comfy.model_management
@@ -211,6 +212,9 @@ def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypat
     monkeypatch.setattr(comfy.ldm.modules.attention, "optimized_attention",
                         comfy.ldm.modules.attention.attention_pytorch)
     patcher = models["fused"]
+    if lora:
+        (patcher,) = bu.dynamic_lora([patcher], flux2["sd"], ("double_blocks.", "single_blocks."), tmp_path,
+                                     monkeypatch)
     x, sigma, ctx = models["inputs"]
     options = patcher.model_options["transformer_options"]
     torch._dynamo.reset()

@@ -81,7 +81,8 @@ def why_not(args: dict, linears: Iterable, norms: Iterable, mods: Iterable[torch
     if not all(per_batch(m, x) for m in mods):
         return "per-token modulation (reference-image timesteps)"
     if not all(isinstance(layer, Int8Linear) and layer.fusable() for layer in linears):
-        return "a linear layer is not a plain INT8 layer (dynamic LoRA, SmoothQuant, kept in float or lowvram patches)"
+        return ("a linear layer is not a plain INT8 layer (SmoothQuant, kept in float, lowvram patches or forced "
+                "casting; dynamic LoRAs run fused)")
     if not all(plain(n) and getattr(n, "weight", None) is not None for n in norms):
         return "norm weights patched on the fly or absent"
     return None
