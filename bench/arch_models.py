@@ -121,9 +121,13 @@ def meta_model(config: dict) -> torch.nn.Module:
     return mc.get_model({}, device="meta").diffusion_model
 
 
-def random_state_dict(arch: Arch, tiny: bool = False, device: str = "cuda", seed: int = 0) -> dict[str, torch.Tensor]:
-    """The architecture's BF16 weights, random and seeded (the same in every process), made on ``device``."""
-    return flux2_model.random_weights(meta_model(arch.unet_config(tiny)).state_dict(), device, seed)
+def random_state_dict(arch: Arch, tiny: bool = False, device: str = "cuda", seed: int = 0,
+                      overrides: dict | None = None) -> dict[str, torch.Tensor]:
+    """The architecture's BF16 weights, random and seeded (the same in every process), made on ``device``;
+    ``overrides`` change the unet config first (e.g. fewer blocks at the real widths: ComfyUI's detection
+    counts the blocks from the keys)."""
+    config = {**arch.unet_config(tiny), **(overrides or {})}
+    return flux2_model.random_weights(meta_model(config).state_dict(), device, seed)
 
 
 def check_detection(arch: Arch, sd: dict) -> None:

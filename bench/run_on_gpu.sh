@@ -40,7 +40,8 @@ for step in "$@"; do
         tests-sm8x) env $SM8X python3 -m pytest tests -m "kernels or gpu" $XDIST -q -p no:randomly 2>&1 \
             | tee "$OUT/pytest-sm8x.log" | tail -25 ;;
         tests-comfy) python3 -m pytest tests/test_gpu_comfy.py -q -x 2>&1 | tee "$OUT/pytest-comfy.log" | tail -40 ;;
-        # the fused blocks of every architecture through ComfyUI on the GPU (test_fused.py runs in `tests`)
+        # the fused blocks of every architecture through ComfyUI on the GPU (test_fused.py runs in `tests`);
+        # test_blocks_gpu.py: each architecture at its real widths with 1-2 blocks (~20 GiB per test at most)
         tests-blocks) python3 -m pytest tests/test_flux_fused.py tests/test_blocks_*.py $XDIST -q -p no:randomly 2>&1 \
             | tee "$OUT/pytest-blocks.log" | tail -15 ;;
         tests-fused) python3 -m pytest tests/test_fused.py tests/test_flux_fused.py tests/test_blocks_*.py $XDIST -q \

@@ -126,6 +126,28 @@ def load(sd: dict, dtype: torch.dtype, **options):
                         disable_dynamic=True)
 
 
+def load_bf16(sd: dict, dtype: torch.dtype = torch.bfloat16):
+    """ComfyUI's stock loader on ``sd``, without the pack: the float model the INT8 one is made from."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": dtype}, disable_dynamic=True)
+
+
+def comfy_lora(patcher, path, strength: float = 1.0):
+    """A clone of ``patcher`` with the LoRA file at ``path`` applied by ComfyUI's own LoRA code (its key map and
+    converter, weight patches merged when the model loads): on a BF16 model, the reference "BF16 + LoRA"."""
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.utils
+
+    clone = patcher.clone()
+    lora_sd = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(str(path)))
+    patches = comfy.lora.load_lora(lora_sd, comfy.lora.model_lora_keys_unet(clone.model, {}))
+    applied = clone.add_patches(patches, strength)
+    assert patches and len(applied) == len(patches), f"ComfyUI applied {len(applied)} of {len(patches)} LoRA patches"
+    return clone
+
+
 def load_one_unrotated(sd: dict, prefix: str, unrotated: str):
     """The pack's load (bfloat16 activations) of a file made from ``sd`` whose layers under ``prefix`` are
     stored as ComfyUI native INT8 with ConvRot group 64, all but ``unrotated``, which is INT8 without rotation."""
@@ -218,12 +240,15 @@ def lowvram(patcher, layers: Iterable[str], rank: int = 4):
         patcher.unpatch_model(device_to=patcher.offload_device)
 
 
+DYNAMIC_LORA = "dyn.safetensors"  # the file ``dynamic_lora`` writes into its ``tmp_path``
+
+
 def dynamic_lora(patchers: Iterable, sd: dict, prefixes: tuple[str, ...], tmp_path, monkeypatch, rank: int = 4,
                  rel: float = 0.2) -> list:
     """Clones of ``patchers`` with one LoRA applied by the pack's dynamic LoRA (``lora/dynamic.apply``, what the
     "Load LoRA (INT8 dynamic)" node runs): rank ``rank`` on every linear layer of ``sd`` under ``prefixes`` (the
     blocks; separate q/k/v projections each get their own pair), each changing its weight by ``rel`` of its norm,
-    written as a real safetensors file and read through ComfyUI's LoRA loader."""
+    written as a real safetensors file (``tmp_path / DYNAMIC_LORA``) and read through ComfyUI's LoRA loader."""
     import folder_paths
     import safetensors.torch
 
@@ -232,11 +257,11 @@ def dynamic_lora(patchers: Iterable, sd: dict, prefixes: tuple[str, ...], tmp_pa
     from . import lora_util
 
     layers = [name for name in lora_util.linear_layers(sd) if name.startswith(prefixes)]
-    safetensors.torch.save_file(lora_util.lora(sd, layers, rank=rank, rel=rel), str(tmp_path / "dyn.safetensors"))
+    safetensors.torch.save_file(lora_util.lora(sd, layers, rank=rank, rel=rel), str(tmp_path / DYNAMIC_LORA))
     monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(tmp_path / name))
     clones = []
     for patcher in patchers:
-        clone, reports = dynamic.apply(patcher, [loading.LoraSpec("dyn.safetensors", 1.0)])
+        clone, reports = dynamic.apply(patcher, [loading.LoraSpec(DYNAMIC_LORA, 1.0)])
         assert reports[0].matched_keys == reports[0].total_keys == 2 * len(layers), reports[0].summary()
         clones.append(clone)
     return clones
@@ -251,9 +276,22 @@ def check_dynamic_lora(fused: torch.Tensor, comfy: torch.Tensor, fused_without: 
     assert s_with > floor_db and s_with > s_without + 10, (s_with, s_without)
 
 
-def float64_twin(patcher, build: Callable[..., torch.nn.Module]) -> torch.nn.Module:
-    """ComfyUI's model class (``build(dtype=, device=, operations=)``) in float64 with ``patcher``'s weights,
-    INT8 ones dequantized: the INT8 model's exact math without activation quantization or bf16 rounding."""
+def comfy_class(patcher) -> Callable[..., torch.nn.Module]:
+    """A ``build(dtype=, device=, operations=)`` for ``float64_twin``: the class of ``patcher``'s diffusion model
+    with the unet config ComfyUI built it from (what ``BaseModel.__init__`` calls), at another dtype."""
+    cls = type(patcher.model.diffusion_model)
+    config = {k: v for k, v in patcher.model.model_config.unet_config.items() if k != "dtype"}
+
+    def build(dtype, device, operations):
+        return cls(**config, dtype=dtype, device=device, operations=operations)
+
+    return build
+
+
+def float64_twin(patcher, build: Callable[..., torch.nn.Module], device: str | torch.device = "cpu") -> torch.nn.Module:
+    """ComfyUI's model class (``build(dtype=, device=, operations=)``) in float64 on ``device`` with ``patcher``'s
+    weights, INT8 ones dequantized: the INT8 model's exact math without activation quantization or bf16 rounding.
+    (At real widths ``device`` is the GPU: a CPU float64 step of a 3072-wide block takes minutes.)"""
     import comfy.ops
 
     from int8_w8a8.ops import layout
@@ -262,33 +300,33 @@ def float64_twin(patcher, build: Callable[..., torch.nn.Module]) -> torch.nn.Mod
     sd = {}
     for name, t in [*dm.named_parameters(), *dm.named_buffers()]:
         t = t.dequantize() if layout.is_int8_weight(t) else t
-        sd[name] = t.to("cpu", torch.float64) if t.is_floating_point() else t.cpu()
-    twin = build(dtype=torch.float64, device="cpu", operations=comfy.ops.disable_weight_init)
+        sd[name] = t.to(device, torch.float64) if t.is_floating_point() else t.to(device)
+    twin = build(dtype=torch.float64, device=device, operations=comfy.ops.disable_weight_init)
     missing, unexpected = twin.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.startswith("__") for k in missing), (missing, unexpected)
     return twin.eval()
 
 
 def float64_truth(patcher, build: Callable[..., torch.nn.Module], args: tuple,
-                  kwargs: dict | None = None) -> torch.Tensor:
-    """``float64_twin(patcher, build)`` on the CPU, in float64, on the values ``run`` gives the patcher's model
+                  kwargs: dict | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """``float64_twin(patcher, build, device)`` in float64, on the values ``run`` gives the patcher's model
     (``model_inputs``: rounded to the model's dtype where ComfyUI rounds them), so both see the same inputs.
     ComfyUI's training flag is set for the call: its RoPE and q/k-norm functions then take their pure-torch path
     (comfy-kitchen's refuse float64)."""
     import comfy.model_management
 
-    def cpu64(v):
+    def as64(v):
         if isinstance(v, list):
-            return [cpu64(t) for t in v]
+            return [as64(t) for t in v]
         if isinstance(v, torch.Tensor):
-            return v.cpu().double() if v.is_floating_point() else v.cpu()
+            return v.to(device, torch.float64) if v.is_floating_point() else v.to(device)
         return v
 
-    twin = float64_twin(patcher, build)
+    twin = float64_twin(patcher, build, device)
     args, kwargs = model_inputs(patcher, args, kwargs)
     with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(comfy.model_management, "in_training", True)
-        return twin(*(cpu64(a) for a in args), **{k: cpu64(v) for k, v in kwargs.items()}).float()
+        return twin(*(as64(a) for a in args), **{k: as64(v) for k, v in kwargs.items()}).float()
 
 
 def check_against_float64(fused: torch.Tensor, comfy: torch.Tensor, truth: torch.Tensor, floor_db: float) -> None:
