@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | host | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -44,6 +44,9 @@ for step in "$@"; do
         # test_blocks_gpu.py: each architecture at its real widths with 1-2 blocks (~20 GiB per test at most)
         tests-blocks) python3 -m pytest tests/test_flux_fused.py tests/test_blocks_*.py $XDIST -q -p no:randomly 2>&1 \
             | tee "$OUT/pytest-blocks.log" | tail -15 ;;
+        # only the real-width module, its SQNR and peak-memory lines kept in the log (-rP: passed tests' output)
+        tests-blocks-gpu) python3 -m pytest tests/test_blocks_gpu.py $XDIST -q -rP -p no:randomly 2>&1 \
+            | tee "$OUT/pytest-blocks-gpu.log" | grep -E '^\[|passed|failed|Error' | tail -60 ;;
         tests-fused) python3 -m pytest tests/test_fused.py tests/test_flux_fused.py tests/test_blocks_*.py $XDIST -q \
             -p no:randomly 2>&1 \
             | tee "$OUT/pytest-fused.log" | tail -15 ;;
