@@ -79,17 +79,8 @@ TRITON_MEASURED: dict[tuple[tuple[int, int], str], Measured] = {
     ((9, 0), "int8-128x64-w8-s3"): Measured(0.39, 0.0158),
     ((9, 0), "int8-64x128-w4-s3"): Measured(0.60, 0.0165),
     ((9, 0), "int8-64x64-w4-s3"): Measured(0.54, 0.0158),
-    ((9, 0), "int8-128x128-w8-s2-fastcvt"): Measured(0.46, 0.0165),
     ((9, 0), "fp8-128x128-w8-s2"): Measured(0.53, 0.0387),
     ((9, 0), "fp8-64x128-w4-s3"): Measured(0.74, 0.0387),
-    ((9, 0), "int8-64x128-w4-s3-lazy"): Measured(0.61, 0.0165),
-    ((9, 0), "int8-64x128-w4-s3-rowdot"): Measured(0.60, 0.0165),
-    ((9, 0), "int8-64x128-w4-s3-pf16"): Measured(0.61, 0.0165),
-    ((9, 0), "int8-64x128-w4-s3-lazy-rowdot-pf16"): Measured(0.61, 0.0165),
-    ((9, 0), "int8-64x128-w4-s3-lazy-rowdot-pf16-biased"): Measured(0.62, 0.0167),
-    ((9, 0), "int8-64x128-w4-s2-lazy-rowdot-pf16-biased"): Measured(0.55, 0.0167),
-    ((9, 0), "int8-64x64-w4-s3-lazy-rowdot-pf16-biased"): Measured(0.49, 0.0165),
-    ((9, 0), "int8-128x128-w8-s3-lazy-rowdot-pf16-biased"): Measured(0.51, 0.0167),
 }
 
 

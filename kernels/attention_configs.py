@@ -24,28 +24,6 @@ Numerics (the twin in ``reference_attention.py`` spells them out):
 Both forms accumulate each block's P @ V separately and add it to the float32 accumulator (the 8-bit
 tensor-core accumulator keeps ~13 mantissa bits on Hopper: accumulated over thousands of keys it would
 lose ~2 %).
-
-Switches of the int8 form that remove ALU work from the loop (issue 14, session 2; bench/NOTES.md item 23;
-off until measured, each a field so one GPU run compares them):
-
-* lazy_rescale: the accumulator and row sum are kept in units of the current block's reference max
-  instead of the running max, so the per-block update is one FMA per element (``acc * gamma + PV``, gamma =
-  2**(previous reference - this one)) instead of two (``acc * alpha + PV * beta``). The reference of a block is
-  its row max, but never more than ``LAZY_RANGE`` (64, log2 units) below the running max, which bounds the
-  accumulator by 2**64 times its true value (float32 holds 2**127). The scale cancels in ``acc / l``.
-* rowsum_dot: the row sum ``l`` is the sum of the rounded P values, taken on the tensor cores by a
-  [BLOCK_N, 16] ones matrix (one 64 x 16 wgmma per block) instead of a float add per score. It is then the
-  exact normalizer of the P that multiplies V.
-* p_f16: P is rounded to an integer through float16 (``x`` to f16 by round-to-nearest, then + 1153 in f16
-  rounds it to an integer whose low byte is ``round - 127``): two scores per conversion and per add instead
-  of one float add per score; double rounding moves a P value by one where x lies within 2**-4 of a .5
-  (f16 has 3 fractional bits at 128..256).
-* biased_acc (with lazy_rescale): the block's int32 ``PV + 127 colsum`` is added to 1.5 * 2**23 as integer
-  bits (its float32 is 1.5 * 2**23 + PV exactly, no int-to-float conversion), and the accumulator carries
-  1.5 * 2**23 times the summed block weights w (a per-row float, ``w = w * gamma + 1``) that the end takes off.
-  The accumulator's magnitude becomes ~1.3e7 w, so each update rounds at ~w units of PV: ~1e-4 relative
-  error on Gaussian inputs (PV of a block is ~1e4..1e5 units), against 1.5 % for the quantization. An
-  all-zero V channel gives those few units times its scale (the smallest normal float32), not exact zeros.
 """
 
 from __future__ import annotations
@@ -61,17 +39,11 @@ class AttentionConfig:
     """Quantized format and Triton launch of one 8-bit attention variant.
 
     block_m: query rows per program (64 per warpgroup on Hopper's wgmma).
-    block_n: keys per iteration, and the number of keys one K scale covers; <= 128 keeps every int32
-        partial sum below 2**22, where ``fast_cvt`` converts it exactly.
+    block_n: keys per iteration, and the number of keys one K scale covers; <= 128 keeps the int8 P V
+        partial sums exact in float32.
     num_warps, num_stages: Triton launch options (stages: TMA loads in flight in the pipelined loop).
     pv: "int8" or "fp8" (module docstring).
     rotate: Hadamard rotation of Q and K before quantizing.
-    lazy_rescale, rowsum_dot, p_f16, biased_acc: ALU savings of the int8 form (module docstring).
-    fast_cvt: int32 -> float32 by adding 1.5 * 2**23 to the integer, reinterpreting the bits and subtracting
-        1.5 * 2**23 (exact for |x| < 2**22) instead of a conversion instruction. The classic I2F runs at a
-        quarter of the FMA rate, but ptxas for sm_90 emits I2FP.F32.S32, and the offline SASS of the default
-        tile has 256 fewer instructions per iteration pair without the trick (bench/check_ptx_attention.py):
-        off by default, measured as a variant.
     """
 
     block_m: int = 128
@@ -80,11 +52,6 @@ class AttentionConfig:
     num_stages: int = 2
     pv: str = "int8"
     rotate: bool = True
-    fast_cvt: bool = False
-    lazy_rescale: bool = False
-    rowsum_dot: bool = False
-    p_f16: bool = False
-    biased_acc: bool = False
 
     def __post_init__(self) -> None:
         if self.pv not in PV_FORMATS:
@@ -93,11 +60,6 @@ class AttentionConfig:
             v = getattr(self, name)
             if v < lo or v > hi or v & (v - 1):
                 raise ValueError(f"AttentionConfig.{name}: expected a power of two in [{lo}, {hi}], got {v}")
-        if self.pv != "int8" and (self.lazy_rescale or self.rowsum_dot or self.p_f16 or self.biased_acc):
-            raise ValueError("AttentionConfig: lazy_rescale, rowsum_dot, p_f16 and biased_acc apply to pv='int8' only")
-        if self.biased_acc and not (self.lazy_rescale and not self.fast_cvt):
-            raise ValueError("AttentionConfig.biased_acc: needs lazy_rescale=True and fast_cvt=False (it replaces "
-                             "the P V conversion inside the lazy update)")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError(f"AttentionConfig: bad launch options num_warps={self.num_warps}, "
                              f"num_stages={self.num_stages}")
@@ -105,33 +67,26 @@ class AttentionConfig:
     @property
     def name(self) -> str:
         return (f"{self.pv}-{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}"
-                + ("" if self.rotate else "-norot") + ("-fastcvt" if self.fast_cvt else "")
-                + ("-lazy" if self.lazy_rescale else "") + ("-rowdot" if self.rowsum_dot else "")
-                + ("-pf16" if self.p_f16 else "") + ("-biased" if self.biased_acc else ""))
+                + ("" if self.rotate else "-norot"))
 
 
 # The variants one benchmark run measures (bench/bench_attention.py), first = the default.
 # Hopper wgmma: 64 query rows per warpgroup, so 128-row tiles take 8 warps. Offline (sm_90, D = 128,
 # bench/check_ptx_attention.py): 128x128 at 8 warps takes over 200 registers per thread, one program per SM,
 # whose two warpgroups the loop's CTA barriers (TMA buffer reuse) keep in step; 64-row tiles at 4 warps
-# take 168-207 registers, two (64x128) or three (64x64) independent programs per SM, so one program's
+# take 168-243 registers, two (64x128) or three (64x64) independent programs per SM, so one program's
 # softmax can run while another's wgmma does. Measured on the H200 (bench/results/h200-bench-attention.txt,
 # NOTES item 20): int8 64x128 at 4 warps, 3 stages is the fastest form within the 2 % bound (kernel 548-560
-# TFLOP/s, 0.82-0.88x cuDNN); 128x128 at 8 warps 391-438, 128x64 304-311, fast_cvt no gain; fp8 64x128
-# 713-755 (1.05-1.20x cuDNN) at 3.8 % error. The switch variants (module docstring) follow it.
-_BEST = AttentionConfig(64, 128, 4, 3, "int8")
-_ALL = dataclasses.replace(_BEST, lazy_rescale=True, rowsum_dot=True, p_f16=True, biased_acc=True)
+# TFLOP/s, 0.82-0.88x cuDNN); 128x128 at 8 warps 391-438, 128x64 304-311; fp8 64x128 713-755 (1.05-1.20x
+# cuDNN) at 3.8 % error. Switches that took ALU work out of the int8 loop (fast_cvt, NOTES item 20;
+# lazy_rescale, rowsum_dot, p_f16, biased_acc, item 23) measured no gain and were removed.
 VARIANTS: tuple[AttentionConfig, ...] = (
-    _BEST,
-    dataclasses.replace(_BEST, lazy_rescale=True),
-    dataclasses.replace(_BEST, rowsum_dot=True),
-    dataclasses.replace(_BEST, p_f16=True),
-    dataclasses.replace(_BEST, lazy_rescale=True, rowsum_dot=True, p_f16=True),
-    _ALL,
-    dataclasses.replace(_ALL, num_stages=2),
-    dataclasses.replace(_ALL, block_n=64),
-    dataclasses.replace(_ALL, block_m=128, num_warps=8),
+    AttentionConfig(64, 128, 4, 3, "int8"),
+    AttentionConfig(128, 128, 8, 2, "int8"),
     AttentionConfig(128, 128, 8, 3, "int8"),
+    AttentionConfig(128, 64, 8, 3, "int8"),
+    AttentionConfig(64, 64, 4, 3, "int8"),
+    AttentionConfig(128, 128, 8, 2, "fp8"),
     AttentionConfig(64, 128, 4, 3, "fp8"),
 )
 DEFAULT = VARIANTS[0]

@@ -23,17 +23,6 @@ order D (identity without ``rotate``):
     ``l = l * 2**(m - m_new) + sum(x)``;
 * ``out = acc * (1 / l) * vs`` (the 254 or 448 of P cancels between acc and l).
 
-The int8 switches of ``AttentionConfig`` change this arithmetic as follows: ``lazy_rescale``: the reference of
-a block is ``m_ref = max(m_blk, m_new - 64)`` in place of m_blk, and acc, l are kept in units of the latest
-block's ``2**m_safe`` (``acc = acc * 2**(m_safe_prev - m_safe) + PV``, the same for l): equal to the above in
-exact arithmetic except for blocks more than 64 log2 units below the running max, whose P rounds to 0
-instead of keeping its own scale (< 2**-56 of the row's weight); ``rowsum_dot``: ``l`` sums ``round(x)``, the P
-that multiplies V, instead of x; ``p_f16``: ``P = f16(f16(x) + 1153) - 1280`` (x rounded to float16, then to an
-integer by a float16 add, whose ties go to the even sum: to odd ``round(x)``);
-``biased_acc``: ``acc = acc * gamma + (PV + 1.5 * 2**23)`` in float32 and ``w = w * gamma + 1``, then
-``acc - 1.5 * 2**23 * w`` at the end (the kernel's roundings at the accumulator's biased magnitude; the twin
-rounds the product and the sum separately where the kernel fuses them).
-
 Error budget on Gaussian q, k, v (relative to float64 attention, measured with this twin): INT8 Q per
 token and K per block ~1.1 %, int8 P ~0.7 %, int8 V ~1.0 %: ~1.5 % together; e4m3 P and V add ~2.5 %
 each (3 mantissa bits), ~3.5 % together.
@@ -55,8 +44,7 @@ P_INT8_MAX = 254.0  # int8 P: round(x) in 0..254, stored as round(x) - 127
 P_FP8_MAX = 448.0  # e4m3's largest finite value
 INV_448 = 1.0 / 448.0
 MAX_MARGIN = 2.0**-20  # int8 P: the block's row max is raised by |m| * MAX_MARGIN (8 float32 ulps)
-MAGIC_F = 12582912.0  # 1.5 * 2**23: float32 spacing 1 in [2**23, 2**24) (biased_acc)
-LAZY_RANGE = 64.0  # lazy_rescale: a block's reference max is at most this far (log2 units) below the running max
+MAGIC_F = 12582912.0  # 1.5 * 2**23: float32 spacing 1 in [2**23, 2**24) (the kernel rounds int8 P with it)
 _ELEMS = 1 << 22  # score elements per chunk of the twin's attention (bounds its memory)
 
 
@@ -153,11 +141,9 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Attenti
                         cfg.block_n, cfg.pv)
 
 
-def attention_quantized(qa: QuantizedQKV, sm_scale: float, out_dtype: torch.dtype,
-                        cfg: AttentionConfig | None = None) -> torch.Tensor:
-    """Attention over quantized inputs, blockwise as the kernel runs it with ``cfg`` (its int8 switches
-    ``lazy_rescale``, ``rowsum_dot``, ``p_f16``; block_n and pv come from ``qa``); returns ``[B, H, S_q, D]``."""
-    cfg = cfg or AttentionConfig(block_n=qa.block_n, pv=qa.pv)
+def attention_quantized(qa: QuantizedQKV, sm_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Attention over quantized inputs, blockwise as the kernel runs it (block_n and pv come from ``qa``);
+    returns ``[B, H, S_q, D]`` in ``out_dtype``."""
     b, h, s_q, s_kv, d = qa.shape
     bh, bn = b * h, qa.block_n
     nk = -(-s_kv // bn)
@@ -173,8 +159,6 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out_dtype: torch.dtyp
         m = torch.full((bh, r1 - r0), float("-inf"), device=qf.device)
         lsum = torch.zeros_like(m)
         acc = torch.zeros((bh, r1 - r0, d), device=qf.device)
-        r = torch.full_like(m, float("-inf"))
-        w = torch.zeros_like(m)
         for j in range(nk):
             k0, k1 = j * bn, min(s_kv, (j + 1) * bn)
             kf = qa.k.reshape(bh, s_kv, d)[:, k0:k1].float()
@@ -185,37 +169,19 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out_dtype: torch.dtyp
             alpha = torch.exp2(m - m_new)
             vb = vt[:, :, k0:k1].float().transpose(1, 2)  # [bh, keys, d]
             if qa.pv == "int8":
-                m_ref = torch.maximum(m_blk, m_new - LAZY_RANGE) if cfg.lazy_rescale else m_blk
-                m_safe = m_ref + m_ref.abs() * MAX_MARGIN
+                m_safe = m_blk + m_blk.abs() * MAX_MARGIN
                 x = torch.exp2(t - m_safe[..., None] + math.log2(P_INT8_MAX))
-                if cfg.p_f16:  # the kernel's float16 f16(x) + 1153: ties go to the even sum, i.e. odd round(x)
-                    p = (x.half() + 1153.0).float() - 1280.0
-                else:
-                    p = torch.round(x) - 127.0
+                p = torch.round(x) - 127.0
                 pv = p @ vb + 127.0 * qa.v_colsum[:, j, None, :].float()  # exact: |sums| < 2**24
-                # rowsum_dot: the sum of the rounded P (exact integers; the kernel's ones-matrix product)
-                s_blk = (p + 127.0).sum(dim=2) if cfg.rowsum_dot else x.sum(dim=2)
-                if cfg.lazy_rescale:  # acc and l in units of 2**m_safe of the latest block
-                    gamma = torch.exp2(r - m_safe)
-                    if cfg.biased_acc:  # the kernel's float32 MAGIC + PV (exact) into a biased accumulator
-                        acc = acc * gamma[..., None] + (pv + MAGIC_F)
-                        w = w * gamma + 1.0
-                    else:
-                        acc = acc * gamma[..., None] + pv
-                    lsum = lsum * gamma + s_blk
-                    r = m_safe
-                else:
-                    beta = torch.exp2(m_blk - m_new)
-                    acc = acc * alpha[..., None] + pv * beta[..., None]
-                    lsum = lsum * alpha + s_blk * beta
+                beta = torch.exp2(m_blk - m_new)
+                acc = acc * alpha[..., None] + pv * beta[..., None]
+                lsum = lsum * alpha + x.sum(dim=2) * beta
             else:
                 x = torch.exp2(t - m_new[..., None] + math.log2(P_FP8_MAX))
                 pv = x.to(torch.float8_e4m3fn).float() @ vb
                 acc = acc * alpha[..., None] + pv
                 lsum = lsum * alpha + x.sum(dim=2)
             m = m_new
-        if cfg.biased_acc:
-            acc = acc - (w * MAGIC_F)[..., None]
         o = acc * torch.reciprocal(lsum)[..., None] * qa.v_scale[:, None, :]
         out[:, r0:r1] = o.to(out_dtype)
     return out.reshape(b, h, s_q, d)
@@ -229,4 +195,4 @@ def attention_8bit(
     q's dtype (arguments as checked by ``attention.check_attention_args``)."""
     cfg = config or AttentionConfig()
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return attention_quantized(quantize_qkv(q, k, v, cfg), sm_scale, q.dtype, cfg)
+    return attention_quantized(quantize_qkv(q, k, v, cfg), sm_scale, q.dtype)

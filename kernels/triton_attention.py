@@ -21,7 +21,8 @@ Triton 3.6 does not warp-specialize on Hopper: each warpgroup waits for its own 
 the pipeliner places before reusing a TMA buffer keep a program's warpgroups in step, so softmax overlaps
 the tensor cores only across programs (64-row tiles: two or three programs per SM). Per score the loop
 issues ~14 instructions for int8 P V and ~10 for e4m3 (offline SASS, bench/check_ptx_attention.py), against
-1/16 of an SM clock of 8-bit tensor-core work: the ALU, not the tensor cores, bounds this kernel.
+1/16 of an SM clock of 8-bit tensor-core work: the ALU, not the tensor cores, bounds this kernel. Switches that
+took ALU work out of the int8 loop measured no gain and were removed (bench/NOTES.md items 20 and 23).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from .hadamard import hadamard_pm1_cached
 from .launch import FastLauncher
 from .reference_attention import (
     INV_448,
-    LAZY_RANGE,
     LOG2E,
     MAX_MARGIN,
     P_FP8_MAX,
@@ -60,15 +60,13 @@ from .triton_quant import (
     round_half_even,
 )
 
-# 1.5 * 2**23: a float32 in [2**23, 2**24) has unit spacing, so adding an integer |x| < 2**22 to this
-# constant (as bits: to MAGIC_I) gives the float32 MAGIC_F + x exactly.
+# 1.5 * 2**23: a float32 in [2**23, 2**24) has unit spacing, so adding x in [0, 2**22) to this constant
+# rounds x to an integer held in the low bits of the sum (int8 P).
 MAGIC_F = tl.constexpr(_MAGIC_F)
-MAGIC_I = tl.constexpr(0x4B400000)
 _LOG2_P_INT8 = tl.constexpr(math.log2(P_INT8_MAX))
 _LOG2_P_FP8 = tl.constexpr(math.log2(P_FP8_MAX))
 _INV_448 = tl.constexpr(INV_448)
 _MAX_MARGIN = tl.constexpr(MAX_MARGIN)
-_LAZY_RANGE = tl.constexpr(LAZY_RANGE)
 
 QUANT_ROWS = 64  # token rows per tile in the quantization kernels (64 x 128 float32: 64 registers at 4 warps)
 QUANT_WARPS = 4
@@ -235,111 +233,47 @@ def _quant_kv_kernel(
 # Attention
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _to_float(x, FAST_CVT: tl.constexpr):
-    """int32 -> float32, exact for |x| < 2**22. FAST_CVT: an integer add and a float subtraction (bits of
-    MAGIC_F + x, minus MAGIC_F) instead of the conversion instruction, which runs at a quarter of the
-    FMA rate on the SM."""
-    if FAST_CVT:
-        y = (x + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F
-    else:
-        y = x.to(tl.float32)
-    return y
-
-
-@triton.jit
-def _round_p(x, P_F16: tl.constexpr, EMULATE: tl.constexpr):
-    """x in [0, 254.5) -> int8 round(x) - 127. Both forms round by adding an odd constant, so a tie goes to
-    the even sum: an odd round(x) (in float32 x must be exactly k + 0.5, which the twin's half-to-even
-    ``torch.round`` may round the other way; in float16 ties are common and the twin follows the kernel).
-
-    P_F16: x to float16 first (round to nearest), then + 1153 in float16, whose spacing is 1 in [1024, 2048):
-    the low byte of the sum's bits is round(x) + 129 = round(x) - 127 mod 256. On the GPU one inline PTX block
-    per four scores: two ``cvt.rn.f16x2.f32``, two ``add.rn.f16x2`` and one ``prmt`` that takes the low bytes
-    of the four halves (7 instructions per 4 scores, against 4 float adds and 3 byte permutes). EMULATE (the
-    interpreter, which runs no inline assembly) computes the same values with float16 arithmetic.
-    """
-    if P_F16:
-        if EMULATE:
-            y = (x.to(tl.float16) + 1153.0).to(tl.int16, bitcast=True).to(tl.int8)
-        else:
-            y = tl.inline_asm_elementwise(
-                """{
-                .reg .b32 h0, h1, m;
-                mov.b32 m, 0x64816481;
-                cvt.rn.f16x2.f32 h0, $2, $1;
-                cvt.rn.f16x2.f32 h1, $4, $3;
-                add.rn.f16x2 h0, h0, m;
-                add.rn.f16x2 h1, h1, m;
-                prmt.b32 $0, h0, h1, 0x6420;
-                }""",
-                "=r,r,r,r,r", [x], dtype=tl.int8, is_pure=True, pack=4)
-    else:
-        # adding 1.5 * 2**23 - 127 rounds x to an integer in the low bits
-        y = (x + (MAGIC_F - 127.0)).to(tl.int32, bitcast=True).to(tl.int8)
-    return y
+def _round_p(x):
+    """x in [0, 254.5) -> int8 round(x) - 127: adding 1.5 * 2**23 - 127 (odd) rounds x to an integer in the
+    low bits, so a tie goes to the even sum, an odd round(x) (x must be exactly k + 0.5 in float32, which the
+    twin's half-to-even ``torch.round`` may round the other way)."""
+    return (x + (MAGIC_F - 127.0)).to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
 def _attn_block(
-    acc, l_i, m_i, r_i, w_i, q, rm_q, desc_k, desc_v, ks_ptr, vcs_ptr, j, kv_row, vt_row, S_kv,
+    acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_ptr, vcs_ptr, j, kv_row, vt_row, S_kv,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, PV_INT8: tl.constexpr,
-    FAST_CVT: tl.constexpr, EMULATE_FP8: tl.constexpr, LAZY: tl.constexpr, ROWSUM_DOT: tl.constexpr,
-    P_F16: tl.constexpr, BIASED: tl.constexpr,
+    EMULATE_FP8: tl.constexpr,
 ):
     """One block of BLOCK_N keys: scores, online softmax update, 8-bit P @ V into the float32 acc.
 
-    State per query row: acc, l (row sum) and m (running max, log2 units); r: LAZY's reference (the
-    previous block's shifted max, in whose units acc and l are kept; unused otherwise); w: BIASED's sum of
-    the blocks' weights in the same units (acc holds MAGIC_F * w on top of its value).
+    State per query row: acc [BLOCK_M, HEAD_DIM], l (row sum) and m (running max, log2 units), float32.
     """
     start_n = j * BLOCK_N
     k = desc_k.load([kv_row + start_n, 0])
-    qk = _to_float(tl.dot(q, k.T), FAST_CVT)  # the int32 product is exact; so is its conversion
+    qk = tl.dot(q, k.T).to(tl.float32)  # the int32 product is exact; so is its conversion (|qk| < 2**24)
     rm = rm_q * tl.load(ks_ptr + j)  # per row: q scale * k scale * sm_scale * log2(e), >= 0 or NaN
     if MASK:
         qk = tl.where((start_n + tl.arange(0, BLOCK_N) < S_kv)[None, :], qk, float("-inf"))
     m_blk = tl.max(qk, 1) * rm  # this block's row max in log2 units (rm >= 0 commutes with max)
     m_new = tl.maximum(m_i, m_blk)
     if PV_INT8:
-        if LAZY:
-            # the block's reference: its max, but at most LAZY_RANGE below the running max (bounds 1 / gamma)
-            m_ref = tl.maximum(m_blk, m_new - _LAZY_RANGE)
-        else:
-            m_ref = m_blk
-        # x = 254 * exp2(t - m_ref) in (0, 254]: one FMA and one exp2 per score. The reference is raised by
-        # 8 ulps (|m_ref| * 2**-20) so the roundings of the exponent can never lift x past 254.5, which would
+        # x = 254 * exp2(t - m_blk) in (0, 254]: one FMA and one exp2 per score. The block's max is raised by
+        # 8 ulps (|m_blk| * 2**-20) so the roundings of the exponent can never lift x past 254.5, which would
         # round to 255 and wrap in int8; the factor it takes off x is the same in acc and l.
-        m_safe = m_ref + tl.abs(m_ref) * _MAX_MARGIN
+        m_safe = m_blk + tl.abs(m_blk) * _MAX_MARGIN
         x = tl.math.exp2(qk * rm[:, None] + (-m_safe + _LOG2_P_INT8)[:, None])
-        p = _round_p(x, P_F16, EMULATE_FP8)
+        p = _round_p(x)
         vt = desc_v.load([vt_row, start_n])  # [HEAD_DIM, BLOCK_N] int8
         pv = tl.dot(p, vt.T)  # sum_n (round(x) - 127) * v: int32, exact
         cs = tl.load(vcs_ptr + j * HEAD_DIM + tl.arange(0, HEAD_DIM)) * 127
-        if BIASED:
-            # the float32 with the bits of MAGIC_I + pv + 127 cs is MAGIC_F + (pv + 127 cs) exactly: no
-            # conversion; acc carries MAGIC_F * w (w: the blocks' summed weights), taken off at the end
-            pvf = (pv + (cs + MAGIC_I)[None, :]).to(tl.float32, bitcast=True)
-        else:
-            pvf = _to_float(pv + cs[None, :], FAST_CVT)
-        if ROWSUM_DOT:
-            # sum_n (round(x) - 127) on the tensor cores (every column of ones gives the same sum), + 127 per key
-            ones = tl.full((BLOCK_N, 16), 1, tl.int8)
-            rs = tl.max(tl.dot(p, ones), 1) + 127 * BLOCK_N
-            s_blk = rs.to(tl.float32)
-        else:
-            s_blk = tl.sum(x, 1)
-        if LAZY:
-            # acc and l in units of 2**m_safe: rescale by 2**(previous m_safe - this one), add this block
-            gamma = tl.math.exp2(r_i - m_safe)
-            acc = acc * gamma[:, None] + pvf
-            l_i = l_i * gamma + s_blk
-            w_i = w_i * gamma + 1.0
-            r_i = m_safe
-        else:
-            alpha = tl.math.exp2(m_i - m_new)
-            beta = tl.math.exp2(m_blk - m_new)
-            acc = acc * alpha[:, None] + pvf * beta[:, None]
-            l_i = l_i * alpha + s_blk * beta
+        pvf = (pv + cs[None, :]).to(tl.float32)  # exact: |sum| <= 254 * 128 * D < 2**24
+        s_blk = tl.sum(x, 1)
+        alpha = tl.math.exp2(m_i - m_new)
+        beta = tl.math.exp2(m_blk - m_new)
+        acc = acc * alpha[:, None] + pvf * beta[:, None]
+        l_i = l_i * alpha + s_blk * beta
     else:
         alpha = tl.math.exp2(m_i - m_new)
         x = tl.math.exp2(qk * rm[:, None] + (-m_new + _LOG2_P_FP8)[:, None])  # 448 * exp2(t - m_new)
@@ -347,7 +281,7 @@ def _attn_block(
         vt = desc_v.load([vt_row, start_n])  # [HEAD_DIM, BLOCK_N] e4m3
         # this block's product alone, then a float32 add: two-level accumulation (see attention_configs)
         acc = acc * alpha[:, None] + tl.dot(_to_e4m3(x, EMULATE_FP8), vt.T)
-    return acc, l_i, m_new, r_i, w_i
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -355,8 +289,7 @@ def _attention_kernel(
     desc_q, desc_k, desc_v, qs_ptr, ks_ptr, vs_ptr, vcs_ptr, out_ptr,
     qk_mult, S_q, S_kv, H, n_blocks, stride_ob, stride_oh, stride_os, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr,
-    FAST_CVT: tl.constexpr, EMULATE_FP8: tl.constexpr, LAZY: tl.constexpr, ROWSUM_DOT: tl.constexpr,
-    P_F16: tl.constexpr, BIASED: tl.constexpr,
+    EMULATE_FP8: tl.constexpr,
 ):
     """out[b, h, i] = softmax_j(q_i . k_j * sm_scale) @ v for BLOCK_M queries i of head (b, h)."""
     pid_m = tl.program_id(0)
@@ -366,8 +299,6 @@ def _attention_kernel(
     m_ok = offs_m < S_q
     rm_q = tl.load(qs_ptr + bh.to(tl.int64) * S_q + offs_m, mask=m_ok, other=0.0) * qk_mult
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    r_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    w_i = tl.zeros((BLOCK_M,), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     kv_row = bh * S_kv
@@ -376,17 +307,13 @@ def _attention_kernel(
     vcs_base = vcs_ptr + bh.to(tl.int64) * n_blocks * HEAD_DIM
     n_full = S_kv // BLOCK_N
     for j in tl.range(0, n_full):
-        acc, l_i, m_i, r_i, w_i = _attn_block(acc, l_i, m_i, r_i, w_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base,
-                                              j, kv_row, vt_row, S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, FAST_CVT,
-                                              EMULATE_FP8, LAZY, ROWSUM_DOT, P_F16, BIASED)
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
+                                    S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, EMULATE_FP8)
     if n_full < n_blocks:
-        acc, l_i, m_i, r_i, w_i = _attn_block(acc, l_i, m_i, r_i, w_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base,
-                                              n_full, kv_row, vt_row, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, FAST_CVT,
-                                              EMULATE_FP8, LAZY, ROWSUM_DOT, P_F16, BIASED)
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, n_full, kv_row, vt_row,
+                                    S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8)
     d = tl.arange(0, HEAD_DIM)
     vs = tl.load(vs_ptr + bh * HEAD_DIM + d)
-    if BIASED:
-        acc = acc - (w_i * MAGIC_F)[:, None]
     o = acc * (1.0 / l_i)[:, None] * vs[None, :]
     b = bh // H
     h = bh % H
@@ -465,9 +392,7 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cf
     _ATTENTION(
         (triton.cdiv(s_q, cfg.block_m), b * h), desc_q, desc_k, desc_v, qa.q_scale, qa.k_scale, qa.v_scale, vcs, out,
         float(sm_scale * LOG2E), s_q, s_kv, h, qa.k_scale.shape[1], *out.stride(),
-        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV_INT8=cfg.pv == "int8", FAST_CVT=cfg.fast_cvt,
-        EMULATE_FP8=interpreting(), LAZY=cfg.lazy_rescale, ROWSUM_DOT=cfg.rowsum_dot, P_F16=cfg.p_f16,
-        BIASED=cfg.biased_acc,
+        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV_INT8=cfg.pv == "int8", EMULATE_FP8=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -7,7 +7,6 @@ Sizes are small so the interpreter tier stays fast; S is never a multiple of the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -31,14 +30,6 @@ BOUND_FP8 = 0.045
 # the interpreter's tile: 64 x 64 keeps each program small; S values below are not multiples of it
 SMALL = AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 FP8 = next(c for c in VARIANTS if c.pv == "fp8")
-# the int8 ALU switches (attention_configs docstring): each alone, and all together
-SWITCHES = {
-    "lazy": dataclasses.replace(SMALL, lazy_rescale=True),
-    "rowdot": dataclasses.replace(SMALL, rowsum_dot=True),
-    "pf16": dataclasses.replace(SMALL, p_f16=True),
-    "all": dataclasses.replace(SMALL, lazy_rescale=True, rowsum_dot=True, p_f16=True, biased_acc=True),
-}
-ALL = SWITCHES["all"]
 
 
 def ref64(q, k, v, scale=None):
@@ -82,55 +73,12 @@ def test_twin_accuracy(seed, d, keys):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("name", list(SWITCHES))
-@pytest.mark.parametrize("keys", ["gauss", "offset"])
-def test_twin_switches_keep_accuracy(seed, name, keys):
-    """Each ALU switch changes the arithmetic, not the accuracy: within the bound against float64 and within
-    1 % of the twin without it (rowsum_dot's normalizer sums the rounded P: on peaked rows, whose P values are
-    mostly small, it moves most; p_f16 moves a P value in [128, 254] by one where x is within 1/16 of a .5)."""
-    q, k, v = make(2, 2, 60, 333, 128, keys=keys)
-    cfg = SWITCHES[name]
-    qa = reference_attention.quantize_qkv(q, k, v, cfg)
-    out = reference_attention.attention_quantized(qa, 1 / math.sqrt(128), torch.float32, cfg)
-    plain = reference_attention.attention_quantized(qa, 1 / math.sqrt(128), torch.float32, SMALL)
-    assert rel_err(out, ref64(q, k, v)) <= BOUND
-    assert rel_err(out, plain) <= (1e-2 if cfg.rowsum_dot else 3e-3)
-
-
-def far_below(device="cpu"):
-    """Keys 64..127 ~630 log2 units under the others for every query (queries share a +3 offset, those keys a
-    -20 one: far past LAZY_RANGE), and the last keys raise every row's max by ~17 log2 units."""
-    q, k, v = make(1, 2, 20, 300, 64)
-    q = q.float() + 3
-    k = k.float()
-    k[:, :, 64:128] -= 20
-    k[:, :, 256:] += 0.5
-    return tuple(t.to(device=device, dtype=torch.bfloat16) for t in (q, k, v))
-
-
-@pytest.mark.unit
-def test_twin_lazy_rescale_far_below_blocks(seed):
-    """Blocks past the lazy reference's clamp and a later block that raises the max: lazy_rescale gives the
-    plain twin's result (to float32 rounding), every switch within the usual distance of it. (Both are ~3 %
-    off float64 here: the shared offsets take bits from the 8-bit Q and K.)"""
-    q, k, v = far_below()
-    qa = reference_attention.quantize_qkv(q, k, v, SMALL)
-    plain = reference_attention.attention_quantized(qa, 0.125, torch.float32, SMALL)
-    lazy = reference_attention.attention_quantized(qa, 0.125, torch.float32, SWITCHES["lazy"])
-    every = reference_attention.attention_quantized(qa, 0.125, torch.float32, ALL)
-    assert torch.isfinite(every).all()
-    assert rel_err(lazy, plain) <= 1e-6
-    assert rel_err(every, plain) <= 1e-2
-
-
-@pytest.mark.unit
-def test_switch_config_rules():
-    with pytest.raises(ValueError, match="biased_acc"):
-        AttentionConfig(biased_acc=True)
-    with pytest.raises(ValueError, match="pv='int8' only"):
-        AttentionConfig(pv="fp8", lazy_rescale=True)
-    assert ALL.name.endswith("-lazy-rowdot-pf16-biased")
-    assert DEFAULT.name == "int8-64x128-w4-s3"
+def test_variant_names():
+    """The names key the measurements (attention.TRITON_MEASURED): unique, the default first."""
+    names = [c.name for c in VARIANTS]
+    assert len(set(names)) == len(names)
+    assert DEFAULT is VARIANTS[0] and DEFAULT.name == "int8-64x128-w4-s3"
+    assert AttentionConfig(rotate=False).name == "int8-128x128-w8-s2-norot"
 
 
 @pytest.mark.unit
@@ -183,11 +131,10 @@ def _run(path, q, k, v, cfg=SMALL):
 
 @pytest.mark.parametrize("path", _paths())
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("cfg", [SMALL, ALL], ids=["plain", "switches"])
-def test_nonfinite_query_row_poisons_only_its_row(seed, path, bad, cfg):
+def test_nonfinite_query_row_poisons_only_its_row(seed, path, bad):
     q, k, v = make(1, 2, 70, 90, 64, device=KERNEL_DEVICE if path == "triton" else "cpu")
     q[0, 1, 5, 7] = bad
-    out = _run(path, q, k, v, cfg).float().cpu()
+    out = _run(path, q, k, v).float().cpu()
     assert torch.isnan(out[0, 1, 5]).all()
     others = torch.ones(out.shape[:3], dtype=torch.bool)
     others[0, 1, 5] = False
@@ -197,16 +144,10 @@ def test_nonfinite_query_row_poisons_only_its_row(seed, path, bad, cfg):
 
 
 @pytest.mark.parametrize("path", _paths())
-@pytest.mark.parametrize("cfg", [SMALL, ALL], ids=["plain", "switches"])
-def test_zero_v_gives_zeros(seed, path, cfg):
-    """Exact zeros; with biased_acc the bias 1.5 * 2**23 * w leaves a few units of rounding in the accumulator,
-    times the scale of an all-zero V channel (the smallest normal float32): below 1e-37."""
+def test_zero_v_gives_zeros(seed, path):
     q, k, v = make(1, 2, 50, 70, 128, device=KERNEL_DEVICE if path == "triton" else "cpu")
-    out = _run(path, q, k, torch.zeros_like(v), cfg).float().cpu()
-    if cfg.biased_acc:
-        assert out.abs().max() < 1e-37
-    else:
-        assert torch.equal(out, torch.zeros(out.shape))
+    out = _run(path, q, k, torch.zeros_like(v)).float().cpu()
+    assert torch.equal(out, torch.zeros(out.shape))
 
 
 @pytest.mark.parametrize("path", _paths())
@@ -270,31 +211,6 @@ def test_kernel_vs_twin_and_float64(seed, d, keys):
     # flipping the rounding of a few P values
     assert rel_err(out, twin) <= 2e-3
     assert rel_err(out, ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND
-
-
-@pytest.mark.kernels
-@pytest.mark.parametrize("name", list(SWITCHES))
-@pytest.mark.parametrize("d", [64, 128])
-def test_kernel_switches_vs_twin_and_float64(seed, name, d):
-    """Each switch in the kernel against the twin with the same switch (the same quantized inputs and
-    arithmetic) and against float64; S_q != S_kv, neither a multiple of the tile."""
-    cfg = SWITCHES[name]
-    q, k, v = make(2, 2, 70, 150, d, device=KERNEL_DEVICE, keys="offset" if d == 64 else "gauss")
-    out = triton_run(q, k, v, cfg, out_dtype=torch.float32).cpu()
-    twin = reference_attention.attention_quantized(
-        reference_attention.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), cfg), 1 / math.sqrt(d), torch.float32, cfg)
-    assert rel_err(out, twin) <= 2e-3
-    assert rel_err(out, ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND
-
-
-@pytest.mark.kernels
-def test_kernel_lazy_rescale_far_below_blocks(seed):
-    q, k, v = far_below(KERNEL_DEVICE)
-    out = triton_run(q, k, v, ALL, scale=0.125, out_dtype=torch.float32).cpu()
-    twin = reference_attention.attention_quantized(
-        reference_attention.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), ALL), 0.125, torch.float32, ALL)
-    assert torch.isfinite(out).all()
-    assert rel_err(out, twin) <= 2e-3
 
 
 @pytest.mark.kernels
@@ -416,8 +332,7 @@ def test_empty_queries():
 @pytest.mark.kernels
 def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     """Offline sm_90 compile: wgmma s8 for Q K^T, s8 (default) or e4m3 (fp8 form) for P V, TMA loads, no
-    spills, shared memory within 227 KB (the default config at D = 64 and 128, the fp8 variant and the first
-    variant with every int8 switch at 128); the switches' main loop issues fewer instructions per score."""
+    spills, shared memory within 227 KB (the default config at D = 64 and 128, the fp8 variant at 128)."""
     code = ("from int8_w8a8.bench import check_ptx_attention as c; import sys; "
             "sys.exit(c.main(['--quick', '--json']))")
     # what sm_90 itself compiles: not the sm_8x stand-in's switches (DISABLE_MMA_V3 turns wgmma off in Triton)
@@ -429,16 +344,15 @@ def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     rows = json.loads(out.stdout) if out.stdout.strip().startswith("[") else []
     assert rows and out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     kernels = [r for r in rows if r["what"].startswith("attention")]
-    assert len(kernels) == 4
+    assert len(kernels) == 3
     for r in kernels:
         assert not r["problems"], r
         assert any(".s32.s8.s8" in w for w in r["wgmma"]) and r["tma_loads"] > 0, r
         if r["config"]["pv"] == "fp8":
             assert any(".e4m3.e4m3" in w for w in r["wgmma"]), r
     assert all(not r["problems"] for r in rows), [r for r in rows if r["problems"]]
-    # the ALU switches take issue slots out of the main loop (14.2 -> 10.9 per score at D = 128 offline)
+    # the default's main loop as measured on the H200 (NOTES items 20 and 23: 14.19 instructions per score at
+    # D = 128 offline with Triton 3.6); present where cuobjdump is
     per_score = {r["what"]: r.get("instr_per_score") for r in kernels}
-    if all(per_score.values()):
-        plain = per_score[f"attention {DEFAULT.name} D=128"]
-        fast = next(v for w, v in per_score.items() if "-biased" in w)
-        assert fast < plain - 2.0, per_score
+    plain = per_score[f"attention {DEFAULT.name} D=128"]
+    assert plain is None or plain <= 15.0, per_score
