@@ -137,6 +137,21 @@ def cast_calls(comfyui, monkeypatch):
     return calls
 
 
+@pytest.fixture
+def triton_gemms(monkeypatch):
+    """The fused kernels and GEMMs on Triton (the interpreter on a CPU) with the Hopper table: the generic kernel
+    at M <= 16, TMA above (on the CPU the rules would pick the torch twins). Returns ``kernels.fused``."""
+    from int8_w8a8.kernels import api, fused
+    from int8_w8a8.kernels.dispatch import Backend
+
+    hopper = Backend("triton", "test", (9, 0))
+    monkeypatch.setattr(fused, "_triton", lambda device: True)
+    if KERNEL_DEVICE == "cpu":
+        monkeypatch.setattr(fused, "choose_backend", lambda device: hopper)
+        monkeypatch.setattr(api, "choose_backend", lambda device: hopper)
+    return fused
+
+
 @pytest.fixture(autouse=True)
 def _fresh_kernel_recordings():
     """Launches recorded by ``kernels.direct.Replayer`` (eager calls on a GPU) belong to one test: tests patch the

@@ -29,12 +29,8 @@ BF16 = torch.bfloat16
 
 
 @pytest.fixture
-def replay(monkeypatch):
-    """The Triton kernels (the interpreter on a CPU) with replay on and empty tables for fused.py's replayers."""
-    monkeypatch.setattr(fused, "_triton", lambda device: True)
-    if DEV == "cpu":  # the GEMM's backend: the rules pick the twin on the CPU
-        monkeypatch.setattr(fused, "choose_backend", lambda device: HOPPER)
-        monkeypatch.setattr(api, "choose_backend", lambda device: HOPPER)
+def replay(monkeypatch, triton_gemms):
+    """The Triton kernels (``triton_gemms``) with replay on and empty tables for fused.py's replayers."""
     for rep in (*fused.REPLAYERS, api._rows_replayer()):
         monkeypatch.setattr(rep, "enabled", True)
         monkeypatch.setattr(rep, "table", {})

@@ -29,15 +29,6 @@ HOPPER = Backend("triton", "test", (9, 0))
 BF16 = torch.bfloat16
 
 
-@pytest.fixture
-def triton_gemms(monkeypatch):
-    """The Triton GEMMs (the interpreter on a CPU) with the Hopper table: generic kernel at M <= 16, TMA above."""
-    monkeypatch.setattr(fused, "_triton", lambda device: True)
-    if DEV == "cpu":
-        monkeypatch.setattr(fused, "choose_backend", lambda device: HOPPER)
-        monkeypatch.setattr(api, "choose_backend", lambda device: HOPPER)
-    return fused
-
 
 def _term(n: int, k: int, rank: int, rel: float, w: torch.Tensor, gen=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(a [R, K], b [N, R]) in bf16 whose product has ``rel`` times the norm of ``w``."""
