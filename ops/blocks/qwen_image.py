@@ -21,7 +21,7 @@ Registered as ComfyUI "dit" block replacements (``("double_block", i)``). Qwen-I
 the text attention mask, so a per-clone DIFFUSION_MODEL wrapper (``_mask_rule``) marks calls that carry one
 in their transformer options, and the fused blocks hand them to ComfyUI's block. Other rules (each logged
 once): per-token modulation (the "index_timestep_zero" reference method doubles the timestep batch),
-attention patches, a layer that is not a plain INT8 layer (dynamic LoRA, SmoothQuant, lowvram patches),
+attention patches, a layer that is not a plain INT8 layer (SmoothQuant, lowvram patches; dynamic LoRAs run fused),
 q/k/v layers rotated by different ConvRot groups (they share one quantization), a RoPE table of another
 shape, non-identity dropout.
 

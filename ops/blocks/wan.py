@@ -18,8 +18,8 @@ video tokens).
 Registered as ComfyUI "dit" block replacements (``("double_block", i)``) on ``WanModel``. Each call checks the
 rules below and otherwise runs ComfyUI's block (logged once per reason): a text-to-video cross-attention,
 one modulation per batch entry (not Wan 2.2 TI2V's per-frame timesteps), no attention patches (``attn1_patch``,
-``attn2_patch``), plain INT8 layers (no dynamic LoRA, SmoothQuant, lowvram patches), q/k/v rotated by the same
-ConvRot group (they share one quantization), q/k norms present, a RoPE table for every token.
+``attn2_patch``), plain INT8 layers (dynamic LoRAs run fused; no SmoothQuant or lowvram patches), q/k/v
+rotated by the same ConvRot group (they share one quantization), q/k norms present, a RoPE table for every token.
 
 The hidden states are updated in place by the GEMM epilogues (ComfyUI's Wan block makes a contiguous copy of
 its input first, so the model's first block input, a transposed patch embedding, is copied here too).

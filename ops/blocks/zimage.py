@@ -24,7 +24,7 @@ clones run ComfyUI's blocks, unpatching restores ComfyUI's method. Each call che
 otherwise runs ComfyUI's ``JointTransformerBlock.forward`` (logged once per reason): no attention mask, no
 timestep-zero reference tokens (Z-Image omni), one modulation per batch entry, bfloat16/float32 activations
 (float16 is clamped inside ComfyUI's block), q/k norms and as many key/value heads as query heads (no GQA:
-Lumina 2 has 8 for 24), plain INT8 layers (no dynamic LoRA, SmoothQuant, lowvram patches), w1/w3 rotated by
+Lumina 2 has 8 for 24), plain INT8 layers (dynamic LoRAs run fused; no SmoothQuant or lowvram patches), w1/w3 rotated by
 the same ConvRot group (they share one quantization), a RoPE table for every token.
 
 Numerics: float32 inside each fused kernel, rounded once (``tests/test_blocks_zimage.py`` compares ComfyUI's
