@@ -153,6 +153,14 @@ def triton_gemms(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _integration_needs_comfyui(request):
+    """Every ``integration`` test goes through the ``comfyui`` fixture, also one that does not name it: without a
+    ComfyUI checkout it skips with the fixture's reason instead of failing on ``import comfy``."""
+    if request.node.get_closest_marker("integration") is not None:
+        request.getfixturevalue("comfyui")
+
+
+@pytest.fixture(autouse=True)
 def _fresh_kernel_recordings():
     """Launches recorded by ``kernels.direct.Replayer`` (eager calls on a GPU) belong to one test: tests patch the
     launch path (forced kernels, simulated misfits), which a recording from an earlier test would bypass."""
