@@ -102,6 +102,16 @@ def one_rotation(what: str, *layers) -> str | None:
     return None
 
 
+def rope_mismatch(pe: torch.Tensor, batch: int, tokens: int, head_dim: int, token_axis: int) -> str | None:
+    """The rule that ComfyUI's RoPE table ``pe`` covers every token the fused q/k kernel rotates: 6 dimensions,
+    ``[B' (1 or batch), ..., head_dim / 2, 2, 2]`` with ``tokens`` on ``token_axis`` (1: ``[B', S, 1, ...]``, as
+    Wan and Z-Image build it; 2: ``[B', 1, S, ...]``, as Qwen-Image does)."""
+    if (pe.dim() != 6 or pe.shape[0] not in (1, batch) or pe.shape[token_axis] != tokens
+            or (token_axis == 1 and pe.shape[2] != 1) or tuple(pe.shape[3:]) != (head_dim // 2, 2, 2)):
+        return f"RoPE table {list(pe.shape)} does not match {tokens} tokens of head dim {head_dim}"
+    return None
+
+
 def mlp_activation(act) -> str | None:
     """The ``kernels.fused.glu_quantize`` activation for a ComfyUI activation module, or None for one the
     kernels do not compute: SiLUActivation (``silu(g) * u``) -> "swiglu", ``nn.GELU(approximate="tanh")`` ->

@@ -125,10 +125,9 @@ class FusedBlock:
         if not _identity_dropout(attn.to_out[1]):
             return "attention output dropout is active"
         total, d = txt.shape[1] + img.shape[1], attn.dim_head
-        if (pe.dim() != 6 or pe.shape[0] not in (1, img.shape[0]) or pe.shape[2] != total
-                or tuple(pe.shape[3:]) != (d // 2, 2, 2) or attn.heads * d != img.shape[-1]):
-            return f"RoPE table {list(pe.shape)} does not match {total} tokens of head dim {d}"
-        return None
+        if attn.heads * d != img.shape[-1]:
+            return f"{attn.heads} heads of {d} do not make the hidden width {img.shape[-1]}"
+        return common.rope_mismatch(pe, img.shape[0], total, d, token_axis=2)
 
     def __call__(self, args: dict, extra: dict) -> dict:
         model = self.model()

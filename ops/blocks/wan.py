@@ -71,11 +71,7 @@ class FusedBlock:
         why = common.one_rotation("q/k/v layers", attn.q, attn.k, attn.v)
         if why is not None:
             return why
-        pe, d = args["pe"], attn.head_dim
-        if (pe.dim() != 6 or pe.shape[0] not in (1, x.shape[0]) or pe.shape[1] != x.shape[1] or pe.shape[2] != 1
-                or tuple(pe.shape[3:]) != (d // 2, 2, 2)):
-            return f"RoPE table {list(pe.shape)} does not match {x.shape[1]} tokens of head dim {d}"
-        return None
+        return common.rope_mismatch(args["pe"], x.shape[0], x.shape[1], attn.head_dim, token_axis=1)
 
     def __call__(self, args: dict, extra: dict) -> dict:
         model = self.model()

@@ -76,11 +76,7 @@ class FusedForward:
         why = common.one_rotation("w1/w3", ff.w1, ff.w3)
         if why is not None:
             return why
-        d = attn.head_dim
-        if (freqs_cis.dim() != 6 or freqs_cis.shape[0] not in (1, x.shape[0]) or freqs_cis.shape[1] != x.shape[1]
-                or freqs_cis.shape[2] != 1 or tuple(freqs_cis.shape[3:]) != (d // 2, 2, 2)):
-            return f"RoPE table {list(freqs_cis.shape)} does not match {x.shape[1]} tokens of head dim {d}"
-        return None
+        return common.rope_mismatch(freqs_cis, x.shape[0], x.shape[1], attn.head_dim, token_axis=1)
 
     def __call__(self, x, x_mask, freqs_cis, adaln_input=None, timestep_zero_index=None, transformer_options={}):  # noqa: B006
         block = self.block()
