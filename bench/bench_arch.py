@@ -215,7 +215,7 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
                        "sqnr_vs_bf16": None if ref is None else common.sqnr_db(ref, y),
                        "device_ms": prof["kernel_ms"], "profiled_wall_ms": prof["wall_ms"],
                        "families": {k: round(v["ms"], 3) for k, v in prof["families"].items()},
-                       "top_kernels": prof["top"][:5], **layer_states(patcher), **info, **out}
+                       "top_kernels": prof["top"][:12], **layer_states(patcher), **info, **out}
                 rows.append(row)
                 print(f"{arch.title} {shape.res} {variant:<12} {mode:<7} {row['ms']:8.1f} ms "
                       f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  device {row['device_ms']:7.1f} ms  "
