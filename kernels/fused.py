@@ -91,6 +91,12 @@ def norm_modulate_quantize(
     if torch.compiler.is_compiling():
         check_norm_modulate(x, shift, scale, rotate_group, norm, weight)
         return torch.ops.int8_w8a8.norm_modulate_quantize(x, shift, scale, float(eps), rotate_group, norm, weight)
+    return norm_modulate_quantize_eager(x, shift, scale, eps, rotate_group, norm, weight)
+
+
+def norm_modulate_quantize_eager(x, shift, scale, eps, rotate_group=0, norm="layer", weight=None):
+    """``norm_modulate_quantize`` outside tracing (eager calls, and the body of its custom op in a compiled graph):
+    checks and launch path once per specialization, launches replayed."""
     return _NORM_MODULATE((x, shift, scale, weight), (float(eps), rotate_group, norm),
                           lambda: check_norm_modulate(x, shift, scale, rotate_group, norm, weight),
                           lambda: norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group, norm, weight))
@@ -156,6 +162,11 @@ def glu_quantize(
     if torch.compiler.is_compiling():
         check_glu(prefix, glu, rotate_group, activation, up)
         return torch.ops.int8_w8a8.glu_quantize(prefix, glu, rotate_group, activation, up)
+    return glu_quantize_eager(prefix, glu, rotate_group, activation, up)
+
+
+def glu_quantize_eager(prefix, glu, rotate_group=0, activation="swiglu", up=None):
+    """``glu_quantize`` outside tracing (``glu`` the gate tensor, ``up`` or None), replayed."""
     return _GLU((glu, prefix, up), (rotate_group, activation),
                 lambda: check_glu(prefix, glu, rotate_group, activation, up),
                 lambda: glu_quantize_impl(prefix, glu, rotate_group, activation, up))
@@ -221,6 +232,11 @@ def rms_norm_gate_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, ga
     if torch.compiler.is_compiling():
         check_norm_gate_add(x, y, weight, gate)
         return torch.ops.int8_w8a8.rms_norm_gate_add(x, y, weight, gate, float(eps))
+    return rms_norm_gate_add_eager(x, y, weight, gate, eps)
+
+
+def rms_norm_gate_add_eager(x, y, weight, gate, eps) -> torch.Tensor:
+    """``rms_norm_gate_add`` outside tracing, replayed."""
     return _NORM_GATE_ADD((x, y, weight, gate), (float(eps),), lambda: check_norm_gate_add(x, y, weight, gate),
                           lambda: rms_norm_gate_add_impl(x, y, weight, gate, eps))
 
@@ -278,6 +294,12 @@ def qk_norm_rope(
         torch.ops.int8_w8a8.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, float(eps_q),
                                          float(eps_k), qk_norm)
         return
+    qk_norm_rope_eager(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k, qk_norm)
+
+
+def qk_norm_rope_eager(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
+                       qk_norm="head") -> None:
+    """``qk_norm_rope`` on split projections outside tracing, replayed."""
     _QK_NORM_ROPE((xq, xk, xv, q_weight, k_weight, pe, q, k, v), (seq_off, heads, eps_q, eps_k, qk_norm),
                   lambda: check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off, heads, q_weight, k_weight, qk_norm),
                   lambda: qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
@@ -365,10 +387,15 @@ def int8_gemm_residual(
         check_lora_term(xq, q, lora_h, lora_b)
         torch.ops.int8_w8a8.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b)
     else:
-        _GEMM_RESIDUAL((xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b), (),
-                       lambda: (check_gemm_residual(xq, q, residual, gate), check_lora_term(xq, q, lora_h, lora_b)),
-                       lambda: int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b))
+        int8_gemm_residual_eager(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b)
     return residual
+
+
+def int8_gemm_residual_eager(xq, x_scale, q, scale, bias, residual, gate, lora_h=None, lora_b=None) -> None:
+    """``int8_gemm_residual`` outside tracing, replayed."""
+    _GEMM_RESIDUAL((xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b), (),
+                   lambda: (check_gemm_residual(xq, q, residual, gate), check_lora_term(xq, q, lora_h, lora_b)),
+                   lambda: int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b))
 
 
 def check_gemm_residual(xq, q, residual, gate) -> None:
@@ -427,6 +454,11 @@ def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: t
         check_lora_term(xq, q, lora_h, lora_b)
         return torch.ops.int8_w8a8.int8_gemm(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False, lora_h,
                                              lora_b)
+    return int8_gemm_eager(xq, x_scale, q, scale, bias, out_dtype, lora_h, lora_b)
+
+
+def int8_gemm_eager(xq, x_scale, q, scale, bias, out_dtype, lora_h=None, lora_b=None) -> torch.Tensor:
+    """``int8_gemm`` outside tracing (``x_scale`` ``[M]`` or ``[M, 1]``), replayed."""
     return _GEMM((xq, x_scale, q, scale, bias, lora_h, lora_b), (out_dtype,),
                  lambda: check_lora_term(xq, q, lora_h, lora_b),
                  lambda: api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False, lora_h,

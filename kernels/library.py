@@ -78,7 +78,9 @@ def int8_gemm_op(
     lora_h: torch.Tensor | None,
     lora_b: torch.Tensor | None,
 ) -> torch.Tensor:
-    return api.int8_gemm_impl(xq, x_scale, q, scale, bias, out_dtype, validate, lora_h, lora_b)
+    if validate:  # the public API's call: weight values checked each call, not replayed
+        return api.int8_gemm_impl(xq, x_scale, q, scale, bias, out_dtype, validate, lora_h, lora_b)
+    return fused.int8_gemm_eager(xq, x_scale, q, scale, bias, out_dtype, lora_h, lora_b)
 
 
 @int8_gemm_op.register_fake
@@ -104,7 +106,7 @@ def norm_modulate_quantize_op(
     x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, eps: float, rotate_group: int,
     norm: str = "layer", weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return fused.norm_modulate_quantize_impl(x, shift, scale, eps, rotate_group, norm, weight)
+    return fused.norm_modulate_quantize_eager(x, shift, scale, eps, rotate_group, norm, weight)
 
 
 @norm_modulate_quantize_op.register_fake
@@ -118,7 +120,7 @@ def glu_quantize_op(
     prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int, activation: str = "swiglu",
     up: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return fused.glu_quantize_impl(prefix, glu, rotate_group, activation, up)
+    return fused.glu_quantize_eager(prefix, glu, rotate_group, activation, up)
 
 
 @glu_quantize_op.register_fake
@@ -132,7 +134,7 @@ def _(prefix, glu, rotate_group, activation="swiglu", up=None):
 def rms_norm_gate_add_op(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    return fused.rms_norm_gate_add_impl(x, y, weight, gate, eps)
+    return fused.rms_norm_gate_add_eager(x, y, weight, gate, eps)
 
 
 @rms_norm_gate_add_op.register_fake
@@ -146,7 +148,7 @@ def qk_norm_rope_op(
     pe: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_off: int, heads: int, eps_q: float,
     eps_k: float, qk_norm: str = "head",
 ) -> None:
-    fused.qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k, qk_norm)
+    fused.qk_norm_rope_eager(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k, qk_norm)
 
 
 @qk_norm_rope_op.register_fake
@@ -160,7 +162,7 @@ def int8_gemm_residual_op(
     residual: torch.Tensor, gate: torch.Tensor, lora_h: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
 ) -> None:
-    fused.int8_gemm_residual_impl(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b)
+    fused.int8_gemm_residual_eager(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b)
 
 
 @int8_gemm_residual_op.register_fake

@@ -233,6 +233,36 @@ def test_replays_keep_no_call_tensor_alive(seed, replay):
         assert [r() for r in refs] == [None] * 5
 
 
+@pytest.mark.kernels
+def test_custom_ops_replay_like_eager_calls(seed, replay):
+    """A compiled graph runs the ``int8_w8a8::*`` ops' bodies: they take the same replayed path as eager calls
+    (the launch path cost ~100 us of host per op, enough to make a compiled Qwen-Image step host-bound), with
+    results equal to the launch path's and the op's own mutation semantics."""
+    ops = torch.ops.int8_w8a8
+    b, s, k, n = 1, 6, 64, 32
+    _, _, q, scale = _rows_and_weight(1, k, n)
+    w = torch.rand(k, device=DEV, dtype=BF16) + 0.5
+    for _ in range(2):
+        x = torch.randn(b, s, k, device=DEV, dtype=BF16)
+        mod = torch.randn(b, 1, 2 * k, device=DEV, dtype=BF16)
+        xq, xs = ops.norm_modulate_quantize(x, mod[..., :k], mod[..., k:], 1e-6, 0, "rms", w)
+        _equal((xq, xs), fused.norm_modulate_quantize_impl(x, mod[..., :k], mod[..., k:], 1e-6, 0, "rms", w))
+        y = ops.int8_gemm(xq, xs.reshape(-1, 1), q, scale, None, BF16, False, None, None)
+        _equal(y, api.int8_gemm_impl(xq, xs.reshape(-1, 1), q, scale, None, BF16, False))
+        g = torch.randn(b, s, 2 * k, device=DEV, dtype=BF16)
+        _equal(ops.glu_quantize(None, g, 0, "swiglu", None), fused.glu_quantize_impl(None, g, 0, "swiglu"))
+        gate = torch.randn(b, 1, k, device=DEV, dtype=BF16)
+        _equal(ops.rms_norm_gate_add(x, g[..., :k], w, gate, 1e-6),
+               fused.rms_norm_gate_add_impl(x, g[..., :k], w, gate, 1e-6))
+        res = torch.randn(b, s, n, device=DEV, dtype=BF16)
+        expect = res.clone()
+        fused.int8_gemm_residual_impl(xq, xs, q, scale, None, expect, gate[..., :n])
+        ops.int8_gemm_residual(xq, xs, q, scale, None, res, gate[..., :n], None, None)
+        _equal(res, expect)
+    for rep in (fused._NORM_MODULATE, fused._GEMM, fused._GLU, fused._NORM_GATE_ADD, fused._GEMM_RESIDUAL):
+        assert _recorded(rep) == ["_Recorded"], rep.name
+
+
 @pytest.mark.unit
 def test_module_replayers_are_off_under_the_interpreter():
     """The module-level tables would outlive tests that patch the launch path: recorded only on a GPU (or where
