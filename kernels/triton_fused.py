@@ -233,9 +233,10 @@ def _glu_quant_kernel(
     Two passes over each row (absmax, then quantize); the second is served mostly from L2, which holds
     the rows of the programs resident on the SMs. With GROUP > 0 both passes rotate each tile (P and F
     multiples of GROUP, BLOCK_K a multiple of GROUP: groups never straddle tiles or the prefix/GLU boundary).
-    The kernel is bound by instruction issue, not memory (bench/NOTES.md item 28): FAST_ACT computes the
-    sigmoid without its range fix-ups (``_times_sigmoid``), LANE_STATS reduces the absmax once a row instead
-    of once a tile (``_glu_lane_stats``); both give the same codes and scales as without them.
+    The kernel is bound by instruction issue, not memory (bench/NOTES.md, "The GLU quantizer is issue-bound"):
+    FAST_ACT computes the sigmoid without its range fix-ups (``_times_sigmoid``), LANE_STATS reduces the absmax
+    once a row instead of once a tile (``_glu_lane_stats``); both give the same codes and scales as without them
+    (FAST_ACT: but for sigmoid arguments below -87.3, see there).
     """
     cols = tl.arange(0, BLOCK_K)
     for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
@@ -421,8 +422,9 @@ class GluLaunch:
 # rejected: a one-pass kernel holding each row in registers (415 us: 125 registers x 512 threads leave one row
 # per SM in flight). Compiled for sm_90 it issues ~59 instructions per output value (30 a pass: the sigmoid's
 # range fix-ups ~12, per-tile reductions with 6 barriers), which at 4 warp-instructions per SM-clock is ~85 us
-# for Z-Image's [4608, 2 x 10240] against ~60 us of HBM traffic: issue-bound. "lean" cuts it to ~NN
-# (``_times_sigmoid``, ``_glu_lane_stats``).
+# for Z-Image's [4608, 2 x 10240] against ~60 us of HBM traffic: issue-bound. "lean" issues ~30 (12 + 18;
+# ``_times_sigmoid``, ``_glu_lane_stats``) with the same 40 registers and 16-byte loads; "-l2" caps the rows in
+# flight at what L2 holds for the second pass, "-w4" takes 2048-column tiles of 4 warps.
 GLU_VARIANTS = {
     "base": GluLaunch(),
     "lean": GluLaunch(fast_act=True, lane_stats=True),
