@@ -29,17 +29,15 @@ def _bhsd_buffers(x, heads, head_dim, seq):
 # name -> (module attribute, value) pairs set for the run
 CHOICES: dict[str, tuple[tuple[str, str, object], ...]] = {
     "rule": (),
-    "glu 16/SM": (("triton_fused", "GLU_PROGRAMS_PER_SM", 16),),
-    "glu 4/SM": (("triton_fused", "GLU_PROGRAMS_PER_SM", 4),),
-    "glu block 2048": (("triton_fused", "GLU_BLOCK_K", 2048),),
-    "glu block 8192": (("triton_fused", "GLU_BLOCK_K", 8192), ("triton_fused", "GLU_WARPS", 16)),
+    # glu_quantize's launch variants (triton_fused.GLU_VARIANTS) in place of its rule
+    **{f"glu {name}": (("triton_fused", "GLU_RULE", name),) for name in ("base", "lean", "lean-l2")},
     "q/k/v [B, H, S, D]": (("blocks.common", "qkv_buffers", _bhsd_buffers),),
 }
 
 
 @contextlib.contextmanager
 def _set(pairs):
-    from ..kernels import triton_fused
+    from ..kernels import fused, triton_fused
     from ..ops.blocks import common
 
     mods = {"triton_fused": triton_fused, "blocks.common": common}
@@ -47,6 +45,8 @@ def _set(pairs):
     try:
         for m, a, v in pairs:
             setattr(mods[m], a, v)
+        for replayer in fused.REPLAYERS:  # launches recorded under the previous choice would replay it
+            replayer.table.clear()
         yield
     finally:
         for mod, a, v in old:

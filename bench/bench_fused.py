@@ -12,6 +12,7 @@ use (three q/k/v projections, RMSNorm modulation, post-norm gated adds, row-wide
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -90,6 +91,45 @@ def _other_architectures(record, dev: str, dt: torch.dtype) -> None:
     record("  unfused: rms_norm x2, rope (torch) x2", common.bench_ms(unfused_wan), proj[0].numel() * 2 * 8)
 
 
+# glu_quantize at each architecture's real shape: (name, rows, prefix width P, F, activation, (gate, up) pair)
+GLU_SHAPES = (
+    ("z-image swiglu (w1, w3) pair", 4608, 0, 10240, "swiglu", True),
+    ("flux.2 single [attn | swiglu]", 4608, 4096, 12288, "swiglu", False),
+    ("flux.2 double swiglu", 4096, 0, 12288, "swiglu", False),
+    ("chroma/qwen gelu_tanh", 4096, 0, 12288, "gelu_tanh", False),
+    ("wan gelu_tanh", 14040, 0, 13824, "gelu_tanh", False),
+)
+
+
+def glu_variants(record, dev: str, dt: torch.dtype) -> dict:
+    """Every ``triton_fused.GLU_VARIANTS`` entry at every ``GLU_SHAPES`` shape: GB/s (input + int8 output bytes)
+    and whether its codes and scales equal the "base" variant's; then each variant's summed time over the
+    shapes, the number ``GLU_RULE`` is set from."""
+    from ..kernels import triton_fused
+
+    total: dict[str, float] = dict.fromkeys(triton_fused.GLU_VARIANTS, 0.0)
+    for name, m, p, f, act, pair in GLU_SHAPES:
+        width = 2 * f if act == "swiglu" and not pair else f
+        wide = torch.randn(m, width + 64, device=dev, dtype=dt) * 2
+        glu = wide[:, 64:]  # a column slice, as the blocks pass a projection's output
+        up = torch.randn(m, f, device=dev, dtype=dt) if pair else None
+        prefix = torch.randn(m, p, device=dev, dtype=dt) if p else None
+        nbytes = (glu.numel() + (up.numel() if pair else 0) + (prefix.numel() if p else 0)) * 2 + m * (p + f)
+        base = None
+        for variant in triton_fused.GLU_VARIANTS:
+            run = functools.partial(triton_fused.glu_quantize, prefix, glu, f, activation=act, up=up, variant=variant)
+            out = run()
+            base = base or out
+            same = torch.equal(out[0], base[0]) and torch.equal(out[1].nan_to_num(-1), base[1].nan_to_num(-1))
+            ms = common.bench_ms(run)
+            total[variant] += ms
+            record(f"glu {name} [{m}, {p}+{f}] {variant}{'' if same else ' (DIFFERS from base)'}", ms, nbytes)
+    best = min(total, key=total.get)
+    print("glu variants, summed over the shapes: " + ", ".join(f"{v} {t * 1e3:.0f} us" for v, t in total.items())
+          + f"; fastest: {best} (GLU_RULE is {triton_fused.GLU_RULE!r})", flush=True)
+    return {"total_ms": total, "fastest": best}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
@@ -158,6 +198,7 @@ def main() -> None:
         return _rope_ref(qq, pe), _rope_ref(kk, pe), vv
     record("  unfused: rms_norm x2, rope (torch) x2", common.bench_ms(unfused_qk), qkv.numel() * 8)
     _other_architectures(record, dev, dt)
+    glu = glu_variants(record, dev, dt)
     # the gated residual add in the GEMM epilogue: its cost over the plain GEMM (reads the residual tile once)
     for m, k, n in ((4608, 16384, 4096), (4096, 4096, 4096), (4096, 12288, 4096)):
         plain, with_res = _gemm_residual_ms(m, k, n, dev, dt)
@@ -165,7 +206,7 @@ def main() -> None:
         record(f"  + gated residual in the epilogue (+{(with_res - plain) * 1e3:.1f} us)", with_res,
                m * k + n * k + m * n * 4)
     if args.out:
-        common.write_json(args.out, {"env": common.environment(), "rows": rows})
+        common.write_json(args.out, {"env": common.environment(), "rows": rows, "glu_variants": glu})
 
 
 if __name__ == "__main__":

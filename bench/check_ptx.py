@@ -69,10 +69,10 @@ def _norm(k: int, group: int, norm: str = "layer", shift: bool = True, weight: b
                                         norm=norm, weight=_t(k) if weight else None)
 
 
-def _glu(p: int, f: int, group: int, activation: str = "swiglu", pair: bool = False) -> None:
+def _glu(p: int, f: int, group: int, activation: str = "swiglu", pair: bool = False, variant: str = "") -> None:
     width = f if activation == "gelu_tanh" or pair else 2 * f
     triton_fused.glu_quantize(_t(4608, p) if p else None, _t(4608, width), f, rotate_group=group,
-                              activation=activation, up=_t(4608, f) if pair else None)
+                              activation=activation, up=_t(4608, f) if pair else None, variant=variant)
 
 
 def _qk_norm_rope(heads: int, d: int, separate: bool = False, row_norm: bool = False,
@@ -130,6 +130,12 @@ KERNEL_SPECS: tuple[KernelSpec, ...] = (
     KernelSpec("glu_quantize GELU-tanh P=3072 F=12288", lambda: _glu(3072, 12288, 0, "gelu_tanh")),
     KernelSpec("glu_quantize GELU-tanh F=12288 G=256", lambda: _glu(0, 12288, 256, "gelu_tanh")),
     KernelSpec("glu_quantize SwiGLU pair F=10240", lambda: _glu(0, 10240, 0, "swiglu", pair=True)),
+    # glu_quantize's other launch variants (triton_fused.GLU_VARIANTS): the fast sigmoid and per-lane absmax
+    # ("lean"), with the rotation's dots, and with the 2048-column tile
+    KernelSpec("glu_quantize lean SwiGLU pair F=10240", lambda: _glu(0, 10240, 0, "swiglu", True, "lean")),
+    KernelSpec("glu_quantize lean P=4096 F=12288 G=256", lambda: _glu(4096, 12288, 256, variant="lean")),
+    KernelSpec("glu_quantize lean GELU-tanh F=13824", lambda: _glu(0, 13824, 0, "gelu_tanh", variant="lean")),
+    KernelSpec("glu_quantize lean-w4 SwiGLU pair F=10240", lambda: _glu(0, 10240, 0, "swiglu", True, "lean-w4")),
     KernelSpec("norm_modulate_quantize RMS+weight K=3840", lambda: _norm(3840, 0, "rms", shift=False, weight=True)),
     KernelSpec("qk_norm_rope separate H=24 D=128 bf16 table", lambda: _qk_norm_rope(24, 128, True,
                                                                                     pe_dtype=torch.bfloat16)),

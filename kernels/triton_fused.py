@@ -27,6 +27,7 @@ twins are in ``reference_fused.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -41,6 +42,7 @@ from .launch import (
     no_smaller,
 )
 from .triton_quant import (
+    FLT_MAX,
     QUANT_WARPS,
     TILE_ELEMS,
     _quantize_store,
@@ -127,22 +129,43 @@ _GELU_2C = tl.constexpr(2.0 * 0.7978845608028654)  # 2 * sqrt(2 / pi)
 
 
 @triton.jit
-def _glu_tile(g_ptr, u_ptr, rows, row_ok, cols, F, stride_gm, stride_um, ACT: tl.constexpr):
+def _times_sigmoid(x, z, FAST_ACT: tl.constexpr):
+    """``x * sigmoid(z)``, float32.
+
+    FAST_ACT: ``x * rcp(1 + ex2(z * -log2 e))`` in one inline-PTX block (4-5 instructions a value), the same
+    operations in the same order as ``x * tl.sigmoid(z)`` (Triton's exp is ex2.approx of the scaled argument;
+    ``1 / y`` with ``div.full`` is MUFU.RCP of y for 1 <= y <= 2**126) without their range fix-ups (~12
+    instructions): ex2/rcp flush subnormals, which only changes results where ``1 + exp(-z) > 2**126``
+    (z < -87.3), there ``x * sigmoid(z)`` is 0 instead of |x| * 1e-38 or less. The interpreter, which cannot
+    run PTX, takes the Triton form."""
+    if FAST_ACT:
+        return tl.inline_asm_elementwise(
+            # 0fBFB8AA3B: -log2(e), the float32 Triton's exp multiplies by (negated: exact)
+            "{ .reg .f32 t; mul.rn.f32 t, $2, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; "
+            "add.rn.f32 t, t, 0f3F800000; rcp.approx.ftz.f32 t, t; mul.rn.f32 $0, $1, t; }",
+            "=r,r,r", [x, z], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return x * tl.sigmoid(z)
+
+
+@triton.jit
+def _glu_tile(g_ptr, u_ptr, rows, row_ok, cols, F, stride_gm, stride_um, ACT: tl.constexpr,
+              FAST_ACT: tl.constexpr):
     """act(h) for a [BLOCK_M, BLOCK_K] tile (0 outside the tensor).
 
     ACT 0, SwiGLU: silu(g) * u with g = columns [0, F) of g's rows, u = columns [0, F) of u's rows (the second
     half of the same rows for a fused gate|up projection, or a separate one: Z-Image's w1 / w3). ACT 1, GELU-tanh:
     0.5 * x * (1 + tanh(c * (x + 0.044715 * x^3))) on columns [0, F), written as x * sigmoid(2c * (...))
-    (the same function; Triton has no tanh that runs in the interpreter)."""
+    (the same function; Triton has no tanh that runs in the interpreter). ``_times_sigmoid`` (FAST_ACT)."""
     ok = row_ok[:, None] & (cols < F)[None, :]
     base = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
     g = tl.load(base, mask=ok, other=0.0).to(tl.float32)
     if ACT == 0:
         u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + cols[None, :], mask=ok, other=0.0)
         u = u.to(tl.float32)
-        out = g * tl.sigmoid(g) * u
+        out = _times_sigmoid(g, g, FAST_ACT) * u
     else:
-        out = g * tl.sigmoid(_GELU_2C * (g + 0.044715 * (g * g * g)))
+        out = _times_sigmoid(g, _GELU_2C * (g + 0.044715 * (g * g * g)), FAST_ACT)
     return out
 
 
@@ -153,40 +176,87 @@ def _prefix_tile(p_ptr, rows, row_ok, cols, P, stride_pm):
 
 
 @triton.jit
+def _glu_row_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride_pm, stride_gm, stride_um,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr,
+                   KRON: tl.constexpr, ACT: tl.constexpr, FAST_ACT: tl.constexpr):
+    """(absmax of the finite values, count of NaN/Inf) [BLOCK_M] of rows ``rot([p | act(g)])``: each tile
+    reduced across the program's threads (two barriers a tile)."""
+    absmax = tl.zeros((BLOCK_M,), tl.float32)
+    nonfinite = tl.zeros((BLOCK_M,), tl.int32)
+    for k0 in range(0, P, BLOCK_K):
+        v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
+        v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
+        absmax, nonfinite = _row_stats(v, absmax, nonfinite)
+    for k0 in range(0, F, BLOCK_K):
+        v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT, FAST_ACT)
+        v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
+        absmax, nonfinite = _row_stats(v, absmax, nonfinite)
+    return absmax, nonfinite
+
+
+@triton.jit
+def _glu_lane_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride_pm, stride_gm, stride_um,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr,
+                    KRON: tl.constexpr, ACT: tl.constexpr, FAST_ACT: tl.constexpr):
+    """``_glu_row_stats`` with one reduction a row instead of one a tile: each thread keeps the running max of
+    |v| of its own columns (NaN-propagating: one FMNMX a value, no barrier in the loop), reduced after the row.
+    Exact for rows of finite values (max is order-free); a row whose lanes saw a NaN or Inf (rare: its scale
+    is NaN) takes ``_glu_row_stats`` again for the finite absmax its finite values are quantized with."""
+    am = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
+        v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
+        am = tl.maximum(am, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+    for k0 in range(0, F, BLOCK_K):
+        v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT, FAST_ACT)
+        v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
+        am = tl.maximum(am, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+    nonfinite = tl.sum((~(am <= FLT_MAX)).to(tl.int32), axis=1)  # lanes that saw NaN or Inf
+    absmax = tl.max(am, axis=1)
+    if tl.max(nonfinite, axis=0) > 0:
+        absmax, nonfinite = _glu_row_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride_pm,
+                                           stride_gm, stride_um, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, ACT,
+                                           FAST_ACT)
+    return absmax, nonfinite
+
+
+@triton.jit
 def _glu_quant_kernel(
     p_ptr, g_ptr, u_ptr, q_ptr, scale_ptr, h_ptr,
     M, P, F, stride_pm, stride_gm, stride_um, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
     GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, ACT: tl.constexpr,
+    FAST_ACT: tl.constexpr = False, LANE_STATS: tl.constexpr = False,
 ):
     """Rows ``rot([p[m, :P] | act(g[m])])`` -> q [M, P + F] int8 and scale [M] (``_glu_tile``: act by ACT).
 
     Two passes over each row (absmax, then quantize); the second is served mostly from L2, which holds
-    the rows of the programs resident on the SMs (about 8 per SM at 8 warps). With GROUP > 0 both passes
-    rotate each tile (P and F multiples of GROUP, BLOCK_K a multiple of GROUP: groups never straddle
-    tiles or the prefix/GLU boundary).
+    the rows of the programs resident on the SMs. With GROUP > 0 both passes rotate each tile (P and F
+    multiples of GROUP, BLOCK_K a multiple of GROUP: groups never straddle tiles or the prefix/GLU boundary).
+    The kernel is bound by instruction issue, not memory (bench/NOTES.md, "The GLU quantizer is issue-bound"):
+    FAST_ACT computes the sigmoid without its range fix-ups (``_times_sigmoid``), LANE_STATS reduces the absmax
+    once a row instead of once a tile (``_glu_lane_stats``); both give the same codes and scales as without them
+    (FAST_ACT: but for sigmoid arguments below -87.3, see there).
     """
     cols = tl.arange(0, BLOCK_K)
     for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        absmax = tl.zeros((BLOCK_M,), tl.float32)
-        nonfinite = tl.zeros((BLOCK_M,), tl.int32)
-        for k0 in range(0, P, BLOCK_K):
-            v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
-            v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-            absmax, nonfinite = _row_stats(v, absmax, nonfinite)
-        for k0 in range(0, F, BLOCK_K):
-            v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT)
-            v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-            absmax, nonfinite = _row_stats(v, absmax, nonfinite)
+        if LANE_STATS:
+            absmax, nonfinite = _glu_lane_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride_pm,
+                                                stride_gm, stride_um, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON,
+                                                ACT, FAST_ACT)
+        else:
+            absmax, nonfinite = _glu_row_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride_pm,
+                                               stride_gm, stride_um, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON,
+                                               ACT, FAST_ACT)
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
         for k0 in range(0, P, BLOCK_K):
             v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, False, FAST_ROUND)
         for k0 in range(0, F, BLOCK_K):
-            v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT)
+            v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT, FAST_ACT)
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
             _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, False, FAST_ROUND)
 
@@ -323,14 +393,48 @@ _NORM_GATE_ADD = FastLauncher(_norm_gate_add_kernel, interpreting())
 
 # Rows of up to this many features are normalized in one tile (FLUX.2 klein: 3072 and 4096).
 NORM_MAX_K = 16384
-# [prefix | SwiGLU] rows: columns per tile, warps and programs per SM, from bench/bench_fused.py and, in
-# a real step (warm L2, after the GEMM that writes the input), bench/bench_blocks.py on the H200 at 9B
-# widths: 4096 / 8 / 32 per SM (about a row per program) 273 us per double + single block, 16 per SM
-# 282, 4 per SM (rows in flight bounded by L2) 323, 8192-column tiles 374. Rejected: a one-pass kernel
-# holding each row in registers (415 us: 125 registers x 512 threads leave one row per SM in flight).
-GLU_BLOCK_K = 4096
-GLU_WARPS = 8
-GLU_PROGRAMS_PER_SM = 32
+@dataclasses.dataclass(frozen=True)
+class GluLaunch:
+    """How ``glu_quantize`` launches ``_glu_quant_kernel``: ``block_k`` columns per tile, ``warps`` per
+    program, a persistent grid of ``programs_per_sm`` programs per SM (capped at one per row) and, when
+    ``l2_bytes`` > 0, at most ``l2_bytes // row bytes`` programs (rows in flight whose first read the second
+    pass finds in L2); ``fast_act`` / ``lane_stats``: the kernel's FAST_ACT / LANE_STATS."""
+
+    block_k: int = 4096
+    warps: int = 8
+    programs_per_sm: int = 32
+    l2_bytes: int = 0
+    fast_act: bool = False
+    lane_stats: bool = False
+
+    def programs(self, m: int, row_bytes: int, sms: int) -> int:
+        """The grid for ``m`` rows of ``row_bytes`` input bytes each on ``sms`` SMs."""
+        n = self.programs_per_sm * sms
+        if self.l2_bytes:
+            n = min(n, max(sms, self.l2_bytes // max(row_bytes, 1)))
+        return max(1, min(m, n))
+
+
+# ``glu_quantize``'s launch variants, all giving the same codes and scales (tests/test_fused.py), timed at the
+# real shapes by bench/bench_fused.py (``GLU_RULE`` is the one used). "base": the kernel as measured in a real
+# step (bench_blocks.py, warm L2 after the GEMM writing its input, H200, 9B widths): 4096 / 8 / 32 per SM (about
+# a row per program) 273 us per double + single block, 16 per SM 282, 4 per SM 323, 8192-column tiles 374;
+# rejected: a one-pass kernel holding each row in registers (415 us: 125 registers x 512 threads leave one row
+# per SM in flight). Compiled for sm_90 it issues ~59 instructions per output value (30 a pass: the sigmoid's
+# range fix-ups ~12, per-tile reductions with 6 barriers), which at 4 warp-instructions per SM-clock is ~85 us
+# for Z-Image's [4608, 2 x 10240] against ~60 us of HBM traffic: issue-bound. "lean" issues ~30 (12 + 18;
+# ``_times_sigmoid``, ``_glu_lane_stats``) with the same 40 registers and 16-byte loads; "-l2" caps the rows in
+# flight at what L2 holds for the second pass, "-w4" takes 2048-column tiles of 4 warps.
+GLU_VARIANTS = {
+    "base": GluLaunch(),
+    "lean": GluLaunch(fast_act=True, lane_stats=True),
+    "lean-l2": GluLaunch(fast_act=True, lane_stats=True, l2_bytes=24 << 20),
+    "lean-w4": GluLaunch(block_k=2048, warps=4, fast_act=True, lane_stats=True),
+    "lean-w4-l2": GluLaunch(block_k=2048, warps=4, fast_act=True, lane_stats=True, l2_bytes=24 << 20),
+    "fast-act": GluLaunch(fast_act=True),
+    "lane-stats": GluLaunch(lane_stats=True),
+}
+GLU_RULE = "base"
 
 
 def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0,
@@ -364,38 +468,44 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
 
 
 def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_flight: int = 0,
-                 rotate_group: int = 0, activation: str = "swiglu", up=None):
+                 rotate_group: int = 0, activation: str = "swiglu", up=None, variant: str | GluLaunch = ""):
     """prefix [M, P] or None, glu [M, 2F] (SwiGLU) or [M, F] (GELU-tanh, or SwiGLU's gate with ``up`` [M, F]
     its up projection), unit column strides -> q [M, P + F] int8, scale [M]; ``activation`` one of
     ``ACT_CODES``.
 
     ``rotate_group``: ConvRot group (P and F multiples of it) applied before quantizing, or 0. Raises
     TileTooLargeError when the tile does not fit the GPU's shared memory.
-    ``block_k``, ``warps``, ``rows_in_flight``: overrides for benchmarks (0: the rule)."""
+    ``variant``: a ``GLU_VARIANTS`` name or a ``GluLaunch`` ("": ``GLU_RULE``); ``block_k``, ``warps``,
+    ``rows_in_flight``: overrides of it for benchmarks (0: the variant's)."""
     m = glu.shape[0]
     p = 0 if prefix is None else prefix.shape[1]
     q = torch.empty((m, p + f), dtype=torch.int8, device=glu.device)
     scale = row_scales(m, p + f, glu.device)
     if m == 0 or p + f == 0:
         return q, scale
-    block_k = block_k or min(max(16, triton.next_power_of_2(max(p, f))), GLU_BLOCK_K)
+    rule = variant if isinstance(variant, GluLaunch) else GLU_VARIANTS[variant or GLU_RULE]
+    block_k = block_k or min(max(16, triton.next_power_of_2(max(p, f))), rule.block_k)
     block_k = max(block_k, rotation_min_tile(rotate_group))  # one row per program: the tile holds the groups
     block_m = 1
     h, rot = rotation_args(rotate_group, glu.device, torch.float32)
     keep(h)
-    blocks = min(m, rows_in_flight or GLU_PROGRAMS_PER_SM * num_sms(glu.device))
+    row_bytes = (p * (prefix.element_size() if prefix is not None else 0)
+                 + f * glu.element_size() * (2 if activation == "swiglu" else 1))
+    blocks = min(m, rows_in_flight) if rows_in_flight else rule.programs(m, row_bytes, num_sms(glu.device))
     pre = prefix if prefix is not None else glu
     u = up if up is not None else glu[:, f:] if activation == "swiglu" else glu
+    fast = not interpreting()  # inline PTX: the interpreter takes the plain forms
 
     def launch(tile: tuple[int, int]) -> None:
         _GLU_QUANT(
             (blocks,), pre, glu, u, q, scale, h if h is not None else q, m, p, f, pre.stride(0), glu.stride(0),
-            u.stride(0), q.stride(0), BLOCK_M=tile[0], BLOCK_K=tile[1], FAST_ROUND=not interpreting(), **rot,
-            ACT=ACT_CODES[activation], num_warps=warps or GLU_WARPS, enable_fp_fusion=False,
+            u.stride(0), q.stride(0), BLOCK_M=tile[0], BLOCK_K=tile[1], FAST_ROUND=fast, **rot,
+            ACT=ACT_CODES[activation], FAST_ACT=rule.fast_act and fast, LANE_STATS=rule.lane_stats,
+            num_warps=warps or rule.warps, enable_fp_fusion=False,
         )
 
     # the one fused kernel with a smaller tile: fewer columns per tile (down to what the rotation needs)
-    first_fit("glu_quantize", (glu.dtype, rotate_group, activation, glu.device), (block_m, block_k),
+    first_fit("glu_quantize", (glu.dtype, rotate_group, activation, rule, glu.device), (block_m, block_k),
               smaller_tile(rotate_group), launch, _TWIN)
     return q, scale
 

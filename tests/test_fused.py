@@ -313,6 +313,88 @@ def test_glu_quantize_gate_up_pair(seed, m, p, f):
         fused.glu_quantize(prefix, (gate, up), activation="gelu_tanh")
 
 
+# glu_quantize's launch variants (triton_fused.GLU_VARIANTS), each with small tiles and a few programs so rows span
+# several tiles, the last one partial, and programs take several rows: codes and scales equal the "base" variant's
+# bit for bit (that one is checked against the twin above)
+def _variants():
+    from int8_w8a8.kernels import triton_fused
+
+    return [v for v in triton_fused.GLU_VARIANTS if v != "base"]
+
+
+def _glu_variants_equal(prefix, glu, f, activation="swiglu", up=None, rotate_group=0, block_k=32, programs=3):
+    from int8_w8a8.kernels import triton_fused
+
+    def run(variant, bk=block_k):
+        return triton_fused.glu_quantize(prefix, glu, f, bk, 0, programs, rotate_group, activation, up, variant)
+
+    base = run("base")
+    q_ref, xs_ref = reference_fused.glu_quantize(prefix, glu, f, rotate_group, activation, up)
+    if rotate_group:
+        assert int((base[0].int() - q_ref.int()).abs().max()) <= 1
+    else:
+        _close_codes(base[0], q_ref)
+        _close_scales(base[1], xs_ref)
+    for variant in _variants():
+        for bk in (block_k, 0):  # the small tile, and the variant's own
+            q, xs = run(variant, bk)
+            assert torch.equal(q, base[0]), (variant, bk)
+            assert torch.equal(xs.isnan(), base[1].isnan()) and torch.equal(xs.nan_to_num(), base[1].nan_to_num()), \
+                (variant, bk)
+    return base
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("m,p,f", [(1, 0, 7), (15, 0, 100), (17, 33, 65), (16, 64, 48)])
+def test_glu_variants_equal_base(seed, activation, m, p, f):
+    """Odd row counts, widths that are no multiple of the tile, column slices of wider projections."""
+    width = f * reference_fused.ACTIVATIONS[activation]
+    glu = ((torch.randn(m, width + 9) * 2).to(DEV, torch.bfloat16))[:, 9:]
+    prefix = ((torch.randn(m, p + 3) * 0.5).to(DEV, torch.bfloat16))[:, 3:] if p else None
+    _glu_variants_equal(prefix, glu, f, activation)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_glu_variants_nan_inf_and_zero_rows(seed, activation):
+    """Rows with NaN or Inf in the prefix or the activation (also an Inf the activation makes from finite inputs)
+    take the exact per-tile statistics again: NaN scale, 0 for the non-finite values, the finite ones quantized
+    with the finite absmax; all-zero rows the smallest scale."""
+    m, p, f = 9, 40, 70
+    glu = (torch.randn(m, f * reference_fused.ACTIVATIONS[activation]) * 2).to(DEV, torch.bfloat16)
+    prefix = (torch.randn(m, p) * 0.5).to(DEV, torch.bfloat16)
+    glu[1] = 0
+    prefix[1] = 0
+    glu[2, 50] = float("inf")
+    glu[3, 7] = float("nan")
+    prefix[4, 39] = float("-inf")
+    prefix[5, 0] = float("nan")
+    glu[6, 3] = 3e38  # finite bf16: silu(g) * u overflows to Inf (SwiGLU); GELU's x**3 does, inside the sigmoid
+    if activation == "swiglu":
+        glu[6, f + 3] = 3e38
+    glu[7, 69] = float("nan")  # the last column of the last, partial tile
+    q, xs = _glu_variants_equal(prefix, glu, f, activation)
+    nan_rows = [2, 3, 4, 5, 7] + ([6] if activation == "swiglu" else [])
+    assert torch.equal(xs.isnan().nonzero().flatten().cpu(), torch.tensor(sorted(nan_rows)))
+    assert int(q[1].abs().max()) == 0 and float(xs[1]) == ref.TINY_SCALE
+
+
+@pytest.mark.parametrize("m,p,f", [(1, 0, 7), (17, 33, 65)])
+def test_glu_variants_gate_up_pair(seed, m, p, f):
+    gate = (torch.randn(m, f + 3) * 2).to(DEV, torch.bfloat16)[:, 3:]
+    up = (torch.randn(m, f) * 2).to(DEV, torch.bfloat16)
+    prefix = torch.randn(m, p, device=DEV, dtype=torch.bfloat16) if p else None
+    _glu_variants_equal(prefix, gate, f, up=up)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("group,m,p,f", [(64, 17, 128, 192), (256, 3, 256, 768)])
+def test_glu_variants_rotated(seed, activation, group, m, p, f):
+    glu = (torch.randn(m, f * reference_fused.ACTIVATIONS[activation]) * 2).to(DEV, torch.bfloat16)
+    prefix = (torch.randn(m, p) * 0.5).to(DEV, torch.bfloat16)
+    prefix[1, 5] = float("nan")
+    _glu_variants_equal(prefix, glu, f, activation, rotate_group=group, block_k=group)
+
+
 def test_glu_quantize_bad_args():
     with pytest.raises(ValueError, match="activation: expected one of swiglu, gelu_tanh"):
         fused.glu_quantize(None, torch.zeros(2, 8, device=DEV), activation="gelu")
