@@ -126,13 +126,20 @@ def compile_attention(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128,
         "stride_ob": "i32", "stride_oh": "i32", "stride_os": "i32", "stride_od": "i32",
     }
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PV_INT8": cfg.pv == "int8",
-              "EMULATE_FP8": False, "stride_od": 1}
+              "EMULATE_FP8": False, "stride_od": 1, **triton_attention.loop_options(cfg)}
+    if cfg.warp_spec:  # Q's descriptors are made in the kernel (see _attention_kernel)
+        sig["desc_q"] = "*i8"
     del sig["stride_od"]
-    divisible = ("qs_ptr", "ks_ptr", "vs_ptr", "vcs_ptr", "out_ptr", "stride_ob", "stride_oh", "stride_os")
+    divisible = (*(("desc_q",) if cfg.warp_spec else ()), "qs_ptr", "ks_ptr", "vs_ptr", "vcs_ptr", "out_ptr", "stride_ob",
+                 "stride_oh", "stride_os")
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     compiled = _compile(triton_attention._attention_kernel, sig, consts, divisible, arch, options)
     row = _summary(compiled, arch)
-    row.update(main_loop(_sass(compiled.asm["cubin"]), cfg.block_m * cfg.block_n, 32 * cfg.num_warps))
+    # warp-specialized: the loop is the consumers' (every warpgroup but the producer's), the rows split between them
+    threads = 32 * (compiled.metadata.num_warps - 4) if compiled.metadata.num_warps > cfg.num_warps else 32 * cfg.num_warps
+    row.update(main_loop(_sass(compiled.asm["cubin"]), cfg.block_m * cfg.block_n, threads))
+    row["setmaxnreg"] = sorted({f"{k}{n}" for k, n in re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)",
+                                                                 compiled.asm["ptx"])})
     return row
 
 

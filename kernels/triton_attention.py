@@ -32,6 +32,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attention_configs import AttentionConfig
@@ -289,15 +290,31 @@ def _attention_kernel(
     desc_q, desc_k, desc_v, qs_ptr, ks_ptr, vs_ptr, vcs_ptr, out_ptr,
     qk_mult, S_q, S_kv, H, n_blocks, stride_ob, stride_oh, stride_os, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr,
-    EMULATE_FP8: tl.constexpr,
+    EMULATE_FP8: tl.constexpr, WARP_SPEC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 0,
+    NO_ACC_MULTIBUF: tl.constexpr = False,
 ):
     """out[b, h, i] = softmax_j(q_i . k_j * sm_scale) @ v for BLOCK_M queries i of head (b, h)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    q = desc_q.load([bh * S_q + pid_m * BLOCK_M, 0])
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < S_q
-    rm_q = tl.load(qs_ptr + bh.to(tl.int64) * S_q + offs_m, mask=m_ok, other=0.0) * qk_mult
+    if WARP_SPEC:
+        # desc_q is the int8 Q tensor's pointer here, and both per-row operands (Q and its row scales) are read
+        # through descriptors made in the kernel. Triton 3.6's Hopper warp specialization splits the tile's rows
+        # between its two consumer warpgroups and moves their loads to the producer warps: a pointer load there
+        # trips an assertion, and a host descriptor keeps its full block_m-row TMA box while each copy expects
+        # half of it; a device descriptor gets the halved box. Rows past the tensor's end read as 0 (not stored).
+        n_rows = tl.num_programs(1) * S_q
+        dq = tl.make_tensor_descriptor(desc_q, [n_rows, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_M, HEAD_DIM])
+        # The scales as one row: the split is along dim 0 (a [BH, S_q] view keeps its full box in dim 1, the same
+        # bug); the caller checks S_q % 4 == 0, so every tile's offset is 16-byte aligned (checked by the
+        # interpreter; rows past the head's end read the next head's scales and are not stored).
+        dqs = tl.make_tensor_descriptor(qs_ptr, [n_rows], [1], [BLOCK_M])
+        q = dq.load([bh * S_q + pid_m * BLOCK_M, 0])
+        rm_q = dqs.load([bh * S_q + pid_m * BLOCK_M]) * qk_mult
+    else:
+        q = desc_q.load([bh * S_q + pid_m * BLOCK_M, 0])
+        rm_q = tl.load(qs_ptr + bh.to(tl.int64) * S_q + offs_m, mask=m_ok, other=0.0) * qk_mult
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -305,13 +322,22 @@ def _attention_kernel(
     vt_row = bh * HEAD_DIM
     ks_base = ks_ptr + bh * n_blocks
     vcs_base = vcs_ptr + bh.to(tl.int64) * n_blocks * HEAD_DIM
-    n_full = S_kv // BLOCK_N
-    for j in tl.range(0, n_full):
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
-                                    S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, EMULATE_FP8)
-    if n_full < n_blocks:
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, n_full, kv_row, vt_row,
-                                    S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8)
+    if WARP_SPEC:
+        # Triton's Hopper warp specialization gives up on a kernel with a conditional tail block, so every block
+        # is masked here (one compare and select per score)
+        for j in tl.range(0, n_blocks, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None, warp_specialize=True,
+                          disallow_acc_multi_buffer=NO_ACC_MULTIBUF):
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
+                                        S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8)
+    else:
+        n_full = S_kv // BLOCK_N
+        for j in tl.range(0, n_full, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None,
+                          disallow_acc_multi_buffer=NO_ACC_MULTIBUF):
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
+                                        S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, EMULATE_FP8)
+        if n_full < n_blocks:
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, n_full, kv_row,
+                                        vt_row, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8)
     d = tl.arange(0, HEAD_DIM)
     vs = tl.load(vs_ptr + bh * HEAD_DIM + d)
     o = acc * (1.0 / l_i)[:, None] * vs[None, :]
@@ -377,6 +403,11 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
     return QuantizedQKV(q8, qs, k8, ks, vt, vs, vcs, (b, h, s_q, s_kv, d), cfg.block_n, cfg.pv)
 
 
+def loop_options(cfg: AttentionConfig) -> dict:
+    """The key loop's constexprs of ``_attention_kernel`` for ``cfg`` (its ``tl.range`` attributes)."""
+    return {"WARP_SPEC": cfg.warp_spec, "LOOP_STAGES": cfg.loop_stages, "NO_ACC_MULTIBUF": cfg.no_acc_multibuf}
+
+
 def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cfg: AttentionConfig) -> torch.Tensor:
     """Run the attention kernel on quantized inputs into ``out [B, H, S_q, D]`` (any strides); returns out."""
     b, h, s_q, s_kv, d = qa.shape
@@ -389,13 +420,34 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cf
     desc_k = TensorDescriptor(qa.k, list(qa.k.shape), [d, 1], [cfg.block_n, d])
     desc_v = TensorDescriptor(qa.v, [qa.v.shape[0], s_kv], [qa.v.stride(0), 1], [d, cfg.block_n])
     vcs = qa.v_colsum if qa.v_colsum is not None else qa.k_scale
-    _ATTENTION(
-        (triton.cdiv(s_q, cfg.block_m), b * h), desc_q, desc_k, desc_v, qa.q_scale, qa.k_scale, qa.v_scale, vcs, out,
-        float(sm_scale * LOG2E), s_q, s_kv, h, qa.k_scale.shape[1], *out.stride(),
-        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV_INT8=cfg.pv == "int8", EMULATE_FP8=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = ((triton.cdiv(s_q, cfg.block_m), b * h), desc_q, desc_k, desc_v, qa.q_scale, qa.k_scale, qa.v_scale, vcs,
+            out, float(sm_scale * LOG2E), s_q, s_kv, h, qa.k_scale.shape[1], *out.stride())
+    kwargs = {"HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PV_INT8": cfg.pv == "int8",
+              "EMULATE_FP8": interpreting(), **loop_options(cfg), "num_warps": cfg.num_warps,
+              "num_stages": cfg.num_stages}
+    if not cfg.warp_spec:
+        _ATTENTION(*args, **kwargs)
+        return out
+    if s_q % 4:
+        raise ValueError(f"cfg: {cfg.name} (warp_spec) needs S_q % 4 == 0 (a TMA row of Q scales starts on 16 bytes), "
+                         f"got S_q={s_q}; use a config without warp_spec")
+    # the kernel makes Q's descriptors itself (see there): it takes Q's pointer, and Triton asks for 256 bytes of
+    # global scratch per program to write them to, from the allocator of this context (set for this launch only
+    # when the caller has none)
+    args = (args[0], qa.q, *args[2:])
+    token = _allocation._allocator.set(_scratch) if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR else None
+    try:
+        _ATTENTION(*args, **kwargs)
+    finally:
+        if token is not None:
+            _allocation._allocator.reset(token)
     return out
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's runtime allocator: global scratch for descriptors made in a kernel (torch's caching allocator,
+    aligned to its 512 bytes, over the 128 a tensor map needs)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, cfg: AttentionConfig,
