@@ -51,6 +51,9 @@ class AttentionConfig:
     loop_stages: ``tl.range(..., num_stages=loop_stages)`` on the key loop (0: none, the launch's num_stages);
         the loop attribute pipelines every load of the loop, not only those that feed a dot.
     no_acc_multibuf: ``tl.range(..., disallow_acc_multi_buffer=True)``.
+    split_quant_kv: the quantization pass's K/V kernel quantizes K and V in separate programs (a third grid
+        axis): half the registers per program (NOTES item 23: 255 at 8 warps for both), each reading only its
+        own statistics. The same numbers.
     """
 
     block_m: int = 128
@@ -62,6 +65,7 @@ class AttentionConfig:
     warp_spec: bool = False
     loop_stages: int = 0
     no_acc_multibuf: bool = False
+    split_quant_kv: bool = False
 
     def __post_init__(self) -> None:
         if self.pv not in PV_FORMATS:
@@ -78,7 +82,8 @@ class AttentionConfig:
     def name(self) -> str:
         return (f"{self.pv}-{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}"
                 + ("" if self.rotate else "-norot") + ("-ws" if self.warp_spec else "")
-                + (f"-ls{self.loop_stages}" if self.loop_stages else "") + ("-noaccmb" if self.no_acc_multibuf else ""))
+                + (f"-ls{self.loop_stages}" if self.loop_stages else "") + ("-noaccmb" if self.no_acc_multibuf else "")
+                + ("-qsplit" if self.split_quant_kv else ""))
 
 
 # The variants one benchmark run measures (bench/bench_attention.py), first = the default.

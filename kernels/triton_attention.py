@@ -178,26 +178,36 @@ def _quant_kv_kernel(
     k_ptr, v_ptr, h_ptr, ksum_ptr, vmax_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vcs_ptr,
     S, H, n_chunks, n_blocks, S_pad, skb, skh, sks, skd, svb, svh, svs, svd,
     D: tl.constexpr, BLOCK_N: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
-    PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr, EMULATE_FP8: tl.constexpr, PART: tl.constexpr = 0,
 ):
     """Keys [j * BLOCK_N, (j + 1) * BLOCK_N) of one head: K - mean -> int8 + one scale; V -> 8-bit with the
-    per-channel scale, stored transposed; int8 V's column sums (PV_INT8)."""
+    per-channel scale, stored transposed; int8 V's column sums (PV_INT8). PART: 0 both, 1 K only, 2 V only (two
+    launches, each with the registers of its own half and reading only its own statistics)."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
+    if PART != 2:
+        _quant_k_block(k_ptr, h_ptr, ksum_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_chunks, n_blocks, skb, skh, sks, skd,
+                       D, BLOCK_N, ROT_SCALE, DOT_FP32, FAST_ROUND)
+    if PART != 1:
+        _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vs_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_blocks, S_pad, svb, svh,
+                       svs, svd, D, BLOCK_N, PV_INT8, FAST_ROUND, EMULATE_FP8)
+
+
+@triton.jit
+def _quant_k_block(k_ptr, h_ptr, ksum_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_chunks, n_blocks, skb, skh, sks, skd,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
+                   FAST_ROUND: tl.constexpr):
+    """K block j of head bh: minus the per-head mean (from the chunk partials, reduced in a fixed order), int8 with
+    one scale for the block (NaN where the block holds NaN/Inf)."""
     b = bh // H
     h = bh % H
     d = tl.arange(0, D)
-    # per-head statistics from the chunk partials, reduced in a fixed order (deterministic)
     ksum = tl.zeros((D,), tl.float32)
-    vmax = tl.zeros((D,), tl.float32)
     for c in range(0, n_chunks):
-        off = (bh * n_chunks + c).to(tl.int64) * D + d
-        ksum += tl.load(ksum_ptr + off)
-        vmax = tl.maximum(vmax, tl.load(vmax_ptr + off), propagate_nan=tl.PropagateNan.ALL)
+        ksum += tl.load(ksum_ptr + (bh * n_chunks + c).to(tl.int64) * D + d)
     mean = ksum / S
     s = j * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = s < S
-    # K: one scale for the whole block
     kt = _maybe_rotate_qk(_load_tile(k_ptr, b, h, s, ok, skb, skh, sks, skd, D), h_ptr, BLOCK_N, D, ROT_SCALE, DOT_FP32)
     kt = tl.where(ok[:, None], kt - mean[None, :], 0.0)
     fin = tl.abs(kt) <= FLT_MAX
@@ -208,7 +218,23 @@ def _quant_kv_kernel(
     kinv = tl.math.div_rn(tl.full((BLOCK_N,), 1.0, tl.float32), kscale + tl.zeros((BLOCK_N,), tl.float32))
     rows = bh.to(tl.int64) * S + s
     _quantize_store(kt, kinv, 0, rows, ok, d, D, k8_ptr, D, False, FAST_ROUND)
-    # V: one scale per channel
+
+
+@triton.jit
+def _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vs_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_blocks, S_pad, svb, svh, svs,
+                   svd, D: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr,
+                   EMULATE_FP8: tl.constexpr):
+    """V block j of head bh: 8-bit with the per-channel scale (from the chunk partials), stored transposed; int8
+    V's column sums (PV_INT8)."""
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, D)
+    vmax = tl.zeros((D,), tl.float32)
+    for c in range(0, n_chunks):
+        vmax = tl.maximum(vmax, tl.load(vmax_ptr + (bh * n_chunks + c).to(tl.int64) * D + d),
+                          propagate_nan=tl.PropagateNan.ALL)
+    s = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = s < S
     if PV_INT8:
         vscale = tl.maximum(vmax * _INV_127, _TINY)
     else:
@@ -396,10 +422,11 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
                  FAST_ROUND=fast, num_warps=QUANT_WARPS)
     _KV_STATS((n_chunks, bh), k, v, hm, part[0], part[1], s_kv, h, chunk, n_chunks, *_strides(k), *_strides(v),
               D=d, ROWS=QUANT_ROWS, **rot, num_warps=QUANT_WARPS)
-    _QUANT_KV((nk, bh), k, v, hm, part[0], part[1], k8, ks, vt, vs, vcs if vcs is not None else ks, s_kv, h,
-              n_chunks, nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
-              PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast,
-              num_warps=quant_kv_warps(cfg.block_n, d))
+    for p in (1, 2) if cfg.split_quant_kv else (0,):
+        _QUANT_KV((nk, bh), k, v, hm, part[0], part[1], k8, ks, vt, vs, vcs if vcs is not None else ks, s_kv, h,
+                  n_chunks, nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
+                  PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast, PART=p,
+                  num_warps=quant_kv_warps(cfg.block_n, d) if p != 2 else QUANT_WARPS * 2)
     return QuantizedQKV(q8, qs, k8, ks, vt, vs, vcs, (b, h, s_q, s_kv, d), cfg.block_n, cfg.pv)
 
 
@@ -435,7 +462,8 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cf
     # global scratch per program to write them to, from the allocator of this context (set for this launch only
     # when the caller has none)
     args = (args[0], qa.q, *args[2:])
-    token = _allocation._allocator.set(_scratch) if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR else None
+    unset = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    token = _allocation._allocator.set(_scratch) if unset else None
     try:
         _ATTENTION(*args, **kwargs)
     finally:
