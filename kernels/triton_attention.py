@@ -17,9 +17,11 @@ statistics are float32. A last, partial block of keys is a separate, masked copy
 full blocks carry no masks. Tiles read past a head's last query or key land in the next head's rows (or
 TMA's zero fill at the end of the tensor): those queries are not stored and those keys are masked.
 
-Triton 3.6 does not warp-specialize on Hopper: each warpgroup waits for its own wgmma, and the CTA barriers
-the pipeliner places before reusing a TMA buffer keep a program's warpgroups in step, so softmax overlaps
-the tensor cores only across programs (64-row tiles: two or three programs per SM). Per score the loop
+Without ``warp_spec`` each warpgroup waits for its own wgmma, and the CTA barriers the pipeliner places before
+reusing a TMA buffer keep a program's warpgroups in step, so softmax overlaps the tensor cores only across
+programs (64-row tiles: two or three programs per SM). ``warp_spec`` (128-row tiles at 4 warps) has Triton 3.6's
+Hopper pass split a program into a TMA producer warpgroup and two 64-row consumer warpgroups that share each
+K/V tile; the consumers still wait for their own wgmma (no ping-pong). Per score the loop
 issues ~14 instructions for int8 P V and ~10 for e4m3 (offline SASS, bench/check_ptx_attention.py), against
 1/16 of an SM clock of 8-bit tensor-core work: the ALU, not the tensor cores, bounds this kernel. Switches that
 took ALU work out of the int8 loop measured no gain and were removed (bench/NOTES.md items 20 and 23).
