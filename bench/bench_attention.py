@@ -8,7 +8,8 @@ Gaussian q, k, v. Timed with triton.testing.do_bench (median of ~20 runs, L2 flu
 * SDPA's default backend (cuDNN on sm_90) and its flash backend;
 * comfy-kitchen ``int8_attention`` and ``sageattention.sageattn`` where they import and run;
 * each config in ``attention_configs.VARIANTS``: the quantization pass + kernel ("total"), the kernel on
-  pre-quantized inputs ("kernel"), and the pass alone ("quant").
+  pre-quantized inputs ("kernel"), and the pass alone ("quant"); the first config's pass also with
+  ``split_quant_kv`` (K and V quantized in two launches; checked bit-identical).
 
 TFLOP/s = 4 * S^2 * D * H / time. Relative error against float32 attention on the first ``REF_ROWS`` query
 rows of every head (the error is statistically the same on every row). The kernel compiles on first use;
@@ -18,6 +19,7 @@ compile time is reported apart from the timings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from dataclasses import asdict
@@ -127,6 +129,18 @@ def _bench_shape(h: int, s: int, variants, sm_scale: float, dev: str, dt: torch.
         record(name, lambda cfg=cfg, qa=qa: triton_attention.attention_quantized(qa, sm_scale, out, cfg), out,
                "kernel", cfg)
         record(name, lambda cfg=cfg: triton_attention.quantize(q, k, v, cfg), None, "quant", cfg)
+    # the quantization pass with K and V in separate launches (split_quant_kv) against the one above: same numbers
+    if variants:
+        old = variants[0]
+        new = dataclasses.replace(old, split_quant_kv=True)
+        a, b = triton_attention.quantize(q, k, v, old), triton_attention.quantize(q, k, v, new)
+        same = all(torch.equal(x.view(torch.int8), y.view(torch.int8))  # bits (V past S_kv is never written)
+                   for x, y in zip((a.q, a.q_scale, a.k, a.k_scale, a.v[:, :s], a.v_scale),
+                                   (b.q, b.q_scale, b.k, b.k_scale, b.v[:, :s], b.v_scale), strict=True))
+        same = same and (a.v_colsum is None or torch.equal(a.v_colsum, b.v_colsum))
+        print(f"H={h:<3} S={s:<6} quantization pass: split_quant_kv gives {'identical' if same else 'DIFFERENT'} "
+              f"outputs", flush=True)
+        record(f"pack {new.name}", lambda: triton_attention.quantize(q, k, v, new), None, "quant", new)
     return rows, skipped
 
 

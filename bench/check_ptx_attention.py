@@ -126,13 +126,21 @@ def compile_attention(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128,
         "stride_ob": "i32", "stride_oh": "i32", "stride_os": "i32", "stride_od": "i32",
     }
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PV_INT8": cfg.pv == "int8",
-              "EMULATE_FP8": False, "stride_od": 1}
+              "EMULATE_FP8": False, "stride_od": 1, **triton_attention.loop_options(cfg)}
+    if cfg.warp_spec:  # Q's descriptors are made in the kernel (see _attention_kernel)
+        sig["desc_q"] = "*i8"
     del sig["stride_od"]
-    divisible = ("qs_ptr", "ks_ptr", "vs_ptr", "vcs_ptr", "out_ptr", "stride_ob", "stride_oh", "stride_os")
+    divisible = (*(("desc_q",) if cfg.warp_spec else ()), "qs_ptr", "ks_ptr", "vs_ptr", "vcs_ptr", "out_ptr",
+                 "stride_ob", "stride_oh", "stride_os")
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     compiled = _compile(triton_attention._attention_kernel, sig, consts, divisible, arch, options)
     row = _summary(compiled, arch)
-    row.update(main_loop(_sass(compiled.asm["cubin"]), cfg.block_m * cfg.block_n, 32 * cfg.num_warps))
+    # warp-specialized: the loop is the consumers' (every warpgroup but the producer's), the rows split between them
+    warps = compiled.metadata.num_warps
+    threads = 32 * (warps - 4 if warps > cfg.num_warps else warps)
+    row.update(main_loop(_sass(compiled.asm["cubin"]), cfg.block_m * cfg.block_n, threads))
+    row["setmaxnreg"] = sorted({f"{k}{n}" for k, n in re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)",
+                                                                 compiled.asm["ptx"])})
     return row
 
 
@@ -163,12 +171,18 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
               "EMULATE_FP8": False, "skd": 1, "svd": 1}
     del sig["skd"], sig["svd"]
     out["quant_kv"] = _summary(
-        _compile(triton_attention._quant_kv_kernel, sig, consts, (*div, "S_pad"), arch, kv_opts), arch)
+        _compile(triton_attention._quant_kv_kernel, dict(sig), dict(consts), (*div, "S_pad"), arch, kv_opts), arch)
+    # split_quant_kv: K and V in two launches
+    out["quant_k"] = _summary(_compile(triton_attention._quant_kv_kernel, dict(sig), {**consts, "PART": 1},
+                                       (*div, "S_pad"), arch, kv_opts), arch)
+    out["quant_v"] = _summary(_compile(triton_attention._quant_kv_kernel, dict(sig), {**consts, "PART": 2},
+                                       (*div, "S_pad"), arch, {"num_warps": 2 * triton_attention.QUANT_WARPS}), arch)
     return out
 
 
-def problems(row: dict, pv: str) -> list[str]:
-    """What is wrong with one attention kernel's summary (empty: it passes the check)."""
+def problems(row: dict, pv: str, cfg: AttentionConfig | None = None) -> list[str]:
+    """What is wrong with one attention kernel's summary (empty: it passes the check); ``cfg.warp_spec``: also
+    that the Hopper pass split it (a producer warpgroup and two consumers: num_warps + 8, setmaxnreg)."""
     bad = []
     if not row["wgmma_s8"]:
         bad.append("Q K^T does not use wgmma s8")
@@ -180,15 +194,19 @@ def problems(row: dict, pv: str) -> list[str]:
         bad.append(f"mma.sync present: {row['mma_sync']}")
     if row["local"] > 0 or row["stack"] > 0:
         bad.append(f"register spills: local {row['local']} B, stack {row['stack']} B")
+    if cfg is not None and cfg.warp_spec and (row["num_warps"] != cfg.num_warps + 8 or not row["setmaxnreg"]):
+        bad.append(f"warp_spec: not warp-specialized ({row['num_warps']} warps, setmaxnreg {row['setmaxnreg']})")
     if row["smem_limit"] and row["shared_bytes"] > row["smem_limit"]:
         bad.append(f"shared memory {row['shared_bytes']} B over {row['smem_limit']}")
     return bad
 
 
 def quick_set() -> list[tuple[AttentionConfig, int]]:
-    """The default config at both head sizes and the first e4m3 variant at D = 128 (the unit test's set)."""
+    """The default config at both head sizes, the first e4m3 variant and the first warp-specialized one at D = 128
+    (the unit test's set)."""
     fp8 = next(c for c in attention_configs.VARIANTS if c.pv == "fp8")
-    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128)]
+    ws = next(c for c in attention_configs.VARIANTS if c.warp_spec)
+    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128), (ws, 128)]
 
 
 def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128), quick: bool = False) -> list[dict]:
@@ -201,7 +219,7 @@ def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128
     for cfg, d in pairs:
         r = compile_attention(cfg, arch, d)
         rows.append({"what": f"attention {cfg.name} D={d}", "config": asdict(cfg), **r,
-                     "problems": problems(r, cfg.pv)})
+                     "problems": problems(r, cfg.pv, cfg)})
     for cfg in {(c.pv, c.block_n, c.rotate): c for c in configs}.values():
         for name, r in compile_quant(cfg, arch).items():
             bad = [] if r["local"] <= 0 else [f"register spills: local {r['local']} B"]
@@ -227,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             sass = f"I2F={r.get('sass_i2f', '?')} I2FP={r.get('sass_i2fp', '?')} EX2={r.get('sass_mufu_ex2', '?')}"
             if "instr_per_score" in r:
                 sass += f" loop={r['loop_instr']} instr/score={r['instr_per_score']}"
+            if r.get("setmaxnreg"):
+                sass += f" warps={r['num_warps']} setmaxnreg={','.join(r['setmaxnreg'])}"
             print(f"{r['what']:<44} {tc:<60} tma={r['tma_loads']} smem={r['shared_bytes']} regs={r['regs']} "
                   f"local={r['local']} {sass} {'OK' if not r['problems'] else '; '.join(r['problems'])}")
     return 1 if any(r["problems"] for r in rows) else 0

@@ -44,6 +44,16 @@ class AttentionConfig:
     num_warps, num_stages: Triton launch options (stages: TMA loads in flight in the pipelined loop).
     pv: "int8" or "fp8" (module docstring).
     rotate: Hadamard rotation of Q and K before quantizing.
+    warp_spec: mark the key loop ``tl.range(..., warp_specialize=True)``: on sm_90 Triton 3.6's Hopper pass splits
+        the program into a TMA producer warpgroup and two consumer warpgroups (12 warps, ``setmaxnreg``), the
+        consumers splitting the block_m rows (so block_m = 128 at num_warps = 4 gives each consumer 64 rows, the
+        FlashAttention-3 layout). Every key block is masked (the pass rejects the separate tail block).
+    loop_stages: ``tl.range(..., num_stages=loop_stages)`` on the key loop (0: none, the launch's num_stages);
+        the loop attribute pipelines every load of the loop, not only those that feed a dot.
+    no_acc_multibuf: ``tl.range(..., disallow_acc_multi_buffer=True)``.
+    split_quant_kv: the quantization pass's K/V kernel quantizes K and V in separate programs (a third grid
+        axis): half the registers per program (NOTES item 23: 255 at 8 warps for both), each reading only its
+        own statistics. The same numbers.
     """
 
     block_m: int = 128
@@ -52,6 +62,10 @@ class AttentionConfig:
     num_stages: int = 2
     pv: str = "int8"
     rotate: bool = True
+    warp_spec: bool = False
+    loop_stages: int = 0
+    no_acc_multibuf: bool = False
+    split_quant_kv: bool = False
 
     def __post_init__(self) -> None:
         if self.pv not in PV_FORMATS:
@@ -60,14 +74,16 @@ class AttentionConfig:
             v = getattr(self, name)
             if v < lo or v > hi or v & (v - 1):
                 raise ValueError(f"AttentionConfig.{name}: expected a power of two in [{lo}, {hi}], got {v}")
-        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.loop_stages < 0:
             raise ValueError(f"AttentionConfig: bad launch options num_warps={self.num_warps}, "
-                             f"num_stages={self.num_stages}")
+                             f"num_stages={self.num_stages}, loop_stages={self.loop_stages}")
 
     @property
     def name(self) -> str:
         return (f"{self.pv}-{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}"
-                + ("" if self.rotate else "-norot"))
+                + ("" if self.rotate else "-norot") + ("-ws" if self.warp_spec else "")
+                + (f"-ls{self.loop_stages}" if self.loop_stages else "") + ("-noaccmb" if self.no_acc_multibuf else "")
+                + ("-qsplit" if self.split_quant_kv else ""))
 
 
 # The variants one benchmark run measures (bench/bench_attention.py), first = the default.
@@ -88,6 +104,16 @@ VARIANTS: tuple[AttentionConfig, ...] = (
     AttentionConfig(64, 64, 4, 3, "int8"),
     AttentionConfig(128, 128, 8, 2, "fp8"),
     AttentionConfig(64, 128, 4, 3, "fp8"),
+    # Triton's Hopper warp specialization (issue 14, session 3): one TMA producer warpgroup and two 64-row consumer
+    # warpgroups sharing each K/V tile (12 warps, setmaxnreg 40 / 232, 168 registers at launch, no spills,
+    # 99-132 KB shared memory, one program per SM; offline sm_90, bench/check_ptx_attention.py). Each consumer
+    # still waits for its own wgmma (no ping-pong in Triton 3.6); every key block is masked (15.3 loop
+    # instructions per score at D = 128 against the default's 14.2). Last: a variant whose mbarriers deadlock
+    # on the GPU would stop the benchmark after the others ran.
+    AttentionConfig(64, 128, 4, 3, "int8", loop_stages=3),
+    AttentionConfig(128, 128, 4, 2, "int8", warp_spec=True),
+    AttentionConfig(128, 128, 4, 3, "int8", warp_spec=True),
+    AttentionConfig(128, 128, 4, 2, "fp8", warp_spec=True),
 )
 DEFAULT = VARIANTS[0]
 

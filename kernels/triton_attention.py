@@ -17,9 +17,11 @@ statistics are float32. A last, partial block of keys is a separate, masked copy
 full blocks carry no masks. Tiles read past a head's last query or key land in the next head's rows (or
 TMA's zero fill at the end of the tensor): those queries are not stored and those keys are masked.
 
-Triton 3.6 does not warp-specialize on Hopper: each warpgroup waits for its own wgmma, and the CTA barriers
-the pipeliner places before reusing a TMA buffer keep a program's warpgroups in step, so softmax overlaps
-the tensor cores only across programs (64-row tiles: two or three programs per SM). Per score the loop
+Without ``warp_spec`` each warpgroup waits for its own wgmma, and the CTA barriers the pipeliner places before
+reusing a TMA buffer keep a program's warpgroups in step, so softmax overlaps the tensor cores only across
+programs (64-row tiles: two or three programs per SM). ``warp_spec`` (128-row tiles at 4 warps) has Triton 3.6's
+Hopper pass split a program into a TMA producer warpgroup and two 64-row consumer warpgroups that share each
+K/V tile; the consumers still wait for their own wgmma (no ping-pong). Per score the loop
 issues ~14 instructions for int8 P V and ~10 for e4m3 (offline SASS, bench/check_ptx_attention.py), against
 1/16 of an SM clock of 8-bit tensor-core work: the ALU, not the tensor cores, bounds this kernel. Switches that
 took ALU work out of the int8 loop measured no gain and were removed (bench/NOTES.md items 20 and 23).
@@ -32,6 +34,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attention_configs import AttentionConfig
@@ -177,26 +180,36 @@ def _quant_kv_kernel(
     k_ptr, v_ptr, h_ptr, ksum_ptr, vmax_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vcs_ptr,
     S, H, n_chunks, n_blocks, S_pad, skb, skh, sks, skd, svb, svh, svs, svd,
     D: tl.constexpr, BLOCK_N: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
-    PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr, EMULATE_FP8: tl.constexpr, PART: tl.constexpr = 0,
 ):
     """Keys [j * BLOCK_N, (j + 1) * BLOCK_N) of one head: K - mean -> int8 + one scale; V -> 8-bit with the
-    per-channel scale, stored transposed; int8 V's column sums (PV_INT8)."""
+    per-channel scale, stored transposed; int8 V's column sums (PV_INT8). PART: 0 both, 1 K only, 2 V only (two
+    launches, each with the registers of its own half and reading only its own statistics)."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
+    if PART != 2:
+        _quant_k_block(k_ptr, h_ptr, ksum_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_chunks, n_blocks, skb, skh, sks, skd,
+                       D, BLOCK_N, ROT_SCALE, DOT_FP32, FAST_ROUND)
+    if PART != 1:
+        _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vs_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_blocks, S_pad, svb, svh,
+                       svs, svd, D, BLOCK_N, PV_INT8, FAST_ROUND, EMULATE_FP8)
+
+
+@triton.jit
+def _quant_k_block(k_ptr, h_ptr, ksum_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_chunks, n_blocks, skb, skh, sks, skd,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
+                   FAST_ROUND: tl.constexpr):
+    """K block j of head bh: minus the per-head mean (from the chunk partials, reduced in a fixed order), int8 with
+    one scale for the block (NaN where the block holds NaN/Inf)."""
     b = bh // H
     h = bh % H
     d = tl.arange(0, D)
-    # per-head statistics from the chunk partials, reduced in a fixed order (deterministic)
     ksum = tl.zeros((D,), tl.float32)
-    vmax = tl.zeros((D,), tl.float32)
     for c in range(0, n_chunks):
-        off = (bh * n_chunks + c).to(tl.int64) * D + d
-        ksum += tl.load(ksum_ptr + off)
-        vmax = tl.maximum(vmax, tl.load(vmax_ptr + off), propagate_nan=tl.PropagateNan.ALL)
+        ksum += tl.load(ksum_ptr + (bh * n_chunks + c).to(tl.int64) * D + d)
     mean = ksum / S
     s = j * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = s < S
-    # K: one scale for the whole block
     kt = _maybe_rotate_qk(_load_tile(k_ptr, b, h, s, ok, skb, skh, sks, skd, D), h_ptr, BLOCK_N, D, ROT_SCALE, DOT_FP32)
     kt = tl.where(ok[:, None], kt - mean[None, :], 0.0)
     fin = tl.abs(kt) <= FLT_MAX
@@ -207,7 +220,23 @@ def _quant_kv_kernel(
     kinv = tl.math.div_rn(tl.full((BLOCK_N,), 1.0, tl.float32), kscale + tl.zeros((BLOCK_N,), tl.float32))
     rows = bh.to(tl.int64) * S + s
     _quantize_store(kt, kinv, 0, rows, ok, d, D, k8_ptr, D, False, FAST_ROUND)
-    # V: one scale per channel
+
+
+@triton.jit
+def _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vs_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_blocks, S_pad, svb, svh, svs,
+                   svd, D: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr,
+                   EMULATE_FP8: tl.constexpr):
+    """V block j of head bh: 8-bit with the per-channel scale (from the chunk partials), stored transposed; int8
+    V's column sums (PV_INT8)."""
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, D)
+    vmax = tl.zeros((D,), tl.float32)
+    for c in range(0, n_chunks):
+        vmax = tl.maximum(vmax, tl.load(vmax_ptr + (bh * n_chunks + c).to(tl.int64) * D + d),
+                          propagate_nan=tl.PropagateNan.ALL)
+    s = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = s < S
     if PV_INT8:
         vscale = tl.maximum(vmax * _INV_127, _TINY)
     else:
@@ -289,15 +318,31 @@ def _attention_kernel(
     desc_q, desc_k, desc_v, qs_ptr, ks_ptr, vs_ptr, vcs_ptr, out_ptr,
     qk_mult, S_q, S_kv, H, n_blocks, stride_ob, stride_oh, stride_os, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr,
-    EMULATE_FP8: tl.constexpr,
+    EMULATE_FP8: tl.constexpr, WARP_SPEC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 0,
+    NO_ACC_MULTIBUF: tl.constexpr = False,
 ):
     """out[b, h, i] = softmax_j(q_i . k_j * sm_scale) @ v for BLOCK_M queries i of head (b, h)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    q = desc_q.load([bh * S_q + pid_m * BLOCK_M, 0])
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < S_q
-    rm_q = tl.load(qs_ptr + bh.to(tl.int64) * S_q + offs_m, mask=m_ok, other=0.0) * qk_mult
+    if WARP_SPEC:
+        # desc_q is the int8 Q tensor's pointer here, and both per-row operands (Q and its row scales) are read
+        # through descriptors made in the kernel. Triton 3.6's Hopper warp specialization splits the tile's rows
+        # between its two consumer warpgroups and moves their loads to the producer warps: a pointer load there
+        # trips an assertion, and a host descriptor keeps its full block_m-row TMA box while each copy expects
+        # half of it; a device descriptor gets the halved box. Rows past the tensor's end read as 0 (not stored).
+        n_rows = tl.num_programs(1) * S_q
+        dq = tl.make_tensor_descriptor(desc_q, [n_rows, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_M, HEAD_DIM])
+        # The scales as one row: the split is along dim 0 (a [BH, S_q] view keeps its full box in dim 1, the same
+        # bug); the caller checks S_q % 4 == 0, so every tile's offset is 16-byte aligned (checked by the
+        # interpreter; rows past the head's end read the next head's scales and are not stored).
+        dqs = tl.make_tensor_descriptor(qs_ptr, [n_rows], [1], [BLOCK_M])
+        q = dq.load([bh * S_q + pid_m * BLOCK_M, 0])
+        rm_q = dqs.load([bh * S_q + pid_m * BLOCK_M]) * qk_mult
+    else:
+        q = desc_q.load([bh * S_q + pid_m * BLOCK_M, 0])
+        rm_q = tl.load(qs_ptr + bh.to(tl.int64) * S_q + offs_m, mask=m_ok, other=0.0) * qk_mult
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -305,13 +350,22 @@ def _attention_kernel(
     vt_row = bh * HEAD_DIM
     ks_base = ks_ptr + bh * n_blocks
     vcs_base = vcs_ptr + bh.to(tl.int64) * n_blocks * HEAD_DIM
-    n_full = S_kv // BLOCK_N
-    for j in tl.range(0, n_full):
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
-                                    S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, EMULATE_FP8)
-    if n_full < n_blocks:
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, n_full, kv_row, vt_row,
-                                    S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8)
+    if WARP_SPEC:
+        # Triton's Hopper warp specialization gives up on a kernel with a conditional tail block, so every block
+        # is masked here (one compare and select per score)
+        for j in tl.range(0, n_blocks, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None, warp_specialize=True,
+                          disallow_acc_multi_buffer=NO_ACC_MULTIBUF):
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
+                                        S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8)
+    else:
+        n_full = S_kv // BLOCK_N
+        for j in tl.range(0, n_full, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None,
+                          disallow_acc_multi_buffer=NO_ACC_MULTIBUF):
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
+                                        S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, EMULATE_FP8)
+        if n_full < n_blocks:
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, n_full, kv_row,
+                                        vt_row, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8)
     d = tl.arange(0, HEAD_DIM)
     vs = tl.load(vs_ptr + bh * HEAD_DIM + d)
     o = acc * (1.0 / l_i)[:, None] * vs[None, :]
@@ -370,11 +424,17 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
                  FAST_ROUND=fast, num_warps=QUANT_WARPS)
     _KV_STATS((n_chunks, bh), k, v, hm, part[0], part[1], s_kv, h, chunk, n_chunks, *_strides(k), *_strides(v),
               D=d, ROWS=QUANT_ROWS, **rot, num_warps=QUANT_WARPS)
-    _QUANT_KV((nk, bh), k, v, hm, part[0], part[1], k8, ks, vt, vs, vcs if vcs is not None else ks, s_kv, h,
-              n_chunks, nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
-              PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast,
-              num_warps=quant_kv_warps(cfg.block_n, d))
+    for p in (1, 2) if cfg.split_quant_kv else (0,):
+        _QUANT_KV((nk, bh), k, v, hm, part[0], part[1], k8, ks, vt, vs, vcs if vcs is not None else ks, s_kv, h,
+                  n_chunks, nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
+                  PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast, PART=p,
+                  num_warps=quant_kv_warps(cfg.block_n, d) if p != 2 else QUANT_WARPS * 2)
     return QuantizedQKV(q8, qs, k8, ks, vt, vs, vcs, (b, h, s_q, s_kv, d), cfg.block_n, cfg.pv)
+
+
+def loop_options(cfg: AttentionConfig) -> dict:
+    """The key loop's constexprs of ``_attention_kernel`` for ``cfg`` (its ``tl.range`` attributes)."""
+    return {"WARP_SPEC": cfg.warp_spec, "LOOP_STAGES": cfg.loop_stages, "NO_ACC_MULTIBUF": cfg.no_acc_multibuf}
 
 
 def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cfg: AttentionConfig) -> torch.Tensor:
@@ -389,13 +449,35 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cf
     desc_k = TensorDescriptor(qa.k, list(qa.k.shape), [d, 1], [cfg.block_n, d])
     desc_v = TensorDescriptor(qa.v, [qa.v.shape[0], s_kv], [qa.v.stride(0), 1], [d, cfg.block_n])
     vcs = qa.v_colsum if qa.v_colsum is not None else qa.k_scale
-    _ATTENTION(
-        (triton.cdiv(s_q, cfg.block_m), b * h), desc_q, desc_k, desc_v, qa.q_scale, qa.k_scale, qa.v_scale, vcs, out,
-        float(sm_scale * LOG2E), s_q, s_kv, h, qa.k_scale.shape[1], *out.stride(),
-        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV_INT8=cfg.pv == "int8", EMULATE_FP8=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = ((triton.cdiv(s_q, cfg.block_m), b * h), desc_q, desc_k, desc_v, qa.q_scale, qa.k_scale, qa.v_scale, vcs,
+            out, float(sm_scale * LOG2E), s_q, s_kv, h, qa.k_scale.shape[1], *out.stride())
+    kwargs = {"HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PV_INT8": cfg.pv == "int8",
+              "EMULATE_FP8": interpreting(), **loop_options(cfg), "num_warps": cfg.num_warps,
+              "num_stages": cfg.num_stages}
+    if not cfg.warp_spec:
+        _ATTENTION(*args, **kwargs)
+        return out
+    if s_q % 4:
+        raise ValueError(f"cfg: {cfg.name} (warp_spec) needs S_q % 4 == 0 (a TMA row of Q scales starts on 16 bytes), "
+                         f"got S_q={s_q}; use a config without warp_spec")
+    # the kernel makes Q's descriptors itself (see there): it takes Q's pointer, and Triton asks for 256 bytes of
+    # global scratch per program to write them to, from the allocator of this context (set for this launch only
+    # when the caller has none)
+    args = (args[0], qa.q, *args[2:])
+    unset = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    token = _allocation._allocator.set(_scratch) if unset else None
+    try:
+        _ATTENTION(*args, **kwargs)
+    finally:
+        if token is not None:
+            _allocation._allocator.reset(token)
     return out
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's runtime allocator: global scratch for descriptors made in a kernel (torch's caching allocator,
+    aligned to its 512 bytes, over the 128 a tensor map needs)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, cfg: AttentionConfig,

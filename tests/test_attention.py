@@ -79,6 +79,8 @@ def test_variant_names():
     assert len(set(names)) == len(names)
     assert DEFAULT is VARIANTS[0] and DEFAULT.name == "int8-64x128-w4-s3"
     assert AttentionConfig(rotate=False).name == "int8-128x128-w8-s2-norot"
+    switches = AttentionConfig(warp_spec=True, loop_stages=3, no_acc_multibuf=True, split_quant_kv=True)
+    assert switches.name == "int8-128x128-w8-s2-ws-ls3-noaccmb-qsplit"
 
 
 @pytest.mark.unit
@@ -199,6 +201,25 @@ def test_quantization_pass_matches_twin(seed, cfg, d):
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("pv", ["int8", "fp8"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_split_quant_kv_is_bit_identical(seed, pv, d):
+    """split_quant_kv (K and V in two launches) writes the same bits as the one K/V launch, NaN/Inf included."""
+    from int8_w8a8.kernels import triton_attention
+
+    q, k, v = make(2, 2, 37, 100, d, device=KERNEL_DEVICE)
+    k[1, 0, 50, 3] = float("inf")
+    v[0, 1, 10, 5] = float("nan")
+    one = AttentionConfig(64, 64, 4, 2, pv)
+    a = triton_attention.quantize(q, k, v, one)
+    b = triton_attention.quantize(q, k, v, AttentionConfig(64, 64, 4, 2, pv, split_quant_kv=True))
+    for name in ("q", "q_scale", "k", "k_scale", "v_scale"):
+        assert torch.equal(getattr(a, name).view(torch.int8), getattr(b, name).view(torch.int8)), name
+    assert torch.equal(a.v[:, :100].view(torch.int8), b.v[:, :100].view(torch.int8))
+    assert a.v_colsum is None if pv == "fp8" else torch.equal(a.v_colsum, b.v_colsum)
+
+
+@pytest.mark.kernels
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("keys", ["gauss", "offset"])
 def test_kernel_vs_twin_and_float64(seed, d, keys):
@@ -211,6 +232,32 @@ def test_kernel_vs_twin_and_float64(seed, d, keys):
     # flipping the rounding of a few P values
     assert rel_err(out, twin) <= 2e-3
     assert rel_err(out, ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("d", [64, 128])
+def test_kernel_warp_spec_loop(seed, d):
+    """The warp_spec form (every key block masked, Q and its row scales through descriptors made in the kernel):
+    the same numbers as the twin, a NaN row poisons only itself, S_kv not a multiple of the tile, S_q != S_kv."""
+    cfg = AttentionConfig(128, 64, 4, 2, "int8", warp_spec=True)
+    q, k, v = make(2, 2, 132, 150, d, device=KERNEL_DEVICE)
+    q[1, 0, 7, 3] = float("nan")
+    out = triton_run(q, k, v, cfg, out_dtype=torch.float32).cpu()
+    twin = reference_attention.attention_quantized(
+        reference_attention.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), cfg), 1 / math.sqrt(d), torch.float32)
+    bad = torch.zeros(out.shape[:3], dtype=torch.bool)
+    bad[1, 0, 7] = True
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+    assert rel_err(out[~bad], twin[~bad]) <= 2e-3
+    assert rel_err(out[~bad], ref64(q.cpu(), k.cpu(), v.cpu())[~bad]) <= BOUND
+
+
+@pytest.mark.kernels
+def test_kernel_warp_spec_needs_s_q_multiple_of_4():
+    cfg = AttentionConfig(128, 64, 4, 2, "int8", warp_spec=True)
+    q, k, v = make(1, 1, 70, 64, 64, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match=r"S_q % 4 == 0"):
+        triton_run(q, k, v, cfg)
 
 
 @pytest.mark.kernels
@@ -344,13 +391,17 @@ def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     rows = json.loads(out.stdout) if out.stdout.strip().startswith("[") else []
     assert rows and out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     kernels = [r for r in rows if r["what"].startswith("attention")]
-    assert len(kernels) == 3
+    assert len(kernels) == 4
     for r in kernels:
         assert not r["problems"], r
         assert any(".s32.s8.s8" in w for w in r["wgmma"]) and r["tma_loads"] > 0, r
         if r["config"]["pv"] == "fp8":
             assert any(".e4m3.e4m3" in w for w in r["wgmma"]), r
     assert all(not r["problems"] for r in rows), [r for r in rows if r["problems"]]
+    # warp_spec: Triton's Hopper pass made a TMA producer warpgroup and two consumer warpgroups (problems() checks
+    # num_warps + 8 and setmaxnreg), each consumer with both products on wgmma
+    ws = [r for r in kernels if r["config"]["warp_spec"]]
+    assert len(ws) == 1 and ws[0]["num_warps"] == 12 and ws[0]["sass_hgmma_igmma"] in (None, 16), ws
     # the default's main loop as measured on the H200 (NOTES items 20 and 23: 14.19 instructions per score at
     # D = 128 offline with Triton 3.6); present where cuobjdump is
     per_score = {r["what"]: r.get("instr_per_score") for r in kernels}
