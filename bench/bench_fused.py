@@ -7,6 +7,8 @@ torch ops plus the pack's separate quantization, with the bytes it must move and
 implies. GLU (``[attention | SwiGLU]`` + quantization) is also timed over a few tile/warp choices, and the
 same kernel with GELU-tanh (Chroma's, Qwen-Image's and Wan's MLPs), and the forms Qwen-Image, Z-Image and Wan
 use (three q/k/v projections, RMSNorm modulation, post-norm gated adds, row-wide q/k norms) at their widths.
+The two row-normalizing kernels are timed in every launch form of ``kernels/norm_configs.py`` at each
+architecture's shapes (``NORM_SHAPES``), with the fastest form per shape: the result that sets that module's rule.
 """
 
 from __future__ import annotations
@@ -130,6 +132,73 @@ def glu_variants(record, dev: str, dt: torch.dtype) -> dict:
     return {"total_ms": total, "fastest": best}
 
 
+# The row-normalizing kernels at each architecture's shapes: (name, rows, columns, dtype, norm, shift, weight).
+# Wan 2.1 14B at 832x480x33 (14040 tokens with its padding, float16), Z-Image (RMSNorm with its weight, scale
+# only), Qwen-Image's image and text streams and Chroma (3072), FLUX.2 klein 9B (4096).
+NORM_SHAPES = (
+    ("wan", 14040, 5120, torch.float16, "layer", True, False),
+    ("z-image", 4608, 3840, torch.bfloat16, "rms", False, True),
+    ("qwen-image/chroma", 4096, 3072, torch.bfloat16, "layer", True, False),
+    ("qwen-image text", 512, 3072, torch.bfloat16, "layer", True, False),
+    ("flux.2 klein 9B", 4608, 4096, torch.bfloat16, "layer", True, False),
+)
+
+
+def _sweep_forms(record, label: str, nbytes: int, run_rule, run_form) -> None:
+    """The rule's call, then ``run_form(form)`` for each of ``norm_configs.CANDIDATES``, and the fastest form."""
+    from ..kernels import norm_configs
+    from ..kernels.launch import TileTooLargeError
+
+    record(f"{label} (rule)", common.bench_ms(run_rule), nbytes)
+    best = None
+    for form in norm_configs.CANDIDATES:
+        try:
+            run_form(form)
+        except TileTooLargeError:
+            print(f"  {form.name:<56} does not fit: the torch twin", flush=True)
+            continue
+        ms = common.bench_ms(lambda f=form: run_form(f))
+        record(f"  {form.name}", ms, nbytes)
+        if best is None or ms < best[0]:
+            best = (ms, form)
+    if best is not None:
+        print(f"  best: {best[1]} {nbytes / best[0] / 1e6:.0f} GB/s", flush=True)
+
+
+def _norm_mod_quant_forms(record, dev: str, name: str, m: int, k: int, dt: torch.dtype, norm: str, shifted: bool,
+                          weighted: bool) -> None:
+    from ..kernels import fused, triton_fused
+
+    x = torch.randn(1, m, k, device=dev, dtype=dt)
+    mscale = torch.randn(1, 1, k, device=dev, dtype=dt) * 0.1
+    shift = torch.randn(1, 1, k, device=dev, dtype=dt) * 0.1 if shifted else None
+    w = torch.rand(k, device=dev, dtype=dt) + 0.5 if weighted else None
+    x2, sc2, sh2 = x.view(m, k), mscale.view(1, k), None if shift is None else shift.view(1, k)
+    for group in (0, 128):
+        _sweep_forms(
+            record, f"norm_mod_quant {name} [{m}, {k}] {norm}{' +shift' if shifted else ''}"
+            f"{' +weight' if weighted else ''} {str(dt)[6:]} G={group}", x.numel() * (x.element_size() + 1),
+            lambda g=group: fused.norm_modulate_quantize(x, shift, mscale, 1e-6, rotate_group=g, norm=norm, weight=w),
+            lambda f, g=group: triton_fused.norm_modulate_quantize(x2, sh2, sc2, m, 1e-6, g, norm, w, form=f))
+
+
+def _norm_forms(record, dev: str) -> None:
+    """``norm_modulate_quantize`` (rotate_group 0 and 128) and ``rms_norm_gate_add`` in every launch form of
+    ``norm_configs.CANDIDATES``, at the architectures' shapes, next to the rule's choice; per shape the fastest form
+    (the line that sets ``norm_configs.NORM_MOD_QUANT_RULE`` / ``NORM_GATE_ADD_RULE``)."""
+    from ..kernels import fused, triton_fused
+
+    for shape in NORM_SHAPES:
+        _norm_mod_quant_forms(record, dev, *shape)
+    m, n, dt = 4608, 3840, torch.bfloat16
+    x, y = (torch.randn(1, m, n, device=dev, dtype=dt) for _ in range(2))
+    w = torch.rand(n, device=dev, dtype=dt) + 0.5
+    gate = torch.randn(1, n, device=dev, dtype=dt).tanh()
+    _sweep_forms(record, f"rms_norm_gate_add z-image [{m}, {n}] bf16", x.numel() * 6,
+                 lambda: fused.rms_norm_gate_add(x, y, w, gate, 1e-5),
+                 lambda f: triton_fused.rms_norm_gate_add(x.view(m, n), y.view(m, n), w, gate, m, 1e-5, form=f))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
@@ -199,6 +268,7 @@ def main() -> None:
     record("  unfused: rms_norm x2, rope (torch) x2", common.bench_ms(unfused_qk), qkv.numel() * 8)
     _other_architectures(record, dev, dt)
     glu = glu_variants(record, dev, dt)
+    _norm_forms(record, dev)
     # the gated residual add in the GEMM epilogue: its cost over the plain GEMM (reads the residual tile once)
     for m, k, n in ((4608, 16384, 4096), (4096, 4096, 4096), (4096, 12288, 4096)):
         plain, with_res = _gemm_residual_ms(m, k, n, dev, dt)

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import norm_configs
 from .launch import (
     FastLauncher,
     TileTooLargeError,  # noqa: F401  (raised here, caught as triton_fused.TileTooLargeError)
@@ -43,8 +44,6 @@ from .launch import (
 )
 from .triton_quant import (
     FLT_MAX,
-    QUANT_WARPS,
-    TILE_ELEMS,
     _quantize_store,
     _rotate,
     _row_stats,
@@ -79,48 +78,106 @@ def _maybe_rotate(v, h_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP:
 
 
 @triton.jit
+def _load_part(x_ptr, rows, row_ok, cols, K, stride_xm):
+    """x[rows, cols] as stored (0 outside the tensor): a tile of one row part, converted where it is used."""
+    ok = row_ok[:, None] & (cols < K)[None, :]
+    return tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _modulate_part(d, rstd, rows, row_ok, cols, K, shift_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch, stride_mb,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr,
+                   KRON: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """rot(d * rstd (* w) * (1 + mscale[b]) (+ shift[b])) of one row part (float32, 0 outside the tensor)."""
+    col_ok = cols < K
+    ok = row_ok[:, None] & col_ok[None, :]
+    y = d * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mod = (rows // rows_per_batch).to(tl.int64)[:, None] * stride_mb + cols[None, :]
+    sc = tl.load(mscale_ptr + mod, mask=ok, other=0.0).to(tl.float32)
+    y = y * (1.0 + sc)
+    if HAS_SHIFT:
+        y = y + tl.load(shift_ptr + mod, mask=ok, other=0.0).to(tl.float32)
+    y = tl.where(ok, y, 0.0)
+    return _maybe_rotate(y, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
+
+
+@triton.jit
 def _norm_mod_quant_kernel(
     x_ptr, shift_ptr, mscale_ptr, w_ptr, q_ptr, scale_ptr, h_ptr,
     M, K, rows_per_batch, stride_xm, stride_mb, stride_qm, eps,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
-    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, PREFETCH: tl.constexpr,
+    FAST_ROUND: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     """q, scale = quant(rot(norm(x) * (1 + mscale[b]) + shift[b])), b = row // rows_per_batch.
 
-    norm: LayerNorm without affine (RMS false; FLUX, Qwen-Image) or RMSNorm (RMS true; Z-Image), times the
-    weight w when HAS_WEIGHT; without HAS_SHIFT there is no shift. A row fits one tile (K <= BLOCK_K): read
-    once, statistics and quantization from registers. rot: the group rotation when GROUP > 0 (K % GROUP == 0),
-    else the identity.
+    norm: LayerNorm without affine (RMS false; FLUX, Qwen-Image, Wan) or RMSNorm (RMS true; Z-Image), times the
+    weight w when HAS_WEIGHT; without HAS_SHIFT there is no shift. A row is held in registers (read once,
+    statistics and quantization from registers) as one tile of BLOCK_K columns (K <= BLOCK_K), or with
+    BLOCK_K2 > 0 as two parts, columns [0, BLOCK_K) and [BLOCK_K, BLOCK_K + BLOCK_K2) (K <= their sum; a
+    power-of-two tile each, less padding: ``norm_configs.row_parts``). PREFETCH: each program loads its next
+    tile's rows before it reduces and stores the current one (a persistent grid keeps its loads in flight).
+    rot: the group rotation when GROUP > 0 (K % GROUP == 0, each part a multiple of GROUP), else the identity.
     """
-    cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+    ca = tl.arange(0, BLOCK_K)
+    step = tl.num_programs(0)
+    if BLOCK_K2 > 0:
+        cb = BLOCK_K + tl.arange(0, BLOCK_K2)
+    if PREFETCH:
+        first = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        xa_next = _load_part(x_ptr, first, first < M, ca, K, stride_xm)
+        if BLOCK_K2 > 0:
+            xb_next = _load_part(x_ptr, first, first < M, cb, K, stride_xm)
+    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), step):
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
-        x = x.to(tl.float32)
-        if RMS:
-            d = x
+        if PREFETCH:
+            after = rows + step * BLOCK_M
+            xa = xa_next.to(tl.float32)
+            xa_next = _load_part(x_ptr, after, after < M, ca, K, stride_xm)
+            if BLOCK_K2 > 0:
+                xb = xb_next.to(tl.float32)
+                xb_next = _load_part(x_ptr, after, after < M, cb, K, stride_xm)
         else:
-            mean = tl.sum(x, axis=1) / K
-            d = tl.where(ok, x - mean[:, None], 0.0)
-        var = tl.sum(d * d, axis=1) / K
-        rstd = 1.0 / tl.sqrt_rn(var + eps)
-        y = d * rstd[:, None]
-        if HAS_WEIGHT:
-            y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        mod = (rows // rows_per_batch).to(tl.int64)[:, None] * stride_mb + cols[None, :]
-        sc = tl.load(mscale_ptr + mod, mask=ok, other=0.0).to(tl.float32)
-        y = y * (1.0 + sc)
-        if HAS_SHIFT:
-            y = y + tl.load(shift_ptr + mod, mask=ok, other=0.0).to(tl.float32)
-        y = tl.where(ok, y, 0.0)
-        y = _maybe_rotate(y, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-        absmax, nonfinite = _row_stats(y, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
+            xa = _load_part(x_ptr, rows, row_ok, ca, K, stride_xm).to(tl.float32)
+            if BLOCK_K2 > 0:
+                xb = _load_part(x_ptr, rows, row_ok, cb, K, stride_xm).to(tl.float32)
+        if BLOCK_K2 > 0:  # one row (BLOCK_M = 1): scalar statistics, so the two parts' layouts never meet
+            if RMS:
+                da = xa
+                db = xb
+            else:
+                mean = (tl.sum(xa) + tl.sum(xb)) / K
+                da = tl.where(row_ok[:, None] & (ca < K)[None, :], xa - mean, 0.0)
+                db = tl.where(row_ok[:, None] & (cb < K)[None, :], xb - mean, 0.0)
+            rstd = 1.0 / tl.sqrt_rn((tl.sum(da * da) + tl.sum(db * db)) / K + eps)
+            rstd = tl.zeros((BLOCK_M,), tl.float32) + rstd
+        else:
+            if RMS:
+                da = xa
+            else:
+                mean = tl.sum(xa, axis=1) / K
+                da = tl.where(row_ok[:, None] & (ca < K)[None, :], xa - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(da * da, axis=1) / K + eps)
+        ya = _modulate_part(da, rstd, rows, row_ok, ca, K, shift_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
+                            stride_mb, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, HAS_SHIFT)
+        if BLOCK_K2 > 0:
+            yb = _modulate_part(db, rstd, rows, row_ok, cb, K, shift_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
+                                stride_mb, BLOCK_M, BLOCK_K2, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, HAS_SHIFT)
+            fa = tl.abs(ya) <= FLT_MAX  # false for NaN and +-Inf (``_row_stats``)
+            fb = tl.abs(yb) <= FLT_MAX
+            amax = tl.maximum(tl.max(tl.where(fa, tl.abs(ya), 0.0)), tl.max(tl.where(fb, tl.abs(yb), 0.0)))
+            bad = tl.sum((~fa).to(tl.int32)) + tl.sum((~fb).to(tl.int32))
+            absmax = tl.zeros((BLOCK_M,), tl.float32) + amax
+            nonfinite = tl.zeros((BLOCK_M,), tl.int32) + bad
+        else:
+            absmax, nonfinite = _row_stats(ya, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
-        _quantize_store(y, inv, 0, rows, row_ok, cols, K, q_ptr, stride_qm, False, FAST_ROUND)
+        _quantize_store(ya, inv, 0, rows, row_ok, ca, K, q_ptr, stride_qm, False, FAST_ROUND)
+        if BLOCK_K2 > 0:
+            _quantize_store(yb, inv, 0, rows, row_ok, cb, K, q_ptr, stride_qm, False, FAST_ROUND)
 
 
 # ``_glu_quant_kernel``'s ACT meta-parameter for each of ``reference_fused.ACTIVATIONS``
@@ -347,28 +404,63 @@ def _qk_norm_rope_kernel(
 
 
 @triton.jit
+def _gate_add_part(x_ptr, y, rstd, w_ptr, gate_ptr, out_ptr, rows, row_ok, cols, N, rows_per_batch, stride_xm,
+                   stride_gb, stride_om):
+    """out = x + gate[b] * (y * rstd) * w for one row part, stored in out's dtype."""
+    col_ok = cols < N
+    ok = row_ok[:, None] & col_ok[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + (rows // rows_per_batch).to(tl.int64)[:, None] * stride_gb + cols[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    out = x + g * ((y * rstd[:, None]) * w[None, :])
+    tl.store(out_ptr + r64 * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _norm_gate_add_kernel(
     x_ptr, y_ptr, w_ptr, gate_ptr, out_ptr,
     M, N, rows_per_batch, stride_xm, stride_ym, stride_gb, stride_om, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """out = x + gate[b] * RMSNorm(y) * w, b = row // rows_per_batch: a post-normalized sublayer output added to
-    the residual stream through its gate (Z-Image's attention_norm2 / ffn_norm2), float32, rounded once."""
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+    the residual stream through its gate (Z-Image's attention_norm2 / ffn_norm2), float32, rounded once.
+
+    y's rows are held as one tile (N <= BLOCK_N) or two parts (BLOCK_N2 > 0, as in ``_norm_mod_quant_kernel``);
+    PREFETCH: each program loads its next tile of y before it finishes the current one (persistent grid)."""
+    ca = tl.arange(0, BLOCK_N)
+    step = tl.num_programs(0)
+    if BLOCK_N2 > 0:
+        cb = BLOCK_N + tl.arange(0, BLOCK_N2)
+    if PREFETCH:
+        first = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ya_next = _load_part(y_ptr, first, first < M, ca, N, stride_ym)
+        if BLOCK_N2 > 0:
+            yb_next = _load_part(y_ptr, first, first < M, cb, N, stride_ym)
+    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), step):
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        ok = row_ok[:, None] & col_ok[None, :]
-        r64 = rows.to(tl.int64)[:, None]
-        y = tl.load(y_ptr + r64 * stride_ym + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(y * y, axis=1) / N + eps)
-        g = tl.load(gate_ptr + (rows // rows_per_batch).to(tl.int64)[:, None] * stride_gb + cols[None, :], mask=ok,
-                    other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        out = x + g * ((y * rstd[:, None]) * w[None, :])
-        tl.store(out_ptr + r64 * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+        if PREFETCH:
+            after = rows + step * BLOCK_M
+            ya = ya_next.to(tl.float32)
+            ya_next = _load_part(y_ptr, after, after < M, ca, N, stride_ym)
+            if BLOCK_N2 > 0:
+                yb = yb_next.to(tl.float32)
+                yb_next = _load_part(y_ptr, after, after < M, cb, N, stride_ym)
+        else:
+            ya = _load_part(y_ptr, rows, row_ok, ca, N, stride_ym).to(tl.float32)
+            if BLOCK_N2 > 0:
+                yb = _load_part(y_ptr, rows, row_ok, cb, N, stride_ym).to(tl.float32)
+        if BLOCK_N2 > 0:  # one row (BLOCK_M = 1): a scalar sum, as in ``_norm_mod_quant_kernel``
+            rstd = tl.zeros((BLOCK_M,), tl.float32) + 1.0 / tl.sqrt_rn((tl.sum(ya * ya) + tl.sum(yb * yb)) / N + eps)
+        else:
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(ya * ya, axis=1) / N + eps)
+        _gate_add_part(x_ptr, ya, rstd, w_ptr, gate_ptr, out_ptr, rows, row_ok, ca, N, rows_per_batch, stride_xm,
+                       stride_gb, stride_om)
+        if BLOCK_N2 > 0:
+            _gate_add_part(x_ptr, yb, rstd, w_ptr, gate_ptr, out_ptr, rows, row_ok, cb, N, rows_per_batch,
+                           stride_xm, stride_gb, stride_om)
 
 
 # A specialization Triton rejects for resources (OutOfResources when it is first loaded) takes the next
@@ -378,13 +470,6 @@ def _norm_gate_add_kernel(
 # GLU quantizer at 4096 columns (sm_90 allows 232,448, sm_80 166,912, sm_86/89/120 101,376; bench/NOTES.md
 # items 15 and 16).
 _TWIN = "these rows are quantized by the torch twin"
-
-
-def _launch(launcher: FastLauncher, key: tuple, grid: tuple, *args, **kwargs) -> None:
-    """``launcher(grid, *args, **kwargs)`` for a kernel with one tile per specialization ``key`` (name first),
-    under the shared resource rule: TileTooLargeError (logged once per key) when it does not fit."""
-    first_fit(key[0], key[1:], (), no_smaller, lambda _: launcher(grid, *args, **kwargs), _TWIN)
-
 
 _NORM_MOD_QUANT = FastLauncher(_norm_mod_quant_kernel, interpreting())
 _GLU_QUANT = FastLauncher(_glu_quant_kernel, interpreting())
@@ -437,30 +522,75 @@ GLU_VARIANTS = {
 GLU_RULE = "base"
 
 
+# Programs of one whole-row kernel specialization an SM holds at once, by launch key (``_resident``).
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _resident(launcher: FastLauncher, key: tuple, args: tuple, kwargs: dict) -> int:
+    """How many programs of this specialization fit on one SM together (registers, threads, shared memory), read
+    from its compiled kernel (compiled here, as the launch would; OutOfResources propagates as from the launch);
+    0 where unknown (the interpreter, an offline build)."""
+    if key in _RESIDENT:
+        return _RESIDENT[key]
+    found = 0
+    if launcher.enabled:
+        kernel = launcher.fn.warmup(*args, grid=(1,), **kwargs)
+        if kernel is not None:
+            kernel._init_handles()
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            warps = kwargs["num_warps"]
+            regs_per_warp = triton.cdiv(max(kernel.n_regs, 1) * 32, 256) * 256  # allocated per warp, in 256s
+            by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // warps
+            by_threads = props.max_threads_per_multi_processor // (32 * warps)
+            smem = kernel.metadata.shared
+            by_smem = props.shared_memory_per_multiprocessor // (smem + 1024) if smem else by_threads
+            found = max(1, min(by_regs, by_threads, by_smem, 32))
+    _RESIDENT[key] = found
+    return found
+
+
+def _launch_rows(launcher: FastLauncher, key: tuple, form: norm_configs.RowLaunch, blocks: int, device,
+                 *args, **kwargs) -> None:
+    """Launch a whole-row kernel: one program per tile of rows, or (``form.programs_per_sm``) a persistent grid
+    of at most that many programs per SM and no more than fit on it at once (a program that waits for a free SM
+    would run all its tiles late); under ``_launch``'s resource rule."""
+
+    def launch(_) -> None:
+        grid = blocks
+        if form.programs_per_sm:
+            per_sm = _resident(launcher, key, args, kwargs) or form.programs_per_sm
+            grid = min(blocks, min(per_sm, form.programs_per_sm) * num_sms(device))
+        launcher((grid,), *args, **kwargs)
+
+    first_fit(key[0], key[1:], (), no_smaller, launch, _TWIN)
+
+
 def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0,
-                           norm: str = "layer", weight=None):
+                           norm: str = "layer", weight=None, form: norm_configs.RowLaunch | None = None):
     """x2 [M, K] (unit column stride), shift (or None) / mscale [B, K] (unit column stride, equal strides) ->
     q [M, K] int8, scale [M]. ``norm``: "layer" (no affine) or "rms"; ``weight`` [K] or None.
 
-    ``rotate_group``: ConvRot group (K % group == 0) applied before quantizing, or 0. Raises TileTooLargeError
-    when the tile does not fit the GPU's shared memory."""
+    ``rotate_group``: ConvRot group (K % group == 0) applied before quantizing, or 0. ``form``: the launch
+    (``norm_configs.RowLaunch``; None: ``NORM_MOD_QUANT_RULE``'s). Raises TileTooLargeError when the tile does
+    not fit the GPU's shared memory."""
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x2.device)
     scale = row_scales(m, k, x2.device)
     if m == 0 or k == 0:
         return q, scale
-    block_k = max(16, triton.next_power_of_2(k))
-    block_m = max(1, TILE_ELEMS // block_k, rotation_min_tile(rotate_group) // block_k)
-    warps = QUANT_WARPS if block_k <= TILE_ELEMS else 8
-    blocks = triton.cdiv(m, block_m)
+    form = form or norm_configs.pick(norm_configs.NORM_MOD_QUANT_RULE, k)
+    block_m, block_k, block_k2, warps = norm_configs.tile_shape(form, k, max(16, rotate_group),
+                                                                rotation_min_tile(rotate_group))
     h, rot = rotation_args(rotate_group, x2.device, torch.float32)
     keep(h)  # cached per group and device: a recorded launch may keep its address (direct.Replayer)
-    key = ("norm_modulate_quantize", x2.dtype, block_m, block_k, rotate_group, norm, weight is not None,
-           shift is not None, x2.device)
-    _launch(
-        _NORM_MOD_QUANT, key, (blocks,), x2, shift if shift is not None else mscale, mscale,
-        weight if weight is not None else mscale, q, scale, h if h is not None else q, m, k, rows_per_batch,
-        x2.stride(0), mscale.stride(0), q.stride(0), float(eps), BLOCK_M=block_m, BLOCK_K=block_k,
+    key = ("norm_modulate_quantize", x2.dtype, mscale.dtype, block_m, block_k, block_k2, warps,
+           form.programs_per_sm > 0, rotate_group, norm, None if weight is None else weight.dtype, shift is not None,
+           x2.device)
+    _launch_rows(
+        _NORM_MOD_QUANT, key, form, triton.cdiv(m, block_m), x2.device, x2,
+        shift if shift is not None else mscale, mscale, weight if weight is not None else mscale, q, scale,
+        h if h is not None else q, m, k, rows_per_batch, x2.stride(0), mscale.stride(0), q.stride(0), float(eps),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_K2=block_k2, PREFETCH=form.programs_per_sm > 0,
         FAST_ROUND=not interpreting(), **rot, RMS=norm == "rms", HAS_WEIGHT=weight is not None,
         HAS_SHIFT=shift is not None, num_warps=warps, enable_fp_fusion=False,
     )
@@ -529,19 +659,21 @@ def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, head
     )
 
 
-def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float):
+def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float,
+                      form: norm_configs.RowLaunch | None = None):
     """x2 [M, N], y2 [M, N] (unit column strides), weight [N], gate [B, N] (unit column stride) -> new [M, N] in
-    x2's dtype: ``x2 + gate[b] * rms_norm(y2) * weight``."""
+    x2's dtype: ``x2 + gate[b] * rms_norm(y2) * weight``. ``form``: the launch (None: ``NORM_GATE_ADD_RULE``'s)."""
     m, n = x2.shape
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
         return out
-    block_n = max(16, triton.next_power_of_2(n))
-    block_m = max(1, TILE_ELEMS // block_n)
-    warps = QUANT_WARPS if block_n <= TILE_ELEMS else 8
-    _NORM_GATE_ADD(
-        (triton.cdiv(m, block_m),), x2, y2, weight, gate, out, m, n, rows_per_batch, x2.stride(0), y2.stride(0),
-        gate.stride(0), out.stride(0), float(eps), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        enable_fp_fusion=False,
+    form = form or norm_configs.pick(norm_configs.NORM_GATE_ADD_RULE, n)
+    block_m, block_n, block_n2, warps = norm_configs.tile_shape(form, n)
+    key = ("rms_norm_gate_add", x2.dtype, y2.dtype, weight.dtype, gate.dtype, block_m, block_n, block_n2, warps,
+           form.programs_per_sm > 0, x2.device)
+    _launch_rows(
+        _NORM_GATE_ADD, key, form, triton.cdiv(m, block_m), x2.device, x2, y2, weight, gate, out, m, n,
+        rows_per_batch, x2.stride(0), y2.stride(0), gate.stride(0), out.stride(0), float(eps), BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_N2=block_n2, PREFETCH=form.programs_per_sm > 0, num_warps=warps, enable_fp_fusion=False,
     )
     return out

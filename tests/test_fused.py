@@ -8,10 +8,12 @@ else is checked for equality or against float64 in SQNR.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from int8_w8a8.kernels import fused, reference_fused
+from int8_w8a8.kernels import fused, norm_configs, reference_fused
 from int8_w8a8.kernels import reference as ref
 from int8_w8a8.kernels.hadamard import rotate
 
@@ -153,6 +155,73 @@ def test_norm_modulate_quantize_rms_rotated(seed, group):
     q_ref, xs_ref = reference_fused.norm_modulate_quantize(x.reshape(-1, k), None, scale, s, 1e-6, group, "rms", w)
     y = torch.nn.functional.rms_norm(x.double(), (k,), w.double(), 1e-6) * (1 + scale.double()[:, None])
     _close_rotated(q, xs, q_ref, xs_ref, rotate(y.reshape(-1, k), group).double())
+
+
+# Every launch form the rule can pick (norm_configs.CANDIDATES), and each at one row per tile (small rows then
+# take the split two-part tile too). Columns: one part (64), two parts 32 + 16 (40: not a multiple of either
+# tile; 48: the parts exactly), 80 = 64 + 16, 768 = 512 + 256 (rotated by group 256, the tail holding one group).
+_FORMS = tuple(dict.fromkeys((*norm_configs.CANDIDATES,
+                              *(dataclasses.replace(f, rows=1) for f in norm_configs.CANDIDATES))))
+
+
+def _form_id(form) -> str:
+    return form.name.replace(" ", ",").replace("/", "-")
+
+
+@pytest.mark.parametrize("form", _FORMS, ids=_form_id)
+@pytest.mark.parametrize("norm,shifted,weighted", [("layer", True, False), ("rms", False, True)])
+@pytest.mark.parametrize("b,s,k,group", [(1, 1, 40, 0), (1, 15, 80, 0), (2, 17, 48, 0), (2, 15, 64, 0),
+                                         (2, 3, 768, 256)])
+def test_norm_modulate_quantize_forms(seed, form, norm, shifted, weighted, b, s, k, group):
+    """Each launch form against the twin: strided rows, per-batch modulation (B = 2), a NaN row, an Inf row and an
+    all-zero row; the persistent forms run a grid of fewer programs than tiles (4 SMs under the interpreter)."""
+    from int8_w8a8.kernels import triton_fused
+
+    wide = (torch.randn(b * s, k + 3) * 3 + 1).to(DEV, torch.bfloat16)
+    x2 = wide[:, 3:]  # a column slice: row stride k + 3
+    if b * s > 2:
+        x2[1] = 0  # all zero: LayerNorm/RMSNorm give 0, leaving the shift
+        x2[-1, k // 2] = float("nan")
+        x2[-2, 0] = float("inf")
+    mscale = (torch.randn(b, k) * 0.5).to(DEV, torch.bfloat16)
+    shift = (torch.randn(b, k) * 0.5).to(DEV, torch.bfloat16) if shifted else None
+    w = (torch.rand(k) + 0.5).to(DEV, torch.bfloat16) if weighted else None
+    q, xs = triton_fused.norm_modulate_quantize(x2, shift, mscale, s, 1e-6, group, norm, w, form=form)
+    q_ref, xs_ref = reference_fused.norm_modulate_quantize(x2, shift, mscale, s, 1e-6, group, norm, w)
+    if group:  # tf32 rotation dots on a GPU (``_close_rotated``)
+        assert int((q.int() - q_ref.int()).abs().max()) <= 1
+        torch.testing.assert_close(xs, xs_ref, rtol=2e-3, atol=0, equal_nan=True)
+    else:
+        _close_codes(q, q_ref)
+        _close_scales(xs, xs_ref)
+    if b * s > 2:
+        assert xs[-1].isnan() and xs[-2].isnan() and bool(xs[:-2].isfinite().all())
+        if not group:
+            assert int(q[-1, k // 2]) == 0 and int(q[-2, 0]) == 0  # non-finite elements store 0
+        if not shifted:
+            assert int(q[1].abs().max()) == 0
+
+
+def test_norm_configs_rule():
+    """Row parts, tiles and the rule's lookup (``norm_configs``)."""
+    from int8_w8a8.kernels.norm_configs import RowLaunch, pick, row_parts, tile_shape
+
+    assert row_parts(5120, True) == (4096, 1024) and row_parts(5120, False) == (8192, 0)
+    assert row_parts(3072, True) == (2048, 1024) and row_parts(3840, True) == (4096, 0)  # 2048 + 2048: no gain
+    assert row_parts(4096, True) == (4096, 0) and row_parts(7, True) == (16, 0) and row_parts(40, True) == (32, 16)
+    assert row_parts(384, True, 256) == (512, 0)  # parts at least a rotation group wide
+    split = RowLaunch(warps=4, programs_per_sm=8, split=True)
+    assert tile_shape(split, 5120) == (1, 4096, 1024, 4)
+    assert tile_shape(RowLaunch(split=True), 5120) == (1, 4096, 1024, 8)
+    assert tile_shape(RowLaunch(split=True), 40) == (64, 64, 0, 4)  # several rows per tile: one padded part
+    assert tile_shape(RowLaunch(rows=1, split=True), 40) == (1, 32, 16, 4)
+    # group 128 needs 2048-element tiles for its dot: Wan's 1024-column tail would need 2 rows, so one tile
+    assert tile_shape(split, 5120, 128, 2048) == (1, 8192, 0, 4)
+    assert tile_shape(split, 5120, 256, 256) == (1, 4096, 1024, 4)
+    assert pick(((100, split), (200, RowLaunch())), 150) == RowLaunch()
+    assert pick(((100, split),), 150) == norm_configs.LEGACY
+    with pytest.raises(ValueError, match="rows"):
+        RowLaunch(rows=3)
 
 
 def test_norm_modulate_quantize_op():
@@ -453,6 +522,27 @@ def test_rms_norm_gate_add(seed, dtype, b, s, n):
     y[-1, 2] = float("nan")
     out = fused.rms_norm_gate_add(x, y.view(b, s, n) if y.is_contiguous() else y, w, gate[:1], 1e-5)
     assert bool(out.reshape(-1, n)[-1].isnan().all()) and bool(out.reshape(-1, n)[:-1].isfinite().all())
+
+
+@pytest.mark.parametrize("form", _FORMS, ids=_form_id)
+@pytest.mark.parametrize("b,s,n", [(1, 1, 40), (1, 15, 80), (2, 17, 48), (2, 15, 64)])
+def test_rms_norm_gate_add_forms(seed, form, b, s, n):
+    """Each launch form against the twin: strided y rows, a per-batch gate (B = 2), an all-zero and a NaN row."""
+    from int8_w8a8.kernels import triton_fused
+
+    x = torch.randn(b * s, n, device=DEV, dtype=torch.bfloat16)
+    y = (torch.randn(b * s, n + 5) * 4).to(DEV, torch.bfloat16)[:, 5:]
+    w = (torch.rand(n) + 0.5).to(DEV, torch.bfloat16)
+    gate = torch.randn(b, n, device=DEV, dtype=torch.bfloat16).tanh()
+    y[0] = 0
+    if b * s > 1:
+        y[-1, 1] = float("nan")
+    out = triton_fused.rms_norm_gate_add(x, y, w, gate, s, 1e-5, form=form)
+    twin = reference_fused.rms_norm_gate_add(x, y, w, gate, s, 1e-5)
+    scale = torch.maximum(x.float().abs(), (twin.float() - x.float()).abs()).clamp(min=1.0)
+    ok = twin.isfinite()
+    assert float(((out.float() - twin.float()).abs()[ok] / (scale[ok] * torch.finfo(torch.bfloat16).eps)).max()) <= 8
+    assert torch.equal(out[0], x[0]) and torch.equal(out.isnan(), twin.isnan())
 
 
 def test_rms_norm_gate_add_op_and_bad_args():
