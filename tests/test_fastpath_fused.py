@@ -233,12 +233,28 @@ def test_replays_keep_no_call_tensor_alive(seed, replay):
         assert [r() for r in refs] == [None] * 5
 
 
+@pytest.fixture
+def own_ops():
+    """``torch.ops.int8_w8a8`` bound to this copy of the package. A test that loads the repository as a ComfyUI
+    custom node imports a second copy, whose ``kernels/library.py`` registers the same op names again: the last
+    registration wins, and its bodies would run that copy's (unpatched) dispatch."""
+    import importlib
+
+    from torch._library.custom_ops import OPDEFS
+
+    from int8_w8a8.kernels import library
+
+    if OPDEFS.get("int8_w8a8::int8_gemm") is not library.int8_gemm_op:
+        importlib.reload(library)
+    return torch.ops.int8_w8a8
+
+
 @pytest.mark.kernels
-def test_custom_ops_replay_like_eager_calls(seed, replay):
+def test_custom_ops_replay_like_eager_calls(seed, replay, own_ops):
     """A compiled graph runs the ``int8_w8a8::*`` ops' bodies: they take the same replayed path as eager calls
     (the launch path cost ~100 us of host per op, enough to make a compiled Qwen-Image step host-bound), with
     results equal to the launch path's and the op's own mutation semantics."""
-    ops = torch.ops.int8_w8a8
+    ops = own_ops
     b, s, k, n = 1, 6, 64, 32
     _, _, q, scale = _rows_and_weight(1, k, n)
     w = torch.rand(k, device=DEV, dtype=BF16) + 0.5
