@@ -235,6 +235,9 @@ def summarize(compiled) -> dict:
         "shared_bytes": meta.shared,
         "tmem_columns": getattr(meta, "tmem_size", None) or 0,
         "num_warps": meta.num_warps,
+        # warp specialization (Hopper): the register split of producer and consumer warpgroups
+        "setmaxnreg": sorted({f"{k}{n}" for k, n in re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx)}),
+        "wgmma_count": len(re.findall(r"wgmma\.mma_async", ptx)),
         "trap_only": "trap;" in ptx and not re.search(r"\bld\.|\bst\.|mma", ptx),
         **_resource_usage(compiled.asm["cubin"]),
     }
@@ -320,6 +323,55 @@ def check_target(arch: int) -> dict:
     return result
 
 
+def check_ws(arch: int = 90) -> dict:
+    """Compile the opt-in warp-specialized Hopper configs (``configs.HOPPER_WS_VARIANTS``) with every epilogue
+    (also a float32 LoRA term, which runs without warp specialization) as ``triton_gemm.gemm`` launches them; each
+    row carries ``split``: the producer / consumer partition appeared (12 warps, setmaxnreg) and ``problems``
+    (empty when it passes)."""
+    start = time.perf_counter()
+    gen = next(g for g in dispatch.GENERATIONS if g.target == arch)
+    table = configs.GemmTable("hopper warp-specialized variants", tuple(enumerate(configs.HOPPER_WS_VARIANTS)), 0)
+    m, k, n = 4608, 4096, 12288
+
+    def fp32_lora(cfg: configs.GemmConfig) -> None:
+        xq, wq = _t(m, k, dtype=torch.int8), _t(n, k, dtype=torch.int8)
+        xs, ws = _t(m, dtype=torch.float32), _t(n, dtype=torch.float32)
+        triton_gemm.gemm(xq, xs, wq, ws, None, _t(m, n), cfg, _t(m, 64, dtype=torch.float32),
+                         _t(n, 64, dtype=torch.float32))
+
+    specs = gemm_specs(table)
+    specs += [KernelSpec(f"gemm tma {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages} +LoRA64 fp32",
+                         lambda c=c: fp32_lora(c)) for c in configs.HOPPER_WS_VARIANTS]
+    rows = []
+    for spec in specs:
+        with emulated_gpu(arch, gen.smem_optin) as attempts:
+            try:
+                spec.launch()
+                outcome = "fits" if len(attempts) == 1 else f"smaller config ({_params(attempts[-1])})"
+                error = None
+            except TileTooLargeError:
+                outcome, error = "torch twin", None
+            except Exception as exc:  # a compiler failure: recorded with its first line
+                outcome, error = "error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+        if not attempts:  # failed before compiling
+            rows.append({"what": spec.what, "kind": "gemm", "outcome": outcome, "split": False,
+                         "problems": [error or outcome]})
+            continue
+        first = attempts[0]
+        split = first.get("num_warps") == 12 and bool(first.get("setmaxnreg"))
+        bad = [] if outcome == "fits" else [f"{outcome}{f' ({error})' if error else ''}"]
+        # a float32 LoRA term runs the config without warp specialization (triton_gemm.gemm's rule)
+        if not split and "fp32" not in spec.what:
+            bad.append(f"not warp-specialized ({first['num_warps']} warps, setmaxnreg {first['setmaxnreg']})")
+        if first.get("local", 0) > 0:
+            bad.append(f"register spills: local {first['local']} B")
+        rows.append({"what": spec.what.replace("gemm tma", "gemm tma ws"), "kind": "gemm", "outcome": outcome,
+                     "split": split, "problems": bad, **first})
+    return {"arch": arch, "generation": gen.name, "path": "warp-specialized variants (opt-in)",
+            "smem_limit": gen.smem_optin, "triton": triton.__version__, "table": table.name, "table_smem_bytes": None,
+            "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
+
+
 def _table(result: dict) -> str:
     lines = [f"sm_{result['arch']} {result['generation']}: {result['path']}; limit {result['smem_limit']} bytes per "
              f"block; table {result['table']} (records {result['table_smem_bytes']}); Triton {result['triton']}; "
@@ -327,10 +379,16 @@ def _table(result: dict) -> str:
     if "int8_dot_compiles" in result:
         lines.append(f"  int8 tl.dot compiles: {result['int8_dot_compiles']} {result.get('int8_dot_error', '')}")
     for r in result["rows"]:
+        if "int8_mma" not in r:  # failed before compiling
+            lines.append(f"  {r['what']:<52} {r['outcome']:<40} PROBLEMS: {'; '.join(r['problems'])}")
+            continue
         mma = ",".join(r["int8_mma"]) or "-"
         lines.append(f"  {r['what']:<52} {r['outcome']:<40} int8={mma:<16} smem={r['shared_bytes']:>6} "
                      f"tmem={r['tmem_columns']:>4} tma={r['tma_loads']}/{r['tma_stores']} cp.async={r['cp_async']:>3} "
-                     f"regs={r['regs']:>3} local={r['local']}{' TRAP' if r['trap_only'] else ''}")
+                     f"regs={r['regs']:>3} local={r['local']}{' TRAP' if r['trap_only'] else ''}"
+                     + (f" warps={r['num_warps']} wgmma={r['wgmma_count']} "
+                        f"setmaxnreg={','.join(r['setmaxnreg']) or '-'}" if "split" in r else "")
+                     + (f" PROBLEMS: {'; '.join(r['problems'])}" if r.get("problems") else ""))
     return "\n".join(lines)
 
 
@@ -340,9 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every target in dispatch.GENERATIONS")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="targets compiled in parallel")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--ws", action="store_true", help="the opt-in warp-specialized Hopper configs (sm_90)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
+    if args.ws:
+        result = check_ws(90)
+        print(json.dumps([result], indent=1) if args.json else _table(result))
+        return 1 if any(r["problems"] for r in result["rows"]) else 0
     targets = [g.target for g in dispatch.GENERATIONS] if args.all else [args.arch]
     if len(targets) > 1 and args.jobs > 1:
         # a process per target, the largest tables first so the workers end together

@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | gemm-ws | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -103,6 +103,13 @@ for step in "$@"; do
             && { timeout 420 python3 -m int8_w8a8.bench.bench_attention --out "$OUT/bench_attention.json" 2>&1 \
                 | tee "$OUT/bench_attention.txt"; } ;;
         attention) { python3 -m pytest tests/test_attention.py -q -p no:randomly 2>&1 | tail -15; python3 -m int8_w8a8.bench.check_ptx_attention; python3 -m int8_w8a8.bench.bench_attention --out "$OUT/bench_attention.json"; } 2>&1 | tee "$OUT/bench_attention.txt" ;;
+        # the opt-in warp-specialized GEMM configs vs the table config and cuBLAS FP8 at Z-Image / klein 9B shapes
+        # (~2 min): their bit-identity tests first (the bench runs either way), each under a timeout (an mbarrier
+        # deadlock must not eat the call)
+        gemm-ws) timeout 240 python3 -m pytest tests/test_kernels.py -q -p no:randomly -k "ws_gemm or ws_config" 2>&1 \
+                | tee "$OUT/pytest-gemm-ws.log" | tail -5; \
+            { timeout 300 python3 -m int8_w8a8.bench.sweep_gemm --bucket ws --out "$OUT/sweep_ws.json" 2>&1 \
+                | tee "$OUT/sweep_ws.txt"; } ;;
         sweep-*) python3 -m int8_w8a8.bench.sweep_gemm --bucket "${step#sweep-}" --out "$OUT/sweep_${step#sweep-}.json" \
             2>&1 | tee "$OUT/sweep_${step#sweep-}.txt" ;;
         *) echo "unknown step $step"; status=2 ;;

@@ -1,20 +1,26 @@
 """Sweep GEMM tile configurations per M bucket on this GPU (GEMM + epilogue only, bf16 out).
 
-    python -m int8_w8a8.bench.sweep_gemm [--out sweep.json] [--bucket large|m1024|m256|m64|small|all]
+    python -m int8_w8a8.bench.sweep_gemm [--out sweep.json] [--bucket large|m1024|m256|m64|small|all|ws]
 
 The winners go into ``kernels/configs.py`` by hand, one per (GPU generation, M bucket): the pack
 never autotunes at run time. Each candidate is checked against the twin before it is timed.
+
+``--bucket ws`` (not part of "all"): the opt-in warp-specialized Hopper configs (``configs.HOPPER_WS_VARIANTS``)
+against the table's large-M config, 128x256x128 at 8 warps without specialization, and cuBLAS FP8
+(``torch._scaled_mm``, per-tensor scales) at the Z-Image and FLUX.2 klein 9B GEMM shapes; every INT8 result must
+be bit-identical to the table config's (and the twin's) before it is timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 
 import torch
 
-from ..kernels import reference, triton_gemm, triton_quant
+from ..kernels import configs, reference, triton_gemm, triton_quant
 from ..kernels.configs import GemmConfig
 from . import common
 
@@ -106,14 +112,80 @@ def run_bucket(bucket: str) -> list[dict]:
     return results
 
 
+# Z-Image (dim 3840: qkv, out, w1/w3 pair, w2) and FLUX.2 klein 9B (linear1, linear2, img qkv) at 1024x1024
+WS_SHAPES = [(4608, 3840, 11520), (4608, 3840, 3840), (4608, 3840, 10240), (4608, 10240, 3840),
+             (4608, 4096, 36864), (4608, 16384, 4096), (4096, 4096, 12288)]
+
+
+def ws_candidates() -> list[tuple[str, GemmConfig]]:
+    """(name, config): the table's large-M config first (the reference for bit identity), then the others."""
+    table = configs.HOPPER_TABLE.rows[-1][1]
+    out = [("table 128x128x64 s4 2/SM", table),
+           ("tma 128x256x128 w8 s3", GemmConfig("tma", 128, 256, 128, num_warps=8, num_stages=3))]
+    out += [(f"ws {c.block_m}x{c.block_n}x{c.block_k} s{c.num_stages}", c) for c in configs.HOPPER_WS_VARIANTS]
+    return out
+
+
+def run_ws() -> list[dict]:
+    """Each ``ws_candidates`` config and cuBLAS FP8 at ``WS_SHAPES``: ms, TOPS, and x the table config."""
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    results = []
+    for m, k, n in WS_SHAPES:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        xq, xs = triton_quant.quantize_rows(x)
+        xs = xs.reshape(-1)
+        wq, ws = triton_quant.quantize_weight(w)
+        ws = ws.reshape(-1)
+        ref = reference.epilogue(reference.int8_matmul(xq, wq), xs, ws, None, torch.bfloat16)
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        rows, base_out = [], None
+        for name, cfg in ws_candidates():
+            fn = _one(cfg, x, xq, xs, wq, ws, out)
+            try:
+                out.fill_(float("nan"))
+                fn()
+                torch.cuda.synchronize()
+                if base_out is None:
+                    base_out = out.clone()
+                same = torch.equal(out, base_out) and torch.equal(out, ref)
+                if not same:
+                    rows.append({"name": name, "config": cfg.__dict__, "error": "not bit-identical"})
+                    print(f"  {name:<28} NOT BIT-IDENTICAL", flush=True)
+                    continue
+                ms = common.bench_ms(fn, warmup_ms=10, rep_ms=50)
+                rows.append({"name": name, "config": cfg.__dict__, "ms": ms, "tops": common.tops(m, k, n, ms)})
+            except Exception as exc:  # out of resources, a compiler failure: record and go on
+                rows.append({"name": name, "config": cfg.__dict__, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        sa = x.abs().amax().float().clamp(min=1e-12) / fp8_max
+        sb = w.abs().amax().float().clamp(min=1e-12) / fp8_max
+        x8, w8 = (x.float() / sa).to(torch.float8_e4m3fn), (w.float() / sb).to(torch.float8_e4m3fn)
+        ms = common.bench_ms(functools.partial(torch._scaled_mm, x8, w8.t(), scale_a=sa, scale_b=sb,
+                                               out_dtype=torch.bfloat16), warmup_ms=10, rep_ms=50)
+        rows.append({"name": "cuBLAS fp8 per-tensor", "ms": ms, "tops": common.tops(m, k, n, ms)})
+        base = next((r["ms"] for r in rows if "ms" in r), None)
+        print(f"M={m} K={k} N={n}", flush=True)
+        for r in rows:
+            if "ms" in r:
+                print(f"  {r['name']:<28} {r['ms']:8.4f} ms {r['tops']:6.0f} TOPS  x{base / r['ms']:.3f} vs table",
+                      flush=True)
+            else:
+                print(f"  {r['name']:<28} {r['error']}", flush=True)
+        results.append({"M": m, "K": k, "N": n, "results": rows})
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="sweep_gemm.json")
-    parser.add_argument("--bucket", default="all", choices=["all", *BUCKETS])
+    parser.add_argument("--bucket", default="all", choices=["all", *BUCKETS, "ws"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.bucket == "ws":
+        common.write_json(args.out, {"env": common.environment(), "ws": run_ws()})
+        return 0
     buckets = list(BUCKETS) if args.bucket == "all" else [args.bucket]
     payload = {"env": common.environment(), "buckets": {b: run_bucket(b) for b in buckets}}
     common.write_json(args.out, payload)

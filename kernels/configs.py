@@ -27,7 +27,11 @@ class GemmConfig:
     kernel: "tma" (persistent, TMA descriptors; SM 9.0+) or "generic" (pointer loads; any SM >= 8.0,
     any K and N). epilogue_subtile stores the output tile in two halves (less shared memory, one more
     pipeline stage fits). ctas_per_sm > 1 launches that many persistent programs per SM, so one
-    program's epilogue overlaps another's main loop (Triton 3.6 does not warp-specialize on Hopper).
+    program's epilogue overlaps another's main loop.
+    warp_spec (TMA kernel, 4 warps, Hopper only; ``HOPPER_WS_VARIANTS``): the K loop is marked
+    ``warp_specialize``, and Triton 3.6's Hopper pass splits each program into a TMA producer warpgroup and two
+    consumer warpgroups of BLOCK_M / 2 rows (12 warps, ``setmaxnreg`` 40 / 232); the operands' descriptors are
+    made in the kernel (see ``triton_gemm._gemm_tma_kernel``). The register split leaves one program per SM.
     lora_loop: a LoRA term of more than one 64-rank chunk runs its chunks in a loop, one accumulator for all,
     instead of unrolled (datacenter Blackwell: see ``BLACKWELL_TABLE``).
     """
@@ -42,10 +46,16 @@ class GemmConfig:
     epilogue_subtile: bool = False
     ctas_per_sm: int = 1
     lora_loop: bool = False
+    warp_spec: bool = False
 
     def __post_init__(self) -> None:
         if self.kernel not in ("tma", "generic"):
             raise ValueError(f"GemmConfig.kernel: expected 'tma' or 'generic', got {self.kernel!r}")
+        if self.warp_spec and (self.kernel != "tma" or self.num_warps != 4 or self.epilogue_subtile):
+            # the halved output tile's reshape/split fails Triton 3.6's Hopper pass ("unsupported op type")
+            raise ValueError(f"GemmConfig.warp_spec: needs kernel 'tma', num_warps 4 (the consumers' warps) and no "
+                             f"epilogue_subtile, got kernel {self.kernel!r}, num_warps {self.num_warps}, "
+                             f"epilogue_subtile {self.epilogue_subtile}")
         if self.ctas_per_sm < 1:
             raise ValueError(f"GemmConfig.ctas_per_sm: expected >= 1, got {self.ctas_per_sm}")
         for name in ("block_m", "block_n", "block_k"):
@@ -128,6 +138,33 @@ HOPPER_TABLE = GemmTable("hopper (sm_90)", (
 ), smem_bytes=213_552, unaligned=MMA_TABLE)
 
 
+# Opt-in warp-specialized Hopper configs (``GemmConfig.warp_spec``), in no table until measured on the H200
+# (``bench/sweep_gemm.py --bucket ws``, ``bench/run_on_gpu.sh gemm-ws``). Offline on sm_90 (Triton 3.6,
+# ``python -m int8_w8a8.bench.check_ptx --ws``): 12 warps, setmaxnreg 40 / 232, no spills; shared bytes of the
+# plain epilogue in the comments. Integer wgmma is at most n128 in Triton 3.6 (its int8 instruction shapes stop
+# at n224 and a tile's N must divide by it), so a 128 x 256 tile's consumers issue two m64n128k32 per k step.
+HOPPER_WS_VARIANTS: tuple[GemmConfig, ...] = (
+    GemmConfig("tma", 128, 128, 64, num_warps=4, num_stages=4, warp_spec=True),  # 98,792
+    GemmConfig("tma", 128, 128, 128, num_warps=4, num_stages=3, warp_spec=True),  # 131,544
+    GemmConfig("tma", 128, 256, 64, num_warps=4, num_stages=3, warp_spec=True),  # 139,736
+    GemmConfig("tma", 128, 256, 64, num_warps=4, num_stages=4, warp_spec=True),  # 164,328
+    GemmConfig("tma", 128, 256, 128, num_warps=4, num_stages=2, warp_spec=True),
+)
+
+
+def without_warp_spec(cfg: GemmConfig) -> GemmConfig:
+    """``cfg`` without warp specialization, for GPUs other than Hopper (the switch is Hopper's pass): the same
+    tiles, with 8 warps for a 128 x 256 tile (4 would hold its int32 accumulator in 256 registers a thread)."""
+    if not cfg.warp_spec:
+        return cfg
+    return dataclasses.replace(cfg, warp_spec=False, num_warps=max(cfg.num_warps, cfg.block_m * cfg.block_n // 4096))
+
+
+def for_arch(cfg: GemmConfig, arch: tuple[int, int]) -> GemmConfig:
+    """The config a GEMM runs with on a GPU of compute capability ``arch``: warp specialization only on 9.x."""
+    return cfg if not cfg.warp_spec or arch[0] == 9 else without_warp_spec(cfg)
+
+
 def _lora_loop(table: GemmTable, name: str) -> GemmTable:
     unaligned = _lora_loop(table.unaligned, table.unaligned.name) if table.unaligned else None
     rows = tuple((m, dataclasses.replace(cfg, lora_loop=True)) for m, cfg in table.rows)
@@ -149,7 +186,7 @@ def smaller(cfg: GemmConfig) -> GemmConfig | None:
     """The next smaller config of the same kernel, for a launch the GPU rejected for resources
     (``launch.first_fit``), or None when there is none. Cheapest loss first: the TMA kernel's output tile
     in halves, then fewer pipeline stages, then a shorter K tile, then narrower and shorter tiles."""
-    if cfg.kernel == "tma" and not cfg.epilogue_subtile:
+    if cfg.kernel == "tma" and not cfg.epilogue_subtile and not cfg.warp_spec:
         return dataclasses.replace(cfg, epilogue_subtile=True)
     if cfg.num_stages > 2:
         return dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
@@ -157,6 +194,8 @@ def smaller(cfg: GemmConfig) -> GemmConfig | None:
         return dataclasses.replace(cfg, block_k=cfg.block_k // 2)
     if cfg.block_n > 32:
         return dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+    if cfg.warp_spec:  # a warp-specialized program needs its 128 rows (two 64-row consumers)
+        return without_warp_spec(cfg)
     if cfg.block_m > (64 if cfg.kernel == "tma" else 16):  # wgmma: 64 rows per warpgroup
         return dataclasses.replace(cfg, block_m=cfg.block_m // 2)
     return None
@@ -166,7 +205,8 @@ def smaller(cfg: GemmConfig) -> GemmConfig | None:
 def for_residual(cfg: GemmConfig) -> GemmConfig:
     """The config a GEMM with the gated residual epilogue runs with: the residual tile comes in through TMA,
     into shared memory, and in two halves that buffer fits next to the operand stages with two CTAs per SM
-    (98 KB vs 131 KB for 128 x 128 tiles, bench/check_ptx.py). Other configs are returned as they are."""
-    if cfg.kernel != "tma" or cfg.epilogue_subtile:
+    (98 KB vs 131 KB for 128 x 128 tiles, bench/check_ptx.py). Other configs, and warp-specialized ones (one
+    program per SM, room for the whole tile), are returned as they are."""
+    if cfg.kernel != "tma" or cfg.epilogue_subtile or cfg.warp_spec:
         return cfg
     return dataclasses.replace(cfg, epilogue_subtile=True)

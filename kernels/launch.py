@@ -147,6 +147,32 @@ class FastLauncher:
             self.fn[grid](*args, **kwargs)
 
 
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's runtime allocator: global scratch for descriptors made in a kernel (torch's caching allocator,
+    aligned to its 512 bytes, over the 128 a tensor map needs)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def device_descriptors(enabled: bool = True):
+    """Within the block, launches of kernels that make TMA descriptors themselves (``tl.make_tensor_descriptor``)
+    get their global scratch (Triton asks its allocator at every launch for 128 bytes per descriptor and
+    program): Triton's allocator context variable is set to torch's caching allocator for this block only,
+    when the caller has set none. ``enabled=False``: nothing is set (the common path, no cost)."""
+    if not enabled:
+        yield
+        return
+    from triton.runtime import _allocation
+
+    token = _allocation._allocator.set(_scratch) if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR \
+        else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _allocation._allocator.reset(token)
+
+
 # ---- recorded launches, replayed with some arguments replaced (the eager INT8 linear's hot path) ----
 _RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("int8_w8a8_launch_recording", default=None)
 
@@ -192,9 +218,11 @@ class Launch:
     kernel: object | None
     device: int | None
     tail: list = field(init=False, repr=False)  # constexprs in signature order, after the positional arguments
+    scratch: bool = field(init=False, repr=False)  # the kernel makes descriptors: global scratch at each launch
 
     def __post_init__(self) -> None:
         self.tail = [self.kwargs[name] for name in self.launcher.names[len(self.args):]] if self.kernel else []
+        self.scratch = bool(getattr(getattr(self.kernel, "metadata", None), "global_scratch_size", 0))
 
     def replay(self, args: list) -> None:
         """Launch again with ``args`` (positional, as recorded, some replaced: same dtypes, alignment and
@@ -205,6 +233,13 @@ class Launch:
         if self.kernel is None:
             self.launcher.fn[self.grid](*args, **self.kwargs)
             return
+        if self.scratch:
+            with device_descriptors():
+                self._run(args)
+            return
+        self._run(args)
+
+    def _run(self, args: list) -> None:
         grid, kernel = self.grid, self.kernel
         kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                    torch._C._cuda_getCurrentRawStream(self.device), kernel.function, kernel.packed_metadata,

@@ -34,12 +34,11 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attention_configs import AttentionConfig
 from .hadamard import hadamard_pm1_cached
-from .launch import FastLauncher
+from .launch import FastLauncher, device_descriptors
 from .reference_attention import (
     INV_448,
     LOG2E,
@@ -464,20 +463,9 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cf
     # global scratch per program to write them to, from the allocator of this context (set for this launch only
     # when the caller has none)
     args = (args[0], qa.q, *args[2:])
-    unset = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
-    token = _allocation._allocator.set(_scratch) if unset else None
-    try:
+    with device_descriptors():
         _ATTENTION(*args, **kwargs)
-    finally:
-        if token is not None:
-            _allocation._allocator.reset(token)
     return out
-
-
-def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Triton's runtime allocator: global scratch for descriptors made in a kernel (torch's caching allocator,
-    aligned to its 512 bytes, over the 128 a tensor map needs)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, cfg: AttentionConfig,

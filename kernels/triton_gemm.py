@@ -9,7 +9,9 @@ Two kernels:
   in grouped order (GROUP_M rows of tiles share weight tiles in L2). Operands arrive through TMA
   tensor descriptors, the product runs on wgmma, and the loop over tiles is flattened so the loads
   of the next tile are issued while the current one finishes its epilogue. TMA zero-fills reads
-  past the edges and clips stores, so there are no masks.
+  past the edges and clips stores, so there are no masks. With ``GemmConfig.warp_spec`` (opt-in,
+  Hopper) the K loop is warp-specialized instead: a producer warpgroup issues the TMA loads of this
+  and the next tiles while two consumer warpgroups each multiply and finish half of the tile's rows.
 * ``_gemm_kernel`` (SM 8.0+, and every shape TMA cannot take): one program per output tile with
   masked pointer loads, so any K and N work and the weight may have any strides. With BLOCK_M = 16
   it is also the small-M path (M <= 16): each program streams a [BLOCK_N, K] slab of int8 weight
@@ -23,15 +25,17 @@ bound by int8->int32 conversions and reductions, not by the weight read).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .api import lora_rank_padded
-from .configs import GemmConfig, smaller
+from .configs import GemmConfig, for_arch, smaller, without_warp_spec
 from .dispatch import DISABLE_ENV
-from .launch import FastLauncher, first_fit
+from .launch import FastLauncher, device_descriptors, first_fit
 from .triton_quant import interpreting, num_sms
 
 
@@ -94,6 +98,22 @@ def _lora_chunk(out, rows_h, rows_b, r0, offs_m, offs_n, M, N, CHUNK: tl.constex
 
 
 @triton.jit
+def _lora_desc(out, h_desc, lb_desc, off_m, off_n, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr):
+    """``out + h[off_m:, :LORA_R] @ lora_b[off_n:, :LORA_R].T`` in float32, in chunks of at most 64 ranks read
+    through TMA descriptors (the warp-specialized kernel: its consumers may not load per-row values by pointer
+    in the loop's nest); the chunks and their order are ``_epilogue``'s, so the sums are the same."""
+    CHUNK: tl.constexpr = 64 if LORA_R > 64 else LORA_R
+    for r0 in tl.range(0, LORA_R, CHUNK, num_stages=1):  # a loop: unrolled, each chunk's tiles get own buffers
+        h = h_desc.load([off_m, r0])
+        lb = lb_desc.load([off_n, r0])
+        if LORA_FP32:
+            out = tl.dot(h.to(tl.float32), tl.trans(lb.to(tl.float32)), out, input_precision="ieee")
+        else:
+            out = tl.dot(h, tl.trans(lb), out)
+    return out
+
+
+@triton.jit
 def _gated(r, out, offs_m, offs_n, M, N, gate_ptr, stride_gb, rows_per_batch):
     """``r + gate[row // rows_per_batch] * out`` in float32 (r: the residual tile)."""
     ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -112,18 +132,34 @@ def _residual(out, offs_m, offs_n, M, N, res_ptr, stride_rm, gate_ptr, stride_gb
 
 @triton.jit
 def _gemm_tma_kernel(
-    # TMA descriptors: xq [M, K] int8, wq [N, K] int8, out [M, N]
+    # TMA descriptors: xq [M, K] int8, wq [N, K] int8, out [M, N] (WARP_SPEC: the three tensors' pointers)
     a_desc, b_desc, c_desc,
     # epilogue operands: x_scale [M] f32, w_scale [N] or [] f32, bias [N], LoRA h [M, R] and lora_b [N, R],
     # with RESIDUAL gate [B, N] (the residual is the output itself, read through c_desc before it is stored)
     xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr,
     M, N, K, stride_hm, stride_lbn, stride_gb, rows_per_batch,
+    # WARP_SPEC: row strides of xq, wq and out (unused otherwise)
+    stride_am, stride_bn, stride_cm,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr, LORA_LOOP: tl.constexpr,
-    RESIDUAL: tl.constexpr,
+    RESIDUAL: tl.constexpr, WARP_SPEC: tl.constexpr = False,
 ):
+    SUB_N: tl.constexpr = BLOCK_N // 2 if EPILOGUE_SUBTILE else BLOCK_N
+    if WARP_SPEC:
+        # Triton 3.6's Hopper warp specialization (the K loop's warp_specialize) gives each of its two consumer
+        # warpgroups half of the tile's rows and moves the loads to a producer warpgroup. A host descriptor keeps
+        # its full BLOCK_M-row TMA box while each consumer's copy expects half of it (a Triton 3.6 bug), so the
+        # descriptors are made here, and get the halved box; the LoRA operands too (pointer loads of per-row
+        # values feeding its dots fail the pass). Needs Triton's scratch allocator at launch (``gemm``).
+        a_desc = tl.make_tensor_descriptor(a_desc, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(b_desc, [N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
+        c_desc = tl.make_tensor_descriptor(c_desc, [M, N], [stride_cm, 1], [BLOCK_M, SUB_N])
+        if LORA_R > 0:
+            CHUNK: tl.constexpr = 64 if LORA_R > 64 else LORA_R
+            h_desc = tl.make_tensor_descriptor(h_ptr, [M, LORA_R], [stride_hm, 1], [BLOCK_M, CHUNK])
+            lb_desc = tl.make_tensor_descriptor(lb_ptr, [N, LORA_R], [stride_lbn, 1], [SUB_N, CHUNK])
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -135,35 +171,45 @@ def _gemm_tma_kernel(
     # can run the next tile's loads ahead of this tile's epilogue (as in Triton's persistent matmul).
     # Not with a LoRA term: flattening would multi-buffer the epilogue's LoRA tiles too, num_stages
     # times (~300 KB of shared memory at rank 128); the second CTA per SM still hides the epilogue.
+    # Warp-specialized, the pass partitions the whole tile loop: the producer runs ahead into the next tiles.
     tile_id_c = start_pid - NUM_PROGRAMS
-    for tile_id in tl.range(start_pid, num_tiles, NUM_PROGRAMS, flatten=LORA_R == 0):
+    for tile_id in tl.range(start_pid, num_tiles, NUM_PROGRAMS, flatten=LORA_R == 0 and not WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         off_am = pid_m * BLOCK_M
         off_bn = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for ki in range(k_tiles):
+        for ki in tl.range(k_tiles, warp_specialize=WARP_SPEC):
             a = a_desc.load([off_am, ki * BLOCK_K])
             b = b_desc.load([off_bn, ki * BLOCK_K])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
 
-        tile_id_c += NUM_PROGRAMS
-        pid_m, pid_n = _tile_coords(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
-        off_cm = pid_m * BLOCK_M
-        off_cn = pid_n * BLOCK_N
+        if WARP_SPEC:  # the consumers finish their own tile (a second counter fails the pass's row split)
+            off_cm = off_am
+            off_cn = off_bn
+        else:
+            tile_id_c += NUM_PROGRAMS
+            pid_m, pid_n = _tile_coords(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
+            off_cm = pid_m * BLOCK_M
+            off_cn = pid_n * BLOCK_N
         offs_m = off_cm + tl.arange(0, BLOCK_M)
         if EPILOGUE_SUBTILE:
             acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             acc0, acc1 = tl.split(acc)
             offs_n0 = off_cn + tl.arange(0, BLOCK_N // 2)
             out0 = _epilogue(acc0, offs_m, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
-                             stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32, LORA_LOOP)
+                             stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32, LORA_LOOP)
+            if WARP_SPEC and LORA_R > 0:
+                out0 = _lora_desc(out0, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
             if RESIDUAL:  # the residual tile arrives through the output's own descriptor (TMA)
                 out0 = _gated(c_desc.load([off_cm, off_cn]), out0, offs_m, offs_n0, M, N, gate_ptr, stride_gb,
                               rows_per_batch)
             c_desc.store([off_cm, off_cn], out0.to(out_dtype))
             offs_n1 = offs_n0 + BLOCK_N // 2
             out1 = _epilogue(acc1, offs_m, offs_n1, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
-                             stride_hm, stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32, LORA_LOOP)
+                             stride_hm, stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32,
+                             LORA_LOOP)
+            if WARP_SPEC and LORA_R > 0:
+                out1 = _lora_desc(out1, h_desc, lb_desc, off_cm, off_cn + BLOCK_N // 2, LORA_R, LORA_FP32)
             if RESIDUAL:
                 out1 = _gated(c_desc.load([off_cm, off_cn + BLOCK_N // 2]), out1, offs_m, offs_n1, M, N, gate_ptr,
                               stride_gb, rows_per_batch)
@@ -171,7 +217,9 @@ def _gemm_tma_kernel(
         else:
             offs_n = off_cn + tl.arange(0, BLOCK_N)
             out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
-                            stride_lbn, PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32, LORA_LOOP)
+                            stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32, LORA_LOOP)
+            if WARP_SPEC and LORA_R > 0:
+                out = _lora_desc(out, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
             if RESIDUAL:
                 out = _gated(c_desc.load([off_cm, off_cn]), out, offs_m, offs_n, M, N, gate_ptr, stride_gb,
                              rows_per_batch)
@@ -236,6 +284,17 @@ def _pad_lora(h, b):
     return h, b.to(h.dtype), rp
 
 
+def _tma_rows(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor as a TMA source of rows: 16-byte aligned base and row stride (a contiguous copy otherwise)."""
+    return tuple(t if t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 else t.contiguous()
+                 for t in ts)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def tma_compatible(xq: torch.Tensor, wq: torch.Tensor, out: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned bases and row strides and unit inner strides."""
     k = xq.shape[1]
@@ -293,20 +352,28 @@ def gemm(
                 "LORA_LOOP": lora_r > 64 and cfg.lora_loop}
         if cfg.kernel == "tma":
             sub = 2 if cfg.epilogue_subtile else 1
-            a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k])
-            b_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k])
-            c_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [cfg.block_m, cfg.block_n // sub])
+            if cfg.warp_spec:  # the kernel makes its descriptors (see there)
+                descs = (xq, wq, out)
+                hl = _tma_rows(h_arg, lb_arg) if lora_r else (h_arg, lb_arg)
+            else:
+                descs = (TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k]),
+                         TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k]),
+                         TensorDescriptor(out, [m, n], [out.stride(0), 1], [cfg.block_m, cfg.block_n // sub]))
+                hl = (h_arg, lb_arg)
             programs = num_sms(out.device) * cfg.ctas_per_sm
             tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-            _GEMM_TMA(
-                (min(programs, tiles),),
-                a_desc, b_desc, c_desc, x_scale, w_scale, bias_arg, h_arg, lb_arg, gate_arg,
-                m, n, k, stride_h, stride_lb, stride_gb, rows_per_batch,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                NUM_PROGRAMS=programs, PER_ROW_W=per_row, HAS_BIAS=bias is not None,
-                EPILOGUE_SUBTILE=cfg.epilogue_subtile, RESIDUAL=gate is not None, **lora,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-            )
+            with device_descriptors(cfg.warp_spec):
+                _GEMM_TMA(
+                    (min(programs, tiles),),
+                    *descs, x_scale, w_scale, bias_arg, *hl, gate_arg,
+                    m, n, k, hl[0].stride(0) if lora_r else 0, hl[1].stride(0) if lora_r else 0, stride_gb,
+                    rows_per_batch, xq.stride(0), wq.stride(0), out.stride(0),
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                    NUM_PROGRAMS=programs, PER_ROW_W=per_row, HAS_BIAS=bias is not None,
+                    EPILOGUE_SUBTILE=cfg.epilogue_subtile, RESIDUAL=gate is not None, **lora,
+                    WARP_SPEC=cfg.warp_spec,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+                )
         else:
             grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
             _GEMM(
@@ -320,6 +387,11 @@ def gemm(
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
             )
 
+    if cfg.warp_spec and not interpreting():  # the explicit rules of an opt-in warp-specialized config
+        if out.device.type == "cuda":
+            cfg = for_arch(cfg, _capability(out.device))
+        if lora_r and lora_h.dtype == torch.float32:  # a float32 LoRA dot fails Triton 3.6's Hopper pass
+            cfg = without_warp_spec(cfg)
     # the specialization a misfit is remembered for: what else changes the kernel's resources
     spec = (out.dtype, lora_r, lora_h.dtype if lora_r else None, gate is not None, out.device)
     first_fit("int8 GEMM", spec, cfg, smaller, launch,

@@ -10,11 +10,13 @@ there).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from int8_w8a8.kernels import configs, triton_gemm, triton_ops, triton_quant
 from int8_w8a8.kernels import reference as ref
-from int8_w8a8.kernels import triton_gemm, triton_ops, triton_quant
 from int8_w8a8.kernels.configs import GemmConfig
 from int8_w8a8.kernels.dispatch import Backend
 
@@ -228,6 +230,84 @@ def test_gemm_empty_dims(seed):
     triton_gemm.gemm(torch.empty(3, 0, dtype=torch.int8, device=DEV), xs,
                      torch.empty(4, 0, dtype=torch.int8, device=DEV), ws, bias, out, GENERIC[0])
     assert torch.equal(out, bias.expand(3, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Warp-specialized TMA configs (GemmConfig.warp_spec, opt-in, Hopper): bit-identical to the same tiles without
+# it, every epilogue. On a GPU the measured variants (128-row tiles: the pass splits them into two consumers);
+# under the interpreter small tiles of the same code path (the interpreter ignores the specialization).
+# ---------------------------------------------------------------------------------------------
+WS = ([GemmConfig("tma", 32, 32, 32, warp_spec=True), GemmConfig("tma", 32, 64, 32, num_stages=2, warp_spec=True)]
+      if INTERPRETED else [configs.HOPPER_WS_VARIANTS[0], configs.HOPPER_WS_VARIANTS[2]])
+
+
+def _ws_run(cfg, xq, xs, wq, ws, bias, out, lora, gate, rows_per_batch):
+    triton_gemm.gemm(xq, xs, wq, ws, bias, out, cfg, *lora, gate=gate, rows_per_batch=rows_per_batch)
+    return out
+
+
+@pytest.mark.parametrize("cfg", WS, ids=str)
+@pytest.mark.parametrize("m", [1, 15, 17, 200])
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "residual", "lora", "residual+lora"])
+def test_ws_gemm_bit_identical_to_tma(seed, cfg, m, epilogue):
+    k, n = 80, 72  # neither a multiple of the tiles (TMA takes K in steps of 16)
+    per_row = m % 2 == 1
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=DEV)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=DEV)
+    xs = (torch.rand(m, device=DEV) + 0.1) * 1e-3
+    ws = torch.rand(n, device=DEV) + 0.01 if per_row else torch.rand((), device=DEV) + 0.01
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16) if epilogue != "plain" else None
+    rank = 80 if m == 200 else 16  # 80: padded to 128, two 64-rank chunks
+    lora = ((torch.randn(m, rank, device=DEV) * 0.1).to(torch.bfloat16),
+            (torch.randn(n, rank, device=DEV) * 0.1).to(torch.bfloat16)) if "lora" in epilogue else (None, None)
+    rows_per_batch = max(1, m // 2)
+    gate = torch.randn(-(-m // rows_per_batch), n, device=DEV, dtype=torch.bfloat16) if "residual" in epilogue \
+        else None
+    start = torch.randn(m, n, device=DEV, dtype=torch.bfloat16) if gate is not None \
+        else torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
+    plain = dataclasses.replace(cfg, warp_spec=False, num_warps=max(4, cfg.block_m * cfg.block_n // 4096))
+    expect = _ws_run(plain, xq, xs, wq, ws, bias, start.clone(), lora, gate, rows_per_batch)
+    out = _ws_run(cfg, xq, xs, wq, ws, bias, start.clone(), lora, gate, rows_per_batch)
+    assert torch.equal(out, expect)
+    if epilogue in ("plain", "bias"):
+        _assert_out_equal(out, ref.epilogue(ref.int8_matmul(xq, wq), xs, ws, bias, torch.bfloat16))
+
+
+@pytest.mark.parametrize("cfg", WS[:1], ids=str)
+def test_ws_gemm_float32_output_and_strided_rows(seed, cfg):
+    """float32 out, and operands whose rows are views with padded strides (in-kernel descriptors take strides)."""
+    m, k, n = 33, 96, 40
+    xq = torch.randint(-128, 128, (m, k + 32), dtype=torch.int8, device=DEV)[:, :k]
+    wq = torch.randint(-128, 128, (n, k + 16), dtype=torch.int8, device=DEV)[:, :k]
+    xs, ws = (torch.rand(m, device=DEV) + 0.1) * 1e-3, torch.rand(n, device=DEV) + 0.01
+    out = torch.full((m, n + 4), float("nan"), device=DEV)[:, :n]
+    triton_gemm.gemm(xq, xs, wq, ws, None, out, cfg)
+    assert torch.equal(out, ref.epilogue(ref.int8_matmul(xq, wq), xs, ws, None, torch.float32))
+
+
+def test_ws_config_rules():
+    """Opt-in and Hopper only: in no table; other GPUs get the same tiles without it (8 warps for 128 x 256);
+    the resource fallback never halves the output tile or the rows of a warp-specialized config."""
+    from int8_w8a8.kernels import dispatch
+
+    for gen in dispatch.GENERATIONS:
+        assert not gen.table or not any(c.warp_spec for c in gen.table.configs()), gen.name
+    wide = configs.HOPPER_WS_VARIANTS[2]
+    assert (wide.block_n, wide.warp_spec) == (256, True)
+    assert configs.for_arch(wide, (9, 0)) is wide
+    for arch in ((8, 6), (8, 9), (10, 0), (12, 0)):
+        assert configs.for_arch(wide, arch) == dataclasses.replace(wide, warp_spec=False, num_warps=8)
+    assert configs.for_residual(wide) is wide
+    cfg, seen = wide, []
+    while cfg is not None:
+        seen.append(cfg)
+        cfg = configs.smaller(cfg)
+    assert not any(c.epilogue_subtile and c.warp_spec for c in seen)
+    assert all(c.block_m == 128 for c in seen if c.warp_spec)
+    base = GemmConfig("tma", 128, 128, 64, warp_spec=True)
+    for bad in ({"kernel": "generic"}, {"num_warps": 8}, {"epilogue_subtile": True}):
+        with pytest.raises(ValueError, match="warp_spec"):
+            dataclasses.replace(base, **bad)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,3 +93,31 @@ def test_every_launched_kernel_is_in_the_check(report):
                 if isinstance(obj, launch.FastLauncher)} | {"_dequantize_kernel"}
     compiled = {r["kernel"] for r in report[90]["rows"]}
     assert launched <= compiled, f"not compiled by bench/check_ptx.py: {sorted(launched - compiled)}"
+
+
+@pytest.fixture(scope="module")
+def ws_report() -> dict:
+    """``check_ptx --ws --json``: the opt-in warp-specialized Hopper configs, compiled for sm_90 (~1 min)."""
+    pytest.importorskip("triton")
+    code = "from int8_w8a8.bench import check_ptx; import sys; sys.exit(check_ptx.main(['--ws', '--json']))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd="/",
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.stdout.strip(), out.stderr[-3000:]
+    return json.loads(out.stdout)[0]
+
+
+def test_hopper_ws_variants_split_into_producer_and_consumers(ws_report):
+    """Each warp-specialized config, with every epilogue, compiles on sm_90 into a TMA producer warpgroup and two
+    consumer warpgroups (12 warps, setmaxnreg), on INT8 wgmma, within shared memory, without spills; a float32
+    LoRA term runs the same tiles without the specialization (triton_gemm.gemm's rule)."""
+    from int8_w8a8.kernels import configs
+
+    rows = ws_report["rows"]
+    assert len(rows) == 6 * len(configs.HOPPER_WS_VARIANTS)
+    for r in rows:
+        assert not r["problems"], f"{r['what']}: {r['problems']}"
+        assert r["int8_mma"] == [dispatch.WGMMA] and r["local"] == 0, r["what"]
+        assert r["shared_bytes"] <= GENERATIONS[90].smem_optin, r["what"]
+        assert r["split"] == ("fp32" not in r["what"]), r["what"]
+        if r["split"]:
+            assert r["num_warps"] == 12 and "inc232" in r["setmaxnreg"] and "dec40" in r["setmaxnreg"], r["what"]
