@@ -519,7 +519,7 @@ GLU_VARIANTS = {
     "fast-act": GluLaunch(fast_act=True),
     "lane-stats": GluLaunch(lane_stats=True),
 }
-GLU_RULE = "base"
+GLU_RULE = "lean"
 
 
 # Programs of one whole-row kernel specialization an SM holds at once, by launch key (``_resident``).
