@@ -98,7 +98,7 @@ for step in "$@"; do
         tests-fastpath) python3 -m pytest tests/test_fastpath.py tests/test_fastpath_fused.py $XDIST -q -p no:randomly 2>&1 | tee "$OUT/pytest-fastpath.log" \
             | tail -15 ;;
         # the warp-specialized variants first, under a timeout: an mbarrier deadlock must not eat the call
-        attention-safe) timeout 240 python3 -m pytest tests/test_attention.py -q -p no:randomly -k "gpu_variants and ws" 2>&1 \
+        attention-safe) INT8_W8A8_TEST_WS=1 timeout 240 python3 -m pytest tests/test_attention.py -q -p no:randomly -k "(gpu_variants and ws) or warp_spec" 2>&1 \
                 | tee "$OUT/pytest-attention-ws.log" | tail -5 \
             && { timeout 420 python3 -m int8_w8a8.bench.bench_attention --out "$OUT/bench_attention.json" 2>&1 \
                 | tee "$OUT/bench_attention.txt"; } ;;
