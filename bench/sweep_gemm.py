@@ -77,17 +77,23 @@ def _one(cfg: GemmConfig, x, xq, xs, wq, ws, out):
     return lambda: triton_gemm.gemm(xq, xs, wq, ws, None, out, cfg)
 
 
+def _operands(m: int, k: int, n: int):
+    """Random bf16 x [M, K] and w [N, K] quantized per row: (x, w, xq, xs [M], wq, ws [N], the torch twin's
+    output in bf16 (what every config must match bit for bit), an output buffer [M, N] bf16)."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    xq, xs = triton_quant.quantize_rows(x)
+    xs = xs.reshape(-1)
+    wq, ws = triton_quant.quantize_weight(w)
+    ws = ws.reshape(-1)
+    ref = reference.epilogue(reference.int8_matmul(xq, wq), xs, ws, None, torch.bfloat16)
+    return x, w, xq, xs, wq, ws, ref, torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+
+
 def run_bucket(bucket: str) -> list[dict]:
     results = []
     for m, k, n in BUCKETS[bucket]:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        xq, xs = triton_quant.quantize_rows(x)
-        xs = xs.reshape(-1)
-        wq, ws = triton_quant.quantize_weight(w)
-        ws = ws.reshape(-1)
-        ref = reference.epilogue(reference.int8_matmul(xq, wq), xs, ws, None, torch.bfloat16)
-        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        x, _, xq, xs, wq, ws, ref, out = _operands(m, k, n)
         rows = []
         for cfg in candidates(bucket):
             fn = _one(cfg, x, xq, xs, wq, ws, out)
@@ -131,14 +137,7 @@ def run_ws() -> list[dict]:
     fp8_max = torch.finfo(torch.float8_e4m3fn).max
     results = []
     for m, k, n in WS_SHAPES:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        xq, xs = triton_quant.quantize_rows(x)
-        xs = xs.reshape(-1)
-        wq, ws = triton_quant.quantize_weight(w)
-        ws = ws.reshape(-1)
-        ref = reference.epilogue(reference.int8_matmul(xq, wq), xs, ws, None, torch.bfloat16)
-        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        x, w, xq, xs, wq, ws, ref, out = _operands(m, k, n)
         rows, base_out = [], None
         for name, cfg in ws_candidates():
             fn = _one(cfg, x, xq, xs, wq, ws, out)

@@ -73,9 +73,10 @@ CANDIDATES: tuple[RowLaunch, ...] = (
 )
 
 # (max_k, form): the first row with K <= max_k. Predicted from the offline build (module docstring; bench/NOTES.md
-# item 25) until bench/bench_fused.py's sweep on the H200 sets them: a persistent grid at every width (loads of
-# the next row in flight while the current one reduces), split rows, 4 warps up to 6144 columns (Wan's 5120 as
-# 4096 + 1024 at 147 registers: 3 programs per SM, where 8 warps hold 2).
+# item 27): a persistent grid at every width (loads of the next row in flight while the current one reduces),
+# split rows, 4 warps up to 6144 columns (Wan's 5120 as 4096 + 1024 at 147 registers: 3 programs per SM, where 8
+# warps hold 2). The H200 sweep (2026-12-02) found this the best form for Wan's [14040, 5120] (129.5 us vs 204.3
+# for LEGACY); at the narrower widths it timed host launches, so those rows await its CUDA-graph rerun.
 NORM_MOD_QUANT_RULE: tuple[tuple[int, RowLaunch], ...] = (
     (6144, RowLaunch(warps=4, programs_per_sm=8, split=True)),
     (16384, RowLaunch(programs_per_sm=8, split=True)),

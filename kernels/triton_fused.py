@@ -553,7 +553,8 @@ def _launch_rows(launcher: FastLauncher, key: tuple, form: norm_configs.RowLaunc
                  *args, **kwargs) -> None:
     """Launch a whole-row kernel: one program per tile of rows, or (``form.programs_per_sm``) a persistent grid
     of at most that many programs per SM and no more than fit on it at once (a program that waits for a free SM
-    would run all its tiles late); under ``_launch``'s resource rule."""
+    would run all its tiles late); under the shared resource rule (``launch.first_fit``: TileTooLargeError when
+    nothing fits)."""
 
     def launch(_) -> None:
         grid = blocks
