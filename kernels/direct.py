@@ -109,7 +109,7 @@ class _Replay:
         buf = workspace(self.nbytes, x.device)
         out = torch.empty(self.out_shape, dtype=self.out_dtype, device=x.device)
         base = buf.data_ptr()
-        values = (x, base, base + self.off, out)
+        values = (x.data_ptr(), base, base + self.off, out.data_ptr())
         views = None
         for rec, template, slots, descs in self.launches:
             args = list(template)
@@ -124,7 +124,7 @@ class _Replay:
                 for pos, slot in slots:
                     args[pos] = values[slot]
                 for desc, slot in descs:
-                    desc.base = out if slot == _OUT else _Address(values[slot])
+                    desc.base = _Address(values[slot])
             try:
                 rec.replay(args)
             finally:
@@ -153,7 +153,7 @@ def _replay_table(records, locate) -> tuple | None:
 
     table = []
     for rec in records:
-        template, slots, descs = list(rec.args), [], []
+        template, slots, descs, hold = list(rec.args), [], [], []
         for pos, arg in enumerate(rec.args):
             is_desc = isinstance(arg, TensorDescriptor)
             tensor = arg.base if is_desc else arg
@@ -163,18 +163,23 @@ def _replay_table(records, locate) -> tuple | None:
             if entry is None:
                 return None
             if entry is _PERSISTENT:
+                if rec.kernel is not None and not is_desc:
+                    # by address: Triton's launcher takes an int as is, a tensor costs a data_ptr() call and a
+                    # driver query (cuPointerGetAttribute) per launch; the record keeps the tensor alive
+                    template[pos] = tensor.data_ptr()
+                    hold.append(tensor)
                 continue
             if is_desc:
                 descs.append((arg, *entry))
             else:
                 slots.append((pos, *entry))
                 template[pos] = None
-        table.append((rec, tuple(template), tuple(slots), tuple(descs)))
-    for rec, template, _, descs in table:  # keep nothing of this call alive: its input, buffers, output
-        rec.args = template
+        table.append((rec, tuple(template), tuple(slots), tuple(descs), tuple(hold)))
+    for rec, template, _, descs, hold in table:  # keep nothing of this call alive: its input, buffers, output
+        rec.args, rec.hold = template, hold
         for desc, *_ in descs:
             desc.base = None
-    return tuple(table)
+    return tuple(entry[:4] for entry in table)
 
 
 def _classify(records, x, xq, xs, out) -> tuple | None:

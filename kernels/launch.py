@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import types
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -205,11 +206,84 @@ def keep(t: torch.Tensor | None) -> None:
         records.kept.add(t.untyped_storage().data_ptr())
 
 
+class _CLaunch:
+    """Triton's C launcher of one compiled kernel, called without its Python layers (Triton 3.6's ``CudaLauncher``).
+
+    ``kernel.run(...)`` is a Python object whose call allocates scratch through two closures and, for a kernel
+    with host TensorDescriptor arguments, a wrapper that expands each descriptor on every launch: a Python loop
+    over all arguments and one ``cuTensorMapEncodeTiled`` per descriptor (``make_tensordesc_arg``). A replayed
+    launch has the same specialization every time and its descriptors differ only in their base address, so
+    this calls the C function directly and keeps each descriptor's expansion per base address (a TMA map is a
+    by-value kernel parameter: reusing the Python object is reusing 128 bytes). Built only for the layout this
+    module knows (``inner``'s closure names ``launcher``, ``tensordesc_indices``, ``tensordesc_meta``; no scratch
+    buffers); anything else keeps ``kernel.run`` (``for_kernel`` returns None)."""
+
+    MAX_BASES = 8  # expansions kept per descriptor argument (a weight: one; a per-call output: a few addresses)
+
+    __slots__ = ("descs", "fn", "head")
+
+    def __init__(self, fn, head: tuple, descs: tuple) -> None:
+        self.fn, self.head, self.descs = fn, head, descs
+
+    @classmethod
+    def for_kernel(cls, kernel) -> _CLaunch | None:
+        run = getattr(kernel, "_run", None)
+        meta = getattr(kernel, "metadata", None)
+        if run is None or meta is None or getattr(meta, "global_scratch_size", 0) or \
+                getattr(meta, "profile_scratch_size", 0) or getattr(run, "num_ctas", 1) != 1:
+            return None
+        fn = getattr(run, "launch", None)
+        closure = getattr(fn, "__closure__", None)
+        descs: tuple = ()
+        if closure:  # wrap_handle_tensordesc's inner(*args): the C launcher and the descriptor positions
+            cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in closure)))
+            if set(cells) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
+                return None
+            try:
+                from triton.backends.nvidia.driver import make_tensordesc_arg  # noqa: F401
+            except ImportError:
+                return None
+            fn = cells["launcher"]
+            metas = list(cells["tensordesc_meta"])
+            descs = tuple((i, metas[n], {}) for n, i in enumerate(sorted(cells["tensordesc_indices"])))
+        if isinstance(fn, types.FunctionType) or not callable(fn):  # another Python layer this module does not know
+            return None
+        head = (kernel.function, bool(run.launch_cooperative_grid), bool(run.launch_pdl), None, None,
+                kernel.packed_metadata, None, None, None)
+        return cls(fn, head, descs)
+
+    def __call__(self, grid: tuple, stream: int, args: list) -> None:
+        head = self.head
+        if not self.descs:
+            self.fn(grid[0], grid[1], grid[2], stream, *head, *args)
+            return
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+
+        full, prev = [], 0
+        for i, meta, cache in self.descs:
+            desc = args[i]
+            base = desc.base.data_ptr()
+            expanded = cache.get(base)
+            if expanded is None:
+                if len(cache) >= self.MAX_BASES:
+                    cache.clear()
+                expanded = make_tensordesc_arg(desc, meta)
+                if meta is None:  # a descriptor the kernel takes as pointer, shape, strides: keep no tensor
+                    expanded[0] = base
+                cache[base] = expanded
+            full += args[prev:i]
+            full += expanded
+            prev = i + 1
+        full += args[prev:]
+        self.fn(grid[0], grid[1], grid[2], stream, *head, *full)
+
+
 @dataclass
 class Launch:
     """One kernel launch as made: ``launcher`` (its ``FastLauncher``), ``grid``, positional ``args`` and keyword
     ``kwargs`` (constexprs, options), and the compiled ``kernel`` on CUDA ``device`` (None when the launch went
-    through ``fn[grid]``: the interpreter, or a Triton whose launcher the direct path does not know)."""
+    through ``fn[grid]``: the interpreter, or a Triton whose launcher the direct path does not know).
+    ``hold``: tensors a replay table passes by address (``direct._replay_table``), kept alive with the record."""
 
     launcher: FastLauncher
     grid: tuple
@@ -219,10 +293,14 @@ class Launch:
     device: int | None
     tail: list = field(init=False, repr=False)  # constexprs in signature order, after the positional arguments
     scratch: bool = field(init=False, repr=False)  # the kernel makes descriptors: global scratch at each launch
+    claunch: _CLaunch | None = field(init=False, repr=False)  # the C launcher, where this Triton's layout is known
+    hold: tuple = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
         self.tail = [self.kwargs[name] for name in self.launcher.names[len(self.args):]] if self.kernel else []
         self.scratch = bool(getattr(getattr(self.kernel, "metadata", None), "global_scratch_size", 0))
+        self.claunch = _CLaunch.for_kernel(self.kernel) if self.kernel is not None else None
+        self.grid = tuple(self.grid) + (1,) * (3 - len(self.grid))
 
     def replay(self, args: list) -> None:
         """Launch again with ``args`` (positional, as recorded, some replaced: same dtypes, alignment and
@@ -233,6 +311,10 @@ class Launch:
         if self.kernel is None:
             self.launcher.fn[self.grid](*args, **self.kwargs)
             return
+        if self.claunch is not None:
+            args.extend(self.tail)
+            self.claunch(self.grid, torch._C._cuda_getCurrentRawStream(self.device), args)
+            return
         if self.scratch:
             with device_descriptors():
                 self._run(args)
@@ -241,6 +323,5 @@ class Launch:
 
     def _run(self, args: list) -> None:
         grid, kernel = self.grid, self.kernel
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                   torch._C._cuda_getCurrentRawStream(self.device), kernel.function, kernel.packed_metadata,
-                   None, None, None, *args, *self.tail)
+        kernel.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.device), kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *self.tail)

@@ -61,6 +61,10 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
     # hash of the layer name); set per clone by an object patch. Nearest is the default because it loses
     # ~1 dB less SQNR on a merge (bench/NOTES.md, "LoRA merge").
     int8_merge_rounding: str = "nearest"
+    # ComfyUI sets this per instance (ModelPatcher.force_cast_weights) and reads it with getattr(..., False); the
+    # class default makes that read a plain attribute lookup on every forward instead of nn.Module.__getattr__'s
+    # failed search (an AttributeError raised and caught: ~2 us of a resident layer's host time)
+    comfy_force_cast_weights: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -162,7 +166,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         """The weight's ``LinearPlan`` when ComfyUI's cast path would hand the weight over unchanged (eager,
         ``comfy_cast_weights`` off, no weight/bias functions, no forced casting, an INT8 weight), else None."""
         if (torch.compiler.is_compiling() or self.comfy_cast_weights or self.weight_function or self.bias_function
-                or getattr(self, "comfy_force_cast_weights", False)):
+                or self.comfy_force_cast_weights):
             return None
         return self._resident_plan()
 
@@ -189,7 +193,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         """Through ComfyUI's cast path: offloading, DynamicVRAM and LoRA-on-cast work (see the class docstring)."""
         w = self.weight
         fast = (layout.is_int8_weight(w) and not self.weight_function and not self.bias_function
-                and not getattr(self, "comfy_force_cast_weights", False))
+                and not self.comfy_force_cast_weights)
         if fast:
             weight, bias, offload = comfy.ops.cast_bias_weight(
                 self, input=None, dtype=w.dtype, device=x.device, bias_dtype=x.dtype, offloadable=True,
@@ -216,7 +220,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         w = self.weight
         if not layout.is_int8_weight(w) or self.weight_function or self.bias_function:
             return False
-        return not getattr(self, "comfy_force_cast_weights", False) and getattr(w._params, "smooth", None) is None
+        return not self.comfy_force_cast_weights and getattr(w._params, "smooth", None) is None
 
     def input_rotation(self) -> int:
         """The ConvRot group the rows given to ``run_quantized`` must be rotated by (0: none)."""

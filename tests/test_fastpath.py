@@ -373,3 +373,90 @@ def test_model_step_in_every_memory_mode(flux2, tmp_path, cast_calls):
     assert len(int8_casts()) >= QUANTIZED
     patcher.unpatch_model()
     assert torch.equal(y_full, y_lowvram)
+
+
+# ------------------------------------------------------------------------------ Triton's C launcher, called directly
+def _fake_kernel(launch_fn, scratch: int = 0):
+    """What ``launch._CLaunch`` reads of a compiled Triton 3.6 kernel, around a stand-in launcher."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(launch=launch_fn, launch_cooperative_grid=False, launch_pdl=False, num_ctas=1)
+    meta = SimpleNamespace(global_scratch_size=scratch, profile_scratch_size=0)
+    return SimpleNamespace(_run=run, metadata=meta, function=1234, packed_metadata=(4, 1, 0))
+
+
+class _Recorder:
+    """Stands in for the compiled ``__triton_launcher.launch``: records its arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+def _addresses(args) -> list:
+    return [a.data_ptr() if hasattr(a, "data_ptr") else a for a in args]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("with_meta", [False, True], ids=["decomposed", "tma-map"])
+def test_c_launch_passes_what_tritons_launcher_passes(with_meta, monkeypatch):
+    """``_CLaunch`` hands the C launcher exactly the arguments Triton's descriptor wrapper would (descriptors expanded
+    in place, the rest as given), expands each descriptor once per base address, and keeps no tensor."""
+    driver = pytest.importorskip("triton.backends.nvidia.driver")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from int8_w8a8.kernels import launch
+
+    expansions = []
+    if with_meta:  # the TMA-map form needs the CUDA driver: a stand-in encoder with the same output layout
+        def fake_expand(arg, meta):
+            expansions.append(arg.base.data_ptr())
+            return [("map", arg.base.data_ptr(), meta["block_size"]), *arg.shape, *arg.strides]
+    else:
+        real = driver.make_tensordesc_arg
+
+        def fake_expand(arg, meta):
+            expansions.append(arg.base.data_ptr())
+            return real(arg, meta)
+    monkeypatch.setattr(driver, "make_tensordesc_arg", fake_expand)
+    signature = {"a": "*i8", "d1": "tensordesc<i8[16, 32]>", "n": "i32", "d2": "tensordesc<bf16[16, 16]>",
+                 "BLOCK": "constexpr"}
+    metas = [{"block_size": [16, 32]}, {"block_size": [16, 16]}] if with_meta else None
+    rec = _Recorder()
+    kernel = _fake_kernel(driver.wrap_handle_tensordesc(rec, signature, metas))
+    claunch = launch._CLaunch.for_kernel(kernel)
+    assert claunch is not None and claunch.fn is rec
+    w, out = torch.zeros(64, 32, dtype=torch.int8), torch.zeros(64, 16, dtype=torch.bfloat16)
+    d1, d2 = TensorDescriptor.from_tensor(w, [16, 32]), TensorDescriptor.from_tensor(out, [16, 16])
+    head = (1234, False, False, None, None, (4, 1, 0), None, None, None)
+    for call, (b1, b2) in enumerate([(4096, 8192), (4096, 8192), (4096, 12288)]):
+        d1.base, d2.base = direct._Address(b1), direct._Address(b2)
+        args = [777, d1, 64, d2, 32]
+        kernel._run.launch(2, 3, 1, 5, *head, *args)  # Triton's own path
+        claunch((2, 3, 1), 5, list(args))
+        theirs, ours = rec.calls[-2], rec.calls[-1]
+        assert _addresses(ours) == _addresses(theirs)
+        assert not any(isinstance(a, (torch.Tensor, direct._Address)) for a in ours)
+    # Triton's path expands both descriptors on each of its 3 calls; ours once per new base address: 2 + 1
+    assert len(expansions) == 3 * 2 + 3
+
+
+@pytest.mark.unit
+def test_c_launch_declines_layouts_it_does_not_know():
+    from int8_w8a8.kernels import launch
+
+    assert launch._CLaunch.for_kernel(_fake_kernel(_Recorder())) is not None  # no descriptors: the C launcher as is
+
+    def python_layer(*args):  # a Python wrapper of another shape
+        return None
+
+    assert launch._CLaunch.for_kernel(_fake_kernel(python_layer)) is None
+    assert launch._CLaunch.for_kernel(_fake_kernel(_Recorder(), scratch=128)) is None  # needs Triton's allocator
+    outer = 3
+
+    def inner(*args):  # a closure with other free variables
+        return outer
+
+    assert launch._CLaunch.for_kernel(_fake_kernel(inner)) is None
