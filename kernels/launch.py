@@ -236,7 +236,7 @@ class _CLaunch:
         closure = getattr(fn, "__closure__", None)
         descs: tuple = ()
         if closure:  # wrap_handle_tensordesc's inner(*args): the C launcher and the descriptor positions
-            cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in closure)))
+            cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in closure), strict=True))
             if set(cells) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
                 return None
             try:

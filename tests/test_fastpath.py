@@ -431,7 +431,7 @@ def test_c_launch_passes_what_tritons_launcher_passes(with_meta, monkeypatch):
     w, out = torch.zeros(64, 32, dtype=torch.int8), torch.zeros(64, 16, dtype=torch.bfloat16)
     d1, d2 = TensorDescriptor.from_tensor(w, [16, 32]), TensorDescriptor.from_tensor(out, [16, 16])
     head = (1234, False, False, None, None, (4, 1, 0), None, None, None)
-    for call, (b1, b2) in enumerate([(4096, 8192), (4096, 8192), (4096, 12288)]):
+    for b1, b2 in [(4096, 8192), (4096, 8192), (4096, 12288)]:
         d1.base, d2.base = direct._Address(b1), direct._Address(b2)
         args = [777, d1, 64, d2, 32]
         kernel._run.launch(2, 3, 1, 5, *head, *args)  # Triton's own path
