@@ -366,7 +366,10 @@ def test_model_step_in_every_memory_mode(flux2, tmp_path, cast_calls):
 
     comfy.model_management.load_models_gpu([patcher])
     y_full = forward(patcher, flux2["inputs"])
-    assert int8_casts() == []
+    # on failure: why each layer took the cast path (the flags ComfyUI set on it, where its weight is)
+    why = [(type(m).__name__, m.comfy_cast_weights, m.comfy_force_cast_weights, bool(m.weight_function),
+            bool(m.bias_function), str(m.weight.device)) for m in int8_casts()]
+    assert why == [], f"{patcher.model.model_loaded_weight_memory=} {patcher.model.lowvram_patch_counter=}"
     comfy.model_management.unload_all_models()
     patcher.patch_model(device_to=torch.device(DEV), lowvram_model_memory=1)
     y_lowvram = forward(patcher, flux2["inputs"])
