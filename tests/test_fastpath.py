@@ -364,15 +364,17 @@ def test_model_step_in_every_memory_mode(flux2, tmp_path, cast_calls):
     def int8_casts():
         return [m for m in cast_calls if layout.is_int8_weight(getattr(m, "weight", None))]
 
+    inputs = tuple(i.to(DEV) for i in flux2["inputs"])  # where the model runs (CPU inputs would pull every layer
+    # through ComfyUI's cast path to the CPU)
     comfy.model_management.load_models_gpu([patcher])
-    y_full = forward(patcher, flux2["inputs"])
+    y_full = forward(patcher, inputs)
     # on failure: why each layer took the cast path (the flags ComfyUI set on it, where its weight is)
     why = [(type(m).__name__, m.comfy_cast_weights, m.comfy_force_cast_weights, bool(m.weight_function),
             bool(m.bias_function), str(m.weight.device)) for m in int8_casts()]
     assert why == [], f"{patcher.model.model_loaded_weight_memory=} {patcher.model.lowvram_patch_counter=}"
     comfy.model_management.unload_all_models()
     patcher.patch_model(device_to=torch.device(DEV), lowvram_model_memory=1)
-    y_lowvram = forward(patcher, flux2["inputs"])
+    y_lowvram = forward(patcher, inputs)
     assert len(int8_casts()) >= QUANTIZED
     patcher.unpatch_model()
     assert torch.equal(y_full, y_lowvram)
