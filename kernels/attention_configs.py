@@ -96,7 +96,11 @@ class AttentionConfig:
 # TFLOP/s, 0.82-0.88x cuDNN); 128x128 at 8 warps 391-438, 128x64 304-311; fp8 64x128 713-755 (1.05-1.20x
 # cuDNN) at 3.8 % error. Switches that took ALU work out of the int8 loop (fast_cvt, NOTES item 20;
 # lazy_rescale, rowsum_dot, p_f16, biased_acc, item 23) measured no gain and were removed.
+# The default quantizes K and V in separate programs (``split_quant_kv``): bit-identical, and on the H200
+# (session 4, bench/results/h200-bench-attention-ws.json) the pass took 0.211 instead of 0.231 ms at H = 32,
+# S = 4608 and 0.669 instead of 0.759-0.766 ms at S = 16896 (255 -> 214-225 registers, NOTES item 29).
 VARIANTS: tuple[AttentionConfig, ...] = (
+    AttentionConfig(64, 128, 4, 3, "int8", split_quant_kv=True),
     AttentionConfig(64, 128, 4, 3, "int8"),
     AttentionConfig(128, 128, 8, 2, "int8"),
     AttentionConfig(128, 128, 8, 3, "int8"),

@@ -11,11 +11,12 @@ import math
 import torch
 
 from . import api, fused
+from .custom_op import custom_op
 
 LIB = "int8_w8a8"
 
 
-@torch.library.custom_op(f"{LIB}::quantize_rows", mutates_args=())
+@custom_op(f"{LIB}::quantize_rows", mutates_args=())
 def quantize_rows_op(
     x: torch.Tensor, smooth: torch.Tensor | None, rotate_group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +31,7 @@ def _(x, smooth, rotate_group):
     return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m, 1), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{LIB}::quantize_weight", mutates_args=())
+@custom_op(f"{LIB}::quantize_weight", mutates_args=())
 def quantize_weight_op(
     w: torch.Tensor, per_row: bool, seed: int | None, rotate_group: int, scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +46,7 @@ def _(w, per_row, seed, rotate_group, scale):
     return w.new_empty((n, k), dtype=torch.int8), w.new_empty(scale_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{LIB}::int8_linear", mutates_args=())
+@custom_op(f"{LIB}::int8_linear", mutates_args=())
 def int8_linear_op(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -66,7 +67,7 @@ def _(x, q, scale, bias, out_dtype, smooth, rotate_group, validate, lora_a, lora
     return x.new_empty((*x.shape[:-1], q.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op(f"{LIB}::int8_gemm", mutates_args=())
+@custom_op(f"{LIB}::int8_gemm", mutates_args=())
 def int8_gemm_op(
     xq: torch.Tensor,
     x_scale: torch.Tensor,
@@ -88,7 +89,7 @@ def _(xq, x_scale, q, scale, bias, out_dtype, validate, lora_h, lora_b):
     return xq.new_empty((xq.shape[0], q.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op(f"{LIB}::dequantize", mutates_args=())
+@custom_op(f"{LIB}::dequantize", mutates_args=())
 def dequantize_op(
     q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rotate_group: int, validate: bool
 ) -> torch.Tensor:
@@ -101,7 +102,7 @@ def _(q, scale, dtype, rotate_group, validate):
 
 
 # ---- the fused block kernels (kernels/fused.py): traced by fused FLUX blocks under torch.compile ----
-@torch.library.custom_op(f"{LIB}::norm_modulate_quantize", mutates_args=())
+@custom_op(f"{LIB}::norm_modulate_quantize", mutates_args=())
 def norm_modulate_quantize_op(
     x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, eps: float, rotate_group: int,
     norm: str = "layer", weight: torch.Tensor | None = None,
@@ -115,7 +116,7 @@ def _(x, shift, scale, eps, rotate_group, norm="layer", weight=None):
     return x.new_empty((m, x.shape[2]), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{LIB}::glu_quantize", mutates_args=())
+@custom_op(f"{LIB}::glu_quantize", mutates_args=())
 def glu_quantize_op(
     prefix: torch.Tensor | None, glu: torch.Tensor, rotate_group: int, activation: str = "swiglu",
     up: torch.Tensor | None = None,
@@ -130,7 +131,7 @@ def _(prefix, glu, rotate_group, activation="swiglu", up=None):
     return glu.new_empty((m, width), dtype=torch.int8), glu.new_empty((m,), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{LIB}::rms_norm_gate_add", mutates_args=())
+@custom_op(f"{LIB}::rms_norm_gate_add", mutates_args=())
 def rms_norm_gate_add_op(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float
 ) -> torch.Tensor:
@@ -142,7 +143,7 @@ def _(x, y, weight, gate, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op(f"{LIB}::qk_norm_rope", mutates_args=("q", "k", "v"))
+@custom_op(f"{LIB}::qk_norm_rope", mutates_args=("q", "k", "v"))
 def qk_norm_rope_op(
     xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
     pe: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_off: int, heads: int, eps_q: float,
@@ -156,7 +157,7 @@ def _(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
     return None
 
 
-@torch.library.custom_op(f"{LIB}::int8_gemm_residual", mutates_args=("residual",))
+@custom_op(f"{LIB}::int8_gemm_residual", mutates_args=("residual",))
 def int8_gemm_residual_op(
     xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
     residual: torch.Tensor, gate: torch.Tensor, lora_h: torch.Tensor | None = None,

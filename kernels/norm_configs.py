@@ -81,8 +81,12 @@ NORM_MOD_QUANT_RULE: tuple[tuple[int, RowLaunch], ...] = (
     (6144, RowLaunch(warps=4, programs_per_sm=8, split=True)),
     (16384, RowLaunch(programs_per_sm=8, split=True)),
 )
+# rms_norm_gate_add (Z-Image's 3840 columns, the one architecture that calls it): the CUDA-graph sweep (session 4,
+# bench/results/h200-bench-fused-session4.txt) measured 8 warps persistent split 29.1 us against 33.3 for the
+# 4-warp form (30.8 for the plain grid); norm_modulate_quantize's forms lie within 1-2 us of the rule at every
+# width but Wan's, where the rule is the best form (126 us against 201 for LEGACY).
 NORM_GATE_ADD_RULE: tuple[tuple[int, RowLaunch], ...] = (
-    (6144, RowLaunch(warps=4, programs_per_sm=8, split=True)),
+    (6144, RowLaunch(warps=8, programs_per_sm=8, split=True)),
     (16384, RowLaunch(programs_per_sm=8, split=True)),
 )
 

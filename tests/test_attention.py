@@ -77,7 +77,7 @@ def test_variant_names():
     """The names key the measurements (attention.TRITON_MEASURED): unique, the default first."""
     names = [c.name for c in VARIANTS]
     assert len(set(names)) == len(names)
-    assert DEFAULT is VARIANTS[0] and DEFAULT.name == "int8-64x128-w4-s3"
+    assert DEFAULT is VARIANTS[0] and DEFAULT.name == "int8-64x128-w4-s3-qsplit"
     assert AttentionConfig(rotate=False).name == "int8-128x128-w8-s2-norot"
     switches = AttentionConfig(warp_spec=True, loop_stages=3, no_acc_multibuf=True, split_quant_kv=True)
     assert switches.name == "int8-128x128-w8-s2-ws-ls3-noaccmb-qsplit"
