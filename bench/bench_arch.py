@@ -23,6 +23,11 @@ TorchCompileModel path (``--modes compile``) works as in a workflow. Variants, a
                 ComfyUI's mixed-precision layers on the pack's layout (what "Load Diffusion Model" gives)
   pack-native-cpu-offload  (not in the defaults) pack-native with ComfyUI's default offload device (the CPU)
                 instead of the GPU every other variant is given, as the native rows ran until 2026-12-02
+  bf16-lora64, pack-convert-lora64  (not in the defaults) with a random rank-64 LoRA on every linear
+                (``bench_model.with_lora``): ComfyUI's LoRA patches (merged on load) for bf16, the pack's dynamic
+                LoRA for the pack (as "Load LoRA (INT8 dynamic)" applies it); their SQNR is against bf16-lora64
+                eager, their x BF16 / x FP8 against the -lora64 rows of those, and ``lora_overhead`` is the step
+                over the same variant without the LoRA (issue 13: at most 15 % on every architecture)
 
 Each (architecture, variant) runs in its own process (``--no-isolate``: one process, for smoke runs);
 the BF16 process saves its eager output for the others' SQNR. Reported per row: median step ms (after
@@ -48,6 +53,7 @@ from . import arch_models, bench_model, common, flux2_model, profile_step
 
 VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "stock-native", "pack-native-cpu-offload")
 DEFAULT_VARIANTS = VARIANTS[:5]
+LORA_VARIANTS = tuple(f"{v}{bench_model.LORA_SUFFIX}" for v in ("bf16", "pack-convert"))
 MODES = ("eager", "compile")
 # A native file larger than this is not written to disk by --native-file auto: writing and reading back
 # 14-20 GB (Wan, Qwen-Image) costs a minute of the GPU machine's time per variant.
@@ -172,8 +178,14 @@ def layer_states(patcher) -> dict:
                                     for m in pack) if pack else None}
 
 
-def _ref_path(ref_dir: str, arch: str, res: str) -> str:
-    return os.path.join(ref_dir, f"ref-{arch}-{res}.pt")
+def _ref_path(ref_dir: str, arch: str, res: str, rank: int = 0) -> str:
+    return os.path.join(ref_dir, f"ref-{arch}-{res}{f'-lora{rank}' if rank else ''}.pt")
+
+
+def _with_lora(patcher, arch: arch_models.Arch, tiny: bool, rank: int, pack: bool):
+    """``patcher`` with the seeded random rank-``rank`` LoRA on every linear (names and shapes from the meta model)."""
+    shapes = arch_models.meta_model(arch.unet_config(tiny)).state_dict()
+    return bench_model.with_lora(patcher, shapes, rank, pack, device=_device())
 
 
 def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = False, ref_dir: str | None = None,
@@ -187,28 +199,32 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
     for key in archs:
         arch = arch_models.ARCHS[key]
         shape = arch.step_shape(tiny)
-        ref = None
-        if ref_dir and os.path.exists(_ref_path(ref_dir, key, shape.res)):
-            ref = torch.load(_ref_path(ref_dir, key, shape.res)).to(device)
+        refs: dict[int, torch.Tensor] = {}  # LoRA rank (0: none) -> BF16 eager output
         for variant in variants:
+            base, rank = bench_model.split_lora(variant)
+            if rank not in refs and ref_dir and os.path.exists(_ref_path(ref_dir, key, shape.res, rank)):
+                refs[rank] = torch.load(_ref_path(ref_dir, key, shape.res, rank)).to(device)
             baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-            patcher, info = build(variant, arch, tiny, native_file)
+            patcher, info = build(base, arch, tiny, native_file)
             native.install()  # comfy-int8 switched the pack's layout hook off for its own load
+            if rank:
+                patcher = _with_lora(patcher, arch, tiny, rank, pack=base.startswith("pack-"))
             inputs = arch_models.step_inputs(patcher, shape, device)
             weights = flux2_model.weight_bytes(patcher) / 1e9
-            if variant == "bf16" and "eager" not in modes and ref is None:
-                ref = bench_model.step(patcher, inputs).float()  # SQNR is always against BF16 eager
+            if base == "bf16" and "eager" not in modes and rank not in refs:
+                refs[rank] = bench_model.step(patcher, inputs).float()  # SQNR is always against BF16 eager
                 if ref_dir:
-                    torch.save(ref.cpu(), _ref_path(ref_dir, key, shape.res))
+                    torch.save(refs[rank].cpu(), _ref_path(ref_dir, key, shape.res, rank))
             for mode in modes:
                 model = patcher if mode == "eager" else bench_model.compiled(patcher, backend)
                 torch._dynamo.reset()
                 out = bench_model.measure(model, inputs, reps=reps, warmup=warmup, baseline=baseline, power_s=power_s)
                 y = out.pop("y")
-                if variant == "bf16" and mode == "eager":
-                    ref = y
+                if base == "bf16" and mode == "eager":
+                    refs[rank] = y
                     if ref_dir:
-                        torch.save(y.cpu(), _ref_path(ref_dir, key, shape.res))
+                        torch.save(y.cpu(), _ref_path(ref_dir, key, shape.res, rank))
+                ref = refs.get(rank)
                 prof = profile_step.profile(model, inputs, warmup=0)
                 row = {"model": arch.title, "arch": key, "res": shape.res, "variant": variant, "mode": mode,
                        "dtype": _dtype_of(patcher), "weights_gb": weights,
@@ -235,12 +251,17 @@ def _fmt(v, spec: str) -> str:
 
 def add_ratios(rows: list[dict]) -> list[dict]:
     """x_bf16, x_fp8, x_native: the speed-up over BF16, FP8 fast and ComfyUI's INT8 of the same architecture,
-    resolution and mode; busy: device ms / step ms (well below 1: the host, not the GPU, sets the pace)."""
+    resolution, mode and LoRA; busy: device ms / step ms (well below 1: the host, not the GPU, sets the pace);
+    lora_overhead: a LoRA row's step over its variant's without the LoRA, minus 1 (None for other rows)."""
     by_key = {(r["arch"], r["res"], r["mode"], r["variant"]): r for r in rows}
     for row in rows:
+        base_variant, rank = bench_model.split_lora(row["variant"])
+        suffix = row["variant"][len(base_variant):]
         for name, variant in (("x_bf16", "bf16"), ("x_fp8", "fp8-fast"), ("x_native", "comfy-int8")):
-            base = by_key.get((row["arch"], row["res"], row["mode"], variant))
+            base = by_key.get((row["arch"], row["res"], row["mode"], variant + suffix))
             row[name] = base["ms"] / row["ms"] if base else None
+        without = by_key.get((row["arch"], row["res"], row["mode"], base_variant)) if rank else None
+        row["lora_overhead"] = row["ms"] / without["ms"] - 1 if without else None
         row["busy"] = row["device_ms"] / row["ms"] if row.get("device_ms") is not None else None
     return rows
 
@@ -271,21 +292,22 @@ def run_isolated(args) -> list[dict]:
 
 def sort_rows(rows: list[dict]) -> list[dict]:
     arch_order = {k: i for i, k in enumerate(arch_models.ARCHS)}
-    variant_order = {v: i for i, v in enumerate(VARIANTS)}
+    variant_order = {v: i for i, v in enumerate(VARIANTS + LORA_VARIANTS)}
     return sorted(rows, key=lambda r: (arch_order.get(r["arch"], 99), r["res"], MODES.index(r["mode"]),
                                        variant_order.get(r["variant"], 99)))
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | res | variant | mode | step ms | x BF16 | x FP8 | x native | SQNR dB | device ms | busy | "
-             "weights GB | peak GB | dtype | native from |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "weights GB | peak GB | dtype | native from | LoRA +% |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['res']} | {r['variant']} | {r['mode']} | {r['ms']:.1f} | "
                      f"{_fmt(r['x_bf16'], '.2f')} | {_fmt(r['x_fp8'], '.2f')} | {_fmt(r['x_native'], '.2f')} | "
                      f"{_fmt(r['sqnr_vs_bf16'], '.1f')} | {_fmt(r['device_ms'], '.1f')} | "
                      f"{_fmt(r['busy'] and 100 * r['busy'], '.0f')}% | {r['weights_gb']:.2f} | "
-                     f"{_fmt(r['peak_gb'], '.2f')} | {r['dtype']} | {r.get('native_source') or '-'} |")
+                     f"{_fmt(r['peak_gb'], '.2f')} | {r['dtype']} | {r.get('native_source') or '-'} | "
+                     f"{_fmt(None if r.get('lora_overhead') is None else 100 * r['lora_overhead'], '+.1f')} |")
     return "\n".join(lines)
 
 
@@ -302,7 +324,7 @@ def merge(paths: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(arch_models.ARCHS), choices=list(arch_models.ARCHS))
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS + LORA_VARIANTS)
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=MODES)
     parser.add_argument("--native-file", default="auto", choices=("auto", "file", "memory"))
     parser.add_argument("--tiny", action="store_true", help="small widths (CPU smoke runs of the harness)")

@@ -57,14 +57,15 @@ def bench_layer(name: str, m: int, k: int, n: int, ranks: list[int]) -> dict:
     return row
 
 
-def write_lora(sd: dict, rank: int, folder: str, seed: int) -> str:
-    """A rank-``rank`` LoRA on every 2-D weight of ``sd`` (ComfyUI keys), as a safetensors file."""
+def write_lora(sd: dict, rank: int, folder: str, seed: int, device=None) -> str:
+    """A rank-``rank`` LoRA on every 2-D ``*.weight`` of ``sd`` (ComfyUI keys; only names and shapes are read, so
+    meta tensors do, with ``device`` for the random factors), as a safetensors file."""
     import safetensors.torch
 
-    gen = torch.Generator(device=next(iter(sd.values())).device).manual_seed(seed)
+    gen = torch.Generator(device=device or next(iter(sd.values())).device).manual_seed(seed)
     out = {}
     for key, w in sd.items():
-        if w.dim() == 2:
+        if w.dim() == 2 and key.endswith(".weight"):  # not 2-D parameters such as a pad token
             up, down = _lora_pair(w.shape[0], w.shape[1], rank, gen)
             base = f"diffusion_model.{key[:-len('.weight')]}"
             out[f"{base}.lora_up.weight"], out[f"{base}.lora_down.weight"] = up.cpu(), down.cpu()

@@ -79,7 +79,7 @@ def build(variant: str, cfg: flux2_model.Flux2Config):
     return patcher
 
 
-def with_lora(patcher, sd: dict, rank: int, pack: bool):
+def with_lora(patcher, sd: dict, rank: int, pack: bool, device=None):
     """``patcher`` with a random rank-``rank`` LoRA on every linear of ``sd`` (``bench_lora.write_lora``, seeded by
     the rank), written as a safetensors file: the pack's dynamic LoRA (``lora/dynamic.apply``) for pack variants,
     ComfyUI's LoRA patches for the others."""
@@ -90,7 +90,7 @@ def with_lora(patcher, sd: dict, rank: int, pack: bool):
     from .bench_lora import write_lora
 
     with tempfile.TemporaryDirectory() as folder:
-        path = write_lora(sd, rank, folder, seed=rank)
+        path = write_lora(sd, rank, folder, seed=rank, device=device)
         if pack:
             clone, reports = dynamic.apply(patcher, [loading.LoraSpec(path)])
             print(f"dynamic LoRA: {reports[0].summary()}")

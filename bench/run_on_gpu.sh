@@ -88,7 +88,8 @@ for step in "$@"; do
             --variants ${VARIANTS:-bf16-lora64 pack-row pack-row-lora64} --out "$OUT/bench_model_9b_lora.json" 2>&1 \
             | tee "$OUT/bench_model_9b_lora.txt" ;;
         host) python3 -m int8_w8a8.bench.profile_host --out "$OUT/profile_host.json" 2>&1 | tee "$OUT/profile_host.txt" ;;
-        # one architecture's five eager variants take ~3-4 min (one process each); Qwen-Image and Wan ~5 min
+        # one architecture's five eager variants take ~3-4 min (one process each); Qwen-Image and Wan ~5 min;
+        # VARIANTS="pack-convert pack-convert-lora64" measures the dynamic LoRA's cost (bf16-lora64: its SQNR reference)
         arch-eager) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes eager \
             --variants ${VARIANTS:-bf16 fp8-fast comfy-int8 pack-native pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs \
             --out "$OUT/bench_arch_eager_${m// /_}.json" 2>&1 | tee "$OUT/bench_arch_eager_${m// /_}.txt" ;;

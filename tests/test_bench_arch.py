@@ -86,6 +86,27 @@ def test_harness_runs_every_variant_tiny(comfyui, pack_layout, key, tmp_path, ca
     assert "| x BF16 | x FP8 | x native |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("key", ["zimage", "wan14b"])
+def test_harness_lora_variants_tiny(comfyui, pack_layout, key, tmp_path, capsys):
+    """The -lora64 rows: a LoRA on every linear (ComfyUI's patches for BF16, the pack's dynamic LoRA), SQNR against
+    BF16 with the same LoRA, ratios against the -lora64 rows and the overhead over the same variant without it."""
+    from int8_w8a8.bench import bench_arch
+
+    out = tmp_path / "rows.json"
+    bench_arch.main(["--tiny", "--no-isolate", "--models", key, "--variants", "bf16", "pack-convert",
+                     *bench_arch.LORA_VARIANTS, "--reps", "1", "--warmup", "0", "--ref-dir", str(tmp_path / "refs"),
+                     "--out", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["bf16", "pack-convert", "bf16-lora64", "pack-convert-lora64"]
+    assert os.path.exists(tmp_path / "refs" / f"ref-{key}-tiny-lora64.pt")
+    lora, plain = rows["pack-convert-lora64"], rows["pack-convert"]
+    assert rows["bf16-lora64"]["sqnr_vs_bf16"] == math.inf and 25 < lora["sqnr_vs_bf16"] < math.inf
+    assert lora["x_bf16"] == pytest.approx(rows["bf16-lora64"]["ms"] / lora["ms"])
+    assert lora["lora_overhead"] == pytest.approx(lora["ms"] / plain["ms"] - 1)
+    assert plain["lora_overhead"] is None and lora["pack_cast_layers"] == 0
+    assert "dynamic LoRA:" in capsys.readouterr().out
+
+
 def test_harness_compile_mode_and_native_state_dict_in_memory(comfyui, pack_layout, tmp_path):
     from int8_w8a8.bench import bench_arch
 
