@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | gemm-ws | sweep-{large,m1024,m256,m64,small}
+# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | gemm-ws | gemm-tail | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -111,6 +111,12 @@ for step in "$@"; do
                 | tee "$OUT/pytest-gemm-ws.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.sweep_gemm --bucket ws --out "$OUT/sweep_ws.json" 2>&1 \
                 | tee "$OUT/sweep_ws.txt"; } ;;
+        # the opt-in split tail (stream-K for the last wave, configs.GemmConfig.split_tail) vs the table config at the
+        # wave-quantized shapes of Z-Image, klein and Chroma (~2 min): bit-identity tests first, under a timeout
+        gemm-tail) timeout 240 python3 -m pytest tests/test_kernels.py -q -p no:randomly -k "split_tail or tail_plan" 2>&1 \
+                | tee "$OUT/pytest-gemm-tail.log" | tail -5; \
+            { timeout 300 python3 -m int8_w8a8.bench.sweep_gemm --bucket tail --out "$OUT/sweep_tail.json" 2>&1 \
+                | tee "$OUT/sweep_tail.txt"; } ;;
         sweep-*) python3 -m int8_w8a8.bench.sweep_gemm --bucket "${step#sweep-}" --out "$OUT/sweep_${step#sweep-}.json" \
             2>&1 | tee "$OUT/sweep_${step#sweep-}.txt" ;;
         *) echo "unknown step $step"; status=2 ;;

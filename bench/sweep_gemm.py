@@ -1,6 +1,6 @@
 """Sweep GEMM tile configurations per M bucket on this GPU (GEMM + epilogue only, bf16 out).
 
-    python -m int8_w8a8.bench.sweep_gemm [--out sweep.json] [--bucket large|m1024|m256|m64|small|all|ws]
+    python -m int8_w8a8.bench.sweep_gemm [--out sweep.json] [--bucket large|m1024|m256|m64|small|all|ws|tail]
 
 The winners go into ``kernels/configs.py`` by hand, one per (GPU generation, M bucket): the pack
 never autotunes at run time. Each candidate is checked against the twin before it is timed.
@@ -9,11 +9,14 @@ never autotunes at run time. Each candidate is checked against the twin before i
 against the table's large-M config, 128x256x128 at 8 warps without specialization, and cuBLAS FP8
 (``torch._scaled_mm``, per-tensor scales) at the Z-Image and FLUX.2 klein 9B GEMM shapes; every INT8 result must
 be bit-identical to the table config's (and the twin's) before it is timed.
+``--bucket tail`` (not part of "all"): the table's large-M config with and without ``GemmConfig.split_tail`` (and the
+64 x 128 tiles) at the shapes whose last wave of tiles is at most half full (``TAIL_SHAPES``), checked the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import sys
@@ -132,14 +135,38 @@ def ws_candidates() -> list[tuple[str, GemmConfig]]:
     return out
 
 
+# Shapes whose last wave of 128 x 128 tiles on 264 programs is at most half full (GemmConfig.split_tail): Z-Image's
+# attention output and w2 (1080 tiles: 4 waves + 24), FLUX.2 klein 9B's and Chroma's single-block linear2 (1152: 4 +
+# 96; 864: 3 + 72), klein 4B's linear2; and Z-Image's qkv (3240: 12 + 72) and a full-wave shape as controls
+TAIL_SHAPES = [(4608, 3840, 3840), (4608, 10240, 3840), (4608, 16384, 4096), (4608, 15360, 3072),
+               (4608, 12288, 3072), (4608, 3840, 11520), (4608, 4096, 36864)]
+
+
+def tail_candidates() -> list[tuple[str, GemmConfig]]:
+    """(name, config): the table's large-M config first, then the same with ``split_tail``, and the 64 x 128 tiles
+    of the M <= 1024 row (twice the tiles: a shorter tail) with and without it."""
+    table = configs.HOPPER_TABLE.rows[-1][1]
+    narrow = configs.HOPPER_TABLE.pick(1024)
+    return [("table 128x128x64 s4 2/SM", table),
+            ("table + split_tail", dataclasses.replace(table, split_tail=True)),
+            ("64x128x128 s4 2/SM", narrow),
+            ("64x128x128 s4 2/SM + split_tail", dataclasses.replace(narrow, split_tail=True))]
+
+
 def run_ws() -> list[dict]:
     """Each ``ws_candidates`` config and cuBLAS FP8 at ``WS_SHAPES``: ms, TOPS, and x the table config."""
+    return run_variants(WS_SHAPES, ws_candidates())
+
+
+def run_variants(shapes, candidates: list[tuple[str, GemmConfig]]) -> list[dict]:
+    """Each candidate (the first is the reference for bit identity) and cuBLAS FP8 at ``shapes``: ms, TOPS, and x
+    the first candidate; a candidate whose output differs from the first's or the torch twin's is not timed."""
     fp8_max = torch.finfo(torch.float8_e4m3fn).max
     results = []
-    for m, k, n in WS_SHAPES:
+    for m, k, n in shapes:
         x, w, xq, xs, wq, ws, ref, out = _operands(m, k, n)
         rows, base_out = [], None
-        for name, cfg in ws_candidates():
+        for name, cfg in candidates:
             fn = _one(cfg, x, xq, xs, wq, ws, out)
             try:
                 out.fill_(float("nan"))
@@ -177,13 +204,16 @@ def run_ws() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="sweep_gemm.json")
-    parser.add_argument("--bucket", default="all", choices=["all", *BUCKETS, "ws"])
+    parser.add_argument("--bucket", default="all", choices=["all", *BUCKETS, "ws", "tail"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.bucket == "ws":
         common.write_json(args.out, {"env": common.environment(), "ws": run_ws()})
+        return 0
+    if args.bucket == "tail":
+        common.write_json(args.out, {"env": common.environment(), "tail": run_variants(TAIL_SHAPES, tail_candidates())})
         return 0
     buckets = list(BUCKETS) if args.bucket == "all" else [args.bucket]
     payload = {"env": common.environment(), "buckets": {b: run_bucket(b) for b in buckets}}

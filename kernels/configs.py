@@ -34,6 +34,9 @@ class GemmConfig:
     made in the kernel (see ``triton_gemm._gemm_tma_kernel``). The register split leaves one program per SM.
     lora_loop: a LoRA term of more than one 64-rank chunk runs its chunks in a loop, one accumulator for all,
     instead of unrolled (datacenter Blackwell: see ``BLACKWELL_TABLE``).
+    split_tail (TMA kernel, not warp-specialized): when the last wave of the persistent grid holds at most half as
+    many tiles as there are programs, those tiles are split over K among the idle programs and summed in int32
+    (bit-identical; ``triton_gemm._gemm_tma_kernel``, ``tail_plan``). Opt-in until measured on a GPU.
     """
 
     kernel: str
@@ -47,6 +50,7 @@ class GemmConfig:
     ctas_per_sm: int = 1
     lora_loop: bool = False
     warp_spec: bool = False
+    split_tail: bool = False
 
     def __post_init__(self) -> None:
         if self.kernel not in ("tma", "generic"):
@@ -56,6 +60,8 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.warp_spec: needs kernel 'tma', num_warps 4 (the consumers' warps) and no "
                              f"epilogue_subtile, got kernel {self.kernel!r}, num_warps {self.num_warps}, "
                              f"epilogue_subtile {self.epilogue_subtile}")
+        if self.split_tail and (self.kernel != "tma" or self.warp_spec):
+            raise ValueError("GemmConfig.split_tail: needs kernel 'tma' without warp_spec")
         if self.ctas_per_sm < 1:
             raise ValueError(f"GemmConfig.ctas_per_sm: expected >= 1, got {self.ctas_per_sm}")
         for name in ("block_m", "block_n", "block_k"):

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import launch
 from .api import lora_rank_padded
 from .configs import GemmConfig, for_arch, smaller, without_warp_spec
 from .dispatch import DISABLE_ENV
@@ -140,13 +141,18 @@ def _gemm_tma_kernel(
     M, N, K, stride_hm, stride_lbn, stride_gb, rows_per_batch,
     # WARP_SPEC: row strides of xq, wq and out (unused otherwise)
     stride_am, stride_bn, stride_cm,
+    # SPLIT_TAIL: tiles from full_tiles on are split over K in tail_split parts, summed in int32 in tail_acc
+    # [tiles, BLOCK_M * BLOCK_N] with tail_count [tiles] arrivals (both zero between launches; unused otherwise)
+    tail_acc_ptr, tail_count_ptr, full_tiles, tail_split,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr, LORA_LOOP: tl.constexpr,
-    RESIDUAL: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+    RESIDUAL: tl.constexpr, WARP_SPEC: tl.constexpr = False, SPLIT_TAIL: tl.constexpr = False,
 ):
     SUB_N: tl.constexpr = BLOCK_N // 2 if EPILOGUE_SUBTILE else BLOCK_N
+    h_desc = h_ptr  # the LoRA operands' descriptors where the kernel makes them (WARP_SPEC), else unused
+    lb_desc = lb_ptr
     if WARP_SPEC:
         # Triton 3.6's Hopper warp specialization (the K loop's warp_specialize) gives each of its two consumer
         # warpgroups half of the tile's rows and moves the loads to a producer warpgroup. A host descriptor keeps
@@ -166,14 +172,14 @@ def _gemm_tma_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
     num_pid_in_group = GROUP_M * num_pid_n
-    out_dtype = c_desc.dtype
     # The epilogue recomputes its tile coordinates from a second counter so the software pipeliner
     # can run the next tile's loads ahead of this tile's epilogue (as in Triton's persistent matmul).
     # Not with a LoRA term: flattening would multi-buffer the epilogue's LoRA tiles too, num_stages
     # times (~300 KB of shared memory at rank 128); the second CTA per SM still hides the epilogue.
     # Warp-specialized, the pass partitions the whole tile loop: the producer runs ahead into the next tiles.
     tile_id_c = start_pid - NUM_PROGRAMS
-    for tile_id in tl.range(start_pid, num_tiles, NUM_PROGRAMS, flatten=LORA_R == 0 and not WARP_SPEC):
+    main_tiles = full_tiles if SPLIT_TAIL else num_tiles
+    for tile_id in tl.range(start_pid, main_tiles, NUM_PROGRAMS, flatten=LORA_R == 0 and not WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         off_am = pid_m * BLOCK_M
         off_bn = pid_n * BLOCK_N
@@ -191,39 +197,86 @@ def _gemm_tma_kernel(
             pid_m, pid_n = _tile_coords(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
             off_cm = pid_m * BLOCK_M
             off_cn = pid_n * BLOCK_N
-        offs_m = off_cm + tl.arange(0, BLOCK_M)
-        if EPILOGUE_SUBTILE:
-            acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-            acc0, acc1 = tl.split(acc)
-            offs_n0 = off_cn + tl.arange(0, BLOCK_N // 2)
-            out0 = _epilogue(acc0, offs_m, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
-                             stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32, LORA_LOOP)
-            if WARP_SPEC and LORA_R > 0:
-                out0 = _lora_desc(out0, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
-            if RESIDUAL:  # the residual tile arrives through the output's own descriptor (TMA)
-                out0 = _gated(c_desc.load([off_cm, off_cn]), out0, offs_m, offs_n0, M, N, gate_ptr, stride_gb,
-                              rows_per_batch)
-            c_desc.store([off_cm, off_cn], out0.to(out_dtype))
-            offs_n1 = offs_n0 + BLOCK_N // 2
-            out1 = _epilogue(acc1, offs_m, offs_n1, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
-                             stride_hm, stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32,
-                             LORA_LOOP)
-            if WARP_SPEC and LORA_R > 0:
-                out1 = _lora_desc(out1, h_desc, lb_desc, off_cm, off_cn + BLOCK_N // 2, LORA_R, LORA_FP32)
-            if RESIDUAL:
-                out1 = _gated(c_desc.load([off_cm, off_cn + BLOCK_N // 2]), out1, offs_m, offs_n1, M, N, gate_ptr,
-                              stride_gb, rows_per_batch)
-            c_desc.store([off_cm, off_cn + BLOCK_N // 2], out1.to(out_dtype))
-        else:
-            offs_n = off_cn + tl.arange(0, BLOCK_N)
-            out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
-                            stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32, LORA_LOOP)
-            if WARP_SPEC and LORA_R > 0:
-                out = _lora_desc(out, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
-            if RESIDUAL:
-                out = _gated(c_desc.load([off_cm, off_cn]), out, offs_m, offs_n, M, N, gate_ptr, stride_gb,
-                             rows_per_batch)
-            c_desc.store([off_cm, off_cn], out.to(out_dtype))
+        _finish_tile(acc, off_cm, off_cn, c_desc, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr, h_desc, lb_desc,
+                     M, N, stride_hm, stride_lbn, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, PER_ROW_W, HAS_BIAS,
+                     EPILOGUE_SUBTILE, LORA_R, LORA_FP32, LORA_LOOP, RESIDUAL, WARP_SPEC)
+    if SPLIT_TAIL:
+        # The last, partial wave of tiles split over K (stream-K for the tail): with T = full_tiles + r tiles and
+        # r <= NUM_PROGRAMS / 2, the r tiles would leave most programs idle for a whole tile's time; split into
+        # tail_split parts they keep r * tail_split programs busy for 1 / tail_split of it. Each part adds its
+        # int32 product into the tile's slot of tail_acc (integer sums in any order: the same bits as one
+        # program's loop); the part that arrives last (tail_count) finishes the tile and zeroes the slot.
+        tail_units = (num_tiles - full_tiles) * tail_split
+        for unit in tl.range(start_pid, tail_units, NUM_PROGRAMS, num_stages=1):
+            slot = unit // tail_split
+            part = unit % tail_split
+            pid_m, pid_n = _tile_coords(full_tiles + slot, num_pid_in_group, num_pid_m, GROUP_M)
+            off_am = pid_m * BLOCK_M
+            off_bn = pid_n * BLOCK_N
+            k_lo = part * k_tiles // tail_split
+            k_hi = (part + 1) * k_tiles // tail_split
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for ki in tl.range(k_lo, k_hi):
+                a = a_desc.load([off_am, ki * BLOCK_K])
+                b = b_desc.load([off_bn, ki * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            cell = (tail_acc_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+                    + tl.arange(0, BLOCK_N)[None, :])
+            tl.atomic_add(cell, acc, sem="relaxed")
+            tl.debug_barrier()  # every thread's adds issued before the arrival is published (release below)
+            arrived = tl.atomic_add(tail_count_ptr + slot, 1, sem="acq_rel")
+            if arrived == tail_split - 1:
+                tl.debug_barrier()  # the acquire above orders the whole program's reads after the other parts
+                acc = tl.load(cell, cache_modifier=".cg")
+                tl.store(cell, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32))
+                tl.store(tail_count_ptr + slot, 0)
+                _finish_tile(acc, off_am, off_bn, c_desc, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr, h_desc,
+                             lb_desc, M, N, stride_hm, stride_lbn, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N,
+                             PER_ROW_W, HAS_BIAS, EPILOGUE_SUBTILE, LORA_R, LORA_FP32, LORA_LOOP, RESIDUAL, WARP_SPEC)
+
+
+@triton.jit
+def _finish_tile(acc, off_cm, off_cn, c_desc, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr, h_desc, lb_desc,
+                 M, N, stride_hm, stride_lbn, stride_gb, rows_per_batch, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 EPILOGUE_SUBTILE: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr,
+                 LORA_LOOP: tl.constexpr, RESIDUAL: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """The epilogue of one output tile of ``_gemm_tma_kernel`` at (off_cm, off_cn): int32 ``acc`` [BLOCK_M, BLOCK_N]
+    dequantized, LoRA and gated residual added, stored through ``c_desc`` (in two halves with EPILOGUE_SUBTILE)."""
+    out_dtype = c_desc.dtype
+    offs_m = off_cm + tl.arange(0, BLOCK_M)
+    if EPILOGUE_SUBTILE:
+        acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        acc0, acc1 = tl.split(acc)
+        offs_n0 = off_cn + tl.arange(0, BLOCK_N // 2)
+        out0 = _epilogue(acc0, offs_m, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
+                         stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32, LORA_LOOP)
+        if WARP_SPEC and LORA_R > 0:
+            out0 = _lora_desc(out0, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
+        if RESIDUAL:  # the residual tile arrives through the output's own descriptor (TMA)
+            out0 = _gated(c_desc.load([off_cm, off_cn]), out0, offs_m, offs_n0, M, N, gate_ptr, stride_gb,
+                          rows_per_batch)
+        c_desc.store([off_cm, off_cn], out0.to(out_dtype))
+        offs_n1 = offs_n0 + BLOCK_N // 2
+        out1 = _epilogue(acc1, offs_m, offs_n1, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
+                         stride_hm, stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32,
+                         LORA_LOOP)
+        if WARP_SPEC and LORA_R > 0:
+            out1 = _lora_desc(out1, h_desc, lb_desc, off_cm, off_cn + BLOCK_N // 2, LORA_R, LORA_FP32)
+        if RESIDUAL:
+            out1 = _gated(c_desc.load([off_cm, off_cn + BLOCK_N // 2]), out1, offs_m, offs_n1, M, N, gate_ptr,
+                          stride_gb, rows_per_batch)
+        c_desc.store([off_cm, off_cn + BLOCK_N // 2], out1.to(out_dtype))
+    else:
+        offs_n = off_cn + tl.arange(0, BLOCK_N)
+        out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
+                        stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32, LORA_LOOP)
+        if WARP_SPEC and LORA_R > 0:
+            out = _lora_desc(out, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
+        if RESIDUAL:
+            out = _gated(c_desc.load([off_cm, off_cn]), out, offs_m, offs_n, M, N, gate_ptr, stride_gb,
+                         rows_per_batch)
+        c_desc.store([off_cm, off_cn], out.to(out_dtype))
 
 
 @triton.jit
@@ -282,6 +335,40 @@ def _pad_lora(h, b):
         h = torch.nn.functional.pad(h, (0, rp - r)).contiguous()
         b = torch.nn.functional.pad(b, (0, rp - r)).contiguous()
     return h, b.to(h.dtype), rp
+
+
+def tail_plan(tiles: int, programs: int, k_tiles: int) -> tuple[int, int]:
+    """(full_tiles, tail_split) of ``GemmConfig.split_tail``: the tiles of the last wave of a persistent grid of
+    ``programs`` (``tiles - full_tiles`` of them) run as ``tail_split`` parts over K each, where that wave is at most
+    half full and K has at least two tiles; ``(tiles, 1)`` (no split) otherwise. E.g. Z-Image's attention output,
+    4608 x 3840 in 128 x 128 tiles on 264 programs: 1080 tiles = 4 full waves + 24, whose 60 K tiles run as 11
+    parts of 5-6 (the wave-quantized grid's fifth wave took a whole tile's time for 24 of 264 programs)."""
+    full = tiles // programs * programs
+    rest = tiles - full
+    if rest == 0 or 2 * rest > programs or k_tiles < 2:
+        return tiles, 1
+    return full, min(programs // rest, k_tiles)
+
+
+# int32 partial sums and arrival counts of split tail tiles, per (device, stream): zero between launches (the last
+# part of each tile zeroes its slot), grown (zeroed) when a launch needs more slots
+_TAIL: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tail_workspace(device: torch.device, slots: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (device.type, index, torch._C._cuda_getCurrentRawStream(index))
+    else:  # the interpreter: one stream
+        key = (device.type, device.index, 0)
+    acc, count = _TAIL.get(key, (None, None))
+    if acc is None or acc.numel() < slots * tile or count.numel() < slots:
+        acc = torch.zeros(max(slots * tile, acc.numel() if acc is not None else 0), dtype=torch.int32, device=device)
+        count = torch.zeros(max(slots, count.numel() if count is not None else 0), dtype=torch.int32, device=device)
+        _TAIL[key] = (acc, count)
+    launch.keep(acc)  # persistent: a recorded launch may keep its address (direct.Replayer)
+    launch.keep(count)
+    return acc, count
 
 
 def _tma_rows(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -362,16 +449,19 @@ def gemm(
                 hl = (h_arg, lb_arg)
             programs = num_sms(out.device) * cfg.ctas_per_sm
             tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+            full, split = tail_plan(tiles, programs, triton.cdiv(k, cfg.block_k)) if cfg.split_tail else (tiles, 1)
+            tail = _tail_workspace(out.device, tiles - full, cfg.block_m * cfg.block_n) if split > 1 \
+                else (x_scale, x_scale)
             with device_descriptors(cfg.warp_spec):
                 _GEMM_TMA(
-                    (min(programs, tiles),),
+                    (min(programs, tiles) if split == 1 else programs,),
                     *descs, x_scale, w_scale, bias_arg, *hl, gate_arg,
                     m, n, k, hl[0].stride(0) if lora_r else 0, hl[1].stride(0) if lora_r else 0, stride_gb,
-                    rows_per_batch, xq.stride(0), wq.stride(0), out.stride(0),
+                    rows_per_batch, xq.stride(0), wq.stride(0), out.stride(0), *tail, full, split,
                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                     NUM_PROGRAMS=programs, PER_ROW_W=per_row, HAS_BIAS=bias is not None,
                     EPILOGUE_SUBTILE=cfg.epilogue_subtile, RESIDUAL=gate is not None, **lora,
-                    WARP_SPEC=cfg.warp_spec,
+                    WARP_SPEC=cfg.warp_spec, SPLIT_TAIL=split > 1,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
                 )
         else:

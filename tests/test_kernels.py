@@ -288,6 +288,60 @@ def test_ws_gemm_float32_output_and_strided_rows(seed, cfg):
     assert torch.equal(out, ref.epilogue(ref.int8_matmul(xq, wq), xs, ws, None, torch.float32))
 
 
+# ---------------------------------------------------------------------------------------------
+# Split tail (GemmConfig.split_tail, opt-in): the last, partial wave of the persistent grid split over K and summed
+# in int32; bit-identical to the same tiles without it, every epilogue, and the workspace left zeroed for the next
+# call. Under the interpreter (4 "SMs") small tiles give tails; on a GPU the table's large-M tiles.
+# ---------------------------------------------------------------------------------------------
+SPLIT = ([GemmConfig("tma", 16, 16, 32, ctas_per_sm=2, split_tail=True),
+          GemmConfig("tma", 32, 32, 32, epilogue_subtile=True, split_tail=True)]
+         if INTERPRETED else [GemmConfig("tma", 128, 128, 64, num_stages=4, ctas_per_sm=2, split_tail=True),
+                              GemmConfig("tma", 64, 128, 128, num_stages=4, ctas_per_sm=2, split_tail=True)])
+
+
+def test_tail_plan():
+    assert triton_gemm.tail_plan(1080, 264, 60) == (1056, 11)  # Z-Image's attention output, 128 x 128 tiles
+    assert triton_gemm.tail_plan(3240, 264, 60) == (3168, 3)
+    assert triton_gemm.tail_plan(5760, 264, 60) == (5760, 1)  # a last wave over half full: left as it is
+    assert triton_gemm.tail_plan(1056, 264, 60) == (1056, 1)  # no partial wave
+    assert triton_gemm.tail_plan(2, 264, 2) == (0, 2)  # fewer tiles than programs: split-K, at most k_tiles parts
+    assert triton_gemm.tail_plan(9, 8, 1) == (9, 1)  # one K tile: nothing to split
+    with pytest.raises(ValueError, match="split_tail"):
+        GemmConfig("generic", 16, 16, 32, split_tail=True)
+
+
+@pytest.mark.parametrize("cfg", SPLIT, ids=str)
+@pytest.mark.parametrize("m,k,n", [(33, 64, 16), (17, 96, 16), (200, 80, 72)] if INTERPRETED
+                         else [(200, 80, 72), (4608, 3840, 3840), (4608, 1024, 3072)])
+@pytest.mark.parametrize("epilogue", ["bias", "residual", "lora", "residual+lora"])
+def test_split_tail_gemm_bit_identical(seed, cfg, m, k, n, epilogue):
+    programs = triton_quant.num_sms(torch.device(DEV)) * cfg.ctas_per_sm
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    k_tiles = -(-k // cfg.block_k)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=DEV)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=DEV)
+    xs = (torch.rand(m, device=DEV) + 0.1) * 1e-3
+    ws = torch.rand(n, device=DEV) + 0.01
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    lora = ((torch.randn(m, 16, device=DEV) * 0.1).to(torch.bfloat16),
+            (torch.randn(n, 16, device=DEV) * 0.1).to(torch.bfloat16)) if "lora" in epilogue else (None, None)
+    rows_per_batch = max(1, m // 2)
+    gate = torch.randn(-(-m // rows_per_batch), n, device=DEV, dtype=torch.bfloat16) if "residual" in epilogue \
+        else None
+    start = torch.randn(m, n, device=DEV, dtype=torch.bfloat16) if gate is not None \
+        else torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
+    plain = dataclasses.replace(cfg, split_tail=False)
+    if gate is not None:  # a residual epilogue runs with its own config rule (configs.for_residual), both alike
+        cfg, plain = configs.for_residual(cfg), configs.for_residual(plain)
+    expect = _ws_run(plain, xq, xs, wq, ws, bias, start.clone(), lora, gate, rows_per_batch)
+    for _ in range(2):  # the second call finds the workspace as the first left it: zeroed
+        out = _ws_run(cfg, xq, xs, wq, ws, bias, start.clone(), lora, gate, rows_per_batch)
+        assert torch.equal(out, expect)
+    if epilogue == "bias":
+        _assert_out_equal(out, ref.epilogue(ref.int8_matmul(xq, wq), xs, ws, bias, torch.bfloat16))
+    assert triton_gemm.tail_plan(tiles, programs, k_tiles)[1] > 1 or m == 4608  # these shapes do split
+
+
 def test_ws_config_rules():
     """Opt-in and Hopper only: in no table; other GPUs get the same tiles without it (8 warps for 128 x 256);
     the resource fallback never halves the output tile or the rows of a warp-specialized config."""
