@@ -225,19 +225,26 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
                     if ref_dir:
                         torch.save(y.cpu(), _ref_path(ref_dir, key, shape.res, rank))
                 ref = refs.get(rank)
-                prof = profile_step.profile(model, inputs, warmup=0)
+                prof = profile_step.profile(model, inputs, warmup=0, gaps=True)
                 row = {"model": arch.title, "arch": key, "res": shape.res, "variant": variant, "mode": mode,
                        "dtype": _dtype_of(patcher), "weights_gb": weights,
                        "sqnr_vs_bf16": None if ref is None else common.sqnr_db(ref, y),
                        "device_ms": prof["kernel_ms"], "profiled_wall_ms": prof["wall_ms"],
                        "families": {k: round(v["ms"], 3) for k, v in prof["families"].items()},
-                       "top_kernels": prof["top"][:12], **layer_states(patcher), **info, **out}
+                       "top_kernels": prof["top"][:12], "idle": prof.get("idle"), **layer_states(patcher), **info,
+                       **out}
                 rows.append(row)
                 print(f"{arch.title} {shape.res} {variant:<12} {mode:<7} {row['ms']:8.1f} ms "
                       f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  device {row['device_ms']:7.1f} ms  "
                       f"weights {weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
                       f"{row['first_call_s']:.1f} s  SQNR {_fmt(row['sqnr_vs_bf16'], '5.1f')} dB  {row['dtype']}"
                       + (f"  native from {info['native_source']}" if info["native_source"] else ""), flush=True)
+                idle = prof.get("idle")
+                if idle and idle["idle_ms"] is not None:  # where the GPU waited for the host (profile_step.idle_report)
+                    print(f"    GPU idle {idle['idle_ms']:.1f} ms after its first kernel ({idle['lead_ms']:.1f} ms "
+                          f"before it); syncs {idle['syncs'] or 'none'}; longest gaps "
+                          + ", ".join(f"{g['ms']:.2f} ms at {g['at_ms']:.1f} ms before {g['op']}"
+                                      for g in idle["gaps"][:4]), flush=True)
                 del model
             del patcher, inputs
             torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant

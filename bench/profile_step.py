@@ -13,6 +13,7 @@ Also reports the step's wall time next to the summed kernel time, so host-bound 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -43,11 +44,54 @@ def family(name: str) -> str:
     return "element-wise/other"
 
 
-def profile(model, inputs, trace: str | None = None, warmup: int = 2) -> dict:
+def is_sync(name: str) -> bool:
+    """A host call that waits for the GPU (a step making one idles the GPU while the host refills its queue): the
+    CUDA runtime/driver synchronizations and the synchronous copies (``.item()``, ``.cpu()``, ``.tolist()``)."""
+    return "Synchronize" in name or name in ("cudaMemcpy", "cuMemcpyDtoH_v2", "cuMemcpyHtoD_v2", "cuMemcpy")
+
+
+def idle_report(events, cuda_type, gap_us: float = 20.0, top: int = 8) -> dict:
+    """Where the GPU idles in one profiled step (``events``: torch.profiler FunctionEvents with host and GPU activity).
+
+    GPU busy time is the union of the kernel/memcpy/memset intervals; ``idle_ms`` the gaps inside [first, last],
+    ``lead_ms`` the time from the first host event to the first GPU work. ``gaps``: the ``top`` longest gaps over
+    ``gap_us``, each with the innermost host op running when the GPU became busy again (what the GPU waited for);
+    ``syncs``: host calls that wait for the GPU (name -> [count, ms])."""
+    gpu = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == cuda_type)
+    host = [e for e in events if e.device_type != cuda_type]
+    if not gpu:
+        return {"idle_ms": None, "lead_ms": None, "gaps": [], "syncs": {}}
+    busy = [list(gpu[0])]
+    for start, end in gpu[1:]:
+        if start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], end)
+        else:
+            busy.append([start, end])
+    gaps = [(b[0] - a[1], a[1], b[0]) for a, b in itertools.pairwise(busy) if b[0] - a[1] > gap_us]
+
+    def op_at(t: float) -> str:
+        inside = [e for e in host if e.time_range.start <= t <= e.time_range.end and not e.name.startswith("cuda")]
+        return min(inside, key=lambda e: e.time_range.end - e.time_range.start).name if inside else "-"
+
+    syncs: dict[str, list] = {}
+    for e in host:
+        if is_sync(e.name):
+            c = syncs.setdefault(e.name, [0, 0.0])
+            c[0] += 1
+            c[1] += (e.time_range.end - e.time_range.start) / 1e3
+    first_host = min((e.time_range.start for e in host), default=busy[0][0])
+    return {"idle_ms": sum(g[0] for g in gaps) / 1e3, "lead_ms": max(0.0, busy[0][0] - first_host) / 1e3,
+            "gaps": [{"ms": round(g[0] / 1e3, 3), "at_ms": round((g[2] - busy[0][0]) / 1e3, 2), "op": op_at(g[2])}
+                     for g in sorted(gaps, reverse=True)[:top]],
+            "syncs": syncs}
+
+
+def profile(model, inputs, trace: str | None = None, warmup: int = 2, gaps: bool = False) -> dict:
     """One profiled step after ``warmup`` steps: per-family ms and count, kernel sum, wall ms, top kernels.
 
     ``trace``: also record host activity and write a Chrome trace (gzipped JSON) to this path, to see
-    where the GPU waits for the host."""
+    where the GPU waits for the host. ``gaps``: record host activity too and add ``idle``: ``idle_report`` of the
+    step (a second profiled step, so the kernel sums above stay free of host-recording overhead)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -81,9 +125,15 @@ def profile(model, inputs, trace: str | None = None, warmup: int = 2) -> dict:
         per_kernel[evt.name][1] += 1
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]
     families = sorted(per_family.items(), key=lambda kv: -kv[1][0])
-    return {"wall_ms": wall_ms, "kernel_ms": sum(v[0] for v in per_family.values()),
-            "families": {k: {"ms": v[0], "count": v[1]} for k, v in families},
-            "top": [{"name": k[:120], "ms": v[0], "count": v[1]} for k, v in top]}
+    result = {"wall_ms": wall_ms, "kernel_ms": sum(v[0] for v in per_family.values()),
+              "families": {k: {"ms": v[0], "count": v[1]} for k, v in families},
+              "top": [{"name": k[:120], "ms": v[0], "count": v[1]} for k, v in top]}
+    if gaps and cuda:
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            bench_model.step(model, inputs)
+            common.sync()
+        result["idle"] = idle_report(prof.events(), device_type)
+    return result
 
 
 def main() -> None:

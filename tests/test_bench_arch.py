@@ -147,3 +147,25 @@ def _package_root() -> str:
     import int8_w8a8
 
     return os.path.dirname(int8_w8a8.__file__)
+
+
+def test_idle_report_finds_gaps_syncs_and_the_op_the_gpu_waited_for():
+    """profile_step.idle_report on a made-up timeline: kernels 0-10 and 12-20 us (a gap below the threshold), then a
+    50 us gap that ends inside a host op (what the GPU waited for), and one synchronization call."""
+    from types import SimpleNamespace
+
+    from int8_w8a8.bench import profile_step
+
+    def ev(name, start, end, dev):
+        return SimpleNamespace(name=name, device_type=dev, time_range=SimpleNamespace(start=start, end=end))
+
+    gpu, cpu = "cuda", "cpu"
+    events = [ev("k1", 0, 10, gpu), ev("k2", 12, 20, gpu), ev("k3", 70, 100, gpu), ev("k4", 90, 95, gpu),
+              ev("step", -30, 110, cpu), ev("int8_w8a8::int8_gemm", 60, 75, cpu), ev("cudaLaunchKernel", 69, 71, cpu),
+              ev("cudaStreamSynchronize", 21, 40, cpu), ev("cudaMemcpyAsync", 41, 42, cpu)]
+    report = profile_step.idle_report(events, gpu, gap_us=5.0)
+    assert report["idle_ms"] == pytest.approx(0.050)
+    assert report["lead_ms"] == pytest.approx(0.030)
+    assert report["gaps"] == [{"ms": 0.05, "at_ms": 0.07, "op": "int8_w8a8::int8_gemm"}]
+    assert report["syncs"] == {"cudaStreamSynchronize": [1, pytest.approx(0.019)]}
+    assert profile_step.idle_report([ev("step", 0, 1, cpu)], gpu)["idle_ms"] is None
