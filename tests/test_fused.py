@@ -407,9 +407,15 @@ def _glu_variants_equal(prefix, glu, f, activation="swiglu", up=None, rotate_gro
     for variant in _variants():
         for bk in (block_k, 0):  # the small tile, and the variant's own
             q, xs = run(variant, bk)
+            assert torch.equal(xs.isnan(), base[1].isnan()), (variant, bk)
+            if INTERPRETED and rotate_group and bk != block_k:
+                # the interpreter's tl.dot (the rotation) is numpy's matmul, whose summation order follows the
+                # tile's shape: another tile may round a rotated value 1 ulp apart (seen: seed 1081634550)
+                assert int((q.int() - base[0].int()).abs().max()) <= 1, (variant, bk)
+                torch.testing.assert_close(xs.nan_to_num(), base[1].nan_to_num(), rtol=4e-7, atol=0)
+                continue
             assert torch.equal(q, base[0]), (variant, bk)
-            assert torch.equal(xs.isnan(), base[1].isnan()) and torch.equal(xs.nan_to_num(), base[1].nan_to_num()), \
-                (variant, bk)
+            assert torch.equal(xs.nan_to_num(), base[1].nan_to_num()), (variant, bk)
     return base
 
 
