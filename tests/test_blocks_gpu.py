@@ -95,10 +95,11 @@ CASES: dict[str, Case] = {
                    _times({"norm_modulate_quantize": 2, "qk_norm_rope": 1, "glu_quantize": 1,
                            "glu_quantize:swiglu": 1, "rms_norm_gate_add": 2, "run_quantized": 5}, 2),
                    ("num_tokens",)),
-    # per block: one quantization for self-attention's q/k/v, one for the FFN; cross-attention is ComfyUI's
+    # per block: one quantization for self-attention's q/k/v, one for cross-attention's q (norm3 fused), one for the
+    # FFN; cross-attention's k/v (text tokens) are ComfyUI's layers
     "wan14b": Case({"num_layers": 2}, (16, 4, 32, 32), (16, 2, 8, 8), ("blocks.",),
-                   _times({"norm_modulate_quantize": 2, "qk_norm_rope": 1, "glu_quantize": 1,
-                           "glu_quantize:gelu_tanh": 1, "int8_gemm_residual": 2, "run_quantized": 6}, 2)),
+                   _times({"norm_modulate_quantize": 3, "qk_norm_rope": 1, "glu_quantize": 1,
+                           "glu_quantize:gelu_tanh": 1, "int8_gemm_residual": 3, "run_quantized": 8}, 2)),
 }
 
 

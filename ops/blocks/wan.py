@@ -6,14 +6,16 @@ Per block a fused call runs:
   q/k RMSNorm over the whole row + RoPE + split into heads into a ``[B, S, H, D]`` buffer (no copy)
   attention (ComfyUI's ``optimized_attention``, the user's backend, or 8-bit: ``attention_choice``)
   attention output + quantization -> o GEMM with ``x += e2 * y`` in its epilogue
-  cross-attention: ComfyUI's own module on ``norm3(x)`` and the text context, ``x += y``
+  cross-attention: norm3 (LayerNorm with its affine weight and bias, or none) + quantization -> q GEMM, ComfyUI's
+  q/k norms, k/v projections of the text context and attention (``optimized_attention``, as its module calls
+  it), attention output + quantization -> o GEMM with ``x += y`` in its epilogue
   LayerNorm + modulation + quantization -> FFN up projection; GELU-tanh + quantization -> FFN down projection
   with ``x += e5 * y`` in its epilogue.
 
-The cross-attention stays ComfyUI's (its q reads ``norm3(x)``, its k/v the text context; each of its layers
-quantizes its own input): its image variant (Wan 2.1 I2V) needs the CLIP token count, which the block hook
-does not pass, and it is a small part of a video step (512 context tokens against tens of thousands of
-video tokens).
+In the cross-attention only the video-token side is fused (norm3 written and read again in bf16, and the
+residual add, are ~0.6 GB of traffic per block at 14040 tokens x 5120); the text side (512 tokens) runs
+ComfyUI's layers. Its image variant (Wan 2.1 I2V) needs the CLIP token count, which the block hook does not
+pass: those blocks run ComfyUI's block.
 
 Registered as ComfyUI "dit" block replacements (``("double_block", i)``) on ``WanModel``. Each call checks the
 rules below and otherwise runs ComfyUI's block (logged once per reason): a text-to-video cross-attention,
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import weakref
 
+import comfy.ldm.wan.model
 import comfy.model_management
 import torch
 from comfy.ldm.wan.model import WanAttentionBlock, WanT2VCrossAttention
@@ -60,12 +63,18 @@ class FusedBlock:
             return "attention patches present"
         if not attn.qk_norm:
             return "no q/k norm"
+        norm3 = block.norm3
+        if isinstance(norm3, torch.nn.LayerNorm) and (norm3.weight is None) != (norm3.bias is None):
+            return "cross-attention norm with a weight but no bias"
         ffn = block.ffn
         if not (isinstance(ffn, torch.nn.Sequential) and len(ffn) == 3
                 and common.mlp_activation(ffn[1]) == "gelu_tanh"):
             return "feed-forward is not GELU-tanh"
-        why = common.why_not(args, [attn.q, attn.k, attn.v, attn.o, ffn[0], ffn[2]], [attn.norm_q, attn.norm_k], (),
-                             x)
+        cross, norm3 = block.cross_attn, block.norm3
+        if not isinstance(norm3, (torch.nn.LayerNorm, torch.nn.Identity)):
+            return f"cross-attention norm {type(norm3).__name__} (a LayerNorm or none expected)"
+        norms = [attn.norm_q, attn.norm_k] + ([norm3] if isinstance(norm3, torch.nn.LayerNorm) else [])
+        why = common.why_not(args, [attn.q, attn.k, attn.v, attn.o, cross.q, cross.o, ffn[0], ffn[2]], norms, (), x)
         if why is not None:
             return why
         why = common.one_rotation("q/k/v layers", attn.q, attn.k, attn.v)
@@ -105,8 +114,7 @@ class FusedBlock:
         del bufs
         aq, a_scale = kernels.quantize_rows(y, rotate_group=attn.o.input_rotation())
         attn.o.run_quantized(aq, a_scale.reshape(-1), x.dtype, residual=x, gate=e[2])
-        # cross-attention: ComfyUI's module (text-to-video)
-        x = x + block.cross_attn(block.norm3(x), args["txt"], transformer_options=options)
+        self._cross_attention(block, x, args["txt"], options)
         # feed-forward
         xq, xs = kernels.fused.norm_modulate_quantize(x, e[3], e[4], block.norm2.eps,
                                                       rotate_group=ffn[0].input_rotation())
@@ -115,6 +123,32 @@ class FusedBlock:
         del h
         ffn[2].run_quantized(hq, hs, x.dtype, residual=x, gate=e[5])
         return {"img": x}
+
+
+    @staticmethod
+    def _cross_attention(block, x: torch.Tensor, context: torch.Tensor, options: dict) -> None:
+        """``x += cross_attn(norm3(x), context)`` in place: norm3 (affine LayerNorm or none) fused with the q layer's
+        quantization, the output projection's residual add in its GEMM epilogue (gate 1)."""
+        cross, norm3 = block.cross_attn, block.norm3
+        b, s, d = x.shape
+        group = cross.q.input_rotation()
+        if isinstance(norm3, torch.nn.LayerNorm):
+            affine = norm3.weight is not None
+            weight = common.small(norm3.weight, x) if affine else None
+            shift = common.small(norm3.bias, x).view(1, 1, d) if affine else None
+            xq, xs = kernels.fused.norm_modulate_quantize(x, shift, x.new_zeros(1, 1, d), norm3.eps,
+                                                          rotate_group=group, weight=weight)
+        else:  # no norm3 (cross_attn_norm off): the rows as they are
+            xq, xs = kernels.quantize_rows(x, rotate_group=group)
+            xs = xs.reshape(-1)
+        q = cross.norm_q(cross.q.run_quantized(xq, xs, x.dtype).view(b, s, -1))
+        k = cross.norm_k(cross.k(context))
+        v = cross.v(context)
+        # looked up at call time: what ComfyUI's module calls now (its chosen backend, or another node's patch)
+        y = comfy.ldm.wan.model.optimized_attention(q, k, v, heads=cross.num_heads, transformer_options=options)
+        del q, k, v
+        aq, a_scale = kernels.quantize_rows(y, rotate_group=cross.o.input_rotation())
+        cross.o.run_quantized(aq, a_scale.reshape(-1), x.dtype, residual=x, gate=x.new_ones(1, 1, d))
 
 
 def install(patcher) -> int:
