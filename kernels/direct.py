@@ -56,13 +56,18 @@ _X, _XQ, _XS, _OUT = range(4)
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
 
-def workspace(nbytes: int, device: torch.device) -> torch.Tensor:
-    """A uint8 buffer of at least ``nbytes`` on ``device`` for the current stream (grown, never shrunk)."""
+def stream_key(device: torch.device) -> tuple:
+    """``(type, index, raw stream)`` of ``device``'s current stream (stream 0 off CUDA): the key of a buffer that
+    kernels on one stream may share because they run in order (``workspace``, the GEMM's split-tail workspace)."""
     index = device.index
     if device.type == "cuda" and index is None:
         index = torch.cuda.current_device()
-    stream = torch._C._cuda_getCurrentRawStream(index) if device.type == "cuda" else 0
-    key = (device.type, index, stream)
+    return device.type, index, torch._C._cuda_getCurrentRawStream(index) if device.type == "cuda" else 0
+
+
+def workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 buffer of at least ``nbytes`` on ``device`` for the current stream (grown, never shrunk)."""
+    key = stream_key(device)
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < nbytes:
         # growing: the old buffer is freed in stream order (kernels queued on it still read valid memory)

@@ -220,10 +220,10 @@ class _CLaunch:
 
     MAX_BASES = 8  # expansions kept per descriptor argument (a weight: one; a per-call output: a few addresses)
 
-    __slots__ = ("descs", "fn", "head")
+    __slots__ = ("descs", "expand", "fn", "head")
 
-    def __init__(self, fn, head: tuple, descs: tuple) -> None:
-        self.fn, self.head, self.descs = fn, head, descs
+    def __init__(self, fn, head: tuple, descs: tuple, expand=None) -> None:
+        self.fn, self.head, self.descs, self.expand = fn, head, descs, expand
 
     @classmethod
     def for_kernel(cls, kernel) -> _CLaunch | None:
@@ -235,12 +235,13 @@ class _CLaunch:
         fn = getattr(run, "launch", None)
         closure = getattr(fn, "__closure__", None)
         descs: tuple = ()
+        expand = None
         if closure:  # wrap_handle_tensordesc's inner(*args): the C launcher and the descriptor positions
             cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in closure), strict=True))
             if set(cells) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
                 return None
             try:
-                from triton.backends.nvidia.driver import make_tensordesc_arg  # noqa: F401
+                from triton.backends.nvidia.driver import make_tensordesc_arg as expand
             except ImportError:
                 return None
             fn = cells["launcher"]
@@ -250,15 +251,13 @@ class _CLaunch:
             return None
         head = (kernel.function, bool(run.launch_cooperative_grid), bool(run.launch_pdl), None, None,
                 kernel.packed_metadata, None, None, None)
-        return cls(fn, head, descs)
+        return cls(fn, head, descs, expand)
 
     def __call__(self, grid: tuple, stream: int, args: list) -> None:
         head = self.head
         if not self.descs:
             self.fn(grid[0], grid[1], grid[2], stream, *head, *args)
             return
-        from triton.backends.nvidia.driver import make_tensordesc_arg
-
         full, prev = [], 0
         for i, meta, cache in self.descs:
             desc = args[i]
@@ -267,7 +266,7 @@ class _CLaunch:
             if expanded is None:
                 if len(cache) >= self.MAX_BASES:
                     cache.clear()
-                expanded = make_tensordesc_arg(desc, meta)
+                expanded = self.expand(desc, meta)
                 if meta is None:  # a descriptor the kernel takes as pointer, shape, strides: keep no tensor
                     expanded[0] = base
                 cache[base] = expanded

@@ -35,6 +35,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import launch
 from .api import lora_rank_padded
 from .configs import GemmConfig, for_arch, smaller, without_warp_spec
+from .direct import stream_key
 from .dispatch import DISABLE_ENV
 from .launch import FastLauncher, device_descriptors, first_fit
 from .triton_quant import interpreting, num_sms
@@ -356,11 +357,7 @@ _TAIL: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _tail_workspace(device: torch.device, slots: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (device.type, index, torch._C._cuda_getCurrentRawStream(index))
-    else:  # the interpreter: one stream
-        key = (device.type, device.index, 0)
+    key = stream_key(device)
     acc, count = _TAIL.get(key, (None, None))
     if acc is None or acc.numel() < slots * tile or count.numel() < slots:
         acc = torch.zeros(max(slots * tile, acc.numel() if acc is not None else 0), dtype=torch.int32, device=device)

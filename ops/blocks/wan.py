@@ -63,9 +63,6 @@ class FusedBlock:
             return "attention patches present"
         if not attn.qk_norm:
             return "no q/k norm"
-        norm3 = block.norm3
-        if isinstance(norm3, torch.nn.LayerNorm) and (norm3.weight is None) != (norm3.bias is None):
-            return "cross-attention norm with a weight but no bias"
         ffn = block.ffn
         if not (isinstance(ffn, torch.nn.Sequential) and len(ffn) == 3
                 and common.mlp_activation(ffn[1]) == "gelu_tanh"):
@@ -73,6 +70,8 @@ class FusedBlock:
         cross, norm3 = block.cross_attn, block.norm3
         if not isinstance(norm3, (torch.nn.LayerNorm, torch.nn.Identity)):
             return f"cross-attention norm {type(norm3).__name__} (a LayerNorm or none expected)"
+        if isinstance(norm3, torch.nn.LayerNorm) and (norm3.weight is None) != (norm3.bias is None):
+            return "cross-attention norm with a weight but no bias"
         norms = [attn.norm_q, attn.norm_k] + ([norm3] if isinstance(norm3, torch.nn.LayerNorm) else [])
         why = common.why_not(args, [attn.q, attn.k, attn.v, attn.o, cross.q, cross.o, ffn[0], ffn[2]], norms, (), x)
         if why is not None:
@@ -123,7 +122,6 @@ class FusedBlock:
         del h
         ffn[2].run_quantized(hq, hs, x.dtype, residual=x, gate=e[5])
         return {"img": x}
-
 
     @staticmethod
     def _cross_attention(block, x: torch.Tensor, context: torch.Tensor, options: dict) -> None:
