@@ -190,8 +190,9 @@ def _with_lora(patcher, arch: arch_models.Arch, tiny: bool, rank: int, pack: boo
 
 def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = False, ref_dir: str | None = None,
         native_file: str = "auto", reps: int = 7, warmup: int = 2, power_s: float = 0.0,
-        backend: str = "inductor") -> list[dict]:
-    """Rows of measurements in this process (ratios added by ``add_ratios``)."""
+        backend: str = "inductor", trace_dir: str | None = None) -> list[dict]:
+    """Rows of measurements in this process (ratios added by ``add_ratios``); ``trace_dir``: a gzipped Chrome trace
+    of each row's gap-profiled step (host ops with Python frames, GPU activity) goes there."""
     from ..ops import native
 
     rows = []
@@ -225,7 +226,8 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
                     if ref_dir:
                         torch.save(y.cpu(), _ref_path(ref_dir, key, shape.res, rank))
                 ref = refs.get(rank)
-                prof = profile_step.profile(model, inputs, warmup=0, gaps=True)
+                trace = os.path.join(trace_dir, f"trace-{key}-{variant}-{mode}.json.gz") if trace_dir else None
+                prof = profile_step.profile(model, inputs, warmup=0, gaps=True, gaps_trace=trace)
                 row = {"model": arch.title, "arch": key, "res": shape.res, "variant": variant, "mode": mode,
                        "dtype": _dtype_of(patcher), "weights_gb": weights,
                        "sqnr_vs_bf16": None if ref is None else common.sqnr_db(ref, y),
@@ -285,7 +287,8 @@ def run_isolated(args) -> list[dict]:
                 cmd = [sys.executable, "-m", __spec__.name, "--models", key, "--variants", variant,
                        "--modes", *args.modes, "--ref-dir", ref_dir, "--rows-out", out, "--no-isolate",
                        "--native-file", args.native_file, "--reps", str(args.reps), "--warmup", str(args.warmup),
-                       "--power-s", str(args.power_s), "--backend", args.backend] + (["--tiny"] if args.tiny else [])
+                       "--power-s", str(args.power_s), "--backend", args.backend] + (["--tiny"] if args.tiny else []) \
+                    + (["--trace-dir", args.trace_dir] if args.trace_dir else [])
                 done = subprocess.run(cmd)
                 if done.returncode != 0:  # one failing variant (e.g. out of memory) does not lose the others
                     print(f"{key} {variant}: process failed with exit code {done.returncode}", flush=True)
@@ -342,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compile mode")
     parser.add_argument("--ref-dir", default=None, help="where BF16 eager outputs are kept (reused across runs)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--trace-dir", default=None, help="a gzipped Chrome trace of each row's step goes here")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge result files, print the table")
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # used by the isolated children
     args = parser.parse_args(argv)
@@ -362,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
 
         native.install()  # as in ComfyUI with the pack installed; comfy-int8 switches it off for its own load
         rows = run(args.models, args.variants, args.modes, args.tiny, args.ref_dir, args.native_file, args.reps,
-                   args.warmup, args.power_s, args.backend)
+                   args.warmup, args.power_s, args.backend, args.trace_dir)
         if args.rows_out:
             with open(args.rows_out, "w") as f:
                 json.dump(rows, f)

@@ -86,12 +86,14 @@ def idle_report(events, cuda_type, gap_us: float = 20.0, top: int = 8) -> dict:
             "syncs": syncs}
 
 
-def profile(model, inputs, trace: str | None = None, warmup: int = 2, gaps: bool = False) -> dict:
+def profile(model, inputs, trace: str | None = None, warmup: int = 2, gaps: bool = False,
+            gaps_trace: str | None = None) -> dict:
     """One profiled step after ``warmup`` steps: per-family ms and count, kernel sum, wall ms, top kernels.
 
     ``trace``: also record host activity and write a Chrome trace (gzipped JSON) to this path, to see
     where the GPU waits for the host. ``gaps``: record host activity too and add ``idle``: ``idle_report`` of the
-    step (a second profiled step, so the kernel sums above stay free of host-recording overhead)."""
+    step (a second profiled step, so the kernel sums above stay free of host-recording overhead); ``gaps_trace``: write
+    that step's Chrome trace (host ops with Python frames, and GPU activity; ``.json.gz`` is gzipped) to this path."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -129,10 +131,13 @@ def profile(model, inputs, trace: str | None = None, warmup: int = 2, gaps: bool
               "families": {k: {"ms": v[0], "count": v[1]} for k, v in families},
               "top": [{"name": k[:120], "ms": v[0], "count": v[1]} for k, v in top]}
     if gaps and cuda:
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                           with_stack=gaps_trace is not None) as prof:
             bench_model.step(model, inputs)
             common.sync()
         result["idle"] = idle_report(prof.events(), device_type)
+        if gaps_trace:
+            prof.export_chrome_trace(gaps_trace)
     return result
 
 

@@ -88,13 +88,14 @@ for step in "$@"; do
             --variants ${VARIANTS:-bf16-lora64 pack-row pack-row-lora64} --out "$OUT/bench_model_9b_lora.json" 2>&1 \
             | tee "$OUT/bench_model_9b_lora.txt" ;;
         host) python3 -m int8_w8a8.bench.profile_host --out "$OUT/profile_host.json" 2>&1 | tee "$OUT/profile_host.txt" ;;
+        # ARCH_ARGS: more bench_arch arguments (e.g. "--trace-dir $OUT/traces": a Chrome trace of each row's step)
         # one architecture's five eager variants take ~3-4 min (one process each); Qwen-Image and Wan ~5 min;
         # VARIANTS="pack-convert pack-convert-lora64" measures the dynamic LoRA's cost (bf16-lora64: its SQNR reference)
         arch-eager) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes eager \
-            --variants ${VARIANTS:-bf16 fp8-fast comfy-int8 pack-native pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs \
+            --variants ${VARIANTS:-bf16 fp8-fast comfy-int8 pack-native pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs ${ARCH_ARGS:-} \
             --out "$OUT/bench_arch_eager_${m// /_}.json" 2>&1 | tee "$OUT/bench_arch_eager_${m// /_}.txt" ;;
         arch-compile) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes compile \
-            --variants ${VARIANTS:-bf16 fp8-fast pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs \
+            --variants ${VARIANTS:-bf16 fp8-fast pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs ${ARCH_ARGS:-} \
             --out "$OUT/bench_arch_compile_${m// /_}.json" 2>&1 | tee "$OUT/bench_arch_compile_${m// /_}.txt" ;;
         tests-fastpath) python3 -m pytest tests/test_fastpath.py tests/test_fastpath_fused.py $XDIST -q -p no:randomly 2>&1 | tee "$OUT/pytest-fastpath.log" \
             | tail -15 ;;
@@ -113,7 +114,7 @@ for step in "$@"; do
                 | tee "$OUT/sweep_ws.txt"; } ;;
         # the opt-in split tail (stream-K for the last wave, configs.GemmConfig.split_tail) vs the table config at the
         # wave-quantized shapes of Z-Image, klein and Chroma (~2 min): bit-identity tests first, under a timeout
-        gemm-tail) timeout 240 python3 -m pytest tests/test_kernels.py -q -p no:randomly -k "split_tail or tail_plan" 2>&1 \
+        gemm-tail) timeout 240 python3 -m pytest tests/test_kernels.py $XDIST -q -p no:randomly -k "split_tail or tail_plan" 2>&1 \
                 | tee "$OUT/pytest-gemm-tail.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.sweep_gemm --bucket tail --out "$OUT/sweep_tail.json" 2>&1 \
                 | tee "$OUT/sweep_tail.txt"; } ;;

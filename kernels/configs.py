@@ -34,9 +34,11 @@ class GemmConfig:
     made in the kernel (see ``triton_gemm._gemm_tma_kernel``). The register split leaves one program per SM.
     lora_loop: a LoRA term of more than one 64-rank chunk runs its chunks in a loop, one accumulator for all,
     instead of unrolled (datacenter Blackwell: see ``BLACKWELL_TABLE``).
-    split_tail (TMA kernel, not warp-specialized): when the last wave of the persistent grid holds at most half as
-    many tiles as there are programs, those tiles are split over K among the idle programs and summed in int32
-    (bit-identical; ``triton_gemm._gemm_tma_kernel``, ``tail_plan``). Opt-in until measured on a GPU.
+    split_tail (TMA kernel, not warp-specialized): 0 (off), or the fewest K tiles one part of a split tile runs. When
+    the last wave of the persistent grid (after at least one full wave) holds at most half as many tiles as there
+    are programs, those tiles are split over K among the idle programs and summed in int32 (bit-identical;
+    ``triton_gemm._gemm_tma_kernel``, ``tail_plan``); each part runs at least ``split_tail`` K tiles (the int32
+    partial sums go through L2 atomics: short parts cost more than they save).
     """
 
     kernel: str
@@ -50,7 +52,7 @@ class GemmConfig:
     ctas_per_sm: int = 1
     lora_loop: bool = False
     warp_spec: bool = False
-    split_tail: bool = False
+    split_tail: int = 0
 
     def __post_init__(self) -> None:
         if self.kernel not in ("tma", "generic"):
@@ -60,6 +62,8 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.warp_spec: needs kernel 'tma', num_warps 4 (the consumers' warps) and no "
                              f"epilogue_subtile, got kernel {self.kernel!r}, num_warps {self.num_warps}, "
                              f"epilogue_subtile {self.epilogue_subtile}")
+        if self.split_tail < 0:
+            raise ValueError(f"GemmConfig.split_tail: expected 0 (off) or K tiles >= 1, got {self.split_tail}")
         if self.split_tail and (self.kernel != "tma" or self.warp_spec):
             raise ValueError("GemmConfig.split_tail: needs kernel 'tma' without warp_spec")
         if self.ctas_per_sm < 1:
@@ -139,8 +143,11 @@ HOPPER_TABLE = GemmTable("hopper (sm_90)", (
     # >= 0.91 on 512 x {4096x24576, 16384x4096, 4096x12288} and 1024x3072x27648; 115,232
     (1024, GemmConfig("tma", 64, 128, 128, num_warps=4, num_stages=4, ctas_per_sm=2)),
     # best on all five large klein shapes (1277 TOPS at 4608x4096x36864 vs 1243 for 128x256x128 with
-    # one program per SM): two programs per SM, so one's epilogue runs under the other's main loop; 98,848
-    (_LARGE, GemmConfig("tma", 128, 128, 64, num_warps=4, num_stages=4, ctas_per_sm=2)),
+    # one program per SM): two programs per SM, so one's epilogue runs under the other's main loop; 98,848.
+    # split_tail=64 (parts of >= 4096 K): a half-empty last wave split over K measured 1.11-1.13x at K = 12288-15360
+    # (Chroma's single-block linear2 0.410 -> 0.364 ms) and 1.03x at K = 10240-16384, but 0.88-0.99x at K = 3840 and
+    # 0.97x at K = 4096 (parts of 20-60 K tiles); bench/NOTES.md item 34
+    (_LARGE, GemmConfig("tma", 128, 128, 64, num_warps=4, num_stages=4, ctas_per_sm=2, split_tail=64)),
 ), smem_bytes=213_552, unaligned=MMA_TABLE)
 
 

@@ -338,17 +338,21 @@ def _pad_lora(h, b):
     return h, b.to(h.dtype), rp
 
 
-def tail_plan(tiles: int, programs: int, k_tiles: int) -> tuple[int, int]:
-    """(full_tiles, tail_split) of ``GemmConfig.split_tail``: the tiles of the last wave of a persistent grid of
-    ``programs`` (``tiles - full_tiles`` of them) run as ``tail_split`` parts over K each, where that wave is at most
-    half full and K has at least two tiles; ``(tiles, 1)`` (no split) otherwise. E.g. Z-Image's attention output,
-    4608 x 3840 in 128 x 128 tiles on 264 programs: 1080 tiles = 4 full waves + 24, whose 60 K tiles run as 11
-    parts of 5-6 (the wave-quantized grid's fifth wave took a whole tile's time for 24 of 264 programs)."""
+def tail_plan(tiles: int, programs: int, k_tiles: int, min_part: int = 1) -> tuple[int, int]:
+    """(full_tiles, tail_split) of ``GemmConfig.split_tail`` (= ``min_part``): after at least one full wave of a
+    persistent grid of ``programs``, the tiles of the last wave (``tiles - full_tiles``) run as ``tail_split`` parts
+    over K each, where that wave is at most half full and each of at least two parts gets ``min_part`` K tiles or
+    more; ``(tiles, 1)`` (no split) otherwise. E.g. Chroma's single-block linear2, 4608 x 3072 in 128 x 128 tiles on
+    264 programs, K = 15360 (240 tiles of 64): 864 tiles = 3 full waves + 72, which run as 3 parts of 80 K tiles (the
+    fourth wave took a whole tile's time for 72 of 264 programs). A grid of less than one wave (a LoRA's down
+    projection, N = 64) is not split: each tile has its SM already, and on the H200 splitting those measured
+    0.58-0.88x at K >= 12288 (bench/NOTES.md item 34)."""
     full = tiles // programs * programs
     rest = tiles - full
-    if rest == 0 or 2 * rest > programs or k_tiles < 2:
+    if full == 0 or rest == 0 or 2 * rest > programs:
         return tiles, 1
-    return full, min(programs // rest, k_tiles)
+    parts = min(programs // rest, k_tiles // max(1, min_part))
+    return (full, parts) if parts >= 2 else (tiles, 1)
 
 
 # int32 partial sums and arrival counts of split tail tiles, per (device, stream): zero between launches (the last
@@ -446,7 +450,8 @@ def gemm(
                 hl = (h_arg, lb_arg)
             programs = num_sms(out.device) * cfg.ctas_per_sm
             tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-            full, split = tail_plan(tiles, programs, triton.cdiv(k, cfg.block_k)) if cfg.split_tail else (tiles, 1)
+            full, split = tail_plan(tiles, programs, triton.cdiv(k, cfg.block_k), cfg.split_tail) if cfg.split_tail \
+                else (tiles, 1)
             tail = _tail_workspace(out.device, tiles - full, cfg.block_m * cfg.block_n) if split > 1 \
                 else (x_scale, x_scale)
             with device_descriptors(cfg.warp_spec):

@@ -293,26 +293,35 @@ def test_ws_gemm_float32_output_and_strided_rows(seed, cfg):
 # in int32; bit-identical to the same tiles without it, every epilogue, and the workspace left zeroed for the next
 # call. Under the interpreter (4 "SMs") small tiles give tails; on a GPU the table's large-M tiles.
 # ---------------------------------------------------------------------------------------------
-SPLIT = ([GemmConfig("tma", 16, 16, 32, ctas_per_sm=2, split_tail=True),
-          GemmConfig("tma", 32, 32, 32, epilogue_subtile=True, split_tail=True)]
-         if INTERPRETED else [GemmConfig("tma", 128, 128, 64, num_stages=4, ctas_per_sm=2, split_tail=True),
-                              GemmConfig("tma", 64, 128, 128, num_stages=4, ctas_per_sm=2, split_tail=True)])
+SPLIT = ([GemmConfig("tma", 16, 16, 32, ctas_per_sm=2, split_tail=1),
+          GemmConfig("tma", 32, 32, 32, epilogue_subtile=True, split_tail=1)]
+         if INTERPRETED else [GemmConfig("tma", 128, 128, 64, num_stages=4, ctas_per_sm=2, split_tail=1),
+                              GemmConfig("tma", 64, 128, 128, num_stages=4, ctas_per_sm=2, split_tail=1)])
 
 
 def test_tail_plan():
     assert triton_gemm.tail_plan(1080, 264, 60) == (1056, 11)  # Z-Image's attention output, 128 x 128 tiles
+    assert triton_gemm.tail_plan(1080, 264, 60, 16) == (1056, 3)  # parts of >= 16 K tiles
+    assert triton_gemm.tail_plan(1080, 264, 60, 64) == (1080, 1)  # the Hopper table: K = 3840 is not split
+    assert triton_gemm.tail_plan(864, 264, 240, 64) == (792, 3)  # Chroma's single-block linear2
     assert triton_gemm.tail_plan(3240, 264, 60) == (3168, 3)
     assert triton_gemm.tail_plan(5760, 264, 60) == (5760, 1)  # a last wave over half full: left as it is
     assert triton_gemm.tail_plan(1056, 264, 60) == (1056, 1)  # no partial wave
-    assert triton_gemm.tail_plan(2, 264, 2) == (0, 2)  # fewer tiles than programs: split-K, at most k_tiles parts
+    assert triton_gemm.tail_plan(3240, 264, 60, 64) == (3240, 1)  # Z-Image's qkv: not two parts of 64 K tiles
+    assert triton_gemm.tail_plan(288, 264, 6) == (264, 6)  # at most k_tiles parts
+    assert triton_gemm.tail_plan(2, 264, 2) == (2, 1)  # less than one wave: not split
+    assert triton_gemm.tail_plan(36, 264, 240, 16) == (36, 1)  # a LoRA down projection (N = 64) at K = 15360
     assert triton_gemm.tail_plan(9, 8, 1) == (9, 1)  # one K tile: nothing to split
+    assert triton_gemm.tail_plan(24, 264, 31, 16) == (24, 1)  # not two parts of 16 K tiles
     with pytest.raises(ValueError, match="split_tail"):
-        GemmConfig("generic", 16, 16, 32, split_tail=True)
+        GemmConfig("generic", 16, 16, 32, split_tail=1)
+    with pytest.raises(ValueError, match="split_tail"):
+        GemmConfig("tma", 16, 16, 32, split_tail=-1)
 
 
 @pytest.mark.parametrize("cfg", SPLIT, ids=str)
-@pytest.mark.parametrize("m,k,n", [(33, 64, 16), (17, 96, 16), (200, 80, 72)] if INTERPRETED
-                         else [(200, 80, 72), (4608, 3840, 3840), (4608, 1024, 3072)])
+@pytest.mark.parametrize("m,k,n", [(95, 80, 88), (65, 96, 72), (130, 80, 40)] if INTERPRETED
+                         else [(2304, 384, 2048), (4608, 3840, 3840), (4608, 1024, 3072)])
 @pytest.mark.parametrize("epilogue", ["bias", "residual", "lora", "residual+lora"])
 def test_split_tail_gemm_bit_identical(seed, cfg, m, k, n, epilogue):
     programs = triton_quant.num_sms(torch.device(DEV)) * cfg.ctas_per_sm
@@ -330,7 +339,7 @@ def test_split_tail_gemm_bit_identical(seed, cfg, m, k, n, epilogue):
         else None
     start = torch.randn(m, n, device=DEV, dtype=torch.bfloat16) if gate is not None \
         else torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
-    plain = dataclasses.replace(cfg, split_tail=False)
+    plain = dataclasses.replace(cfg, split_tail=0)
     if gate is not None:  # a residual epilogue runs with its own config rule (configs.for_residual), both alike
         cfg, plain = configs.for_residual(cfg), configs.for_residual(plain)
     expect = _ws_run(plain, xq, xs, wq, ws, bias, start.clone(), lora, gate, rows_per_batch)
@@ -339,7 +348,10 @@ def test_split_tail_gemm_bit_identical(seed, cfg, m, k, n, epilogue):
         assert torch.equal(out, expect)
     if epilogue == "bias":
         _assert_out_equal(out, ref.epilogue(ref.int8_matmul(xq, wq), xs, ws, bias, torch.bfloat16))
-    assert triton_gemm.tail_plan(tiles, programs, k_tiles)[1] > 1 or m == 4608  # these shapes do split
+    # these shapes do split: a full wave and a last one at most half full (the interpreter: 16 x 16 tiles on 8
+    # programs 36 / 25 / 27, 32 x 32 tiles on 4 programs 9 / 9 / 10; on the GPU: 288 tiles of 128 x 128 or 576 of
+    # 64 x 128 on 264 programs, 3-6 K tiles)
+    assert triton_gemm.tail_plan(tiles, programs, k_tiles, cfg.split_tail)[1] > 1 or m == 4608
 
 
 def test_ws_config_rules():
