@@ -134,11 +134,15 @@ def step(patcher, inputs) -> torch.Tensor:
     """One denoising step the way ComfyUI's samplers call the model (wrappers included).
 
     ``inputs``: (x, sigma, conds), conds the keyword arguments of ``BaseModel.apply_model`` (c_crossattn and
-    whatever the model's ``extra_conds`` adds)."""
+    whatever the model's ``extra_conds`` adds). The model is loaded (``load_models_gpu``) only when it is not loaded
+    already, as a sampler does once per run (``comfy.sampler_helpers.prepare_sampling``), not per step: reloading a
+    loaded model unpatches and re-applies its object patches (the fused blocks' and every dynamic LoRA term's),
+    host time a real step does not pay (bench/NOTES.md item 35)."""
     import comfy.model_management
     import comfy.patcher_extension
 
-    comfy.model_management.load_models_gpu([patcher])
+    if not any(m is patcher for m in comfy.model_management.loaded_models()):
+        comfy.model_management.load_models_gpu([patcher])
     x, sigma, conds = inputs
     options = dict(patcher.model_options.get("transformer_options", {}))
     options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)

@@ -107,6 +107,29 @@ def test_harness_lora_variants_tiny(comfyui, pack_layout, key, tmp_path, capsys)
     assert "dynamic LoRA:" in capsys.readouterr().out
 
 
+def test_step_loads_the_model_once_as_a_sampler_does(comfyui, pack_layout, monkeypatch):
+    """A step loads its model only when it is not loaded (a sampler's prepare_sampling, once per run): reloading a
+    loaded model re-applies every object patch (fused blocks, dynamic LoRA terms), host time no real step pays."""
+    import comfy.model_management
+
+    from int8_w8a8.bench import arch_models, bench_arch, bench_model
+
+    arch = arch_models.ARCHS["zimage"]
+    patcher, _ = bench_arch.build("pack-convert", arch, True, "auto")
+    patcher = bench_arch._with_lora(patcher, arch, True, 8, pack=True)
+    inputs = arch_models.step_inputs(patcher, arch.step_shape(True), "cpu")
+    loads = []
+    load = comfy.model_management.load_models_gpu
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda models, *a, **k: (loads.append(models),
+                                                                                             load(models, *a, **k)))
+    first = bench_model.step(patcher, inputs)
+    assert torch.equal(bench_model.step(patcher, inputs), first)
+    assert [[m is patcher for m in models] for models in loads] == [[True]]
+    clone = patcher.clone()  # another patcher (e.g. TorchCompileModel's clone) is loaded on its first step
+    bench_model.step(clone, inputs)
+    assert len(loads) == 2 and loads[1][0] is clone
+
+
 def test_harness_compile_mode_and_native_state_dict_in_memory(comfyui, pack_layout, tmp_path):
     from int8_w8a8.bench import bench_arch
 
