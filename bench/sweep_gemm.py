@@ -1,6 +1,6 @@
 """Sweep GEMM tile configurations per M bucket on this GPU (GEMM + epilogue only, bf16 out).
 
-    python -m int8_w8a8.bench.sweep_gemm [--out sweep.json] [--bucket large|m1024|m256|m64|small|all|ws|tail]
+    python -m int8_w8a8.bench.sweep_gemm [--out sweep.json] [--bucket large|m1024|m256|m64|small|all|ws|tail|lora]
 
 The winners go into ``kernels/configs.py`` by hand, one per (GPU generation, M bucket): the pack
 never autotunes at run time. Each candidate is checked against the twin before it is timed.
@@ -9,8 +9,10 @@ never autotunes at run time. Each candidate is checked against the twin before i
 against the table's large-M config, 128x256x128 at 8 warps without specialization, and cuBLAS FP8
 (``torch._scaled_mm``, per-tensor scales) at the Z-Image and FLUX.2 klein 9B GEMM shapes; every INT8 result must
 be bit-identical to the table config's (and the twin's) before it is timed.
-``--bucket tail`` (not part of "all"): the table's large-M config with and without ``GemmConfig.split_tail`` (and the
-64 x 128 tiles) at the shapes whose last wave of tiles is at most half full (``TAIL_SHAPES``), checked the same way.
+``--bucket lora`` (not part of "all"): 64-wide tiles for a rank-64 LoRA's down projection (N = 64) against the table's.
+``--bucket tail`` (not part of "all"): the table's large-M config without and with ``GemmConfig.split_tail`` (the
+table's parts, and parts of >= 16 and >= 1 K tiles) at the shapes whose last wave of tiles is at most half full
+(``TAIL_SHAPES``), checked the same way.
 """
 
 from __future__ import annotations
@@ -156,12 +158,30 @@ def tail_candidates() -> list[tuple[str, GemmConfig]]:
             ("128x128x64, split_tail=1", dataclasses.replace(table, split_tail=1))]
 
 
+# The down projection of a rank-64 dynamic LoRA (``kernels.fused.lora_down``: the INT8 GEMM with N = 64) at the
+# text and image rows of FLUX-type blocks (512, 4096-4608) and Wan's 14040, K of the layers' inputs: the table's
+# 128 x 128 tiles leave 36-110 programs for 132 SMs and measured 36-120 us at M = 4608 against cuBLAS FP8's 11-30
+# (bench/NOTES.md item 34)
+LORA_SHAPES = [(m, k, 64) for m in (512, 4608, 14040) for k in (3072, 3840, 10240, 15360)]
+
+
+def lora_candidates() -> list[tuple[str, GemmConfig]]:
+    """(name, config): the table's large-M config (the reference), then tiles 64 wide, TMA and pointer loads."""
+    table = dataclasses.replace(configs.HOPPER_TABLE.rows[-1][1], split_tail=0)
+    return [("table 128x128x64 s4 2/SM", table),
+            ("tma 128x64x128 s4 2/SM", GemmConfig("tma", 128, 64, 128, num_stages=4, ctas_per_sm=2)),
+            ("tma 64x64x128 s4 2/SM", GemmConfig("tma", 64, 64, 128, num_stages=4, ctas_per_sm=2)),
+            ("tma 64x64x256 s3 2/SM", GemmConfig("tma", 64, 64, 256, num_stages=3, ctas_per_sm=2)),
+            ("generic 64x64x128 s3", GemmConfig("generic", 64, 64, 128, num_warps=4, num_stages=3)),
+            ("generic 32x64x256 s3", GemmConfig("generic", 32, 64, 256, num_warps=4, num_stages=3))]
+
+
 def run_ws() -> list[dict]:
     """Each ``ws_candidates`` config and cuBLAS FP8 at ``WS_SHAPES``: ms, TOPS, and x the table config."""
     return run_variants(WS_SHAPES, ws_candidates())
 
 
-def run_variants(shapes, candidates: list[tuple[str, GemmConfig]]) -> list[dict]:
+def run_variants(shapes, candidates: list[tuple[str, GemmConfig]], warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
     """Each candidate (the first is the reference for bit identity) and cuBLAS FP8 at ``shapes``: ms, TOPS, and x
     the first candidate; a candidate whose output differs from the first's or the torch twin's is not timed."""
     fp8_max = torch.finfo(torch.float8_e4m3fn).max
@@ -182,7 +202,7 @@ def run_variants(shapes, candidates: list[tuple[str, GemmConfig]]) -> list[dict]
                     rows.append({"name": name, "config": cfg.__dict__, "error": "not bit-identical"})
                     print(f"  {name:<28} NOT BIT-IDENTICAL", flush=True)
                     continue
-                ms = common.bench_ms(fn, warmup_ms=10, rep_ms=50)
+                ms = common.bench_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
                 rows.append({"name": name, "config": cfg.__dict__, "ms": ms, "tops": common.tops(m, k, n, ms)})
             except Exception as exc:  # out of resources, a compiler failure: record and go on
                 rows.append({"name": name, "config": cfg.__dict__, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
@@ -190,7 +210,7 @@ def run_variants(shapes, candidates: list[tuple[str, GemmConfig]]) -> list[dict]
         sb = w.abs().amax().float().clamp(min=1e-12) / fp8_max
         x8, w8 = (x.float() / sa).to(torch.float8_e4m3fn), (w.float() / sb).to(torch.float8_e4m3fn)
         ms = common.bench_ms(functools.partial(torch._scaled_mm, x8, w8.t(), scale_a=sa, scale_b=sb,
-                                               out_dtype=torch.bfloat16), warmup_ms=10, rep_ms=50)
+                                               out_dtype=torch.bfloat16), warmup_ms=warmup_ms, rep_ms=rep_ms)
         rows.append({"name": "cuBLAS fp8 per-tensor", "ms": ms, "tops": common.tops(m, k, n, ms)})
         base = next((r["ms"] for r in rows if "ms" in r), None)
         print(f"M={m} K={k} N={n}", flush=True)
@@ -207,7 +227,7 @@ def run_variants(shapes, candidates: list[tuple[str, GemmConfig]]) -> list[dict]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="sweep_gemm.json")
-    parser.add_argument("--bucket", default="all", choices=["all", *BUCKETS, "ws", "tail"])
+    parser.add_argument("--bucket", default="all", choices=["all", *BUCKETS, "ws", "tail", "lora"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_gemm needs a CUDA GPU", file=sys.stderr)
@@ -217,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.bucket == "tail":
         common.write_json(args.out, {"env": common.environment(), "tail": run_variants(TAIL_SHAPES, tail_candidates())})
+        return 0
+    if args.bucket == "lora":  # kernels of 10-120 us: longer warm-up (the clock ramps up from idle) and repetitions
+        common.write_json(args.out, {"env": common.environment(),
+                                     "lora": run_variants(LORA_SHAPES, lora_candidates(), warmup_ms=100, rep_ms=200)})
         return 0
     buckets = list(BUCKETS) if args.bucket == "all" else [args.bucket]
     payload = {"env": common.environment(), "buckets": {b: run_bucket(b) for b in buckets}}
