@@ -146,7 +146,7 @@ HOPPER_TABLE = GemmTable("hopper (sm_90)", (
     # one program per SM): two programs per SM, so one's epilogue runs under the other's main loop; 98,848.
     # split_tail=64 (parts of >= 4096 K): a half-empty last wave split over K measured 1.11-1.13x at K = 12288-15360
     # (Chroma's single-block linear2 0.410 -> 0.364 ms) and 1.03x at K = 10240-16384, but 0.88-0.99x at K = 3840 and
-    # 0.97x at K = 4096 (parts of 20-60 K tiles); bench/NOTES.md item 34
+    # 0.97x at K = 4096 (parts of 5-21 K tiles); bench/NOTES.md item 34
     (_LARGE, GemmConfig("tma", 128, 128, 64, num_warps=4, num_stages=4, ctas_per_sm=2, split_tail=64)),
 ), smem_bytes=213_552, unaligned=MMA_TABLE)
 

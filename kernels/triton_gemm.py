@@ -346,7 +346,7 @@ def tail_plan(tiles: int, programs: int, k_tiles: int, min_part: int = 1) -> tup
     264 programs, K = 15360 (240 tiles of 64): 864 tiles = 3 full waves + 72, which run as 3 parts of 80 K tiles (the
     fourth wave took a whole tile's time for 72 of 264 programs). A grid of less than one wave (a LoRA's down
     projection, N = 64) is not split: each tile has its SM already, and on the H200 splitting those measured
-    0.58-0.88x at K >= 12288 (bench/NOTES.md item 34)."""
+    0.58-1.56x over three sweeps, below 1 in most (bench/NOTES.md item 34)."""
     full = tiles // programs * programs
     rest = tiles - full
     if full == 0 or rest == 0 or 2 * rest > programs:
