@@ -192,3 +192,34 @@ def test_idle_report_finds_gaps_syncs_and_the_op_the_gpu_waited_for():
     assert report["gaps"] == [{"ms": 0.05, "at_ms": 0.07, "op": "int8_w8a8::int8_gemm"}]
     assert report["syncs"] == {"cudaStreamSynchronize": [1, pytest.approx(0.019)]}
     assert profile_step.idle_report([ev("step", 0, 1, cpu)], gpu)["idle_ms"] is None
+
+
+def test_trace_report_summarizes_a_step_trace(tmp_path):
+    """bench/trace_report.py on a made-up gzipped Chrome trace: kernel totals and span, the first kernel's launch
+    (matched by correlation id) after the step's frame began and what ran before it, host names by total."""
+    import gzip
+
+    from int8_w8a8.bench import trace_report
+
+    def x(name, cat, ts, dur, **args):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "args": args}
+
+    events = [x("int8_w8a8/bench/bench_model.py(133): step", "python_function", 0, 500),
+              x("comfy/model_management.py(884): load_models_gpu", "python_function", 5, 95),
+              x("cudaLaunchKernel", "cuda_runtime", 120, 5, correlation=7),
+              x("_gemm_tma_kernel", "kernel", 130, 200, correlation=7),
+              x("cudaLaunchKernel", "cuda_runtime", 300, 5, correlation=8),
+              x("_gemm_tma_kernel", "kernel", 340, 100, correlation=8),
+              x("int8_w8a8/kernels/fused.py(446): int8_gemm", "python_function", 110, 20),
+              x("int8_w8a8/kernels/fused.py(446): int8_gemm", "python_function", 290, 20),
+              {"ph": "i", "name": "marker", "ts": 1}]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    r = trace_report.report(trace_report.load(str(path)), match=("kernels/fused",))
+    assert r["device_ms"] == pytest.approx(0.3) and r["span_ms"] == pytest.approx(0.31)
+    assert r["kernels"] == [("_gemm_tma_kernel", pytest.approx(0.3), 2)]
+    assert r["first_launch_ms"] == pytest.approx(0.12)
+    assert r["before_first_launch"] == [("comfy/model_management.py(884): load_models_gpu", pytest.approx(0.095))]
+    assert r["host"] == [("int8_w8a8/kernels/fused.py(446): int8_gemm", pytest.approx(0.04), 2)]
+    trace_report.main([str(path)])  # prints the same
