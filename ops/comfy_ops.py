@@ -35,7 +35,7 @@ from ..kernels.direct import LinearPlan
 from . import layout
 from .config import LoadConfig
 from .formats import FP8_FORMATS, INT8_FORMAT, SMOOTH, Int8FormatError
-from .lowrank import LowRank
+from .lowrank import LowRank, stacked_down
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,8 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         return layout.rotate_group_of(w._params) if layout.is_int8_weight(w) else 0
 
     def run_quantized(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype,
-                      residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+                      residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                      lora_h: torch.Tensor | None = None) -> torch.Tensor:
         """The layer on rows a fused kernel already quantized (only when ``fusable()``; rotated by
         ``input_rotation()``, as the stored weight is).
 
@@ -244,15 +245,19 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         ``kernels.fused.lora_down``), and ``h @ b.T`` is accumulated in the GEMM's float32 epilogue, so the
         output is still written once. h thus sees the layer's own activation quantization (as the main product
         does) plus the rounding of ``a`` to int8 (~40 dB for Gaussian rows; bench/NOTES.md, "Dynamic LoRA in the
-        fused blocks").
+        fused blocks"). ``lora_h``: that ``h [M, R]`` computed already (``run_quantized_shared``), or None.
         """
         comfy.ops.run_every_op()
         group = self.input_rotation()
         term = self.int8_lora
-        lora_h = lora_b = None
-        if term is not None:
-            a_q, a_scale = term.int8_down(group)
-            lora_h, lora_b = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, term.b.dtype), term.b
+        lora_b = None
+        if term is None:
+            lora_h = None
+        else:
+            if lora_h is None:
+                a_q, a_scale = term.int8_down(group)
+                lora_h = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, term.b.dtype)
+            lora_b = term.b
         plan = self._plan_if_resident()
         if plan is not None:
             y = (plan.gemm(xq, x_scale, out_dtype, lora_h, lora_b) if residual is None
@@ -300,6 +305,30 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
     def _apply(self, fn, recurse=True):
         return comfy.ops._quantized_apply(self, fn, recurse)
+
+
+def run_quantized_shared(layers, xq: torch.Tensor, x_scale: torch.Tensor,
+                         out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``layer.run_quantized(xq, x_scale, out_dtype)`` for each of ``layers`` (``Int8Linear``, fusable, one ConvRot
+    group), which read one quantization of the same rows (q/k/v, w1/w3), with their dynamic LoRA terms' down
+    projections in one INT8 GEMM: ``h`` of every term at once (``lowrank.stacked_down``), each layer given its
+    columns. Bit-identical to one GEMM per term; one launch of a GEMM too narrow to fill the GPU instead of one per
+    layer. Layers without a term run as they are; fewer than two terms, or a traced call, take the per-layer path."""
+    terms = [layer.int8_lora for layer in layers]
+    with_term = [t for t in terms if t is not None]
+    if len(with_term) < 2 or torch.compiler.is_compiling() or len({t.b.dtype for t in with_term}) != 1:
+        return tuple(layer.run_quantized(xq, x_scale, out_dtype) for layer in layers)
+    a_q, a_scale = stacked_down(with_term, layers[0].input_rotation())
+    h = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, with_term[0].b.dtype)
+    out, col = [], 0
+    for layer, term in zip(layers, terms, strict=True):
+        if term is None:
+            out.append(layer.run_quantized(xq, x_scale, out_dtype))
+            continue
+        r = term.a.shape[0]
+        out.append(layer.run_quantized(xq, x_scale, out_dtype, lora_h=h[:, col:col + r]))
+        col += r
+    return tuple(out)
 
 
 def make_operations(config: LoadConfig) -> type:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +82,27 @@ class LowRank:
 
     def concat(self, other: LowRank) -> LowRank:
         return LowRank(torch.cat([self.a, other.a.to(self.a)], 0), torch.cat([self.b, other.b.to(self.b)], 1))
+
+
+# stacked down projections of terms whose layers read the same rows (``stacked_down``), kept per first term (an entry
+# goes with it) with weak references to the others, so a replaced term is never matched by a reused address
+_STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def stacked_down(terms: Sequence[LowRank], rotate_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a_q int8 [sum R, K], a_scale float32 [sum R, 1])``: the ``int8_down`` of each term stacked along R, for
+    layers fed one quantization of the same rows (q/k/v, w1/w3): one INT8 GEMM of sum R columns computes every
+    term's ``h``, column for column the same values as one GEMM per term (integer sums, per-column scales). Built
+    once per set of terms (and ConvRot group) and kept while the first term lives."""
+    first, rest = terms[0], tuple(terms[1:])
+    entry = _STACKED.get(first)
+    if (entry is not None and entry[1] == rotate_group and len(entry[0]) == len(rest)
+            and all(ref() is t for ref, t in zip(entry[0], rest, strict=True))):
+        return entry[2]
+    downs = [t.int8_down(rotate_group) for t in terms]
+    stacked = (torch.cat([d[0] for d in downs], 0), torch.cat([d[1].reshape(-1, 1) for d in downs], 0))
+    _STACKED[first] = (tuple(weakref.ref(t) for t in rest), rotate_group, stacked)
+    return stacked
 
 
 def forward_with_lowrank(module: torch.nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -117,6 +117,28 @@ def test_plan_gemms_with_a_lora_term_replay_bit_identical(seed, triton_gemms, mo
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_lora_term_given_as_columns_of_a_wider_h(seed, triton_gemms, residual):
+    """``lora_h`` as a column slice of a stacked down projection (``comfy_ops.run_quantized_shared``: row stride
+    larger than R) gives the GEMMs exactly what a contiguous ``lora_h`` gives, with no copy."""
+    m, k, n = 33, 96, 40
+    q, scale = ref.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5)
+    _, xq, xs = _rows(m, k)
+    wide = torch.randn(m, 48, device=DEV, dtype=BF16)
+    h, b = wide[:, 16:32], torch.randn(n, 16, device=DEV, dtype=BF16) * 0.1
+    assert h.stride() == (48, 1)
+    if residual:
+        res, gate = torch.randn(1, m, n, device=DEV, dtype=BF16), torch.randn(1, 1, n, device=DEV, dtype=BF16)
+        want = res.clone()
+        fused.int8_gemm_residual(xq, xs, q, scale, None, want, gate, h.contiguous(), b)
+        fused.int8_gemm_residual(xq, xs, q, scale, None, res, gate, h, b)
+        assert torch.equal(res, want)
+    else:
+        assert torch.equal(fused.int8_gemm(xq, xs, q, scale, None, BF16, h, b),
+                           fused.int8_gemm(xq, xs, q, scale, None, BF16, h.contiguous(), b))
+
+
+@pytest.mark.kernels
 def test_bad_lora_terms_raise(seed):
     _, xq, xs = _rows(6, 64)
     q, scale = ref.quantize_weight(torch.randn(32, 64, device=DEV))
@@ -245,3 +267,56 @@ def test_int8_down_follows_the_rotation(seed):
     assert term.concat(term).down is None
     with pytest.raises(ValueError, match="does not match"):
         LowRank(a[:8], b[:, :8], down=term.down)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("group", [0, 64])
+def test_layers_sharing_rows_stack_their_lora_down_projections(seed, group, monkeypatch):
+    """``run_quantized_shared`` (q/k/v, w1/w3 on one quantization): the terms' down projections as one GEMM of the
+    stacked ``a`` give each layer bit for bit what its own ``run_quantized`` gives; a layer without a term runs as
+    it is; the stacked down is built once per set of terms and rebuilt when one of them is replaced; one term alone
+    takes the per-layer path."""
+    from int8_w8a8.kernels import fused as fused_mod
+    from int8_w8a8.ops import lowrank
+    from int8_w8a8.ops.comfy_ops import run_quantized_shared
+    from int8_w8a8.ops.lowrank import LowRank
+
+    k, m = 192, 17
+    layers = [_layer(k, n, group=group) for n in (200, 72, 136)]
+    for layer, rank in zip(layers, (32, 16, 64), strict=True):
+        layer.int8_lora = LowRank(*_term(layer.weight.shape[0], k, rank, 0.2, layer.weight.dequantize())) \
+            .with_int8_down(group)
+    xq, xs = ref.quantize_rows(torch.randn(m, k, device=DEV, dtype=BF16), rotate_group=group)
+    xs = xs.reshape(-1)
+    downs = []
+    real_down = fused_mod.lora_down
+
+    def counting_down(*args):
+        downs.append(args[2].shape[0])
+        return real_down(*args)
+
+    with torch.inference_mode():
+        each = [layer.run_quantized(xq, xs, BF16) for layer in layers]
+        monkeypatch.setattr(fused_mod, "lora_down", counting_down)
+        shared = run_quantized_shared(layers, xq, xs, BF16)
+        first = lowrank._STACKED[layers[0].int8_lora][2]
+        assert run_quantized_shared(layers, xq, xs, BF16)[1].shape == (m, 72)
+        assert lowrank._STACKED[layers[0].int8_lora][2] is first  # built once
+        assert downs == [112, 112]  # one GEMM of 32 + 16 + 64 columns per call
+        assert all(torch.equal(a, b) for a, b in zip(each, shared, strict=True))
+        old = layers[1].int8_lora
+        layers[1].int8_lora = LowRank(old.a * 2, old.b).with_int8_down(group)  # a replaced term
+        doubled = run_quantized_shared(layers, xq, xs, BF16)
+        assert lowrank._STACKED[layers[0].int8_lora][2] is not first
+        assert torch.equal(doubled[1], layers[1].run_quantized(xq, xs, BF16))
+        assert not torch.equal(doubled[1], shared[1]) and torch.equal(doubled[0], shared[0])
+        layers[1].int8_lora = None  # a layer without a term
+        downs.clear()
+        partial = run_quantized_shared(layers, xq, xs, BF16)
+        assert downs == [96]
+        assert torch.equal(partial[1], layers[1].run_quantized(xq, xs, BF16))
+        assert torch.equal(partial[2], each[2])
+        layers[2].int8_lora = None  # one term: the per-layer path
+        downs.clear()
+        assert torch.equal(run_quantized_shared(layers, xq, xs, BF16)[0], each[0])
+        assert downs == [32]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 from comfy.ldm.flux.layers import EmbedND, SiLUActivation
 
-from ..comfy_ops import Int8Linear
+from ..comfy_ops import Int8Linear, run_quantized_shared
 from . import attention_choice
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,12 @@ _LOGGED: set[tuple[str, str]] = set()  # (architecture, reason) already logged (
 # A transformer-options key under which a model-level wrapper tells the fused blocks of one call why they must
 # hand it to ComfyUI's blocks (e.g. Qwen-Image's text mask, which its block hook does not pass on).
 OFF_KEY = "int8_w8a8_fused_blocks_off"
+
+
+def run_shared(layers, xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, shape: tuple) -> tuple:
+    """Layers fed one quantization of the same rows (q/k/v, w1/w3), each output viewed as ``shape``; their dynamic
+    LoRA terms' down projections run as one GEMM (``comfy_ops.run_quantized_shared``)."""
+    return tuple(y.view(shape) for y in run_quantized_shared(layers, xq, xs, dtype))
 
 
 def fallback(arch: str, reason: str) -> None:

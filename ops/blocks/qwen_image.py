@@ -70,7 +70,7 @@ def _stream_qkv(x, shift, scale, norm1, layers, q_norm, k_norm, pe, bufs, seq_of
     ``bufs`` at ``seq_off``."""
     b, s, _ = x.shape
     xq, xs = kernels.fused.norm_modulate_quantize(x, shift, scale, norm1.eps, rotate_group=layers[0].input_rotation())
-    proj = tuple(layer.run_quantized(xq, xs, x.dtype).view(b, s, -1) for layer in layers)
+    proj = common.run_shared(layers, xq, xs, x.dtype, (b, s, -1))
     kernels.fused.qk_norm_rope(proj, common.small(q_norm.weight, x), common.small(k_norm.weight, x), pe, *bufs,
                                seq_off=seq_off, heads=heads, eps_q=common.rms_eps(q_norm, x.dtype),
                                eps_k=common.rms_eps(k_norm, x.dtype))

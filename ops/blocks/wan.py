@@ -102,7 +102,7 @@ class FusedBlock:
         # self-attention: one quantization for q, k and v
         xq, xs = kernels.fused.norm_modulate_quantize(x, e[0], e[1], block.norm1.eps,
                                                       rotate_group=attn.q.input_rotation())
-        proj = tuple(layer.run_quantized(xq, xs, x.dtype).view(b, s, -1) for layer in (attn.q, attn.k, attn.v))
+        proj = common.run_shared((attn.q, attn.k, attn.v), xq, xs, x.dtype, (b, s, -1))
         bufs = common.qkv_buffers(x, heads, attn.head_dim, s)
         kernels.fused.qk_norm_rope(proj, common.small(attn.norm_q.weight, x), common.small(attn.norm_k.weight, x),
                                    args["pe"].movedim(2, 1), *bufs, seq_off=0, heads=heads,

@@ -108,7 +108,7 @@ class FusedForward:
         xq, xs = kernels.fused.norm_modulate_quantize(
             x, None, scale_mlp, common.rms_eps(block.ffn_norm1, x.dtype), norm="rms",
             weight=common.small(block.ffn_norm1.weight, x), rotate_group=ff.w1.input_rotation())
-        gate, up = ff.w1.run_quantized(xq, xs, x.dtype), ff.w3.run_quantized(xq, xs, x.dtype)
+        gate, up = common.run_shared((ff.w1, ff.w3), xq, xs, x.dtype, (b * s, -1))
         hq, hs = kernels.fused.glu_quantize(None, (gate, up), rotate_group=ff.w2.input_rotation())
         del gate, up
         y = ff.w2.run_quantized(hq, hs, x.dtype)
