@@ -27,9 +27,9 @@ Otherwise, without replay (checks still hoisted: ``api.int8_linear_impl`` direct
 * the torch-twin backend (CPU, Turing, no Triton); an empty input; an input whose rows are not a view
   (``reshape`` would copy); launches that went around the direct launcher or whose arguments alias this
   call's buffers in a way the plan cannot map; a Triton whose launcher rejects the replay (logged once).
-Dynamic LoRA terms: ``__call__`` does not take them (the owner runs the public API, ``kernels.int8_linear``,
-without replay); ``gemm`` and ``gemm_residual`` (pre-quantized rows) take the term's down projection and up
-matrix and replay with them.
+Dynamic LoRA terms: ``__call__`` does not take them; ``linear_lora`` does (the rows' quantization and the GEMM
+with the term replayed, its down projection by torch, as in the public API); ``gemm`` and ``gemm_residual``
+(pre-quantized rows) take the term's down projection and up matrix and replay with them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 
 from . import _checks, api
 from .dispatch import Backend, choose_backend
-from .reference import as_rows
+from .reference import as_rows, lora_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +258,21 @@ class LinearPlan:
             self.replays.clear()
         y, self.replays[key] = self._record(x)
         return y
+
+    def linear_lora(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor | None:
+        """``x @ W.T + bias + (x @ lora_a.T) @ lora_b.T`` (a dynamic LoRA term, ``a [R, K]``, ``b [N, R]``) for ``x``
+        as ``__call__`` takes it: the rows' quantization and the GEMM with the term in its epilogue replayed, ``h =
+        x @ a.T`` by torch in x's dtype: the kernels and values of ``kernels.int8_linear`` with the term, without
+        its ~100 us of launch path per call. None when the plan does not take ``x``, or for a smoothed weight (the
+        public API then)."""
+        if (x.device != self.device or x.dtype not in _FLOAT_DTYPES or x.shape[-1] != self.k
+                or self.smooth is not None):
+            return None
+        x2 = as_rows(x)
+        xq, xs = api.quantize_rows(x2, rotate_group=self.rotate_group)
+        h = lora_hidden(x2, lora_a)
+        y = self.gemm(xq, xs.reshape(-1), x.dtype, h, lora_b.to(h.dtype))  # one dtype, as the public API casts it
+        return y.reshape(*x.shape[:-1], self.n)
 
     def gemm(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype, lora_h: torch.Tensor | None = None,
              lora_b: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -142,7 +142,8 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
           no forced casting, eager, a plain tensor input): ComfyUI's cast path would hand the weight over
           unchanged (``disable_weight_init.Linear`` calls ``F.linear`` directly in that case), so the layer's
           ``kernels.direct.LinearPlan`` runs the kernels with the per-call checks hoisted and the launches
-          replayed; a dynamic LoRA term goes through the public kernel API;
+          replayed; with a dynamic LoRA term, ``LinearPlan.linear_lora`` (the term's down projection by torch, as
+          in the public kernel API, its up projection in the replayed GEMM's epilogue);
         * cast (offloaded, lowvram, DynamicVRAM, lowvram LoRA patches, torch.compile, anything the plan
           declines): ``cast_bias_weight(..., offloadable=True, want_requant=True)``, then the kernel op.
         """
@@ -154,8 +155,9 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
                 if term is None:
                     y = plan(x)
                 elif x.device == plan.device:
-                    w = self.weight
-                    y = layout.linear(x, w, plan.bias_for(x.dtype), x.dtype, lora=term)
+                    y = plan.linear_lora(x, term.a, term.b)
+                    if y is None:  # a smoothed weight: the public API
+                        y = layout.linear(x, self.weight, plan.bias_for(x.dtype), x.dtype, lora=term)
                 else:
                     y = None
                 if y is not None:

@@ -117,6 +117,36 @@ def test_plan_gemms_with_a_lora_term_replay_bit_identical(seed, triton_gemms, mo
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("group", [0, 64])
+def test_plan_linear_with_a_lora_term_is_the_public_api_replayed(seed, triton_gemms, monkeypatch, group):
+    """``LinearPlan.linear_lora`` (an unfused resident layer with a dynamic LoRA term) gives bit for bit what the
+    public ``int8_linear`` with the term gives, call after call (replayed), for 3-D inputs; a smoothed weight is
+    left to the public API (None)."""
+    from int8_w8a8.kernels import api as api_mod
+    from int8_w8a8.kernels import direct
+
+    for rep in (*fused.REPLAYERS, api_mod._rows_replayer()):
+        monkeypatch.setattr(rep, "enabled", True)
+        monkeypatch.setattr(rep, "table", {})
+    k, n = 128, 40
+    w = torch.randn(n, k, device=DEV) / k ** 0.5
+    q, scale = ref.quantize_weight(w, rotate_group=group)
+    bias = torch.randn(n, device=DEV, dtype=BF16) * 0.1
+    a, b = _term(n, k, 16, 0.3, w)
+    plan = direct.LinearPlan(q, scale, bias, rotate_group=group, backend=HOPPER)
+    for m in (1, 17, 17):
+        x = torch.randn(2, m, k, device=DEV, dtype=BF16)
+        want = api_mod.int8_linear_impl(x, q, scale, bias, BF16, None, group, False, a, b)
+        got = plan.linear_lora(x, a, b)
+        assert got.shape == (2, m, n) and torch.equal(got, want)
+    b32 = b.float()  # a term kept in float32 for bf16 activations: cast as the public API casts it
+    assert torch.equal(plan.linear_lora(x, a, b32), api_mod.int8_linear_impl(x, q, scale, bias, BF16, None, group,
+                                                                              False, a, b32))
+    assert direct.LinearPlan(q, scale, bias, smooth=torch.ones(k, device=DEV), rotate_group=group,
+                             backend=HOPPER).linear_lora(x, a, b) is None
+
+
+@pytest.mark.kernels
 @pytest.mark.parametrize("residual", [False, True])
 def test_a_lora_term_given_as_columns_of_a_wider_h(seed, triton_gemms, residual):
     """``lora_h`` as a column slice of a stacked down projection (``comfy_ops.run_quantized_shared``: row stride
