@@ -252,14 +252,13 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         comfy.ops.run_every_op()
         group = self.input_rotation()
         term = self.int8_lora
-        lora_b = None
         if term is None:
-            lora_h = None
+            lora_h = lora_b = None
         else:
+            lora_b = term.b
             if lora_h is None:
                 a_q, a_scale = term.int8_down(group)
-                lora_h = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, term.b.dtype)
-            lora_b = term.b
+                lora_h = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, lora_b.dtype)
         plan = self._plan_if_resident()
         if plan is not None:
             y = (plan.gemm(xq, x_scale, out_dtype, lora_h, lora_b) if residual is None
