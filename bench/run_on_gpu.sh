@@ -97,7 +97,7 @@ for step in "$@"; do
         arch-compile) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes compile \
             --variants ${VARIANTS:-bf16 fp8-fast pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs ${ARCH_ARGS:-} \
             --out "$OUT/bench_arch_compile_${m// /_}.json" 2>&1 | tee "$OUT/bench_arch_compile_${m// /_}.txt" ;;
-        tests-fastpath) python3 -m pytest tests/test_fastpath.py tests/test_fastpath_fused.py $XDIST -q -p no:randomly 2>&1 | tee "$OUT/pytest-fastpath.log" \
+        tests-fastpath) python3 -m pytest tests/test_fastpath.py tests/test_fastpath_fused.py tests/test_lora_fused.py $XDIST -q -p no:randomly 2>&1 | tee "$OUT/pytest-fastpath.log" \
             | tail -15 ;;
         # the warp-specialized variants first, under a timeout: an mbarrier deadlock must not eat the call
         attention-safe) INT8_W8A8_TEST_WS=1 timeout 240 python3 -m pytest tests/test_attention.py -q -p no:randomly -k "(gpu_variants and ws) or warp_spec" 2>&1 \
