@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import time
 from collections import defaultdict
 
@@ -137,6 +138,7 @@ def profile(model, inputs, trace: str | None = None, warmup: int = 2, gaps: bool
             common.sync()
         result["idle"] = idle_report(prof.events(), device_type)
         if gaps_trace:
+            os.makedirs(os.path.dirname(os.path.abspath(gaps_trace)), exist_ok=True)
             prof.export_chrome_trace(gaps_trace)
     return result
 
