@@ -393,11 +393,15 @@ class Replayer:
     and Triton's specialization read) runs ``check()`` and ``impl()`` inside ``launch.recording()``; later calls
     skip both, allocate the outputs and replay the recorded launches with this call's addresses substituted.
 
+    Arguments that share a first address (in place) are part of the key (``_aliases``), so a launch reading that
+    address is replayed with it whichever argument it came from.
+
     A specialization is not replayed (``impl()`` runs each call, without ``check()``) when its effects are not
     all in recorded direct launches: no launch (torch twins, empty tensors), or a launch that reads a tensor which
     is neither an argument (or a view into one), nor a returned allocation, nor declared persistent with
-    ``launch.keep`` or ``keep`` here (a per-call copy such as ``.contiguous()``), or an address two arguments
-    share (ambiguous), or a returned tensor that is not a fresh contiguous allocation.
+    ``launch.keep`` or ``keep`` here (a per-call copy such as ``.contiguous()``), or an address inside a storage
+    two tensors share at other addresses (ambiguous), or a returned tensor that is not a fresh contiguous
+    allocation.
     """
 
     MAX_SPECIALIZATIONS = 64
@@ -416,8 +420,9 @@ class Replayer:
             check()
             return impl()
         device = tensors[0].device
-        key = (static, device, *[None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() % 16)
-                                 for t in tensors])
+        ptrs = [None if t is None else t.data_ptr() for t in tensors]
+        key = (static, device, _aliases(ptrs), *[None if t is None else (t.dtype, t.shape, t.stride(), p % 16)
+                                                 for t, p in zip(tensors, ptrs, strict=True)])
         entry = self.table.get(key, False)
         if entry:
             try:
@@ -437,6 +442,15 @@ class Replayer:
             result = impl()
         self.table[key] = _record(records, tensors, result, keep) if records else None
         return result
+
+
+def _aliases(ptrs: list) -> tuple | None:
+    """Which arguments share a first address (an in-place call: ``qk_norm_rope`` writing q into its own
+    projection), as the index of the first argument at each one's address; None when no two do (the usual
+    case). Part of a specialization's key, so a replay substitutes one address for all of them."""
+    seen: dict[int, int] = {}
+    pattern = [None if p is None else seen.setdefault(p, i) for i, p in enumerate(ptrs)]
+    return tuple(pattern) if len(seen) < sum(p is not None for p in ptrs) else None
 
 
 def _record(records, tensors: tuple, result, keep: tuple) -> _Recorded | None:
@@ -468,9 +482,11 @@ def _record(records, tensors: tuple, result, keep: tuple) -> _Recorded | None:
 
     def locate(tensor: torch.Tensor, is_desc: bool):
         ptr, storage = tensor.data_ptr(), tensor.untyped_storage().data_ptr()
-        candidates = by_ptr.get(ptr, ()) or by_storage.get(storage, ())
+        exact = by_ptr.get(ptr, ())
+        candidates = exact[:1] if exact and all(i < len(tensors) for i in exact) else exact or by_storage.get(
+            storage, ())
         if len(candidates) > 1:
-            return None  # two arguments at one address (or in one storage): which one a replay uses is unknown
+            return None  # two tensors in one storage at other addresses: which one a replay uses is unknown
         if not candidates:
             # persistent: the template keeps it; otherwise a per-call temporary (a copy made by the launch path)
             return _PERSISTENT if storage in kept else None

@@ -284,7 +284,10 @@ def qk_norm_rope(
             model's dtype (Qwen-Image rounds its table to it); used in float32.
         q, k, v: ``[B, H, S_total, D]`` outputs in qkv's dtype with a unit last stride and equal strides:
             contiguous, or ``[B, S_total, H, D]`` buffers seen through ``.transpose(1, 2)``, the layout
-            attention kernels return their output in (then ``[B, S, H * D]`` needs no copy).
+            attention kernels return their output in (then ``[B, S, H * D]`` needs no copy). Or (seq_off 0)
+            each projection's own per-head view, ``xq.view(B, S, H, D).transpose(1, 2)``: q and k are then
+            normalized in place and v is not copied (a packed ``[B, S, 3 * H * D]`` projection becomes
+            cuDNN's packed-QKV layout; ``reference_fused.heads_view_of``).
         qk_norm: ``"head"``: RMS over each head's D values, weights ``[D]`` (FLUX, Qwen-Image, Z-Image);
             ``"row"``: RMS over the token's whole q (k) row, weights ``[H * D]`` (Wan) (``QK_NORMS``).
     """
@@ -339,6 +342,12 @@ def check_qk_norm_rope(xq, xk, xv, pe, q, k, v, seq_off: int, heads: int, q_weig
         if tuple(t.shape) != want or t.stride() != q.stride() or q.stride(-1) != 1 or t.dtype != xq.dtype:
             raise ValueError(f"{name}: expected a {xq.dtype} tensor {list(want)} with a unit last stride and "
                              f"q's strides, got {list(t.shape)} with strides {t.stride()}")
+    for name, t, x in (() if torch.compiler.is_compiling() else (("q", q, xq), ("k", k, xk), ("v", v, xv))):
+        # addresses are not known while tracing (the custom op's eager body checks them)
+        if t.data_ptr() == x.data_ptr() and t.numel() and (seq_off or not reference_fused.heads_view_of(t, x, heads)):
+            raise ValueError(f"{name}: written in place only as its projection's own [B, H, S, D] view at seq_off 0 "
+                             f"(strides {x.stride(0)}, {d}, {x.stride(1)}, 1), got strides {t.stride()} at seq_off "
+                             f"{seq_off}")
     if pe.dim() != 6 or not pe.is_floating_point():
         raise ValueError(f"pe: expected float [B, 1, S, D/2, 2, 2] rotation matrices, got {list(pe.shape)} {pe.dtype}")
     if seq_off < 0 or seq_off + s > q.shape[2] or pe.shape[2] < seq_off + s or tuple(pe.shape[3:]) != (d // 2, 2, 2):

@@ -91,11 +91,25 @@ def rope(y: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     return (pe[..., 0] * y2[..., 0] + pe[..., 1] * y2[..., 1]).reshape(y.shape)
 
 
+def heads_view_of(out: torch.Tensor, x: torch.Tensor, heads: int) -> bool:
+    """Whether ``out`` [B, H, S, D] is the projection ``x`` [B, S, H * D] itself, seen per head (same first
+    address, ``x.view(B, S, H, D).transpose(1, 2)``'s strides): ``qk_norm_rope`` then writes q or k in place and
+    leaves v where it is (no copy), e.g. the q/k/v column thirds of a packed ``[B, S, 3 * H * D]`` projection,
+    which cuDNN's attention reads as its packed-QKV layout."""
+    b, s, width = x.shape
+    d = width // heads
+    if out.data_ptr() != x.data_ptr() or tuple(out.shape) != (b, heads, s, d):
+        return False
+    want = (x.stride(0), d * x.stride(2), x.stride(1), x.stride(2))
+    return all(n == 1 or got == w for n, got, w in zip(out.shape, out.stride(), want, strict=True))  # size 1: any
+
+
 def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float,
                  eps_k: float, row_norm: bool = False):
     """xq, xk, xv [B, S, H*D] -> q, k (normalized, rotated) and v written into [B, H, S_total, D] at ``seq_off``;
     pe [Bp, 1, S_total, D/2, 2, 2] float (used in float32); ``row_norm``: RMS over the whole row (weights
-    [H*D]) instead of each head (weights [D])."""
+    [H*D]) instead of each head (weights [D]). q, k and v may be their projections' own per-head views
+    (``heads_view_of``): q and k are then normalized in place and v is left as it is."""
     bsz, s, width = xq.shape
     d = width // heads
     pe_part = pe[:, :, seq_off:seq_off + s].float()
@@ -112,7 +126,8 @@ def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, head
 
     q[:, :, seq_off:seq_off + s] = normed(xq, q_weight, eps_q).to(q.dtype)
     k[:, :, seq_off:seq_off + s] = normed(xk, k_weight, eps_k).to(k.dtype)
-    v[:, :, seq_off:seq_off + s] = heads_of(xv).to(v.dtype)
+    if not heads_view_of(v, xv, heads):
+        v[:, :, seq_off:seq_off + s] = heads_of(xv).to(v.dtype)
 
 
 def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float) -> torch.Tensor:

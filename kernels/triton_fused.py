@@ -42,6 +42,7 @@ from .launch import (
     keep,
     no_smaller,
 )
+from .reference_fused import heads_view_of
 from .triton_quant import (
     FLT_MAX,
     _quantize_store,
@@ -352,10 +353,12 @@ def _row_rstd(src, s_ok, H, BLOCK_S: tl.constexpr, D: tl.constexpr, eps):
 def _qk_norm_rope_kernel(
     xq_ptr, xk_ptr, xv_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr,
     S, H, seq_off, stride_sb, stride_ss, stride_pb, stride_ps, stride_ob, stride_oh, stride_os, eps_q, eps_k,
-    BLOCK_S: tl.constexpr, D: tl.constexpr, ROW_NORM: tl.constexpr,
+    BLOCK_S: tl.constexpr, D: tl.constexpr, ROW_NORM: tl.constexpr, COPY_V: tl.constexpr = True,
 ):
     """BLOCK_S tokens of the q/k/v projections ``x* [B, S, H * D]`` (equal strides): q, k <- rope(rms_norm(.))
-    and v copied, into ``[B, H, seq_off + S, D]`` outputs.
+    and v copied (unless COPY_V is False: v is its projection's own view), into ``[B, H, seq_off + S, D]``
+    outputs. q and k may be their projections' own views (in place): each program reads a tile before it writes
+    the same tile, and no other program touches it.
 
     Per-head norms (weights [D]: FLUX, Qwen-Image, Z-Image): one program per (batch, head). ROW_NORM (weights
     [H * D], RMS over the whole q or k row: Wan): one program per batch entry, looping over the heads after a
@@ -399,8 +402,9 @@ def _qk_norm_rope_kernel(
                          ROW_NORM)
         _norm_rope_store(xk_ptr + row, kw_ptr + w_off, f00, f01, f10, f11, k_ptr + out, s_ok, rk, BLOCK_S, D, eps_k,
                          ROW_NORM)
-        v = tl.load(xv_ptr + row + d[None, :], mask=s_ok[:, None], other=0.0)
-        tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
+        if COPY_V:
+            v = tl.load(xv_ptr + row + d[None, :], mask=s_ok[:, None], other=0.0)
+            tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
 
 
 @triton.jit
@@ -645,7 +649,8 @@ def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, head
                  eps_k: float, row_norm: bool = False):
     """xq, xk, xv [B, S, H*D] (unit last stride, equal strides) -> q, k, v [B, H, S_total, D] at ``seq_off``;
     pe [Bp, 1, S_total, D/2, 2, 2] float (each position's D/2 x 2 x 2 entries contiguous); ``row_norm``: q/k
-    RMS over the whole row (weights [H*D]) instead of per head (weights [D])."""
+    RMS over the whole row (weights [H*D]) instead of per head (weights [D]). q/k/v may be their projections'
+    own per-head views (``reference_fused.heads_view_of``: in place, v not copied)."""
     bsz, s, width = xq.shape
     d = width // heads
     if bsz == 0 or s == 0:
@@ -655,8 +660,8 @@ def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, head
     _QK_NORM_ROPE(
         (triton.cdiv(s, block_s), bsz if row_norm else bsz * heads), xq, xk, xv, q_weight, k_weight, pe, q, k, v,
         s, heads, seq_off, xq.stride(0), xq.stride(1), stride_pb, pe.stride(2), q.stride(0), q.stride(1),
-        q.stride(2), float(eps_q), float(eps_k), BLOCK_S=block_s, D=d, ROW_NORM=row_norm, num_warps=4,
-        enable_fp_fusion=False,
+        q.stride(2), float(eps_q), float(eps_k), BLOCK_S=block_s, D=d, ROW_NORM=row_norm,
+        COPY_V=not heads_view_of(v, xv, heads), num_warps=4, enable_fp_fusion=False,
     )
 
 

@@ -118,6 +118,32 @@ def test_qk_norm_rope_replays_bit_identical(seed, replay, fused_qkv):
 
 
 @pytest.mark.kernels
+def test_qk_norm_rope_in_place_replays(seed, replay):
+    """In place (q, k, v the packed projection's own views: Z-Image) replays with each call's address, and is
+    its own specialization: the same views of another packed buffer (not the projection) still get v copied."""
+    b, heads, d, s = 2, 2, 16, 9
+    pe = _pe(b, s, d)
+    qw, kw = (torch.rand(d, device=DEV, dtype=BF16) + 0.5 for _ in range(2))
+
+    def heads_views(t):
+        return [x.view(b, s, heads, d).transpose(1, 2) for x in fused.split_qkv(t)]
+
+    for _ in range(3):
+        qkv = torch.randn(b, s, 3 * heads * d, device=DEV, dtype=BF16)
+        source = qkv.clone()
+        want = [torch.empty_like(t) for t in heads_views(qkv)]
+        fused.qk_norm_rope_impl(*fused.split_qkv(source), qw, kw, pe, *want, 0, heads, 1e-6, 1e-5)
+        fused.qk_norm_rope(qkv, qw, kw, pe, *heads_views(qkv), seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-5)
+        for got, ref_ in zip(heads_views(qkv), want, strict=True):
+            assert torch.equal(got, ref_)
+        other = torch.zeros_like(qkv)  # same strides, another address: v must be copied
+        fused.qk_norm_rope(source, qw, kw, pe, *heads_views(other), seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-5)
+        for got, ref_ in zip(heads_views(other), want, strict=True):
+            assert torch.equal(got, ref_)
+    assert _recorded(fused._QK_NORM_ROPE) == ["_Recorded", "_Recorded"]  # in place, and not
+
+
+@pytest.mark.kernels
 def test_rms_norm_gate_add_replays_bit_identical(seed, replay):
     b, s, n = 2, 6, 96
     for _ in range(3):
@@ -202,9 +228,10 @@ def test_bad_input_raises_after_a_recorded_call(seed, replay):
 
 
 @pytest.mark.kernels
-def test_copies_and_shared_addresses_are_not_replayed(seed, replay):
+def test_copies_are_not_replayed_and_shared_addresses_are_keyed(seed, replay):
     """A launch that reads a copy the launch path made (modulation rows with different strides: made contiguous)
-    or an address two arguments share: run through the launch path on every call, still correct."""
+    runs through the launch path on every call, still correct. Two arguments at one address (shift and scale one
+    tensor) replay, as a specialization of their own: the same call with two tensors records another."""
     b, s, k = 2, 3, 64
     for _ in range(2):
         x = torch.randn(b, s, k, device=DEV, dtype=BF16)
@@ -213,7 +240,12 @@ def test_copies_and_shared_addresses_are_not_replayed(seed, replay):
         _equal(fused.norm_modulate_quantize(x, sh, sc), fused.norm_modulate_quantize_impl(x, sh, sc, 1e-6))
         mod = torch.randn(b, 1, k, device=DEV, dtype=BF16)
         _equal(fused.norm_modulate_quantize(x, mod, mod), fused.norm_modulate_quantize_impl(x, mod, mod, 1e-6))
-    assert _recorded(fused._NORM_MODULATE) == ["NoneType", "NoneType"]
+    assert _recorded(fused._NORM_MODULATE) == ["NoneType", "_Recorded"]
+    for _ in range(2):
+        x = torch.randn(b, s, k, device=DEV, dtype=BF16)
+        sh, sc = (torch.randn(b, 1, k, device=DEV, dtype=BF16) for _ in range(2))
+        _equal(fused.norm_modulate_quantize(x, sh, sc), fused.norm_modulate_quantize_impl(x, sh, sc, 1e-6))
+    assert _recorded(fused._NORM_MODULATE) == ["NoneType", "_Recorded", "_Recorded"]
 
 
 @pytest.mark.kernels

@@ -687,6 +687,60 @@ def test_qk_norm_rope_row_norm(seed, b, heads, d, s):
                           (xq, xk, xv, qw, kw, pe, q, k, v, 0, heads, 1e-6, 1e-6, "row"))
 
 
+@pytest.mark.parametrize("b,heads,d,s", [(1, 2, 16, 17), (2, 3, 64, 15), (1, 2, 128, 1)])
+@pytest.mark.parametrize("form", ("packed", "separate-v"))
+def test_qk_norm_rope_in_place(seed, b, heads, d, s, form):
+    """Z-Image's form: q, k, v the packed projection's own per-head views, q and k normalized in place, v left
+    where it is; Wan's: v its own projection's view (q and k into buffers). Equal to the buffered call bit for
+    bit (kernel and twin), the projection's other columns untouched."""
+    dtype = torch.bfloat16
+    pe = _pe(b, s, d).to(DEV)
+    qw, kw = (torch.rand(d, device=DEV, dtype=dtype) + 0.5 for _ in range(2))
+    if form == "packed":
+        qkv = torch.randn(b, s, 3 * heads * d, device=DEV, dtype=dtype) * 2
+        proj = fused.split_qkv(qkv)
+    else:
+        proj = tuple(torch.randn(b, s, heads * d, device=DEV, dtype=dtype) * 2 for _ in range(3))
+    before = [p.clone() for p in proj]
+    views = [p.view(b, s, heads, d).transpose(1, 2) for p in proj]
+    for run in (fused.qk_norm_rope, reference_fused.qk_norm_rope):
+        projs = [p.clone() for p in before]
+        if form == "packed":
+            qkv_run = torch.cat(projs, dim=-1)
+            projs = list(fused.split_qkv(qkv_run))
+        views = [p.view(b, s, heads, d).transpose(1, 2) for p in projs]
+        out = views if form == "packed" else [*_heads_buffers(b, heads, s, d, dtype, "bshd")[:2], views[2]]
+        want = _heads_buffers(b, heads, s, d, dtype, "bshd")
+        if run is fused.qk_norm_rope:
+            run(tuple(projs), qw, kw, pe, *out, seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-5)
+            fused.qk_norm_rope(tuple(before), qw, kw, pe, *want, seq_off=0, heads=heads, eps_q=1e-6, eps_k=1e-5)
+        else:
+            run(*projs, qw, kw, pe, *out, 0, heads, 1e-6, 1e-5)
+            run(*before, qw, kw, pe, *want, 0, heads, 1e-6, 1e-5)
+        for got, ref_ in zip(out, want, strict=True):
+            assert torch.equal(got, ref_)
+        assert torch.equal(projs[2], before[2])  # v not moved
+        if form == "separate-v":  # q and k went to buffers: their projections are untouched
+            assert torch.equal(projs[0], before[0]) and torch.equal(projs[1], before[1])
+
+
+def test_qk_norm_rope_in_place_rules():
+    """Writing in place is only a projection's own per-head view at seq_off 0: any other view of the same
+    address is a ValueError naming the output."""
+    b, heads, d, s = 1, 2, 32, 4
+    qkv = torch.randn(b, s, 3 * heads * d, device=DEV, dtype=torch.bfloat16)
+    xq, xk, xv = fused.split_qkv(qkv)
+    w = torch.ones(d, device=DEV, dtype=torch.bfloat16)
+    views = [x.view(b, s, heads, d).transpose(1, 2) for x in (xq, xk, xv)]
+    with pytest.raises(ValueError, match=r"q: written in place only .* at seq_off 1"):
+        fused.qk_norm_rope(qkv, w, w, _pe(b, s + 1, d).to(DEV), *views, seq_off=1, heads=heads, eps_q=1e-6,
+                           eps_k=1e-6)
+    other = xq.view(b, s, heads, d).permute(0, 2, 1, 3).contiguous()  # same shape, q's own address, other strides
+    with pytest.raises(ValueError, match="strides"):
+        fused.qk_norm_rope(qkv, w, w, _pe(b, s, d).to(DEV), other, *views[1:], seq_off=0, heads=heads,
+                           eps_q=1e-6, eps_k=1e-6)
+
+
 def test_qk_norm_rope_op():
     """The custom op (what traced blocks call) on a fused projection's thirds and on separate projections."""
     b, heads, d, s = 2, 2, 32, 5

@@ -135,11 +135,21 @@ def attention(q, k, v, heads: int, transformer_options: dict) -> torch.Tensor:
     return attention_choice.attention(q, k, v, heads, transformer_options)
 
 
-def qkv_buffers(x: torch.Tensor, heads: int, head_dim: int, seq: int):
-    """q, k, v ``[B, H, S, D]`` views of ``[B, S, H, D]`` buffers: attention kernels (cuDNN, flash) write their
-    output in q's layout, so ``[B, S, H * D]`` is then a view, not a transposing copy (1.6 ms per 9B step)."""
+def qkv_buffers(x: torch.Tensor, heads: int, head_dim: int, seq: int, count: int = 3):
+    """q, k, v (the first ``count``) ``[B, H, S, D]`` views of ``[B, S, H, D]`` buffers: attention kernels (cuDNN,
+    flash) write their output in q's layout, so ``[B, S, H * D]`` is then a view, not a transposing copy (1.6 ms
+    per 9B step)."""
     shape = (x.shape[0], seq, heads, head_dim)
-    return tuple(torch.empty(shape, device=x.device, dtype=x.dtype).transpose(1, 2) for _ in range(3))
+    return tuple(torch.empty(shape, device=x.device, dtype=x.dtype).transpose(1, 2) for _ in range(count))
+
+
+def heads_of(proj: torch.Tensor, heads: int) -> torch.Tensor:
+    """A projection ``[B, S, H * D]`` as its own ``[B, H, S, D]`` view: given to ``qk_norm_rope`` as q, k or v, it is
+    normalized in place (q, k) or read where it is (v), instead of copied into a buffer. With q, k and v the column
+    thirds of one packed ``[B, S, 3 * H * D]`` projection (Z-Image's qkv), attention reads them as cuDNN's
+    packed-QKV layout; with a v projection of its own (Wan), as the layout of ``qkv_buffers``."""
+    b, s, width = proj.shape
+    return proj.view(b, s, heads, width // heads).transpose(1, 2)
 
 
 def clamp_fp16(x: torch.Tensor) -> torch.Tensor:

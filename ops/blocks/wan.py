@@ -103,7 +103,8 @@ class FusedBlock:
         xq, xs = kernels.fused.norm_modulate_quantize(x, e[0], e[1], block.norm1.eps,
                                                       rotate_group=attn.q.input_rotation())
         proj = common.run_shared((attn.q, attn.k, attn.v), xq, xs, x.dtype, (b, s, -1))
-        bufs = common.qkv_buffers(x, heads, attn.head_dim, s)
+        # v read where its GEMM wrote it (the buffers' layout), not copied
+        bufs = (*common.qkv_buffers(x, heads, attn.head_dim, s, count=2), common.heads_of(proj[2], heads))
         kernels.fused.qk_norm_rope(proj, common.small(attn.norm_q.weight, x), common.small(attn.norm_k.weight, x),
                                    args["pe"].movedim(2, 1), *bufs, seq_off=0, heads=heads,
                                    eps_q=common.rms_eps(attn.norm_q, x.dtype),

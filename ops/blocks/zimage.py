@@ -94,7 +94,8 @@ class FusedForward:
             x, None, scale_msa, common.rms_eps(block.attention_norm1, x.dtype), norm="rms",
             weight=common.small(block.attention_norm1.weight, x), rotate_group=attn.qkv.input_rotation())
         qkv = attn.qkv.run_quantized(xq, xs, x.dtype).view(b, s, -1)
-        bufs = common.qkv_buffers(x, attn.n_local_heads, attn.head_dim, s)
+        # q and k normalized in place, v read where the GEMM wrote it: attention gets cuDNN's packed-QKV layout
+        bufs = tuple(common.heads_of(p, attn.n_local_heads) for p in kernels.fused.split_qkv(qkv))
         kernels.fused.qk_norm_rope(qkv, common.small(attn.q_norm.weight, x), common.small(attn.k_norm.weight, x),
                                    freqs_cis.movedim(2, 1), *bufs, seq_off=0, heads=attn.n_local_heads,
                                    eps_q=_qk_eps(attn.q_norm), eps_k=_qk_eps(attn.k_norm))
