@@ -21,6 +21,7 @@ from . import common
 
 SHAPES = (("Z-Image", 30, 4608), ("FLUX.2 klein 9B", 32, 4608), ("Wan 14B 832x480x33", 40, 14040))  # (H, S)
 HEAD_DIM = 128
+ROUNDS = 7
 
 
 def layouts(heads: int, seq: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -46,19 +47,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for name, heads, seq in SHAPES:
-        base = None
+        runs, outs = {}, {}
         for layout, (q, k, v) in layouts(heads, seq).items():
-            def run(q=q, k=k, v=v):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-            out = run()
-            base = out if base is None else base
-            row = {"model": name, "heads": heads, "seq": seq, "layout": layout, "ms": common.bench_ms(run),
-                   "kernels": kernel_names(run), "equal_to_buffers": bool(torch.equal(out, base)),
-                   "out_strides": list(out.stride())}
+            runs[layout] = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            outs[layout] = runs[layout]()
+        # layouts timed in turns, ROUNDS times: the board's clock drifts more between runs than layouts differ
+        times = {layout: [] for layout in runs}
+        for _ in range(ROUNDS):
+            for layout, run in runs.items():
+                times[layout].append(common.bench_ms(run))
+        for layout, run in runs.items():
+            out = outs[layout]
+            row = {"model": name, "heads": heads, "seq": seq, "layout": layout, "ms": common.median(times[layout]),
+                   "runs_ms": times[layout], "kernels": kernel_names(run),
+                   "equal_to_buffers": bool(torch.equal(out, outs["buffers"])), "out_strides": list(out.stride())}
             rows.append(row)
-            print(f"{name:20s} H={heads} S={seq:5d} {layout:8s} {row['ms']:.3f} ms  equal {row['equal_to_buffers']}"
-                  f"  out strides {row['out_strides']}  {row['kernels']}", flush=True)
+            print(f"{name:20s} H={heads} S={seq:5d} {layout:8s} {row['ms']:.3f} ms (median of {ROUNDS}: "
+                  f"{' '.join(f'{t:.3f}' for t in times[layout])})  equal {row['equal_to_buffers']}  out strides "
+                  f"{row['out_strides']}  {row['kernels']}", flush=True)
     if args.out:
         common.write_json(args.out, {"env": common.environment(), "rows": rows})
 
