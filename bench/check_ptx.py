@@ -75,6 +75,11 @@ def _norm_gate_add(n: int, form=None) -> None:
     triton_fused.rms_norm_gate_add(_t(4608, n), _t(4608, n), _t(n), _t(1, n), 4608, 1e-6, form=form)
 
 
+def _gate_add_quant(n: int, group: int = 0, form=None) -> None:
+    triton_fused.rms_norm_gate_add_quantize(_t(4608, n), _t(4608, n), _t(n), _t(1, n), _t(1, n), 4608, 1e-6, 1e-6,
+                                            group, _t(n), form=form)
+
+
 def _norm_form_specs() -> tuple[KernelSpec, ...]:
     """Every launch form of the row-normalizing kernels (``norm_configs.CANDIDATES``) at the widest rows the pack
     normalizes (Wan 14B: 5120 float16, split 4096 + 1024 or one 8192 tile; with ConvRot group 256) and at Z-Image's
@@ -92,6 +97,8 @@ def _norm_form_specs() -> tuple[KernelSpec, ...]:
                                 lambda f=form: _norm(5120, 256, dtype=torch.float16, form=f, m=14040),
                                 must_fit=form.split))
         specs.append(KernelSpec(f"rms_norm_gate_add N=3840 [{form.name}]", lambda f=form: _norm_gate_add(3840, f)))
+        specs.append(KernelSpec(f"rms_norm_gate_add_quantize N=3840 [{form.name}]",
+                                lambda f=form: _gate_add_quant(3840, form=f)))
     return tuple(specs)
 
 
@@ -167,6 +174,9 @@ KERNEL_SPECS: tuple[KernelSpec, ...] = (
                                                                                     pe_dtype=torch.bfloat16)),
     KernelSpec("qk_norm_rope row norm H=40 D=128", lambda: _qk_norm_rope(40, 128, True, row_norm=True)),
     KernelSpec("rms_norm_gate_add N=3840", lambda: _norm_gate_add(3840)),
+    KernelSpec("rms_norm_gate_add_quantize N=3840", lambda: _gate_add_quant(3840)),
+    # with group 256 the 3840-column row needs 115 KB on the 99-KB GPUs (sm_86/89/120): the two kernels run there
+    KernelSpec("rms_norm_gate_add_quantize N=3840 G=256", lambda: _gate_add_quant(3840, 256), must_fit=False),
     KernelSpec("norm_modulate_quantize K=3072 G=256", lambda: _norm(3072, 256)),
     KernelSpec("norm_modulate_quantize K=5120 fp16", lambda: _norm(5120, 0, dtype=torch.float16, m=14040)),
     KernelSpec("norm_modulate_quantize K=5120 G=128 fp16", lambda: _norm(5120, 128, dtype=torch.float16, m=14040),

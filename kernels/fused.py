@@ -9,6 +9,8 @@ holds and returns what the next INT8 GEMM consumes, so the intermediate activati
 - ``glu_quantize(prefix, glu, *, rotate_group=0, activation="swiglu") -> (q [M, P + F] int8, x_scale [M] float32)``
   (the MLP activation function is an argument: ``ACTIVATIONS``, SwiGLU or GELU-tanh)
 - ``rms_norm_gate_add(x, y, weight, gate, eps) -> x + gate * RMSNorm(y) * weight`` (a new tensor)
+- ``rms_norm_gate_add_quantize(x, y, post_weight, gate, eps_post, scale, eps, *, weight=None, rotate_group=0)
+  -> (x_new, q, x_scale)`` (the two above in one pass: RMS norm + scale modulation of the new residual stream)
 - ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v;
   ``qkv`` a fused projection or the three separate ones)
 - ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate, lora_h=None, lora_b=None) -> residual``
@@ -39,10 +41,11 @@ NORM_GATE_MAX_N = 16384  # rows normalized in one tile by ``rms_norm_gate_add`` 
 _NORM_MODULATE = Replayer("norm_modulate_quantize", interpreted=False)
 _GLU = Replayer("glu_quantize", interpreted=False)
 _NORM_GATE_ADD = Replayer("rms_norm_gate_add", interpreted=False)
+_NORM_GATE_ADD_QUANT = Replayer("rms_norm_gate_add_quantize", interpreted=False)
 _QK_NORM_ROPE = Replayer("qk_norm_rope", interpreted=False)
 _GEMM_RESIDUAL = Replayer("int8_gemm_residual", interpreted=False)
 _GEMM = Replayer("int8_gemm", interpreted=False)
-REPLAYERS = (_NORM_MODULATE, _GLU, _NORM_GATE_ADD, _QK_NORM_ROPE, _GEMM_RESIDUAL, _GEMM)
+REPLAYERS = (_NORM_MODULATE, _GLU, _NORM_GATE_ADD, _NORM_GATE_ADD_QUANT, _QK_NORM_ROPE, _GEMM_RESIDUAL, _GEMM)
 
 
 def _triton(device: torch.device) -> bool:
@@ -266,6 +269,65 @@ def rms_norm_gate_add_impl(x, y, weight, gate, eps) -> torch.Tensor:
 
         return triton_fused.rms_norm_gate_add(x2, y2, w, g, max(s, 1), eps).view(b, s, n)
     return reference_fused.rms_norm_gate_add(x2, y2, w, g, max(s, 1), eps).view(b, s, n)
+
+
+def rms_norm_gate_add_quantize(
+    x: torch.Tensor, y: torch.Tensor, post_weight: torch.Tensor, gate: torch.Tensor, eps_post: float,
+    scale: torch.Tensor, eps: float, *, weight: torch.Tensor | None = None, rotate_group: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rms_norm_gate_add(x, y, post_weight, gate, eps_post)`` and then ``norm_modulate_quantize`` of its result
+    (RMSNorm with ``weight``, scale-only modulation, no shift) in one pass: a post-normalized sublayer closing and
+    the next pre-normalized one opening (Z-Image's attention_norm2 + gated residual add, then ffn_norm1 +
+    modulation + quantization for w1/w3). The second norm reads the result as stored (rounded to x's dtype), so
+    this is the two calls in turn, without reading the new residual stream back.
+
+    Args:
+        x: ``[B, S, N]`` float residual stream (not modified); y: ``[B, S, N]`` or ``[B * S, N]`` the projection
+            output; post_weight: ``[N]``; gate, scale: ``[B, 1, N]`` or ``[B, N]`` (B or 1); weight: ``[N]`` or None.
+        rotate_group: the ConvRot group of the layers the rows feed (0: none).
+    Returns:
+        ``(x_new [B, S, N] in x's dtype, q int8 [B*S, N], x_scale float32 [B*S])``.
+    """
+    if torch.compiler.is_compiling():
+        check_norm_gate_add_quantize(x, y, post_weight, gate, scale, rotate_group, weight)
+        return torch.ops.int8_w8a8.rms_norm_gate_add_quantize(x, y, post_weight, gate, float(eps_post), scale,
+                                                              float(eps), weight, rotate_group)
+    return rms_norm_gate_add_quantize_eager(x, y, post_weight, gate, eps_post, scale, eps, weight, rotate_group)
+
+
+def rms_norm_gate_add_quantize_eager(x, y, post_weight, gate, eps_post, scale, eps, weight=None, rotate_group=0):
+    """``rms_norm_gate_add_quantize`` outside tracing, replayed."""
+    return _NORM_GATE_ADD_QUANT(
+        (x, y, post_weight, gate, scale, weight), (float(eps_post), float(eps), rotate_group),
+        lambda: check_norm_gate_add_quantize(x, y, post_weight, gate, scale, rotate_group, weight),
+        lambda: rms_norm_gate_add_quantize_impl(x, y, post_weight, gate, eps_post, scale, eps, weight, rotate_group))
+
+
+def check_norm_gate_add_quantize(x, y, post_weight, gate, scale, rotate_group=0, weight=None) -> None:
+    """Metadata checks of ``rms_norm_gate_add_quantize``: those of its two parts."""
+    check_norm_gate_add(x, y, post_weight, gate)
+    check_norm_modulate(x, None, scale, rotate_group, "rms", weight)
+
+
+def rms_norm_gate_add_quantize_impl(x, y, post_weight, gate, eps_post, scale, eps, weight=None, rotate_group=0):
+    """``rms_norm_gate_add_quantize`` after its checks passed (eager, and the body of its custom op)."""
+    b, s, n = x.shape
+    x2, y2 = _rows(x), _rows(y)
+    g, sc = _per_batch(gate, b, n), _per_batch(scale, b, n)
+    pw, w = post_weight.contiguous(), None if weight is None else weight.contiguous()
+    if _triton(x.device) and n <= NORM_GATE_MAX_N:
+        from . import triton_fused
+
+        try:
+            out, q, xs = triton_fused.rms_norm_gate_add_quantize(x2, y2, pw, g, sc, max(s, 1), eps_post, eps,
+                                                                 rotate_group, w)
+            return out.view(b, s, n), q, xs
+        except triton_fused.TileTooLargeError:  # logged once by the launcher: the two kernels in turn
+            out = rms_norm_gate_add_impl(x, y, post_weight, gate, eps_post)
+            return (out, *norm_modulate_quantize_impl(out, None, scale, eps, rotate_group, "rms", weight))
+    out, q, xs = reference_fused.rms_norm_gate_add_quantize(x2, y2, pw, g, sc, max(s, 1), eps_post, eps,
+                                                            rotate_group, w)
+    return out.view(b, s, n), q, xs
 
 
 def qk_norm_rope(

@@ -143,6 +143,21 @@ def _(x, y, weight, gate, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@custom_op(f"{LIB}::rms_norm_gate_add_quantize", mutates_args=())
+def rms_norm_gate_add_quantize_op(
+    x: torch.Tensor, y: torch.Tensor, post_weight: torch.Tensor, gate: torch.Tensor, eps_post: float,
+    scale: torch.Tensor, eps: float, weight: torch.Tensor | None = None, rotate_group: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return fused.rms_norm_gate_add_quantize_eager(x, y, post_weight, gate, eps_post, scale, eps, weight, rotate_group)
+
+
+@rms_norm_gate_add_quantize_op.register_fake
+def _(x, y, post_weight, gate, eps_post, scale, eps, weight=None, rotate_group=0):
+    m = x.shape[0] * x.shape[1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((m, x.shape[2]), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32))
+
+
 @custom_op(f"{LIB}::qk_norm_rope", mutates_args=("q", "k", "v"))
 def qk_norm_rope_op(
     xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,

@@ -89,6 +89,9 @@ NORM_GATE_ADD_RULE: tuple[tuple[int, RowLaunch], ...] = (
     (6144, RowLaunch(warps=8, programs_per_sm=8, split=True)),
     (16384, RowLaunch(programs_per_sm=8, split=True)),
 )
+# rms_norm_gate_add_quantize (Z-Image: the attention sublayer's gated post-norm add and the feed-forward's
+# norm + modulation + quantization in one pass): rms_norm_gate_add's rule, its larger sibling, until measured.
+GATE_ADD_NORM_QUANT_RULE: tuple[tuple[int, RowLaunch], ...] = NORM_GATE_ADD_RULE
 
 
 def pick(rule: tuple[tuple[int, RowLaunch], ...], k: int) -> RowLaunch:

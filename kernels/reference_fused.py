@@ -139,6 +139,14 @@ def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float) -> 
     return (x2.float() + gate.float()[batch] * n).to(x2.dtype)
 
 
+def rms_norm_gate_add_quantize(x2, y2, post_weight, gate, mscale, rows_per_batch: int, eps_post: float, eps: float,
+                               rotate_group: int = 0, weight=None):
+    """``rms_norm_gate_add`` and then the RMS ``norm_modulate_quantize`` (no shift) of its rounded result:
+    (out [M, K] in x2's dtype, q int8 [M, K], scale float32 [M])."""
+    out = rms_norm_gate_add(x2, y2, post_weight, gate, rows_per_batch, eps_post)
+    return (out, *norm_modulate_quantize(out, None, mscale, rows_per_batch, eps, rotate_group, "rms", weight))
+
+
 def int8_gemm_residual(xq, x_scale, q, w_scale, bias, residual, gate, rows_per_batch: int, lora_h=None,
                        lora_b=None) -> torch.Tensor:
     """``residual += gate[b] * (int8 GEMM + epilogue)`` in float32, rounded once; in place, returns ``residual``.

@@ -410,7 +410,8 @@ def _qk_norm_rope_kernel(
 @triton.jit
 def _gate_add_part(x_ptr, y, rstd, w_ptr, gate_ptr, out_ptr, rows, row_ok, cols, N, rows_per_batch, stride_xm,
                    stride_gb, stride_om):
-    """out = x + gate[b] * (y * rstd) * w for one row part, stored in out's dtype."""
+    """out = x + gate[b] * (y * rstd) * w for one row part, stored in out's dtype; returns the stored values in
+    float32 (0 outside the tensor), what a kernel reading ``out`` back would see."""
     col_ok = cols < N
     ok = row_ok[:, None] & col_ok[None, :]
     r64 = rows.to(tl.int64)[:, None]
@@ -418,8 +419,9 @@ def _gate_add_part(x_ptr, y, rstd, w_ptr, gate_ptr, out_ptr, rows, row_ok, cols,
     g = tl.load(gate_ptr + (rows // rows_per_batch).to(tl.int64)[:, None] * stride_gb + cols[None, :], mask=ok,
                 other=0.0).to(tl.float32)
     x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    out = x + g * ((y * rstd[:, None]) * w[None, :])
-    tl.store(out_ptr + r64 * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+    out = (x + g * ((y * rstd[:, None]) * w[None, :])).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + r64 * stride_om + cols[None, :], out, mask=ok)
+    return tl.where(ok, out.to(tl.float32), 0.0)
 
 
 @triton.jit
@@ -467,6 +469,64 @@ def _norm_gate_add_kernel(
                            stride_xm, stride_gb, stride_om)
 
 
+@triton.jit
+def _gate_add_norm_quant_kernel(
+    x_ptr, y_ptr, wpost_ptr, gate_ptr, out_ptr, mscale_ptr, w_ptr, q_ptr, scale_ptr, h_ptr,
+    M, K, rows_per_batch, stride_xm, stride_ym, stride_gb, stride_om, stride_mb, stride_qm, eps_post, eps,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, FAST_ROUND: tl.constexpr,
+    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    """``_norm_gate_add_kernel`` then ``_norm_mod_quant_kernel`` (RMS, no shift) on the row it just wrote:
+
+        out = x + gate[b] * RMSNorm(y) * wpost            (stored in out's dtype)
+        q, scale = quant(rot(RMSNorm(out) (* w) * (1 + mscale[b])))
+
+    with the second norm taken over the stored (rounded) ``out``, as the two kernels in turn would see it: Z-Image's
+    attention sublayer closing (attention_norm2 and the gated residual add) and its feed-forward sublayer opening
+    (ffn_norm1, modulation, quantization for w1/w3). One read of x and y, no read of out. Rows as in
+    ``_norm_mod_quant_kernel`` (one tile of BLOCK_K columns, or two parts with BLOCK_K2 > 0), programs stepping
+    through the row tiles (a persistent grid when launched with fewer programs than tiles).
+    """
+    ca = tl.arange(0, BLOCK_K)
+    if BLOCK_K2 > 0:
+        cb = BLOCK_K + tl.arange(0, BLOCK_K2)
+    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        ya = _load_part(y_ptr, rows, row_ok, ca, K, stride_ym).to(tl.float32)
+        if BLOCK_K2 > 0:  # one row (BLOCK_M = 1): scalar statistics, as in the two kernels
+            yb = _load_part(y_ptr, rows, row_ok, cb, K, stride_ym).to(tl.float32)
+            rstd = tl.zeros((BLOCK_M,), tl.float32) + 1.0 / tl.sqrt_rn((tl.sum(ya * ya) + tl.sum(yb * yb)) / K
+                                                                       + eps_post)
+        else:
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(ya * ya, axis=1) / K + eps_post)
+        xa = _gate_add_part(x_ptr, ya, rstd, wpost_ptr, gate_ptr, out_ptr, rows, row_ok, ca, K, rows_per_batch,
+                            stride_xm, stride_gb, stride_om)
+        if BLOCK_K2 > 0:
+            xb = _gate_add_part(x_ptr, yb, rstd, wpost_ptr, gate_ptr, out_ptr, rows, row_ok, cb, K, rows_per_batch,
+                                stride_xm, stride_gb, stride_om)
+            rstd = tl.zeros((BLOCK_M,), tl.float32) + 1.0 / tl.sqrt_rn((tl.sum(xa * xa) + tl.sum(xb * xb)) / K + eps)
+        else:
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(xa * xa, axis=1) / K + eps)
+        ha = _modulate_part(xa, rstd, rows, row_ok, ca, K, mscale_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
+                            stride_mb, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, False)
+        if BLOCK_K2 > 0:
+            hb = _modulate_part(xb, rstd, rows, row_ok, cb, K, mscale_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
+                                stride_mb, BLOCK_M, BLOCK_K2, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, False)
+            fa = tl.abs(ha) <= FLT_MAX  # false for NaN and +-Inf (``_row_stats``)
+            fb = tl.abs(hb) <= FLT_MAX
+            amax = tl.maximum(tl.max(tl.where(fa, tl.abs(ha), 0.0)), tl.max(tl.where(fb, tl.abs(hb), 0.0)))
+            bad = tl.sum((~fa).to(tl.int32)) + tl.sum((~fb).to(tl.int32))
+            absmax = tl.zeros((BLOCK_M,), tl.float32) + amax
+            nonfinite = tl.zeros((BLOCK_M,), tl.int32) + bad
+        else:
+            absmax, nonfinite = _row_stats(ha, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
+        inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
+        _quantize_store(ha, inv, 0, rows, row_ok, ca, K, q_ptr, stride_qm, False, FAST_ROUND)
+        if BLOCK_K2 > 0:
+            _quantize_store(hb, inv, 0, rows, row_ok, cb, K, q_ptr, stride_qm, False, FAST_ROUND)
+
+
 # A specialization Triton rejects for resources (OutOfResources when it is first loaded) takes the next
 # smaller tile where the kernel has one (``launch.first_fit``, the rule the GEMM and the row quantizer share),
 # else raises TileTooLargeError and ``fused.py`` runs the torch twin for that call. The rotation's dot operands
@@ -479,6 +539,7 @@ _NORM_MOD_QUANT = FastLauncher(_norm_mod_quant_kernel, interpreting())
 _GLU_QUANT = FastLauncher(_glu_quant_kernel, interpreting())
 _QK_NORM_ROPE = FastLauncher(_qk_norm_rope_kernel, interpreting())
 _NORM_GATE_ADD = FastLauncher(_norm_gate_add_kernel, interpreting())
+_GATE_ADD_NORM_QUANT = FastLauncher(_gate_add_norm_quant_kernel, interpreting())
 
 # Rows of up to this many features are normalized in one tile (FLUX.2 klein: 3072 and 4096).
 NORM_MAX_K = 16384
@@ -554,7 +615,7 @@ def _resident(launcher: FastLauncher, key: tuple, args: tuple, kwargs: dict) -> 
 
 
 def _launch_rows(launcher: FastLauncher, key: tuple, form: norm_configs.RowLaunch, blocks: int, device,
-                 *args, **kwargs) -> None:
+                 *args, fallback: str = _TWIN, **kwargs) -> None:
     """Launch a whole-row kernel: one program per tile of rows, or (``form.programs_per_sm``) a persistent grid
     of at most that many programs per SM and no more than fit on it at once (a program that waits for a free SM
     would run all its tiles late); under the shared resource rule (``launch.first_fit``: TileTooLargeError when
@@ -567,7 +628,7 @@ def _launch_rows(launcher: FastLauncher, key: tuple, form: norm_configs.RowLaunc
             grid = min(blocks, min(per_sm, form.programs_per_sm) * num_sms(device))
         launcher((grid,), *args, **kwargs)
 
-    first_fit(key[0], key[1:], (), no_smaller, launch, _TWIN)
+    first_fit(key[0], key[1:], (), no_smaller, launch, fallback)
 
 
 def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, rotate_group: int = 0,
@@ -683,3 +744,36 @@ def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float,
         BLOCK_N=block_n, BLOCK_N2=block_n2, PREFETCH=form.programs_per_sm > 0, num_warps=warps, enable_fp_fusion=False,
     )
     return out
+
+
+def rms_norm_gate_add_quantize(x2, y2, post_weight, gate, mscale, rows_per_batch: int, eps_post: float, eps: float,
+                               rotate_group: int = 0, weight=None, form: norm_configs.RowLaunch | None = None):
+    """x2, y2 [M, K] (unit column strides), post_weight [K], gate / mscale [B, K] (unit column strides), weight [K]
+    or None -> (out [M, K] in x2's dtype, q [M, K] int8, scale [M]): ``rms_norm_gate_add`` and then
+    ``norm_modulate_quantize(out, None, mscale, norm="rms", weight=weight)`` in one pass
+    (``_gate_add_norm_quant_kernel``). ``form``: the launch (None: ``GATE_ADD_NORM_QUANT_RULE``'s). Raises
+    TileTooLargeError when the tile does not fit the GPU's shared memory (e.g. ConvRot group 256 at 3840 columns
+    on a 99-KB GPU: ``fused.py`` then runs the two kernels in turn)."""
+    m, k = x2.shape
+    out = torch.empty((m, k), dtype=x2.dtype, device=x2.device)
+    q = torch.empty((m, k), dtype=torch.int8, device=x2.device)
+    scale = row_scales(m, k, x2.device)
+    if m == 0 or k == 0:
+        return out, q, scale
+    form = form or norm_configs.pick(norm_configs.GATE_ADD_NORM_QUANT_RULE, k)
+    block_m, block_k, block_k2, warps = norm_configs.tile_shape(form, k, max(16, rotate_group),
+                                                                rotation_min_tile(rotate_group))
+    h, rot = rotation_args(rotate_group, x2.device, torch.float32)
+    keep(h)  # cached per group and device: a recorded launch may keep its address (direct.Replayer)
+    key = ("rms_norm_gate_add_quantize", x2.dtype, y2.dtype, post_weight.dtype, gate.dtype, mscale.dtype, block_m,
+           block_k, block_k2, warps, form.programs_per_sm > 0, rotate_group,
+           None if weight is None else weight.dtype, x2.device)
+    _launch_rows(
+        _GATE_ADD_NORM_QUANT, key, form, triton.cdiv(m, block_m), x2.device, x2, y2, post_weight, gate, out, mscale,
+        weight if weight is not None else mscale, q, scale, h if h is not None else q, m, k, rows_per_batch,
+        x2.stride(0), y2.stride(0), gate.stride(0), out.stride(0), mscale.stride(0), q.stride(0), float(eps_post),
+        float(eps), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_K2=block_k2, FAST_ROUND=not interpreting(), **rot,
+        HAS_WEIGHT=weight is not None, num_warps=warps, enable_fp_fusion=False,
+        fallback="rms_norm_gate_add and norm_modulate_quantize run in turn",
+    )
+    return out, q, scale

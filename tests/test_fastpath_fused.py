@@ -154,6 +154,19 @@ def test_rms_norm_gate_add_replays_bit_identical(seed, replay):
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("group", [0, 64])
+def test_rms_norm_gate_add_quantize_replays_bit_identical(seed, replay, group):
+    b, s, n = 2, 6, 128
+    for _ in range(3):
+        x, y = torch.randn(b, s, n, device=DEV, dtype=BF16), torch.randn(b * s, n, device=DEV, dtype=BF16)
+        pw, w = (torch.rand(n, device=DEV, dtype=BF16) + 0.5 for _ in range(2))
+        gate, sc = torch.randn(b, 1, n, device=DEV, dtype=BF16).tanh(), torch.randn(b, n, device=DEV, dtype=BF16)
+        _equal(fused.rms_norm_gate_add_quantize(x, y, pw, gate, 1e-5, sc, 1e-6, weight=w, rotate_group=group),
+               fused.rms_norm_gate_add_quantize_impl(x, y, pw, gate, 1e-5, sc, 1e-6, w, group))
+    assert _recorded(fused._NORM_GATE_ADD_QUANT) == ["_Recorded"]
+
+
+@pytest.mark.kernels
 @pytest.mark.parametrize("group", [0, 128])
 def test_quantize_rows_replays_bit_identical(seed, replay, group):
     """The public quantizer (a fused block's attention output rows) replays without smoothing."""

@@ -565,6 +565,101 @@ def test_rms_norm_gate_add_op_and_bad_args():
         fused.rms_norm_gate_add(x, y, w, torch.randn(3, 64, device=DEV), 1e-6)
 
 
+def _gate_add_quant_inputs(b, s, n, dtype, weighted=True):
+    x = torch.randn(b, s, n, device=DEV, dtype=dtype)
+    y = (torch.randn(b * s, n + 5) * 4).to(DEV, dtype)[:, 5:]  # a column slice: strided rows
+    pw = (torch.rand(n) + 0.5).to(DEV, dtype)
+    gate = torch.randn(b, 1, n, device=DEV, dtype=dtype).tanh()
+    sc = (torch.randn(b, n) * 0.3).to(DEV, dtype)
+    w = (torch.rand(n) + 0.5).to(DEV, dtype) if weighted else None
+    return x, y, pw, gate, sc, w
+
+
+def _check_gate_add_quant(x, y, pw, gate, sc, w, out, q, xs, group=0):
+    """out against the unfused post-norm add (a few ulps: another summation order), q / xs against the twin's
+    quantizer on the kernel's own out (what the fused pass must reproduce), and against float64."""
+    b, s, n = x.shape
+    unfused = reference_fused.rms_norm_gate_add(x.reshape(-1, n), y, pw, gate.reshape(b, n), s, 1e-5).view(b, s, n)
+    scale = torch.maximum(x.float().abs(), (unfused.float() - x.float()).abs()).clamp(min=1.0)
+    ok = unfused.isfinite()
+    assert float(((out.float() - unfused.float()).abs()[ok] / (scale[ok] * torch.finfo(x.dtype).eps)).max()) <= 8
+    assert torch.equal(out.isnan(), unfused.isnan())
+    q_ref, xs_ref = reference_fused.norm_modulate_quantize(out.reshape(-1, n), None, sc.reshape(b, n), s, 1e-6,
+                                                           group, "rms", w)
+    _close_codes(q, q_ref)
+    _close_scales(xs, xs_ref)
+    h = torch.nn.functional.rms_norm(out.reshape(-1, n).double(), (n,), None if w is None else w.double(), 1e-6)
+    h = h * (1 + sc.double().repeat_interleave(s, dim=0))
+    if group:
+        h = rotate(h, group)
+    rows = xs.isfinite()
+    assert sqnr_db(h[rows], _dequant(q, xs)[rows]) > 38
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("b,s,n,group,weighted", [(1, 1, 40, 0, True), (1, 15, 80, 0, False),
+                                                  (2, 17, 48, 0, True), (2, 3, 384, 64, True)])
+def test_rms_norm_gate_add_quantize(seed, dtype, b, s, n, group, weighted):
+    """The post-norm add and the next norm + modulation + quantization in one pass: x untouched, an all-zero y
+    row adds nothing, a NaN in y poisons only its row (out and scale)."""
+    x, y, pw, gate, sc, w = _gate_add_quant_inputs(b, s, n, dtype, weighted)
+    y[0] = 0
+    if b * s > 1:
+        y[-1, 2] = float("nan")
+    before = x.clone()
+    out, q, xs = fused.rms_norm_gate_add_quantize(x, y, pw, gate, 1e-5, sc, 1e-6, weight=w, rotate_group=group)
+    assert torch.equal(x, before) and out.shape == x.shape and out.dtype == dtype
+    assert q.shape == (b * s, n) and q.dtype == torch.int8 and xs.shape == (b * s,)
+    assert torch.equal(out[0, 0], x[0, 0])
+    if b * s > 1:
+        assert bool(out.reshape(-1, n)[-1].isnan().all()) and bool(xs[-1].isnan())
+        assert bool(out.reshape(-1, n)[:-1].isfinite().all()) and bool(xs[:-1].isfinite().all())
+    _check_gate_add_quant(x, y, pw, gate, sc, w, out, q, xs, group)
+
+
+@pytest.mark.parametrize("form", _FORMS, ids=_form_id)
+@pytest.mark.parametrize("b,s,n,group", [(1, 1, 40, 0), (2, 15, 64, 0), (2, 3, 768, 256)])
+def test_rms_norm_gate_add_quantize_forms(seed, form, b, s, n, group):
+    """Each launch form (one tile or two parts, grid or persistent) against the unfused pair and float64."""
+    from int8_w8a8.kernels import triton_fused
+
+    x, y, pw, gate, sc, w = _gate_add_quant_inputs(b, s, n, torch.bfloat16)
+    out, q, xs = triton_fused.rms_norm_gate_add_quantize(x.reshape(-1, n), y, pw, gate.reshape(b, n), sc, s, 1e-5,
+                                                         1e-6, group, w, form=form)
+    _check_gate_add_quant(x, y, pw, gate, sc, w, out.view(b, s, n), q, xs, group)
+
+
+def test_rms_norm_gate_add_quantize_falls_back_to_the_two_kernels(seed, monkeypatch):
+    """Where the one-pass tile does not fit the GPU (ConvRot group 256 at 3840 columns on 99-KB GPUs), the two
+    kernels run in turn: the same as calling them."""
+    from int8_w8a8.kernels import triton_fused
+
+    def too_large(*args, **kwargs):
+        raise triton_fused.TileTooLargeError("simulated")
+
+    monkeypatch.setattr(triton_fused, "rms_norm_gate_add_quantize", too_large)
+    x, y, pw, gate, sc, w = _gate_add_quant_inputs(2, 3, 768, torch.bfloat16)
+    out, q, xs = fused.rms_norm_gate_add_quantize_impl(x, y, pw, gate, 1e-5, sc, 1e-6, w, 256)
+    want = fused.rms_norm_gate_add_impl(x, y, pw, gate, 1e-5)
+    assert torch.equal(out, want)
+    for got, ref_ in zip((q, xs), fused.norm_modulate_quantize_impl(want, None, sc, 1e-6, 256, "rms", w), strict=True):
+        assert torch.equal(got, ref_)
+
+
+def test_rms_norm_gate_add_quantize_op_and_bad_args():
+    x, y, pw, gate, sc, w = _gate_add_quant_inputs(2, 5, 64, torch.bfloat16)
+    torch.library.opcheck(torch.ops.int8_w8a8.rms_norm_gate_add_quantize.default,
+                          (x, y.contiguous(), pw, gate, 1e-5, sc, 1e-6, w, 0))
+    with pytest.raises(ValueError, match="gate"):
+        fused.rms_norm_gate_add_quantize(x, y, pw, torch.randn(3, 64, device=DEV), 1e-5, sc, 1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        fused.rms_norm_gate_add_quantize(x, y, pw, gate, 1e-5, sc[:, :32], 1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        fused.rms_norm_gate_add_quantize(x, y, pw, gate, 1e-5, sc, 1e-6, weight=w[:32])
+    with pytest.raises(ValueError, match="rotate_group"):
+        fused.rms_norm_gate_add_quantize(x, y, pw, gate, 1e-5, sc, 1e-6, rotate_group=48)
+
+
 # ---------------------------------------------------------------------------------------------
 # q/k RMSNorm + RoPE + head split
 # ---------------------------------------------------------------------------------------------
