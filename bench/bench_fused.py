@@ -205,6 +205,20 @@ def _norm_forms(record, dev: str) -> None:
     _sweep_forms(record, f"rms_norm_gate_add z-image [{m}, {n}] bf16", x.numel() * 6,
                  lambda: fused.rms_norm_gate_add(x, y, w, gate, 1e-5),
                  lambda f: triton_fused.rms_norm_gate_add(x.view(m, n), y.view(m, n), w, gate, m, 1e-5, form=f))
+    # the same post-norm add and Z-Image's next RMSNorm + scale + quantization: the two kernels in turn (what the
+    # block runs) against the one-pass kernel in every form (GATE_ADD_NORM_QUANT_RULE takes a form that wins)
+    scale, w2 = torch.randn(1, n, device=dev, dtype=dt) * 0.1, torch.rand(n, device=dev, dtype=dt) + 0.5
+
+    def pair():
+        new = fused.rms_norm_gate_add(x, y, w, gate, 1e-5)
+        return fused.norm_modulate_quantize(new, None, scale, 1e-6, norm="rms", weight=w2)
+
+    record(f"rms_norm_gate_add + norm_modulate_quantize z-image [{m}, {n}] bf16 (two kernels)",
+           common.bench_graph_ms(pair), x.numel() * 9)
+    _sweep_forms(record, f"rms_norm_gate_add_quantize z-image [{m}, {n}] bf16", x.numel() * 7,
+                 lambda: fused.rms_norm_gate_add_quantize(x, y, w, gate, 1e-5, scale, 1e-6, weight=w2),
+                 lambda f: triton_fused.rms_norm_gate_add_quantize(x.view(m, n), y.view(m, n), w, gate, scale, m,
+                                                                   1e-5, 1e-6, 0, w2, form=f))
 
 
 def main() -> None:

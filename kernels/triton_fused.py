@@ -412,15 +412,22 @@ def _gate_add_part(x_ptr, y, rstd, w_ptr, gate_ptr, out_ptr, rows, row_ok, cols,
                    stride_gb, stride_om):
     """out = x + gate[b] * (y * rstd) * w for one row part, stored in out's dtype; returns the stored values in
     float32 (0 outside the tensor), what a kernel reading ``out`` back would see."""
+    x = _load_part(x_ptr, rows, row_ok, cols, N, stride_xm).to(tl.float32)
+    return _gate_add_values(x, y, rstd, w_ptr, gate_ptr, out_ptr, rows, row_ok, cols, N, rows_per_batch, stride_gb,
+                            stride_om)
+
+
+@triton.jit
+def _gate_add_values(x, y, rstd, w_ptr, gate_ptr, out_ptr, rows, row_ok, cols, N, rows_per_batch, stride_gb,
+                     stride_om):
+    """``_gate_add_part`` on x already loaded (float32)."""
     col_ok = cols < N
     ok = row_ok[:, None] & col_ok[None, :]
-    r64 = rows.to(tl.int64)[:, None]
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + (rows // rows_per_batch).to(tl.int64)[:, None] * stride_gb + cols[None, :], mask=ok,
                 other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     out = (x + g * ((y * rstd[:, None]) * w[None, :])).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + r64 * stride_om + cols[None, :], out, mask=ok)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], out, mask=ok)
     return tl.where(ok, out.to(tl.float32), 0.0)
 
 
@@ -473,8 +480,9 @@ def _norm_gate_add_kernel(
 def _gate_add_norm_quant_kernel(
     x_ptr, y_ptr, wpost_ptr, gate_ptr, out_ptr, mscale_ptr, w_ptr, q_ptr, scale_ptr, h_ptr,
     M, K, rows_per_batch, stride_xm, stride_ym, stride_gb, stride_om, stride_mb, stride_qm, eps_post, eps,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, FAST_ROUND: tl.constexpr,
-    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, PREFETCH: tl.constexpr,
+    FAST_ROUND: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
 ):
     """``_norm_gate_add_kernel`` then ``_norm_mod_quant_kernel`` (RMS, no shift) on the row it just wrote:
 
@@ -485,26 +493,50 @@ def _gate_add_norm_quant_kernel(
     attention sublayer closing (attention_norm2 and the gated residual add) and its feed-forward sublayer opening
     (ffn_norm1, modulation, quantization for w1/w3). One read of x and y, no read of out. Rows as in
     ``_norm_mod_quant_kernel`` (one tile of BLOCK_K columns, or two parts with BLOCK_K2 > 0), programs stepping
-    through the row tiles (a persistent grid when launched with fewer programs than tiles).
+    through the row tiles; PREFETCH (a persistent grid): each program loads its next tile's x and y before it
+    reduces and stores the current one.
     """
     ca = tl.arange(0, BLOCK_K)
+    step = tl.num_programs(0)
     if BLOCK_K2 > 0:
         cb = BLOCK_K + tl.arange(0, BLOCK_K2)
-    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+    if PREFETCH:
+        first = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ya_next = _load_part(y_ptr, first, first < M, ca, K, stride_ym)
+        xa_next = _load_part(x_ptr, first, first < M, ca, K, stride_xm)
+        if BLOCK_K2 > 0:
+            yb_next = _load_part(y_ptr, first, first < M, cb, K, stride_ym)
+            xb_next = _load_part(x_ptr, first, first < M, cb, K, stride_xm)
+    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), step):
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        ya = _load_part(y_ptr, rows, row_ok, ca, K, stride_ym).to(tl.float32)
+        if PREFETCH:
+            after = rows + step * BLOCK_M
+            ya = ya_next.to(tl.float32)
+            xa = xa_next.to(tl.float32)
+            ya_next = _load_part(y_ptr, after, after < M, ca, K, stride_ym)
+            xa_next = _load_part(x_ptr, after, after < M, ca, K, stride_xm)
+            if BLOCK_K2 > 0:
+                yb = yb_next.to(tl.float32)
+                xb = xb_next.to(tl.float32)
+                yb_next = _load_part(y_ptr, after, after < M, cb, K, stride_ym)
+                xb_next = _load_part(x_ptr, after, after < M, cb, K, stride_xm)
+        else:
+            ya = _load_part(y_ptr, rows, row_ok, ca, K, stride_ym).to(tl.float32)
+            xa = _load_part(x_ptr, rows, row_ok, ca, K, stride_xm).to(tl.float32)
+            if BLOCK_K2 > 0:
+                yb = _load_part(y_ptr, rows, row_ok, cb, K, stride_ym).to(tl.float32)
+                xb = _load_part(x_ptr, rows, row_ok, cb, K, stride_xm).to(tl.float32)
         if BLOCK_K2 > 0:  # one row (BLOCK_M = 1): scalar statistics, as in the two kernels
-            yb = _load_part(y_ptr, rows, row_ok, cb, K, stride_ym).to(tl.float32)
             rstd = tl.zeros((BLOCK_M,), tl.float32) + 1.0 / tl.sqrt_rn((tl.sum(ya * ya) + tl.sum(yb * yb)) / K
                                                                        + eps_post)
         else:
             rstd = 1.0 / tl.sqrt_rn(tl.sum(ya * ya, axis=1) / K + eps_post)
-        xa = _gate_add_part(x_ptr, ya, rstd, wpost_ptr, gate_ptr, out_ptr, rows, row_ok, ca, K, rows_per_batch,
-                            stride_xm, stride_gb, stride_om)
+        xa = _gate_add_values(xa, ya, rstd, wpost_ptr, gate_ptr, out_ptr, rows, row_ok, ca, K, rows_per_batch,
+                              stride_gb, stride_om)
         if BLOCK_K2 > 0:
-            xb = _gate_add_part(x_ptr, yb, rstd, wpost_ptr, gate_ptr, out_ptr, rows, row_ok, cb, K, rows_per_batch,
-                                stride_xm, stride_gb, stride_om)
+            xb = _gate_add_values(xb, yb, rstd, wpost_ptr, gate_ptr, out_ptr, rows, row_ok, cb, K, rows_per_batch,
+                                  stride_gb, stride_om)
             rstd = tl.zeros((BLOCK_M,), tl.float32) + 1.0 / tl.sqrt_rn((tl.sum(xa * xa) + tl.sum(xb * xb)) / K + eps)
         else:
             rstd = 1.0 / tl.sqrt_rn(tl.sum(xa * xa, axis=1) / K + eps)
@@ -772,8 +804,8 @@ def rms_norm_gate_add_quantize(x2, y2, post_weight, gate, mscale, rows_per_batch
         _GATE_ADD_NORM_QUANT, key, form, triton.cdiv(m, block_m), x2.device, x2, y2, post_weight, gate, out, mscale,
         weight if weight is not None else mscale, q, scale, h if h is not None else q, m, k, rows_per_batch,
         x2.stride(0), y2.stride(0), gate.stride(0), out.stride(0), mscale.stride(0), q.stride(0), float(eps_post),
-        float(eps), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_K2=block_k2, FAST_ROUND=not interpreting(), **rot,
-        HAS_WEIGHT=weight is not None, num_warps=warps, enable_fp_fusion=False,
+        float(eps), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_K2=block_k2, PREFETCH=form.programs_per_sm > 0,
+        FAST_ROUND=not interpreting(), **rot, HAS_WEIGHT=weight is not None, num_warps=warps, enable_fp_fusion=False,
         fallback="rms_norm_gate_add and norm_modulate_quantize run in turn",
     )
     return out, q, scale

@@ -586,14 +586,16 @@ def _check_gate_add_quant(x, y, pw, gate, sc, w, out, q, xs, group=0):
     assert torch.equal(out.isnan(), unfused.isnan())
     q_ref, xs_ref = reference_fused.norm_modulate_quantize(out.reshape(-1, n), None, sc.reshape(b, n), s, 1e-6,
                                                            group, "rms", w)
-    _close_codes(q, q_ref)
-    _close_scales(xs, xs_ref)
     h = torch.nn.functional.rms_norm(out.reshape(-1, n).double(), (n,), None if w is None else w.double(), 1e-6)
     h = h * (1 + sc.double().repeat_interleave(s, dim=0))
-    if group:
-        h = rotate(h, group)
     rows = xs.isfinite()
-    assert sqnr_db(h[rows], _dequant(q, xs)[rows]) > 38
+    if group:  # tf32 rotation dots on a GPU
+        _close_rotated(q[rows], xs[rows], q_ref[rows], xs_ref[rows], rotate(h, group)[rows])
+    else:
+        _close_codes(q, q_ref)
+        _close_scales(xs, xs_ref)
+    truth = rotate(h, group) if group else h
+    assert sqnr_db(truth[rows], _dequant(q, xs)[rows]) > 38
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
