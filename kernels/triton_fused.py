@@ -105,6 +105,26 @@ def _modulate_part(d, rstd, rows, row_ok, cols, K, shift_ptr, mscale_ptr, w_ptr,
 
 
 @triton.jit
+def _quantize_parts(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M: tl.constexpr,
+                    BLOCK_K2: tl.constexpr, FAST_ROUND: tl.constexpr):
+    """Store the row scales and int8 codes of rows held as one tile ``ya`` (columns ``ca``) or, with BLOCK_K2 > 0,
+    one row as two parts ``ya | yb`` (columns ``ca | cb``, scalar statistics: the parts' layouts never meet)."""
+    if BLOCK_K2 > 0:
+        fa = tl.abs(ya) <= FLT_MAX  # false for NaN and +-Inf (``_row_stats``)
+        fb = tl.abs(yb) <= FLT_MAX
+        amax = tl.maximum(tl.max(tl.where(fa, tl.abs(ya), 0.0)), tl.max(tl.where(fb, tl.abs(yb), 0.0)))
+        bad = tl.sum((~fa).to(tl.int32)) + tl.sum((~fb).to(tl.int32))
+        absmax = tl.zeros((BLOCK_M,), tl.float32) + amax
+        nonfinite = tl.zeros((BLOCK_M,), tl.int32) + bad
+    else:
+        absmax, nonfinite = _row_stats(ya, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
+    inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
+    _quantize_store(ya, inv, 0, rows, row_ok, ca, K, q_ptr, stride_qm, False, FAST_ROUND)
+    if BLOCK_K2 > 0:
+        _quantize_store(yb, inv, 0, rows, row_ok, cb, K, q_ptr, stride_qm, False, FAST_ROUND)
+
+
+@triton.jit
 def _norm_mod_quant_kernel(
     x_ptr, shift_ptr, mscale_ptr, w_ptr, q_ptr, scale_ptr, h_ptr,
     M, K, rows_per_batch, stride_xm, stride_mb, stride_qm, eps,
@@ -124,6 +144,7 @@ def _norm_mod_quant_kernel(
     """
     ca = tl.arange(0, BLOCK_K)
     step = tl.num_programs(0)
+    cb = ca  # the second part's columns (BLOCK_K2 > 0); unused otherwise
     if BLOCK_K2 > 0:
         cb = BLOCK_K + tl.arange(0, BLOCK_K2)
     if PREFETCH:
@@ -164,21 +185,11 @@ def _norm_mod_quant_kernel(
             rstd = 1.0 / tl.sqrt_rn(tl.sum(da * da, axis=1) / K + eps)
         ya = _modulate_part(da, rstd, rows, row_ok, ca, K, shift_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
                             stride_mb, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, HAS_SHIFT)
+        yb = ya
         if BLOCK_K2 > 0:
             yb = _modulate_part(db, rstd, rows, row_ok, cb, K, shift_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
                                 stride_mb, BLOCK_M, BLOCK_K2, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, HAS_SHIFT)
-            fa = tl.abs(ya) <= FLT_MAX  # false for NaN and +-Inf (``_row_stats``)
-            fb = tl.abs(yb) <= FLT_MAX
-            amax = tl.maximum(tl.max(tl.where(fa, tl.abs(ya), 0.0)), tl.max(tl.where(fb, tl.abs(yb), 0.0)))
-            bad = tl.sum((~fa).to(tl.int32)) + tl.sum((~fb).to(tl.int32))
-            absmax = tl.zeros((BLOCK_M,), tl.float32) + amax
-            nonfinite = tl.zeros((BLOCK_M,), tl.int32) + bad
-        else:
-            absmax, nonfinite = _row_stats(ya, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
-        inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
-        _quantize_store(ya, inv, 0, rows, row_ok, ca, K, q_ptr, stride_qm, False, FAST_ROUND)
-        if BLOCK_K2 > 0:
-            _quantize_store(yb, inv, 0, rows, row_ok, cb, K, q_ptr, stride_qm, False, FAST_ROUND)
+        _quantize_parts(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, BLOCK_K2, FAST_ROUND)
 
 
 # ``_glu_quant_kernel``'s ACT meta-parameter for each of ``reference_fused.ACTIVATIONS``
@@ -498,6 +509,7 @@ def _gate_add_norm_quant_kernel(
     """
     ca = tl.arange(0, BLOCK_K)
     step = tl.num_programs(0)
+    cb = ca  # the second part's columns (BLOCK_K2 > 0); unused otherwise
     if BLOCK_K2 > 0:
         cb = BLOCK_K + tl.arange(0, BLOCK_K2)
     if PREFETCH:
@@ -542,21 +554,11 @@ def _gate_add_norm_quant_kernel(
             rstd = 1.0 / tl.sqrt_rn(tl.sum(xa * xa, axis=1) / K + eps)
         ha = _modulate_part(xa, rstd, rows, row_ok, ca, K, mscale_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
                             stride_mb, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, False)
+        hb = ha
         if BLOCK_K2 > 0:
             hb = _modulate_part(xb, rstd, rows, row_ok, cb, K, mscale_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
                                 stride_mb, BLOCK_M, BLOCK_K2, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, False)
-            fa = tl.abs(ha) <= FLT_MAX  # false for NaN and +-Inf (``_row_stats``)
-            fb = tl.abs(hb) <= FLT_MAX
-            amax = tl.maximum(tl.max(tl.where(fa, tl.abs(ha), 0.0)), tl.max(tl.where(fb, tl.abs(hb), 0.0)))
-            bad = tl.sum((~fa).to(tl.int32)) + tl.sum((~fb).to(tl.int32))
-            absmax = tl.zeros((BLOCK_M,), tl.float32) + amax
-            nonfinite = tl.zeros((BLOCK_M,), tl.int32) + bad
-        else:
-            absmax, nonfinite = _row_stats(ha, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
-        inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
-        _quantize_store(ha, inv, 0, rows, row_ok, ca, K, q_ptr, stride_qm, False, FAST_ROUND)
-        if BLOCK_K2 > 0:
-            _quantize_store(hb, inv, 0, rows, row_ok, cb, K, q_ptr, stride_qm, False, FAST_ROUND)
+        _quantize_parts(ha, hb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, BLOCK_K2, FAST_ROUND)
 
 
 # A specialization Triton rejects for resources (OutOfResources when it is first loaded) takes the next
