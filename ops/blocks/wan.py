@@ -103,8 +103,11 @@ class FusedBlock:
         xq, xs = kernels.fused.norm_modulate_quantize(x, e[0], e[1], block.norm1.eps,
                                                       rotate_group=attn.q.input_rotation())
         proj = common.run_shared((attn.q, attn.k, attn.v), xq, xs, x.dtype, (b, s, -1))
-        # v read where its GEMM wrote it (the buffers' layout), not copied
-        bufs = (*common.qkv_buffers(x, heads, attn.head_dim, s, count=2), common.heads_of(proj[2], heads))
+        # v read where its GEMM wrote it (the buffers' layout), not copied; a v projection that is not one dense
+        # [B, S, H * D] tensor (none of the pack's paths returns one) gets a buffer and the copy
+        v = common.heads_of(proj[2], heads) if proj[2].is_contiguous() else common.qkv_buffers(
+            x, heads, attn.head_dim, s, count=1)[0]
+        bufs = (*common.qkv_buffers(x, heads, attn.head_dim, s, count=2), v)
         kernels.fused.qk_norm_rope(proj, common.small(attn.norm_q.weight, x), common.small(attn.norm_k.weight, x),
                                    args["pe"].movedim(2, 1), *bufs, seq_off=0, heads=heads,
                                    eps_q=common.rms_eps(attn.norm_q, x.dtype),
