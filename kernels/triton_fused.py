@@ -86,6 +86,17 @@ def _load_part(x_ptr, rows, row_ok, cols, K, stride_xm):
 
 
 @triton.jit
+def _rms_rstd(a, b, K, eps, BLOCK_M: tl.constexpr, BLOCK_K2: tl.constexpr):
+    """Reciprocal RMS (float32 [BLOCK_M]) of rows held as one tile ``a`` or, with BLOCK_K2 > 0, one row as two
+    parts ``a | b`` (a scalar sum: the parts' layouts never meet; ``b`` is unused otherwise)."""
+    if BLOCK_K2 > 0:
+        rstd = tl.zeros((BLOCK_M,), tl.float32) + 1.0 / tl.sqrt_rn((tl.sum(a * a) + tl.sum(b * b)) / K + eps)
+    else:
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(a * a, axis=1) / K + eps)
+    return rstd
+
+
+@triton.jit
 def _modulate_part(d, rstd, rows, row_ok, cols, K, shift_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch, stride_mb,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr,
                    KRON: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr):
@@ -476,10 +487,7 @@ def _norm_gate_add_kernel(
             ya = _load_part(y_ptr, rows, row_ok, ca, N, stride_ym).to(tl.float32)
             if BLOCK_N2 > 0:
                 yb = _load_part(y_ptr, rows, row_ok, cb, N, stride_ym).to(tl.float32)
-        if BLOCK_N2 > 0:  # one row (BLOCK_M = 1): a scalar sum, as in ``_norm_mod_quant_kernel``
-            rstd = tl.zeros((BLOCK_M,), tl.float32) + 1.0 / tl.sqrt_rn((tl.sum(ya * ya) + tl.sum(yb * yb)) / N + eps)
-        else:
-            rstd = 1.0 / tl.sqrt_rn(tl.sum(ya * ya, axis=1) / N + eps)
+        rstd = _rms_rstd(ya, yb if BLOCK_N2 > 0 else ya, N, eps, BLOCK_M, BLOCK_N2)
         _gate_add_part(x_ptr, ya, rstd, w_ptr, gate_ptr, out_ptr, rows, row_ok, ca, N, rows_per_batch, stride_xm,
                        stride_gb, stride_om)
         if BLOCK_N2 > 0:
@@ -539,19 +547,13 @@ def _gate_add_norm_quant_kernel(
             if BLOCK_K2 > 0:
                 yb = _load_part(y_ptr, rows, row_ok, cb, K, stride_ym).to(tl.float32)
                 xb = _load_part(x_ptr, rows, row_ok, cb, K, stride_xm).to(tl.float32)
-        if BLOCK_K2 > 0:  # one row (BLOCK_M = 1): scalar statistics, as in the two kernels
-            rstd = tl.zeros((BLOCK_M,), tl.float32) + 1.0 / tl.sqrt_rn((tl.sum(ya * ya) + tl.sum(yb * yb)) / K
-                                                                       + eps_post)
-        else:
-            rstd = 1.0 / tl.sqrt_rn(tl.sum(ya * ya, axis=1) / K + eps_post)
+        rstd = _rms_rstd(ya, yb if BLOCK_K2 > 0 else ya, K, eps_post, BLOCK_M, BLOCK_K2)
         xa = _gate_add_values(xa, ya, rstd, wpost_ptr, gate_ptr, out_ptr, rows, row_ok, ca, K, rows_per_batch,
                               stride_gb, stride_om)
         if BLOCK_K2 > 0:
             xb = _gate_add_values(xb, yb, rstd, wpost_ptr, gate_ptr, out_ptr, rows, row_ok, cb, K, rows_per_batch,
                                   stride_gb, stride_om)
-            rstd = tl.zeros((BLOCK_M,), tl.float32) + 1.0 / tl.sqrt_rn((tl.sum(xa * xa) + tl.sum(xb * xb)) / K + eps)
-        else:
-            rstd = 1.0 / tl.sqrt_rn(tl.sum(xa * xa, axis=1) / K + eps)
+        rstd = _rms_rstd(xa, xb if BLOCK_K2 > 0 else xa, K, eps, BLOCK_M, BLOCK_K2)
         ha = _modulate_part(xa, rstd, rows, row_ok, ca, K, mscale_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
                             stride_mb, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, False)
         hb = ha
