@@ -483,8 +483,10 @@ def _record(records, tensors: tuple, result, keep: tuple) -> _Recorded | None:
     def locate(tensor: torch.Tensor, is_desc: bool):
         ptr, storage = tensor.data_ptr(), tensor.untyped_storage().data_ptr()
         exact = by_ptr.get(ptr, ())
-        candidates = exact[:1] if exact and all(i < len(tensors) for i in exact) else exact or by_storage.get(
-            storage, ())
+        if exact and all(i < len(tensors) for i in exact):
+            candidates = exact[:1]  # arguments at this address share it in every call of this key (``_aliases``)
+        else:
+            candidates = exact or by_storage.get(storage, ())
         if len(candidates) > 1:
             return None  # two tensors in one storage at other addresses: which one a replay uses is unknown
         if not candidates:
