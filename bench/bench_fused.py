@@ -205,8 +205,19 @@ def _norm_forms(record, dev: str) -> None:
     _sweep_forms(record, f"rms_norm_gate_add z-image [{m}, {n}] bf16", x.numel() * 6,
                  lambda: fused.rms_norm_gate_add(x, y, w, gate, 1e-5),
                  lambda f: triton_fused.rms_norm_gate_add(x.view(m, n), y.view(m, n), w, gate, m, 1e-5, form=f))
-    # the same post-norm add and Z-Image's next RMSNorm + scale + quantization: the two kernels in turn (what the
-    # block runs) against the one-pass kernel in every form (GATE_ADD_NORM_QUANT_RULE takes a form that wins)
+    _gate_add_norm_quant_forms(record, dev)
+
+
+def _gate_add_norm_quant_forms(record, dev: str) -> None:
+    """Z-Image's post-norm add and its next RMSNorm + scale + quantization at [4608, 3840]: the two kernels in turn
+    (what the block runs) against the one-pass kernel in every form (GATE_ADD_NORM_QUANT_RULE takes a form that
+    wins)."""
+    from ..kernels import fused, triton_fused
+
+    m, n, dt = 4608, 3840, torch.bfloat16
+    x, y = (torch.randn(1, m, n, device=dev, dtype=dt) for _ in range(2))
+    w = torch.rand(n, device=dev, dtype=dt) + 0.5
+    gate = torch.randn(1, n, device=dev, dtype=dt).tanh()
     scale, w2 = torch.randn(1, n, device=dev, dtype=dt) * 0.1, torch.rand(n, device=dev, dtype=dt) + 0.5
 
     def pair():
@@ -224,6 +235,8 @@ def _norm_forms(record, dev: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default="all", choices=("all", "norms", "gate-add-quant"),
+                        help="one section: the row-normalizing kernels' forms, or only the one-pass post-norm add")
     args = parser.parse_args()
     from ..kernels import fused, triton_fused, triton_quant
 
@@ -236,6 +249,11 @@ def main() -> None:
         rows.append({"name": name, "ms": ms, "GB/s": nbytes / ms / 1e6})
         print(f"{name:<58} {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s", flush=True)
 
+    if args.only != "all":
+        (_norm_forms if args.only == "norms" else _gate_add_norm_quant_forms)(record, dev)
+        if args.out:
+            common.write_json(args.out, {"env": common.environment(), "rows": rows})
+        return
     x = torch.randn(b, s, hidden, device=dev, dtype=dt)
     shift = torch.randn(b, 1, hidden, device=dev, dtype=dt) * 0.1
     scale = torch.randn(b, 1, hidden, device=dev, dtype=dt) * 0.1

@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | gemm-ws | gemm-tail | sweep-{large,m1024,m256,m64,small}
+# STEPs: guards | fused-gate-add | tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | gemm-ws | gemm-tail | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -64,6 +64,14 @@ for step in "$@"; do
         lora) python3 -m int8_w8a8.bench.bench_lora --out "$OUT/bench_lora.json" 2>&1 | tee "$OUT/bench_lora.txt" ;;
         profile) python3 -m int8_w8a8.bench.profile_step --variants ${VARIANTS:-bf16 pack-row} ${PROFILE_ARGS:-} \
             --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.txt" ;;
+        # Dynamo's guards on a compiled step and their cache-lookup time per variant (bench/guard_report.py; ~1 min
+        # per variant at real widths, eager backend)
+        guards) python3 -m int8_w8a8.bench.guard_report --models ${MODELS:-zimage} \
+            --variants ${VARIANTS:-bf16 fp8-fast pack-convert} ${GUARD_ARGS:-} --out "$OUT/guards.json" 2>&1 \
+            | tee "$OUT/guards.txt" ;;
+        # the one-pass post-norm add + quantization against the two kernels (bench_fused --only gate-add-quant)
+        fused-gate-add) python3 -m int8_w8a8.bench.bench_fused --only gate-add-quant --out "$OUT/bench_fused_gate_add.json" \
+            2>&1 | tee "$OUT/bench_fused_gate_add.txt" ;;
         fused) python3 -m int8_w8a8.bench.bench_fused --out "$OUT/bench_fused.json" 2>&1 | tee "$OUT/bench_fused.txt" ;;
         # FLUX.2 klein 9B step, fused pack with ComfyUI's attention vs 8-bit attention (issue 14: >= 1.1x at 1024,
         # >= 1.3x at 2048, SQNR vs BF16 down by <= 2 dB); ~3 min on the H200

@@ -1,0 +1,131 @@
+"""What Dynamo guards on a compiled step, and what checking them costs (CPU or GPU).
+
+    python -m int8_w8a8.bench.guard_report [--models zimage] [--variants bf16 fp8-fast pack-convert]
+        [--tiny] [--layers N] [--backend eager] [--out guards.json]
+
+A compiled model pays, before each call of its graph, for the checks that the graph is still valid
+(Dynamo's guards; "TorchDynamo Cache Lookup" in a profile). C++ guards (tensor, id, type matches) cost
+well under a microsecond each; guards Dynamo can only express in Python (lambdas over a tensor subclass's
+``__tensor_flatten__``, weakrefs, closures) cost microseconds each and add up per INT8 weight. This compiles
+each variant through ComfyUI's ``set_torch_compile_wrapper`` with the TorchCompileModel node's guard filter
+(transformer_options not guarded), records every guard entry the filter sees, and reports per variant:
+the frames compiled, guards kept by type, the most frequent guard names (digits folded), and the cache-lookup
+time of a step from torch.profiler (median of ``--reps`` profiled steps after two warm-up steps).
+
+The backend only changes what runs inside the graph, not the guards: ``eager`` (default) skips Inductor's
+compile time. ``--tiny`` builds the table's tiny configs (``--layers`` sets the block count, so per-layer
+guards add up as at the real depth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import re
+import statistics
+
+import torch
+
+from . import arch_models, bench_arch, bench_model, common, flux2_model
+
+# the unet-config key of each architecture's block count (for --layers at tiny widths)
+DEPTH_KEY = {"zimage": "n_layers", "chroma": "depth", "qwen-image": "num_layers", "wan14b": "num_layers",
+             "klein9b": "depth", "klein4b": "depth"}
+
+
+def _arch(key: str, tiny: bool, layers: int | None) -> arch_models.Arch:
+    arch = arch_models.ARCHS[key]
+    if not (tiny and layers):
+        return arch
+    return arch_models.Arch(arch.key, arch.title, arch.config, arch.shape, {**arch.tiny, DEPTH_KEY[key]: layers},
+                            arch.tiny_shape)
+
+
+def pattern(name: str) -> str:
+    """A guard's source name with numbers folded (``layers.7.attention`` -> ``layers.N.attention``)."""
+    return re.sub(r"\d+", "N", name)
+
+
+def lookup_ms(model, inputs, reps: int) -> list[float]:
+    """Cache-lookup (guard evaluation) time of each of ``reps`` profiled steps, ms, and the lookups per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    times, count = [], 0
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            bench_model.step(model, inputs)
+        events = [e for e in prof.events() if "Cache Lookup" in e.name]
+        times.append(sum(e.cpu_time_total for e in events) / 1e3)
+        count = len(events)
+    return times, count
+
+
+def report(key: str, variant: str, tiny: bool, layers: int | None, backend: str, reps: int, top: int) -> dict:
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    arch = _arch(key, tiny, layers)
+    patcher, _ = bench_arch.build(variant, arch, tiny)
+    inputs = arch_models.step_inputs(patcher, arch.step_shape(tiny), bench_arch._device())
+    seen = []
+
+    def keep(entries):  # the TorchCompileModel node's filter, recording what it is shown
+        seen.extend(entries)
+        return [("transformer_options" not in e.name) for e in entries]
+
+    model = patcher.clone(disable_dynamic=True)
+    set_torch_compile_wrapper(model=model, backend=backend, options={"guard_filter_fn": keep})
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for _ in range(2):
+        bench_model.step(model, inputs)
+    common.sync()
+    graphs, breaks = counters["stats"]["unique_graphs"], dict(counters["graph_break"])
+    kept = [e for e in seen if "transformer_options" not in e.name]
+    times, lookups = lookup_ms(model, inputs, reps)
+    by_type = collections.Counter(e.guard_type for e in kept)
+    names = collections.Counter((e.guard_type, pattern(e.name)) for e in kept)
+    row = {"arch": key, "variant": variant, "tiny": tiny, "layers": layers, "backend": backend,
+           "guards_seen": len(seen), "guards_kept": len(kept), "graphs": graphs, "graph_breaks": breaks,
+           "lookups_per_step": lookups,
+           "lookup_ms": statistics.median(times), "lookup_ms_runs": times, "by_type": dict(by_type.most_common()),
+           "top_names": [[n, t, k] for (t, k), n in names.most_common(top)]}
+    print(f"{arch.title} {variant:<12} guards kept {len(kept):5d} (seen {len(seen)}), {lookups} lookups a step, "
+          f"lookup {row['lookup_ms']:.2f} ms a step ({' '.join(f'{t:.2f}' for t in sorted(times))}), {graphs} graphs, "
+          f"{sum(breaks.values())} graph breaks", flush=True)
+    for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]:
+        print(f"    break x{n}: {reason[:200]}", flush=True)
+    print("    by type: " + ", ".join(f"{t} {n}" for t, n in by_type.most_common(12)), flush=True)
+    for n, t, k in row["top_names"]:
+        print(f"    {n:5d} {t:<28} {k[:150]}", flush=True)
+    del model, patcher, inputs
+    torch._dynamo.reset()
+    bench_arch._free()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["zimage"], choices=sorted(arch_models.ARCHS))
+    parser.add_argument("--variants", nargs="+", default=["bf16", "fp8-fast", "pack-convert"])
+    parser.add_argument("--tiny", action="store_true", help="the table's tiny configs (CPU)")
+    parser.add_argument("--layers", type=int, default=None, help="block count at tiny widths")
+    parser.add_argument("--backend", default="eager")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
+    from ..ops import native
+
+    native.install()  # as in ComfyUI with the pack installed
+    rows = [report(m, v, args.tiny, args.layers, args.backend, args.reps, args.top)
+            for m in args.models for v in args.variants]
+    if args.out:
+        common.write_json(args.out, {"env": common.environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
