@@ -91,9 +91,10 @@ NORM_GATE_ADD_RULE: tuple[tuple[int, RowLaunch], ...] = (
 )
 # rms_norm_gate_add_quantize (the gated post-norm add and the next norm + modulation + quantization in one pass):
 # its first build (persistent, 8 warps, without the prefetch) measured 67 us a call in a Z-Image step on the H200
-# against ~63-65 for the two kernels it replaces (bench/NOTES.md item 40), so no block calls it yet and this rule
-# is empty (the plain grid); `bench_fused`'s norm sweep times every form, the prefetching ones too, against the
-# two kernels, and a form that beats them goes here and into Z-Image's block.
+# (bench/NOTES.md item 40); `bench_fused --only gate-add-quant` (CUDA graphs, [4608, 3840] bf16) then measured the
+# plain grid (LEGACY, the empty rule) at 53.0 us, the prefetching persistent forms at 52.9 (4 warps) to 61.2
+# (8 warps), 68.7 for the first build's form, against 61.1 us for the two kernels it replaces (item 41): the
+# grid it is, and Z-Image's block calls it.
 GATE_ADD_NORM_QUANT_RULE: tuple[tuple[int, RowLaunch], ...] = ()
 
 

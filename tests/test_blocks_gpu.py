@@ -90,10 +90,12 @@ CASES: dict[str, Case] = {
     "qwen-image": Case({"num_layers": 2}, (16, 1, 64, 64), (16, 1, 16, 16), ("transformer_blocks.",),
                        _times({"norm_modulate_quantize": 4, "qk_norm_rope": 2, "glu_quantize": 2,
                                "glu_quantize:gelu_tanh": 2, "int8_gemm_residual": 4, "run_quantized": 12}, 2)),
-    # per layer: quantizations for qkv and (shared) w1/w3, SwiGLU of the pair, two post-norm gated adds
+    # per layer: the quantization for qkv, the attention's post-norm add with the (shared) w1/w3 quantization, SwiGLU
+    # of the pair, the feed-forward's post-norm add
     "zimage": Case({"n_layers": 2}, (16, 64, 64), (16, 16, 16), ("layers.",),
-                   _times({"norm_modulate_quantize": 2, "qk_norm_rope": 1, "glu_quantize": 1,
-                           "glu_quantize:swiglu": 1, "rms_norm_gate_add": 2, "run_quantized": 5}, 2),
+                   _times({"norm_modulate_quantize": 1, "rms_norm_gate_add_quantize": 1, "qk_norm_rope": 1,
+                           "glu_quantize": 1, "glu_quantize:swiglu": 1, "rms_norm_gate_add": 1, "run_quantized": 5},
+                          2),
                    ("num_tokens",)),
     # per block: one quantization for self-attention's q/k/v, one for cross-attention's q (norm3 fused), one for the
     # FFN; cross-attention's k/v (text tokens) are ComfyUI's layers

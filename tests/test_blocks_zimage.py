@@ -89,9 +89,10 @@ def test_fused_matches_comfyui_layers_and_float64(models, calls, dtype):
     comfy = bu.run(models[f"plain-{dtype}"], args, kwargs)
     assert not calls
     fused = bu.run(models[f"fused-{dtype}"], args, kwargs)
-    # per layer: RMSNorm quantizations for qkv and (shared) w1/w3; SwiGLU of the (w1, w3) pair; two post-norm adds
-    per_layer = {"norm_modulate_quantize": 2, "qk_norm_rope": 1, "glu_quantize": 1, "glu_quantize:swiglu": 1,
-                 "rms_norm_gate_add": 2, "run_quantized": 5}
+    # per layer: the RMSNorm quantization for qkv; the attention's post-norm add with the (shared) w1/w3 one; SwiGLU
+    # of the (w1, w3) pair; the feed-forward's post-norm add
+    per_layer = {"norm_modulate_quantize": 1, "rms_norm_gate_add_quantize": 1, "qk_norm_rope": 1, "glu_quantize": 1,
+                 "glu_quantize:swiglu": 1, "rms_norm_gate_add": 1, "run_quantized": 5}
     assert calls == {k: v * LAYERS for k, v in per_layer.items()}
     assert sqnr_db(comfy, fused) > 30
     truth = bu.float64_truth(models[f"fused-{dtype}"], zimage_module, args, kwargs)
@@ -182,6 +183,7 @@ def test_torch_compile_traces_fused_layers_in_one_graph(models, calls, monkeypat
     want = bu.run(patcher, args, kwargs)  # loads the patcher: the object patches are applied
     eager_calls = dict(calls)
     y = bu.compiled_in_one_graph(patcher, args, kwargs, options={}, ops=(
-        "norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "rms_norm_gate_add", "flux_rope_table"))
+        "norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "rms_norm_gate_add", "rms_norm_gate_add_quantize",
+        "flux_rope_table"))
     assert eager_calls["qk_norm_rope"] == LAYERS
     assert sqnr_db(want, y) > 60

@@ -10,8 +10,9 @@ The fused version runs, per block:
   RMSNorm (weight) + modulation + quantization -> INT8 qkv GEMM
   q/k RMSNorm + RoPE + split into heads into a ``[B, S, H, D]`` buffer (ComfyUI's RoPE table layout, no copy)
   attention (ComfyUI's ``optimized_attention``, the user's backend, or 8-bit: ``attention_choice``)
-  attention output + quantization -> INT8 out GEMM; ``x + tanh(g1) * RMSNorm(y) * w`` in one pass
-  RMSNorm + modulation + quantization, ONCE -> w1 and w3 (two INT8 GEMMs on the same rows)
+  attention output + quantization -> INT8 out GEMM
+  ``x + tanh(g1) * RMSNorm(y) * w``, then RMSNorm + modulation + quantization of that, in one pass, ONCE -> w1
+  and w3 (two INT8 GEMMs on the same rows)
   SwiGLU of the (w1, w3) pair + quantization -> w2; ``x + tanh(g2) * RMSNorm(y) * w`` in one pass.
 
 The post-norm needs each output row whole, so the gated residual add is a pass of its own
@@ -103,11 +104,12 @@ class FusedForward:
         del bufs, qkv
         aq, a_scale = kernels.quantize_rows(out, rotate_group=attn.out.input_rotation())
         y = attn.out.run_quantized(aq, a_scale.reshape(-1), x.dtype)
-        x = kernels.fused.rms_norm_gate_add(x, y, common.small(block.attention_norm2.weight, x), gate_msa.tanh(),
-                                           common.rms_eps(block.attention_norm2, x.dtype))
-        # feed-forward: one quantization for w1 and w3
-        xq, xs = kernels.fused.norm_modulate_quantize(
-            x, None, scale_mlp, common.rms_eps(block.ffn_norm1, x.dtype), norm="rms",
+        # the attention sublayer's gated post-norm add and the feed-forward's norm + modulation + quantization in
+        # one pass (53 us against the two kernels' 61 on the H200, bench/NOTES.md item 41): one quantization for
+        # w1 and w3
+        x, xq, xs = kernels.fused.rms_norm_gate_add_quantize(
+            x, y, common.small(block.attention_norm2.weight, x), gate_msa.tanh(),
+            common.rms_eps(block.attention_norm2, x.dtype), scale_mlp, common.rms_eps(block.ffn_norm1, x.dtype),
             weight=common.small(block.ffn_norm1.weight, x), rotate_group=ff.w1.input_rotation())
         gate, up = common.run_shared((ff.w1, ff.w3), xq, xs, x.dtype, (b * s, -1))
         hq, hs = kernels.fused.glu_quantize(None, (gate, up), rotate_group=ff.w2.input_rotation())
