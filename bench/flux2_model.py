@@ -35,8 +35,9 @@ CONFIGS = {
 }
 
 
-def setup_comfyui(cpu: bool = False) -> None:
-    """Import ComfyUI from COMFYUI_PATH (on the GPU, or on the CPU for smoke runs)."""
+def setup_comfyui(cpu: bool = False, pytorch_attention: bool = False) -> None:
+    """Import ComfyUI from COMFYUI_PATH (on the GPU, or on the CPU for smoke runs); ``pytorch_attention``: ComfyUI's
+    ``--use-pytorch-cross-attention`` (SDPA, its default on NVIDIA GPUs, also on the CPU)."""
     path = os.environ.get("COMFYUI_PATH")
     if not path:
         raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout (bench/run_on_gpu.sh does it for a carried .comfyui/)")
@@ -45,6 +46,7 @@ def setup_comfyui(cpu: bool = False) -> None:
     from comfy.cli_args import args
 
     args.cpu = cpu  # before comfy.model_management is imported
+    args.use_pytorch_cross_attention = args.use_pytorch_cross_attention or pytorch_attention
     import comfy.model_management  # noqa: F401
 
 

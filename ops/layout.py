@@ -106,6 +106,38 @@ class Int8W8A8Layout(TensorWiseINT8Layout):
 register_layout_class(LAYOUT_NAME, Int8W8A8Layout)
 
 
+# ------------------------------------------------------------------ compiled graphs: the subclass metadata guard
+_KITCHEN_FLATTEN = getattr(QuantizedTensor.__tensor_flatten__, "kitchen_flatten", QuantizedTensor.__tensor_flatten__)
+_FLAT = "_int8_w8a8_flat"  # instance attribute: (params, layout name, kitchen's answer)
+
+
+def _flatten(self):
+    """Kitchen's ``QuantizedTensor.__tensor_flatten__``, answered once per weight for the pack's layout.
+
+    A compiled graph with a QuantizedTensor weight carries one Python guard per weight that calls
+    ``__tensor_flatten__()`` and compares its metadata, before every call of the graph. Kitchen's builds the answer
+    afresh each time (its Params' dataclass fields walked, the tensor fields re-attached): ~3.6 us, so ~0.5 ms of
+    host time for Z-Image's 150 INT8 weights and more for Chroma or Qwen-Image on every compiled step
+    (bench/NOTES.md item 42, ``bench/guard_report.py``). The answer depends only on the params object (a frozen
+    dataclass) and the layout name, so it is kept with the weight and given again while both are the same; the
+    ``_param_*`` attributes the first call attached stay those params' tensors. Other layouts (ComfyUI's FP8,
+    kitchen's INT8) get kitchen's function unchanged. Callers only read the answer (Dynamo deep-copies what it
+    keeps; ``__tensor_unflatten__`` copies its dicts)."""
+    layout, params = self._layout_cls, self._params
+    if layout != LAYOUT_NAME:
+        return _KITCHEN_FLATTEN(self)
+    kept = self.__dict__.get(_FLAT)
+    if kept is not None and kept[0] is params and kept[1] == layout:
+        return kept[2]
+    flat = _KITCHEN_FLATTEN(self)
+    self.__dict__[_FLAT] = (params, layout, flat)
+    return flat
+
+
+_flatten.kitchen_flatten = _KITCHEN_FLATTEN
+QuantizedTensor.__tensor_flatten__ = _flatten
+
+
 # ------------------------------------------------------------------ constructors and accessors
 def make_weight(
     q: torch.Tensor,

@@ -53,3 +53,32 @@ def test_kitchen_linear_agrees_with_ours(seed, convrot):
     assert rel_err(theirs, ours) < 2e-2
     # ... and ours is at least as close to float64
     assert rel_err(ours, y64) <= rel_err(theirs, y64) * 1.02
+
+
+def test_flatten_is_kitchens_answer_kept_per_weight(seed):
+    """The pack's layout answers ``__tensor_flatten__`` once per params object (a compiled graph's metadata guard
+    calls it per weight before every call): the same answer as kitchen's own function, the ``_param_*`` attributes
+    attached, a new answer when the params are replaced, other layouts on kitchen's function every call."""
+    from int8_w8a8.ops import layout
+
+    q = torch.randint(-127, 128, (24, 40), dtype=torch.int8)
+    w = layout.make_weight(q, torch.rand(24, 1) + 0.1, torch.bfloat16, rotate_group=16)
+    kitchen = layout._KITCHEN_FLATTEN
+    first = w.__tensor_flatten__()
+    assert first == kitchen(w)
+    assert w.__tensor_flatten__() is first  # kept
+    assert w._param_scale is w._params.scale
+    unflat = QuantizedTensor.__tensor_unflatten__({"_qdata": w._qdata, "_param_scale": w._param_scale}, first[1],
+                                                  w.shape, w.stride())
+    assert unflat._params == w._params and unflat._layout_cls == layout.LAYOUT_NAME
+    new_scale = torch.rand(24, 1) + 0.1
+    object.__setattr__(w, "_params", layout.Int8W8A8Layout.Params(
+        scale=new_scale, orig_dtype=torch.float32, orig_shape=(24, 40), is_weight=True))
+    second = w.__tensor_flatten__()
+    assert second is not first and second == kitchen(w)
+    assert second[1]["non_tensor_fields"]["orig_dtype"] == torch.float32 and w._param_scale is new_scale
+    p = TensorWiseINT8Layout.Params(scale=torch.rand(()), orig_dtype=torch.bfloat16, orig_shape=(24, 40))
+    theirs = QuantizedTensor(q, "TensorWiseINT8Layout", p)
+    assert theirs.__tensor_flatten__() == kitchen(theirs)
+    assert theirs.__tensor_flatten__() is not theirs.__tensor_flatten__()  # kitchen's, built each call
+    assert "_int8_w8a8_flat" not in theirs.__dict__
