@@ -261,7 +261,8 @@ def _fmt(v, spec: str) -> str:
 def add_ratios(rows: list[dict]) -> list[dict]:
     """x_bf16, x_fp8, x_native: the speed-up over BF16, FP8 fast and ComfyUI's INT8 of the same architecture,
     resolution, mode and LoRA; busy: device ms / step ms (well below 1: the host, not the GPU, sets the pace);
-    lora_overhead: a LoRA row's step over its variant's without the LoRA, minus 1 (None for other rows)."""
+    lora_overhead: a LoRA row's step over its variant's without the LoRA (``lora_base_ms``), minus 1 (None for other
+    rows)."""
     by_key = {(r["arch"], r["res"], r["mode"], r["variant"]): r for r in rows}
     for row in rows:
         base_variant, rank = bench_model.split_lora(row["variant"])
@@ -271,6 +272,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             row[name] = base["ms"] / row["ms"] if base else None
         without = by_key.get((row["arch"], row["res"], row["mode"], base_variant)) if rank else None
         row["lora_overhead"] = row["ms"] / without["ms"] - 1 if without else None
+        row["lora_base_ms"] = without["ms"] if without else None
         row["busy"] = row["device_ms"] / row["ms"] if row.get("device_ms") is not None else None
     return rows
 
@@ -322,13 +324,23 @@ def table(rows: list[dict]) -> str:
 
 
 def merge(paths: list[str]) -> list[dict]:
-    """Rows of several result files; a (arch, res, variant, mode) in several files is taken from the last."""
+    """Rows of several result files; a (arch, res, variant, mode) in several files is taken from the last. The
+    speed-ups compare the latest row of each variant; a LoRA row's overhead stays the one measured against the
+    row without the LoRA of its own run (steps of two runs differ by a few percent, as much as the overhead)."""
     by_key = {}
     for path in paths:
         with open(path) as f:
-            for row in json.load(f)["rows"]:
-                by_key[(row["arch"], row["res"], row["variant"], row["mode"])] = row
-    return sort_rows(add_ratios(list(by_key.values())))
+            rows = json.load(f)["rows"]
+        kept = {id(row): row.get("lora_base_ms") for row in rows}  # set by an earlier merge: already its own run's
+        for row in add_ratios(rows):
+            base = kept[id(row)] or row.get("lora_base_ms")
+            row["lora_base_ms"] = base
+            by_key[(row["arch"], row["res"], row["variant"], row["mode"])] = row
+    own = {key: row["lora_base_ms"] for key, row in by_key.items()}
+    for row in add_ratios(list(by_key.values())):
+        row["lora_base_ms"] = own[(row["arch"], row["res"], row["variant"], row["mode"])]
+        row["lora_overhead"] = row["ms"] / row["lora_base_ms"] - 1 if row["lora_base_ms"] else None
+    return sort_rows(list(by_key.values()))
 
 
 def main(argv: list[str] | None = None) -> None:

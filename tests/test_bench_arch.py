@@ -166,6 +166,27 @@ def test_harness_isolates_variants_and_merges_files(comfyui, tmp_path):
     assert merged[2]["x_fp8"] == pytest.approx(2.0)
 
 
+def test_merge_keeps_each_lora_overhead_from_its_own_run(tmp_path):
+    """Merged tables compare the latest row of each variant, but a LoRA row's overhead stays the one against the
+    row without the LoRA of its own run (and stays so when a merged table is merged again)."""
+    from int8_w8a8.bench import bench_arch
+
+    def row(variant, ms):
+        return {"arch": "zimage", "res": "1024x1024", "mode": "eager", "variant": variant, "ms": ms,
+                "device_ms": ms}
+
+    first, second, again = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    first.write_text(json.dumps({"rows": [row("bf16", 120.0), row("pack-convert", 80.0),
+                                          row("pack-convert-lora64", 88.0)]}))
+    second.write_text(json.dumps({"rows": [row("bf16", 118.0), row("pack-convert", 78.0)]}))
+    merged = {r["variant"]: r for r in bench_arch.merge([str(first), str(second)])}
+    assert merged["pack-convert"]["x_bf16"] == pytest.approx(118 / 78)
+    assert merged["pack-convert-lora64"]["lora_overhead"] == pytest.approx(0.1)
+    again.write_text(json.dumps({"rows": list(merged.values())}))
+    merged = {r["variant"]: r for r in bench_arch.merge([str(again), str(second)])}
+    assert merged["pack-convert-lora64"]["lora_overhead"] == pytest.approx(0.1)
+
+
 def _package_root() -> str:
     import int8_w8a8
 
