@@ -172,7 +172,7 @@ def quantize_rows_unchecked(
     q, scale = _quantize_chunked(
         lambda r0, r1: _transform(x2[r0:r1], smooth, rotate_group), x2.shape[0], k, x.device
     )
-    return q, scale[:, None]
+    return q, scale[:, None].clone()  # not a view, as the kernel's (the custom op returns it as it is)
 
 
 def quantize_rows_in_graph(x2: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -390,30 +390,32 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def row_scales(m: int, k: int, device) -> torch.Tensor:
-    """The float32 [m] buffer a quantizer writes row scales into; rows of no elements (k = 0) get the
-    smallest scale, as in the twin, since no kernel runs for them."""
+def row_scales(m: int, k: int, device, column: bool = False) -> torch.Tensor:
+    """The float32 [m] buffer (``column``: [m, 1], the same memory) a quantizer writes row scales into; rows of no
+    elements (k = 0) get the smallest scale, as in the twin, since no kernel runs for them."""
+    shape = (m, 1) if column else (m,)
     if k == 0:
-        return torch.full((m,), TINY_SCALE, dtype=torch.float32, device=device)
-    return torch.empty((m,), dtype=torch.float32, device=device)
+        return torch.full(shape, TINY_SCALE, dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def quantize_rows(
     x: torch.Tensor, *, smooth: torch.Tensor | None = None, rotate_group: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton ``quantize_rows`` (unchecked). x [..., K] -> (q int8 [M, K], scale float32 [M, 1])."""
+    """Triton ``quantize_rows`` (unchecked). x [..., K] -> (q int8 [M, K], scale float32 [M, 1]); neither is a
+    view (the ``quantize_rows`` custom op returns them as they are)."""
     k = x.shape[-1]
     x2 = as_rows(x)
     m = x2.shape[0]
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = row_scales(m, k, x.device)
+    scale = row_scales(m, k, x.device, column=True)  # the kernel writes one float per row: [M, 1] is [M]'s memory
     try:
         launch_quantize(x2, q, scale, smooth=smooth, rotate_group=rotate_group)
     except TileTooLargeError:  # logged once by first_fit
         from .reference import quantize_rows_unchecked
 
         return quantize_rows_unchecked(x2, smooth, rotate_group)
-    return q, scale[:, None]
+    return q, scale
 
 
 def quantize_weight(
