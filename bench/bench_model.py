@@ -199,19 +199,26 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def compiled(patcher, backend: str = "inductor"):
-    """What the stock TorchCompileModel node returns (``backend``: the node's choice, inductor by default),
-    without importing the node module: it pulls in ComfyUI's whole node API (PyAV and more), which the GPU
-    machine lacks."""
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
-
+def node_guard_filter():
+    """The TorchCompileModel node's ``guard_filter_fn`` (no guards on transformer_options, which change per step),
+    or the same rule where importing the node module fails: it pulls in ComfyUI's whole node API (PyAV and more),
+    which the GPU machine lacks."""
     try:
         from comfy_extras.nodes_torch_compile import skip_torch_compile_dict
-    except ImportError:  # the node's guard filter: no guards on dicts (transformer_options change per step)
+    except ImportError:
         def skip_torch_compile_dict(guard_entries):
             return [("transformer_options" not in entry.name) for entry in guard_entries]
+    return skip_torch_compile_dict
+
+
+def compiled(patcher, backend: str = "inductor", guard_filter=None):
+    """What the stock TorchCompileModel node returns (``backend``: the node's choice, inductor by default);
+    ``guard_filter``: another ``guard_filter_fn`` than the node's (``guard_report`` records what it is shown)."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
     clone = patcher.clone(disable_dynamic=True)
-    set_torch_compile_wrapper(model=clone, backend=backend, options={"guard_filter_fn": skip_torch_compile_dict})
+    set_torch_compile_wrapper(model=clone, backend=backend,
+                              options={"guard_filter_fn": guard_filter or node_guard_filter()})
     return clone
 
 

@@ -47,7 +47,7 @@ def pattern(name: str) -> str:
     return re.sub(r"\d+", "N", name)
 
 
-def lookup_ms(model, inputs, reps: int) -> list[float]:
+def lookup_ms(model, inputs, reps: int) -> tuple[list[float], int]:
     """Cache-lookup (guard evaluation) time of each of ``reps`` profiled steps, ms, and the lookups per step."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,19 +62,18 @@ def lookup_ms(model, inputs, reps: int) -> list[float]:
 
 
 def report(key: str, variant: str, tiny: bool, layers: int | None, backend: str, reps: int, top: int) -> dict:
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
-
     arch = _arch(key, tiny, layers)
     patcher, _ = bench_arch.build(variant, arch, tiny)
     inputs = arch_models.step_inputs(patcher, arch.step_shape(tiny), bench_arch._device())
-    seen = []
+    node_filter, seen, kept = bench_model.node_guard_filter(), [], []
 
-    def keep(entries):  # the TorchCompileModel node's filter, recording what it is shown
+    def keep(entries):  # the TorchCompileModel node's filter, recording what it is shown and what it keeps
+        verdicts = node_filter(entries)
         seen.extend(entries)
-        return [("transformer_options" not in e.name) for e in entries]
+        kept.extend(e for e, k in zip(entries, verdicts, strict=True) if k)
+        return verdicts
 
-    model = patcher.clone(disable_dynamic=True)
-    set_torch_compile_wrapper(model=model, backend=backend, options={"guard_filter_fn": keep})
+    model = bench_model.compiled(patcher, backend, guard_filter=keep)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -82,7 +81,6 @@ def report(key: str, variant: str, tiny: bool, layers: int | None, backend: str,
         bench_model.step(model, inputs)
     common.sync()
     graphs, breaks = counters["stats"]["unique_graphs"], dict(counters["graph_break"])
-    kept = [e for e in seen if "transformer_options" not in e.name]
     times, lookups = lookup_ms(model, inputs, reps)
     by_type = collections.Counter(e.guard_type for e in kept)
     names = collections.Counter((e.guard_type, pattern(e.name)) for e in kept)

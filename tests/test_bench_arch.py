@@ -187,6 +187,24 @@ def test_merge_keeps_each_lora_overhead_from_its_own_run(tmp_path):
     assert merged["pack-convert-lora64"]["lora_overhead"] == pytest.approx(0.1)
 
 
+def test_guard_report_counts_the_guards_of_one_compiled_graph(comfyui, tmp_path):
+    """bench/guard_report.py at tiny widths on the CPU (its own process: it picks ComfyUI's SDPA attention before
+    ComfyUI is imported): one graph, no breaks, one lookup a step, and every INT8 weight of the pack's model guarded
+    by its subclass metadata check (what ops/layout.py's kept ``__tensor_flatten__`` answers)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.path.dirname(_package_root()),
+                                                                    os.environ.get("PYTHONPATH")) if p)}
+    out = tmp_path / "guards.json"
+    subprocess.run([sys.executable, "-m", "int8_w8a8.bench.guard_report", "--tiny", "--layers", "3", "--variants",
+                    "bf16", "pack-convert", "--reps", "2", "--out", str(out)], env=env, check=True, timeout=600)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    for row in rows.values():
+        assert row["graphs"] == 1 and not row["graph_breaks"] and row["lookups_per_step"] == 1
+        assert row["lookup_ms"] > 0 and row["guards_kept"] <= row["guards_seen"]
+    assert "TENSOR_SUBCLASS_METADATA_MATCH" not in rows["bf16"]["by_type"]
+    # Z-Image's 3 fused layers: qkv, out, w1, w2, w3 each
+    assert rows["pack-convert"]["by_type"]["TENSOR_SUBCLASS_METADATA_MATCH"] == 3 * 5
+
+
 def _package_root() -> str:
     import int8_w8a8
 
