@@ -115,12 +115,13 @@ def _flatten(self):
     """Kitchen's ``QuantizedTensor.__tensor_flatten__``, answered once per weight for the pack's layout.
 
     A compiled graph with a QuantizedTensor weight carries one Python guard per weight that calls
-    ``__tensor_flatten__()`` and compares its metadata, before every call of the graph. Kitchen's builds the answer
-    afresh each time (its Params' dataclass fields walked, the tensor fields re-attached): ~3.6 us, so ~0.5 ms of
-    host time for Z-Image's 150 INT8 weights and more for Chroma or Qwen-Image on every compiled step
-    (bench/NOTES.md item 42, ``bench/guard_report.py``). The answer depends only on the params object (a frozen
-    dataclass) and the layout name, so it is kept with the weight and given again while both are the same; the
-    ``_param_*`` attributes the first call attached stay those params' tensors. Other layouts (ComfyUI's FP8,
+    ``__tensor_flatten__()`` and compares its metadata before every call of the graph, and the graph's inputs are
+    flattened through it again. Kitchen's builds the answer afresh each time (its Params' dataclass fields walked,
+    the tensor fields re-attached, ~3.6 us): with it answered once, the guard check of a compiled Z-Image step
+    (150 INT8 weights) went 7.53 -> 3.10 ms on the H200 (bench/NOTES.md item 42, ``bench/guard_report.py``). The
+    answer depends only on the params object (a frozen dataclass) and the layout name, so it is kept with the weight
+    and given again while both are the same; the ``_param_*`` attributes the first call attached stay those params'
+    tensors. Other layouts (ComfyUI's FP8,
     kitchen's INT8) get kitchen's function unchanged. Callers only read the answer (Dynamo deep-copies what it
     keeps; ``__tensor_unflatten__`` copies its dicts)."""
     layout, params = self._layout_cls, self._params
