@@ -177,23 +177,18 @@ def _norm_mod_quant_kernel(
             xa = _load_part(x_ptr, rows, row_ok, ca, K, stride_xm).to(tl.float32)
             if BLOCK_K2 > 0:
                 xb = _load_part(x_ptr, rows, row_ok, cb, K, stride_xm).to(tl.float32)
+        da = xa
+        db = xa  # the second part (BLOCK_K2 > 0); unused otherwise
         if BLOCK_K2 > 0:  # one row (BLOCK_M = 1): scalar statistics, so the two parts' layouts never meet
-            if RMS:
-                da = xa
-                db = xb
-            else:
+            db = xb
+            if not RMS:
                 mean = (tl.sum(xa) + tl.sum(xb)) / K
                 da = tl.where(row_ok[:, None] & (ca < K)[None, :], xa - mean, 0.0)
                 db = tl.where(row_ok[:, None] & (cb < K)[None, :], xb - mean, 0.0)
-            rstd = 1.0 / tl.sqrt_rn((tl.sum(da * da) + tl.sum(db * db)) / K + eps)
-            rstd = tl.zeros((BLOCK_M,), tl.float32) + rstd
-        else:
-            if RMS:
-                da = xa
-            else:
-                mean = tl.sum(xa, axis=1) / K
-                da = tl.where(row_ok[:, None] & (ca < K)[None, :], xa - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt_rn(tl.sum(da * da, axis=1) / K + eps)
+        elif not RMS:
+            mean = tl.sum(xa, axis=1) / K
+            da = tl.where(row_ok[:, None] & (ca < K)[None, :], xa - mean[:, None], 0.0)
+        rstd = _rms_rstd(da, db, K, eps, BLOCK_M, BLOCK_K2)
         ya = _modulate_part(da, rstd, rows, row_ok, ca, K, shift_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
                             stride_mb, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, HAS_SHIFT)
         yb = ya
