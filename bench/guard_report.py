@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import logging
 import re
 import statistics
@@ -38,8 +39,7 @@ def _arch(key: str, tiny: bool, layers: int | None) -> arch_models.Arch:
     arch = arch_models.ARCHS[key]
     if not (tiny and layers):
         return arch
-    return arch_models.Arch(arch.key, arch.title, arch.config, arch.shape, {**arch.tiny, DEPTH_KEY[key]: layers},
-                            arch.tiny_shape)
+    return dataclasses.replace(arch, tiny={**arch.tiny, DEPTH_KEY[key]: layers})
 
 
 def pattern(name: str) -> str:
