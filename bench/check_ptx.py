@@ -203,7 +203,8 @@ def gemm_specs(table: configs.GemmTable) -> list[KernelSpec]:
 
     specs = []
     for cfg in dict.fromkeys(table.configs()):
-        name = (f"gemm {cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+        name = (f"gemm {cfg.kernel}{' ws' if cfg.warp_spec else ''} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
+                f"w{cfg.num_warps} s{cfg.num_stages}"
                 f"{' sub' if cfg.epilogue_subtile else ''}{f' {cfg.ctas_per_sm}/SM' if cfg.ctas_per_sm > 1 else ''}")
         specs.append(KernelSpec(name, lambda cfg=cfg: run(cfg)))
         specs += [KernelSpec(f"{name} +LoRA{r}", lambda cfg=cfg, r=r: run(cfg, r)) for r in LORA_RANKS]
@@ -334,8 +335,8 @@ def check_target(arch: int) -> dict:
 
 
 def check_ws(arch: int = 90) -> dict:
-    """Compile the opt-in warp-specialized Hopper configs (``configs.HOPPER_WS_VARIANTS``) with every epilogue
-    (also a float32 LoRA term, which runs without warp specialization) as ``triton_gemm.gemm`` launches them; each
+    """Compile the warp-specialized Hopper configs (``configs.HOPPER_WS_VARIANTS``) with every epilogue (a LoRA
+    term, bfloat16 or float32, runs without warp specialization) as ``triton_gemm.gemm`` launches them; each
     row carries ``split``: the producer / consumer partition appeared (12 warps, setmaxnreg) and ``problems``
     (empty when it passes)."""
     start = time.perf_counter()
@@ -370,12 +371,12 @@ def check_ws(arch: int = 90) -> dict:
         first = attempts[0]
         split = first.get("num_warps") == 12 and bool(first.get("setmaxnreg"))
         bad = [] if outcome == "fits" else [f"{outcome}{f' ({error})' if error else ''}"]
-        # a float32 LoRA term runs the config without warp specialization (triton_gemm.gemm's rule)
-        if not split and "fp32" not in spec.what:
+        # a LoRA term runs the config without warp specialization (triton_gemm.gemm's rule)
+        if not split and "LoRA" not in spec.what:
             bad.append(f"not warp-specialized ({first['num_warps']} warps, setmaxnreg {first['setmaxnreg']})")
         if first.get("local", 0) > 0:
             bad.append(f"register spills: local {first['local']} B")
-        rows.append({"what": spec.what.replace("gemm tma", "gemm tma ws"), "kind": "gemm", "outcome": outcome,
+        rows.append({"what": spec.what, "kind": "gemm", "outcome": outcome,
                      "split": split, "problems": bad, **first})
     return {"arch": arch, "generation": gen.name, "path": "warp-specialized variants (opt-in)",
             "smem_limit": gen.smem_optin, "triton": triton.__version__, "table": table.name, "table_smem_bytes": None,

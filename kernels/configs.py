@@ -28,7 +28,7 @@ class GemmConfig:
     any K and N). epilogue_subtile stores the output tile in two halves (less shared memory, one more
     pipeline stage fits). ctas_per_sm > 1 launches that many persistent programs per SM, so one
     program's epilogue overlaps another's main loop.
-    warp_spec (TMA kernel, 4 warps, Hopper only; ``HOPPER_WS_VARIANTS``): the K loop is marked
+    warp_spec (TMA kernel, 4 warps, Hopper only; ``HOPPER_TABLE``'s large-M row): the K loop is marked
     ``warp_specialize``, and Triton 3.6's Hopper pass splits each program into a TMA producer warpgroup and two
     consumer warpgroups of BLOCK_M / 2 rows (12 warps, ``setmaxnreg`` 40 / 232); the operands' descriptors are
     made in the kernel (see ``triton_gemm._gemm_tma_kernel``). The register split leaves one program per SM.
@@ -82,15 +82,21 @@ class GemmTable:
     docstring); dispatch compares it with the GPU's opt-in limit before choosing the table.
     unaligned: the table for operands TMA cannot take (K or N not a multiple of 16, strided weights),
     when the rows use the TMA kernel.
+    lora: the table for GEMMs with a dynamic LoRA term in the epilogue, when some rows are warp-specialized (the
+    LoRA operands' loads, pipelined by Triton 3.6's Hopper pass, did not give the plain kernel's bits on the H200).
     """
 
     name: str
     rows: tuple[tuple[int, GemmConfig], ...]
     smem_bytes: int
     unaligned: GemmTable | None = None
+    lora: GemmTable | None = None
 
-    def pick(self, m: int, tma_ok: bool = True) -> GemmConfig:
-        """The config for M rows; ``tma_ok``: the operands meet TMA's rules (``triton_gemm.tma_compatible``)."""
+    def pick(self, m: int, tma_ok: bool = True, lora: bool = False) -> GemmConfig:
+        """The config for M rows; ``tma_ok``: the operands meet TMA's rules (``triton_gemm.tma_compatible``);
+        ``lora``: the GEMM adds a LoRA term in its epilogue."""
+        if lora and self.lora is not None:
+            return self.lora.pick(m, tma_ok)
         cfg = self.rows[-1][1]
         for max_m, c in self.rows:
             if m <= max_m:
@@ -106,9 +112,12 @@ class GemmTable:
         return any(cfg.kernel == "tma" for _, cfg in self.rows)
 
     def configs(self) -> tuple[GemmConfig, ...]:
-        """Every config a GEMM may run with from this table (also those for unaligned operands)."""
+        """Every config a GEMM may run with from this table (also those for unaligned operands and LoRA terms),
+        each once."""
         own = tuple(cfg for _, cfg in self.rows)
-        return own + (self.unaligned.configs() if self.unaligned else ())
+        for other in (self.unaligned, self.lora):
+            own += other.configs() if other else ()
+        return tuple(dict.fromkeys(own))
 
 
 SMALL_M = 16  # M <= 16: modulation layers and short text; bound by reading the weight once
@@ -127,13 +136,14 @@ MMA_TABLE = GemmTable("mma.sync (sm_8x)", (
     (_LARGE, GemmConfig("generic", 128, 256, 64, num_warps=8, num_stages=3)),  # 49,152
 ), smem_bytes=73_744)
 
-# Hopper (9.0): TMA + wgmma. Entries from bench/sweep_gemm.py on the H200 (bench/results/h200-sweep-*.json),
-# picked with bench/pick_configs.py: the config whose worst shape in the bucket is closest to that shape's
-# best. wgmma wants BLOCK_M in multiples of 64 per warpgroup. Bytes on sm_90 (Triton 3.6 and 3.8 alike; on
-# sm_100 Triton 3.6 needs 164,376 / 131,608 / 90,648 / 82,456 for the TMA rows, 3.8 up to 213,552): the H200
-# allows 232,448 per block and 233,472 per SM, so the two-programs-per-SM configs above 116 KB run one
-# program per SM at a time (the sweep still measured them best).
-HOPPER_TABLE = GemmTable("hopper (sm_90)", (
+# Hopper (9.0) without warp specialization: TMA + wgmma. Entries from bench/sweep_gemm.py on the H200
+# (bench/results/h200-sweep-*.json), picked with bench/pick_configs.py: the config whose worst shape in the bucket is
+# closest to that shape's best. wgmma wants BLOCK_M in multiples of 64 per warpgroup. Bytes on sm_90 (Triton 3.6 and
+# 3.8 alike; on sm_100 Triton 3.6 needs 164,376 / 131,608 / 90,648 / 82,456 for the TMA rows, 3.8 up to 213,552): the
+# H200 allows 232,448 per block and 233,472 per SM, so the two-programs-per-SM configs above 116 KB run one program
+# per SM at a time (the sweep still measured them best). HOPPER_TABLE runs these but for its large-M row; GEMMs with
+# a LoRA term run these on Hopper, and datacenter Blackwell runs their tiles (``BLACKWELL_TABLE``).
+HOPPER_PLAIN_TABLE = GemmTable("hopper (sm_90), not warp-specialized", (
     # >= 0.89 of the best on 16x4096x24576, 8x16384x4096, 5x3072x9216; 73,728
     (SMALL_M, GemmConfig("generic", 16, 32, 512, group_m=1, num_warps=2, num_stages=4)),
     # >= 0.88 on 64x4096x24576, 33x4096x12288, 64x16384x4096; 213,536
@@ -150,11 +160,21 @@ HOPPER_TABLE = GemmTable("hopper (sm_90)", (
     (_LARGE, GemmConfig("tma", 128, 128, 64, num_warps=4, num_stages=4, ctas_per_sm=2, split_tail=64)),
 ), smem_bytes=213_552, unaligned=MMA_TABLE)
 
+# The large-M row warp-specialized: 128 x 256 x 64 tiles, 4 stages, a TMA producer warpgroup and two consumers of 64
+# rows (``GemmConfig.warp_spec``). Bit-identical to the plain kernel once the epilogue kept its row offset out of the
+# row tensors (bench/NOTES.md item 44); on the H200 (2026-12-03, ``results/h200-sweep-gemm-ws-session9.txt``)
+# 1.00-1.13x the plain row's config on the seven large klein / Z-Image shapes (1109-1330 TOPS; cuBLAS FP8 1231-1447).
+# It has no split tail: at K = 16384 it still beat the plain config with its split (1.11x).
+HOPPER_WS_LARGE = GemmConfig("tma", 128, 256, 64, num_warps=4, num_stages=4, warp_spec=True)
+HOPPER_TABLE = GemmTable(
+    "hopper (sm_90)", HOPPER_PLAIN_TABLE.rows[:-1] + ((_LARGE, HOPPER_WS_LARGE),),
+    smem_bytes=HOPPER_PLAIN_TABLE.smem_bytes, unaligned=MMA_TABLE, lora=HOPPER_PLAIN_TABLE)
 
-# Opt-in warp-specialized Hopper configs (``GemmConfig.warp_spec``), in no table: on the H200 (2026-12-02) they are
-# NOT bit-identical to the plain kernel once a program runs a second row tile (M = 200: every epilogue), so the
-# sweep refused to time them (bench/NOTES.md item 28). Kept for the next Triton; measured on the H200
-# (``bench/sweep_gemm.py --bucket ws``, ``bench/run_on_gpu.sh gemm-ws``). Offline on sm_90 (Triton 3.6,
+
+# The warp-specialized Hopper configs the sweep compares (``GemmConfig.warp_spec``; ``bench/sweep_gemm.py --bucket ws``,
+# ``bench/run_on_gpu.sh gemm-ws``); the fourth is HOPPER_TABLE's large-M row. Until item 44 (bench/NOTES.md) their
+# second consumer read the x scales of rows 64 too far (Triton 3.6's pass moved both the row range and the offset
+# added to it), so no config was bit-identical past row 64 (item 28). Offline on sm_90 (Triton 3.6,
 # ``python -m int8_w8a8.bench.check_ptx --ws``): 12 warps, setmaxnreg 40 / 232, no spills; shared bytes of the
 # plain epilogue in the comments. Integer wgmma is at most n128 in Triton 3.6 (its int8 instruction shapes stop
 # at n224 and a tile's N must divide by it), so a 128 x 256 tile's consumers issue two m64n128k32 per k step.
@@ -162,7 +182,7 @@ HOPPER_WS_VARIANTS: tuple[GemmConfig, ...] = (
     GemmConfig("tma", 128, 128, 64, num_warps=4, num_stages=4, warp_spec=True),  # 98,792
     GemmConfig("tma", 128, 128, 128, num_warps=4, num_stages=3, warp_spec=True),  # 131,544
     GemmConfig("tma", 128, 256, 64, num_warps=4, num_stages=3, warp_spec=True),  # 139,736
-    GemmConfig("tma", 128, 256, 64, num_warps=4, num_stages=4, warp_spec=True),  # 164,328
+    HOPPER_WS_LARGE,  # 164,328
     GemmConfig("tma", 128, 256, 128, num_warps=4, num_stages=2, warp_spec=True),
 )
 
@@ -194,7 +214,7 @@ def _lora_loop(table: GemmTable, name: str) -> GemmTable:
 # looped, one accumulator takes 128-256 columns. One dot per iteration also stays clear of triton#10821 (two
 # tcgen05 dots into one accumulator per loop iteration miscompile in Triton 3.6-3.8). Never run on the
 # hardware. sm_100 allows 232,448 bytes per block, like sm_90.
-BLACKWELL_TABLE = _lora_loop(HOPPER_TABLE, "blackwell (sm_100)")
+BLACKWELL_TABLE = _lora_loop(HOPPER_PLAIN_TABLE, "blackwell (sm_100)")
 
 
 def smaller(cfg: GemmConfig) -> GemmConfig | None:

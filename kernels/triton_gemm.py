@@ -53,10 +53,16 @@ def _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm, stride_lbn,
+def _epilogue(acc, off_m, rows, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm, stride_lbn,
               PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr,
               LORA_LOOP: tl.constexpr):
     """int32 acc [BM, BN] -> float32 ((acc * x_scale) * w_scale) + bias [+ h @ lora_b.T] (``reference.epilogue``).
+
+    The tile's rows are ``off_m + rows`` (``rows = tl.arange(0, BM)``), kept apart: every row-indexed address is
+    the scalar base moved by ``off_m`` plus ``rows``, and every row mask is ``rows < M - off_m``. Triton 3.6's
+    Hopper warp specialization gives each consumer half of the rows by moving ``rows``' range *and* the ``off_m``
+    it finds splat into a row tensor, so ``off_m + rows`` pointed the second consumer 64 rows too far (its x
+    scales and masks came from the next rows: bench/NOTES.md item 28, 44); scalars it leaves alone.
 
     The LoRA term (LORA_R > 0: h [M, R] = x @ lora_a.T and lora_b [N, R], R padded to LORA_R) is one
     more tensor-core product accumulated straight into the float32 tile, so the output is still written
@@ -64,7 +70,8 @@ def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr
     loop instead of unrolled (``GemmConfig.lora_loop``: datacenter Blackwell, where each unrolled chunk's
     tcgen05 product takes its own accumulator in tensor memory).
     """
-    xs = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)
+    row_ok = rows < M - off_m
+    xs = tl.load(xs_ptr + off_m + rows, mask=row_ok, other=0.0)
     out = acc.to(tl.float32) * xs[:, None]
     if PER_ROW_W:
         ws = tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -77,22 +84,22 @@ def _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr
     if LORA_R > 0:
         # in chunks of at most 64 ranks: registers stay bounded for stacked LoRAs of any total rank
         CHUNK: tl.constexpr = 64 if LORA_R > 64 else LORA_R
-        rows_h = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
+        rows_h = h_ptr + off_m.to(tl.int64) * stride_hm + rows.to(tl.int64)[:, None] * stride_hm
         rows_b = lb_ptr + offs_n.to(tl.int64)[:, None] * stride_lbn
         if LORA_LOOP:
             for r0 in tl.range(0, LORA_R, CHUNK, num_stages=1):  # not pipelined: no multi-buffered LoRA tiles
-                out = _lora_chunk(out, rows_h, rows_b, r0, offs_m, offs_n, M, N, CHUNK, LORA_FP32)
+                out = _lora_chunk(out, rows_h, rows_b, r0, row_ok, offs_n, N, CHUNK, LORA_FP32)
         else:
             for r0 in tl.static_range(0, LORA_R, CHUNK):
-                out = _lora_chunk(out, rows_h, rows_b, r0, offs_m, offs_n, M, N, CHUNK, LORA_FP32)
+                out = _lora_chunk(out, rows_h, rows_b, r0, row_ok, offs_n, N, CHUNK, LORA_FP32)
     return out
 
 
 @triton.jit
-def _lora_chunk(out, rows_h, rows_b, r0, offs_m, offs_n, M, N, CHUNK: tl.constexpr, LORA_FP32: tl.constexpr):
-    """``out + h[:, r0:r0 + CHUNK] @ lora_b[:, r0:r0 + CHUNK].T`` in float32."""
+def _lora_chunk(out, rows_h, rows_b, r0, row_ok, offs_n, N, CHUNK: tl.constexpr, LORA_FP32: tl.constexpr):
+    """``out + h[:, r0:r0 + CHUNK] @ lora_b[:, r0:r0 + CHUNK].T`` in float32 (``row_ok``: the tile's rows < M)."""
     r = r0 + tl.arange(0, CHUNK)
-    h = tl.load(rows_h + r[None, :], mask=(offs_m < M)[:, None], other=0.0)
+    h = tl.load(rows_h + r[None, :], mask=row_ok[:, None], other=0.0)
     lb = tl.load(rows_b + r[None, :], mask=(offs_n < N)[:, None], other=0.0)
     if LORA_FP32:  # float32 operands, and the interpreter, which cannot multiply bfloat16 in tl.dot
         return tl.dot(h.to(tl.float32), tl.trans(lb.to(tl.float32)), out, input_precision="ieee")
@@ -116,20 +123,22 @@ def _lora_desc(out, h_desc, lb_desc, off_m, off_n, LORA_R: tl.constexpr, LORA_FP
 
 
 @triton.jit
-def _gated(r, out, offs_m, offs_n, M, N, gate_ptr, stride_gb, rows_per_batch):
-    """``r + gate[row // rows_per_batch] * out`` in float32 (r: the residual tile)."""
-    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    batch = (offs_m // rows_per_batch).to(tl.int64)
+def _gated(r, out, off_m, rows, offs_n, M, N, gate_ptr, stride_gb, rows_per_batch):
+    """``r + gate[row // rows_per_batch] * out`` in float32 (r: the residual tile; rows as in ``_epilogue``)."""
+    ok = (rows < M - off_m)[:, None] & (offs_n < N)[None, :]
+    # (off_m + rows) // rows_per_batch without adding off_m to the row tensor (see _epilogue)
+    batch = ((rows + off_m % rows_per_batch) // rows_per_batch + off_m // rows_per_batch).to(tl.int64)
     g = tl.load(gate_ptr + batch[:, None] * stride_gb + offs_n[None, :], mask=ok, other=0.0)
     return r.to(tl.float32) + g.to(tl.float32) * out
 
 
 @triton.jit
-def _residual(out, offs_m, offs_n, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch):
+def _residual(out, off_m, rows, offs_n, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch):
     """``residual + gate[row // rows_per_batch] * out`` (a block's gated residual add, written in place)."""
-    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    r = tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :], mask=ok, other=0.0)
-    return _gated(r, out, offs_m, offs_n, M, N, gate_ptr, stride_gb, rows_per_batch)
+    ok = (rows < M - off_m)[:, None] & (offs_n < N)[None, :]
+    r = tl.load(res_ptr + off_m.to(tl.int64) * stride_rm + rows.to(tl.int64)[:, None] * stride_rm + offs_n[None, :],
+                mask=ok, other=0.0)
+    return _gated(r, out, off_m, rows, offs_n, M, N, gate_ptr, stride_gb, rows_per_batch)
 
 
 @triton.jit
@@ -245,37 +254,37 @@ def _finish_tile(acc, off_cm, off_cn, c_desc, xs_ptr, ws_ptr, bias_ptr, h_ptr, l
     """The epilogue of one output tile of ``_gemm_tma_kernel`` at (off_cm, off_cn): int32 ``acc`` [BLOCK_M, BLOCK_N]
     dequantized, LoRA and gated residual added, stored through ``c_desc`` (in two halves with EPILOGUE_SUBTILE)."""
     out_dtype = c_desc.dtype
-    offs_m = off_cm + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
     if EPILOGUE_SUBTILE:
         acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
         acc0, acc1 = tl.split(acc)
         offs_n0 = off_cn + tl.arange(0, BLOCK_N // 2)
-        out0 = _epilogue(acc0, offs_m, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
+        out0 = _epilogue(acc0, off_cm, rows, offs_n0, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
                          stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32, LORA_LOOP)
         if WARP_SPEC and LORA_R > 0:
             out0 = _lora_desc(out0, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
         if RESIDUAL:  # the residual tile arrives through the output's own descriptor (TMA)
-            out0 = _gated(c_desc.load([off_cm, off_cn]), out0, offs_m, offs_n0, M, N, gate_ptr, stride_gb,
+            out0 = _gated(c_desc.load([off_cm, off_cn]), out0, off_cm, rows, offs_n0, M, N, gate_ptr, stride_gb,
                           rows_per_batch)
         c_desc.store([off_cm, off_cn], out0.to(out_dtype))
         offs_n1 = offs_n0 + BLOCK_N // 2
-        out1 = _epilogue(acc1, offs_m, offs_n1, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
+        out1 = _epilogue(acc1, off_cm, rows, offs_n1, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
                          stride_hm, stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32,
                          LORA_LOOP)
         if WARP_SPEC and LORA_R > 0:
             out1 = _lora_desc(out1, h_desc, lb_desc, off_cm, off_cn + BLOCK_N // 2, LORA_R, LORA_FP32)
         if RESIDUAL:
-            out1 = _gated(c_desc.load([off_cm, off_cn + BLOCK_N // 2]), out1, offs_m, offs_n1, M, N, gate_ptr,
+            out1 = _gated(c_desc.load([off_cm, off_cn + BLOCK_N // 2]), out1, off_cm, rows, offs_n1, M, N, gate_ptr,
                           stride_gb, rows_per_batch)
         c_desc.store([off_cm, off_cn + BLOCK_N // 2], out1.to(out_dtype))
     else:
         offs_n = off_cn + tl.arange(0, BLOCK_N)
-        out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
+        out = _epilogue(acc, off_cm, rows, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm,
                         stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32, LORA_LOOP)
         if WARP_SPEC and LORA_R > 0:
             out = _lora_desc(out, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
         if RESIDUAL:
-            out = _gated(c_desc.load([off_cm, off_cn]), out, offs_m, offs_n, M, N, gate_ptr, stride_gb,
+            out = _gated(c_desc.load([off_cm, off_cn]), out, off_cm, rows, offs_n, M, N, gate_ptr, stride_gb,
                          rows_per_batch)
         c_desc.store([off_cm, off_cn], out.to(out_dtype))
 
@@ -314,10 +323,12 @@ def _gemm_kernel(
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
-    out = _epilogue(acc, offs_m, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm, stride_lbn,
+    off_m = pid_m * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    out = _epilogue(acc, off_m, rows, offs_n, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, stride_hm, stride_lbn,
                     PER_ROW_W, HAS_BIAS, LORA_R, LORA_FP32, LORA_LOOP)
     if RESIDUAL:  # c is the residual, updated in place
-        out = _residual(out, offs_m, offs_n, M, N, c_ptr, stride_cm, gate_ptr, stride_gb, rows_per_batch)
+        out = _residual(out, off_m, rows, offs_n, M, N, c_ptr, stride_cm, gate_ptr, stride_gb, rows_per_batch)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
@@ -482,7 +493,10 @@ def gemm(
     if cfg.warp_spec and not interpreting():  # the explicit rules of an opt-in warp-specialized config
         if out.device.type == "cuda":
             cfg = for_arch(cfg, _capability(out.device))
-        if lora_r and lora_h.dtype == torch.float32:  # a float32 LoRA dot fails Triton 3.6's Hopper pass
+        if lora_r:
+            # a float32 LoRA dot fails Triton 3.6's Hopper pass, and a bfloat16 one did not give the plain kernel's
+            # bits in 4 of 20 cases on the H200 (bench/NOTES.md item 44); the tables pick plain configs for LoRA
+            # terms (``GemmTable.lora``), this covers a warp-specialized config given directly
             cfg = without_warp_spec(cfg)
     # the specialization a misfit is remembered for: what else changes the kernel's resources
     spec = (out.dtype, lora_r, lora_h.dtype if lora_r else None, gate is not None, out.device)
