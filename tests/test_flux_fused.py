@@ -103,6 +103,36 @@ def test_rope_table_is_comfyuis_bit_for_bit(models):
     torch.library.opcheck(op, (ids, float(own.theta), list(own.axes_dim)))
 
 
+# (theta, axes_dim) of the architectures' EmbedND: FLUX.2, Chroma / FLUX.1, Qwen-Image, Z-Image, Wan 14B (head 128)
+ROPE_AXES = [(2000, [32, 32, 32, 32]), (10000, [16, 56, 56]), (10000, (16, 56, 56)), (256.0, [32, 48, 48]),
+             (10000.0, [44, 42, 42])]
+
+
+@pytest.mark.parametrize("theta,axes_dim", ROPE_AXES, ids=str)
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_rope_table_matches_embednd_bit_for_bit(theta, axes_dim, device):
+    """``common.rope_table`` against ComfyUI's ``EmbedND`` at each architecture's axes: integer positions (image
+    grids, text indices), negative and fractional ones (Qwen-Image centres its grid, FLUX.2 scales references), ids
+    of a strided view and of another dtype; twice on one device (the cached frequencies)."""
+    from comfy.ldm.flux.layers import EmbedND
+
+    from int8_w8a8.ops.blocks import common
+
+    gen = torch.Generator().manual_seed(11)
+    n = len(axes_dim)
+    ids = torch.cat([torch.randint(-64, 4096, (2, 40, n), generator=gen).float(),
+                     (torch.rand(2, 9, n, generator=gen) - 0.5) * 300], dim=1).to(device)
+    own = EmbedND(sum(axes_dim), theta, axes_dim)
+    for x in (ids, torch.cat([ids, ids], dim=-1)[..., ::2], ids.double(), ids[:1, :1]):
+        want = own(x)
+        got = common.rope_table(x, theta, axes_dim)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want), (x.shape, x.stride(), x.dtype)
+    wrapped = common.EagerRopeTable(own)
+    assert torch.equal(wrapped(ids), own(ids))
+    assert torch.equal(wrapped(ids[..., :1]), own(ids[..., :1]))  # fewer axes than the table: ComfyUI's module
+
+
 def test_fused_matches_comfyui_blocks(models, calls):
     inputs, ref = models["inputs"], models["ref"]
     unfused = step(models["fused"], inputs, fused=False)

@@ -10,11 +10,13 @@ before the first kernel runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 
 import torch
 from comfy.ldm.flux.layers import EmbedND, SiLUActivation
+from comfy.model_management import supports_fp64
 
 from ..comfy_ops import Int8Linear, run_quantized_shared
 from . import attention_choice
@@ -159,11 +161,36 @@ def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# ---- ComfyUI's RoPE table (EmbedND) behind a custom op --------------------------------------------------
+# ---- ComfyUI's RoPE table (EmbedND) in a few kernels, behind a custom op -------------------------------------
+@functools.lru_cache(maxsize=16)
+def _frequencies(theta: float, axes_dim: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(omega float64 [F], axis int64 [F]): every axis's frequencies as ComfyUI's ``rope`` computes them, in
+    ``EmbedND``'s order (axis 0's, then axis 1's, ...; F = sum(axes_dim) / 2), and the axis each belongs to."""
+    omegas = []
+    for dim in axes_dim:
+        scale = torch.linspace(0, (dim - 2) / dim, steps=dim // 2, dtype=torch.float64, device=device)
+        omegas.append(1.0 / (theta ** scale))
+    axis = torch.cat([torch.full((d // 2,), i, dtype=torch.long) for i, d in enumerate(axes_dim)]).to(device)
+    return torch.cat(omegas), axis
+
+
+def rope_table(ids: torch.Tensor, theta: float, axes_dim: list[int]) -> torch.Tensor:
+    """ComfyUI's ``EmbedND`` table for ``ids`` [B, S, n_axes] (n_axes = len(axes_dim)): float32
+    [B, 1, S, F, 2, 2], bit for bit, in 8 kernels instead of ~13 per axis and a concatenation (~40 launches, each
+    a few microseconds of host time while the GPU waits at the start of a step). The same float64 operations per
+    element: the position (rounded to float32, as ``rope`` does) times its frequency, cos and sin of that, stacked
+    as ``[[cos, -sin], [sin, cos]]``, rounded to float32; the frequencies are computed once per device."""
+    omega, axis = _frequencies(float(theta), tuple(axes_dim), ids.device)
+    angles = ids[..., axis].to(torch.float32).to(torch.float64) * omega  # [B, S, F]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    table = torch.stack([cos, -sin, sin, cos], dim=-1).view(*angles.shape, 2, 2)
+    return table.to(torch.float32).unsqueeze(1)
+
+
 @torch.library.custom_op("int8_w8a8::flux_rope_table", mutates_args=())
 def rope_table_op(ids: torch.Tensor, theta: float, axes_dim: list[int]) -> torch.Tensor:
-    """ComfyUI's ``EmbedND`` table for ``ids`` [B, S, n_axes]: float32 [B, 1, S, sum(axes_dim) / 2, 2, 2]."""
-    return EmbedND(sum(axes_dim), theta, axes_dim)(ids)
+    """``rope_table`` as an op: float32 [B, 1, S, sum(axes_dim) / 2, 2, 2]."""
+    return rope_table(ids, theta, axes_dim)
 
 
 @rope_table_op.register_fake
@@ -174,9 +201,10 @@ def _(ids, theta, axes_dim):
 class EagerRopeTable(torch.nn.Module):
     """Stands in for a model's ``pe_embedder`` (``EmbedND``, no parameters) and returns its table bit for bit.
 
-    Eager calls run the ``EmbedND`` itself. Traced calls go through ``int8_w8a8::flux_rope_table``, which runs
-    the same eager code: Inductor would otherwise fuse the float64 linspace/pow/cos/sin/stack chain into one
-    kernel that recomputes the powers and cosines for every output element (1.8 ms vs 0.1 ms per 9B step).
+    Calls run ``rope_table``, traced ones through ``int8_w8a8::flux_rope_table``: Inductor would otherwise fuse
+    ComfyUI's float64 linspace/pow/cos/sin/stack chain into one kernel that recomputes the powers and cosines for
+    every output element (1.8 ms vs 0.1 ms per 9B step). Ids of another shape, and devices without float64
+    (ComfyUI computes the table on the CPU there), run the ``EmbedND`` itself.
     """
 
     def __init__(self, embedder: EmbedND):
@@ -185,12 +213,14 @@ class EagerRopeTable(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         e = self.embedder
-        if torch.compiler.is_compiling() and ids.dim() == 3 and ids.shape[-1] == len(e.axes_dim):
+        if ids.dim() != 3 or ids.shape[-1] != len(e.axes_dim) or not supports_fp64(ids.device):
+            return e(ids)
+        if torch.compiler.is_compiling():
             # through torch.ops, like the package's other ops: a second import of this module (ComfyUI loading
             # the pack by path next to ``int8_w8a8``) re-defines the op, and the first definition's handle
             # then points at a destroyed registration (calls through it failed with "vector::reserve")
             return torch.ops.int8_w8a8.flux_rope_table(ids, e.theta, list(e.axes_dim))
-        return e(ids)
+        return rope_table(ids, e.theta, e.axes_dim)
 
 
 def patch_rope_table(patcher, model: torch.nn.Module, attr: str = "pe_embedder") -> bool:
