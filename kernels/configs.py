@@ -167,7 +167,7 @@ HOPPER_PLAIN_TABLE = GemmTable("hopper (sm_90), not warp-specialized", (
 # It has no split tail: at K = 16384 it still beat the plain config with its split (1.11x).
 HOPPER_WS_LARGE = GemmConfig("tma", 128, 256, 64, num_warps=4, num_stages=4, warp_spec=True)
 HOPPER_TABLE = GemmTable(
-    "hopper (sm_90)", HOPPER_PLAIN_TABLE.rows[:-1] + ((_LARGE, HOPPER_WS_LARGE),),
+    "hopper (sm_90)", (*HOPPER_PLAIN_TABLE.rows[:-1], (_LARGE, HOPPER_WS_LARGE)),
     smem_bytes=HOPPER_PLAIN_TABLE.smem_bytes, unaligned=MMA_TABLE, lora=HOPPER_PLAIN_TABLE)
 
 
