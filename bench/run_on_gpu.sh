@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: guards | fused-gate-add | tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | gemm-ws | gemm-tail | sweep-{large,m1024,m256,m64,small}
+# STEPs: guards | fused-gate-add | tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | gemm-ws | gemm-ws-residual | gemm-tail | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -120,6 +120,9 @@ for step in "$@"; do
                 | tee "$OUT/pytest-gemm-ws.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.sweep_gemm --bucket ws --out "$OUT/sweep_ws.json" 2>&1 \
                 | tee "$OUT/sweep_ws.txt"; } ;;
+        # the large-M row's config vs the plain one with the gated residual epilogue (~1 min)
+        gemm-ws-residual) timeout 200 python3 -m int8_w8a8.bench.sweep_gemm --bucket ws-residual \
+            --out "$OUT/sweep_ws_residual.json" 2>&1 | tee "$OUT/sweep_ws_residual.txt" ;;
         # the opt-in split tail (stream-K for the last wave, configs.GemmConfig.split_tail) vs the table config at the
         # wave-quantized shapes of Z-Image, klein and Chroma (~2 min): bit-identity tests first, under a timeout
         gemm-tail) timeout 240 python3 -m pytest tests/test_kernels.py $XDIST -q -p no:randomly -k "split_tail or tail_plan" 2>&1 \

@@ -5,10 +5,11 @@
 The winners go into ``kernels/configs.py`` by hand, one per (GPU generation, M bucket): the pack
 never autotunes at run time. Each candidate is checked against the twin before it is timed.
 
-``--bucket ws`` (not part of "all"): the opt-in warp-specialized Hopper configs (``configs.HOPPER_WS_VARIANTS``)
-against the table's large-M config, 128x256x128 at 8 warps without specialization, and cuBLAS FP8
-(``torch._scaled_mm``, per-tensor scales) at the Z-Image and FLUX.2 klein 9B GEMM shapes; every INT8 result must
-be bit-identical to the table config's (and the twin's) before it is timed.
+``--bucket ws`` (not part of "all"): the warp-specialized Hopper configs (``configs.HOPPER_WS_VARIANTS``, the
+table's large-M row among them) against the plain table's large-M config, 128x256x128 at 8 warps without
+specialization, and cuBLAS FP8 (``torch._scaled_mm``, per-tensor scales) at the Z-Image and FLUX.2 klein 9B GEMM
+shapes; every INT8 result must be bit-identical to the plain config's (and the twin's) before it is timed.
+``--bucket ws-residual`` (not part of "all"): the same with the gated residual epilogue (``WS_RESIDUAL_SHAPES``).
 ``--bucket lora`` (not part of "all"): 64-wide tiles for a rank-64 LoRA's down projection (N = 64) against the table's.
 ``--bucket tail`` (not part of "all"): the table's large-M config without and with ``GemmConfig.split_tail`` (the
 table's parts, and parts of >= 16 and >= 1 K tiles) at the shapes whose last wave of tiles is at most half full
@@ -77,9 +78,10 @@ def candidates(bucket: str) -> list[GemmConfig]:
     return out
 
 
-def _one(cfg: GemmConfig, x, xq, xs, wq, ws, out):
-    """The timed call: GEMM and epilogue on pre-quantized x."""
-    return lambda: triton_gemm.gemm(xq, xs, wq, ws, None, out, cfg)
+def _one(cfg: GemmConfig, x, xq, xs, wq, ws, out, gate=None):
+    """The timed call: GEMM and epilogue on pre-quantized x (with ``gate`` [1, N]: the gated residual epilogue,
+    ``out += gate * y`` in place, as a fused block's attention output and down projection run it)."""
+    return lambda: triton_gemm.gemm(xq, xs, wq, ws, None, out, cfg, gate=gate, rows_per_batch=out.shape[0])
 
 
 def _operands(m: int, k: int, n: int):
@@ -129,9 +131,10 @@ WS_SHAPES = [(4608, 3840, 11520), (4608, 3840, 3840), (4608, 3840, 10240), (4608
 
 
 def ws_candidates() -> list[tuple[str, GemmConfig]]:
-    """(name, config): the table's large-M config first (the reference for bit identity), then the others."""
-    table = configs.HOPPER_TABLE.rows[-1][1]
-    out = [("table 128x128x64 s4 2/SM", table),
+    """(name, config): the plain table's large-M config first (the reference for bit identity; what LoRA terms run),
+    then the others; ``HOPPER_TABLE``'s large-M row is one of the warp-specialized ones."""
+    table = configs.HOPPER_PLAIN_TABLE.rows[-1][1]
+    out = [("plain 128x128x64 s4 2/SM", table),
            ("tma 128x256x128 w8 s3", GemmConfig("tma", 128, 256, 128, num_warps=8, num_stages=3))]
     out += [(f"ws {c.block_m}x{c.block_n}x{c.block_k} s{c.num_stages}", c) for c in configs.HOPPER_WS_VARIANTS]
     return out
@@ -151,7 +154,7 @@ def tail_candidates() -> list[tuple[str, GemmConfig]]:
     """(name, config): the table's large-M config without the split first (the reference), then the table's (parts
     of >= ``split_tail`` K tiles), parts of >= 16 K tiles, and the split into as many parts as there are idle
     programs."""
-    table = configs.HOPPER_TABLE.rows[-1][1]
+    table = configs.HOPPER_PLAIN_TABLE.rows[-1][1]  # the split tail is the plain kernel's
     return [("128x128x64 s4 2/SM, no split", dataclasses.replace(table, split_tail=0)),
             (f"table (split_tail={table.split_tail})", table),
             ("128x128x64, split_tail=16", dataclasses.replace(table, split_tail=16)),
@@ -167,7 +170,7 @@ LORA_SHAPES = [(m, k, 64) for m in (512, 4608, 14040) for k in (3072, 3840, 1024
 
 def lora_candidates() -> list[tuple[str, GemmConfig]]:
     """(name, config): the table's large-M config (the reference), then tiles 64 wide, TMA and pointer loads."""
-    table = dataclasses.replace(configs.HOPPER_TABLE.rows[-1][1], split_tail=0)
+    table = dataclasses.replace(configs.HOPPER_PLAIN_TABLE.rows[-1][1], split_tail=0)  # N = 64: the plain table
     return [("table 128x128x64 s4 2/SM", table),
             ("tma 128x64x128 s4 2/SM", GemmConfig("tma", 128, 64, 128, num_stages=4, ctas_per_sm=2)),
             ("tma 64x64x128 s4 2/SM", GemmConfig("tma", 64, 64, 128, num_stages=4, ctas_per_sm=2)),
@@ -181,23 +184,43 @@ def run_ws() -> list[dict]:
     return run_variants(WS_SHAPES, ws_candidates())
 
 
-def run_variants(shapes, candidates: list[tuple[str, GemmConfig]], warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
+# The GEMMs with the gated residual epilogue (Z-Image's attention output and w2, klein 9B's single-block linear2 and
+# double-block projections): ``triton_ops`` runs the plain table's config with its output tile in halves there
+# (``configs.for_residual``), the warp-specialized row as it is
+WS_RESIDUAL_SHAPES = [(4608, 3840, 3840), (4608, 10240, 3840), (4608, 16384, 4096), (4096, 4096, 4096),
+                      (4096, 12288, 4096)]
+
+
+def ws_residual_candidates() -> list[tuple[str, GemmConfig]]:
+    plain = configs.for_residual(configs.HOPPER_PLAIN_TABLE.rows[-1][1])
+    return [("plain 128x128x64 s4 2/SM sub", plain), *((n, c) for n, c in ws_candidates()[2:] if c.block_n == 256)]
+
+
+def run_variants(shapes, candidates: list[tuple[str, GemmConfig]], warmup_ms: int = 10, rep_ms: int = 50,
+                 residual: bool = False) -> list[dict]:
     """Each candidate (the first is the reference for bit identity) and cuBLAS FP8 at ``shapes``: ms, TOPS, and x
-    the first candidate; a candidate whose output differs from the first's or the torch twin's is not timed."""
+    the first candidate; a candidate whose output differs from the first's or the torch twin's is not timed.
+    ``residual``: the gated residual epilogue (checked against the first candidate from one starting residual;
+    timed calls keep adding into it)."""
     fp8_max = torch.finfo(torch.float8_e4m3fn).max
     results = []
     for m, k, n in shapes:
         x, w, xq, xs, wq, ws, ref, out = _operands(m, k, n)
+        gate = (torch.randn(1, n, device="cuda") * 0.01).to(torch.bfloat16) if residual else None
+        start = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) if residual else None
         rows, base_out = [], None
         for name, cfg in candidates:
-            fn = _one(cfg, x, xq, xs, wq, ws, out)
+            fn = _one(cfg, x, xq, xs, wq, ws, out, gate)
             try:
-                out.fill_(float("nan"))
+                if residual:
+                    out.copy_(start)
+                else:
+                    out.fill_(float("nan"))
                 fn()
                 torch.cuda.synchronize()
                 if base_out is None:
                     base_out = out.clone()
-                same = torch.equal(out, base_out) and torch.equal(out, ref)
+                same = torch.equal(out, base_out) and (residual or torch.equal(out, ref))
                 if not same:
                     rows.append({"name": name, "config": cfg.__dict__, "error": "not bit-identical"})
                     print(f"  {name:<28} NOT BIT-IDENTICAL", flush=True)
@@ -227,13 +250,17 @@ def run_variants(shapes, candidates: list[tuple[str, GemmConfig]], warmup_ms: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="sweep_gemm.json")
-    parser.add_argument("--bucket", default="all", choices=["all", *BUCKETS, "ws", "tail", "lora"])
+    parser.add_argument("--bucket", default="all", choices=["all", *BUCKETS, "ws", "ws-residual", "tail", "lora"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.bucket == "ws":
         common.write_json(args.out, {"env": common.environment(), "ws": run_ws()})
+        return 0
+    if args.bucket == "ws-residual":
+        common.write_json(args.out, {"env": common.environment(), "ws_residual": run_variants(
+            WS_RESIDUAL_SHAPES, ws_residual_candidates(), residual=True)})
         return 0
     if args.bucket == "tail":
         common.write_json(args.out, {"env": common.environment(), "tail": run_variants(TAIL_SHAPES, tail_candidates())})

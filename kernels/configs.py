@@ -82,21 +82,27 @@ class GemmTable:
     docstring); dispatch compares it with the GPU's opt-in limit before choosing the table.
     unaligned: the table for operands TMA cannot take (K or N not a multiple of 16, strided weights),
     when the rows use the TMA kernel.
-    lora: the table for GEMMs with a dynamic LoRA term in the epilogue, when some rows are warp-specialized (the
-    LoRA operands' loads, pipelined by Triton 3.6's Hopper pass, did not give the plain kernel's bits on the H200).
+    plain: where some rows are warp-specialized, the table without them, for the GEMMs those rows do not serve: a
+    dynamic LoRA term in the epilogue (the LoRA operands' loads, pipelined by Triton 3.6's Hopper pass, did not give
+    the plain kernel's bits on the H200) and outputs narrower than the row's tile (a LoRA's down projection, N = its
+    rank: a 128 x 256 tile would multiply 4-16x the columns it keeps).
     """
 
     name: str
     rows: tuple[tuple[int, GemmConfig], ...]
     smem_bytes: int
     unaligned: GemmTable | None = None
-    lora: GemmTable | None = None
+    plain: GemmTable | None = None
 
-    def pick(self, m: int, tma_ok: bool = True, lora: bool = False) -> GemmConfig:
+    def pick(self, m: int, tma_ok: bool = True, lora: bool = False, n: int | None = None) -> GemmConfig:
         """The config for M rows; ``tma_ok``: the operands meet TMA's rules (``triton_gemm.tma_compatible``);
-        ``lora``: the GEMM adds a LoRA term in its epilogue."""
-        if lora and self.lora is not None:
-            return self.lora.pick(m, tma_ok)
+        ``lora``: the GEMM adds a LoRA term in its epilogue; ``n``: its output columns, when known (see ``plain``)."""
+        cfg = self._pick(m, tma_ok)
+        if cfg.warp_spec and self.plain is not None and (lora or (n is not None and n < cfg.block_n)):
+            return self.plain.pick(m, tma_ok)
+        return cfg
+
+    def _pick(self, m: int, tma_ok: bool) -> GemmConfig:
         cfg = self.rows[-1][1]
         for max_m, c in self.rows:
             if m <= max_m:
@@ -115,7 +121,7 @@ class GemmTable:
         """Every config a GEMM may run with from this table (also those for unaligned operands and LoRA terms),
         each once."""
         own = tuple(cfg for _, cfg in self.rows)
-        for other in (self.unaligned, self.lora):
+        for other in (self.unaligned, self.plain):
             own += other.configs() if other else ()
         return tuple(dict.fromkeys(own))
 
@@ -164,11 +170,12 @@ HOPPER_PLAIN_TABLE = GemmTable("hopper (sm_90), not warp-specialized", (
 # rows (``GemmConfig.warp_spec``). Bit-identical to the plain kernel once the epilogue kept its row offset out of the
 # row tensors (bench/NOTES.md item 44); on the H200 (2026-12-03, ``results/h200-sweep-gemm-ws-session9.txt``)
 # 1.00-1.13x the plain row's config on the seven large klein / Z-Image shapes (1109-1330 TOPS; cuBLAS FP8 1231-1447).
-# It has no split tail: at K = 16384 it still beat the plain config with its split (1.11x).
+# It has no split tail: at K = 16384 it still beat the plain config with its split (1.11x). GEMMs with a LoRA term and
+# outputs narrower than 256 columns run the plain table (``GemmTable.plain``).
 HOPPER_WS_LARGE = GemmConfig("tma", 128, 256, 64, num_warps=4, num_stages=4, warp_spec=True)
 HOPPER_TABLE = GemmTable(
     "hopper (sm_90)", (*HOPPER_PLAIN_TABLE.rows[:-1], (_LARGE, HOPPER_WS_LARGE)),
-    smem_bytes=HOPPER_PLAIN_TABLE.smem_bytes, unaligned=MMA_TABLE, lora=HOPPER_PLAIN_TABLE)
+    smem_bytes=HOPPER_PLAIN_TABLE.smem_bytes, unaligned=MMA_TABLE, plain=HOPPER_PLAIN_TABLE)
 
 
 # The warp-specialized Hopper configs the sweep compares (``GemmConfig.warp_spec``; ``bench/sweep_gemm.py --bucket ws``,

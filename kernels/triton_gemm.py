@@ -496,7 +496,7 @@ def gemm(
         if lora_r:
             # a float32 LoRA dot fails Triton 3.6's Hopper pass, and a bfloat16 one did not give the plain kernel's
             # bits in 4 of 20 cases on the H200 (bench/NOTES.md item 44); the tables pick plain configs for LoRA
-            # terms (``GemmTable.lora``), this covers a warp-specialized config given directly
+            # terms (``GemmTable.plain``), this covers a warp-specialized config given directly
             cfg = without_warp_spec(cfg)
     # the specialization a misfit is remembered for: what else changes the kernel's resources
     spec = (out.dtype, lora_r, lora_h.dtype if lora_r else None, gate is not None, out.device)

@@ -365,9 +365,11 @@ def test_ws_config_rules():
     hopper = configs.HOPPER_TABLE
     assert hopper.pick(4608) is configs.HOPPER_WS_LARGE
     assert [c for c in hopper.configs() if c.warp_spec] == [configs.HOPPER_WS_LARGE]
+    assert hopper.pick(4608, n=256) is configs.HOPPER_WS_LARGE
     for m in (1, 17, 200, 1024, 1025, 4608):
-        assert not hopper.pick(m, lora=True).warp_spec
-        assert hopper.pick(m, lora=True) == configs.HOPPER_PLAIN_TABLE.pick(m)
+        plain = configs.HOPPER_PLAIN_TABLE.pick(m)
+        assert hopper.pick(m, lora=True) == plain and not plain.warp_spec
+        assert hopper.pick(m, n=64) == plain  # a LoRA's down projection: N = its rank
         if hopper.pick(m).kernel == "tma":
             assert hopper.pick(m, tma_ok=False) == configs.MMA_TABLE.pick(m)
     wide = configs.HOPPER_WS_VARIANTS[2]
