@@ -191,6 +191,10 @@ HOPPER_WS_VARIANTS: tuple[GemmConfig, ...] = (
     GemmConfig("tma", 128, 256, 64, num_warps=4, num_stages=3, warp_spec=True),  # 139,736
     HOPPER_WS_LARGE,  # 164,328
     GemmConfig("tma", 128, 256, 128, num_warps=4, num_stages=2, warp_spec=True),
+    # deeper pipelines of the large-M row (not swept yet): the producer prefetches further into the next tile while
+    # the consumers run the epilogue
+    GemmConfig("tma", 128, 256, 64, num_warps=4, num_stages=5, warp_spec=True),  # 189,000
+    GemmConfig("tma", 128, 256, 64, num_warps=4, num_stages=6, warp_spec=True),  # 213,592
 )
 
 
