@@ -378,7 +378,7 @@ def check_ws(arch: int = 90) -> dict:
             bad.append(f"register spills: local {first['local']} B")
         rows.append({"what": spec.what, "kind": "gemm", "outcome": outcome,
                      "split": split, "problems": bad, **first})
-    return {"arch": arch, "generation": gen.name, "path": "warp-specialized variants (opt-in)",
+    return {"arch": arch, "generation": gen.name, "path": "warp-specialized variants",
             "smem_limit": gen.smem_optin, "triton": triton.__version__, "table": table.name, "table_smem_bytes": None,
             "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every target in dispatch.GENERATIONS")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="targets compiled in parallel")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--ws", action="store_true", help="the opt-in warp-specialized Hopper configs (sm_90)")
+    parser.add_argument("--ws", action="store_true", help="the warp-specialized Hopper configs (sm_90)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")

@@ -193,7 +193,8 @@ WS_RESIDUAL_SHAPES = [(4608, 3840, 3840), (4608, 10240, 3840), (4608, 16384, 409
 
 def ws_residual_candidates() -> list[tuple[str, GemmConfig]]:
     plain = configs.for_residual(configs.HOPPER_PLAIN_TABLE.rows[-1][1])
-    return [("plain 128x128x64 s4 2/SM sub", plain), *((n, c) for n, c in ws_candidates()[2:] if c.block_n == 256)]
+    return [("plain 128x128x64 s4 2/SM sub", plain),
+            *((name, c) for name, c in ws_candidates() if c.warp_spec and c.block_n == 256)]
 
 
 def run_variants(shapes, candidates: list[tuple[str, GemmConfig]], warmup_ms: int = 10, rep_ms: int = 50,

@@ -148,7 +148,8 @@ MMA_TABLE = GemmTable("mma.sync (sm_8x)", (
 # 3.8 alike; on sm_100 Triton 3.6 needs 164,376 / 131,608 / 90,648 / 82,456 for the TMA rows, 3.8 up to 213,552): the
 # H200 allows 232,448 per block and 233,472 per SM, so the two-programs-per-SM configs above 116 KB run one program
 # per SM at a time (the sweep still measured them best). HOPPER_TABLE runs these but for its large-M row; GEMMs with
-# a LoRA term run these on Hopper, and datacenter Blackwell runs their tiles (``BLACKWELL_TABLE``).
+# a LoRA term or outputs narrower than that row's tile run these on Hopper (``GemmTable.plain``), and datacenter
+# Blackwell runs their tiles (``BLACKWELL_TABLE``).
 HOPPER_PLAIN_TABLE = GemmTable("hopper (sm_90), not warp-specialized", (
     # >= 0.89 of the best on 16x4096x24576, 8x16384x4096, 5x3072x9216; 73,728
     (SMALL_M, GemmConfig("generic", 16, 32, 512, group_m=1, num_warps=2, num_stages=4)),

@@ -9,8 +9,8 @@ Two kernels:
   in grouped order (GROUP_M rows of tiles share weight tiles in L2). Operands arrive through TMA
   tensor descriptors, the product runs on wgmma, and the loop over tiles is flattened so the loads
   of the next tile are issued while the current one finishes its epilogue. TMA zero-fills reads
-  past the edges and clips stores, so there are no masks. With ``GemmConfig.warp_spec`` (opt-in,
-  Hopper) the K loop is warp-specialized instead: a producer warpgroup issues the TMA loads of this
+  past the edges and clips stores, so there are no masks. With ``GemmConfig.warp_spec`` (Hopper's
+  large-M row) the K loop is warp-specialized instead: a producer warpgroup issues the TMA loads of this
   and the next tiles while two consumer warpgroups each multiply and finish half of the tile's rows.
 * ``_gemm_kernel`` (SM 8.0+, and every shape TMA cannot take): one program per output tile with
   masked pointer loads, so any K and N work and the weight may have any strides. With BLOCK_M = 16
@@ -490,7 +490,7 @@ def gemm(
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
             )
 
-    if cfg.warp_spec and not interpreting():  # the explicit rules of an opt-in warp-specialized config
+    if cfg.warp_spec and not interpreting():  # the explicit rules of a warp-specialized config
         if out.device.type == "cuda":
             cfg = for_arch(cfg, _capability(out.device))
         if lora_r:

@@ -97,7 +97,7 @@ def test_every_launched_kernel_is_in_the_check(report):
 
 @pytest.fixture(scope="module")
 def ws_report() -> dict:
-    """``check_ptx --ws --json``: the opt-in warp-specialized Hopper configs, compiled for sm_90 (~1 min)."""
+    """``check_ptx --ws --json``: the warp-specialized Hopper configs, compiled for sm_90 (~1 min)."""
     pytest.importorskip("triton")
     code = "from int8_w8a8.bench import check_ptx; import sys; sys.exit(check_ptx.main(['--ws', '--json']))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd="/",
@@ -108,8 +108,8 @@ def ws_report() -> dict:
 
 def test_hopper_ws_variants_split_into_producer_and_consumers(ws_report):
     """Each warp-specialized config, with every epilogue, compiles on sm_90 into a TMA producer warpgroup and two
-    consumer warpgroups (12 warps, setmaxnreg), on INT8 wgmma, within shared memory, without spills; a float32
-    LoRA term (bfloat16 or float32) runs the same tiles without the specialization (triton_gemm.gemm's rule)."""
+    consumer warpgroups (12 warps, setmaxnreg), on INT8 wgmma, within shared memory, without spills; a LoRA
+    term (bfloat16 or float32) runs the same tiles without the specialization (triton_gemm.gemm's rule)."""
     from int8_w8a8.kernels import configs
 
     rows = ws_report["rows"]
