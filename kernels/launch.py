@@ -215,23 +215,30 @@ class _CLaunch:
     launch has the same specialization every time and its descriptors differ only in their base address, so
     this calls the C function directly and keeps each descriptor's expansion per base address (a TMA map is a
     by-value kernel parameter: reusing the Python object is reusing 128 bytes). Built only for the layout this
-    module knows (``inner``'s closure names ``launcher``, ``tensordesc_indices``, ``tensordesc_meta``; no scratch
-    buffers); anything else keeps ``kernel.run`` (``for_kernel`` returns None)."""
+    module knows (``inner``'s closure names ``launcher``, ``tensordesc_indices``, ``tensordesc_meta``; no profile
+    scratch, one CTA per program); anything else keeps ``kernel.run`` (``for_kernel`` returns None).
+
+    A kernel that makes TMA descriptors itself (``tl.make_tensor_descriptor``: the warp-specialized GEMM) needs
+    ``global_scratch_size`` bytes of global memory per program at each launch. Triton's Python launcher asks its
+    allocator for them; this allocates the same ``grid * global_scratch_size`` bytes from torch's caching
+    allocator (what ``device_descriptors`` installs as that allocator) and passes the tensor in the C launcher's
+    scratch slot. Freed when the call returns, the block is reused only by work queued later on the same stream:
+    the kernel has run by then."""
 
     MAX_BASES = 8  # expansions kept per descriptor argument (a weight: one; a per-call output: a few addresses)
 
-    __slots__ = ("descs", "expand", "fn", "head")
+    __slots__ = ("descs", "expand", "fn", "head", "scratch")
 
-    def __init__(self, fn, head: tuple, descs: tuple, expand=None) -> None:
-        self.fn, self.head, self.descs, self.expand = fn, head, descs, expand
+    def __init__(self, fn, head: tuple, descs: tuple, expand=None, scratch: int = 0) -> None:
+        self.fn, self.head, self.descs, self.expand, self.scratch = fn, head, descs, expand, scratch
 
     @classmethod
     def for_kernel(cls, kernel) -> _CLaunch | None:
         run = getattr(kernel, "_run", None)
         meta = getattr(kernel, "metadata", None)
-        if run is None or meta is None or getattr(meta, "global_scratch_size", 0) or \
-                getattr(meta, "profile_scratch_size", 0) or getattr(run, "num_ctas", 1) != 1:
+        if run is None or meta is None or getattr(meta, "profile_scratch_size", 0) or getattr(run, "num_ctas", 1) != 1:
             return None
+        scratch = int(getattr(meta, "global_scratch_size", 0) or 0)
         fn = getattr(run, "launch", None)
         closure = getattr(fn, "__closure__", None)
         descs: tuple = ()
@@ -251,10 +258,16 @@ class _CLaunch:
             return None
         head = (kernel.function, bool(run.launch_cooperative_grid), bool(run.launch_pdl), None, None,
                 kernel.packed_metadata, None, None, None)
-        return cls(fn, head, descs, expand)
+        return cls(fn, head, descs, expand, scratch)
 
-    def __call__(self, grid: tuple, stream: int, args: list) -> None:
+    def __call__(self, grid: tuple, stream: int, args: list, device: int | None = None) -> None:
+        """Launch on ``grid`` (3 ints) on ``stream`` (a raw CUDA stream) with ``args`` (positional, constexprs
+        included); ``device``: the CUDA device index, needed only for a kernel with global scratch."""
         head = self.head
+        if self.scratch:  # kept in this frame until the launch call has returned (see the class docstring)
+            buf = torch.empty(grid[0] * grid[1] * grid[2] * self.scratch, dtype=torch.int8,
+                              device="cuda" if device is None else device)
+            head = (*head[:3], buf, *head[4:])
         if not self.descs:
             self.fn(grid[0], grid[1], grid[2], stream, *head, *args)
             return
@@ -312,7 +325,7 @@ class Launch:
             return
         if self.claunch is not None:
             args.extend(self.tail)
-            self.claunch(self.grid, torch._C._cuda_getCurrentRawStream(self.device), args)
+            self.claunch(self.grid, torch._C._cuda_getCurrentRawStream(self.device), args, self.device)
             return
         if self.scratch:
             with device_descriptors():

@@ -72,6 +72,25 @@ def test_replay_with_rotation_and_smoothing(seed, group, smooth):
     assert isinstance(next(iter(plan.replays.values())), direct._Replay)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda" or INTERPRETED or not torch.cuda.is_available()
+                    or torch.cuda.get_device_capability() != (9, 0), reason="Hopper's warp-specialized GEMM row")
+def test_warp_specialized_gemm_replays_through_the_c_launcher(seed):
+    """Hopper's large-M row (the warp-specialized GEMM) makes its TMA descriptors in the kernel: global scratch at
+    every launch. Its replays keep Triton's C launcher (``launch._CLaunch`` allocates the scratch) and equal the
+    launch path bit for bit, call after call (fresh inputs, so fresh scratch and output addresses)."""
+    k, n = 384, 512
+    q, scale, _ = _weight(n, k)
+    plan = direct.LinearPlan(q, scale, None, backend=Backend("triton", "test", torch.cuda.get_device_capability()))
+    for _ in range(3):
+        x = torch.randn(1100, k, device=DEV, dtype=torch.bfloat16)  # M > 1024: the warp-specialized row
+        _assert_equal(plan(x), triton_ops.int8_linear(x, q, scale, None, torch.bfloat16, None, 0, HOPPER))
+    replay = next(iter(plan.replays.values()))
+    assert isinstance(replay, direct._Replay)
+    scratch = [rec.claunch for rec, *_ in replay.launches if rec.scratch]
+    assert scratch and all(c is not None and c.scratch > 0 for c in scratch)
+
+
 @pytest.mark.kernels
 def test_shared_workspace_grows_and_serves_every_plan(seed):
     """Two layers share one workspace; a larger M grows it between replays of a plan recorded on the small one."""
@@ -458,10 +477,32 @@ def test_c_launch_declines_layouts_it_does_not_know():
         return None
 
     assert launch._CLaunch.for_kernel(_fake_kernel(python_layer)) is None
-    assert launch._CLaunch.for_kernel(_fake_kernel(_Recorder(), scratch=128)) is None  # needs Triton's allocator
     outer = 3
 
     def inner(*args):  # a closure with other free variables
         return outer
 
     assert launch._CLaunch.for_kernel(_fake_kernel(inner)) is None
+    profiled = _fake_kernel(_Recorder())
+    profiled.metadata.profile_scratch_size = 64  # Triton's profiler scratch: its own allocator, kept on its path
+    assert launch._CLaunch.for_kernel(profiled) is None
+
+
+@pytest.mark.unit
+def test_c_launch_allocates_global_scratch_per_launch():
+    """A kernel that makes its TMA descriptors itself (global scratch, the warp-specialized GEMM) keeps the C launcher:
+    each launch gets ``grid * global_scratch_size`` fresh bytes in the launcher's scratch slot, as Triton's allocator
+    would give, and nothing else of the head changes."""
+    from int8_w8a8.kernels import launch
+
+    rec = _Recorder()
+    claunch = launch._CLaunch.for_kernel(_fake_kernel(rec, scratch=384))
+    assert claunch is not None and claunch.scratch == 384
+    claunch((5, 3, 1), 7, [11, 22], device="cpu")
+    claunch((2, 1, 1), 7, [11, 22], device="cpu")
+    for call, programs in zip(rec.calls, (15, 2), strict=True):
+        grid_stream, head, args = call[:4], call[4:13], call[13:]
+        assert grid_stream[3] == 7 and list(args) == [11, 22]
+        buf = head[3]
+        assert isinstance(buf, torch.Tensor) and buf.dtype == torch.int8 and buf.numel() == programs * 384
+        assert head[:3] == (1234, False, False) and head[4:] == (None, (4, 1, 0), None, None, None)
