@@ -81,7 +81,8 @@ def candidates(bucket: str) -> list[GemmConfig]:
 def _one(cfg: GemmConfig, x, xq, xs, wq, ws, out, gate=None):
     """The timed call: GEMM and epilogue on pre-quantized x (with ``gate`` [1, N]: the gated residual epilogue,
     ``out += gate * y`` in place, as a fused block's attention output and down projection run it)."""
-    return lambda: triton_gemm.gemm(xq, xs, wq, ws, None, out, cfg, gate=gate, rows_per_batch=out.shape[0])
+    return lambda: triton_gemm.gemm(xq, xs, wq, ws, None, out, cfg, gate=gate, rows_per_batch=out.shape[0],
+                                    ws_rules=False)
 
 
 def _operands(m: int, k: int, n: int):

@@ -84,7 +84,9 @@ class GemmTable:
     when the rows use the TMA kernel.
     plain: where some rows are warp-specialized, the table without them, for the GEMMs those rows do not serve: a
     dynamic LoRA term in the epilogue (the LoRA operands' loads, pipelined by Triton 3.6's Hopper pass, did not give
-    the plain kernel's bits on the H200) and outputs narrower than the row's tile (a LoRA's down projection, N = its
+    the plain kernel's bits on the H200), a gated residual epilogue (the residual tile read through TMA in the
+    consumers gave other bits than the plain kernel's once a program runs several tiles, at every large shape on
+    the H200: bench/NOTES.md item 47) and outputs narrower than the row's tile (a LoRA's down projection, N = its
     rank: a 128 x 256 tile would multiply 4-16x the columns it keeps).
     """
 
@@ -94,11 +96,13 @@ class GemmTable:
     unaligned: GemmTable | None = None
     plain: GemmTable | None = None
 
-    def pick(self, m: int, tma_ok: bool = True, lora: bool = False, n: int | None = None) -> GemmConfig:
+    def pick(self, m: int, tma_ok: bool = True, lora: bool = False, n: int | None = None,
+             residual: bool = False) -> GemmConfig:
         """The config for M rows; ``tma_ok``: the operands meet TMA's rules (``triton_gemm.tma_compatible``);
-        ``lora``: the GEMM adds a LoRA term in its epilogue; ``n``: its output columns, when known (see ``plain``)."""
+        ``lora``: the GEMM adds a LoRA term in its epilogue; ``n``: its output columns, when known; ``residual``:
+        its epilogue adds into a gated residual (see ``plain``)."""
         cfg = self._pick(m, tma_ok)
-        if cfg.warp_spec and self.plain is not None and (lora or (n is not None and n < cfg.block_n)):
+        if cfg.warp_spec and self.plain is not None and (lora or residual or (n is not None and n < cfg.block_n)):
             return self.plain.pick(m, tma_ok)
         return cfg
 
@@ -252,8 +256,9 @@ def smaller(cfg: GemmConfig) -> GemmConfig | None:
 def for_residual(cfg: GemmConfig) -> GemmConfig:
     """The config a GEMM with the gated residual epilogue runs with: the residual tile comes in through TMA,
     into shared memory, and in two halves that buffer fits next to the operand stages with two CTAs per SM
-    (98 KB vs 131 KB for 128 x 128 tiles, bench/check_ptx.py). Other configs, and warp-specialized ones (one
-    program per SM, room for the whole tile), are returned as they are."""
+    (98 KB vs 131 KB for 128 x 128 tiles, bench/check_ptx.py). Other configs are returned as they are; the tables
+    give a residual epilogue no warp-specialized config (``GemmTable.plain``), and ``triton_gemm.gemm`` runs one
+    given directly without the specialization."""
     if cfg.kernel != "tma" or cfg.epilogue_subtile or cfg.warp_spec:
         return cfg
     return dataclasses.replace(cfg, epilogue_subtile=True)

@@ -418,9 +418,15 @@ def gemm(
     lora_b: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     rows_per_batch: int = 1,
+    *,
+    ws_rules: bool = True,
 ) -> torch.Tensor:
     """Launch the INT8 GEMM described by ``cfg`` ("tma" or "generic") into ``out [M, N]``; when the GPU rejects
     ``cfg`` for resources, the next smaller config (``configs.smaller``, ``launch.first_fit``).
+
+    A warp-specialized ``cfg`` runs without the specialization off Hopper and, with a LoRA term or a gated
+    residual, everywhere (the rules below); ``ws_rules=False`` runs it as given on Hopper (the sweeps that
+    re-check those rules on a new Triton).
 
     With ``gate`` ([B, N], unit column stride) ``out`` holds a residual on entry and is updated in place:
     ``out += gate[row // rows_per_batch] * (GEMM + epilogue)``, rounded once.
@@ -493,10 +499,11 @@ def gemm(
     if cfg.warp_spec and not interpreting():  # the explicit rules of a warp-specialized config
         if out.device.type == "cuda":
             cfg = for_arch(cfg, _capability(out.device))
-        if lora_r:
+        if ws_rules and (lora_r or gate is not None):
             # a float32 LoRA dot fails Triton 3.6's Hopper pass, and a bfloat16 one did not give the plain kernel's
-            # bits in 4 of 20 cases on the H200 (bench/NOTES.md item 44); the tables pick plain configs for LoRA
-            # terms (``GemmTable.plain``), this covers a warp-specialized config given directly
+            # bits in 4 of 20 cases on the H200 (bench/NOTES.md item 44); the residual read through TMA in the
+            # consumers gave other bits at every large shape (item 47). The tables pick plain configs for both
+            # (``GemmTable.plain``); this covers a warp-specialized config given directly
             cfg = without_warp_spec(cfg)
     # the specialization a misfit is remembered for: what else changes the kernel's resources
     spec = (out.dtype, lora_r, lora_h.dtype if lora_r else None, gate is not None, out.device)

@@ -86,7 +86,7 @@ def _gemm(xq, xs, q, scale, bias, out_dtype, backend: Backend, config: configs.G
     table = backend.table
     tma_ok = table.tma and triton_gemm.tma_compatible(xq, q, out)
     if config is None or (config.kernel == "tma" and not tma_ok):
-        config = table.pick(m, tma_ok, lora=lora_h is not None, n=n)
+        config = table.pick(m, tma_ok, lora=lora_h is not None, n=n, residual=gate is not None)
     if gate is not None:
         config = configs.for_residual(config)
     triton_gemm.gemm(xq, xs, q, ws, bias, out, config, lora_h, lora_b, gate, rows_per_batch)

@@ -907,3 +907,27 @@ def test_int8_gemm_residual(seed, b, s, k, n, per_row):
         y = y + bias.double()
     truth = before.double() + gate.double() * y.reshape(b, s, n)
     assert sqnr_db(truth, residual) > (40 if INTERPRETED else 45)  # truncation costs ~6 dB over 48 values
+
+
+@pytest.mark.gpu
+def test_int8_gemm_residual_many_tiles_per_program():
+    """The large-M rows (Z-Image's attention output and w2 at 1024x1024: 4608 rows) with more tiles than programs,
+    so each persistent program runs several: bit for bit the twin on the GPU. Hopper's warp-specialized large-M
+    row gave other bits here (bench/NOTES.md item 47), so its table serves the residual epilogue from its plain
+    rows (``GemmTable.pick(residual=True)``)."""
+    from int8_w8a8.kernels import configs, dispatch
+
+    torch.manual_seed(0)
+    b, s, k, n = 2, 2304, 192, 3840
+    x = torch.randn(b * s, k, device=DEV, dtype=torch.bfloat16)
+    q, ws = ref.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5)
+    xq, xs = ref.quantize_rows(x)
+    residual = torch.randn(b, s, n, device=DEV, dtype=torch.bfloat16)
+    gate = torch.randn(b, 1, n, device=DEV, dtype=torch.bfloat16)
+    twin = residual.clone()
+    reference_fused.int8_gemm_residual(xq, xs.reshape(-1), q, ws.reshape(-1), None, twin.view(b * s, n),
+                                       gate.reshape(b, n), s)
+    fused.int8_gemm_residual(xq, xs, q, ws, None, residual, gate)
+    assert torch.equal(residual, twin)
+    assert not dispatch.choose_backend(x.device).table.pick(b * s, residual=True).warp_spec
+    assert configs.HOPPER_TABLE.pick(b * s, residual=True) == configs.HOPPER_PLAIN_TABLE.pick(b * s)

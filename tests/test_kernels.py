@@ -237,7 +237,8 @@ def test_gemm_empty_dims(seed):
 # without it, every epilogue. On a GPU the measured variants (128-row tiles: the pass splits them into two consumers);
 # under the interpreter small tiles of the same code path (the interpreter ignores the specialization). M = 200 runs
 # a second row tile and rows past 128 (item 28's bug: the second consumer's x scales came from 64 rows further on);
-# a LoRA term runs the tiles without warp specialization (triton_gemm.gemm's rule), so those cases compare the rule.
+# a LoRA term or a gated residual runs the tiles without warp specialization (triton_gemm.gemm's rule; the residual
+# differed once programs run several tiles, item 47), so those cases compare the rule.
 # ---------------------------------------------------------------------------------------------
 WS = ([GemmConfig("tma", 32, 32, 32, warp_spec=True), GemmConfig("tma", 32, 64, 32, num_stages=2, warp_spec=True)]
       if INTERPRETED else [configs.HOPPER_WS_VARIANTS[0], configs.HOPPER_WS_LARGE])
@@ -369,6 +370,7 @@ def test_ws_config_rules():
     for m in (1, 17, 200, 1024, 1025, 4608):
         plain = configs.HOPPER_PLAIN_TABLE.pick(m)
         assert hopper.pick(m, lora=True) == plain and not plain.warp_spec
+        assert hopper.pick(m, residual=True) == plain  # a gated residual epilogue (item 47)
         assert hopper.pick(m, n=64) == plain  # a LoRA's down projection: N = its rank
         if hopper.pick(m).kernel == "tma":
             assert hopper.pick(m, tma_ok=False) == configs.MMA_TABLE.pick(m)
