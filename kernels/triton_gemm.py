@@ -501,8 +501,8 @@ def gemm(
             cfg = for_arch(cfg, _capability(out.device))
         if ws_rules and (lora_r or gate is not None):
             # a float32 LoRA dot fails Triton 3.6's Hopper pass, and a bfloat16 one did not give the plain kernel's
-            # bits in 4 of 20 cases on the H200 (bench/NOTES.md item 44); the residual read through TMA in the
-            # consumers gave other bits at every large shape (item 47). The tables pick plain configs for both
+            # bits in 4 of 20 cases on the H200 (bench/NOTES.md item 44); a gated residual gave values one bf16 ulp
+            # apart at every large shape (item 47). The tables pick plain configs for both
             # (``GemmTable.plain``); this covers a warp-specialized config given directly
             cfg = without_warp_spec(cfg)
     # the specialization a misfit is remembered for: what else changes the kernel's resources
