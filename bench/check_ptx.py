@@ -336,7 +336,8 @@ def check_target(arch: int) -> dict:
 
 def check_ws(arch: int = 90) -> dict:
     """Compile the warp-specialized Hopper configs (``configs.HOPPER_WS_VARIANTS``) with every epilogue (a LoRA
-    term, bfloat16 or float32, runs without warp specialization) as ``triton_gemm.gemm`` launches them; each
+    term, bfloat16 or float32, and a gated residual run without warp specialization) as ``triton_gemm.gemm``
+    launches them; each
     row carries ``split``: the producer / consumer partition appeared (12 warps, setmaxnreg) and ``problems``
     (empty when it passes)."""
     start = time.perf_counter()
@@ -371,8 +372,8 @@ def check_ws(arch: int = 90) -> dict:
         first = attempts[0]
         split = first.get("num_warps") == 12 and bool(first.get("setmaxnreg"))
         bad = [] if outcome == "fits" else [f"{outcome}{f' ({error})' if error else ''}"]
-        # a LoRA term runs the config without warp specialization (triton_gemm.gemm's rule)
-        if not split and "LoRA" not in spec.what:
+        # a LoRA term or a gated residual runs the config without warp specialization (triton_gemm.gemm's rule)
+        if not split and "LoRA" not in spec.what and "residual" not in spec.what:
             bad.append(f"not warp-specialized ({first['num_warps']} warps, setmaxnreg {first['setmaxnreg']})")
         if first.get("local", 0) > 0:
             bad.append(f"register spills: local {first['local']} B")

@@ -34,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import launch
 from .api import lora_rank_padded
-from .configs import GemmConfig, for_arch, smaller, without_warp_spec
+from .configs import GemmConfig, for_arch, for_residual, smaller, without_warp_spec
 from .direct import stream_key
 from .dispatch import DISABLE_ENV
 from .launch import FastLauncher, device_descriptors, first_fit
@@ -505,6 +505,8 @@ def gemm(
             # apart at every large shape (item 47). The tables pick plain configs for both
             # (``GemmTable.plain``); this covers a warp-specialized config given directly
             cfg = without_warp_spec(cfg)
+            if gate is not None:  # as triton_ops runs a residual config: the output tile in halves
+                cfg = for_residual(cfg)
     # the specialization a misfit is remembered for: what else changes the kernel's resources
     spec = (out.dtype, lora_r, lora_h.dtype if lora_r else None, gate is not None, out.device)
     first_fit("int8 GEMM", spec, cfg, smaller, launch,
