@@ -216,6 +216,22 @@ def for_arch(cfg: GemmConfig, arch: tuple[int, int]) -> GemmConfig:
     return cfg if not cfg.warp_spec or arch[0] == 9 else without_warp_spec(cfg)
 
 
+def for_launch(cfg: GemmConfig, arch: tuple[int, int] | None, lora: bool, residual: bool) -> GemmConfig:
+    """The config ``triton_gemm.gemm`` launches for ``cfg`` given directly (the tables never pick these cases):
+    warp specialization only on Hopper (``arch``, None: unknown, as given), and never with a LoRA term (a float32
+    LoRA dot fails Triton 3.6's Hopper pass; a bfloat16 one did not give the plain kernel's bits in 4 of 20
+    cases on the H200, bench/NOTES.md item 44) or a gated residual (values one bf16 ulp apart at every large
+    shape, item 47), which run the same tiles unspecialized, a residual with its output in halves as
+    ``for_residual`` gives it."""
+    if not cfg.warp_spec:
+        return cfg
+    if arch is not None:
+        cfg = for_arch(cfg, arch)
+    if lora or residual:
+        cfg = without_warp_spec(cfg)
+    return for_residual(cfg) if residual else cfg
+
+
 def _lora_loop(table: GemmTable, name: str) -> GemmTable:
     unaligned = _lora_loop(table.unaligned, table.unaligned.name) if table.unaligned else None
     rows = tuple((m, dataclasses.replace(cfg, lora_loop=True)) for m, cfg in table.rows)
@@ -257,8 +273,8 @@ def for_residual(cfg: GemmConfig) -> GemmConfig:
     """The config a GEMM with the gated residual epilogue runs with: the residual tile comes in through TMA,
     into shared memory, and in two halves that buffer fits next to the operand stages with two CTAs per SM
     (98 KB vs 131 KB for 128 x 128 tiles, bench/check_ptx.py). Other configs are returned as they are; the tables
-    give a residual epilogue no warp-specialized config (``GemmTable.plain``), and ``triton_gemm.gemm`` runs one
-    given directly without the specialization."""
+    give a residual epilogue no warp-specialized config (``GemmTable.plain``), and one given directly runs
+    without the specialization (``for_launch``)."""
     if cfg.kernel != "tma" or cfg.epilogue_subtile or cfg.warp_spec:
         return cfg
     return dataclasses.replace(cfg, epilogue_subtile=True)

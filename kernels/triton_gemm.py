@@ -34,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import launch
 from .api import lora_rank_padded
-from .configs import GemmConfig, for_arch, for_residual, smaller, without_warp_spec
+from .configs import GemmConfig, for_launch, smaller
 from .direct import stream_key
 from .dispatch import DISABLE_ENV
 from .launch import FastLauncher, device_descriptors, first_fit
@@ -425,8 +425,8 @@ def gemm(
     ``cfg`` for resources, the next smaller config (``configs.smaller``, ``launch.first_fit``).
 
     A warp-specialized ``cfg`` runs without the specialization off Hopper and, with a LoRA term or a gated
-    residual, everywhere (the rules below); ``ws_rules=False`` runs it as given on Hopper (the sweeps that
-    re-check those rules on a new Triton).
+    residual, everywhere (``configs.for_launch``); ``ws_rules=False`` runs it as given on Hopper (the sweeps
+    that re-check those rules on a new Triton).
 
     With ``gate`` ([B, N], unit column stride) ``out`` holds a residual on entry and is updated in place:
     ``out += gate[row // rows_per_batch] * (GEMM + epilogue)``, rounded once.
@@ -497,16 +497,8 @@ def gemm(
             )
 
     if cfg.warp_spec and not interpreting():  # the explicit rules of a warp-specialized config
-        if out.device.type == "cuda":
-            cfg = for_arch(cfg, _capability(out.device))
-        if ws_rules and (lora_r or gate is not None):
-            # a float32 LoRA dot fails Triton 3.6's Hopper pass, and a bfloat16 one did not give the plain kernel's
-            # bits in 4 of 20 cases on the H200 (bench/NOTES.md item 44); a gated residual gave values one bf16 ulp
-            # apart at every large shape (item 47). The tables pick plain configs for both
-            # (``GemmTable.plain``); this covers a warp-specialized config given directly
-            cfg = without_warp_spec(cfg)
-            if gate is not None:  # as triton_ops runs a residual config: the output tile in halves
-                cfg = for_residual(cfg)
+        arch = _capability(out.device) if out.device.type == "cuda" else None
+        cfg = for_launch(cfg, arch, lora_r > 0 and ws_rules, gate is not None and ws_rules)
     # the specialization a misfit is remembered for: what else changes the kernel's resources
     spec = (out.dtype, lora_r, lora_h.dtype if lora_r else None, gate is not None, out.device)
     first_fit("int8 GEMM", spec, cfg, smaller, launch,

@@ -380,6 +380,17 @@ def test_ws_config_rules():
     for arch in ((8, 6), (8, 9), (10, 0), (12, 0)):
         assert configs.for_arch(wide, arch) == dataclasses.replace(wide, warp_spec=False, num_warps=8)
     assert configs.for_residual(wide) is wide
+    # a config given directly (triton_gemm.gemm): unspecialized with a LoRA term or a gated residual, whose output
+    # tile comes in halves as for_residual gives it; as given on Hopper otherwise, unspecialized elsewhere
+    large, plain_large = configs.HOPPER_WS_LARGE, configs.without_warp_spec(configs.HOPPER_WS_LARGE)
+    assert configs.for_launch(large, (9, 0), lora=False, residual=False) is large
+    assert configs.for_launch(large, None, lora=False, residual=False) is large
+    assert configs.for_launch(large, (12, 0), lora=False, residual=False) == plain_large
+    assert configs.for_launch(large, (9, 0), lora=True, residual=False) == plain_large
+    for lora in (False, True):
+        res = configs.for_launch(large, (9, 0), lora=lora, residual=True)
+        assert res == dataclasses.replace(plain_large, epilogue_subtile=True) and res == configs.for_residual(res)
+    assert configs.for_launch(plain_large, (9, 0), lora=True, residual=True) is plain_large
     cfg, seen = wide, []
     while cfg is not None:
         seen.append(cfg)
