@@ -85,8 +85,8 @@ class GemmTable:
     plain: where some rows are warp-specialized, the table without them, for the GEMMs those rows do not serve: a
     dynamic LoRA term in the epilogue (the LoRA operands' loads, pipelined by Triton 3.6's Hopper pass, did not give
     the plain kernel's bits on the H200), a gated residual epilogue (with the residual tile read through TMA in the
-    consumers, one bf16 ulp apart from the plain kernel in ~0.03 % of the values once a program runs several
-    tiles, at every large shape on the H200: bench/NOTES.md item 47) and outputs narrower than the row's tile (a LoRA's down projection, N = its
+    consumers, ~0.03 % of the values differed from the plain kernel's once a program runs several tiles, at every
+    large shape on the H200, and with 5-6 stages from call to call: a race, bench/NOTES.md item 47) and outputs narrower than the row's tile (a LoRA's down projection, N = its
     rank: a 128 x 256 tile would multiply 4-16x the columns it keeps).
     """
 
@@ -220,8 +220,8 @@ def for_launch(cfg: GemmConfig, arch: tuple[int, int] | None, lora: bool, residu
     """The config ``triton_gemm.gemm`` launches for ``cfg`` given directly (the tables never pick these cases):
     warp specialization only on Hopper (``arch``, None: unknown, as given), and never with a LoRA term (a float32
     LoRA dot fails Triton 3.6's Hopper pass; a bfloat16 one did not give the plain kernel's bits in 4 of 20
-    cases on the H200, bench/NOTES.md item 44) or a gated residual (values one bf16 ulp apart at every large
-    shape, item 47), which run the same tiles unspecialized, a residual with its output in halves as
+    cases on the H200, bench/NOTES.md item 44) or a gated residual (~0.03 % of the values differed at every large
+    shape, with deeper pipelines from call to call: item 47), which run the same tiles unspecialized, a residual with its output in halves as
     ``for_residual`` gives it."""
     if not cfg.warp_spec:
         return cfg
