@@ -86,8 +86,9 @@ class GemmTable:
     dynamic LoRA term in the epilogue (the LoRA operands' loads, pipelined by Triton 3.6's Hopper pass, did not give
     the plain kernel's bits on the H200), a gated residual epilogue (with the residual tile read through TMA in the
     consumers, ~0.03 % of the values differed from the plain kernel's once a program runs several tiles, at every
-    large shape on the H200, and with 5-6 stages from call to call: a race, bench/NOTES.md item 47) and outputs narrower than the row's tile (a LoRA's down projection, N = its
-    rank: a 128 x 256 tile would multiply 4-16x the columns it keeps).
+    large shape on the H200, and with 5-6 stages from call to call: a race, bench/NOTES.md item 47) and outputs
+    narrower than the row's tile (a LoRA's down projection, N = its rank: a 128 x 256 tile would multiply 4-16x the
+    columns it keeps).
     """
 
     name: str
@@ -221,8 +222,8 @@ def for_launch(cfg: GemmConfig, arch: tuple[int, int] | None, lora: bool, residu
     warp specialization only on Hopper (``arch``, None: unknown, as given), and never with a LoRA term (a float32
     LoRA dot fails Triton 3.6's Hopper pass; a bfloat16 one did not give the plain kernel's bits in 4 of 20
     cases on the H200, bench/NOTES.md item 44) or a gated residual (~0.03 % of the values differed at every large
-    shape, with deeper pipelines from call to call: item 47), which run the same tiles unspecialized, a residual with its output in halves as
-    ``for_residual`` gives it."""
+    shape, with deeper pipelines from call to call: item 47), which run the same tiles unspecialized, a residual
+    with its output in halves as ``for_residual`` gives it."""
     if not cfg.warp_spec:
         return cfg
     if arch is not None:
