@@ -120,8 +120,9 @@ for step in "$@"; do
                 | tee "$OUT/pytest-gemm-ws.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.sweep_gemm --bucket ws --out "$OUT/sweep_ws.json" 2>&1 \
                 | tee "$OUT/sweep_ws.txt"; } ;;
-        # the large-M row's config vs the plain one with the gated residual epilogue (~1 min)
-        gemm-ws-residual) timeout 200 python3 -m int8_w8a8.bench.sweep_gemm --bucket ws-residual \
+        # residual-epilogue configs (warp-specialized and unspecialized 128 x 256, 64 x 256, 128 x 128 x 128) vs
+        # the plain one (~2-3 min)
+        gemm-ws-residual) timeout 300 python3 -m int8_w8a8.bench.sweep_gemm --bucket ws-residual \
             --out "$OUT/sweep_ws_residual.json" 2>&1 | tee "$OUT/sweep_ws_residual.txt" ;;
         # the opt-in split tail (stream-K for the last wave, configs.GemmConfig.split_tail) vs the table config at the
         # wave-quantized shapes of Z-Image, klein and Chroma (~2 min): bit-identity tests first, under a timeout

@@ -218,9 +218,20 @@ WS_RESIDUAL_SHAPES = [(4608, 3840, 3840), (4608, 10240, 3840), (4608, 16384, 409
 
 
 def ws_residual_candidates() -> list[tuple[str, GemmConfig]]:
+    """(name, config): the plain table's large-M residual config (the reference), the warp-specialized 128 x 256
+    ones, and unspecialized tiles with the output in halves that fit sm_90 offline (``check_ptx``, Triton 3.6:
+    163,888 / 163,872 / 114,720 / 98,336 bytes, no spills): candidates for a faster residual row."""
     plain = configs.for_residual(configs.HOPPER_PLAIN_TABLE.rows[-1][1])
     return [("plain 128x128x64 s4 2/SM sub", plain),
-            *((name, c) for name, c in ws_candidates() if c.warp_spec and c.block_n == 256)]
+            *((name, c) for name, c in ws_candidates() if c.warp_spec and c.block_n == 256),
+            ("tma 128x256x64 w8 s4 sub", GemmConfig("tma", 128, 256, 64, num_warps=8, num_stages=4,
+                                                    epilogue_subtile=True)),
+            ("tma 128x256x128 w8 s2 sub", GemmConfig("tma", 128, 256, 128, num_warps=8, num_stages=2,
+                                                     epilogue_subtile=True)),
+            ("tma 64x256x128 s2 2/SM sub", GemmConfig("tma", 64, 256, 128, num_stages=2, ctas_per_sm=2,
+                                                      epilogue_subtile=True)),
+            ("tma 128x128x128 s2 2/SM sub", GemmConfig("tma", 128, 128, 128, num_stages=2, ctas_per_sm=2,
+                                                       epilogue_subtile=True))]
 
 
 def run_variants(shapes, candidates: list[tuple[str, GemmConfig]], warmup_ms: int = 10, rep_ms: int = 50,
