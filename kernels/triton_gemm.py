@@ -133,6 +133,19 @@ def _gated(r, out, off_m, rows, offs_n, M, N, gate_ptr, stride_gb, rows_per_batc
 
 
 @triton.jit
+def _residual_tile(c_desc, c_ptr, stride_cm, off_m, off_n, rows, offs_n, M, N, WARP_SPEC: tl.constexpr):
+    """The residual tile at (off_m, off_n), the output's values before this kernel writes them: through the output's
+    TMA descriptor, or warp-specialized by pointer loads (each consumer its own rows). Read through the in-kernel
+    descriptor there, ~0.03 % of the values came out different once a program ran several tiles (bench/NOTES.md
+    item 47)."""
+    if WARP_SPEC:
+        ok = (rows < M - off_m)[:, None] & (offs_n < N)[None, :]
+        return tl.load(c_ptr + off_m.to(tl.int64) * stride_cm + rows.to(tl.int64)[:, None] * stride_cm
+                       + offs_n[None, :], mask=ok, other=0.0)
+    return c_desc.load([off_m, off_n])
+
+
+@triton.jit
 def _residual(out, off_m, rows, offs_n, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch):
     """``residual + gate[row // rows_per_batch] * out`` (a block's gated residual add, written in place)."""
     ok = (rows < M - off_m)[:, None] & (offs_n < N)[None, :]
@@ -163,6 +176,7 @@ def _gemm_tma_kernel(
     SUB_N: tl.constexpr = BLOCK_N // 2 if EPILOGUE_SUBTILE else BLOCK_N
     h_desc = h_ptr  # the LoRA operands' descriptors where the kernel makes them (WARP_SPEC), else unused
     lb_desc = lb_ptr
+    c_ptr = c_desc  # WARP_SPEC: the output's pointer, which a residual epilogue reads (see _residual_tile)
     if WARP_SPEC:
         # Triton 3.6's Hopper warp specialization (the K loop's warp_specialize) gives each of its two consumer
         # warpgroups half of the tile's rows and moves the loads to a producer warpgroup. A host descriptor keeps
@@ -207,9 +221,9 @@ def _gemm_tma_kernel(
             pid_m, pid_n = _tile_coords(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
             off_cm = pid_m * BLOCK_M
             off_cn = pid_n * BLOCK_N
-        _finish_tile(acc, off_cm, off_cn, c_desc, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr, h_desc, lb_desc,
-                     M, N, stride_hm, stride_lbn, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, PER_ROW_W, HAS_BIAS,
-                     EPILOGUE_SUBTILE, LORA_R, LORA_FP32, LORA_LOOP, RESIDUAL, WARP_SPEC)
+        _finish_tile(acc, off_cm, off_cn, c_desc, c_ptr, stride_cm, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr,
+                     h_desc, lb_desc, M, N, stride_hm, stride_lbn, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N,
+                     PER_ROW_W, HAS_BIAS, EPILOGUE_SUBTILE, LORA_R, LORA_FP32, LORA_LOOP, RESIDUAL, WARP_SPEC)
     if SPLIT_TAIL:
         # The last, partial wave of tiles split over K (stream-K for the tail): with T = full_tiles + r tiles and
         # r <= NUM_PROGRAMS / 2, the r tiles would leave most programs idle for a whole tile's time; split into
@@ -240,14 +254,15 @@ def _gemm_tma_kernel(
                 acc = tl.load(cell, cache_modifier=".cg")
                 tl.store(cell, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32))
                 tl.store(tail_count_ptr + slot, 0)
-                _finish_tile(acc, off_am, off_bn, c_desc, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr, h_desc,
-                             lb_desc, M, N, stride_hm, stride_lbn, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N,
-                             PER_ROW_W, HAS_BIAS, EPILOGUE_SUBTILE, LORA_R, LORA_FP32, LORA_LOOP, RESIDUAL, WARP_SPEC)
+                _finish_tile(acc, off_am, off_bn, c_desc, c_ptr, stride_cm, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
+                             gate_ptr, h_desc, lb_desc, M, N, stride_hm, stride_lbn, stride_gb, rows_per_batch, BLOCK_M,
+                             BLOCK_N, PER_ROW_W, HAS_BIAS, EPILOGUE_SUBTILE, LORA_R, LORA_FP32, LORA_LOOP, RESIDUAL,
+                             WARP_SPEC)
 
 
 @triton.jit
-def _finish_tile(acc, off_cm, off_cn, c_desc, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr, h_desc, lb_desc,
-                 M, N, stride_hm, stride_lbn, stride_gb, rows_per_batch, BLOCK_M: tl.constexpr,
+def _finish_tile(acc, off_cm, off_cn, c_desc, c_ptr, stride_cm, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr, gate_ptr,
+                 h_desc, lb_desc, M, N, stride_hm, stride_lbn, stride_gb, rows_per_batch, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, PER_ROW_W: tl.constexpr, HAS_BIAS: tl.constexpr,
                  EPILOGUE_SUBTILE: tl.constexpr, LORA_R: tl.constexpr, LORA_FP32: tl.constexpr,
                  LORA_LOOP: tl.constexpr, RESIDUAL: tl.constexpr, WARP_SPEC: tl.constexpr):
@@ -264,8 +279,8 @@ def _finish_tile(acc, off_cm, off_cn, c_desc, xs_ptr, ws_ptr, bias_ptr, h_ptr, l
         if WARP_SPEC and LORA_R > 0:
             out0 = _lora_desc(out0, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
         if RESIDUAL:  # the residual tile arrives through the output's own descriptor (TMA)
-            out0 = _gated(c_desc.load([off_cm, off_cn]), out0, off_cm, rows, offs_n0, M, N, gate_ptr, stride_gb,
-                          rows_per_batch)
+            out0 = _gated(_residual_tile(c_desc, c_ptr, stride_cm, off_cm, off_cn, rows, offs_n0, M, N, WARP_SPEC),
+                          out0, off_cm, rows, offs_n0, M, N, gate_ptr, stride_gb, rows_per_batch)
         c_desc.store([off_cm, off_cn], out0.to(out_dtype))
         offs_n1 = offs_n0 + BLOCK_N // 2
         out1 = _epilogue(acc1, off_cm, rows, offs_n1, M, N, xs_ptr, ws_ptr, bias_ptr, h_ptr, lb_ptr,
@@ -274,8 +289,9 @@ def _finish_tile(acc, off_cm, off_cn, c_desc, xs_ptr, ws_ptr, bias_ptr, h_ptr, l
         if WARP_SPEC and LORA_R > 0:
             out1 = _lora_desc(out1, h_desc, lb_desc, off_cm, off_cn + BLOCK_N // 2, LORA_R, LORA_FP32)
         if RESIDUAL:
-            out1 = _gated(c_desc.load([off_cm, off_cn + BLOCK_N // 2]), out1, off_cm, rows, offs_n1, M, N, gate_ptr,
-                          stride_gb, rows_per_batch)
+            out1 = _gated(_residual_tile(c_desc, c_ptr, stride_cm, off_cm, off_cn + BLOCK_N // 2, rows, offs_n1, M, N,
+                                         WARP_SPEC), out1, off_cm, rows, offs_n1, M, N, gate_ptr, stride_gb,
+                          rows_per_batch)
         c_desc.store([off_cm, off_cn + BLOCK_N // 2], out1.to(out_dtype))
     else:
         offs_n = off_cn + tl.arange(0, BLOCK_N)
@@ -284,8 +300,8 @@ def _finish_tile(acc, off_cm, off_cn, c_desc, xs_ptr, ws_ptr, bias_ptr, h_ptr, l
         if WARP_SPEC and LORA_R > 0:
             out = _lora_desc(out, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
         if RESIDUAL:
-            out = _gated(c_desc.load([off_cm, off_cn]), out, off_cm, rows, offs_n, M, N, gate_ptr, stride_gb,
-                         rows_per_batch)
+            out = _gated(_residual_tile(c_desc, c_ptr, stride_cm, off_cm, off_cn, rows, offs_n, M, N, WARP_SPEC),
+                         out, off_cm, rows, offs_n, M, N, gate_ptr, stride_gb, rows_per_batch)
         c_desc.store([off_cm, off_cn], out.to(out_dtype))
 
 
