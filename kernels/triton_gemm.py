@@ -139,18 +139,22 @@ def _residual_tile(c_desc, c_ptr, stride_cm, off_m, off_n, rows, offs_n, M, N, W
     descriptor there, ~0.03 % of the values came out different once a program ran several tiles (bench/NOTES.md
     item 47)."""
     if WARP_SPEC:
-        ok = (rows < M - off_m)[:, None] & (offs_n < N)[None, :]
-        return tl.load(c_ptr + off_m.to(tl.int64) * stride_cm + rows.to(tl.int64)[:, None] * stride_cm
-                       + offs_n[None, :], mask=ok, other=0.0)
+        return _residual_rows(off_m, rows, offs_n, M, N, c_ptr, stride_cm)
     return c_desc.load([off_m, off_n])
+
+
+@triton.jit
+def _residual_rows(off_m, rows, offs_n, M, N, res_ptr, stride_rm):
+    """The residual tile by pointer loads (rows and off_m as in ``_epilogue``; zero past the edges)."""
+    ok = (rows < M - off_m)[:, None] & (offs_n < N)[None, :]
+    return tl.load(res_ptr + off_m.to(tl.int64) * stride_rm + rows.to(tl.int64)[:, None] * stride_rm
+                   + offs_n[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
 def _residual(out, off_m, rows, offs_n, M, N, res_ptr, stride_rm, gate_ptr, stride_gb, rows_per_batch):
     """``residual + gate[row // rows_per_batch] * out`` (a block's gated residual add, written in place)."""
-    ok = (rows < M - off_m)[:, None] & (offs_n < N)[None, :]
-    r = tl.load(res_ptr + off_m.to(tl.int64) * stride_rm + rows.to(tl.int64)[:, None] * stride_rm + offs_n[None, :],
-                mask=ok, other=0.0)
+    r = _residual_rows(off_m, rows, offs_n, M, N, res_ptr, stride_rm)
     return _gated(r, out, off_m, rows, offs_n, M, N, gate_ptr, stride_gb, rows_per_batch)
 
 
@@ -278,7 +282,7 @@ def _finish_tile(acc, off_cm, off_cn, c_desc, c_ptr, stride_cm, xs_ptr, ws_ptr, 
                          stride_lbn, PER_ROW_W, HAS_BIAS, 0 if WARP_SPEC else LORA_R, LORA_FP32, LORA_LOOP)
         if WARP_SPEC and LORA_R > 0:
             out0 = _lora_desc(out0, h_desc, lb_desc, off_cm, off_cn, LORA_R, LORA_FP32)
-        if RESIDUAL:  # the residual tile arrives through the output's own descriptor (TMA)
+        if RESIDUAL:  # the output's values before this kernel writes them (_residual_tile)
             out0 = _gated(_residual_tile(c_desc, c_ptr, stride_cm, off_cm, off_cn, rows, offs_n0, M, N, WARP_SPEC),
                           out0, off_cm, rows, offs_n0, M, N, gate_ptr, stride_gb, rows_per_batch)
         c_desc.store([off_cm, off_cn], out0.to(out_dtype))
