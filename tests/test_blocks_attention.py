@@ -254,3 +254,29 @@ def test_torch_compile_traces_8bit_attention_in_one_graph(flux2, monkeypatch):
     y = bu.compiled_in_one_graph(patcher, args, options=dict(patcher.model_options["transformer_options"]),
                                  ops=(*bu.KERNELS, "flux_rope_table", "attention_8bit"))
     assert sqnr_db(want, y) > 60
+
+
+def test_log_once_leaves_no_guard_in_compiled_graphs(comfyui, fresh_log, monkeypatch, caplog):
+    """The fused blocks' log-once helpers test ``is_compiling()`` before their set: a traced membership test would
+    become a guard on the set, and the first eager log line after the compile would recompile the graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    from int8_w8a8.ops.blocks import attention_choice, common
+
+    monkeypatch.setattr(common, "_LOGGED", set())
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(x):
+        attention_choice._log_once("auto", "a test outcome")
+        common.fallback("test", "a test reason")
+        return x + 1
+
+    torch._dynamo.reset()
+    step(torch.ones(3))
+    with caplog.at_level(logging.INFO, logger="int8_w8a8"):
+        attention_choice._log_once("auto", "a test outcome")  # eager calls log once and fill the sets
+        common.fallback("test", "a test reason")
+    assert sum("a test" in r.getMessage() for r in caplog.records) == 2
+    step(torch.ones(3))
+    assert counter.frame_count == 1

@@ -92,7 +92,8 @@ def why_not_8bit(choice: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _log_once(choice: str, outcome: str) -> None:
-    if (choice, outcome) not in _LOGGED and not torch.compiler.is_compiling():
+    # is_compiling first: a traced membership test would become a guard on the set (a recompile once logged)
+    if not torch.compiler.is_compiling() and (choice, outcome) not in _LOGGED:
         _LOGGED.add((choice, outcome))
         logger.info("int8_w8a8: fused blocks' attention (%s chosen): %s", choice, outcome)
 

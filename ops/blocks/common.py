@@ -38,7 +38,8 @@ def run_shared(layers, xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, s
 
 def fallback(arch: str, reason: str) -> None:
     """Log once that ``arch``'s fused blocks hand a call to ComfyUI's block, and why."""
-    if (arch, reason) not in _LOGGED and not torch.compiler.is_compiling():
+    # is_compiling first: a traced membership test would become a guard on the set (a recompile once logged)
+    if not torch.compiler.is_compiling() and (arch, reason) not in _LOGGED:
         _LOGGED.add((arch, reason))
         logger.info("int8_w8a8: fused %s blocks: %s; running ComfyUI's block", arch, reason)
 
