@@ -197,8 +197,8 @@ def _linear(x, qdata: torch.Tensor, p, bias, out_dtype=None, lora=None, quant_in
     if isinstance(x, QuantizedTensor):  # an already-quantized activation: per-token dynamic quant wants floats
         x = x.dequantize()
     return kernels.int8_linear(
-        x, qdata, p.scale if scale is None else scale, bias, out_dtype=out_dtype or x.dtype, smooth=getattr(p, "smooth", None),
-        rotate_group=rotate_group_of(p), validate=False,
+        x, qdata, p.scale if scale is None else scale, bias, out_dtype=out_dtype or x.dtype,
+        smooth=getattr(p, "smooth", None), rotate_group=rotate_group_of(p), validate=False,
         lora_a=None if lora is None else lora.a, lora_b=None if lora is None else lora.b,
         quant_in_graph=quant_in_graph,
     )
