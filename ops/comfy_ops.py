@@ -269,7 +269,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
             self, input=None, dtype=self.weight.dtype, device=xq.device, bias_dtype=out_dtype, offloadable=True,
             compute_dtype=out_dtype, want_requant=True)
         if layout.is_int8_weight(weight):
-            q, scale = layout.weight_parts(weight)
+            q, scale = weight._qdata, weight._params.scale
             if residual is not None:
                 y = kernels.fused.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b)
             else:

@@ -160,19 +160,6 @@ def is_int8_weight(t: object) -> bool:
     return isinstance(t, QuantizedTensor) and issubclass(t.layout_cls, TensorWiseINT8Layout)
 
 
-def weight_parts(w: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An INT8 weight's int8 ``qdata [N, K]`` and float32 ``scale`` (``[N, 1]`` or ``[]``).
-
-    Under torch.compile the scale is read as the attribute ``__tensor_flatten__`` names (``_param_scale``), the
-    input Dynamo has already made of it for the graph: reading ``_params.scale`` as well gives the same tensor a
-    second source, which Dynamo checks with a Python aliasing guard (``x._param_scale is x._params.scale``) per
-    weight before every call of the graph (840 of them on a compiled Qwen-Image step; bench/NOTES.md item 50).
-    """
-    if torch.compiler.is_compiling():
-        return w._qdata, w._param_scale
-    return w._qdata, w._params.scale
-
-
 def rotate_group_of(params) -> int:
     return int(params.convrot_groupsize) if getattr(params, "convrot", False) else 0
 
@@ -185,20 +172,18 @@ def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None, 
     ``kernels.int8_linear``. Values of the scale are not re-checked here (no host sync in forward):
     loaders validate them.
     """
-    qdata, scale = weight_parts(weight)
-    return _linear(x, qdata, weight._params, bias, out_dtype, lora, quant_in_graph, scale)
+    return _linear(x, weight._qdata, weight._params, bias, out_dtype, lora, quant_in_graph)
 
 
-def _linear(x, qdata: torch.Tensor, p, bias, out_dtype=None, lora=None, quant_in_graph: bool = False, scale=None):
+def _linear(x, qdata: torch.Tensor, p, bias, out_dtype=None, lora=None, quant_in_graph: bool = False):
     """``linear`` on a weight's parts: int8 ``qdata [N, K]`` and its params (only the scale, smoothing vector
     and rotation are read, so the params of a transposed or expanded view of the weight serve as well; the
-    aten handlers pass those instead of building an untransposed wrapper per call). ``scale``: the params'
-    scale as ``weight_parts`` reads it, when the caller has it."""
+    aten handlers pass those instead of building an untransposed wrapper per call)."""
     if isinstance(x, QuantizedTensor):  # an already-quantized activation: per-token dynamic quant wants floats
         x = x.dequantize()
     return kernels.int8_linear(
-        x, qdata, p.scale if scale is None else scale, bias, out_dtype=out_dtype or x.dtype,
-        smooth=getattr(p, "smooth", None), rotate_group=rotate_group_of(p), validate=False,
+        x, qdata, p.scale, bias, out_dtype=out_dtype or x.dtype, smooth=getattr(p, "smooth", None),
+        rotate_group=rotate_group_of(p), validate=False,
         lora_a=None if lora is None else lora.a, lora_b=None if lora is None else lora.b,
         quant_in_graph=quant_in_graph,
     )

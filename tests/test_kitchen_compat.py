@@ -82,3 +82,23 @@ def test_flatten_is_kitchens_answer_kept_per_weight(seed):
     assert theirs.__tensor_flatten__() == kitchen(theirs)
     assert theirs.__tensor_flatten__() is not theirs.__tensor_flatten__()  # kitchen's, built each call
     assert "_int8_w8a8_flat" not in theirs.__dict__
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_linear_on_a_weight_made_inside_the_graph(seed, backend):
+    """A weight the graph makes itself (ComfyUI's cast path moving an offloaded weight; ``detach`` here) was never
+    flattened, so it has no ``_param_*`` attributes at run time although Dynamo's fake copy of it has: the pack's
+    compiled code reads the scale from ``_params`` (bench/NOTES.md item 50 tried ``_param_scale``, which failed
+    here with an AttributeError). Dynamo cannot build a Params made inside the graph, so it breaks the graph
+    there (TorchCompileModel compiles without fullgraph) and the answer is eager's."""
+    from int8_w8a8.ops import layout
+
+    w = layout.make_weight(*ref.quantize_weight(torch.randn(24, 40)), torch.float32)
+    x = torch.randn(5, 40)
+
+    def f(x, w):
+        return layout.linear(x, w.detach(), None, torch.float32)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=backend)(x, w)
+    assert torch.equal(out, f(x, w))
