@@ -35,6 +35,7 @@ import torch
 from ... import kernels
 from ...kernels import attention as attention_rules
 from ..config import ATTENTION_CHOICES
+from .log_once import log_once
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +93,7 @@ def why_not_8bit(choice: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _log_once(choice: str, outcome: str) -> None:
-    # is_compiling first: a traced membership test would become a guard on the set (a recompile once logged)
-    if not torch.compiler.is_compiling() and (choice, outcome) not in _LOGGED:
-        _LOGGED.add((choice, outcome))
-        logger.info("int8_w8a8: fused blocks' attention (%s chosen): %s", choice, outcome)
+    log_once(logger, _LOGGED, (choice, outcome), "int8_w8a8: fused blocks' attention (%s chosen): %s", choice, outcome)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, transformer_options: dict,

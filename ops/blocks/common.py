@@ -20,6 +20,7 @@ from comfy.model_management import supports_fp64
 
 from ..comfy_ops import Int8Linear, run_quantized_shared
 from . import attention_choice
+from .log_once import log_once
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,7 @@ def run_shared(layers, xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, s
 
 def fallback(arch: str, reason: str) -> None:
     """Log once that ``arch``'s fused blocks hand a call to ComfyUI's block, and why."""
-    # is_compiling first: a traced membership test would become a guard on the set (a recompile once logged)
-    if not torch.compiler.is_compiling() and (arch, reason) not in _LOGGED:
-        _LOGGED.add((arch, reason))
-        logger.info("int8_w8a8: fused %s blocks: %s; running ComfyUI's block", arch, reason)
+    log_once(logger, _LOGGED, (arch, reason), "int8_w8a8: fused %s blocks: %s; running ComfyUI's block", arch, reason)
 
 
 def rms_eps(norm, dtype: torch.dtype) -> float:
