@@ -137,7 +137,7 @@ def _residual_tile(c_desc, c_ptr, stride_cm, off_m, off_n, rows, offs_n, M, N, W
     """The residual tile at (off_m, off_n), the output's values before this kernel writes them: through the output's
     TMA descriptor, or warp-specialized by pointer loads (each consumer its own rows). Read through the in-kernel
     descriptor there, ~0.03 % of the values came out different once a program ran several tiles (bench/NOTES.md
-    item 47)."""
+    item 47); by pointer loads 3-4 stages are bit-identical, 5-6 still differ from call to call (item 49)."""
     if WARP_SPEC:
         return _residual_rows(off_m, rows, offs_n, M, N, c_ptr, stride_cm)
     return c_desc.load([off_m, off_n])
