@@ -12,9 +12,11 @@ frozen ``LoadConfig``; everything else (norms, convolutions, embeddings) is Comf
   ``kernels.direct.LinearPlan`` (checks once per weight, launches recorded and replayed: the eager hot
   path), and so does ``run_quantized`` (the GEMMs of fused blocks); everything else goes through
   ``cast_bias_weight(..., offloadable=True, want_requant=True)`` so that ComfyUI's offloading, DynamicVRAM
-  and LoRA-on-cast work, then the pack's kernel op (also what
-  torch.compile traces). With weight functions attached (legacy lowvram LoRA) or forced casting it runs
-  the float fallback;
+  and LoRA-on-cast work, then the pack's kernel op. With weight functions attached (legacy lowvram LoRA) or
+  forced casting it runs the float fallback;
+* torch.compile: a resident layer hands the graph its weight's parts as plain tensors (``_traced``, a
+  ``layout.TracedWeight`` kept in step with the weight by ``register_parameter``), so Dynamo guards two tensors
+  per layer instead of a QuantizedTensor's subtree; other layers trace the cast path;
 * LoRA merge (``convert_weight``/``set_weight``), saving (``state_dict``) and ``.to()`` (``_apply``)
   follow ComfyUI's mixed-precision ops, so core's patcher and savers treat it like a native layer.
 """
@@ -65,6 +67,10 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
     # class default makes that read a plain attribute lookup on every forward instead of nn.Module.__getattr__'s
     # failed search (an AttributeError raised and caught: ~2 us of a resident layer's host time)
     comfy_force_cast_weights: bool = False
+    # The weight's parts as plain tensors, for compiled graphs (``_traced_now``); kept in step with the weight by
+    # ``register_parameter`` (every way ComfyUI and torch replace a weight: assignment, set_attr_param, ``.to()``
+    # through ``_apply``, loading), absent for a float weight.
+    _traced: layout.TracedWeight | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -80,6 +86,25 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
     def reset_parameters(self):
         return None
+
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)
+        if name == "weight":
+            self._refresh_traced()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        if name == "weight":
+            self._refresh_traced()
+
+    def _refresh_traced(self) -> None:
+        """Rebuild ``_traced`` from the registered weight (dropped for a float or no weight). The parts are the
+        weight's own tensors, so an in-place update of the weight (ComfyUI's ``copy_to_param``) keeps them right."""
+        w = self._parameters.get("weight")
+        if layout.is_int8_weight(w):
+            self.__dict__["_traced"] = layout.traced_parts(w)
+        else:
+            self.__dict__.pop("_traced", None)
 
     # ---------------------------------------------------------------- loading
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -144,11 +169,19 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
           ``kernels.direct.LinearPlan`` runs the kernels with the per-call checks hoisted and the launches
           replayed; with a dynamic LoRA term, ``LinearPlan.linear_lora`` (the term's down projection by torch, as
           in the public kernel API, its up projection in the replayed GEMM's epilogue);
-        * cast (offloaded, lowvram, DynamicVRAM, lowvram LoRA patches, torch.compile, anything the plan
-          declines): ``cast_bias_weight(..., offloadable=True, want_requant=True)``, then the kernel op.
+        * traced (torch.compile, the same rule plus no DynamicVRAM buffer): the kernel op on the weight's plain
+          parts (``_traced``), with the dynamic LoRA term in the epilogue;
+        * cast (offloaded, lowvram, DynamicVRAM, lowvram LoRA patches, anything the plan declines):
+          ``cast_bias_weight(..., offloadable=True, want_requant=True)``, then the kernel op.
         """
         comfy.ops.run_every_op()
-        if type(x) is torch.Tensor:
+        if torch.compiler.is_compiling():
+            traced = self._traced_now()
+            if traced is not None and traced.qdata.device == x.device and type(x) is torch.Tensor:
+                bias = self.bias
+                return layout.linear_parts(x, traced, None if bias is None else bias.to(x.dtype), x.dtype,
+                                           lora=self.int8_lora, quant_in_graph=self.config.quant_in_graph)
+        elif type(x) is torch.Tensor:
             plan = self._plan_if_resident()
             if plan is not None:
                 term = self.int8_lora
@@ -171,6 +204,15 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
                 or self.comfy_force_cast_weights):
             return None
         return self._resident_plan()
+
+    def _traced_now(self) -> layout.TracedWeight | None:
+        """While torch.compile traces: the weight's ``TracedWeight`` when ComfyUI's cast path would hand the weight
+        over unchanged (``_plan_if_resident``'s rule, and no DynamicVRAM buffer ``_v``), else None. The graph then
+        reads two plain tensors per layer instead of the QuantizedTensor; the caller checks the device."""
+        if (self.comfy_cast_weights or self.weight_function or self.bias_function or self.comfy_force_cast_weights
+                or hasattr(self, "_v")):
+            return None
+        return self._traced
 
     def _resident_plan(self) -> LinearPlan | None:
         """The ``LinearPlan`` of the current INT8 weight and bias, or None for a float weight.
@@ -219,6 +261,10 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         without smoothing and no weight functions (lowvram LoRA) or forced casting. A ConvRot weight is fusable:
         the rows must then be rotated by ``input_rotation()`` before they are quantized. A dynamic LoRA term
         (``int8_lora``) is fusable too: ``run_quantized`` adds it."""
+        if torch.compiler.is_compiling():
+            traced = self._traced_now()
+            if traced is not None:
+                return traced.smooth is None
         w = self.weight
         if not layout.is_int8_weight(w) or self.weight_function or self.bias_function:
             return False
@@ -226,6 +272,10 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
     def input_rotation(self) -> int:
         """The ConvRot group the rows given to ``run_quantized`` must be rotated by (0: none)."""
+        if torch.compiler.is_compiling():
+            traced = self._traced_now()
+            if traced is not None:
+                return traced.rotate_group
         w = self.weight
         return layout.rotate_group_of(w._params) if layout.is_int8_weight(w) else 0
 
@@ -259,6 +309,11 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
             if lora_h is None:
                 a_q, a_scale = term.int8_down(group)
                 lora_h = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, lora_b.dtype)
+        traced = self._traced_now() if torch.compiler.is_compiling() else None
+        if traced is not None and traced.qdata.device == xq.device:
+            bias = None if self.bias is None else self.bias.to(out_dtype)
+            return _gemm_quantized(xq, x_scale, traced.qdata, traced.scale, bias, out_dtype, residual, gate, lora_h,
+                                   lora_b)
         plan = self._plan_if_resident()
         if plan is not None:
             y = (plan.gemm(xq, x_scale, out_dtype, lora_h, lora_b) if residual is None
@@ -269,11 +324,8 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
             self, input=None, dtype=self.weight.dtype, device=xq.device, bias_dtype=out_dtype, offloadable=True,
             compute_dtype=out_dtype, want_requant=True)
         if layout.is_int8_weight(weight):
-            q, scale = weight._qdata, weight._params.scale
-            if residual is not None:
-                y = kernels.fused.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b)
-            else:
-                y = kernels.fused.int8_gemm(xq, x_scale, q, scale, bias, out_dtype, lora_h, lora_b)
+            y = _gemm_quantized(xq, x_scale, weight._qdata, weight._params.scale, bias, out_dtype, residual, gate,
+                                lora_h, lora_b)
         else:  # a cast path that returned floats (a DynamicVRAM layer run on the CPU), the rotation undone
             x = kernels.dequantize(xq, x_scale.reshape(-1, 1).float(), out_dtype, rotate_group=group)
             y = torch.nn.functional.linear(x, weight.to(out_dtype), bias)
@@ -306,6 +358,14 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
     def _apply(self, fn, recurse=True):
         return comfy.ops._quantized_apply(self, fn, recurse)
+
+
+def _gemm_quantized(xq, x_scale, q, scale, bias, out_dtype, residual, gate, lora_h, lora_b) -> torch.Tensor:
+    """``Int8Linear.run_quantized``'s GEMM on a weight's int8 ``q [N, K]`` and ``scale``: ``y [M, N]``, or
+    ``residual += gate * y`` in place when ``residual`` is given."""
+    if residual is not None:
+        return kernels.fused.int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate, lora_h, lora_b)
+    return kernels.fused.int8_gemm(xq, x_scale, q, scale, bias, out_dtype, lora_h, lora_b)
 
 
 def run_quantized_shared(layers, xq: torch.Tensor, x_scale: torch.Tensor,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from comfy_kitchen.tensor import QuantizedTensor, TensorWiseINT8Layout, register_layout_class, register_layout_op
@@ -164,6 +165,26 @@ def rotate_group_of(params) -> int:
     return int(params.convrot_groupsize) if getattr(params, "convrot", False) else 0
 
 
+class TracedWeight(NamedTuple):
+    """What a compiled graph reads of a resident INT8 weight: its parts as plain tensors.
+
+    ``qdata`` int8 ``[N, K]`` and ``scale`` float32 ``[N, 1]`` or ``[]`` are the weight's own tensors (no copy);
+    ``smooth`` float32 ``[K]`` or None; ``rotate_group`` the ConvRot group (0: none). Dynamo guards a plain tensor
+    with one check, where a QuantizedTensor weight brings a subtree of guards per weight (its inner tensors, params,
+    layout and flatten metadata: bench/NOTES.md items 48 and 50), checked before every call of the graph."""
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    smooth: torch.Tensor | None
+    rotate_group: int
+
+
+def traced_parts(weight: QuantizedTensor) -> TracedWeight:
+    """The ``TracedWeight`` of an INT8 weight (``is_int8_weight``)."""
+    p = weight._params
+    return TracedWeight(weight._qdata, p.scale, getattr(p, "smooth", None), rotate_group_of(p))
+
+
 def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None = None,
            lora=None, quant_in_graph: bool = False):
     """``x @ W.T + bias [+ low-rank term]`` for an INT8 QuantizedTensor ``W [N, K]`` (not transposed).
@@ -173,6 +194,16 @@ def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None, 
     loaders validate them.
     """
     return _linear(x, weight._qdata, weight._params, bias, out_dtype, lora, quant_in_graph)
+
+
+def linear_parts(x: torch.Tensor, parts: TracedWeight, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                 lora=None, quant_in_graph: bool = False):
+    """``linear`` on a weight's ``TracedWeight`` (what compiled graphs read instead of the QuantizedTensor)."""
+    return kernels.int8_linear(
+        x, parts.qdata, parts.scale, bias, out_dtype=out_dtype, smooth=parts.smooth, rotate_group=parts.rotate_group,
+        validate=False, lora_a=None if lora is None else lora.a, lora_b=None if lora is None else lora.b,
+        quant_in_graph=quant_in_graph,
+    )
 
 
 def _linear(x, qdata: torch.Tensor, p, bias, out_dtype=None, lora=None, quant_in_graph: bool = False):

@@ -324,3 +324,82 @@ def test_torch_compile_no_graph_breaks_and_rebuild(flux2, tmp_path, monkeypatch,
     fn, fn_args = patcher.cached_patcher_init
     rebuilt = fn(*fn_args, disable_dynamic=True)
     assert torch.equal(forward(rebuilt, flux2["inputs"]), forward(patcher, flux2["inputs"]))
+
+
+def test_compiled_graph_reads_plain_weight_parts_that_follow_merges_and_restores(flux2, tmp_path, monkeypatch):
+    """A compiled graph reads each resident INT8 weight as its two plain tensors (``Int8Linear._traced``), never the
+    QuantizedTensor: no subclass guard and no subclass graph input (Dynamo checks a subclass weight's whole subtree of
+    guards before every call: bench/NOTES.md items 50-51). The parts follow the weight through ComfyUI's own paths:
+    a LoRA merged when a clone with it is loaded, and the original restored when the clone without it is loaded
+    again; after each the one graph gives the eager answer, without recompiling."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention
+    import comfy.model_management
+    from comfy_kitchen.tensor import QuantizedTensor
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from int8_w8a8.ops import loader
+
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    patcher = loader.load_file(_write(tmp_path, "bf16.safetensors", flux2["sd"]))
+    comfy.model_management.load_models_gpu([patcher])
+    dm = patcher.model.diffusion_model
+    guard_types = []
+
+    def keep_all(entries):
+        guard_types.extend(e.guard_type for e in entries)
+        return [True] * len(entries)
+
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(dm, backend=backend, fullgraph=True, options={"guard_filter_fn": keep_all})
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    x, t, ctx = (i.to(dtype) for i in flux2["inputs"])
+
+    def run():
+        with torch.inference_mode():
+            return compiled(x, t, ctx).float()
+
+    y0 = run()
+    assert backend.frame_count == 1 and guard_types and "TENSOR_SUBCLASS_METADATA_MATCH" not in guard_types
+    inputs = [n.meta["example_value"] for n in backend.graphs[0].graph.nodes if n.op == "placeholder"]
+    assert inputs and not any(isinstance(v, QuantizedTensor) for v in inputs)
+    assert sqnr_db(forward(patcher, flux2["inputs"]), y0) >= 60
+    with_lora = patcher.clone()  # what a LoRA loader node returns
+    key = _add_lora(with_lora)
+    layer = dm.get_submodule(key[len("diffusion_model."):-len(".weight")])
+    q_before = layer.weight._qdata.clone()
+    comfy.model_management.load_models_gpu([with_lora])  # merges the LoRA: a new INT8 weight (set_weight)
+    assert not torch.equal(layer.weight._qdata, q_before) and layer._traced.qdata is layer.weight._qdata
+    y1 = run()
+    assert not torch.equal(y1, y0) and sqnr_db(forward(with_lora, flux2["inputs"]), y1) >= 60
+    comfy.model_management.load_models_gpu([patcher])  # the model without the LoRA again: the weight restored
+    assert torch.equal(layer.weight._qdata, q_before) and layer._traced.qdata is layer.weight._qdata
+    assert torch.equal(run(), y0)
+    assert backend.frame_count == 1
+
+
+def test_traced_parts_follow_the_weight(flux2, tmp_path):
+    """``Int8Linear._traced`` is the registered weight's own tensors after every way a weight is replaced or
+    changed: ``.to()`` (``_apply``), deleting the weight, a float weight (none). A LoRA merge is in the test above;
+    ComfyUI never patches these layers in place (``Int8Linear.set_weight``)."""
+    from int8_w8a8.ops import layout, loader
+
+    patcher = loader.load_file(_write(tmp_path, "bf16.safetensors", flux2["sd"]))
+    dm = patcher.model.diffusion_model
+    name = _int8_layers(patcher)[0]
+    layer = dm.get_submodule(name)
+
+    def parts_are_the_weights(m):
+        w, tr = m.weight, m._traced
+        return (tr.qdata is w._qdata and tr.scale is w._params.scale and tr.smooth is None
+                and tr.rotate_group == layout.rotate_group_of(w._params))
+
+    assert parts_are_the_weights(layer)
+    old = layer.weight._qdata
+    layer._apply(lambda t: t.clone())  # what .to(device) does
+    assert layer.weight._qdata is not old and parts_are_the_weights(layer)
+    del layer.weight
+    assert layer._traced is None
+    layer.weight = torch.nn.Parameter(torch.randn(old.shape), requires_grad=False)
+    assert layer._traced is None
