@@ -67,6 +67,9 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
     # class default makes that read a plain attribute lookup on every forward instead of nn.Module.__getattr__'s
     # failed search (an AttributeError raised and caught: ~2 us of a resident layer's host time)
     comfy_force_cast_weights: bool = False
+    # CastWeightBiasOp's default, again here: a compiled graph that reads it guards every class of the MRO up to
+    # the one that defines it (Module and CastWeightBiasOp add two dict checks per layer and read)
+    comfy_cast_weights: bool = False
     # The weight's parts as plain tensors, for compiled graphs (``_traced_now``); kept in step with the weight by
     # ``register_parameter`` (every way ComfyUI and torch replace a weight: assignment, set_attr_param, ``.to()``
     # through ``_apply``, loading), absent for a float weight.
