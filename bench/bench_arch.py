@@ -23,6 +23,8 @@ TorchCompileModel path (``--modes compile``) works as in a workflow. Variants, a
                 ComfyUI's mixed-precision layers on the pack's layout (what "Load Diffusion Model" gives)
   pack-native-cpu-offload  (not in the defaults) pack-native with ComfyUI's default offload device (the CPU)
                 instead of the GPU every other variant is given, as the native rows ran until 2026-12-02
+  pack-convert-qt  (not in the defaults) pack-convert with ``LoadOptions(traced_weights=False)``: compiled graphs
+                read the QuantizedTensor weights, as before bench/NOTES.md item 51 (eager runs are the same)
   bf16-lora64, pack-convert-lora64  (not in the defaults) with a random rank-64 LoRA on every linear
                 (``bench_model.with_lora``): ComfyUI's LoRA patches (merged on load) for bf16, the pack's dynamic
                 LoRA for the pack (as "Load LoRA (INT8 dynamic)" applies it); their SQNR is against bf16-lora64
@@ -51,7 +53,8 @@ import torch
 
 from . import arch_models, bench_model, common, flux2_model, profile_step
 
-VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "stock-native", "pack-native-cpu-offload")
+VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "stock-native", "pack-native-cpu-offload",
+            "pack-convert-qt")
 DEFAULT_VARIANTS = VARIANTS[:5]
 LORA_VARIANTS = tuple(f"{v}{bench_model.LORA_SUFFIX}" for v in ("bf16", "pack-convert"))
 MODES = ("eager", "compile")
@@ -102,8 +105,9 @@ def build(variant: str, arch: arch_models.Arch, tiny: bool, native_file: str = "
             return flux2_model.load_bf16(sd, device), info
         if variant == "fp8-fast":
             return flux2_model.load_fp8_fast(sd, device), info
-        if variant == "pack-convert":
-            return flux2_model.load_int8(sd, device, source=f"random {arch.title}"), info
+        if variant in ("pack-convert", "pack-convert-qt"):
+            options = loader.LoadOptions(traced_weights=variant == "pack-convert")
+            return flux2_model.load_int8(sd, device, options, source=f"random {arch.title}"), info
         if variant not in ("comfy-int8", "pack-native", "stock-native", "pack-native-cpu-offload"):
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         pack = flux2_model.load_int8(sd, device, source=f"random {arch.title}")

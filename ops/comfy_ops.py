@@ -101,10 +101,12 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
             self._refresh_traced()
 
     def _refresh_traced(self) -> None:
-        """Rebuild ``_traced`` from the registered weight (dropped for a float or no weight). The parts are the
-        weight's own tensors, so an in-place update of the weight (ComfyUI's ``copy_to_param``) keeps them right."""
+        """Rebuild ``_traced`` from the registered weight (dropped for a float or no weight, and when the load's
+        ``traced_weights`` is off). The parts are the weight's own tensors: kitchen's in-place ``copy_`` of a weight
+        copies into them and keeps them right."""
         w = self._parameters.get("weight")
-        if layout.is_int8_weight(w):
+        config = getattr(type(self), "config", None)
+        if layout.is_int8_weight(w) and (config is None or config.traced_weights):
             self.__dict__["_traced"] = layout.traced_parts(w)
         else:
             self.__dict__.pop("_traced", None)

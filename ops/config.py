@@ -64,6 +64,9 @@ class LoadConfig:
     prepare: applied to each float weight that is converted, just before it is quantized.
     quant_in_graph: under torch.compile, quantize activations with torch ops the compiler can fuse into
         the op producing them (``kernels.int8_linear``); off until measured faster on the GPU.
+    traced_weights: under torch.compile, resident layers hand the graph their weights' parts as plain tensors
+        (``Int8Linear._traced``: two tensor guards per layer instead of a QuantizedTensor's subtree, bench/NOTES.md
+        item 51); False keeps the QuantizedTensor in the graph, as before (the benchmarks' ``pack-convert-qt``).
     """
 
     profile: ModelProfile | None
@@ -73,6 +76,7 @@ class LoadConfig:
     progress: Callable[[str], None] | None = None
     prepare: WeightPrep | None = None
     quant_in_graph: bool = False
+    traced_weights: bool = True
 
     def converts(self, layer: str) -> bool:
         """Whether a float Linear weight at ``layer`` is quantized on load."""

@@ -34,7 +34,7 @@ class LoadOptions:
 
     prepare: an optional factory, called with the normalized state dict, of the ``WeightPrep`` that
     changes float weights before their first quantization (``lora.preload`` builds one from a LoRA stack).
-    quant_in_graph: see ``LoadConfig``.
+    quant_in_graph, traced_weights: see ``LoadConfig``.
     fused_blocks: run transformer blocks whose linears are INT8 on the fused kernels, eager and compiled
     (``blocks``, per architecture; other models and unsupported calls use ComfyUI's blocks).
     attention: the fused blocks' attention, one of ``ATTENTION_CHOICES``: "auto" (8-bit only where measured
@@ -47,6 +47,7 @@ class LoadOptions:
     convert: ConvertOptions = field(default_factory=ConvertOptions)
     prepare: Callable[[dict], WeightPrep] | None = None
     quant_in_graph: bool = False
+    traced_weights: bool = True
     fused_blocks: bool = True
     attention: str = "auto"
     notify: Callable[[str], None] | None = None
@@ -126,7 +127,7 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
     config = LoadConfig(
         profile=profile, convert=options.convert, source=source, compute_device=default_compute_device(),
         progress=(lambda layer: pbar.update(1)) if pbar is not None else None, prepare=prepare,
-        quant_in_graph=options.quant_in_graph,
+        quant_in_graph=options.quant_in_graph, traced_weights=options.traced_weights,
     )
     dtypes = saving.source_dtypes(nsd)  # before ComfyUI's loader consumes nsd
     opts = dict(model_options or {})
