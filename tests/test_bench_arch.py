@@ -196,7 +196,8 @@ def test_guard_report_counts_the_guards_of_one_compiled_graph(comfyui, tmp_path)
                                                                     os.environ.get("PYTHONPATH")) if p)}
     out = tmp_path / "guards.json"
     subprocess.run([sys.executable, "-m", "int8_w8a8.bench.guard_report", "--tiny", "--layers", "3", "--variants",
-                    "bf16", "pack-convert", "pack-convert-qt", "--reps", "2", "--out", str(out)], env=env, check=True, timeout=600)
+                    "bf16", "pack-convert", "pack-convert-qt", "--reps", "2", "--out", str(out)],
+                   env=env, check=True, timeout=600)
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     for row in rows.values():
         assert row["graphs"] == 1 and not row["graph_breaks"] and row["lookups_per_step"] == 1
