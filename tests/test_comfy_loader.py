@@ -379,6 +379,42 @@ def test_compiled_graph_reads_plain_weight_parts_that_follow_merges_and_restores
     assert backend.frame_count == 1
 
 
+def test_compiled_graph_under_lowvram_takes_the_cast_path(flux2, tmp_path, monkeypatch):
+    """Layers ComfyUI streams (lowvram: ``comfy_cast_weights`` on, a LoRA applied on cast through ``weight_function``)
+    must not read the resident parts: the graph compiled on the resident model recompiles for the streamed one (its
+    guards see the flags) and gives the eager lowvram answer, LoRA included."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention
+    import comfy.model_management
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from int8_w8a8.ops import loader
+
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    patcher = loader.load_file(_write(tmp_path, "bf16.safetensors", flux2["sd"]))
+    _add_lora(patcher)
+    comfy.model_management.load_models_gpu([patcher])  # LoRA merged, every layer resident
+    dm = patcher.model.diffusion_model
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(dm, backend=backend)
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    x, t, ctx = (i.to(dtype) for i in flux2["inputs"])
+    with torch.inference_mode():
+        y_full = compiled(x, t, ctx).float()
+    comfy.model_management.unload_all_models()
+    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)  # every layer streamed, LoRA on cast
+    try:
+        assert all(m.comfy_cast_weights for m in dm.modules() if hasattr(m, "_traced"))
+        with torch.inference_mode():
+            y_lowvram = compiled(x, t, ctx).float()
+        assert backend.frame_count >= 2
+        assert sqnr_db(forward(patcher, flux2["inputs"]), y_lowvram) >= 60
+        assert sqnr_db(y_lowvram, y_full) >= 25  # LoRA in float on cast vs merged and requantized
+    finally:
+        patcher.unpatch_model()
+
+
 def test_traced_parts_follow_the_weight(flux2, tmp_path):
     """``Int8Linear._traced`` is the registered weight's own tensors after every way a weight is replaced or
     changed: ``.to()`` (``_apply``), deleting the weight, a float weight (none). A LoRA merge is in the test above;
