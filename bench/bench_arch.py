@@ -1,6 +1,8 @@
 """One diffusion step of every supported architecture inside ComfyUI: BF16, FP8, ComfyUI's INT8 and the pack (GPU).
 
     python -m int8_w8a8.bench.bench_arch [--models zimage chroma ...] [--variants ...] [--modes eager compile]
+    python -m int8_w8a8.bench.bench_arch --modes eager-dvram ...   (ComfyUI's DynamicVRAM, on its own; GPU +
+        comfy-aimdo: weights in host memory, staged in VRAM as layers run; BF16, FP8 fast and pack-convert[-qt])
         [--out results.json] [--native-file auto|file|memory] [--tiny] [--no-isolate]
     python -m int8_w8a8.bench.bench_arch --merge a.json b.json --out all.json
 
@@ -57,7 +59,11 @@ VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "st
             "pack-convert-qt")
 DEFAULT_VARIANTS = VARIANTS[:5]
 LORA_VARIANTS = tuple(f"{v}{bench_model.LORA_SUFFIX}" for v in ("bf16", "pack-convert"))
-MODES = ("eager", "compile")
+MODES = ("eager", "compile", "eager-dvram")
+DVRAM_VARIANTS = ("bf16", "fp8-fast", "pack-convert", "pack-convert-qt")  # the ones eager-dvram builds
+# an isolated eager-dvram child loads comfy-aimdo's library before torch initializes CUDA, as ComfyUI's main.py does
+_AIMDO_BOOT = ("import runpy, sys\nimport comfy_aimdo.control\ncomfy_aimdo.control.init()\n"
+               "sys.argv[0] = 'bench_arch'\nrunpy.run_module('int8_w8a8.bench.bench_arch', run_name='__main__')\n")
 # A native file larger than this is not written to disk by --native-file auto: writing and reading back
 # 14-20 GB (Wan, Qwen-Image) costs a minute of the GPU machine's time per variant.
 NATIVE_FILE_MAX_GB = 10.0
@@ -87,10 +93,12 @@ def _state_dict_bytes(sd: dict) -> int:
     return sum(t.numel() * t.element_size() for t in sd.values() if isinstance(t, torch.Tensor))
 
 
-def build(variant: str, arch: arch_models.Arch, tiny: bool, native_file: str = "auto", folder: str | None = None):
+def build(variant: str, arch: arch_models.Arch, tiny: bool, native_file: str = "auto", folder: str | None = None,
+          dynamic: bool = False):
     """(ModelPatcher, info) for one variant, from the seeded random BF16 weights (made afresh and freed).
 
-    ``info``: ``native_source`` ("file"/"memory") for the variants that read a native state dict."""
+    ``info``: ``native_source`` ("file"/"memory") for the variants that read a native state dict. ``dynamic``: loaded
+    for DynamicVRAM (``flux2_model.enable_dynamic_vram`` first; ``DVRAM_VARIANTS`` only)."""
     import comfy.sd
 
     from ..ops import formats, loader
@@ -100,14 +108,16 @@ def build(variant: str, arch: arch_models.Arch, tiny: bool, native_file: str = "
     if not tiny:
         arch_models.check_detection(arch, sd)
     info = {"native_source": None}
+    if dynamic and variant not in DVRAM_VARIANTS:
+        raise ValueError(f"variant {variant!r} has no DynamicVRAM build; eager-dvram runs {DVRAM_VARIANTS}")
     with arch_models.detection(arch, tiny):
         if variant == "bf16":
-            return flux2_model.load_bf16(sd, device), info
+            return flux2_model.load_bf16(sd, device, dynamic), info
         if variant == "fp8-fast":
-            return flux2_model.load_fp8_fast(sd, device), info
+            return flux2_model.load_fp8_fast(sd, device, dynamic), info
         if variant in ("pack-convert", "pack-convert-qt"):
             options = loader.LoadOptions(traced_weights=variant == "pack-convert")
-            return flux2_model.load_int8(sd, device, options, source=f"random {arch.title}"), info
+            return flux2_model.load_int8(sd, device, options, source=f"random {arch.title}", dynamic=dynamic), info
         if variant not in ("comfy-int8", "pack-native", "stock-native", "pack-native-cpu-offload"):
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         pack = flux2_model.load_int8(sd, device, source=f"random {arch.title}")
@@ -199,6 +209,9 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
     of each row's gap-profiled step (host ops with Python frames, GPU activity) goes there."""
     from ..ops import native
 
+    if "eager-dvram" in modes and len(modes) > 1:
+        raise ValueError("eager-dvram builds the model for DynamicVRAM: run it alone (--modes eager-dvram)")
+    dynamic = modes == ["eager-dvram"]
     rows = []
     device = _device()
     for key in archs:
@@ -210,22 +223,22 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
             if rank not in refs and ref_dir and os.path.exists(_ref_path(ref_dir, key, shape.res, rank)):
                 refs[rank] = torch.load(_ref_path(ref_dir, key, shape.res, rank)).to(device)
             baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-            patcher, info = build(base, arch, tiny, native_file)
+            patcher, info = build(base, arch, tiny, native_file, dynamic=dynamic)
             native.install()  # comfy-int8 switched the pack's layout hook off for its own load
             if rank:
                 patcher = _with_lora(patcher, arch, tiny, rank, pack=base.startswith("pack-"))
             inputs = arch_models.step_inputs(patcher, shape, device)
             weights = flux2_model.weight_bytes(patcher) / 1e9
-            if base == "bf16" and "eager" not in modes and rank not in refs:
+            if base == "bf16" and not any(m.startswith("eager") for m in modes) and rank not in refs:
                 refs[rank] = bench_model.step(patcher, inputs).float()  # SQNR is always against BF16 eager
                 if ref_dir:
                     torch.save(refs[rank].cpu(), _ref_path(ref_dir, key, shape.res, rank))
             for mode in modes:
-                model = patcher if mode == "eager" else bench_model.compiled(patcher, backend)
+                model = bench_model.compiled(patcher, backend) if mode == "compile" else patcher
                 torch._dynamo.reset()
                 out = bench_model.measure(model, inputs, reps=reps, warmup=warmup, baseline=baseline, power_s=power_s)
                 y = out.pop("y")
-                if base == "bf16" and mode == "eager":
+                if base == "bf16" and mode != "compile":
                     refs[rank] = y
                     if ref_dir:
                         torch.save(y.cpu(), _ref_path(ref_dir, key, shape.res, rank))
@@ -290,7 +303,9 @@ def run_isolated(args) -> list[dict]:
         for key in args.models:
             for variant in args.variants:  # bf16 first when listed: the others read its output for SQNR
                 out = os.path.join(tmp, f"{key}-{variant}.json")
-                cmd = [sys.executable, "-m", __spec__.name, "--models", key, "--variants", variant,
+                head = [sys.executable, "-c", _AIMDO_BOOT] if "eager-dvram" in args.modes else \
+                    [sys.executable, "-m", __spec__.name]
+                cmd = head + ["--models", key, "--variants", variant,
                        "--modes", *args.modes, "--ref-dir", ref_dir, "--rows-out", out, "--no-isolate",
                        "--native-file", args.native_file, "--reps", str(args.reps), "--warmup", str(args.warmup),
                        "--power-s", str(args.power_s), "--backend", args.backend] + (["--tiny"] if args.tiny else []) \
@@ -378,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         logging.basicConfig(level=logging.WARNING)
         flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
+        if "eager-dvram" in args.modes:
+            flux2_model.enable_dynamic_vram()
         from ..ops import native
 
         native.install()  # as in ComfyUI with the pack installed; comfy-int8 switches it off for its own load

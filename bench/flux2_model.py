@@ -98,35 +98,65 @@ def inputs(cfg: Flux2Config, device: str = "cuda", image: int = 1024, text: int 
             torch.randn(1, text, cfg.context, device=device, generator=gen, dtype=torch.bfloat16))
 
 
-def _options(device: str) -> dict:
-    """Load and keep the model on ``device``: no host round trip for a model that fits (the H200's case)."""
+def _options(device: str, dynamic: bool = False) -> dict:
+    """Load and keep the model on ``device``: no host round trip for a model that fits (the H200's case).
+    ``dynamic``: as ComfyUI's default on NVIDIA, DynamicVRAM (``enable_dynamic_vram``): the weights stay in host
+    memory (the offload device) and comfy-aimdo stages them in VRAM as layers run."""
+    if dynamic:
+        return {"offload_device": torch.device("cpu"), "load_device": torch.device(device)}
     return {"offload_device": torch.device(device), "load_device": torch.device(device)}
 
 
-def load_bf16(sd: dict, device: str = "cuda"):
+def enable_dynamic_vram() -> None:
+    """ComfyUI's DynamicVRAM as its main.py turns it on (comfy-aimdo's library loaded and its devices set up, then
+    ModelPatcherDynamic as the core patcher); call before CUDA is initialized. Raises SystemExit when comfy-aimdo is
+    missing or cannot initialize here."""
+    try:
+        import comfy_aimdo.control
+    except ImportError as exc:
+        raise SystemExit(f"DynamicVRAM needs comfy-aimdo: {exc}") from exc
+    import comfy.memory_management
+    import comfy.model_management
+    import comfy.model_patcher
+
+    if not comfy_aimdo.control.init():
+        raise SystemExit("comfy-aimdo's library did not load: DynamicVRAM is unavailable")
+    devices = [d.index or 0 for d in comfy.model_management.get_all_torch_devices()]
+    try:
+        ok = comfy_aimdo.control.init_devices((i, 0) for i in devices)
+    except TypeError:  # comfy-aimdo 0.4.9's protocol
+        ok = comfy_aimdo.control.init_devices(iter(devices))
+    if not ok:
+        raise SystemExit("comfy-aimdo could not initialize DynamicVRAM on this machine")
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+
+
+def load_bf16(sd: dict, device: str = "cuda", dynamic: bool = False):
     """ComfyUI's stock loader on a copy of ``sd``'s dict (tensors are copied into the model)."""
     import comfy.sd
 
-    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=_options(device), disable_dynamic=True)
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=_options(device, dynamic),
+                                                    disable_dynamic=not dynamic)
 
 
-def load_int8(sd: dict, device: str = "cuda", options=None, source: str = "random FLUX.2"):
+def load_int8(sd: dict, device: str = "cuda", options=None, source: str = "random FLUX.2", dynamic: bool = False):
     """The pack's loader on ``sd`` (converted on the GPU when there is one, layer by layer)."""
     from ..ops import formats, loader
 
     nsd, report = formats.normalize(dict(sd), None, source)
-    return loader.build(nsd, report, options or loader.LoadOptions(), source, model_options=_options(device),
-                        disable_dynamic=True)
+    return loader.build(nsd, report, options or loader.LoadOptions(), source, model_options=_options(device, dynamic),
+                        disable_dynamic=not dynamic)
 
 
-def load_fp8_fast(sd: dict, device: str = "cuda"):
+def load_fp8_fast(sd: dict, device: str = "cuda", dynamic: bool = False):
     """ComfyUI's stock loader with weight_dtype fp8_e4m3fn_fast: FP8 weights and torch._scaled_mm where the GPU
     has FP8 (activations cast to FP8 with a per-tensor scale of 1)."""
     import comfy.sd
 
     return comfy.sd.load_diffusion_model_state_dict(
-        dict(sd), model_options={**_options(device), "dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
-        disable_dynamic=True)
+        dict(sd), model_options={**_options(device, dynamic), "dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+        disable_dynamic=not dynamic)
 
 
 def load_comfy_int8(nsd: dict, header: dict, device: str = "cuda"):

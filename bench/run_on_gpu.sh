@@ -4,7 +4,7 @@
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
 # STEPs: guards | fused-gate-add | tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | gemm-ws | gemm-ws-residual | gemm-tail | sweep-{large,m1024,m256,m64,small}
-#        arch-eager | arch-compile (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
+#        arch-eager | arch-compile | arch-dvram (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
 # package is imported as int8_w8a8 through a symlink, since the machine cannot pip install -e.
@@ -105,6 +105,11 @@ for step in "$@"; do
         arch-compile) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes compile \
             --variants ${VARIANTS:-bf16 fp8-fast pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs ${ARCH_ARGS:-} \
             --out "$OUT/bench_arch_compile_${m// /_}.json" 2>&1 | tee "$OUT/bench_arch_compile_${m// /_}.txt" ;;
+        # ComfyUI's default memory mode on NVIDIA (DynamicVRAM, comfy-aimdo from .whl): weights in host memory, staged in
+        # VRAM as layers run; every layer has comfy_cast_weights set, so the pack's layers take the cast path
+        arch-dvram) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes eager-dvram \
+            --variants ${VARIANTS:-bf16 fp8-fast pack-convert} --ref-dir /tmp/int8_w8a8-arch-refs ${ARCH_ARGS:-} \
+            --out "$OUT/bench_arch_dvram_${m// /_}.json" 2>&1 | tee "$OUT/bench_arch_dvram_${m// /_}.txt" ;;
         tests-fastpath) python3 -m pytest tests/test_fastpath.py tests/test_fastpath_fused.py tests/test_lora_fused.py $XDIST -q -p no:randomly 2>&1 | tee "$OUT/pytest-fastpath.log" \
             | tail -15 ;;
         # the warp-specialized variants first, under a timeout: an mbarrier deadlock must not eat the call

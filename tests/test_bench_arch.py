@@ -57,6 +57,23 @@ def test_table_is_what_comfyui_detects_at_real_widths(comfyui, key):
         arch_models.check_detection(arch, broken)
 
 
+def test_dynamic_vram_mode_builds_for_host_memory_and_runs_alone(comfyui, pack_layout):
+    """``--modes eager-dvram`` loads BF16, FP8 fast and the pack as ComfyUI's DynamicVRAM does (weights on the host,
+    ``disable_dynamic`` off) and compares them within that mode; it runs alone and only for the variants it can build.
+    On the CPU ComfyUI gives a plain ModelPatcher (ModelPatcherDynamic needs a GPU load device and comfy-aimdo, which
+    ``flux2_model.enable_dynamic_vram`` sets up on the GPU machine)."""
+    from int8_w8a8.bench import arch_models, bench_arch
+
+    rows = bench_arch.add_ratios(bench_arch.run(["zimage"], ["bf16", "pack-convert"], ["eager-dvram"], tiny=True,
+                                                reps=1, warmup=0))
+    assert [(r["variant"], r["mode"]) for r in rows] == [("bf16", "eager-dvram"), ("pack-convert", "eager-dvram")]
+    assert rows[1]["x_bf16"] > 0 and 25 < rows[1]["sqnr_vs_bf16"] < math.inf
+    with pytest.raises(ValueError, match="run it alone"):
+        bench_arch.run(["zimage"], ["bf16"], ["eager", "eager-dvram"], tiny=True)
+    with pytest.raises(ValueError, match="no DynamicVRAM build"):
+        bench_arch.build("comfy-int8", arch_models.ARCHS["zimage"], True, dynamic=True)
+
+
 @pytest.mark.parametrize("key", sorted(REAL_PARAMS))
 def test_harness_runs_every_variant_tiny(comfyui, pack_layout, key, tmp_path, capsys):
     from int8_w8a8.bench import bench_arch
