@@ -1,7 +1,7 @@
 """What Dynamo guards on a compiled step, and what checking them costs (CPU or GPU).
 
     python -m int8_w8a8.bench.guard_report [--models zimage] [--variants bf16 fp8-fast pack-convert]
-        [--tiny] [--layers N] [--backend eager] [--out guards.json]
+        [--tiny] [--layers N] [--backend eager] [--out guards.json] [--interleave ROUNDS]
 
 A compiled model pays, before each call of its graph, for the checks that the graph is still valid
 (Dynamo's guards; "TorchDynamo Cache Lookup" in a profile). C++ guards (tensor, id, type matches) cost
@@ -14,7 +14,8 @@ time of a step from torch.profiler (median and minimum of ``--reps`` profiled st
 
 The backend only changes what runs inside the graph, not the guards: ``eager`` (default) skips Inductor's
 compile time. ``--tiny`` builds the table's tiny configs (``--layers`` sets the block count, so per-layer
-guards add up as at the real depth).
+guards add up as at the real depth). ``--interleave ROUNDS`` times the guard check itself instead
+(``interleaved_checks``): all variants built in one process and timed in turn, for hosts whose speed drifts.
 """
 
 from __future__ import annotations
@@ -104,6 +105,76 @@ def report(key: str, variant: str, tiny: bool, layers: int | None, backend: str,
     return row
 
 
+def _captured_check(patcher, model, inputs):
+    """(the root guard manager of the newest compiled entry of the diffusion model's forward, that forward's frame
+    locals at entry): ``manager.check(locals)`` is the guard evaluation a compiled call pays before its graph runs.
+    The locals come from one uncompiled step (``set_stance("force_eager")``) under a trace hook."""
+    import sys
+
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    code = type(patcher.model.diffusion_model).forward.__code__
+    manager = _debug_get_cache_entry_list(code)[0].guard_manager
+    captured = {}
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code is code and not captured:
+            captured.update(frame.f_locals)
+
+    sys.settrace(tracer)
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            bench_model.step(model, inputs)
+    finally:
+        sys.settrace(None)
+    return manager, captured
+
+
+def interleaved_checks(key: str, variants: list[str], tiny: bool, layers: int | None, backend: str,
+                       rounds: int) -> dict[str, dict]:
+    """The guard check of each variant's compiled step timed directly and interleaved: every variant is built and
+    compiled in this process first (their graphs kept side by side), then each round times 10 checks of each in
+    turn, so a host whose speed drifts (a shared VM) slows all alike. Per variant: ms per check (min, p10, median
+    over ``rounds``) and the guard tree's size in lines. Compare variants within one call, not across calls."""
+    import time
+
+    torch._dynamo.reset()
+    built = {}
+    for variant in variants:
+        arch = _arch(key, tiny, layers)
+        patcher, _ = bench_arch.build(variant, arch, tiny)
+        inputs = arch_models.step_inputs(patcher, arch.step_shape(tiny), bench_arch._device())
+        model = bench_model.compiled(patcher, backend)
+        for _ in range(2):
+            bench_model.step(model, inputs)
+        manager, frame = _captured_check(patcher, model, inputs)
+        with torch.inference_mode():
+            if not manager.check(frame):
+                raise RuntimeError(f"{key} {variant}: the compiled entry's guards fail on its own step")
+        built[variant] = (manager, frame, (patcher, model, inputs))
+    times = {v: [] for v in variants}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for variant, (manager, frame, _) in built.items():
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    manager.check(frame)
+                times[variant].append((time.perf_counter() - t0) * 100)  # ms per check
+    out = {}
+    for variant, ts in times.items():
+        ts = sorted(ts)
+        row = {"check_ms_min": ts[0], "check_ms_p10": ts[len(ts) // 10], "check_ms_median": statistics.median(ts),
+               "tree_lines": len(str(built[variant][0]).splitlines())}
+        out[variant] = row
+        print(f"{key} {variant:<16} guard check {row['check_ms_p10']:.3f} ms (p10; min {ts[0]:.3f}, median "
+              f"{row['check_ms_median']:.3f}) over {rounds} interleaved rounds, guard tree {row['tree_lines']} lines",
+              flush=True)
+    del built
+    torch._dynamo.reset()
+    bench_arch._free()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["zimage"], choices=sorted(arch_models.ARCHS))
@@ -114,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="instead: time each variant's guard check directly, all built in one process and timed "
+                             "in turn for ROUNDS rounds (robust to a host whose speed drifts)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cpu = not torch.cuda.is_available()
@@ -123,8 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     from ..ops import native
 
     native.install()  # as in ComfyUI with the pack installed
-    rows = [report(m, v, args.tiny, args.layers, args.backend, args.reps, args.top)
-            for m in args.models for v in args.variants]
+    if args.interleave:
+        rows = [{"arch": m, "variant": v, "tiny": args.tiny, "layers": args.layers, "backend": args.backend, **r}
+                for m in args.models
+                for v, r in interleaved_checks(m, args.variants, args.tiny, args.layers, args.backend,
+                                               args.interleave).items()]
+    else:
+        rows = [report(m, v, args.tiny, args.layers, args.backend, args.reps, args.top)
+                for m in args.models for v in args.variants]
     if args.out:
         common.write_json(args.out, {"env": common.environment(), "rows": rows})
 

@@ -226,6 +226,21 @@ def test_guard_report_counts_the_guards_of_one_compiled_graph(comfyui, tmp_path)
     assert rows["pack-convert"]["guards_kept"] < rows["pack-convert-qt"]["guards_kept"]
 
 
+def test_guard_report_interleaved_times_each_variants_own_check(comfyui, tmp_path):
+    """``guard_report --interleave``: every variant compiled in one process, each guard manager checked on its own
+    step's frame (it raises if that check fails), times per check; the pack's tree is smaller than with the
+    QuantizedTensor in the graph (``pack-convert-qt``)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.path.dirname(_package_root()),
+                                                                    os.environ.get("PYTHONPATH")) if p)}
+    out = tmp_path / "checks.json"
+    subprocess.run([sys.executable, "-m", "int8_w8a8.bench.guard_report", "--tiny", "--layers", "2", "--variants",
+                    "pack-convert-qt", "pack-convert", "--interleave", "3", "--out", str(out)],
+                   env=env, check=True, timeout=600)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(0 < r["check_ms_min"] <= r["check_ms_p10"] <= r["check_ms_median"] for r in rows.values())
+    assert rows["pack-convert"]["tree_lines"] < rows["pack-convert-qt"]["tree_lines"]
+
+
 def _package_root() -> str:
     import int8_w8a8
 
