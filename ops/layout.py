@@ -181,8 +181,11 @@ class TracedWeight(NamedTuple):
 
 def traced_parts(weight: QuantizedTensor) -> TracedWeight:
     """The ``TracedWeight`` of an INT8 weight (``is_int8_weight``)."""
-    p = weight._params
-    return TracedWeight(weight._qdata, p.scale, getattr(p, "smooth", None), rotate_group_of(p))
+    return _parts(weight._qdata, weight._params)
+
+
+def _parts(qdata: torch.Tensor, p) -> TracedWeight:
+    return TracedWeight(qdata, p.scale, getattr(p, "smooth", None), rotate_group_of(p))
 
 
 def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None = None,
@@ -212,12 +215,7 @@ def _linear(x, qdata: torch.Tensor, p, bias, out_dtype=None, lora=None, quant_in
     aten handlers pass those instead of building an untransposed wrapper per call)."""
     if isinstance(x, QuantizedTensor):  # an already-quantized activation: per-token dynamic quant wants floats
         x = x.dequantize()
-    return kernels.int8_linear(
-        x, qdata, p.scale, bias, out_dtype=out_dtype or x.dtype, smooth=getattr(p, "smooth", None),
-        rotate_group=rotate_group_of(p), validate=False,
-        lora_a=None if lora is None else lora.a, lora_b=None if lora is None else lora.b,
-        quant_in_graph=quant_in_graph,
-    )
+    return linear_parts(x, _parts(qdata, p), bias, out_dtype or x.dtype, lora, quant_in_graph)
 
 
 # ------------------------------------------------------------------ aten handlers for the layout
