@@ -1,9 +1,9 @@
 """One diffusion step of every supported architecture inside ComfyUI: BF16, FP8, ComfyUI's INT8 and the pack (GPU).
 
     python -m int8_w8a8.bench.bench_arch [--models zimage chroma ...] [--variants ...] [--modes eager compile]
+        [--out results.json] [--native-file auto|file|memory] [--tiny] [--no-isolate]
     python -m int8_w8a8.bench.bench_arch --modes eager-dvram ...   (ComfyUI's DynamicVRAM, on its own; GPU +
         comfy-aimdo: weights in host memory, staged in VRAM as layers run; BF16, FP8 fast and pack-convert[-qt])
-        [--out results.json] [--native-file auto|file|memory] [--tiny] [--no-isolate]
     python -m int8_w8a8.bench.bench_arch --merge a.json b.json --out all.json
 
 Models come from ``bench/arch_models.py`` (one table: FLUX.2 klein 9B/4B, Z-Image Turbo, Chroma1-HD,

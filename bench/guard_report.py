@@ -140,8 +140,8 @@ def interleaved_checks(key: str, variants: list[str], tiny: bool, layers: int | 
 
     torch._dynamo.reset()
     built = {}
+    arch = _arch(key, tiny, layers)
     for variant in variants:
-        arch = _arch(key, tiny, layers)
         patcher, _ = bench_arch.build(variant, arch, tiny)
         inputs = arch_models.step_inputs(patcher, arch.step_shape(tiny), bench_arch._device())
         model = bench_model.compiled(patcher, backend)

@@ -205,8 +205,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
     def _plan_if_resident(self) -> LinearPlan | None:
         """The weight's ``LinearPlan`` when ComfyUI's cast path would hand the weight over unchanged (eager,
         ``comfy_cast_weights`` off, no weight/bias functions, no forced casting, an INT8 weight), else None."""
-        if (torch.compiler.is_compiling() or self.comfy_cast_weights or self.weight_function or self.bias_function
-                or self.comfy_force_cast_weights):
+        if torch.compiler.is_compiling() or _streamed(self):
             return None
         return self._resident_plan()
 
@@ -214,8 +213,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         """While torch.compile traces: the weight's ``TracedWeight`` when ComfyUI's cast path would hand the weight
         over unchanged (``_plan_if_resident``'s rule, and no DynamicVRAM buffer ``_v``), else None. The graph then
         reads two plain tensors per layer instead of the QuantizedTensor; the caller checks the device."""
-        if (self.comfy_cast_weights or self.weight_function or self.bias_function or self.comfy_force_cast_weights
-                or hasattr(self, "_v")):
+        if _streamed(self) or hasattr(self, "_v"):
             return None
         return self._traced
 
@@ -363,6 +361,15 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
     def _apply(self, fn, recurse=True):
         return comfy.ops._quantized_apply(self, fn, recurse)
+
+
+def _streamed(layer: Int8Linear) -> bool:
+    """Whether ComfyUI's cast path may hand ``layer``'s weight over changed: cast per call (``comfy_cast_weights``:
+    lowvram, DynamicVRAM), weight or bias functions (LoRA on cast), forced casting. Otherwise it hands the stored
+    weight over as it is, and the layer's resident forms (``LinearPlan``, ``_traced``) give the same answer. A
+    function, not a method: a compiled read of a method guards each layer's instance dict for it."""
+    return bool(layer.comfy_cast_weights or layer.weight_function or layer.bias_function
+                or layer.comfy_force_cast_weights)
 
 
 def _gemm_quantized(xq, x_scale, q, scale, bias, out_dtype, residual, gate, lora_h, lora_b) -> torch.Tensor:
