@@ -8,6 +8,7 @@ import math
 import platform
 import statistics
 import subprocess
+import time
 from collections.abc import Callable
 
 import torch
@@ -58,11 +59,33 @@ def environment() -> dict:
         env["comfy_kitchen"] = getattr(comfy_kitchen, "__version__", "installed")
     except ImportError:
         env["comfy_kitchen"] = None
+    env.update(host_probe())
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                    memory_gb=round(props.total_memory / 2**30, 1))
     return env
+
+
+def host_probe(calls: int = 2000, rounds: int = 15) -> dict:
+    """The host CPU and its speed at what bounds eager steps: ``host_us`` is the median time of one tiny torch op
+    (``torch.add`` of two 16-element CPU tensors: Python, argument parsing and the dispatcher, no real work).
+    Why: the lent GPU machines differ in host speed between sessions (a host-bound Qwen-Image step moved 107 ->
+    144 ms with the same code and device time, bench/NOTES.md item 53), so results record the host they ran on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    a, b = torch.ones(16), torch.ones(16)
+    per_call = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.add(a, b)
+        per_call.append((time.perf_counter() - t0) / calls * 1e6)
+    return {"cpu": cpu, "host_us": round(statistics.median(per_call), 3)}
 
 
 def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:

@@ -103,7 +103,10 @@ def _options(device: str, dynamic: bool = False) -> dict:
     ``dynamic``: as ComfyUI's default on NVIDIA, DynamicVRAM (``enable_dynamic_vram``): the weights stay in host
     memory (the offload device) and comfy-aimdo stages them in VRAM as layers run."""
     if dynamic:
-        return {"offload_device": torch.device("cpu"), "load_device": torch.device(device)}
+        # ComfyUI's own load device (cuda:N, never a bare "cuda"): comfy-aimdo's VBAR takes the device index
+        import comfy.model_management
+
+        return {"offload_device": torch.device("cpu"), "load_device": comfy.model_management.get_torch_device()}
     return {"offload_device": torch.device(device), "load_device": torch.device(device)}
 
 
@@ -154,9 +157,25 @@ def load_fp8_fast(sd: dict, device: str = "cuda", dynamic: bool = False):
     has FP8 (activations cast to FP8 with a per-tensor scale of 1)."""
     import comfy.sd
 
-    return comfy.sd.load_diffusion_model_state_dict(
+    patcher = comfy.sd.load_diffusion_model_state_dict(
         dict(sd), model_options={**_options(device, dynamic), "dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
         disable_dynamic=not dynamic)
+    if dynamic:
+        _store_in_model_dtype(patcher.model.diffusion_model)
+    return patcher
+
+
+def _store_in_model_dtype(model: torch.nn.Module) -> None:
+    """Cast each parameter to the dtype its module was built for (``<name>_comfy_model_dtype``), as an FP8 checkpoint
+    file stores it. Why: under DynamicVRAM ComfyUI loads the state dict by assignment, so a BF16 state dict loaded
+    with weight_dtype fp8_e4m3fn keeps BF16 parameters, ``fp8_linear`` declines them (it reads the parameter's dtype)
+    and every matmul runs in BF16 (measured on the H200, bench/NOTES.md item 53: SQNR inf against BF16, 12.3 GB of
+    weights on Z-Image). Without DynamicVRAM the load copies into FP8 parameters; this is the same cast."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            dtype = getattr(module, f"{name}_comfy_model_dtype", None)
+            if dtype is not None and param.dtype != dtype:
+                setattr(module, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=False))
 
 
 def load_comfy_int8(nsd: dict, header: dict, device: str = "cuda"):

@@ -28,6 +28,8 @@ export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-}
 [ -f .comfyui/comfy/model_patcher.py ] && export COMFYUI_PATH=$PWD/.comfyui
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+# the host's speed at tiny torch ops (what bounds eager steps; it differs between lent machines)
+python3 -c "from int8_w8a8.bench import common; print('host', common.host_probe())" | tee -a "$OUT/gpu.txt"
 # PYTEST_WORKERS=N runs the test steps in N processes on the one GPU (pytest-xdist is on the machine):
 # most of their time is Triton compiling on the CPU
 XDIST=${PYTEST_WORKERS:+-n $PYTEST_WORKERS}

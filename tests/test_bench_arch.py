@@ -64,14 +64,33 @@ def test_dynamic_vram_mode_builds_for_host_memory_and_runs_alone(comfyui, pack_l
     ``flux2_model.enable_dynamic_vram`` sets up on the GPU machine)."""
     from int8_w8a8.bench import arch_models, bench_arch
 
-    rows = bench_arch.add_ratios(bench_arch.run(["zimage"], ["bf16", "pack-convert"], ["eager-dvram"], tiny=True,
-                                                reps=1, warmup=0))
-    assert [(r["variant"], r["mode"]) for r in rows] == [("bf16", "eager-dvram"), ("pack-convert", "eager-dvram")]
-    assert rows[1]["x_bf16"] > 0 and 25 < rows[1]["sqnr_vs_bf16"] < math.inf
+    variants = ["bf16", "fp8-fast", "pack-convert"]
+    rows = bench_arch.add_ratios(bench_arch.run(["zimage"], variants, ["eager-dvram"], tiny=True, reps=1, warmup=0))
+    assert [(r["variant"], r["mode"]) for r in rows] == [(v, "eager-dvram") for v in variants]
+    bf16, fp8, pack = rows
+    assert pack["x_bf16"] > 0 and 25 < pack["sqnr_vs_bf16"] < math.inf
+    # FP8 fast really holds FP8 weights and runs them (its SQNR is not BF16's inf)
+    assert fp8["weights_gb"] < 0.6 * bf16["weights_gb"] and 15 < fp8["sqnr_vs_bf16"] < math.inf
     with pytest.raises(ValueError, match="run it alone"):
         bench_arch.run(["zimage"], ["bf16"], ["eager", "eager-dvram"], tiny=True)
     with pytest.raises(ValueError, match="no DynamicVRAM build"):
         bench_arch.build("comfy-int8", arch_models.ARCHS["zimage"], True, dynamic=True)
+
+
+def test_fp8_weights_stored_in_the_dtype_their_modules_were_built_for(comfyui):
+    """Under DynamicVRAM ComfyUI assigns the state dict's tensors, so a BF16 file loaded as FP8 keeps BF16 weights;
+    the FP8 baseline casts them to the dtype ComfyUI built each module for (an FP8 file's weights), as the copy into
+    FP8 parameters does without DynamicVRAM. Parameters without a recorded dtype, or already in it, are left alone."""
+    from int8_w8a8.bench import flux2_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4)).to(torch.bfloat16)
+    model[0].weight_comfy_model_dtype = torch.float8_e4m3fn
+    model[0].bias_comfy_model_dtype = torch.bfloat16
+    weight, bias, norm = model[0].weight.detach().clone(), model[0].bias, model[1].weight
+    flux2_model._store_in_model_dtype(model)
+    assert model[0].weight.dtype == torch.float8_e4m3fn and not model[0].weight.requires_grad
+    torch.testing.assert_close(model[0].weight.float(), weight.to(torch.float8_e4m3fn).float())
+    assert model[0].bias is bias and model[1].weight is norm
 
 
 @pytest.mark.parametrize("key", sorted(REAL_PARAMS))
@@ -81,8 +100,10 @@ def test_harness_runs_every_variant_tiny(comfyui, pack_layout, key, tmp_path, ca
     out = tmp_path / "rows.json"
     bench_arch.main(["--tiny", "--no-isolate", "--models", key, "--variants", *bench_arch.VARIANTS, "--reps", "1",
                      "--warmup", "0", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [r["variant"] for r in rows] == list(bench_arch.VARIANTS)
+    assert result["env"]["cpu"] and result["env"]["host_us"] > 0  # the host the step times depend on
     by_variant = {r["variant"]: r for r in rows}
     for row in rows:
         assert row["arch"] == key and row["mode"] == "eager" and row["res"] == "tiny"
