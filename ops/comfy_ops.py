@@ -211,9 +211,14 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
     def _traced_now(self) -> layout.TracedWeight | None:
         """While torch.compile traces: the weight's ``TracedWeight`` when ComfyUI's cast path would hand the weight
-        over unchanged (``_plan_if_resident``'s rule, and no DynamicVRAM buffer ``_v``), else None. The graph then
-        reads two plain tensors per layer instead of the QuantizedTensor; the caller checks the device."""
-        if _streamed(self) or hasattr(self, "_v"):
+        over unchanged (``_plan_if_resident``'s rule), else None. The graph then reads two plain tensors per layer
+        instead of the QuantizedTensor; the caller checks the device.
+
+        DynamicVRAM needs no rule of its own: ComfyUI gives a layer its VBAR buffer ``_v`` only in
+        ``ModelPatcherDynamic.load``, right after setting ``comfy_cast_weights``, which it never clears. Reading
+        ``_v`` would cost every call of the graph a ``hasattr`` guard per layer (nn.Module.__getattr__ raising,
+        ~2 us; Dynamo does not guard the cheap ``"_v" in __dict__`` at all: bench/NOTES.md item 54)."""
+        if _streamed(self):
             return None
         return self._traced
 

@@ -415,6 +415,34 @@ def test_compiled_graph_under_lowvram_takes_the_cast_path(flux2, tmp_path, monke
         patcher.unpatch_model()
 
 
+def test_compiled_layer_taken_over_by_dynamic_vram_recompiles(flux2, tmp_path):
+    """A layer DynamicVRAM takes over (``ModelPatcherDynamic.load``: ``comfy_cast_weights`` on, then a VBAR buffer
+    ``_v``) must leave the resident parts: the graph's guard on the flag fails and the call recompiles instead of
+    reusing the graph that read the parts. The graph does not read ``_v`` itself (a ``hasattr`` guard per layer:
+    item 54)."""
+    from int8_w8a8.ops import loader
+
+    patcher = loader.load_file(_write(tmp_path, "bf16.safetensors", flux2["sd"]))
+    layer = patcher.model.diffusion_model.get_submodule(_int8_layers(patcher)[0])
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="eager")
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        compiled(x)
+        entry = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(type(layer).forward.__code__)[0]
+        assert "'_v'" not in str(entry.guard_manager)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled(x)  # the same layer again: no recompile
+            layer.comfy_cast_weights, layer._v = True, object()  # as ModelPatcherDynamic.load sets them
+            try:
+                assert layer._traced_now() is None
+                with pytest.raises(RuntimeError, match=r"[Rr]ecompil"):
+                    compiled(x)
+            finally:
+                layer.comfy_cast_weights = False
+                del layer._v
+
+
 def test_traced_parts_follow_the_weight(flux2, tmp_path):
     """``Int8Linear._traced`` is the registered weight's own tensors after every way a weight is replaced or
     changed: ``.to()`` (``_apply``), deleting the weight, a float weight (none). A LoRA merge is in the test above;
