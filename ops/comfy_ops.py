@@ -174,7 +174,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
           ``kernels.direct.LinearPlan`` runs the kernels with the per-call checks hoisted and the launches
           replayed; with a dynamic LoRA term, ``LinearPlan.linear_lora`` (the term's down projection by torch, as
           in the public kernel API, its up projection in the replayed GEMM's epilogue);
-        * traced (torch.compile, the same rule plus no DynamicVRAM buffer): the kernel op on the weight's plain
+        * traced (torch.compile, the same rule): the kernel op on the weight's plain
           parts (``_traced``), with the dynamic LoRA term in the epilogue;
         * cast (offloaded, lowvram, DynamicVRAM, lowvram LoRA patches, anything the plan declines):
           ``cast_bias_weight(..., offloadable=True, want_requant=True)``, then the kernel op.
