@@ -114,18 +114,14 @@ import sys
 import comfy_aimdo.control  # must load its library before torch initializes CUDA (as ComfyUI's main.py does)
 if not comfy_aimdo.control.init():
     print("SKIP comfy-aimdo library did not load"); sys.exit(3)
-import torch
 sys.path.insert(0, sys.argv[1])
-import comfy.memory_management, comfy.model_management, comfy.model_patcher
-devices = [d.index or 0 for d in comfy.model_management.get_all_torch_devices()]
+import torch
+import comfy.model_management
+from int8_w8a8.bench import flux2_model
 try:
-    ok = comfy_aimdo.control.init_devices((i, 0) for i in devices)
-except TypeError:
-    ok = comfy_aimdo.control.init_devices(iter(devices))
-if not ok:
-    print("SKIP comfy-aimdo could not initialize DynamicVRAM on this machine"); sys.exit(3)
-comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-comfy.memory_management.aimdo_enabled = True
+    flux2_model.enable_dynamic_vram()  # what the DynamicVRAM benchmarks run (bench_arch --modes eager-dvram)
+except SystemExit as exc:
+    print(f"SKIP {exc}"); sys.exit(3)
 from comfy.weight_adapter.lora import LoRAAdapter
 from int8_w8a8.ops import layout, loader
 
