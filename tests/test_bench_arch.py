@@ -186,8 +186,7 @@ def test_harness_compile_mode_and_native_state_dict_in_memory(comfyui, pack_layo
 def test_harness_isolates_variants_and_merges_files(comfyui, tmp_path):
     """Each variant in its own process (the default), SQNR through the reference the BF16 process saved; two
     result files merged into one table with the ratios recomputed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.path.dirname(_package_root()),
-                                                                    os.environ.get("PYTHONPATH")) if p)}
+    env = _package_env()
     run = [sys.executable, "-m", "int8_w8a8.bench.bench_arch", "--tiny", "--models", "wan14b", "--reps", "1",
            "--warmup", "0"]
     first, second = tmp_path / "a.json", tmp_path / "b.json"
@@ -230,8 +229,7 @@ def test_guard_report_counts_the_guards_of_one_compiled_graph(comfyui, tmp_path)
     ComfyUI is imported): one graph, no breaks, one lookup a step, and no INT8 weight of the pack's model guarded as a
     QuantizedTensor (resident layers hand the graph their plain parts, ``Int8Linear._traced``); with
     ``traced_weights`` off (``pack-convert-qt``) every fused layer's weight is, as before bench/NOTES.md item 51."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.path.dirname(_package_root()),
-                                                                    os.environ.get("PYTHONPATH")) if p)}
+    env = _package_env()
     out = tmp_path / "guards.json"
     subprocess.run([sys.executable, "-m", "int8_w8a8.bench.guard_report", "--tiny", "--layers", "3", "--variants",
                     "bf16", "pack-convert", "pack-convert-qt", "--reps", "2", "--out", str(out)],
@@ -251,8 +249,7 @@ def test_guard_report_interleaved_times_each_variants_own_check(comfyui, tmp_pat
     """``guard_report --interleave``: every variant compiled in one process, each guard manager checked on its own
     step's frame (it raises if that check fails), times per check; the pack's tree is smaller than with the
     QuantizedTensor in the graph (``pack-convert-qt``)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.path.dirname(_package_root()),
-                                                                    os.environ.get("PYTHONPATH")) if p)}
+    env = _package_env()
     out = tmp_path / "checks.json"
     subprocess.run([sys.executable, "-m", "int8_w8a8.bench.guard_report", "--tiny", "--layers", "2", "--variants",
                     "pack-convert-qt", "pack-convert", "--interleave", "3", "--out", str(out)],
@@ -262,10 +259,13 @@ def test_guard_report_interleaved_times_each_variants_own_check(comfyui, tmp_pat
     assert rows["pack-convert"]["tree_lines"] < rows["pack-convert-qt"]["tree_lines"]
 
 
-def _package_root() -> str:
+def _package_env() -> dict:
+    """This process's environment with the directory holding the ``int8_w8a8`` package on PYTHONPATH, so that a
+    ``python -m int8_w8a8...`` child imports the package under test."""
     import int8_w8a8
 
-    return os.path.dirname(int8_w8a8.__file__)
+    parent = os.path.dirname(os.path.dirname(int8_w8a8.__file__))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)}
 
 
 def test_idle_report_finds_gaps_syncs_and_the_op_the_gpu_waited_for():
