@@ -72,7 +72,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
     comfy_cast_weights: bool = False
     # The weight's parts as plain tensors, for compiled graphs (``_traced_now``); kept in step with the weight by
     # ``register_parameter`` (every way ComfyUI and torch replace a weight: assignment, set_attr_param, ``.to()``
-    # through ``_apply``, loading), absent for a float weight.
+    # through ``_apply``, loading); absent for a float weight and when the load's ``traced_weights`` is off.
     _traced: layout.TracedWeight | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
