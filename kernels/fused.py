@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, api, reference_fused
+from . import _checks, api, reference, reference_fused
 from .direct import Replayer
 from .dispatch import choose_backend
 from .reference_fused import ACTIVATIONS, NORMS, QK_NORMS
@@ -534,6 +534,22 @@ def int8_gemm_eager(xq, x_scale, q, scale, bias, out_dtype, lora_h=None, lora_b=
                  lambda: check_lora_term(xq, q, lora_h, lora_b),
                  lambda: api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False, lora_h,
                                             lora_b))
+
+
+def int8_linear_eager(x, q, scale, bias, out_dtype, rotate_group, lora_a=None, lora_b=None) -> torch.Tensor:
+    """``int8_linear`` of an unsmoothed weight outside tracing (what the ``int8_w8a8::int8_linear`` op's body runs
+    in a compiled graph: Qwen-Image's and Wan's per-block modulation and text projections, 120 a Qwen-Image step):
+    the rows' quantization and the GEMM each replayed (``api.quantize_rows``, ``int8_gemm_eager``), the same
+    kernels and results as ``api.int8_linear_impl``'s launch path without its ~200 us of host per call. ``x
+    [..., K]`` -> ``y [..., N]`` in ``out_dtype``; ``lora_a [R, K]``, ``lora_b [N, R]`` as in ``kernels.int8_linear``
+    (``h = x @ lora_a.T`` by torch in x's dtype)."""
+    x2 = reference.as_rows(x)
+    xq, xs = api.quantize_rows(x2, rotate_group=rotate_group)
+    h = lb = None
+    if lora_a is not None:  # the kernel reads lora_b in h's dtype (a per-call copy there, which is not replayed)
+        h = reference.lora_hidden(x2, lora_a)
+        lb = lora_b.to(h.dtype)
+    return int8_gemm_eager(xq, xs, q, scale, bias, out_dtype, h, lb).reshape(*x.shape[:-1], q.shape[0])
 
 
 def lora_down(xq: torch.Tensor, x_scale: torch.Tensor, a_q: torch.Tensor, a_scale: torch.Tensor,

@@ -60,7 +60,9 @@ def int8_linear_op(
     lora_a: torch.Tensor | None,
     lora_b: torch.Tensor | None,
 ) -> torch.Tensor:
-    return api.int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group, validate, lora_a, lora_b)
+    if validate or smooth is not None:  # the public API's call checks the scale's values; smoothing: launch path
+        return api.int8_linear_impl(x, q, scale, bias, out_dtype, smooth, rotate_group, validate, lora_a, lora_b)
+    return fused.int8_linear_eager(x, q, scale, bias, out_dtype, rotate_group, lora_a, lora_b)
 
 
 @int8_linear_op.register_fake

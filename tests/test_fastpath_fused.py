@@ -320,8 +320,18 @@ def test_custom_ops_replay_like_eager_calls(seed, replay, own_ops):
         fused.int8_gemm_residual_impl(xq, xs, q, scale, None, expect, gate[..., :n])
         ops.int8_gemm_residual(xq, xs, q, scale, None, res, gate[..., :n], None, None)
         _equal(res, expect)
-    for rep in (fused._NORM_MODULATE, fused._GEMM, fused._GLU, fused._NORM_GATE_ADD, fused._GEMM_RESIDUAL):
+        # an unfused INT8 linear in a compiled graph (Qwen-Image's modulation): its rows' quantization and GEMM
+        # replayed, with and without a dynamic LoRA term (rank 16: padded as lora/dynamic.py pads it; an unpadded
+        # rank makes the launch path pad a copy, which is not replayed)
+        bias = torch.randn(n, device=DEV, dtype=BF16)
+        a, bb = torch.randn(16, k, device=DEV, dtype=BF16) * 0.1, torch.randn(n, 16, device=DEV, dtype=BF16) * 0.1
+        _equal(ops.int8_linear(x, q, scale, bias, BF16, None, 0, False, None, None),
+               api.int8_linear_impl(x, q, scale, bias, BF16, None, 0, False))
+        _equal(ops.int8_linear(x, q, scale, None, BF16, None, 0, False, a, bb),
+               api.int8_linear_impl(x, q, scale, None, BF16, None, 0, False, a, bb))
+    for rep in (fused._NORM_MODULATE, fused._GLU, fused._NORM_GATE_ADD, fused._GEMM_RESIDUAL, api._rows_replayer()):
         assert _recorded(rep) == ["_Recorded"], rep.name
+    assert _recorded(fused._GEMM) == ["_Recorded"] * 3, "int8_gemm: the fused GEMM and int8_linear's two"
 
 
 @pytest.mark.unit
