@@ -2,6 +2,8 @@
 
     python -m int8_w8a8.bench.profile_host [--out host.json]      (GPU; ComfyUI layers need COMFYUI_PATH)
     python -m int8_w8a8.bench.profile_host --cpu-proxy            (no GPU: the Python layers, CPU proxy)
+    python -m int8_w8a8.bench.profile_host --cpu-proxy-step qwen-image [--layers 20] [--cprofile 60]
+                                                                  (no GPU: a whole eager step's host time)
 
 Batch-1 layers run in tens of microseconds on the GPU, so Python and launch overhead decide
 whether they beat BF16. Prints microseconds per call (median of several runs of many calls, no
@@ -427,17 +429,19 @@ def print_fused_rows(rows: list[dict], title: str) -> None:
 def _proxy_launches():
     """CPU proxy of the fused path: Triton's path forced (the interpreter never runs: launches stop where Triton's
     C launcher would run and are recorded as compiled ones: ``_null_launches``)."""
-    from ..kernels import api, fused
+    from ..kernels import api, direct, fused
     from ..kernels.dispatch import Backend
 
     hopper = Backend("triton", "cpu proxy", (9, 0))
-    saved = fused._triton, fused.choose_backend, api.choose_backend
-    fused._triton, fused.choose_backend, api.choose_backend = (lambda d: True), (lambda d: hopper), (lambda d: hopper)
+    saved = fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend
+    # direct's too: a LinearPlan made on the CPU would otherwise take the twin's path (Int8Linear.forward's layers)
+    fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend = (
+        (lambda d: True), (lambda d: hopper), (lambda d: hopper), (lambda d: hopper))
     try:
         with _null_launches():
             yield
     finally:
-        fused._triton, fused.choose_backend, api.choose_backend = saved
+        fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend = saved
 
 
 def cpu_proxy() -> int:
@@ -462,11 +466,89 @@ def cpu_proxy() -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _null_attention():
+    """ComfyUI's SDPA call returns an uninitialized output of its shape at once: its compute on the CPU (real,
+    at the tiny configs' token counts) is not host cost a GPU step pays; the Python around it still runs."""
+    import comfy.ops
+
+    sdpa = comfy.ops.scaled_dot_product_attention
+    comfy.ops.scaled_dot_product_attention = lambda q, k, v, *a, **kw: q.new_empty((*q.shape[:-1], v.shape[-1]))
+    try:
+        yield
+    finally:
+        comfy.ops.scaled_dot_product_attention = sdpa
+
+
+def cpu_proxy_step(arch_key: str, layers: int, reps: int = 25, cprofile_rows: int = 0) -> dict:
+    """CPU proxy of a whole eager step: the pack's load (converted on load, fused blocks) of ``arch_key``'s tiny
+    config with ``layers`` blocks, one ``apply_model`` step as samplers call it (ComfyUI's model code, the block
+    hooks, the fused-block glue, the replays, ComfyUI's attention function up to its SDPA call), launches stopped
+    where Triton's C launcher would run and the SDPA call returning at once (``_null_attention``). What a GPU adds
+    per block on top: the C launches (~5 us each) and cuDNN's attention call. Layers ComfyUI runs in float (Z-Image's
+    refiners, embedders) compute for real on the CPU: compare a change's before and after, not architectures.
+    Returns ``{"ms_min", "ms_median", "us_per_block", "launch_path_per_step"}`` (host time of one step, per block
+    including the step's fixed part, the minimum being the steadier number on a shared machine; INT8 linears a step
+    runs through the launch path instead of a replay); ``cprofile_rows``: also print a cProfile of 5 steps."""
+    from . import arch_models, bench_arch, flux2_model, guard_report
+
+    flux2_model.setup_comfyui(cpu=True, pytorch_attention=True)  # the CPU default attention is not SDPA
+    torch.set_num_threads(1)
+    arch = guard_report._arch(arch_key, True, layers)
+    patcher, _ = bench_arch.build("pack-convert", arch, True, "auto")
+    inputs = arch_models.step_inputs(patcher, arch.step_shape(True), "cpu")
+    api = kernels.api
+    linear_impl, launch_path = api.int8_linear_impl, []
+
+    def counted(*args, **kwargs):  # an INT8 linear through the launch path (not replayed)
+        launch_path.append(1)
+        return linear_impl(*args, **kwargs)
+
+    api.int8_linear_impl = counted
+    try:
+        with _proxy_launches(), _replay(True), _null_attention():
+            times = _proxy_steps(patcher, inputs, reps, cprofile_rows)
+    finally:
+        api.int8_linear_impl = linear_impl
+    return {"ms_min": min(times), "ms_median": statistics.median(times), "us_per_block": min(times) / layers * 1e3,
+            "launch_path_per_step": len(launch_path) / (reps + 3 + (5 if cprofile_rows else 0))}
+
+
+def _proxy_steps(patcher, inputs, reps: int, cprofile_rows: int) -> list[float]:
+    from . import bench_model
+
+    for _ in range(3):
+        bench_model.step(patcher, inputs)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        bench_model.step(patcher, inputs)
+        times.append((time.perf_counter() - t0) * 1e3)
+    if cprofile_rows:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(5):
+            bench_model.step(patcher, inputs)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(cprofile_rows)
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-proxy", action="store_true", help="CPU tensors, no GPU: the Python layers only")
+    parser.add_argument("--cpu-proxy-step", metavar="ARCH", default=None,
+                        help="CPU proxy of one eager step of a tiny ARCH (bench/arch_models.py) with --layers blocks")
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--cprofile", type=int, default=0, metavar="ROWS", help="with --cpu-proxy-step: a cProfile")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.cpu_proxy_step:
+        r = cpu_proxy_step(args.cpu_proxy_step, args.layers, cprofile_rows=args.cprofile)
+        print(f"{args.cpu_proxy_step}, {args.layers} blocks: step host {r['ms_min']:.2f} ms (min; median "
+              f"{r['ms_median']:.2f}), {r['us_per_block']:.0f} us per block, {r['launch_path_per_step']:g} INT8 "
+              "linears a step on the launch path")
+        return 0
     if args.cpu_proxy:
         return cpu_proxy()
     if not torch.cuda.is_available():

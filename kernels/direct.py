@@ -448,9 +448,11 @@ def _aliases(ptrs: list) -> tuple | None:
     """Which arguments share a first address (an in-place call: ``qk_norm_rope`` writing q into its own
     projection), as the index of the first argument at each one's address; None when no two do (the usual
     case). Part of a specialization's key, so a replay substitutes one address for all of them."""
+    nones = ptrs.count(None)
+    if len(set(ptrs)) == len(ptrs) - nones + (nones > 0):  # all addresses distinct: 0.5 us where the loop takes 1.7
+        return None
     seen: dict[int, int] = {}
-    pattern = [None if p is None else seen.setdefault(p, i) for i, p in enumerate(ptrs)]
-    return tuple(pattern) if len(seen) < sum(p is not None for p in ptrs) else None
+    return tuple(None if p is None else seen.setdefault(p, i) for i, p in enumerate(ptrs))
 
 
 def _record(records, tensors: tuple, result, keep: tuple) -> _Recorded | None:

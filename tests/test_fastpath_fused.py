@@ -335,6 +335,16 @@ def test_custom_ops_replay_like_eager_calls(seed, replay, own_ops):
 
 
 @pytest.mark.unit
+def test_alias_pattern_of_a_call():
+    """The key part for arguments at one address: None when all addresses differ (absent arguments aside), else
+    each argument's first index at its address."""
+    assert direct._aliases([16, 32, None, None, 48]) is None
+    assert direct._aliases([None, None]) is None
+    assert direct._aliases([16, None, 16, 32, None]) == (0, None, 0, 3, None)
+    assert direct._aliases([16, 32, 32, 16]) == (0, 1, 1, 0)
+
+
+@pytest.mark.unit
 def test_module_replayers_are_off_under_the_interpreter():
     """The module-level tables would outlive tests that patch the launch path: recorded only on a GPU (or where
     a test switches them on)."""
