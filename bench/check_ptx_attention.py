@@ -85,6 +85,33 @@ def main_loop(sass: str, scores: int, threads: int) -> dict:
     return {"loop_instr": len(body), "instr_per_score": round(len(body) * threads / scores, 2), "loop_ops": top}
 
 
+def wgmma_overlap(ptx: str) -> dict:
+    """How a kernel waits for its wgmma products, from its PTX: ``wgmma_waits`` the distinct ``wgmma.wait_group``
+    arguments (groups left in flight), ``wgmma_overlap_instr`` the most PTX instructions between a commit and the
+    wait after it (register moves and address widening, the wait's own bookkeeping, not counted). ``[0]`` and 0:
+    every product is waited for as soon as it is issued, so nothing of the warpgroup's own work (the next K step's
+    product, a softmax) runs under it; ``wait_group 1`` leaves one product in flight (FlashAttention-3's
+    intra-warpgroup overlap, a pipelined GEMM). Triton 3.6 pipelines a wgmma only when it accumulates in float32
+    (bench/NOTES.md item 56), so INT8 products always show ``[0]``."""
+    waits, gaps, pending = set(), [], None
+    for line in ptx.splitlines():
+        t = line.strip()
+        if not t or t.startswith("//") or t.endswith(":") or t in ("{", "}"):
+            continue
+        if t.startswith("wgmma.commit_group"):
+            pending = 0
+            continue
+        m = re.match(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", t)
+        if m:
+            waits.add(int(m.group(1)))
+            if pending is not None:
+                gaps.append(pending)
+            pending = None
+        elif pending is not None and not t.startswith(("mov.", "cvt.u64")):  # the wait's register bookkeeping
+            pending += 1
+    return {"wgmma_waits": sorted(waits), "wgmma_overlap_instr": max(gaps, default=0)}
+
+
 def _sass_counts(cubin: bytes) -> dict:
     """Counts of conversion instructions in the SASS (cuobjdump -sass), or {} when the tool is missing."""
     sass = _sass(cubin)
@@ -109,6 +136,7 @@ def _summary(compiled, arch: int) -> dict:
         "shared_bytes": meta.shared,
         "smem_limit": SMEM_LIMIT.get(arch, 0),
         "num_warps": meta.num_warps,
+        **wgmma_overlap(ptx),
         **_resource_usage(compiled.asm["cubin"]),
         **_sass_counts(compiled.asm["cubin"]),
     }
@@ -245,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             sass = f"I2F={r.get('sass_i2f', '?')} I2FP={r.get('sass_i2fp', '?')} EX2={r.get('sass_mufu_ex2', '?')}"
             if "instr_per_score" in r:
                 sass += f" loop={r['loop_instr']} instr/score={r['instr_per_score']}"
+            if r["wgmma"]:
+                sass += f" wgmma_wait={r['wgmma_waits']} overlap={r['wgmma_overlap_instr']}"
             if r.get("setmaxnreg"):
                 sass += f" warps={r['num_warps']} setmaxnreg={','.join(r['setmaxnreg'])}"
             print(f"{r['what']:<44} {tc:<60} tma={r['tma_loads']} smem={r['shared_bytes']} regs={r['regs']} "

@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: guards | fused-gate-add | tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | gemm-ws | gemm-ws-residual | gemm-tail | sweep-{large,m1024,m256,m64,small}
+# STEPs: guards | fused-gate-add | tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | host | gemm-ws | gemm-ws-residual | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile | arch-dvram (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -133,6 +133,12 @@ for step in "$@"; do
             --out "$OUT/sweep_ws_residual.json" 2>&1 | tee "$OUT/sweep_ws_residual.txt" ;;
         # the opt-in split tail (stream-K for the last wave, configs.GemmConfig.split_tail) vs the table config at the
         # wave-quantized shapes of Z-Image, klein and Chroma (~2 min): bit-identity tests first, under a timeout
+        # the Gluon INT8 GEMM with its wgmma products left in flight (kernels/gluon_gemm.py, NOTES item 56): GPU tests,
+        # then bit identity and timing against the table's kernel and cuBLAS FP8 (~2-3 min)
+        gemm-gluon) timeout 300 python3 -m pytest tests/test_gluon_gemm.py -q -p no:randomly 2>&1 \
+                | tee "$OUT/pytest-gluon-gemm.log" | tail -5; \
+            { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --out "$OUT/bench_gluon_gemm.json" 2>&1 \
+                | tee "$OUT/bench_gluon_gemm.txt"; } ;;
         gemm-tail) timeout 240 python3 -m pytest tests/test_kernels.py $XDIST -q -p no:randomly -k "split_tail or tail_plan" 2>&1 \
                 | tee "$OUT/pytest-gemm-tail.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.sweep_gemm --bucket tail --out "$OUT/sweep_tail.json" 2>&1 \

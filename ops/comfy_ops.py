@@ -308,21 +308,22 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         fused blocks"). ``lora_h``: that ``h [M, R]`` computed already (``run_quantized_shared``), or None.
         """
         comfy.ops.run_every_op()
-        group = self.input_rotation()
         term = self.int8_lora
         if term is None:
             lora_h = lora_b = None
         else:
             lora_b = term.b
             if lora_h is None:
-                a_q, a_scale = term.int8_down(group)
+                a_q, a_scale = term.int8_down(self.input_rotation())
                 lora_h = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, lora_b.dtype)
-        traced = self._traced_now() if torch.compiler.is_compiling() else None
+        compiling = torch.compiler.is_compiling()
+        traced = self._traced_now() if compiling else None
         if traced is not None and traced.qdata.device == xq.device:
             bias = None if self.bias is None else self.bias.to(out_dtype)
             return _gemm_quantized(xq, x_scale, traced.qdata, traced.scale, bias, out_dtype, residual, gate, lora_h,
                                    lora_b)
-        plan = self._plan_if_resident()
+        # _plan_if_resident's rule; the rotation is read only where it is used (~3 us a call, 12 a Qwen-Image block)
+        plan = None if compiling or _streamed(self) else self._resident_plan()
         if plan is not None:
             y = (plan.gemm(xq, x_scale, out_dtype, lora_h, lora_b) if residual is None
                  else plan.gemm_residual(xq, x_scale, out_dtype, residual, gate, lora_h, lora_b))
@@ -335,7 +336,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
             y = _gemm_quantized(xq, x_scale, weight._qdata, weight._params.scale, bias, out_dtype, residual, gate,
                                 lora_h, lora_b)
         else:  # a cast path that returned floats (a DynamicVRAM layer run on the CPU), the rotation undone
-            x = kernels.dequantize(xq, x_scale.reshape(-1, 1).float(), out_dtype, rotate_group=group)
+            x = kernels.dequantize(xq, x_scale.reshape(-1, 1).float(), out_dtype, rotate_group=self.input_rotation())
             y = torch.nn.functional.linear(x, weight.to(out_dtype), bias)
             if term is not None:
                 y = term.apply(x, y)

@@ -1,0 +1,162 @@
+"""The Gluon INT8 GEMM (``kernels/gluon_gemm.py``, wgmma left in flight) against the pack's table and cuBLAS FP8.
+
+    python -m int8_w8a8.bench.bench_gluon_gemm --check            # no GPU: compile every config for sm_90
+    python -m int8_w8a8.bench.bench_gluon_gemm [--out gluon.json]  # H200: bit identity, then ms and TOPS
+
+``--check`` reports for each ``CONFIGS`` entry the wgmma instruction, the ``wgmma.wait_group`` arguments (1: a
+product stays in flight while the next is issued; the pack's Triton kernels show only 0, bench/NOTES.md item 56),
+registers, spills and shared memory, and fails on a config that spills, waits only with 0, or needs more than
+sm_90's 227 KB. On a GPU each config's output must equal the torch twin's bit for bit (bf16 out, per-row scales)
+before it is timed; the table's kernel (``triton_ops.int8_gemm``, the config the pack picks) and cuBLAS FP8
+(``torch._scaled_mm``, per-tensor scales) are timed alongside at the same shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import sys
+
+import torch
+
+from ..kernels import gluon_gemm
+from ..kernels.gluon_gemm import GluonGemmConfig
+
+CONFIGS: dict[str, GluonGemmConfig] = {
+    "gluon 128x128x128 s4 w8": GluonGemmConfig(128, 128, 128, 4, 8),
+    "gluon 128x128x64 s6 w8": GluonGemmConfig(128, 128, 64, 6, 8),
+    "gluon 64x128x128 s4 w4": GluonGemmConfig(64, 128, 128, 4, 4),
+}  # 128 x 256 at 8 warps compiles with 255 registers and a 64-byte stack (spills): not a candidate
+# the large-M GEMMs of Z-Image, FLUX.2 klein 9B and Qwen-Image (sweep_gemm.WS_SHAPES and Qwen-Image's widths),
+# and one of each smaller M bucket
+SHAPES = [(4608, 3840, 11520), (4608, 3840, 3840), (4608, 3840, 10240), (4608, 10240, 3840), (4608, 4096, 36864),
+          (4608, 16384, 4096), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072), (1024, 3072, 27648),
+          (256, 4096, 12288)]
+SMEM_LIMIT = 232448  # bytes per block on sm_90
+
+
+def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16") -> dict:
+    """Compile ``_gemm_kernel`` for ``sm_<arch>`` without a GPU (per-row scales, a bias); its PTX/cubin summary."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from .check_ptx import _resource_usage
+    from .check_ptx_attention import wgmma_overlap
+
+    a = gl.NVMMASharedLayout.get_default_for([cfg.block_m, cfg.block_k], gl.int8)
+    b = gl.NVMMASharedLayout.get_default_for([cfg.block_n, cfg.block_k], gl.int8)
+    sig = {"a_desc": f"tensordesc<i8[{cfg.block_m}, {cfg.block_k}],{a}>",
+           "b_desc": f"tensordesc<i8[{cfg.block_n}, {cfg.block_k}],{b}>",
+           "out_ptr": f"*{out}", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{out}", "M": "i32", "N": "i32",
+           "K": "i32", "stride_om": "i32", "PER_ROW": "constexpr", "HAS_BIAS": "constexpr", "STAGES": "constexpr",
+           "GROUP_M": "constexpr", "num_warps": "constexpr"}
+    consts = {"PER_ROW": True, "HAS_BIAS": True, "STAGES": cfg.stages, "GROUP_M": cfg.group_m,
+              "num_warps": cfg.num_warps}
+    compiled = triton.compile(GluonASTSource(gluon_gemm._gemm_kernel, sig, consts, {}),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps})
+    ptx = compiled.asm["ptx"]
+    return {"wgmma": sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))), **wgmma_overlap(ptx),
+            "shared_bytes": compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"])}
+
+
+def problems(row: dict) -> list[str]:
+    """What is wrong with one compiled config (empty: it passes)."""
+    bad = []
+    if not any(".s32.s8.s8" in w for w in row["wgmma"]):
+        bad.append("no wgmma s8")
+    if max(row["wgmma_waits"], default=0) < 1:
+        bad.append("every wgmma waited for at once (wait_group 0 only)")
+    if row["local"] > 0 or row["stack"] > 0:
+        bad.append(f"register spills: local {row['local']} B, stack {row['stack']} B")
+    if row["shared_bytes"] > SMEM_LIMIT:
+        bad.append(f"shared memory {row['shared_bytes']} B over {SMEM_LIMIT}")
+    return bad
+
+
+def check(arch: int = 90) -> list[dict]:
+    rows = []
+    for name, cfg in CONFIGS.items():
+        try:
+            row = compile_offline(cfg, arch)
+            rows.append({"name": name, **row, "problems": problems(row)})
+        except Exception as exc:  # a compiler failure is this config's result
+            rows.append({"name": name, "problems": [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]})
+    return rows
+
+
+def run(shapes=SHAPES, warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
+    """Per shape: the table's kernel, every ``CONFIGS`` entry (not timed unless bit-identical to the twin), cuBLAS
+    FP8; ms, TOPS and x the table's kernel."""
+    from ..kernels import triton_ops
+    from ..kernels.dispatch import choose_backend
+    from . import common
+    from .sweep_gemm import _operands
+
+    backend = choose_backend(torch.device("cuda"))
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    results = []
+    for m, k, n in shapes:
+        x, w, xq, xs, wq, ws, ref, _ = _operands(m, k, n)
+        calls = {"table (triton_ops.int8_gemm)": functools.partial(triton_ops.int8_gemm, xq, xs.reshape(-1, 1), wq,
+                                                                   ws, None, torch.bfloat16, backend)}
+        calls.update({name: functools.partial(gluon_gemm.gemm, xq, xs, wq, ws, None, torch.bfloat16, cfg)
+                      for name, cfg in CONFIGS.items()})
+        rows = []
+        for name, fn in calls.items():
+            try:
+                y = fn()
+                torch.cuda.synchronize()
+                if not torch.equal(y, ref):
+                    diff = (y.float() - ref.float()).abs().nan_to_num(1e30)
+                    rows.append({"name": name, "error": "not bit-identical to the twin",
+                                 "differing": int((diff > 0).sum()), "max_abs_diff": float(diff.max())})
+                    continue
+                ms = common.bench_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                rows.append({"name": name, "ms": ms, "tops": common.tops(m, k, n, ms)})
+            except Exception as exc:  # out of resources, a compiler failure: record and go on
+                rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        sa = x.abs().amax().float().clamp(min=1e-12) / fp8_max
+        sb = w.abs().amax().float().clamp(min=1e-12) / fp8_max
+        x8, w8 = (x.float() / sa).to(torch.float8_e4m3fn), (w.float() / sb).to(torch.float8_e4m3fn)
+        ms = common.bench_ms(functools.partial(torch._scaled_mm, x8, w8.t(), scale_a=sa, scale_b=sb,
+                                               out_dtype=torch.bfloat16), warmup_ms=warmup_ms, rep_ms=rep_ms)
+        rows.append({"name": "cuBLAS fp8 per-tensor", "ms": ms, "tops": common.tops(m, k, n, ms)})
+        base = next((r["ms"] for r in rows if "ms" in r), None)
+        print(f"M={m} K={k} N={n}", flush=True)
+        for r in rows:
+            if "ms" in r:
+                print(f"  {r['name']:<30} {r['ms']:8.4f} ms {r['tops']:6.0f} TOPS  x{base / r['ms']:.3f} vs table",
+                      flush=True)
+            else:
+                print(f"  {r['name']:<30} {r['error']} {r.get('differing', '')}", flush=True)
+        results.append({"M": m, "K": k, "N": n, "results": rows})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="compile every config for sm_90 (no GPU needed)")
+    parser.add_argument("--out", default="bench_gluon_gemm.json")
+    args = parser.parse_args(argv)
+    if args.check:
+        rows = check()
+        for r in rows:
+            mma = ",".join(w.replace("wgmma.mma_async.sync.aligned.", "") for w in r.get("wgmma", []))
+            print(f"{r['name']:<28} {mma} wait={r.get('wgmma_waits')} regs={r.get('regs')} local={r.get('local')} "
+                  f"stack={r.get('stack')} smem={r.get('shared_bytes')} "
+                  f"{'OK' if not r['problems'] else '; '.join(r['problems'])}")
+        return 1 if any(r["problems"] for r in rows) else 0
+    if not torch.cuda.is_available():
+        print("bench_gluon_gemm needs a CUDA GPU (or --check)", file=sys.stderr)
+        return 2
+    from . import common
+
+    common.write_json(args.out, {"env": common.environment(), "shapes": run()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The Gluon INT8 GEMM for Hopper (kernels/gluon_gemm.py), opt-in until measured (bench/NOTES.md item 56).
+
+Without a GPU: its configs' rules, the PTX wait analysis on known text, and every benchmarked config compiled for
+sm_90 offline (wgmma s8 with a product left in flight, no spills, within 227 KB). On an SM 9.x GPU: the kernel
+against the torch twin bit for bit at odd shapes (M = 1, 15, 16, 17; N and K not multiples of the tiles),
+per-row and per-tensor scales, bias, every output dtype, strided rows, NaN and all-zero rows, and its input rules.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from int8_w8a8.kernels import reference as ref
+from int8_w8a8.kernels.gluon_gemm import GluonGemmConfig
+
+from .conftest import HAS_CUDA
+
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kwargs", [{"block_m": 64, "num_warps": 8}, {"block_n": 96}, {"block_k": 48},
+                                    {"stages": 1}, {"num_warps": 2, "block_m": 32}, {"group_m": 0}])
+def test_config_rules(kwargs):
+    with pytest.raises(ValueError, match="GluonGemmConfig"):
+        GluonGemmConfig(**kwargs)
+
+
+@pytest.mark.unit
+def test_wgmma_wait_analysis_on_known_ptx():
+    """wait_group 0 right after the commit (Triton 3.6's INT8 products) against a product left in flight."""
+    from int8_w8a8.bench.check_ptx_attention import wgmma_overlap
+
+    sync = ("wgmma.fence.sync.aligned;\nwgmma.commit_group.sync.aligned;\nmov.b32 %r1, 0;\n"
+            "wgmma.wait_group.sync.aligned 0;")
+    assert wgmma_overlap(sync) == {"wgmma_waits": [0], "wgmma_overlap_instr": 0}
+    flight = ("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 1;\nex2.approx.f32 %f1, %f2;\n"
+              "add.f32 %f3, %f1, %f1;\nwgmma.commit_group.sync.aligned;\nex2.approx.f32 %f4, %f3;\n"
+              "wgmma.wait_group.sync.aligned 0;")
+    assert wgmma_overlap(flight) == {"wgmma_waits": [0, 1], "wgmma_overlap_instr": 1}
+
+
+@pytest.mark.kernels
+def test_configs_compile_for_hopper_with_a_product_in_flight():
+    """Offline sm_90 compile of every benchmarked config: wgmma s32.s8.s8, ``wait_group 1`` (Triton's own INT8
+    kernels only wait with 0), no spills, shared memory within sm_90's 227 KB."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISABLE_MMA_V3", "INT8_W8A8_FORCE_ARCH")}
+    env["TRITON_INTERPRET"] = "0"
+    out = subprocess.run([sys.executable, "-m", "int8_w8a8.bench.bench_gluon_gemm", "--check"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    if out.returncode != 0 and "No module named 'triton" in out.stderr:
+        pytest.skip("Triton (with Gluon) is not installed")
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("gluon ")]
+    assert out.returncode == 0 and len(lines) == 3, (out.stdout[-3000:], out.stderr[-3000:])
+    assert all("s32.s8.s8" in ln and "wait=[0, 1]" in ln and ln.endswith(" OK") for ln in lines), lines
+
+
+def _operands(m: int, k: int, n: int, row_pad: int = 0):
+    """xq [M, K] (rows ``row_pad`` bytes apart beyond K when given), x_scale [M], wq [N, K], w_scale [N], on the GPU."""
+    x = torch.randn(m, k, device="cuda")
+    buf = torch.empty(m, k + row_pad, device="cuda", dtype=torch.int8)
+    xq, xs = ref.quantize_rows(x)
+    buf[:, :k] = xq
+    wq, ws = ref.quantize_weight(torch.randn(n, k, device="cuda") * 0.05)
+    return buf[:, :k], xs.reshape(-1), wq, ws.reshape(-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM is written for SM 9.x (Hopper)")
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (15, 96, 200), (16, 128, 128), (17, 4096, 300), (300, 160, 1024),
+                                   (777, 3072, 1000)])
+@pytest.mark.parametrize("cfg", [GluonGemmConfig(), GluonGemmConfig(64, 128, 128, 4, 4),
+                                 GluonGemmConfig(128, 128, 64, 6, 8)], ids=["128", "64", "128k64"])
+def test_matches_the_twin_bit_for_bit(seed, m, k, n, cfg):
+    from int8_w8a8.kernels import gluon_gemm
+
+    xq, xs, wq, ws = _operands(m, k, n, row_pad=16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for w_scale, b in ((ws, bias), (ws.amax(), None)):
+            y = gluon_gemm.gemm(xq, xs, wq, w_scale, b, out_dtype, cfg)
+            want = ref.epilogue(ref.int8_matmul(xq, wq), xs, w_scale, b, out_dtype)
+            assert y.shape == (m, n) and y.dtype == out_dtype
+            assert torch.equal(y, want), (out_dtype, w_scale.dim(), float((y.float() - want.float()).abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM is written for SM 9.x (Hopper)")
+def test_nan_and_zero_rows_and_input_rules(seed):
+    from int8_w8a8.kernels import gluon_gemm
+
+    xq, xs, wq, ws = _operands(17, 256, 130)
+    xq[3] = 0
+    xs[5] = float("nan")  # a row whose input held NaN/Inf: its scale is NaN, so is its output row
+    y = gluon_gemm.gemm(xq, xs, wq, ws, None, torch.bfloat16)
+    assert torch.equal(y[3], torch.zeros_like(y[3])) and y[5].isnan().all()
+    assert not y[[i for i in range(17) if i != 5]].isnan().any()
+    assert gluon_gemm.gemm(xq[:0], xs[:0], wq, ws, None, torch.bfloat16).shape == (0, 130)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        gluon_gemm.gemm(xq[:, :72], xs, wq[:, :72], ws, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="contiguous"):
+        gluon_gemm.gemm(xq.t().contiguous().t(), xs, wq, ws, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="out_dtype"):
+        gluon_gemm.gemm(xq, xs, wq, ws, None, torch.int32)
