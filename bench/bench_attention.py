@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import asdict
@@ -89,8 +90,10 @@ def _others(q, k, v, sm_scale: float) -> tuple[dict, dict]:
     return fns, missing
 
 
-def _bench_shape(h: int, s: int, variants, sm_scale: float, dev: str, dt: torch.dtype) -> tuple[list, dict]:
-    """Every method at one (H, S): rows of results and the methods that could not run (with the reason)."""
+def _bench_shape(h: int, s: int, variants, sm_scale: float, dev: str, dt: torch.dtype,
+                 gluon=()) -> tuple[list, dict]:
+    """Every method at one (H, S): rows of results and the methods that could not run (with the reason); ``gluon``:
+    ``GluonAttentionConfig``s of ``kernels/gluon_attention.py`` to time too."""
     from ..kernels import triton_attention
 
     torch.manual_seed(0)
@@ -129,6 +132,26 @@ def _bench_shape(h: int, s: int, variants, sm_scale: float, dev: str, dt: torch.
         record(name, lambda cfg=cfg, qa=qa: triton_attention.attention_quantized(qa, sm_scale, out, cfg), out,
                "kernel", cfg)
         record(name, lambda cfg=cfg: triton_attention.quantize(q, k, v, cfg), None, "quant", cfg)
+    for gcfg in gluon:  # kernels/gluon_attention.py: the same numbers, FA3's schedule (bench/NOTES.md item 57)
+        from ..kernels import gluon_attention
+
+        name = f"gluon 64x{gcfg.block_n} s{gcfg.stages}"
+        try:
+            record(name, lambda g=gcfg: gluon_attention.attention_quantized(
+                triton_attention.quantize(q, k, v, g.quant_config()), sm_scale, out, g), out, "total")
+            qa = triton_attention.quantize(q, k, v, gcfg.quant_config())
+            record(name, lambda g=gcfg, qa=qa: gluon_attention.attention_quantized(qa, sm_scale, out, g), out, "kernel")
+            # the Triton kernel on the same quantized inputs (block_n = 64 is not the Triton default): bit identity
+            tcfg = gcfg.quant_config()
+            same = torch.equal(gluon_attention.attention_quantized(qa, sm_scale, torch.empty_like(q), gcfg),
+                               triton_attention.attention_quantized(qa, sm_scale, torch.empty_like(q), tcfg))
+            print(f"H={h:<3} S={s:<6} {name}: {'bit-identical to' if same else 'DIFFERS from'} the Triton kernel "
+                  f"{tcfg.name} on the same inputs", flush=True)
+            triton_on_qa = functools.partial(triton_attention.attention_quantized, qa, sm_scale, out, tcfg)
+            record(f"pack {tcfg.name}", triton_on_qa, out, "kernel", tcfg)
+        except Exception as exc:  # a kernel that fails on this GPU must not cost the others their run
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+            print(f"{name}: failed ({skipped[name]})", flush=True)
     # the quantization pass with K and V in one launch and in two (split_quant_kv): the same numbers
     if variants:
         old = variants[0]
@@ -150,13 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="S = 4608, H = 24 only")
     parser.add_argument("--shapes", default=None, help="H:S pairs, e.g. 24:4608,32:16896 (default: issue 14's four)")
     parser.add_argument("--device", default="cuda", help="cuda (a CPU run under TRITON_INTERPRET is a smoke test)")
+    parser.add_argument("--default-only", action="store_true", help="of the Triton configs, the default only")
     args = parser.parse_args(argv)
     from ..kernels import attention_configs, triton_attention
 
     t_start = time.perf_counter()
     env = common.environment()
     print(env, flush=True)
-    variants = attention_configs.VARIANTS
+    variants = (attention_configs.DEFAULT,) if args.default_only else attention_configs.VARIANTS
+    gluon = ()
+    if args.device == "cuda" and torch.cuda.get_device_capability()[0] == 9:
+        from ..kernels.gluon_attention import GluonAttentionConfig
+
+        gluon = (GluonAttentionConfig(64, 3), GluonAttentionConfig(128, 3))
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
         shapes = tuple(tuple(int(x) for x in pair.split(":")) for pair in args.shapes.split(","))
@@ -181,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     variants = tuple(ok)
     rows = []
     for h, s in shapes:
-        r, miss = _bench_shape(h, s, variants, sm_scale, dev, dt)
+        r, miss = _bench_shape(h, s, variants, sm_scale, dev, dt, gluon)
         rows += r
         skipped.update(miss)
         torch.cuda.empty_cache()
     print(f"\nbest pack variant per shape (quantization counted) vs SDPA default; 'ok': rel.err <= {ERR_BOUND}:")
     for h, s in shapes:
-        here = [r for r in rows if r["H"] == h and r["S"] == s and r["method"].startswith("pack")]
+        here = [r for r in rows if r["H"] == h and r["S"] == s and r["method"].startswith(("pack", "gluon"))]
         totals = [r for r in here if r["kind"] == "total"]
         for label, pool in (("any", totals), ("ok", [r for r in totals if r["rel_err"] <= ERR_BOUND])):
             if not pool:

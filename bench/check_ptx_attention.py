@@ -208,6 +208,28 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
     return out
 
 
+def compile_gluon_attention(cfg, arch: int = 90, head_dim: int = 128, out: str = "bf16") -> dict:
+    """Compile ``kernels/gluon_attention``'s kernel for ``cfg`` (a ``GluonAttentionConfig``); its PTX/SASS summary,
+    with ``wgmma_overlap``: the kernel keeps one product in flight across its softmax (bench/NOTES.md item 57)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from ..kernels import gluon_attention
+
+    def desc(rows: int, cols: int) -> str:
+        return f"tensordesc<i8[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)}>"
+
+    bm, bn, d = gluon_attention.BLOCK_M, cfg.block_n, head_dim
+    sig = {"q_desc": desc(bm, d), "k_desc": desc(bn, d), "v_desc": desc(d, bn), "qs_ptr": "*fp32", "ks_ptr": "*fp32",
+           "vs_ptr": "*fp32", "vcs_ptr": "*i32", "out_ptr": f"*{out}", "qk_mult": "fp32", "S_q": "i32", "S_kv": "i32",
+           "n_blocks": "i32", "H": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_os": "i32",
+           "HEAD_DIM": "constexpr", "STAGES": "constexpr", "num_warps": "constexpr"}
+    consts = {"HEAD_DIM": d, "STAGES": cfg.stages, "num_warps": gluon_attention.NUM_WARPS}
+    compiled = triton.compile(GluonASTSource(gluon_attention._attention_kernel, sig, consts, {}),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": gluon_attention.NUM_WARPS})
+    return _summary(compiled, arch)
+
+
 def problems(row: dict, pv: str, cfg: AttentionConfig | None = None) -> list[str]:
     """What is wrong with one attention kernel's summary (empty: it passes the check); ``cfg.warp_spec``: also
     that the Hopper pass split it (a producer warpgroup and two consumers: num_warps + 8, setmaxnreg)."""
@@ -248,6 +270,17 @@ def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128
         r = compile_attention(cfg, arch, d)
         rows.append({"what": f"attention {cfg.name} D={d}", "config": asdict(cfg), **r,
                      "problems": problems(r, cfg.pv, cfg)})
+    from ..kernels.gluon_attention import GluonAttentionConfig
+
+    for gcfg, d in ((GluonAttentionConfig(64, 3), 128), (GluonAttentionConfig(64, 3), 64),
+                    (GluonAttentionConfig(128, 3), 128)):
+        r = compile_gluon_attention(gcfg, arch, d)
+        bad = problems(r, "int8")
+        if 1 not in r["wgmma_waits"] or r["wgmma_overlap_instr"] < 100:
+            bad.append(f"no product in flight across the softmax (waits {r['wgmma_waits']}, "
+                       f"{r['wgmma_overlap_instr']} instructions under a product)")
+        rows.append({"what": f"gluon attention 64x{gcfg.block_n} s{gcfg.stages} D={d}", "config": asdict(gcfg), **r,
+                     "problems": bad})
     for cfg in {(c.pv, c.block_n, c.rotate): c for c in configs}.values():
         for name, r in compile_quant(cfg, arch).items():
             bad = [] if r["local"] <= 0 else [f"register spills: local {r['local']} B"]

@@ -1,0 +1,80 @@
+"""The Gluon 8-bit attention for Hopper (kernels/gluon_attention.py), opt-in until measured (bench/NOTES.md item 57).
+
+Without a GPU: its config rules (the offline sm_90 compile, a product in flight across the softmax, is checked by
+``test_attention.test_hopper_ptx_attention_uses_wgmma_for_both_products``). On an SM 9.x GPU: bit for bit the
+Triton kernel's output on the same quantized inputs (the same numbers, another schedule), within issue 14's
+accuracy bound against float64 attention, at S not a multiple of the key block, S_q != S_kv, one and two key
+blocks, B and H > 1, D = 64 and 128, keys with a shared offset and outlier channels; NaN in a row of Q poisons
+only that row; its input rules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from int8_w8a8.kernels.gluon_attention import GluonAttentionConfig
+
+from .conftest import HAS_CUDA, rel_err
+from .test_attention import BOUND, make, ref64
+
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kwargs", [{"block_n": 32}, {"block_n": 256}, {"stages": 2}])
+def test_config_rules(kwargs):
+    with pytest.raises(ValueError, match="GluonAttentionConfig"):
+        GluonAttentionConfig(**kwargs)
+
+
+@pytest.mark.unit
+def test_quantization_config_matches_the_kernel():
+    cfg = GluonAttentionConfig(128, 4).quant_config()
+    assert (cfg.block_m, cfg.block_n, cfg.pv, cfg.num_stages) == (64, 128, "int8", 4)
+
+
+def _both(q, k, v, gcfg: GluonAttentionConfig, out_dtype=None):
+    """(Gluon, Triton) on one quantization of q, k, v."""
+    from int8_w8a8.kernels import gluon_attention, triton_attention
+
+    sm = 1.0 / math.sqrt(q.shape[-1])
+    qa = triton_attention.quantize(q, k, v, gcfg.quant_config())
+    outs = [torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device) for _ in range(2)]
+    gluon_attention.attention_quantized(qa, sm, outs[0], gcfg)
+    triton_attention.attention_quantized(qa, sm, outs[1], gcfg.quant_config())
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon attention is written for SM 9.x (Hopper)")
+@pytest.mark.parametrize("b,h,s_q,s_kv", [(2, 3, 100, 300), (1, 2, 64, 64), (1, 2, 130, 65), (1, 4, 1000, 1500)])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("gcfg", [GluonAttentionConfig(64, 3), GluonAttentionConfig(128, 3),
+                                  GluonAttentionConfig(64, 4)], ids=["64s3", "128s3", "64s4"])
+@pytest.mark.parametrize("keys", ["gauss", "offset"])
+def test_matches_triton_and_float64(seed, b, h, s_q, s_kv, d, gcfg, keys):
+    q, k, v = make(b, h, s_q, s_kv, d, device="cuda", keys=keys)
+    g, t = _both(q, k, v, gcfg)
+    assert torch.equal(g, t), float((g.float() - t.float()).abs().max())
+    assert rel_err(g.cpu(), ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon attention is written for SM 9.x (Hopper)")
+def test_nan_row_float32_out_and_input_rules(seed):
+    from int8_w8a8.kernels import gluon_attention, triton_attention
+
+    q, k, v = make(1, 2, 150, 200, 128, device="cuda")
+    q[0, 1, 7, 3] = float("nan")
+    g, t = _both(q, k, v, GluonAttentionConfig(), out_dtype=torch.float32)
+    assert g[0, 1, 7].isnan().all() and not g[0, 0].isnan().any() and not g[0, 1, :7].isnan().any()
+    assert torch.equal(g.nan_to_num(7.0), t.nan_to_num(7.0))
+    qa = triton_attention.quantize(q, k, v, GluonAttentionConfig(128).quant_config())
+    with pytest.raises(ValueError, match="block_n=64"):
+        gluon_attention.attention_quantized(qa, 0.1, torch.empty_like(q), GluonAttentionConfig(64))
+    out = torch.empty(1, 2, 128, 150, device="cuda", dtype=q.dtype).transpose(2, 3)
+    with pytest.raises(ValueError, match="unit stride"):
+        gluon_attention.attention_quantized(qa, 0.1, out, GluonAttentionConfig(128))
