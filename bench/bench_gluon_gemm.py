@@ -55,7 +55,7 @@ def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16") -> 
            "GROUP_M": "constexpr", "num_warps": "constexpr"}
     consts = {"PER_ROW": True, "HAS_BIAS": True, "STAGES": cfg.stages, "GROUP_M": cfg.group_m,
               "num_warps": cfg.num_warps}
-    compiled = triton.compile(GluonASTSource(gluon_gemm._gemm_kernel, sig, consts, {}),
+    compiled = triton.compile(GluonASTSource(gluon_gemm._gluon_gemm_kernel, sig, consts, {}),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps})
     ptx = compiled.asm["ptx"]
     return {"wgmma": sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))), **wgmma_overlap(ptx),
@@ -76,6 +76,29 @@ def problems(row: dict) -> list[str]:
     return bad
 
 
+def check_launches(arch: int = 90) -> list[dict]:
+    """``gluon_gemm.launch`` as the pack calls it (host TensorDescriptors, scales, bias, bf16/fp32 out), bound by
+    Triton's JIT on CPU tensors and compiled for ``sm_<arch>`` instead of run (``check_ptx.emulated_gpu``): what a
+    GPU's first call would compile. One row per call."""
+    from .check_ptx import emulated_gpu
+
+    rows = []
+    xq, wq = torch.zeros(300, 256, dtype=torch.int8), torch.zeros(200, 256, dtype=torch.int8)
+    xs, ws = torch.ones(300), torch.ones(200)
+    calls = {"per-row scales, bf16 bias, bf16 out": (ws, torch.zeros(200, dtype=torch.bfloat16), torch.bfloat16),
+             "per-tensor scale, no bias, fp32 out": (ws[0].clone().reshape(()), None, torch.float32)}
+    for label, (w_scale, bias, dtype) in calls.items():
+        with emulated_gpu(arch, SMEM_LIMIT) as attempts:
+            try:
+                gluon_gemm.launch(xq, xs, wq, w_scale, bias, torch.empty(300, 200, dtype=dtype))
+                bad = [] if attempts and attempts[-1]["fits"] else ["did not compile a fitting kernel"]
+            except Exception as exc:  # a binding or compile failure is this call's result
+                bad = [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"]
+        info = {k: attempts[-1].get(k) for k in ("shared_bytes", "regs", "local", "stack")} if attempts else {}
+        rows.append({"name": f"launch: {label}", **info, "problems": bad})
+    return rows
+
+
 def check(arch: int = 90) -> list[dict]:
     rows = []
     for name, cfg in CONFIGS.items():
@@ -84,7 +107,7 @@ def check(arch: int = 90) -> list[dict]:
             rows.append({"name": name, **row, "problems": problems(row)})
         except Exception as exc:  # a compiler failure is this config's result
             rows.append({"name": name, "problems": [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]})
-    return rows
+    return rows + check_launches(arch)
 
 
 def run(shapes=SHAPES, warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:

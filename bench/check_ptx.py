@@ -263,7 +263,12 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict, arch: int):
     kwargs = {"debug": False, **kwargs}
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel (kernels/gluon_*.py) compiles from its own source
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        source = GluonASTSource
+    return triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 @contextlib.contextmanager

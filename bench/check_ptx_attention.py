@@ -225,9 +225,31 @@ def compile_gluon_attention(cfg, arch: int = 90, head_dim: int = 128, out: str =
            "n_blocks": "i32", "H": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_os": "i32",
            "HEAD_DIM": "constexpr", "STAGES": "constexpr", "num_warps": "constexpr"}
     consts = {"HEAD_DIM": d, "STAGES": cfg.stages, "num_warps": gluon_attention.NUM_WARPS}
-    compiled = triton.compile(GluonASTSource(gluon_attention._attention_kernel, sig, consts, {}),
+    compiled = triton.compile(GluonASTSource(gluon_attention._gluon_attention_kernel, sig, consts, {}),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": gluon_attention.NUM_WARPS})
     return _summary(compiled, arch)
+
+
+def check_gluon_launch(gcfg, arch: int = 90, head_dim: int = 128) -> list[str]:
+    """The quantization pass and ``gluon_attention.attention_quantized`` as a caller runs them (host descriptors,
+    scalars), bound by Triton's JIT on CPU tensors and compiled for ``sm_<arch>`` instead of run
+    (``check_ptx.emulated_gpu``): what a GPU's first call compiles. Its problems (empty: it passes)."""
+    import torch
+
+    from ..kernels import gluon_attention
+    from .check_ptx import emulated_gpu
+
+    q, k, v = (torch.zeros(1, 2, s, head_dim, dtype=torch.bfloat16) for s in (150, 200, 200))
+    with emulated_gpu(arch, SMEM_LIMIT[arch]) as attempts:
+        try:
+            qa = triton_attention.quantize(q, k, v, gcfg.quant_config())
+            gluon_attention.attention_quantized(qa, 0.1, torch.empty_like(q), gcfg)
+        except Exception as exc:  # a binding or compile failure is the result
+            return [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"]
+    kernels = [a["kernel"] for a in attempts]
+    if "_gluon_attention_kernel" not in kernels or not all(a["fits"] for a in attempts):
+        return [f"launch compiled {kernels}, fits {[a['fits'] for a in attempts]}"]
+    return []
 
 
 def problems(row: dict, pv: str, cfg: AttentionConfig | None = None) -> list[str]:
@@ -279,6 +301,7 @@ def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128
         if 1 not in r["wgmma_waits"] or r["wgmma_overlap_instr"] < 100:
             bad.append(f"no product in flight across the softmax (waits {r['wgmma_waits']}, "
                        f"{r['wgmma_overlap_instr']} instructions under a product)")
+        bad += check_gluon_launch(gcfg, arch, d)
         rows.append({"what": f"gluon attention 64x{gcfg.block_n} s{gcfg.stages} D={d}", "config": asdict(gcfg), **r,
                      "problems": bad})
     for cfg in {(c.pv, c.block_n, c.rotate): c for c in configs}.values():

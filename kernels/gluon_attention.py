@@ -79,7 +79,7 @@ def _softmax(s, col_ok, rm, m_i, l_i):
 
 
 @gluon.jit
-def _attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, vcs_ptr, out_ptr,
+def _gluon_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, vcs_ptr, out_ptr,
                       qk_mult, S_q, S_kv, n_blocks, H, stride_ob, stride_oh, stride_os,
                       HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -206,7 +206,7 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor,
                               gl.NVMMASharedLayout.get_default_for([d, cfg.block_n], i8))
     n_blocks = qa.k_scale.shape[1]
     grid = (-(-s_q // BLOCK_M), b * h)
-    _attention_kernel[grid](q_desc, k_desc, v_desc, qa.q_scale, qa.k_scale, qa.v_scale, qa.v_colsum, out,
+    _gluon_attention_kernel[grid](q_desc, k_desc, v_desc, qa.q_scale, qa.k_scale, qa.v_scale, qa.v_colsum, out,
                             float(sm_scale * LOG2E), s_q, s_kv, n_blocks, h, out.stride(0), out.stride(1),
                             out.stride(2), HEAD_DIM=d, STAGES=cfg.stages, num_warps=NUM_WARPS)
     return out

@@ -67,7 +67,7 @@ DEFAULT = GluonGemmConfig()
 
 
 @gluon.jit
-def _gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, stride_om,
+def _gluon_gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, stride_om,
                  PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                  num_warps: gl.constexpr):
     BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -161,9 +161,16 @@ def gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: tor
         raise ValueError(f"gluon_gemm: {why}")
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"gluon_gemm: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    out = torch.empty((xq.shape[0], wq.shape[0]), dtype=out_dtype, device=xq.device)
+    return launch(xq, x_scale, wq, w_scale, bias, out, cfg)
+
+
+def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+           bias: torch.Tensor | None, out: torch.Tensor, cfg: GluonGemmConfig = DEFAULT) -> torch.Tensor:
+    """``gemm`` into ``out [M, N]`` (unit column stride) without its checks (``bench_gluon_gemm --check`` compiles
+    this launch for sm_90 on CPU tensors); returns out."""
     m, k = xq.shape
     n = wq.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return out
     xs = x_scale.reshape(-1).float().contiguous()
@@ -173,7 +180,7 @@ def gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: tor
     a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k], a_layout)
     b_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k], b_layout)
     grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n),)
-    _gemm_kernel[grid](a_desc, b_desc, out, xs, ws, bias if bias is not None else xs, m, n, k, out.stride(0),
+    _gluon_gemm_kernel[grid](a_desc, b_desc, out, xs, ws, bias if bias is not None else xs, m, n, k, out.stride(0),
                        PER_ROW=w_scale.dim() > 0, HAS_BIAS=bias is not None, STAGES=cfg.stages, GROUP_M=cfg.group_m,
                        num_warps=cfg.num_warps)
     return out

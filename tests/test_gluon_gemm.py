@@ -1,7 +1,8 @@
 """The Gluon INT8 GEMM for Hopper (kernels/gluon_gemm.py), opt-in until measured (bench/NOTES.md item 56).
 
-Without a GPU: its configs' rules, the PTX wait analysis on known text, and every benchmarked config compiled for
-sm_90 offline (wgmma s8 with a product left in flight, no spills, within 227 KB). On an SM 9.x GPU: the kernel
+Without a GPU: its configs' rules, the PTX wait analysis on known text, every benchmarked config compiled for
+sm_90 offline (wgmma s8 with a product left in flight, no spills, within 227 KB), and its host launch bound by
+Triton's JIT on CPU tensors and compiled for sm_90. On an SM 9.x GPU: the kernel
 against the torch twin bit for bit at odd shapes (M = 1, 15, 16, 17; N and K not multiples of the tiles),
 per-row and per-tensor scales, bias, every output dtype, strided rows, NaN and all-zero rows, and its input rules.
 """
@@ -58,6 +59,9 @@ def test_configs_compile_for_hopper_with_a_product_in_flight():
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("gluon ")]
     assert out.returncode == 0 and len(lines) == 3, (out.stdout[-3000:], out.stderr[-3000:])
     assert all("s32.s8.s8" in ln and "wait=[0, 1]" in ln and ln.endswith(" OK") for ln in lines), lines
+    # the host launch (descriptors, scales, bias, out dtypes) bound by Triton's JIT and compiled for sm_90
+    launches = [ln for ln in out.stdout.splitlines() if ln.startswith("launch: ")]
+    assert len(launches) == 2 and all(ln.endswith(" OK") for ln in launches), launches
 
 
 def _operands(m: int, k: int, n: int, row_pad: int = 0):
