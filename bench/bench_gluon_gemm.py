@@ -116,10 +116,9 @@ def run(shapes=SHAPES, warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
     from ..kernels import triton_ops
     from ..kernels.dispatch import choose_backend
     from . import common
-    from .sweep_gemm import _operands
+    from .sweep_gemm import _operands, cublas_fp8_row, print_rows
 
     backend = choose_backend(torch.device("cuda"))
-    fp8_max = torch.finfo(torch.float8_e4m3fn).max
     results = []
     for m, k, n in shapes:
         x, w, xq, xs, wq, ws, ref, _ = _operands(m, k, n)
@@ -141,20 +140,8 @@ def run(shapes=SHAPES, warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
                 rows.append({"name": name, "ms": ms, "tops": common.tops(m, k, n, ms)})
             except Exception as exc:  # out of resources, a compiler failure: record and go on
                 rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-        sa = x.abs().amax().float().clamp(min=1e-12) / fp8_max
-        sb = w.abs().amax().float().clamp(min=1e-12) / fp8_max
-        x8, w8 = (x.float() / sa).to(torch.float8_e4m3fn), (w.float() / sb).to(torch.float8_e4m3fn)
-        ms = common.bench_ms(functools.partial(torch._scaled_mm, x8, w8.t(), scale_a=sa, scale_b=sb,
-                                               out_dtype=torch.bfloat16), warmup_ms=warmup_ms, rep_ms=rep_ms)
-        rows.append({"name": "cuBLAS fp8 per-tensor", "ms": ms, "tops": common.tops(m, k, n, ms)})
-        base = next((r["ms"] for r in rows if "ms" in r), None)
-        print(f"M={m} K={k} N={n}", flush=True)
-        for r in rows:
-            if "ms" in r:
-                print(f"  {r['name']:<30} {r['ms']:8.4f} ms {r['tops']:6.0f} TOPS  x{base / r['ms']:.3f} vs table",
-                      flush=True)
-            else:
-                print(f"  {r['name']:<30} {r['error']} {r.get('differing', '')}", flush=True)
+        rows.append(cublas_fp8_row(x, w, warmup_ms, rep_ms))
+        print_rows(m, k, n, rows, "table")
         results.append({"M": m, "K": k, "N": n, "results": rows})
     return results
 

@@ -240,7 +240,6 @@ def run_variants(shapes, candidates: list[tuple[str, GemmConfig]], warmup_ms: in
     the first candidate; a candidate whose output differs from the first's or the torch twin's is not timed.
     ``residual``: the gated residual epilogue (checked against the first candidate from one starting residual;
     timed calls keep adding into it)."""
-    fp8_max = torch.finfo(torch.float8_e4m3fn).max
     results = []
     for m, k, n in shapes:
         x, w, xq, xs, wq, ws, ref, out = _operands(m, k, n)
@@ -270,22 +269,33 @@ def run_variants(shapes, candidates: list[tuple[str, GemmConfig]], warmup_ms: in
                 rows.append({"name": name, "config": cfg.__dict__, "ms": ms, "tops": common.tops(m, k, n, ms)})
             except Exception as exc:  # out of resources, a compiler failure: record and go on
                 rows.append({"name": name, "config": cfg.__dict__, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-        sa = x.abs().amax().float().clamp(min=1e-12) / fp8_max
-        sb = w.abs().amax().float().clamp(min=1e-12) / fp8_max
-        x8, w8 = (x.float() / sa).to(torch.float8_e4m3fn), (w.float() / sb).to(torch.float8_e4m3fn)
-        ms = common.bench_ms(functools.partial(torch._scaled_mm, x8, w8.t(), scale_a=sa, scale_b=sb,
-                                               out_dtype=torch.bfloat16), warmup_ms=warmup_ms, rep_ms=rep_ms)
-        rows.append({"name": "cuBLAS fp8 per-tensor", "ms": ms, "tops": common.tops(m, k, n, ms)})
-        base = next((r["ms"] for r in rows if "ms" in r), None)
-        print(f"M={m} K={k} N={n}", flush=True)
-        for r in rows:
-            if "ms" in r:
-                print(f"  {r['name']:<28} {r['ms']:8.4f} ms {r['tops']:6.0f} TOPS  x{base / r['ms']:.3f} vs first",
-                      flush=True)
-            else:
-                print(f"  {r['name']:<28} {r['error']}", flush=True)
+        rows.append(cublas_fp8_row(x, w, warmup_ms, rep_ms))
+        print_rows(m, k, n, rows, "first")
         results.append({"M": m, "K": k, "N": n, "results": rows})
     return results
+
+
+def cublas_fp8_row(x: torch.Tensor, w: torch.Tensor, warmup_ms: int, rep_ms: int) -> dict:
+    """cuBLAS FP8 (``torch._scaled_mm``, per-tensor scales, bf16 out) on x [M, K] and w [N, K]: a result row."""
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    sa = x.abs().amax().float().clamp(min=1e-12) / fp8_max
+    sb = w.abs().amax().float().clamp(min=1e-12) / fp8_max
+    x8, w8 = (x.float() / sa).to(torch.float8_e4m3fn), (w.float() / sb).to(torch.float8_e4m3fn)
+    ms = common.bench_ms(functools.partial(torch._scaled_mm, x8, w8.t(), scale_a=sa, scale_b=sb,
+                                           out_dtype=torch.bfloat16), warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return {"name": "cuBLAS fp8 per-tensor", "ms": ms, "tops": common.tops(x.shape[0], x.shape[1], w.shape[0], ms)}
+
+
+def print_rows(m: int, k: int, n: int, rows: list[dict], base: str) -> None:
+    """One shape's rows: ms, TOPS and the speed-up over the first timed row (called ``base``), or the error."""
+    first = next((r["ms"] for r in rows if "ms" in r), None)
+    print(f"M={m} K={k} N={n}", flush=True)
+    for r in rows:
+        if "ms" in r:
+            print(f"  {r['name']:<30} {r['ms']:8.4f} ms {r['tops']:6.0f} TOPS  x{first / r['ms']:.3f} vs {base}",
+                  flush=True)
+        else:
+            print(f"  {r['name']:<30} {r['error']} {r.get('differing', '')}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
