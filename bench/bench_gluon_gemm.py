@@ -27,6 +27,9 @@ CONFIGS: dict[str, GluonGemmConfig] = {
     "gluon 128x128x128 s4 w8": GluonGemmConfig(128, 128, 128, 4, 8),
     "gluon 128x128x64 s6 w8": GluonGemmConfig(128, 128, 64, 6, 8),
     "gluon 64x128x128 s4 w4": GluonGemmConfig(64, 128, 128, 4, 4),
+    "gluon persistent 128x128x128 s4 w8": GluonGemmConfig(128, 128, 128, 4, 8, persistent=True),
+    "gluon persistent 64x128x128 s4 w4 2/SM": GluonGemmConfig(64, 128, 128, 4, 4, persistent=True, ctas_per_sm=2),
+    "gluon persistent 128x128x64 s6 w8 2/SM": GluonGemmConfig(128, 128, 64, 6, 8, persistent=True, ctas_per_sm=2),
 }  # 128 x 256 at 8 warps compiles with 255 registers and a 64-byte stack (spills): not a candidate
 # the large-M GEMMs of Z-Image, FLUX.2 klein 9B and Qwen-Image (sweep_gemm.WS_SHAPES and Qwen-Image's widths),
 # and one of each smaller M bucket
@@ -55,7 +58,8 @@ def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16") -> 
            "GROUP_M": "constexpr", "num_warps": "constexpr"}
     consts = {"PER_ROW": True, "HAS_BIAS": True, "STAGES": cfg.stages, "GROUP_M": cfg.group_m,
               "num_warps": cfg.num_warps}
-    compiled = triton.compile(GluonASTSource(gluon_gemm._gluon_gemm_kernel, sig, consts, {}),
+    kernel = gluon_gemm._gluon_gemm_persistent_kernel if cfg.persistent else gluon_gemm._gluon_gemm_kernel
+    compiled = triton.compile(GluonASTSource(kernel, sig, consts, {}),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps})
     ptx = compiled.asm["ptx"]
     return {"wgmma": sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))), **wgmma_overlap(ptx),
@@ -91,7 +95,10 @@ def check_launches(arch: int = 90) -> list[dict]:
         with emulated_gpu(arch, SMEM_LIMIT) as attempts:
             try:
                 gluon_gemm.launch(xq, xs, wq, w_scale, bias, torch.empty(300, 200, dtype=dtype))
-                bad = [] if attempts and attempts[-1]["fits"] else ["did not compile a fitting kernel"]
+                gluon_gemm.launch(xq, xs, wq, w_scale, bias, torch.empty(300, 200, dtype=dtype),
+                                  GluonGemmConfig(persistent=True))
+                bad = [] if len(attempts) == 2 and all(a["fits"] for a in attempts) else [
+                    f"compiled {[a['kernel'] for a in attempts]}, fits {[a['fits'] for a in attempts]}"]
             except Exception as exc:  # a binding or compile failure is this call's result
                 bad = [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"]
         info = {k: attempts[-1].get(k) for k in ("shared_bytes", "regs", "local", "stack")} if attempts else {}

@@ -11,9 +11,10 @@ offline with ``bench/check_ptx_attention.wgmma_overlap``; an fp16 GEMM of the sa
 Gluon, Triton's lower-level language, states the wait itself: here ``warpgroup_mma(..., is_async=True)`` and
 ``warpgroup_mma_wait(num_outstanding=1)``, so one product is always queued behind the running one.
 
-Form: one program per [BLOCK_M, BLOCK_N] output tile in grouped order, operands through TMA descriptors into a
-ring of ``stages`` shared-memory buffers (one mbarrier each), both operands K-major (``wq`` is [N, K]), the
-epilogue in registers and stored through pointers with masks. TMA zero-fills reads past M, N and K.
+Form: one program per [BLOCK_M, BLOCK_N] output tile in grouped order (or, ``persistent``, a fixed grid walking
+the tiles with the next tile's first loads issued before this tile's epilogue), operands through TMA descriptors
+into a ring of ``stages`` shared-memory buffers (one mbarrier each), both operands K-major (``wq`` is [N, K]),
+the epilogue in registers and stored through pointers with masks. TMA zero-fills reads past M, N and K.
 
 Opt-in, not dispatched: measured against ``triton_gemm`` before it enters a table (bench/NOTES.md item 56).
 Needs SM 9.0, a compiled (not interpreted) Triton, and TMA-legal operands: ``xq`` [M, K] and ``wq`` [N, K]
@@ -38,7 +39,8 @@ class GluonGemmConfig:
     """Tile and launch of the Gluon GEMM: ``block_m`` = 16 * num_warps rows (every warp owns 16 rows of the
     wgmma layout), ``block_n`` 64, 128 or 256 (an 8-bit wgmma's N is at most 224: 256 runs as two of 128),
     ``block_k`` a multiple of 32, ``stages`` TMA buffers in the ring (>= 2: one product in flight needs its
-    buffer kept while the next one's is read)."""
+    buffer kept while the next one's is read). ``persistent``: ``ctas_per_sm`` programs per SM walk the tiles, the
+    next tile's first loads issued before this tile's epilogue (``_gluon_gemm_persistent_kernel``)."""
 
     block_m: int = 128
     block_n: int = 128
@@ -46,6 +48,8 @@ class GluonGemmConfig:
     stages: int = 4
     num_warps: int = 8
     group_m: int = 8
+    persistent: bool = False
+    ctas_per_sm: int = 1
 
     def __post_init__(self) -> None:
         if self.num_warps not in (4, 8) or self.block_m != 16 * self.num_warps:
@@ -54,8 +58,9 @@ class GluonGemmConfig:
         if self.block_n not in (64, 128, 256) or self.block_k % 32 or not 32 <= self.block_k <= 256:
             raise ValueError(f"GluonGemmConfig: block_n in (64, 128, 256) and block_k a multiple of 32 up to 256, "
                              f"got {self.block_n}, {self.block_k}")
-        if self.stages < 2 or self.group_m < 1:
-            raise ValueError(f"GluonGemmConfig: stages >= 2 and group_m >= 1, got {self.stages}, {self.group_m}")
+        if self.stages < 2 or self.group_m < 1 or self.ctas_per_sm < 1:
+            raise ValueError(f"GluonGemmConfig: stages >= 2, group_m >= 1 and ctas_per_sm >= 1, got {self.stages}, "
+                             f"{self.group_m}, {self.ctas_per_sm}")
 
     @property
     def shared_bytes(self) -> int:
@@ -67,54 +72,31 @@ DEFAULT = GluonGemmConfig()
 
 
 @gluon.jit
-def _gluon_gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, stride_om,
-                 PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                 num_warps: gl.constexpr):
-    BM: gl.constexpr = a_desc.block_type.shape[0]
-    BK: gl.constexpr = a_desc.block_type.shape[1]
-    BN: gl.constexpr = b_desc.block_type.shape[0]
-    INSTR_N: gl.constexpr = 128 if BN > 128 else BN  # an 8-bit wgmma's N is at most 224
-    # grouped order: GROUP_M rows of tiles walk the N tiles together, so their weight tiles are reused from L2
-    pid = gl.program_id(0)
+def _tile_offsets(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
+    """The (row, column) origin of output tile ``tile`` in grouped order: GROUP_M rows of tiles walk the N tiles
+    together, so their weight tiles are reused from L2."""
     grid_m = gl.cdiv(M, BM)
-    grid_n = gl.cdiv(N, BN)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
+    width = GROUP_M * gl.cdiv(N, BN)
+    first_m = (tile // width) * GROUP_M
     size_m = gl.minimum(grid_m - first_m, GROUP_M)
-    off_m = (first_m + (pid % width) % size_m) * BM
-    off_n = ((pid % width) // size_m) * BN
+    return (first_m + (tile % width) % size_m) * BM, ((tile % width) // size_m) * BN
 
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, INSTR_N, 32])
-    acc = gl.zeros((BM, BN), gl.int32, layout=mma)
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
-    k_tiles = gl.cdiv(K, BK)
-    for i in gl.static_range(STAGES - 1):  # the ring's first loads
-        if i < k_tiles:
-            mbarrier.expect(ready.index(i), nbytes)
-            tma.async_copy_global_to_shared(a_desc, [off_m, i * BK], ready.index(i), a_s.index(i))
-            tma.async_copy_global_to_shared(b_desc, [off_n, i * BK], ready.index(i), b_s.index(i))
-    for kt in range(k_tiles):
-        s = kt % STAGES
-        mbarrier.wait(ready.index(s), (kt // STAGES) & 1)
-        acc = warpgroup_mma(a_s.index(s), b_s.index(s).permute((1, 0)), acc, is_async=True)
-        # the previous K step's product is done (this one stays in flight), so its buffer takes the next load
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        nk = kt + STAGES - 1
-        if nk < k_tiles:
-            ns = nk % STAGES
-            mbarrier.expect(ready.index(ns), nbytes)
-            tma.async_copy_global_to_shared(a_desc, [off_m, nk * BK], ready.index(ns), a_s.index(ns))
-            tma.async_copy_global_to_shared(b_desc, [off_n, nk * BK], ready.index(ns), b_s.index(ns))
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
 
+@gluon.jit
+def _load_step(a_desc, b_desc, a_s, b_s, ready, stage, off_m, off_n, k):
+    """TMA loads of one K step's operand tiles into ring buffer ``stage``, signalled on its barrier."""
+    mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(stage), a_s.index(stage))
+    tma.async_copy_global_to_shared(b_desc, [off_n, k], ready.index(stage), b_s.index(stage))
+
+
+@gluon.jit
+def _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, stride_om, off_m, off_n, PER_ROW: gl.constexpr,
+              HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
+    """``((acc * x_scale) * w_scale) + bias`` (the twin's order) of one finished tile, stored with masks."""
+    mma: gl.constexpr = acc.type.layout
+    BM: gl.constexpr = acc.type.shape[0]
+    BN: gl.constexpr = acc.type.shape[1]
     rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
     cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
     xs = gl.load(xs_ptr + rows, mask=rows < M, other=0.0)
@@ -132,6 +114,93 @@ def _gluon_gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, 
     cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, store))
     ptrs = out_ptr + rows.to(gl.int64)[:, None] * stride_om + cols[None, :]
     gl.store(ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@gluon.constexpr_function
+def _mma_layout(block_n, num_warps):
+    # an 8-bit wgmma's N is at most 224: a 256-wide tile runs as two 128-wide products
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                     instr_shape=[16, 128 if block_n > 128 else block_n, 32])
+
+
+@gluon.jit
+def _gluon_gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, stride_om,
+                       PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                       num_warps: gl.constexpr):
+    """One program per output tile."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BM, BN, GROUP_M)
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    mma: gl.constexpr = _mma_layout(BN, num_warps)
+    acc = gl.zeros((BM, BN), gl.int32, layout=mma)
+    k_tiles = gl.cdiv(K, BK)
+    for i in gl.static_range(STAGES - 1):  # the ring's first loads
+        if i < k_tiles:
+            _load_step(a_desc, b_desc, a_s, b_s, ready, i, off_m, off_n, i * BK)
+    for kt in range(k_tiles):
+        s = kt % STAGES
+        mbarrier.wait(ready.index(s), (kt // STAGES) & 1)
+        acc = warpgroup_mma(a_s.index(s), b_s.index(s).permute((1, 0)), acc, is_async=True)
+        # the previous K step's product is done (this one stays in flight), so its buffer takes the next load
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        nk = kt + STAGES - 1
+        if nk < k_tiles:
+            _load_step(a_desc, b_desc, a_s, b_s, ready, nk % STAGES, off_m, off_n, nk * BK)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+    _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, stride_om, off_m, off_n, PER_ROW, HAS_BIAS, num_warps)
+
+
+@gluon.jit
+def _gluon_gemm_persistent_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, stride_om,
+                                  PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr,
+                                  GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+    """A fixed grid of programs, each walking the tiles ``pid, pid + programs, ...``: the (tile, K step) pairs run
+    as one flat loop, so the ring's loads of a tile's first K steps are issued before the previous tile's
+    epilogue and land while it runs."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    first = gl.program_id(0)
+    programs = gl.num_programs(0)
+    k_tiles = gl.cdiv(K, BK)
+    tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+    steps = gl.cdiv(tiles - first, programs) * k_tiles  # this program's (tile, K step) pairs
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    mma: gl.constexpr = _mma_layout(BN, num_warps)
+    acc = gl.zeros((BM, BN), gl.int32, layout=mma)
+    for i in gl.static_range(STAGES - 1):
+        if i < steps:
+            lm, ln = _tile_offsets(first + (i // k_tiles) * programs, M, N, BM, BN, GROUP_M)
+            _load_step(a_desc, b_desc, a_s, b_s, ready, i, lm, ln, (i % k_tiles) * BK)
+    for c in range(steps):
+        s = c % STAGES
+        kt = c % k_tiles
+        mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+        acc = warpgroup_mma(a_s.index(s), b_s.index(s).permute((1, 0)), acc, use_acc=kt != 0, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        p = c + STAGES - 1
+        if p < steps:  # into the buffer of step c - 1, whose product is done
+            lm, ln = _tile_offsets(first + (p // k_tiles) * programs, M, N, BM, BN, GROUP_M)
+            _load_step(a_desc, b_desc, a_s, b_s, ready, p % STAGES, lm, ln, (p % k_tiles) * BK)
+        if kt == k_tiles - 1:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            off_m, off_n = _tile_offsets(first + (c // k_tiles) * programs, M, N, BM, BN, GROUP_M)
+            _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, stride_om, off_m, off_n, PER_ROW, HAS_BIAS,
+                      num_warps)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
 
 
 def supports(xq: torch.Tensor, wq: torch.Tensor) -> str | None:
@@ -179,8 +248,12 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
     b_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, cfg.block_k], gl.int8)
     a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k], a_layout)
     b_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k], b_layout)
-    grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n),)
-    _gluon_gemm_kernel[grid](a_desc, b_desc, out, xs, ws, bias if bias is not None else xs, m, n, k, out.stride(0),
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    kernel, grid = _gluon_gemm_kernel, (tiles,)
+    if cfg.persistent:  # (the offline launch check binds CPU tensors: an H200's 132 SMs there)
+        sms = torch.cuda.get_device_properties(xq.device).multi_processor_count if xq.is_cuda else 132
+        kernel, grid = _gluon_gemm_persistent_kernel, (min(tiles, sms * cfg.ctas_per_sm),)
+    kernel[grid](a_desc, b_desc, out, xs, ws, bias if bias is not None else xs, m, n, k, out.stride(0),
                        PER_ROW=w_scale.dim() > 0, HAS_BIAS=bias is not None, STAGES=cfg.stages, GROUP_M=cfg.group_m,
                        num_warps=cfg.num_warps)
     return out

@@ -26,7 +26,8 @@ HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 
 @pytest.mark.unit
 @pytest.mark.parametrize("kwargs", [{"block_m": 64, "num_warps": 8}, {"block_n": 96}, {"block_k": 48},
-                                    {"stages": 1}, {"num_warps": 2, "block_m": 32}, {"group_m": 0}])
+                                    {"stages": 1}, {"num_warps": 2, "block_m": 32}, {"group_m": 0},
+                                    {"ctas_per_sm": 0}])
 def test_config_rules(kwargs):
     with pytest.raises(ValueError, match="GluonGemmConfig"):
         GluonGemmConfig(**kwargs)
@@ -57,7 +58,7 @@ def test_configs_compile_for_hopper_with_a_product_in_flight():
     if out.returncode != 0 and "No module named 'triton" in out.stderr:
         pytest.skip("Triton (with Gluon) is not installed")
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("gluon ")]
-    assert out.returncode == 0 and len(lines) == 3, (out.stdout[-3000:], out.stderr[-3000:])
+    assert out.returncode == 0 and len(lines) == 6, (out.stdout[-3000:], out.stderr[-3000:])
     assert all("s32.s8.s8" in ln and "wait=[0, 1]" in ln and ln.endswith(" OK") for ln in lines), lines
     # the host launch (descriptors, scales, bias, out dtypes) bound by Triton's JIT and compiled for sm_90
     launches = [ln for ln in out.stdout.splitlines() if ln.startswith("launch: ")]
@@ -79,7 +80,9 @@ def _operands(m: int, k: int, n: int, row_pad: int = 0):
 @pytest.mark.parametrize("m,k,n", [(1, 64, 48), (15, 96, 200), (16, 128, 128), (17, 4096, 300), (300, 160, 1024),
                                    (777, 3072, 1000)])
 @pytest.mark.parametrize("cfg", [GluonGemmConfig(), GluonGemmConfig(64, 128, 128, 4, 4),
-                                 GluonGemmConfig(128, 128, 64, 6, 8)], ids=["128", "64", "128k64"])
+                                 GluonGemmConfig(128, 128, 64, 6, 8), GluonGemmConfig(persistent=True),
+                                 GluonGemmConfig(64, 128, 128, 4, 4, persistent=True, ctas_per_sm=2)],
+                         ids=["128", "64", "128k64", "persistent128", "persistent64x2"])
 def test_matches_the_twin_bit_for_bit(seed, m, k, n, cfg):
     from int8_w8a8.kernels import gluon_gemm
 
