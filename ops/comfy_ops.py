@@ -314,16 +314,15 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         else:
             lora_b = term.b
             if lora_h is None:
+                # the rotation is read only where it is used (~3 us a call, 12 calls a Qwen-Image block)
                 a_q, a_scale = term.int8_down(self.input_rotation())
                 lora_h = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, lora_b.dtype)
-        compiling = torch.compiler.is_compiling()
-        traced = self._traced_now() if compiling else None
+        traced = self._traced_now() if torch.compiler.is_compiling() else None
         if traced is not None and traced.qdata.device == xq.device:
             bias = None if self.bias is None else self.bias.to(out_dtype)
             return _gemm_quantized(xq, x_scale, traced.qdata, traced.scale, bias, out_dtype, residual, gate, lora_h,
                                    lora_b)
-        # _plan_if_resident's rule; the rotation is read only where it is used (~3 us a call, 12 a Qwen-Image block)
-        plan = None if compiling or _streamed(self) else self._resident_plan()
+        plan = self._plan_if_resident()
         if plan is not None:
             y = (plan.gemm(xq, x_scale, out_dtype, lora_h, lora_b) if residual is None
                  else plan.gemm_residual(xq, x_scale, out_dtype, residual, gate, lora_h, lora_b))
