@@ -314,7 +314,7 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         else:
             lora_b = term.b
             if lora_h is None:
-                # the rotation is read only where it is used (~3 us a call, 12 calls a Qwen-Image block)
+                # the rotation is read only where it is used (a few us a call, 12 calls a Qwen-Image block)
                 a_q, a_scale = term.int8_down(self.input_rotation())
                 lora_h = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, lora_b.dtype)
         traced = self._traced_now() if torch.compiler.is_compiling() else None
