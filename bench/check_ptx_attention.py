@@ -243,7 +243,7 @@ def check_gluon_launch(gcfg, arch: int = 90, head_dim: int = 128) -> list[str]:
     with emulated_gpu(arch, SMEM_LIMIT[arch]) as attempts:
         try:
             qa = triton_attention.quantize(q, k, v, gcfg.quant_config())
-            gluon_attention.attention_quantized(qa, 0.1, torch.empty_like(q), gcfg)
+            gluon_attention.launch(qa, 0.1, torch.empty_like(q), gcfg)
         except Exception as exc:  # a binding or compile failure is the result
             return [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"]
     kernels = [a["kernel"] for a in attempts]

@@ -188,13 +188,22 @@ def _gluon_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, vcs_
 def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor,
                         cfg: GluonAttentionConfig = DEFAULT) -> torch.Tensor:
     """The kernel on ``triton_attention.quantize(q, k, v, cfg.quant_config())``'s output into ``out [B, H, S_q, D]``
-    (unit stride along D); returns out."""
-    b, h, s_q, s_kv, d = qa.shape
+    (unit stride along D) on an SM 9.x GPU; returns out. Raises ValueError for other inputs."""
+    d = qa.shape[4]
     if qa.pv != "int8" or qa.block_n != cfg.block_n:
         raise ValueError(f"gluon_attention: needs int8 P V inputs quantized with block_n={cfg.block_n}, got "
                          f"pv={qa.pv}, block_n={qa.block_n}")
     if d not in (64, 128) or out.stride(3) != 1:
         raise ValueError(f"gluon_attention: head dim 64 or 128 with unit stride in out, got {d}, {out.stride()}")
+    if not qa.q.is_cuda or torch.cuda.get_device_capability(qa.q.device)[0] != 9:
+        raise ValueError(f"gluon_attention: needs an SM 9.x (Hopper) GPU, got inputs on {qa.q.device}")
+    return launch(qa, sm_scale, out, cfg)
+
+
+def launch(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cfg: GluonAttentionConfig = DEFAULT) -> torch.Tensor:
+    """``attention_quantized`` without its checks (``check_ptx_attention`` compiles this launch for sm_90 on CPU
+    tensors); returns out."""
+    b, h, s_q, s_kv, d = qa.shape
     if s_q == 0 or b * h == 0 or s_kv == 0:
         return out
     i8 = gl.int8

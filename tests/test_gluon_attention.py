@@ -31,6 +31,20 @@ def test_config_rules(kwargs):
 
 
 @pytest.mark.unit
+def test_refuses_inputs_off_hopper():
+    """On the CPU (or any GPU but SM 9.x) a direct call raises ValueError instead of compiling for the wrong
+    target."""
+    from int8_w8a8.kernels import gluon_attention
+    from int8_w8a8.kernels.reference_attention import QuantizedQKV
+
+    t = torch.zeros(64, 64, dtype=torch.int8)
+    qa = QuantizedQKV(t, torch.ones(64), t, torch.ones(1, 1), t, torch.ones(1, 64),
+                      torch.zeros(1, 1, 64, dtype=torch.int32), (1, 1, 64, 64, 64), 64, "int8")
+    with pytest.raises(ValueError, match="Hopper"):
+        gluon_attention.attention_quantized(qa, 0.1, torch.empty(1, 1, 64, 64))
+
+
+@pytest.mark.unit
 def test_quantization_config_matches_the_kernel():
     cfg = GluonAttentionConfig(128, 4).quant_config()
     assert (cfg.block_m, cfg.block_n, cfg.pv, cfg.num_stages) == (64, 128, "int8", 4)

@@ -34,6 +34,16 @@ def test_config_rules(kwargs):
 
 
 @pytest.mark.unit
+def test_refuses_operands_off_hopper():
+    """CPU operands (or any GPU but SM 9.x): ValueError naming the rule, not a compile for the wrong target."""
+    from int8_w8a8.kernels import gluon_gemm
+
+    xq, wq = torch.zeros(4, 64, dtype=torch.int8), torch.zeros(8, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="Hopper"):
+        gluon_gemm.gemm(xq, torch.ones(4), wq, torch.ones(8), None, torch.bfloat16)
+
+
+@pytest.mark.unit
 def test_wgmma_wait_analysis_on_known_ptx():
     """wait_group 0 right after the commit (Triton 3.6's INT8 products) against a product left in flight."""
     from int8_w8a8.bench.check_ptx_attention import wgmma_overlap
