@@ -72,8 +72,10 @@ def _both(q, k, v, gcfg: GluonAttentionConfig, out_dtype=None):
 def test_matches_triton_and_float64(seed, b, h, s_q, s_kv, d, gcfg, keys):
     q, k, v = make(b, h, s_q, s_kv, d, device="cuda", keys=keys)
     g, t = _both(q, k, v, gcfg)
-    assert torch.equal(g, t), float((g.float() - t.float()).abs().max())
     assert rel_err(g.cpu(), ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND
+    # the same float operations in the same order: equal bits (a failure here alone is a reduction order, not a
+    # wrong schedule)
+    assert torch.equal(g, t), ("accurate but not bit-identical", float((g.float() - t.float()).abs().max()))
 
 
 @pytest.mark.gpu
