@@ -2,6 +2,7 @@
 
     python -m int8_w8a8.bench.bench_gluon_gemm --check            # no GPU: compile every config for sm_90
     python -m int8_w8a8.bench.bench_gluon_gemm [--out gluon.json]  # H200: bit identity, then ms and TOPS
+                                                                   # (plain, then the gated residual epilogue)
 
 ``--check`` reports for each ``CONFIGS`` entry the wgmma instruction, the ``wgmma.wait_group`` arguments (1: a
 product stays in flight while the next is issued; the pack's Triton kernels show only 0, bench/NOTES.md item 56),
@@ -39,8 +40,9 @@ SHAPES = [(4608, 3840, 11520), (4608, 3840, 3840), (4608, 3840, 10240), (4608, 1
 SMEM_LIMIT = 232448  # bytes per block on sm_90
 
 
-def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16") -> dict:
-    """Compile ``_gemm_kernel`` for ``sm_<arch>`` without a GPU (per-row scales, a bias); its PTX/cubin summary."""
+def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", residual: bool = False) -> dict:
+    """Compile the kernel of ``cfg`` for ``sm_<arch>`` without a GPU (per-row scales, a bias, and with ``residual``
+    the gated residual epilogue); its PTX/cubin summary."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -53,10 +55,11 @@ def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16") -> 
     b = gl.NVMMASharedLayout.get_default_for([cfg.block_n, cfg.block_k], gl.int8)
     sig = {"a_desc": f"tensordesc<i8[{cfg.block_m}, {cfg.block_k}],{a}>",
            "b_desc": f"tensordesc<i8[{cfg.block_n}, {cfg.block_k}],{b}>",
-           "out_ptr": f"*{out}", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{out}", "M": "i32", "N": "i32",
-           "K": "i32", "stride_om": "i32", "PER_ROW": "constexpr", "HAS_BIAS": "constexpr", "STAGES": "constexpr",
+           "out_ptr": f"*{out}", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{out}", "gate_ptr": f"*{out}",
+           "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "stride_gb": "i32", "rows_per_batch": "i32",
+           "PER_ROW": "constexpr", "HAS_BIAS": "constexpr", "RESIDUAL": "constexpr", "STAGES": "constexpr",
            "GROUP_M": "constexpr", "num_warps": "constexpr"}
-    consts = {"PER_ROW": True, "HAS_BIAS": True, "STAGES": cfg.stages, "GROUP_M": cfg.group_m,
+    consts = {"PER_ROW": True, "HAS_BIAS": True, "RESIDUAL": residual, "STAGES": cfg.stages, "GROUP_M": cfg.group_m,
               "num_warps": cfg.num_warps}
     kernel = gluon_gemm._gluon_gemm_persistent_kernel if cfg.persistent else gluon_gemm._gluon_gemm_kernel
     compiled = triton.compile(GluonASTSource(kernel, sig, consts, {}),
@@ -96,7 +99,7 @@ def check_launches(arch: int = 90) -> list[dict]:
             try:
                 gluon_gemm.launch(xq, xs, wq, w_scale, bias, torch.empty(300, 200, dtype=dtype))
                 gluon_gemm.launch(xq, xs, wq, w_scale, bias, torch.empty(300, 200, dtype=dtype),
-                                  GluonGemmConfig(persistent=True))
+                                  GluonGemmConfig(persistent=True), gate=torch.zeros(3, 200, dtype=dtype))
                 bad = [] if len(attempts) == 2 and all(a["fits"] for a in attempts) else [
                     f"compiled {[a['kernel'] for a in attempts]}, fits {[a['fits'] for a in attempts]}"]
             except Exception as exc:  # a binding or compile failure is this call's result
@@ -109,11 +112,13 @@ def check_launches(arch: int = 90) -> list[dict]:
 def check(arch: int = 90) -> list[dict]:
     rows = []
     for name, cfg in CONFIGS.items():
-        try:
-            row = compile_offline(cfg, arch)
-            rows.append({"name": name, **row, "problems": problems(row)})
-        except Exception as exc:  # a compiler failure is this config's result
-            rows.append({"name": name, "problems": [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]})
+        for residual in (False, True):
+            label = f"{name}{' +residual' if residual else ''}"
+            try:
+                row = compile_offline(cfg, arch, residual=residual)
+                rows.append({"name": label, **row, "problems": problems(row)})
+            except Exception as exc:  # a compiler failure is this config's result
+                rows.append({"name": label, "problems": [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]})
     return rows + check_launches(arch)
 
 
@@ -153,6 +158,49 @@ def run(shapes=SHAPES, warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
     return results
 
 
+def run_residual(warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
+    """The gated residual epilogue (Z-Image's attention output and w2, klein's projections:
+    ``sweep_gemm.WS_RESIDUAL_SHAPES``): the table's residual config (``configs.for_residual``, the reference for
+    bit identity from one starting residual), every ``CONFIGS`` entry, cuBLAS FP8 without the epilogue (as the
+    sweeps list it). Timed calls keep adding into the residual."""
+    from ..kernels import configs, triton_gemm
+    from . import common
+    from .sweep_gemm import WS_RESIDUAL_SHAPES, _operands, cublas_fp8_row, print_rows
+
+    table_cfg = configs.for_residual(configs.HOPPER_PLAIN_TABLE.rows[-1][1])
+    results = []
+    for m, k, n in WS_RESIDUAL_SHAPES:
+        x, w, xq, xs, wq, ws, _, _ = _operands(m, k, n)
+        gate = (torch.randn(1, n, device="cuda") * 0.01).to(torch.bfloat16)
+        start = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        res = start.clone()
+        calls = {"table residual (triton_gemm)": functools.partial(triton_gemm.gemm, xq, xs, wq, ws, None, res,
+                                                                    table_cfg, gate=gate, rows_per_batch=m)}
+        calls.update({name: functools.partial(gluon_gemm.gemm, xq, xs, wq, ws, None, torch.bfloat16, cfg,
+                                              residual=res, gate=gate) for name, cfg in CONFIGS.items()})
+        rows, want = [], None
+        for name, fn in calls.items():
+            try:
+                res.copy_(start)
+                fn()
+                torch.cuda.synchronize()
+                if want is None:
+                    want = res.clone()
+                elif not torch.equal(res, want):
+                    diff = (res.float() - want.float()).abs().nan_to_num(1e30)
+                    rows.append({"name": name, "error": "not bit-identical to the table's residual kernel",
+                                 "differing": int((diff > 0).sum()), "max_abs_diff": float(diff.max())})
+                    continue
+                ms = common.bench_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                rows.append({"name": name, "ms": ms, "tops": common.tops(m, k, n, ms)})
+            except Exception as exc:  # out of resources, a compiler failure: record and go on
+                rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        rows.append(cublas_fp8_row(x, w, warmup_ms, rep_ms))
+        print_rows(m, k, n, rows, "table residual")
+        results.append({"M": m, "K": k, "N": n, "results": rows})
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compile every config for sm_90 (no GPU needed)")
@@ -171,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from . import common
 
-    common.write_json(args.out, {"env": common.environment(), "shapes": run()})
+    common.write_json(args.out, {"env": common.environment(), "shapes": run(), "residual": run_residual()})
     return 0
 
 

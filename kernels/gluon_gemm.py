@@ -91,9 +91,12 @@ def _load_step(a_desc, b_desc, a_s, b_s, ready, stage, off_m, off_n, k):
 
 
 @gluon.jit
-def _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, stride_om, off_m, off_n, PER_ROW: gl.constexpr,
-              HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
-    """``((acc * x_scale) * w_scale) + bias`` (the twin's order) of one finished tile, stored with masks."""
+def _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, M, N, stride_om, stride_gb, rows_per_batch,
+              off_m, off_n, PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr,
+              num_warps: gl.constexpr):
+    """``((acc * x_scale) * w_scale) + bias`` (the twin's order) of one finished tile, stored with masks; with
+    RESIDUAL ``out`` holds a residual and becomes ``residual + gate[row // rows_per_batch] * y`` in float32,
+    rounded once (``triton_gemm._gated``'s order)."""
     mma: gl.constexpr = acc.type.layout
     BM: gl.constexpr = acc.type.shape[0]
     BN: gl.constexpr = acc.type.shape[1]
@@ -107,13 +110,22 @@ def _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, stride_om, off_m, of
         y = (acc.to(gl.float32) * xs[:, None]) * gl.load(ws_ptr)
     if HAS_BIAS:
         y = y + gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
-    # stores of 16 bytes per thread along a row instead of the wgmma layout's pairs
+    # loads and stores of 16 bytes per thread along a row instead of the wgmma layout's pairs (the residual's
+    # addresses in the wgmma layout took the kernel past 255 registers)
     store: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    y = gl.convert_layout(y.to(out_ptr.dtype.element_ty), store)
+    if RESIDUAL:
+        y = gl.convert_layout(y, store)
+    else:
+        y = gl.convert_layout(y.to(out_ptr.dtype.element_ty), store)
     rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, store))
     cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, store))
+    ok = (rows[:, None] < M) & (cols[None, :] < N)
     ptrs = out_ptr + rows.to(gl.int64)[:, None] * stride_om + cols[None, :]
-    gl.store(ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+    if RESIDUAL:
+        batch = (rows // rows_per_batch).to(gl.int64)
+        g = gl.load(gate_ptr + batch[:, None] * stride_gb + cols[None, :], mask=ok, other=0.0)
+        y = (gl.load(ptrs, mask=ok, other=0.0).to(gl.float32) + g.to(gl.float32) * y).to(out_ptr.dtype.element_ty)
+    gl.store(ptrs, y, mask=ok)
 
 
 @gluon.constexpr_function
@@ -124,9 +136,9 @@ def _mma_layout(block_n, num_warps):
 
 
 @gluon.jit
-def _gluon_gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, stride_om,
-                       PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                       num_warps: gl.constexpr):
+def _gluon_gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, M, N, K, stride_om, stride_gb,
+                       rows_per_batch, PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr,
+                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
     """One program per output tile."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -155,13 +167,15 @@ def _gluon_gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, 
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
-    _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, stride_om, off_m, off_n, PER_ROW, HAS_BIAS, num_warps)
+    _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, M, N, stride_om, stride_gb, rows_per_batch, off_m,
+              off_n, PER_ROW, HAS_BIAS, RESIDUAL, num_warps)
 
 
 @gluon.jit
-def _gluon_gemm_persistent_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, stride_om,
-                                  PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr,
-                                  GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+def _gluon_gemm_persistent_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, M, N, K, stride_om,
+                                  stride_gb, rows_per_batch, PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr,
+                                  RESIDUAL: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                                  num_warps: gl.constexpr):
     """A fixed grid of programs, each walking the tiles ``pid, pid + programs, ...``: the (tile, K step) pairs run
     as one flat loop, so the ring's loads of a tile's first K steps are issued before the previous tile's
     epilogue and land while it runs."""
@@ -197,8 +211,8 @@ def _gluon_gemm_persistent_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_
         if kt == k_tiles - 1:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             off_m, off_n = _tile_offsets(first + (c // k_tiles) * programs, M, N, BM, BN, GROUP_M)
-            _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, stride_om, off_m, off_n, PER_ROW, HAS_BIAS,
-                      num_warps)
+            _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, M, N, stride_om, stride_gb, rows_per_batch,
+                      off_m, off_n, PER_ROW, HAS_BIAS, RESIDUAL, num_warps)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -219,25 +233,38 @@ def supports(xq: torch.Tensor, wq: torch.Tensor) -> str | None:
 
 
 def gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-         bias: torch.Tensor | None, out_dtype: torch.dtype, cfg: GluonGemmConfig = DEFAULT) -> torch.Tensor:
+         bias: torch.Tensor | None, out_dtype: torch.dtype, cfg: GluonGemmConfig = DEFAULT,
+         residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """``out [M, N]`` in ``out_dtype`` (bf16/fp16/fp32) = ``((xq @ wq.T) * x_scale[m]) * w_scale + bias``.
 
     xq int8 ``[M, K]``, x_scale float32 ``[M]`` or ``[M, 1]``; wq int8 ``[N, K]``; w_scale float32 ``[N]``,
-    ``[N, 1]`` or ``[]``; bias ``[N]`` (any float dtype) or None. Raises ValueError for operands ``supports``
-    rejects or a bad dtype."""
+    ``[N, 1]`` or ``[]``; bias ``[N]`` (any float dtype) or None. With ``residual`` ``[M, N]`` (unit column
+    stride; its dtype is the output's) and ``gate`` ``[B, N]`` (M divisible by B), ``residual`` is updated in
+    place to ``residual + gate[row // (M / B)] * y`` and returned (``triton_gemm.gemm``'s gated residual add).
+    Raises ValueError for operands ``supports`` rejects or a bad dtype."""
     why = supports(xq, wq)
     if why is not None:
         raise ValueError(f"gluon_gemm: {why}")
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"gluon_gemm: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    out = torch.empty((xq.shape[0], wq.shape[0]), dtype=out_dtype, device=xq.device)
-    return launch(xq, x_scale, wq, w_scale, bias, out, cfg)
+    if (residual is None) != (gate is None):
+        raise ValueError("gluon_gemm: give residual and gate together, or neither")
+    if residual is None:
+        return launch(xq, x_scale, wq, w_scale, bias, torch.empty((xq.shape[0], wq.shape[0]), dtype=out_dtype,
+                                                                  device=xq.device), cfg)
+    m, n = xq.shape[0], wq.shape[0]
+    if (tuple(residual.shape) != (m, n) or residual.stride(1) != 1 or residual.dtype != out_dtype
+            or gate.dim() != 2 or gate.shape[1] != n or gate.stride(1) != 1 or m % gate.shape[0]):
+        raise ValueError(f"gluon_gemm: residual must be [{m}, {n}] in {out_dtype} with unit column stride and gate "
+                         f"[B, {n}] with M divisible by B; got {list(residual.shape)} and {list(gate.shape)}")
+    return launch(xq, x_scale, wq, w_scale, bias, residual, cfg, gate)
 
 
 def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-           bias: torch.Tensor | None, out: torch.Tensor, cfg: GluonGemmConfig = DEFAULT) -> torch.Tensor:
-    """``gemm`` into ``out [M, N]`` (unit column stride) without its checks (``bench_gluon_gemm --check`` compiles
-    this launch for sm_90 on CPU tensors); returns out."""
+           bias: torch.Tensor | None, out: torch.Tensor, cfg: GluonGemmConfig = DEFAULT,
+           gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``gemm`` into ``out [M, N]`` (unit column stride; with ``gate`` it holds the residual) without its checks
+    (``bench_gluon_gemm --check`` compiles this launch for sm_90 on CPU tensors); returns out."""
     m, k = xq.shape
     n = wq.shape[0]
     if m == 0 or n == 0:
@@ -253,7 +280,8 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
     if cfg.persistent:  # (the offline launch check binds CPU tensors: an H200's 132 SMs there)
         sms = torch.cuda.get_device_properties(xq.device).multi_processor_count if xq.is_cuda else 132
         kernel, grid = _gluon_gemm_persistent_kernel, (min(tiles, sms * cfg.ctas_per_sm),)
-    kernel[grid](a_desc, b_desc, out, xs, ws, bias if bias is not None else xs, m, n, k, out.stride(0),
-                       PER_ROW=w_scale.dim() > 0, HAS_BIAS=bias is not None, STAGES=cfg.stages, GROUP_M=cfg.group_m,
-                       num_warps=cfg.num_warps)
+    kernel[grid](a_desc, b_desc, out, xs, ws, bias if bias is not None else xs, gate if gate is not None else xs,
+                 m, n, k, out.stride(0), gate.stride(0) if gate is not None else 0,
+                 m // gate.shape[0] if gate is not None else 1, PER_ROW=w_scale.dim() > 0, HAS_BIAS=bias is not None,
+                 RESIDUAL=gate is not None, STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.num_warps)
     return out

@@ -68,7 +68,7 @@ def test_configs_compile_for_hopper_with_a_product_in_flight():
     if out.returncode != 0 and "No module named 'triton" in out.stderr:
         pytest.skip("Triton (with Gluon) is not installed")
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("gluon ")]
-    assert out.returncode == 0 and len(lines) == 6, (out.stdout[-3000:], out.stderr[-3000:])
+    assert out.returncode == 0 and len(lines) == 12, (out.stdout[-3000:], out.stderr[-3000:])  # 6, +residual
     assert all("s32.s8.s8" in ln and "wait=[0, 1]" in ln and ln.endswith(" OK") for ln in lines), lines
     # the host launch (descriptors, scales, bias, out dtypes) bound by Triton's JIT and compiled for sm_90
     launches = [ln for ln in out.stdout.splitlines() if ln.startswith("launch: ")]
@@ -104,6 +104,34 @@ def test_matches_the_twin_bit_for_bit(seed, m, k, n, cfg):
             want = ref.epilogue(ref.int8_matmul(xq, wq), xs, w_scale, b, out_dtype)
             assert y.shape == (m, n) and y.dtype == out_dtype
             assert torch.equal(y, want), (out_dtype, w_scale.dim(), float((y.float() - want.float()).abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM is written for SM 9.x (Hopper)")
+@pytest.mark.parametrize("m,k,n,batches", [(17, 256, 200, 1), (300, 4096, 1000, 2), (777, 3072, 3072, 3)])
+@pytest.mark.parametrize("cfg", [GluonGemmConfig(), GluonGemmConfig(64, 128, 128, 4, 4, persistent=True,
+                                                                    ctas_per_sm=2)], ids=["128", "persistent64x2"])
+def test_gated_residual_in_place(seed, m, k, n, batches, cfg):
+    """``residual += gate[row // (M / B)] * y`` in place, rounded once: the twin's float32 order and the Triton
+    kernel's bits (``triton_gemm.gemm`` with a gate)."""
+    from int8_w8a8.kernels import configs, gluon_gemm, triton_gemm
+
+    xq, xs, wq, ws = _operands(m, k, n)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(batches, n, device="cuda", dtype=torch.bfloat16)
+    start = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    res = start.clone()
+    assert gluon_gemm.gemm(xq, xs, wq, ws, bias, torch.bfloat16, cfg, residual=res, gate=gate) is res
+    from int8_w8a8.kernels import reference_fused
+
+    twin = reference_fused.int8_gemm_residual(xq, xs, wq, ws, bias, start.clone(), gate, m // batches)
+    assert torch.equal(res, twin)
+    triton_res = start.clone()
+    cfg_t = configs.for_residual(configs.HOPPER_PLAIN_TABLE.rows[-1][1])
+    triton_gemm.gemm(xq, xs, wq, ws, bias, triton_res, cfg_t, gate=gate, rows_per_batch=m // batches)
+    assert torch.equal(res, triton_res)
+    with pytest.raises(ValueError, match="together"):
+        gluon_gemm.gemm(xq, xs, wq, ws, bias, torch.bfloat16, cfg, residual=res)
 
 
 @pytest.mark.gpu
