@@ -122,12 +122,36 @@ def check(arch: int = 90) -> list[dict]:
     return rows + check_launches(arch)
 
 
+def _checked_rows(calls: dict, run_once, want: torch.Tensor | None, against: str, mkn: tuple[int, int, int],
+                  warmup_ms: int, rep_ms: int) -> list[dict]:
+    """One result row per call (name -> fn): ``run_once(fn)`` gives its output, which must equal ``want`` bit for
+    bit (None: the first call's output is the reference) before ``fn`` is timed; ms and TOPS, or the error."""
+    from . import common
+
+    rows = []
+    for name, fn in calls.items():
+        try:
+            y = run_once(fn)
+            torch.cuda.synchronize()
+            if want is None:
+                want = y
+            elif not torch.equal(y, want):
+                diff = (y.float() - want.float()).abs().nan_to_num(1e30)
+                rows.append({"name": name, "error": f"not bit-identical to {against}",
+                             "differing": int((diff > 0).sum()), "max_abs_diff": float(diff.max())})
+                continue
+            ms = common.bench_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+            rows.append({"name": name, "ms": ms, "tops": common.tops(*mkn, ms)})
+        except Exception as exc:  # out of resources, a compiler failure: record and go on
+            rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    return rows
+
+
 def run(shapes=SHAPES, warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
     """Per shape: the table's kernel, every ``CONFIGS`` entry (not timed unless bit-identical to the twin), cuBLAS
     FP8; ms, TOPS and x the table's kernel."""
     from ..kernels import triton_ops
     from ..kernels.dispatch import choose_backend
-    from . import common
     from .sweep_gemm import _operands, cublas_fp8_row, print_rows
 
     backend = choose_backend(torch.device("cuda"))
@@ -138,20 +162,7 @@ def run(shapes=SHAPES, warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
                                                                    ws, None, torch.bfloat16, backend)}
         calls.update({name: functools.partial(gluon_gemm.gemm, xq, xs, wq, ws, None, torch.bfloat16, cfg)
                       for name, cfg in CONFIGS.items()})
-        rows = []
-        for name, fn in calls.items():
-            try:
-                y = fn()
-                torch.cuda.synchronize()
-                if not torch.equal(y, ref):
-                    diff = (y.float() - ref.float()).abs().nan_to_num(1e30)
-                    rows.append({"name": name, "error": "not bit-identical to the twin",
-                                 "differing": int((diff > 0).sum()), "max_abs_diff": float(diff.max())})
-                    continue
-                ms = common.bench_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
-                rows.append({"name": name, "ms": ms, "tops": common.tops(m, k, n, ms)})
-            except Exception as exc:  # out of resources, a compiler failure: record and go on
-                rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        rows = _checked_rows(calls, lambda fn: fn(), ref, "the twin", (m, k, n), warmup_ms, rep_ms)
         rows.append(cublas_fp8_row(x, w, warmup_ms, rep_ms))
         print_rows(m, k, n, rows, "table")
         results.append({"M": m, "K": k, "N": n, "results": rows})
@@ -164,7 +175,6 @@ def run_residual(warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
     bit identity from one starting residual), every ``CONFIGS`` entry, cuBLAS FP8 without the epilogue (as the
     sweeps list it). Timed calls keep adding into the residual."""
     from ..kernels import configs, triton_gemm
-    from . import common
     from .sweep_gemm import WS_RESIDUAL_SHAPES, _operands, cublas_fp8_row, print_rows
 
     table_cfg = configs.for_residual(configs.HOPPER_PLAIN_TABLE.rows[-1][1])
@@ -178,23 +188,12 @@ def run_residual(warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
                                                                     table_cfg, gate=gate, rows_per_batch=m)}
         calls.update({name: functools.partial(gluon_gemm.gemm, xq, xs, wq, ws, None, torch.bfloat16, cfg,
                                               residual=res, gate=gate) for name, cfg in CONFIGS.items()})
-        rows, want = [], None
-        for name, fn in calls.items():
-            try:
-                res.copy_(start)
-                fn()
-                torch.cuda.synchronize()
-                if want is None:
-                    want = res.clone()
-                elif not torch.equal(res, want):
-                    diff = (res.float() - want.float()).abs().nan_to_num(1e30)
-                    rows.append({"name": name, "error": "not bit-identical to the table's residual kernel",
-                                 "differing": int((diff > 0).sum()), "max_abs_diff": float(diff.max())})
-                    continue
-                ms = common.bench_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
-                rows.append({"name": name, "ms": ms, "tops": common.tops(m, k, n, ms)})
-            except Exception as exc:  # out of resources, a compiler failure: record and go on
-                rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        def from_start(fn, res=res, start=start):  # one call on the starting residual: the updated residual
+            res.copy_(start)
+            fn()
+            return res.clone()
+
+        rows = _checked_rows(calls, from_start, None, "the table's residual kernel", (m, k, n), warmup_ms, rep_ms)
         rows.append(cublas_fp8_row(x, w, warmup_ms, rep_ms))
         print_rows(m, k, n, rows, "table residual")
         results.append({"M": m, "K": k, "N": n, "results": rows})

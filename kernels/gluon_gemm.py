@@ -83,6 +83,19 @@ def _tile_offsets(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.co
 
 
 @gluon.jit
+def _ring(a_desc, b_desc, STAGES: gl.constexpr):
+    """The operand ring: ``STAGES`` buffers of each operand's tile and one initialized mbarrier per buffer."""
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, a_desc.block_type.shape[0], a_desc.block_type.shape[1]],
+                                    a_desc.layout)
+    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, b_desc.block_type.shape[0], b_desc.block_type.shape[1]],
+                                    b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    return a_s, b_s, ready
+
+
+@gluon.jit
 def _load_step(a_desc, b_desc, a_s, b_s, ready, stage, off_m, off_n, k):
     """TMA loads of one K step's operand tiles into ring buffer ``stage``, signalled on its barrier."""
     mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
@@ -144,13 +157,8 @@ def _gluon_gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_p
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BM, BN, GROUP_M)
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    mma: gl.constexpr = _mma_layout(BN, num_warps)
-    acc = gl.zeros((BM, BN), gl.int32, layout=mma)
+    a_s, b_s, ready = _ring(a_desc, b_desc, STAGES)
+    acc = gl.zeros((BM, BN), gl.int32, layout=_mma_layout(BN, num_warps))
     k_tiles = gl.cdiv(K, BK)
     for i in gl.static_range(STAGES - 1):  # the ring's first loads
         if i < k_tiles:
@@ -187,13 +195,8 @@ def _gluon_gemm_persistent_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_
     k_tiles = gl.cdiv(K, BK)
     tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
     steps = gl.cdiv(tiles - first, programs) * k_tiles  # this program's (tile, K step) pairs
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    mma: gl.constexpr = _mma_layout(BN, num_warps)
-    acc = gl.zeros((BM, BN), gl.int32, layout=mma)
+    a_s, b_s, ready = _ring(a_desc, b_desc, STAGES)
+    acc = gl.zeros((BM, BN), gl.int32, layout=_mma_layout(BN, num_warps))
     for i in gl.static_range(STAGES - 1):
         if i < steps:
             lm, ln = _tile_offsets(first + (i // k_tiles) * programs, M, N, BM, BN, GROUP_M)
