@@ -258,6 +258,10 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
                       f"weights {weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
                       f"{row['first_call_s']:.1f} s  SQNR {_fmt(row['sqnr_vs_bf16'], '5.1f')} dB  {row['dtype']}"
                       + (f"  native from {info['native_source']}" if info["native_source"] else ""), flush=True)
+                if any(row.get("runs_gc_ms") or ()) or any(row.get("runs_launch_path") or ()):
+                    # a timed step that collected garbage or took the launch path (bench_model.measure)
+                    print(f"    per run: gc ms {row['runs_gc_ms']}; launch-path calls {row['runs_launch_path']}",
+                          flush=True)
                 idle = prof.get("idle")
                 if idle and idle["idle_ms"] is not None:  # where the GPU waited for the host (profile_step.idle_report)
                     print(f"    GPU idle {idle['idle_ms']:.1f} ms after its first kernel ({idle['lead_ms']:.1f} ms "

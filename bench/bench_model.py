@@ -37,6 +37,7 @@ BF16, weight GB, peak GB allocated during a step (weights + activations), SQNR o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -48,6 +49,7 @@ import time
 
 import torch
 
+from ..kernels import direct
 from . import common, flux2_model
 
 BASE_VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-row", "pack-tensor", "pack-row-graphq", "pack-row-unfused",
@@ -161,13 +163,17 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     first_s = time.perf_counter() - t0
     for _ in range(warmup - 1):
         step(patcher, inputs)
-    times = []
+    times, launch_path, gc_ms = [], [], []
     for _ in range(reps):
         common.sync()
-        t0 = time.perf_counter()
-        step(patcher, inputs)
-        common.sync()
-        times.append((time.perf_counter() - t0) * 1e3)
+        before = direct.counts()
+        with _gc_time() as gc_s:
+            t0 = time.perf_counter()
+            step(patcher, inputs)
+            common.sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        gc_ms.append(round(gc_s[0] * 1e3, 2))
+        launch_path.append({k: v - before[k] for k, v in direct.counts().items() if v != before[k]})
     power = {}
     if torch.cuda.is_available() and power_s > 0:
         sampler, n = common.PowerSampler(), 0
@@ -185,9 +191,28 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
         step(patcher, inputs)
         common.sync()
         peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9
-    return {"ms": common.median(times), "runs_ms": times, "first_call_s": first_s, "peak_gb": peak,
+    return {"ms": common.median(times), "runs_ms": times, "runs_gc_ms": gc_ms, "runs_launch_path": launch_path,
+            "first_call_s": first_s, "peak_gb": peak,
             "sm_mhz": power.get("sm_mhz"), "watts": power.get("watts"),
             "clock_event_reasons": power.get("clock_event_reasons"), "y": y}
+
+
+@contextlib.contextmanager
+def _gc_time():
+    """Seconds the garbage collector ran within the block (``gc.callbacks``), as a one-element list filled in."""
+    total, started = [0.0], []
+
+    def track(phase, info):
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            total[0] += time.perf_counter() - started.pop()
+
+    gc.callbacks.append(track)
+    try:
+        yield total
+    finally:
+        gc.callbacks.remove(track)
 
 
 def _free() -> None:

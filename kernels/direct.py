@@ -54,6 +54,16 @@ _X, _XQ, _XS, _OUT = range(4)
 
 # ---------------------------------------------------------------- shared activation workspace
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
+# How often a call took the launch path to record a specialization ("recorded"), or because its
+# specialization cannot be replayed ("unreplayed"), and how often a full table was emptied ("cleared"), summed
+# over every plan and replayer. A benchmark reads them around each step (``counts``): a step that keeps
+# re-recording (a table too small for its keys) shows up as counts, not only as host time.
+_COUNTS = {"recorded": 0, "cleared": 0, "unreplayed": 0}
+
+
+def counts() -> dict[str, int]:
+    """A copy of the recording counters (see ``_COUNTS``)."""
+    return dict(_COUNTS)
 
 
 def stream_key(device: torch.device) -> tuple:
@@ -253,9 +263,12 @@ class LinearPlan:
                 self.replays[key] = None
                 return self._direct(x)
         if replay is None:
+            _COUNTS["unreplayed"] += 1
             return self._direct(x)
         if len(self.replays) >= self.MAX_SPECIALIZATIONS:
             self.replays.clear()
+            _COUNTS["cleared"] += 1
+        _COUNTS["recorded"] += 1
         y, self.replays[key] = self._record(x)
         return y
 
@@ -432,10 +445,13 @@ class Replayer:
                 self.table[key] = None
                 return impl()
         if entry is None:
+            _COUNTS["unreplayed"] += 1
             return impl()
         check()
         if len(self.table) >= self.MAX_SPECIALIZATIONS:
             self.table.clear()
+            _COUNTS["cleared"] += 1
+        _COUNTS["recorded"] += 1
         from . import launch
 
         with launch.recording() as records:

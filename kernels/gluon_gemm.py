@@ -69,6 +69,9 @@ class GluonGemmConfig:
 
 
 DEFAULT = GluonGemmConfig()
+# No mul + add contracted into an FMA: the epilogue rounds each product and sum as the twin and triton_gemm do
+# (with contraction, 1 ulp off in float32 outputs and a rounding flip in a few bf16 ones: bench/NOTES.md item 58).
+FP_FUSION = False
 
 
 @gluon.jit
@@ -286,5 +289,6 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
     kernel[grid](a_desc, b_desc, out, xs, ws, bias if bias is not None else xs, gate if gate is not None else xs,
                  m, n, k, out.stride(0), gate.stride(0) if gate is not None else 0,
                  m // gate.shape[0] if gate is not None else 1, PER_ROW=w_scale.dim() > 0, HAS_BIAS=bias is not None,
-                 RESIDUAL=gate is not None, STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.num_warps)
+                 RESIDUAL=gate is not None, STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+                 enable_fp_fusion=FP_FUSION)
     return out

@@ -172,10 +172,13 @@ def test_quantize_rows_replays_bit_identical(seed, replay, group):
     """The public quantizer (a fused block's attention output rows) replays without smoothing."""
     import int8_w8a8.kernels as kernels
 
+    before = direct.counts()
     for _ in range(3):
         x = torch.randn(2, 7, 256, device=DEV, dtype=BF16)
         _equal(kernels.quantize_rows(x, rotate_group=group), api.quantize_rows_impl(x, None, group))
     assert _recorded(api._rows_replayer()) == ["_Recorded"]
+    # one recording, two replays: what a benchmark reads around each step (bench_model.measure)
+    assert {k: v - before[k] for k, v in direct.counts().items()} == {"recorded": 1, "cleared": 0, "unreplayed": 0}
     with pytest.raises(ValueError, match="rotate_group"):
         kernels.quantize_rows(x, rotate_group=96)
 
