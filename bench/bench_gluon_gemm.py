@@ -48,7 +48,7 @@ def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", res
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from .check_ptx import _resource_usage
+    from .check_ptx import _resource_usage, ptxas_waits
     from .check_ptx_attention import wgmma_overlap
 
     a = gl.NVMMASharedLayout.get_default_for([cfg.block_m, cfg.block_k], gl.int8)
@@ -67,7 +67,7 @@ def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", res
                               options={"num_warps": cfg.num_warps, "enable_fp_fusion": gluon_gemm.FP_FUSION})
     ptx = compiled.asm["ptx"]
     return {"wgmma": sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))), **wgmma_overlap(ptx),
-            "fp32_fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+            "fp32_fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)), "ptxas_waits": ptxas_waits(ptx, arch),
             "shared_bytes": compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"])}
 
 
@@ -80,6 +80,8 @@ def problems(row: dict) -> list[str]:
         bad.append("every wgmma waited for at once (wait_group 0 only)")
     if row["local"] > 0 or row["stack"] > 0:
         bad.append(f"register spills: local {row['local']} B, stack {row['stack']} B")
+    if row["ptxas_waits"]:  # ptxas waits for the wgmma itself: nothing stays in flight (bench/NOTES.md item 59)
+        bad.append(f"ptxas: {row['ptxas_waits'][0][:160]}")
     if row["fp32_fma"]:  # the twin rounds each product and sum: a contracted epilogue is 1 ulp off (item 58)
         bad.append(f"{row['fp32_fma']} float32 FMAs in the epilogue")
     if row["shared_bytes"] > SMEM_LIMIT:

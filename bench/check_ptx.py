@@ -231,6 +231,24 @@ def _resource_usage(cubin: bytes) -> dict:
             "stack": int(found.get("STACK", -1))}
 
 
+def ptxas_waits(ptx: str, arch: int = 90) -> list[str]:
+    """ptxas's notes that it serialized wgmma or injected a ``warpgroup.wait`` into the kernel (C7510, C7517, ...:
+    a register an in-flight wgmma defines or reads is touched by another instruction, as a loop-carried
+    accumulator merged with other values at a branch can be), from Triton's bundled ptxas run with ``-v`` on the
+    PTX for ``sm_<arch>a``. Triton does not show these; each costs a product in flight. Empty: none."""
+    import triton.backends.nvidia as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([tool, f"-arch=sm_{arch}a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=False)
+    return [line.split(":", 1)[1].strip() for line in (run.stdout + run.stderr).splitlines()
+            if re.search(r"wgmma|warpgroup\.wait|GMMA", line) and "ptxas" in line]
+
+
 def summarize(compiled) -> dict:
     """What one compiled kernel uses: INT8 tensor-core instruction families, every MMA instruction, TMA,
     cp.async, shared and tensor memory, registers and spills; ``trap_only``: the body compiled to a trap."""
@@ -250,6 +268,8 @@ def summarize(compiled) -> dict:
         "setmaxnreg": sorted({f"{k}{n}" for k, n in re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx)}),
         "wgmma_count": len(re.findall(r"wgmma\.mma_async", ptx)),
         "trap_only": "trap;" in ptx and not re.search(r"\bld\.|\bst\.|mma", ptx),
+        # only Hopper's wgmma can be serialized this way (sm_90a PTX)
+        "ptxas_waits": ptxas_waits(ptx) if "wgmma.mma_async" in ptx and ".target sm_90a" in ptx else [],
         **_resource_usage(compiled.asm["cubin"]),
     }
 
@@ -382,6 +402,8 @@ def check_ws(arch: int = 90) -> dict:
             bad.append(f"not warp-specialized ({first['num_warps']} warps, setmaxnreg {first['setmaxnreg']})")
         if first.get("local", 0) > 0:
             bad.append(f"register spills: local {first['local']} B")
+        if first.get("ptxas_waits"):
+            bad.append(f"ptxas: {first['ptxas_waits'][0][:160]}")
         rows.append({"what": spec.what, "kind": "gemm", "outcome": outcome,
                      "split": split, "problems": bad, **first})
     return {"arch": arch, "generation": gen.name, "path": "warp-specialized variants",

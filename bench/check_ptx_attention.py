@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 from ..kernels import attention_configs, triton_attention
 from ..kernels.attention_configs import AttentionConfig
-from .check_ptx import _resource_usage
+from .check_ptx import _resource_usage, ptxas_waits
 
 SMEM_LIMIT = {90: 232448, 100: 232448, 120: 101376, 80: 166912, 86: 101376, 89: 101376}  # bytes per block
 
@@ -137,6 +137,7 @@ def _summary(compiled, arch: int) -> dict:
         "smem_limit": SMEM_LIMIT.get(arch, 0),
         "num_warps": meta.num_warps,
         **wgmma_overlap(ptx),
+        "ptxas_waits": ptxas_waits(ptx, arch) if arch == 90 else [],
         **_resource_usage(compiled.asm["cubin"]),
         **_sass_counts(compiled.asm["cubin"]),
     }
@@ -264,6 +265,8 @@ def problems(row: dict, pv: str, cfg: AttentionConfig | None = None) -> list[str
         bad.append("P V does not use wgmma e4m3")
     if row["mma_sync"]:
         bad.append(f"mma.sync present: {row['mma_sync']}")
+    if row.get("ptxas_waits"):  # ptxas serialized the wgmmas (bench/NOTES.md item 59)
+        bad.append(f"ptxas: {row['ptxas_waits'][0][:160]}")
     if row["local"] > 0 or row["stack"] > 0:
         bad.append(f"register spills: local {row['local']} B, stack {row['stack']} B")
     if cfg is not None and cfg.warp_spec and (row["num_warps"] != cfg.num_warps + 8 or not row["setmaxnreg"]):
@@ -297,7 +300,9 @@ def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128
     for gcfg, d in ((GluonAttentionConfig(64, 3), 128), (GluonAttentionConfig(64, 3), 64),
                     (GluonAttentionConfig(128, 3), 128)):
         r = compile_gluon_attention(gcfg, arch, d)
-        bad = problems(r, "int8")
+        # ptxas serializes this kernel's wgmmas (its note C7514, bench/NOTES.md item 59): kept in the row and pinned
+        # by the PTX test, not a failure of the check while the kernel is opt-in
+        bad = problems({**r, "ptxas_waits": []}, "int8")
         if 1 not in r["wgmma_waits"] or r["wgmma_overlap_instr"] < 100:
             bad.append(f"no product in flight across the softmax (waits {r['wgmma_waits']}, "
                        f"{r['wgmma_overlap_instr']} instructions under a product)")

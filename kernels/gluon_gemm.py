@@ -187,38 +187,43 @@ def _gluon_gemm_persistent_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_
                                   stride_gb, rows_per_batch, PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr,
                                   RESIDUAL: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                                   num_warps: gl.constexpr):
-    """A fixed grid of programs, each walking the tiles ``pid, pid + programs, ...``: the (tile, K step) pairs run
-    as one flat loop, so the ring's loads of a tile's first K steps are issued before the previous tile's
-    epilogue and land while it runs."""
+    """A fixed grid of programs, each walking the tiles ``pid, pid + programs, ...``. One counter ``c`` numbers
+    this program's (tile, K step) pairs across tiles, so the ring's loads run ``STAGES - 1`` steps ahead over tile
+    boundaries: the next tile's first K steps are loaded before this tile's epilogue and land while it runs.
+
+    The tiles and their K steps are two nested loops, the epilogue after the inner one: with one flat loop and the
+    epilogue under a branch in it, the accumulator reached the loop head from two places and ptxas waited for
+    every wgmma there (its note C7517; 0.33-0.72x the tiled form on the H200, bench/NOTES.md item 58)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     first = gl.program_id(0)
     programs = gl.num_programs(0)
     k_tiles = gl.cdiv(K, BK)
-    tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
-    steps = gl.cdiv(tiles - first, programs) * k_tiles  # this program's (tile, K step) pairs
+    my_tiles = gl.cdiv(gl.cdiv(M, BM) * gl.cdiv(N, BN) - first, programs)
+    steps = my_tiles * k_tiles  # this program's (tile, K step) pairs
     a_s, b_s, ready = _ring(a_desc, b_desc, STAGES)
-    acc = gl.zeros((BM, BN), gl.int32, layout=_mma_layout(BN, num_warps))
     for i in gl.static_range(STAGES - 1):
         if i < steps:
             lm, ln = _tile_offsets(first + (i // k_tiles) * programs, M, N, BM, BN, GROUP_M)
             _load_step(a_desc, b_desc, a_s, b_s, ready, i, lm, ln, (i % k_tiles) * BK)
-    for c in range(steps):
-        s = c % STAGES
-        kt = c % k_tiles
-        mbarrier.wait(ready.index(s), (c // STAGES) & 1)
-        acc = warpgroup_mma(a_s.index(s), b_s.index(s).permute((1, 0)), acc, use_acc=kt != 0, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        p = c + STAGES - 1
-        if p < steps:  # into the buffer of step c - 1, whose product is done
-            lm, ln = _tile_offsets(first + (p // k_tiles) * programs, M, N, BM, BN, GROUP_M)
-            _load_step(a_desc, b_desc, a_s, b_s, ready, p % STAGES, lm, ln, (p % k_tiles) * BK)
-        if kt == k_tiles - 1:
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            off_m, off_n = _tile_offsets(first + (c // k_tiles) * programs, M, N, BM, BN, GROUP_M)
-            _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, M, N, stride_om, stride_gb, rows_per_batch,
-                      off_m, off_n, PER_ROW, HAS_BIAS, RESIDUAL, num_warps)
+    c = 0
+    for t in range(my_tiles):
+        acc = gl.zeros((BM, BN), gl.int32, layout=_mma_layout(BN, num_warps))
+        for _kt in range(k_tiles):
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            acc = warpgroup_mma(a_s.index(s), b_s.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            p = c + STAGES - 1
+            if p < steps:  # into the buffer of step c - 1, whose product is done
+                lm, ln = _tile_offsets(first + (p // k_tiles) * programs, M, N, BM, BN, GROUP_M)
+                _load_step(a_desc, b_desc, a_s, b_s, ready, p % STAGES, lm, ln, (p % k_tiles) * BK)
+            c += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        off_m, off_n = _tile_offsets(first + t * programs, M, N, BM, BN, GROUP_M)
+        _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, M, N, stride_om, stride_gb, rows_per_batch,
+                  off_m, off_n, PER_ROW, HAS_BIAS, RESIDUAL, num_warps)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 

@@ -67,6 +67,9 @@ def test_hopper_gemms_run_on_wgmma_with_tma_and_do_not_spill(report):
     tma = [r for r in report[90]["rows"] if r["kind"] == "gemm" and r["kernel"] == "_gemm_tma_kernel"]
     assert tma and all(r["int8_mma"] == [dispatch.WGMMA] for r in tma)
     assert all(r["local"] == 0 for r in report[90]["rows"]), [r["what"] for r in report[90]["rows"] if r["local"]]
+    # ptxas did not serialize any kernel's wgmma (its notes C7510-C7517: an in-flight accumulator's registers
+    # touched by other instructions; bench/NOTES.md item 59)
+    assert not [r["what"] for r in report[90]["rows"] if r["ptxas_waits"]], report[90]["rows"]
 
 
 def test_consumer_blackwell_runs_no_hopper_kernel(report):
