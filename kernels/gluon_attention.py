@@ -18,7 +18,9 @@ One warpgroup of 64 query rows per program, K/V through TMA into a ring of ``sta
 scores are masked past S_kv (K's rows there belong to the next head). The last iteration computes one score
 block again (the next index is clamped): ~1/n_blocks of the Q K^T work.
 
-Opt-in, not dispatched: measured against ``triton_attention`` and cuDNN before ``attention_choice`` may pick it.
+Opt-in, not dispatched. ptxas serializes this schedule: with the P V product in flight across the loop's back
+edge it waits for every wgmma (its note C7514; ``bench/probe_wgmma_pipeline.py`` reproduces it in a small loop), so
+the kernel measured 0.73-0.79x the Triton kernel on the H200 (bench/NOTES.md items 58-59).
 Needs SM 9.0 and a compiled Triton; D = 64 or 128.
 """
 

@@ -10,7 +10,11 @@ only that row; its input rules.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +25,25 @@ from .conftest import HAS_CUDA, rel_err
 from .test_attention import BOUND, make, ref64
 
 HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.unit
+def test_ptxas_serializes_a_product_left_in_flight_across_the_loop():
+    """Offline sm_90 compiles of bench/probe_wgmma_pipeline.py's two loop forms (bench/NOTES.md item 59): the next
+    Q K^T in flight across the work on the previous scores passes ptxas as is; a P V product left in flight across
+    the back edge (this kernel's FA3 order) makes ptxas serialize every wgmma (note C7514). When a Triton or ptxas
+    update flips the second, the Gluon kernel's schedule is worth measuring again."""
+    code = "from int8_w8a8.bench import probe_wgmma_pipeline as p; import sys; sys.exit(p.main(['--json']))"
+    env = {k: v for k, v in os.environ.items() if k not in ("DISABLE_MMA_V3", "INT8_W8A8_FORCE_ARCH")}
+    env["TRITON_INTERPRET"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode != 0 and "No module named 'triton'" in out.stderr:
+        pytest.skip("Triton is not installed")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["form"]: r for r in json.loads(out.stdout)}
+    assert rows["s-in-flight"]["ptxas_waits"] == [], rows
+    assert 1 in rows["pv-in-flight"]["wait_group"], rows
+    assert any("C7514" in w for w in rows["pv-in-flight"]["ptxas_waits"]), rows
 
 
 @pytest.mark.unit
