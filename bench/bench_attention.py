@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and torch.cuda.get_device_capability()[0] == 9:
         from ..kernels.gluon_attention import GluonAttentionConfig
 
-        gluon = (GluonAttentionConfig(64, 3), GluonAttentionConfig(128, 3))
+        gluon = (GluonAttentionConfig(64, 3), GluonAttentionConfig(64, 4))
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
         shapes = tuple(tuple(int(x) for x in pair.split(":")) for pair in args.shapes.split(","))

@@ -7,20 +7,22 @@ on the inputs of its quantization pass (``triton_attention.quantize``, ``block_n
 schedule. Triton 3.6 waits for every INT8 wgmma as soon as it is issued (bench/NOTES.md item 56), so in
 ``triton_attention`` a warpgroup's softmax never runs under its own products. Here, per block j of keys::
 
+    load K, V of block j + stages - 1 into block j - 1's buffer
     issue S[j+1] = Q K[j+1]^T                       (in flight)
-    softmax of S[j] -> P[j], the row max and sum    (under S[j+1] and P[j-1] V[j-1])
-    wait until only S[j+1] is in flight             (P[j-1] V[j-1] done)
-    acc = acc * alpha[j-1] + (P[j-1] V[j-1]) * beta[j-1]; load K, V of block j + stages - 1 into its buffer
+    softmax of S[j] -> P[j], the row max and sum    (under S[j+1])
     issue P[j] V[j]                                  (P from registers)
-    wait until only P[j] V[j] is in flight          (S[j+1] done)
+    wait for both; acc = acc * alpha[j] + (P[j] V[j]) * beta[j]
+
+The first version also kept P[j-1] V[j-1] in flight across the next softmax (FlashAttention-3's full
+intra-warpgroup order); ptxas serialized every wgmma of it (its note C7514: a product in flight across the loop's
+back edge; ``bench/probe_wgmma_pipeline.py`` reproduces it), and it measured 0.73-0.79x the Triton kernel on the
+H200 (bench/NOTES.md items 58-59). This form is the one ptxas keeps: only the next scores' product overlaps.
 
 One warpgroup of 64 query rows per program, K/V through TMA into a ring of ``stages`` buffers; every block's
 scores are masked past S_kv (K's rows there belong to the next head). The last iteration computes one score
 block again (the next index is clamped): ~1/n_blocks of the Q K^T work.
 
-Opt-in, not dispatched. ptxas serializes this schedule: with the P V product in flight across the loop's back
-edge it waits for every wgmma (its note C7514; ``bench/probe_wgmma_pipeline.py`` reproduces it in a small loop), so
-the kernel measured 0.73-0.79x the Triton kernel on the H200 (bench/NOTES.md items 58-59).
+Opt-in, not dispatched: this form is not yet measured on a GPU.
 Needs SM 9.0 and a compiled Triton; D = 64 or 128.
 """
 
@@ -45,14 +47,17 @@ _MARGIN: gl.constexpr = gl.constexpr(MAX_MARGIN)
 
 @dataclass(frozen=True)
 class GluonAttentionConfig:
-    """block_n keys per block (the K scales' block: quantize with ``quant_config()``), stages K/V buffers."""
+    """block_n keys per block (the K scales' block: quantize with ``quant_config()``), stages K/V buffers.
+
+    64-key blocks only: with 128 the next block's scores, the in-flight P V and the accumulator (64 registers each
+    per thread) no longer fit 255 registers in this schedule (ptxas spills 380 bytes; bench/NOTES.md item 59)."""
 
     block_n: int = 64
     stages: int = 3
 
     def __post_init__(self) -> None:
-        if self.block_n not in (64, 128) or self.stages < 3:
-            raise ValueError(f"GluonAttentionConfig: block_n 64 or 128 and stages >= 3 (block j + 1 is loaded before "
+        if self.block_n != 64 or self.stages < 3:
+            raise ValueError(f"GluonAttentionConfig: block_n 64 and stages >= 3 (block j + 1 is loaded before "
                              f"iteration j), got {self.block_n}, {self.stages}")
 
     def quant_config(self) -> AttentionConfig:
@@ -127,49 +132,29 @@ def _gluon_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, vcs_
     m_i = gl.full((BM,), float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros((BM,), gl.float32, layout=row_s)
 
-    # block 0: its scores, then (peeled) the first iteration, which has no earlier P V to finish
+    # block 0's scores, then per block j: its softmax runs under the next block's Q K^T, and its P V is finished
+    # in the same iteration (a P V left in flight across the back edge makes ptxas serialize every wgmma: item 59)
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(kv_bar.index(0), 0)
     s = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-    jn = gl.minimum(1, n_blocks - 1)
-    mbarrier.wait(kv_bar.index(jn % STAGES), (jn // STAGES) & 1)
-    s_next = warpgroup_mma(q_s, k_s.index(jn % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    p, alpha, beta, m_i, l_i = _softmax(s, cols < S_kv, rm_q * gl.load(ks_base), m_i, l_i)
-    if n_blocks >= STAGES:
-        mbarrier.expect(kv_bar.index(STAGES - 1), kv_bytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row + (STAGES - 1) * BN, 0], kv_bar.index(STAGES - 1),
-                                        k_s.index(STAGES - 1))
-        tma.async_copy_global_to_shared(v_desc, [vt_row, (STAGES - 1) * BN], kv_bar.index(STAGES - 1),
-                                        v_s.index(STAGES - 1))
-    pv = warpgroup_mma(gl.convert_layout(p, p_op), v_s.index(0).permute((1, 0)), zero_o, use_acc=False,
-                       is_async=True)
-    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
-
-    for j in range(1, n_blocks):
-        jn = gl.minimum(j + 1, n_blocks - 1)
-        mbarrier.wait(kv_bar.index(jn % STAGES), (jn // STAGES) & 1)
-        s_next = warpgroup_mma(q_s, k_s.index(jn % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        p_j, alpha_j, beta_j, m_i, l_i = _softmax(s, cols < S_kv - j * BN, rm_q * gl.load(ks_base + j), m_i, l_i)
-        pv = warpgroup_mma_wait(num_outstanding=1, deps=(pv,))  # block j - 1's P V (issued before S[j+1])
-        cs = gl.load(vcs_base + (j - 1) * HEAD_DIM + d_o) * 127
-        pvf = (pv + cs[None, :]).to(gl.float32)  # exact: |sum| <= 254 * 128 * D < 2**24
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None] + pvf * gl.convert_layout(beta, row_o)[:, None]
+    for j in range(n_blocks):
         nk = j + STAGES - 1
-        if nk < n_blocks:  # into block j - 1's buffer, free now
+        if nk < n_blocks:  # into block j - 1's buffer, free since its P V finished
             ns = nk % STAGES
             mbarrier.expect(kv_bar.index(ns), kv_bytes)
             tma.async_copy_global_to_shared(k_desc, [kv_row + nk * BN, 0], kv_bar.index(ns), k_s.index(ns))
             tma.async_copy_global_to_shared(v_desc, [vt_row, nk * BN], kv_bar.index(ns), v_s.index(ns))
-        pv = warpgroup_mma(gl.convert_layout(p_j, p_op), v_s.index(j % STAGES).permute((1, 0)), zero_o,
+        jn = gl.minimum(j + 1, n_blocks - 1)  # the last iteration computes its own block's scores again
+        mbarrier.wait(kv_bar.index(jn % STAGES), (jn // STAGES) & 1)
+        s_next = warpgroup_mma(q_s, k_s.index(jn % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        p, alpha, beta, m_i, l_i = _softmax(s, cols < S_kv - j * BN, rm_q * gl.load(ks_base + j), m_i, l_i)
+        pv = warpgroup_mma(gl.convert_layout(p, p_op), v_s.index(j % STAGES).permute((1, 0)), zero_o,
                            use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
-        alpha = alpha_j
-        beta = beta_j
-    pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv,))
-    cs = gl.load(vcs_base + (n_blocks - 1) * HEAD_DIM + d_o) * 127
-    acc = acc * gl.convert_layout(alpha, row_o)[:, None] + (pv + cs[None, :]).to(gl.float32) * \
-        gl.convert_layout(beta, row_o)[:, None]
+        pv, s = warpgroup_mma_wait(num_outstanding=0, deps=(pv, s_next))
+        cs = gl.load(vcs_base + j * HEAD_DIM + d_o) * 127
+        pvf = (pv + cs[None, :]).to(gl.float32)  # exact: |sum| <= 254 * 128 * D < 2**24
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None] + pvf * gl.convert_layout(beta, row_o)[:, None]
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(kv_bar.index(i))

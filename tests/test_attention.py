@@ -411,12 +411,11 @@ def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     # Triton 3.6 waits for every INT8 product as soon as it is issued (its pipeliner keeps a wgmma in flight only
     # with a float32 accumulator: bench/NOTES.md item 56), so no softmax runs under the warpgroup's own wgmma
     assert all(r["wgmma_waits"] == [0] and r["wgmma_overlap_instr"] == 0 for r in kernels), kernels
-    # the Gluon kernel states its waits: a product in flight across each block's softmax (kernels/gluon_attention.py)
+    # the Gluon kernel states its waits: the next block's Q K^T in flight across each block's softmax
+    # (kernels/gluon_attention.py), in a form ptxas keeps (no serialization note, bench/NOTES.md item 59); no Triton
+    # attention kernel gets such a note either
     gluon = [r for r in rows if r["what"].startswith("gluon attention")]
-    assert len(gluon) == 3 and all(1 in r["wgmma_waits"] and r["wgmma_overlap_instr"] >= 100 for r in gluon), gluon
-    # ... which ptxas then serializes (its note C7514: bench/NOTES.md item 59; measured 0.73-0.79x the Triton kernel),
-    # while no Triton attention kernel gets such a note
-    assert all(any("C7514" in w for w in r["ptxas_waits"]) for r in gluon), gluon
+    assert len(gluon) == 3 and all(r["wgmma_overlap_instr"] >= 100 and not r["ptxas_waits"] for r in gluon), gluon
     assert not [r["what"] for r in kernels if r["ptxas_waits"]], kernels
     # warp_spec: Triton's Hopper pass made a TMA producer warpgroup and two consumer warpgroups (problems() checks
     # num_warps + 8 and setmaxnreg), each consumer with both products on wgmma

@@ -45,7 +45,7 @@ def test_refuses_operands_off_hopper():
 
 @pytest.mark.unit
 def test_wgmma_wait_analysis_on_known_ptx():
-    """wait_group 0 right after the commit (Triton 3.6's INT8 products) against a product left in flight."""
+    """wait_group 0 right after the commit (Triton 3.6's INT8 products) against products left in flight."""
     from int8_w8a8.bench.check_ptx_attention import wgmma_overlap
 
     sync = ("wgmma.fence.sync.aligned;\nwgmma.commit_group.sync.aligned;\nmov.b32 %r1, 0;\n"
@@ -55,6 +55,10 @@ def test_wgmma_wait_analysis_on_known_ptx():
               "add.f32 %f3, %f1, %f1;\nwgmma.commit_group.sync.aligned;\nex2.approx.f32 %f4, %f3;\n"
               "wgmma.wait_group.sync.aligned 0;")
     assert wgmma_overlap(flight) == {"wgmma_waits": [0, 1], "wgmma_overlap_instr": 1}
+    # a product issued before a softmax and waited for (with the next one) after it: counted from its own commit
+    under = ("wgmma.commit_group.sync.aligned;\nex2.approx.f32 %f1, %f2;\nadd.f32 %f3, %f1, %f1;\n"
+             "wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;")
+    assert wgmma_overlap(under) == {"wgmma_waits": [0], "wgmma_overlap_instr": 2}
 
 
 @pytest.mark.kernels
