@@ -183,17 +183,33 @@ def _gluon_gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_p
 
 
 @gluon.jit
+def _next_load(lk, lt, lm, ln, first, programs, k_tiles, M, N, BM: gl.constexpr, BN: gl.constexpr,
+               GROUP_M: gl.constexpr):
+    """The load cursor one K step on: (K step, tile number, tile origin) of this program's next load. The tile's
+    origin is recomputed only when the cursor enters the next tile (its integer divisions once a tile, not once a
+    K step)."""
+    lk += 1
+    if lk == k_tiles:
+        lk = 0
+        lt += 1
+        lm, ln = _tile_offsets(first + lt * programs, M, N, BM, BN, GROUP_M)
+    return lk, lt, lm, ln
+
+
+@gluon.jit
 def _gluon_gemm_persistent_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, M, N, K, stride_om,
                                   stride_gb, rows_per_batch, PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr,
                                   RESIDUAL: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                                   num_warps: gl.constexpr):
     """A fixed grid of programs, each walking the tiles ``pid, pid + programs, ...``. One counter ``c`` numbers
     this program's (tile, K step) pairs across tiles, so the ring's loads run ``STAGES - 1`` steps ahead over tile
-    boundaries: the next tile's first K steps are loaded before this tile's epilogue and land while it runs.
+    boundaries: the next tile's first K steps are loaded before this tile's epilogue and land while it runs. The
+    loads follow a cursor (``_next_load``) instead of dividing the step number by K's tiles at every step.
 
     The tiles and their K steps are two nested loops, the epilogue after the inner one: with one flat loop and the
     epilogue under a branch in it, the accumulator reached the loop head from two places and ptxas waited for
-    every wgmma there (its note C7517; 0.33-0.72x the tiled form on the H200, bench/NOTES.md item 58)."""
+    every wgmma there (its note C7517; 0.33-0.72x the tiled form on the H200, bench/NOTES.md item 58). Without the
+    note it still ran at 0.54-0.69x (item 59), with ~5 integer divisions a K step for the loads' tile origin."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0]
@@ -203,10 +219,13 @@ def _gluon_gemm_persistent_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_
     my_tiles = gl.cdiv(gl.cdiv(M, BM) * gl.cdiv(N, BN) - first, programs)
     steps = my_tiles * k_tiles  # this program's (tile, K step) pairs
     a_s, b_s, ready = _ring(a_desc, b_desc, STAGES)
+    lk = 0
+    lt = 0
+    lm, ln = _tile_offsets(first, M, N, BM, BN, GROUP_M)
     for i in gl.static_range(STAGES - 1):
         if i < steps:
-            lm, ln = _tile_offsets(first + (i // k_tiles) * programs, M, N, BM, BN, GROUP_M)
-            _load_step(a_desc, b_desc, a_s, b_s, ready, i, lm, ln, (i % k_tiles) * BK)
+            _load_step(a_desc, b_desc, a_s, b_s, ready, i, lm, ln, lk * BK)
+            lk, lt, lm, ln = _next_load(lk, lt, lm, ln, first, programs, k_tiles, M, N, BM, BN, GROUP_M)
     c = 0
     for t in range(my_tiles):
         acc = gl.zeros((BM, BN), gl.int32, layout=_mma_layout(BN, num_warps))
@@ -215,10 +234,9 @@ def _gluon_gemm_persistent_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_
             mbarrier.wait(ready.index(s), (c // STAGES) & 1)
             acc = warpgroup_mma(a_s.index(s), b_s.index(s).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            p = c + STAGES - 1
-            if p < steps:  # into the buffer of step c - 1, whose product is done
-                lm, ln = _tile_offsets(first + (p // k_tiles) * programs, M, N, BM, BN, GROUP_M)
-                _load_step(a_desc, b_desc, a_s, b_s, ready, p % STAGES, lm, ln, (p % k_tiles) * BK)
+            if c + STAGES - 1 < steps:  # into the buffer of step c - 1, whose product is done
+                _load_step(a_desc, b_desc, a_s, b_s, ready, (c + STAGES - 1) % STAGES, lm, ln, lk * BK)
+                lk, lt, lm, ln = _next_load(lk, lt, lm, ln, first, programs, k_tiles, M, N, BM, BN, GROUP_M)
             c += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         off_m, off_n = _tile_offsets(first + t * programs, M, N, BM, BN, GROUP_M)
