@@ -40,7 +40,10 @@ class GluonGemmConfig:
     wgmma layout), ``block_n`` 64, 128 or 256 (an 8-bit wgmma's N is at most 224: 256 runs as two of 128),
     ``block_k`` a multiple of 32, ``stages`` TMA buffers in the ring (>= 2: one product in flight needs its
     buffer kept while the next one's is read). ``persistent``: ``ctas_per_sm`` programs per SM walk the tiles, the
-    next tile's first loads issued before this tile's epilogue (``_gluon_gemm_persistent_kernel``)."""
+    next tile's first loads issued before this tile's epilogue (``_gluon_gemm_persistent_kernel``).
+    ``max_registers`` (0: the compiler's choice) caps each thread's registers (ptxas ``maxnreg``): 128 at 8 warps
+    lets two programs share an SM (65,536 registers), so one's epilogue runs under the other's K loop; the
+    epilogue then spills a few registers (the K loop does not: checked in the SASS, bench/NOTES.md item 59)."""
 
     block_m: int = 128
     block_n: int = 128
@@ -50,6 +53,7 @@ class GluonGemmConfig:
     group_m: int = 8
     persistent: bool = False
     ctas_per_sm: int = 1
+    max_registers: int = 0
 
     def __post_init__(self) -> None:
         if self.num_warps not in (4, 8) or self.block_m != 16 * self.num_warps:
@@ -58,9 +62,16 @@ class GluonGemmConfig:
         if self.block_n not in (64, 128, 256) or self.block_k % 32 or not 32 <= self.block_k <= 256:
             raise ValueError(f"GluonGemmConfig: block_n in (64, 128, 256) and block_k a multiple of 32 up to 256, "
                              f"got {self.block_n}, {self.block_k}")
+        if self.max_registers and not 64 <= self.max_registers <= 255:
+            raise ValueError(f"GluonGemmConfig: max_registers 0 (the compiler's choice) or 64..255, got "
+                             f"{self.max_registers}")
         if self.stages < 2 or self.group_m < 1 or self.ctas_per_sm < 1:
             raise ValueError(f"GluonGemmConfig: stages >= 2, group_m >= 1 and ctas_per_sm >= 1, got {self.stages}, "
                              f"{self.group_m}, {self.ctas_per_sm}")
+
+    def launch_options(self) -> dict:
+        """Compiler options of the launch beyond num_warps: ``maxnreg`` where ``max_registers`` is set."""
+        return {"maxnreg": self.max_registers} if self.max_registers else {}
 
     @property
     def shared_bytes(self) -> int:
@@ -313,5 +324,5 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
                  m, n, k, out.stride(0), gate.stride(0) if gate is not None else 0,
                  m // gate.shape[0] if gate is not None else 1, PER_ROW=w_scale.dim() > 0, HAS_BIAS=bias is not None,
                  RESIDUAL=gate is not None, STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
-                 enable_fp_fusion=FP_FUSION)
+                 enable_fp_fusion=FP_FUSION, **cfg.launch_options())
     return out

@@ -27,7 +27,7 @@ HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 @pytest.mark.unit
 @pytest.mark.parametrize("kwargs", [{"block_m": 64, "num_warps": 8}, {"block_n": 96}, {"block_k": 48},
                                     {"stages": 1}, {"num_warps": 2, "block_m": 32}, {"group_m": 0},
-                                    {"ctas_per_sm": 0}])
+                                    {"ctas_per_sm": 0}, {"max_registers": 32}, {"max_registers": 300}])
 def test_config_rules(kwargs):
     with pytest.raises(ValueError, match="GluonGemmConfig"):
         GluonGemmConfig(**kwargs)
@@ -95,8 +95,9 @@ def _operands(m: int, k: int, n: int, row_pad: int = 0):
                                    (777, 3072, 1000)])
 @pytest.mark.parametrize("cfg", [GluonGemmConfig(), GluonGemmConfig(64, 128, 128, 4, 4),
                                  GluonGemmConfig(128, 128, 64, 6, 8), GluonGemmConfig(persistent=True),
-                                 GluonGemmConfig(64, 128, 128, 4, 4, persistent=True, ctas_per_sm=2)],
-                         ids=["128", "64", "128k64", "persistent128", "persistent64x2"])
+                                 GluonGemmConfig(64, 128, 128, 4, 4, persistent=True, ctas_per_sm=2),
+                                 GluonGemmConfig(128, 128, 64, 4, 8, max_registers=128)],
+                         ids=["128", "64", "128k64", "persistent128", "persistent64x2", "128r128"])
 def test_matches_the_twin_bit_for_bit(seed, m, k, n, cfg):
     from int8_w8a8.kernels import gluon_gemm
 
@@ -114,7 +115,9 @@ def test_matches_the_twin_bit_for_bit(seed, m, k, n, cfg):
 @pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM is written for SM 9.x (Hopper)")
 @pytest.mark.parametrize("m,k,n,batches", [(17, 256, 200, 1), (300, 4096, 1000, 2), (777, 3072, 3072, 3)])
 @pytest.mark.parametrize("cfg", [GluonGemmConfig(), GluonGemmConfig(64, 128, 128, 4, 4, persistent=True,
-                                                                    ctas_per_sm=2)], ids=["128", "persistent64x2"])
+                                                                    ctas_per_sm=2),
+                                 GluonGemmConfig(128, 128, 64, 4, 8, max_registers=128)],
+                         ids=["128", "persistent64x2", "128r128"])
 def test_gated_residual_in_place(seed, m, k, n, batches, cfg):
     """``residual += gate[row // (M / B)] * y`` in place, rounded once: the twin's float32 order and the Triton
     kernel's bits (``triton_gemm.gemm`` with a gate)."""
