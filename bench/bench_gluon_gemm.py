@@ -48,16 +48,12 @@ def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", res
     the gated residual epilogue); its PTX/cubin summary."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from .check_ptx import _resource_usage, ptxas_waits
+    from .check_ptx import _resource_usage, int8_desc_sig, ptxas_waits
     from .check_ptx_attention import wgmma_overlap
 
-    a = gl.NVMMASharedLayout.get_default_for([cfg.block_m, cfg.block_k], gl.int8)
-    b = gl.NVMMASharedLayout.get_default_for([cfg.block_n, cfg.block_k], gl.int8)
-    sig = {"a_desc": f"tensordesc<i8[{cfg.block_m}, {cfg.block_k}],{a}>",
-           "b_desc": f"tensordesc<i8[{cfg.block_n}, {cfg.block_k}],{b}>",
+    sig = {"a_desc": int8_desc_sig(cfg.block_m, cfg.block_k), "b_desc": int8_desc_sig(cfg.block_n, cfg.block_k),
            "out_ptr": f"*{out}", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{out}", "gate_ptr": f"*{out}",
            "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "stride_gb": "i32", "rows_per_batch": "i32",
            "PER_ROW": "constexpr", "HAS_BIAS": "constexpr", "RESIDUAL": "constexpr", "STAGES": "constexpr",

@@ -231,6 +231,14 @@ def _resource_usage(cubin: bytes) -> dict:
             "stack": int(found.get("STACK", -1))}
 
 
+def int8_desc_sig(rows: int, cols: int) -> str:
+    """The signature type of a Gluon kernel's int8 TMA descriptor argument with a ``[rows, cols]`` block in its
+    default shared layout (what ``kernels/gluon_*.py``'s host code builds), for offline compiles."""
+    from triton.experimental.gluon import language as gl
+
+    return f"tensordesc<i8[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)}>"
+
+
 def ptxas_waits(ptx: str, arch: int = 90) -> list[str]:
     """ptxas's notes that it serialized wgmma or injected a ``warpgroup.wait`` into the kernel (C7510, C7517, ...:
     a register an in-flight wgmma defines or reads is touched by another instruction, as a loop-carried

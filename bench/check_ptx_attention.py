@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 from ..kernels import attention_configs, triton_attention
 from ..kernels.attention_configs import AttentionConfig
-from .check_ptx import _resource_usage, ptxas_waits
+from .check_ptx import _resource_usage, int8_desc_sig, ptxas_waits
 
 SMEM_LIMIT = {90: 232448, 100: 232448, 120: 101376, 80: 166912, 86: 101376, 89: 101376}  # bytes per block
 
@@ -214,17 +214,14 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
 def compile_gluon_attention(cfg, arch: int = 90, head_dim: int = 128, out: str = "bf16") -> dict:
     """Compile ``kernels/gluon_attention``'s kernel for ``cfg`` (a ``GluonAttentionConfig``); its PTX/SASS summary,
     with ``wgmma_overlap``: the kernel keeps one product in flight across its softmax (bench/NOTES.md item 57)."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from ..kernels import gluon_attention
 
-    def desc(rows: int, cols: int) -> str:
-        return f"tensordesc<i8[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)}>"
-
     bm, bn, d = gluon_attention.BLOCK_M, cfg.block_n, head_dim
-    sig = {"q_desc": desc(bm, d), "k_desc": desc(bn, d), "v_desc": desc(d, bn), "qs_ptr": "*fp32", "ks_ptr": "*fp32",
-           "vs_ptr": "*fp32", "vcs_ptr": "*i32", "out_ptr": f"*{out}", "qk_mult": "fp32", "S_q": "i32", "S_kv": "i32",
+    sig = {"q_desc": int8_desc_sig(bm, d), "k_desc": int8_desc_sig(bn, d), "v_desc": int8_desc_sig(d, bn),
+           "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "vcs_ptr": "*i32", "out_ptr": f"*{out}",
+           "qk_mult": "fp32", "S_q": "i32", "S_kv": "i32",
            "n_blocks": "i32", "H": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_os": "i32",
            "HEAD_DIM": "constexpr", "STAGES": "constexpr", "num_warps": "constexpr"}
     consts = {"HEAD_DIM": d, "STAGES": cfg.stages, "num_warps": gluon_attention.NUM_WARPS}

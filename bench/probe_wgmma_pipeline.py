@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -26,7 +25,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
-from .check_ptx import ptxas_waits
+from .check_ptx import int8_desc_sig, ptxas_waits
+from .check_ptx_attention import wgmma_overlap
 
 FORMS = {"s-in-flight": 1, "pv-in-flight": 2}
 BM: gl.constexpr = gl.constexpr(64)  # query rows (one warpgroup)
@@ -86,18 +86,14 @@ def _probe_kernel(q_desc, k_desc, v_desc, out_ptr, n, FORM: gl.constexpr, num_wa
 
 def probe(form: str, arch: int = 90) -> dict:
     """Compile one form for ``sm_<arch>``: its ``wait_group`` arguments and ptxas's wgmma notes."""
-    def desc(rows: int, cols: int) -> str:
-        return f"tensordesc<i8[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)}>"
-
     bm, bn, d = BM.value, BN.value, D.value
-    sig = {"q_desc": desc(bm, d), "k_desc": desc(bn, d), "v_desc": desc(d, bn), "out_ptr": "*bf16", "n": "i32",
+    sig = {"q_desc": int8_desc_sig(bm, d), "k_desc": int8_desc_sig(bn, d), "v_desc": int8_desc_sig(d, bn),
+           "out_ptr": "*bf16", "n": "i32",
            "FORM": "constexpr", "num_warps": "constexpr"}
     compiled = triton.compile(GluonASTSource(_probe_kernel, sig, {"FORM": FORMS[form], "num_warps": 4}, {}),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]
-    return {"form": form, "wait_group": sorted({int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d)",
-                                                                          ptx)}),
-            "ptxas_waits": ptxas_waits(ptx, arch)}
+    return {"form": form, "wait_group": wgmma_overlap(ptx)["wgmma_waits"], "ptxas_waits": ptxas_waits(ptx, arch)}
 
 
 def main(argv: list[str] | None = None) -> int:

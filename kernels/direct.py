@@ -42,7 +42,7 @@ import torch
 
 from . import _checks, api
 from .dispatch import Backend, choose_backend
-from .reference import as_rows, lora_hidden
+from .reference import as_rows
 
 logger = logging.getLogger(__name__)
 
@@ -281,11 +281,10 @@ class LinearPlan:
         if (x.device != self.device or x.dtype not in _FLOAT_DTYPES or x.shape[-1] != self.k
                 or self.smooth is not None):
             return None
-        x2 = as_rows(x)
-        xq, xs = api.quantize_rows(x2, rotate_group=self.rotate_group)
-        h = lora_hidden(x2, lora_a)
-        y = self.gemm(xq, xs.reshape(-1), x.dtype, h, lora_b.to(h.dtype))  # one dtype, as the public API casts it
-        return y.reshape(*x.shape[:-1], self.n)
+        from . import fused  # fused imports this module
+
+        return fused.int8_linear_eager(x, self.q, self.scale, self.bias_for(x.dtype), x.dtype, self.rotate_group,
+                                       lora_a, lora_b)
 
     def gemm(self, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype, lora_h: torch.Tensor | None = None,
              lora_b: torch.Tensor | None = None) -> torch.Tensor | None:
