@@ -131,8 +131,6 @@ for step in "$@"; do
         # the plain one (~2-3 min)
         gemm-ws-residual) timeout 300 python3 -m int8_w8a8.bench.sweep_gemm --bucket ws-residual \
             --out "$OUT/sweep_ws_residual.json" 2>&1 | tee "$OUT/sweep_ws_residual.txt" ;;
-        # the opt-in split tail (stream-K for the last wave, configs.GemmConfig.split_tail) vs the table config at the
-        # wave-quantized shapes of Z-Image, klein and Chroma (~2 min): bit-identity tests first, under a timeout
         # the Gluon INT8 GEMM with its wgmma products left in flight (kernels/gluon_gemm.py, NOTES item 56): GPU tests,
         # then bit identity and timing against the table's kernel and cuBLAS FP8 (~2-3 min)
         gemm-gluon) timeout 300 python3 -m pytest tests/test_gluon_gemm.py -q -p no:randomly 2>&1 \
@@ -145,6 +143,8 @@ for step in "$@"; do
                 | tee "$OUT/pytest-gluon-attention.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.bench_attention --default-only --shapes 32:4608,32:16896 \
                 --out "$OUT/bench_attention_gluon.json" 2>&1 | tee "$OUT/bench_attention_gluon.txt"; } ;;
+        # the opt-in split tail (stream-K for the last wave, configs.GemmConfig.split_tail) vs the table config at the
+        # wave-quantized shapes of Z-Image, klein and Chroma (~2 min): bit-identity tests first, under a timeout
         gemm-tail) timeout 240 python3 -m pytest tests/test_kernels.py $XDIST -q -p no:randomly -k "split_tail or tail_plan" 2>&1 \
                 | tee "$OUT/pytest-gemm-tail.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.sweep_gemm --bucket tail --out "$OUT/sweep_tail.json" 2>&1 \
