@@ -7,6 +7,9 @@ file's prefix is stripped). ``keep`` lists module-path patterns matched on whole
 ``final_layer_norm``; a pattern with dots (``"time_text_embed.timestep_embedder"``) must match a
 contiguous run of components. Layers kept in high precision are embedders (tiny M x K products,
 sensitive inputs), modulation/normalization projections that feed every block, and output heads.
+``optional`` names the patterns of ``keep`` that a load may convert on request (``with_optional``, the
+loaders' ``quantize_optional``): whole transformer blocks that community INT8 files keep in high precision
+but that run at the main blocks' widths, so converting them is a speed/accuracy choice, not a rule.
 
 Sources for the lists: ComfyUI-INT8-Fast's per-model exclusions and convert_to_quant's presets
 (../shared/research/anchors.md sections 1.4 and 3.5), checked against ComfyUI's model classes.
@@ -15,7 +18,7 @@ Sources for the lists: ComfyUI-INT8-Fast's per-model exclusions and convert_to_q
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,16 @@ class ModelProfile:
     title: str
     detect: tuple[str, ...]
     keep: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        extra = [p for p in self.optional if p not in self.keep]
+        if extra:
+            raise ValueError(f"profile {self.name}: optional patterns {extra} are not in keep")
+
+    def with_optional(self) -> ModelProfile:
+        """This profile with its ``optional`` layers converted too (same name: the architecture is the same)."""
+        return replace(self, keep=tuple(p for p in self.keep if p not in self.optional), optional=())
 
     def matches(self, keys: Iterable[str]) -> bool:
         keyset = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
@@ -61,6 +74,9 @@ PROFILES: tuple[ModelProfile, ...] = (
         detect=("cap_embedder.1.weight", "noise_refiner.0.attention.qkv.weight", "layers.0.attention.qkv.weight"),
         keep=("cap_embedder", "t_embedder", "x_embedder", "final_layer", "noise_refiner", "context_refiner",
               "adaLN_modulation"),
+        # the two noise refiners run at the main layers' widths on the image tokens (fused like them once INT8),
+        # the context refiners on the caption tokens; ComfyUI's FP8 fast quantizes both
+        optional=("noise_refiner", "context_refiner"),
     ),
     ModelProfile(
         "qwen-image", "Qwen-Image (and Edit)",

@@ -101,6 +101,33 @@ def test_fused_matches_comfyui_layers_and_float64(models, calls, dtype):
                            truth)
 
 
+def test_quantize_optional_fuses_the_noise_refiners(models, calls):
+    """``quantize_optional`` converts the refiners: the two noise refiners run fused like the main layers, the
+    context refiners (no modulation, caption tokens) run ComfyUI's block on INT8 linears; the output matches
+    ComfyUI's blocks on the same weights and both the float64 twin."""
+    from int8_w8a8.ops import layout
+
+    with bu.tiny_detection():
+        fused, plain = (bu.load(models["sd"], torch.bfloat16, quantize_optional=True, fused_blocks=f)
+                        for f in (True, False))
+    dm = fused.model.diffusion_model
+    assert all(layout.is_int8_weight(r.attention.qkv.weight) and layout.is_int8_weight(r.feed_forward.w2.weight)
+               and not layout.is_int8_weight(getattr(r.adaLN_modulation[-1], "weight", None))
+               for r in (*dm.noise_refiner, *dm.context_refiner) if r.modulation)
+    assert all(layout.is_int8_weight(r.attention.out.weight) for r in dm.context_refiner)
+    refiners = {f"diffusion_model.noise_refiner.{i}.forward" for i in range(len(dm.noise_refiner))}
+    assert refiners <= set(fused.object_patches)
+    assert not any("context_refiner" in k for k in fused.object_patches)
+    # the default load keeps them in high precision and ComfyUI's blocks run them
+    assert not any("refiner" in k for k in models["fused-bfloat16"].object_patches)
+    args, kwargs = inputs()
+    y = bu.run(fused, args, kwargs)
+    assert calls["qk_norm_rope"] == LAYERS + len(refiners)
+    comfy = bu.run(plain, args, kwargs)
+    assert sqnr_db(comfy, y) > 30
+    bu.check_against_float64(y, comfy, bu.float64_truth(fused, zimage_module, args, kwargs), 25)
+
+
 @pytest.mark.parametrize("group", [64, 256])
 def test_convrot_model_stays_fused(models, calls, group):
     from int8_w8a8.ops.config import ConvertOptions

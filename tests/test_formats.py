@@ -100,6 +100,17 @@ def test_keep_patterns_match_whole_components():
     assert p.keeps("time_text_embed.timestep_embedder.linear_1") and not p.keeps("time_text_embed.other")
 
 
+def test_optional_keep_patterns():
+    """``with_optional`` converts the optional patterns and nothing else; optional patterns must be kept ones."""
+    p = profiles.ModelProfile("t", "t", detect=(), keep=("final_layer", "refiner"), optional=("refiner",))
+    q = p.with_optional()
+    assert p.keeps("refiner.0.qkv") and not q.keeps("refiner.0.qkv") and q.keeps("final_layer.linear")
+    assert (q.name, q.optional) == ("t", ())
+    with pytest.raises(ValueError, match="not in keep"):
+        profiles.ModelProfile("t", "t", detect=(), keep=("final_layer",), optional=("refiner",))
+    assert profiles.BY_NAME["z-image"].optional == ("noise_refiner", "context_refiner")
+
+
 def test_profile_resolution_errors():
     sd = flux2_sd()
     assert profiles.resolve("auto", sd, "f.safetensors").name == "flux2"

@@ -41,6 +41,7 @@ import torch
 from comfy.ldm.lumina.model import JointTransformerBlock
 
 from ... import kernels
+from .. import layout
 from . import common
 
 ARCH = "Z-Image"
@@ -52,11 +53,10 @@ def _qk_eps(norm) -> float:
 
 
 class FusedForward:
-    """The per-clone ``forward`` of main layer i of a NextDiT (``JointTransformerBlock``), fused."""
+    """The per-clone ``forward`` of a main layer (or an INT8 noise refiner) of a NextDiT, fused."""
 
-    def __init__(self, block: JointTransformerBlock, index: int):
+    def __init__(self, block: JointTransformerBlock):
         self.block = weakref.ref(block)  # the object patch lives on the block itself while applied
-        self.index = index
 
     def _why_not(self, block, x, x_mask, freqs_cis, adaln_input, timestep_zero_index, options) -> str | None:
         attn, ff = block.attention, block.feed_forward
@@ -120,16 +120,21 @@ class FusedForward:
 
 
 def install(patcher) -> int:
-    """Patch the ``forward`` of each main layer of ``patcher``'s NextDiT (per clone, through object patches);
-    returns how many. Layers whose forward another node patched already are left alone; so are the refiners
-    (kept in high precision by the profile). The RoPE table gets an ``EagerRopeTable`` object patch."""
+    """Patch the ``forward`` of each main layer of ``patcher``'s NextDiT (per clone, through object patches), and
+    of each noise refiner whose linears are INT8 (``LoadOptions.quantize_optional``; by default the profile keeps
+    the refiners in high precision and ComfyUI's blocks run them); returns how many. The context refiners have no
+    modulation and see only the caption tokens: they run ComfyUI's block on the INT8 linears. Layers whose forward
+    another node patched already are left alone. The RoPE table gets an ``EagerRopeTable`` object patch."""
     model = patcher.model.diffusion_model
     common.patch_rope_table(patcher, model, "rope_embedder")
+    refiners = [(f"noise_refiner.{i}", block) for i, block in enumerate(getattr(model, "noise_refiner", ()))
+                if layout.is_int8_weight(block.attention.qkv.weight)]
     count = 0
-    for i, block in enumerate(model.layers):
-        key = f"diffusion_model.layers.{i}.forward"
+    for name, block in [(f"layers.{i}", b) for i, b in enumerate(model.layers)] + refiners:
+        key = f"diffusion_model.{name}.forward"
         if type(block) is JointTransformerBlock and block.modulation and key not in patcher.object_patches:
-            patcher.add_object_patch(key, FusedForward(block, i))
+            patcher.add_object_patch(key, FusedForward(block))
             count += 1
-    common.logger.info("int8_w8a8: fused %s blocks patched on %d of %d layers", ARCH, count, len(model.layers))
+    common.logger.info("int8_w8a8: fused %s blocks patched on %d of %d layers (%d noise refiners)", ARCH, count,
+                       len(model.layers) + len(refiners), len(refiners))
     return count
