@@ -27,8 +27,9 @@ TorchCompileModel path (``--modes compile``) works as in a workflow. Variants, a
                 instead of the GPU every other variant is given, as the native rows ran until 2026-12-02
   pack-convert-qt  (not in the defaults) pack-convert with ``LoadOptions(traced_weights=False)``: compiled graphs
                 read the QuantizedTensor weights, as before bench/NOTES.md item 51 (eager runs are the same)
-  pack-convert-opt  (not in the defaults) pack-convert with ``LoadOptions(quantize_optional=True)``: the layers the
-                profile keeps only by convention are converted too (Z-Image's refiners; other models: as pack-convert)
+  pack-convert-opt  (not in the defaults) pack-convert with ``LoadOptions(quantize_extra_blocks=True)``: the layers
+                the profile keeps only by convention are converted too (Z-Image's refiners; other models: as
+                pack-convert)
   bf16-lora64, pack-convert-lora64  (not in the defaults) with a random rank-64 LoRA on every linear
                 (``bench_model.with_lora``): ComfyUI's LoRA patches (merged on load) for bf16, the pack's dynamic
                 LoRA for the pack (as "Load LoRA (INT8 dynamic)" applies it); their SQNR is against bf16-lora64
@@ -66,7 +67,7 @@ MODES = ("eager", "compile", "eager-dvram")
 DVRAM_VARIANTS = ("bf16", "fp8-fast", "pack-convert", "pack-convert-qt", "pack-convert-opt")
 # the pack-convert variants: their LoadOptions
 _CONVERT_OPTIONS = {"pack-convert": {}, "pack-convert-qt": {"traced_weights": False},
-                    "pack-convert-opt": {"quantize_optional": True}}
+                    "pack-convert-opt": {"quantize_extra_blocks": True}}
 # an isolated eager-dvram child loads comfy-aimdo's library before torch initializes CUDA, as ComfyUI's main.py does
 _AIMDO_BOOT = ("import runpy, sys\nimport comfy_aimdo.control\ncomfy_aimdo.control.init()\n"
                "sys.argv[0] = 'bench_arch'\nrunpy.run_module('int8_w8a8.bench.bench_arch', run_name='__main__')\n")

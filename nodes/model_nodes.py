@@ -43,6 +43,14 @@ ATTENTION_TOOLTIP = (
     "run ComfyUI's own code (fallbacks, architectures without fused blocks) always keep ComfyUI's attention."
 )
 
+EXTRA_BLOCKS_TOOLTIP = (
+    "Used when converting: also quantize the blocks the model profile keeps in BF16 only by convention, as "
+    "community INT8 files do: Z-Image's noise and context refiners (ComfyUI's FP8 'fast' quantizes them). The noise "
+    "refiners then run the fused INT8 block like the main layers: a faster step, at a small cost in accuracy. "
+    "Off: they stay in BF16. No effect on other architectures (their profiles keep only embedders, modulation and "
+    "output layers) or on pre-quantized files, which decide their layers themselves."
+)
+
 
 def conversion_problem(weight_scale, convrot_group) -> str | None:
     """Why the conversion inputs cannot be used together (naming the inputs and what works), or None."""
@@ -90,6 +98,12 @@ def _attention_input():
                           advanced=True, optional=True)
 
 
+def _extra_blocks_input():
+    # after attention, advanced and optional, for the same reason
+    return io.Boolean.Input("quantize_extra_blocks", default=False, tooltip=EXTRA_BLOCKS_TOOLTIP, advanced=True,
+                            optional=True)
+
+
 def output_folder() -> str:
     """Where Save INT8 Model writes: ComfyUI's models/diffusion_models folder.
 
@@ -122,6 +136,7 @@ class Int8DiffusionModelLoader(io.ComfyNode):
                                        "ModelOpt, SmoothQuant) or BF16/FP16/FP32/FP8 to convert on load."),
                 *_conversion_inputs(),
                 _attention_input(),
+                _extra_blocks_input(),
                 LoraStack.Input("lora_stack", optional=True,
                                 tooltip="LoRAs from 'LoRA Stack (INT8, before quantization)'. When the file is "
                                         "converted on load they are added to the float weights before quantizing "
@@ -137,13 +152,14 @@ class Int8DiffusionModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name, model_profile, weight_scale, convrot_group, attention="auto",
-                lora_stack=None) -> io.NodeOutput:
+                quantize_extra_blocks=False, lora_stack=None) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         built: list = []
         text: list[str] = []
         prepare = preload.factory(tuple(lora_stack), unet_name, sink=built) if lora_stack else None
         options = loader.LoadOptions(profile=model_profile, convert=_convert_options(weight_scale, convrot_group),
-                                     prepare=prepare, attention=attention, notify=text.append)
+                                     prepare=prepare, attention=attention,
+                                     quantize_extra_blocks=bool(quantize_extra_blocks), notify=text.append)
         model = loader.load_file(path, options)
         lines = text[-1:] + ([r.summary() for r in built[-1].reports] if built else [])
         return io.NodeOutput(model, ui=show(cls, lines))
@@ -159,7 +175,7 @@ class Int8QuantizeModel(io.ComfyNode):
             description="Returns a clone of the model whose Linear weights are INT8 (W8A8), keeping its LoRAs and "
                         "settings. The input model is left as it is.",
             inputs=[io.Model.Input("model", tooltip="A diffusion model from any loader, e.g. the stock BF16 one."),
-                    *_conversion_inputs(), _attention_input()],
+                    *_conversion_inputs(), _attention_input(), _extra_blocks_input()],
             outputs=[io.Model.Output(tooltip="The INT8 clone.")],
             hidden=[io.Hidden.unique_id],
         )
@@ -169,10 +185,12 @@ class Int8QuantizeModel(io.ComfyNode):
         return _validate_conversion(weight_scale, convrot_group)
 
     @classmethod
-    def execute(cls, model, model_profile, weight_scale, convrot_group, attention="auto") -> io.NodeOutput:
+    def execute(cls, model, model_profile, weight_scale, convrot_group, attention="auto",
+                quantize_extra_blocks=False) -> io.NodeOutput:
         text: list[str] = []
         options = loader.LoadOptions(profile=model_profile, convert=_convert_options(weight_scale, convrot_group),
-                                     attention=attention, notify=text.append)
+                                     attention=attention, quantize_extra_blocks=bool(quantize_extra_blocks),
+                                     notify=text.append)
         out = loader.quantize_model(model, options)
         return io.NodeOutput(out, ui=show(cls, text[-1:] or ["the model is already INT8; returned unchanged"]))
 

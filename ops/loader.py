@@ -40,8 +40,9 @@ class LoadOptions:
     attention: the fused blocks' attention, one of ``ATTENTION_CHOICES``: "auto" (8-bit only where measured
     faster on the GPU generation and within the accuracy bound), "bf16" (ComfyUI's attention), "8-bit"
     (``blocks.attention_choice`` has the rules). Blocks that run ComfyUI's code keep ComfyUI's attention.
-    quantize_optional: also convert the layers the profile keeps only by convention (``ModelProfile.optional``:
-    Z-Image's refiners), for speed; no effect on pre-quantized files, which decide their layers themselves.
+    quantize_extra_blocks: also convert the layers the profile keeps only by convention
+    (``ModelProfile.optional``: Z-Image's refiners), for speed; no effect on pre-quantized files, which decide
+    their layers themselves (the loader nodes' ``quantize_extra_blocks`` input).
     notify: called with what the load did, in words (``describe``), e.g. to show it on the node.
     """
 
@@ -52,7 +53,7 @@ class LoadOptions:
     traced_weights: bool = True
     fused_blocks: bool = True
     attention: str = "auto"
-    quantize_optional: bool = False
+    quantize_extra_blocks: bool = False
     notify: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
@@ -89,7 +90,7 @@ def _plan(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
             profiles.resolve(options.profile, keys, source)  # still refuse the wrong architecture
         return None, 0, Counter(formats.dtype_name(nsd[f"{k}.weight"].dtype) for k in floats)
     profile = profiles.resolve(options.profile, keys, source)
-    if options.quantize_optional:
+    if options.quantize_extra_blocks:
         profile = profile.with_optional()
     todo = [k for k in floats if not profile.keeps(k)]
     fp8 = [k[:-12] for k in nsd if k.endswith(".comfy_quant")]
@@ -114,10 +115,11 @@ def describe(report: formats.FormatReport, profile, converted: int, kept: Counte
         text = (f"{report.source} ({origin} weights): {converted} layers converted to INT8 ({how}); kept in high "
                 f"precision: {kept_text} (the {profile.name} profile keeps embedders, modulation and output "
                 "layers unquantized)")
-        optional = profiles.BY_NAME[profile.name].optional
-        if optional:
-            text += (f"; {', '.join(optional)} converted too (quantize_optional)" if options.quantize_optional else
-                     f"; {', '.join(optional)} kept by convention (quantize_optional converts them)")
+        extra = ", ".join(profiles.BY_NAME[profile.name].optional)
+        if extra and options.quantize_extra_blocks:
+            text += f"; {extra} converted too (quantize_extra_blocks)"
+        elif extra:
+            text += f"; {extra} kept in high precision (quantize_extra_blocks converts them)"
     if n_int8 != report.quantized + converted:
         text += f"; {n_int8} INT8 layers in the model"
     if report.prefix:

@@ -7,9 +7,9 @@ file's prefix is stripped). ``keep`` lists module-path patterns matched on whole
 ``final_layer_norm``; a pattern with dots (``"time_text_embed.timestep_embedder"``) must match a
 contiguous run of components. Layers kept in high precision are embedders (tiny M x K products,
 sensitive inputs), modulation/normalization projections that feed every block, and output heads.
-``optional`` names the patterns of ``keep`` that a load may convert on request (``with_optional``, the
-loaders' ``quantize_optional``): whole transformer blocks that community INT8 files keep in high precision
-but that run at the main blocks' widths, so converting them is a speed/accuracy choice, not a rule.
+``optional`` names the patterns of ``keep`` that a load may convert on request (``with_optional``; the
+loaders' ``quantize_extra_blocks``): whole transformer blocks that community INT8 files keep in high
+precision but that run at the main blocks' widths, so converting them is a speed/accuracy choice, not a rule.
 
 Sources for the lists: ComfyUI-INT8-Fast's per-model exclusions and convert_to_quant's presets
 (../shared/research/anchors.md sections 1.4 and 3.5), checked against ComfyUI's model classes.

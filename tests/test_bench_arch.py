@@ -119,7 +119,7 @@ def test_harness_runs_every_variant_tiny(comfyui, pack_layout, key, tmp_path, ca
         assert by_variant[variant]["weights_gb"] < by_variant["bf16"]["weights_gb"], variant
         assert by_variant[variant]["weights_gb"] == pytest.approx(by_variant["pack-convert"]["weights_gb"], rel=0.02)
     assert by_variant["fp8-fast"]["sqnr_vs_bf16"] > 15
-    # quantize_optional converts Z-Image's refiners (two noise and two context refiners of five linears each here)
+    # quantize_extra_blocks converts Z-Image's refiners (two noise and two context refiners of five linears each here)
     more = by_variant["pack-convert-opt"]["int8_layers"] - by_variant["pack-convert"]["int8_layers"]
     assert more == (20 if key == "zimage" else 0) and by_variant["pack-convert-opt"]["sqnr_vs_bf16"] > 25
     assert by_variant["pack-native"]["native_source"] == "file"  # small enough to go through the disk

@@ -101,14 +101,14 @@ def test_fused_matches_comfyui_layers_and_float64(models, calls, dtype):
                            truth)
 
 
-def test_quantize_optional_fuses_the_noise_refiners(models, calls):
-    """``quantize_optional`` converts the refiners: the two noise refiners run fused like the main layers, the
+def test_quantize_extra_blocks_fuses_the_noise_refiners(models, calls):
+    """``quantize_extra_blocks`` converts the refiners: the two noise refiners run fused like the main layers, the
     context refiners (no modulation, caption tokens) run ComfyUI's block on INT8 linears; the output matches
     ComfyUI's blocks on the same weights and both the float64 twin."""
     from int8_w8a8.ops import layout
 
     with bu.tiny_detection():
-        fused, plain = (bu.load(models["sd"], torch.bfloat16, quantize_optional=True, fused_blocks=f)
+        fused, plain = (bu.load(models["sd"], torch.bfloat16, quantize_extra_blocks=True, fused_blocks=f)
                         for f in (True, False))
     dm = fused.model.diffusion_model
     assert all(layout.is_int8_weight(r.attention.qkv.weight) and layout.is_int8_weight(r.feed_forward.w2.weight)

@@ -117,9 +117,10 @@ def _save(model, prefix="int8/ui") -> dict:
 # What the UI-format example workflows rely on: node ids, input order (required, then optional) and category.
 SCHEMA = {
     "Int8DiffusionModelLoader": ("loaders/int8 w8a8", ["unet_name", "model_profile", "weight_scale",
-                                                        "convrot_group"], ["attention", "lora_stack"]),
+                                                        "convrot_group"],
+                                 ["attention", "quantize_extra_blocks", "lora_stack"]),
     "Int8QuantizeModel": ("loaders/int8 w8a8", ["model", "model_profile", "weight_scale", "convrot_group"],
-                          ["attention"]),
+                          ["attention", "quantize_extra_blocks"]),
     "Int8SaveModel": ("model/merging", ["model", "filename_prefix"], []),
     "Int8LoraMerge": ("loaders/int8 w8a8", ["model", "lora_name", "strength"], ["rounding"]),
     "Int8LoraMergeStack": ("loaders/int8 w8a8", ["model"],
@@ -285,6 +286,43 @@ def test_attention_option(workspace):
     assert model.model_options["transformer_options"][key] == "8-bit"
     default = model_nodes.Int8DiffusionModelLoader.execute("bf16.safetensors", "auto", "per-row", "0").result[0]
     assert default.model_options["transformer_options"][key] == "auto"
+
+
+def test_quantize_extra_blocks_option(workspace):
+    """Both loaders offer ``quantize_extra_blocks`` (advanced, optional, off: earlier prompts and workflows keep
+    their load): on a Z-Image model it converts the refiners too and says so on the node; off, the node says they
+    were kept; a FLUX.2 file loads the same either way."""
+    import execution
+
+    import nodes
+    from int8_w8a8.nodes import model_nodes
+    from int8_w8a8.ops import layout
+
+    from . import blocks_util as bu
+    from .test_blocks_zimage import zimage_module
+
+    for node_id in ("Int8DiffusionModelLoader", "Int8QuantizeModel"):
+        kind, options = nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["optional"]["quantize_extra_blocks"]
+        assert kind == "BOOLEAN" and options["default"] is False and options.get("advanced") is True
+        for words in ("Z-Image's noise and context refiners", "No effect on other architectures", "pre-quantized"):
+            assert words in options["tooltip"], words
+    for value in (True, False):
+        prompt = {"1": _loader(quantize_extra_blocks=value), "2": _save(["1", 0])}
+        assert asyncio.run(execution.validate_prompt("v", prompt, None))[0]
+    flux = [model_nodes.Int8DiffusionModelLoader.execute("bf16.safetensors", "auto", "per-row", "0",
+                                                         quantize_extra_blocks=v) for v in (False, True)]
+    assert flux[0].ui == flux[1].ui  # FLUX.2's profile has no optional layers
+    with bu.tiny_detection():
+        bf16 = bu.load_bf16(bu.random_state_dict(zimage_module(device="meta"), seed=19))
+        out = {v: model_nodes.Int8QuantizeModel.execute(bf16, "auto", "per-row", "0", quantize_extra_blocks=v)
+               for v in (False, True)}
+    for value, node_out in out.items():
+        dm = node_out.result[0].model.diffusion_model
+        refiners = [*dm.noise_refiner, *dm.context_refiner]
+        assert all(layout.is_int8_weight(r.attention.qkv.weight) == value for r in refiners)
+        assert layout.is_int8_weight(dm.layers[0].attention.qkv.weight)
+        text = " ".join(node_out.ui["text"])
+        assert ("noise_refiner, context_refiner converted too" if value else "kept in high precision") in text, text
 
 
 def test_conversion_inputs_from_links_are_checked_when_run(workspace):

@@ -78,7 +78,7 @@ def test_profile_on_comfyui_model_class(comfyui, name):
     # heads stay in high precision
     blocks = ("double_blocks", "single_blocks", "layers", "transformer_blocks", "blocks")
     assert all(n.split(".")[0] in blocks for n in quantized), quantized
-    # quantize_optional converts the optional blocks' layers too (Z-Image's refiners), still not their modulation
+    # quantize_extra_blocks converts the optional blocks' layers too (Z-Image's refiners), still not their modulation
     more = [n for n in linears if not profile.with_optional().keeps(n) and n not in quantized]
     assert all(n.split(".")[0] in profile.optional and "adaLN_modulation" not in n for n in more), more
     assert len(more) == (10 if name == "z-image" else 0), more

@@ -121,7 +121,7 @@ class FusedForward:
 
 def install(patcher) -> int:
     """Patch the ``forward`` of each main layer of ``patcher``'s NextDiT (per clone, through object patches), and
-    of each noise refiner whose linears are INT8 (``LoadOptions.quantize_optional``; by default the profile keeps
+    of each noise refiner whose linears are INT8 (``LoadOptions.quantize_extra_blocks``; by default the profile keeps
     the refiners in high precision and ComfyUI's blocks run them); returns how many. The context refiners have no
     modulation and see only the caption tokens: they run ComfyUI's block on the INT8 linears. Layers whose forward
     another node patched already are left alone. The RoPE table gets an ``EagerRopeTable`` object patch."""
