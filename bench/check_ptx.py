@@ -205,7 +205,8 @@ def gemm_specs(table: configs.GemmTable) -> list[KernelSpec]:
     for cfg in dict.fromkeys(table.configs()):
         name = (f"gemm {cfg.kernel}{' ws' if cfg.warp_spec else ''} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
                 f"w{cfg.num_warps} s{cfg.num_stages}"
-                f"{' sub' if cfg.epilogue_subtile else ''}{f' {cfg.ctas_per_sm}/SM' if cfg.ctas_per_sm > 1 else ''}")
+                f"{' sub' if cfg.epilogue_subtile else ''}{f' {cfg.ctas_per_sm}/SM' if cfg.ctas_per_sm > 1 else ''}"
+                f"{f' r{cfg.max_registers}' if cfg.max_registers else ''}")
         specs.append(KernelSpec(name, lambda cfg=cfg: run(cfg)))
         specs += [KernelSpec(f"{name} +LoRA{r}", lambda cfg=cfg, r=r: run(cfg, r)) for r in LORA_RANKS]
         res = configs.for_residual(cfg)  # as triton_ops runs it

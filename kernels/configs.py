@@ -34,6 +34,12 @@ class GemmConfig:
     made in the kernel (see ``triton_gemm._gemm_tma_kernel``). The register split leaves one program per SM.
     lora_loop: a LoRA term of more than one 64-rank chunk runs its chunks in a loop, one accumulator for all,
     instead of unrolled (datacenter Blackwell: see ``BLACKWELL_TABLE``).
+    kernel "gluon" (Hopper only; ``HOPPER_GLUON_TABLE``'s large-M row): ``kernels/gluon_gemm.py``, one program per
+    output tile with each K step's wgmma left in flight while the next is issued (Triton 3.6 waits for every int32
+    wgmma at once, bench/NOTES.md item 56); block_m = 16 * num_warps, block_n 64/128/256, num_stages its TMA ring.
+    No LoRA epilogue, split tail or subtiles: GEMMs with a LoRA term run the table's ``plain`` configs.
+    max_registers (Gluon only; 0: the compiler's choice): ptxas's register cap per thread; 128 at 8 warps lets two
+    programs share an SM (item 59).
     split_tail (TMA kernel, not warp-specialized): 0 (off), or the fewest K tiles one part of a split tile runs. When
     the last wave of the persistent grid (after at least one full wave) holds at most half as many tiles as there
     are programs, those tiles are split over K among the idle programs and summed in int32 (bit-identical;
@@ -53,10 +59,16 @@ class GemmConfig:
     lora_loop: bool = False
     warp_spec: bool = False
     split_tail: int = 0
+    max_registers: int = 0
 
     def __post_init__(self) -> None:
-        if self.kernel not in ("tma", "generic"):
-            raise ValueError(f"GemmConfig.kernel: expected 'tma' or 'generic', got {self.kernel!r}")
+        if self.kernel not in ("tma", "generic", "gluon"):
+            raise ValueError(f"GemmConfig.kernel: expected 'tma', 'generic' or 'gluon', got {self.kernel!r}")
+        if self.kernel == "gluon":
+            _check_gluon(self)
+        elif self.max_registers:
+            raise ValueError(f"GemmConfig.max_registers: only the 'gluon' kernel takes a register cap, got "
+                             f"{self.max_registers} for kernel {self.kernel!r}")
         if self.warp_spec and (self.kernel != "tma" or self.num_warps != 4 or self.epilogue_subtile):
             # the halved output tile's reshape/split fails Triton 3.6's Hopper pass ("unsupported op type")
             raise ValueError(f"GemmConfig.warp_spec: needs kernel 'tma', num_warps 4 (the consumers' warps) and no "
@@ -74,6 +86,21 @@ class GemmConfig:
                 raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {v}")
 
 
+def _check_gluon(cfg: GemmConfig) -> None:
+    """The Gluon kernel's rules (``gluon_gemm.GluonGemmConfig``'s, and what it does not have)."""
+    if cfg.num_warps not in (4, 8) or cfg.block_m != 16 * cfg.num_warps:
+        raise ValueError(f"GemmConfig (gluon): block_m must be 16 * num_warps with 4 or 8 warps, got block_m "
+                         f"{cfg.block_m}, num_warps {cfg.num_warps}")
+    if cfg.block_n not in (64, 128, 256) or cfg.block_k % 32 or not 32 <= cfg.block_k <= 256 or cfg.num_stages < 2:
+        raise ValueError(f"GemmConfig (gluon): block_n in (64, 128, 256), block_k a multiple of 32 up to 256 and "
+                         f"num_stages >= 2, got {cfg.block_n}, {cfg.block_k}, {cfg.num_stages}")
+    if cfg.warp_spec or cfg.split_tail or cfg.epilogue_subtile or cfg.lora_loop or cfg.ctas_per_sm != 1:
+        raise ValueError("GemmConfig (gluon): no warp_spec, split_tail, epilogue_subtile, lora_loop or ctas_per_sm "
+                         "(two programs share an SM through max_registers)")
+    if cfg.max_registers and not 64 <= cfg.max_registers <= 255:
+        raise ValueError(f"GemmConfig (gluon): max_registers 0 or 64..255, got {cfg.max_registers}")
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmTable:
     """The GEMM configs of one kind of GPU: ``rows`` of (largest M of the bucket, config), ascending.
@@ -88,7 +115,10 @@ class GemmTable:
     consumers, ~0.03 % of the values differed from the plain kernel's once a program runs several tiles, at every
     large shape on the H200, and with 5-6 stages from call to call: a race, bench/NOTES.md item 47) and outputs
     narrower than the row's tile (a LoRA's down projection, N = its rank: a 128 x 256 tile would multiply 4-16x the
-    columns it keeps).
+    columns it keeps). Gluon rows (``GemmConfig.kernel`` "gluon") take a gated residual but no LoRA term, so LoRA
+    GEMMs and narrow outputs run ``plain`` there too.
+    without_gluon: for a table with Gluon rows, the table to run where the Gluon kernel cannot
+    (``dispatch.gluon_error``: a Triton without Gluon or older than the one it was measured with).
     """
 
     name: str
@@ -96,6 +126,11 @@ class GemmTable:
     smem_bytes: int
     unaligned: GemmTable | None = None
     plain: GemmTable | None = None
+    without_gluon: GemmTable | None = None
+
+    def __post_init__(self) -> None:
+        if self.gluon and self.without_gluon is None:
+            raise ValueError(f"GemmTable {self.name!r}: a table with Gluon rows needs without_gluon")
 
     def pick(self, m: int, tma_ok: bool = True, lora: bool = False, n: int | None = None,
              residual: bool = False) -> GemmConfig:
@@ -103,7 +138,9 @@ class GemmTable:
         ``lora``: the GEMM adds a LoRA term in its epilogue; ``n``: its output columns, when known; ``residual``:
         its epilogue adds into a gated residual (see ``plain``)."""
         cfg = self._pick(m, tma_ok)
-        if cfg.warp_spec and self.plain is not None and (lora or residual or (n is not None and n < cfg.block_n)):
+        special = cfg.warp_spec or cfg.kernel == "gluon"
+        if special and self.plain is not None and (lora or (residual and cfg.warp_spec)
+                                                    or (n is not None and n < cfg.block_n)):
             return self.plain.pick(m, tma_ok)
         return cfg
 
@@ -113,14 +150,19 @@ class GemmTable:
             if m <= max_m:
                 cfg = c
                 break
-        if cfg.kernel == "tma" and not tma_ok:
+        if cfg.kernel in ("tma", "gluon") and not tma_ok:
             return self.unaligned.pick(m)
         return cfg
 
     @property
     def tma(self) -> bool:
-        """Whether any of its configs runs the TMA kernel (the caller then checks the operands)."""
-        return any(cfg.kernel == "tma" for _, cfg in self.rows)
+        """Whether any of its configs runs a TMA kernel (the caller then checks the operands)."""
+        return any(cfg.kernel in ("tma", "gluon") for _, cfg in self.rows)
+
+    @property
+    def gluon(self) -> bool:
+        """Whether any of its rows runs the Gluon kernel."""
+        return any(cfg.kernel == "gluon" for _, cfg in self.rows)
 
     def configs(self) -> tuple[GemmConfig, ...]:
         """Every config a GEMM may run with from this table (also those for unaligned operands and LoRA terms),
@@ -183,6 +225,19 @@ HOPPER_TABLE = GemmTable(
     "hopper (sm_90)", (*HOPPER_PLAIN_TABLE.rows[:-1], (_LARGE, HOPPER_WS_LARGE)),
     smem_bytes=HOPPER_PLAIN_TABLE.smem_bytes, unaligned=MMA_TABLE, plain=HOPPER_PLAIN_TABLE)
 
+# The large-M row in Gluon (``kernels/gluon_gemm.py``): 128 x 128 x 128 tiles at 8 warps, a ring of 3 TMA stages,
+# each K step's wgmma in flight while the next is issued, registers capped at 128 so two programs share an SM
+# (98 KB of shared memory each). On the H200 (2026-12-03, ``results/h200-gluon-gemm-session16.txt``, bench/NOTES.md
+# item 60) 1.00-1.13x HOPPER_TABLE's warp-specialized row at the large Z-Image / Chroma / Qwen-Image / klein shapes
+# but 0.95x at klein 9B's 36864-wide single-block projection, and 1.01-1.15x the plain row with the gated residual
+# epilogue; bit for bit the twin. Where Triton has no Gluon (or is older than 3.6, what it was measured with) the
+# dispatch runs HOPPER_TABLE (``dispatch.gluon_error``).
+HOPPER_GLUON_LARGE = GemmConfig("gluon", 128, 128, 128, num_warps=8, num_stages=3, max_registers=128)
+HOPPER_GLUON_TABLE = GemmTable(
+    "hopper (sm_90), Gluon large-M row", (*HOPPER_PLAIN_TABLE.rows[:-1], (_LARGE, HOPPER_GLUON_LARGE)),
+    smem_bytes=HOPPER_PLAIN_TABLE.smem_bytes, unaligned=MMA_TABLE, plain=HOPPER_PLAIN_TABLE,
+    without_gluon=HOPPER_TABLE)
+
 
 # The warp-specialized Hopper configs the sweep compares (``GemmConfig.warp_spec``; ``bench/sweep_gemm.py --bucket ws``,
 # ``bench/run_on_gpu.sh gemm-ws``); the fourth is HOPPER_TABLE's large-M row. Until item 44 (bench/NOTES.md) their
@@ -217,13 +272,23 @@ def for_arch(cfg: GemmConfig, arch: tuple[int, int]) -> GemmConfig:
     return cfg if not cfg.warp_spec or arch[0] == 9 else without_warp_spec(cfg)
 
 
+def without_gluon(cfg: GemmConfig) -> GemmConfig:
+    """``cfg``, or for a Gluon config the plain TMA kernel's large-M config (``HOPPER_PLAIN_TABLE``'s, the best
+    plain config at the shapes the Gluon row serves): where the Gluon kernel cannot run (off Hopper, in Triton's
+    interpreter) or has no epilogue for the call (a LoRA term). Both give the twin's bits."""
+    return HOPPER_PLAIN_TABLE.rows[-1][1] if cfg.kernel == "gluon" else cfg
+
+
 def for_launch(cfg: GemmConfig, arch: tuple[int, int] | None, lora: bool, residual: bool) -> GemmConfig:
     """The config ``triton_gemm.gemm`` launches for ``cfg`` given directly (the tables never pick these cases):
     warp specialization only on Hopper (``arch``, None: unknown, as given), and never with a LoRA term (a float32
     LoRA dot fails Triton 3.6's Hopper pass; a bfloat16 one did not give the plain kernel's bits in 4 of 20
     cases on the H200, bench/NOTES.md item 44) or a gated residual (~0.03 % of the values differed at every large
     shape, with deeper pipelines from call to call: item 47), which run the same tiles unspecialized, a residual
-    with its output in halves as ``for_residual`` gives it."""
+    with its output in halves as ``for_residual`` gives it. A Gluon config runs only on Hopper and without a LoRA
+    term (``without_gluon`` otherwise); it has its own residual epilogue."""
+    if cfg.kernel == "gluon":
+        return without_gluon(cfg) if lora or (arch is not None and arch[0] != 9) else cfg
     if not cfg.warp_spec:
         return cfg
     if arch is not None:
@@ -253,7 +318,10 @@ BLACKWELL_TABLE = _lora_loop(HOPPER_PLAIN_TABLE, "blackwell (sm_100)")
 def smaller(cfg: GemmConfig) -> GemmConfig | None:
     """The next smaller config of the same kernel, for a launch the GPU rejected for resources
     (``launch.first_fit``), or None when there is none. Cheapest loss first: the TMA kernel's output tile
-    in halves, then fewer pipeline stages, then a shorter K tile, then narrower and shorter tiles."""
+    in halves, then fewer pipeline stages, then a shorter K tile, then narrower and shorter tiles. A Gluon config
+    gives up a stage, then becomes the plain TMA kernel's large-M config (``without_gluon``)."""
+    if cfg.kernel == "gluon":
+        return dataclasses.replace(cfg, num_stages=cfg.num_stages - 1) if cfg.num_stages > 2 else without_gluon(cfg)
     if cfg.kernel == "tma" and not cfg.epilogue_subtile and not cfg.warp_spec:
         return dataclasses.replace(cfg, epilogue_subtile=True)
     if cfg.num_stages > 2:

@@ -8,7 +8,9 @@ Rules, in order:
 5. The GPU's generation, from its compute capability (``INT8_W8A8_FORCE_ARCH=8.6`` dispatches a GPU as an
    older one: the sm_8x path on a Hopper, for testing), decides the kernel path and GEMM table
    (``GENERATIONS``, one entry per generation). A table needing more shared memory per block than the GPU
-   allows is replaced by the mma.sync table, which fits every generation the pack runs Triton on.
+   allows is replaced by the mma.sync table, which fits every generation the pack runs Triton on. A table with
+   Gluon rows (Hopper's large-M row) is replaced by its ``without_gluon`` table where the Gluon kernel cannot
+   run (``gluon_error``: a Triton without Gluon or older than 3.6, or ``INT8_W8A8_DISABLE_GLUON=1``).
 6. A capability with no entry: below 7.5 (no INT8 tensor cores) -> torch twin (exact float32 GEMM); else
    the pointer-load kernels, after a probe launch checks that this Triton can run them on the GPU (else
    the torch twin, with the reason).
@@ -30,6 +32,8 @@ from .configs import GemmTable
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "INT8_W8A8_DISABLE_TRITON"
+DISABLE_GLUON_ENV = "INT8_W8A8_DISABLE_GLUON"  # a switch for debugging and A/B runs: the tables without Gluon rows
+GLUON_MIN_TRITON = (3, 6)  # the Triton the Gluon GEMM was written, checked and measured with
 FORCE_ARCH_ENV = "INT8_W8A8_FORCE_ARCH"
 
 # INT8 tensor-core instructions in the PTX, as bench/check_ptx.py names them.
@@ -77,8 +81,9 @@ GENERATIONS: tuple[Generation, ...] = (
                configs.MMA_TABLE, 101_376, _MMA_ONLY),
     Generation("Ada", "GeForce RTX 40, L4, L40S", ((8, 9),), 89, "Triton mma.sync, pointer loads",
                configs.MMA_TABLE, 101_376, _MMA_ONLY),
-    Generation("Hopper", "H100, H200, GH200", ((9, 0),), 90, "Triton TMA + wgmma, persistent", configs.HOPPER_TABLE,
-               232_448, (("tma", (WGMMA,)), ("generic", (MMA_SYNC, WGMMA)))),
+    Generation("Hopper", "H100, H200, GH200", ((9, 0),), 90, "Triton TMA + wgmma, persistent",
+               configs.HOPPER_GLUON_TABLE, 232_448, (("tma", (WGMMA,)), ("generic", (MMA_SYNC, WGMMA)),
+                                                     ("gluon", (WGMMA,)))),
     Generation("Blackwell (datacenter)", "B200, GB200, B300", ((10, 0), (10, 3)), 100,
                "Triton TMA + mma.sync (Triton 3.6) or tcgen05 (3.8), persistent", configs.BLACKWELL_TABLE, 232_448,
                (("tma", (MMA_SYNC, TCGEN05)), ("generic", (MMA_SYNC, TCGEN05))), min_triton=(3, 6)),
@@ -99,8 +104,8 @@ def generation_for(arch: tuple[int, int]) -> Generation | None:
 class Backend:
     """The decision for one device: ``name`` is "triton" or "reference"; ``arch`` is (major, minor) as dispatched
     (the forced one under ``INT8_W8A8_FORCE_ARCH``); ``table``: the GEMM table the Triton kernels run with (by
-    default the generation's, from ``arch``, else the mma.sync table: also what tests that run the Triton
-    kernels on the CPU get)."""
+    default the generation's, from ``arch``, without its Gluon rows where ``gluon_error`` says so, else the
+    mma.sync table: also what tests that run the Triton kernels on the CPU get)."""
 
     name: str
     reason: str
@@ -111,7 +116,10 @@ class Backend:
     def __post_init__(self) -> None:
         if self.table is None:
             gen = None if self.rocm or self.arch is None else generation_for(self.arch)
-            object.__setattr__(self, "table", gen.table if gen is not None and gen.table else configs.MMA_TABLE)
+            table = gen.table if gen is not None and gen.table else configs.MMA_TABLE
+            if table.gluon and gluon_error() is not None:
+                table = table.without_gluon
+            object.__setattr__(self, "table", table)
 
 
 @functools.cache
@@ -123,6 +131,25 @@ def triton_import_error() -> str | None:
         from . import triton_gemm, triton_quant  # noqa: F401
     except Exception as exc:  # any import failure means "no Triton": ImportError, driver errors
         return f"Triton is unavailable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def gluon_error() -> str | None:
+    """None when the Gluon GEMM (``kernels/gluon_gemm.py``) can run in this process, else why not."""
+    if os.environ.get(DISABLE_GLUON_ENV, "0") not in ("", "0"):
+        return f"{DISABLE_GLUON_ENV} is set"
+    return _gluon_import_error()
+
+
+@functools.cache
+def _gluon_import_error() -> str | None:
+    if triton_version() < GLUON_MIN_TRITON:
+        return (f"Triton {'.'.join(map(str, triton_version()))} is older than "
+                f"{'.'.join(map(str, GLUON_MIN_TRITON))}, the Gluon GEMM's")
+    try:
+        from . import gluon_gemm  # noqa: F401
+    except Exception as exc:  # an API this Gluon lacks: ImportError, AttributeError
+        return f"Triton's Gluon is unavailable ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -217,7 +244,10 @@ def _decide(device_type: str, index: int) -> Backend:
                 f"GPU allows {smem}: {table.name} table")
     else:
         note = f", {table.name} table ({table.smem_bytes} of {smem} bytes of shared memory per block)"
-    path = gen.path if table is gen.table else configs.MMA_TABLE.name
+    if table.gluon and gluon_error() is not None:
+        note += f"; {gluon_error()}: the {table.without_gluon.name} table instead"
+        table = table.without_gluon
+    path = gen.path if table in (gen.table, gen.table.without_gluon) else configs.MMA_TABLE.name
     return Backend("triton", f"{what} ({gen.name}): {path}{note}", arch, table=table)
 
 
@@ -264,3 +294,4 @@ def reset() -> None:
     _device_props.cache_clear()
     triton_version.cache_clear()
     triton_import_error.cache_clear()
+    _gluon_import_error.cache_clear()

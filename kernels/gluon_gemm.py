@@ -23,6 +23,7 @@ with unit column stride, K % 16 == 0 and 16-byte aligned rows (``supports``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -305,24 +306,44 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
            gate: torch.Tensor | None = None) -> torch.Tensor:
     """``gemm`` into ``out [M, N]`` (unit column stride; with ``gate`` it holds the residual) without its checks
     (``bench_gluon_gemm --check`` compiles this launch for sm_90 on CPU tensors); returns out."""
-    m, k = xq.shape
-    n = wq.shape[0]
+    m, n = xq.shape[0], wq.shape[0]
     if m == 0 or n == 0:
         return out
+    kernel, grid, args, kwargs = launch_args(xq, x_scale, wq, w_scale, bias, out, cfg, gate,
+                                             m // gate.shape[0] if gate is not None else 1)
+    kernel[grid](*args, **kwargs)
+    return out
+
+
+def launch_args(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, out: torch.Tensor, cfg: GluonGemmConfig, gate: torch.Tensor | None,
+                rows_per_batch: int) -> tuple:
+    """``(kernel, grid, args, kwargs)`` of the launch ``kernel[grid](*args, **kwargs)`` for ``out [M, N]`` (M, N > 0):
+    what ``launch`` runs, and what ``triton_gemm.gemm`` hands its recording launcher (``launch.FastLauncher``,
+    whose replays substitute the descriptors' bases). ``rows_per_batch``: rows per entry of ``gate``'s batch."""
+    m, k = xq.shape
+    n = wq.shape[0]
     xs = x_scale.reshape(-1).float().contiguous()
     ws = w_scale.reshape(-1).float().contiguous()  # per-tensor: one element, read once
-    a_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_m, cfg.block_k], gl.int8)
-    b_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, cfg.block_k], gl.int8)
-    a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k], a_layout)
-    b_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k], b_layout)
+    a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k],
+                              _shared_layout(cfg.block_m, cfg.block_k))
+    b_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k],
+                              _shared_layout(cfg.block_n, cfg.block_k))
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     kernel, grid = _gluon_gemm_kernel, (tiles,)
     if cfg.persistent:  # (the offline launch check binds CPU tensors: an H200's 132 SMs there)
         sms = torch.cuda.get_device_properties(xq.device).multi_processor_count if xq.is_cuda else 132
         kernel, grid = _gluon_gemm_persistent_kernel, (min(tiles, sms * cfg.ctas_per_sm),)
-    kernel[grid](a_desc, b_desc, out, xs, ws, bias if bias is not None else xs, gate if gate is not None else xs,
-                 m, n, k, out.stride(0), gate.stride(0) if gate is not None else 0,
-                 m // gate.shape[0] if gate is not None else 1, PER_ROW=w_scale.dim() > 0, HAS_BIAS=bias is not None,
-                 RESIDUAL=gate is not None, STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
-                 enable_fp_fusion=FP_FUSION, **cfg.launch_options())
-    return out
+    args = (a_desc, b_desc, out, xs, ws, bias if bias is not None else xs, gate if gate is not None else xs,
+            m, n, k, out.stride(0), gate.stride(0) if gate is not None else 0, rows_per_batch)
+    kwargs = dict(PER_ROW=w_scale.dim() > 0, HAS_BIAS=bias is not None, RESIDUAL=gate is not None,
+                  STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
+                  **cfg.launch_options())
+    return kernel, grid, args, kwargs
+
+
+@functools.cache
+def _shared_layout(rows: int, cols: int):
+    """The swizzled shared-memory layout of an int8 ``[rows, cols]`` TMA tile (one object per shape: it is part
+    of the launch's specialization key)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)

@@ -8,8 +8,9 @@ kernel's launcher directly.
 
 The reuse key covers everything Triton specializes a compilation on: for tensors the dtype and
 16-byte alignment of the data pointer; for integers equality to 1, divisibility by 16 and the
-32/64-bit range; for TensorDescriptors the dtype, block shape, padding, base alignment and the same
-integer properties of shape and strides; constexprs and launch options verbatim; the device.
+32/64-bit range; for TensorDescriptors (Triton's and Gluon's) the dtype, block shape, padding, base
+alignment, the same integer properties of shape and strides and a Gluon descriptor's layout; constexprs and
+launch options verbatim; the device.
 Launch hooks (profilers such as proton) only see the first launch of each specialization. The
 interpreter, and any Triton whose launcher does not take these arguments, use the normal path
 (decided once, logged).
@@ -38,9 +39,15 @@ import torch
 logger = logging.getLogger(__name__)
 
 try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TritonDescriptor
 except ImportError:  # Triton < 3.4: no host descriptors, so no TMA kernels either
-    TensorDescriptor = ()
+    _TritonDescriptor = None
+try:  # a Gluon kernel's host descriptor (kernels/gluon_gemm.py): the same fields and a shared-memory layout
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDescriptor
+except ImportError:  # a Triton without Gluon: no Gluon kernels either
+    _GluonDescriptor = None
+# the host tensor-descriptor classes a launch may take (``isinstance`` with the tuple; empty: none)
+TensorDescriptor = tuple(c for c in (_TritonDescriptor, _GluonDescriptor) if c is not None)
 try:
     from triton.runtime.errors import OutOfResources
 except ImportError:  # no Triton: nothing is launched, nothing can run out of resources
@@ -102,7 +109,8 @@ def _arg_key(a):
         return _int_key(a)
     if TensorDescriptor and isinstance(a, TensorDescriptor):
         return (a.base.dtype, tuple(a.block_shape), a.padding, a.base.data_ptr() % 16 == 0,
-                tuple(_int_key(int(s)) for s in a.shape), tuple(_int_key(int(s)) for s in a.strides))
+                tuple(_int_key(int(s)) for s in a.shape), tuple(_int_key(int(s)) for s in a.strides),
+                getattr(a, "layout", None))  # a Gluon descriptor's shared layout (frozen, hashable)
     return a  # constexpr values (ints/floats/bools passed by keyword are handled by the caller)
 
 

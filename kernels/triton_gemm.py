@@ -34,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import launch
 from .api import lora_rank_padded
-from .configs import GemmConfig, for_launch, smaller
+from .configs import GemmConfig, for_launch, smaller, without_gluon
 from .direct import stream_key
 from .dispatch import DISABLE_ENV
 from .launch import FastLauncher, device_descriptors, first_fit
@@ -357,6 +357,29 @@ _GEMM_TMA = FastLauncher(_gemm_tma_kernel, interpreting())
 _GEMM = FastLauncher(_gemm_kernel, interpreting())
 
 
+@functools.cache
+def _gluon():
+    """``kernels/gluon_gemm.py``, imported on the first Gluon launch: it needs Triton's Gluon (the dispatch gives a
+    Gluon table only where it imports, ``dispatch.gluon_error``)."""
+    from . import gluon_gemm
+
+    return gluon_gemm
+
+
+@functools.cache
+def _gluon_launcher(kernel) -> FastLauncher:
+    """The recording launcher of a Gluon kernel: its launches replay like the Triton kernels' (``direct.py``)."""
+    return FastLauncher(kernel, False)
+
+
+@functools.cache
+def _gluon_config(cfg: GemmConfig):
+    """The ``gluon_gemm.GluonGemmConfig`` of a Gluon ``GemmConfig`` (tiled, one program per output tile)."""
+    return _gluon().GluonGemmConfig(block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k,
+                                       stages=cfg.num_stages, num_warps=cfg.num_warps, group_m=cfg.group_m,
+                                       max_registers=cfg.max_registers)
+
+
 def _pad_lora(h, b):
     """(h, b, R) with R padded to ``lora_rank_padded``; (None, None, 0) without a LoRA term."""
     if h is None:
@@ -414,6 +437,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def _arch_of(out: torch.Tensor) -> tuple[int, int] | None:
+    """The compute capability of ``out``'s GPU; None off CUDA (the offline checks compile for a chosen target)."""
+    return _capability(out.device) if out.device.type == "cuda" else None
+
+
 def tma_compatible(xq: torch.Tensor, wq: torch.Tensor, out: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned bases and row strides and unit inner strides."""
     k = xq.shape[1]
@@ -446,7 +474,9 @@ def gemm(
 
     A warp-specialized ``cfg`` runs without the specialization off Hopper and, with a LoRA term or a gated
     residual, everywhere (``configs.for_launch``); ``ws_rules=False`` runs it as given on Hopper (the sweeps
-    that re-check those rules on a new Triton).
+    that re-check those rules on a new Triton). A Gluon ``cfg`` (``kernels/gluon_gemm.py``) runs on Hopper without
+    a LoRA term; otherwise, and in Triton's interpreter, the plain TMA kernel's large-M config runs
+    (``configs.without_gluon``: the same bits).
 
     With ``gate`` ([B, N], unit column stride) ``out`` holds a residual on entry and is updated in place:
     ``out += gate[row // rows_per_batch] * (GEMM + epilogue)``, rounded once.
@@ -473,6 +503,11 @@ def gemm(
     gate_arg, stride_gb = (gate, gate.stride(0)) if gate is not None else (x_scale, 0)
 
     def launch(cfg: GemmConfig) -> None:
+        if cfg.kernel == "gluon":
+            kernel, grid, args, kwargs = _gluon().launch_args(xq, x_scale, wq, w_scale, bias, out,
+                                                              _gluon_config(cfg), gate, rows_per_batch)
+            _gluon_launcher(kernel)(grid, *args, **kwargs)
+            return
         lora = {"LORA_R": lora_r, "LORA_FP32": lora_r > 0 and (lora_h.dtype == torch.float32 or interpreting()),
                 "LORA_LOOP": lora_r > 64 and cfg.lora_loop}
         if cfg.kernel == "tma":
@@ -516,9 +551,10 @@ def gemm(
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
             )
 
-    if cfg.warp_spec and not interpreting():  # the explicit rules of a warp-specialized config
-        arch = _capability(out.device) if out.device.type == "cuda" else None
-        cfg = for_launch(cfg, arch, lora_r > 0 and ws_rules, gate is not None and ws_rules)
+    if cfg.kernel == "gluon":  # Hopper, no LoRA term; Gluon kernels do not run in Triton's interpreter
+        cfg = without_gluon(cfg) if interpreting() else for_launch(cfg, _arch_of(out), lora_r > 0, gate is not None)
+    elif cfg.warp_spec and not interpreting():  # the explicit rules of a warp-specialized config
+        cfg = for_launch(cfg, _arch_of(out), lora_r > 0 and ws_rules, gate is not None and ws_rules)
     # the specialization a misfit is remembered for: what else changes the kernel's resources
     spec = (out.dtype, lora_r, lora_h.dtype if lora_r else None, gate is not None, out.device)
     first_fit("int8 GEMM", spec, cfg, smaller, launch,

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.unit
 def _fresh_decisions():
     """Decisions made afresh, without the switches of the calling environment (set back afterwards; this
     fixture is set up before and torn down after the tests' own monkeypatches)."""
-    saved = {k: os.environ.pop(k) for k in (dispatch.FORCE_ARCH_ENV, dispatch.DISABLE_ENV) if k in os.environ}
+    saved = {k: os.environ.pop(k) for k in (dispatch.FORCE_ARCH_ENV, dispatch.DISABLE_ENV, dispatch.DISABLE_GLUON_ENV)
+             if k in os.environ}
     dispatch.reset()
     yield
     os.environ.update(saved)
@@ -40,6 +41,8 @@ def _as_gpu(monkeypatch, arch, smem=None, name="NVIDIA Test GPU", hip=None):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(dispatch, "triton_import_error", lambda: None)
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 6))
+    monkeypatch.setattr(dispatch, "_gluon_import_error", lambda: None)  # Gluon as with Triton 3.6 on a GPU
 
 
 def _forget_hardware():
@@ -60,7 +63,7 @@ def test_cpu_tensors_use_the_twin():
         ((8, 0), configs.MMA_TABLE, "Ampere"),
         ((8, 6), configs.MMA_TABLE, "Ampere"),
         ((8, 9), configs.MMA_TABLE, "Ada"),
-        ((9, 0), configs.HOPPER_TABLE, "wgmma"),
+        ((9, 0), configs.HOPPER_GLUON_TABLE, "wgmma"),
         ((10, 0), configs.BLACKWELL_TABLE, "Blackwell (datacenter)"),
         ((10, 3), configs.BLACKWELL_TABLE, "Blackwell (datacenter)"),
         ((12, 0), configs.MMA_TABLE, "Blackwell (consumer)"),
@@ -154,6 +157,30 @@ def test_blackwell_needs_the_triton_it_was_checked_with(monkeypatch, arch):
     assert dispatch._decide("cuda", 0).name == "triton"
 
 
+def test_hopper_without_gluon_runs_the_warp_specialized_table(monkeypatch, caplog):
+    """The Gluon large-M row needs Triton 3.6's Gluon; without it (an older Triton, a Gluon that does not import,
+    or the debugging switch) Hopper runs HOPPER_TABLE, said in the one log line of the decision."""
+    _as_gpu(monkeypatch, (9, 0), name="NVIDIA H200")
+    assert dispatch._decide("cuda", 0).table is configs.HOPPER_GLUON_TABLE
+    for patch, words in ((lambda: monkeypatch.setenv(dispatch.DISABLE_GLUON_ENV, "1"), dispatch.DISABLE_GLUON_ENV),
+                         (lambda: monkeypatch.setattr(dispatch, "_gluon_import_error",
+                                                      lambda: "Triton's Gluon is unavailable (ImportError: x)"),
+                          "Gluon is unavailable")):
+        _forget_hardware()
+        patch()
+        with caplog.at_level(logging.INFO, logger="int8_w8a8.kernels.dispatch"):
+            b = dispatch.choose_backend(torch.device("cuda", 0))
+        assert b.name == "triton" and b.table is configs.HOPPER_TABLE and words in b.reason
+        assert words in caplog.records[-1].getMessage() and configs.HOPPER_TABLE.name in b.reason
+        assert dispatch.Backend("triton", "test", (9, 0)).table is configs.HOPPER_TABLE
+        monkeypatch.undo()
+        _as_gpu(monkeypatch, (9, 0), name="NVIDIA H200")
+    monkeypatch.undo()
+    dispatch.reset()
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 5))
+    assert "Triton 3.5 is older than 3.6" in dispatch._gluon_import_error()
+
+
 def test_rocm_uses_generic_triton(monkeypatch):
     _as_gpu(monkeypatch, (9, 4), hip="6.2")
     b = dispatch._decide("cuda", 0)
@@ -187,7 +214,7 @@ def test_forced_arch_keeps_the_device_limit(monkeypatch):
     """Under the switch the table is still checked against the device's own shared memory."""
     _as_gpu(monkeypatch, (10, 0), smem=232_448, name="NVIDIA B200")
     monkeypatch.setenv(dispatch.FORCE_ARCH_ENV, "9.0")
-    assert dispatch._decide("cuda", 0).table is configs.HOPPER_TABLE
+    assert dispatch._decide("cuda", 0).table is configs.HOPPER_GLUON_TABLE  # (its Gluon row runs only on 9.x)
     _forget_hardware()
     _as_gpu(monkeypatch, (10, 0), smem=150_000, name="NVIDIA B200")
     assert dispatch._decide("cuda", 0).table is configs.MMA_TABLE
@@ -210,8 +237,9 @@ def test_each_decision_is_logged_once(caplog):
     assert len([r for r in caplog.records if "reference kernels on cpu" in r.getMessage()]) == 1
 
 
-def test_backends_built_from_an_arch_get_that_generation_table():
-    assert dispatch.Backend("triton", "test", (9, 0)).table is configs.HOPPER_TABLE
+def test_backends_built_from_an_arch_get_that_generation_table(monkeypatch):
+    monkeypatch.setattr(dispatch, "_gluon_import_error", lambda: None)
+    assert dispatch.Backend("triton", "test", (9, 0)).table is configs.HOPPER_GLUON_TABLE
     assert dispatch.Backend("triton", "test", (12, 0)).table is configs.MMA_TABLE
     assert dispatch.Backend("triton", "test", (11, 0)).table is configs.MMA_TABLE
     assert dispatch.Backend("reference", "test").table is configs.MMA_TABLE  # Triton forced on the CPU (tests)
@@ -266,6 +294,42 @@ def test_config_validation():
         GemmConfig("tma", 64, 48, 64)
     with pytest.raises(ValueError, match="ctas_per_sm"):
         GemmConfig("tma", 64, 64, 64, ctas_per_sm=0)
+
+
+def test_gluon_row_rules():
+    """HOPPER_GLUON_TABLE: the Gluon config at large M, with or without a gated residual (its own epilogue); LoRA
+    terms, outputs narrower than its tile and operands TMA cannot take run the plain and unaligned tables; the
+    other rows are the plain table's. Off Hopper, with a LoRA term given directly and when the GPU rejects it,
+    the plain TMA kernel's large-M config runs (the same bits); Gluon's own rules are checked."""
+    table, gluon = configs.HOPPER_GLUON_TABLE, configs.HOPPER_GLUON_LARGE
+    assert table.gluon and not configs.HOPPER_TABLE.gluon and table.without_gluon is configs.HOPPER_TABLE
+    assert table.tma and not any(c.warp_spec for c in table.configs())
+    plain_large = configs.HOPPER_PLAIN_TABLE.rows[-1][1]
+    for m in (1, 17, 200, 1024, 1025, 4608):
+        want = gluon if m > 1024 else configs.HOPPER_PLAIN_TABLE.pick(m)
+        assert table.pick(m) == want and table.pick(m, residual=True) == want
+        assert table.pick(m, lora=True) == configs.HOPPER_PLAIN_TABLE.pick(m)
+        assert table.pick(m, n=64) == configs.HOPPER_PLAIN_TABLE.pick(m)
+        if table.pick(m).kernel != "generic":
+            assert table.pick(m, tma_ok=False) == configs.MMA_TABLE.pick(m)
+    assert configs.without_gluon(gluon) == plain_large and configs.without_gluon(plain_large) is plain_large
+    assert configs.for_launch(gluon, (9, 0), lora=False, residual=True) is gluon
+    assert configs.for_launch(gluon, None, lora=False, residual=False) is gluon  # offline: as given
+    assert configs.for_launch(gluon, (9, 0), lora=True, residual=False) == plain_large
+    for arch in ((8, 9), (10, 0), (12, 0)):
+        assert configs.for_launch(gluon, arch, lora=False, residual=False) == plain_large
+    assert configs.smaller(gluon) == dataclasses.replace(gluon, num_stages=2)
+    assert configs.smaller(configs.smaller(gluon)) == plain_large
+    assert configs.for_residual(gluon) is gluon
+    for bad, words in (({"block_m": 64}, "16 \\* num_warps"), ({"block_n": 32}, "block_n in"),
+                       ({"num_stages": 1}, "num_stages >= 2"), ({"split_tail": 16}, "no warp_spec"),
+                       ({"max_registers": 300}, "max_registers")):
+        with pytest.raises(ValueError, match=words):
+            dataclasses.replace(gluon, **bad)
+    with pytest.raises(ValueError, match="only the 'gluon' kernel"):
+        GemmConfig("tma", 128, 128, 64, max_registers=128)
+    with pytest.raises(ValueError, match="needs without_gluon"):
+        configs.GemmTable("t", ((configs._LARGE, gluon),), smem_bytes=1)
 
 
 def test_configs_are_frozen():

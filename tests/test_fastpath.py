@@ -81,10 +81,13 @@ def test_warp_specialized_gemm_replays_through_the_c_launcher(seed):
     launch path bit for bit, call after call (fresh inputs, so fresh scratch and output addresses)."""
     k, n = 384, 512
     q, scale, _ = _weight(n, k)
-    plan = direct.LinearPlan(q, scale, None, backend=Backend("triton", "test", torch.cuda.get_device_capability()))
+    from int8_w8a8.kernels import configs
+
+    ws = Backend("triton", "test", (9, 0), table=configs.HOPPER_TABLE)  # (the dispatch's table has the Gluon row)
+    plan = direct.LinearPlan(q, scale, None, backend=ws)
     for _ in range(3):
         x = torch.randn(1100, k, device=DEV, dtype=torch.bfloat16)  # M > 1024: the warp-specialized row
-        _assert_equal(plan(x), triton_ops.int8_linear(x, q, scale, None, torch.bfloat16, None, 0, HOPPER))
+        _assert_equal(plan(x), triton_ops.int8_linear(x, q, scale, None, torch.bfloat16, None, 0, ws))
     replay = next(iter(plan.replays.values()))
     assert isinstance(replay, direct._Replay)
     scratch = [rec.claunch for rec, *_ in replay.launches if rec.scratch]

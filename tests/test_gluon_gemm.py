@@ -1,10 +1,12 @@
-"""The Gluon INT8 GEMM for Hopper (kernels/gluon_gemm.py), opt-in until measured (bench/NOTES.md item 56).
+"""The Gluon INT8 GEMM for Hopper (kernels/gluon_gemm.py): Hopper's large-M GEMM row (configs.HOPPER_GLUON_LARGE).
 
 Without a GPU: its configs' rules, the PTX wait analysis on known text, every benchmarked config compiled for
 sm_90 offline (wgmma s8 with a product left in flight, no spills, within 227 KB), and its host launch bound by
 Triton's JIT on CPU tensors and compiled for sm_90. On an SM 9.x GPU: the kernel
 against the torch twin bit for bit at odd shapes (M = 1, 15, 16, 17; N and K not multiples of the tiles),
-per-row and per-tensor scales, bias, every output dtype, strided rows, NaN and all-zero rows, and its input rules.
+per-row and per-tensor scales, bias, every output dtype, strided rows, NaN and all-zero rows, and its input rules;
+the table's row through the eager hot path (recorded and replayed launches, ``kernels/direct.py``), the fused
+blocks' gated residual GEMM and a LoRA term (which runs the plain TMA kernel), each the twin's bits.
 """
 
 from __future__ import annotations
@@ -164,3 +166,69 @@ def test_nan_and_zero_rows_and_input_rules(seed):
         gluon_gemm.gemm(xq.t().contiguous().t(), xs, wq, ws, None, torch.bfloat16)
     with pytest.raises(ValueError, match="out_dtype"):
         gluon_gemm.gemm(xq, xs, wq, ws, None, torch.int32)
+
+
+def _gluon_backend():
+    from int8_w8a8.kernels import configs, dispatch
+
+    if dispatch.gluon_error() is not None:
+        pytest.skip(f"no Gluon GEMM here: {dispatch.gluon_error()}")
+    return dispatch.Backend("triton", "test", (9, 0), table=configs.HOPPER_GLUON_TABLE)
+
+
+def _launched(replay) -> set[str]:
+    return {rec.launcher.fn.__name__ for rec, *_ in replay.launches}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM is written for SM 9.x (Hopper)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_table_row_replays_bit_for_bit(seed, dtype):
+    """An eager layer at M > 1024 on Hopper's table: the Gluon GEMM, recorded once and replayed through Triton's C
+    launcher with this call's operands (its host descriptors re-based), bit for bit the launch path and the twin,
+    call after call; the rows' quantizer replays with it."""
+    from int8_w8a8.kernels import direct, triton_ops
+
+    backend = _gluon_backend()
+    k, n = 3840, 1000
+    wq, ws = ref.quantize_weight(torch.randn(n, k, device="cuda") * 0.05)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    plan = direct.LinearPlan(wq, ws, bias, backend=backend)
+    for _ in range(3):
+        x = torch.randn(1100, k, device="cuda", dtype=dtype)
+        y = plan(x)
+        assert torch.equal(y, triton_ops.int8_linear(x, wq, ws, bias, dtype, None, 0, backend))
+        assert torch.equal(y, ref.int8_linear(x, wq, ws, bias, out_dtype=dtype))
+    replay = next(iter(plan.replays.values()))
+    assert isinstance(replay, direct._Replay) and "_gluon_gemm_kernel" in _launched(replay)
+    assert all(rec.claunch is not None for rec, *_ in replay.launches)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM is written for SM 9.x (Hopper)")
+def test_table_row_in_the_fused_gemms(seed):
+    """The fused blocks' GEMMs on pre-quantized rows at M > 1024 (``fused.int8_gemm`` and the gated residual
+    ``int8_gemm_residual``, eager and replayed): the twin's bits; with a dynamic LoRA term the plain TMA kernel
+    runs (the Gluon kernel has no LoRA epilogue), also the twin's bits."""
+    from int8_w8a8.kernels import dispatch, fused, reference_fused
+
+    _gluon_backend()
+    if dispatch.choose_backend(torch.device("cuda")).table is not _gluon_backend().table:
+        pytest.skip("the dispatch does not give this GPU the Gluon table")
+    m, k, n, b = 2 * 1100, 3072, 3072, 2
+    xq, xs, wq, ws = _operands(m, k, n)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(b, 1, n, device="cuda", dtype=torch.bfloat16)
+    h, lb = torch.randn(m, 64, device="cuda", dtype=torch.bfloat16), torch.randn(n, 64, device="cuda",
+                                                                                 dtype=torch.bfloat16) * 0.01
+    for _ in range(3):  # record, replay
+        y = fused.int8_gemm(xq, xs, wq, ws, bias, torch.bfloat16)
+        assert torch.equal(y, ref.epilogue(ref.int8_matmul(xq, wq), xs, ws, bias, torch.bfloat16))
+        start = torch.randn(b, m // b, n, device="cuda", dtype=torch.bfloat16)
+        res = start.clone()
+        fused.int8_gemm_residual(xq, xs, wq, ws, bias, res, gate)
+        want = reference_fused.int8_gemm_residual(xq, xs, wq, ws, bias, start.reshape(m, n).clone(),
+                                                  gate.reshape(b, n), m // b)
+        assert torch.equal(res.reshape(m, n), want)
+        y = fused.int8_gemm(xq, xs, wq, ws, bias, torch.bfloat16, h, lb)
+        assert torch.equal(y, ref.epilogue(ref.int8_matmul(xq, wq), xs, ws, bias, torch.bfloat16, h, lb))

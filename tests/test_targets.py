@@ -52,20 +52,29 @@ def test_gemm_configs_fit_and_use_the_intended_tensor_cores(report, arch):
         assert r["shared_bytes"] <= gen.table.smem_bytes, \
             f"{where} needs {r['shared_bytes']} bytes: raise {gen.table.name}'s smem_bytes (Triton {result['triton']})"
         assert not r["trap_only"], f"{where}: Triton compiled the kernel to a trap"
-        kernel = "tma" if r["tma_loads"] or r["kernel"] == "_gemm_tma_kernel" else "generic"
+        kernel = "gluon" if r["kernel"] == "_gluon_gemm_kernel" else \
+            "tma" if r["tma_loads"] or r["kernel"] == "_gemm_tma_kernel" else "generic"
         expected = set(gen.expected_mma(kernel))
         assert r["int8_mma"] and set(r["int8_mma"]) <= expected, f"{where}: INT8 dot on {r['int8_mma']}, " \
                                                                  f"expected {sorted(expected)}"
         if r["kernel"] == "_gemm_tma_kernel":
             assert r["tma_loads"] > 0 and r["tma_stores"] > 0, where
+        elif kernel == "gluon":  # operands through TMA, the epilogue's stores through pointers
+            assert r["tma_loads"] > 0, where
         else:
             assert r["cp_async"] > 0, f"{where}: operand loads are not pipelined"
 
 
 def test_hopper_gemms_run_on_wgmma_with_tma_and_do_not_spill(report):
-    """The measured path: every TMA config on INT8 wgmma, loads and stores through TMA, no register spills."""
+    """The measured path: every TMA config on INT8 wgmma, loads and stores through TMA, no register spills; the
+    large-M row in Gluon (``configs.HOPPER_GLUON_LARGE``) with its plain, residual and LoRA epilogues (the LoRA
+    ones run the plain TMA kernel: the Gluon kernel has no LoRA epilogue)."""
     tma = [r for r in report[90]["rows"] if r["kind"] == "gemm" and r["kernel"] == "_gemm_tma_kernel"]
     assert tma and all(r["int8_mma"] == [dispatch.WGMMA] for r in tma)
+    gluon = {r["what"].split(" gluon 128x128x128 w8 s3 r128")[-1]: r["kernel"] for r in report[90]["rows"]
+             if r["what"].startswith("gemm gluon")}
+    assert gluon == {"": "_gluon_gemm_kernel", " +residual": "_gluon_gemm_kernel", " +LoRA16": "_gemm_tma_kernel",
+                     " +LoRA512": "_gemm_tma_kernel", " +residual +LoRA512": "_gemm_tma_kernel"}, gluon
     assert all(r["local"] == 0 for r in report[90]["rows"]), [r["what"] for r in report[90]["rows"] if r["local"]]
     # ptxas did not serialize any kernel's wgmma (its notes C7510-C7517: an in-flight accumulator's registers
     # touched by other instructions; bench/NOTES.md item 59)
