@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: guards | fused-gate-add | tests | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | attention-gluon | host | gemm-ws | gemm-ws-residual | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
+# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-safe | attention-gluon | host | gemm-ws | gemm-ws-residual | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile | arch-dvram (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -137,6 +137,10 @@ for step in "$@"; do
                 | tee "$OUT/pytest-gluon-gemm.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --out "$OUT/bench_gluon_gemm.json" 2>&1 \
                 | tee "$OUT/bench_gluon_gemm.txt"; } ;;
+        # Hopper's large-M GEMM row in Gluon (configs.HOPPER_GLUON_TABLE) where it runs: through the public API, the
+        # eager replays (kernels/direct.py), the fused blocks at the real widths and the Gluon kernel's own tests (~3 min)
+        tests-gluon-row) timeout 400 python3 -m pytest tests/test_gluon_gemm.py tests/test_gpu.py tests/test_fastpath.py \
+                tests/test_blocks_gpu.py -q -p no:randomly 2>&1 | tee "$OUT/pytest-gluon-row.log" | tail -8 ;;
         # the Gluon 8-bit attention with a product in flight across each softmax (kernels/gluon_attention.py, NOTES
         # item 57): GPU tests, then the default Triton config, the Gluon configs and cuDNN at S = 4608 and 16896 (~3 min)
         attention-gluon) timeout 300 python3 -m pytest tests/test_gluon_attention.py -q -p no:randomly 2>&1 \

@@ -117,7 +117,7 @@ class Backend:
         if self.table is None:
             gen = None if self.rocm or self.arch is None else generation_for(self.arch)
             table = gen.table if gen is not None and gen.table else configs.MMA_TABLE
-            if table.gluon and gluon_error() is not None:
+            if table.gluon and (self.name != "triton" or gluon_error() is not None):
                 table = table.without_gluon
             object.__setattr__(self, "table", table)
 

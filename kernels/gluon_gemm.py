@@ -16,7 +16,9 @@ the tiles with the next tile's first loads issued before this tile's epilogue), 
 into a ring of ``stages`` shared-memory buffers (one mbarrier each), both operands K-major (``wq`` is [N, K]),
 the epilogue in registers and stored through pointers with masks. TMA zero-fills reads past M, N and K.
 
-Opt-in, not dispatched: measured against ``triton_gemm`` before it enters a table (bench/NOTES.md item 56).
+Dispatched as Hopper's large-M row (``configs.HOPPER_GLUON_LARGE``: the 128 x 128 x 128 tiled form, 3 stages,
+registers capped at 128 for two programs per SM; bench/NOTES.md item 60) through ``triton_gemm.gemm``, which
+records its launches for replay (``launch_args``); the other forms are for the benchmarks.
 Needs SM 9.0, a compiled (not interpreted) Triton, and TMA-legal operands: ``xq`` [M, K] and ``wq`` [N, K]
 with unit column stride, K % 16 == 0 and 16-byte aligned rows (``supports``).
 """
