@@ -209,8 +209,9 @@ def test_table_row_replays_bit_for_bit(seed, dtype):
 def test_table_row_in_the_fused_gemms(seed):
     """The fused blocks' GEMMs on pre-quantized rows at M > 1024 (``fused.int8_gemm`` and the gated residual
     ``int8_gemm_residual``, eager and replayed): the twin's bits; with a dynamic LoRA term the plain TMA kernel
-    runs (the Gluon kernel has no LoRA epilogue), also the twin's bits."""
-    from int8_w8a8.kernels import dispatch, fused, reference_fused
+    runs (the Gluon kernel has no LoRA epilogue): that kernel's bits (its LoRA dot sums in another order than the
+    twin's, so not the twin's)."""
+    from int8_w8a8.kernels import configs, dispatch, fused, gluon_gemm, reference_fused, triton_gemm
 
     _gluon_backend()
     if dispatch.choose_backend(torch.device("cuda")).table is not _gluon_backend().table:
@@ -231,4 +232,9 @@ def test_table_row_in_the_fused_gemms(seed):
                                                   gate.reshape(b, n), m // b)
         assert torch.equal(res.reshape(m, n), want)
         y = fused.int8_gemm(xq, xs, wq, ws, bias, torch.bfloat16, h, lb)
-        assert torch.equal(y, ref.epilogue(ref.int8_matmul(xq, wq), xs, ws, bias, torch.bfloat16, h, lb))
+        plain = triton_gemm.gemm(xq, xs, wq, ws, bias, torch.empty_like(y), configs.HOPPER_PLAIN_TABLE.pick(m), h, lb)
+        assert torch.equal(y, plain)  # the LoRA dot sums in another order than the twin's: the plain kernel's bits
+    for replayer in (fused._GEMM, fused._GEMM_RESIDUAL):  # both replay the Gluon kernel at this M
+        kernels = {rec.launcher.fn for entry in replayer.table.values() if entry is not None
+                   for rec, *_ in entry.launches}
+        assert gluon_gemm._gluon_gemm_kernel in kernels, replayer.name
