@@ -233,7 +233,10 @@ class _CLaunch:
     scratch slot. Freed when the call returns, the block is reused only by work queued later on the same stream:
     the kernel has run by then."""
 
-    MAX_BASES = 8  # expansions kept per descriptor argument (a weight: one; a per-call output: a few addresses)
+    # expansions kept per descriptor argument: a fused block's replay table shares one recording among the layers
+    # of one shape (``direct.Replayer``), so a weight descriptor cycles through up to ~60-120 weights a step (Qwen-
+    # Image's 60 blocks); per-call outputs come back at a few addresses. 128 bytes each; cleared when full.
+    MAX_BASES = 256
 
     __slots__ = ("descs", "expand", "fn", "head", "scratch")
 

@@ -468,6 +468,13 @@ def test_c_launch_passes_what_tritons_launcher_passes(with_meta, monkeypatch):
         assert not any(isinstance(a, (torch.Tensor, direct._Address)) for a in ours)
     # Triton's path expands both descriptors on each of its 3 calls; ours once per new base address: 2 + 1
     assert len(expansions) == 3 * 2 + 3
+    # a shared recording cycling through the weights of 60 layers (a fused GEMM's replay table) expands each once
+    expansions.clear()
+    for _ in range(3):
+        for layer in range(60):
+            d1.base = direct._Address((1 << 20) + layer * 4096)
+            claunch((2, 3, 1), 5, [777, d1, 64, d2, 32])
+    assert len(expansions) == 60
 
 
 @pytest.mark.unit
