@@ -86,19 +86,32 @@ class GemmConfig:
                 raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {v}")
 
 
+def gluon_tile_problem(block_m: int, block_n: int, block_k: int, num_warps: int, stages: int,
+                       max_registers: int, stages_field: str = "num_stages") -> str | None:
+    """What is wrong with a Gluon GEMM tile (``kernels/gluon_gemm.py``: every warp owns 16 rows of the wgmma layout,
+    an 8-bit wgmma is at most 224 wide, K steps of 32, one product in flight needs two ring buffers), or None. The
+    one rule ``GemmConfig`` (kernel "gluon") and ``gluon_gemm.GluonGemmConfig`` both check; ``stages_field``: what
+    the caller calls the ring's depth."""
+    if num_warps not in (4, 8) or block_m != 16 * num_warps:
+        return f"block_m must be 16 * num_warps with 4 or 8 warps, got block_m {block_m}, num_warps {num_warps}"
+    if block_n not in (64, 128, 256) or block_k % 32 or not 32 <= block_k <= 256:
+        return f"block_n in (64, 128, 256) and block_k a multiple of 32 up to 256, got {block_n}, {block_k}"
+    if stages < 2:
+        return f"{stages_field} >= 2 (one product in flight keeps its buffer), got {stages}"
+    if max_registers and not 64 <= max_registers <= 255:
+        return f"max_registers 0 (the compiler's choice) or 64..255, got {max_registers}"
+    return None
+
+
 def _check_gluon(cfg: GemmConfig) -> None:
-    """The Gluon kernel's rules (``gluon_gemm.GluonGemmConfig``'s, and what it does not have)."""
-    if cfg.num_warps not in (4, 8) or cfg.block_m != 16 * cfg.num_warps:
-        raise ValueError(f"GemmConfig (gluon): block_m must be 16 * num_warps with 4 or 8 warps, got block_m "
-                         f"{cfg.block_m}, num_warps {cfg.num_warps}")
-    if cfg.block_n not in (64, 128, 256) or cfg.block_k % 32 or not 32 <= cfg.block_k <= 256 or cfg.num_stages < 2:
-        raise ValueError(f"GemmConfig (gluon): block_n in (64, 128, 256), block_k a multiple of 32 up to 256 and "
-                         f"num_stages >= 2, got {cfg.block_n}, {cfg.block_k}, {cfg.num_stages}")
+    """``gluon_tile_problem`` for a Gluon ``GemmConfig``, and what the Gluon kernel does not have."""
+    problem = gluon_tile_problem(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
+                                 cfg.max_registers)
+    if problem is not None:
+        raise ValueError(f"GemmConfig (gluon): {problem}")
     if cfg.warp_spec or cfg.split_tail or cfg.epilogue_subtile or cfg.lora_loop or cfg.ctas_per_sm != 1:
         raise ValueError("GemmConfig (gluon): no warp_spec, split_tail, epilogue_subtile, lora_loop or ctas_per_sm "
                          "(two programs share an SM through max_registers)")
-    if cfg.max_registers and not 64 <= cfg.max_registers <= 255:
-        raise ValueError(f"GemmConfig (gluon): max_registers 0 or 64..255, got {cfg.max_registers}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,8 +117,8 @@ class Backend:
         if self.table is None:
             gen = None if self.rocm or self.arch is None else generation_for(self.arch)
             table = gen.table if gen is not None and gen.table else configs.MMA_TABLE
-            if table.gluon and (self.name != "triton" or gluon_error() is not None):
-                table = table.without_gluon
+            if table.gluon:  # a reference backend launches nothing: no Gluon import for it
+                table = table.without_gluon if self.name != "triton" else runnable(table)[0]
             object.__setattr__(self, "table", table)
 
 
@@ -132,6 +132,12 @@ def triton_import_error() -> str | None:
     except Exception as exc:  # any import failure means "no Triton": ImportError, driver errors
         return f"Triton is unavailable ({type(exc).__name__}: {exc})"
     return None
+
+
+def runnable(table: GemmTable) -> tuple[GemmTable, str | None]:
+    """``table``, or its ``without_gluon`` table and the reason when it has Gluon rows that cannot run here."""
+    why = gluon_error() if table.gluon else None
+    return (table, None) if why is None else (table.without_gluon, why)
 
 
 def gluon_error() -> str | None:
@@ -244,9 +250,9 @@ def _decide(device_type: str, index: int) -> Backend:
                 f"GPU allows {smem}: {table.name} table")
     else:
         note = f", {table.name} table ({table.smem_bytes} of {smem} bytes of shared memory per block)"
-    if table.gluon and gluon_error() is not None:
-        note += f"; {gluon_error()}: the {table.without_gluon.name} table instead"
-        table = table.without_gluon
+    table, why = runnable(table)
+    if why is not None:
+        note += f"; {why}: the {table.name} table instead"
     path = gen.path if table in (gen.table, gen.table.without_gluon) else configs.MMA_TABLE.name
     return Backend("triton", f"{what} ({gen.name}): {path}{note}", arch, table=table)
 

@@ -34,6 +34,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .configs import gluon_tile_problem
+
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -59,18 +61,13 @@ class GluonGemmConfig:
     max_registers: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_warps not in (4, 8) or self.block_m != 16 * self.num_warps:
-            raise ValueError(f"GluonGemmConfig: block_m must be 16 * num_warps with 4 or 8 warps, got block_m "
-                             f"{self.block_m}, num_warps {self.num_warps}")
-        if self.block_n not in (64, 128, 256) or self.block_k % 32 or not 32 <= self.block_k <= 256:
-            raise ValueError(f"GluonGemmConfig: block_n in (64, 128, 256) and block_k a multiple of 32 up to 256, "
-                             f"got {self.block_n}, {self.block_k}")
-        if self.max_registers and not 64 <= self.max_registers <= 255:
-            raise ValueError(f"GluonGemmConfig: max_registers 0 (the compiler's choice) or 64..255, got "
-                             f"{self.max_registers}")
-        if self.stages < 2 or self.group_m < 1 or self.ctas_per_sm < 1:
-            raise ValueError(f"GluonGemmConfig: stages >= 2, group_m >= 1 and ctas_per_sm >= 1, got {self.stages}, "
-                             f"{self.group_m}, {self.ctas_per_sm}")
+        problem = gluon_tile_problem(self.block_m, self.block_n, self.block_k, self.num_warps, self.stages,
+                                     self.max_registers, stages_field="stages")
+        if problem is not None:
+            raise ValueError(f"GluonGemmConfig: {problem}")
+        if self.group_m < 1 or self.ctas_per_sm < 1:
+            raise ValueError(f"GluonGemmConfig: group_m >= 1 and ctas_per_sm >= 1, got {self.group_m}, "
+                             f"{self.ctas_per_sm}")
 
     def launch_options(self) -> dict:
         """Compiler options of the launch beyond num_warps: ``maxnreg`` where ``max_registers`` is set."""
