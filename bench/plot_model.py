@@ -4,8 +4,10 @@ install .[bench]).
     python -m int8_w8a8.bench.plot_model RESULTS.json [MORE.json ...] --out speedups.png
     python -m int8_w8a8.bench.plot_model h200-bench-architectures.json --per-model --out h200-bench-arch-{model}.png
 
-One group of bars per (model, resolution, mode), one bar per variant; the dashed line is BF16. With
-``--per-model`` one figure per model, ``{model}`` in ``--out`` replaced by its key (bench_arch's ``arch``).
+One group of bars per (model, resolution, mode), one bar per variant; the dashed line is BF16. A mode measured
+without its own BF16 row (compiled runs of FP8 fast and the pack only) is plotted against the eager BF16 step of
+the same model and resolution, and its group says so. With ``--per-model`` one figure per model, ``{model}`` in
+``--out`` replaced by its key (bench_arch's ``arch``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,19 @@ def load_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
+def baselines(rows: list[dict]) -> dict[tuple, tuple[float, str]]:
+    """(model, res, mode) -> (BF16 step ms, the mode it was measured in): the group's own BF16 row, else the
+    eager one of the same model and resolution; groups with neither are left out."""
+    bf16 = {(r["model"], r["res"], r["mode"]): r["ms"] for r in rows if r["variant"] == "bf16" and r.get("ms")}
+    out = {}
+    for model, res, mode in {(r["model"], r["res"], r["mode"]) for r in rows}:
+        for base_mode in (mode, "eager"):
+            if (model, res, base_mode) in bf16:
+                out[(model, res, mode)] = (bf16[(model, res, base_mode)], base_mode)
+                break
+    return out
+
+
 def plot(rows: list[dict], out: str, title: str) -> None:
     import matplotlib
 
@@ -44,25 +59,36 @@ def plot(rows: list[dict], out: str, title: str) -> None:
     groups = sorted({(r["model"], r["res"], r["mode"]) for r in rows}, key=lambda g: (g[0], g[2], g[1]))
     variants = [v for v in ORDER if any(r["variant"] == v for r in rows)]
     by_key = {(r["model"], r["res"], r["mode"], r["variant"]): r for r in rows}
+    base = baselines(rows)
+    top = 1.0
     width = 0.8 / len(variants)
     fig, ax = plt.subplots(figsize=(max(9, 1.4 * len(groups)), 5.5))
     for i, variant in enumerate(variants):
         xs, ys = [], []
         for j, group in enumerate(groups):
             row = by_key.get((*group, variant))
-            if row is not None and row.get("x_bf16"):
+            if row is not None and row.get("ms") and group in base:
                 xs.append(j + (i - (len(variants) - 1) / 2) * width)
-                ys.append(row["x_bf16"])
+                ys.append(base[group][0] / row["ms"])
+                top = max(top, ys[-1])
         bars = ax.bar(xs, ys, width, label=LABELS.get(variant, variant))
         ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1, rotation=90)
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(groups)), [f"{m}\n{_res(res)}\n{mode}" for m, res, mode in groups], fontsize=8)
+    ax.set_xticks(range(len(groups)), [f"{m}\n{_res(res)}\n{mode}" + _vs(base.get((m, res, mode)), mode)
+                                       for m, res, mode in groups], fontsize=8)
     ax.set_ylabel("step speed-up over BF16 (x)")
     ax.set_title(title, fontsize=10)
-    ax.set_ylim(0, 1.12 * max(r["x_bf16"] for r in rows if r.get("x_bf16")))
+    ax.set_ylim(0, 1.12 * top)
     ax.legend(fontsize=8, ncols=min(3, len(variants)), loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+def _vs(base: tuple[float, str] | None, mode: str) -> str:
+    """The group label's note when its bars are not against BF16 in the same mode."""
+    if base is None:
+        return "\n(no BF16 row)"
+    return "" if base[1] == mode else f"\n(vs BF16 {base[1]})"
 
 
 def _res(res) -> str:
