@@ -176,7 +176,7 @@ def compile_attention(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128,
 
 
 def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dtype: str = "bf16") -> dict:
-    """Compile the three quantization kernels of ``cfg``; one summary per kernel."""
+    """Compile the quantization kernels of ``cfg``; one summary per kernel."""
     rot = {"ROT_SCALE": 1.0 / math.sqrt(head_dim) if cfg.rotate else 0.0, "DOT_FP32": False}
     strides = {f"s{t}{a}": "i32" for t in "kv" for a in "bhsd"}
     div = ("k_ptr", "v_ptr", "h_ptr", "skb", "skh", "sks", "svb", "svh", "svs")
@@ -189,14 +189,20 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
     kv_opts = {"num_warps": triton_attention.quant_kv_warps(cfg.block_n, head_dim)}
     out["quant_q"] = _summary(_compile(triton_attention._quant_q_kernel, sig, consts,
                                        ("q_ptr", "h_ptr", "q8_ptr", "qs_ptr", "sqb", "sqh", "sqs"), arch, opts), arch)
-    sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "ksum_ptr": "*fp32", "vmax_ptr": "*fp32",
+    sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "ksum_ptr": "*fp32", "vmax_ptr": "*fp32",
            "S": "i32", "H": "i32", "CHUNK": "i32", "n_chunks": "i32", **strides}
-    consts = {"D": head_dim, "ROWS": triton_attention.QUANT_ROWS, **rot, "skd": 1, "svd": 1}
+    consts = {"D": head_dim, "ROWS": triton_attention.QUANT_ROWS, "skd": 1, "svd": 1}
     del sig["skd"], sig["svd"]
-    out["kv_stats"] = _summary(_compile(triton_attention._kv_stats_kernel, sig, consts, div, arch, opts), arch)
+    stats_div = tuple(a for a in div if a != "h_ptr")
+    out["kv_stats"] = _summary(_compile(triton_attention._kv_stats_kernel, sig, consts, stats_div, arch, opts), arch)
+    sig = {"ksum_ptr": "*fp32", "vmax_ptr": "*fp32", "h_ptr": f"*{dtype}", "kmean_ptr": "*fp32", "vs_ptr": "*fp32",
+           "S": "i32", "n_chunks": "i32"}
+    consts = {"D": head_dim, "ROT_SCALE": rot["ROT_SCALE"], "PV_INT8": cfg.pv == "int8"}
+    out["kv_finalize"] = _summary(_compile(triton_attention._kv_finalize_kernel, sig, consts,
+                                           ("ksum_ptr", "vmax_ptr", "h_ptr", "kmean_ptr", "vs_ptr"), arch, opts), arch)
     v = "*i8" if cfg.pv == "int8" else "*fp8e4nv"
-    sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "ksum_ptr": "*fp32", "vmax_ptr": "*fp32",
-           "k8_ptr": "*i8", "ks_ptr": "*fp32", "vt_ptr": v, "vs_ptr": "*fp32", "vcs_ptr": "*i32", "S": "i32",
+    sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "kmean_ptr": "*fp32", "vmax_ptr": "*fp32",
+           "k8_ptr": "*i8", "ks_ptr": "*fp32", "vt_ptr": v, "vcs_ptr": "*i32", "S": "i32",
            "H": "i32", "n_chunks": "i32", "n_blocks": "i32", "S_pad": "i32", **strides}
     consts = {"D": head_dim, "BLOCK_N": cfg.block_n, **rot, "PV_INT8": cfg.pv == "int8", "FAST_ROUND": True,
               "EMULATE_FP8": False, "skd": 1, "svd": 1}

@@ -3,8 +3,10 @@
 Three quantization kernels read the bf16/fp16 inputs (any strides) and write the formats of
 ``reference_attention.QuantizedQKV`` (numerics there; the configuration in ``attention_configs.py``):
 
-* ``_kv_stats_kernel``: per (head, chunk of keys) the column sums of K (rotated) and the channel absmax of V,
-  so the next kernel knows the per-head K mean and V scale without a serial pass over the sequence;
+* ``_kv_stats_kernel``: per (head, chunk of keys) the column sums of K and the channel absmax of V, a plain
+  streaming reduction (the rotation is linear, so the sum is rotated once afterwards, not every key);
+* ``_kv_finalize_kernel``: per head the chunks reduced in a fixed order: the mean of the rotated keys and the V
+  scale, so the blocks of the next kernel read two vectors instead of reducing every chunk themselves;
 * ``_quant_q_kernel``: Q rows -> int8 + one scale per token;
 * ``_quant_kv_kernel``: one block of ``block_n`` keys per program: K minus the mean -> int8 + one scale,
   V -> int8 or e4m3 with the per-channel scale, written transposed (wgmma reads 8-bit B operands K-major),
@@ -125,12 +127,12 @@ def _maybe_rotate_qk(x, h_ptr, ROWS: tl.constexpr, D: tl.constexpr, ROT_SCALE: t
 
 @triton.jit
 def _kv_stats_kernel(
-    k_ptr, v_ptr, h_ptr, ksum_ptr, vmax_ptr,
+    k_ptr, v_ptr, ksum_ptr, vmax_ptr,
     S, H, CHUNK, n_chunks, skb, skh, sks, skd, svb, svh, svs, svd,
-    D: tl.constexpr, ROWS: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
+    D: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """ksum[bh, c] = column sums of (rotated) K over chunk c of keys; vmax[bh, c] = channel absmax of V
-    (NaN where the chunk holds NaN/Inf)."""
+    """ksum[bh, c] = column sums of K over chunk c of keys (not rotated: ``_kv_finalize_kernel`` rotates their
+    total); vmax[bh, c] = channel absmax of V (NaN where the chunk holds NaN/Inf)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -142,8 +144,7 @@ def _kv_stats_kernel(
     for r0 in range(c * CHUNK, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         ok = rows < end
-        kt = _load_tile(k_ptr, b, h, rows, ok, skb, skh, sks, skd, D)
-        ksum += tl.sum(_maybe_rotate_qk(kt, h_ptr, ROWS, D, ROT_SCALE, DOT_FP32), axis=0)
+        ksum += tl.sum(_load_tile(k_ptr, b, h, rows, ok, skb, skh, sks, skd, D).to(tl.float32), axis=0)
         vt = _load_tile(v_ptr, b, h, rows, ok, svb, svh, svs, svd, D).to(tl.float32)
         fin = tl.abs(vt) <= FLT_MAX
         vmax = tl.maximum(vmax, tl.max(tl.where(fin, tl.abs(vt), 0.0), axis=0))
@@ -152,6 +153,34 @@ def _kv_stats_kernel(
     out = (bh * n_chunks + c).to(tl.int64) * D + d
     tl.store(ksum_ptr + out, ksum)
     tl.store(vmax_ptr + out, tl.where(vbad > 0, float("nan"), vmax))
+
+
+@triton.jit
+def _kv_finalize_kernel(
+    ksum_ptr, vmax_ptr, h_ptr, kmean_ptr, vs_ptr, S, n_chunks,
+    D: tl.constexpr, ROT_SCALE: tl.constexpr, PV_INT8: tl.constexpr,
+):
+    """Per head bh: kmean[bh] = (sum of K) / S, rotated (``(mean @ H) * ROT_SCALE``: the mean of the rotated keys,
+    since the rotation is linear; float32 products of the +-1 matrix, exact), and the V scale vs[bh] (NaN for a
+    channel holding NaN/Inf), from the chunk partials of ``_kv_stats_kernel`` reduced in chunk order."""
+    bh = tl.program_id(0)
+    d = tl.arange(0, D)
+    ksum = tl.zeros((D,), tl.float32)
+    vmax = tl.zeros((D,), tl.float32)
+    for c in range(0, n_chunks):
+        at = (bh * n_chunks + c).to(tl.int64) * D + d
+        ksum += tl.load(ksum_ptr + at)
+        vmax = tl.maximum(vmax, tl.load(vmax_ptr + at), propagate_nan=tl.PropagateNan.ALL)
+    mean = ksum / S
+    if ROT_SCALE > 0:
+        hmat = tl.load(h_ptr + d[:, None] * D + d[None, :]).to(tl.float32)
+        mean = tl.sum(mean[:, None] * hmat, axis=0) * ROT_SCALE
+    tl.store(kmean_ptr + bh * D + d, mean)
+    if PV_INT8:
+        vscale = tl.maximum(vmax * _INV_127, _TINY)
+    else:
+        vscale = tl.maximum(vmax * _INV_448, _TINY)
+    tl.store(vs_ptr + bh * D + d, tl.where(vmax == vmax, vscale, float("nan")))  # NaN survives max()
 
 
 @triton.jit
@@ -176,37 +205,34 @@ def _quant_q_kernel(
 
 @triton.jit
 def _quant_kv_kernel(
-    k_ptr, v_ptr, h_ptr, ksum_ptr, vmax_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vcs_ptr,
+    k_ptr, v_ptr, h_ptr, kmean_ptr, vmax_ptr, k8_ptr, ks_ptr, vt_ptr, vcs_ptr,
     S, H, n_chunks, n_blocks, S_pad, skb, skh, sks, skd, svb, svh, svs, svd,
     D: tl.constexpr, BLOCK_N: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
     PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr, EMULATE_FP8: tl.constexpr, PART: tl.constexpr = 0,
 ):
-    """Keys [j * BLOCK_N, (j + 1) * BLOCK_N) of one head: K - mean -> int8 + one scale; V -> 8-bit with the
-    per-channel scale, stored transposed; int8 V's column sums (PV_INT8). PART: 0 both, 1 K only, 2 V only (two
-    launches, each with the registers of its own half and reading only its own statistics)."""
+    """Keys [j * BLOCK_N, (j + 1) * BLOCK_N) of one head: K - its rotated mean (``_kv_finalize_kernel``) -> int8 +
+    one scale; V -> 8-bit with the per-channel scale, stored transposed; int8 V's column sums (PV_INT8). PART: 0
+    both, 1 K only, 2 V only (two launches, each with the registers of its own half)."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     if PART != 2:
-        _quant_k_block(k_ptr, h_ptr, ksum_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_chunks, n_blocks, skb, skh, sks, skd,
+        _quant_k_block(k_ptr, h_ptr, kmean_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_blocks, skb, skh, sks, skd,
                        D, BLOCK_N, ROT_SCALE, DOT_FP32, FAST_ROUND)
     if PART != 1:
-        _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vs_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_blocks, S_pad, svb, svh,
-                       svs, svd, D, BLOCK_N, PV_INT8, FAST_ROUND, EMULATE_FP8)
+        _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_blocks, S_pad, svb, svh, svs, svd,
+                       D, BLOCK_N, PV_INT8, FAST_ROUND, EMULATE_FP8)
 
 
 @triton.jit
-def _quant_k_block(k_ptr, h_ptr, ksum_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_chunks, n_blocks, skb, skh, sks, skd,
+def _quant_k_block(k_ptr, h_ptr, kmean_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_blocks, skb, skh, sks, skd,
                    D: tl.constexpr, BLOCK_N: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
                    FAST_ROUND: tl.constexpr):
-    """K block j of head bh: minus the per-head mean (from the chunk partials, reduced in a fixed order), int8 with
-    one scale for the block (NaN where the block holds NaN/Inf)."""
+    """K block j of head bh: rotated, minus the head's rotated mean, int8 with one scale for the block (NaN where
+    the block holds NaN/Inf)."""
     b = bh // H
     h = bh % H
     d = tl.arange(0, D)
-    ksum = tl.zeros((D,), tl.float32)
-    for c in range(0, n_chunks):
-        ksum += tl.load(ksum_ptr + (bh * n_chunks + c).to(tl.int64) * D + d)
-    mean = ksum / S
+    mean = tl.load(kmean_ptr + bh * D + d)
     s = j * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = s < S
     kt = _maybe_rotate_qk(_load_tile(k_ptr, b, h, s, ok, skb, skh, sks, skd, D), h_ptr, BLOCK_N, D, ROT_SCALE, DOT_FP32)
@@ -222,11 +248,12 @@ def _quant_k_block(k_ptr, h_ptr, ksum_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_chunks
 
 
 @triton.jit
-def _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vs_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_blocks, S_pad, svb, svh, svs,
-                   svd, D: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr,
+def _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_blocks, S_pad, svb, svh, svs, svd,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr,
                    EMULATE_FP8: tl.constexpr):
-    """V block j of head bh: 8-bit with the per-channel scale (from the chunk partials), stored transposed; int8
-    V's column sums (PV_INT8)."""
+    """V block j of head bh: 8-bit with the per-channel scale (``_kv_finalize_kernel``'s, recomputed here from the
+    chunk partials in the same order: loaded, the compiler recomputes the tile, V loads included, in the layout
+    of the transposed store, which doubles V's reads), stored transposed; int8 V's column sums (PV_INT8)."""
     b = bh // H
     h = bh % H
     d = tl.arange(0, D)
@@ -240,10 +267,7 @@ def _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vs_ptr, vcs_ptr, j, bh, S, H, n_chun
         vscale = tl.maximum(vmax * _INV_127, _TINY)
     else:
         vscale = tl.maximum(vmax * _INV_448, _TINY)
-    vscale = tl.where(vmax == vmax, vscale, float("nan"))  # NaN (a channel with NaN/Inf) survives max()
-    if j == 0:
-        tl.store(vs_ptr + bh * D + d, vscale)
-    vinv = tl.math.div_rn(tl.full((D,), 1.0, tl.float32), tl.where(vscale == vscale, vscale, 1.0))
+    vinv = tl.math.div_rn(tl.full((D,), 1.0, tl.float32), tl.where(vmax == vmax, vscale, 1.0))
     vt = _load_tile(v_ptr, b, h, s, ok, svb, svh, svs, svd, D).to(tl.float32)
     vfin = tl.abs(vt) <= FLT_MAX
     y = tl.where(vfin, vt * vinv[None, :], 0.0)
@@ -376,6 +400,7 @@ def _attention_kernel(
 
 
 _KV_STATS = FastLauncher(_kv_stats_kernel, interpreting())
+_KV_FINALIZE = FastLauncher(_kv_finalize_kernel, interpreting())
 _QUANT_Q = FastLauncher(_quant_q_kernel, interpreting())
 _QUANT_KV = FastLauncher(_quant_kv_kernel, interpreting())
 _ATTENTION = FastLauncher(_attention_kernel, interpreting())
@@ -416,15 +441,18 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
     vs = torch.empty((bh, d), dtype=torch.float32, device=dev)
     vcs = torch.empty((bh, nk, d), dtype=torch.int32, device=dev) if cfg.pv == "int8" else None
     part = torch.empty((2, bh, n_chunks, d), dtype=torch.float32, device=dev)
+    kmean = torch.empty((bh, d), dtype=torch.float32, device=dev)
     fast = not interpreting()
     hm = hmat if hmat is not None else q8
     if s_q and bh:
         _QUANT_Q((triton.cdiv(s_q, QUANT_ROWS), bh), q, hm, q8, qs, s_q, h, *_strides(q), D=d, ROWS=QUANT_ROWS, **rot,
                  FAST_ROUND=fast, num_warps=QUANT_WARPS)
-    _KV_STATS((n_chunks, bh), k, v, hm, part[0], part[1], s_kv, h, chunk, n_chunks, *_strides(k), *_strides(v),
-              D=d, ROWS=QUANT_ROWS, **rot, num_warps=QUANT_WARPS)
+    _KV_STATS((n_chunks, bh), k, v, part[0], part[1], s_kv, h, chunk, n_chunks, *_strides(k), *_strides(v),
+              D=d, ROWS=QUANT_ROWS, num_warps=QUANT_WARPS)
+    _KV_FINALIZE((bh,), part[0], part[1], hm, kmean, vs, s_kv, n_chunks, D=d, ROT_SCALE=rot["ROT_SCALE"],
+                 PV_INT8=cfg.pv == "int8", num_warps=QUANT_WARPS)
     for p in (1, 2) if cfg.split_quant_kv else (0,):
-        _QUANT_KV((nk, bh), k, v, hm, part[0], part[1], k8, ks, vt, vs, vcs if vcs is not None else ks, s_kv, h,
+        _QUANT_KV((nk, bh), k, v, hm, kmean, part[1], k8, ks, vt, vcs if vcs is not None else ks, s_kv, h,
                   n_chunks, nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
                   PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast, PART=p,
                   num_warps=quant_kv_warps(cfg.block_n, d) if p != 2 else QUANT_WARPS * 2)
