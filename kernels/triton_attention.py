@@ -1,6 +1,6 @@
 """Triton 8-bit attention for Hopper: INT8 Q K^T and 8-bit P V on wgmma, with its quantization pass.
 
-Three quantization kernels read the bf16/fp16 inputs (any strides) and write the formats of
+Four quantization kernels read the bf16/fp16 inputs (any strides) and write the formats of
 ``reference_attention.QuantizedQKV`` (numerics there; the configuration in ``attention_configs.py``):
 
 * ``_kv_stats_kernel``: per (head, chunk of keys) the column sums of K and the channel absmax of V, a plain
@@ -156,6 +156,16 @@ def _kv_stats_kernel(
 
 
 @triton.jit
+def _v_scale(vmax, PV_INT8: tl.constexpr):
+    """V's per-channel scale from its channel absmax (NaN, for a channel holding NaN/Inf, stays NaN)."""
+    if PV_INT8:
+        vscale = tl.maximum(vmax * _INV_127, _TINY)
+    else:
+        vscale = tl.maximum(vmax * _INV_448, _TINY)
+    return tl.where(vmax == vmax, vscale, float("nan"))  # NaN survives max()
+
+
+@triton.jit
 def _kv_finalize_kernel(
     ksum_ptr, vmax_ptr, h_ptr, kmean_ptr, vs_ptr, S, n_chunks,
     D: tl.constexpr, ROT_SCALE: tl.constexpr, PV_INT8: tl.constexpr,
@@ -176,11 +186,7 @@ def _kv_finalize_kernel(
         hmat = tl.load(h_ptr + d[:, None] * D + d[None, :]).to(tl.float32)
         mean = tl.sum(mean[:, None] * hmat, axis=0) * ROT_SCALE
     tl.store(kmean_ptr + bh * D + d, mean)
-    if PV_INT8:
-        vscale = tl.maximum(vmax * _INV_127, _TINY)
-    else:
-        vscale = tl.maximum(vmax * _INV_448, _TINY)
-    tl.store(vs_ptr + bh * D + d, tl.where(vmax == vmax, vscale, float("nan")))  # NaN survives max()
+    tl.store(vs_ptr + bh * D + d, _v_scale(vmax, PV_INT8))
 
 
 @triton.jit
@@ -263,11 +269,8 @@ def _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_bl
                           propagate_nan=tl.PropagateNan.ALL)
     s = j * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = s < S
-    if PV_INT8:
-        vscale = tl.maximum(vmax * _INV_127, _TINY)
-    else:
-        vscale = tl.maximum(vmax * _INV_448, _TINY)
-    vinv = tl.math.div_rn(tl.full((D,), 1.0, tl.float32), tl.where(vmax == vmax, vscale, 1.0))
+    vscale = _v_scale(vmax, PV_INT8)
+    vinv = tl.math.div_rn(tl.full((D,), 1.0, tl.float32), tl.where(vscale == vscale, vscale, 1.0))
     vt = _load_tile(v_ptr, b, h, s, ok, svb, svh, svs, svd, D).to(tl.float32)
     vfin = tl.abs(vt) <= FLT_MAX
     y = tl.where(vfin, vt * vinv[None, :], 0.0)
