@@ -37,6 +37,10 @@ def _compile(fn, sig: dict, consts: dict, divisible: tuple[str, ...], arch: int,
     pointers and ints divisible by 16 (``tt.divisibility``) and unit strides folded to constants."""
     for name in consts:
         sig[name] = "constexpr"
+    # in the kernel's parameter order: ``attrs`` name arguments by position, so a signature listed in another
+    # order (constexpr strides moved to the end) would mark the wrong arguments divisible
+    order = getattr(fn, "arg_names", None) or list(sig)
+    sig = {name: sig[name] for name in sorted(sig, key=lambda n: order.index(n) if n in order else len(order))}
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible if n in sig}
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
@@ -125,6 +129,17 @@ def _sass_counts(cubin: bytes) -> dict:
             "sass_hgmma_igmma": len(re.findall(r"[HIQ]GMMA", sass))}
 
 
+def global_access(ptx: str) -> dict[str, int]:
+    """Per-thread global loads and stores of a kernel by width (``ld.global.b16``: one 2-byte load, ``.v4.b32`` 16
+    bytes), as PTX instructions in program order (a loop body counts once). Scalar 1-2 byte accesses to a tile
+    mean the tile's register layout is not the memory's (bench/NOTES.md item 63: the quantization pass stores
+    K and Q byte by byte from the rotation's wgmma layout)."""
+    counts: dict[str, int] = {}
+    for op in re.findall(r"\b((?:ld|st)\.global(?:\.[\w]+)*)", ptx):
+        counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _summary(compiled, arch: int) -> dict:
     ptx = compiled.asm["ptx"]
     meta = compiled.metadata
@@ -135,6 +150,7 @@ def _summary(compiled, arch: int) -> dict:
         "wgmma_e4m3": any(".e4m3.e4m3" in w for w in wgmma),
         "mma_sync": sorted(set(re.findall(r"mma\.sync[\w.]*", ptx)))[:3],
         "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx)),
+        "global_access": global_access(ptx),
         "shared_bytes": meta.shared,
         "smem_limit": SMEM_LIMIT.get(arch, 0),
         "num_warps": meta.num_warps,
@@ -207,13 +223,14 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
     consts = {"D": head_dim, "BLOCK_N": cfg.block_n, **rot, "PV_INT8": cfg.pv == "int8", "FAST_ROUND": True,
               "EMULATE_FP8": False, "skd": 1, "svd": 1}
     del sig["skd"], sig["svd"]
+    div = (*div, "kmean_ptr", "vmax_ptr", "k8_ptr", "ks_ptr", "vt_ptr", "vcs_ptr", "S_pad")  # fresh allocations
     out["quant_kv"] = _summary(
-        _compile(triton_attention._quant_kv_kernel, dict(sig), dict(consts), (*div, "S_pad"), arch, kv_opts), arch)
+        _compile(triton_attention._quant_kv_kernel, dict(sig), dict(consts), div, arch, kv_opts), arch)
     # split_quant_kv: K and V in two launches
     out["quant_k"] = _summary(_compile(triton_attention._quant_kv_kernel, dict(sig), {**consts, "PART": 1},
-                                       (*div, "S_pad"), arch, kv_opts), arch)
+                                       div, arch, kv_opts), arch)
     out["quant_v"] = _summary(_compile(triton_attention._quant_kv_kernel, dict(sig), {**consts, "PART": 2},
-                                       (*div, "S_pad"), arch, {"num_warps": 2 * triton_attention.QUANT_WARPS}), arch)
+                                       div, arch, {"num_warps": 2 * triton_attention.QUANT_WARPS}), arch)
     return out
 
 
