@@ -426,3 +426,10 @@ def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     per_score = {r["what"]: r.get("instr_per_score") for r in kernels}
     plain = per_score[f"attention {DEFAULT.name} D=128"]
     assert plain is None or plain <= 15.0, per_score
+    # the quantization pass (bench/NOTES.md item 63): the statistics stream K and V without a rotation (no wgmma),
+    # and no tile is read or written an element at a time (V's transposed store is 16 bytes wide)
+    quant = {r["what"].split()[0]: r for r in rows if r["what"].startswith(("kv_", "quant_"))}
+    assert {"kv_stats", "kv_finalize", "quant_q", "quant_k", "quant_v"} <= set(quant), sorted(quant)
+    assert not quant["kv_stats"]["wgmma"], quant["kv_stats"]
+    narrow = {name: [op for op in r["global_access"] if op.endswith((".b8", ".b16"))] for name, r in quant.items()}
+    assert not any(narrow.values()), narrow
