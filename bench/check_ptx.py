@@ -258,6 +258,17 @@ def ptxas_waits(ptx: str, arch: int = 90) -> list[str]:
             if re.search(r"wgmma|warpgroup\.wait|GMMA", line) and "ptxas" in line]
 
 
+def global_access(ptx: str) -> dict[str, int]:
+    """Per-thread global loads and stores of a kernel by width (``ld.global.b16``: one 2-byte load, ``.v4.b32`` 16
+    bytes), as PTX instructions in program order (a loop body counts once). Scalar 1-2 byte accesses to a tile
+    mean the tile's register layout is not the memory's (bench/NOTES.md item 63: the attention's quantization
+    pass stored V's transposed tile a byte at a time)."""
+    counts: dict[str, int] = {}
+    for op in re.findall(r"\b((?:ld|st)\.global(?:\.[\w]+)*)", ptx):
+        counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def summarize(compiled) -> dict:
     """What one compiled kernel uses: INT8 tensor-core instruction families, every MMA instruction, TMA,
     cp.async, shared and tensor memory, registers and spills; ``trap_only``: the body compiled to a trap."""
@@ -270,6 +281,7 @@ def summarize(compiled) -> dict:
         "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx)),
         "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::\w+", ptx)),
         "cp_async": len(re.findall(r"cp\.async\.cg|cp\.async\.ca", ptx)),
+        "global_access": global_access(ptx),
         "shared_bytes": meta.shared,
         "tmem_columns": getattr(meta, "tmem_size", None) or 0,
         "num_warps": meta.num_warps,

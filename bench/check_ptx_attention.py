@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 from ..kernels import attention_configs, triton_attention
 from ..kernels.attention_configs import AttentionConfig
-from .check_ptx import _resource_usage, int8_desc_sig, ptxas_waits
+from .check_ptx import _resource_usage, global_access, int8_desc_sig, ptxas_waits
 
 SMEM_LIMIT = {90: 232448, 100: 232448, 120: 101376, 80: 166912, 86: 101376, 89: 101376}  # bytes per block
 
@@ -127,17 +127,6 @@ def _sass_counts(cubin: bytes) -> dict:
             "sass_f2i": len(re.findall(r"\bF2I\b", sass)),
             "sass_mufu_ex2": len(re.findall(r"MUFU\.EX2", sass)),
             "sass_hgmma_igmma": len(re.findall(r"[HIQ]GMMA", sass))}
-
-
-def global_access(ptx: str) -> dict[str, int]:
-    """Per-thread global loads and stores of a kernel by width (``ld.global.b16``: one 2-byte load, ``.v4.b32`` 16
-    bytes), as PTX instructions in program order (a loop body counts once). Scalar 1-2 byte accesses to a tile
-    mean the tile's register layout is not the memory's (bench/NOTES.md item 63: the quantization pass stores
-    K and Q byte by byte from the rotation's wgmma layout)."""
-    counts: dict[str, int] = {}
-    for op in re.findall(r"\b((?:ld|st)\.global(?:\.[\w]+)*)", ptx):
-        counts[op] = counts.get(op, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _summary(compiled, arch: int) -> dict:
