@@ -16,6 +16,10 @@ Gaussian q, k, v. Timed with triton.testing.do_bench (median of ~20 runs, L2 flu
   flushed single-call "total" counts that host time whenever it outlasts the L2 flush before the call
   (bench/NOTES.md item 62: the pass measured 0.97 ms there and 0.65 ms of kernels in a profile).
 
+``--profile-pass``: the default config's quantization pass per kernel (torch.profiler, device time per call and
+the bytes each kernel must move, as TB/s), at every shape, in the layout the fused blocks pass ([B, S, H, D] seen
+as [B, H, S, D]).
+
 TFLOP/s = 4 * S^2 * D * H / time. Relative error against float32 attention on the first ``REF_ROWS`` query
 rows of every head (the error is statistically the same on every row). The kernel compiles on first use;
 compile time is reported apart from the timings.
@@ -68,6 +72,42 @@ def _ms_queued(fn, calls: int = QUEUED_CALLS, reps: int = 5) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / calls)
     return sorted(times)[reps // 2]
+
+
+# bytes each quantization kernel must move per element of one [B, H, S, D] tensor (2-byte inputs): the Q rows read
+# Q and write int8; the statistics read K and V; the K/V blocks read K and V and write both in 8 bits
+PASS_BYTES_PER_ELEMENT = {"_quant_q_kernel": 3, "_kv_stats_kernel": 4, "_kv_finalize_kernel": 0, "_quant_kv_kernel": 6}
+
+
+def profile_pass(h: int, s: int, cfg, dev: str, dt: torch.dtype, calls: int = 5) -> list[dict]:
+    """Device time per call of each kernel of ``triton_attention.quantize`` at B = 1, ``h`` heads, ``s`` tokens
+    (q, k, v views of [1, S, H, D] buffers, as the fused blocks pass them), with the TB/s its bytes imply."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..kernels import triton_attention
+
+    q, k, v = (torch.randn(1, s, h, HEAD_DIM, device=dev, dtype=dt).transpose(1, 2) for _ in range(3))
+    for _ in range(3):
+        triton_attention.quantize(q, k, v, cfg)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            triton_attention.quantize(q, k, v, cfg)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / calls
+    elements = s * h * HEAD_DIM
+    rows = []
+    for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+        nbytes = PASS_BYTES_PER_ELEMENT.get(name, 0) * elements
+        rows.append({"H": h, "S": s, "kernel": name, "us": round(us, 1),
+                     "tb_s": round(nbytes / us / 1e6, 2) if nbytes and us else None})
+        rate = f"  {nbytes / us / 1e6:5.2f} TB/s" if nbytes else ""
+        print(f"H={h:<3} S={s:<6} pass  {name:<24} {us:8.1f} us{rate}", flush=True)
+    print(f"H={h:<3} S={s:<6} pass  total                    {sum(totals.values()):8.1f} us", flush=True)
+    return rows
 
 
 def _reference(q, k, v, sm_scale: float) -> torch.Tensor:
@@ -201,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=None, help="H:S pairs, e.g. 24:4608,32:16896 (default: issue 14's four)")
     parser.add_argument("--device", default="cuda", help="cuda (a CPU run under TRITON_INTERPRET is a smoke test)")
     parser.add_argument("--default-only", action="store_true", help="of the Triton configs, the default only")
+    parser.add_argument("--profile-pass", action="store_true",
+                        help="also the default config's quantization pass per kernel (torch.profiler)")
     args = parser.parse_args(argv)
     from ..kernels import attention_configs, triton_attention
 
@@ -241,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += r
         skipped.update(miss)
         torch.cuda.empty_cache()
+    pass_rows = []
+    if args.profile_pass and attention_configs.DEFAULT in variants:
+        for h, s in shapes:
+            pass_rows += profile_pass(h, s, attention_configs.DEFAULT, dev, dt)
     print(f"\nbest pack variant per shape (quantization counted) vs SDPA default; 'ok': rel.err <= {ERR_BOUND}:")
     for h, s in shapes:
         here = [r for r in rows if r["H"] == h and r["S"] == s and r["method"].startswith(("pack", "gluon"))]
@@ -260,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t_start
     print(f"bench_attention took {total:.0f} s (compile {sum(compile_s.values()):.0f} s)")
     if args.out:
-        common.write_json(args.out, {"env": env, "rows": rows, "skipped": skipped, "compile_s": compile_s,
-                                     "wall_s": round(total, 1), "ref_rows": REF_ROWS})
+        common.write_json(args.out, {"env": env, "rows": rows, "pass": pass_rows, "skipped": skipped,
+                                     "compile_s": compile_s, "wall_s": round(total, 1), "ref_rows": REF_ROWS})
     return 0
 
 
