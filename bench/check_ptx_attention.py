@@ -191,12 +191,11 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
     consts = {"D": head_dim, "ROWS": triton_attention.QUANT_ROWS, **rot, "FAST_ROUND": True, "sqd": 1}
     del sig["sqd"]
     opts = {"num_warps": triton_attention.QUANT_WARPS}
-    kv_opts = {"num_warps": triton_attention.quant_kv_warps(cfg.block_n, head_dim)}
     out["quant_q"] = _summary(_compile(triton_attention._quant_q_kernel, sig, consts,
                                        ("q_ptr", "h_ptr", "q8_ptr", "qs_ptr", "sqb", "sqh", "sqs"), arch, opts), arch)
     sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "ksum_ptr": "*fp32", "vmax_ptr": "*fp32",
            "S": "i32", "H": "i32", "CHUNK": "i32", "n_chunks": "i32", **strides}
-    consts = {"D": head_dim, "ROWS": triton_attention.QUANT_ROWS, "skd": 1, "svd": 1}
+    consts = {"D": head_dim, "ROWS": triton_attention.STATS_ROWS, "skd": 1, "svd": 1}
     del sig["skd"], sig["svd"]
     stats_div = tuple(a for a in div if a != "h_ptr")
     out["kv_stats"] = _summary(_compile(triton_attention._kv_stats_kernel, sig, consts, stats_div, arch, opts), arch)
@@ -206,20 +205,18 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
     out["kv_finalize"] = _summary(_compile(triton_attention._kv_finalize_kernel, sig, consts,
                                            ("ksum_ptr", "vmax_ptr", "h_ptr", "kmean_ptr", "vs_ptr"), arch, opts), arch)
     v = "*i8" if cfg.pv == "int8" else "*fp8e4nv"
-    sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "kmean_ptr": "*fp32", "vmax_ptr": "*fp32",
+    sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "kmean_ptr": "*fp32", "vs_ptr": "*fp32",
            "k8_ptr": "*i8", "ks_ptr": "*fp32", "vt_ptr": v, "vcs_ptr": "*i32", "S": "i32",
-           "H": "i32", "n_chunks": "i32", "n_blocks": "i32", "S_pad": "i32", **strides}
+           "H": "i32", "n_blocks": "i32", "S_pad": "i32", **strides}
     consts = {"D": head_dim, "BLOCK_N": cfg.block_n, **rot, "PV_INT8": cfg.pv == "int8", "FAST_ROUND": True,
               "EMULATE_FP8": False, "skd": 1, "svd": 1}
     del sig["skd"], sig["svd"]
-    div = (*div, "kmean_ptr", "vmax_ptr", "k8_ptr", "ks_ptr", "vt_ptr", "vcs_ptr", "S_pad")  # fresh allocations
-    out["quant_kv"] = _summary(
-        _compile(triton_attention._quant_kv_kernel, dict(sig), dict(consts), div, arch, kv_opts), arch)
-    # split_quant_kv: K and V in two launches
-    out["quant_k"] = _summary(_compile(triton_attention._quant_kv_kernel, dict(sig), {**consts, "PART": 1},
-                                       div, arch, kv_opts), arch)
-    out["quant_v"] = _summary(_compile(triton_attention._quant_kv_kernel, dict(sig), {**consts, "PART": 2},
-                                       div, arch, {"num_warps": 2 * triton_attention.QUANT_WARPS}), arch)
+    div = (*div, "kmean_ptr", "vs_ptr", "k8_ptr", "ks_ptr", "vt_ptr", "vcs_ptr", "S_pad")  # fresh allocations
+    # PART 0: K and V in one launch; 1 and 2: split_quant_kv's two launches
+    for name, part in (("quant_kv", 0), ("quant_k", 1), ("quant_v", 2)):
+        opts = triton_attention.quant_kv_options(cfg.block_n, head_dim, part)
+        out[name] = _summary(_compile(triton_attention._quant_kv_kernel, dict(sig), {**consts, "PART": part}, div,
+                                      arch, opts), arch)
     return out
 
 

@@ -74,13 +74,27 @@ _MAX_MARGIN = tl.constexpr(MAX_MARGIN)
 
 QUANT_ROWS = 64  # token rows per tile in the quantization kernels (64 x 128 float32: 64 registers at 4 warps)
 QUANT_WARPS = 4
-STATS_CHUNKS = 16  # chunks of keys per head in the statistics pass (the K/V kernel reduces that many rows)
+STATS_CHUNKS = 16  # chunks of keys per head in the statistics pass (``_kv_finalize_kernel`` reduces that many rows)
+# key rows per tile of the statistics pass: its [32, 128] float32 sums and maxima at 4 warps take 100 registers, five
+# programs per SM (offline sm_90): 16 chunks x 40 heads (Wan) run in one wave on 132 SMs
+STATS_ROWS = 32
 
 
-def quant_kv_warps(block_n: int, head_dim: int) -> int:
-    """Warps of the K/V quantization kernel: its float32 K and V tiles hold block_n x D values each (at 4 warps
-    a 128 x 128 tile alone takes 128 registers per thread)."""
-    return 8 if block_n * head_dim >= 128 * 128 else 4
+def quant_kv_options(block_n: int, head_dim: int, part: int) -> dict:
+    """Launch options of ``_quant_kv_kernel`` for ``PART`` = part (0: K and V, 1: K, 2: V).
+
+    Its float32 K and V tiles hold block_n x D values each (at 4 warps a 128 x 128 tile alone takes 128 registers per
+    thread), so 128 x 128 blocks run at 8 warps. The kernel streams its block once, with nothing in flight across
+    blocks: how many blocks an SM holds at once sets how much memory traffic is in flight, so the registers are
+    capped where ptxas fits the block without spilling (offline sm_90, Triton 3.6: K 174 -> 116 registers, two
+    blocks per SM instead of one; V 103 -> 64, four instead of two; bench/NOTES.md item 64).
+    """
+    warps = 8 if block_n * head_dim >= 128 * 128 else 4
+    if part == 2:
+        return {"num_warps": 8, "maxnreg": 64}
+    if part == 1:
+        return {"num_warps": warps, "maxnreg": 128}
+    return {"num_warps": warps}
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,27 +146,29 @@ def _kv_stats_kernel(
     D: tl.constexpr, ROWS: tl.constexpr,
 ):
     """ksum[bh, c] = column sums of K over chunk c of keys (not rotated: ``_kv_finalize_kernel`` rotates their
-    total); vmax[bh, c] = channel absmax of V (NaN where the chunk holds NaN/Inf)."""
+    total); vmax[bh, c] = channel absmax of V (NaN where the chunk holds NaN/Inf).
+
+    The tiles are accumulated element-wise in registers ([ROWS, D] sums and maxima) and reduced across rows once at
+    the end: a reduction per tile would make every tile wait for a round trip through shared memory."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    ksum = tl.zeros((D,), tl.float32)
-    vmax = tl.zeros((D,), tl.float32)
-    vbad = tl.zeros((D,), tl.int32)
+    ksum = tl.zeros((ROWS, D), tl.float32)
+    vmax = tl.zeros((ROWS, D), tl.float32)
     end = tl.minimum(S, (c + 1) * CHUNK)
     for r0 in range(c * CHUNK, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         ok = rows < end
-        ksum += tl.sum(_load_tile(k_ptr, b, h, rows, ok, skb, skh, sks, skd, D).to(tl.float32), axis=0)
+        ksum += _load_tile(k_ptr, b, h, rows, ok, skb, skh, sks, skd, D).to(tl.float32)
         vt = _load_tile(v_ptr, b, h, rows, ok, svb, svh, svs, svd, D).to(tl.float32)
-        fin = tl.abs(vt) <= FLT_MAX
-        vmax = tl.maximum(vmax, tl.max(tl.where(fin, tl.abs(vt), 0.0), axis=0))
-        vbad += tl.sum((~fin).to(tl.int32), axis=0)
+        vmax = tl.maximum(vmax, tl.abs(vt), propagate_nan=tl.PropagateNan.ALL)
+    # NaN -> Inf before the row reduction (tl.max drops NaN); a non-finite maximum stores NaN
+    vmax = tl.max(tl.where(vmax == vmax, vmax, float("inf")), axis=0)
     d = tl.arange(0, D)
     out = (bh * n_chunks + c).to(tl.int64) * D + d
-    tl.store(ksum_ptr + out, ksum)
-    tl.store(vmax_ptr + out, tl.where(vbad > 0, float("nan"), vmax))
+    tl.store(ksum_ptr + out, tl.sum(ksum, axis=0))
+    tl.store(vmax_ptr + out, tl.where(vmax <= FLT_MAX, vmax, float("nan")))
 
 
 @triton.jit
@@ -211,21 +227,22 @@ def _quant_q_kernel(
 
 @triton.jit
 def _quant_kv_kernel(
-    k_ptr, v_ptr, h_ptr, kmean_ptr, vmax_ptr, k8_ptr, ks_ptr, vt_ptr, vcs_ptr,
-    S, H, n_chunks, n_blocks, S_pad, skb, skh, sks, skd, svb, svh, svs, svd,
+    k_ptr, v_ptr, h_ptr, kmean_ptr, vs_ptr, k8_ptr, ks_ptr, vt_ptr, vcs_ptr,
+    S, H, n_blocks, S_pad, skb, skh, sks, skd, svb, svh, svs, svd,
     D: tl.constexpr, BLOCK_N: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
     PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr, EMULATE_FP8: tl.constexpr, PART: tl.constexpr = 0,
 ):
-    """Keys [j * BLOCK_N, (j + 1) * BLOCK_N) of one head: K - its rotated mean (``_kv_finalize_kernel``) -> int8 +
-    one scale; V -> 8-bit with the per-channel scale, stored transposed; int8 V's column sums (PV_INT8). PART: 0
-    both, 1 K only, 2 V only (two launches, each with the registers of its own half)."""
+    """Keys [j * BLOCK_N, (j + 1) * BLOCK_N) of one head: K - its rotated mean -> int8 + one scale; V -> 8-bit with
+    the per-channel scale, stored transposed; int8 V's column sums (PV_INT8). The mean and V's scale come from
+    ``_kv_finalize_kernel``. PART: 0 both, 1 K only, 2 V only (two launches, each with the registers of its own
+    half: ``quant_kv_options``)."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     if PART != 2:
         _quant_k_block(k_ptr, h_ptr, kmean_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_blocks, skb, skh, sks, skd,
                        D, BLOCK_N, ROT_SCALE, DOT_FP32, FAST_ROUND)
     if PART != 1:
-        _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_blocks, S_pad, svb, svh, svs, svd,
+        _quant_v_block(v_ptr, vs_ptr, vt_ptr, vcs_ptr, j, bh, S, H, n_blocks, S_pad, svb, svh, svs, svd,
                        D, BLOCK_N, PV_INT8, FAST_ROUND, EMULATE_FP8)
 
 
@@ -254,22 +271,17 @@ def _quant_k_block(k_ptr, h_ptr, kmean_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_block
 
 
 @triton.jit
-def _quant_v_block(v_ptr, vmax_ptr, vt_ptr, vcs_ptr, j, bh, S, H, n_chunks, n_blocks, S_pad, svb, svh, svs, svd,
+def _quant_v_block(v_ptr, vs_ptr, vt_ptr, vcs_ptr, j, bh, S, H, n_blocks, S_pad, svb, svh, svs, svd,
                    D: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr,
                    EMULATE_FP8: tl.constexpr):
-    """V block j of head bh: 8-bit with the per-channel scale (``_kv_finalize_kernel``'s, recomputed here from the
-    chunk partials in the same order: 103 registers at 8 warps offline against 166 with the scale loaded in the
-    tile's layout), stored transposed; int8 V's column sums (PV_INT8)."""
+    """V block j of head bh: 8-bit with the per-channel scale of ``_kv_finalize_kernel`` (NaN for a channel holding
+    NaN/Inf), stored transposed; int8 V's column sums (PV_INT8)."""
     b = bh // H
     h = bh % H
     d = tl.arange(0, D)
-    vmax = tl.zeros((D,), tl.float32)
-    for c in range(0, n_chunks):
-        vmax = tl.maximum(vmax, tl.load(vmax_ptr + (bh * n_chunks + c).to(tl.int64) * D + d),
-                          propagate_nan=tl.PropagateNan.ALL)
     s = j * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = s < S
-    vscale = _v_scale(vmax, PV_INT8)
+    vscale = tl.load(vs_ptr + bh * D + d)
     vinv = tl.math.div_rn(tl.full((D,), 1.0, tl.float32), tl.where(vscale == vscale, vscale, 1.0))
     vt = _load_tile(v_ptr, b, h, s, ok, svb, svh, svs, svd, D).to(tl.float32)
     vfin = tl.abs(vt) <= FLT_MAX
@@ -420,7 +432,8 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def stats_chunk(s_kv: int) -> int:
-    """Keys per chunk of the statistics pass: STATS_CHUNKS chunks per head, whole QUANT_ROWS tiles."""
+    """Keys per chunk of the statistics pass: STATS_CHUNKS chunks per head, whole QUANT_ROWS tiles (so whole
+    STATS_ROWS tiles too)."""
     return -(-max(1, -(-s_kv // STATS_CHUNKS)) // QUANT_ROWS) * QUANT_ROWS
 
 
@@ -454,14 +467,14 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
         _QUANT_Q((triton.cdiv(s_q, QUANT_ROWS), bh), q, hm, q8, qs, s_q, h, *_strides(q), D=d, ROWS=QUANT_ROWS, **rot,
                  FAST_ROUND=fast, num_warps=QUANT_WARPS)
     _KV_STATS((n_chunks, bh), k, v, part[0], part[1], s_kv, h, chunk, n_chunks, *_strides(k), *_strides(v),
-              D=d, ROWS=QUANT_ROWS, num_warps=QUANT_WARPS)
+              D=d, ROWS=STATS_ROWS, num_warps=QUANT_WARPS)
     _KV_FINALIZE((bh,), part[0], part[1], hm, kmean, vs, s_kv, n_chunks, D=d, ROT_SCALE=rot["ROT_SCALE"],
                  PV_INT8=cfg.pv == "int8", num_warps=QUANT_WARPS)
     for p in (1, 2) if cfg.split_quant_kv else (0,):
-        _QUANT_KV((nk, bh), k, v, hm, kmean, part[1], k8, ks, vt, vcs if vcs is not None else ks, s_kv, h,
-                  n_chunks, nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
+        _QUANT_KV((nk, bh), k, v, hm, kmean, vs, k8, ks, vt, vcs if vcs is not None else ks, s_kv, h,
+                  nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
                   PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast, PART=p,
-                  num_warps=quant_kv_warps(cfg.block_n, d) if p != 2 else QUANT_WARPS * 2)
+                  **quant_kv_options(cfg.block_n, d, p))
     return QuantizedQKV(q8, qs, k8, ks, vt, vs, vcs, (b, h, s_q, s_kv, d), cfg.block_n, cfg.pv)
 
 

@@ -201,6 +201,23 @@ def test_quantization_pass_matches_twin(seed, cfg, d):
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_v_channel_scale(seed, bad):
+    """A NaN or +-Inf in V makes that head's channel scale NaN and only that one, as in the twin: the statistics
+    pass keeps it through its element-wise maxima and the reduction across rows (which drops NaN by itself)."""
+    from int8_w8a8.kernels import triton_attention
+
+    q, k, v = make(1, 2, 20, 300, 64, device=KERNEL_DEVICE)
+    v[0, 1, 233, 9] = bad  # in a later chunk and tile than the first
+    got = triton_attention.quantize(q, k, v, SMALL).v_scale.cpu()
+    want = reference_attention.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), SMALL).v_scale
+    nan = torch.zeros_like(want, dtype=torch.bool)
+    nan[1, 9] = True
+    assert torch.equal(torch.isnan(got), nan) and torch.equal(torch.isnan(want), nan)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0, equal_nan=True)
+
+
+@pytest.mark.kernels
 @pytest.mark.parametrize("pv", ["int8", "fp8"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_split_quant_kv_is_bit_identical(seed, pv, d):
@@ -433,3 +450,8 @@ def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     assert not quant["kv_stats"]["wgmma"], quant["kv_stats"]
     narrow = {name: [op for op in r["global_access"] if op.endswith((".b8", ".b16"))] for name, r in quant.items()}
     assert not any(narrow.values()), narrow
+    # item 64: the split K and V launches fit their register caps without spilling (two and four blocks per SM), and
+    # the statistics' element-wise sums and maxima five programs per SM
+    regs = {name: r["regs"] for name, r in quant.items()}
+    assert regs["quant_k"] <= 128 and regs["quant_v"] <= 64 and regs["kv_stats"] <= 102, regs
+    assert not [name for name, r in quant.items() if r["local"]], quant
