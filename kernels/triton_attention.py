@@ -84,14 +84,14 @@ def quant_kv_options(block_n: int, head_dim: int, part: int) -> dict:
     """Launch options of ``_quant_kv_kernel`` for ``PART`` = part (0: K and V, 1: K, 2: V).
 
     Its float32 K and V tiles hold block_n x D values each (at 4 warps a 128 x 128 tile alone takes 128 registers per
-    thread), so 128 x 128 blocks run at 8 warps. The kernel streams its block once, with nothing in flight across
-    blocks: how many blocks an SM holds at once sets how much memory traffic is in flight, so the registers are
-    capped where ptxas fits the block without spilling (offline sm_90, Triton 3.6: K 174 -> 116 registers, two
-    blocks per SM instead of one; V 103 -> 64, four instead of two; bench/NOTES.md item 64).
+    thread), so 128 x 128 blocks of both run at 8 warps. The split launches stream one block each with nothing in
+    flight across blocks, and were timed on the H200 at Wan's shape (bench/NOTES.md item 64): K capped at 128
+    registers (174 -> 116 offline, no spills: two blocks per SM instead of one) and V at 4 warps (242 registers, 16
+    16-byte loads per thread) ran the pass fastest; V capped at 64 registers (four blocks per SM) was the slowest.
     """
     warps = 8 if block_n * head_dim >= 128 * 128 else 4
     if part == 2:
-        return {"num_warps": 8, "maxnreg": 64}
+        return {"num_warps": 4}
     if part == 1:
         return {"num_warps": warps, "maxnreg": 128}
     return {"num_warps": warps}
