@@ -84,10 +84,11 @@ def quant_kv_options(block_n: int, head_dim: int, part: int) -> dict:
     """Launch options of ``_quant_kv_kernel`` for ``PART`` = part (0: K and V, 1: K, 2: V).
 
     Its float32 K and V tiles hold block_n x D values each (at 4 warps a 128 x 128 tile alone takes 128 registers per
-    thread), so 128 x 128 blocks of both run at 8 warps. The split launches stream one block each with nothing in
-    flight across blocks, and were timed on the H200 at Wan's shape (bench/NOTES.md item 64): K capped at 128
-    registers (174 -> 116 offline, no spills: two blocks per SM instead of one) and V at 4 warps (242 registers, 16
-    16-byte loads per thread) ran the pass fastest; V capped at 64 registers (four blocks per SM) was the slowest.
+    thread), so a 128 x 128 block of K, or of both in one launch, runs at 8 warps. The split launches stream one
+    block each with nothing in flight across blocks, and were timed on the H200 at Wan's shape (bench/NOTES.md item
+    64): K capped at 128 registers (174 -> 116 offline, no spills: two blocks per SM instead of one) and V at 4 warps
+    (242 registers, 16 16-byte loads per thread) ran the pass fastest; V at 8 warps capped at 64 registers (four
+    blocks per SM) was the slowest: the V half is bound by the loads each thread has in flight, not by occupancy.
     """
     warps = 8 if block_n * head_dim >= 128 * 128 else 4
     if part == 2:
