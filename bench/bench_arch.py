@@ -30,6 +30,8 @@ TorchCompileModel path (``--modes compile``) works as in a workflow. Variants, a
   pack-convert-opt  (not in the defaults) pack-convert with ``LoadOptions(quantize_extra_blocks=True)``: the layers
                 the profile keeps only by convention are converted too (Z-Image's refiners; other models: as
                 pack-convert)
+  pack-convert-attn8  (not in the defaults) pack-convert with ``LoadOptions(attention="8-bit")``: the fused blocks'
+                attention is the pack's 8-bit one (int8 Q and the K/V statistics from their q/k norm + RoPE kernel)
   bf16-lora64, pack-convert-lora64  (not in the defaults) with a random rank-64 LoRA on every linear
                 (``bench_model.with_lora``): ComfyUI's LoRA patches (merged on load) for bf16, the pack's dynamic
                 LoRA for the pack (as "Load LoRA (INT8 dynamic)" applies it); their SQNR is against bf16-lora64
@@ -59,7 +61,7 @@ import torch
 from . import arch_models, bench_model, common, flux2_model, profile_step
 
 VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "stock-native", "pack-native-cpu-offload",
-            "pack-convert-qt", "pack-convert-opt")
+            "pack-convert-qt", "pack-convert-opt", "pack-convert-attn8")
 DEFAULT_VARIANTS = VARIANTS[:5]
 LORA_VARIANTS = tuple(f"{v}{bench_model.LORA_SUFFIX}" for v in ("bf16", "pack-convert"))
 MODES = ("eager", "compile", "eager-dvram")
@@ -67,7 +69,7 @@ MODES = ("eager", "compile", "eager-dvram")
 DVRAM_VARIANTS = ("bf16", "fp8-fast", "pack-convert", "pack-convert-qt", "pack-convert-opt")
 # the pack-convert variants: their LoadOptions
 _CONVERT_OPTIONS = {"pack-convert": {}, "pack-convert-qt": {"traced_weights": False},
-                    "pack-convert-opt": {"quantize_extra_blocks": True}}
+                    "pack-convert-opt": {"quantize_extra_blocks": True}, "pack-convert-attn8": {"attention": "8-bit"}}
 # an isolated eager-dvram child loads comfy-aimdo's library before torch initializes CUDA, as ComfyUI's main.py does
 _AIMDO_BOOT = ("import runpy, sys\nimport comfy_aimdo.control\ncomfy_aimdo.control.init()\n"
                "sys.argv[0] = 'bench_arch'\nrunpy.run_module('int8_w8a8.bench.bench_arch', run_name='__main__')\n")

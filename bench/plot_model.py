@@ -16,11 +16,12 @@ import argparse
 import json
 
 ORDER = ("bf16", "fp8-fast", "comfy-int8", "pack-row", "pack-tensor", "pack-native", "pack-convert", "pack-convert-opt",
-         "stock-native")
+         "pack-convert-attn8", "stock-native")
 LABELS = {"bf16": "BF16", "fp8-fast": "FP8 fast (ComfyUI)", "comfy-int8": "INT8 native (ComfyUI + kitchen)",
           "pack-row": "int8-w8a8 per-row", "pack-tensor": "int8-w8a8 per-tensor",
           "pack-native": "int8-w8a8 from a native file", "pack-convert": "int8-w8a8 converted on load",
           "pack-convert-opt": "converted, quantize_extra_blocks (Z-Image's refiners)",
+          "pack-convert-attn8": "converted, 8-bit attention",
           "stock-native": "native file, stock loader + int8-w8a8 layout"}
 
 

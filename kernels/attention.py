@@ -13,6 +13,10 @@ Rules, in order, decided once per device and logged once:
 4. Otherwise PyTorch's ``scaled_dot_product_attention`` (BF16/FP16, unquantized): where nothing 8-bit is
    measured faster, the 8-bit call must not be slower than the attention it replaces.
 
+``attention_8bit_parts(q8, qs, kpart, vpart, k, v, *, scale=None)`` is the same attention with Q already quantized
+and K/V's statistics already taken by the fused blocks' q/k norm + RoPE kernel (``fused.qk_norm_rope_8bit`` writes
+the buffers ``parts_buffers`` allocates): the quantization pass then only quantizes K and V in blocks.
+
 Callers with masks, causal attention, other head sizes or dtypes use ComfyUI's attention (the model-level
 rule lives with the fused blocks, ``ops/blocks/attention_choice.py``); a direct call with them raises ``ValueError``.
 
@@ -308,3 +312,109 @@ def attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 @attention_8bit_op.register_fake
 def _(q, k, v, scale):
     return torch.empty_like(q)
+
+
+def takes_parts(device: torch.device) -> bool:
+    """Whether ``attention_8bit`` on ``device`` runs an implementation with the formats ``attention_8bit_parts``
+    reads (the Triton kernel, or the torch twin off CUDA), so that the fused blocks can write them directly."""
+    return choose_attention(device).name in ("triton", "reference")
+
+
+def parts_config(device: torch.device):
+    """The ``AttentionConfig`` whose formats ``attention_8bit_parts`` reads on ``device`` (the Triton kernel's on a
+    generation that runs it, else the torch twin's): ``fused.qk_norm_rope_8bit`` quantizes Q with its rotation."""
+    backend = choose_attention(device)
+    return config_for(backend.arch if backend.name == "triton" else None)
+
+
+def parts_buffers(batch: int, heads: int, s_q: int, head_dim: int, n_parts: int, device: torch.device):
+    """Empty ``(q8 int8 [B*H*S_q, D], qs float32 [B*H*S_q], kpart float32 [B*H, n_parts, D], vpart (the same))``
+    for ``fused.qk_norm_rope_8bit`` to fill and ``attention_8bit_parts`` to read (``n_parts``: the sum of
+    ``reference_fused.qk_parts`` over the calls that fill them)."""
+    bh = batch * heads
+    # four allocations: tensors a custom op mutates must not share storage (torch.compile's functionalization)
+    return (torch.empty((bh * s_q, head_dim), dtype=torch.int8, device=device),
+            torch.empty((bh * s_q,), dtype=torch.float32, device=device),
+            *(torch.empty((bh, n_parts, head_dim), dtype=torch.float32, device=device) for _ in range(2)))
+
+
+def check_parts_args(q8, qs, kpart, vpart, k, v, scale=None) -> None:
+    """Metadata checks of ``attention_8bit_parts`` (also run on fake tensors while tracing); ValueError naming the
+    argument and what is supported."""
+    problem = attention_problem(k, k, v, scale)
+    if problem is not None:
+        raise ValueError(problem.replace("q:", "k:", 1) if problem.startswith("q:") else problem)
+    b, h, _, d = k.shape
+    bh = b * h
+    if (q8.dtype != torch.int8 or q8.dim() != 2 or q8.shape[1] != d or q8.shape[0] % max(bh, 1)
+            or not q8.is_contiguous()):
+        raise ValueError(f"q8: expected a contiguous int8 [B * H * S_q, D] with B * H = {bh}, D = {d}, got {q8.dtype} "
+                         f"{list(q8.shape)}")
+    if qs.dtype != torch.float32 or tuple(qs.shape) != (q8.shape[0],) or not qs.is_contiguous():
+        raise ValueError(f"qs: expected a contiguous float32 [{q8.shape[0]}] (one scale per row of q8), got {qs.dtype} "
+                         f"{list(qs.shape)}")
+    for name, t in (("kpart", kpart), ("vpart", vpart)):
+        if (t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[::2]) != (bh, d) or t.shape[1] == 0
+                or not t.is_contiguous()):
+            raise ValueError(f"{name}: expected a contiguous float32 [{bh}, n_parts >= 1, {d}], got {t.dtype} "
+                             f"{list(t.shape)}")
+    if vpart.shape != kpart.shape:
+        raise ValueError(f"vpart: expected kpart's shape {list(kpart.shape)}, got {list(vpart.shape)}")
+    for name, t in (("q8", q8), ("qs", qs), ("kpart", kpart), ("vpart", vpart)):
+        if t.device != k.device:
+            raise ValueError(f"{name}: is on {t.device} but k is on {k.device}")
+
+
+def _heads_out(k: torch.Tensor, s_q: int) -> torch.Tensor:
+    """Empty ``[B, H, S_q, D]`` in k's dtype, a view of a ``[B, S_q, H, D]`` tensor (the fused blocks' layout)."""
+    b, h, _, d = k.shape
+    return k.new_empty((b, s_q, h, d)).transpose(1, 2)
+
+
+def attention_8bit_parts(q8: torch.Tensor, qs: torch.Tensor, kpart: torch.Tensor, vpart: torch.Tensor,
+                         k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """``attention_8bit`` on inputs the fused q/k norm + RoPE kernel wrote (``fused.qk_norm_rope_8bit``).
+
+    Args:
+        q8, qs: Q quantized: int8 ``[B * H * S_q, D]`` and float32 ``[B * H * S_q]``.
+        kpart, vpart: float32 ``[B * H, n_parts, D]``: column sums of K and channel absmax of V per part of tokens.
+        k, v: ``[B, H, S_kv, D]`` bfloat16/float16 (D = 64 or 128), the keys and values those parts cover.
+        scale: softmax scale, finite and > 0; default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, H, S_q, D]`` in k's dtype, a view of a ``[B, S_q, H, D]`` tensor (so ``.transpose(1, 2).reshape(B, S_q,
+        H * D)`` is a view). On a device where the Triton kernel does not run, the torch twin computes it.
+    """
+    check_parts_args(q8, qs, kpart, vpart, k, v, scale)
+    sm_scale = 1.0 / math.sqrt(k.shape[-1]) if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.int8_w8a8.attention_8bit_parts(q8, qs, kpart, vpart, k, v, sm_scale)
+    return attention_8bit_parts_impl(q8, qs, kpart, vpart, k, v, sm_scale)
+
+
+def attention_8bit_parts_impl(q8, qs, kpart, vpart, k, v, sm_scale: float) -> torch.Tensor:
+    """``attention_8bit_parts`` after its checks (eager, and the body of the custom op)."""
+    b, h = k.shape[:2]
+    out = _heads_out(k, q8.shape[0] // max(b * h, 1))
+    if out.numel() == 0:
+        return out
+    backend = choose_attention(k.device)
+    cfg = parts_config(k.device)
+    if backend.name == "triton":
+        from . import triton_attention
+
+        return triton_attention.attention_parts(q8, qs, kpart, vpart, k, v, sm_scale, cfg, out)
+    out.copy_(reference_attention.attention_8bit_parts(q8, qs, kpart, vpart, k, v, sm_scale, k.dtype, cfg))
+    return out
+
+
+@custom_op("int8_w8a8::attention_8bit_parts", mutates_args=())
+def attention_8bit_parts_op(q8: torch.Tensor, qs: torch.Tensor, kpart: torch.Tensor, vpart: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return attention_8bit_parts_impl(q8, qs, kpart, vpart, k, v, scale)
+
+
+@attention_8bit_parts_op.register_fake
+def _(q8, qs, kpart, vpart, k, v, scale):
+    b, h, _, _ = k.shape
+    return _heads_out(k, q8.shape[0] // max(b * h, 1))
