@@ -393,7 +393,7 @@ def _qk_norm_rope_kernel(
     h_ptr, q8_ptr, qs_ptr, kpart_ptr, vpart_ptr, S_total, part_off, n_parts,
     BLOCK_S: tl.constexpr, D: tl.constexpr, ROW_NORM: tl.constexpr, COPY_V: tl.constexpr = True,
     QUANT_Q: tl.constexpr = False, ROT_SCALE: tl.constexpr = 0.0, DOT_FP32: tl.constexpr = False,
-    FAST_ROUND: tl.constexpr = True,
+    FAST_ROUND: tl.constexpr = True, LOOP_HEADS: tl.constexpr = False,
 ):
     """BLOCK_S tokens of the q/k/v projections ``x* [B, S, H * D]`` (equal strides): q, k <- rope(rms_norm(.))
     and v copied (unless COPY_V is False: v is its projection's own view), into ``[B, H, seq_off + S, D]``
@@ -417,7 +417,7 @@ def _qk_norm_rope_kernel(
     pid_bh = tl.program_id(1)
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < S
-    if ROW_NORM:
+    if ROW_NORM or LOOP_HEADS:
         b = pid_bh
         h0 = 0
         h1 = H
@@ -798,20 +798,27 @@ def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, head
     if bsz == 0 or s == 0:
         return
     stride_pb = 0 if pe.shape[0] == 1 else pe.stride(0)
+    warps, loop = 4, row_norm
     if q8 is None:
         block_s, extra = 16, (q, q, q, q, q, 0, 0, 0)
         quant = {"QUANT_Q": False, "ROT_SCALE": 0.0, "DOT_FP32": False, "FAST_ROUND": True}
     else:
         block_s = PART_ROWS
+        warps, loop = QK_8BIT_LAUNCH[row_norm]
         quant = {"QUANT_Q": True, "ROT_SCALE": q8.rot_scale, "DOT_FP32": interpreting(),
                  "FAST_ROUND": not interpreting()}
         extra = (q8.hmat, q8.q8, q8.qs, q8.kpart, q8.vpart, q8.q8.shape[0] // (bsz * heads), q8.part_off, q8.n_parts)
     _QK_NORM_ROPE(
-        (triton.cdiv(s, block_s), bsz if row_norm else bsz * heads), xq, xk, xv, q_weight, k_weight, pe, q, k, v,
+        (triton.cdiv(s, block_s), bsz if loop else bsz * heads), xq, xk, xv, q_weight, k_weight, pe, q, k, v,
         s, heads, seq_off, xq.stride(0), xq.stride(1), stride_pb, pe.stride(2), k.stride(0), k.stride(1),
         k.stride(2), float(eps_q), float(eps_k), *extra, BLOCK_S=block_s, D=d, ROW_NORM=row_norm,
-        COPY_V=not heads_view_of(v, xv, heads), **quant, num_warps=4, enable_fp_fusion=False,
+        COPY_V=not heads_view_of(v, xv, heads), **quant, LOOP_HEADS=loop, num_warps=warps, enable_fp_fusion=False,
     )
+
+
+# qk_norm_rope_8bit's launch per norm (row_norm: False / True): (warps, one program per token tile and batch entry
+# looping over the heads, which loads the rotation matrix once per program, instead of one per head)
+QK_8BIT_LAUNCH = {False: (4, False), True: (4, True)}
 
 
 @dataclasses.dataclass(frozen=True)
