@@ -201,14 +201,9 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
     out["kv_stats"] = _summary(_compile(triton_attention._kv_stats_kernel, sig, consts, stats_div, arch, opts), arch)
     sig = {"ksum_ptr": "*fp32", "vmax_ptr": "*fp32", "h_ptr": f"*{dtype}", "kmean_ptr": "*fp32", "vs_ptr": "*fp32",
            "S": "i32", "n_chunks": "i32"}
-    # the statistics pass's 16 chunks in one tile at 4 warps; the fused kernel's parts 64 at a time at 8 warps
-    for name, rows, warps in (("kv_finalize", triton_attention.STATS_CHUNKS, triton_attention.QUANT_WARPS),
-                              ("kv_finalize_parts", 64, 8)):
-        consts = {"D": head_dim, "ROT_SCALE": rot["ROT_SCALE"], "PV_INT8": cfg.pv == "int8", "ROWS": rows}
-        out[name] = _summary(_compile(triton_attention._kv_finalize_kernel, dict(sig), consts,
-                                      ("ksum_ptr", "vmax_ptr", "h_ptr", "kmean_ptr", "vs_ptr"), arch,
-                                      {"num_warps": warps}), arch)
-    out["quant_qk_rope"] = compile_qk_rope_8bit(cfg, arch, head_dim, dtype)
+    consts = {"D": head_dim, "ROT_SCALE": rot["ROT_SCALE"], "PV_INT8": cfg.pv == "int8"}
+    out["kv_finalize"] = _summary(_compile(triton_attention._kv_finalize_kernel, sig, consts,
+                                           ("ksum_ptr", "vmax_ptr", "h_ptr", "kmean_ptr", "vs_ptr"), arch, opts), arch)
     v = "*i8" if cfg.pv == "int8" else "*fp8e4nv"
     sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "kmean_ptr": "*fp32", "vs_ptr": "*fp32",
            "k8_ptr": "*i8", "ks_ptr": "*fp32", "vt_ptr": v, "vcs_ptr": "*i32", "S": "i32",
@@ -223,28 +218,6 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
         out[name] = _summary(_compile(triton_attention._quant_kv_kernel, dict(sig), {**consts, "PART": part}, div,
                                       arch, opts), arch)
     return out
-
-
-def compile_qk_rope_8bit(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dtype: str = "bf16",
-                         row_norm: bool = False) -> dict:
-    """The fused q/k norm + RoPE kernel writing the 8-bit attention's inputs (``QUANT_Q``: int8 Q rotated by ``cfg``,
-    the K sums and V maxima per part), as ``kernels.fused.qk_norm_rope_8bit`` launches it; its summary."""
-    from ..kernels import reference_fused, triton_fused
-
-    sig = {"xq_ptr": f"*{dtype}", "xk_ptr": f"*{dtype}", "xv_ptr": f"*{dtype}", "qw_ptr": f"*{dtype}",
-           "kw_ptr": f"*{dtype}", "pe_ptr": "*fp32", "q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}",
-           **dict.fromkeys(("S", "H", "seq_off", "stride_sb", "stride_ss", "stride_pb", "stride_ps", "stride_ob",
-                            "stride_oh", "stride_os"), "i32"),
-           "eps_q": "fp32", "eps_k": "fp32", "h_ptr": f"*{dtype}", "q8_ptr": "*i8", "qs_ptr": "*fp32",
-           "kpart_ptr": "*fp32", "vpart_ptr": "*fp32", "S_total": "i32", "part_off": "i32", "n_parts": "i32"}
-    consts = {"BLOCK_S": reference_fused.QK_PART_ROWS, "D": head_dim, "ROW_NORM": row_norm, "COPY_V": True,
-              "QUANT_Q": True, "ROT_SCALE": 1.0 / math.sqrt(head_dim) if cfg.rotate else 0.0, "DOT_FP32": False,
-              "FAST_ROUND": True}
-    div = ("xq_ptr", "xk_ptr", "xv_ptr", "qw_ptr", "kw_ptr", "pe_ptr", "q_ptr", "k_ptr", "v_ptr", "stride_sb",
-           "stride_ss", "stride_ps", "stride_ob", "stride_oh", "stride_os", "h_ptr", "q8_ptr", "qs_ptr", "kpart_ptr",
-           "vpart_ptr")
-    return _summary(_compile(triton_fused._qk_norm_rope_kernel, sig, consts, div, arch,
-                             {"num_warps": 4, "enable_fp_fusion": False}), arch)
 
 
 def compile_gluon_attention(cfg, arch: int = 90, head_dim: int = 128, out: str = "bf16") -> dict:

@@ -11,8 +11,7 @@ Public API (stable; ``int8_w8a8.kernels.reference`` has same-signature twins):
 - ``kernels.fused``: LayerNorm/modulation, SwiGLU or GELU-tanh and q/k norm + RoPE fused with quantization, and the
   gated residual add fused into the GEMM (the fused blocks of ``ops/blocks/``)
 - ``attention_8bit(q, k, v, *, scale=None) -> out`` (``kernels.attention``): INT8 Q K^T and 8-bit P V on
-  Hopper, its twin in ``kernels.reference_attention``; ``attention_8bit_parts(q8, qs, kpart, vpart, k, v, *,
-  scale=None)`` the same on Q and K/V statistics written by ``fused.qk_norm_rope_8bit``
+  Hopper, its twin in ``kernels.reference_attention``
 
 Importing this package needs only torch; Triton is imported on first use on a CUDA device.
 """
@@ -22,10 +21,10 @@ from . import (
     library,  # noqa: F401  (registers the int8_w8a8::* custom ops)
 )
 from .api import dequantize, int8_linear, lora_rank_padded, quantize_rows, quantize_weight
-from .attention import attention_8bit, attention_8bit_parts  # also registers their int8_w8a8:: ops
+from .attention import attention_8bit  # also registers int8_w8a8::attention_8bit
 from .dispatch import Backend, choose_backend
 
 __all__ = [
     "Backend", "choose_backend", "dequantize", "int8_linear", "lora_rank_padded", "quantize_rows", "quantize_weight",
-    "attention_8bit", "attention_8bit_parts",
+    "attention_8bit",
 ]

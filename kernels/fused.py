@@ -13,9 +13,6 @@ holds and returns what the next INT8 GEMM consumes, so the intermediate activati
   -> (x_new, q, x_scale)`` (the two above in one pass: RMS norm + scale modulation of the new residual stream)
 - ``qk_norm_rope(qkv, q_weight, k_weight, pe, q, k, v, *, seq_off, heads, eps_q, eps_k)`` (writes q, k, v;
   ``qkv`` a fused projection or the three separate ones)
-- ``qk_norm_rope_8bit(qkv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart, *, seq_off, part_off, heads, eps_q,
-  eps_k)`` (the same, with q written as the 8-bit attention's quantized input and K/V's statistics beside it:
-  ``attention.attention_8bit_parts`` takes them)
 - ``int8_gemm_residual(xq, x_scale, q, scale, bias, residual, gate, lora_h=None, lora_b=None) -> residual``
   (updated in place)
 - ``int8_gemm(xq, x_scale, q, scale, bias, out_dtype, lora_h=None, lora_b=None) -> y [M, N]`` (the GEMM on rows
@@ -31,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, api, attention, reference, reference_fused
+from . import _checks, api, reference, reference_fused
 from .direct import Replayer
 from .dispatch import choose_backend
 from .reference_fused import ACTIVATIONS, NORMS, QK_NORMS
@@ -46,11 +43,9 @@ _GLU = Replayer("glu_quantize", interpreted=False)
 _NORM_GATE_ADD = Replayer("rms_norm_gate_add", interpreted=False)
 _NORM_GATE_ADD_QUANT = Replayer("rms_norm_gate_add_quantize", interpreted=False)
 _QK_NORM_ROPE = Replayer("qk_norm_rope", interpreted=False)
-_QK_NORM_ROPE_8BIT = Replayer("qk_norm_rope_8bit", interpreted=False)
 _GEMM_RESIDUAL = Replayer("int8_gemm_residual", interpreted=False)
 _GEMM = Replayer("int8_gemm", interpreted=False)
-REPLAYERS = (_NORM_MODULATE, _GLU, _NORM_GATE_ADD, _NORM_GATE_ADD_QUANT, _QK_NORM_ROPE, _QK_NORM_ROPE_8BIT,
-             _GEMM_RESIDUAL, _GEMM)
+REPLAYERS = (_NORM_MODULATE, _GLU, _NORM_GATE_ADD, _NORM_GATE_ADD_QUANT, _QK_NORM_ROPE, _GEMM_RESIDUAL, _GEMM)
 
 
 def _triton(device: torch.device) -> bool:
@@ -440,94 +435,6 @@ def qk_norm_rope_impl(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, head
                                          seq_off, heads, eps_q, eps_k, row)
     return reference_fused.qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
                                         row)
-
-
-def qk_norm_rope_8bit(
-    qkv: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor], q_weight: torch.Tensor,
-    k_weight: torch.Tensor, pe: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q8: torch.Tensor, qs: torch.Tensor,
-    kpart: torch.Tensor, vpart: torch.Tensor, *, seq_off: int, part_off: int, heads: int, eps_q: float, eps_k: float,
-    qk_norm: str = "head",
-) -> None:
-    """``qk_norm_rope`` for the 8-bit attention: k and v written as there, q quantized as the attention's own pass
-    would quantize it, and the statistics the K/V quantization needs, so that ``attention.attention_8bit_parts``
-    neither reads q in bf16 nor reads K and V twice (issue 14's fused inputs).
-
-    Args (the rest as ``qk_norm_rope``):
-        k, v: ``[B, H, S_total, D]`` outputs (q has none: nothing reads it in bf16).
-        q8: int8 ``[B * H * S_total, D]``; qs: float32 ``[B * H * S_total]``: rows ``(b * H + h) * S_total + seq_off
-            + s`` are written (Hadamard-rotated where the device's attention configuration rotates, one scale per
-            row, NaN for a row holding NaN/Inf).
-        kpart, vpart: float32 ``[B * H, n_parts, D]``; this call writes parts ``part_off`` to ``part_off +
-            ceil(S / QK_PART_ROWS) - 1`` (``reference_fused.qk_parts``): per 32 tokens the column sums of the
-            stored k and V's channel absmax (NaN where non-finite). Calls at different ``seq_off`` (the two
-            streams of a double block) take disjoint parts; together they cover every part.
-    """
-    xq, xk, xv = split_qkv(qkv)
-    if torch.compiler.is_compiling():
-        check_qk_norm_rope_8bit(xq, xk, xv, pe, k, v, q8, qs, kpart, vpart, seq_off, part_off, heads, q_weight,
-                                k_weight, qk_norm)
-        torch.ops.int8_w8a8.qk_norm_rope_8bit(xq, xk, xv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart, seq_off,
-                                              part_off, heads, float(eps_q), float(eps_k), qk_norm)
-        return
-    qk_norm_rope_8bit_eager(xq, xk, xv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart, seq_off, part_off, heads,
-                            eps_q, eps_k, qk_norm)
-
-
-def qk_norm_rope_8bit_eager(xq, xk, xv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart, seq_off, part_off, heads,
-                            eps_q, eps_k, qk_norm="head") -> None:
-    """``qk_norm_rope_8bit`` on split projections outside tracing, replayed."""
-    _QK_NORM_ROPE_8BIT(
-        (xq, xk, xv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart),
-        (seq_off, part_off, heads, eps_q, eps_k, qk_norm),
-        lambda: check_qk_norm_rope_8bit(xq, xk, xv, pe, k, v, q8, qs, kpart, vpart, seq_off, part_off, heads, q_weight,
-                                        k_weight, qk_norm),
-        lambda: qk_norm_rope_8bit_impl(xq, xk, xv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart, seq_off,
-                                       part_off, heads, eps_q, eps_k, qk_norm))
-
-
-def check_qk_norm_rope_8bit(xq, xk, xv, pe, k, v, q8, qs, kpart, vpart, seq_off: int, part_off: int, heads: int,
-                            q_weight=None, k_weight=None, qk_norm: str = "head") -> None:
-    """Metadata checks of ``qk_norm_rope_8bit``: ``qk_norm_rope``'s (k standing in for q) and the 8-bit outputs'."""
-    check_qk_norm_rope(xq, xk, xv, pe, k, k, v, seq_off, heads, q_weight, k_weight, qk_norm)
-    bsz, s, width = xq.shape
-    d = width // heads
-    bh, s_total = bsz * heads, k.shape[2]
-    if d not in attention.HEAD_DIMS:
-        raise ValueError(f"qkv: head size {d} is not one the 8-bit attention takes ({attention.HEAD_DIMS})")
-    if q8.dtype != torch.int8 or tuple(q8.shape) != (bh * s_total, d) or not q8.is_contiguous():
-        raise ValueError(f"q8: expected a contiguous int8 [{bh * s_total}, {d}] (B * H * S_total, D), got "
-                         f"{q8.dtype} {list(q8.shape)}")
-    if qs.dtype != torch.float32 or tuple(qs.shape) != (bh * s_total,) or not qs.is_contiguous():
-        raise ValueError(f"qs: expected a contiguous float32 [{bh * s_total}], got {qs.dtype} {list(qs.shape)}")
-    for name, t in (("kpart", kpart), ("vpart", vpart)):
-        if (t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[::2]) != (bh, d) or not t.is_contiguous()
-                or part_off < 0 or part_off + reference_fused.qk_parts(s) > t.shape[1]):
-            raise ValueError(f"{name}: expected a contiguous float32 [{bh}, n_parts, {d}] with parts {part_off} to "
-                             f"{part_off + reference_fused.qk_parts(s) - 1} inside, got {t.dtype} {list(t.shape)}")
-    for name, t in (("q8", q8), ("qs", qs), ("kpart", kpart), ("vpart", vpart)):
-        if t.device != xq.device:
-            raise ValueError(f"{name}: is on {t.device}, the projections on {xq.device}")
-
-
-def qk_norm_rope_8bit_impl(xq, xk, xv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart, seq_off, part_off, heads,
-                           eps_q, eps_k, qk_norm="head") -> None:
-    """``qk_norm_rope_8bit`` after its checks passed (eager, and the body of its custom op). The rotation is the
-    one of the attention configuration ``attention_8bit_parts`` runs on this device."""
-    d = xq.shape[-1] // heads
-    row = qk_norm == "row"
-    cfg = attention.parts_config(xq.device)
-    if _triton(xq.device) and xq.stride(-1) == 1:
-        from . import triton_attention, triton_fused
-
-        pe = pe if pe.dtype in _FLOATS and pe[0, 0, 0].is_contiguous() else pe.float().contiguous()
-        hmat, rot = triton_attention.rotation(d, xq.device, xq.dtype, cfg)
-        triton_fused.keep(hmat)  # cached per device and dtype: a replay may keep its address
-        target = triton_fused.Q8Target(q8, qs, kpart, vpart, hmat if hmat is not None else q8, rot["ROT_SCALE"],
-                                       part_off, kpart.shape[1])
-        return triton_fused.qk_norm_rope(xq, xk, xv, q_weight.contiguous(), k_weight.contiguous(), pe, k, k, v,
-                                         seq_off, heads, eps_q, eps_k, row, q8=target)
-    return reference_fused.qk_norm_rope_8bit(xq, xk, xv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart, seq_off,
-                                             part_off, heads, eps_q, eps_k, row, cfg.rotate)
 
 
 def int8_gemm_residual(

@@ -175,22 +175,6 @@ def _(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off, heads, eps_q, eps_k,
     return None
 
 
-@custom_op(f"{LIB}::qk_norm_rope_8bit", mutates_args=("k", "v", "q8", "qs", "kpart", "vpart"))
-def qk_norm_rope_8bit_op(
-    xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-    pe: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q8: torch.Tensor, qs: torch.Tensor, kpart: torch.Tensor,
-    vpart: torch.Tensor, seq_off: int, part_off: int, heads: int, eps_q: float, eps_k: float, qk_norm: str = "head",
-) -> None:
-    fused.qk_norm_rope_8bit_eager(xq, xk, xv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart, seq_off, part_off,
-                                  heads, eps_q, eps_k, qk_norm)
-
-
-@qk_norm_rope_8bit_op.register_fake
-def _(xq, xk, xv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart, seq_off, part_off, heads, eps_q, eps_k,
-      qk_norm="head"):
-    return None
-
-
 @custom_op(f"{LIB}::int8_gemm_residual", mutates_args=("residual",))
 def int8_gemm_residual_op(
     xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

@@ -99,31 +99,14 @@ def _scale_of(absmax: torch.Tensor, inv_max: torch.Tensor, bad: torch.Tensor) ->
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig) -> QuantizedQKV:
     """Quantize ``q [B, H, S_q, D]``, ``k, v [B, H, S_kv, D]`` (float, any strides) as the kernel reads them."""
     b, h, s_q, d = q.shape
-    # Q: per token
-    q8, qs = _quantize_float_rows(_rotated(q, cfg.rotate).reshape(b * h * s_q, d))
-    return quantize_kv(q8, qs, k, v, None, None, cfg)
-
-
-def kv_stats_of_parts(kpart: torch.Tensor, vpart: torch.Tensor, s_kv: int, rotate_k: bool):
-    """(mean of the rotated keys ``[BH, D]``, V's channel absmax ``[BH, D]``, NaN for a channel holding NaN/Inf)
-    from per-part column sums of K and channel maxima of V (``[BH, n_parts, D]``, as ``qk_norm_rope_8bit`` writes
-    them): the rotation is linear, so the mean is rotated once."""
-    mean = kpart.sum(dim=1) / s_kv
-    vmax = torch.where(torch.isnan(vpart), float("inf"), vpart).amax(dim=1)
-    return (_rotated(mean, rotate_k), torch.where(torch.isfinite(vmax), vmax, float("nan")))
-
-
-def quantize_kv(q8: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmean: torch.Tensor | None,
-                vmax: torch.Tensor | None, cfg: AttentionConfig) -> QuantizedQKV:
-    """K and V of ``[B, H, S_kv, D]`` quantized with the mean of the rotated keys ``kmean [BH, D]`` and V's channel
-    absmax ``vmax [BH, D]`` (NaN for a channel holding NaN/Inf) where given (None: taken from k and v), next to an
-    already quantized Q (``q8 [BH * S_q, D]``, ``qs``)."""
-    b, h, s_kv, d = k.shape
+    s_kv = k.shape[2]
     bh = b * h
-    dev = k.device
+    dev = q.device
+    # Q: per token
+    q8, qs = _quantize_float_rows(_rotated(q, cfg.rotate).reshape(bh * s_q, d))
     # K: subtract the per-head mean over tokens, then one scale per block of block_n keys
     kr = _rotated(k, cfg.rotate).reshape(bh, s_kv, d)
-    ks = kr - (kr.sum(dim=1, keepdim=True) / s_kv if kmean is None else kmean[:, None, :])
+    ks = kr - kr.sum(dim=1, keepdim=True) / s_kv
     nk = -(-s_kv // cfg.block_n)
     pad = nk * cfg.block_n - s_kv
     kb = torch.nn.functional.pad(ks, (0, 0, 0, pad)).reshape(bh, nk, cfg.block_n * d)
@@ -136,14 +119,9 @@ def quantize_kv(q8: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Te
     # V: per channel, transposed
     vf = v.float().reshape(bh, s_kv, d)
     vfin = torch.isfinite(vf)
-    if vmax is None:
-        vbad = ~vfin.all(dim=1)
-        vmax = torch.where(vfin, vf.abs(), 0.0).amax(dim=1)
-    else:
-        vbad = torch.isnan(vmax)
-        vmax = torch.where(vbad, 0.0, vmax)
+    vmax = torch.where(vfin, vf.abs(), 0.0).amax(dim=1)
     inv_max = _INV_127_F32 if cfg.pv == "int8" else torch.tensor(INV_448, dtype=torch.float32)
-    _, v_scale = _scale_of(vmax, inv_max.to(dev), vbad)
+    _, v_scale = _scale_of(vmax, inv_max.to(dev), ~vfin.all(dim=1))
     # a channel holding NaN/Inf has no finite scale: its values are quantized with scale 1 (the output
     # channel is NaN through the stored scale)
     vinv = torch.reciprocal(torch.where(torch.isnan(v_scale), 1.0, v_scale))
@@ -159,7 +137,6 @@ def quantize_kv(q8: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Te
         v8 = y.to(torch.float8_e4m3fn)
     vt = torch.zeros((bh, d, s_pad), dtype=v8.dtype, device=dev)
     vt[:, :, :s_kv] = v8.transpose(1, 2)
-    s_q = q8.shape[0] // bh
     return QuantizedQKV(q8, qs, k8, k_scale, vt.reshape(bh * d, s_pad), v_scale, colsum, (b, h, s_q, s_kv, d),
                         cfg.block_n, cfg.pv)
 
@@ -219,13 +196,3 @@ def attention_8bit(
     cfg = config or AttentionConfig()
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return attention_quantized(quantize_qkv(q, k, v, cfg), sm_scale, q.dtype)
-
-
-def attention_8bit_parts(q8: torch.Tensor, qs: torch.Tensor, kpart: torch.Tensor, vpart: torch.Tensor, k: torch.Tensor,
-                         v: torch.Tensor, sm_scale: float, out_dtype: torch.dtype,
-                         config: AttentionConfig | None = None) -> torch.Tensor:
-    """Twin of ``kernels.attention_8bit_parts``: Q already quantized and K/V's statistics per part (what
-    ``reference_fused.qk_norm_rope_8bit`` writes), ``k, v [B, H, S_kv, D]`` -> ``[B, H, S_q, D]`` in ``out_dtype``."""
-    cfg = config or AttentionConfig()
-    kmean, vmax = kv_stats_of_parts(kpart, vpart, k.shape[2], cfg.rotate)
-    return attention_quantized(quantize_kv(q8, qs, k, v, kmean, vmax, cfg), sm_scale, out_dtype)

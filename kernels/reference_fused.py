@@ -104,23 +104,6 @@ def heads_view_of(out: torch.Tensor, x: torch.Tensor, heads: int) -> bool:
     return all(n == 1 or got == w for n, got, w in zip(out.shape, out.stride(), want, strict=True))  # size 1: any
 
 
-def _normed_qk(xq, xk, q_weight, k_weight, pe, seq_off: int, heads: int, eps_q: float, eps_k: float,
-               row_norm: bool):
-    """Float32 ``[B, H, S, D]`` q and k of ``qk_norm_rope`` before their rounding to the model's dtype."""
-    bsz, s, width = xq.shape
-    d = width // heads
-    pe_part = pe[:, :, seq_off:seq_off + s].float()
-
-    def normed(x, w, eps):
-        if not row_norm:
-            return rms_rope(x.reshape(bsz, s, heads, d).transpose(1, 2), w, pe_part, eps)
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * w.float()
-        return rope(y.reshape(bsz, s, heads, d).transpose(1, 2), pe_part)
-
-    return normed(xq, q_weight, eps_q), normed(xk, k_weight, eps_k)
-
-
 def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float,
                  eps_k: float, row_norm: bool = False):
     """xq, xk, xv [B, S, H*D] -> q, k (normalized, rotated) and v written into [B, H, S_total, D] at ``seq_off``;
@@ -128,54 +111,23 @@ def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, head
     [H*D]) instead of each head (weights [D]). q, k and v may be their projections' own per-head views
     (``heads_view_of``): q and k are then normalized in place and v is left as it is."""
     bsz, s, width = xq.shape
-    qn, kn = _normed_qk(xq, xk, q_weight, k_weight, pe, seq_off, heads, eps_q, eps_k, row_norm)
-    q[:, :, seq_off:seq_off + s] = qn.to(q.dtype)
-    k[:, :, seq_off:seq_off + s] = kn.to(k.dtype)
-    if not heads_view_of(v, xv, heads):
-        v[:, :, seq_off:seq_off + s] = xv.reshape(bsz, s, heads, width // heads).transpose(1, 2).to(v.dtype)
-
-
-# Tokens per part of ``qk_norm_rope_8bit``'s K/V statistics: one row of kpart/vpart per this many tokens of a call
-# (the kernel's BLOCK_S: each of its programs writes one row, so the partial sums need no atomics)
-QK_PART_ROWS = 32
-
-
-def qk_parts(seq: int) -> int:
-    """Rows of kpart/vpart that one ``qk_norm_rope_8bit`` call over ``seq`` tokens writes."""
-    return -(-seq // QK_PART_ROWS)
-
-
-def qk_norm_rope_8bit(xq, xk, xv, q_weight, k_weight, pe, k, v, q8, qs, kpart, vpart, seq_off: int, part_off: int,
-                      heads: int, eps_q: float, eps_k: float, row_norm: bool = False, rotate_qk: bool = True):
-    """``qk_norm_rope`` writing the 8-bit attention's inputs instead of q (``triton_fused._qk_norm_rope_kernel``
-    with QUANT_Q): k and v as there; q rounded to the model's dtype, rotated (``rotate_qk``) and quantized per row
-    into ``q8 [B * H * S_total, D]`` / ``qs [B * H * S_total]`` at rows ``(b * H + h) * S_total + seq_off + s``;
-    per QK_PART_ROWS tokens the column sums of the stored k into ``kpart [B * H, n_parts, D]`` and V's channel
-    absmax (NaN where the part holds NaN/Inf) into ``vpart``, at part ``part_off`` on."""
-    bsz, s, width = xq.shape
     d = width // heads
-    bh = bsz * heads
-    s_total = q8.shape[0] // bh
-    qn, kn = _normed_qk(xq, xk, q_weight, k_weight, pe, seq_off, heads, eps_q, eps_k, row_norm)
-    k[:, :, seq_off:seq_off + s] = kn.to(k.dtype)
-    vh = xv.reshape(bsz, s, heads, d).transpose(1, 2)
+    pe_part = pe[:, :, seq_off:seq_off + s].float()
+
+    def heads_of(x):
+        return x.reshape(bsz, s, heads, d).transpose(1, 2)
+
+    def normed(x, w, eps):
+        if not row_norm:
+            return rms_rope(heads_of(x), w, pe_part, eps)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * w.float()
+        return rope(heads_of(y), pe_part)
+
+    q[:, :, seq_off:seq_off + s] = normed(xq, q_weight, eps_q).to(q.dtype)
+    k[:, :, seq_off:seq_off + s] = normed(xk, k_weight, eps_k).to(k.dtype)
     if not heads_view_of(v, xv, heads):
-        v[:, :, seq_off:seq_off + s] = vh.to(v.dtype)
-    qr = qn.to(k.dtype).float()
-    if rotate_qk:
-        qr = rotate(qr, d)
-    q8r, qsr = _quantize_float_rows(qr.reshape(bh * s, d))
-    rows = (torch.arange(bh, device=q8.device)[:, None] * s_total + seq_off
-            + torch.arange(s, device=q8.device)[None, :]).reshape(-1)
-    q8[rows] = q8r
-    qs[rows] = qsr
-    n = qk_parts(s)
-    pad = n * QK_PART_ROWS - s
-    ks = torch.nn.functional.pad(kn.to(k.dtype).float(), (0, 0, 0, pad)).reshape(bh, n, QK_PART_ROWS, d)
-    kpart[:, part_off:part_off + n] = ks.sum(dim=2)
-    av = torch.nn.functional.pad(vh.float().abs(), (0, 0, 0, pad)).reshape(bh, n, QK_PART_ROWS, d)
-    vmax = torch.where(torch.isnan(av), float("inf"), av).amax(dim=2)
-    vpart[:, part_off:part_off + n] = torch.where(torch.isfinite(vmax), vmax, float("nan"))
+        v[:, :, seq_off:seq_off + s] = heads_of(xv).to(v.dtype)
 
 
 def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float) -> torch.Tensor:

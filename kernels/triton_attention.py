@@ -185,26 +185,20 @@ def _v_scale(vmax, PV_INT8: tl.constexpr):
 @triton.jit
 def _kv_finalize_kernel(
     ksum_ptr, vmax_ptr, h_ptr, kmean_ptr, vs_ptr, S, n_chunks,
-    D: tl.constexpr, ROT_SCALE: tl.constexpr, PV_INT8: tl.constexpr, ROWS: tl.constexpr,
+    D: tl.constexpr, ROT_SCALE: tl.constexpr, PV_INT8: tl.constexpr,
 ):
     """Per head bh: kmean[bh] = (sum of K) / S, rotated (``(mean @ H) * ROT_SCALE``: the mean of the rotated keys,
     since the rotation is linear; float32 products of the +-1 matrix, exact), and the V scale vs[bh] (NaN for a
-    channel holding NaN/Inf), from the n_chunks partials ``[BH, n_chunks, D]`` of ``_kv_stats_kernel`` (16) or of
-    the fused q/k norm + RoPE kernel (one per 32 tokens), ROWS at a time, summed element-wise and reduced across
-    rows once at the end: a fixed order, so the same partials give the same bits."""
+    channel holding NaN/Inf), from the chunk partials of ``_kv_stats_kernel`` reduced in chunk order."""
     bh = tl.program_id(0)
     d = tl.arange(0, D)
-    ksum = tl.zeros((ROWS, D), tl.float32)
-    vmax = tl.zeros((ROWS, D), tl.float32)
-    for c0 in range(0, n_chunks, ROWS):
-        c = c0 + tl.arange(0, ROWS)
-        ok = (c < n_chunks)[:, None]
-        at = (bh * n_chunks + c).to(tl.int64)[:, None] * D + d[None, :]
-        ksum += tl.load(ksum_ptr + at, mask=ok, other=0.0)
-        vmax = tl.maximum(vmax, tl.load(vmax_ptr + at, mask=ok, other=0.0), propagate_nan=tl.PropagateNan.ALL)
-    mean = tl.sum(ksum, axis=0) / S
-    vmax = tl.max(tl.where(vmax == vmax, vmax, float("inf")), axis=0)  # NaN -> Inf: tl.max drops NaN
-    vmax = tl.where(vmax <= FLT_MAX, vmax, float("nan"))
+    ksum = tl.zeros((D,), tl.float32)
+    vmax = tl.zeros((D,), tl.float32)
+    for c in range(0, n_chunks):
+        at = (bh * n_chunks + c).to(tl.int64) * D + d
+        ksum += tl.load(ksum_ptr + at)
+        vmax = tl.maximum(vmax, tl.load(vmax_ptr + at), propagate_nan=tl.PropagateNan.ALL)
+    mean = ksum / S
     if ROT_SCALE > 0:
         hmat = tl.load(h_ptr + d[:, None] * D + d[None, :]).to(tl.float32)
         mean = tl.sum(mean[:, None] * hmat, axis=0) * ROT_SCALE
@@ -444,67 +438,45 @@ def stats_chunk(s_kv: int) -> int:
     return -(-max(1, -(-s_kv // STATS_CHUNKS)) // QUANT_ROWS) * QUANT_ROWS
 
 
-def rotation(d: int, dev: torch.device, dtype: torch.dtype, cfg: AttentionConfig):
-    """(the +-1 Hadamard matrix or None, the rotation's constexprs): the interpreter multiplies bfloat16 bits as
-    integers in tl.dot, so there it rotates in float32."""
-    dot_fp32 = interpreting()
-    hmat = hadamard_pm1_cached(d, dev, torch.float32 if dot_fp32 else dtype) if cfg.rotate else None
-    return hmat, {"ROT_SCALE": 1.0 / math.sqrt(d) if cfg.rotate else 0.0, "DOT_FP32": dot_fp32}
-
-
 def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig) -> QuantizedQKV:
     """The quantization pass: ``q [B, H, S_q, D]``, ``k, v [B, H, S_kv, D]`` (bf16/fp16, any strides)."""
     b, h, s_q, d = q.shape
     s_kv = k.shape[2]
     bh = b * h
     dev = q.device
+    nk = triton.cdiv(s_kv, cfg.block_n)
     chunk = stats_chunk(s_kv)
     n_chunks = triton.cdiv(s_kv, chunk)
-    hmat, rot = rotation(d, dev, q.dtype, cfg)
+    s_pad = padded_kv_len(s_kv)
+    # the interpreter multiplies bfloat16 bits as integers in tl.dot: it rotates in float32
+    dot_fp32 = interpreting()
+    hmat = hadamard_pm1_cached(d, dev, torch.float32 if dot_fp32 else q.dtype) if cfg.rotate else None
+    rot = {"ROT_SCALE": 1.0 / math.sqrt(d) if cfg.rotate else 0.0, "DOT_FP32": dot_fp32}
     q8 = torch.empty((bh * s_q, d), dtype=torch.int8, device=dev)
     qs = torch.empty((bh * s_q,), dtype=torch.float32, device=dev)
-    part = torch.empty((2, bh, n_chunks, d), dtype=torch.float32, device=dev)
-    hm = hmat if hmat is not None else q8
-    if s_q and bh:
-        _QUANT_Q((triton.cdiv(s_q, QUANT_ROWS), bh), q, hm, q8, qs, s_q, h, *_strides(q), D=d, ROWS=QUANT_ROWS, **rot,
-                 FAST_ROUND=not interpreting(), num_warps=QUANT_WARPS)
-    _KV_STATS((n_chunks, bh), k, v, part[0], part[1], s_kv, h, chunk, n_chunks, *_strides(k), *_strides(v),
-              D=d, ROWS=STATS_ROWS, num_warps=QUANT_WARPS)
-    return quantize_kv(q8, qs, k, v, part[0], part[1], cfg)
-
-
-def quantize_kv(q8: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ksum: torch.Tensor,
-                vmax: torch.Tensor, cfg: AttentionConfig) -> QuantizedQKV:
-    """K and V ``[B, H, S_kv, D]`` quantized in blocks from their statistics in parts (``ksum``: column sums of K,
-    ``vmax``: V's channel absmax, NaN where non-finite; each ``[BH, n_parts, D]`` float32), next to the quantized Q
-    (``q8 [BH * S_q, D]``, ``qs [BH * S_q]``): ``_kv_finalize_kernel`` reduces the parts, ``_quant_kv_kernel``
-    writes the blocks."""
-    b, h, s_kv, d = k.shape
-    bh = b * h
-    dev = k.device
-    nk = triton.cdiv(s_kv, cfg.block_n)
-    n_parts = ksum.shape[1]
-    s_pad = padded_kv_len(s_kv)
-    hmat, rot = rotation(d, dev, k.dtype, cfg)
     k8 = torch.empty((bh * s_kv, d), dtype=torch.int8, device=dev)
     ks = torch.empty((bh, nk), dtype=torch.float32, device=dev)
     vdtype = torch.int8 if cfg.pv == "int8" else torch.float8_e4m3fn
     vt = torch.empty((bh * d, s_pad), dtype=vdtype, device=dev)
     vs = torch.empty((bh, d), dtype=torch.float32, device=dev)
     vcs = torch.empty((bh, nk, d), dtype=torch.int32, device=dev) if cfg.pv == "int8" else None
+    part = torch.empty((2, bh, n_chunks, d), dtype=torch.float32, device=dev)
     kmean = torch.empty((bh, d), dtype=torch.float32, device=dev)
     fast = not interpreting()
-    hm = hmat if hmat is not None else k8
-    # the statistics pass's 16 chunks in one tile; the fused kernel's parts (hundreds) 64 at a time at 8 warps
-    rows = STATS_CHUNKS if n_parts <= STATS_CHUNKS else 64
-    _KV_FINALIZE((bh,), ksum, vmax, hm, kmean, vs, s_kv, n_parts, D=d, ROT_SCALE=rot["ROT_SCALE"],
-                 PV_INT8=cfg.pv == "int8", ROWS=rows, num_warps=QUANT_WARPS if rows == STATS_CHUNKS else 8)
+    hm = hmat if hmat is not None else q8
+    if s_q and bh:
+        _QUANT_Q((triton.cdiv(s_q, QUANT_ROWS), bh), q, hm, q8, qs, s_q, h, *_strides(q), D=d, ROWS=QUANT_ROWS, **rot,
+                 FAST_ROUND=fast, num_warps=QUANT_WARPS)
+    _KV_STATS((n_chunks, bh), k, v, part[0], part[1], s_kv, h, chunk, n_chunks, *_strides(k), *_strides(v),
+              D=d, ROWS=STATS_ROWS, num_warps=QUANT_WARPS)
+    _KV_FINALIZE((bh,), part[0], part[1], hm, kmean, vs, s_kv, n_chunks, D=d, ROT_SCALE=rot["ROT_SCALE"],
+                 PV_INT8=cfg.pv == "int8", num_warps=QUANT_WARPS)
     for p in (1, 2) if cfg.split_quant_kv else (0,):
         _QUANT_KV((nk, bh), k, v, hm, kmean, vs, k8, ks, vt, vcs if vcs is not None else ks, s_kv, h,
                   nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
                   PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast, PART=p,
                   **quant_kv_options(cfg.block_n, d, p))
-    return QuantizedQKV(q8, qs, k8, ks, vt, vs, vcs, (b, h, q8.shape[0] // bh, s_kv, d), cfg.block_n, cfg.pv)
+    return QuantizedQKV(q8, qs, k8, ks, vt, vs, vcs, (b, h, s_q, s_kv, d), cfg.block_n, cfg.pv)
 
 
 def loop_options(cfg: AttentionConfig) -> dict:
@@ -549,10 +521,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float
     """Quantize, then attend: ``[B, H, S_q, D]`` in q's dtype (``torch.empty_like(q)`` unless ``out`` is given)."""
     out = torch.empty_like(q) if out is None else out
     return attention_quantized(quantize(q, k, v, cfg), sm_scale, out, cfg)
-
-
-def attention_parts(q8: torch.Tensor, qs: torch.Tensor, kpart: torch.Tensor, vpart: torch.Tensor, k: torch.Tensor,
-                    v: torch.Tensor, sm_scale: float, cfg: AttentionConfig, out: torch.Tensor) -> torch.Tensor:
-    """Attend with Q quantized and K/V's statistics written by the fused q/k norm + RoPE kernel (``q8_target``'s
-    buffers); the K/V blocks are quantized here. Returns ``out [B, H, S_q, D]``."""
-    return attention_quantized(quantize_kv(q8, qs, k, v, kpart, vpart, cfg), sm_scale, out, cfg)

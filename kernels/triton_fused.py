@@ -42,7 +42,6 @@ from .launch import (
     keep,
     no_smaller,
 )
-from .reference_fused import QK_PART_ROWS as PART_ROWS
 from .reference_fused import heads_view_of
 from .triton_quant import (
     FLT_MAX,
@@ -338,13 +337,13 @@ def _glu_quant_kernel(
 
 
 @triton.jit
-def _norm_rope(src, w_ptr, f00, f01, f10, f11, s_ok, r, BLOCK_S: tl.constexpr, D: tl.constexpr, eps,
-               ROW_NORM: tl.constexpr):
-    """RMSNorm (weight w) then rotate pairs (2i, 2i+1) by the 2x2 matrices f: float32 [BLOCK_S, D].
+def _norm_rope_store(src, w_ptr, f00, f01, f10, f11, dst, s_ok, r, BLOCK_S: tl.constexpr, D: tl.constexpr, eps,
+                     ROW_NORM: tl.constexpr):
+    """RMSNorm (weight w) then rotate pairs (2i, 2i+1) by the 2x2 matrices f; store to dst rows.
 
     The norm is over this head's D values, or (ROW_NORM) over the token's whole q or k row, whose reciprocal
-    RMS ``r`` [BLOCK_S] the caller computed. Rows are read whole (coalesced); the pairs are separated in
-    registers (reshape + split).
+    RMS ``r`` [BLOCK_S] the caller computed. Rows are read and written whole (coalesced); the pairs are
+    separated in registers (reshape + split).
     """
     d = tl.arange(0, D)
     x = tl.load(src + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
@@ -353,26 +352,7 @@ def _norm_rope(src, w_ptr, f00, f01, f10, f11, s_ok, r, BLOCK_S: tl.constexpr, D
     y = x * r[:, None] * tl.load(w_ptr + d).to(tl.float32)[None, :]
     y0, y1 = tl.split(tl.reshape(y, (BLOCK_S, D // 2, 2)))
     o = tl.join(f00 * y0 + f01 * y1, f10 * y0 + f11 * y1)
-    return tl.reshape(o, (BLOCK_S, D))
-
-
-@triton.jit
-def _quantize_q_rows(qv, hmat, q8_ptr, qs_ptr, rows, s_ok, D: tl.constexpr, ROT_SCALE: tl.constexpr,
-                     DOT_FP32: tl.constexpr, FAST_ROUND: tl.constexpr):
-    """Rows of Q as the attention's quantization pass writes them (``triton_attention._quant_q_kernel``): ``qv``
-    [BLOCK_S, D] in the model's dtype, times the +-1 Hadamard matrix ``hmat`` and ROT_SCALE (0: no rotation),
-    int8 at ``q8[rows]`` with one float32 scale per row at ``qs[rows]`` (NaN for a row holding NaN/Inf)."""
-    if ROT_SCALE > 0:
-        if DOT_FP32:
-            x = tl.dot(qv.to(tl.float32), hmat, input_precision="tf32x3") * ROT_SCALE
-        else:
-            x = tl.dot(qv, hmat) * ROT_SCALE
-    else:
-        x = qv.to(tl.float32)
-    absmax, nonfinite = _row_stats(x, tl.zeros(rows.shape, tl.float32), tl.zeros(rows.shape, tl.int32))
-    scale = _store_row_scale(qs_ptr, rows, s_ok, absmax, nonfinite)
-    inv = tl.math.div_rn(tl.full(rows.shape, 1.0, tl.float32), scale)
-    _quantize_store(x, inv, 0, rows, s_ok, tl.arange(0, D), D, q8_ptr, D, False, FAST_ROUND)
+    tl.store(dst + d[None, :], tl.reshape(o, (BLOCK_S, D)).to(dst.dtype.element_ty), mask=s_ok[:, None])
 
 
 @triton.jit
@@ -390,10 +370,7 @@ def _row_rstd(src, s_ok, H, BLOCK_S: tl.constexpr, D: tl.constexpr, eps):
 def _qk_norm_rope_kernel(
     xq_ptr, xk_ptr, xv_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr,
     S, H, seq_off, stride_sb, stride_ss, stride_pb, stride_ps, stride_ob, stride_oh, stride_os, eps_q, eps_k,
-    h_ptr, q8_ptr, qs_ptr, kpart_ptr, vpart_ptr, S_total, part_off, n_parts,
     BLOCK_S: tl.constexpr, D: tl.constexpr, ROW_NORM: tl.constexpr, COPY_V: tl.constexpr = True,
-    QUANT_Q: tl.constexpr = False, ROT_SCALE: tl.constexpr = 0.0, DOT_FP32: tl.constexpr = False,
-    FAST_ROUND: tl.constexpr = True, LOOP_HEADS: tl.constexpr = False,
 ):
     """BLOCK_S tokens of the q/k/v projections ``x* [B, S, H * D]`` (equal strides): q, k <- rope(rms_norm(.))
     and v copied (unless COPY_V is False: v is its projection's own view), into ``[B, H, seq_off + S, D]``
@@ -404,20 +381,12 @@ def _qk_norm_rope_kernel(
     [H * D], RMS over the whole q or k row: Wan): one program per batch entry, looping over the heads after a
     first pass for the row's RMS (the second read comes from L1/L2). ``pe [Bp, seq_off + S, D/2, 2, 2]``
     (float32, or the model's dtype: converted here) holds each pair's rotation matrix (ComfyUI's layout).
-
-    QUANT_Q (8-bit attention's inputs, ``fused.qk_norm_rope_8bit``): q is not written in the model's dtype but
-    quantized as the attention's pass would quantize it (``_quantize_q_rows``: rows ``(b * H + h) * S_total +
-    seq_off + s`` of ``q8 [B * H * S_total, D]`` and ``qs``), and each program writes its tile's statistics for
-    the K/V pass: the column sums of the k it stored (rounded to the model's dtype) to ``kpart`` and V's channel
-    absmax (NaN where the tile holds NaN/Inf) to ``vpart``, both ``[B * H, n_parts, D]`` float32 at part
-    ``part_off + pid_s``: one row per BLOCK_S tokens, reduced in a fixed order later (no atomics: the same
-    inputs give the same bits).
     """
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < S
-    if ROW_NORM or LOOP_HEADS:
+    if ROW_NORM:
         b = pid_bh
         h0 = 0
         h1 = H
@@ -438,9 +407,6 @@ def _qk_norm_rope_kernel(
         rq = _row_rstd(xq_ptr + tok, s_ok, H, BLOCK_S, D, eps_q)
         rk = _row_rstd(xk_ptr + tok, s_ok, H, BLOCK_S, D, eps_k)
     d = tl.arange(0, D)
-    if QUANT_Q:
-        # the +-1 matrix once per program (ROW_NORM programs rotate every head with it)
-        hmat = tl.load(h_ptr + d[:, None] * D + d[None, :])
     for h in range(h0, h1):
         h64 = tl.full((), 0, tl.int64) + h  # the loop variable is a Python int under the interpreter
         row = tok + h64 * D
@@ -449,27 +415,13 @@ def _qk_norm_rope_kernel(
         else:
             w_off = h64 * 0
         out = b.to(tl.int64) * stride_ob + h64 * stride_oh + (seq_off + s).to(tl.int64)[:, None] * stride_os
-        qo = _norm_rope(xq_ptr + row, qw_ptr + w_off, f00, f01, f10, f11, s_ok, rq, BLOCK_S, D, eps_q, ROW_NORM)
-        ko = _norm_rope(xk_ptr + row, kw_ptr + w_off, f00, f01, f10, f11, s_ok, rk, BLOCK_S, D, eps_k, ROW_NORM)
-        ko = ko.to(k_ptr.dtype.element_ty)
-        tl.store(k_ptr + out + d[None, :], ko, mask=s_ok[:, None])
-        if QUANT_Q:
-            bh = b.to(tl.int64) * H + h64
-            _quantize_q_rows(qo.to(k_ptr.dtype.element_ty), hmat, q8_ptr, qs_ptr, bh * S_total + seq_off + s, s_ok,
-                             D, ROT_SCALE, DOT_FP32, FAST_ROUND)
-            part = (bh * n_parts + part_off + pid_s) * D + d
-            tl.store(kpart_ptr + part, tl.sum(ko.to(tl.float32), axis=0))  # rows past S are 0
+        _norm_rope_store(xq_ptr + row, qw_ptr + w_off, f00, f01, f10, f11, q_ptr + out, s_ok, rq, BLOCK_S, D, eps_q,
+                         ROW_NORM)
+        _norm_rope_store(xk_ptr + row, kw_ptr + w_off, f00, f01, f10, f11, k_ptr + out, s_ok, rk, BLOCK_S, D, eps_k,
+                         ROW_NORM)
+        if COPY_V:
             v = tl.load(xv_ptr + row + d[None, :], mask=s_ok[:, None], other=0.0)
-            av = tl.abs(v.to(tl.float32))
-            vmax = tl.max(tl.where(av == av, av, float("inf")), axis=0)  # NaN -> Inf: tl.max drops NaN
-            tl.store(vpart_ptr + part, tl.where(vmax <= FLT_MAX, vmax, float("nan")))
-            if COPY_V:
-                tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
-        else:
-            tl.store(q_ptr + out + d[None, :], qo.to(q_ptr.dtype.element_ty), mask=s_ok[:, None])
-            if COPY_V:
-                v = tl.load(xv_ptr + row + d[None, :], mask=s_ok[:, None], other=0.0)
-                tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
+            tl.store(v_ptr + out + d[None, :], v, mask=s_ok[:, None])
 
 
 @triton.jit
@@ -786,56 +738,23 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
 
 
 def qk_norm_rope(xq, xk, xv, q_weight, k_weight, pe, q, k, v, seq_off: int, heads: int, eps_q: float,
-                 eps_k: float, row_norm: bool = False, q8=None):
+                 eps_k: float, row_norm: bool = False):
     """xq, xk, xv [B, S, H*D] (unit last stride, equal strides) -> q, k, v [B, H, S_total, D] at ``seq_off``;
     pe [Bp, 1, S_total, D/2, 2, 2] float (each position's D/2 x 2 x 2 entries contiguous); ``row_norm``: q/k
     RMS over the whole row (weights [H*D]) instead of per head (weights [D]). q/k/v may be their projections'
-    own per-head views (``reference_fused.heads_view_of``: in place, v not copied).
-
-    ``q8``: the 8-bit attention's inputs instead of q (``Q8Target``: q is then not written)."""
+    own per-head views (``reference_fused.heads_view_of``: in place, v not copied)."""
     bsz, s, width = xq.shape
     d = width // heads
     if bsz == 0 or s == 0:
         return
+    block_s = 16
     stride_pb = 0 if pe.shape[0] == 1 else pe.stride(0)
-    warps, loop = 4, row_norm
-    if q8 is None:
-        block_s, extra = 16, (q, q, q, q, q, 0, 0, 0)
-        quant = {"QUANT_Q": False, "ROT_SCALE": 0.0, "DOT_FP32": False, "FAST_ROUND": True}
-    else:
-        block_s = PART_ROWS
-        warps, loop = QK_8BIT_LAUNCH[row_norm]
-        quant = {"QUANT_Q": True, "ROT_SCALE": q8.rot_scale, "DOT_FP32": interpreting(),
-                 "FAST_ROUND": not interpreting()}
-        extra = (q8.hmat, q8.q8, q8.qs, q8.kpart, q8.vpart, q8.q8.shape[0] // (bsz * heads), q8.part_off, q8.n_parts)
     _QK_NORM_ROPE(
-        (triton.cdiv(s, block_s), bsz if loop else bsz * heads), xq, xk, xv, q_weight, k_weight, pe, q, k, v,
-        s, heads, seq_off, xq.stride(0), xq.stride(1), stride_pb, pe.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), float(eps_q), float(eps_k), *extra, BLOCK_S=block_s, D=d, ROW_NORM=row_norm,
-        COPY_V=not heads_view_of(v, xv, heads), **quant, LOOP_HEADS=loop, num_warps=warps, enable_fp_fusion=False,
+        (triton.cdiv(s, block_s), bsz if row_norm else bsz * heads), xq, xk, xv, q_weight, k_weight, pe, q, k, v,
+        s, heads, seq_off, xq.stride(0), xq.stride(1), stride_pb, pe.stride(2), q.stride(0), q.stride(1),
+        q.stride(2), float(eps_q), float(eps_k), BLOCK_S=block_s, D=d, ROW_NORM=row_norm,
+        COPY_V=not heads_view_of(v, xv, heads), num_warps=4, enable_fp_fusion=False,
     )
-
-
-# qk_norm_rope_8bit's launch per norm (row_norm: False / True): (warps, one program per token tile and batch entry
-# looping over the heads, which loads the rotation matrix once per program, instead of one per head)
-QK_8BIT_LAUNCH = {False: (4, False), True: (4, True)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Q8Target:
-    """Where ``qk_norm_rope`` writes the 8-bit attention's inputs of one call (``_qk_norm_rope_kernel``, QUANT_Q):
-    q8 int8 [B * H * S_total, D], qs float32 [B * H * S_total], kpart / vpart float32 [B * H, n_parts, D] (this
-    call's parts start at ``part_off``), hmat the +-1 Hadamard matrix [D, D] (in q's dtype; float32 under the
-    interpreter) and ``rot_scale`` 1/sqrt(D) (0.0: no rotation, hmat unused)."""
-
-    q8: torch.Tensor
-    qs: torch.Tensor
-    kpart: torch.Tensor
-    vpart: torch.Tensor
-    hmat: torch.Tensor
-    rot_scale: float
-    part_off: int
-    n_parts: int
 
 
 def rms_norm_gate_add(x2, y2, weight, gate, rows_per_batch: int, eps: float,

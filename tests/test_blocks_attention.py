@@ -3,13 +3,13 @@ inside a real ComfyUI.
 
 Tiny models (FLUX.2, Wan, Z-Image: heads of 128, BF16 activations) are loaded through the pack's loader with
 ``attention`` "bf16", "8-bit" and "auto". Checked: the choice lives in each clone's transformer options; "8-bit"
-calls ``kernels.attention_8bit_parts`` once per fused block, on the int8 Q and K/V statistics its q/k norm + RoPE
-kernel wrote (on the CPU the attention's torch twin: the kernel's quantization and blockwise arithmetic), and the
-step's SQNR against the BF16 model drops by at most 2 dB from the fused step with ComfyUI's attention (issue 14's
-bound); "bf16" never calls it; "auto" on the CPU follows the rule (the twin is not measured faster than SDPA, so
-ComfyUI's attention, the same output as "bf16"); masks, unsupported head sizes, float32 activations and attention
-overrides use ComfyUI's attention with one log line; the 8-bit output reshapes to ``[B, S, H * D]`` as a view; and a
-fused model with 8-bit attention compiles into one graph with the ops in it.
+calls ``kernels.attention_8bit`` once per fused block (on the CPU its torch twin: the kernel's quantization and
+blockwise arithmetic) and the step's SQNR against the BF16 model drops by at most 2 dB from the fused step with
+ComfyUI's attention (issue 14's bound); "bf16" never calls it; "auto" on the CPU follows the rule (the twin is
+not measured faster than SDPA, so ComfyUI's attention, the same output as "bf16"); masks, unsupported head sizes,
+float32 activations and attention overrides use ComfyUI's attention with one log line; the 8-bit output
+reshapes to ``[B, S, H * D]`` as a view; and a fused model with 8-bit attention compiles into one graph with the
+op in it.
 """
 
 from __future__ import annotations
@@ -30,29 +30,19 @@ MAX_DROP_DB = 2.0  # issue 14: the step's SQNR vs BF16 drops by at most 2 dB wit
 
 @pytest.fixture
 def attn_calls(monkeypatch):
-    """The outputs of every ``kernels.attention_8bit`` and ``kernels.attention_8bit_parts`` call (recording wrappers
-    around the pack's functions; the fused blocks look them up on the ``kernels`` package at call time)."""
+    """The outputs of every ``kernels.attention_8bit`` call (a recording wrapper around the pack's function; the
+    fused blocks look it up on the ``kernels`` package at call time)."""
     from int8_w8a8 import kernels
 
-    class Calls(list):
-        """The outputs, and ``names``: which function returned each."""
+    outputs: list[torch.Tensor] = []
+    original = kernels.attention_8bit
 
-        def __init__(self):
-            super().__init__()
-            self.names: list[str] = []
+    def recording(*a, **k):
+        out = original(*a, **k)
+        outputs.append(out)
+        return out
 
-    outputs = Calls()
-
-    def recorder(name, original):
-        def recording(*a, **k):
-            out = original(*a, **k)
-            outputs.append(out)
-            outputs.names.append(name)
-            return out
-        return recording
-
-    for name in ("attention_8bit", "attention_8bit_parts"):
-        monkeypatch.setattr(kernels, name, recorder(name, getattr(kernels, name)))
+    monkeypatch.setattr(kernels, "attention_8bit", recording)
     return outputs
 
 
@@ -161,8 +151,6 @@ def test_8bit_attention_step_against_bf16(comfyui, flux2, arch, attn_calls):
         y[choice] = bu.run(models[choice], args, kwargs)
         eight_bit = choice == "8-bit" or (choice == "auto" and auto)
         assert len(attn_calls) == (blocks if eight_bit else 0), (choice, len(attn_calls))
-        # the blocks' q/k norm + RoPE kernel wrote int8 Q and the K/V statistics (the twin reads those formats)
-        assert set(attn_calls.names) <= {"attention_8bit_parts"}, attn_calls.names
     assert torch.equal(y["auto"], y["8-bit" if auto else "bf16"])
     s16, s8, apart = sqnr_db(ref, y["bf16"]), sqnr_db(ref, y["8-bit"]), sqnr_db(y["bf16"], y["8-bit"])
     print(f"[sqnr vs BF16] {arch}: fused with ComfyUI's attention {s16:.2f} dB, with 8-bit attention {s8:.2f} dB "
@@ -257,15 +245,14 @@ def test_float32_model_keeps_comfyuis_attention(comfyui, attn_calls):
 
 
 def test_torch_compile_traces_8bit_attention_in_one_graph(flux2, monkeypatch):
-    """A FLUX.2 model with 8-bit attention under torch.compile(fullgraph=True): one graph, the fused kernels,
-    ``int8_w8a8::qk_norm_rope_8bit`` and ``int8_w8a8::attention_8bit_parts`` in it, and the eager output."""
+    """A FLUX.2 model with 8-bit attention under torch.compile(fullgraph=True): one graph, the fused kernels and
+    ``int8_w8a8::attention_8bit`` in it, and the eager output."""
     bu.sdpa_attention(monkeypatch)
     patcher = flux2["8-bit"]
     args, _ = _flux2_inputs()
     want = bu.run(patcher, args)
     y = bu.compiled_in_one_graph(patcher, args, options=dict(patcher.model_options["transformer_options"]),
-                                 ops=(*bu.KERNELS, "flux_rope_table", "qk_norm_rope_8bit",
-                                                                          "attention_8bit_parts"))
+                                 ops=(*bu.KERNELS, "flux_rope_table", "attention_8bit"))
     assert sqnr_db(want, y) > 60
 
 

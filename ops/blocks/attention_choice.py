@@ -15,14 +15,7 @@ the transformer options ComfyUI's samplers pass down. Every fused block calls ``
    generation is measured faster than SDPA and within the accuracy bound (on the H200 it is not: 0.60x);
 6. arguments ``attention_8bit`` does not take (``kernels.attention.attention_problem``: dtype other than
    bf16/fp16, head size not 64 or 128, q/k/v shapes) -> ComfyUI's;
-7. otherwise the 8-bit attention (Triton on Hopper, the torch twin on the CPU): where its implementation takes
-   pre-quantized inputs (``kernels.attention.takes_parts``: the Triton kernel and the twin), the block's q/k norm +
-   RoPE kernel writes Q in int8 and K/V's statistics (``kernels.fused.qk_norm_rope_8bit``) and
-   ``kernels.attention_8bit_parts`` quantizes only K and V; elsewhere ``kernels.attention_8bit`` on bf16 q/k/v.
-
-Blocks go through ``BlockAttention``: built with the block's q/k/v buffers before the q/k norm + RoPE calls (the
-rules read only shapes, dtypes, the device and the options), it routes those calls and the attention by the
-outcome.
+7. otherwise ``kernels.attention_8bit`` (Triton on Hopper, the torch twin on the CPU).
 
 Each outcome is logged once per choice and reason, in eager calls (logging in a traced function would break
 the graph). Rules 4 and 5 depend on the device only and are constants to torch.compile; they come before the
@@ -41,7 +34,6 @@ import torch
 
 from ... import kernels
 from ...kernels import attention as attention_rules
-from ...kernels.reference_fused import qk_parts
 from ..config import ATTENTION_CHOICES
 from .log_once import log_once
 
@@ -100,13 +92,6 @@ def why_not_8bit(choice: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return why if why is not None else attention_rules.attention_problem(q, k, v)
 
 
-@torch.compiler.assume_constant_result
-def _takes_parts(device_type: str, index: int) -> bool:
-    """Whether the 8-bit attention on this device reads ``qk_norm_rope_8bit``'s outputs (a constant to
-    torch.compile)."""
-    return attention_rules.takes_parts(torch.device(device_type, index) if index >= 0 else torch.device(device_type))
-
-
 def _log_once(choice: str, outcome: str) -> None:
     log_once(logger, _LOGGED, (choice, outcome), "int8_w8a8: fused blocks' attention (%s chosen): %s", choice, outcome)
 
@@ -128,53 +113,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, tra
     _log_once(choice, "8-bit attention")
     b, h, s, d = q.shape
     return kernels.attention_8bit(q, k, v).transpose(1, 2).reshape(b, s, h * d)
-
-
-class BlockAttention:
-    """One fused block's attention, decided before its q/k norm + RoPE calls and run after them.
-
-    ``bufs``: the block's q, k, v ``[B, H, S, D]`` (``common.qkv_buffers`` or projections' own per-head views), which
-    ``norm_rope`` fills one stream at a time; ``tokens``: the token count of each of those calls, in order (a double
-    block's text and image streams), so the 8-bit path can size its statistics. Where 8-bit attention runs on
-    pre-quantized inputs (rule 7), q is never written: ``norm_rope`` writes int8 Q and the statistics instead.
-    """
-
-    def __init__(self, bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], heads: int, options: dict,
-                 tokens: tuple[int, ...]):
-        self.bufs = bufs
-        self.heads = heads
-        self.options = options
-        self.choice = options.get(KEY, "bf16")
-        q, k, v = bufs
-        self.why = why_not_8bit(self.choice, q, k, v, None, options)
-        self.parts = None
-        self.part_off = 0
-        index = k.device.index
-        if self.why is None and _takes_parts(k.device.type, -1 if index is None else index):
-            b, h, s, d = k.shape
-            n_parts = sum(qk_parts(n) for n in tokens)
-            self.parts = attention_rules.parts_buffers(b, h, s, d, n_parts, k.device)
-
-    def norm_rope(self, qkv, q_weight: torch.Tensor, k_weight: torch.Tensor, pe: torch.Tensor, *, seq_off: int,
-                  eps_q: float, eps_k: float, qk_norm: str = "head") -> None:
-        """``kernels.fused.qk_norm_rope`` of one stream into the buffers at ``seq_off``, or its 8-bit form."""
-        if self.parts is None:
-            kernels.fused.qk_norm_rope(qkv, q_weight, k_weight, pe, *self.bufs, seq_off=seq_off, heads=self.heads,
-                                       eps_q=eps_q, eps_k=eps_k, qk_norm=qk_norm)
-            return
-        _, k, v = self.bufs
-        tokens = kernels.fused.split_qkv(qkv)[0].shape[1]
-        kernels.fused.qk_norm_rope_8bit(qkv, q_weight, k_weight, pe, k, v, *self.parts, seq_off=seq_off,
-                                        part_off=self.part_off, heads=self.heads, eps_q=eps_q, eps_k=eps_k,
-                                        qk_norm=qk_norm)
-        self.part_off += qk_parts(tokens)
-
-    def run(self) -> torch.Tensor:
-        """The attention, ``[B, S, H * D]`` in the buffers' dtype (a view of the kernels' ``[B, S, H, D]`` output)."""
-        if self.parts is None:
-            return attention(*self.bufs, self.heads, self.options)
-        _log_once(self.choice, "8-bit attention (Q and K/V statistics from the q/k norm + RoPE kernel)")
-        _, k, v = self.bufs
-        b, h, s, d = k.shape
-        out = kernels.attention_8bit_parts(*self.parts, k, v)
-        return out.transpose(1, 2).reshape(b, s, h * d)

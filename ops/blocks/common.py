@@ -130,12 +130,10 @@ def mlp_activation(act) -> str | None:
     return None
 
 
-def block_attention(bufs, heads: int, transformer_options: dict | None,
-                    tokens: tuple[int, ...]) -> attention_choice.BlockAttention:
-    """The block's attention on its q/k/v buffers ``bufs`` ([B, H, S, D]), filled by ``norm_rope`` calls of
-    ``tokens[i]`` tokens each and run by ``run()`` (-> [B, S, H*D]): ComfyUI's, or the pack's 8-bit attention where
-    the load chose it and the rules of ``attention_choice`` allow it."""
-    return attention_choice.BlockAttention(bufs, heads, transformer_options or {}, tokens)
+def attention(q, k, v, heads: int, transformer_options: dict) -> torch.Tensor:
+    """The block's attention on [B, H, S, D] q/k/v (already rotated); returns [B, S, H*D]: ComfyUI's, or the
+    pack's 8-bit attention where the load chose it and the rules of ``attention_choice`` allow it."""
+    return attention_choice.attention(q, k, v, heads, transformer_options)
 
 
 def qkv_buffers(x: torch.Tensor, heads: int, head_dim: int, seq: int, count: int = 3):

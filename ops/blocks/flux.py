@@ -9,8 +9,7 @@ layers, the replacements here run the same math with ``kernels.fused``:
   LayerNorm + modulation + quantization -> INT8 qkv / linear1 / mlp-in GEMM
   q/k RMSNorm + RoPE + split into heads (both streams of a double block into one buffer, no cat)
   attention: ComfyUI's ``optimized_attention`` (the user's backend) or 8-bit, by the load's choice
-  (``common.block_attention``; ``attention_choice`` has the rules: with 8-bit, the q/k norm + RoPE kernel writes
-  int8 Q and the K/V statistics)
+  (``common.attention``; ``attention_choice`` has the rules)
   [attention | act(mlp)] + quantization -> INT8 proj / linear2 / mlp-out GEMM with ``x += gate * y``
   fused into its epilogue; act is the block's MLP activation: SwiGLU (FLUX.2) or GELU-tanh (FLUX.1, Chroma).
 
@@ -49,16 +48,17 @@ from . import common
 NAMES = {"Flux": "FLUX", "Chroma": "Chroma", "ChromaRadiance": "Chroma Radiance"}
 
 
-def _stream_qkv(x, mod, norm1, qkv_layer, qk_norm, pe, att, seq_off: int) -> None:
-    """One stream's modulated norm -> INT8 qkv GEMM -> q/k norm + RoPE into the block's attention ``att`` at
-    ``seq_off``."""
+def _stream_qkv(x, mod, norm1, qkv_layer, qk_norm, pe, bufs, seq_off: int, heads: int) -> None:
+    """One stream's modulated norm -> INT8 qkv GEMM -> q/k norm + RoPE into ``bufs`` at ``seq_off``."""
     b, s, _ = x.shape
     xq, xs = kernels.fused.norm_modulate_quantize(x, mod.shift, mod.scale, norm1.eps,
                                                   rotate_group=qkv_layer.input_rotation())
     qkv = qkv_layer.run_quantized(xq, xs, x.dtype).view(b, s, -1)
-    att.norm_rope(qkv, common.small(qk_norm.query_norm.weight, x), common.small(qk_norm.key_norm.weight, x), pe,
-                  seq_off=seq_off, eps_q=common.rms_eps(qk_norm.query_norm, x.dtype),
-                  eps_k=common.rms_eps(qk_norm.key_norm, x.dtype))
+    q, k, v = bufs
+    kernels.fused.qk_norm_rope(
+        qkv, common.small(qk_norm.query_norm.weight, x), common.small(qk_norm.key_norm.weight, x), pe, q, k, v,
+        seq_off=seq_off, heads=heads, eps_q=common.rms_eps(qk_norm.query_norm, x.dtype),
+        eps_k=common.rms_eps(qk_norm.key_norm, x.dtype))
 
 
 def _stream_out(x, attn, mod1, mod2, proj, norm2, mlp, activation: str) -> None:
@@ -127,11 +127,12 @@ class FusedDoubleBlock:
         heads = block.num_heads
         s_txt, s_img = txt.shape[1], img.shape[1]
         bufs = common.qkv_buffers(img, heads, block.hidden_size // heads, s_txt + s_img)
-        att = common.block_attention(bufs, heads, args.get("transformer_options"), (s_txt, s_img))
-        _stream_qkv(txt, txt_mod1, block.txt_norm1, block.txt_attn.qkv, block.txt_attn.norm, args["pe"], att, 0)
-        _stream_qkv(img, img_mod1, block.img_norm1, block.img_attn.qkv, block.img_attn.norm, args["pe"], att, s_txt)
-        attn = att.run()
-        del bufs, att
+        _stream_qkv(txt, txt_mod1, block.txt_norm1, block.txt_attn.qkv, block.txt_attn.norm, args["pe"], bufs, 0,
+                    heads)
+        _stream_qkv(img, img_mod1, block.img_norm1, block.img_attn.qkv, block.img_attn.norm, args["pe"], bufs,
+                    s_txt, heads)
+        attn = common.attention(*bufs, heads, args.get("transformer_options") or {})
+        del bufs
         _stream_out(img, attn[:, s_txt:], img_mod1, img_mod2, block.img_attn.proj, block.img_norm2, block.img_mlp,
                     activation)
         _stream_out(txt, attn[:, :s_txt], txt_mod1, txt_mod2, block.txt_attn.proj, block.txt_norm2, block.txt_mlp,
@@ -171,13 +172,12 @@ class FusedSingleBlock:
                                                       rotate_group=block.linear1.input_rotation())
         h = block.linear1.run_quantized(xq, xs, x.dtype).view(b, s, -1)
         bufs = common.qkv_buffers(x, heads, hidden // heads, s)
-        att = common.block_attention(bufs, heads, args.get("transformer_options"), (s,))
-        att.norm_rope(h[..., :3 * hidden], common.small(block.norm.query_norm.weight, x),
-                      common.small(block.norm.key_norm.weight, x), args["pe"], seq_off=0,
-                      eps_q=common.rms_eps(block.norm.query_norm, x.dtype),
-                      eps_k=common.rms_eps(block.norm.key_norm, x.dtype))
-        attn = att.run()
-        del bufs, att
+        kernels.fused.qk_norm_rope(
+            h[..., :3 * hidden], common.small(block.norm.query_norm.weight, x),
+            common.small(block.norm.key_norm.weight, x), args["pe"], *bufs, seq_off=0, heads=heads,
+            eps_q=common.rms_eps(block.norm.query_norm, x.dtype), eps_k=common.rms_eps(block.norm.key_norm, x.dtype))
+        attn = common.attention(*bufs, heads, args.get("transformer_options") or {})
+        del bufs
         aq, a_scale = kernels.fused.glu_quantize(attn, h[..., 3 * hidden:], rotate_group=group, activation=activation)
         del h, attn
         block.linear2.run_quantized(aq, a_scale, x.dtype, residual=x, gate=mod.gate)

@@ -65,14 +65,15 @@ def _ffn_ok(ff) -> bool:
             and _identity_dropout(net[1]))
 
 
-def _stream_qkv(x, shift, scale, norm1, layers, q_norm, k_norm, pe, att, seq_off: int) -> None:
-    """One stream's modulated LayerNorm, quantized once for its three projections -> q/k norm + RoPE into the
-    block's attention ``att`` at ``seq_off``."""
+def _stream_qkv(x, shift, scale, norm1, layers, q_norm, k_norm, pe, bufs, seq_off: int, heads: int) -> None:
+    """One stream's modulated LayerNorm, quantized once for its three projections -> q/k norm + RoPE into
+    ``bufs`` at ``seq_off``."""
     b, s, _ = x.shape
     xq, xs = kernels.fused.norm_modulate_quantize(x, shift, scale, norm1.eps, rotate_group=layers[0].input_rotation())
     proj = common.run_shared(layers, xq, xs, x.dtype, (b, s, -1))
-    att.norm_rope(proj, common.small(q_norm.weight, x), common.small(k_norm.weight, x), pe, seq_off=seq_off,
-                  eps_q=common.rms_eps(q_norm, x.dtype), eps_k=common.rms_eps(k_norm, x.dtype))
+    kernels.fused.qk_norm_rope(proj, common.small(q_norm.weight, x), common.small(k_norm.weight, x), pe, *bufs,
+                               seq_off=seq_off, heads=heads, eps_q=common.rms_eps(q_norm, x.dtype),
+                               eps_k=common.rms_eps(k_norm, x.dtype))
 
 
 def _stream_out(x, attn, out_layer, gate1, norm2, shift2, scale2, ff, gate2) -> None:
@@ -144,13 +145,12 @@ class FusedBlock:
         (t_shift1, t_scale1, t_gate1), (t_shift2, t_scale2, t_gate2) = _modulation(block.txt_mod, temb)
         heads, s_txt = attn.heads, txt.shape[1]
         bufs = common.qkv_buffers(img, heads, attn.dim_head, s_txt + img.shape[1])
-        att = common.block_attention(bufs, heads, args.get("transformer_options"), (s_txt, img.shape[1]))
         _stream_qkv(txt, t_shift1, t_scale1, block.txt_norm1, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
-                    attn.norm_added_q, attn.norm_added_k, pe, att, 0)
+                    attn.norm_added_q, attn.norm_added_k, pe, bufs, 0, heads)
         _stream_qkv(img, i_shift1, i_scale1, block.img_norm1, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q,
-                    attn.norm_k, pe, att, s_txt)
-        joint = att.run()
-        del bufs, att
+                    attn.norm_k, pe, bufs, s_txt, heads)
+        joint = common.attention(*bufs, heads, args.get("transformer_options") or {})
+        del bufs
         _stream_out(img, joint[:, s_txt:], attn.to_out[0], i_gate1, block.img_norm2, i_shift2, i_scale2,
                     block.img_mlp, i_gate2)
         _stream_out(txt, joint[:, :s_txt], attn.to_add_out, t_gate1, block.txt_norm2, t_shift2, t_scale2,

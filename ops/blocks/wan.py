@@ -108,13 +108,13 @@ class FusedBlock:
         v = common.heads_of(proj[2], heads) if proj[2].is_contiguous() else common.qkv_buffers(
             x, heads, attn.head_dim, s, count=1)[0]
         bufs = (*common.qkv_buffers(x, heads, attn.head_dim, s, count=2), v)
-        att = common.block_attention(bufs, heads, options, (s,))
-        att.norm_rope(proj, common.small(attn.norm_q.weight, x), common.small(attn.norm_k.weight, x),
-                      args["pe"].movedim(2, 1), seq_off=0, eps_q=common.rms_eps(attn.norm_q, x.dtype),
-                      eps_k=common.rms_eps(attn.norm_k, x.dtype), qk_norm="row")
+        kernels.fused.qk_norm_rope(proj, common.small(attn.norm_q.weight, x), common.small(attn.norm_k.weight, x),
+                                   args["pe"].movedim(2, 1), *bufs, seq_off=0, heads=heads,
+                                   eps_q=common.rms_eps(attn.norm_q, x.dtype),
+                                   eps_k=common.rms_eps(attn.norm_k, x.dtype), qk_norm="row")
         del proj
-        y = att.run()
-        del bufs, att
+        y = common.attention(*bufs, heads, options)
+        del bufs
         aq, a_scale = kernels.quantize_rows(y, rotate_group=attn.o.input_rotation())
         attn.o.run_quantized(aq, a_scale.reshape(-1), x.dtype, residual=x, gate=e[2])
         self._cross_attention(block, x, args["txt"], options)

@@ -97,11 +97,11 @@ class FusedForward:
         qkv = attn.qkv.run_quantized(xq, xs, x.dtype).view(b, s, -1)
         # q and k normalized in place, v read where the GEMM wrote it: attention gets cuDNN's packed-QKV layout
         bufs = tuple(common.heads_of(p, attn.n_local_heads) for p in kernels.fused.split_qkv(qkv))
-        att = common.block_attention(bufs, attn.n_local_heads, transformer_options, (s,))
-        att.norm_rope(qkv, common.small(attn.q_norm.weight, x), common.small(attn.k_norm.weight, x),
-                      freqs_cis.movedim(2, 1), seq_off=0, eps_q=_qk_eps(attn.q_norm), eps_k=_qk_eps(attn.k_norm))
-        out = att.run()
-        del bufs, qkv, att
+        kernels.fused.qk_norm_rope(qkv, common.small(attn.q_norm.weight, x), common.small(attn.k_norm.weight, x),
+                                   freqs_cis.movedim(2, 1), *bufs, seq_off=0, heads=attn.n_local_heads,
+                                   eps_q=_qk_eps(attn.q_norm), eps_k=_qk_eps(attn.k_norm))
+        out = common.attention(*bufs, attn.n_local_heads, transformer_options or {})
+        del bufs, qkv
         aq, a_scale = kernels.quantize_rows(out, rotate_group=attn.out.input_rotation())
         y = attn.out.run_quantized(aq, a_scale.reshape(-1), x.dtype)
         # the attention sublayer's gated post-norm add and the feed-forward's norm + modulation + quantization in
