@@ -31,7 +31,8 @@ TorchCompileModel path (``--modes compile``) works as in a workflow. Variants, a
                 the profile keeps only by convention are converted too (Z-Image's refiners; other models: as
                 pack-convert)
   pack-convert-attn8  (not in the defaults) pack-convert with ``LoadOptions(attention="8-bit")``: the fused blocks'
-                attention is the pack's 8-bit one (int8 Q and the K/V statistics from their q/k norm + RoPE kernel)
+                attention is the pack's 8-bit one (``kernels.attention_8bit``: its quantization pass, then the
+                Triton kernel on Hopper)
   bf16-lora64, pack-convert-lora64  (not in the defaults) with a random rank-64 LoRA on every linear
                 (``bench_model.with_lora``): ComfyUI's LoRA patches (merged on load) for bf16, the pack's dynamic
                 LoRA for the pack (as "Load LoRA (INT8 dynamic)" applies it); their SQNR is against bf16-lora64

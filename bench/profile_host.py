@@ -530,7 +530,7 @@ def _proxy_steps(patcher, inputs, reps: int, cprofile_rows: int) -> list[float]:
         for _ in range(5):
             bench_model.step(patcher, inputs)
         prof.disable()
-        pstats.Stats(prof).sort_stats(os.environ.get("CPROFILE_SORT", "cumulative")).print_stats(cprofile_rows)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(cprofile_rows)
     return times
 
 
