@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=None, help="H:S pairs, e.g. 24:4608,32:16896 (default: issue 14's four)")
     parser.add_argument("--device", default="cuda", help="cuda (a CPU run under TRITON_INTERPRET is a smoke test)")
     parser.add_argument("--default-only", action="store_true", help="of the Triton configs, the default only")
+    parser.add_argument("--variants", default=None,
+                        help="of the Triton configs, the default and those whose name starts with one of these "
+                             "comma-separated prefixes (e.g. 16bit)")
     parser.add_argument("--profile-pass", action="store_true",
                         help="also the default config's quantization pass per kernel (torch.profiler)")
     args = parser.parse_args(argv)
@@ -251,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     env = common.environment()
     print(env, flush=True)
     variants = (attention_configs.DEFAULT,) if args.default_only else attention_configs.VARIANTS
+    if args.variants:
+        prefixes = tuple(args.variants.split(","))
+        variants = tuple(c for c in variants if c is attention_configs.DEFAULT or c.name.startswith(prefixes))
     gluon = ()
-    if args.device == "cuda" and torch.cuda.get_device_capability()[0] == 9:
+    if args.device == "cuda" and torch.cuda.get_device_capability()[0] == 9 and not args.variants:
         from ..kernels.gluon_attention import GluonAttentionConfig
 
         gluon = (GluonAttentionConfig(64, 3), GluonAttentionConfig(64, 4))

@@ -137,6 +137,7 @@ def _summary(compiled, arch: int) -> dict:
         "wgmma": wgmma,
         "wgmma_s8": any(".s32.s8.s8" in w for w in wgmma),
         "wgmma_e4m3": any(".e4m3.e4m3" in w for w in wgmma),
+        "wgmma_16bit": any(".f32.bf16.bf16" in w or ".f32.f16.f16" in w for w in wgmma),
         "mma_sync": sorted(set(re.findall(r"mma\.sync[\w.]*", ptx)))[:3],
         "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx)),
         "global_access": global_access(ptx),
@@ -152,17 +153,19 @@ def _summary(compiled, arch: int) -> dict:
 
 def compile_attention(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, out: str = "bf16") -> dict:
     """Compile the attention kernel of ``cfg`` for ``sm_<arch>``; summary of its PTX/SASS."""
-    v = "i8" if cfg.pv == "int8" else "fp8e4nv"
+    v = {"int8": "i8", "fp8": "fp8e4nv"}.get(cfg.pv, out)
+    # 16bit: V as given, [B, H, S, D] in the model's dtype (bf16 or fp16, that of the output here)
+    v_box = f"1, 1, {cfg.block_n}, {head_dim}" if cfg.pv == "16bit" else f"{head_dim}, {cfg.block_n}"
     sig = {
         "desc_q": f"tensordesc<i8[{cfg.block_m}, {head_dim}]>",
         "desc_k": f"tensordesc<i8[{cfg.block_n}, {head_dim}]>",
-        "desc_v": f"tensordesc<{v}[{head_dim}, {cfg.block_n}]>",
+        "desc_v": f"tensordesc<{v}[{v_box}]>",
         "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "vcs_ptr": "*i32", "out_ptr": f"*{out}",
         "qk_mult": "fp32", "S_q": "i32", "S_kv": "i32", "H": "i32", "n_blocks": "i32",
         "stride_ob": "i32", "stride_oh": "i32", "stride_os": "i32", "stride_od": "i32",
     }
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PV_INT8": cfg.pv == "int8",
-              "EMULATE_FP8": False, "stride_od": 1, **triton_attention.loop_options(cfg)}
+              "PV16": cfg.pv == "16bit", "EMULATE_FP8": False, "stride_od": 1, **triton_attention.loop_options(cfg)}
     if cfg.warp_spec:  # Q's descriptors are made in the kernel (see _attention_kernel)
         sig["desc_q"] = "*i8"
     del sig["stride_od"]
@@ -195,16 +198,17 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
                                        ("q_ptr", "h_ptr", "q8_ptr", "qs_ptr", "sqb", "sqh", "sqs"), arch, opts), arch)
     sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "ksum_ptr": "*fp32", "vmax_ptr": "*fp32",
            "S": "i32", "H": "i32", "CHUNK": "i32", "n_chunks": "i32", **strides}
-    consts = {"D": head_dim, "ROWS": triton_attention.STATS_ROWS, "skd": 1, "svd": 1}
+    has_v = cfg.pv != "16bit"  # 16bit: the pass reads no V (K's statistics and blocks only)
+    consts = {"D": head_dim, "ROWS": triton_attention.STATS_ROWS, "HAS_V": has_v, "skd": 1, "svd": 1}
     del sig["skd"], sig["svd"]
     stats_div = tuple(a for a in div if a != "h_ptr")
     out["kv_stats"] = _summary(_compile(triton_attention._kv_stats_kernel, sig, consts, stats_div, arch, opts), arch)
     sig = {"ksum_ptr": "*fp32", "vmax_ptr": "*fp32", "h_ptr": f"*{dtype}", "kmean_ptr": "*fp32", "vs_ptr": "*fp32",
            "S": "i32", "n_chunks": "i32"}
-    consts = {"D": head_dim, "ROT_SCALE": rot["ROT_SCALE"], "PV_INT8": cfg.pv == "int8"}
+    consts = {"D": head_dim, "ROT_SCALE": rot["ROT_SCALE"], "PV_INT8": cfg.pv == "int8", "HAS_V": has_v}
     out["kv_finalize"] = _summary(_compile(triton_attention._kv_finalize_kernel, sig, consts,
                                            ("ksum_ptr", "vmax_ptr", "h_ptr", "kmean_ptr", "vs_ptr"), arch, opts), arch)
-    v = "*i8" if cfg.pv == "int8" else "*fp8e4nv"
+    v = {"int8": "*i8", "fp8": "*fp8e4nv"}.get(cfg.pv, "*i8")  # 16bit: K's launch is given k8 there, unused
     sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "kmean_ptr": "*fp32", "vs_ptr": "*fp32",
            "k8_ptr": "*i8", "ks_ptr": "*fp32", "vt_ptr": v, "vcs_ptr": "*i32", "S": "i32",
            "H": "i32", "n_blocks": "i32", "S_pad": "i32", **strides}
@@ -213,7 +217,7 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
     del sig["skd"], sig["svd"]
     div = (*div, "kmean_ptr", "vs_ptr", "k8_ptr", "ks_ptr", "vt_ptr", "vcs_ptr", "S_pad")  # fresh allocations
     # PART 0: K and V in one launch; 1 and 2: split_quant_kv's two launches
-    for name, part in (("quant_kv", 0), ("quant_k", 1), ("quant_v", 2)):
+    for name, part in (("quant_kv", 0), ("quant_k", 1), ("quant_v", 2)) if has_v else (("quant_k", 1),):
         opts = triton_attention.quant_kv_options(cfg.block_n, head_dim, part)
         out[name] = _summary(_compile(triton_attention._quant_kv_kernel, dict(sig), {**consts, "PART": part}, div,
                                       arch, opts), arch)
@@ -271,6 +275,8 @@ def problems(row: dict, pv: str, cfg: AttentionConfig | None = None) -> list[str
         bad.append("P V does not use wgmma s8")
     if pv == "fp8" and not row["wgmma_e4m3"]:
         bad.append("P V does not use wgmma e4m3")
+    if pv == "16bit" and not row["wgmma_16bit"]:
+        bad.append("P V does not use wgmma bf16/f16")
     if row["mma_sync"]:
         bad.append(f"mma.sync present: {row['mma_sync']}")
     if row.get("ptxas_waits"):  # ptxas serialized the wgmmas (bench/NOTES.md item 59)
@@ -285,20 +291,19 @@ def problems(row: dict, pv: str, cfg: AttentionConfig | None = None) -> list[str
 
 
 def quick_set() -> list[tuple[AttentionConfig, int]]:
-    """The default config at both head sizes, the first e4m3 variant and the first warp-specialized one at D = 128
-    (the unit test's set)."""
+    """The default config at both head sizes, the first e4m3 variant, the first 16-bit P V one and the first
+    warp-specialized one at D = 128 (the unit test's set)."""
     fp8 = next(c for c in attention_configs.VARIANTS if c.pv == "fp8")
+    v16 = next(c for c in attention_configs.VARIANTS if c.pv == "16bit")
     ws = next(c for c in attention_configs.VARIANTS if c.warp_spec)
-    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128), (ws, 128)]
+    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128), (v16, 128), (ws, 128)]
 
 
 def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128), quick: bool = False) -> list[dict]:
     """Compile every config and head size (``quick``: ``quick_set()``, and the quantization kernels of the
-    default only); each row carries its ``problems`` (empty when it passes)."""
+    default and the first 16-bit P V config only); each row carries its ``problems`` (empty when it passes)."""
     rows = []
     pairs = quick_set() if quick else [(c, d) for c in configs for d in head_dims]
-    if quick:
-        configs = [attention_configs.DEFAULT]
     for cfg, d in pairs:
         r = compile_attention(cfg, arch, d)
         rows.append({"what": f"attention {cfg.name} D={d}", "config": asdict(cfg), **r,
@@ -315,6 +320,8 @@ def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128
         bad += check_gluon_launch(gcfg, arch, d)
         rows.append({"what": f"gluon attention 64x{gcfg.block_n} s{gcfg.stages} D={d}", "config": asdict(gcfg), **r,
                      "problems": bad})
+    if quick:  # the 16-bit P V form's pass (no V) too
+        configs = [attention_configs.DEFAULT, next(c for c in attention_configs.VARIANTS if c.pv == "16bit")]
     for cfg in {(c.pv, c.block_n, c.rotate): c for c in configs}.values():
         for name, r in compile_quant(cfg, arch).items():
             bad = [] if r["local"] <= 0 else [f"register spills: local {r['local']} B"]

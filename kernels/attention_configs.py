@@ -20,8 +20,13 @@ Numerics (the twin in ``reference_attention.py`` spells them out):
 * pv = "fp8": P (times 448) and V (one scale per channel) in float8 e4m3, the form SageAttention2 runs on
   Hopper. e4m3 keeps 3 mantissa bits: each of P and V adds ~2.5 % relative error on Gaussian inputs, so
   this form measures ~3.5 % there, over the 2 % bound of issue 14; kept as a measured variant.
+* pv = "16bit": P (in [0, 1]) in V's own type (bf16 or fp16) and V as given, not quantized: INT8 Q K^T with
+  a 16-bit P V, SageAttention 1's split on wgmma. The quantization pass reads and writes no V, P V accumulates
+  into the float32 accumulator directly (16-bit wgmma keeps full float32 sums), and its float32 accumulator lets
+  Triton leave that product in flight (bench/NOTES.md item 56); P V runs at the 16-bit rate, half the 8-bit one.
+  About 1.1 % relative error on Gaussian inputs (INT8 Q and K alone).
 
-Both forms accumulate each block's P @ V separately and add it to the float32 accumulator (the 8-bit
+The 8-bit forms accumulate each block's P @ V separately and add it to the float32 accumulator (the 8-bit
 tensor-core accumulator keeps ~13 mantissa bits on Hopper: accumulated over thousands of keys it would
 lose ~2 %).
 """
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 
-PV_FORMATS = ("int8", "fp8")
+PV_FORMATS = ("int8", "fp8", "16bit")
 HEAD_DIMS = (64, 128)
 
 
@@ -42,7 +47,7 @@ class AttentionConfig:
     block_n: keys per iteration, and the number of keys one K scale covers; <= 128 keeps the int8 P V
         partial sums exact in float32.
     num_warps, num_stages: Triton launch options (stages: TMA loads in flight in the pipelined loop).
-    pv: "int8" or "fp8" (module docstring).
+    pv: "int8", "fp8" or "16bit" (module docstring).
     rotate: Hadamard rotation of Q and K before quantizing.
     warp_spec: mark the key loop ``tl.range(..., warp_specialize=True)``: on sm_90 Triton 3.6's Hopper pass splits
         the program into a TMA producer warpgroup and two consumer warpgroups (12 warps, ``setmaxnreg``), the
@@ -108,6 +113,14 @@ VARIANTS: tuple[AttentionConfig, ...] = (
     AttentionConfig(64, 64, 4, 3, "int8"),
     AttentionConfig(128, 128, 8, 2, "fp8"),
     AttentionConfig(64, 128, 4, 3, "fp8"),
+    # INT8 Q K^T with a 16-bit P V (session 20, bench/NOTES.md item 68): offline sm_90 at D = 128, 8.8-8.95 loop
+    # instructions per score at 128-key blocks (int8: 14), 186 registers at 2 stages (106 KB of shared memory: two
+    # programs per SM), 212 at 3 (156 KB: one); 64-key blocks 12.4 instructions, 138 registers.
+    AttentionConfig(64, 128, 4, 2, "16bit"),
+    AttentionConfig(64, 128, 4, 3, "16bit"),
+    AttentionConfig(128, 128, 8, 2, "16bit"),
+    AttentionConfig(64, 64, 4, 3, "16bit"),
+    AttentionConfig(64, 64, 4, 4, "16bit"),
     # Triton's Hopper warp specialization (issue 14, session 3): one TMA producer warpgroup and two 64-row consumer
     # warpgroups sharing each K/V tile (12 warps, setmaxnreg 40 / 232, 168 registers at launch, no spills,
     # 99-132 KB shared memory, one program per SM; offline sm_90, bench/check_ptx_attention.py). Each consumer
@@ -118,6 +131,7 @@ VARIANTS: tuple[AttentionConfig, ...] = (
     AttentionConfig(128, 128, 4, 2, "int8", warp_spec=True),
     AttentionConfig(128, 128, 4, 3, "int8", warp_spec=True),
     AttentionConfig(128, 128, 4, 2, "fp8", warp_spec=True),
+    AttentionConfig(128, 128, 4, 2, "16bit", warp_spec=True),
 )
 DEFAULT = VARIANTS[0]
 

@@ -12,7 +12,7 @@ order D (identity without ``rotate``):
 * ``k8[j] = round((k[j] H - mean_j(k H)) / ks[b(j)])``, one ``ks`` per block b of ``block_n`` keys;
 * V per channel d: int8 ``round(v / vs[d])`` with ``vs = max(absmax / 127, tiny)``, or e4m3
   ``fp8(v / vs[d])`` with ``vs = max(absmax / 448, tiny)``; stored transposed, ``[D, S_kv]`` per head,
-  because 8-bit wgmma reads its B operand K-major;
+  because 8-bit wgmma reads its B operand K-major; "16bit": V as given (no scale);
 * scores in log2 units ``t = (q8 . k8) * (qs[i] * s * ks[b])``; blocks of keys update the running row max m,
   the row sum l and the float32 accumulator:
   - int8: ``x = exp2(t - m_blk * (1 + 2**-20 sign(m_blk)) + log2 254)`` (m_blk: this block's row max, raised by
@@ -21,11 +21,13 @@ order D (identity without ``rotate``):
     ``l = l * 2**(m - m_new) + sum(x) * 2**(m_blk - m_new)``;
   - fp8: ``x = exp2(t - m_new + log2 448)``, ``acc = acc * 2**(m - m_new) + fp8(x) @ V8``,
     ``l = l * 2**(m - m_new) + sum(x)``;
-* ``out = acc * (1 / l) * vs`` (the 254 or 448 of P cancels between acc and l).
+  - 16bit: ``x = exp2(t - m_new)``, ``acc = acc * 2**(m - m_new) + x.to(V's dtype) @ V``,
+    ``l = l * 2**(m - m_new) + sum(x)``;
+* ``out = acc * (1 / l) * vs`` (the 254 or 448 of P cancels between acc and l; 16bit: ``acc * (1 / l)``).
 
 Error budget on Gaussian q, k, v (relative to float64 attention, measured with this twin): INT8 Q per
 token and K per block ~1.1 %, int8 P ~0.7 %, int8 V ~1.0 %: ~1.5 % together; e4m3 P and V add ~2.5 %
-each (3 mantissa bits), ~3.5 % together.
+each (3 mantissa bits), ~3.5 % together; a 16-bit P and V add ~0.1-0.2 %.
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ class QuantizedQKV:
     q: int8 ``[BH * S_q, D]``; q_scale: float32 ``[BH * S_q]`` (per token).
     k: int8 ``[BH * S_kv, D]`` (mean-smoothed); k_scale: float32 ``[BH, ceil(S_kv / block_n)]``.
     v: int8 or float8_e4m3fn ``[BH * D, S_pad]`` (V transposed: tokens contiguous; S_pad = S_kv rounded up to
-        16 for TMA; columns past S_kv are never read); v_scale: float32 ``[BH, D]``.
+        16 for TMA; columns past S_kv are never read); v_scale: float32 ``[BH, D]``. pv = "16bit": v is the
+        input's ``[B, H, S_kv, D]`` (bf16/fp16, its own strides where TMA can read them) and v_scale None.
     v_colsum: int32 ``[BH, ceil(S_kv / block_n), D]``, each block's column sums of the int8 V (pv = "int8";
-        None for "fp8").
+        None for "fp8" and "16bit").
     shape: (B, H, S_q, S_kv, D).
 
     Another kernel can write these directly (the fused blocks' q/k norm + RoPE, next step of issue 14): Q needs
@@ -73,7 +76,7 @@ class QuantizedQKV:
     k: torch.Tensor
     k_scale: torch.Tensor
     v: torch.Tensor
-    v_scale: torch.Tensor
+    v_scale: torch.Tensor | None
     v_colsum: torch.Tensor | None
     shape: tuple[int, int, int, int, int]
     block_n: int
@@ -116,6 +119,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Attenti
     inv = torch.reciprocal(kscale)
     k8 = torch.where(finite, torch.round(kb * inv[..., None]).clamp(-128, 127), 0.0)
     k8 = k8.reshape(bh, nk * cfg.block_n, d)[:, :s_kv].to(torch.int8).reshape(bh * s_kv, d)
+    if cfg.pv == "16bit":
+        return QuantizedQKV(q8, qs, k8, k_scale, v, None, None, (b, h, s_q, s_kv, d), cfg.block_n, cfg.pv)
     # V: per channel, transposed
     vf = v.float().reshape(bh, s_kv, d)
     vfin = torch.isfinite(vf)
@@ -151,7 +156,8 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out_dtype: torch.dtyp
     mult = torch.tensor(sm_scale * LOG2E, dtype=torch.float32)
     q8 = qa.q.reshape(bh, s_q, d)
     rm_q = qa.q_scale.reshape(bh, s_q) * mult
-    vt = qa.v.reshape(bh, d, -1)
+    v16 = qa.pv == "16bit"
+    vt = qa.v.reshape(bh, s_kv, d) if v16 else qa.v.reshape(bh, d, -1)
     rows = max(1, _ELEMS // max(1, bn * max(1, bh)))
     for r0 in range(0, s_q, rows):
         r1 = min(s_q, r0 + rows)
@@ -167,8 +173,12 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out_dtype: torch.dtyp
             m_blk = t.amax(dim=2)
             m_new = torch.maximum(m, m_blk)
             alpha = torch.exp2(m - m_new)
-            vb = vt[:, :, k0:k1].float().transpose(1, 2)  # [bh, keys, d]
-            if qa.pv == "int8":
+            vb = vt[:, k0:k1].float() if v16 else vt[:, :, k0:k1].float().transpose(1, 2)  # [bh, keys, d]
+            if v16:
+                x = torch.exp2(t - m_new[..., None])
+                acc = acc * alpha[..., None] + x.to(qa.v.dtype).float() @ vb
+                lsum = lsum * alpha + x.sum(dim=2)
+            elif qa.pv == "int8":
                 m_safe = m_blk + m_blk.abs() * MAX_MARGIN
                 x = torch.exp2(t - m_safe[..., None] + math.log2(P_INT8_MAX))
                 p = torch.round(x) - 127.0
@@ -182,7 +192,9 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out_dtype: torch.dtyp
                 acc = acc * alpha[..., None] + pv
                 lsum = lsum * alpha + x.sum(dim=2)
             m = m_new
-        o = acc * torch.reciprocal(lsum)[..., None] * qa.v_scale[:, None, :]
+        o = acc * torch.reciprocal(lsum)[..., None]
+        if not v16:
+            o = o * qa.v_scale[:, None, :]
         out[:, r0:r1] = o.to(out_dtype)
     return out.reshape(b, h, s_q, d)
 

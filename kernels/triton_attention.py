@@ -119,6 +119,23 @@ def _to_e4m3(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _to_16bit(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """float32 x in [0, 1] -> ``dtype`` (bf16 or fp16), round to nearest even (``cvt.rn`` on the GPU).
+
+    EMULATE (the interpreter, whose conversion truncates) rounds to the target's grid in float32 first, which its
+    conversion then keeps exactly: 8 significant bits for bf16; 11 for fp16, steps of 2**-24 below 2**-14."""
+    if EMULATE:
+        bits = x.to(tl.int32, bitcast=True)
+        if dtype == tl.bfloat16:
+            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        else:
+            normal = ((bits + 0xFFF + ((bits >> 13) & 1)) & -8192).to(tl.float32, bitcast=True)
+            small = round_half_even(x * 16777216.0) * 5.9604644775390625e-08
+            x = tl.where(x < 6.103515625e-05, small, normal)
+    return x.to(dtype)
+
+
+@triton.jit
 def _load_tile(ptr, b, h, rows, row_ok, sb, sh, ss, sd, D: tl.constexpr):
     """A [ROWS, D] tile of a [B, H, S, D] tensor with any strides, float32 (0 outside)."""
     d = tl.arange(0, D)
@@ -144,13 +161,14 @@ def _maybe_rotate_qk(x, h_ptr, ROWS: tl.constexpr, D: tl.constexpr, ROT_SCALE: t
 def _kv_stats_kernel(
     k_ptr, v_ptr, ksum_ptr, vmax_ptr,
     S, H, CHUNK, n_chunks, skb, skh, sks, skd, svb, svh, svs, svd,
-    D: tl.constexpr, ROWS: tl.constexpr,
+    D: tl.constexpr, ROWS: tl.constexpr, HAS_V: tl.constexpr = True,
 ):
     """ksum[bh, c] = column sums of K over chunk c of keys (not rotated: ``_kv_finalize_kernel`` rotates their
     total); vmax[bh, c] = channel absmax of V (NaN where the chunk holds NaN/Inf).
 
     The tiles are accumulated element-wise in registers ([ROWS, D] sums and maxima) and reduced across rows once at
-    the end: a reduction per tile would make every tile wait for a round trip through shared memory."""
+    the end: a reduction per tile would make every tile wait for a round trip through shared memory. HAS_V False
+    (pv "16bit": V is not quantized): K's sums only, nothing read from V or written to vmax."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -162,14 +180,16 @@ def _kv_stats_kernel(
         rows = r0 + tl.arange(0, ROWS)
         ok = rows < end
         ksum += _load_tile(k_ptr, b, h, rows, ok, skb, skh, sks, skd, D).to(tl.float32)
-        vt = _load_tile(v_ptr, b, h, rows, ok, svb, svh, svs, svd, D).to(tl.float32)
-        vmax = tl.maximum(vmax, tl.abs(vt), propagate_nan=tl.PropagateNan.ALL)
-    # NaN -> Inf before the row reduction (tl.max drops NaN); a non-finite maximum stores NaN
-    vmax = tl.max(tl.where(vmax == vmax, vmax, float("inf")), axis=0)
+        if HAS_V:
+            vt = _load_tile(v_ptr, b, h, rows, ok, svb, svh, svs, svd, D).to(tl.float32)
+            vmax = tl.maximum(vmax, tl.abs(vt), propagate_nan=tl.PropagateNan.ALL)
     d = tl.arange(0, D)
     out = (bh * n_chunks + c).to(tl.int64) * D + d
     tl.store(ksum_ptr + out, tl.sum(ksum, axis=0))
-    tl.store(vmax_ptr + out, tl.where(vmax <= FLT_MAX, vmax, float("nan")))
+    if HAS_V:
+        # NaN -> Inf before the row reduction (tl.max drops NaN); a non-finite maximum stores NaN
+        vmax = tl.max(tl.where(vmax == vmax, vmax, float("inf")), axis=0)
+        tl.store(vmax_ptr + out, tl.where(vmax <= FLT_MAX, vmax, float("nan")))
 
 
 @triton.jit
@@ -185,11 +205,12 @@ def _v_scale(vmax, PV_INT8: tl.constexpr):
 @triton.jit
 def _kv_finalize_kernel(
     ksum_ptr, vmax_ptr, h_ptr, kmean_ptr, vs_ptr, S, n_chunks,
-    D: tl.constexpr, ROT_SCALE: tl.constexpr, PV_INT8: tl.constexpr,
+    D: tl.constexpr, ROT_SCALE: tl.constexpr, PV_INT8: tl.constexpr, HAS_V: tl.constexpr = True,
 ):
     """Per head bh: kmean[bh] = (sum of K) / S, rotated (``(mean @ H) * ROT_SCALE``: the mean of the rotated keys,
     since the rotation is linear; float32 products of the +-1 matrix, exact), and the V scale vs[bh] (NaN for a
-    channel holding NaN/Inf), from the chunk partials of ``_kv_stats_kernel`` reduced in chunk order."""
+    channel holding NaN/Inf), from the chunk partials of ``_kv_stats_kernel`` reduced in chunk order (HAS_V False:
+    the mean only)."""
     bh = tl.program_id(0)
     d = tl.arange(0, D)
     ksum = tl.zeros((D,), tl.float32)
@@ -197,13 +218,15 @@ def _kv_finalize_kernel(
     for c in range(0, n_chunks):
         at = (bh * n_chunks + c).to(tl.int64) * D + d
         ksum += tl.load(ksum_ptr + at)
-        vmax = tl.maximum(vmax, tl.load(vmax_ptr + at), propagate_nan=tl.PropagateNan.ALL)
+        if HAS_V:
+            vmax = tl.maximum(vmax, tl.load(vmax_ptr + at), propagate_nan=tl.PropagateNan.ALL)
     mean = ksum / S
     if ROT_SCALE > 0:
         hmat = tl.load(h_ptr + d[:, None] * D + d[None, :]).to(tl.float32)
         mean = tl.sum(mean[:, None] * hmat, axis=0) * ROT_SCALE
     tl.store(kmean_ptr + bh * D + d, mean)
-    tl.store(vs_ptr + bh * D + d, _v_scale(vmax, PV_INT8))
+    if HAS_V:
+        tl.store(vs_ptr + bh * D + d, _v_scale(vmax, PV_INT8))
 
 
 @triton.jit
@@ -313,11 +336,12 @@ def _round_p(x):
 
 @triton.jit
 def _attn_block(
-    acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_ptr, vcs_ptr, j, kv_row, vt_row, S_kv,
+    acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_ptr, vcs_ptr, j, kv_row, vt_row, v_b, v_h, S_kv,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, PV_INT8: tl.constexpr,
-    EMULATE_FP8: tl.constexpr,
+    EMULATE_FP8: tl.constexpr, PV16: tl.constexpr,
 ):
-    """One block of BLOCK_N keys: scores, online softmax update, 8-bit P @ V into the float32 acc.
+    """One block of BLOCK_N keys: scores, online softmax update, P @ V into the float32 acc (8-bit, or with PV16
+    P in V's own 16-bit type and V read as given through a [B, H, S, D] descriptor at (v_b, v_h)).
 
     State per query row: acc [BLOCK_M, HEAD_DIM], l (row sum) and m (running max, log2 units), float32.
     """
@@ -329,7 +353,21 @@ def _attn_block(
         qk = tl.where((start_n + tl.arange(0, BLOCK_N) < S_kv)[None, :], qk, float("-inf"))
     m_blk = tl.max(qk, 1) * rm  # this block's row max in log2 units (rm >= 0 commutes with max)
     m_new = tl.maximum(m_i, m_blk)
-    if PV_INT8:
+    if PV16:
+        # x = exp2(t - m_new) in [0, 1]; the product accumulates into acc on the tensor cores in float32 (16-bit
+        # wgmma keeps a full float32 accumulator, unlike 8-bit float: no second accumulation level needed), and its
+        # float32 accumulator lets Triton keep it in flight (NOTES item 56: only non-float32 accumulators are waited
+        # for at issue)
+        alpha = tl.math.exp2(m_i - m_new)
+        x = tl.math.exp2(qk * rm[:, None] - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(x, 1)
+        vb = desc_v.load([v_b, v_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)  # keys past S_kv read as 0 (TMA)
+        p = _to_16bit(x, vb.dtype, EMULATE_FP8)
+        if EMULATE_FP8:  # the interpreter multiplies 16-bit floats' bits as integers in tl.dot: float32 operands
+            acc = tl.dot(p.to(tl.float32), vb.to(tl.float32), acc * alpha[:, None])
+        else:
+            acc = tl.dot(p, vb, acc * alpha[:, None])
+    elif PV_INT8:
         # x = 254 * exp2(t - m_blk) in (0, 254]: one FMA and one exp2 per score. The block's max is raised by
         # 8 ulps (|m_blk| * 2**-20) so the roundings of the exponent can never lift x past 254.5, which would
         # round to 255 and wrap in int8; the factor it takes off x is the same in acc and l.
@@ -361,7 +399,7 @@ def _attention_kernel(
     qk_mult, S_q, S_kv, H, n_blocks, stride_ob, stride_oh, stride_os, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr,
     EMULATE_FP8: tl.constexpr, WARP_SPEC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 0,
-    NO_ACC_MULTIBUF: tl.constexpr = False,
+    NO_ACC_MULTIBUF: tl.constexpr = False, PV16: tl.constexpr = False,
 ):
     """out[b, h, i] = softmax_j(q_i . k_j * sm_scale) @ v for BLOCK_M queries i of head (b, h)."""
     pid_m = tl.program_id(0)
@@ -390,6 +428,8 @@ def _attention_kernel(
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     kv_row = bh * S_kv
     vt_row = bh * HEAD_DIM
+    b = bh // H
+    h = bh % H
     ks_base = ks_ptr + bh * n_blocks
     vcs_base = vcs_ptr + bh.to(tl.int64) * n_blocks * HEAD_DIM
     if WARP_SPEC:
@@ -398,21 +438,22 @@ def _attention_kernel(
         for j in tl.range(0, n_blocks, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None, warp_specialize=True,
                           disallow_acc_multi_buffer=NO_ACC_MULTIBUF):
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
-                                        S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8)
+                                        b, h, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8, PV16)
     else:
         n_full = S_kv // BLOCK_N
         for j in tl.range(0, n_full, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None,
                           disallow_acc_multi_buffer=NO_ACC_MULTIBUF):
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
-                                        S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, EMULATE_FP8)
+                                        b, h, S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, EMULATE_FP8, PV16)
         if n_full < n_blocks:
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, n_full, kv_row,
-                                        vt_row, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8)
+                                        vt_row, b, h, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8, PV16)
     d = tl.arange(0, HEAD_DIM)
-    vs = tl.load(vs_ptr + bh * HEAD_DIM + d)
-    o = acc * (1.0 / l_i)[:, None] * vs[None, :]
-    b = bh // H
-    h = bh % H
+    if PV16:
+        o = acc * (1.0 / l_i)[:, None]
+    else:
+        vs = tl.load(vs_ptr + bh * HEAD_DIM + d)
+        o = acc * (1.0 / l_i)[:, None] * vs[None, :]
     ptrs = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
             + offs_m.to(tl.int64)[:, None] * stride_os + d[None, :] * stride_od)
     tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
@@ -430,6 +471,13 @@ _ATTENTION = FastLauncher(_attention_kernel, interpreting())
 # --------------------------------------------------------------------------------------------
 def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(x.stride())
+
+
+def tma_readable(x: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can read ``x`` as it is: 16-byte aligned start and strides, unit last stride."""
+    size = x.element_size()
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all((st * size) % 16 == 0 for st, n in zip(x.stride()[:-1], x.shape[:-1], strict=True) if n > 1))
 
 
 def stats_chunk(s_kv: int) -> int:
@@ -456,9 +504,13 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
     qs = torch.empty((bh * s_q,), dtype=torch.float32, device=dev)
     k8 = torch.empty((bh * s_kv, d), dtype=torch.int8, device=dev)
     ks = torch.empty((bh, nk), dtype=torch.float32, device=dev)
-    vdtype = torch.int8 if cfg.pv == "int8" else torch.float8_e4m3fn
-    vt = torch.empty((bh * d, s_pad), dtype=vdtype, device=dev)
-    vs = torch.empty((bh, d), dtype=torch.float32, device=dev)
+    has_v = cfg.pv != "16bit"
+    if has_v:
+        vdtype = torch.int8 if cfg.pv == "int8" else torch.float8_e4m3fn
+        vt = torch.empty((bh * d, s_pad), dtype=vdtype, device=dev)
+        vs = torch.empty((bh, d), dtype=torch.float32, device=dev)
+    else:  # the kernel reads V as given
+        vt, vs = (v if tma_readable(v) else v.contiguous()), None
     vcs = torch.empty((bh, nk, d), dtype=torch.int32, device=dev) if cfg.pv == "int8" else None
     part = torch.empty((2, bh, n_chunks, d), dtype=torch.float32, device=dev)
     kmean = torch.empty((bh, d), dtype=torch.float32, device=dev)
@@ -468,11 +520,12 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
         _QUANT_Q((triton.cdiv(s_q, QUANT_ROWS), bh), q, hm, q8, qs, s_q, h, *_strides(q), D=d, ROWS=QUANT_ROWS, **rot,
                  FAST_ROUND=fast, num_warps=QUANT_WARPS)
     _KV_STATS((n_chunks, bh), k, v, part[0], part[1], s_kv, h, chunk, n_chunks, *_strides(k), *_strides(v),
-              D=d, ROWS=STATS_ROWS, num_warps=QUANT_WARPS)
-    _KV_FINALIZE((bh,), part[0], part[1], hm, kmean, vs, s_kv, n_chunks, D=d, ROT_SCALE=rot["ROT_SCALE"],
-                 PV_INT8=cfg.pv == "int8", num_warps=QUANT_WARPS)
-    for p in (1, 2) if cfg.split_quant_kv else (0,):
-        _QUANT_KV((nk, bh), k, v, hm, kmean, vs, k8, ks, vt, vcs if vcs is not None else ks, s_kv, h,
+              D=d, ROWS=STATS_ROWS, HAS_V=has_v, num_warps=QUANT_WARPS)
+    _KV_FINALIZE((bh,), part[0], part[1], hm, kmean, kmean if vs is None else vs, s_kv, n_chunks, D=d,
+                 ROT_SCALE=rot["ROT_SCALE"], PV_INT8=cfg.pv == "int8", HAS_V=has_v, num_warps=QUANT_WARPS)
+    for p in ((1, 2) if cfg.split_quant_kv else (0,)) if has_v else (1,):
+        _QUANT_KV((nk, bh), k, v, hm, kmean, vs if has_v else kmean, k8, ks, vt if has_v else k8,
+                  vcs if vcs is not None else ks, s_kv, h,
                   nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
                   PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast, PART=p,
                   **quant_kv_options(cfg.block_n, d, p))
@@ -494,12 +547,17 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cf
         return out
     desc_q = TensorDescriptor(qa.q, list(qa.q.shape), [d, 1], [cfg.block_m, d])
     desc_k = TensorDescriptor(qa.k, list(qa.k.shape), [d, 1], [cfg.block_n, d])
-    desc_v = TensorDescriptor(qa.v, [qa.v.shape[0], s_kv], [qa.v.stride(0), 1], [d, cfg.block_n])
+    v16 = cfg.pv == "16bit"
+    if v16:  # [B, H, S_kv, D] as given: keys past S_kv read as 0
+        desc_v = TensorDescriptor(qa.v, list(qa.v.shape), list(qa.v.stride()), [1, 1, cfg.block_n, d])
+    else:
+        desc_v = TensorDescriptor(qa.v, [qa.v.shape[0], s_kv], [qa.v.stride(0), 1], [d, cfg.block_n])
     vcs = qa.v_colsum if qa.v_colsum is not None else qa.k_scale
-    args = ((triton.cdiv(s_q, cfg.block_m), b * h), desc_q, desc_k, desc_v, qa.q_scale, qa.k_scale, qa.v_scale, vcs,
+    vs = qa.v_scale if qa.v_scale is not None else qa.k_scale
+    args = ((triton.cdiv(s_q, cfg.block_m), b * h), desc_q, desc_k, desc_v, qa.q_scale, qa.k_scale, vs, vcs,
             out, float(sm_scale * LOG2E), s_q, s_kv, h, qa.k_scale.shape[1], *out.stride())
     kwargs = {"HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PV_INT8": cfg.pv == "int8",
-              "EMULATE_FP8": interpreting(), **loop_options(cfg), "num_warps": cfg.num_warps,
+              "PV16": v16, "EMULATE_FP8": interpreting(), **loop_options(cfg), "num_warps": cfg.num_warps,
               "num_stages": cfg.num_stages}
     if not cfg.warp_spec:
         _ATTENTION(*args, **kwargs)

@@ -29,6 +29,7 @@ BOUND = 0.02
 BOUND_FP8 = 0.045
 # the interpreter's tile: 64 x 64 keeps each program small; S values below are not multiples of it
 SMALL = AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+SMALL16 = AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, pv="16bit")
 FP8 = next(c for c in VARIANTS if c.pv == "fp8")
 
 
@@ -70,6 +71,21 @@ def test_twin_accuracy(seed, d, keys):
     out = reference_attention.attention_8bit(q, k, v, config=SMALL)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel_err(out, ref64(q, k, v)) <= BOUND
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("keys", ["gauss", "offset"])
+def test_twin_16bit_pv_form(seed, dtype, keys):
+    """INT8 Q K^T with P and V in the inputs' 16-bit type: within the bound, and closer to float64 than the all-8-bit
+    form (INT8 Q and K alone carry ~1.1 %); its pass keeps V as given (no scale, no column sums)."""
+    q, k, v = make(2, 2, 90, 170, 128, dtype=dtype, keys=keys)
+    ref = ref64(q, k, v)
+    err16 = rel_err(reference_attention.attention_8bit(q, k, v, config=SMALL16), ref)
+    err8 = rel_err(reference_attention.attention_8bit(q, k, v, config=SMALL), ref)
+    assert err16 <= BOUND and err16 < err8
+    qa = reference_attention.quantize_qkv(q, k, v, SMALL16)
+    assert qa.v is v and qa.v_scale is None and qa.v_colsum is None and qa.pv == "16bit"
 
 
 @pytest.mark.unit
@@ -132,11 +148,12 @@ def _run(path, q, k, v, cfg=SMALL):
 
 
 @pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("cfg", [SMALL, SMALL16], ids=["int8", "16bit"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_query_row_poisons_only_its_row(seed, path, bad):
+def test_nonfinite_query_row_poisons_only_its_row(seed, path, cfg, bad):
     q, k, v = make(1, 2, 70, 90, 64, device=KERNEL_DEVICE if path == "triton" else "cpu")
     q[0, 1, 5, 7] = bad
-    out = _run(path, q, k, v).float().cpu()
+    out = _run(path, q, k, v, cfg).float().cpu()
     assert torch.isnan(out[0, 1, 5]).all()
     others = torch.ones(out.shape[:3], dtype=torch.bool)
     others[0, 1, 5] = False
@@ -146,9 +163,10 @@ def test_nonfinite_query_row_poisons_only_its_row(seed, path, bad):
 
 
 @pytest.mark.parametrize("path", _paths())
-def test_zero_v_gives_zeros(seed, path):
+@pytest.mark.parametrize("cfg", [SMALL, SMALL16], ids=["int8", "16bit"])
+def test_zero_v_gives_zeros(seed, path, cfg):
     q, k, v = make(1, 2, 50, 70, 128, device=KERNEL_DEVICE if path == "triton" else "cpu")
-    out = _run(path, q, k, torch.zeros_like(v)).float().cpu()
+    out = _run(path, q, k, torch.zeros_like(v), cfg).float().cpu()
     assert torch.equal(out, torch.zeros(out.shape))
 
 
@@ -198,6 +216,46 @@ def test_quantization_pass_matches_twin(seed, cfg, d):
         assert torch.equal(got.v_colsum.cpu(), want.v_colsum)
     for name in ("q_scale", "k_scale", "v_scale"):  # rotation sums differ in order: within a few ulps
         torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name), rtol=1e-6, atol=0)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_16bit_pv_form(seed, d, dtype):
+    """The 16-bit P V form: its pass writes the twin's int8 Q and K and reads V as given; the kernel on the same
+    quantized inputs matches the twin (P rounded to V's type as the GPU's cvt.rn does), B, H > 1, S_q != S_kv, neither
+    a multiple of the tile, q, k, v as the fused blocks pass them ([B, S, H, D] buffers seen as [B, H, S, D])."""
+    from int8_w8a8.kernels import triton_attention
+
+    b, h, s_q, s_kv = 2, 3, 70, 150
+    dev = KERNEL_DEVICE
+    q, k, v = (torch.randn(b, s, h, d, device=dev).to(dtype).transpose(1, 2) for s in (s_q, s_kv, s_kv))
+    got = triton_attention.quantize(q, k, v, SMALL16)
+    want = reference_attention.quantize_qkv(q.cpu(), k.cpu(), v.cpu(), SMALL16)
+    for name in ("q", "k"):
+        diff = (getattr(got, name).cpu().int() - getattr(want, name).int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3, name
+    assert got.v is v and got.v_scale is None and got.v_colsum is None
+    sm = 1 / math.sqrt(d)
+    out = triton_attention.attention_quantized(want if dev == "cpu" else got, sm,
+                                               torch.empty(q.shape, dtype=torch.float32, device=dev), SMALL16).cpu()
+    twin = reference_attention.attention_quantized(want, sm, torch.float32)
+    assert rel_err(out, twin) <= (1e-5 if dev == "cpu" else 2e-3)
+    assert rel_err(out, ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND
+
+
+@pytest.mark.kernels
+def test_kernel_16bit_pv_reads_any_v_layout(seed):
+    """A V that TMA cannot read as it is (a row stride of 65 elements: not 16-byte aligned) is copied once; the
+    result equals that of a contiguous V, and a TMA-readable view is read in place."""
+    from int8_w8a8.kernels import triton_attention
+
+    q, k, _ = make(1, 2, 40, 90, 64, device=KERNEL_DEVICE)
+    wide = torch.randn(1, 2, 90, 65, device=KERNEL_DEVICE).bfloat16()
+    v = wide[..., :64]
+    assert not triton_attention.tma_readable(v) and triton_attention.tma_readable(v.contiguous())
+    assert triton_attention.quantize(q, k, v, SMALL16).v is not v
+    assert torch.equal(triton_run(q, k, v, SMALL16), triton_run(q, k, v.contiguous(), SMALL16))
 
 
 @pytest.mark.kernels
@@ -304,7 +362,7 @@ def test_gpu_variants_at_model_sizes(seed, cfg):
     _ws_on_gpu_needs_opt_in(cfg)
     q, k, v = make(1, 4, 1000, 1500, 128, device="cuda")
     out = triton_run(q, k, v, cfg)
-    bound = BOUND if cfg.pv == "int8" else BOUND_FP8
+    bound = BOUND_FP8 if cfg.pv == "fp8" else BOUND
     assert rel_err(out.cpu(), ref64(q.cpu(), k.cpu(), v.cpu())) <= bound
 
 
@@ -418,16 +476,21 @@ def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     rows = json.loads(out.stdout) if out.stdout.strip().startswith("[") else []
     assert rows and out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     kernels = [r for r in rows if r["what"].startswith("attention")]
-    assert len(kernels) == 4
+    assert len(kernels) == 5
     for r in kernels:
         assert not r["problems"], r
         assert any(".s32.s8.s8" in w for w in r["wgmma"]) and r["tma_loads"] > 0, r
         if r["config"]["pv"] == "fp8":
             assert any(".e4m3.e4m3" in w for w in r["wgmma"]), r
+        if r["config"]["pv"] == "16bit":
+            assert any(".f32.bf16.bf16" in w for w in r["wgmma"]), r
     assert all(not r["problems"] for r in rows), [r for r in rows if r["problems"]]
     # Triton 3.6 waits for every INT8 product as soon as it is issued (its pipeliner keeps a wgmma in flight only
-    # with a float32 accumulator: bench/NOTES.md item 56), so no softmax runs under the warpgroup's own wgmma
-    assert all(r["wgmma_waits"] == [0] and r["wgmma_overlap_instr"] == 0 for r in kernels), kernels
+    # with a float32 accumulator: bench/NOTES.md item 56), so no softmax runs under the warpgroup's own wgmma; the
+    # 16-bit P V product (float32 accumulator) is left in flight until the next Q K^T's wait
+    eight = [r for r in kernels if r["config"]["pv"] != "16bit"]
+    assert all(r["wgmma_waits"] == [0] and r["wgmma_overlap_instr"] == 0 for r in eight), eight
+    assert all(r["wgmma_overlap_instr"] > 0 for r in kernels if r["config"]["pv"] == "16bit"), kernels
     # the Gluon kernel states its waits: the next block's Q K^T in flight across each block's softmax
     # (kernels/gluon_attention.py), in a form ptxas keeps (no serialization note, bench/NOTES.md item 59); no Triton
     # attention kernel gets such a note either
@@ -445,8 +508,11 @@ def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     assert plain is None or plain <= 15.0, per_score
     # the quantization pass (bench/NOTES.md item 63): the statistics stream K and V without a rotation (no wgmma),
     # and no tile is read or written an element at a time (V's transposed store is 16 bytes wide)
-    quant = {r["what"].split()[0]: r for r in rows if r["what"].startswith(("kv_", "quant_"))}
+    quant = {r["what"].split()[0]: r for r in rows if r["what"].startswith(("kv_", "quant_")) and " int8 " in r["what"]}
     assert {"kv_stats", "kv_finalize", "quant_q", "quant_k", "quant_v"} <= set(quant), sorted(quant)
+    # the 16-bit P V form's pass: K's statistics and blocks only (nothing of V is read or written)
+    no_v = {r["what"].split()[0] for r in rows if r["what"].startswith(("kv_", "quant_")) and " 16bit " in r["what"]}
+    assert no_v == {"kv_stats", "kv_finalize", "quant_q", "quant_k"}, no_v
     assert not quant["kv_stats"]["wgmma"], quant["kv_stats"]
     narrow = {name: [op for op in r["global_access"] if op.endswith((".b8", ".b16"))] for name, r in quant.items()}
     assert not any(narrow.values()), narrow
