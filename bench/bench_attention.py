@@ -75,8 +75,10 @@ def _ms_queued(fn, calls: int = QUEUED_CALLS, reps: int = 5) -> float:
 
 
 # bytes each quantization kernel must move per element of one [B, H, S, D] tensor (2-byte inputs): the Q rows read
-# Q and write int8; the statistics read K and V; the K/V blocks read K and V and write both in 8 bits
+# Q and write int8; the statistics read K and V; the K/V blocks read K and V and write both in 8 bits. The 16-bit P V
+# form's pass reads no V: its statistics read K, its K blocks read K and write int8.
 PASS_BYTES_PER_ELEMENT = {"_quant_q_kernel": 3, "_kv_stats_kernel": 4, "_kv_finalize_kernel": 0, "_quant_kv_kernel": 6}
+PASS_BYTES_NO_V = {**PASS_BYTES_PER_ELEMENT, "_kv_stats_kernel": 2, "_quant_kv_kernel": 3}
 
 
 def profile_pass(h: int, s: int, cfg, dev: str, dt: torch.dtype, calls: int = 5) -> list[dict]:
@@ -101,7 +103,7 @@ def profile_pass(h: int, s: int, cfg, dev: str, dt: torch.dtype, calls: int = 5)
     elements = s * h * HEAD_DIM
     rows = []
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
-        nbytes = PASS_BYTES_PER_ELEMENT.get(name, 0) * elements
+        nbytes = (PASS_BYTES_NO_V if cfg.pv == "16bit" else PASS_BYTES_PER_ELEMENT).get(name, 0) * elements
         rows.append({"H": h, "S": s, "kernel": name, "us": round(us, 1),
                      "tb_s": round(nbytes / us / 1e6, 2) if nbytes and us else None})
         rate = f"  {nbytes / us / 1e6:5.2f} TB/s" if nbytes else ""
@@ -220,9 +222,10 @@ def _bench_shape(h: int, s: int, variants, sm_scale: float, dev: str, dt: torch.
         except Exception as exc:  # a kernel that fails on this GPU must not cost the others their run
             skipped[name] = f"{type(exc).__name__}: {exc}"
             print(f"{name}: failed ({skipped[name]})", flush=True)
-    # the quantization pass with K and V in one launch and in two (split_quant_kv): the same numbers
-    if variants:
-        old = variants[0]
+    # the quantization pass with K and V in one launch and in two (split_quant_kv): the same numbers (the first
+    # variant whose pass quantizes V: the 16-bit P V form reads V as given)
+    old = next((c for c in variants if c.pv != "16bit"), None)
+    if old is not None:
         new = dataclasses.replace(old, split_quant_kv=not old.split_quant_kv)
         a, b = triton_attention.quantize(q, k, v, old), triton_attention.quantize(q, k, v, new)
         same = all(torch.equal(x.view(torch.int8), y.view(torch.int8))  # bits (V past S_kv is never written)

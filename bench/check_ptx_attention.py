@@ -291,17 +291,22 @@ def problems(row: dict, pv: str, cfg: AttentionConfig | None = None) -> list[str
 
 
 def quick_set() -> list[tuple[AttentionConfig, int]]:
-    """The default config at both head sizes, the first e4m3 variant, the first 16-bit P V one and the first
-    warp-specialized one at D = 128 (the unit test's set)."""
+    """The default config (16-bit P V) at both head sizes, the first int8 P V variant, the first e4m3 one and the
+    first warp-specialized one at D = 128 (the unit test's set)."""
     fp8 = next(c for c in attention_configs.VARIANTS if c.pv == "fp8")
-    v16 = next(c for c in attention_configs.VARIANTS if c.pv == "16bit")
+    int8 = first_int8()
     ws = next(c for c in attention_configs.VARIANTS if c.warp_spec)
-    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (fp8, 128), (v16, 128), (ws, 128)]
+    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (int8, 128), (fp8, 128), (ws, 128)]
+
+
+def first_int8() -> AttentionConfig:
+    """The first int8 P V variant (the default before the 16-bit P V form, bench/NOTES.md item 68)."""
+    return next(c for c in attention_configs.VARIANTS if c.pv == "int8")
 
 
 def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128), quick: bool = False) -> list[dict]:
     """Compile every config and head size (``quick``: ``quick_set()``, and the quantization kernels of the
-    default and the first 16-bit P V config only); each row carries its ``problems`` (empty when it passes)."""
+    default and the first int8 P V config only); each row carries its ``problems`` (empty when it passes)."""
     rows = []
     pairs = quick_set() if quick else [(c, d) for c in configs for d in head_dims]
     for cfg, d in pairs:
@@ -320,8 +325,8 @@ def check(configs=attention_configs.VARIANTS, arch: int = 90, head_dims=(64, 128
         bad += check_gluon_launch(gcfg, arch, d)
         rows.append({"what": f"gluon attention 64x{gcfg.block_n} s{gcfg.stages} D={d}", "config": asdict(gcfg), **r,
                      "problems": bad})
-    if quick:  # the 16-bit P V form's pass (no V) too
-        configs = [attention_configs.DEFAULT, next(c for c in attention_configs.VARIANTS if c.pv == "16bit")]
+    if quick:  # the 16-bit P V default's pass (no V) and the int8 P V form's
+        configs = [attention_configs.DEFAULT, first_int8()]
     for cfg in {(c.pv, c.block_n, c.rotate): c for c in configs}.values():
         for name, r in compile_quant(cfg, arch).items():
             bad = [] if r["local"] <= 0 else [f"register spills: local {r['local']} B"]

@@ -19,9 +19,9 @@ rule lives with the fused blocks, ``ops/blocks/attention_choice.py``); a direct 
 Whether a model's ``auto`` attention choice runs this function at all is data too: ``auto_8bit(device)`` picks
 8-bit only where the implementation the rules above choose was measured faster than SDPA's default backend on
 that GPU generation (quantization included, at every size measured) and within ``REL_ERROR_BOUND``
-(``TRITON_MEASURED``, ``KITCHEN_SPEEDUP_VS_SDPA``/``KITCHEN_REL_ERROR``). Nothing is measured faster today: on the
-H200 the default Triton configuration runs at 0.66x (S = 4608) to 0.95x (S = 14040) cuDNN with its quantization
-pass, so ``auto`` keeps ComfyUI's attention there.
+(``TRITON_MEASURED``, ``KITCHEN_SPEEDUP_VS_SDPA``/``KITCHEN_REL_ERROR``). Nothing is measured faster at every size
+today: on the H200 the default Triton configuration (INT8 Q K^T, 16-bit P V) runs at 0.77x (S = 4608) to 1.03x
+(S = 14040) cuDNN with its quantization pass, so ``auto`` keeps ComfyUI's attention there.
 Updating the tables after a GPU run changes ``auto``.
 """
 
@@ -80,7 +80,11 @@ TRITON_MEASURED: dict[tuple[tuple[int, int], str], Measured] = {
     ((9, 0), "int8-128x128-w8-s3"): Measured(0.49, 0.0165),
     ((9, 0), "int8-128x64-w8-s3"): Measured(0.39, 0.0158),
     ((9, 0), "int8-64x128-w4-s3"): Measured(0.60, 0.0165),
-    # the default: the same kernel with the split quantization pass. Session 18 (bench/NOTES.md item 64,
+    # the default since session 20 (bench/NOTES.md item 68, h200-bench-attention-16bit-session20.txt), kernel + pass
+    # (flushed single calls): 0.516 ms against cuDNN's 0.399 at H = 24, S = 4608 (0.77x, the lowest; 0.668 vs 0.512 at
+    # H = 32), 0.98x at H = 32, S = 16896, 1.03x at H = 40, S = 14040 (Wan)
+    ((9, 0), "16bit-64x128-w4-s2"): Measured(0.77, 0.0118),
+    # the default before: the same int8 kernel with the split quantization pass. Session 18 (bench/NOTES.md item 64,
     # h200-bench-attention-pass-final-session18.txt), kernel + pass: 0.600 ms against cuDNN's 0.398 at H = 24, S = 4608
     # (0.66x, the lowest), 0.95x at H = 40, S = 14040 (Wan; 1.00x queued back to back), 0.94x at H = 32, S = 16896
     ((9, 0), "int8-64x128-w4-s3-qsplit"): Measured(0.66, 0.0165),

@@ -96,15 +96,23 @@ class AttentionConfig:
 # bench/check_ptx_attention.py): 128x128 at 8 warps takes over 200 registers per thread, one program per SM,
 # whose two warpgroups the loop's CTA barriers (TMA buffer reuse) keep in step; 64-row tiles at 4 warps
 # take 168-243 registers, two (64x128) or three (64x64) independent programs per SM, so one program's
-# softmax can run while another's wgmma does. Measured on the H200 (bench/results/h200-bench-attention.txt,
-# NOTES item 20): int8 64x128 at 4 warps, 3 stages is the fastest form within the 2 % bound (kernel 548-560
-# TFLOP/s, 0.82-0.88x cuDNN); 128x128 at 8 warps 391-438, 128x64 304-311; fp8 64x128 713-755 (1.05-1.20x
-# cuDNN) at 3.8 % error. Switches that took ALU work out of the int8 loop (fast_cvt, NOTES item 20;
-# lazy_rescale, rowsum_dot, p_f16, biased_acc, item 23) measured no gain and were removed.
-# The default quantizes K and V in separate programs (``split_quant_kv``): bit-identical, and on the H200
-# (session 4, bench/results/h200-bench-attention-ws.json) the pass took 0.211 instead of 0.231 ms at H = 32,
-# S = 4608 and 0.669 instead of 0.759-0.766 ms at S = 16896 (255 -> 214-225 registers, NOTES item 29).
+# softmax can run while another's wgmma does.
+# The default since session 20 (bench/NOTES.md item 68, bench/results/h200-bench-attention-16bit-session20.txt): INT8
+# Q K^T with a 16-bit P V, 64x128 tiles at 4 warps and 2 stages (186 registers, 106 KB: two programs per SM; 8.8 loop
+# instructions per score against the int8 form's 14). On the H200 its kernel runs as fast as the int8 form's
+# (6.55 vs 6.56 ms at Wan's H = 40, S = 14040) and its pass, with no V to read, takes half the time, so with the pass
+# it is 1.03x cuDNN at Wan's shape, 0.98x at H = 32, S = 16896 and 0.77x at S = 4608 (the int8 form 0.99x, 0.93x,
+# 0.67x in the same run), at rel. error 0.0117 instead of 0.0165. At 3 stages (156 KB, one program per SM) 0.79-0.84x,
+# 128x128 at 8 warps 0.60-0.89x, 64x64 0.71-0.93x (64x64 at 4 stages the same as 3).
+# The int8 P V form: int8 64x128 at 4 warps, 3 stages was the fastest form within the 2 % bound before (kernel
+# 548-560 TFLOP/s, 0.82-0.88x cuDNN; item 20); 128x128 at 8 warps 391-438, 128x64 304-311; fp8 64x128 713-755
+# (1.05-1.20x cuDNN) at 3.8 % error. Switches that took ALU work out of the int8 loop (fast_cvt, NOTES item 20;
+# lazy_rescale, rowsum_dot, p_f16, biased_acc, item 23) measured no gain and were removed. Its pass quantizes K and V
+# in separate programs (``split_quant_kv``): bit-identical, and on the H200 (session 4,
+# bench/results/h200-bench-attention-ws.json) 0.211 instead of 0.231 ms at H = 32, S = 4608 and 0.669 instead of
+# 0.759-0.766 ms at S = 16896 (255 -> 214-225 registers, NOTES item 29).
 VARIANTS: tuple[AttentionConfig, ...] = (
+    AttentionConfig(64, 128, 4, 2, "16bit"),
     AttentionConfig(64, 128, 4, 3, "int8", split_quant_kv=True),
     AttentionConfig(64, 128, 4, 3, "int8"),
     AttentionConfig(128, 128, 8, 2, "int8"),
@@ -113,20 +121,13 @@ VARIANTS: tuple[AttentionConfig, ...] = (
     AttentionConfig(64, 64, 4, 3, "int8"),
     AttentionConfig(128, 128, 8, 2, "fp8"),
     AttentionConfig(64, 128, 4, 3, "fp8"),
-    # INT8 Q K^T with a 16-bit P V (session 20, bench/NOTES.md item 68): offline sm_90 at D = 128, 8.8-8.95 loop
-    # instructions per score at 128-key blocks (int8: 14), 186 registers at 2 stages (106 KB of shared memory: two
-    # programs per SM), 212 at 3 (156 KB: one); 64-key blocks 12.4 instructions, 138 registers.
-    AttentionConfig(64, 128, 4, 2, "16bit"),
-    AttentionConfig(64, 128, 4, 3, "16bit"),
-    AttentionConfig(128, 128, 8, 2, "16bit"),
     AttentionConfig(64, 64, 4, 3, "16bit"),
-    AttentionConfig(64, 64, 4, 4, "16bit"),
     # Triton's Hopper warp specialization (issue 14, session 3): one TMA producer warpgroup and two 64-row consumer
     # warpgroups sharing each K/V tile (12 warps, setmaxnreg 40 / 232, 168 registers at launch, no spills,
     # 99-132 KB shared memory, one program per SM; offline sm_90, bench/check_ptx_attention.py). Each consumer
     # still waits for its own wgmma (no ping-pong in Triton 3.6); every key block is masked (15.3 loop
     # instructions per score at D = 128 against the default's 14.2). Last: a variant whose mbarriers deadlock
-    # on the GPU would stop the benchmark after the others ran.
+    # on the GPU would stop the benchmark after the others ran. The 16-bit P V one: 0.64-0.94x cuDNN (session 20).
     AttentionConfig(64, 128, 4, 3, "int8", loop_stages=3),
     AttentionConfig(128, 128, 4, 2, "int8", warp_spec=True),
     AttentionConfig(128, 128, 4, 3, "int8", warp_spec=True),

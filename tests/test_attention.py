@@ -93,7 +93,8 @@ def test_variant_names():
     """The names key the measurements (attention.TRITON_MEASURED): unique, the default first."""
     names = [c.name for c in VARIANTS]
     assert len(set(names)) == len(names)
-    assert DEFAULT is VARIANTS[0] and DEFAULT.name == "int8-64x128-w4-s3-qsplit"
+    assert DEFAULT is VARIANTS[0] and DEFAULT.name == "16bit-64x128-w4-s2"
+    assert VARIANTS[1].name == "int8-64x128-w4-s3-qsplit"
     assert AttentionConfig(rotate=False).name == "int8-128x128-w8-s2-norot"
     switches = AttentionConfig(warp_spec=True, loop_stages=3, no_acc_multibuf=True, split_quant_kv=True)
     assert switches.name == "int8-128x128-w8-s2-ws-ls3-noaccmb-qsplit"
@@ -102,7 +103,7 @@ def test_variant_names():
 @pytest.mark.unit
 def test_twin_fp8_form_is_less_accurate(seed):
     """The e4m3 P/V form (the issue's first sketch) stays within its own, looser bound; on Gaussian inputs it
-    is over the 2 % of issue 14, which is why int8 P/V is the default."""
+    is over the 2 % of issue 14, which is why the default's P V is 16-bit (int8 before, also within it)."""
     q, k, v = make(1, 2, 90, 150, 128)
     err8 = rel_err(reference_attention.attention_8bit(q, k, v, config=FP8), ref64(q, k, v))
     err_i = rel_err(reference_attention.attention_8bit(q, k, v, config=DEFAULT), ref64(q, k, v))
@@ -240,7 +241,8 @@ def test_kernel_16bit_pv_form(seed, d, dtype):
     out = triton_attention.attention_quantized(want if dev == "cpu" else got, sm,
                                                torch.empty(q.shape, dtype=torch.float32, device=dev), SMALL16).cpu()
     twin = reference_attention.attention_quantized(want, sm, torch.float32)
-    assert rel_err(out, twin) <= (1e-5 if dev == "cpu" else 2e-3)
+    # an exp2 one ulp apart (numpy's or the GPU's against torch's) can flip the 16-bit rounding of a P value
+    assert rel_err(out, twin) <= (5e-4 if dev == "cpu" else 2e-3)
     assert rel_err(out, ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND
 
 
@@ -501,11 +503,13 @@ def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     # num_warps + 8 and setmaxnreg), each consumer with both products on wgmma
     ws = [r for r in kernels if r["config"]["warp_spec"]]
     assert len(ws) == 1 and ws[0]["num_warps"] == 12 and ws[0]["sass_hgmma_igmma"] in (None, 16), ws
-    # the default's main loop as measured on the H200 (NOTES items 20 and 23: 14.19 instructions per score at
-    # D = 128 offline with Triton 3.6); present where cuobjdump is
+    # the main loops as measured on the H200 (NOTES items 20, 23 and 68: 14.19 instructions per score for the int8
+    # P V form and 8.84 for the 16-bit default at D = 128 offline with Triton 3.6); present where cuobjdump is
     per_score = {r["what"]: r.get("instr_per_score") for r in kernels}
     plain = per_score[f"attention {DEFAULT.name} D=128"]
-    assert plain is None or plain <= 15.0, per_score
+    int8 = per_score[f"attention {VARIANTS[1].name} D=128"]
+    assert plain is None or plain <= 9.5, per_score
+    assert int8 is None or int8 <= 15.0, per_score
     # the quantization pass (bench/NOTES.md item 63): the statistics stream K and V without a rotation (no wgmma),
     # and no tile is read or written an element at a time (V's transposed store is 16 bytes wide)
     quant = {r["what"].split()[0]: r for r in rows if r["what"].startswith(("kv_", "quant_")) and " int8 " in r["what"]}
