@@ -10,8 +10,8 @@ Public API (stable; ``int8_w8a8.kernels.reference`` has same-signature twins):
 - ``lora_rank_padded(r) -> int`` (the rank the LoRA epilogue runs at)
 - ``kernels.fused``: LayerNorm/modulation, SwiGLU or GELU-tanh and q/k norm + RoPE fused with quantization, and the
   gated residual add fused into the GEMM (the fused blocks of ``ops/blocks/``)
-- ``attention_8bit(q, k, v, *, scale=None) -> out`` (``kernels.attention``): INT8 Q K^T and 8-bit P V on
-  Hopper, its twin in ``kernels.reference_attention``
+- ``attention_8bit(q, k, v, *, scale=None) -> out`` (``kernels.attention``): INT8 Q K^T and a 16-bit (or 8-bit)
+  P V on Hopper, its twin in ``kernels.reference_attention``
 
 Importing this package needs only torch; Triton is imported on first use on a CUDA device.
 """

@@ -1,4 +1,4 @@
-"""Triton 8-bit attention for Hopper: INT8 Q K^T and 8-bit P V on wgmma, with its quantization pass.
+"""Triton 8-bit attention for Hopper: INT8 Q K^T and a 16-bit or 8-bit P V on wgmma, with its quantization pass.
 
 Four quantization kernels read the bf16/fp16 inputs (any strides) and write the formats of
 ``reference_attention.QuantizedQKV`` (numerics there; the configuration in ``attention_configs.py``):
@@ -12,9 +12,12 @@ Four quantization kernels read the bf16/fp16 inputs (any strides) and write the 
   V -> int8 or e4m3 with the per-channel scale, written transposed (wgmma reads 8-bit B operands K-major),
   plus the block's int8 column sums of V.
 
+With ``pv = "16bit"`` (the default on Hopper) V is not quantized: the statistics sum K only, the K/V kernel runs its
+K half only, and the attention kernel reads V as given through a rank-4 ``[B, H, S, D]`` descriptor.
+
 ``_attention_kernel`` is the forward pass of FlashAttention-2 with one program per (query tile, head):
 the Q tile stays in shared memory; K and V^T tiles arrive through TMA descriptors in a software-pipelined
-loop (``num_stages``); both products run on wgmma (s8 x s8 -> s32 for Q K^T; s8 or e4m3 for P V); softmax
+loop (``num_stages``); both products run on wgmma (s8 x s8 -> s32 for Q K^T; bf16/f16, s8 or e4m3 for P V); softmax
 statistics are float32. A last, partial block of keys is a separate, masked copy of the loop body, so the
 full blocks carry no masks. Tiles read past a head's last query or key land in the next head's rows (or
 TMA's zero fill at the end of the tensor): those queries are not stored and those keys are masked.
@@ -23,8 +26,8 @@ Without ``warp_spec`` each warpgroup waits for its own wgmma, and the CTA barrie
 reusing a TMA buffer keep a program's warpgroups in step, so softmax overlaps the tensor cores only across
 programs (64-row tiles: two or three programs per SM). ``warp_spec`` (128-row tiles at 4 warps) has Triton 3.6's
 Hopper pass split a program into a TMA producer warpgroup and two 64-row consumer warpgroups that share each
-K/V tile; the consumers still wait for their own wgmma (no ping-pong). Per score the loop
-issues ~14 instructions for int8 P V and ~10 for e4m3 (offline SASS, bench/check_ptx_attention.py), against
+K/V tile; the consumers still wait for their own wgmma (no ping-pong). Per score the loop issues ~14
+instructions for int8 P V, ~10 for e4m3 and ~9 for 16-bit (offline SASS, bench/check_ptx_attention.py), against
 1/16 of an SM clock of 8-bit tensor-core work: the ALU, not the tensor cores, bounds this kernel. Switches that
 took ALU work out of the int8 loop measured no gain and were removed (bench/NOTES.md items 20 and 23).
 """
