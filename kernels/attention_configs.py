@@ -122,6 +122,10 @@ VARIANTS: tuple[AttentionConfig, ...] = (
     AttentionConfig(128, 128, 8, 2, "fp8"),
     AttentionConfig(64, 128, 4, 3, "fp8"),
     AttentionConfig(64, 64, 4, 3, "16bit"),
+    # three programs per SM (offline sm_90, D = 128): 64x128 without pipelining (167 registers, 41 KB) and 64x64 at
+    # 2 stages (138 registers, 57 KB)
+    AttentionConfig(64, 128, 4, 1, "16bit"),
+    AttentionConfig(64, 64, 4, 2, "16bit"),
     # Triton's Hopper warp specialization (issue 14, session 3): one TMA producer warpgroup and two 64-row consumer
     # warpgroups sharing each K/V tile (12 warps, setmaxnreg 40 / 232, 168 registers at launch, no spills,
     # 99-132 KB shared memory, one program per SM; offline sm_90, bench/check_ptx_attention.py). Each consumer
