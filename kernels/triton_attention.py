@@ -477,10 +477,12 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def tma_readable(x: torch.Tensor) -> bool:
-    """Whether a TMA descriptor can read ``x`` as it is: 16-byte aligned start and strides, unit last stride."""
+    """Whether a TMA descriptor can read ``x`` as it is: 16-byte aligned start and strides, unit last stride, no
+    broadcast (zero-stride) dimension."""
     size = x.element_size()
     return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all((st * size) % 16 == 0 for st, n in zip(x.stride()[:-1], x.shape[:-1], strict=True) if n > 1))
+            and all(st > 0 and (st * size) % 16 == 0
+                    for st, n in zip(x.stride()[:-1], x.shape[:-1], strict=True) if n > 1))
 
 
 def stats_chunk(s_kv: int) -> int:

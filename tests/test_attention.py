@@ -248,8 +248,8 @@ def test_kernel_16bit_pv_form(seed, d, dtype):
 
 @pytest.mark.kernels
 def test_kernel_16bit_pv_reads_any_v_layout(seed):
-    """A V that TMA cannot read as it is (a row stride of 65 elements: not 16-byte aligned) is copied once; the
-    result equals that of a contiguous V, and a TMA-readable view is read in place."""
+    """A V that TMA cannot read as it is (a row stride of 65 elements: not 16-byte aligned; a head dimension of
+    stride 0) is copied once; the result equals that of a contiguous V, and a TMA-readable view is read in place."""
     from int8_w8a8.kernels import triton_attention
 
     q, k, _ = make(1, 2, 40, 90, 64, device=KERNEL_DEVICE)
@@ -258,6 +258,9 @@ def test_kernel_16bit_pv_reads_any_v_layout(seed):
     assert not triton_attention.tma_readable(v) and triton_attention.tma_readable(v.contiguous())
     assert triton_attention.quantize(q, k, v, SMALL16).v is not v
     assert torch.equal(triton_run(q, k, v, SMALL16), triton_run(q, k, v.contiguous(), SMALL16))
+    shared = v[:, :1].expand(1, 2, 90, 64)  # one V for both heads: a zero stride, copied too
+    assert not triton_attention.tma_readable(shared)
+    assert torch.equal(triton_run(q, k, shared, SMALL16), triton_run(q, k, shared.contiguous(), SMALL16))
 
 
 @pytest.mark.kernels
