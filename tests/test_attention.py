@@ -246,6 +246,19 @@ def test_kernel_16bit_pv_form(seed, d, dtype):
     assert rel_err(out, ref64(q.cpu(), k.cpu(), v.cpu())) <= BOUND
 
 
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_16bit_pv_nonfinite_v_poisons_only_its_channel(seed, path, bad):
+    """With V unquantized, a NaN or Inf in V reaches every query's output in that head's channel and nowhere else (the
+    8-bit forms get the same through the channel's NaN scale)."""
+    q, k, v = make(1, 2, 40, 300, 64, device=KERNEL_DEVICE if path == "triton" else "cpu")
+    v[0, 1, 233, 9] = bad
+    out = _run(path, q, k, v, SMALL16).float().cpu()
+    bad_at = torch.zeros(out.shape, dtype=torch.bool)
+    bad_at[0, 1, :, 9] = True
+    assert not torch.isfinite(out[bad_at]).any() and torch.isfinite(out[~bad_at]).all()
+
+
 @pytest.mark.kernels
 def test_kernel_16bit_pv_reads_any_v_layout(seed):
     """A V that TMA cannot read as it is (a row stride of 65 elements: not 16-byte aligned; a head dimension of
