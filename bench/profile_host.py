@@ -429,19 +429,21 @@ def print_fused_rows(rows: list[dict], title: str) -> None:
 def _proxy_launches():
     """CPU proxy of the fused path: Triton's path forced (the interpreter never runs: launches stop where Triton's
     C launcher would run and are recorded as compiled ones: ``_null_launches``)."""
-    from ..kernels import api, direct, fused
+    from ..kernels import api, direct, fused, triton_fused
     from ..kernels.dispatch import Backend
 
     hopper = Backend("triton", "cpu proxy", (9, 0))
-    saved = fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend
-    # direct's too: a LinearPlan made on the CPU would otherwise take the twin's path (Int8Linear.forward's layers)
-    fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend = (
-        (lambda d: True), (lambda d: hopper), (lambda d: hopper), (lambda d: hopper))
+    saved = fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend, triton_fused._resident
+    # direct's too: a LinearPlan made on the CPU would otherwise take the twin's path (Int8Linear.forward's layers);
+    # the persistent row kernels' occupancy query compiles for a GPU: unknown here (as offline), once per key anyway
+    fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend, triton_fused._resident = (
+        (lambda d: True), (lambda d: hopper), (lambda d: hopper), (lambda d: hopper), (lambda *a: 0))
     try:
         with _null_launches():
             yield
     finally:
-        fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend = saved
+        (fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend,
+         triton_fused._resident) = saved
 
 
 def cpu_proxy() -> int:
