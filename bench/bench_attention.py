@@ -103,7 +103,7 @@ def profile_pass(h: int, s: int, cfg, dev: str, dt: torch.dtype, calls: int = 5)
     elements = s * h * HEAD_DIM
     rows = []
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
-        nbytes = (PASS_BYTES_NO_V if cfg.pv == "16bit" else PASS_BYTES_PER_ELEMENT).get(name, 0) * elements
+        nbytes = (PASS_BYTES_PER_ELEMENT if cfg.quantizes_v else PASS_BYTES_NO_V).get(name, 0) * elements
         rows.append({"H": h, "S": s, "kernel": name, "us": round(us, 1),
                      "tb_s": round(nbytes / us / 1e6, 2) if nbytes and us else None})
         rate = f"  {nbytes / us / 1e6:5.2f} TB/s" if nbytes else ""
@@ -224,7 +224,7 @@ def _bench_shape(h: int, s: int, variants, sm_scale: float, dev: str, dt: torch.
             print(f"{name}: failed ({skipped[name]})", flush=True)
     # the quantization pass with K and V in one launch and in two (split_quant_kv): the same numbers (the first
     # variant whose pass quantizes V: the 16-bit P V form reads V as given)
-    old = next((c for c in variants if c.pv != "16bit"), None)
+    old = next((c for c in variants if c.quantizes_v), None)
     if old is not None:
         new = dataclasses.replace(old, split_quant_kv=not old.split_quant_kv)
         a, b = triton_attention.quantize(q, k, v, old), triton_attention.quantize(q, k, v, new)

@@ -155,7 +155,7 @@ def compile_attention(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128,
     """Compile the attention kernel of ``cfg`` for ``sm_<arch>``; summary of its PTX/SASS."""
     v = {"int8": "i8", "fp8": "fp8e4nv"}.get(cfg.pv, out)
     # 16bit: V as given, [B, H, S, D] in the model's dtype (bf16 or fp16, that of the output here)
-    v_box = f"1, 1, {cfg.block_n}, {head_dim}" if cfg.pv == "16bit" else f"{head_dim}, {cfg.block_n}"
+    v_box = f"{head_dim}, {cfg.block_n}" if cfg.quantizes_v else f"1, 1, {cfg.block_n}, {head_dim}"
     sig = {
         "desc_q": f"tensordesc<i8[{cfg.block_m}, {head_dim}]>",
         "desc_k": f"tensordesc<i8[{cfg.block_n}, {head_dim}]>",
@@ -164,8 +164,8 @@ def compile_attention(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128,
         "qk_mult": "fp32", "S_q": "i32", "S_kv": "i32", "H": "i32", "n_blocks": "i32",
         "stride_ob": "i32", "stride_oh": "i32", "stride_os": "i32", "stride_od": "i32",
     }
-    consts = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PV_INT8": cfg.pv == "int8",
-              "PV16": cfg.pv == "16bit", "EMULATE_FP8": False, "stride_od": 1, **triton_attention.loop_options(cfg)}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **triton_attention.pv_options(cfg),
+              "EMULATE_FP8": False, "stride_od": 1, **triton_attention.loop_options(cfg)}
     if cfg.warp_spec:  # Q's descriptors are made in the kernel (see _attention_kernel)
         sig["desc_q"] = "*i8"
     del sig["stride_od"]
@@ -198,7 +198,7 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
                                        ("q_ptr", "h_ptr", "q8_ptr", "qs_ptr", "sqb", "sqh", "sqs"), arch, opts), arch)
     sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "ksum_ptr": "*fp32", "vmax_ptr": "*fp32",
            "S": "i32", "H": "i32", "CHUNK": "i32", "n_chunks": "i32", **strides}
-    has_v = cfg.pv != "16bit"  # 16bit: the pass reads no V (K's statistics and blocks only)
+    has_v = cfg.quantizes_v  # 16bit: the pass reads no V (K's statistics and blocks only)
     consts = {"D": head_dim, "ROWS": triton_attention.STATS_ROWS, "HAS_V": has_v, "skd": 1, "svd": 1}
     del sig["skd"], sig["svd"]
     stats_div = tuple(a for a in div if a != "h_ptr")

@@ -84,6 +84,11 @@ class AttentionConfig:
                              f"num_stages={self.num_stages}, loop_stages={self.loop_stages}")
 
     @property
+    def quantizes_v(self) -> bool:
+        """Whether the quantization pass reads and quantizes V (the 8-bit P V forms); "16bit" reads V as given."""
+        return self.pv != "16bit"
+
+    @property
     def name(self) -> str:
         return (f"{self.pv}-{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}"
                 + ("" if self.rotate else "-norot") + ("-ws" if self.warp_spec else "")

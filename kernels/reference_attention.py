@@ -119,7 +119,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Attenti
     inv = torch.reciprocal(kscale)
     k8 = torch.where(finite, torch.round(kb * inv[..., None]).clamp(-128, 127), 0.0)
     k8 = k8.reshape(bh, nk * cfg.block_n, d)[:, :s_kv].to(torch.int8).reshape(bh * s_kv, d)
-    if cfg.pv == "16bit":
+    if not cfg.quantizes_v:
         return QuantizedQKV(q8, qs, k8, k_scale, v, None, None, (b, h, s_q, s_kv, d), cfg.block_n, cfg.pv)
     # V: per channel, transposed
     vf = v.float().reshape(bh, s_kv, d)

@@ -509,7 +509,7 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
     qs = torch.empty((bh * s_q,), dtype=torch.float32, device=dev)
     k8 = torch.empty((bh * s_kv, d), dtype=torch.int8, device=dev)
     ks = torch.empty((bh, nk), dtype=torch.float32, device=dev)
-    has_v = cfg.pv != "16bit"
+    has_v = cfg.quantizes_v
     if has_v:
         vdtype = torch.int8 if cfg.pv == "int8" else torch.float8_e4m3fn
         vt = torch.empty((bh * d, s_pad), dtype=vdtype, device=dev)
@@ -542,6 +542,11 @@ def loop_options(cfg: AttentionConfig) -> dict:
     return {"WARP_SPEC": cfg.warp_spec, "LOOP_STAGES": cfg.loop_stages, "NO_ACC_MULTIBUF": cfg.no_acc_multibuf}
 
 
+def pv_options(cfg: AttentionConfig) -> dict:
+    """The P V format's constexprs of ``_attention_kernel`` for ``cfg``."""
+    return {"PV_INT8": cfg.pv == "int8", "PV16": not cfg.quantizes_v}
+
+
 def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cfg: AttentionConfig) -> torch.Tensor:
     """Run the attention kernel on quantized inputs into ``out [B, H, S_q, D]`` (any strides); returns out."""
     b, h, s_q, s_kv, d = qa.shape
@@ -552,8 +557,7 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cf
         return out
     desc_q = TensorDescriptor(qa.q, list(qa.q.shape), [d, 1], [cfg.block_m, d])
     desc_k = TensorDescriptor(qa.k, list(qa.k.shape), [d, 1], [cfg.block_n, d])
-    v16 = cfg.pv == "16bit"
-    if v16:  # [B, H, S_kv, D] as given: keys past S_kv read as 0
+    if not cfg.quantizes_v:  # [B, H, S_kv, D] as given: keys past S_kv read as 0
         desc_v = TensorDescriptor(qa.v, list(qa.v.shape), list(qa.v.stride()), [1, 1, cfg.block_n, d])
     else:
         desc_v = TensorDescriptor(qa.v, [qa.v.shape[0], s_kv], [qa.v.stride(0), 1], [d, cfg.block_n])
@@ -561,8 +565,8 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cf
     vs = qa.v_scale if qa.v_scale is not None else qa.k_scale
     args = ((triton.cdiv(s_q, cfg.block_m), b * h), desc_q, desc_k, desc_v, qa.q_scale, qa.k_scale, vs, vcs,
             out, float(sm_scale * LOG2E), s_q, s_kv, h, qa.k_scale.shape[1], *out.stride())
-    kwargs = {"HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PV_INT8": cfg.pv == "int8",
-              "PV16": v16, "EMULATE_FP8": interpreting(), **loop_options(cfg), "num_warps": cfg.num_warps,
+    kwargs = {"HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **pv_options(cfg),
+              "EMULATE_FP8": interpreting(), **loop_options(cfg), "num_warps": cfg.num_warps,
               "num_stages": cfg.num_stages}
     if not cfg.warp_spec:
         _ATTENTION(*args, **kwargs)
