@@ -291,12 +291,14 @@ def problems(row: dict, pv: str, cfg: AttentionConfig | None = None) -> list[str
 
 
 def quick_set() -> list[tuple[AttentionConfig, int]]:
-    """The default config (16-bit P V) at both head sizes, the first int8 P V variant, the first e4m3 one and the
-    first warp-specialized one at D = 128 (the unit test's set)."""
+    """The default config (16-bit P V) at both head sizes, the first int8 P V variant, the first e4m3 one, the
+    first warp-specialized one and the first with P V one block late at D = 128 (the unit test's set)."""
     fp8 = next(c for c in attention_configs.VARIANTS if c.pv == "fp8")
     int8 = first_int8()
     ws = next(c for c in attention_configs.VARIANTS if c.warp_spec)
-    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (int8, 128), (fp8, 128), (ws, 128)]
+    defer = next(c for c in attention_configs.VARIANTS if c.defer_pv)
+    return [(attention_configs.DEFAULT, 64), (attention_configs.DEFAULT, 128), (int8, 128), (fp8, 128), (ws, 128),
+            (defer, 128)]
 
 
 def first_int8() -> AttentionConfig:

@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-safe | attention-gluon | attention-pass | host | gemm-ws | gemm-ws-residual | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
+# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-pass | host | gemm-ws | gemm-ws-residual | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile | arch-dvram (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -128,6 +128,13 @@ for step in "$@"; do
                 -k "gpu_variants and 16bit and ws" 2>&1 | tail -3; timeout 360 python3 -m int8_w8a8.bench.bench_attention \
                 --variants 16bit --shapes ${SHAPES:-40:14040,32:16896,24:4608,32:4608} \
                 --out "$OUT/bench_attention_16bit.json"; } 2>&1 | tee "$OUT/bench_attention_16bit.txt" ;;
+        # P V one block late (defer_pv, bench/NOTES.md item 70): the attention GPU tests, then the deferred variants
+        # against the block-order ones and cuDNN at Wan's, issue 14's long and short shapes
+        attention-defer) { timeout 300 python3 -m pytest tests/test_attention.py -q -p no:randomly 2>&1 | tail -8; \
+                timeout 300 python3 -m int8_w8a8.bench.bench_attention \
+                --variants ${PREFIXES:-16bit-64x128-w4-s2} \
+                --shapes ${SHAPES:-40:14040,32:16896,24:4608,32:4608} --out "$OUT/bench_attention_defer.json"; } 2>&1 \
+            | tee "$OUT/bench_attention_defer.txt" ;;
         # the 8-bit attention's quantization pass (bench/NOTES.md items 62-63): GPU tests, then the default config at
         # Wan's and issue 14's long shapes, flushed single calls and queued back to back, and the pass per kernel
         attention-pass) { timeout 300 python3 -m pytest tests/test_attention.py tests/test_blocks_attention.py -q \

@@ -59,6 +59,10 @@ class AttentionConfig:
     split_quant_kv: the quantization pass's K/V kernel quantizes K and V in separate programs (a third grid
         axis): half the registers per program (NOTES item 23: 255 at 8 warps for both), each reading only its
         own statistics. The same numbers.
+    defer_pv: ("16bit" only, not with warp_spec) the key loop runs each block's P V one iteration late: block j's
+        Q K^T, then block j - 1's P V, then block j's softmax, whose exp2s then run under that product (Triton
+        waits for the int8 Q K^T at issue, NOTES item 56, but leaves the float32-accumulated P V in flight). The
+        same numbers, bit for bit.
     """
 
     block_m: int = 128
@@ -71,6 +75,7 @@ class AttentionConfig:
     loop_stages: int = 0
     no_acc_multibuf: bool = False
     split_quant_kv: bool = False
+    defer_pv: bool = False
 
     def __post_init__(self) -> None:
         if self.pv not in PV_FORMATS:
@@ -82,6 +87,9 @@ class AttentionConfig:
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.loop_stages < 0:
             raise ValueError(f"AttentionConfig: bad launch options num_warps={self.num_warps}, "
                              f"num_stages={self.num_stages}, loop_stages={self.loop_stages}")
+        if self.defer_pv and (self.pv != "16bit" or self.warp_spec):
+            raise ValueError(f"AttentionConfig.defer_pv: needs pv='16bit' without warp_spec, got pv={self.pv!r}, "
+                             f"warp_spec={self.warp_spec}")
 
     @property
     def quantizes_v(self) -> bool:
@@ -93,7 +101,7 @@ class AttentionConfig:
         return (f"{self.pv}-{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}"
                 + ("" if self.rotate else "-norot") + ("-ws" if self.warp_spec else "")
                 + (f"-ls{self.loop_stages}" if self.loop_stages else "") + ("-noaccmb" if self.no_acc_multibuf else "")
-                + ("-qsplit" if self.split_quant_kv else ""))
+                + ("-qsplit" if self.split_quant_kv else "") + ("-defer" if self.defer_pv else ""))
 
 
 # The variants one benchmark run measures (bench/bench_attention.py), first = the default.
@@ -131,6 +139,12 @@ VARIANTS: tuple[AttentionConfig, ...] = (
     # 2 stages (138 registers, 57 KB)
     AttentionConfig(64, 128, 4, 1, "16bit"),
     AttentionConfig(64, 64, 4, 2, "16bit"),
+    # P V one block late (defer_pv, session 21, bench/NOTES.md item 70): block j's softmax runs under block j - 1's P V
+    # product (offline sm_90, D = 128: 348 PTX instructions under it against the default's 47; 251 registers, 106 KB,
+    # two programs per SM). On the H200 no faster: kernel 6.51 vs 6.59 ms at Wan's shape, 7.63 vs 7.37 at H = 32,
+    # S = 16896, 0.433 vs 0.441 at S = 4608 (bench/results/h200-bench-attention-defer-session21.txt); 128x128 at 8
+    # warps, 64x64 and 3 stages deferred were slower still (0.70-1.03x cuDNN, kernel alone)
+    AttentionConfig(64, 128, 4, 2, "16bit", defer_pv=True),
     # Triton's Hopper warp specialization (issue 14, session 3): one TMA producer warpgroup and two 64-row consumer
     # warpgroups sharing each K/V tile (12 warps, setmaxnreg 40 / 232, 168 registers at launch, no spills,
     # 99-132 KB shared memory, one program per SM; offline sm_90, bench/check_ptx_attention.py). Each consumer

@@ -338,6 +338,44 @@ def _round_p(x):
 
 
 @triton.jit
+def _scores(q, rm_q, desc_k, ks_ptr, j, kv_row, S_kv, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Key block j's scores: the exact int32 Q K^T as float32 and its row factor ``rm`` (q scale * k scale *
+    sm_scale * log2(e), >= 0 or NaN); keys past S_kv are -inf when MASK."""
+    start_n = j * BLOCK_N
+    k = desc_k.load([kv_row + start_n, 0])
+    qk = tl.dot(q, k.T).to(tl.float32)  # the int32 product is exact; so is its conversion (|qk| < 2**24)
+    if MASK:
+        qk = tl.where((start_n + tl.arange(0, BLOCK_N) < S_kv)[None, :], qk, float("-inf"))
+    return qk, rm_q * tl.load(ks_ptr + j)
+
+
+@triton.jit
+def _softmax16(qk, rm, m_i, l_i):
+    """Online softmax of one block for the 16-bit P V: x = exp2(t - m_new) in [0, 1] (float32), the factor
+    ``alpha`` that rescales what acc and l hold, and the updated l and m (log2 units)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * rm)  # rm >= 0 commutes with max
+    alpha = tl.math.exp2(m_i - m_new)
+    x = tl.math.exp2(qk * rm[:, None] - m_new[:, None])
+    return x, alpha, l_i * alpha + tl.sum(x, 1), m_new
+
+
+@triton.jit
+def _pv16(acc, x, alpha, desc_v, v_b, v_h, j, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+          EMULATE: tl.constexpr):
+    """acc * alpha + P @ V for key block j, P = x rounded to V's 16-bit type and V read as given through its
+    [B, H, S, D] descriptor (keys past S_kv read as 0). On the tensor cores' float32 accumulator: 16-bit wgmma keeps
+    full float32 sums, unlike 8-bit float, and a float32 accumulator lets Triton keep the product in flight (NOTES
+    item 56: only non-float32 accumulators are waited for at issue). The rounding is done here, next to the product:
+    Triton 3.6 then feeds P from registers (a loop-carried 16-bit P is staged through one shared buffer, which makes
+    the product wait at issue)."""
+    vb = desc_v.load([v_b, v_h, j * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+    p = _to_16bit(x, vb.dtype, EMULATE)
+    if EMULATE:  # the interpreter multiplies 16-bit floats' bits as integers in tl.dot: float32 operands
+        return tl.dot(p.to(tl.float32), vb.to(tl.float32), acc * alpha[:, None])
+    return tl.dot(p, vb, acc * alpha[:, None])
+
+
+@triton.jit
 def _attn_block(
     acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_ptr, vcs_ptr, j, kv_row, vt_row, v_b, v_h, S_kv,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, PV_INT8: tl.constexpr,
@@ -349,28 +387,13 @@ def _attn_block(
     State per query row: acc [BLOCK_M, HEAD_DIM], l (row sum) and m (running max, log2 units), float32.
     """
     start_n = j * BLOCK_N
-    k = desc_k.load([kv_row + start_n, 0])
-    qk = tl.dot(q, k.T).to(tl.float32)  # the int32 product is exact; so is its conversion (|qk| < 2**24)
-    rm = rm_q * tl.load(ks_ptr + j)  # per row: q scale * k scale * sm_scale * log2(e), >= 0 or NaN
-    if MASK:
-        qk = tl.where((start_n + tl.arange(0, BLOCK_N) < S_kv)[None, :], qk, float("-inf"))
-    m_blk = tl.max(qk, 1) * rm  # this block's row max in log2 units (rm >= 0 commutes with max)
-    m_new = tl.maximum(m_i, m_blk)
+    qk, rm = _scores(q, rm_q, desc_k, ks_ptr, j, kv_row, S_kv, BLOCK_N, MASK)
     if PV16:
-        # x = exp2(t - m_new) in [0, 1]; the product accumulates into acc on the tensor cores in float32 (16-bit
-        # wgmma keeps a full float32 accumulator, unlike 8-bit float: no second accumulation level needed), and its
-        # float32 accumulator lets Triton keep it in flight (NOTES item 56: only non-float32 accumulators are waited
-        # for at issue)
-        alpha = tl.math.exp2(m_i - m_new)
-        x = tl.math.exp2(qk * rm[:, None] - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(x, 1)
-        vb = desc_v.load([v_b, v_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)  # keys past S_kv read as 0 (TMA)
-        p = _to_16bit(x, vb.dtype, EMULATE_FP8)
-        if EMULATE_FP8:  # the interpreter multiplies 16-bit floats' bits as integers in tl.dot: float32 operands
-            acc = tl.dot(p.to(tl.float32), vb.to(tl.float32), acc * alpha[:, None])
-        else:
-            acc = tl.dot(p, vb, acc * alpha[:, None])
+        x, alpha, l_i, m_new = _softmax16(qk, rm, m_i, l_i)
+        acc = _pv16(acc, x, alpha, desc_v, v_b, v_h, j, BLOCK_N, HEAD_DIM, EMULATE_FP8)
     elif PV_INT8:
+        m_blk = tl.max(qk, 1) * rm  # this block's row max in log2 units (rm >= 0 commutes with max)
+        m_new = tl.maximum(m_i, m_blk)
         # x = 254 * exp2(t - m_blk) in (0, 254]: one FMA and one exp2 per score. The block's max is raised by
         # 8 ulps (|m_blk| * 2**-20) so the roundings of the exponent can never lift x past 254.5, which would
         # round to 255 and wrap in int8; the factor it takes off x is the same in acc and l.
@@ -387,6 +410,7 @@ def _attn_block(
         acc = acc * alpha[:, None] + pvf * beta[:, None]
         l_i = l_i * alpha + s_blk * beta
     else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * rm)
         alpha = tl.math.exp2(m_i - m_new)
         x = tl.math.exp2(qk * rm[:, None] + (-m_new + _LOG2_P_FP8)[:, None])  # 448 * exp2(t - m_new)
         l_i = l_i * alpha + tl.sum(x, 1)
@@ -402,9 +426,14 @@ def _attention_kernel(
     qk_mult, S_q, S_kv, H, n_blocks, stride_ob, stride_oh, stride_os, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr,
     EMULATE_FP8: tl.constexpr, WARP_SPEC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 0,
-    NO_ACC_MULTIBUF: tl.constexpr = False, PV16: tl.constexpr = False,
+    NO_ACC_MULTIBUF: tl.constexpr = False, PV16: tl.constexpr = False, DEFER_PV: tl.constexpr = False,
 ):
-    """out[b, h, i] = softmax_j(q_i . k_j * sm_scale) @ v for BLOCK_M queries i of head (b, h)."""
+    """out[b, h, i] = softmax_j(q_i . k_j * sm_scale) @ v for BLOCK_M queries i of head (b, h).
+
+    DEFER_PV (PV16 only): each iteration issues block j's Q K^T, then block j - 1's P V, then block j's softmax, so
+    the softmax's exp2s run while that float32-accumulated product is in flight (FlashAttention-3's
+    intra-warpgroup overlap with the products swapped: Triton 3.6 waits for the int8 Q K^T at issue, item 56).
+    Every product and rounding is the same as in block order, so the results are bit-identical."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -442,6 +471,26 @@ def _attention_kernel(
                           disallow_acc_multi_buffer=NO_ACC_MULTIBUF):
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
                                         b, h, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8, PV16)
+    elif DEFER_PV:
+        n_full = S_kv // BLOCK_N
+        # before block 0 there is no P V to run: its slot multiplies P = 0 by the block past the last key, which TMA
+        # reads as zeros (adding exactly 0 to acc = 0, where a real V block holding Inf would give 0 * Inf = NaN).
+        # Peeling block 0 out of the loop instead costs a second set of K/V buffers (16 KB more shared memory:
+        # one program per SM instead of two).
+        x = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        alpha = tl.full((BLOCK_M,), 1.0, tl.float32)
+        for j in tl.range(0, n_full, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None,
+                          disallow_acc_multi_buffer=NO_ACC_MULTIBUF):
+            qk, rm = _scores(q, rm_q, desc_k, ks_base, j, kv_row, S_kv, BLOCK_N, False)
+            acc = _pv16(acc, x, alpha, desc_v, b, h, tl.where(j > 0, j - 1, n_blocks), BLOCK_N, HEAD_DIM,
+                        EMULATE_FP8)
+            x, alpha, l_i, m_i = _softmax16(qk, rm, m_i, l_i)
+        if n_full < n_blocks:  # the partial last block
+            qk, rm = _scores(q, rm_q, desc_k, ks_base, n_full, kv_row, S_kv, BLOCK_N, True)
+            acc = _pv16(acc, x, alpha, desc_v, b, h, tl.where(n_full > 0, n_full - 1, n_blocks), BLOCK_N, HEAD_DIM,
+                        EMULATE_FP8)
+            x, alpha, l_i, m_i = _softmax16(qk, rm, m_i, l_i)
+        acc = _pv16(acc, x, alpha, desc_v, b, h, n_blocks - 1, BLOCK_N, HEAD_DIM, EMULATE_FP8)
     else:
         n_full = S_kv // BLOCK_N
         for j in tl.range(0, n_full, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None,
@@ -544,7 +593,7 @@ def loop_options(cfg: AttentionConfig) -> dict:
 
 def pv_options(cfg: AttentionConfig) -> dict:
     """The P V format's constexprs of ``_attention_kernel`` for ``cfg``."""
-    return {"PV_INT8": cfg.pv == "int8", "PV16": not cfg.quantizes_v}
+    return {"PV_INT8": cfg.pv == "int8", "PV16": not cfg.quantizes_v, "DEFER_PV": cfg.defer_pv}
 
 
 def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cfg: AttentionConfig) -> torch.Tensor:
