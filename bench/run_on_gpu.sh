@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-pass | host | gemm-ws | gemm-ws-residual | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
+# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-pass | host | gemm-ws | gemm-ws-residual | gemm-wide | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile | arch-dvram (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -141,6 +141,10 @@ for step in "$@"; do
                 -p no:randomly 2>&1 | tail -5; timeout 240 python3 -m int8_w8a8.bench.bench_attention --default-only \
                 --shapes ${SHAPES:-40:14040,32:16896,24:4608} --profile-pass --out "$OUT/bench_attention_pass.json"; } 2>&1 \
             | tee "$OUT/bench_attention_pass.txt" ;;
+        # Hopper's large-M rows at wide outputs (bench/NOTES.md item 71): the Gluon row, the warp-specialized one, the plain
+        # one and cuBLAS FP8, bit for bit, ~1 min
+        gemm-wide) python3 -m int8_w8a8.bench.sweep_gemm --bucket wide --out "$OUT/sweep_gemm_wide.json" 2>&1 \
+            | tee "$OUT/sweep_gemm_wide.txt" ;;
         # the opt-in warp-specialized GEMM configs vs the table config and cuBLAS FP8 at Z-Image / klein 9B shapes
         # (~2 min): their bit-identity tests first (the bench runs either way), each under a timeout (an mbarrier
         # deadlock must not eat the call)

@@ -11,6 +11,8 @@ specialization, and cuBLAS FP8 (``torch._scaled_mm``, per-tensor scales) at the 
 shapes; every INT8 result must be bit-identical to the plain config's (and the twin's) before it is timed.
 ``--bucket ws-residual`` (not part of "all"): the same with the gated residual epilogue (``WS_RESIDUAL_SHAPES``).
 ``--bucket lora`` (not part of "all"): 64-wide tiles for a rank-64 LoRA's down projection (N = 64) against the table's.
+``--bucket wide`` (not part of "all"): Hopper's large-M rows (Gluon, warp-specialized, plain) at wide outputs
+(``WIDE_SHAPES``), bit for bit against the Gluon row.
 ``--bucket tail`` (not part of "all"): the table's large-M config without and with ``GemmConfig.split_tail`` (the
 table's parts, and parts of >= 16 and >= 1 K tiles) at the shapes whose last wave of tiles is at most half full
 (``TAIL_SHAPES``), checked the same way.
@@ -203,6 +205,21 @@ def _again(fn, out: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
     return out.clone()
 
 
+# Wide outputs at large M (bench/NOTES.md item 71): klein 9B's single-block linear1 at 1024x1024 and 2048x2048 (where
+# item 60 measured the Gluon row at 0.95x the warp-specialized one), klein 4B's, Chroma's single-block linear1, klein
+# 9B's double-block mlp0, Z-Image's w1/w3 pair, Qwen-Image's mlp0 and Wan's FFN up projection
+WIDE_SHAPES = [(4608, 4096, 36864), (16896, 4096, 36864), (4608, 3072, 27648), (4608, 3072, 21504),
+               (4096, 4096, 24576), (4608, 3840, 20480), (4096, 3072, 12288), (14040, 5120, 13824)]
+
+
+def wide_candidates() -> list[tuple[str, GemmConfig]]:
+    """(name, config): Hopper's large-M row (Gluon: the reference), the warp-specialized row it replaced
+    (``HOPPER_TABLE``'s, the row without Gluon) and the plain table's."""
+    return [("gluon 128x128x128 s3 w8 r128", configs.HOPPER_GLUON_LARGE),
+            ("ws 128x256x64 s4", configs.HOPPER_WS_LARGE),
+            ("plain 128x128x64 s4 2/SM", configs.HOPPER_PLAIN_TABLE.rows[-1][1])]
+
+
 def run_ws() -> list[dict]:
     """Each ``ws_candidates`` config and cuBLAS FP8 at ``WS_SHAPES``: ms, TOPS, and x the table config."""
     return run_variants(WS_SHAPES, ws_candidates())
@@ -301,7 +318,8 @@ def print_rows(m: int, k: int, n: int, rows: list[dict], base: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="sweep_gemm.json")
-    parser.add_argument("--bucket", default="all", choices=["all", *BUCKETS, "ws", "ws-residual", "tail", "lora"])
+    parser.add_argument("--bucket", default="all",
+                        choices=["all", *BUCKETS, "ws", "ws-residual", "tail", "lora", "wide"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_gemm needs a CUDA GPU", file=sys.stderr)
@@ -319,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.bucket == "lora":  # kernels of 10-120 us: longer warm-up (the clock ramps up from idle) and repetitions
         common.write_json(args.out, {"env": common.environment(),
                                      "lora": run_variants(LORA_SHAPES, lora_candidates(), warmup_ms=100, rep_ms=200)})
+        return 0
+    if args.bucket == "wide":  # long runs at the power cap's clocks, as in a step
+        common.write_json(args.out, {"env": common.environment(),
+                                     "wide": run_variants(WIDE_SHAPES, wide_candidates(), warmup_ms=100, rep_ms=200)})
         return 0
     buckets = list(BUCKETS) if args.bucket == "all" else [args.bucket]
     payload = {"env": common.environment(), "buckets": {b: run_bucket(b) for b in buckets}}

@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .configs import gluon_tile_problem
+from .launch import tma_ok
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -263,7 +264,7 @@ def supports(xq: torch.Tensor, wq: torch.Tensor) -> str | None:
     for name, t in (("xq", xq), ("wq", wq)):
         if t.dtype != torch.int8 or t.dim() != 2:
             return f"{name}: expected a 2-D int8 tensor"
-        if t.stride(1) != 1 or t.stride(0) % 16 or t.data_ptr() % 16:
+        if not tma_ok(t):
             return f"{name}: rows must be contiguous and 16-byte aligned (TMA)"
     if xq.shape[1] % 16 or xq.shape[1] != wq.shape[1]:
         return f"K = {xq.shape[1]}: must match the weight's and be a multiple of 16 (TMA)"

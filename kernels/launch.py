@@ -57,6 +57,18 @@ except ImportError:  # no Triton: nothing is launched, nothing can run out of re
 C = TypeVar("C", bound=Hashable)
 
 
+def tma_ok(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can read or write ``t`` as it is (any rank): a 16-byte aligned base, unit last
+    stride, every other stride a multiple of 16 bytes (Triton's host descriptor asserts this for every dimension,
+    size 1 included) and no zero stride on a dimension of size > 1 (a broadcast: TMA boxes would read one row as
+    many). The one rule for the TMA kernels' operands; what fails it is copied to a contiguous tensor (or the
+    launch takes a pointer-load kernel)."""
+    size = t.element_size()
+    return (t.dim() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((st * size) % 16 == 0 and (st > 0 or n == 1)
+                    for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True)))
+
+
 class TileTooLargeError(RuntimeError):
     """No config of a kernel fits this GPU's resources; the caller runs the torch twin for this call."""
 

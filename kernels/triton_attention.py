@@ -43,7 +43,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attention_configs import AttentionConfig
 from .hadamard import hadamard_pm1_cached
-from .launch import FastLauncher, device_descriptors
+from .launch import FastLauncher, device_descriptors, tma_ok
 from .reference_attention import (
     INV_448,
     LOG2E,
@@ -525,15 +525,6 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(x.stride())
 
 
-def tma_readable(x: torch.Tensor) -> bool:
-    """Whether a TMA descriptor can read ``x`` as it is: 16-byte aligned start and strides, unit last stride, no
-    broadcast (zero-stride) dimension."""
-    size = x.element_size()
-    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all(st > 0 and (st * size) % 16 == 0
-                    for st, n in zip(x.stride()[:-1], x.shape[:-1], strict=True) if n > 1))
-
-
 def stats_chunk(s_kv: int) -> int:
     """Keys per chunk of the statistics pass: STATS_CHUNKS chunks per head, whole QUANT_ROWS tiles (so whole
     STATS_ROWS tiles too)."""
@@ -564,7 +555,7 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
         vt = torch.empty((bh * d, s_pad), dtype=vdtype, device=dev)
         vs = torch.empty((bh, d), dtype=torch.float32, device=dev)
     else:  # the kernel reads V as given
-        vt, vs = (v if tma_readable(v) else v.contiguous()), None
+        vt, vs = (v if tma_ok(v) else v.contiguous()), None
     vcs = torch.empty((bh, nk, d), dtype=torch.int32, device=dev) if cfg.pv == "int8" else None
     part = torch.empty((2, bh, n_chunks, d), dtype=torch.float32, device=dev)
     kmean = torch.empty((bh, d), dtype=torch.float32, device=dev)

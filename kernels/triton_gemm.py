@@ -427,9 +427,8 @@ def _tail_workspace(device: torch.device, slots: int, tile: int) -> tuple[torch.
 
 
 def _tma_rows(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each tensor as a TMA source of rows: 16-byte aligned base and row stride (a contiguous copy otherwise)."""
-    return tuple(t if t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 else t.contiguous()
-                 for t in ts)
+    """Each tensor as a TMA source (``launch.tma_ok``; a contiguous copy otherwise)."""
+    return tuple(t if launch.tma_ok(t) else t.contiguous() for t in ts)
 
 
 @functools.cache
@@ -443,15 +442,8 @@ def _arch_of(out: torch.Tensor) -> tuple[int, int] | None:
 
 
 def tma_compatible(xq: torch.Tensor, wq: torch.Tensor, out: torch.Tensor) -> bool:
-    """TMA needs 16-byte aligned bases and row strides and unit inner strides."""
-    k = xq.shape[1]
-    return (
-        k % 16 == 0
-        and xq.stride(1) == 1 and xq.stride(0) % 16 == 0
-        and wq.stride(1) == 1 and wq.stride(0) % 16 == 0
-        and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
-        and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
-    )
+    """The TMA kernels take these operands: K a multiple of 16 and each of them ``launch.tma_ok``."""
+    return xq.shape[1] % 16 == 0 and all(launch.tma_ok(t) for t in (xq, wq, out))
 
 
 def gemm(

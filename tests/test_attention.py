@@ -20,6 +20,7 @@ import torch
 from int8_w8a8.kernels import attention as attn
 from int8_w8a8.kernels import attention_8bit, reference_attention
 from int8_w8a8.kernels.attention_configs import DEFAULT, VARIANTS, AttentionConfig
+from int8_w8a8.kernels.launch import tma_ok
 
 from .conftest import KERNEL_DEVICE, rel_err
 
@@ -298,11 +299,11 @@ def test_kernel_16bit_pv_reads_any_v_layout(seed):
     q, k, _ = make(1, 2, 40, 90, 64, device=KERNEL_DEVICE)
     wide = torch.randn(1, 2, 90, 65, device=KERNEL_DEVICE).bfloat16()
     v = wide[..., :64]
-    assert not triton_attention.tma_readable(v) and triton_attention.tma_readable(v.contiguous())
+    assert not tma_ok(v) and tma_ok(v.contiguous())
     assert triton_attention.quantize(q, k, v, SMALL16).v is not v
     assert torch.equal(triton_run(q, k, v, SMALL16), triton_run(q, k, v.contiguous(), SMALL16))
     shared = v[:, :1].expand(1, 2, 90, 64)  # one V for both heads: a zero stride, copied too
-    assert not triton_attention.tma_readable(shared)
+    assert not tma_ok(shared)
     assert torch.equal(triton_run(q, k, shared, SMALL16), triton_run(q, k, shared.contiguous(), SMALL16))
 
 

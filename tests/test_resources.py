@@ -172,3 +172,29 @@ def test_real_out_of_resources_on_the_gpu(seed, monkeypatch):
     finally:
         monkeypatch.undo()
         forget_loaded_kernels()
+
+
+def test_tma_rule_is_one_predicate():
+    """``launch.tma_ok``, the one TMA rule (the GEMMs' ``tma_compatible`` and ``_tma_rows``, the Gluon GEMM's
+    ``supports`` and the attention's V all use it): a 16-byte aligned base, unit last stride, every other stride a
+    multiple of 16 bytes, size-1 dimensions included (Triton's host descriptor asserts them), no broadcast."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    base = torch.zeros(2, 3, 40, 64, dtype=torch.bfloat16)
+    assert launch.tma_ok(base) and launch.tma_ok(base.transpose(1, 2))  # any order of the leading strides
+    assert not launch.tma_ok(base[..., 1:])  # base 2 bytes off
+    assert not launch.tma_ok(torch.zeros(40, 65, dtype=torch.bfloat16)[:, :64])  # row stride of 130 bytes
+    assert not launch.tma_ok(base.transpose(2, 3))  # last stride not 1
+    assert not launch.tma_ok(base[:, :1].expand(2, 3, 40, 64))  # broadcast heads
+    assert launch.tma_ok(base[:, :1])  # a size-1 dimension of aligned stride
+    odd = torch.zeros(1, 3, 40, 64, dtype=torch.bfloat16).as_strided((1, 3, 40, 64), (7, 2560, 64, 1))
+    assert not launch.tma_ok(odd)  # a size-1 dimension's unaligned stride still goes into the descriptor
+    with pytest.raises(AssertionError, match="16-byte aligned"):
+        TensorDescriptor.from_tensor(odd, [1, 1, 64, 64])
+    xq = torch.zeros(5, 48, dtype=torch.int8)
+    assert triton_gemm.tma_compatible(xq, torch.zeros(8, 48, dtype=torch.int8), torch.zeros(5, 8))
+    assert not triton_gemm.tma_compatible(torch.zeros(5, 40, dtype=torch.int8), torch.zeros(8, 40, dtype=torch.int8),
+                                          torch.zeros(5, 8))  # K % 16
+    assert not triton_gemm.tma_compatible(xq, torch.zeros(8, 48, dtype=torch.int8), torch.zeros(5, 7))  # 28-byte rows
+    rows = torch.zeros(6, 17, dtype=torch.bfloat16)[:, :16]
+    assert triton_gemm._tma_rows(rows)[0].is_contiguous() and triton_gemm._tma_rows(base)[0] is base
