@@ -63,9 +63,6 @@ class AttentionConfig:
         Q K^T, then block j - 1's P V, then block j's softmax, whose exp2s then run under that product (Triton
         waits for the int8 Q K^T at issue, NOTES item 56, but leaves the float32-accumulated P V in flight). The
         same numbers, bit for bit.
-    tree_rows: ("16bit" only) each row's max and sum over a block are folded in halves before the in-thread
-        reduction (a tree of independent operations instead of one dependent chain). The same max; the sum in another
-        order (float32 rounding differs in the last bits).
     """
 
     block_m: int = 128
@@ -79,7 +76,6 @@ class AttentionConfig:
     no_acc_multibuf: bool = False
     split_quant_kv: bool = False
     defer_pv: bool = False
-    tree_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.pv not in PV_FORMATS:
@@ -91,8 +87,6 @@ class AttentionConfig:
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.loop_stages < 0:
             raise ValueError(f"AttentionConfig: bad launch options num_warps={self.num_warps}, "
                              f"num_stages={self.num_stages}, loop_stages={self.loop_stages}")
-        if self.tree_rows and self.pv != "16bit":
-            raise ValueError(f"AttentionConfig.tree_rows: needs pv='16bit', got pv={self.pv!r}")
         if self.defer_pv and (self.pv != "16bit" or self.warp_spec):
             raise ValueError(f"AttentionConfig.defer_pv: needs pv='16bit' without warp_spec, got pv={self.pv!r}, "
                              f"warp_spec={self.warp_spec}")
@@ -107,7 +101,7 @@ class AttentionConfig:
         return (f"{self.pv}-{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}"
                 + ("" if self.rotate else "-norot") + ("-ws" if self.warp_spec else "")
                 + (f"-ls{self.loop_stages}" if self.loop_stages else "") + ("-noaccmb" if self.no_acc_multibuf else "")
-                + ("-qsplit" if self.split_quant_kv else "") + ("-defer" if self.defer_pv else "") + ("-tree" if self.tree_rows else ""))
+                + ("-qsplit" if self.split_quant_kv else "") + ("-defer" if self.defer_pv else ""))
 
 
 # The variants one benchmark run measures (bench/bench_attention.py), first = the default.
@@ -151,10 +145,6 @@ VARIANTS: tuple[AttentionConfig, ...] = (
     # S = 16896, 0.433 vs 0.441 at S = 4608 (bench/results/h200-bench-attention-defer-session21.txt); 128x128 at 8
     # warps, 64x64 and 3 stages deferred were slower still (0.70-1.03x cuDNN, kernel alone)
     AttentionConfig(64, 128, 4, 2, "16bit", defer_pv=True),
-    # row max and sum as trees (tree_rows, session 21, NOTES item 72): the same instruction count, but a row's 32
-    # in-thread values combined in 5 levels of independent operations instead of a chain of 31 dependent ones
-    AttentionConfig(64, 128, 4, 2, "16bit", tree_rows=True),
-    AttentionConfig(64, 128, 4, 2, "16bit", defer_pv=True, tree_rows=True),
     # Triton's Hopper warp specialization (issue 14, session 3): one TMA producer warpgroup and two 64-row consumer
     # warpgroups sharing each K/V tile (12 warps, setmaxnreg 40 / 232, 168 registers at launch, no spills,
     # 99-132 KB shared memory, one program per SM; offline sm_90, bench/check_ptx_attention.py). Each consumer

@@ -350,40 +350,13 @@ def _scores(q, rm_q, desc_k, ks_ptr, j, kv_row, S_kv, BLOCK_N: tl.constexpr, MAS
 
 
 @triton.jit
-def _fold(x, SUM: tl.constexpr):
-    """[BM, N] -> [BM, N / 2]: column c combined with column c + N / 2 (max, or sum when SUM). In the wgmma
-    accumulator layout a thread holds both (columns 64 apart live in the same thread), so this is register work."""
-    a, b = tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
-    if SUM:
-        return a + b
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _row_reduce(x, SUM: tl.constexpr, TREE: tl.constexpr):
-    """Row max (or sum) of [BM, N] float32. TREE folds the columns in halves first (three levels for N >= 128), so a
-    thread's 32 values of a row are combined in a tree of independent operations rather than Triton's one chain of
-    31 dependent ones (each waits for the previous: the loop's largest stall, NOTES item 72)."""
-    if TREE:
-        if x.shape[1] >= 32:
-            x = _fold(x, SUM)
-        if x.shape[1] >= 32:
-            x = _fold(x, SUM)
-        if x.shape[1] >= 32:
-            x = _fold(x, SUM)
-    if SUM:
-        return tl.sum(x, 1)
-    return tl.max(x, 1)
-
-
-@triton.jit
-def _softmax16(qk, rm, m_i, l_i, TREE: tl.constexpr):
+def _softmax16(qk, rm, m_i, l_i):
     """Online softmax of one block for the 16-bit P V: x = exp2(t - m_new) in [0, 1] (float32), the factor
     ``alpha`` that rescales what acc and l hold, and the updated l and m (log2 units)."""
-    m_new = tl.maximum(m_i, _row_reduce(qk, False, TREE) * rm)  # rm >= 0 commutes with max
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * rm)  # rm >= 0 commutes with max
     alpha = tl.math.exp2(m_i - m_new)
     x = tl.math.exp2(qk * rm[:, None] - m_new[:, None])
-    return x, alpha, l_i * alpha + _row_reduce(x, True, TREE), m_new
+    return x, alpha, l_i * alpha + tl.sum(x, 1), m_new
 
 
 @triton.jit
@@ -406,7 +379,7 @@ def _pv16(acc, x, alpha, desc_v, v_b, v_h, j, BLOCK_N: tl.constexpr, HEAD_DIM: t
 def _attn_block(
     acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_ptr, vcs_ptr, j, kv_row, vt_row, v_b, v_h, S_kv,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, PV_INT8: tl.constexpr,
-    EMULATE_FP8: tl.constexpr, PV16: tl.constexpr, TREE: tl.constexpr = False,
+    EMULATE_FP8: tl.constexpr, PV16: tl.constexpr,
 ):
     """One block of BLOCK_N keys: scores, online softmax update, P @ V into the float32 acc (8-bit, or with PV16
     P in V's own 16-bit type and V read as given through a [B, H, S, D] descriptor at (v_b, v_h)).
@@ -416,7 +389,7 @@ def _attn_block(
     start_n = j * BLOCK_N
     qk, rm = _scores(q, rm_q, desc_k, ks_ptr, j, kv_row, S_kv, BLOCK_N, MASK)
     if PV16:
-        x, alpha, l_i, m_new = _softmax16(qk, rm, m_i, l_i, TREE)
+        x, alpha, l_i, m_new = _softmax16(qk, rm, m_i, l_i)
         acc = _pv16(acc, x, alpha, desc_v, v_b, v_h, j, BLOCK_N, HEAD_DIM, EMULATE_FP8)
     elif PV_INT8:
         m_blk = tl.max(qk, 1) * rm  # this block's row max in log2 units (rm >= 0 commutes with max)
@@ -454,7 +427,6 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_INT8: tl.constexpr,
     EMULATE_FP8: tl.constexpr, WARP_SPEC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 0,
     NO_ACC_MULTIBUF: tl.constexpr = False, PV16: tl.constexpr = False, DEFER_PV: tl.constexpr = False,
-    TREE: tl.constexpr = False,
 ):
     """out[b, h, i] = softmax_j(q_i . k_j * sm_scale) @ v for BLOCK_M queries i of head (b, h).
 
@@ -498,7 +470,7 @@ def _attention_kernel(
         for j in tl.range(0, n_blocks, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None, warp_specialize=True,
                           disallow_acc_multi_buffer=NO_ACC_MULTIBUF):
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
-                                        b, h, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8, PV16, TREE)
+                                        b, h, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8, PV16)
     elif DEFER_PV:
         n_full = S_kv // BLOCK_N
         # before block 0 there is no P V to run: its slot multiplies P = 0 by the block past the last key, which TMA
@@ -512,22 +484,22 @@ def _attention_kernel(
             qk, rm = _scores(q, rm_q, desc_k, ks_base, j, kv_row, S_kv, BLOCK_N, False)
             acc = _pv16(acc, x, alpha, desc_v, b, h, tl.where(j > 0, j - 1, n_blocks), BLOCK_N, HEAD_DIM,
                         EMULATE_FP8)
-            x, alpha, l_i, m_i = _softmax16(qk, rm, m_i, l_i, TREE)
+            x, alpha, l_i, m_i = _softmax16(qk, rm, m_i, l_i)
         if n_full < n_blocks:  # the partial last block
             qk, rm = _scores(q, rm_q, desc_k, ks_base, n_full, kv_row, S_kv, BLOCK_N, True)
             acc = _pv16(acc, x, alpha, desc_v, b, h, tl.where(n_full > 0, n_full - 1, n_blocks), BLOCK_N, HEAD_DIM,
                         EMULATE_FP8)
-            x, alpha, l_i, m_i = _softmax16(qk, rm, m_i, l_i, TREE)
+            x, alpha, l_i, m_i = _softmax16(qk, rm, m_i, l_i)
         acc = _pv16(acc, x, alpha, desc_v, b, h, n_blocks - 1, BLOCK_N, HEAD_DIM, EMULATE_FP8)
     else:
         n_full = S_kv // BLOCK_N
         for j in tl.range(0, n_full, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None,
                           disallow_acc_multi_buffer=NO_ACC_MULTIBUF):
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, j, kv_row, vt_row,
-                                        b, h, S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, EMULATE_FP8, PV16, TREE)
+                                        b, h, S_kv, BLOCK_N, HEAD_DIM, False, PV_INT8, EMULATE_FP8, PV16)
         if n_full < n_blocks:
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, rm_q, desc_k, desc_v, ks_base, vcs_base, n_full, kv_row,
-                                        vt_row, b, h, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8, PV16, TREE)
+                                        vt_row, b, h, S_kv, BLOCK_N, HEAD_DIM, True, PV_INT8, EMULATE_FP8, PV16)
     d = tl.arange(0, HEAD_DIM)
     if PV16:
         o = acc * (1.0 / l_i)[:, None]
@@ -612,7 +584,7 @@ def loop_options(cfg: AttentionConfig) -> dict:
 
 def pv_options(cfg: AttentionConfig) -> dict:
     """The P V format's constexprs of ``_attention_kernel`` for ``cfg``."""
-    return {"PV_INT8": cfg.pv == "int8", "PV16": not cfg.quantizes_v, "DEFER_PV": cfg.defer_pv, "TREE": cfg.tree_rows}
+    return {"PV_INT8": cfg.pv == "int8", "PV16": not cfg.quantizes_v, "DEFER_PV": cfg.defer_pv}
 
 
 def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor, cfg: AttentionConfig) -> torch.Tensor:
