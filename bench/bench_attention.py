@@ -202,6 +202,23 @@ def _bench_shape(h: int, s: int, variants, sm_scale: float, dev: str, dt: torch.
         record(name, lambda cfg=cfg, qa=qa: triton_attention.attention_quantized(qa, sm_scale, out, cfg), out,
                "kernel", cfg)
         record(name, lambda cfg=cfg: triton_attention.quantize(q, k, v, cfg), None, "quant", cfg)
+    from ..kernels.dispatch import gluon_error
+
+    if dev == "cuda" and torch.cuda.get_device_capability()[0] == 9 and gluon_error() is None:
+        # the warp-specialized Gluon kernel attention_8bit runs on Hopper (kernels/gluon_attention_ws.py, NOTES item 74)
+        from ..kernels import gluon_attention_ws
+
+        ws = gluon_attention_ws.DEFAULT
+        name = f"pack {ws.name}"
+
+        def whole(ws=ws):  # pass + kernel, as attention_8bit runs them
+            qa = triton_attention.quantize(q, k, v, ws.quant_config())
+            return gluon_attention_ws.launch(qa, sm_scale, out, ws)
+
+        record(name, whole, out, "total")
+        record(name, whole, out, "queued")
+        qa = triton_attention.quantize(q, k, v, ws.quant_config())
+        record(name, functools.partial(gluon_attention_ws.launch, qa, sm_scale, out, ws), out, "kernel")
     for gcfg in gluon:  # kernels/gluon_attention.py: the same numbers, FA3's schedule (bench/NOTES.md item 57)
         from ..kernels import gluon_attention
 

@@ -265,6 +265,28 @@ def check_gluon_launch(gcfg, arch: int = 90, head_dim: int = 128) -> list[str]:
     return []
 
 
+def compile_gluon_ws_launch(gcfg, arch: int = 90, head_dim: int = 128, dtype=None) -> dict:
+    """The quantization pass and ``gluon_attention_ws.launch`` as ``attention_8bit`` runs them (host descriptors,
+    scalars), bound by Triton's JIT on CPU tensors and compiled for ``sm_<arch>`` instead of run
+    (``check_ptx.emulated_gpu``): the warp-specialized kernel's compile summary (``fits``, ``shared_bytes``,
+    ``regs``, ``local``, ``ptxas_waits``, ``setmaxnreg``, ``num_warps``, ``mma``), or ``{"error": ...}``."""
+    import torch
+
+    from ..kernels import gluon_attention_ws
+    from .check_ptx import emulated_gpu
+
+    dtype = dtype or torch.bfloat16
+    q, k, v = (torch.zeros(1, 2, s, head_dim, dtype=dtype) for s in (150, 200, 200))
+    with emulated_gpu(arch, SMEM_LIMIT[arch]) as attempts:
+        try:
+            qa = triton_attention.quantize(q, k, v, gcfg.quant_config())
+            gluon_attention_ws.launch(qa, 0.1, torch.empty_like(q), gcfg)
+        except Exception as exc:  # a binding or compile failure is the result
+            return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
+    rows = [a for a in attempts if a["kernel"] == "_gluon_ws_attention_kernel"]
+    return {k: v for k, v in rows[0].items() if k != "compiled"} if rows else {"error": "not launched"}
+
+
 def problems(row: dict, pv: str, cfg: AttentionConfig | None = None) -> list[str]:
     """What is wrong with one attention kernel's summary (empty: it passes the check); ``cfg.warp_spec``: also
     that the Hopper pass split it (a producer warpgroup and two consumers: num_warps + 8, setmaxnreg)."""

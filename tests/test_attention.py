@@ -449,8 +449,9 @@ def test_opcheck_and_fullgraph_compile(seed):
 
 @pytest.mark.unit
 def test_dispatch_rules_are_data(monkeypatch):
-    """Hopper -> Triton; Hopper without Triton -> SDPA (kitchen measured slower there); an unmeasured
-    generation -> SDPA; a generation where kitchen is recorded faster -> kitchen when it is available."""
+    """Hopper -> the Gluon kernel, or Triton where Gluon cannot run; Hopper without Triton -> SDPA (kitchen measured
+    slower there); an unmeasured generation -> SDPA; a generation where kitchen is recorded faster -> kitchen when it
+    is available."""
     cap = {"value": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -458,8 +459,14 @@ def test_dispatch_rules_are_data(monkeypatch):
     monkeypatch.setattr(attn, "_kitchen_op", lambda: object())
     cuda = torch.device("cuda", 0)
     try:
+        monkeypatch.setattr(attn, "_gluon_error", lambda cfg: None)
         attn.reset()
-        assert attn.choose_attention(cuda).name == "triton"
+        backend = attn.choose_attention(cuda)
+        assert backend.name == "gluon" and attn.gluon_name() in backend.reason
+        monkeypatch.setattr(attn, "_gluon_error", lambda cfg: "INT8_W8A8_DISABLE_GLUON is set")
+        attn.reset()
+        backend = attn.choose_attention(cuda)
+        assert backend.name == "triton" and "DISABLE_GLUON" in backend.reason
         monkeypatch.setenv("INT8_W8A8_DISABLE_TRITON", "1")
         attn.reset()
         backend = attn.choose_attention(cuda)

@@ -24,6 +24,8 @@ def gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(attn, "triton_import_error", lambda: None)
     monkeypatch.setattr(attn, "_kitchen_op", lambda: object())
+    # the Triton kernel's table (test_gluon_counts_by_its_own_entry: the Gluon kernel's)
+    monkeypatch.setattr(attn, "_gluon_error", lambda cfg: "Gluon off in this test")
     monkeypatch.delenv("INT8_W8A8_DISABLE_TRITON", raising=False)
     attn.reset()
     yield state
@@ -67,6 +69,18 @@ def test_a_faster_measurement_turns_auto_on_and_the_accuracy_bound_off(gpu, monk
     monkeypatch.delitem(attn.TRITON_MEASURED, key)
     auto = decide((9, 0), gpu)
     assert not auto.eight_bit and "unmeasured" in auto.reason
+
+
+def test_gluon_counts_by_its_own_entry(gpu, monkeypatch):
+    """Where the Gluon kernel runs, auto reads its entry (by its configuration's name), not the Triton kernel's."""
+    monkeypatch.setattr(attn, "_gluon_error", lambda cfg: None)
+    key = ((9, 0), attn.gluon_name())
+    monkeypatch.setitem(attn.TRITON_MEASURED, key, attn.Measured(1.2, 0.012))
+    auto = decide((9, 0), gpu)
+    assert auto.eight_bit and attn.gluon_name() in auto.reason and "1.20x SDPA" in auto.reason
+    monkeypatch.setitem(attn.TRITON_MEASURED, key, attn.Measured(0.9, 0.012))
+    auto = decide((9, 0), gpu)
+    assert not auto.eight_bit and "not faster" in auto.reason
 
 
 def test_kitchen_counts_where_measured_faster(gpu, monkeypatch):

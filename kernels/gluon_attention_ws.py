@@ -1,0 +1,262 @@
+"""8-bit attention for Hopper in Gluon, warp-specialized: a TMA producer warp and two consumer warpgroups (issue 14).
+
+The numbers of ``triton_attention``'s 16-bit P V form (``pv = "16bit"``: INT8 Q K^T with per-token Q and
+per-block K scales, P = exp2(t - m) rounded to V's bf16/fp16, V as given, the float32 accumulator on the tensor
+cores), on the inputs of its quantization pass (``triton_attention.quantize``). What differs is the structure, the
+one cuDNN's and FlashAttention-3's Hopper kernels share and Triton 3.6 does not produce (bench/NOTES.md items 70-72:
+the Triton kernel is latency-bound at two warps per scheduler, with three CTA barriers per key block around its own
+TMA loads)::
+
+    producer (1 warp):      Q once; per key block j: wait until both consumers released stage j % STAGES, then
+                            TMA K[j] and V[j] into it (one transaction barrier per stage)
+    consumer w (4 warps):   rows [64 w, 64 w + 64) of the program's 128-row Q tile; per block j: wait for the
+                            stage, S = Q K[j]^T (int8 wgmma), online softmax, O = O * alpha + P V[j] (16-bit wgmma,
+                            P from registers), release the stage
+
+Both consumers read each K/V stage (half the L2 traffic of two 64-row programs), nothing waits on a CTA barrier, and
+the two warpgroups drift apart by themselves: one's softmax runs while the other's products do. Each product is
+waited for inside its own iteration (the form ptxas keeps: item 59). Every block's scores are masked past S_kv (K's
+rows there belong to the next head; V is read through its [B, H, S, D] descriptor, so its rows there are TMA's
+zeros).
+
+Opt-in, not dispatched until measured faster than the Triton kernel. Needs SM 9.0 and a Triton with Gluon; D = 64 or
+128; V TMA-readable (``launch.tma_ok``), as the Triton kernel copies it otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .attention_configs import AttentionConfig
+from .launch import tma_ok
+from .reference_attention import LOG2E, QuantizedQKV
+
+BLOCK_M = 128  # one program's Q rows: 64 per consumer warpgroup
+HALF_M: gl.constexpr = gl.constexpr(64)
+NUM_WARPS = 4  # the default partition: consumer 0
+
+
+@dataclass(frozen=True)
+class GluonWsAttentionConfig:
+    """block_n keys per stage (the K scales' block: quantize with ``quant_config()``), stages K/V buffers,
+    consumer_regs / producer_regs: the partitions' register budgets (``setmaxnreg``; 2 x 128 x consumer + 128 x
+    producer <= 65,536)."""
+
+    block_n: int = 128
+    stages: int = 4
+    consumer_regs: int = 232
+    producer_regs: int = 40
+    defer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_n not in (64, 128) or not 2 <= self.stages <= 4:
+            raise ValueError(f"GluonWsAttentionConfig: block_n 64 or 128 and 2-4 stages, got {self.block_n}, "
+                             f"{self.stages}")
+        if self.defer and self.stages < 3:
+            raise ValueError("GluonWsAttentionConfig: defer keeps a stage one block longer: stages >= 3")
+        if 2 * 128 * self.consumer_regs + 128 * self.producer_regs > 65536:
+            raise ValueError("GluonWsAttentionConfig: the partitions' registers exceed 65,536 per SM")
+
+    def quant_config(self) -> AttentionConfig:
+        """The quantization pass's config for this kernel's inputs (16-bit P V, rotation)."""
+        return AttentionConfig(block_m=64, block_n=self.block_n, num_warps=4, num_stages=self.stages, pv="16bit")
+
+    @property
+    def name(self) -> str:
+        return f"gluon-ws-128x{self.block_n}-s{self.stages}" + ("-defer" if self.defer else "")
+
+
+DEFAULT = GluonWsAttentionConfig()
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_s, k_s, v_s, q_bar, ready, empty, q_row, kv_row, bh, H, n_blocks,
+              STAGES: gl.constexpr):
+    """Q's two halves once, then K and V block by block into the ring of stages."""
+    BN: gl.constexpr = k_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_s.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + HALF_M, 0], q_bar, q_s.index(1))
+    kv_bytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
+    for j in range(n_blocks):
+        s = j % STAGES
+        # the stage's previous round (j - STAGES) released by both consumers
+        mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
+        mbarrier.expect(ready.index(s), kv_bytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BN, 0], ready.index(s), k_s.index(s))
+        tma.async_copy_global_to_shared(v_desc, [bh // H, bh % H, j * BN, 0], ready.index(s), v_s.index(s))
+
+
+@gluon.jit
+def _softmax(sc, col_ok, rm, m_i, l_i, p_op: gl.constexpr, dtype: gl.constexpr):
+    """One block's int32 scores -> (P in ``dtype`` as the P V product's register operand, alpha, l, m): the Triton
+    kernel's ``_softmax16`` (the same operations in the same order), keys past S_kv masked."""
+    qk = gl.where(col_ok[None, :], sc.to(gl.float32), float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * rm)  # rm >= 0 commutes with max
+    alpha = gl.exp2(m_i - m_new)
+    x = gl.exp2(qk * rm[:, None] - m_new[:, None])
+    return gl.convert_layout(x.to(dtype), p_op), alpha, l_i * alpha + gl.sum(x, 1), m_new
+
+
+@gluon.jit
+def _consumer(q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H, bh,
+              pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              DEFER: gl.constexpr, WG: gl.constexpr):
+    """Rows [64 WG, 64 WG + 64) of the program's Q tile: the 16-bit P V online softmax over every key block."""
+    BN: gl.constexpr = k_s.shape[1]
+    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
+    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, HEAD_DIM, 16])
+    p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_mma)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_mma)
+    dtype: gl.constexpr = v_s.dtype
+
+    rows = pid_m * 128 + WG * HALF_M + gl.arange(0, HALF_M, layout=row_s)
+    rm_q = gl.load(qs_ptr + bh.to(gl.int64) * S_q + rows, mask=rows < S_q, other=0.0) * qk_mult
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_mma))
+    ks_base = ks_ptr + bh * n_blocks
+    zero_s = gl.zeros((HALF_M, BN), gl.int32, layout=s_mma)
+    acc = gl.zeros((HALF_M, HEAD_DIM), gl.float32, layout=o_mma)
+    m_i = gl.full((HALF_M,), float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros((HALF_M,), gl.float32, layout=row_s)
+    q = q_s.index(WG)
+    mbarrier.wait(q_bar, 0)
+    k_scale = gl.load(ks_base)
+    if DEFER:
+        # block 0's scores and softmax; then per block j: issue S[j], issue P[j-1] V[j-1], wait for S[j] only, the
+        # softmax of S[j] under P[j-1] V[j-1], wait for it, release stage j - 1 (both products finish in the
+        # iteration that issued them: the form ptxas keeps, item 59)
+        mbarrier.wait(ready.index(0), 0)
+        sc = warpgroup_mma(q, k_s.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+        p, alpha, l_i, m_i = _softmax(sc, cols < S_kv, rm_q * k_scale, m_i, l_i, p_op, dtype)
+        for j in range(1, n_blocks):
+            s = j % STAGES
+            k_scale = gl.load(ks_base + j)
+            mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+            sc = warpgroup_mma(q, k_s.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            sp = (j - 1) % STAGES
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            acc = warpgroup_mma(p, v_s.index(sp).reshape([BN, HEAD_DIM]), acc, is_async=True)
+            sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc,))
+            p, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, p_op, dtype)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(sp), count=1)
+        sp = (n_blocks - 1) % STAGES
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        acc = warpgroup_mma(p, v_s.index(sp).reshape([BN, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(sp), count=1)
+    for j in range(n_blocks * (1 - DEFER)):
+        s = j % STAGES
+        k_next = gl.load(ks_base + gl.minimum(j + 1, n_blocks - 1))  # one block ahead: its latency hidden
+        mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+        sc = warpgroup_mma(q, k_s.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+        p, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, p_op, dtype)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        acc = warpgroup_mma(p, v_s.index(s).reshape([BN, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(s), count=1)
+        k_scale = k_next
+
+    o = acc * gl.convert_layout(1.0 / l_i, row_o)[:, None]
+    store: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    o = gl.convert_layout(o.to(out_ptr.dtype.element_ty), store)
+    r = pid_m * 128 + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, store))
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, store))
+    b = bh // H
+    h = bh % H
+    ptrs = (out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + r.to(gl.int64)[:, None] * stride_os
+            + d[None, :])
+    gl.store(ptrs, o, mask=(r < S_q)[:, None])
+
+
+@gluon.jit
+def _gluon_ws_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H,
+                               stride_ob, stride_oh, stride_os, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, DEFER: gl.constexpr,
+                               num_warps: gl.constexpr):
+    BN: gl.constexpr = k_desc.block_type.shape[0]
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    q_s = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
+    k_s = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, HEAD_DIM], k_desc.layout)
+    v_s = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, BN, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
+    q_row = bh * S_q + pid_m * 128
+    kv_row = bh * S_kv
+    gl.warp_specialize([
+        (_consumer, (q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H, bh,
+                     pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM, STAGES, DEFER, 0)),
+        (_consumer, (q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H, bh,
+                     pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM, STAGES, DEFER, 1)),
+        (_producer, (q_desc, k_desc, v_desc, q_s, k_s, v_s, q_bar, ready, empty, q_row, kv_row, bh, H, n_blocks,
+                     STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor,
+                        cfg: GluonWsAttentionConfig = DEFAULT) -> torch.Tensor:
+    """The kernel on ``triton_attention.quantize(q, k, v, cfg.quant_config())``'s output into ``out [B, H, S_q, D]``
+    (unit stride along D) on an SM 9.x GPU; returns out. Raises ValueError for other inputs."""
+    d = qa.shape[4]
+    if qa.pv != "16bit" or qa.block_n != cfg.block_n:
+        raise ValueError(f"gluon_attention_ws: needs 16-bit P V inputs quantized with block_n={cfg.block_n}, got "
+                         f"pv={qa.pv}, block_n={qa.block_n}")
+    if d not in (64, 128) or out.stride(3) != 1:
+        raise ValueError(f"gluon_attention_ws: head dim 64 or 128 with unit stride in out, got {d}, {out.stride()}")
+    if not qa.q.is_cuda or torch.cuda.get_device_capability(qa.q.device)[0] != 9:
+        raise ValueError(f"gluon_attention_ws: needs an SM 9.x (Hopper) GPU, got inputs on {qa.q.device}")
+    return launch(qa, sm_scale, out, cfg)
+
+
+def launch(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor,
+           cfg: GluonWsAttentionConfig = DEFAULT) -> torch.Tensor:
+    """``attention_quantized`` without its checks (the offline check compiles this launch for sm_90 on CPU
+    tensors); returns out."""
+    b, h, s_q, s_kv, d = qa.shape
+    if s_q == 0 or b * h == 0 or s_kv == 0:
+        return out
+    v = qa.v if tma_ok(qa.v) else qa.v.contiguous()  # [B, H, S_kv, D]: keys past S_kv read as 0 per head
+    i8 = gl.int8
+    vdt = gl.bfloat16 if v.dtype == torch.bfloat16 else gl.float16
+    q_desc = TensorDescriptor(qa.q, list(qa.q.shape), [d, 1], [HALF_M.value, d],
+                              gl.NVMMASharedLayout.get_default_for([HALF_M.value, d], i8))
+    k_desc = TensorDescriptor(qa.k, list(qa.k.shape), [d, 1], [cfg.block_n, d],
+                              gl.NVMMASharedLayout.get_default_for([cfg.block_n, d], i8))
+    v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg.block_n, d],
+                              gl.NVMMASharedLayout.get_default_for([1, 1, cfg.block_n, d], vdt))
+    n_blocks = qa.k_scale.shape[1]
+    grid = (-(-s_q // BLOCK_M), b * h)
+    _gluon_ws_attention_kernel[grid](q_desc, k_desc, v_desc, qa.q_scale, qa.k_scale, out, float(sm_scale * LOG2E),
+                                     s_q, s_kv, n_blocks, h, out.stride(0), out.stride(1), out.stride(2),
+                                     HEAD_DIM=d, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
+                                     PRODUCER_REGS=cfg.producer_regs, DEFER=cfg.defer, num_warps=NUM_WARPS)
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+              cfg: GluonWsAttentionConfig = DEFAULT) -> torch.Tensor:
+    """Quantize (``triton_attention.quantize``), then attend: ``[B, H, S_q, D]`` in q's dtype."""
+    from . import triton_attention
+
+    out = torch.empty_like(q)
+    return attention_quantized(triton_attention.quantize(q, k, v, cfg.quant_config()), sm_scale, out, cfg)
