@@ -125,14 +125,10 @@ def test_nonfinite_rows_and_channels_and_v_layouts(seed):
 
 @pytest.mark.unit
 def test_refuses_inputs_off_hopper():
-    from int8_w8a8.kernels import gluon_attention_ws, triton_attention
+    from int8_w8a8.kernels import gluon_attention_ws, reference_attention
 
-    q, k, v = make(1, 1, 20, 30, 64)
-    qa = triton_attention.quantize(q, k, v, WS.quant_config()) if HAS_CUDA else None
-    if qa is None:
-        from int8_w8a8.kernels import reference_attention
-
-        qa = reference_attention.quantize_qkv(q, k, v, WS.quant_config())
+    q, k, v = make(1, 1, 20, 30, 64)  # CPU tensors: the twin's quantization
+    qa = reference_attention.quantize_qkv(q, k, v, WS.quant_config())
     with pytest.raises(ValueError, match="gluon_attention_ws"):
         gluon_attention_ws.attention_quantized(qa, 0.1, torch.empty_like(q), WS)
     with pytest.raises(ValueError, match="block_n"):
