@@ -118,7 +118,8 @@ def test_nonfinite_rows_and_channels_and_v_layouts(seed):
     qa = triton_attention.quantize(q, k, wide[..., :128], WS.quant_config())
     out = gluon_attention_ws.attention_quantized(qa, 0.1, torch.empty_like(q), WS)
     qa2 = triton_attention.quantize(q, k, wide[..., :128].contiguous(), WS.quant_config())
-    assert torch.equal(out, gluon_attention_ws.attention_quantized(qa2, 0.1, torch.empty_like(q), WS))
+    again = gluon_attention_ws.attention_quantized(qa2, 0.1, torch.empty_like(q), WS)
+    assert torch.equal(out.view(torch.int16), again.view(torch.int16))  # bits: row 17 of head 1 is NaN in both
     attn.reset()
     assert attn.choose_attention(q.device).name == "gluon"
 
