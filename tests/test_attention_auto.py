@@ -75,12 +75,16 @@ def test_gluon_counts_by_its_own_entry(gpu, monkeypatch):
     """Where the Gluon kernel runs, auto reads its entry (by its configuration's name), not the Triton kernel's."""
     monkeypatch.setattr(attn, "_gluon_error", lambda cfg: None)
     key = ((9, 0), attn.gluon_name())
+    recorded = attn.TRITON_MEASURED[key]
     monkeypatch.setitem(attn.TRITON_MEASURED, key, attn.Measured(1.2, 0.012))
     auto = decide((9, 0), gpu)
     assert auto.eight_bit and attn.gluon_name() in auto.reason and "1.20x SDPA" in auto.reason
     monkeypatch.setitem(attn.TRITON_MEASURED, key, attn.Measured(0.9, 0.012))
     auto = decide((9, 0), gpu)
     assert not auto.eight_bit and "not faster" in auto.reason
+    monkeypatch.setitem(attn.TRITON_MEASURED, key, recorded)  # the H200's: 0.83x at S = 4608, so auto stays off
+    auto = decide((9, 0), gpu)
+    assert not auto.eight_bit and "0.83x SDPA" in auto.reason and attn.gluon_name() in auto.reason
 
 
 def test_kitchen_counts_where_measured_faster(gpu, monkeypatch):
