@@ -19,8 +19,13 @@ waited for inside its own iteration (the form ptxas keeps: item 59). Every block
 rows there belong to the next head; V is read through its [B, H, S, D] descriptor, so its rows there are TMA's
 zeros).
 
-Opt-in, not dispatched until measured faster than the Triton kernel. Needs SM 9.0 and a Triton with Gluon; D = 64 or
-128; V TMA-readable (``launch.tma_ok``), as the Triton kernel copies it otherwise.
+``defer`` (the default) issues block j's Q K^T and block j - 1's P V back to back, waits for the scores only, and runs
+block j's softmax under the P V product (FlashAttention-3's intra-warpgroup overlap; both products still finish in the
+iteration that issued them, and a stage is released one block later, so it takes >= 3 stages). On the H200 (bench/
+NOTES.md item 74): kernel alone 1.06-1.09x the Triton kernel (6.05 vs 6.55 ms at Wan's H = 40, S = 14040), bit for
+bit its output; without ``defer`` 0.94-0.95x. ``kernels.attention`` dispatches it on SM 9.0 where Triton's Gluon runs.
+Needs SM 9.0 and a Triton with Gluon (3.6); D = 64 or 128; a V that TMA cannot read is copied (``launch.tma_ok``), as
+the Triton kernel does.
 """
 
 from __future__ import annotations
