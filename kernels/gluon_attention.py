@@ -160,11 +160,20 @@ def _gluon_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, vcs_
         mbarrier.invalidate(kv_bar.index(i))
 
     vs = gl.load(vs_ptr + bh * HEAD_DIM + d_o)
-    o = acc * gl.convert_layout(1.0 / l_i, row_o)[:, None] * vs[None, :]
+    store_rows(acc * gl.convert_layout(1.0 / l_i, row_o)[:, None] * vs[None, :], out_ptr, pid_m * BM, bh, H, S_q,
+               stride_ob, stride_oh, stride_os, num_warps)
+
+
+@gluon.jit
+def store_rows(o, out_ptr, row0, bh, H, S_q, stride_ob, stride_oh, stride_os, num_warps: gl.constexpr):
+    """Store float32 ``o [ROWS, D]`` (any distributed layout) as rows ``row0 + i`` of head ``bh`` of ``out [B, H, S_q,
+    D]`` in its dtype (unit stride along D), 16 bytes per thread; rows past S_q are not stored."""
+    ROWS: gl.constexpr = o.shape[0]
+    D: gl.constexpr = o.shape[1]
     store: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     o = gl.convert_layout(o.to(out_ptr.dtype.element_ty), store)
-    r = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, store))
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, store))
+    r = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, store))
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, store))
     b = bh // H
     h = bh % H
     ptrs = (out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + r.to(gl.int64)[:, None] * stride_os
@@ -172,18 +181,25 @@ def _gluon_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, vcs_
     gl.store(ptrs, o, mask=(r < S_q)[:, None])
 
 
+def check_inputs(who: str, qa: QuantizedQKV, out: torch.Tensor, pv: str, block_n: int) -> None:
+    """The Gluon attention kernels' input rules (``who`` names the kernel in the message): inputs quantized in the
+    ``pv`` form with ``block_n``-key K scales, D = 64 or 128, ``out`` with unit stride along D, an SM 9.x GPU.
+    Raises ValueError naming what is wrong."""
+    d = qa.shape[4]
+    if qa.pv != pv or qa.block_n != block_n:
+        raise ValueError(f"{who}: needs {pv} P V inputs quantized with block_n={block_n}, got pv={qa.pv}, "
+                         f"block_n={qa.block_n}")
+    if d not in (64, 128) or out.stride(3) != 1:
+        raise ValueError(f"{who}: head dim 64 or 128 with unit stride in out, got {d}, {out.stride()}")
+    if not qa.q.is_cuda or torch.cuda.get_device_capability(qa.q.device)[0] != 9:
+        raise ValueError(f"{who}: needs an SM 9.x (Hopper) GPU, got inputs on {qa.q.device}")
+
+
 def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor,
                         cfg: GluonAttentionConfig = DEFAULT) -> torch.Tensor:
     """The kernel on ``triton_attention.quantize(q, k, v, cfg.quant_config())``'s output into ``out [B, H, S_q, D]``
     (unit stride along D) on an SM 9.x GPU; returns out. Raises ValueError for other inputs."""
-    d = qa.shape[4]
-    if qa.pv != "int8" or qa.block_n != cfg.block_n:
-        raise ValueError(f"gluon_attention: needs int8 P V inputs quantized with block_n={cfg.block_n}, got "
-                         f"pv={qa.pv}, block_n={qa.block_n}")
-    if d not in (64, 128) or out.stride(3) != 1:
-        raise ValueError(f"gluon_attention: head dim 64 or 128 with unit stride in out, got {d}, {out.stride()}")
-    if not qa.q.is_cuda or torch.cuda.get_device_capability(qa.q.device)[0] != 9:
-        raise ValueError(f"gluon_attention: needs an SM 9.x (Hopper) GPU, got inputs on {qa.q.device}")
+    check_inputs("gluon_attention", qa, out, "int8", cfg.block_n)
     return launch(qa, sm_scale, out, cfg)
 
 

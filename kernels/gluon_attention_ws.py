@@ -39,6 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .attention_configs import AttentionConfig
+from .gluon_attention import check_inputs, store_rows
 from .launch import tma_ok
 from .reference_attention import LOG2E, QuantizedQKV
 
@@ -172,16 +173,8 @@ def _consumer(q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mu
         mbarrier.arrive(empty.index(s), count=1)
         k_scale = k_next
 
-    o = acc * gl.convert_layout(1.0 / l_i, row_o)[:, None]
-    store: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    o = gl.convert_layout(o.to(out_ptr.dtype.element_ty), store)
-    r = pid_m * 128 + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, store))
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, store))
-    b = bh // H
-    h = bh % H
-    ptrs = (out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + r.to(gl.int64)[:, None] * stride_os
-            + d[None, :])
-    gl.store(ptrs, o, mask=(r < S_q)[:, None])
+    store_rows(acc * gl.convert_layout(1.0 / l_i, row_o)[:, None], out_ptr, pid_m * 128 + WG * HALF_M, bh, H, S_q,
+               stride_ob, stride_oh, stride_os, 4)
 
 
 @gluon.jit
@@ -222,14 +215,7 @@ def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor,
                         cfg: GluonWsAttentionConfig = DEFAULT) -> torch.Tensor:
     """The kernel on ``triton_attention.quantize(q, k, v, cfg.quant_config())``'s output into ``out [B, H, S_q, D]``
     (unit stride along D) on an SM 9.x GPU; returns out. Raises ValueError for other inputs."""
-    d = qa.shape[4]
-    if qa.pv != "16bit" or qa.block_n != cfg.block_n:
-        raise ValueError(f"gluon_attention_ws: needs 16-bit P V inputs quantized with block_n={cfg.block_n}, got "
-                         f"pv={qa.pv}, block_n={qa.block_n}")
-    if d not in (64, 128) or out.stride(3) != 1:
-        raise ValueError(f"gluon_attention_ws: head dim 64 or 128 with unit stride in out, got {d}, {out.stride()}")
-    if not qa.q.is_cuda or torch.cuda.get_device_capability(qa.q.device)[0] != 9:
-        raise ValueError(f"gluon_attention_ws: needs an SM 9.x (Hopper) GPU, got inputs on {qa.q.device}")
+    check_inputs("gluon_attention_ws", qa, out, "16bit", cfg.block_n)
     return launch(qa, sm_scale, out, cfg)
 
 

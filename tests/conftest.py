@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -41,6 +43,18 @@ def seed(request) -> int:
     torch.manual_seed(value)
     print(f"[seed] {request.node.nodeid}: INT8_W8A8_TEST_SEED={value}")
     return value
+
+
+def offline_python(code: str, timeout: int = 600):
+    """Run ``code`` in a fresh Python without the interpreter (``TRITON_INTERPRET=0``) and without the sm_8x stand-in's
+    switches (``DISABLE_MMA_V3`` turns wgmma off in Triton): what compiles for a GPU target offline. Skips the test
+    where Triton is not installed; returns the ``subprocess.CompletedProcess``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISABLE_MMA_V3", "INT8_W8A8_FORCE_ARCH")}
+    env["TRITON_INTERPRET"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode != 0 and "No module named 'triton'" in out.stderr:
+        pytest.skip("Triton is not installed")
+    return out
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -11,8 +11,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from int8_w8a8.kernels import attention_8bit, reference_attention
 from int8_w8a8.kernels.attention_configs import DEFAULT, VARIANTS, AttentionConfig
 from int8_w8a8.kernels.launch import tma_ok
 
-from .conftest import KERNEL_DEVICE, rel_err
+from .conftest import KERNEL_DEVICE, offline_python, rel_err
 
 # accuracy bound of issue 14 (kitchen measured 0.0167, sageattention 0.0134 at S = 4608); the e4m3 P/V form
 # measures ~0.035 on Gaussian inputs (3 mantissa bits on both operands: reference_attention docstring)
@@ -523,12 +521,7 @@ def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     spills, shared memory within 227 KB (the default config at D = 64 and 128, the fp8 variant at 128)."""
     code = ("from int8_w8a8.bench import check_ptx_attention as c; import sys; "
             "sys.exit(c.main(['--quick', '--json']))")
-    # what sm_90 itself compiles: not the sm_8x stand-in's switches (DISABLE_MMA_V3 turns wgmma off in Triton)
-    env = {k: v for k, v in os.environ.items() if k not in ("DISABLE_MMA_V3", "INT8_W8A8_FORCE_ARCH")}
-    env["TRITON_INTERPRET"] = "0"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    if out.returncode != 0 and "No module named 'triton'" in out.stderr:
-        pytest.skip("Triton is not installed")
+    out = offline_python(code)  # what sm_90 itself compiles
     rows = json.loads(out.stdout) if out.stdout.strip().startswith("[") else []
     assert rows and out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     kernels = [r for r in rows if r["what"].startswith("attention")]

@@ -13,16 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from int8_w8a8.kernels.gluon_attention import GluonAttentionConfig
 
-from .conftest import HAS_CUDA, rel_err
+from .conftest import HAS_CUDA, offline_python, rel_err
 from .test_attention import BOUND, make, ref64
 
 HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
@@ -35,11 +32,7 @@ def test_ptxas_serializes_a_product_left_in_flight_across_the_loop():
     the back edge (this kernel's FA3 order) makes ptxas serialize every wgmma (note C7514). When a Triton or ptxas
     update flips the second, the Gluon kernel's schedule is worth measuring again."""
     code = "from int8_w8a8.bench import probe_wgmma_pipeline as p; import sys; sys.exit(p.main(['--json']))"
-    env = {k: v for k, v in os.environ.items() if k not in ("DISABLE_MMA_V3", "INT8_W8A8_FORCE_ARCH")}
-    env["TRITON_INTERPRET"] = "0"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    if out.returncode != 0 and "No module named 'triton'" in out.stderr:
-        pytest.skip("Triton is not installed")
+    out = offline_python(code)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["form"]: r for r in json.loads(out.stdout)}
     assert rows["s-in-flight"]["ptxas_waits"] == [], rows

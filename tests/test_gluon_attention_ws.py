@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,7 +22,7 @@ from int8_w8a8.kernels.attention_configs import DEFAULT
 from int8_w8a8.kernels.gluon_attention_ws import DEFAULT as WS
 from int8_w8a8.kernels.gluon_attention_ws import GluonWsAttentionConfig
 
-from .conftest import HAS_CUDA, rel_err
+from .conftest import HAS_CUDA, offline_python, rel_err
 from .test_attention import BOUND, make, ref64
 
 HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
@@ -57,11 +54,7 @@ def test_offline_sm90_compile():
             "from int8_w8a8.kernels.gluon_attention_ws import DEFAULT; "
             "print(json.dumps([c.compile_gluon_ws_launch(DEFAULT, 90, d, t) for d, t in "
             "((128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16))]))")
-    env = {k: v for k, v in os.environ.items() if k not in ("DISABLE_MMA_V3", "INT8_W8A8_FORCE_ARCH")}
-    env["TRITON_INTERPRET"] = "0"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    if out.returncode != 0 and "No module named 'triton'" in out.stderr:
-        pytest.skip("Triton is not installed")
+    out = offline_python(code)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     for r, sixteen in zip(rows, (".f32.bf16.bf16", ".f32.bf16.bf16", ".f32.f16.f16"), strict=True):
