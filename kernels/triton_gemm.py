@@ -443,7 +443,7 @@ def _arch_of(out: torch.Tensor) -> tuple[int, int] | None:
 
 def tma_compatible(xq: torch.Tensor, wq: torch.Tensor, out: torch.Tensor) -> bool:
     """The TMA kernels take these operands: K a multiple of 16 and each of them ``launch.tma_ok``."""
-    return xq.shape[1] % 16 == 0 and all(launch.tma_ok(t) for t in (xq, wq, out))
+    return xq.shape[1] % 16 == 0 and launch.tma_ok(xq) and launch.tma_ok(wq) and launch.tma_ok(out)
 
 
 def gemm(
