@@ -195,11 +195,16 @@ class AutoDecision:
     reason: str
 
 
+def _kernel_config_name(backend: AttentionBackend) -> str:
+    """The configuration name of the pack's kernel that ``backend`` ("triton" or "gluon") runs: its key in
+    ``TRITON_MEASURED``."""
+    return gluon_name() if backend.name == "gluon" else config_for(backend.arch).name
+
+
 def measured(backend: AttentionBackend) -> Measured | None:
     """The measurement of the implementation ``backend`` runs on its generation, or None where there is none."""
     if backend.name in ("triton", "gluon"):
-        name = gluon_name() if backend.name == "gluon" else config_for(backend.arch).name
-        return TRITON_MEASURED.get((backend.arch, name))
+        return TRITON_MEASURED.get((backend.arch, _kernel_config_name(backend)))
     if backend.name == "kitchen" and backend.arch in KITCHEN_SPEEDUP_VS_SDPA:
         return Measured(KITCHEN_SPEEDUP_VS_SDPA[backend.arch], KITCHEN_REL_ERROR)
     return None
@@ -213,8 +218,8 @@ def _auto(device_type: str, index: int) -> AutoDecision:
     if backend.name == "sdpa":
         return AutoDecision(False, f"no 8-bit attention runs here ({backend.reason})")
     gen = f"SM {backend.arch[0]}.{backend.arch[1]}"
-    impl = {"triton": f"Triton {config_for(backend.arch).name}", "gluon": f"Gluon {gluon_name()}"}.get(
-        backend.name, "comfy-kitchen int8_attention")
+    impl = (f"{backend.name.capitalize()} {_kernel_config_name(backend)}" if backend.name in ("triton", "gluon")
+            else "comfy-kitchen int8_attention")
     m = measured(backend)
     if m is None:
         return AutoDecision(False, f"{impl} is unmeasured on {gen}")
