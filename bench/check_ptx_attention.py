@@ -243,22 +243,33 @@ def compile_gluon_attention(cfg, arch: int = 90, head_dim: int = 128, out: str =
     return _summary(compiled, arch)
 
 
-def check_gluon_launch(gcfg, arch: int = 90, head_dim: int = 128) -> list[str]:
-    """The quantization pass and ``gluon_attention.attention_quantized`` as a caller runs them (host descriptors,
-    scalars), bound by Triton's JIT on CPU tensors and compiled for ``sm_<arch>`` instead of run
-    (``check_ptx.emulated_gpu``): what a GPU's first call compiles. Its problems (empty: it passes)."""
+def _emulated_launch(launch, gcfg, arch: int, head_dim: int, dtype=None) -> tuple[list[dict], str | None]:
+    """The quantization pass and ``launch(qa, sm_scale, out, gcfg)`` (a Gluon attention module's ``launch``) as a
+    caller runs them (host descriptors, scalars), bound by Triton's JIT on CPU tensors and compiled for ``sm_<arch>``
+    instead of run (``check_ptx.emulated_gpu``): what a GPU's first call compiles. (the compile attempts, None), or
+    ([], the binding or compile failure)."""
     import torch
 
-    from ..kernels import gluon_attention
     from .check_ptx import emulated_gpu
 
-    q, k, v = (torch.zeros(1, 2, s, head_dim, dtype=torch.bfloat16) for s in (150, 200, 200))
+    q, k, v = (torch.zeros(1, 2, s, head_dim, dtype=dtype or torch.bfloat16) for s in (150, 200, 200))
     with emulated_gpu(arch, SMEM_LIMIT[arch]) as attempts:
         try:
             qa = triton_attention.quantize(q, k, v, gcfg.quant_config())
-            gluon_attention.launch(qa, 0.1, torch.empty_like(q), gcfg)
+            launch(qa, 0.1, torch.empty_like(q), gcfg)
         except Exception as exc:  # a binding or compile failure is the result
-            return [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"]
+            return [], f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    return attempts, None
+
+
+def check_gluon_launch(gcfg, arch: int = 90, head_dim: int = 128) -> list[str]:
+    """``gluon_attention.launch`` compiled as a GPU's first call compiles it (``_emulated_launch``): its problems
+    (empty: it passes)."""
+    from ..kernels import gluon_attention
+
+    attempts, error = _emulated_launch(gluon_attention.launch, gcfg, arch, head_dim)
+    if error is not None:
+        return [error]
     kernels = [a["kernel"] for a in attempts]
     if "_gluon_attention_kernel" not in kernels or not all(a["fits"] for a in attempts):
         return [f"launch compiled {kernels}, fits {[a['fits'] for a in attempts]}"]
@@ -266,23 +277,14 @@ def check_gluon_launch(gcfg, arch: int = 90, head_dim: int = 128) -> list[str]:
 
 
 def compile_gluon_ws_launch(gcfg, arch: int = 90, head_dim: int = 128, dtype=None) -> dict:
-    """The quantization pass and ``gluon_attention_ws.launch`` as ``attention_8bit`` runs them (host descriptors,
-    scalars), bound by Triton's JIT on CPU tensors and compiled for ``sm_<arch>`` instead of run
-    (``check_ptx.emulated_gpu``): the warp-specialized kernel's compile summary (``fits``, ``shared_bytes``,
-    ``regs``, ``local``, ``ptxas_waits``, ``setmaxnreg``, ``num_warps``, ``mma``), or ``{"error": ...}``."""
-    import torch
-
+    """``gluon_attention_ws.launch`` as ``attention_8bit`` runs it, compiled as a GPU's first call compiles it
+    (``_emulated_launch``): the warp-specialized kernel's compile summary (``fits``, ``shared_bytes``, ``regs``,
+    ``local``, ``ptxas_waits``, ``setmaxnreg``, ``num_warps``, ``mma``), or ``{"error": ...}``."""
     from ..kernels import gluon_attention_ws
-    from .check_ptx import emulated_gpu
 
-    dtype = dtype or torch.bfloat16
-    q, k, v = (torch.zeros(1, 2, s, head_dim, dtype=dtype) for s in (150, 200, 200))
-    with emulated_gpu(arch, SMEM_LIMIT[arch]) as attempts:
-        try:
-            qa = triton_attention.quantize(q, k, v, gcfg.quant_config())
-            gluon_attention_ws.launch(qa, 0.1, torch.empty_like(q), gcfg)
-        except Exception as exc:  # a binding or compile failure is the result
-            return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
+    attempts, error = _emulated_launch(gluon_attention_ws.launch, gcfg, arch, head_dim, dtype)
+    if error is not None:
+        return {"error": error}
     rows = [a for a in attempts if a["kernel"] == "_gluon_ws_attention_kernel"]
     return {k: v for k, v in rows[0].items() if k != "compiled"} if rows else {"error": "not launched"}
 
