@@ -111,6 +111,23 @@ def _softmax(sc, col_ok, rm, m_i, l_i, p_op: gl.constexpr, dtype: gl.constexpr):
 
 
 @gluon.jit
+def _issue_scores(q, k_s, ready, zero_s, j, STAGES: gl.constexpr):
+    """Wait for key block j's stage, then issue its int8 Q K^T (not waited for)."""
+    s = j % STAGES
+    mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+    return warpgroup_mma(q, k_s.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _issue_pv(acc, p, alpha, v_s, j, row_o: gl.constexpr, STAGES: gl.constexpr):
+    """Issue ``acc * alpha + P V[j]`` (16-bit wgmma, P from registers; not waited for) on key block j's stage."""
+    BN: gl.constexpr = v_s.shape[3]
+    HEAD_DIM: gl.constexpr = v_s.shape[4]
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    return warpgroup_mma(p, v_s.index(j % STAGES).reshape([BN, HEAD_DIM]), acc, is_async=True)
+
+
+@gluon.jit
 def _consumer(q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H, bh,
               pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               DEFER: gl.constexpr, WG: gl.constexpr):
@@ -139,39 +156,30 @@ def _consumer(q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mu
         # block 0's scores and softmax; then per block j: issue S[j], issue P[j-1] V[j-1], wait for S[j] only, the
         # softmax of S[j] under P[j-1] V[j-1], wait for it, release stage j - 1 (both products finish in the
         # iteration that issued them: the form ptxas keeps, item 59)
-        mbarrier.wait(ready.index(0), 0)
-        sc = warpgroup_mma(q, k_s.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sc = _issue_scores(q, k_s, ready, zero_s, 0, STAGES)
         sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
         p, alpha, l_i, m_i = _softmax(sc, cols < S_kv, rm_q * k_scale, m_i, l_i, p_op, dtype)
         for j in range(1, n_blocks):
-            s = j % STAGES
             k_scale = gl.load(ks_base + j)
-            mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-            sc = warpgroup_mma(q, k_s.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            sp = (j - 1) % STAGES
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            acc = warpgroup_mma(p, v_s.index(sp).reshape([BN, HEAD_DIM]), acc, is_async=True)
+            sc = _issue_scores(q, k_s, ready, zero_s, j, STAGES)
+            acc = _issue_pv(acc, p, alpha, v_s, j - 1, row_o, STAGES)
             sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc,))
             p, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, p_op, dtype)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index(sp), count=1)
-        sp = (n_blocks - 1) % STAGES
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        acc = warpgroup_mma(p, v_s.index(sp).reshape([BN, HEAD_DIM]), acc, is_async=True)
+            mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
+        acc = _issue_pv(acc, p, alpha, v_s, n_blocks - 1, row_o, STAGES)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(sp), count=1)
-    for j in range(n_blocks * (1 - DEFER)):
-        s = j % STAGES
-        k_next = gl.load(ks_base + gl.minimum(j + 1, n_blocks - 1))  # one block ahead: its latency hidden
-        mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-        sc = warpgroup_mma(q, k_s.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-        p, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, p_op, dtype)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        acc = warpgroup_mma(p, v_s.index(s).reshape([BN, HEAD_DIM]), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(s), count=1)
-        k_scale = k_next
+        mbarrier.arrive(empty.index((n_blocks - 1) % STAGES), count=1)
+    else:
+        for j in range(n_blocks):
+            k_next = gl.load(ks_base + gl.minimum(j + 1, n_blocks - 1))  # one block ahead: its latency hidden
+            sc = _issue_scores(q, k_s, ready, zero_s, j, STAGES)
+            sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+            p, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, p_op, dtype)
+            acc = _issue_pv(acc, p, alpha, v_s, j, row_o, STAGES)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(j % STAGES), count=1)
+            k_scale = k_next
 
     store_rows(acc * gl.convert_layout(1.0 / l_i, row_o)[:, None], out_ptr, pid_m * 128 + WG * HALF_M, bh, H, S_q,
                stride_ob, stride_oh, stride_os, 4)
