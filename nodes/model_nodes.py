@@ -35,13 +35,13 @@ CONVROT_TOOLTIP = (
 ATTENTION_TOOLTIP = (
     "Attention inside the pack's fused transformer blocks. 'bf16': ComfyUI's attention, the backend you chose "
     "for ComfyUI (as without this option). '8-bit': the pack's 8-bit attention (INT8 Q K^T, P V in the "
-    "model's 16-bit type; about 1.2% relative error): Triton on Hopper, comfy-kitchen's where measured faster, "
-    "the PyTorch twin on the CPU; calls it cannot take (masks, head sizes other than 64/128, FP32) and GPUs "
-    "without an 8-bit attention worth running use ComfyUI's. 'auto': 8-bit only where it was measured faster "
-    "than ComfyUI's attention on this GPU generation and within the accuracy bound (2% relative error); today "
-    "that is nowhere (on an H200 it runs at 0.77x cuDNN's BF16 attention at 4608 tokens, 1.03x at 14040), so "
-    "auto keeps ComfyUI's. Models and blocks that run ComfyUI's own code (fallbacks, architectures without fused "
-    "blocks) always keep ComfyUI's attention."
+    "model's 16-bit type; about 1.2% relative error): a Gluon kernel on Hopper (Triton where Gluon is "
+    "unavailable), comfy-kitchen's where measured faster, the PyTorch twin on the CPU; calls it cannot take "
+    "(masks, head sizes other than 64/128, FP32) and GPUs without an 8-bit attention worth running use ComfyUI's. "
+    "'auto': 8-bit only where it was measured faster than ComfyUI's attention on this GPU generation and within "
+    "the accuracy bound (2% relative error); today that is nowhere (on an H200 it runs at 0.83x cuDNN's BF16 "
+    "attention at 4608 tokens, 1.12x at 14040), so auto keeps ComfyUI's. Models and blocks that run ComfyUI's "
+    "own code (fallbacks, architectures without fused blocks) always keep ComfyUI's attention."
 )
 
 EXTRA_BLOCKS_TOOLTIP = (
