@@ -23,7 +23,10 @@ zeros).
 block j's softmax under the P V product (FlashAttention-3's intra-warpgroup overlap; both products still finish in the
 iteration that issued them, and a stage is released one block later, so it takes >= 3 stages). On the H200 (bench/
 NOTES.md item 74): kernel alone 1.06-1.09x the Triton kernel (6.05 vs 6.55 ms at Wan's H = 40, S = 14040), bit for
-bit its output; without ``defer`` 0.94-0.95x. ``kernels.attention`` dispatches it on SM 9.0 where Triton's Gluon runs.
+bit its output; without ``defer`` 0.94-0.95x. ``pingpong`` (the default) adds FlashAttention-3's inter-warpgroup
+schedule: the consumers take turns issuing their products (a pair of mbarriers), so one's softmax runs while the other's
+products do: 5.86 vs 6.08 ms at Wan's shape, 1.23x cuDNN kernel alone (item 75). Whole key blocks skip the per-key mask.
+``kernels.attention`` dispatches it on SM 9.0 where Triton's Gluon runs.
 Needs SM 9.0 and a Triton with Gluon (3.6); D = 64 or 128; a V that TMA cannot read is copied (``launch.tma_ok``), as
 the Triton kernel does.
 """
@@ -56,9 +59,10 @@ class GluonWsAttentionConfig:
 
     block_n: int = 128
     stages: int = 4
-    consumer_regs: int = 232
-    producer_regs: int = 40
+    consumer_regs: int = 240  # 232: ptxas spilled 5 registers of the two-loop consumer to the stack
+    producer_regs: int = 24
     defer: bool = True
+    pingpong: bool = True
 
     def __post_init__(self) -> None:
         if self.block_n not in (64, 128) or not 2 <= self.stages <= 4:
@@ -66,6 +70,8 @@ class GluonWsAttentionConfig:
                              f"{self.stages}")
         if self.defer and self.stages < 3:
             raise ValueError("GluonWsAttentionConfig: defer keeps a stage one block longer: stages >= 3")
+        if self.pingpong and not self.defer:
+            raise ValueError("GluonWsAttentionConfig: pingpong orders defer's product issues: needs defer")
         if 2 * 128 * self.consumer_regs + 128 * self.producer_regs > 65536:
             raise ValueError("GluonWsAttentionConfig: the partitions' registers exceed 65,536 per SM")
 
@@ -75,7 +81,8 @@ class GluonWsAttentionConfig:
 
     @property
     def name(self) -> str:
-        return f"gluon-ws-128x{self.block_n}-s{self.stages}" + ("-defer" if self.defer else "")
+        return (f"gluon-ws-128x{self.block_n}-s{self.stages}" + ("-defer" if self.defer else "")
+                + ("-pp" if self.pingpong else ""))
 
 
 DEFAULT = GluonWsAttentionConfig()
@@ -100,14 +107,18 @@ def _producer(q_desc, k_desc, v_desc, q_s, k_s, v_s, q_bar, ready, empty, q_row,
 
 
 @gluon.jit
-def _softmax(sc, col_ok, rm, m_i, l_i, p_op: gl.constexpr, dtype: gl.constexpr):
-    """One block's int32 scores -> (P in ``dtype`` as the P V product's register operand, alpha, l, m): the Triton
-    kernel's ``_softmax16`` (the same operations in the same order), keys past S_kv masked."""
-    qk = gl.where(col_ok[None, :], sc.to(gl.float32), float("-inf"))
+def _softmax(sc, col_ok, rm, m_i, l_i, MASK: gl.constexpr = True):
+    """One block's int32 scores -> (x = exp2(t - m_new) in float32, alpha, l, m): the Triton kernel's ``_softmax16``
+    (the same operations in the same order); with MASK, keys where ``col_ok`` is false are -inf (a compare and a
+    select per score, 16 % of the loop's instructions: whole blocks skip it). x is rounded to 16 bits where the
+    P V product is issued (``_issue_pv``): a 16-bit P carried across iterations cost ptxas a PRMT per register."""
+    qk = sc.to(gl.float32)
+    if MASK:
+        qk = gl.where(col_ok[None, :], qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * rm)  # rm >= 0 commutes with max
     alpha = gl.exp2(m_i - m_new)
     x = gl.exp2(qk * rm[:, None] - m_new[:, None])
-    return gl.convert_layout(x.to(dtype), p_op), alpha, l_i * alpha + gl.sum(x, 1), m_new
+    return x, alpha, l_i * alpha + gl.sum(x, 1), m_new
 
 
 @gluon.jit
@@ -119,27 +130,63 @@ def _issue_scores(q, k_s, ready, zero_s, j, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _issue_pv(acc, p, alpha, v_s, j, row_o: gl.constexpr, STAGES: gl.constexpr):
-    """Issue ``acc * alpha + P V[j]`` (16-bit wgmma, P from registers; not waited for) on key block j's stage."""
+def _issue_pv(acc, x, alpha, v_s, j, row_o: gl.constexpr, STAGES: gl.constexpr):
+    """Issue ``acc * alpha + P V[j]`` (P = x rounded to V's 16-bit type, from registers; 16-bit wgmma, not waited
+    for) on key block j's stage."""
     BN: gl.constexpr = v_s.shape[3]
     HEAD_DIM: gl.constexpr = v_s.shape[4]
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    p = gl.convert_layout(x.to(v_s.dtype), gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2))
     return warpgroup_mma(p, v_s.index(j % STAGES).reshape([BN, HEAD_DIM]), acc, is_async=True)
 
 
 @gluon.jit
-def _consumer(q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H, bh,
-              pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              DEFER: gl.constexpr, WG: gl.constexpr):
+def _take_turn(turn, j, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """With PINGPONG, wait until the other consumer has issued its products of this round (round j)."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), j & 1)
+
+
+@gluon.jit
+def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """With PINGPONG, let the other consumer issue its products of this round."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+
+
+@gluon.jit
+def _deferred_step(q, k_s, v_s, ready, empty, turn, zero_s, ks_base, acc, x, alpha, l_i, m_i, cols, rm_q, S_kv, j,
+                   row_o: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr, WG: gl.constexpr,
+                   PINGPONG: gl.constexpr):
+    """``defer``'s iteration j >= 1: issue S[j], issue P[j-1] V[j-1], wait for S[j] only, the softmax of S[j] under
+    P[j-1] V[j-1], wait for it, release stage j - 1 (both products finish in the iteration that issued them: the
+    form ptxas keeps, item 59). With PINGPONG the two consumers issue their products in turns (FlashAttention-3's
+    inter-warpgroup schedule: one's softmax runs while the other's products do). Returns block j's (x, alpha, l, m)
+    and the accumulator through block j - 1."""
+    BN: gl.constexpr = k_s.shape[1]
+    k_scale = gl.load(ks_base + j)
+    _take_turn(turn, j, WG, PINGPONG)
+    sc = _issue_scores(q, k_s, ready, zero_s, j, STAGES)
+    acc = _issue_pv(acc, x, alpha, v_s, j - 1, row_o, STAGES)
+    _pass_turn(turn, WG, PINGPONG)
+    sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc,))
+    x, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, MASK)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
+    return x, alpha, l_i, m_i, acc
+
+
+@gluon.jit
+def _consumer(q_s, k_s, v_s, q_bar, ready, empty, turn, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H,
+              bh, pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              DEFER: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
     """Rows [64 WG, 64 WG + 64) of the program's Q tile: the 16-bit P V online softmax over every key block."""
     BN: gl.constexpr = k_s.shape[1]
     s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
     o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                     instr_shape=[16, HEAD_DIM, 16])
-    p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_mma)
     row_o: gl.constexpr = gl.SliceLayout(1, o_mma)
-    dtype: gl.constexpr = v_s.dtype
 
     rows = pid_m * 128 + WG * HALF_M + gl.arange(0, HALF_M, layout=row_s)
     rm_q = gl.load(qs_ptr + bh.to(gl.int64) * S_q + rows, mask=rows < S_q, other=0.0) * qk_mult
@@ -153,21 +200,29 @@ def _consumer(q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mu
     mbarrier.wait(q_bar, 0)
     k_scale = gl.load(ks_base)
     if DEFER:
-        # block 0's scores and softmax; then per block j: issue S[j], issue P[j-1] V[j-1], wait for S[j] only, the
-        # softmax of S[j] under P[j-1] V[j-1], wait for it, release stage j - 1 (both products finish in the
-        # iteration that issued them: the form ptxas keeps, item 59)
+        # block 0's scores and softmax, then ``_deferred_step`` for blocks 1 .. n_blocks - 1 (the whole blocks
+        # unmasked, then the partial last one if any), then the last P V; with PINGPONG consumer 0 takes the first
+        # turn of each of the n_blocks + 1 rounds of issues
+        if WG == 1:
+            _pass_turn(turn, WG, PINGPONG)
+        _take_turn(turn, 0, WG, PINGPONG)
         sc = _issue_scores(q, k_s, ready, zero_s, 0, STAGES)
+        _pass_turn(turn, WG, PINGPONG)
         sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-        p, alpha, l_i, m_i = _softmax(sc, cols < S_kv, rm_q * k_scale, m_i, l_i, p_op, dtype)
-        for j in range(1, n_blocks):
-            k_scale = gl.load(ks_base + j)
-            sc = _issue_scores(q, k_s, ready, zero_s, j, STAGES)
-            acc = _issue_pv(acc, p, alpha, v_s, j - 1, row_o, STAGES)
-            sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc,))
-            p, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, p_op, dtype)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
-        acc = _issue_pv(acc, p, alpha, v_s, n_blocks - 1, row_o, STAGES)
+        x, alpha, l_i, m_i = _softmax(sc, cols < S_kv, rm_q * k_scale, m_i, l_i)
+        n_whole = S_kv // BN
+        for j in range(1, n_whole):
+            x, alpha, l_i, m_i, acc = _deferred_step(q, k_s, v_s, ready, empty, turn, zero_s, ks_base, acc, x, alpha,
+                                                     l_i, m_i, cols, rm_q, S_kv, j, row_o, STAGES, False, WG,
+                                                     PINGPONG)
+        for j in range(gl.maximum(n_whole, 1), n_blocks):
+            x, alpha, l_i, m_i, acc = _deferred_step(q, k_s, v_s, ready, empty, turn, zero_s, ks_base, acc, x, alpha,
+                                                     l_i, m_i, cols, rm_q, S_kv, j, row_o, STAGES, True, WG,
+                                                     PINGPONG)
+        _take_turn(turn, n_blocks, WG, PINGPONG)
+        acc = _issue_pv(acc, x, alpha, v_s, n_blocks - 1, row_o, STAGES)
+        if WG == 0:  # consumer 1's last round needs this turn; consumer 0 has none left to wait for
+            _pass_turn(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((n_blocks - 1) % STAGES), count=1)
     else:
@@ -175,8 +230,8 @@ def _consumer(q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mu
             k_next = gl.load(ks_base + gl.minimum(j + 1, n_blocks - 1))  # one block ahead: its latency hidden
             sc = _issue_scores(q, k_s, ready, zero_s, j, STAGES)
             sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-            p, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, p_op, dtype)
-            acc = _issue_pv(acc, p, alpha, v_s, j, row_o, STAGES)
+            x, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i)
+            acc = _issue_pv(acc, x, alpha, v_s, j, row_o, STAGES)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(j % STAGES), count=1)
             k_scale = k_next
@@ -189,7 +244,7 @@ def _consumer(q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mu
 def _gluon_ws_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H,
                                stride_ob, stride_oh, stride_os, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, DEFER: gl.constexpr,
-                               num_warps: gl.constexpr):
+                               PINGPONG: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = k_desc.block_type.shape[0]
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
@@ -199,17 +254,20 @@ def _gluon_ws_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, out_ptr, 
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # PINGPONG: consumer w's turn
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
     q_row = bh * S_q + pid_m * 128
     kv_row = bh * S_kv
     gl.warp_specialize([
-        (_consumer, (q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H, bh,
-                     pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM, STAGES, DEFER, 0)),
-        (_consumer, (q_s, k_s, v_s, q_bar, ready, empty, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H, bh,
-                     pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM, STAGES, DEFER, 1)),
+        (_consumer, (q_s, k_s, v_s, q_bar, ready, empty, turn, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks,
+                     H, bh, pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM, STAGES, DEFER, PINGPONG, 0)),
+        (_consumer, (q_s, k_s, v_s, q_bar, ready, empty, turn, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks,
+                     H, bh, pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM, STAGES, DEFER, PINGPONG, 1)),
         (_producer, (q_desc, k_desc, v_desc, q_s, k_s, v_s, q_bar, ready, empty, q_row, kv_row, bh, H, n_blocks,
                      STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -217,6 +275,8 @@ def _gluon_ws_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, out_ptr, 
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(empty.index(i))
+    for i in gl.static_range(2):
+        mbarrier.invalidate(turn.index(i))
 
 
 def attention_quantized(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor,
@@ -248,7 +308,8 @@ def launch(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor,
     _gluon_ws_attention_kernel[grid](q_desc, k_desc, v_desc, qa.q_scale, qa.k_scale, out, float(sm_scale * LOG2E),
                                      s_q, s_kv, n_blocks, h, out.stride(0), out.stride(1), out.stride(2),
                                      HEAD_DIM=d, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
-                                     PRODUCER_REGS=cfg.producer_regs, DEFER=cfg.defer, num_warps=NUM_WARPS)
+                                     PRODUCER_REGS=cfg.producer_regs, DEFER=cfg.defer, PINGPONG=cfg.pingpong,
+                                     num_warps=NUM_WARPS)
     return out
 
 

@@ -30,7 +30,7 @@ HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 
 @pytest.mark.unit
 @pytest.mark.parametrize("kwargs", [{"block_n": 32}, {"stages": 1}, {"stages": 5}, {"stages": 2, "defer": True},
-                                    {"consumer_regs": 248, "producer_regs": 40}])
+                                    {"consumer_regs": 248, "producer_regs": 40}, {"defer": False, "pingpong": True}])
 def test_config_rules(kwargs):
     with pytest.raises(ValueError, match="GluonWsAttentionConfig"):
         GluonWsAttentionConfig(**kwargs)
@@ -41,7 +41,7 @@ def test_reads_the_triton_default_quantization():
     """The kernel takes the Triton default's quantized inputs as they are (one pass serves both kernels)."""
     q = WS.quant_config()
     assert (q.pv, q.block_n, q.rotate) == (DEFAULT.pv, DEFAULT.block_n, DEFAULT.rotate)
-    assert WS.name == "gluon-ws-128x128-s4-defer"
+    assert WS.name == "gluon-ws-128x128-s4-defer-pp"
 
 
 @pytest.mark.unit
@@ -78,9 +78,10 @@ def _triton_and_gluon(q, k, v, cfg=WS):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs an SM 9.x (Hopper) GPU")
-@pytest.mark.parametrize("s_kv", [40, 128, 1000])
+@pytest.mark.parametrize("s_kv", [40, 128, 256, 1000])
 @pytest.mark.parametrize(("d", "dtype"), [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)])
-@pytest.mark.parametrize("cfg", [WS, GluonWsAttentionConfig(stages=2, defer=False)], ids=["default", "s2"])
+@pytest.mark.parametrize("cfg", [WS, GluonWsAttentionConfig(stages=2, defer=False, pingpong=False),
+                                 GluonWsAttentionConfig(pingpong=False)], ids=["default", "s2", "no-pingpong"])
 def test_bit_for_bit_the_triton_kernel(seed, s_kv, d, dtype, cfg):
     q, k, v = make(2, 3, 300, s_kv, d, dtype=dtype, device="cuda", keys="offset")
     tri, glu = _triton_and_gluon(q, k, v, cfg)
