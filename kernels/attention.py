@@ -22,8 +22,8 @@ Whether a model's ``auto`` attention choice runs this function at all is data to
 8-bit only where the implementation the rules above choose was measured faster than SDPA's default backend on
 that GPU generation (quantization included, at every size measured) and within ``REL_ERROR_BOUND``
 (``TRITON_MEASURED``, ``KITCHEN_SPEEDUP_VS_SDPA``/``KITCHEN_REL_ERROR``). Nothing is measured faster at every size
-today: on the H200 the Gluon kernel (INT8 Q K^T, 16-bit P V) runs at 0.75-0.84x (S = 4608) to 1.17x (S = 14040) cuDNN
-with its quantization pass (the Triton kernel 0.77x to 1.04x), so ``auto`` keeps ComfyUI's attention there.
+today: on the H200 the Gluon kernel (INT8 Q K^T, 16-bit P V) runs at 0.92x (S = 4608) to 1.18x (S = 14040) cuDNN with
+its quantization pass (the Triton kernel 0.77x to 1.04x), so ``auto`` keeps ComfyUI's attention there.
 Updating the tables after a GPU run changes ``auto``.
 """
 
@@ -91,11 +91,11 @@ TRITON_MEASURED: dict[tuple[tuple[int, int], str], Measured] = {
     # 0.489 ms against cuDNN's 0.408 at H = 24, S = 4608 (0.835x, the lowest; 0.84x at H = 32), 1.05x at H = 32,
     # S = 16896, 1.12x at H = 40, S = 14040 (Wan)
     ((9, 0), "gluon-ws-128x128-s4-defer"): Measured(0.83, 0.0118),
-    # the same with the two consumers issuing their products in turns (``pingpong``, the default since session 22;
-    # bench/NOTES.md item 75, h200-bench-attention-gluon-pp-session22.txt), kernel + pass, flushed single calls on a
-    # slow host (host_us 3.6): 0.537 ms against cuDNN's 0.401 at H = 24, S = 4608 (0.75x, the lowest; 0.84x at
-    # H = 32; kernel alone 1.01-1.02x), 1.09x at H = 32, S = 16896, 1.17x at H = 40, S = 14040 (Wan)
-    ((9, 0), "gluon-ws-128x128-s4-defer-pp"): Measured(0.75, 0.0118),
+    # the same with the two consumers issuing their products in turns (``pingpong``) and each row's max taken over
+    # the int32 scores, the default since session 22 (bench/NOTES.md item 75, h200-bench-attention-gluon-imax-
+    # session22.txt), kernel + pass, flushed single calls: 0.449 ms against cuDNN's 0.412 at H = 24, S = 4608 (0.92x,
+    # the lowest, as at H = 32; kernel alone 1.11-1.13x), 1.15x at H = 32, S = 16896, 1.18x at H = 40, S = 14040 (Wan)
+    ((9, 0), "gluon-ws-128x128-s4-defer-pp"): Measured(0.91, 0.0118),
     # the default before: the same int8 kernel with the split quantization pass. Session 18 (bench/NOTES.md item 64,
     # h200-bench-attention-pass-final-session18.txt), kernel + pass: 0.600 ms against cuDNN's 0.398 at H = 24, S = 4608
     # (0.66x, the lowest), 0.95x at H = 40, S = 14040 (Wan; 1.00x queued back to back), 0.94x at H = 32, S = 16896

@@ -21,11 +21,14 @@ zeros).
 
 ``defer`` (the default) issues block j's Q K^T and block j - 1's P V back to back, waits for the scores only, and runs
 block j's softmax under the P V product (FlashAttention-3's intra-warpgroup overlap; both products still finish in the
-iteration that issued them, and a stage is released one block later, so it takes >= 3 stages). On the H200 (bench/
+iteration that issued them, and a stage is released one block later, so it takes >= 3 stages). In the SASS only the
+row max runs under it: ptxas places the product's wait before the exponentials (item 75; holding the product across
+the loop's back edge instead makes ptxas serialize every wgmma, C7512/C7514). On the H200 (bench/
 NOTES.md item 74): kernel alone 1.06-1.09x the Triton kernel (6.05 vs 6.55 ms at Wan's H = 40, S = 14040), bit for
 bit its output; without ``defer`` 0.94-0.95x. ``pingpong`` (the default) adds FlashAttention-3's inter-warpgroup
 schedule: the consumers take turns issuing their products (a pair of mbarriers), so one's softmax runs while the other's
-products do: 5.86 vs 6.08 ms at Wan's shape, 1.23x cuDNN kernel alone (item 75). Whole key blocks skip the per-key mask.
+products do: 5.86 vs 6.08 ms at Wan's shape (item 75). Whole key blocks skip the per-key mask, and each row's max is
+taken over the int32 scores: 5.60 ms, 1.27x cuDNN kernel alone, bit for bit the Triton kernel.
 ``kernels.attention`` dispatches it on SM 9.0 where Triton's Gluon runs.
 Needs SM 9.0 and a Triton with Gluon (3.6); D = 64 or 128; a V that TMA cannot read is copied (``launch.tma_ok``), as
 the Triton kernel does.
@@ -113,9 +116,14 @@ def _softmax(sc, col_ok, rm, m_i, l_i, MASK: gl.constexpr = True):
     select per score, 16 % of the loop's instructions: whole blocks skip it). x is rounded to 16 bits where the
     P V product is issued (``_issue_pv``): a 16-bit P carried across iterations cost ptxas a PRMT per register."""
     qk = sc.to(gl.float32)
+    sm = sc
     if MASK:
         qk = gl.where(col_ok[None, :], qk, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(qk, 1) * rm)  # rm >= 0 commutes with max
+        sm = gl.where(col_ok[None, :], sm, -2147483647 - 1)
+    # the row max of the int32 scores, converted once: the same value as the max of the converted scores (the
+    # conversion is exact and monotone; rm >= 0 commutes with max), found by 3-input integer max instructions that
+    # do not wait for the conversions (H200: 3.5-6.4 % faster kernel, NOTES item 75)
+    m_new = gl.maximum(m_i, gl.max(sm, 1).to(gl.float32) * rm)
     alpha = gl.exp2(m_i - m_new)
     x = gl.exp2(qk * rm[:, None] - m_new[:, None])
     return x, alpha, l_i * alpha + gl.sum(x, 1), m_new

@@ -39,8 +39,8 @@ ATTENTION_TOOLTIP = (
     "unavailable), comfy-kitchen's where measured faster, the PyTorch twin on the CPU; calls it cannot take "
     "(masks, head sizes other than 64/128, FP32) and GPUs without an 8-bit attention worth running use ComfyUI's. "
     "'auto': 8-bit only where it was measured faster than ComfyUI's attention on this GPU generation and within "
-    "the accuracy bound (2% relative error); today that is nowhere (on an H200 it runs at 0.75-0.84x cuDNN's BF16 "
-    "attention at 4608 tokens, 1.17x at 14040), so auto keeps ComfyUI's. Models and blocks that run ComfyUI's "
+    "the accuracy bound (2% relative error); today that is nowhere (on an H200 it runs at 0.92x cuDNN's BF16 "
+    "attention at 4608 tokens, 1.18x at 14040), so auto keeps ComfyUI's. Models and blocks that run ComfyUI's "
     "own code (fallbacks, architectures without fused blocks) always keep ComfyUI's attention."
 )
 
