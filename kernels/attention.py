@@ -20,11 +20,12 @@ rule lives with the fused blocks, ``ops/blocks/attention_choice.py``); a direct 
 
 Whether a model's ``auto`` attention choice runs this function at all is data too: ``auto_8bit(device)`` picks
 8-bit only where the implementation the rules above choose was measured faster than SDPA's default backend on
-that GPU generation (quantization included, at every size measured) and within ``REL_ERROR_BOUND``
-(``TRITON_MEASURED``, ``KITCHEN_SPEEDUP_VS_SDPA``/``KITCHEN_REL_ERROR``). Nothing is measured faster at every size
-today: on the H200 the Gluon kernel (INT8 Q K^T, 16-bit P V) runs at 0.92x (S = 4608) to 1.18x (S = 14040) cuDNN with
-its quantization pass (the Triton kernel 0.77x to 1.04x), so ``auto`` keeps ComfyUI's attention there.
-Updating the tables after a GPU run changes ``auto``.
+that GPU generation (quantization included, at every size measured, or from a measured number of keys on) and
+within ``REL_ERROR_BOUND`` (``TRITON_MEASURED``, ``KITCHEN_SPEEDUP_VS_SDPA``/``KITCHEN_REL_ERROR``). Nothing is measured
+faster at every size today: on the H200 the Gluon kernel (INT8 Q K^T, 16-bit P V) runs at 0.92x (S = 4608) to 1.18x
+(S = 14040) cuDNN with its quantization pass (the Triton kernel 0.77x to 1.04x), faster from 10240 keys on, so
+``auto`` runs it there for calls with at least 10240 keys (Wan's video, 2048x2048 images) and keeps ComfyUI's
+attention for shorter ones. Updating the tables after a GPU run changes ``auto``.
 """
 
 from __future__ import annotations
@@ -65,11 +66,15 @@ class Measured:
     """One 8-bit implementation measured against SDPA's default backend on one GPU generation.
 
     speedup: SDPA time / 8-bit time (quantization of Q, K, V included), the lowest over the sizes measured;
-    rel_error: relative error vs float64 attention, the largest over those sizes.
+    rel_error: relative error vs float64 attention, the largest over those sizes;
+    min_keys, speedup_from: where it is slower at short sequences only, the lowest speed-up over the sizes with at
+        least ``min_keys`` keys (0: no such rule).
     """
 
     speedup: float
     rel_error: float
+    min_keys: int = 0
+    speedup_from: float = 0.0
 
 
 # The Triton kernel per (GPU generation, ``AttentionConfig.name``): only the configuration ``config_for`` picks
@@ -92,10 +97,12 @@ TRITON_MEASURED: dict[tuple[tuple[int, int], str], Measured] = {
     # S = 16896, 1.12x at H = 40, S = 14040 (Wan)
     ((9, 0), "gluon-ws-128x128-s4-defer"): Measured(0.83, 0.0118),
     # the same with the two consumers issuing their products in turns (``pingpong``) and each row's max taken over
-    # the int32 scores, the default since session 22 (bench/NOTES.md item 75, h200-bench-attention-gluon-imax-
-    # session22.txt), kernel + pass, flushed single calls: 0.449 ms against cuDNN's 0.412 at H = 24, S = 4608 (0.92x,
-    # the lowest, as at H = 32; kernel alone 1.11-1.13x), 1.15x at H = 32, S = 16896, 1.18x at H = 40, S = 14040 (Wan)
-    ((9, 0), "gluon-ws-128x128-s4-defer-pp"): Measured(0.91, 0.0118),
+    # the int32 scores, the default since session 22 (bench/NOTES.md item 75), kernel + pass, flushed single calls
+    # (h200-bench-attention-gluon-imax-session22.txt, h200-bench-attention-lengths-session22.txt): 0.92x cuDNN at
+    # S = 4608 (H = 24 and 32: the lowest; kernel alone 1.11-1.13x), 0.95x at 6144, 0.99x / 1.02x at 8192 (H 24 / 32);
+    # from 10240 keys on faster: 1.11x at 10240, 1.06x at 12288, 1.19x at 14040 (H = 24), 1.18x at H = 40, S = 14040
+    # (Wan), 1.15x at H = 32, S = 16896, so auto runs it for calls with at least 10240 keys
+    ((9, 0), "gluon-ws-128x128-s4-defer-pp"): Measured(0.91, 0.0118, min_keys=10240, speedup_from=1.06),
     # the default before: the same int8 kernel with the split quantization pass. Session 18 (bench/NOTES.md item 64,
     # h200-bench-attention-pass-final-session18.txt), kernel + pass: 0.600 ms against cuDNN's 0.398 at H = 24, S = 4608
     # (0.66x, the lowest), 0.95x at H = 40, S = 14040 (Wan; 1.00x queued back to back), 0.94x at H = 32, S = 16896
@@ -193,11 +200,12 @@ def choose_attention(device: torch.device) -> AttentionBackend:
 
 @dataclasses.dataclass(frozen=True)
 class AutoDecision:
-    """What ``auto`` does on one device: ``eight_bit`` True runs ``attention_8bit``; ``reason`` says why, with the
-    measured numbers."""
+    """What ``auto`` does on one device: ``eight_bit`` True runs ``attention_8bit`` (for calls with at least
+    ``min_keys`` keys: 0 for every call); ``reason`` says why, with the measured numbers."""
 
     eight_bit: bool
     reason: str
+    min_keys: int = 0
 
 
 def _kernel_config_name(backend: AttentionBackend) -> str:
@@ -231,15 +239,19 @@ def _auto(device_type: str, index: int) -> AutoDecision:
     numbers = f"{impl} measured {m.speedup:.2f}x SDPA, rel. error {m.rel_error:.4f} on {gen}"
     if m.rel_error > REL_ERROR_BOUND:
         return AutoDecision(False, f"{numbers}: over the {REL_ERROR_BOUND} accuracy bound")
-    if m.speedup <= 1.0:
-        return AutoDecision(False, f"{numbers}: not faster")
-    return AutoDecision(True, numbers)
+    if m.speedup > 1.0:
+        return AutoDecision(True, numbers)
+    if m.min_keys and m.speedup_from > 1.0:
+        return AutoDecision(True, f"{numbers}, {m.speedup_from:.2f}x from {m.min_keys} keys on: 8-bit for calls with "
+                                  f"at least {m.min_keys} keys", m.min_keys)
+    return AutoDecision(False, f"{numbers}: not faster")
 
 
 def auto_8bit(device: torch.device) -> AutoDecision:
     """The ``auto`` rule for ``device``: 8-bit only where the implementation ``choose_attention`` picks is measured
-    faster than SDPA's default backend on that generation and within ``REL_ERROR_BOUND``. Cached per device;
-    callers log it (the fused blocks: once per reason)."""
+    faster than SDPA's default backend on that generation and within ``REL_ERROR_BOUND`` (at every size, or from
+    ``Measured.min_keys`` keys on: then only for such calls, ``AutoDecision.min_keys``). Cached per device; callers
+    log it (the fused blocks: once per reason)."""
     return _auto(device.type, device.index if device.index is not None else -1)
 
 

@@ -82,9 +82,26 @@ def test_gluon_counts_by_its_own_entry(gpu, monkeypatch):
     monkeypatch.setitem(attn.TRITON_MEASURED, key, attn.Measured(0.9, 0.012))
     auto = decide((9, 0), gpu)
     assert not auto.eight_bit and "not faster" in auto.reason
-    monkeypatch.setitem(attn.TRITON_MEASURED, key, recorded)  # the H200's: 0.91x at S = 4608, so auto stays off
+    # the H200's: 0.91x at S = 4608 but 1.06x or more from 10240 keys on, so auto runs it for those calls only
+    monkeypatch.setitem(attn.TRITON_MEASURED, key, recorded)
     auto = decide((9, 0), gpu)
-    assert not auto.eight_bit and "0.91x SDPA" in auto.reason and attn.gluon_name() in auto.reason
+    assert auto.eight_bit and auto.min_keys == 10240 and "0.91x SDPA" in auto.reason, auto
+    assert "1.06x from 10240 keys" in auto.reason and attn.gluon_name() in auto.reason
+
+
+def test_a_length_rule_needs_a_measured_gain(gpu, monkeypatch):
+    """``Measured.min_keys``: auto runs 8-bit from that many keys on only where the speed-up measured there is above
+    1; the key count travels with the decision (the fused blocks compare it with each call's)."""
+    key = ((9, 0), config_for((9, 0)).name)
+    monkeypatch.setitem(attn.TRITON_MEASURED, key, attn.Measured(0.8, 0.012, min_keys=8192, speedup_from=1.1))
+    auto = decide((9, 0), gpu)
+    assert auto.eight_bit and auto.min_keys == 8192 and "1.10x from 8192 keys" in auto.reason
+    monkeypatch.setitem(attn.TRITON_MEASURED, key, attn.Measured(0.8, 0.012, min_keys=8192, speedup_from=0.99))
+    auto = decide((9, 0), gpu)
+    assert not auto.eight_bit and auto.min_keys == 0 and "not faster" in auto.reason
+    monkeypatch.setitem(attn.TRITON_MEASURED, key, attn.Measured(0.8, 0.03, min_keys=8192, speedup_from=1.5))
+    auto = decide((9, 0), gpu)
+    assert not auto.eight_bit and "accuracy bound" in auto.reason
 
 
 def test_kitchen_counts_where_measured_faster(gpu, monkeypatch):

@@ -142,8 +142,10 @@ def test_8bit_attention_step_against_bf16(comfyui, flux2, arch, attn_calls):
     _, make_inputs, blocks = ARCHS[arch]
     args, kwargs = make_inputs()
     ref = bu.run(models["ref"], args, kwargs)
-    # the CPU rule: the twin is not measured faster than SDPA; on a GPU the table of its generation decides
-    auto = attention_rules.auto_8bit(torch.device(models["auto"].load_device)).eight_bit
+    # the CPU rule: the twin is not measured faster than SDPA; on a GPU the table of its generation decides (a rule
+    # from a number of keys on leaves these small models, a few hundred tokens, on ComfyUI's attention)
+    decision = attention_rules.auto_8bit(torch.device(models["auto"].load_device))
+    auto = decision.eight_bit and decision.min_keys == 0
     assert auto is False or torch.cuda.is_available()
     y = {}
     for choice in CHOICES:
@@ -230,6 +232,33 @@ def test_calls_8bit_cannot_take_use_comfyuis_attention_logged_once(comfyui, attn
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and reason in lines[0] and "ComfyUI's attention" in lines[0], lines
     assert not seen if case != "override" else len(seen) == 2  # ComfyUI applied the other node's override
+
+
+def test_auto_from_a_number_of_keys(comfyui, attn_calls, fresh_log, caplog, monkeypatch):
+    """Where ``auto`` is measured faster only from a number of keys on (the H200: 10240), shorter calls run
+    ComfyUI's attention (one log line, no length in it) and longer ones the 8-bit kernel (here the twin, with the
+    decision patched in for the CPU)."""
+    from int8_w8a8.kernels import attention as attention_rules
+    from int8_w8a8.ops.blocks import attention_choice
+
+    monkeypatch.setattr(attention_rules, "auto_8bit",
+                        lambda device: attention_rules.AutoDecision(True, "measured faster from 48 keys", 48))
+    attention_choice.reset()
+    try:
+        options = {attention_choice.KEY: "auto"}
+        with caplog.at_level(logging.INFO, logger=attention_choice.__name__):
+            short = [attention_choice.attention(*_qkv(2, 64, seq=s), 2, options) for s in (40, 47)]
+            assert not attn_calls
+            long = attention_choice.attention(*_qkv(2, 64, seq=48), 2, options)
+        assert len(attn_calls) == 1 and long.shape == (2, 48, 128)
+        assert torch.equal(short[0], _comfy(*_qkv(2, 64, seq=40), 2))
+        lines = [r.getMessage() for r in caplog.records]
+        assert lines == ["int8_w8a8: fused blocks' attention (auto chosen): ComfyUI's attention: auto: 8-bit from 48 "
+                         "keys on this GPU (measured slower than ComfyUI's below)",
+                         "int8_w8a8: fused blocks' attention (auto chosen): 8-bit attention"], lines
+    finally:
+        monkeypatch.undo()
+        attention_choice.reset()
 
 
 def test_float32_model_keeps_comfyuis_attention(comfyui, attn_calls):

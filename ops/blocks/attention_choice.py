@@ -12,14 +12,16 @@ the transformer options ComfyUI's samplers pass down. Every fused block calls ``
 4. a device where ``attention_8bit`` would run SDPA (no 8-bit implementation measured worth running there,
    ``kernels.attention`` rule 4) -> ComfyUI's, which is the user's backend;
 5. choice "auto": ``kernels.attention.auto_8bit`` -> ComfyUI's unless the 8-bit implementation of that GPU
-   generation is measured faster than SDPA and within the accuracy bound (on the H200 it is not: 0.60x);
+   generation is measured faster than SDPA and within the accuracy bound; where it is faster only from a number of
+   keys on (the H200: from 10240, 1.06-1.19x; 0.92-0.99x below), calls with fewer keys -> ComfyUI's;
 6. arguments ``attention_8bit`` does not take (``kernels.attention.attention_problem``: dtype other than
    bf16/fp16, head size not 64 or 128, q/k/v shapes) -> ComfyUI's;
 7. otherwise ``kernels.attention_8bit`` (Triton on Hopper, the torch twin on the CPU).
 
 Each outcome is logged once per choice and reason, in eager calls (logging in a traced function would break
-the graph). Rules 4 and 5 depend on the device only and are constants to torch.compile; they come before the
-shape checks, so a model whose choice resolves to ComfyUI's attention adds no shape guards. Models, blocks or
+the graph). Rules 4 and 5 depend on the device only and are constants to torch.compile (but for rule 5's key
+count, compared with the call's); they come before the shape checks, so a model whose choice resolves to
+ComfyUI's attention adds no shape guards. Models, blocks or
 calls that run ComfyUI's own code (fallbacks of the fused blocks, architectures without them, Wan's
 cross-attention) keep ComfyUI's attention whatever the choice.
 """
@@ -61,7 +63,22 @@ def _device_rule(choice: str, device_type: str, index: int) -> str | None:
 def reset() -> None:
     """Forget the cached device rules and the kernels' decisions (tests that change the environment)."""
     _device_rule_cached.cache_clear()
+    _auto_min_keys_cached.cache_clear()
     attention_rules.reset()
+
+
+@torch.compiler.assume_constant_result
+def _auto_min_keys(choice: str, device_type: str, index: int) -> int:
+    """Rule 5's key count for a device: "auto" runs 8-bit only for calls with at least this many keys (0: all)."""
+    return _auto_min_keys_cached(choice, device_type, index)
+
+
+@functools.cache
+def _auto_min_keys_cached(choice: str, device_type: str, index: int) -> int:
+    if choice != "auto":
+        return 0
+    return attention_rules.auto_8bit(torch.device(device_type, index) if index >= 0 else torch.device(device_type)
+                                     ).min_keys
 
 
 @functools.cache
@@ -87,9 +104,14 @@ def why_not_8bit(choice: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return "attention mask present"
     if OVERRIDE_KEY in options:
         return "another node overrides ComfyUI's attention on this model"
-    index = q.device.index
-    why = _device_rule(choice, q.device.type, -1 if index is None else index)
-    return why if why is not None else attention_rules.attention_problem(q, k, v)
+    index = -1 if q.device.index is None else q.device.index
+    why = _device_rule(choice, q.device.type, index)
+    if why is not None:
+        return why
+    min_keys = _auto_min_keys(choice, q.device.type, index)
+    if min_keys and k.shape[2] < min_keys:  # the reason names no length: logged once, not once per length
+        return f"auto: 8-bit from {min_keys} keys on this GPU (measured slower than ComfyUI's below)"
+    return attention_rules.attention_problem(q, k, v)
 
 
 def _log_once(choice: str, outcome: str) -> None:
