@@ -272,7 +272,7 @@ def test_attention_option(workspace):
         assert options["default"] == "auto" and options.get("advanced") is True
         tip = options["tooltip"]
         for words in ("'auto'", "'bf16'", "'8-bit'", "measured faster", "accuracy bound", "ComfyUI's own code",
-                      "keeps ComfyUI's"):
+                      "shorter ones keep ComfyUI's"):
             assert words in tip, words
     for choice in ("auto", "bf16", "8-bit"):
         prompt = {"1": _loader(attention=choice), "2": _save(["1", 0])}
