@@ -313,10 +313,11 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict, arch: int):
 
 
 @contextlib.contextmanager
-def emulated_gpu(arch: int, smem_limit: int):
+def emulated_gpu(arch: int, smem_limit: int, keep_cubin: bool = False):
     """Within the block, Triton launches compile for ``sm_<arch>`` instead of running, and one needing more
     than ``smem_limit`` bytes of shared memory (or more tensor memory than the SM has) raises OutOfResources
-    as on that GPU. Yields the list of attempts: (kernel name, key meta-parameters, summary, fits)."""
+    as on that GPU. Yields the list of attempts: (kernel name, key meta-parameters, summary, fits; with
+    ``keep_cubin`` also the binary under "cubin", for SASS checks)."""
     attempts = []
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -326,7 +327,8 @@ def emulated_gpu(arch: int, smem_limit: int):
         info = summarize(compiled)
         params = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
         fits = info["shared_bytes"] <= smem_limit and info["tmem_columns"] <= TMEM_COLUMNS
-        attempts.append({"kernel": self.__name__, "params": params, "fits": fits, **info})
+        attempts.append({"kernel": self.__name__, "params": params, "fits": fits, **info,
+                         **({"cubin": compiled.asm["cubin"]} if keep_cubin else {})})
         if info["tmem_columns"] > TMEM_COLUMNS:
             raise OutOfResources(info["tmem_columns"], TMEM_COLUMNS, "tensor memory")
         if not fits:

@@ -89,6 +89,38 @@ def main_loop(sass: str, scores: int, threads: int) -> dict:
     return {"loop_instr": len(body), "instr_per_score": round(len(body) * threads / scores, 2), "loop_ops": top}
 
 
+def innermost_loops(sass: str) -> list[list[str]]:
+    """The SASS loop bodies (a backward branch's target through the branch) that hold wgmma instructions and no
+    inner loop that does, in address order: a warp-specialized kernel's per-partition key loops."""
+    ins = [(int(m.group(1), 16), m.group(2).strip())
+           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    spans = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\b[^0]*0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            if any("GMMA" in t for t in body):
+                spans.append((int(m.group(1), 16), addr, body))
+    return [body for lo, hi, body in sorted(spans)
+            if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in spans)]
+
+
+def pv_wait(body: list[str]) -> dict:
+    """Where a deferred P V loop body (block j's Q K^T and block j - 1's P V issued together) waits for its P V
+    product: ``loop_instr`` its instructions, ``ex2`` its MUFU.EX2, ``ex2_under_pv`` those between the wait that
+    leaves one product in flight (``WARPGROUP.DEPBAR.LE gsb0, 0x1``: the scores) and the one that leaves none
+    (``0x0``): the exponentials that run while P V does. Item 75: ptxas puts the second wait right after the row
+    max, 0 of 66 (the PTX has all 66 between the two ``wgmma.wait_group``)."""
+    ex2 = sum("MUFU.EX2" in t for t in body)
+    under, inside = 0, False
+    for t in body:
+        if "WARPGROUP.DEPBAR.LE" in t:
+            inside = t.rstrip().endswith("0x1")
+        elif inside and "MUFU.EX2" in t:
+            under += 1
+    return {"loop_instr": len(body), "ex2": ex2, "ex2_under_pv": under}
+
+
 def wgmma_overlap(ptx: str) -> dict:
     """How a kernel waits for its wgmma products, from its PTX: ``wgmma_waits`` the distinct ``wgmma.wait_group``
     arguments (groups left in flight), ``wgmma_overlap_instr`` the most PTX instructions between a commit and the
@@ -243,7 +275,8 @@ def compile_gluon_attention(cfg, arch: int = 90, head_dim: int = 128, out: str =
     return _summary(compiled, arch)
 
 
-def _emulated_launch(launch, gcfg, arch: int, head_dim: int, dtype=None) -> tuple[list[dict], str | None]:
+def _emulated_launch(launch, gcfg, arch: int, head_dim: int, dtype=None,
+                     keep_cubin: bool = False) -> tuple[list[dict], str | None]:
     """The quantization pass and ``launch(qa, sm_scale, out, gcfg)`` (a Gluon attention module's ``launch``) as a
     caller runs them (host descriptors, scalars), bound by Triton's JIT on CPU tensors and compiled for ``sm_<arch>``
     instead of run (``check_ptx.emulated_gpu``): what a GPU's first call compiles. (the compile attempts, None), or
@@ -253,7 +286,7 @@ def _emulated_launch(launch, gcfg, arch: int, head_dim: int, dtype=None) -> tupl
     from .check_ptx import emulated_gpu
 
     q, k, v = (torch.zeros(1, 2, s, head_dim, dtype=dtype or torch.bfloat16) for s in (150, 200, 200))
-    with emulated_gpu(arch, SMEM_LIMIT[arch]) as attempts:
+    with emulated_gpu(arch, SMEM_LIMIT[arch], keep_cubin) as attempts:
         try:
             qa = triton_attention.quantize(q, k, v, gcfg.quant_config())
             launch(qa, 0.1, torch.empty_like(q), gcfg)
@@ -279,14 +312,18 @@ def check_gluon_launch(gcfg, arch: int = 90, head_dim: int = 128) -> list[str]:
 def compile_gluon_ws_launch(gcfg, arch: int = 90, head_dim: int = 128, dtype=None) -> dict:
     """``gluon_attention_ws.launch`` as ``attention_8bit`` runs it, compiled as a GPU's first call compiles it
     (``_emulated_launch``): the warp-specialized kernel's compile summary (``fits``, ``shared_bytes``, ``regs``,
-    ``local``, ``ptxas_waits``, ``setmaxnreg``, ``num_warps``, ``mma``), or ``{"error": ...}``."""
+    ``local``, ``ptxas_waits``, ``setmaxnreg``, ``num_warps``, ``mma``) and, where cuobjdump is at hand, its first
+    key loop's ``pv_wait`` (``loop_instr``, ``ex2``, ``ex2_under_pv``), or ``{"error": ...}``."""
     from ..kernels import gluon_attention_ws
 
-    attempts, error = _emulated_launch(gluon_attention_ws.launch, gcfg, arch, head_dim, dtype)
+    attempts, error = _emulated_launch(gluon_attention_ws.launch, gcfg, arch, head_dim, dtype, keep_cubin=True)
     if error is not None:
         return {"error": error}
     rows = [a for a in attempts if a["kernel"] == "_gluon_ws_attention_kernel"]
-    return {k: v for k, v in rows[0].items() if k != "compiled"} if rows else {"error": "not launched"}
+    if not rows:
+        return {"error": "not launched"}
+    loops = innermost_loops(_sass(rows[0]["cubin"]))
+    return {**{k: v for k, v in rows[0].items() if k != "cubin"}, **(pv_wait(loops[0]) if loops else {})}
 
 
 def problems(row: dict, pv: str, cfg: AttentionConfig | None = None) -> list[str]:

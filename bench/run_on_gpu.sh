@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-pass | host | gemm-ws | gemm-ws-residual | gemm-wide | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
+# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-ncu | attention-pass | host | gemm-ws | gemm-ws-residual | gemm-wide | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile | arch-dvram (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -173,6 +173,14 @@ for step in "$@"; do
                 | tee "$OUT/pytest-gluon-attention.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.bench_attention --default-only --shapes 32:4608,32:16896 \
                 --out "$OUT/bench_attention_gluon.json" 2>&1 | tee "$OUT/bench_attention_gluon.txt"; } ;;
+        # Nsight Compute on the Gluon attention at Wan's shape (bench/NOTES.md item 75; ~1 min): the report, its
+        # per-instruction source page and details as CSV, and bench/ncu_report.py's stall and hot-loop summary
+        attention-ncu) N=${NCU:-/usr/local/cuda/bin/ncu}; timeout 300 "$N" -k regex:_gluon_ws -s 1 -c 1 --set full \
+                --import-source no -f -o "$OUT/ws" python3 -m int8_w8a8.bench.probe_gluon_ws --ncu \
+                --shapes ${SHAPES:-40:14040} --configs ${CONFIGS:-4dp} > "$OUT/ncu.log" 2>&1; \
+            "$N" -i "$OUT/ws.ncu-rep" --page source --csv --print-source sass > "$OUT/ws_sass.csv"; \
+            "$N" -i "$OUT/ws.ncu-rep" --page details --csv > "$OUT/ws_details.csv"; \
+            python3 -m int8_w8a8.bench.ncu_report "$OUT/ws_sass.csv" | tee "$OUT/ncu_report.txt" ;;
         # the opt-in split tail (stream-K for the last wave, configs.GemmConfig.split_tail) vs the table config at the
         # wave-quantized shapes of Z-Image, klein and Chroma (~2 min): bit-identity tests first, under a timeout
         gemm-tail) timeout 240 python3 -m pytest tests/test_kernels.py $XDIST -q -p no:randomly -k "split_tail or tail_plan" 2>&1 \

@@ -62,6 +62,25 @@ def test_offline_sm90_compile():
         assert any(".s32.s8.s8" in m for m in r["mma"]) and any(sixteen in m for m in r["mma"]), r
         assert r["fits"] and r["num_warps"] == 12 and r["setmaxnreg"], r
         assert r["local"] == 0 and r["stack"] == 0 and not r["ptxas_waits"], r
+    # the whole-block key loop at D = 128 (bench/NOTES.md item 75): one exponential per score pair of a thread's 64
+    # scores plus the two rows' rescale factors, no mask, the row max on int32 (486 instructions with Triton 3.6)
+    if "loop_instr" in rows[0]:  # cuobjdump found
+        assert rows[0]["ex2"] == 66 and rows[0]["loop_instr"] <= 500, rows[0]
+
+
+@pytest.mark.unit
+def test_pv_wait_reads_the_loop():
+    """``check_ptx_attention.innermost_loops`` / ``pv_wait`` on a SASS listing: the inner loop holding wgmma, and the
+    exponentials between the wait that leaves the P V product in flight and the one that does not."""
+    from int8_w8a8.bench import check_ptx_attention as c
+
+    lines = ["IMAD R0, R1, R2, RZ", "HGMMA.64x128x16.F32.BF16 R88, R152, gdesc[UR8], R88",
+             "WARPGROUP.DEPBAR.LE gsb0, 0x1", "MUFU.EX2 R3, R3", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R4, R4",
+             "MUFU.EX2 R5, R5", "@P1 BRA 0x10", "NOP", "@P2 BRA 0x0"]
+    sass = "\n".join(f"        /*{16 * (i + 1):04x}*/                   {t} ;" for i, t in enumerate(lines))
+    (body,) = c.innermost_loops(sass)  # the outer loop (to 0x0) holds the inner one: not counted
+    assert body[0].startswith("IMAD") and body[-1].startswith("@P1 BRA")
+    assert c.pv_wait(body) == {"loop_instr": 8, "ex2": 3, "ex2_under_pv": 1}
 
 
 def _triton_and_gluon(q, k, v, cfg=WS):
