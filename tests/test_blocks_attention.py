@@ -261,6 +261,37 @@ def test_auto_from_a_number_of_keys(comfyui, attn_calls, fresh_log, caplog, monk
         attention_choice.reset()
 
 
+def test_auto_from_a_number_of_keys_compiles(comfyui, monkeypatch):
+    """The key-count rule under torch.compile(fullgraph=True): the decision is a constant, the count a comparison
+    with the call's shape; below it the compiled call is ComfyUI's attention, from it the 8-bit op, each equal to
+    the eager call."""
+    from torch._dynamo.testing import CompileCounter
+
+    from int8_w8a8.kernels import attention as attention_rules
+    from int8_w8a8.ops.blocks import attention_choice
+
+    bu.sdpa_attention(monkeypatch)
+    monkeypatch.setattr(attention_rules, "auto_8bit",
+                        lambda device: attention_rules.AutoDecision(True, "measured faster from 48 keys", 48))
+    attention_choice.reset()
+    try:
+        options = {attention_choice.KEY: "auto"}
+        counter = CompileCounter()
+        compiled = torch.compile(lambda q, k, v: attention_choice.attention(q, k, v, 2, options), backend=counter,
+                                 fullgraph=True)
+        torch._dynamo.reset()
+        for seq, eight_bit in ((40, False), (48, True)):
+            q, k, v = _qkv(2, 64, seq=seq)
+            want = attention_choice.attention(q, k, v, 2, options)
+            assert torch.equal(compiled(q, k, v), want), seq
+            assert torch.equal(want, _comfy(q, k, v, 2)) != eight_bit, seq
+        assert counter.frame_count >= 1
+    finally:
+        monkeypatch.undo()
+        attention_choice.reset()
+        torch._dynamo.reset()
+
+
 def test_float32_model_keeps_comfyuis_attention(comfyui, attn_calls):
     """8-bit attention takes bf16/fp16: a float32 model's fused blocks run ComfyUI's attention (same output as
     "bf16")."""
