@@ -59,20 +59,28 @@ def _sass(cubin: bytes) -> str:
         return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=False).stdout
 
 
+def _loops(sass: str) -> list[tuple[int, int, list[str]]]:
+    """Every loop of a SASS listing: (first address, backward branch's address, the instructions between), in the
+    listing's order."""
+    ins = [(int(m.group(1), 16), m.group(2).strip())
+           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\b[^0]*0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            lo = int(m.group(1), 16)
+            loops.append((lo, addr, [t for a, t in ins if lo <= a <= addr]))
+    return loops
+
+
 def main_loop(sass: str, scores: int, threads: int) -> dict:
     """The steady-state loop of the attention kernel in the SASS: the backward branch whose body holds the
     most wgmma instructions (ties: the shortest body) and no EXIT (the barrier-retry stubs after the kernel's
     end branch back into the loop too). ``loop_instr`` instructions per iteration per thread,
     ``instr_per_score`` = loop_instr * threads / scores (the issue slots one score takes: an SM issues 128
     thread-instructions per clock), ``loop_ops``: the ten most frequent opcodes. {} without SASS."""
-    ins = [(int(m.group(1), 16), m.group(2).strip())
-           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     best = None
-    for addr, text in ins:
-        m = re.search(r"\bBRA\b[^0]*0x([0-9a-f]+)", text)
-        if not m or int(m.group(1), 16) >= addr:
-            continue
-        body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+    for _, _, body in _loops(sass):
         if any(re.search(r"\bEXIT\b", t) for t in body):
             continue
         key = (sum("GMMA" in t for t in body), -len(body))
@@ -92,15 +100,7 @@ def main_loop(sass: str, scores: int, threads: int) -> dict:
 def innermost_loops(sass: str) -> list[list[str]]:
     """The SASS loop bodies (a backward branch's target through the branch) that hold wgmma instructions and no
     inner loop that does, in address order: a warp-specialized kernel's per-partition key loops."""
-    ins = [(int(m.group(1), 16), m.group(2).strip())
-           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    spans = []
-    for addr, text in ins:
-        m = re.search(r"\bBRA\b[^0]*0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr:
-            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
-            if any("GMMA" in t for t in body):
-                spans.append((int(m.group(1), 16), addr, body))
+    spans = [loop for loop in _loops(sass) if any("GMMA" in t for t in loop[2])]
     return [body for lo, hi, body in sorted(spans)
             if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in spans)]
 

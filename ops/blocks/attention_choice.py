@@ -73,17 +73,19 @@ def _auto_min_keys(choice: str, device_type: str, index: int) -> int:
     return _auto_min_keys_cached(choice, device_type, index)
 
 
+def _device(device_type: str, index: int) -> torch.device:
+    """The device of the cached rules' (type, index) key (index -1: none given)."""
+    return torch.device(device_type, index) if index >= 0 else torch.device(device_type)
+
+
 @functools.cache
 def _auto_min_keys_cached(choice: str, device_type: str, index: int) -> int:
-    if choice != "auto":
-        return 0
-    return attention_rules.auto_8bit(torch.device(device_type, index) if index >= 0 else torch.device(device_type)
-                                     ).min_keys
+    return attention_rules.auto_8bit(_device(device_type, index)).min_keys if choice == "auto" else 0
 
 
 @functools.cache
 def _device_rule_cached(choice: str, device_type: str, index: int) -> str | None:
-    device = torch.device(device_type, index) if index >= 0 else torch.device(device_type)
+    device = _device(device_type, index)
     backend = attention_rules.choose_attention(device)
     if backend.name == "sdpa":
         return f"no 8-bit attention on {device} ({backend.reason})"
