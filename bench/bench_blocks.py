@@ -30,7 +30,8 @@ def _bhsd_buffers(x, heads, head_dim, seq):
 CHOICES: dict[str, tuple[tuple[str, str, object], ...]] = {
     "rule": (),
     # glu_quantize's launch variants (triton_fused.GLU_VARIANTS) in place of its rule
-    **{f"glu {name}": (("triton_fused", "GLU_RULE", name),) for name in ("base", "lean", "lean-l2")},
+    **{f"glu {name}": (("triton_fused", "GLU_RULE", {"swiglu": name, "gelu_tanh": name}),)
+       for name in ("base", "lean", "lean-l2")},
     "q/k/v [B, H, S, D]": (("blocks.common", "qkv_buffers", _bhsd_buffers),),
 }
 

@@ -106,10 +106,11 @@ GLU_SHAPES = (
 def glu_variants(record, dev: str, dt: torch.dtype) -> dict:
     """Every ``triton_fused.GLU_VARIANTS`` entry at every ``GLU_SHAPES`` shape: GB/s (input + int8 output bytes)
     and whether its codes and scales equal the "base" variant's; then each variant's summed time over the
-    shapes, the number ``GLU_RULE`` is set from."""
+    shapes, and per activation the fastest (``GLU_RULE``'s entries)."""
     from ..kernels import triton_fused
 
     total: dict[str, float] = dict.fromkeys(triton_fused.GLU_VARIANTS, 0.0)
+    by_act: dict[str, dict[str, float]] = {}
     for name, m, p, f, act, pair in GLU_SHAPES:
         width = 2 * f if act == "swiglu" and not pair else f
         wide = torch.randn(m, width + 64, device=dev, dtype=dt) * 2
@@ -125,11 +126,15 @@ def glu_variants(record, dev: str, dt: torch.dtype) -> dict:
             same = torch.equal(out[0], base[0]) and torch.equal(out[1].nan_to_num(-1), base[1].nan_to_num(-1))
             ms = common.bench_graph_ms(run)  # device time: the launch path's host cost (~100 us) hides small kernels
             total[variant] += ms
+            by_act.setdefault(act, dict.fromkeys(triton_fused.GLU_VARIANTS, 0.0))[variant] += ms
             record(f"glu {name} [{m}, {p}+{f}] {variant}{'' if same else ' (DIFFERS from base)'}", ms, nbytes)
     best = min(total, key=total.get)
     print("glu variants, summed over the shapes: " + ", ".join(f"{v} {t * 1e3:.0f} us" for v, t in total.items())
-          + f"; fastest: {best} (GLU_RULE is {triton_fused.GLU_RULE!r})", flush=True)
-    return {"total_ms": total, "fastest": best}
+          + f"; fastest: {best}", flush=True)
+    fastest = {act: min(times, key=times.get) for act, times in by_act.items()}
+    print(f"glu fastest per activation (summed over its shapes): {fastest} (GLU_RULE is {triton_fused.GLU_RULE!r})",
+          flush=True)
+    return {"total_ms": total, "fastest": best, "fastest_by_activation": fastest}
 
 
 # The row-normalizing kernels at each architecture's shapes: (name, rows, columns, dtype, norm, shift, weight).

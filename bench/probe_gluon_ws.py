@@ -1,6 +1,6 @@
 """The warp-specialized Gluon attention (``kernels/gluon_attention_ws.py``) against the Triton kernel and cuDNN.
 
-    python -m int8_w8a8.bench.probe_gluon_ws [--shapes 40:14040,32:16896,24:4608]
+    python -m int8_w8a8.bench.probe_gluon_ws [--shapes 40:14040,32:16896,24:4608] [--configs 4dp,4dprs8]
 
 Per shape: the Triton default's output and the Gluon kernel's on the same quantized inputs (max abs difference,
 bit identity), then the kernel alone of each (CUDA events, L2 flushed, median) and cuDNN's SDPA. Also an odd shape
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import re
 import sys
 
 import torch
@@ -24,10 +25,21 @@ def _ms(fn) -> float:
     return common.bench_ms(fn, warmup_ms=50, rep_ms=300)
 
 
+def parse_config(text: str) -> gluon_attention_ws.GluonWsAttentionConfig:
+    """``--configs``' item: stages, then 'd' (defer), 'p' (pingpong), 'rsN' (row_sum_parts N), in that order
+    ("4dp": DEFAULT, "4dprs8": it with 8 partial row sums)."""
+    m = re.fullmatch(r"(\d)(d?)(p?)(?:rs(\d+))?", text)
+    if m is None:
+        raise ValueError(f"probe_gluon_ws: config {text!r} is not STAGES[d][p][rsN]")
+    return gluon_attention_ws.GluonWsAttentionConfig(stages=int(m.group(1)), defer=bool(m.group(2)),
+                                                     pingpong=bool(m.group(3)), row_sum_parts=int(m.group(4) or 0))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="40:14040,32:16896,24:4608")
-    parser.add_argument("--configs", default="3d,4d,4dp", help="stages per config, 'd': defer, 'p': pingpong")
+    parser.add_argument("--configs", default="3d,4d,4dp",
+                        help="stages per config, 'd': defer, 'p': pingpong, 'rsN': row_sum_parts N (4dp: DEFAULT)")
     parser.add_argument("--ncu", action="store_true",
                         help="only launch each config twice at the first shape (for Nsight Compute)")
     args = parser.parse_args(argv)
@@ -36,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     base = attention_configs.DEFAULT
     torch.manual_seed(0)
-    cfgs = [gluon_attention_ws.GluonWsAttentionConfig(stages=int(x.rstrip("dp")), defer="d" in x, pingpong="p" in x)
-            for x in args.configs.split(",")]
+    cfgs = [parse_config(x) for x in args.configs.split(",")]
     if args.ncu:
         h, s = (int(x) for x in args.shapes.split(",")[0].split(":"))
         q, k, v = (torch.randn(1, h, s, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))

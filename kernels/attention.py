@@ -103,6 +103,9 @@ TRITON_MEASURED: dict[tuple[tuple[int, int], str], Measured] = {
     # from 10240 keys on faster: 1.11x at 10240, 1.06x at 12288, 1.19x at 14040 (H = 24), 1.18x at H = 40, S = 14040
     # (Wan), 1.15x at H = 32, S = 16896, so auto runs it for calls with at least 10240 keys
     ((9, 0), "gluon-ws-128x128-s4-defer-pp"): Measured(0.91, 0.0118, min_keys=10240, speedup_from=1.06),
+    # the same with each row's sum in 8 partial sums (``row_sum_parts``), the default since session 23 (bench/NOTES.md
+    # item 78): kernel alone 3.0 % / 4.6 % faster than the entry above at Wan's shape / H = 32, S = 16896
+    ((9, 0), "gluon-ws-128x128-s4-defer-pp-rs8"): Measured(0.91, 0.0118, min_keys=10240, speedup_from=1.06),
     # the default before: the same int8 kernel with the split quantization pass. Session 18 (bench/NOTES.md item 64,
     # h200-bench-attention-pass-final-session18.txt), kernel + pass: 0.600 ms against cuDNN's 0.398 at H = 24, S = 4608
     # (0.66x, the lowest), 0.95x at H = 40, S = 14040 (Wan; 1.00x queued back to back), 0.94x at H = 32, S = 16896

@@ -28,7 +28,9 @@ NOTES.md item 74): kernel alone 1.06-1.09x the Triton kernel (6.05 vs 6.55 ms at
 bit its output; without ``defer`` 0.94-0.95x. ``pingpong`` (the default) adds FlashAttention-3's inter-warpgroup
 schedule: the consumers take turns issuing their products (a pair of mbarriers), so one's softmax runs while the other's
 products do: 5.86 vs 6.08 ms at Wan's shape (item 75). Whole key blocks skip the per-key mask, and each row's max is
-taken over the int32 scores: 5.60 ms, 1.27x cuDNN kernel alone, bit for bit the Triton kernel.
+taken over the int32 scores: 5.60 ms, 1.27x cuDNN kernel alone, bit for bit the Triton kernel. The row sums in 8
+partial sums (``row_sum_parts``, item 78; another summation order, so no longer bit for bit: row_sum_parts = 0 is):
+5.45 ms, 1.31x cuDNN.
 ``kernels.attention`` dispatches it on SM 9.0 where Triton's Gluon runs.
 Needs SM 9.0 and a Triton with Gluon (3.6); D = 64 or 128; a V that TMA cannot read is copied (``launch.tma_ok``), as
 the Triton kernel does.
@@ -52,13 +54,17 @@ from .reference_attention import LOG2E, QuantizedQKV
 BLOCK_M = 128  # one program's Q rows: 64 per consumer warpgroup
 HALF_M: gl.constexpr = gl.constexpr(64)
 NUM_WARPS = 4  # the default partition: consumer 0
+ROW_SUM_PARTS = (0, 4, 8, 16, 32)  # GluonWsAttentionConfig.row_sum_parts
 
 
 @dataclass(frozen=True)
 class GluonWsAttentionConfig:
     """block_n keys per stage (the K scales' block: quantize with ``quant_config()``), stages K/V buffers,
     consumer_regs / producer_regs: the partitions' register budgets (``setmaxnreg``; 2 x 128 x consumer + 128 x
-    producer <= 65,536)."""
+    producer <= 65,536); row_sum_parts (``_row_sum``): 0 sums each row of P as the Triton kernel does (bit for bit
+    its output), P in 4 .. 32 as P partial sums then their sum (shorter dependent add chains, another rounding of
+    the row sum: offline at D = 128 the longest chain of dependent FADDs in the key loop is 33 for 0, 18 for 4 and
+    8, 12 for 16 and 32; 4 adds two shuffles)."""
 
     block_n: int = 128
     stages: int = 4
@@ -66,6 +72,9 @@ class GluonWsAttentionConfig:
     producer_regs: int = 24
     defer: bool = True
     pingpong: bool = True
+    # 0: the row sum as gl.sum; P: P partial sums of BN / P keys each, then their sum. 8 on the H200 (session 23):
+    # kernel alone 5.446 vs 5.612 ms at Wan's H 40, S 14040 and 5.964 vs 6.254 at H 32, S 16896 (NOTES item 78)
+    row_sum_parts: int = 8
 
     def __post_init__(self) -> None:
         if self.block_n not in (64, 128) or not 2 <= self.stages <= 4:
@@ -75,6 +84,8 @@ class GluonWsAttentionConfig:
             raise ValueError("GluonWsAttentionConfig: defer keeps a stage one block longer: stages >= 3")
         if self.pingpong and not self.defer:
             raise ValueError("GluonWsAttentionConfig: pingpong orders defer's product issues: needs defer")
+        if self.row_sum_parts not in ROW_SUM_PARTS:
+            raise ValueError(f"GluonWsAttentionConfig: row_sum_parts one of {ROW_SUM_PARTS}, got {self.row_sum_parts}")
         if 2 * 128 * self.consumer_regs + 128 * self.producer_regs > 65536:
             raise ValueError("GluonWsAttentionConfig: the partitions' registers exceed 65,536 per SM")
 
@@ -85,7 +96,7 @@ class GluonWsAttentionConfig:
     @property
     def name(self) -> str:
         return (f"gluon-ws-128x{self.block_n}-s{self.stages}" + ("-defer" if self.defer else "")
-                + ("-pp" if self.pingpong else ""))
+                + ("-pp" if self.pingpong else "") + (f"-rs{self.row_sum_parts}" if self.row_sum_parts else ""))
 
 
 DEFAULT = GluonWsAttentionConfig()
@@ -110,7 +121,7 @@ def _producer(q_desc, k_desc, v_desc, q_s, k_s, v_s, q_bar, ready, empty, q_row,
 
 
 @gluon.jit
-def _softmax(sc, col_ok, rm, m_i, l_i, MASK: gl.constexpr = True):
+def _softmax(sc, col_ok, rm, m_i, l_i, MASK: gl.constexpr = True, ROW_SUM_PARTS: gl.constexpr = 0):
     """One block's int32 scores -> (x = exp2(t - m_new) in float32, alpha, l, m): the Triton kernel's ``_softmax16``
     (the same operations in the same order); with MASK, keys where ``col_ok`` is false are -inf (a compare and a
     select per score, 16 % of the loop's instructions: whole blocks skip it). x is rounded to 16 bits where the
@@ -126,7 +137,23 @@ def _softmax(sc, col_ok, rm, m_i, l_i, MASK: gl.constexpr = True):
     m_new = gl.maximum(m_i, gl.max(sm, 1).to(gl.float32) * rm)
     alpha = gl.exp2(m_i - m_new)
     x = gl.exp2(qk * rm[:, None] - m_new[:, None])
-    return x, alpha, l_i * alpha + gl.sum(x, 1), m_new
+    return x, alpha, l_i * alpha + _row_sum(x, l_i, ROW_SUM_PARTS), m_new
+
+
+@gluon.jit
+def _row_sum(x, l_i, PARTS: gl.constexpr):
+    """x's row sums in l_i's layout: PARTS 0, ``gl.sum(x, 1)`` (the Triton kernel's order: one sequential chain of
+    adds over a thread's keys of the row, then the shuffles across the row's lanes); else PARTS partial sums, each
+    over the keys k with k % PARTS equal (x seen as [rows, BN / PARTS, PARTS]), then their sum: the wgmma layout
+    keeps key k's lane and register pair in k % 8 and its 8-key group in k // 8, so with PARTS >= 8 each partial is
+    a thread's own registers (shorter dependent chains, no more shuffles; 4 splits k % 8: two more shuffles per
+    thread). Another summation order than the Triton kernel's."""
+    if PARTS == 0:
+        s = gl.sum(x, 1)
+    else:
+        parts = gl.sum(gl.reshape(x, [x.shape[0], x.shape[1] // PARTS, PARTS]), 1)
+        s = gl.convert_layout(gl.sum(parts, 1), l_i.type.layout, assert_trivial=True)
+    return s
 
 
 @gluon.jit
@@ -165,7 +192,7 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 @gluon.jit
 def _deferred_step(q, k_s, v_s, ready, empty, turn, zero_s, ks_base, acc, x, alpha, l_i, m_i, cols, rm_q, S_kv, j,
                    row_o: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr, WG: gl.constexpr,
-                   PINGPONG: gl.constexpr):
+                   PINGPONG: gl.constexpr, ROW_SUM_PARTS: gl.constexpr):
     """``defer``'s iteration j >= 1: issue S[j], issue P[j-1] V[j-1], wait for S[j] only, the softmax of S[j] under
     P[j-1] V[j-1] (in the SASS only its row max: ptxas moves the wait up, item 75), wait for it, release stage j - 1
     (both products finish in the iteration that issued them: the form ptxas keeps, item 59). With PINGPONG the two
@@ -178,7 +205,7 @@ def _deferred_step(q, k_s, v_s, ready, empty, turn, zero_s, ks_base, acc, x, alp
     acc = _issue_pv(acc, x, alpha, v_s, j - 1, row_o, STAGES)
     _pass_turn(turn, WG, PINGPONG)
     sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc,))
-    x, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, MASK)
+    x, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, MASK, ROW_SUM_PARTS)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
     return x, alpha, l_i, m_i, acc
@@ -187,7 +214,7 @@ def _deferred_step(q, k_s, v_s, ready, empty, turn, zero_s, ks_base, acc, x, alp
 @gluon.jit
 def _consumer(q_s, k_s, v_s, q_bar, ready, empty, turn, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H,
               bh, pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              DEFER: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
+              DEFER: gl.constexpr, PINGPONG: gl.constexpr, ROW_SUM_PARTS: gl.constexpr, WG: gl.constexpr):
     """Rows [64 WG, 64 WG + 64) of the program's Q tile: the 16-bit P V online softmax over every key block."""
     BN: gl.constexpr = k_s.shape[1]
     s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
@@ -217,16 +244,16 @@ def _consumer(q_s, k_s, v_s, q_bar, ready, empty, turn, qs_ptr, ks_ptr, out_ptr,
         sc = _issue_scores(q, k_s, ready, zero_s, 0, STAGES)
         _pass_turn(turn, WG, PINGPONG)
         sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-        x, alpha, l_i, m_i = _softmax(sc, cols < S_kv, rm_q * k_scale, m_i, l_i)
+        x, alpha, l_i, m_i = _softmax(sc, cols < S_kv, rm_q * k_scale, m_i, l_i, True, ROW_SUM_PARTS)
         n_whole = S_kv // BN
         for j in range(1, n_whole):
             x, alpha, l_i, m_i, acc = _deferred_step(q, k_s, v_s, ready, empty, turn, zero_s, ks_base, acc, x, alpha,
                                                      l_i, m_i, cols, rm_q, S_kv, j, row_o, STAGES, False, WG,
-                                                     PINGPONG)
+                                                     PINGPONG, ROW_SUM_PARTS)
         for j in range(gl.maximum(n_whole, 1), n_blocks):
             x, alpha, l_i, m_i, acc = _deferred_step(q, k_s, v_s, ready, empty, turn, zero_s, ks_base, acc, x, alpha,
                                                      l_i, m_i, cols, rm_q, S_kv, j, row_o, STAGES, True, WG,
-                                                     PINGPONG)
+                                                     PINGPONG, ROW_SUM_PARTS)
         _take_turn(turn, n_blocks, WG, PINGPONG)
         acc = _issue_pv(acc, x, alpha, v_s, n_blocks - 1, row_o, STAGES)
         if WG == 0:  # consumer 1's last round needs this turn; consumer 0 has none left to wait for
@@ -238,7 +265,7 @@ def _consumer(q_s, k_s, v_s, q_bar, ready, empty, turn, qs_ptr, ks_ptr, out_ptr,
             k_next = gl.load(ks_base + gl.minimum(j + 1, n_blocks - 1))  # one block ahead: its latency hidden
             sc = _issue_scores(q, k_s, ready, zero_s, j, STAGES)
             sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-            x, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i)
+            x, alpha, l_i, m_i = _softmax(sc, cols < S_kv - j * BN, rm_q * k_scale, m_i, l_i, True, ROW_SUM_PARTS)
             acc = _issue_pv(acc, x, alpha, v_s, j, row_o, STAGES)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(j % STAGES), count=1)
@@ -252,7 +279,7 @@ def _consumer(q_s, k_s, v_s, q_bar, ready, empty, turn, qs_ptr, ks_ptr, out_ptr,
 def _gluon_ws_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks, H,
                                stride_ob, stride_oh, stride_os, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, DEFER: gl.constexpr,
-                               PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+                               PINGPONG: gl.constexpr, ROW_SUM_PARTS: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = k_desc.block_type.shape[0]
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
@@ -273,9 +300,11 @@ def _gluon_ws_attention_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, out_ptr, 
     kv_row = bh * S_kv
     gl.warp_specialize([
         (_consumer, (q_s, k_s, v_s, q_bar, ready, empty, turn, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks,
-                     H, bh, pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM, STAGES, DEFER, PINGPONG, 0)),
+                     H, bh, pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM, STAGES, DEFER, PINGPONG, ROW_SUM_PARTS,
+                     0)),
         (_consumer, (q_s, k_s, v_s, q_bar, ready, empty, turn, qs_ptr, ks_ptr, out_ptr, qk_mult, S_q, S_kv, n_blocks,
-                     H, bh, pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM, STAGES, DEFER, PINGPONG, 1)),
+                     H, bh, pid_m, stride_ob, stride_oh, stride_os, HEAD_DIM, STAGES, DEFER, PINGPONG, ROW_SUM_PARTS,
+                     1)),
         (_producer, (q_desc, k_desc, v_desc, q_s, k_s, v_s, q_bar, ready, empty, q_row, kv_row, bh, H, n_blocks,
                      STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -317,7 +346,7 @@ def launch(qa: QuantizedQKV, sm_scale: float, out: torch.Tensor,
                                      s_q, s_kv, n_blocks, h, out.stride(0), out.stride(1), out.stride(2),
                                      HEAD_DIM=d, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
                                      PRODUCER_REGS=cfg.producer_regs, DEFER=cfg.defer, PINGPONG=cfg.pingpong,
-                                     num_warps=NUM_WARPS)
+                                     ROW_SUM_PARTS=cfg.row_sum_parts, num_warps=NUM_WARPS)
     return out
 
 

@@ -37,12 +37,15 @@ class RowLaunch:
         programs per SM, each loading its next tile while it finishes the current one.
     split: a row of K columns as two power-of-two parts, ``2^floor(log2 K)`` and the power of two that covers
         the rest, where that is narrower than one ``next_power_of_2(K)`` tile (5120: 4096 + 1024 instead of 8192).
+    lean: the quantizing kernels' lean statistics and stores (their LEAN: the same scales and codes with fewer
+        instructions a value; kernels without a quantizer ignore it).
     """
 
     rows: int = 0
     warps: int = 0
     programs_per_sm: int = 0
     split: bool = False
+    lean: bool = False
 
     def __post_init__(self) -> None:
         if self.rows < 0 or self.rows & (self.rows - 1):
@@ -54,7 +57,7 @@ class RowLaunch:
     def name(self) -> str:
         return (f"rows={self.rows or 'auto'} warps={self.warps or 'auto'} "
                 f"{f'persistent {self.programs_per_sm}/SM' if self.programs_per_sm else 'grid'}"
-                f"{' split' if self.split else ''}")
+                f"{' split' if self.split else ''}{' lean' if self.lean else ''}")
 
 
 # The form before the tables (one program per tile, padded rows): the benchmarks' baseline.
@@ -70,6 +73,11 @@ CANDIDATES: tuple[RowLaunch, ...] = (
     RowLaunch(warps=4, programs_per_sm=8, split=True),
     RowLaunch(warps=8, programs_per_sm=8, split=True),
     RowLaunch(rows=2, warps=8, programs_per_sm=8),
+    # the lean quantizer (bench/NOTES.md item 77) in the forms the rules take today, and the plain grid
+    RowLaunch(lean=True),
+    RowLaunch(programs_per_sm=8, split=True, lean=True),
+    RowLaunch(warps=4, programs_per_sm=8, split=True, lean=True),
+    RowLaunch(warps=8, programs_per_sm=8, split=True, lean=True),
 )
 
 # (max_k, form): the first row with K <= max_k. Predicted from the offline build (module docstring; bench/NOTES.md
@@ -77,9 +85,11 @@ CANDIDATES: tuple[RowLaunch, ...] = (
 # split rows, 4 warps up to 6144 columns (Wan's 5120 as 4096 + 1024 at 147 registers: 3 programs per SM, where 8
 # warps hold 2). The H200 sweep (2026-12-02) found this the best form for Wan's [14040, 5120] (129.5 us vs 204.3
 # for LEGACY); at the narrower widths it timed host launches, so those rows await its CUDA-graph rerun.
+# Session 23 (`h200-bench-fused-session23.txt`): the lean form of each row, 1.33-1.42x (Wan 116.3 -> 87.4 us, Z-Image
+# 31.7 -> 22.3, FLUX.2 klein 9B 32.3 -> 22.9, Qwen-Image / Chroma 25.2 -> 18.5; rotated by group 128 1.13-1.17x).
 NORM_MOD_QUANT_RULE: tuple[tuple[int, RowLaunch], ...] = (
-    (6144, RowLaunch(warps=4, programs_per_sm=8, split=True)),
-    (16384, RowLaunch(programs_per_sm=8, split=True)),
+    (6144, RowLaunch(warps=4, programs_per_sm=8, split=True, lean=True)),
+    (16384, RowLaunch(programs_per_sm=8, split=True, lean=True)),
 )
 # rms_norm_gate_add (Z-Image's 3840 columns, the one architecture that calls it): the CUDA-graph sweep (session 4,
 # bench/results/h200-bench-fused-session4.txt) measured 8 warps persistent split 29.1 us against 33.3 for the
@@ -94,8 +104,10 @@ NORM_GATE_ADD_RULE: tuple[tuple[int, RowLaunch], ...] = (
 # (bench/NOTES.md item 40); `bench_fused --only gate-add-quant` (CUDA graphs, [4608, 3840] bf16) then measured the
 # plain grid (LEGACY, the empty rule) at 53.0 us, the prefetching persistent forms at 52.9 (4 warps) to 61.2
 # (8 warps), 68.7 for the first build's form, against 61.1 us for the two kernels it replaces (item 41): the
-# grid it is, and Z-Image's block calls it.
-GATE_ADD_NORM_QUANT_RULE: tuple[tuple[int, RowLaunch], ...] = ()
+# grid it is, and Z-Image's block calls it. Session 23: the lean persistent form 45.3 us, the plain grid 53.1.
+GATE_ADD_NORM_QUANT_RULE: tuple[tuple[int, RowLaunch], ...] = (
+    (6144, RowLaunch(warps=4, programs_per_sm=8, split=True, lean=True)),
+)
 
 
 def pick(rule: tuple[tuple[int, RowLaunch], ...], k: int) -> RowLaunch:

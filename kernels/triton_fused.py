@@ -49,6 +49,7 @@ from .triton_quant import (
     _rotate,
     _row_stats,
     _store_row_scale,
+    _to_int,
     interpreting,
     num_sms,
     rotation_args,
@@ -65,6 +66,22 @@ def _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite):
     """Store the row scales (``triton_quant``'s rule) and return their reciprocals for quantizing."""
     scale = _store_row_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
     return tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _max_nan(a, b):
+    """NaN-propagating max: a reduction's combine (one ``FMNMX.NAN`` a value, NaN and +-Inf reach the result)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _store_codes(v, inv, rows, row_ok, cols, K, q_ptr, stride_qm, FAST_ROUND: tl.constexpr):
+    """``_quantize_store`` for a tile whose rows hold only finite values, each |v| at most the absmax that set its
+    row's ``inv``: the clamp and the non-finite select are no-ops there (|v * inv| <= 127 within a few ulp), so
+    this stores the same codes with ~4 fewer instructions a value (the kernels are issue-bound)."""
+    r = _to_int(v * inv[:, None], False, FAST_ROUND)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], r.to(tl.int8),
+             mask=row_ok[:, None] & (cols < K)[None, :])
 
 
 @triton.jit
@@ -99,8 +116,11 @@ def _rms_rstd(a, b, K, eps, BLOCK_M: tl.constexpr, BLOCK_K2: tl.constexpr):
 @triton.jit
 def _modulate_part(d, rstd, rows, row_ok, cols, K, shift_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch, stride_mb,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr,
-                   KRON: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """rot(d * rstd (* w) * (1 + mscale[b]) (+ shift[b])) of one row part (float32, 0 outside the tensor)."""
+                   KRON: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr, EVEN: tl.constexpr = False):
+    """rot(d * rstd (* w) * (1 + mscale[b]) (+ shift[b])) of one row part (float32, 0 outside the tensor).
+
+    EVEN: the part has no padding columns (K fills the row's tiles), so no select is needed: rows past M load 0
+    everywhere and give 0 (but with eps = 0, whose 0 * inf the quantizers treat as any non-finite row)."""
     col_ok = cols < K
     ok = row_ok[:, None] & col_ok[None, :]
     y = d * rstd[:, None]
@@ -111,15 +131,44 @@ def _modulate_part(d, rstd, rows, row_ok, cols, K, shift_ptr, mscale_ptr, w_ptr,
     y = y * (1.0 + sc)
     if HAS_SHIFT:
         y = y + tl.load(shift_ptr + mod, mask=ok, other=0.0).to(tl.float32)
-    y = tl.where(ok, y, 0.0)
+    if not EVEN:
+        y = tl.where(ok, y, 0.0)
     return _maybe_rotate(y, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
 
 
 @triton.jit
 def _quantize_parts(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M: tl.constexpr,
-                    BLOCK_K2: tl.constexpr, FAST_ROUND: tl.constexpr):
+                    BLOCK_K2: tl.constexpr, FAST_ROUND: tl.constexpr, LEAN: tl.constexpr = False):
     """Store the row scales and int8 codes of rows held as one tile ``ya`` (columns ``ca``) or, with BLOCK_K2 > 0,
-    one row as two parts ``ya | yb`` (columns ``ca | cb``, scalar statistics: the parts' layouts never meet)."""
+    one row as two parts ``ya | yb`` (columns ``ca | cb``, scalar statistics: the parts' layouts never meet).
+
+    LEAN: each row's absmax by one NaN-propagating max a value, and, where every row of the tile is finite, the
+    codes by ``_store_codes``; a tile with a NaN or Inf (its row scale is NaN) takes ``_quantize_exact``. The
+    same scales and codes either way, with ~8 fewer instructions a value (bench/NOTES.md item 77)."""
+    if LEAN:
+        if BLOCK_K2 > 0:
+            amax = tl.maximum(tl.reduce(tl.abs(ya), None, _max_nan), tl.reduce(tl.abs(yb), None, _max_nan),
+                              propagate_nan=tl.PropagateNan.ALL)
+            absmax = tl.zeros((BLOCK_M,), tl.float32) + amax
+        else:
+            absmax = tl.reduce(tl.abs(ya), 1, _max_nan)
+        if tl.min((absmax <= FLT_MAX).to(tl.int32), 0) == 1:  # false for NaN and +-Inf
+            inv = _store_scale(scale_ptr, rows, row_ok, absmax, tl.zeros((BLOCK_M,), tl.int32))
+            _store_codes(ya, inv, rows, row_ok, ca, K, q_ptr, stride_qm, FAST_ROUND)
+            if BLOCK_K2 > 0:
+                _store_codes(yb, inv, rows, row_ok, cb, K, q_ptr, stride_qm, FAST_ROUND)
+        else:
+            _quantize_exact(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, BLOCK_K2,
+                            FAST_ROUND)
+    else:
+        _quantize_exact(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, BLOCK_K2, FAST_ROUND)
+
+
+@triton.jit
+def _quantize_exact(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M: tl.constexpr,
+                    BLOCK_K2: tl.constexpr, FAST_ROUND: tl.constexpr):
+    """``_quantize_parts`` with the finite absmax and the NaN/Inf count of each row (``_row_stats``' rule) and the
+    general store (``_quantize_store``: clamped, non-finite values stored as 0)."""
     if BLOCK_K2 > 0:
         fa = tl.abs(ya) <= FLT_MAX  # false for NaN and +-Inf (``_row_stats``)
         fb = tl.abs(yb) <= FLT_MAX
@@ -141,7 +190,8 @@ def _norm_mod_quant_kernel(
     M, K, rows_per_batch, stride_xm, stride_mb, stride_qm, eps,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, PREFETCH: tl.constexpr,
     FAST_ROUND: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
-    RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr, LEAN: tl.constexpr = False,
+    EVEN: tl.constexpr = False,
 ):
     """q, scale = quant(rot(norm(x) * (1 + mscale[b]) + shift[b])), b = row // rows_per_batch.
 
@@ -152,6 +202,9 @@ def _norm_mod_quant_kernel(
     power-of-two tile each, less padding: ``norm_configs.row_parts``). PREFETCH: each program loads its next
     tile's rows before it reduces and stores the current one (a persistent grid keeps its loads in flight).
     rot: the group rotation when GROUP > 0 (K % GROUP == 0, each part a multiple of GROUP), else the identity.
+    The kernel is bound by instruction issue (~40 SASS instructions a value at Wan's rows, bench/NOTES.md item 77):
+    LEAN takes ``_quantize_parts``' lean statistics and stores; EVEN (K == BLOCK_K + BLOCK_K2: no padding
+    columns) drops the selects that keep padding out of the statistics. Neither changes a scale or a code.
     """
     ca = tl.arange(0, BLOCK_K)
     step = tl.num_programs(0)
@@ -183,19 +236,25 @@ def _norm_mod_quant_kernel(
             db = xb
             if not RMS:
                 mean = (tl.sum(xa) + tl.sum(xb)) / K
-                da = tl.where(row_ok[:, None] & (ca < K)[None, :], xa - mean, 0.0)
-                db = tl.where(row_ok[:, None] & (cb < K)[None, :], xb - mean, 0.0)
+                da = xa - mean  # EVEN: no padding columns, and rows past M load 0 (0 - 0)
+                db = xb - mean
+                if not EVEN:
+                    da = tl.where(row_ok[:, None] & (ca < K)[None, :], da, 0.0)
+                    db = tl.where(row_ok[:, None] & (cb < K)[None, :], db, 0.0)
         elif not RMS:
             mean = tl.sum(xa, axis=1) / K
-            da = tl.where(row_ok[:, None] & (ca < K)[None, :], xa - mean[:, None], 0.0)
+            da = xa - mean[:, None]
+            if not EVEN:
+                da = tl.where(row_ok[:, None] & (ca < K)[None, :], da, 0.0)
         rstd = _rms_rstd(da, db, K, eps, BLOCK_M, BLOCK_K2)
         ya = _modulate_part(da, rstd, rows, row_ok, ca, K, shift_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
-                            stride_mb, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, HAS_SHIFT)
+                            stride_mb, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, HAS_SHIFT, EVEN)
         yb = ya
         if BLOCK_K2 > 0:
             yb = _modulate_part(db, rstd, rows, row_ok, cb, K, shift_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
-                                stride_mb, BLOCK_M, BLOCK_K2, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, HAS_SHIFT)
-        _quantize_parts(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, BLOCK_K2, FAST_ROUND)
+                                stride_mb, BLOCK_M, BLOCK_K2, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, HAS_SHIFT, EVEN)
+        _quantize_parts(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, BLOCK_K2, FAST_ROUND,
+                        LEAN)
 
 
 # ``_glu_quant_kernel``'s ACT meta-parameter for each of ``reference_fused.ACTIVATIONS``
@@ -301,7 +360,7 @@ def _glu_quant_kernel(
     M, P, F, stride_pm, stride_gm, stride_um, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
     GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, ACT: tl.constexpr,
-    FAST_ACT: tl.constexpr = False, LANE_STATS: tl.constexpr = False,
+    FAST_ACT: tl.constexpr = False, LANE_STATS: tl.constexpr = False, FINITE_STORE: tl.constexpr = False,
 ):
     """Rows ``rot([p[m, :P] | act(g[m])])`` -> q [M, P + F] int8 and scale [M] (``_glu_tile``: act by ACT).
 
@@ -311,7 +370,8 @@ def _glu_quant_kernel(
     The kernel is bound by instruction issue, not memory (bench/NOTES.md, "The GLU quantizer is issue-bound"):
     FAST_ACT computes the sigmoid without its range fix-ups (``_times_sigmoid``), LANE_STATS reduces the absmax
     once a row instead of once a tile (``_glu_lane_stats``); both give the same codes and scales as without them
-    (FAST_ACT: but for sigmoid arguments below -87.3, see there).
+    (FAST_ACT: but for sigmoid arguments below -87.3, see there). FINITE_STORE: the second pass stores the codes of
+    tiles whose rows are all finite by ``_store_codes`` (no clamp, no select: the same codes).
     """
     cols = tl.arange(0, BLOCK_K)
     for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
@@ -326,14 +386,29 @@ def _glu_quant_kernel(
                                                stride_gm, stride_um, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON,
                                                ACT, FAST_ACT)
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
+        finite = tl.max(nonfinite, axis=0) == 0  # the tile's rows all finite (FINITE_STORE's store)
         for k0 in range(0, P, BLOCK_K):
             v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-            _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, False, FAST_ROUND)
+            _glu_store(v, inv, finite, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, FAST_ROUND, FINITE_STORE)
         for k0 in range(0, F, BLOCK_K):
             v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT, FAST_ACT)
             v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-            _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, False, FAST_ROUND)
+            _glu_store(v, inv, finite, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, FAST_ROUND, FINITE_STORE)
+
+
+@triton.jit
+def _glu_store(v, inv, finite, rows, row_ok, cols, K, q_ptr, stride_qm, FAST_ROUND: tl.constexpr,
+               FINITE_STORE: tl.constexpr):
+    """One tile's codes: ``_store_codes`` where ``finite`` (every row of the tile finite, FINITE_STORE), else
+    ``_quantize_store``."""
+    if FINITE_STORE:
+        if finite:
+            _store_codes(v, inv, rows, row_ok, cols, K, q_ptr, stride_qm, FAST_ROUND)
+        else:
+            _quantize_store(v, inv, 0, rows, row_ok, cols, K, q_ptr, stride_qm, False, FAST_ROUND)
+    else:
+        _quantize_store(v, inv, 0, rows, row_ok, cols, K, q_ptr, stride_qm, False, FAST_ROUND)
 
 
 @triton.jit
@@ -496,7 +571,7 @@ def _gate_add_norm_quant_kernel(
     M, K, rows_per_batch, stride_xm, stride_ym, stride_gb, stride_om, stride_mb, stride_qm, eps_post, eps,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, PREFETCH: tl.constexpr,
     FAST_ROUND: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, LEAN: tl.constexpr = False, EVEN: tl.constexpr = False,
 ):
     """``_norm_gate_add_kernel`` then ``_norm_mod_quant_kernel`` (RMS, no shift) on the row it just wrote:
 
@@ -508,7 +583,7 @@ def _gate_add_norm_quant_kernel(
     (ffn_norm1, modulation, quantization for w1/w3). One read of x and y, no read of out. Rows as in
     ``_norm_mod_quant_kernel`` (one tile of BLOCK_K columns, or two parts with BLOCK_K2 > 0), programs stepping
     through the row tiles; PREFETCH (a persistent grid): each program loads its next tile's x and y before it
-    reduces and stores the current one.
+    reduces and stores the current one. LEAN and EVEN as in ``_norm_mod_quant_kernel``.
     """
     ca = tl.arange(0, BLOCK_K)
     step = tl.num_programs(0)
@@ -550,12 +625,13 @@ def _gate_add_norm_quant_kernel(
                                   stride_gb, stride_om)
         rstd = _rms_rstd(xa, xb if BLOCK_K2 > 0 else xa, K, eps, BLOCK_M, BLOCK_K2)
         ha = _modulate_part(xa, rstd, rows, row_ok, ca, K, mscale_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
-                            stride_mb, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, False)
+                            stride_mb, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, False, EVEN)
         hb = ha
         if BLOCK_K2 > 0:
             hb = _modulate_part(xb, rstd, rows, row_ok, cb, K, mscale_ptr, mscale_ptr, w_ptr, h_ptr, rows_per_batch,
-                                stride_mb, BLOCK_M, BLOCK_K2, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, False)
-        _quantize_parts(ha, hb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, BLOCK_K2, FAST_ROUND)
+                                stride_mb, BLOCK_M, BLOCK_K2, GROUP, INV_SQRT_G, KRON, HAS_WEIGHT, False, EVEN)
+        _quantize_parts(ha, hb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, BLOCK_K2, FAST_ROUND,
+                        LEAN)
 
 
 # A specialization Triton rejects for resources (OutOfResources when it is first loaded) takes the next
@@ -579,7 +655,8 @@ class GluLaunch:
     """How ``glu_quantize`` launches ``_glu_quant_kernel``: ``block_k`` columns per tile, ``warps`` per
     program, a persistent grid of ``programs_per_sm`` programs per SM (capped at one per row) and, when
     ``l2_bytes`` > 0, at most ``l2_bytes // row bytes`` programs (rows in flight whose first read the second
-    pass finds in L2); ``fast_act`` / ``lane_stats``: the kernel's FAST_ACT / LANE_STATS."""
+    pass finds in L2); ``fast_act`` / ``lane_stats`` / ``finite_store``: the kernel's FAST_ACT / LANE_STATS /
+    FINITE_STORE."""
 
     block_k: int = 4096
     warps: int = 8
@@ -587,6 +664,7 @@ class GluLaunch:
     l2_bytes: int = 0
     fast_act: bool = False
     lane_stats: bool = False
+    finite_store: bool = False
 
     def programs(self, m: int, row_bytes: int, sms: int) -> int:
         """The grid for ``m`` rows of ``row_bytes`` input bytes each on ``sms`` SMs."""
@@ -605,17 +683,23 @@ class GluLaunch:
 # range fix-ups ~12, per-tile reductions with 6 barriers), which at 4 warp-instructions per SM-clock is ~85 us
 # for Z-Image's [4608, 2 x 10240] against ~60 us of HBM traffic: issue-bound. "lean" issues ~30 (12 + 18;
 # ``_times_sigmoid``, ``_glu_lane_stats``) with the same 40 registers and 16-byte loads; "-l2" caps the rows in
-# flight at what L2 holds for the second pass, "-w4" takes 2048-column tiles of 4 warps.
+# flight at what L2 holds for the second pass, "-w4" takes 2048-column tiles of 4 warps, "-fs" stores the codes of
+# finite rows without the clamp and select (FINITE_STORE; bench/NOTES.md item 77).
 GLU_VARIANTS = {
     "base": GluLaunch(),
     "lean": GluLaunch(fast_act=True, lane_stats=True),
     "lean-l2": GluLaunch(fast_act=True, lane_stats=True, l2_bytes=24 << 20),
     "lean-w4": GluLaunch(block_k=2048, warps=4, fast_act=True, lane_stats=True),
     "lean-w4-l2": GluLaunch(block_k=2048, warps=4, fast_act=True, lane_stats=True, l2_bytes=24 << 20),
+    "lean-fs": GluLaunch(fast_act=True, lane_stats=True, finite_store=True),
+    "lean-w4-fs": GluLaunch(block_k=2048, warps=4, fast_act=True, lane_stats=True, finite_store=True),
     "fast-act": GluLaunch(fast_act=True),
     "lane-stats": GluLaunch(lane_stats=True),
 }
-GLU_RULE = "lean"
+# The variant each activation takes. H200, session 23 (`bench_fused`, CUDA graphs): SwiGLU "lean-fs" 88.9 / 105.5 /
+# 84.0 us at Z-Image's pair / FLUX.2's single / double block shapes ("lean" 91.6 / 127.2 / 92.2); GELU-tanh, which
+# reads half the bytes a value, "lean-w4-fs" 79.0 / 303.3 us at Chroma's / Wan's ("lean" 80.0 / 343.6).
+GLU_RULE: dict[str, str] = {"swiglu": "lean-fs", "gelu_tanh": "lean-w4-fs"}
 
 
 # Programs of one whole-row kernel specialization an SM holds at once, by launch key (``_resident``).
@@ -682,14 +766,15 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
     keep(h)  # cached per group and device: a recorded launch may keep its address (direct.Replayer)
     key = ("norm_modulate_quantize", x2.dtype, mscale.dtype, block_m, block_k, block_k2, warps,
            form.programs_per_sm > 0, rotate_group, norm, None if weight is None else weight.dtype, shift is not None,
-           x2.device)
+           form.lean, k == block_k + block_k2, x2.device)
     _launch_rows(
         _NORM_MOD_QUANT, key, form, triton.cdiv(m, block_m), x2.device, x2,
         shift if shift is not None else mscale, mscale, weight if weight is not None else mscale, q, scale,
         h if h is not None else q, m, k, rows_per_batch, x2.stride(0), mscale.stride(0), q.stride(0), float(eps),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_K2=block_k2, PREFETCH=form.programs_per_sm > 0,
         FAST_ROUND=not interpreting(), **rot, RMS=norm == "rms", HAS_WEIGHT=weight is not None,
-        HAS_SHIFT=shift is not None, num_warps=warps, enable_fp_fusion=False,
+        HAS_SHIFT=shift is not None, LEAN=form.lean, EVEN=k == block_k + block_k2, num_warps=warps,
+        enable_fp_fusion=False,
     )
     return q, scale
 
@@ -702,15 +787,15 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
 
     ``rotate_group``: ConvRot group (P and F multiples of it) applied before quantizing, or 0. Raises
     TileTooLargeError when the tile does not fit the GPU's shared memory.
-    ``variant``: a ``GLU_VARIANTS`` name or a ``GluLaunch`` ("": ``GLU_RULE``); ``block_k``, ``warps``,
-    ``rows_in_flight``: overrides of it for benchmarks (0: the variant's)."""
+    ``variant``: a ``GLU_VARIANTS`` name or a ``GluLaunch`` ("": ``GLU_RULE``'s for the activation); ``block_k``,
+    ``warps``, ``rows_in_flight``: overrides of it for benchmarks (0: the variant's)."""
     m = glu.shape[0]
     p = 0 if prefix is None else prefix.shape[1]
     q = torch.empty((m, p + f), dtype=torch.int8, device=glu.device)
     scale = row_scales(m, p + f, glu.device)
     if m == 0 or p + f == 0:
         return q, scale
-    rule = variant if isinstance(variant, GluLaunch) else GLU_VARIANTS[variant or GLU_RULE]
+    rule = variant if isinstance(variant, GluLaunch) else GLU_VARIANTS[variant or GLU_RULE[activation]]
     block_k = block_k or min(max(16, triton.next_power_of_2(max(p, f))), rule.block_k)
     block_k = max(block_k, rotation_min_tile(rotate_group))  # one row per program: the tile holds the groups
     block_m = 1
@@ -728,6 +813,7 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
             (blocks,), pre, glu, u, q, scale, h if h is not None else q, m, p, f, pre.stride(0), glu.stride(0),
             u.stride(0), q.stride(0), BLOCK_M=tile[0], BLOCK_K=tile[1], FAST_ROUND=fast, **rot,
             ACT=ACT_CODES[activation], FAST_ACT=rule.fast_act and fast, LANE_STATS=rule.lane_stats,
+            FINITE_STORE=rule.finite_store,
             num_warps=warps or rule.warps, enable_fp_fusion=False,
         )
 
@@ -798,13 +884,14 @@ def rms_norm_gate_add_quantize(x2, y2, post_weight, gate, mscale, rows_per_batch
     keep(h)  # cached per group and device: a recorded launch may keep its address (direct.Replayer)
     key = ("rms_norm_gate_add_quantize", x2.dtype, y2.dtype, post_weight.dtype, gate.dtype, mscale.dtype, block_m,
            block_k, block_k2, warps, form.programs_per_sm > 0, rotate_group,
-           None if weight is None else weight.dtype, x2.device)
+           None if weight is None else weight.dtype, form.lean, k == block_k + block_k2, x2.device)
     _launch_rows(
         _GATE_ADD_NORM_QUANT, key, form, triton.cdiv(m, block_m), x2.device, x2, y2, post_weight, gate, out, mscale,
         weight if weight is not None else mscale, q, scale, h if h is not None else q, m, k, rows_per_batch,
         x2.stride(0), y2.stride(0), gate.stride(0), out.stride(0), mscale.stride(0), q.stride(0), float(eps_post),
         float(eps), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_K2=block_k2, PREFETCH=form.programs_per_sm > 0,
-        FAST_ROUND=not interpreting(), **rot, HAS_WEIGHT=weight is not None, num_warps=warps, enable_fp_fusion=False,
+        FAST_ROUND=not interpreting(), **rot, HAS_WEIGHT=weight is not None, LEAN=form.lean,
+        EVEN=k == block_k + block_k2, num_warps=warps, enable_fp_fusion=False,
         fallback="rms_norm_gate_add and norm_modulate_quantize run in turn",
     )
     return out, q, scale

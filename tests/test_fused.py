@@ -202,6 +202,43 @@ def test_norm_modulate_quantize_forms(seed, form, norm, shifted, weighted, b, s,
             assert int(q[1].abs().max()) == 0
 
 
+# Each lean form (``RowLaunch.lean``) next to the same form without it: EVEN widths (no padding columns: 48 = 32 + 16
+# split, 64 one tile) and a padded one (40), finite tiles (the lean stores) and tiles with NaN, Inf or an all-zero
+# row at eps 0 (0 * inf: the exact path), for both quantizing kernels.
+_LEAN_FORMS = tuple(f for f in _FORMS if f.lean)
+
+
+@pytest.mark.parametrize("form", _LEAN_FORMS, ids=_form_id)
+@pytest.mark.parametrize("k", (40, 48, 64))
+@pytest.mark.parametrize("bad", ("none", "nan", "inf", "zero-row-eps0"))
+def test_lean_forms_equal_their_plain_form(seed, form, k, bad):
+    from int8_w8a8.kernels import triton_fused
+
+    plain = dataclasses.replace(form, lean=False)
+    m, eps = 37, 0.0 if bad == "zero-row-eps0" else 1e-6
+    x2 = (torch.randn(m, k) * 3 + 1).to(DEV, torch.bfloat16)
+    y2 = torch.randn(m, k).to(DEV, torch.bfloat16)
+    if bad == "nan":
+        x2[5, k // 3] = float("nan")
+    elif bad == "inf":
+        x2[m - 1, 0] = float("-inf")
+    elif bad == "zero-row-eps0":
+        x2[7] = 0
+    mscale = (torch.randn(2, k) * 0.5).to(DEV, torch.bfloat16)
+    shift = (torch.randn(2, k) * 0.5).to(DEV, torch.bfloat16)
+    w = (torch.rand(k) + 0.5).to(DEV, torch.bfloat16)
+    for norm, sh, wt in (("layer", shift, None), ("rms", None, w)):
+        lean = triton_fused.norm_modulate_quantize(x2, sh, mscale, 19, eps, 0, norm, wt, form=form)
+        base = triton_fused.norm_modulate_quantize(x2, sh, mscale, 19, eps, 0, norm, wt, form=plain)
+        assert torch.equal(lean[0], base[0]) and torch.equal(lean[1].nan_to_num(), base[1].nan_to_num()), norm
+        assert torch.equal(lean[1].isnan(), base[1].isnan())
+    if bad != "zero-row-eps0":  # eps 0 of the post-norm: 0 * inf in the stored residual, the same either way
+        lean = triton_fused.rms_norm_gate_add_quantize(y2, x2, w, mscale, mscale, 19, 1e-6, eps, 0, w, form=form)
+        base = triton_fused.rms_norm_gate_add_quantize(y2, x2, w, mscale, mscale, 19, 1e-6, eps, 0, w, form=plain)
+        for a, b in zip(lean, base, strict=True):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
 def test_norm_configs_rule():
     """Row parts, tiles and the rule's lookup (``norm_configs``)."""
     from int8_w8a8.kernels.norm_configs import RowLaunch, pick, row_parts, tile_shape
