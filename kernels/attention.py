@@ -22,10 +22,10 @@ Whether a model's ``auto`` attention choice runs this function at all is data to
 8-bit only where the implementation the rules above choose was measured faster than SDPA's default backend on
 that GPU generation (quantization included, at every size measured, or from a measured number of keys on) and
 within ``REL_ERROR_BOUND`` (``TRITON_MEASURED``, ``KITCHEN_SPEEDUP_VS_SDPA``/``KITCHEN_REL_ERROR``). Nothing is measured
-faster at every size today: on the H200 the Gluon kernel (INT8 Q K^T, 16-bit P V) runs at 0.92x (S = 4608) to 1.18x
-(S = 14040) cuDNN with its quantization pass (the Triton kernel 0.77x to 1.04x), faster from 10240 keys on, so
-``auto`` runs it there for calls with at least 10240 keys (Wan's video, 2048x2048 images) and keeps ComfyUI's
-attention for shorter ones. Updating the tables after a GPU run changes ``auto``.
+faster at every size today: on the H200 the Gluon kernel (INT8 Q K^T, 16-bit P V) runs at 0.91x (S = 4608) to 1.24x
+(S = 14040) cuDNN with its quantization pass (the Triton kernel 0.77x to 1.04x), faster from 8192 keys on, so
+``auto`` runs it there for calls with at least 8192 keys (Wan's video, images from about 1400x1400) and keeps
+ComfyUI's attention for shorter ones. Updating the tables after a GPU run changes ``auto``.
 """
 
 from __future__ import annotations
@@ -104,8 +104,11 @@ TRITON_MEASURED: dict[tuple[tuple[int, int], str], Measured] = {
     # (Wan), 1.15x at H = 32, S = 16896, so auto runs it for calls with at least 10240 keys
     ((9, 0), "gluon-ws-128x128-s4-defer-pp"): Measured(0.91, 0.0118, min_keys=10240, speedup_from=1.06),
     # the same with each row's sum in 8 partial sums (``row_sum_parts``), the default since session 23 (bench/NOTES.md
-    # item 78): kernel alone 3.0 % / 4.6 % faster than the entry above at Wan's shape / H = 32, S = 16896
-    ((9, 0), "gluon-ws-128x128-s4-defer-pp-rs8"): Measured(0.91, 0.0118, min_keys=10240, speedup_from=1.06),
+    # item 78): kernel alone 3.0 % / 4.6 % faster than the entry above at Wan's shape / H = 32, S = 16896; kernel +
+    # pass, flushed single calls (h200-bench-attention-lengths-session23.txt): 0.91x / 0.92x cuDNN at S = 4608 (H = 24
+    # / 32, the lowest), 0.97x at 6144; from 8192 keys on faster: 1.03x / 1.07x at 8192 (H = 24 / 32), 1.07x at 10240,
+    # 1.15x at 12288, 1.24x at H = 40, S = 14040 (Wan), so auto runs it for calls with at least 8192 keys
+    ((9, 0), "gluon-ws-128x128-s4-defer-pp-rs8"): Measured(0.91, 0.0118, min_keys=8192, speedup_from=1.03),
     # the default before: the same int8 kernel with the split quantization pass. Session 18 (bench/NOTES.md item 64,
     # h200-bench-attention-pass-final-session18.txt), kernel + pass: 0.600 ms against cuDNN's 0.398 at H = 24, S = 4608
     # (0.66x, the lowest), 0.95x at H = 40, S = 14040 (Wan; 1.00x queued back to back), 0.94x at H = 32, S = 16896

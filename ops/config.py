@@ -85,7 +85,7 @@ class LoadConfig:
 
 # The attention of the fused blocks (``LoadOptions.attention``, the loader nodes' ``attention`` input):
 # "auto": 8-bit where measured faster than SDPA on that GPU generation and within the accuracy bound
-#         (``kernels.attention.auto_8bit``; on the H200 for calls with at least 10240 keys), else ComfyUI's;
+#         (``kernels.attention.auto_8bit``; on the H200 for calls with at least 8192 keys), else ComfyUI's;
 # "bf16": ComfyUI's attention (``optimized_attention``: the backend the user chose), as before the option;
 # "8-bit": the pack's ``kernels.attention_8bit`` wherever the call and the GPU allow it.
 ATTENTION_CHOICES = ("auto", "bf16", "8-bit")

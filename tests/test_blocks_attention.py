@@ -235,7 +235,7 @@ def test_calls_8bit_cannot_take_use_comfyuis_attention_logged_once(comfyui, attn
 
 
 def test_auto_from_a_number_of_keys(comfyui, attn_calls, fresh_log, caplog, monkeypatch):
-    """Where ``auto`` is measured faster only from a number of keys on (the H200: 10240), shorter calls run
+    """Where ``auto`` is measured faster only from a number of keys on (the H200: 8192), shorter calls run
     ComfyUI's attention (one log line, no length in it) and longer ones the 8-bit kernel (here the twin, with the
     decision patched in for the CPU)."""
     from int8_w8a8.kernels import attention as attention_rules

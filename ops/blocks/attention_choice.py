@@ -13,7 +13,7 @@ the transformer options ComfyUI's samplers pass down. Every fused block calls ``
    ``kernels.attention`` rule 4) -> ComfyUI's, which is the user's backend;
 5. choice "auto": ``kernels.attention.auto_8bit`` -> ComfyUI's unless the 8-bit implementation of that GPU
    generation is measured faster than SDPA and within the accuracy bound; where it is faster only from a number of
-   keys on (the H200: from 10240, 1.06-1.19x; 0.92-0.99x below), calls with fewer keys -> ComfyUI's;
+   keys on (the H200: from 8192, 1.03-1.24x; 0.91-0.97x below), calls with fewer keys -> ComfyUI's;
 6. arguments ``attention_8bit`` does not take (``kernels.attention.attention_problem``: dtype other than
    bf16/fp16, head size not 64 or 128, q/k/v shapes) -> ComfyUI's;
 7. otherwise ``kernels.attention_8bit`` (Triton on Hopper, the torch twin on the CPU).
