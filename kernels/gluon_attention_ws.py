@@ -123,9 +123,10 @@ def _producer(q_desc, k_desc, v_desc, q_s, k_s, v_s, q_bar, ready, empty, q_row,
 @gluon.jit
 def _softmax(sc, col_ok, rm, m_i, l_i, MASK: gl.constexpr = True, ROW_SUM_PARTS: gl.constexpr = 0):
     """One block's int32 scores -> (x = exp2(t - m_new) in float32, alpha, l, m): the Triton kernel's ``_softmax16``
-    (the same operations in the same order); with MASK, keys where ``col_ok`` is false are -inf (a compare and a
-    select per score, 16 % of the loop's instructions: whole blocks skip it). x is rounded to 16 bits where the
-    P V product is issued (``_issue_pv``): a 16-bit P carried across iterations cost ptxas a PRMT per register."""
+    (the same operations in the same order, the row sum's too with ROW_SUM_PARTS = 0: ``_row_sum``); with MASK, keys
+    where ``col_ok`` is false are -inf (a compare and a select per score, 16 % of the loop's instructions: whole
+    blocks skip it). x is rounded to 16 bits where the P V product is issued (``_issue_pv``): a 16-bit P carried
+    across iterations cost ptxas a PRMT per register."""
     qk = sc.to(gl.float32)
     sm = sc
     if MASK:

@@ -40,9 +40,9 @@ ATTENTION_TOOLTIP = (
     "(masks, head sizes other than 64/128, FP32) and GPUs without an 8-bit attention worth running use ComfyUI's. "
     "'auto': 8-bit only where it was measured faster than ComfyUI's attention on this GPU generation and within "
     "the accuracy bound (2% relative error); on an H200 that is calls with at least 8192 tokens (1.03-1.24x "
-    "cuDNN's BF16 attention there: video, images from about 1400x1400; 0.91x at 4608), shorter ones keep ComfyUI's. Models "
-    "and blocks that run ComfyUI's own code (fallbacks, architectures without fused blocks) always keep "
-    "ComfyUI's attention."
+    "cuDNN's BF16 attention there: video, images from about 1400x1400; 0.91x at 4608), shorter ones keep "
+    "ComfyUI's. Models and blocks that run ComfyUI's own code (fallbacks, architectures without fused blocks) "
+    "always keep ComfyUI's attention."
 )
 
 EXTRA_BLOCKS_TOOLTIP = (
