@@ -146,13 +146,17 @@ def _quantize_parts(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm
     codes by ``_store_codes``; a tile with a NaN or Inf (its row scale is NaN) takes ``_quantize_exact``. The
     same scales and codes either way, with ~8 fewer instructions a value (bench/NOTES.md item 77)."""
     if LEAN:
-        if BLOCK_K2 > 0:
-            amax = tl.maximum(tl.reduce(tl.abs(ya), None, _max_nan), tl.reduce(tl.abs(yb), None, _max_nan),
-                              propagate_nan=tl.PropagateNan.ALL)
+        if BLOCK_K2 > 0 or BLOCK_M == 1:  # one row: its absmax is the tile's (a scalar)
+            amax = tl.reduce(tl.abs(ya), None, _max_nan)
+            if BLOCK_K2 > 0:
+                amax = tl.maximum(amax, tl.reduce(tl.abs(yb), None, _max_nan), propagate_nan=tl.PropagateNan.ALL)
             absmax = tl.zeros((BLOCK_M,), tl.float32) + amax
         else:
             absmax = tl.reduce(tl.abs(ya), 1, _max_nan)
-        if tl.min((absmax <= FLT_MAX).to(tl.int32), 0) == 1:  # false for NaN and +-Inf
+            # the tile's max from the tile again, not from ``absmax``: a reduction of that [BLOCK_M] vector crashes
+            # Triton 3.6's sm_100 pipeline (its TMEM layout pass) after the rotation's dot
+            amax = tl.reduce(tl.abs(ya), None, _max_nan)
+        if amax <= FLT_MAX:  # false for NaN and +-Inf
             inv = _store_scale(scale_ptr, rows, row_ok, absmax, tl.zeros((BLOCK_M,), tl.int32))
             _store_codes(ya, inv, rows, row_ok, ca, K, q_ptr, stride_qm, FAST_ROUND)
             if BLOCK_K2 > 0:
