@@ -109,8 +109,7 @@ def glu_variants(record, dev: str, dt: torch.dtype) -> dict:
     shapes, and per activation the fastest (``GLU_RULE``'s entries)."""
     from ..kernels import triton_fused
 
-    total: dict[str, float] = dict.fromkeys(triton_fused.GLU_VARIANTS, 0.0)
-    by_act: dict[str, dict[str, float]] = {}
+    by_act: dict[str, dict[str, float]] = {}  # activation -> variant -> summed ms
     for name, m, p, f, act, pair in GLU_SHAPES:
         width = 2 * f if act == "swiglu" and not pair else f
         wide = torch.randn(m, width + 64, device=dev, dtype=dt) * 2
@@ -125,9 +124,9 @@ def glu_variants(record, dev: str, dt: torch.dtype) -> dict:
             base = base or out
             same = torch.equal(out[0], base[0]) and torch.equal(out[1].nan_to_num(-1), base[1].nan_to_num(-1))
             ms = common.bench_graph_ms(run)  # device time: the launch path's host cost (~100 us) hides small kernels
-            total[variant] += ms
             by_act.setdefault(act, dict.fromkeys(triton_fused.GLU_VARIANTS, 0.0))[variant] += ms
             record(f"glu {name} [{m}, {p}+{f}] {variant}{'' if same else ' (DIFFERS from base)'}", ms, nbytes)
+    total = {v: sum(times[v] for times in by_act.values()) for v in triton_fused.GLU_VARIANTS}
     best = min(total, key=total.get)
     print("glu variants, summed over the shapes: " + ", ".join(f"{v} {t * 1e3:.0f} us" for v, t in total.items())
           + f"; fastest: {best}", flush=True)

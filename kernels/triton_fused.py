@@ -766,18 +766,19 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
     form = form or norm_configs.pick(norm_configs.NORM_MOD_QUANT_RULE, k)
     block_m, block_k, block_k2, warps = norm_configs.tile_shape(form, k, max(16, rotate_group),
                                                                 rotation_min_tile(rotate_group))
+    even = k == block_k + block_k2  # the kernel's EVEN: no padding columns
     h, rot = rotation_args(rotate_group, x2.device, torch.float32)
     keep(h)  # cached per group and device: a recorded launch may keep its address (direct.Replayer)
     key = ("norm_modulate_quantize", x2.dtype, mscale.dtype, block_m, block_k, block_k2, warps,
            form.programs_per_sm > 0, rotate_group, norm, None if weight is None else weight.dtype, shift is not None,
-           form.lean, k == block_k + block_k2, x2.device)
+           form.lean, even, x2.device)
     _launch_rows(
         _NORM_MOD_QUANT, key, form, triton.cdiv(m, block_m), x2.device, x2,
         shift if shift is not None else mscale, mscale, weight if weight is not None else mscale, q, scale,
         h if h is not None else q, m, k, rows_per_batch, x2.stride(0), mscale.stride(0), q.stride(0), float(eps),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_K2=block_k2, PREFETCH=form.programs_per_sm > 0,
         FAST_ROUND=not interpreting(), **rot, RMS=norm == "rms", HAS_WEIGHT=weight is not None,
-        HAS_SHIFT=shift is not None, LEAN=form.lean, EVEN=k == block_k + block_k2, num_warps=warps,
+        HAS_SHIFT=shift is not None, LEAN=form.lean, EVEN=even, num_warps=warps,
         enable_fp_fusion=False,
     )
     return q, scale
@@ -884,18 +885,19 @@ def rms_norm_gate_add_quantize(x2, y2, post_weight, gate, mscale, rows_per_batch
     form = form or norm_configs.pick(norm_configs.GATE_ADD_NORM_QUANT_RULE, k)
     block_m, block_k, block_k2, warps = norm_configs.tile_shape(form, k, max(16, rotate_group),
                                                                 rotation_min_tile(rotate_group))
+    even = k == block_k + block_k2  # the kernel's EVEN: no padding columns
     h, rot = rotation_args(rotate_group, x2.device, torch.float32)
     keep(h)  # cached per group and device: a recorded launch may keep its address (direct.Replayer)
     key = ("rms_norm_gate_add_quantize", x2.dtype, y2.dtype, post_weight.dtype, gate.dtype, mscale.dtype, block_m,
            block_k, block_k2, warps, form.programs_per_sm > 0, rotate_group,
-           None if weight is None else weight.dtype, form.lean, k == block_k + block_k2, x2.device)
+           None if weight is None else weight.dtype, form.lean, even, x2.device)
     _launch_rows(
         _GATE_ADD_NORM_QUANT, key, form, triton.cdiv(m, block_m), x2.device, x2, y2, post_weight, gate, out, mscale,
         weight if weight is not None else mscale, q, scale, h if h is not None else q, m, k, rows_per_batch,
         x2.stride(0), y2.stride(0), gate.stride(0), out.stride(0), mscale.stride(0), q.stride(0), float(eps_post),
         float(eps), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_K2=block_k2, PREFETCH=form.programs_per_sm > 0,
         FAST_ROUND=not interpreting(), **rot, HAS_WEIGHT=weight is not None, LEAN=form.lean,
-        EVEN=k == block_k + block_k2, num_warps=warps, enable_fp_fusion=False,
+        EVEN=even, num_warps=warps, enable_fp_fusion=False,
         fallback="rms_norm_gate_add and norm_modulate_quantize run in turn",
     )
     return out, q, scale
