@@ -81,20 +81,21 @@ PASS_BYTES_PER_ELEMENT = {"_quant_q_kernel": 3, "_kv_stats_kernel": 4, "_kv_fina
 PASS_BYTES_NO_V = {**PASS_BYTES_PER_ELEMENT, "_kv_stats_kernel": 2, "_quant_kv_kernel": 3}
 
 
-def profile_pass(h: int, s: int, cfg, dev: str, dt: torch.dtype, calls: int = 5) -> list[dict]:
+def profile_pass(h: int, s: int, cfg, dev: str, dt: torch.dtype, calls: int = 5, lean: bool = True) -> list[dict]:
     """Device time per call of each kernel of ``triton_attention.quantize`` at B = 1, ``h`` heads, ``s`` tokens
-    (q, k, v views of [1, S, H, D] buffers, as the fused blocks pass them), with the TB/s its bytes imply."""
+    (q, k, v views of [1, S, H, D] buffers, as the fused blocks pass them), with the TB/s its bytes imply;
+    ``lean``: the Q and K kernels' lean forms (the default) or their general ones."""
     from torch.profiler import ProfilerActivity, profile
 
     from ..kernels import triton_attention
 
     q, k, v = (torch.randn(1, s, h, HEAD_DIM, device=dev, dtype=dt).transpose(1, 2) for _ in range(3))
     for _ in range(3):
-        triton_attention.quantize(q, k, v, cfg)
+        triton_attention.quantize(q, k, v, cfg, lean)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            triton_attention.quantize(q, k, v, cfg)
+            triton_attention.quantize(q, k, v, cfg, lean)
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
     for event in prof.events():
@@ -104,11 +105,12 @@ def profile_pass(h: int, s: int, cfg, dev: str, dt: torch.dtype, calls: int = 5)
     rows = []
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
         nbytes = (PASS_BYTES_PER_ELEMENT if cfg.quantizes_v else PASS_BYTES_NO_V).get(name, 0) * elements
-        rows.append({"H": h, "S": s, "kernel": name, "us": round(us, 1),
+        rows.append({"H": h, "S": s, "kernel": name, "lean": lean, "us": round(us, 1),
                      "tb_s": round(nbytes / us / 1e6, 2) if nbytes and us else None})
         rate = f"  {nbytes / us / 1e6:5.2f} TB/s" if nbytes else ""
-        print(f"H={h:<3} S={s:<6} pass  {name:<24} {us:8.1f} us{rate}", flush=True)
-    print(f"H={h:<3} S={s:<6} pass  total                    {sum(totals.values()):8.1f} us", flush=True)
+        print(f"H={h:<3} S={s:<6} pass{'' if lean else ' (general form)'}  {name:<24} {us:8.1f} us{rate}", flush=True)
+    print(f"H={h:<3} S={s:<6} pass{'' if lean else ' (general form)'}  total                    "
+          f"{sum(totals.values()):8.1f} us", flush=True)
     return rows
 
 
@@ -313,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     pass_rows = []
     if args.profile_pass and attention_configs.DEFAULT in variants:
         for h, s in shapes:
-            pass_rows += profile_pass(h, s, attention_configs.DEFAULT, dev, dt)
+            for lean in (False, True):
+                pass_rows += profile_pass(h, s, attention_configs.DEFAULT, dev, dt, lean=lean)
     print(f"\nbest pack variant per shape (quantization counted) vs SDPA default; 'ok': rel.err <= {ERR_BOUND}:")
     for h, s in shapes:
         here = [r for r in rows if r["H"] == h and r["S"] == s and r["method"].startswith(("pack", "gluon"))]

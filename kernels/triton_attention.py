@@ -58,10 +58,11 @@ from .triton_quant import (
     _INV_127,
     _TINY,
     FLT_MAX,
+    _max_nan,
+    _quantize_parts,
     _quantize_store,
     _rotate,
-    _row_stats,
-    _store_row_scale,
+    _store_codes,
     _to_int,
     interpreting,
     round_half_even,
@@ -81,6 +82,14 @@ STATS_CHUNKS = 16  # chunks of keys per head in the statistics pass (``_kv_final
 # key rows per tile of the statistics pass: its [32, 128] float32 sums and maxima at 4 warps take 100 registers, five
 # programs per SM (offline sm_90): 16 chunks x 40 heads (Wan) run in one wave on 132 SMs
 STATS_ROWS = 32
+
+
+def quant_q_options(lean: bool) -> dict:
+    """Launch options of ``_quant_q_kernel``. Its LEAN form is capped at 128 registers: the fast path needs 118
+    (776 instructions a 64 x 128 tile offline on sm_90, against 1,496 for the general form), the rare exact branch
+    would otherwise set the allocation at 181, and 128 lets four programs share an SM (their 48 KB of shared
+    memory allows four) instead of three (bench/NOTES.md item 80)."""
+    return {"num_warps": QUANT_WARPS, "maxnreg": 128} if lean else {"num_warps": QUANT_WARPS}
 
 
 def quant_kv_options(block_n: int, head_dim: int, part: int) -> dict:
@@ -236,9 +245,10 @@ def _kv_finalize_kernel(
 def _quant_q_kernel(
     q_ptr, h_ptr, q8_ptr, qs_ptr, S, H, sqb, sqh, sqs, sqd,
     D: tl.constexpr, ROWS: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
-    FAST_ROUND: tl.constexpr,
+    FAST_ROUND: tl.constexpr, LEAN: tl.constexpr = False,
 ):
-    """Q rows (rotated) -> int8 [BH * S, D] and one float32 scale per row (triton_quant's row rule)."""
+    """Q rows (rotated) -> int8 [BH * S, D] and one float32 scale per row (triton_quant's row rule). LEAN: the
+    statistics and store of ``_quantize_parts``' LEAN form (the same scales and codes, fewer instructions)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -246,10 +256,8 @@ def _quant_q_kernel(
     ok = s < S
     x = _maybe_rotate_qk(_load_tile(q_ptr, b, h, s, ok, sqb, sqh, sqs, sqd, D), h_ptr, ROWS, D, ROT_SCALE, DOT_FP32)
     rows = bh.to(tl.int64) * S + s
-    absmax, nonfinite = _row_stats(x, tl.zeros((ROWS,), tl.float32), tl.zeros((ROWS,), tl.int32))
-    scale = _store_row_scale(qs_ptr, rows, ok, absmax, nonfinite)
-    inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
-    _quantize_store(x, inv, 0, rows, ok, tl.arange(0, D), D, q8_ptr, D, False, FAST_ROUND)
+    d = tl.arange(0, D)
+    _quantize_parts(x, x, rows, ok, d, d, D, qs_ptr, q8_ptr, D, ROWS, 0, FAST_ROUND, LEAN)
 
 
 @triton.jit
@@ -258,16 +266,17 @@ def _quant_kv_kernel(
     S, H, n_blocks, S_pad, skb, skh, sks, skd, svb, svh, svs, svd,
     D: tl.constexpr, BLOCK_N: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
     PV_INT8: tl.constexpr, FAST_ROUND: tl.constexpr, EMULATE_FP8: tl.constexpr, PART: tl.constexpr = 0,
+    LEAN: tl.constexpr = False,
 ):
     """Keys [j * BLOCK_N, (j + 1) * BLOCK_N) of one head: K - its rotated mean -> int8 + one scale; V -> 8-bit with
     the per-channel scale, stored transposed; int8 V's column sums (PV_INT8). The mean and V's scale come from
     ``_kv_finalize_kernel``. PART: 0 both, 1 K only, 2 V only (two launches, each with the registers of its own
-    half: ``quant_kv_options``)."""
+    half: ``quant_kv_options``). LEAN: K's statistics and store in ``_quant_k_block``'s lean form."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     if PART != 2:
         _quant_k_block(k_ptr, h_ptr, kmean_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_blocks, skb, skh, sks, skd,
-                       D, BLOCK_N, ROT_SCALE, DOT_FP32, FAST_ROUND)
+                       D, BLOCK_N, ROT_SCALE, DOT_FP32, FAST_ROUND, LEAN)
     if PART != 1:
         _quant_v_block(v_ptr, vs_ptr, vt_ptr, vcs_ptr, j, bh, S, H, n_blocks, S_pad, svb, svh, svs, svd,
                        D, BLOCK_N, PV_INT8, FAST_ROUND, EMULATE_FP8)
@@ -276,9 +285,11 @@ def _quant_kv_kernel(
 @triton.jit
 def _quant_k_block(k_ptr, h_ptr, kmean_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_blocks, skb, skh, sks, skd,
                    D: tl.constexpr, BLOCK_N: tl.constexpr, ROT_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
-                   FAST_ROUND: tl.constexpr):
+                   FAST_ROUND: tl.constexpr, LEAN: tl.constexpr):
     """K block j of head bh: rotated, minus the head's rotated mean, int8 with one scale for the block (NaN where
-    the block holds NaN/Inf)."""
+    the block holds NaN/Inf). LEAN: the block's absmax by one NaN-propagating max a value and, where it is finite
+    (the common case), the codes without clamp and select (``_store_codes``); a block with a NaN or Inf takes
+    ``_quant_k_exact``. The same scale and codes either way."""
     b = bh // H
     h = bh % H
     d = tl.arange(0, D)
@@ -287,13 +298,31 @@ def _quant_k_block(k_ptr, h_ptr, kmean_ptr, k8_ptr, ks_ptr, j, bh, S, H, n_block
     ok = s < S
     kt = _maybe_rotate_qk(_load_tile(k_ptr, b, h, s, ok, skb, skh, sks, skd, D), h_ptr, BLOCK_N, D, ROT_SCALE, DOT_FP32)
     kt = tl.where(ok[:, None], kt - mean[None, :], 0.0)
+    rows = bh.to(tl.int64) * S + s
+    ks_at = ks_ptr + bh * n_blocks + j
+    if LEAN:
+        amax = tl.reduce(tl.abs(kt), None, _max_nan)  # NaN and +-Inf reach it
+        if amax <= FLT_MAX:  # the block's scale from its absmax, the codes without clamp and select
+            kscale = tl.maximum(amax * _INV_127, _TINY)
+            tl.store(ks_at, kscale)
+            kinv = tl.math.div_rn(tl.full((BLOCK_N,), 1.0, tl.float32), kscale + tl.zeros((BLOCK_N,), tl.float32))
+            _store_codes(kt, kinv, rows, ok, d, D, k8_ptr, D, FAST_ROUND)
+        else:
+            _quant_k_exact(kt, rows, ok, d, ks_at, k8_ptr, D, BLOCK_N, FAST_ROUND)
+    else:
+        _quant_k_exact(kt, rows, ok, d, ks_at, k8_ptr, D, BLOCK_N, FAST_ROUND)
+
+
+@triton.jit
+def _quant_k_exact(kt, rows, ok, d, ks_at, k8_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, FAST_ROUND: tl.constexpr):
+    """A K block's scale from the absmax of its finite values (NaN where it holds NaN/Inf) and its codes by the
+    general store (clamped, non-finite values stored as 0)."""
     fin = tl.abs(kt) <= FLT_MAX
     absmax = tl.max(tl.max(tl.where(fin, tl.abs(kt), 0.0), axis=1), axis=0)
     bad = tl.sum(tl.sum((~fin).to(tl.int32), axis=1), axis=0)
     kscale = tl.maximum(absmax * _INV_127, _TINY)
-    tl.store(ks_ptr + bh * n_blocks + j, tl.where(bad > 0, float("nan"), kscale))
+    tl.store(ks_at, tl.where(bad > 0, float("nan"), kscale))
     kinv = tl.math.div_rn(tl.full((BLOCK_N,), 1.0, tl.float32), kscale + tl.zeros((BLOCK_N,), tl.float32))
-    rows = bh.to(tl.int64) * S + s
     _quantize_store(kt, kinv, 0, rows, ok, d, D, k8_ptr, D, False, FAST_ROUND)
 
 
@@ -531,8 +560,10 @@ def stats_chunk(s_kv: int) -> int:
     return -(-max(1, -(-s_kv // STATS_CHUNKS)) // QUANT_ROWS) * QUANT_ROWS
 
 
-def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig) -> QuantizedQKV:
-    """The quantization pass: ``q [B, H, S_q, D]``, ``k, v [B, H, S_kv, D]`` (bf16/fp16, any strides)."""
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig, lean: bool = True
+             ) -> QuantizedQKV:
+    """The quantization pass: ``q [B, H, S_q, D]``, ``k, v [B, H, S_kv, D]`` (bf16/fp16, any strides). ``lean``:
+    the Q and K kernels' LEAN forms (the same scales and codes; False: the general form, for the tests)."""
     b, h, s_q, d = q.shape
     s_kv = k.shape[2]
     bh = b * h
@@ -563,7 +594,7 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
     hm = hmat if hmat is not None else q8
     if s_q and bh:
         _QUANT_Q((triton.cdiv(s_q, QUANT_ROWS), bh), q, hm, q8, qs, s_q, h, *_strides(q), D=d, ROWS=QUANT_ROWS, **rot,
-                 FAST_ROUND=fast, num_warps=QUANT_WARPS)
+                 FAST_ROUND=fast, LEAN=lean, **quant_q_options(lean))
     _KV_STATS((n_chunks, bh), k, v, part[0], part[1], s_kv, h, chunk, n_chunks, *_strides(k), *_strides(v),
               D=d, ROWS=STATS_ROWS, HAS_V=has_v, num_warps=QUANT_WARPS)
     _KV_FINALIZE((bh,), part[0], part[1], hm, kmean, kmean if vs is None else vs, s_kv, n_chunks, D=d,
@@ -572,7 +603,7 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionCo
         _QUANT_KV((nk, bh), k, v, hm, kmean, vs if has_v else kmean, k8, ks, vt if has_v else k8,
                   vcs if vcs is not None else ks, s_kv, h,
                   nk, s_pad, *_strides(k), *_strides(v), D=d, BLOCK_N=cfg.block_n, **rot,
-                  PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast, PART=p,
+                  PV_INT8=cfg.pv == "int8", FAST_ROUND=fast, EMULATE_FP8=not fast, PART=p, LEAN=lean,
                   **quant_kv_options(cfg.block_n, d, p))
     return QuantizedQKV(q8, qs, k8, ks, vt, vs, vcs, (b, h, s_q, s_kv, d), cfg.block_n, cfg.pv)
 

@@ -45,11 +45,12 @@ from .launch import (
 from .reference_fused import heads_view_of
 from .triton_quant import (
     FLT_MAX,
+    _quantize_parts,
     _quantize_store,
     _rotate,
     _row_stats,
-    _store_row_scale,
-    _to_int,
+    _store_codes,
+    _store_scale,
     interpreting,
     num_sms,
     rotation_args,
@@ -59,29 +60,6 @@ from .triton_quant import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@triton.jit
-def _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite):
-    """Store the row scales (``triton_quant``'s rule) and return their reciprocals for quantizing."""
-    scale = _store_row_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
-    return tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-
-
-@triton.jit
-def _max_nan(a, b):
-    """NaN-propagating max: a reduction's combine (one ``FMNMX.NAN`` a value, NaN and +-Inf reach the result)."""
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _store_codes(v, inv, rows, row_ok, cols, K, q_ptr, stride_qm, FAST_ROUND: tl.constexpr):
-    """``_quantize_store`` for a tile whose rows hold only finite values, each |v| at most the absmax that set its
-    row's ``inv``: the clamp and the non-finite select are no-ops there (|v * inv| <= 127 within a few ulp), so
-    this stores the same codes with ~4 fewer instructions a value (the kernels are issue-bound)."""
-    r = _to_int(v * inv[:, None], False, FAST_ROUND)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], r.to(tl.int8),
-             mask=row_ok[:, None] & (cols < K)[None, :])
 
 
 @triton.jit
@@ -134,58 +112,6 @@ def _modulate_part(d, rstd, rows, row_ok, cols, K, shift_ptr, mscale_ptr, w_ptr,
     if not EVEN:
         y = tl.where(ok, y, 0.0)
     return _maybe_rotate(y, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-
-
-@triton.jit
-def _quantize_parts(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M: tl.constexpr,
-                    BLOCK_K2: tl.constexpr, FAST_ROUND: tl.constexpr, LEAN: tl.constexpr = False):
-    """Store the row scales and int8 codes of rows held as one tile ``ya`` (columns ``ca``) or, with BLOCK_K2 > 0,
-    one row as two parts ``ya | yb`` (columns ``ca | cb``, scalar statistics: the parts' layouts never meet).
-
-    LEAN: each row's absmax by one NaN-propagating max a value, and, where every row of the tile is finite, the
-    codes by ``_store_codes``; a tile with a NaN or Inf (its row scale is NaN) takes ``_quantize_exact``. The
-    same scales and codes either way, with ~8 fewer instructions a value (bench/NOTES.md item 77)."""
-    if LEAN:
-        if BLOCK_K2 > 0 or BLOCK_M == 1:  # one row: its absmax is the tile's (a scalar)
-            amax = tl.reduce(tl.abs(ya), None, _max_nan)
-            if BLOCK_K2 > 0:
-                amax = tl.maximum(amax, tl.reduce(tl.abs(yb), None, _max_nan), propagate_nan=tl.PropagateNan.ALL)
-            absmax = tl.zeros((BLOCK_M,), tl.float32) + amax
-        else:
-            absmax = tl.reduce(tl.abs(ya), 1, _max_nan)
-            # the tile's max from the tile again, not from ``absmax``: a reduction of that [BLOCK_M] vector crashes
-            # Triton 3.6's sm_100 pipeline (its TMEM layout pass) after the rotation's dot
-            amax = tl.reduce(tl.abs(ya), None, _max_nan)
-        if amax <= FLT_MAX:  # false for NaN and +-Inf
-            inv = _store_scale(scale_ptr, rows, row_ok, absmax, tl.zeros((BLOCK_M,), tl.int32))
-            _store_codes(ya, inv, rows, row_ok, ca, K, q_ptr, stride_qm, FAST_ROUND)
-            if BLOCK_K2 > 0:
-                _store_codes(yb, inv, rows, row_ok, cb, K, q_ptr, stride_qm, FAST_ROUND)
-        else:
-            _quantize_exact(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, BLOCK_K2,
-                            FAST_ROUND)
-    else:
-        _quantize_exact(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, BLOCK_K2, FAST_ROUND)
-
-
-@triton.jit
-def _quantize_exact(ya, yb, rows, row_ok, ca, cb, K, scale_ptr, q_ptr, stride_qm, BLOCK_M: tl.constexpr,
-                    BLOCK_K2: tl.constexpr, FAST_ROUND: tl.constexpr):
-    """``_quantize_parts`` with the finite absmax and the NaN/Inf count of each row (``_row_stats``' rule) and the
-    general store (``_quantize_store``: clamped, non-finite values stored as 0)."""
-    if BLOCK_K2 > 0:
-        fa = tl.abs(ya) <= FLT_MAX  # false for NaN and +-Inf (``_row_stats``)
-        fb = tl.abs(yb) <= FLT_MAX
-        amax = tl.maximum(tl.max(tl.where(fa, tl.abs(ya), 0.0)), tl.max(tl.where(fb, tl.abs(yb), 0.0)))
-        bad = tl.sum((~fa).to(tl.int32)) + tl.sum((~fb).to(tl.int32))
-        absmax = tl.zeros((BLOCK_M,), tl.float32) + amax
-        nonfinite = tl.zeros((BLOCK_M,), tl.int32) + bad
-    else:
-        absmax, nonfinite = _row_stats(ya, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
-    inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
-    _quantize_store(ya, inv, 0, rows, row_ok, ca, K, q_ptr, stride_qm, False, FAST_ROUND)
-    if BLOCK_K2 > 0:
-        _quantize_store(yb, inv, 0, rows, row_ok, cb, K, q_ptr, stride_qm, False, FAST_ROUND)
 
 
 @triton.jit

@@ -342,6 +342,32 @@ def test_split_quant_kv_is_bit_identical(seed, pv, d):
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("pv", ["16bit", "int8"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_lean_pass_is_bit_identical(seed, pv, d, bad):
+    """The Q and K kernels' lean forms (NaN-propagating absmax, clamp-free store where a row / block is finite) write
+    the general forms' bits: all-zero rows, a partial last block, and a NaN or Inf in one Q row and one K block."""
+    from int8_w8a8.kernels import triton_attention
+
+    q, k, v = make(1, 3, 77, 150, d, device=KERNEL_DEVICE)
+    q[0, 1, 5] = 0.0
+    k[0, 2, 20:30] = 0.0
+    if bad is not None:
+        q[0, 0, 40, 7] = bad
+        k[0, 1, 70, 3] = -bad
+    cfg = AttentionConfig(64, 64, 4, 2, pv)
+    a = triton_attention.quantize(q, k, v, cfg, lean=False)
+    b = triton_attention.quantize(q, k, v, cfg, lean=True)
+    for name in ("q", "q_scale", "k", "k_scale"):
+        assert torch.equal(getattr(a, name).view(torch.int8), getattr(b, name).view(torch.int8)), name
+    if bad is not None:
+        assert torch.isnan(b.q_scale[40]) and torch.isnan(b.k_scale[1, 1])
+        # other Q rows keep their scales; other heads' K blocks too (head 1's mean carries the bad key to its blocks)
+        assert torch.isfinite(b.q_scale[41]) and torch.isfinite(b.k_scale[[0, 2]]).all()
+
+
+@pytest.mark.kernels
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("keys", ["gauss", "offset"])
 def test_kernel_vs_twin_and_float64(seed, d, keys):
