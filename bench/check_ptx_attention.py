@@ -215,20 +215,22 @@ def compile_attention(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128,
     return row
 
 
-def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dtype: str = "bf16") -> dict:
-    """Compile the quantization kernels of ``cfg``; one summary per kernel."""
+def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dtype: str = "bf16",
+                  lean: bool | None = None) -> dict:
+    """Compile the quantization kernels of ``cfg``; one summary per kernel. ``lean``: the Q and K kernels' LEAN forms
+    (None: as ``triton_attention.quantize`` launches them, ``LEAN_PASS``)."""
+    lean = triton_attention.LEAN_PASS if lean is None else lean
     rot = {"ROT_SCALE": 1.0 / math.sqrt(head_dim) if cfg.rotate else 0.0, "DOT_FP32": False}
     strides = {f"s{t}{a}": "i32" for t in "kv" for a in "bhsd"}
     div = ("k_ptr", "v_ptr", "h_ptr", "skb", "skh", "sks", "svb", "svh", "svs")
     out = {}
     sig = {"q_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "q8_ptr": "*i8", "qs_ptr": "*fp32", "S": "i32", "H": "i32",
            "sqb": "i32", "sqh": "i32", "sqs": "i32", "sqd": "i32"}
-    # the Q and K kernels as ``triton_attention.quantize`` launches them: their LEAN forms
-    consts = {"D": head_dim, "ROWS": triton_attention.QUANT_ROWS, **rot, "FAST_ROUND": True, "sqd": 1, "LEAN": True}
+    consts = {"D": head_dim, "ROWS": triton_attention.QUANT_ROWS, **rot, "FAST_ROUND": True, "sqd": 1, "LEAN": lean}
     del sig["sqd"]
     out["quant_q"] = _summary(_compile(triton_attention._quant_q_kernel, sig, consts,
                                        ("q_ptr", "h_ptr", "q8_ptr", "qs_ptr", "sqb", "sqh", "sqs"), arch,
-                                       triton_attention.quant_q_options(True)), arch)
+                                       triton_attention.quant_q_options(lean)), arch)
     opts = {"num_warps": triton_attention.QUANT_WARPS}
     sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "ksum_ptr": "*fp32", "vmax_ptr": "*fp32",
            "S": "i32", "H": "i32", "CHUNK": "i32", "n_chunks": "i32", **strides}
@@ -247,7 +249,7 @@ def compile_quant(cfg: AttentionConfig, arch: int = 90, head_dim: int = 128, dty
            "k8_ptr": "*i8", "ks_ptr": "*fp32", "vt_ptr": v, "vcs_ptr": "*i32", "S": "i32",
            "H": "i32", "n_blocks": "i32", "S_pad": "i32", **strides}
     consts = {"D": head_dim, "BLOCK_N": cfg.block_n, **rot, "PV_INT8": cfg.pv == "int8", "FAST_ROUND": True,
-              "EMULATE_FP8": False, "skd": 1, "svd": 1, "LEAN": True}
+              "EMULATE_FP8": False, "skd": 1, "svd": 1, "LEAN": lean}
     del sig["skd"], sig["svd"]
     div = (*div, "kmean_ptr", "vs_ptr", "k8_ptr", "ks_ptr", "vt_ptr", "vcs_ptr", "S_pad")  # fresh allocations
     # PART 0: K and V in one launch; 1 and 2: split_quant_kv's two launches

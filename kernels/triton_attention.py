@@ -82,6 +82,10 @@ STATS_CHUNKS = 16  # chunks of keys per head in the statistics pass (``_kv_final
 # key rows per tile of the statistics pass: its [32, 128] float32 sums and maxima at 4 warps take 100 registers, five
 # programs per SM (offline sm_90): 16 chunks x 40 heads (Wan) run in one wave on 132 SMs
 STATS_ROWS = 32
+# The Q and K kernels' LEAN forms (the same bits as the general ones, about half the instructions: bench/NOTES.md
+# item 80) are built and tested under the interpreter but have not run on a GPU yet (session 24 lost its device):
+# ``quantize`` launches the general forms until a GPU run has timed and checked them.
+LEAN_PASS = False
 
 
 def quant_q_options(lean: bool) -> dict:
@@ -560,10 +564,10 @@ def stats_chunk(s_kv: int) -> int:
     return -(-max(1, -(-s_kv // STATS_CHUNKS)) // QUANT_ROWS) * QUANT_ROWS
 
 
-def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig, lean: bool = True
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig, lean: bool = LEAN_PASS
              ) -> QuantizedQKV:
     """The quantization pass: ``q [B, H, S_q, D]``, ``k, v [B, H, S_kv, D]`` (bf16/fp16, any strides). ``lean``:
-    the Q and K kernels' LEAN forms (the same scales and codes; False: the general form, for the tests)."""
+    the Q and K kernels' LEAN forms or their general ones (the same scales and codes; ``LEAN_PASS``)."""
     b, h, s_q, d = q.shape
     s_kv = k.shape[2]
     bh = b * h

@@ -542,6 +542,22 @@ def test_empty_queries():
 
 
 @pytest.mark.kernels
+def test_hopper_lean_pass_build():
+    """Offline sm_90 compile of the pass's lean Q and K kernels (bench/NOTES.md item 80): no spills, the Q kernel within
+    its 128-register cap (four 48 KB programs per SM), the K launch within quant_kv_options' 128."""
+    code = ("import json; from int8_w8a8.bench import check_ptx_attention as c; "
+            "from int8_w8a8.kernels.attention_configs import DEFAULT; "
+            "r = c.compile_quant(DEFAULT, 90, lean=True); "
+            "print(json.dumps({k: [v['regs'], v['local'], v['shared_bytes']] for k, v in r.items()}))")
+    out = offline_python(code)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rows["quant_q"][0] <= 128 and rows["quant_k"][0] <= 128, rows
+    assert all(local == 0 for _, local, _ in rows.values()), rows
+    assert 4 * rows["quant_q"][2] <= 232448, rows
+
+
+@pytest.mark.kernels
 def test_hopper_ptx_attention_uses_wgmma_for_both_products():
     """Offline sm_90 compile: wgmma s8 for Q K^T, s8 (default) or e4m3 (fp8 form) for P V, TMA loads, no
     spills, shared memory within 227 KB (the default config at D = 64 and 128, the fp8 variant at 128)."""
