@@ -169,6 +169,13 @@ KERNEL_SPECS: tuple[KernelSpec, ...] = (
     KernelSpec("glu_quantize lean P=4096 F=12288 G=256", lambda: _glu(4096, 12288, 256, variant="lean")),
     KernelSpec("glu_quantize lean GELU-tanh F=13824", lambda: _glu(0, 13824, 0, "gelu_tanh", variant="lean")),
     KernelSpec("glu_quantize lean-w4 SwiGLU pair F=10240", lambda: _glu(0, 10240, 0, "swiglu", True, "lean-w4")),
+    # the split store ("-ss") and GELU-tanh's max statistics ("-mx"), with a prefix (Chroma's single blocks) and Wan's
+    # width; SwiGLU with "-mx" takes its lane statistics
+    KernelSpec("glu_quantize lean-w4-fs-ss-mx GELU-tanh P=3072 F=12288",
+               lambda: _glu(3072, 12288, 0, "gelu_tanh", variant="lean-w4-fs-ss-mx")),
+    KernelSpec("glu_quantize lean-fs-ss-mx GELU-tanh F=13824", lambda: _glu(0, 13824, 0, "gelu_tanh",
+                                                                              variant="lean-fs-ss-mx")),
+    KernelSpec("glu_quantize lean-fs-ss P=4096 F=12288", lambda: _glu(4096, 12288, 0, variant="lean-fs-ss")),
     KernelSpec("norm_modulate_quantize RMS+weight K=3840", lambda: _norm(3840, 0, "rms", shift=False, weight=True)),
     KernelSpec("qk_norm_rope separate H=24 D=128 bf16 table", lambda: _qk_norm_rope(24, 128, True,
                                                                                     pe_dtype=torch.bfloat16)),

@@ -45,6 +45,7 @@ from .launch import (
 from .reference_fused import heads_view_of
 from .triton_quant import (
     FLT_MAX,
+    _max_nan,
     _quantize_parts,
     _quantize_store,
     _rotate,
@@ -190,6 +191,8 @@ def _norm_mod_quant_kernel(
 # ``_glu_quant_kernel``'s ACT meta-parameter for each of ``reference_fused.ACTIVATIONS``
 ACT_CODES = {"swiglu": 0, "gelu_tanh": 1}
 _GELU_2C = tl.constexpr(2.0 * 0.7978845608028654)  # 2 * sqrt(2 / pi)
+# |gelu_tanh(x)| for x < 0 peaks at 0.170040 (x = -0.75179); a row absmax above this bound is set by its positive side
+_GELU_NEG_BOUND = tl.constexpr(0.171)
 
 
 @triton.jit
@@ -229,7 +232,7 @@ def _glu_tile(g_ptr, u_ptr, rows, row_ok, cols, F, stride_gm, stride_um, ACT: tl
         u = u.to(tl.float32)
         out = _times_sigmoid(g, g, FAST_ACT) * u
     else:
-        out = _times_sigmoid(g, _GELU_2C * (g + 0.044715 * (g * g * g)), FAST_ACT)
+        out = _gelu_tile(g, FAST_ACT)
     return out
 
 
@@ -285,12 +288,53 @@ def _glu_lane_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride
 
 
 @triton.jit
+def _gelu_tile(g, FAST_ACT: tl.constexpr):
+    """gelu_tanh of float32 ``g`` (any shape), as ``_glu_tile`` computes it: x * sigmoid(2c * (x + 0.044715 x^3))."""
+    return _times_sigmoid(g, _GELU_2C * (g + 0.044715 * (g * g * g)), FAST_ACT)
+
+
+@triton.jit
+def _gelu_max_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride_pm, stride_gm, stride_um,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ACT: tl.constexpr):
+    """``_glu_row_stats`` of rows ``[p | gelu_tanh(g)]`` (no rotation) without evaluating the activation.
+
+    gelu_tanh is increasing for x >= 0 (each float32 step of ``_gelu_tile`` is monotone there, fp fusion off), and
+    |gelu_tanh(x)| <= 0.1701 for x < 0, so where max(|p|, gelu(max g)) exceeds ``_GELU_NEG_BOUND`` it is the row's
+    absmax: the row's largest g is its largest activation, computed by the same operations. The pass then reads g
+    with two maxima a value (max g; max |g|, NaN-propagating, which finds NaN and +-Inf) instead of the activation's
+    ~12 instructions and two MUFU operations. A tile with a row below the bound (all-negative or tiny rows) or a
+    NaN or Inf takes ``_glu_row_stats``. The same scales as the other forms wherever the hardware's ex2 / rcp
+    approximations are monotone (FAST_ACT; exact arithmetic in the interpreter); the GPU tests compare them."""
+    pm = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        pm = tl.maximum(pm, tl.abs(_prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)),
+                        propagate_nan=tl.PropagateNan.ALL)
+    gm = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)  # 0 outside the tensor: gelu(0) = 0 is below the bound
+    am = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        ok = row_ok[:, None] & ((k0 + cols) < F)[None, :]
+        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + (k0 + cols)[None, :], mask=ok, other=0.0)
+        g = g.to(tl.float32)
+        gm = tl.maximum(gm, g, propagate_nan=tl.PropagateNan.ALL)
+        am = tl.maximum(am, tl.abs(g), propagate_nan=tl.PropagateNan.ALL)
+    pmax = tl.reduce(pm, 1, _max_nan)
+    absmax = tl.maximum(pmax, _gelu_tile(tl.reduce(gm, 1, _max_nan), FAST_ACT))
+    fast = (pmax <= FLT_MAX) & (tl.reduce(am, 1, _max_nan) <= FLT_MAX) & (absmax > _GELU_NEG_BOUND)
+    nonfinite = tl.zeros((BLOCK_M,), tl.int32)
+    if tl.min((fast | ~row_ok).to(tl.int32), axis=0) == 0:
+        absmax, nonfinite = _glu_row_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride_pm,
+                                           stride_gm, stride_um, BLOCK_M, BLOCK_K, 0, 1.0, False, 1, FAST_ACT)
+    return absmax, nonfinite
+
+
+@triton.jit
 def _glu_quant_kernel(
     p_ptr, g_ptr, u_ptr, q_ptr, scale_ptr, h_ptr,
     M, P, F, stride_pm, stride_gm, stride_um, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
     GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, ACT: tl.constexpr,
     FAST_ACT: tl.constexpr = False, LANE_STATS: tl.constexpr = False, FINITE_STORE: tl.constexpr = False,
+    MAX_STATS: tl.constexpr = False, SPLIT_STORE: tl.constexpr = False,
 ):
     """Rows ``rot([p[m, :P] | act(g[m])])`` -> q [M, P + F] int8 and scale [M] (``_glu_tile``: act by ACT).
 
@@ -301,13 +345,18 @@ def _glu_quant_kernel(
     FAST_ACT computes the sigmoid without its range fix-ups (``_times_sigmoid``), LANE_STATS reduces the absmax
     once a row instead of once a tile (``_glu_lane_stats``); both give the same codes and scales as without them
     (FAST_ACT: but for sigmoid arguments below -87.3, see there). FINITE_STORE: the second pass stores the codes of
-    tiles whose rows are all finite by ``_store_codes`` (no clamp, no select: the same codes).
+    tiles whose rows are all finite by ``_store_codes`` (no clamp, no select: the same codes); SPLIT_STORE does so with
+    one loop per store (``_glu_store_pass``) instead of a branch in each tile. MAX_STATS (GELU-tanh without rotation
+    only): the statistics from the row's largest input, ``_gelu_max_stats``.
     """
     cols = tl.arange(0, BLOCK_K)
     for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        if LANE_STATS:
+        if MAX_STATS:
+            absmax, nonfinite = _gelu_max_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride_pm,
+                                                stride_gm, stride_um, BLOCK_M, BLOCK_K, FAST_ACT)
+        elif LANE_STATS:
             absmax, nonfinite = _glu_lane_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride_pm,
                                                 stride_gm, stride_um, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON,
                                                 ACT, FAST_ACT)
@@ -317,14 +366,48 @@ def _glu_quant_kernel(
                                                ACT, FAST_ACT)
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
         finite = tl.max(nonfinite, axis=0) == 0  # the tile's rows all finite (FINITE_STORE's store)
-        for k0 in range(0, P, BLOCK_K):
-            v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
-            v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-            _glu_store(v, inv, finite, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, FAST_ROUND, FINITE_STORE)
-        for k0 in range(0, F, BLOCK_K):
-            v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT, FAST_ACT)
-            v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-            _glu_store(v, inv, finite, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, FAST_ROUND, FINITE_STORE)
+        if SPLIT_STORE:
+            if finite:
+                _glu_store_pass(p_ptr, g_ptr, u_ptr, h_ptr, q_ptr, inv, rows, row_ok, cols, P, F, stride_pm, stride_gm,
+                                stride_um, stride_qm, BLOCK_M, BLOCK_K, FAST_ROUND, GROUP, INV_SQRT_G, KRON, ACT,
+                                FAST_ACT, True)
+            else:
+                _glu_store_pass(p_ptr, g_ptr, u_ptr, h_ptr, q_ptr, inv, rows, row_ok, cols, P, F, stride_pm, stride_gm,
+                                stride_um, stride_qm, BLOCK_M, BLOCK_K, FAST_ROUND, GROUP, INV_SQRT_G, KRON, ACT,
+                                FAST_ACT, False)
+        else:
+            for k0 in range(0, P, BLOCK_K):
+                v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
+                v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
+                _glu_store(v, inv, finite, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, FAST_ROUND, FINITE_STORE)
+            for k0 in range(0, F, BLOCK_K):
+                v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT, FAST_ACT)
+                v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
+                _glu_store(v, inv, finite, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, FAST_ROUND,
+                           FINITE_STORE)
+
+
+@triton.jit
+def _glu_store_pass(p_ptr, g_ptr, u_ptr, h_ptr, q_ptr, inv, rows, row_ok, cols, P, F, stride_pm, stride_gm, stride_um,
+                    stride_qm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
+                    GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, ACT: tl.constexpr,
+                    FAST_ACT: tl.constexpr, CODES_ONLY: tl.constexpr):
+    """The second pass over rows ``[p | act(g)]``: every tile's codes by ``_store_codes`` (CODES_ONLY: the rows are
+    all finite) or by the general store, one loop per form (no branch inside the loops)."""
+    for k0 in range(0, P, BLOCK_K):
+        v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
+        v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
+        if CODES_ONLY:
+            _store_codes(v, inv, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, FAST_ROUND)
+        else:
+            _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, False, FAST_ROUND)
+    for k0 in range(0, F, BLOCK_K):
+        v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT, FAST_ACT)
+        v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
+        if CODES_ONLY:
+            _store_codes(v, inv, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, FAST_ROUND)
+        else:
+            _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, False, FAST_ROUND)
 
 
 @triton.jit
@@ -586,7 +669,8 @@ class GluLaunch:
     program, a persistent grid of ``programs_per_sm`` programs per SM (capped at one per row) and, when
     ``l2_bytes`` > 0, at most ``l2_bytes // row bytes`` programs (rows in flight whose first read the second
     pass finds in L2); ``fast_act`` / ``lane_stats`` / ``finite_store``: the kernel's FAST_ACT / LANE_STATS /
-    FINITE_STORE."""
+    FINITE_STORE; ``split_store``: SPLIT_STORE; ``max_stats``: its MAX_STATS where it applies (GELU-tanh, no rotation;
+    elsewhere the variant's other statistics)."""
 
     block_k: int = 4096
     warps: int = 8
@@ -595,6 +679,8 @@ class GluLaunch:
     fast_act: bool = False
     lane_stats: bool = False
     finite_store: bool = False
+    split_store: bool = False
+    max_stats: bool = False
 
     def programs(self, m: int, row_bytes: int, sms: int) -> int:
         """The grid for ``m`` rows of ``row_bytes`` input bytes each on ``sms`` SMs."""
@@ -614,7 +700,11 @@ class GluLaunch:
 # for Z-Image's [4608, 2 x 10240] against ~60 us of HBM traffic: issue-bound. "lean" issues ~30 (12 + 18;
 # ``_times_sigmoid``, ``_glu_lane_stats``) with the same 40 registers and 16-byte loads; "-l2" caps the rows in
 # flight at what L2 holds for the second pass, "-w4" takes 2048-column tiles of 4 warps, "-fs" stores the codes of
-# finite rows without the clamp and select (FINITE_STORE; bench/NOTES.md item 77).
+# finite rows without the clamp and select (FINITE_STORE; bench/NOTES.md item 77). "-ss": that store and the general
+# one in separate loops (SPLIT_STORE; offline sm_90, GELU at 2048-column tiles: 15.7 instructions a value in the second
+# pass instead of 20.9, whose loop held both stores); "-mx": GELU-tanh's statistics from each row's largest input
+# (MAX_STATS): the first pass without the activation, whose two MUFU operations a value per pass made the GELU rows
+# MUFU-bound (4.6 instructions a value instead of 14.6). Both bench/NOTES.md item 81; not yet timed on a GPU.
 GLU_VARIANTS = {
     "base": GluLaunch(),
     "lean": GluLaunch(fast_act=True, lane_stats=True),
@@ -623,6 +713,12 @@ GLU_VARIANTS = {
     "lean-w4-l2": GluLaunch(block_k=2048, warps=4, fast_act=True, lane_stats=True, l2_bytes=24 << 20),
     "lean-fs": GluLaunch(fast_act=True, lane_stats=True, finite_store=True),
     "lean-w4-fs": GluLaunch(block_k=2048, warps=4, fast_act=True, lane_stats=True, finite_store=True),
+    "lean-fs-ss": GluLaunch(fast_act=True, lane_stats=True, finite_store=True, split_store=True),
+    "lean-w4-fs-ss": GluLaunch(block_k=2048, warps=4, fast_act=True, lane_stats=True, finite_store=True,
+                               split_store=True),
+    "lean-fs-ss-mx": GluLaunch(fast_act=True, lane_stats=True, finite_store=True, split_store=True, max_stats=True),
+    "lean-w4-fs-ss-mx": GluLaunch(block_k=2048, warps=4, fast_act=True, lane_stats=True, finite_store=True,
+                                  split_store=True, max_stats=True),
     "fast-act": GluLaunch(fast_act=True),
     "lane-stats": GluLaunch(lane_stats=True),
 }
@@ -745,6 +841,8 @@ def glu_quantize(prefix, glu, f: int, block_k: int = 0, warps: int = 0, rows_in_
             u.stride(0), q.stride(0), BLOCK_M=tile[0], BLOCK_K=tile[1], FAST_ROUND=fast, **rot,
             ACT=ACT_CODES[activation], FAST_ACT=rule.fast_act and fast, LANE_STATS=rule.lane_stats,
             FINITE_STORE=rule.finite_store,
+            MAX_STATS=rule.max_stats and activation == "gelu_tanh" and not rotate_group,
+            SPLIT_STORE=rule.split_store,
             num_warps=warps or rule.warps, enable_fp_fusion=False,
         )
 

@@ -493,6 +493,38 @@ def test_glu_variants_nan_inf_and_zero_rows(seed, activation):
     assert int(q[1].abs().max()) == 0 and float(xs[1]) == ref.TINY_SCALE
 
 
+@pytest.mark.parametrize("p", [0, 24])
+def test_glu_gelu_max_stats_edges(seed, p):
+    """GELU-tanh's max statistics ("-mx" variants: the absmax from each row's largest input where it is above the
+    negative side's 0.1701) on the rows where they must fall back or decide right: all-negative rows (the absmax set
+    near x = -0.75), small positives below the bound with a negative at the peak, a prefix above the bound with all
+    negative activations, -Inf (whose activation is NaN), a huge finite input, NaN, an all-zero row; the codes and
+    scales equal the base variant's."""
+    m, f = 10, 70
+    g = torch.randn(m, f) * 2
+    g[0] = -torch.rand(f) * 3  # all negative
+    g[0, 11] = -0.7518  # the negative side's peak
+    g[1] = torch.rand(f) * 0.25  # gelu(0.25) = 0.149 at most: below the negative side's peak, which sets the absmax
+    g[1, 5] = -0.75
+    g[8] = torch.rand(f) * 0.3  # up to gelu(0.3) = 0.185: around the bound
+    g[8, 9] = -0.75
+    g[2] = torch.rand(f) * 0.2 - 1.0  # gelu(max) < 0 < the negative side's |.|
+    g[3, 30] = float("-inf")
+    g[4, 2] = 3e38
+    g[5, 69] = float("nan")
+    g[6] = 0
+    g[7] = torch.full((f,), -0.7518)  # one value: gelu of the row's max is the row's min
+    glu = g.to(DEV, torch.bfloat16)
+    prefix = None
+    if p:
+        prefix = (torch.randn(m, p) * 0.05).to(DEV, torch.bfloat16)
+        prefix[2, 3] = 0.5  # above the bound, with all-negative activations
+    q, xs = _glu_variants_equal(prefix, glu, f, "gelu_tanh")
+    assert torch.equal(xs.isnan().nonzero().flatten().cpu(), torch.tensor([3, 5]))
+    assert torch.isfinite(xs[4]) and float(xs[4]) > 1e36
+    assert int(q[6, p:].abs().max()) == 0  # the all-zero activations store zeros
+
+
 @pytest.mark.parametrize("m,p,f", [(1, 0, 7), (17, 33, 65)])
 def test_glu_variants_gate_up_pair(seed, m, p, f):
     gate = (torch.randn(m, f + 3) * 2).to(DEV, torch.bfloat16)[:, 3:]
