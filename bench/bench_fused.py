@@ -99,6 +99,7 @@ GLU_SHAPES = (
     ("flux.2 single [attn | swiglu]", 4608, 4096, 12288, "swiglu", False),
     ("flux.2 double swiglu", 4096, 0, 12288, "swiglu", False),
     ("chroma/qwen gelu_tanh", 4096, 0, 12288, "gelu_tanh", False),
+    ("chroma single [attn | gelu_tanh]", 4608, 3072, 12288, "gelu_tanh", False),
     ("wan gelu_tanh", 14040, 0, 13824, "gelu_tanh", False),
 )
 
