@@ -564,10 +564,11 @@ def stats_chunk(s_kv: int) -> int:
     return -(-max(1, -(-s_kv // STATS_CHUNKS)) // QUANT_ROWS) * QUANT_ROWS
 
 
-def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig, lean: bool = LEAN_PASS
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig, lean: bool | None = None
              ) -> QuantizedQKV:
     """The quantization pass: ``q [B, H, S_q, D]``, ``k, v [B, H, S_kv, D]`` (bf16/fp16, any strides). ``lean``:
-    the Q and K kernels' LEAN forms or their general ones (the same scales and codes; ``LEAN_PASS``)."""
+    the Q and K kernels' LEAN forms or their general ones (the same scales and codes; None: ``LEAN_PASS``)."""
+    lean = LEAN_PASS if lean is None else lean
     b, h, s_q, d = q.shape
     s_kv = k.shape[2]
     bh = b * h
