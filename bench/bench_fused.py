@@ -240,8 +240,9 @@ def _gate_add_norm_quant_forms(record, dev: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--only", default="all", choices=("all", "norms", "gate-add-quant"),
-                        help="one section: the row-normalizing kernels' forms, or only the one-pass post-norm add")
+    parser.add_argument("--only", default="all", choices=("all", "norms", "gate-add-quant", "glu"),
+                        help="one section: the row-normalizing kernels' forms, only the one-pass post-norm add, or "
+                             "glu_quantize's variants at every GLU shape")
     args = parser.parse_args()
     from ..kernels import fused, triton_fused, triton_quant
 
@@ -255,9 +256,12 @@ def main() -> None:
         print(f"{name:<58} {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s", flush=True)
 
     if args.only != "all":
-        (_norm_forms if args.only == "norms" else _gate_add_norm_quant_forms)(record, dev)
+        sections = {"norms": _norm_forms, "gate-add-quant": _gate_add_norm_quant_forms,
+                    "glu": lambda rec, device: glu_variants(rec, device, dt)}
+        summary = sections[args.only](record, dev)
         if args.out:
-            common.write_json(args.out, {"env": common.environment(), "rows": rows})
+            common.write_json(args.out, {"env": common.environment(), "rows": rows,
+                                         **({"glu_variants": summary} if args.only == "glu" else {})})
         return
     x = torch.randn(b, s, hidden, device=dev, dtype=dt)
     shift = torch.randn(b, 1, hidden, device=dev, dtype=dt) * 0.1
