@@ -137,6 +137,38 @@ def glu_variants(record, dev: str, dt: torch.dtype) -> dict:
     return {"total_ms": total, "fastest": best, "fastest_by_activation": fastest}
 
 
+# quantize_rows at the shapes the fused blocks and unfused linears give it (attention outputs before ``o``):
+# (name, rows, columns, dtype). Qwen-Image / Chroma 3072 wide (image + text tokens), FLUX.2 klein 9B 4096, Wan 5120
+# (two passes).
+ROW_SHAPES = (
+    ("qwen-image / chroma attention output", 4608, 3072, torch.bfloat16),
+    ("klein 9B attention output", 4608, 4096, torch.bfloat16),
+    ("wan attention output (two passes)", 14040, 5120, torch.float16),
+)
+
+
+def _rows_forms(record, dev: str) -> None:
+    """``quantize_rows`` in its general and LEAN single-pass forms (``triton_quant.LEAN_ROWS``; bench/NOTES.md item 83)
+    at ``ROW_SHAPES``, CUDA-graph replays; each LEAN row says whether its codes and scales equal the general form's."""
+    from ..kernels import triton_quant
+
+    saved = triton_quant.LEAN_ROWS
+    try:
+        for name, m, k, dtype in ROW_SHAPES:
+            x = torch.randn(m, k, device=dev, dtype=dtype) * 3
+            outs = {}
+            for lean in (False, True):
+                triton_quant.LEAN_ROWS = lean
+                outs[lean] = triton_quant.quantize_rows(x)
+                ms = common.bench_graph_ms(lambda x=x: triton_quant.quantize_rows(x))
+                differs = lean and not (torch.equal(outs[True][0], outs[False][0])
+                                        and torch.equal(outs[True][1], outs[False][1]))
+                same = " (DIFFERS)" if differs else ""
+                record(f"quantize_rows {name} [{m}, {k}] {'lean' if lean else 'general'}{same}", ms, x.numel() * 3)
+    finally:
+        triton_quant.LEAN_ROWS = saved
+
+
 # The row-normalizing kernels at each architecture's shapes: (name, rows, columns, dtype, norm, shift, weight).
 # Wan 2.1 14B at 832x480x33 (14040 tokens with its padding, float16), Z-Image (RMSNorm with its weight, scale
 # only), Qwen-Image's image and text streams and Chroma (3072), FLUX.2 klein 9B (4096).
@@ -240,9 +272,9 @@ def _gate_add_norm_quant_forms(record, dev: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--only", default="all", choices=("all", "norms", "gate-add-quant", "glu"),
-                        help="one section: the row-normalizing kernels' forms, only the one-pass post-norm add, or "
-                             "glu_quantize's variants at every GLU shape")
+    parser.add_argument("--only", default="all", choices=("all", "norms", "gate-add-quant", "glu", "rows"),
+                        help="one section: the row-normalizing kernels' forms, only the one-pass post-norm add, "
+                             "glu_quantize's variants at every GLU shape, or quantize_rows' two forms")
     args = parser.parse_args()
     from ..kernels import fused, triton_fused, triton_quant
 
@@ -257,7 +289,7 @@ def main() -> None:
 
     if args.only != "all":
         sections = {"norms": _norm_forms, "gate-add-quant": _gate_add_norm_quant_forms,
-                    "glu": lambda rec, device: glu_variants(rec, device, dt)}
+                    "glu": lambda rec, device: glu_variants(rec, device, dt), "rows": _rows_forms}
         summary = sections[args.only](record, dev)
         if args.out:
             common.write_json(args.out, {"env": common.environment(), "rows": rows,
@@ -318,6 +350,7 @@ def main() -> None:
     _other_architectures(record, dev, dt)
     glu = glu_variants(record, dev, dt)
     _norm_forms(record, dev)
+    _rows_forms(record, dev)
     # the gated residual add in the GEMM epilogue: its cost over the plain GEMM (reads the residual tile once)
     for m, k, n in ((4608, 16384, 4096), (4096, 4096, 4096), (4096, 12288, 4096)):
         plain, with_res = _gemm_residual_ms(m, k, n, dev, dt)

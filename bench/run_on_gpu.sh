@@ -135,13 +135,16 @@ for step in "$@"; do
                 --variants ${PREFIXES:-16bit-64x128-w4-s2} \
                 --shapes ${SHAPES:-40:14040,32:16896,24:4608,32:4608} --out "$OUT/bench_attention_defer.json"; } 2>&1 \
             | tee "$OUT/bench_attention_defer.txt" ;;
-        # the off-by-default forms of session 24 (bench/NOTES.md items 80-81): their GPU tests (the lean attention pass and
-        # every GLU variant bit for bit against the general forms), both forms of the pass timed per kernel, every GLU
-        # variant at every shape (`bench_fused --only glu`, with its code check); ~7 min with PYTEST_WORKERS=8
-        lean-checks) { timeout 240 python3 -m pytest tests/test_attention.py tests/test_fused.py -k "lean or glu" $XDIST -q \
-                -p no:randomly 2>&1 | tail -5; timeout 150 python3 -m int8_w8a8.bench.bench_attention --default-only \
+        # the off-by-default forms of session 24 (bench/NOTES.md items 80, 81, 83): their GPU tests (the lean attention pass,
+        # quantize_rows' lean form and every GLU variant bit for bit against the general forms), both forms of the pass
+        # timed per kernel, every GLU variant at every shape (`bench_fused --only glu`, with its code check), quantize_rows'
+        # two forms (`--only rows`); ~8 min with PYTEST_WORKERS=8
+        lean-checks) { timeout 240 python3 -m pytest tests/test_attention.py tests/test_fused.py tests/test_kernels.py \
+                -k "lean or glu" $XDIST -q -p no:randomly 2>&1 | tail -5; \
+                timeout 150 python3 -m int8_w8a8.bench.bench_attention --default-only \
                 --shapes ${SHAPES:-40:14040,32:16896,24:4608} --profile-pass --out "$OUT/bench_attention_pass.json"; \
-                timeout 330 python3 -m int8_w8a8.bench.bench_fused --only glu --out "$OUT/bench_fused_glu.json"; } 2>&1 \
+                timeout 330 python3 -m int8_w8a8.bench.bench_fused --only glu --out "$OUT/bench_fused_glu.json"; \
+                timeout 60 python3 -m int8_w8a8.bench.bench_fused --only rows --out "$OUT/bench_fused_rows.json"; } 2>&1 \
             | tee "$OUT/lean_checks.txt" ;;
         # the 8-bit attention's quantization pass (bench/NOTES.md items 62-63): GPU tests, then the default config at
         # Wan's and issue 14's long shapes, flushed single calls and queued back to back, and the pass per kernel

@@ -43,6 +43,9 @@ QUANT_WARPS = 4
 # fit in L2 (50 MB on H100/H200, 40 MB on A100, 72-96 MB on Ada/Blackwell) or the second read goes
 # to HBM. 4608 rows of 32 KB in flight ran at 2.5 TB/s on the H200 instead of ~4.
 TWO_PASS_L2_BYTES = 24 << 20
+# Single-pass rows by ``_quantize_parts``' LEAN form (bench/NOTES.md item 83): the same bits, fewer instructions; built
+# and tested under the interpreter and offline, off until a GPU run has checked and timed it.
+LEAN_ROWS = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +282,7 @@ def _quantize_rows_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
     DOT_FP32: tl.constexpr, FIXED_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, FAST_ROUND: tl.constexpr,
-    FIXED_PER_ROW: tl.constexpr,
+    FIXED_PER_ROW: tl.constexpr, LEAN: tl.constexpr = False,
 ):
     """q[m, k] = clamp(round(t(x)[m, k] / scale[m])), scale[m] = max(absmax_k t(x)[m, :] / 127, tiny).
 
@@ -291,7 +294,7 @@ def _quantize_rows_kernel(
         _quantize_row_block(
             x_ptr, q_ptr, scale_ptr, smooth_ptr, h_ptr, fixed_scale_ptr, rb, M, K, stride_xm, stride_xk,
             stride_qm, seed, BLOCK_M, BLOCK_K, SINGLE_PASS, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32,
-            FIXED_SCALE, STOCHASTIC, FAST_ROUND, FIXED_PER_ROW,
+            FIXED_SCALE, STOCHASTIC, FAST_ROUND, FIXED_PER_ROW, LEAN,
         )
 
 
@@ -301,7 +304,7 @@ def _quantize_row_block(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr,
     DOT_FP32: tl.constexpr, FIXED_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, FAST_ROUND: tl.constexpr,
-    FIXED_PER_ROW: tl.constexpr,
+    FIXED_PER_ROW: tl.constexpr, LEAN: tl.constexpr,
 ):
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -311,7 +314,11 @@ def _quantize_row_block(
             scale = tl.load(fixed_scale_ptr + rows, mask=row_ok, other=1.0)
         else:
             scale = tl.load(fixed_scale_ptr + rows * 0)
-    if SINGLE_PASS:
+    if SINGLE_PASS and LEAN and not FIXED_SCALE and not STOCHASTIC:
+        v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, cols, K, stride_xm, stride_xk,
+                       BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32)
+        _quantize_parts(v, v, rows, row_ok, cols, cols, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, 0, FAST_ROUND, True)
+    elif SINGLE_PASS:
         v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, cols, K, stride_xm, stride_xk,
                        BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32)
         if not FIXED_SCALE:
@@ -397,8 +404,12 @@ def launch_quantize(
     rotate_group: int = 0,
     fixed_scale: torch.Tensor | None = None,
     seed: int | None = None,
+    lean: bool | None = None,
 ) -> None:
     """Quantize rows of ``x2 [M, K]`` (any strides) into ``q [M, K]`` and ``scale [M]`` (float32).
+
+    ``lean``: single-pass rows with their own scales (no ``fixed_scale``, no ``seed``) take ``_quantize_parts``' LEAN
+    statistics and store (the same scales and codes; None: ``LEAN_ROWS``).
 
     With ``fixed_scale`` (float32, 0-d or one per row, contiguous) the rows use it and ``scale`` is not
     written. A tile the GPU rejects for resources (a rotation's matrix in shared memory) is retried smaller;
@@ -407,6 +418,7 @@ def launch_quantize(
     m, k = x2.shape
     if m == 0 or k == 0:
         return
+    lean = LEAN_ROWS if lean is None else lean
     block_m, block_k, _, warps = quant_blocks(k, rotate_group)
     # The interpreter stores bfloat16 as raw uint16 and multiplies those bits in tl.dot, so under
     # TRITON_INTERPRET the rotation runs in float32 (tf32x3) for every input dtype.
@@ -430,7 +442,7 @@ def launch_quantize(
             BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_PASS=single,
             HAS_SMOOTH=smooth is not None, **rot, DOT_FP32=dot_fp32,
             FIXED_SCALE=fixed_scale is not None, STOCHASTIC=seed is not None, FAST_ROUND=not interpreting(),
-            FIXED_PER_ROW=fixed_scale is not None and fixed_scale.dim() > 0,
+            FIXED_PER_ROW=fixed_scale is not None and fixed_scale.dim() > 0, LEAN=lean,
             num_warps=warps, enable_fp_fusion=False,
         )
 

@@ -93,6 +93,33 @@ def test_quantize_rows_smooth_exact(seed):
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("case", ["shapes", "nonfinite", "strided", "smooth", "rotated"])
+def test_quantize_rows_lean_is_bit_identical(seed, monkeypatch, case):
+    """``LEAN_ROWS``: single-pass rows by ``_quantize_parts``' LEAN form write the general form's bits (odd shapes,
+    NaN/Inf and all-zero rows, strided inputs, smoothing, rotation); two-pass rows are unchanged by it."""
+    bf16 = torch.bfloat16
+    if case == "shapes":
+        inputs = [((torch.randn(sh) * torch.rand((*sh[:-1], 1)) * 10).to(DEV, bf16), {})
+                  for sh in ((1, 1), (1, 7), (15, 100), (16, 64), (17, 33), (2, 3072), (2, 5000))]
+    elif case == "nonfinite":
+        x = torch.randn(6, 300, device=DEV)
+        x[1, 7], x[2, 0], x[3, 299], x[4] = float("nan"), float("inf"), -float("inf"), 0.0
+        inputs = [(x, {})]
+    elif case == "strided":
+        base = torch.randn(40, 96, device=DEV, dtype=bf16)
+        inputs = [(v, {}) for v in (base.t(), base[:, ::3], base[::2, 5:77])]
+    elif case == "smooth":
+        inputs = [(torch.randn(9, 200, device=DEV, dtype=bf16), {"smooth": torch.rand(200, device=DEV) + 0.25})]
+    else:
+        inputs = [(torch.randn(17, 256, device=DEV, dtype=bf16), {"rotate_group": 128})]
+    for x, kw in inputs:
+        monkeypatch.setattr(triton_quant, "LEAN_ROWS", False)
+        q0, s0 = triton_quant.quantize_rows(x, **kw)
+        monkeypatch.setattr(triton_quant, "LEAN_ROWS", True)
+        q1, s1 = triton_quant.quantize_rows(x, **kw)
+        assert torch.equal(q0, q1) and _same_scales(s0, s1), (case, tuple(x.shape))
+
+
 @pytest.mark.parametrize("group", [64, 128, 256])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_rows_rotation_close_to_twin(seed, group, dtype):
