@@ -312,9 +312,7 @@ def _gelu_max_stats(p_ptr, g_ptr, u_ptr, h_ptr, rows, row_ok, cols, P, F, stride
     gm = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)  # 0 outside the tensor: gelu(0) = 0 is below the bound
     am = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
     for k0 in range(0, F, BLOCK_K):
-        ok = row_ok[:, None] & ((k0 + cols) < F)[None, :]
-        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + (k0 + cols)[None, :], mask=ok, other=0.0)
-        g = g.to(tl.float32)
+        g = _prefix_tile(g_ptr, rows, row_ok, k0 + cols, F, stride_gm)  # the activation's input, as loaded
         gm = tl.maximum(gm, g, propagate_nan=tl.PropagateNan.ALL)
         am = tl.maximum(am, tl.abs(g), propagate_nan=tl.PropagateNan.ALL)
     pmax = tl.reduce(pm, 1, _max_nan)
@@ -366,56 +364,47 @@ def _glu_quant_kernel(
                                                ACT, FAST_ACT)
         inv = _store_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
         finite = tl.max(nonfinite, axis=0) == 0  # the tile's rows all finite (FINITE_STORE's store)
-        if SPLIT_STORE:
+        if SPLIT_STORE:  # the branch outside the loops: one store form in each pass
             if finite:
-                _glu_store_pass(p_ptr, g_ptr, u_ptr, h_ptr, q_ptr, inv, rows, row_ok, cols, P, F, stride_pm, stride_gm,
-                                stride_um, stride_qm, BLOCK_M, BLOCK_K, FAST_ROUND, GROUP, INV_SQRT_G, KRON, ACT,
-                                FAST_ACT, True)
+                _glu_store_pass(p_ptr, g_ptr, u_ptr, h_ptr, q_ptr, inv, finite, rows, row_ok, cols, P, F, stride_pm,
+                                stride_gm, stride_um, stride_qm, BLOCK_M, BLOCK_K, FAST_ROUND, GROUP, INV_SQRT_G, KRON,
+                                ACT, FAST_ACT, True, True)
             else:
-                _glu_store_pass(p_ptr, g_ptr, u_ptr, h_ptr, q_ptr, inv, rows, row_ok, cols, P, F, stride_pm, stride_gm,
-                                stride_um, stride_qm, BLOCK_M, BLOCK_K, FAST_ROUND, GROUP, INV_SQRT_G, KRON, ACT,
-                                FAST_ACT, False)
-        else:
-            for k0 in range(0, P, BLOCK_K):
-                v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
-                v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-                _glu_store(v, inv, finite, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, FAST_ROUND, FINITE_STORE)
-            for k0 in range(0, F, BLOCK_K):
-                v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT, FAST_ACT)
-                v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-                _glu_store(v, inv, finite, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, FAST_ROUND,
-                           FINITE_STORE)
+                _glu_store_pass(p_ptr, g_ptr, u_ptr, h_ptr, q_ptr, inv, finite, rows, row_ok, cols, P, F, stride_pm,
+                                stride_gm, stride_um, stride_qm, BLOCK_M, BLOCK_K, FAST_ROUND, GROUP, INV_SQRT_G, KRON,
+                                ACT, FAST_ACT, False, False)
+        else:  # FINITE_STORE's branch in each tile
+            _glu_store_pass(p_ptr, g_ptr, u_ptr, h_ptr, q_ptr, inv, finite, rows, row_ok, cols, P, F, stride_pm,
+                            stride_gm, stride_um, stride_qm, BLOCK_M, BLOCK_K, FAST_ROUND, GROUP, INV_SQRT_G, KRON,
+                            ACT, FAST_ACT, FINITE_STORE, False)
 
 
 @triton.jit
-def _glu_store_pass(p_ptr, g_ptr, u_ptr, h_ptr, q_ptr, inv, rows, row_ok, cols, P, F, stride_pm, stride_gm, stride_um,
-                    stride_qm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
+def _glu_store_pass(p_ptr, g_ptr, u_ptr, h_ptr, q_ptr, inv, finite, rows, row_ok, cols, P, F, stride_pm, stride_gm,
+                    stride_um, stride_qm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ROUND: tl.constexpr,
                     GROUP: tl.constexpr, INV_SQRT_G: tl.constexpr, KRON: tl.constexpr, ACT: tl.constexpr,
-                    FAST_ACT: tl.constexpr, CODES_ONLY: tl.constexpr):
-    """The second pass over rows ``[p | act(g)]``: every tile's codes by ``_store_codes`` (CODES_ONLY: the rows are
-    all finite) or by the general store, one loop per form (no branch inside the loops)."""
+                    FAST_ACT: tl.constexpr, FINITE_STORE: tl.constexpr, CODES_ONLY: tl.constexpr):
+    """The second pass over rows ``[p | act(g)]``: every tile's codes by ``_glu_store`` (CODES_ONLY: by
+    ``_store_codes``, the caller knows the rows are all finite, so the loops hold no branch)."""
     for k0 in range(0, P, BLOCK_K):
         v = _prefix_tile(p_ptr, rows, row_ok, k0 + cols, P, stride_pm)
         v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-        if CODES_ONLY:
-            _store_codes(v, inv, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, FAST_ROUND)
-        else:
-            _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, False, FAST_ROUND)
+        _glu_store(v, inv, finite, rows, row_ok, k0 + cols, P, q_ptr, stride_qm, FAST_ROUND, FINITE_STORE, CODES_ONLY)
     for k0 in range(0, F, BLOCK_K):
         v = _glu_tile(g_ptr, u_ptr, rows, row_ok, k0 + cols, F, stride_gm, stride_um, ACT, FAST_ACT)
         v = _maybe_rotate(v, h_ptr, BLOCK_M, BLOCK_K, GROUP, INV_SQRT_G, KRON)
-        if CODES_ONLY:
-            _store_codes(v, inv, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, FAST_ROUND)
-        else:
-            _quantize_store(v, inv, 0, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, False, FAST_ROUND)
+        _glu_store(v, inv, finite, rows, row_ok, k0 + cols, F, q_ptr + P, stride_qm, FAST_ROUND, FINITE_STORE,
+                   CODES_ONLY)
 
 
 @triton.jit
 def _glu_store(v, inv, finite, rows, row_ok, cols, K, q_ptr, stride_qm, FAST_ROUND: tl.constexpr,
-               FINITE_STORE: tl.constexpr):
-    """One tile's codes: ``_store_codes`` where ``finite`` (every row of the tile finite, FINITE_STORE), else
-    ``_quantize_store``."""
-    if FINITE_STORE:
+               FINITE_STORE: tl.constexpr, CODES_ONLY: tl.constexpr = False):
+    """One tile's codes: ``_store_codes`` with CODES_ONLY, or where ``finite`` (every row of the tile finite,
+    FINITE_STORE); else ``_quantize_store``."""
+    if CODES_ONLY:
+        _store_codes(v, inv, rows, row_ok, cols, K, q_ptr, stride_qm, FAST_ROUND)
+    elif FINITE_STORE:
         if finite:
             _store_codes(v, inv, rows, row_ok, cols, K, q_ptr, stride_qm, FAST_ROUND)
         else:
