@@ -314,18 +314,18 @@ def _quantize_row_block(
             scale = tl.load(fixed_scale_ptr + rows, mask=row_ok, other=1.0)
         else:
             scale = tl.load(fixed_scale_ptr + rows * 0)
-    if SINGLE_PASS and LEAN and not FIXED_SCALE and not STOCHASTIC:
+    if SINGLE_PASS:
         v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, cols, K, stride_xm, stride_xk,
                        BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32)
-        _quantize_parts(v, v, rows, row_ok, cols, cols, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, 0, FAST_ROUND, True)
-    elif SINGLE_PASS:
-        v = _load_rows(x_ptr, smooth_ptr, h_ptr, rows, row_ok, cols, K, stride_xm, stride_xk,
-                       BLOCK_M, BLOCK_K, HAS_SMOOTH, GROUP, INV_SQRT_G, KRON, DOT_FP32)
-        if not FIXED_SCALE:
-            absmax, nonfinite = _row_stats(v, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
-            scale = _store_row_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
-        inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
-        _quantize_store(v, inv, seed, rows, row_ok, cols, K, q_ptr, stride_qm, STOCHASTIC, FAST_ROUND)
+        if LEAN and not FIXED_SCALE and not STOCHASTIC:  # rows with their own scales: the lean statistics and store
+            _quantize_parts(v, v, rows, row_ok, cols, cols, K, scale_ptr, q_ptr, stride_qm, BLOCK_M, 0, FAST_ROUND,
+                            True)
+        else:
+            if not FIXED_SCALE:
+                absmax, nonfinite = _row_stats(v, tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_M,), tl.int32))
+                scale = _store_row_scale(scale_ptr, rows, row_ok, absmax, nonfinite)
+            inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
+            _quantize_store(v, inv, seed, rows, row_ok, cols, K, q_ptr, stride_qm, STOCHASTIC, FAST_ROUND)
     else:
         # Two passes over the row: absmax, then quantize. The second read of this program's rows
         # (BLOCK_M x K elements) is served from L2.
