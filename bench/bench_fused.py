@@ -148,25 +148,25 @@ ROW_SHAPES = (
 
 
 def _rows_forms(record, dev: str) -> None:
-    """``quantize_rows`` in its general and LEAN single-pass forms (``triton_quant.LEAN_ROWS``; bench/NOTES.md item 83)
-    at ``ROW_SHAPES``, CUDA-graph replays; each LEAN row says whether its codes and scales equal the general form's."""
+    """``quantize_rows``' launch in its general and LEAN single-pass forms (``launch_quantize(lean=...)``;
+    bench/NOTES.md item 83) at ``ROW_SHAPES``, CUDA-graph replays; each LEAN row says whether its codes and scales
+    equal the general form's."""
     from ..kernels import triton_quant
 
-    saved = triton_quant.LEAN_ROWS
-    try:
-        for name, m, k, dtype in ROW_SHAPES:
-            x = torch.randn(m, k, device=dev, dtype=dtype) * 3
-            outs = {}
-            for lean in (False, True):
-                triton_quant.LEAN_ROWS = lean
-                outs[lean] = triton_quant.quantize_rows(x)
-                ms = common.bench_graph_ms(lambda x=x: triton_quant.quantize_rows(x))
-                differs = lean and not (torch.equal(outs[True][0], outs[False][0])
-                                        and torch.equal(outs[True][1], outs[False][1]))
-                same = " (DIFFERS)" if differs else ""
-                record(f"quantize_rows {name} [{m}, {k}] {'lean' if lean else 'general'}{same}", ms, x.numel() * 3)
-    finally:
-        triton_quant.LEAN_ROWS = saved
+    for name, m, k, dtype in ROW_SHAPES:
+        x = torch.randn(m, k, device=dev, dtype=dtype) * 3
+        outs = {}
+        for lean in (False, True):
+            q = torch.empty((m, k), dtype=torch.int8, device=dev)
+            scale = torch.empty((m,), dtype=torch.float32, device=dev)
+            run = functools.partial(triton_quant.launch_quantize, x, q, scale, lean=lean)
+            run()
+            outs[lean] = (q.clone(), scale.clone())
+            ms = common.bench_graph_ms(run)
+            differs = lean and not (torch.equal(outs[True][0], outs[False][0])
+                                    and torch.equal(outs[True][1].nan_to_num(-1), outs[False][1].nan_to_num(-1)))
+            record(f"quantize_rows {name} [{m}, {k}] {'lean' if lean else 'general'}{' (DIFFERS)' if differs else ''}",
+                   ms, x.numel() * 3)
 
 
 # The row-normalizing kernels at each architecture's shapes: (name, rows, columns, dtype, norm, shift, weight).
