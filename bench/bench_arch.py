@@ -40,15 +40,20 @@ TorchCompileModel path (``--modes compile``) works as in a workflow. Variants, a
                 over the same variant without the LoRA (issue 13: at most 15 % on every architecture)
 
 Each (architecture, variant) runs in its own process (``--no-isolate``: one process, for smoke runs);
-the BF16 process saves its eager output for the others' SQNR. Reported per row: median step ms (after
-warm-up), the speed-up over BF16, FP8 fast and ComfyUI's INT8 of the same mode, SQNR vs BF16 eager,
-weight GB, peak GB, and ``device_ms``: the summed kernel time of one step under torch.profiler
-(``profile_step.profile``), so a step whose device time is well below its wall time is host-bound.
+the BF16 process saves its eager output for the others' SQNR. ``--overlap`` starts one architecture's processes
+together (``bench/turns.py``): builds one at a time, compiles and warm-ups concurrently, each row's timed steps and
+profile while every other process waits, so a compiled pair of a large model takes about its longest compile
+instead of the sum (the rows' ``first_call_s`` then includes the others' load on the CPU: ``overlapped_setup``).
+Reported per row: median step ms (after warm-up), the speed-up over BF16, FP8 fast and ComfyUI's INT8 of the same
+mode, SQNR vs BF16 eager, weight GB, peak GB, and ``device_ms``: the summed kernel time of one step under
+torch.profiler (``profile_step.profile``), so a step whose device time is well below its wall time is host-bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -59,7 +64,7 @@ import tempfile
 
 import torch
 
-from . import arch_models, bench_model, common, flux2_model, profile_step
+from . import arch_models, bench_model, common, flux2_model, profile_step, turns
 
 VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "stock-native", "pack-native-cpu-offload",
             "pack-convert-qt", "pack-convert-opt", "pack-convert-attn8")
@@ -206,6 +211,14 @@ def _ref_path(ref_dir: str, arch: str, res: str, rank: int = 0) -> str:
     return os.path.join(ref_dir, f"ref-{arch}-{res}{f'-lora{rank}' if rank else ''}.pt")
 
 
+def _load_ref(refs: dict, ref_dir: str | None, arch: str, res: str, rank: int, device: str) -> torch.Tensor | None:
+    """``refs[rank]``, the BF16 eager output, loaded from ``ref_dir`` where the BF16 process saved it (None while
+    there is none)."""
+    if rank not in refs and ref_dir and os.path.exists(_ref_path(ref_dir, arch, res, rank)):
+        refs[rank] = torch.load(_ref_path(ref_dir, arch, res, rank)).to(device)
+    return refs.get(rank)
+
+
 def _with_lora(patcher, arch: arch_models.Arch, tiny: bool, rank: int, pack: bool):
     """``patcher`` with the seeded random rank-``rank`` LoRA on every linear (names and shapes from the meta model)."""
     shapes = arch_models.meta_model(arch.unet_config(tiny)).state_dict()
@@ -214,14 +227,17 @@ def _with_lora(patcher, arch: arch_models.Arch, tiny: bool, rank: int, pack: boo
 
 def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = False, ref_dir: str | None = None,
         native_file: str = "auto", reps: int = 7, warmup: int = 2, power_s: float = 0.0,
-        backend: str = "inductor", trace_dir: str | None = None) -> list[dict]:
+        backend: str = "inductor", trace_dir: str | None = None, sections: turns.Turns | None = None) -> list[dict]:
     """Rows of measurements in this process (ratios added by ``add_ratios``); ``trace_dir``: a gzipped Chrome trace
-    of each row's gap-profiled step (host ops with Python frames, GPU activity) goes there."""
+    of each row's gap-profiled step (host ops with Python frames, GPU activity) goes there. ``sections``: this
+    process's end of ``turns.run`` (``--overlap``): each variant's build and each row's timed part (the timed steps,
+    the peak-memory step, the profile) wait for their grants; None: no parent, nothing waits."""
     from ..ops import native
 
     if "eager-dvram" in modes and len(modes) > 1:
         raise ValueError("eager-dvram builds the model for DynamicVRAM: run it alone (--modes eager-dvram)")
     dynamic = modes == ["eager-dvram"]
+    sections = sections or turns.Turns()
     rows = []
     device = _device()
     for key in archs:
@@ -230,10 +246,10 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
         refs: dict[int, torch.Tensor] = {}  # LoRA rank (0: none) -> BF16 eager output
         for variant in variants:
             base, rank = bench_model.split_lora(variant)
-            if rank not in refs and ref_dir and os.path.exists(_ref_path(ref_dir, key, shape.res, rank)):
-                refs[rank] = torch.load(_ref_path(ref_dir, key, shape.res, rank)).to(device)
+            _load_ref(refs, ref_dir, key, shape.res, rank, device)
             baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-            patcher, info = build(base, arch, tiny, native_file, dynamic=dynamic)
+            with sections.section("build"):
+                patcher, info = build(base, arch, tiny, native_file, dynamic=dynamic)
             native.install()  # comfy-int8 switched the pack's layout hook off for its own load
             if rank:
                 patcher = _with_lora(patcher, arch, tiny, rank, pack=base.startswith("pack-"))
@@ -246,38 +262,45 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
             for mode in modes:
                 model = bench_model.compiled(patcher, backend) if mode == "compile" else patcher
                 torch._dynamo.reset()
-                out = bench_model.measure(model, inputs, reps=reps, warmup=warmup, baseline=baseline, power_s=power_s)
-                y = out.pop("y")
-                if base == "bf16" and mode != "compile":
-                    refs[rank] = y
-                    if ref_dir:
-                        torch.save(y.cpu(), _ref_path(ref_dir, key, shape.res, rank))
-                ref = refs.get(rank)
-                trace = os.path.join(trace_dir, f"trace-{key}-{variant}-{mode}.json.gz") if trace_dir else None
-                prof = profile_step.profile(model, inputs, warmup=0, gaps=True, gaps_trace=trace)
-                row = {"model": arch.title, "arch": key, "res": shape.res, "variant": variant, "mode": mode,
-                       "dtype": _dtype_of(patcher), "weights_gb": weights,
-                       "sqnr_vs_bf16": None if ref is None else common.sqnr_db(ref, y),
-                       "device_ms": prof["kernel_ms"], "profiled_wall_ms": prof["wall_ms"],
-                       "families": {k: round(v["ms"], 3) for k, v in prof["families"].items()},
-                       "top_kernels": prof["top"][:12], "idle": prof.get("idle"), **layer_states(patcher), **info,
-                       **out}
-                rows.append(row)
-                print(f"{arch.title} {shape.res} {variant:<12} {mode:<7} {row['ms']:8.1f} ms "
-                      f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  device {row['device_ms']:7.1f} ms  "
-                      f"weights {weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
-                      f"{row['first_call_s']:.1f} s  SQNR {_fmt(row['sqnr_vs_bf16'], '5.1f')} dB  {row['dtype']}"
-                      + (f"  native from {info['native_source']}" if info["native_source"] else ""), flush=True)
-                if any(row.get("runs_gc_ms") or ()) or any(row.get("runs_launch_path") or ()):
-                    # a timed step that collected garbage or took the launch path (bench_model.measure)
-                    print(f"    per run: gc ms {row['runs_gc_ms']}; launch-path calls {row['runs_launch_path']}",
-                          flush=True)
-                idle = prof.get("idle")
-                if idle and idle["idle_ms"] is not None:  # where the GPU waited for the host (profile_step.idle_report)
-                    print(f"    GPU idle {idle['idle_ms']:.1f} ms after its first kernel ({idle['lead_ms']:.1f} ms "
-                          f"before it); syncs {idle['syncs'] or 'none'}; longest gaps "
-                          + ", ".join(f"{g['ms']:.2f} ms at {g['at_ms']:.1f} ms before {g['op']}"
-                                      for g in idle["gaps"][:4]), flush=True)
+                held = contextlib.ExitStack()  # the timed section: from the first timed step to the row's print
+                with held:
+                    timed = functools.partial(held.enter_context, sections.section("timed"))
+                    out = bench_model.measure(model, inputs, reps=reps, warmup=warmup, baseline=baseline,
+                                              power_s=power_s, before_timing=timed)
+                    y = out.pop("y")
+                    if base == "bf16" and mode != "compile":
+                        refs[rank] = y
+                        if ref_dir:
+                            torch.save(y.cpu(), _ref_path(ref_dir, key, shape.res, rank))
+                    # again: with --overlap the BF16 process saves it in its timed section, which comes first
+                    ref = _load_ref(refs, ref_dir, key, shape.res, rank, device)
+                    trace = os.path.join(trace_dir, f"trace-{key}-{variant}-{mode}.json.gz") if trace_dir else None
+                    prof = profile_step.profile(model, inputs, warmup=0, gaps=True, gaps_trace=trace)
+                    row = {"model": arch.title, "arch": key, "res": shape.res, "variant": variant, "mode": mode,
+                           "dtype": _dtype_of(patcher), "weights_gb": weights,
+                           "sqnr_vs_bf16": None if ref is None else common.sqnr_db(ref, y),
+                           "device_ms": prof["kernel_ms"], "profiled_wall_ms": prof["wall_ms"],
+                           "families": {k: round(v["ms"], 3) for k, v in prof["families"].items()},
+                           "top_kernels": prof["top"][:12], "idle": prof.get("idle"), **layer_states(patcher), **info,
+                           "overlapped_setup": sections.active, **out}
+                    rows.append(row)
+                    print(f"{arch.title} {shape.res} {variant:<12} {mode:<7} {row['ms']:8.1f} ms "
+                          f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  device {row['device_ms']:7.1f} ms  "
+                          f"weights {weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
+                          f"{row['first_call_s']:.1f} s{' (overlapped)' if sections.active else ''}  "
+                          f"SQNR {_fmt(row['sqnr_vs_bf16'], '5.1f')} dB  {row['dtype']}"
+                          + (f"  native from {info['native_source']}" if info["native_source"] else ""), flush=True)
+                    if any(row.get("runs_gc_ms") or ()) or any(row.get("runs_launch_path") or ()):
+                        # a timed step that collected garbage or took the launch path (bench_model.measure)
+                        print(f"    per run: gc ms {row['runs_gc_ms']}; launch-path calls {row['runs_launch_path']}",
+                              flush=True)
+                    idle = prof.get("idle")
+                    # where the GPU waited for the host (profile_step.idle_report)
+                    if idle and idle["idle_ms"] is not None:
+                        print(f"    GPU idle {idle['idle_ms']:.1f} ms after its first kernel ({idle['lead_ms']:.1f} ms "
+                              f"before it); syncs {idle['syncs'] or 'none'}; longest gaps "
+                              + ", ".join(f"{g['ms']:.2f} ms at {g['at_ms']:.1f} ms before {g['op']}"
+                                          for g in idle["gaps"][:4]), flush=True)
                 del model
             del patcher, inputs
             torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
@@ -310,23 +333,31 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 def run_isolated(args) -> list[dict]:
     """Each (architecture, variant) in a fresh process: a process keeps compiled graphs, the caching
-    allocator's blocks and Triton's state of earlier variants (see bench/NOTES.md item 12)."""
+    allocator's blocks and Triton's state of earlier variants (see bench/NOTES.md item 12). With ``args.overlap``
+    one architecture's processes start together and take turns (``turns.run``): builds one at a time, compiles
+    and warm-ups concurrently, each timed section alone."""
+    if args.overlap and "eager-dvram" in args.modes:
+        raise ValueError("--overlap does not apply to eager-dvram: DynamicVRAM sizes its staging from the free VRAM "
+                         "the other processes would hold; run it without --overlap")
     rows = []
     ref_dir = args.ref_dir or tempfile.mkdtemp(prefix="int8_w8a8-arch-")
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
+            outs, cmds = [], []
             for variant in args.variants:  # bf16 first when listed: the others read its output for SQNR
-                out = os.path.join(tmp, f"{key}-{variant}.json")
+                outs.append(os.path.join(tmp, f"{key}-{variant}.json"))
                 head = [sys.executable, "-c", _AIMDO_BOOT] if "eager-dvram" in args.modes else \
                     [sys.executable, "-m", __spec__.name]
-                cmd = head + ["--models", key, "--variants", variant,
-                       "--modes", *args.modes, "--ref-dir", ref_dir, "--rows-out", out, "--no-isolate",
-                       "--native-file", args.native_file, "--reps", str(args.reps), "--warmup", str(args.warmup),
-                       "--power-s", str(args.power_s), "--backend", args.backend] + (["--tiny"] if args.tiny else []) \
-                    + (["--trace-dir", args.trace_dir] if args.trace_dir else [])
-                done = subprocess.run(cmd)
-                if done.returncode != 0:  # one failing variant (e.g. out of memory) does not lose the others
-                    print(f"{key} {variant}: process failed with exit code {done.returncode}", flush=True)
+                cmds.append(head + ["--models", key, "--variants", variant,
+                            "--modes", *args.modes, "--ref-dir", ref_dir, "--rows-out", outs[-1], "--no-isolate",
+                            "--native-file", args.native_file, "--reps", str(args.reps), "--warmup", str(args.warmup),
+                            "--power-s", str(args.power_s), "--backend", args.backend]
+                            + (["--tiny"] if args.tiny else [])
+                            + (["--trace-dir", args.trace_dir] if args.trace_dir else []))
+            codes = turns.run(cmds) if args.overlap else [subprocess.run(cmd).returncode for cmd in cmds]
+            for variant, out, code in zip(args.variants, outs, codes, strict=True):
+                if code != 0:  # one failing variant (e.g. out of memory) does not lose the others
+                    print(f"{key} {variant}: process failed with exit code {code}", flush=True)
                     continue
                 with open(out) as f:
                     rows += json.load(f)
@@ -384,6 +415,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--native-file", default="auto", choices=("auto", "file", "memory"))
     parser.add_argument("--tiny", action="store_true", help="small widths (CPU smoke runs of the harness)")
     parser.add_argument("--no-isolate", action="store_true", help="all variants in this process")
+    parser.add_argument("--overlap", action="store_true",
+                        help="start one architecture's variant processes together: builds one at a time, compiles and "
+                             "warm-ups concurrently, each row's timed steps while the others wait (bench/turns.py); "
+                             "their models must fit in GPU memory together")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--power-s", type=float, default=0.0, help="seconds of back-to-back steps with power sampled")
@@ -393,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace-dir", default=None, help="a gzipped Chrome trace of each row's step goes here")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge result files, print the table")
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # used by the isolated children
+    parser.add_argument("--turns", default=None, help=argparse.SUPPRESS)  # an --overlap child's pipes (turns.Turns)
     args = parser.parse_args(argv)
     if args.merge:
         rows = merge(args.merge)
@@ -413,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
 
         native.install()  # as in ComfyUI with the pack installed; comfy-int8 switches it off for its own load
         rows = run(args.models, args.variants, args.modes, args.tiny, args.ref_dir, args.native_file, args.reps,
-                   args.warmup, args.power_s, args.backend, args.trace_dir)
+                   args.warmup, args.power_s, args.backend, args.trace_dir, turns.Turns.from_arg(args.turns))
         if args.rows_out:
             with open(args.rows_out, "w") as f:
                 json.dump(rows, f)

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -152,17 +153,22 @@ def step(patcher, inputs) -> torch.Tensor:
         return patcher.model.apply_model(x, sigma, transformer_options=options, **conds)
 
 
-def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, power_s: float = 2.5) -> dict:
+def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, power_s: float = 2.5,
+            before_timing: Callable[[], object] | None = None) -> dict:
     """Median step ms, first-call s, peak GB, and the median SM clock and board power while steps run back to
     back for ``power_s`` seconds after the timed ones (``bench/NOTES.md`` item 13: 8-bit GEMMs alone hold an
     H200 at its power cap); ``baseline``: bytes allocated before the variant was built (graphs compiled for
-    earlier variants can keep their models alive; they are not this variant's peak)."""
+    earlier variants can keep their models alive; they are not this variant's peak). ``before_timing`` runs after
+    the first call and the warm-up steps, before the timed ones (``bench_arch --overlap`` waits there for its turn)."""
     t0 = time.perf_counter()
     y = step(patcher, inputs).float()
     common.sync()
     first_s = time.perf_counter() - t0
     for _ in range(warmup - 1):
         step(patcher, inputs)
+    common.sync()
+    if before_timing is not None:
+        before_timing()
     times, launch_path, gc_ms = [], [], []
     for _ in range(reps):
         common.sync()

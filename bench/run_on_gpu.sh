@@ -98,7 +98,9 @@ for step in "$@"; do
             --variants ${VARIANTS:-bf16-lora64 pack-row pack-row-lora64} --out "$OUT/bench_model_9b_lora.json" 2>&1 \
             | tee "$OUT/bench_model_9b_lora.txt" ;;
         host) python3 -m int8_w8a8.bench.profile_host --out "$OUT/profile_host.json" 2>&1 | tee "$OUT/profile_host.txt" ;;
-        # ARCH_ARGS: more bench_arch arguments (e.g. "--trace-dir $OUT/traces": a Chrome trace of each row's step)
+        # ARCH_ARGS: more bench_arch arguments (e.g. "--trace-dir $OUT/traces": a Chrome trace of each row's step;
+        # "--overlap": the variants' processes build and compile together and take turns for their timed steps,
+        # bench/turns.py; for compiled pairs whose models fit in GPU memory together)
         # one architecture's five eager variants take ~3-4 min (one process each); Qwen-Image and Wan ~5 min;
         # VARIANTS="pack-convert pack-convert-lora64" measures the dynamic LoRA's cost (bf16-lora64: its SQNR reference)
         arch-eager) m=${MODELS:-zimage}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes eager \

@@ -333,3 +333,25 @@ def test_trace_report_summarizes_a_step_trace(tmp_path):
     assert r["before_first_launch"] == [("comfy/model_management.py(884): load_models_gpu", pytest.approx(0.095))]
     assert r["host"] == [("int8_w8a8/kernels/fused.py(446): int8_gemm", pytest.approx(0.04), 2)]
     trace_report.main([str(path)])  # prints the same
+
+
+def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
+    """``--overlap``: one architecture's variant processes start together (``bench/turns.py``: builds one at a
+    time, each row's timed part alone) and give the same table as before: every row, each SQNR against the
+    reference the BF16 process saved in its first timed section, eager and compiled in one run."""
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, "-m", "int8_w8a8.bench.bench_arch", "--tiny", "--overlap", "--models", "zimage",
+                    "--variants", "bf16", "fp8-fast", "pack-convert", "--modes", "eager", "compile", "--backend",
+                    "eager", "--reps", "1", "--warmup", "1", "--out", str(out)], env=_package_env(), check=True,
+                   timeout=900)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["mode"]) for r in rows] == [
+        (v, m) for m in ("eager", "compile") for v in ("bf16", "fp8-fast", "pack-convert")]
+    assert all(r["overlapped_setup"] for r in rows)
+    sqnr = {(r["variant"], r["mode"]): r["sqnr_vs_bf16"] for r in rows}
+    assert sqnr[("bf16", "eager")] == math.inf and sqnr[("bf16", "compile")] > 60
+    assert all(15 < sqnr[(v, m)] < math.inf for v in ("fp8-fast", "pack-convert") for m in ("eager", "compile"))
+    from int8_w8a8.bench import bench_arch
+
+    with pytest.raises(ValueError, match="does not apply to eager-dvram"):
+        bench_arch.main(["--tiny", "--overlap", "--models", "zimage", "--modes", "eager-dvram"])
