@@ -290,10 +290,13 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
                           f"{row['first_call_s']:.1f} s{' (overlapped)' if sections.active else ''}  "
                           f"SQNR {_fmt(row['sqnr_vs_bf16'], '5.1f')} dB  {row['dtype']}"
                           + (f"  native from {info['native_source']}" if info["native_source"] else ""), flush=True)
-                    if any(row.get("runs_gc_ms") or ()) or any(row.get("runs_launch_path") or ()):
-                        # a timed step that collected garbage or took the launch path (bench_model.measure)
-                        print(f"    per run: gc ms {row['runs_gc_ms']}; launch-path calls {row['runs_launch_path']}",
-                              flush=True)
+                    if any(row.get("runs_gc_ms") or ()) or any(row.get("runs_launch_path") or ()) \
+                            or any(row.get("runs_dynamo") or ()):
+                        # a timed step that collected garbage, took the launch path or compiled (bench_model.measure)
+                        print(f"    per run: gc ms {row['runs_gc_ms']}; launch-path calls {row['runs_launch_path']}; "
+                              f"dynamo {row['runs_dynamo']}", flush=True)
+                    if mode == "compile":  # what compiled from the first call on: graphs, breaks, recompile limits
+                        print(f"    dynamo: {row['dynamo']}", flush=True)
                     idle = prof.get("idle")
                     # where the GPU waited for the host (profile_step.idle_report)
                     if idle and idle["idle_ms"] is not None:

@@ -159,7 +159,11 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     back for ``power_s`` seconds after the timed ones (``bench/NOTES.md`` item 13: 8-bit GEMMs alone hold an
     H200 at its power cap); ``baseline``: bytes allocated before the variant was built (graphs compiled for
     earlier variants can keep their models alive; they are not this variant's peak). ``before_timing`` runs after
-    the first call and the warm-up steps, before the timed ones (``bench_arch --overlap`` waits there for its turn)."""
+    the first call and the warm-up steps, before the timed ones (``bench_arch --overlap`` waits there for its turn).
+    Dynamo's counters (``dynamo_counts``): ``dynamo`` what moved from the first call through the timed steps (frames
+    compiled, graphs, graph breaks, recompile limits hit), ``runs_dynamo`` what moved in each timed step (empty
+    where the step ran the graphs already compiled: a compiled row whose steps spread shows a recompile there)."""
+    dynamo_start = dynamo_counts()
     t0 = time.perf_counter()
     y = step(patcher, inputs).float()
     common.sync()
@@ -169,10 +173,10 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     common.sync()
     if before_timing is not None:
         before_timing()
-    times, launch_path, gc_ms = [], [], []
+    times, launch_path, gc_ms, runs_dynamo = [], [], [], []
     for _ in range(reps):
         common.sync()
-        before = direct.counts()
+        before, dynamo_before = direct.counts(), dynamo_counts()
         with _gc_time() as gc_s:
             t0 = time.perf_counter()
             step(patcher, inputs)
@@ -180,6 +184,7 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
             times.append((time.perf_counter() - t0) * 1e3)
         gc_ms.append(round(gc_s[0] * 1e3, 2))
         launch_path.append({k: v - before[k] for k, v in direct.counts().items() if v != before[k]})
+        runs_dynamo.append(counts_moved(dynamo_before, dynamo_counts()))
     power = {}
     if torch.cuda.is_available() and power_s > 0:
         sampler, n = common.PowerSampler(), 0
@@ -198,9 +203,24 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
         common.sync()
         peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9
     return {"ms": common.median(times), "runs_ms": times, "runs_gc_ms": gc_ms, "runs_launch_path": launch_path,
+            "dynamo": counts_moved(dynamo_start, dynamo_counts()), "runs_dynamo": runs_dynamo,
             "first_call_s": first_s, "peak_gb": peak,
             "sm_mhz": power.get("sm_mhz"), "watts": power.get("watts"),
             "clock_event_reasons": power.get("clock_event_reasons"), "y": y}
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Dynamo's counters (``torch._dynamo.utils.counters``) as ``{"group/first line of the key": count}``: a frame
+    compiled adds ``frames/total``, a graph ``stats/unique_graphs``, a recompile limit hit an ``unimplemented`` line."""
+    from torch._dynamo.utils import counters
+
+    return {f"{group}/{key.splitlines()[0] if isinstance(key, str) else key}": n
+            for group, c in counters.items() for key, n in c.items()}
+
+
+def counts_moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The counts of ``after`` that differ from ``before``'s, as differences."""
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
 
 
 @contextlib.contextmanager

@@ -351,6 +351,9 @@ def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
     sqnr = {(r["variant"], r["mode"]): r["sqnr_vs_bf16"] for r in rows}
     assert sqnr[("bf16", "eager")] == math.inf and sqnr[("bf16", "compile")] > 60
     assert all(15 < sqnr[(v, m)] < math.inf for v in ("fp8-fast", "pack-convert") for m in ("eager", "compile"))
+    # Dynamo's counters: the compiled rows compiled before their timed steps, and nothing during them
+    assert all(r["dynamo"].get("stats/unique_graphs", 0) >= 1 for r in rows if r["mode"] == "compile")
+    assert not any(d for r in rows for d in r["runs_dynamo"])
     from int8_w8a8.bench import bench_arch
 
     with pytest.raises(ValueError, match="does not apply to eager-dvram"):

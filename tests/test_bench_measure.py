@@ -1,0 +1,35 @@
+"""bench_model.measure's Dynamo counters: what a compiled step compiled, so a spread of compiled step times can be
+told apart from a recompile (or a recompile limit that left the model running eagerly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from int8_w8a8.bench import bench_model
+
+pytestmark = pytest.mark.unit
+
+
+def test_counters_show_a_recompile_and_a_recompile_limit(monkeypatch):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
+    f = torch.compile(lambda x: x.sin() + 1, backend="eager")
+
+    def moved(x):
+        before = bench_model.dynamo_counts()
+        f(x)
+        return bench_model.counts_moved(before, bench_model.dynamo_counts())
+
+    first = moved(torch.randn(3))
+    assert first["frames/total"] == 1 and first["stats/unique_graphs"] == 1
+    assert moved(torch.randn(3)) == {}  # the compiled graph again: nothing moves
+    again = moved(torch.randn(4))  # another shape: a recompile
+    assert again["frames/total"] == 1 and again["stats/unique_graphs"] == 1
+    limit = moved(torch.randn(5))  # over the limit: Dynamo gives up on the frame, which then runs eagerly
+    assert any(k.startswith("unimplemented/") and "recompile limit" in k for k in limit), limit
+    assert moved(torch.randn(5)) == {}  # eagerly from now on, silently: only ``dynamo`` (the row's total) shows it
+    torch._dynamo.reset()
