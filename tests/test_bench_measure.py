@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
 
 from int8_w8a8.bench import bench_model
 
@@ -12,8 +13,6 @@ pytestmark = pytest.mark.unit
 
 
 def test_counters_show_a_recompile_and_a_recompile_limit(monkeypatch):
-    import torch._dynamo
-
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
