@@ -284,31 +284,36 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
                            "top_kernels": prof["top"][:12], "idle": prof.get("idle"), **layer_states(patcher), **info,
                            "overlapped_setup": sections.active, **out}
                     rows.append(row)
-                    print(f"{arch.title} {shape.res} {variant:<12} {mode:<7} {row['ms']:8.1f} ms "
-                          f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  device {row['device_ms']:7.1f} ms  "
-                          f"weights {weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
-                          f"{row['first_call_s']:.1f} s{' (overlapped)' if sections.active else ''}  "
-                          f"SQNR {_fmt(row['sqnr_vs_bf16'], '5.1f')} dB  {row['dtype']}"
-                          + (f"  native from {info['native_source']}" if info["native_source"] else ""), flush=True)
-                    if any(row.get("runs_gc_ms") or ()) or any(row.get("runs_launch_path") or ()) \
-                            or any(row.get("runs_dynamo") or ()):
-                        # a timed step that collected garbage, took the launch path or compiled (bench_model.measure)
-                        print(f"    per run: gc ms {row['runs_gc_ms']}; launch-path calls {row['runs_launch_path']}; "
-                              f"dynamo {row['runs_dynamo']}", flush=True)
-                    if mode == "compile":  # what compiled from the first call on: graphs, breaks, recompile limits
-                        print(f"    dynamo: {row['dynamo']}", flush=True)
-                    idle = prof.get("idle")
-                    # where the GPU waited for the host (profile_step.idle_report)
-                    if idle and idle["idle_ms"] is not None:
-                        print(f"    GPU idle {idle['idle_ms']:.1f} ms after its first kernel ({idle['lead_ms']:.1f} ms "
-                              f"before it); syncs {idle['syncs'] or 'none'}; longest gaps "
-                              + ", ".join(f"{g['ms']:.2f} ms at {g['at_ms']:.1f} ms before {g['op']}"
-                                          for g in idle["gaps"][:4]), flush=True)
+                    _print_row(row)
                 del model
             del patcher, inputs
             torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
             _free()
     return rows
+
+
+def _print_row(row: dict) -> None:
+    """A row as it is measured: step ms, its runs, device ms, memory, first call, SQNR; then what explains a spread
+    (garbage collection, launch-path calls, Dynamo compiling in a timed step), Dynamo's totals for a compiled row,
+    and where the GPU waited for the host."""
+    print(f"{row['model']} {row['res']} {row['variant']:<12} {row['mode']:<7} {row['ms']:8.1f} ms "
+          f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  device {row['device_ms']:7.1f} ms  "
+          f"weights {row['weights_gb']:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
+          f"{row['first_call_s']:.1f} s{' (overlapped)' if row['overlapped_setup'] else ''}  "
+          f"SQNR {_fmt(row['sqnr_vs_bf16'], '5.1f')} dB  {row['dtype']}"
+          + (f"  native from {row['native_source']}" if row["native_source"] else ""), flush=True)
+    if any(row.get("runs_gc_ms") or ()) or any(row.get("runs_launch_path") or ()) or any(row.get("runs_dynamo") or ()):
+        # a timed step that collected garbage, took the launch path or compiled (bench_model.measure)
+        print(f"    per run: gc ms {row['runs_gc_ms']}; launch-path calls {row['runs_launch_path']}; "
+              f"dynamo {row['runs_dynamo']}", flush=True)
+    if row["mode"] == "compile":  # what compiled from the first call on: graphs, breaks, recompile limits
+        print(f"    dynamo: {row['dynamo']}", flush=True)
+    idle = row.get("idle")
+    if idle and idle["idle_ms"] is not None:  # where the GPU waited for the host (profile_step.idle_report)
+        print(f"    GPU idle {idle['idle_ms']:.1f} ms after its first kernel ({idle['lead_ms']:.1f} ms before it); "
+              f"syncs {idle['syncs'] or 'none'}; longest gaps "
+              + ", ".join(f"{g['ms']:.2f} ms at {g['at_ms']:.1f} ms before {g['op']}" for g in idle["gaps"][:4]),
+              flush=True)
 
 
 def _fmt(v, spec: str) -> str:
