@@ -12,10 +12,17 @@ from int8_w8a8.bench import bench_model
 pytestmark = pytest.mark.unit
 
 
-def test_counters_show_a_recompile_and_a_recompile_limit(monkeypatch):
+def test_counters_show_a_recompile_and_a_recompile_limit():
+    # the config's own patch: pytest's monkeypatch deletes a torch config attribute on undo (its module class keeps the
+    # values outside __dict__), which broke every later compile test of the process
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=2, automatic_dynamic_shapes=False):
+        _recompile_and_limit()
+    assert torch._dynamo.config.recompile_limit == limit
+
+
+def _recompile_and_limit():
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
     f = torch.compile(lambda x: x.sin() + 1, backend="eager")
 
     def moved(x):
