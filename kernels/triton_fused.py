@@ -713,8 +713,11 @@ GLU_VARIANTS = {
 }
 # The variant each activation takes. H200, session 23 (`bench_fused`, CUDA graphs): SwiGLU "lean-fs" 88.9 / 105.5 /
 # 84.0 us at Z-Image's pair / FLUX.2's single / double block shapes ("lean" 91.6 / 127.2 / 92.2); GELU-tanh, which
-# reads half the bytes a value, "lean-w4-fs" 79.0 / 303.3 us at Chroma's / Wan's ("lean" 80.0 / 343.6).
-GLU_RULE: dict[str, str] = {"swiglu": "lean-fs", "gelu_tanh": "lean-w4-fs"}
+# reads half the bytes a value, "lean-w4-fs" 79.0 / 303.3 us at Chroma's / Wan's ("lean" 80.0 / 343.6). Session 25
+# (item 86): GELU-tanh's statistics from each row's largest input ("-mx") and the split store: "lean-w4-fs-ss-mx" 59.6 /
+# 84.0 / 228.3 us at Chroma's and Qwen-Image's MLP, Chroma's single block and Wan's ("lean-w4-fs" 79.0 / 100.2 / 303.4),
+# the same codes and scales as "base" on the GPU; SwiGLU's "-ss" / "-mx" forms were not faster (90.2 vs 84.0 us).
+GLU_RULE: dict[str, str] = {"swiglu": "lean-fs", "gelu_tanh": "lean-w4-fs-ss-mx"}
 
 
 # Programs of one whole-row kernel specialization an SM holds at once, by launch key (``_resident``).
