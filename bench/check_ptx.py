@@ -147,9 +147,10 @@ KERNEL_SPECS: tuple[KernelSpec, ...] = (
     KernelSpec("quantize_rows K=4096 G=256 fp32", lambda: _quant(4096, 256, torch.float32)),
     KernelSpec("quantize_rows K=3072 G=128 bf16", lambda: _quant(3072, 128, torch.bfloat16), must_fit=False),
     KernelSpec("quantize_rows K=3072 G=128 fp32", lambda: _quant(3072, 128, torch.float32), must_fit=False),
-    # the LEAN single-pass form (triton_quant.LEAN_ROWS, off by default): plain and rotated rows
-    KernelSpec("quantize_rows lean K=3072 bf16", lambda: _quant(3072, 0, torch.bfloat16, lean=True)),
-    KernelSpec("quantize_rows lean K=4096 G=256 bf16", lambda: _quant(4096, 256, torch.bfloat16, lean=True)),
+    # the specs above compile the LEAN single-pass form (triton_quant.LEAN_ROWS, the default since session 25); the
+    # general one, which `lean=False` launches, plain and rotated
+    KernelSpec("quantize_rows general K=3072 bf16", lambda: _quant(3072, 0, torch.bfloat16, lean=False)),
+    KernelSpec("quantize_rows general K=4096 G=256 bf16", lambda: _quant(4096, 256, torch.bfloat16, lean=False)),
     KernelSpec("quantize_rows K=3072 G=64 fp16", lambda: _quant(3072, 64, torch.float16), must_fit=False),
     KernelSpec("dequantize 3072x12288 bf16", lambda: triton_quant.dequantize(_t(3072, 12288, dtype=torch.int8),
                                                                             _t(3072, dtype=torch.float32),

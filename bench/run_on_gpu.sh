@@ -137,7 +137,7 @@ for step in "$@"; do
                 --variants ${PREFIXES:-16bit-64x128-w4-s2} \
                 --shapes ${SHAPES:-40:14040,32:16896,24:4608,32:4608} --out "$OUT/bench_attention_defer.json"; } 2>&1 \
             | tee "$OUT/bench_attention_defer.txt" ;;
-        # the off-by-default forms of session 24 (bench/NOTES.md items 80, 81, 83): their GPU tests (the lean attention pass,
+        # session 24's lean forms (bench/NOTES.md items 80, 81, 83; the defaults since session 25, item 86): their GPU tests (the lean attention pass,
         # quantize_rows' lean form and every GLU variant bit for bit against the general forms), both forms of the pass
         # timed per kernel, every GLU variant at every shape (`bench_fused --only glu`, with its code check), quantize_rows'
         # two forms (`--only rows`); ~8 min with PYTEST_WORKERS=8
