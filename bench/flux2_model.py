@@ -35,9 +35,12 @@ CONFIGS = {
 }
 
 
-def setup_comfyui(cpu: bool = False, pytorch_attention: bool = False) -> None:
+def setup_comfyui(cpu: bool = False, pytorch_attention: bool | None = None) -> None:
     """Import ComfyUI from COMFYUI_PATH (on the GPU, or on the CPU for smoke runs); ``pytorch_attention``: ComfyUI's
-    ``--use-pytorch-cross-attention`` (SDPA, its default on NVIDIA GPUs, also on the CPU)."""
+    ``--use-pytorch-cross-attention`` (SDPA, its default on NVIDIA GPUs), by default on for the CPU too: ComfyUI's
+    CPU default, sub-quadratic attention, picks its chunk sizes from the host's free memory at each call, so a
+    compiled CPU run recompiles whenever other processes move that memory (a timed step of an ``--overlap`` run
+    compiled a new graph in CI)."""
     path = os.environ.get("COMFYUI_PATH")
     if not path:
         raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout (bench/run_on_gpu.sh does it for a carried .comfyui/)")
@@ -46,7 +49,8 @@ def setup_comfyui(cpu: bool = False, pytorch_attention: bool = False) -> None:
     from comfy.cli_args import args
 
     args.cpu = cpu  # before comfy.model_management is imported
-    args.use_pytorch_cross_attention = args.use_pytorch_cross_attention or pytorch_attention
+    args.use_pytorch_cross_attention = args.use_pytorch_cross_attention or (cpu if pytorch_attention is None
+                                                                            else pytorch_attention)
     import comfy.model_management  # noqa: F401
 
 

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu = not torch.cuda.is_available()
     # on the CPU, ComfyUI's SDPA attention as on the GPU: its CPU default (sub-quadratic) asks psutil for free
     # memory inside the graph, which breaks it into frames per block and multiplies the lookups
-    flux2_model.setup_comfyui(cpu=cpu, pytorch_attention=cpu)
+    flux2_model.setup_comfyui(cpu=cpu)
     from ..ops import native
 
     native.install()  # as in ComfyUI with the pack installed

@@ -494,7 +494,7 @@ def cpu_proxy_step(arch_key: str, layers: int, reps: int = 25, cprofile_rows: in
     runs through the launch path instead of a replay); ``cprofile_rows``: also print a cProfile of 5 steps."""
     from . import arch_models, bench_arch, flux2_model, guard_report
 
-    flux2_model.setup_comfyui(cpu=True, pytorch_attention=True)  # the CPU default attention is not SDPA
+    flux2_model.setup_comfyui(cpu=True)
     torch.set_num_threads(1)
     arch = guard_report._arch(arch_key, True, layers)
     patcher, _ = bench_arch.build("pack-convert", arch, True, "auto")

@@ -4,8 +4,10 @@
 
 Prints: the GPU's kernel time and the span it covers, the kernels by total time; when the first kernel was launched
 after the step began and the Python functions that ran before it; and the Python functions (or host ops) whose names
-contain one of ``--match`` by total time. Traces recorded with Python frames (``bench_arch --trace-dir``) inflate
-host time 2-3x: compare shares and counts, not totals, with an untraced step.
+contain one of ``--match`` by total time; then every host name by self time (its time less that of the events
+nested in it on its thread: where a host-bound step's time goes, whoever called it). Traces recorded with Python
+frames (``bench_arch --trace-dir``) inflate host time 2-3x: compare shares and counts, not totals, with an untraced
+step.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 from collections import defaultdict
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+NESTING_CATS = ("python_function", "cpu_op", "cuda_runtime", "cuda_driver", "user_annotation")
 STEP_FRAME = "bench_model.py"  # the frame of bench_model.step, the start of a step
 
 
@@ -32,6 +35,25 @@ def by_name(events: list[dict]) -> list[tuple[str, float, int]]:
     for e in events:
         acc[e["name"]][0] += e["dur"] / 1e3
         acc[e["name"]][1] += 1
+    return sorted(((k, v[0], v[1]) for k, v in acc.items()), key=lambda r: -r[1])
+
+
+def self_times(events: list[dict]) -> list[tuple[str, float, int]]:
+    """(name, total self ms, count) of the host events, largest first: each event's duration less the durations of
+    the events directly nested in it on the same thread (Python frames, ATen ops, CUDA runtime/driver calls)."""
+    host = sorted((e for e in events if e.get("cat") in NESTING_CATS),
+                  key=lambda e: (e.get("pid"), e.get("tid"), e["ts"], -e["dur"]))
+    acc: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    stack: list[tuple[tuple, float, str]] = []  # (thread, end, name)
+    for e in host:
+        thread, end = (e.get("pid"), e.get("tid")), e["ts"] + e["dur"]
+        while stack and (stack[-1][0] != thread or stack[-1][1] < end):
+            stack.pop()
+        if stack:
+            acc[stack[-1][2]][0] -= e["dur"] / 1e3
+        acc[e["name"]][0] += e["dur"] / 1e3
+        acc[e["name"]][1] += 1
+        stack.append((thread, end, e["name"]))
     return sorted(((k, v[0], v[1]) for k, v in acc.items()), key=lambda r: -r[1])
 
 
@@ -54,6 +76,7 @@ def report(events: list[dict], match: tuple[str, ...] = ("int8_w8a8",), top: int
                          and e["ts"] + e["dur"] <= first), key=lambda e: -e["dur"])
         out["before_first_launch"] = [(e["name"], e["dur"] / 1e3) for e in before[:top]]
     out["host"] = [r for r in by_name(host) if any(m in r[0] for m in match)][:top]
+    out["self"] = self_times(events)[:top]
     return out
 
 
@@ -73,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {ms:8.2f} ms  {name[:100]}")
     print(f"host names containing {' / '.join(args.match)}:")
     for name, ms, n in r["host"]:
+        print(f"  {ms:8.2f} ms {n:6d}  {name[:100]}")
+    print("host names by self time (less what ran nested in them):")
+    for name, ms, n in r["self"]:
         print(f"  {ms:8.2f} ms {n:6d}  {name[:100]}")
 
 

@@ -306,7 +306,8 @@ def test_idle_report_finds_gaps_syncs_and_the_op_the_gpu_waited_for():
 
 def test_trace_report_summarizes_a_step_trace(tmp_path):
     """bench/trace_report.py on a made-up gzipped Chrome trace: kernel totals and span, the first kernel's launch
-    (matched by correlation id) after the step's frame began and what ran before it, host names by total."""
+    (matched by correlation id) after the step's frame began and what ran before it, host names by total and by self
+    time."""
     import gzip
 
     from int8_w8a8.bench import trace_report
@@ -332,6 +333,11 @@ def test_trace_report_summarizes_a_step_trace(tmp_path):
     assert r["first_launch_ms"] == pytest.approx(0.12)
     assert r["before_first_launch"] == [("comfy/model_management.py(884): load_models_gpu", pytest.approx(0.095))]
     assert r["host"] == [("int8_w8a8/kernels/fused.py(446): int8_gemm", pytest.approx(0.04), 2)]
+    # self time: the step's frame less its nested frames and calls (95 + 20 + 20 us), each gemm frame less its launch
+    assert r["self"] == [("int8_w8a8/bench/bench_model.py(133): step", pytest.approx(0.365), 1),
+                         ("comfy/model_management.py(884): load_models_gpu", pytest.approx(0.095), 1),
+                         ("int8_w8a8/kernels/fused.py(446): int8_gemm", pytest.approx(0.03), 2),
+                         ("cudaLaunchKernel", pytest.approx(0.01), 2)]
     trace_report.main([str(path)])  # prints the same
 
 
