@@ -308,6 +308,8 @@ def _print_row(row: dict) -> None:
               f"dynamo {row['runs_dynamo']}", flush=True)
     if row["mode"] == "compile":  # what compiled from the first call on: graphs, breaks, recompile limits
         print(f"    dynamo: {row['dynamo']}", flush=True)
+    if len(set(row.get("runs_numa") or ())) > 1:  # the thread changed NUMA node between timed steps (item 87)
+        print(f"    per run NUMA node {row['runs_numa']} (CPU {row['runs_cpu']})", flush=True)
     idle = row.get("idle")
     if idle and idle["idle_ms"] is not None:  # where the GPU waited for the host (profile_step.idle_report)
         print(f"    GPU idle {idle['idle_ms']:.1f} ms after its first kernel ({idle['lead_ms']:.1f} ms before it); "
@@ -361,6 +363,7 @@ def run_isolated(args) -> list[dict]:
                             "--native-file", args.native_file, "--reps", str(args.reps), "--warmup", str(args.warmup),
                             "--power-s", str(args.power_s), "--backend", args.backend]
                             + (["--tiny"] if args.tiny else [])
+                            + (["--pin-gpu-cpus"] if args.pin_gpu_cpus else [])
                             + (["--trace-dir", args.trace_dir] if args.trace_dir else []))
             codes = turns.run(cmds) if args.overlap else [subprocess.run(cmd).returncode for cmd in cmds]
             for variant, out, code in zip(args.variants, outs, codes, strict=True):
@@ -434,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ref-dir", default=None, help="where BF16 eager outputs are kept (reused across runs)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--trace-dir", default=None, help="a gzipped Chrome trace of each row's step goes here")
+    parser.add_argument("--pin-gpu-cpus", action="store_true",
+                        help="each variant's process runs on the GPU's local CPUs only (its NUMA node; item 87)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge result files, print the table")
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # used by the isolated children
     parser.add_argument("--turns", default=None, help=argparse.SUPPRESS)  # an --overlap child's pipes (turns.Turns)
@@ -450,6 +455,10 @@ def main(argv: list[str] | None = None) -> None:
         rows = sort_rows(add_ratios(run_isolated(args)))
     else:
         logging.basicConfig(level=logging.WARNING)
+        pinned = common.pin_to_gpu_cpus() if args.pin_gpu_cpus else None
+        if args.pin_gpu_cpus:
+            print(f"pinned to the GPU's local CPUs {pinned}" if pinned else "--pin-gpu-cpus: the GPU's local CPUs "
+                  "are unknown here (no CUDA device or no sysfs entry); not pinned", flush=True)
         flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
         if "eager-dvram" in args.modes:
             flux2_model.enable_dynamic_vram()
@@ -458,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
         native.install()  # as in ComfyUI with the pack installed; comfy-int8 switches it off for its own load
         rows = run(args.models, args.variants, args.modes, args.tiny, args.ref_dir, args.native_file, args.reps,
                    args.warmup, args.power_s, args.backend, args.trace_dir, turns.Turns.from_arg(args.turns))
+        for row in rows:
+            row["pinned_cpus"] = common.cpu_placement()["gpu_local_cpus"] if pinned else None
         if args.rows_out:
             with open(args.rows_out, "w") as f:
                 json.dump(rows, f)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -60,11 +61,90 @@ def environment() -> dict:
     except ImportError:
         env["comfy_kitchen"] = None
     env.update(host_probe())
+    env.update(cpu_placement())
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                    memory_gb=round(props.total_memory / 2**30, 1))
     return env
+
+
+# ---------------------------------------------------------------- where the host thread runs
+# Why (bench/NOTES.md item 87): host-bound steps switch between a fast and a slow mode in the middle of a row
+# (Qwen-Image eager 130 -> 96 ms, compiled 118 -> 148 ms), and in the slow mode every host call is 2-5x slower,
+# the CUDA driver's launch included: what a thread moved to the CPUs of another NUMA node than the GPU's (remote
+# memory, remote MMIO) would show. These record the CPU of each timed step and can pin the process to the GPU's
+# local CPUs, so the two can be told apart.
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def parse_cpulist(text: str) -> list[int]:
+    """CPUs of a sysfs cpulist ("0-7,16-23") as a sorted list."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(cpus)
+
+
+def current_cpu() -> int | None:
+    """The CPU this thread last ran on (field 39 of /proc/thread-self/stat); None where /proc has no such file."""
+    stat = _read("/proc/thread-self/stat")
+    if stat is None:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[36]) if len(fields) > 36 else None  # field 39 overall; fields[0] is field 3 (state)
+
+
+def numa_node(cpu: int | None) -> int | None:
+    """The NUMA node of ``cpu`` (sysfs ``node<N>`` entry of the CPU); None where unknown."""
+    if cpu is None:
+        return None
+    try:
+        names = os.listdir(f"/sys/devices/system/cpu/cpu{cpu}")
+    except OSError:
+        return None
+    return next((int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit()), None)
+
+
+def gpu_local_cpus(device: int = 0) -> list[int] | None:
+    """The CPUs sysfs lists as local to CUDA ``device``'s PCI function (``local_cpulist``); None off CUDA or
+    where sysfs does not say."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    text = _read(f"/sys/bus/pci/devices/{bus}/local_cpulist")
+    return parse_cpulist(text) if text else None
+
+
+def cpu_placement() -> dict:
+    """The process's allowed CPUs, the NUMA nodes they span, the GPU's local CPUs and this thread's CPU now."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    nodes = sorted({n for n in map(numa_node, allowed or []) if n is not None})
+    local = gpu_local_cpus()
+    return {"cpus_allowed": len(allowed) if allowed else None, "numa_nodes": nodes, "gpu_local_cpus":
+            None if local is None else f"{local[0]}-{local[-1]} ({len(local)})" if local else "", "cpu_now":
+            current_cpu()}
+
+
+def pin_to_gpu_cpus(device: int = 0) -> list[int] | None:
+    """Restrict this process to the allowed CPUs local to CUDA ``device`` (its NUMA node); returns them, or None
+    (nothing changed) where they are unknown or none of them is allowed."""
+    local = gpu_local_cpus(device)
+    if not local or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(set(local) & os.sched_getaffinity(0))
+    if not cpus:
+        return None
+    os.sched_setaffinity(0, cpus)
+    return cpus
 
 
 def host_probe(calls: int = 2000, rounds: int = 15) -> dict:

@@ -30,6 +30,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 # the host's speed at tiny torch ops (what bounds eager steps; it differs between lent machines)
 python3 -c "from int8_w8a8.bench import common; print('host', common.host_probe())" | tee -a "$OUT/gpu.txt"
+# where the host runs against the GPU (bench/NOTES.md item 87: a slow host mode that may be a remote NUMA node)
+python3 -c "from int8_w8a8.bench import common; print('placement', common.cpu_placement())" | tee -a "$OUT/gpu.txt"
+{ nvidia-smi topo -m; lscpu | grep -iE "numa|^cpu\(s\)|model name"; } >> "$OUT/gpu.txt" 2>&1
 # PYTEST_WORKERS=N runs the test steps in N processes on the one GPU (pytest-xdist is on the machine):
 # most of their time is Triton compiling on the CPU
 XDIST=${PYTEST_WORKERS:+-n $PYTEST_WORKERS}

@@ -344,16 +344,20 @@ def test_trace_report_summarizes_a_step_trace(tmp_path):
 def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
     """``--overlap``: one architecture's variant processes start together (``bench/turns.py``: builds one at a
     time, each row's timed part alone) and give the same table as before: every row, each SQNR against the
-    reference the BF16 process saved in its first timed section, eager and compiled in one run."""
+    reference the BF16 process saved in its first timed section, eager and compiled in one run; each timed step's
+    CPU recorded, and ``--pin-gpu-cpus`` passed to each process (no GPU here: nothing pinned)."""
     out = tmp_path / "rows.json"
     subprocess.run([sys.executable, "-m", "int8_w8a8.bench.bench_arch", "--tiny", "--overlap", "--models", "zimage",
                     "--variants", "bf16", "fp8-fast", "pack-convert", "--modes", "eager", "compile", "--backend",
-                    "eager", "--reps", "1", "--warmup", "1", "--out", str(out)], env=_package_env(), check=True,
-                   timeout=900)
+                    "eager", "--reps", "1", "--warmup", "1", "--pin-gpu-cpus", "--out", str(out)], env=_package_env(),
+                   check=True, timeout=900)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["mode"]) for r in rows] == [
         (v, m) for m in ("eager", "compile") for v in ("bf16", "fp8-fast", "pack-convert")]
     assert all(r["overlapped_setup"] for r in rows)
+    # where each timed step ran (item 87); --pin-gpu-cpus reaches each process and pins nothing without a GPU
+    assert all(len(r["runs_cpu"]) == 1 and isinstance(r["runs_cpu"][0], int) for r in rows)
+    assert all(r["pinned_cpus"] is None for r in rows)
     sqnr = {(r["variant"], r["mode"]): r["sqnr_vs_bf16"] for r in rows}
     assert sqnr[("bf16", "eager")] == math.inf and sqnr[("bf16", "compile")] > 60
     assert all(15 < sqnr[(v, m)] < math.inf for v in ("fp8-fast", "pack-convert") for m in ("eager", "compile"))

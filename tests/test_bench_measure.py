@@ -39,3 +39,42 @@ def _recompile_and_limit():
     assert any(k.startswith("unimplemented/") and "recompile limit" in k for k in limit), limit
     assert moved(torch.randn(5)) == {}  # eagerly from now on, silently: only ``dynamo`` (the row's total) shows it
     torch._dynamo.reset()
+
+
+def test_compile_host_measures_each_path_in_each_phase(tmp_path):
+    """bench/compile_host.py on the CPU (the torch twin; a smoke run of the GPU benchmark): host us per layer of
+    the direct, torch.ops and compiled paths before compiling, after, and with the compile workers shut down."""
+    import json
+
+    from int8_w8a8.bench import compile_host
+
+    out = tmp_path / "host.json"
+    with torch._dynamo.config.patch(cache_size_limit=8):
+        r = compile_host.main(["--layers", "3", "--m", "15", "--width", "40", "--reps", "2", "--backend", "eager",
+                               "--out", str(out)])
+    torch._dynamo.reset()
+    assert list(r["phases"]) == ["before", "after_compile", "workers_shut_down"]
+    assert "compiled" not in r["phases"]["before"]
+    for p in r["phases"].values():
+        assert all(p[k] > 0 for k in ("host_us", "direct", "torch_ops")) and p["children"] >= -1
+    assert r["phases"]["after_compile"]["compiled"] > 0
+    assert json.loads(out.read_text())["layers"] == 3
+
+
+def test_cpu_placement_helpers():
+    """bench/common.py's CPU placement record (item 87): sysfs cpulists, this thread's CPU from /proc, its NUMA
+    node, and no pinning without a CUDA device."""
+    import os
+
+    from int8_w8a8.bench import common
+
+    assert common.parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    assert common.parse_cpulist("") == []
+    cpu = common.current_cpu()
+    if os.path.exists("/proc/thread-self/stat"):
+        assert cpu in os.sched_getaffinity(0)
+    placement = common.cpu_placement()
+    assert placement["cpus_allowed"] == len(os.sched_getaffinity(0))
+    if not torch.cuda.is_available():
+        assert common.gpu_local_cpus() is None and common.pin_to_gpu_cpus() is None
+        assert placement["gpu_local_cpus"] is None
