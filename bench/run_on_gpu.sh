@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-ncu | attention-pass | lean-checks | host | gemm-ws | gemm-ws-residual | gemm-wide | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
+# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-ncu | attention-pass | lean-checks | host | host-mode | gemm-ws | gemm-ws-residual | gemm-wide | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile | arch-dvram (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -101,6 +101,16 @@ for step in "$@"; do
             --variants ${VARIANTS:-bf16-lora64 pack-row pack-row-lora64} --out "$OUT/bench_model_9b_lora.json" 2>&1 \
             | tee "$OUT/bench_model_9b_lora.txt" ;;
         host) python3 -m int8_w8a8.bench.profile_host --out "$OUT/profile_host.json" 2>&1 | tee "$OUT/profile_host.txt" ;;
+        # the host's slow mode (bench/NOTES.md item 87; ~7 min): one INT8 linear's host cost direct / through torch.ops /
+        # compiled, before and after compiling, unpinned and on the GPU's local CPUs; then the pack's eager and compiled
+        # rows (MODELS, default Qwen-Image) unpinned and pinned, each with its per-run CPU, NUMA node and host probe
+        host-mode) for pin in "" --pin-gpu-cpus; do tag=${pin:+-pinned}
+                python3 -m int8_w8a8.bench.compile_host $pin --out "$OUT/compile_host$tag.json" 2>&1 \
+                    | tee "$OUT/compile_host$tag.txt"; done
+            for pin in "" --pin-gpu-cpus; do tag=${pin:+-pinned}; m=${MODELS:-qwen-image}
+                python3 -m int8_w8a8.bench.bench_arch --models $m --variants ${VARIANTS:-pack-convert} \
+                    --modes eager compile --reps 15 $pin --out "$OUT/bench_arch_host_mode_${m// /_}$tag.json" 2>&1 \
+                    | tee "$OUT/bench_arch_host_mode_${m// /_}$tag.txt"; done ;;
         # ARCH_ARGS: more bench_arch arguments (e.g. "--trace-dir $OUT/traces": a Chrome trace of each row's step;
         # "--overlap": the variants' processes build and compile together and take turns for their timed steps,
         # bench/turns.py; for compiled pairs whose models fit in GPU memory together)
