@@ -39,18 +39,20 @@ def by_name(events: list[dict]) -> list[tuple[str, float, int]]:
 
 
 def self_times(events: list[dict]) -> list[tuple[str, float, int]]:
-    """(name, total self ms, count) of the host events, largest first: each event's duration less the durations of
-    the events directly nested in it on the same thread (Python frames, ATen ops, CUDA runtime/driver calls)."""
+    """(name, total self ms, count) of the host events, largest first: each event's duration less the time of the
+    events nested in it on the same thread (Python frames, ATen ops, CUDA runtime/driver calls). An event that starts
+    inside another and ends after it (the profiler's Python tracer and its ATen-op records do not always nest: an
+    op's record around a C++ call into a Python kernel) counts against the other for their overlap only."""
     host = sorted((e for e in events if e.get("cat") in NESTING_CATS),
                   key=lambda e: (e.get("pid"), e.get("tid"), e["ts"], -e["dur"]))
     acc: dict[str, list] = defaultdict(lambda: [0.0, 0])
     stack: list[tuple[tuple, float, str]] = []  # (thread, end, name)
     for e in host:
-        thread, end = (e.get("pid"), e.get("tid")), e["ts"] + e["dur"]
-        while stack and (stack[-1][0] != thread or stack[-1][1] < end):
+        thread, start, end = (e.get("pid"), e.get("tid")), e["ts"], e["ts"] + e["dur"]
+        while stack and (stack[-1][0] != thread or stack[-1][1] <= start):
             stack.pop()
         if stack:
-            acc[stack[-1][2]][0] -= e["dur"] / 1e3
+            acc[stack[-1][2]][0] -= (min(end, stack[-1][1]) - start) / 1e3
         acc[e["name"]][0] += e["dur"] / 1e3
         acc[e["name"]][1] += 1
         stack.append((thread, end, e["name"]))

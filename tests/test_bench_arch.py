@@ -338,6 +338,10 @@ def test_trace_report_summarizes_a_step_trace(tmp_path):
                          ("comfy/model_management.py(884): load_models_gpu", pytest.approx(0.095), 1),
                          ("int8_w8a8/kernels/fused.py(446): int8_gemm", pytest.approx(0.03), 2),
                          ("cudaLaunchKernel", pytest.approx(0.01), 2)]
+    # an event that starts inside another and ends after it counts against it for the overlap only
+    bad = [x("outer", "python_function", 0, 100), x("op", "cpu_op", 60, 80), x("inner", "python_function", 70, 20)]
+    assert {n: (ms, k) for n, ms, k in trace_report.self_times(bad)} == {
+        "outer": (pytest.approx(0.06), 1), "op": (pytest.approx(0.06), 1), "inner": (pytest.approx(0.02), 1)}
     trace_report.main([str(path)])  # prints the same
 
 
