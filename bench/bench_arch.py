@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = run(args.models, args.variants, args.modes, args.tiny, args.ref_dir, args.native_file, args.reps,
                    args.warmup, args.power_s, args.backend, args.trace_dir, turns.Turns.from_arg(args.turns))
         for row in rows:
-            row["pinned_cpus"] = common.cpu_placement()["gpu_local_cpus"] if pinned else None
+            row["pinned_cpus"] = common.format_cpulist(pinned) if pinned else None
         if args.rows_out:
             with open(args.rows_out, "w") as f:
                 json.dump(rows, f)

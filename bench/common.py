@@ -93,6 +93,17 @@ def parse_cpulist(text: str) -> list[int]:
     return sorted(cpus)
 
 
+def format_cpulist(cpus: list[int]) -> str:
+    """The sysfs cpulist form of ``cpus``: [0, 1, 2, 3, 8, 10, 11] -> "0-3,8,10-11"."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 def current_cpu() -> int | None:
     """The CPU this thread last ran on (field 39 of /proc/thread-self/stat); None where /proc has no such file."""
     stat = _read("/proc/thread-self/stat")
@@ -129,9 +140,8 @@ def cpu_placement() -> dict:
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     nodes = sorted({n for n in map(numa_node, allowed or []) if n is not None})
     local = gpu_local_cpus()
-    return {"cpus_allowed": len(allowed) if allowed else None, "numa_nodes": nodes, "gpu_local_cpus":
-            None if local is None else f"{local[0]}-{local[-1]} ({len(local)})" if local else "", "cpu_now":
-            current_cpu()}
+    return {"cpus_allowed": None if allowed is None else format_cpulist(allowed), "numa_nodes": nodes,
+            "gpu_local_cpus": None if local is None else format_cpulist(local), "cpu_now": current_cpu()}
 
 
 def pin_to_gpu_cpus(device: int = 0) -> list[int] | None:

@@ -70,11 +70,13 @@ def test_cpu_placement_helpers():
 
     assert common.parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
     assert common.parse_cpulist("") == []
+    assert common.format_cpulist([11, 0, 1, 2, 3, 8, 10]) == "0-3,8,10-11"
+    assert common.parse_cpulist(common.format_cpulist([5, 7, 6, 9])) == [5, 6, 7, 9]
     cpu = common.current_cpu()
     if os.path.exists("/proc/thread-self/stat"):
         assert cpu in os.sched_getaffinity(0)
     placement = common.cpu_placement()
-    assert placement["cpus_allowed"] == len(os.sched_getaffinity(0))
+    assert common.parse_cpulist(placement["cpus_allowed"]) == sorted(os.sched_getaffinity(0))
     if not torch.cuda.is_available():
         assert common.gpu_local_cpus() is None and common.pin_to_gpu_cpus() is None
         assert placement["gpu_local_cpus"] is None
