@@ -160,8 +160,8 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     H200 at its power cap); ``baseline``: bytes allocated before the variant was built (graphs compiled for
     earlier variants can keep their models alive; they are not this variant's peak). ``before_timing`` runs after
     the first call and the warm-up steps, before the timed ones (``bench_arch --overlap`` waits there for its turn).
-    ``runs_cpu`` / ``runs_numa``: the CPU (and its NUMA node) each timed step ended on; ``runs_host_us``:
-    ``common.host_probe`` right after each timed step (bench/NOTES.md item 87). Dynamo's counters
+    ``runs_cpu`` / ``runs_numa`` / ``runs_mhz``: the CPU each timed step ended on, its NUMA node and clock;
+    ``runs_host_us``: ``common.host_probe`` right after each timed step (bench/NOTES.md item 87). Dynamo's counters
     (``dynamo_counts``): ``dynamo`` what moved from the first call through the timed steps (frames
     compiled, graphs, graph breaks, recompile limits hit), ``runs_dynamo`` what moved in each timed step (empty
     where the step ran the graphs already compiled: a compiled row whose steps spread shows a recompile there)."""
@@ -175,7 +175,7 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     common.sync()
     if before_timing is not None:
         before_timing()
-    times, launch_path, gc_ms, runs_dynamo, runs_cpu, runs_host_us = [], [], [], [], [], []
+    times, launch_path, gc_ms, runs_dynamo, runs_cpu, runs_host_us, runs_mhz = [], [], [], [], [], [], []
     for _ in range(reps):
         common.sync()
         before, dynamo_before = direct.counts(), dynamo_counts()
@@ -188,6 +188,7 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
         # and against the host's speed at a tiny CPU op right after the step (outside its time): a slow step with a
         # slow probe is the CPU; with a normal probe, something CUDA-side
         runs_host_us.append(common.host_probe(calls=300, rounds=3)["host_us"])
+        runs_mhz.append(common.cpu_mhz(runs_cpu[-1]))
         gc_ms.append(round(gc_s[0] * 1e3, 2))
         launch_path.append({k: v - before[k] for k, v in direct.counts().items() if v != before[k]})
         runs_dynamo.append(counts_moved(dynamo_before, dynamo_counts()))
@@ -210,6 +211,7 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
         peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9
     return {"ms": common.median(times), "runs_ms": times, "runs_gc_ms": gc_ms, "runs_launch_path": launch_path,
             "runs_cpu": runs_cpu, "runs_numa": [common.numa_node(c) for c in runs_cpu], "runs_host_us": runs_host_us,
+            "runs_mhz": runs_mhz,
             "dynamo": counts_moved(dynamo_start, dynamo_counts()), "runs_dynamo": runs_dynamo,
             "first_call_s": first_s, "peak_gb": peak,
             "sm_mhz": power.get("sm_mhz"), "watts": power.get("watts"),

@@ -113,6 +113,22 @@ def current_cpu() -> int | None:
     return int(fields[36]) if len(fields) > 36 else None  # field 39 overall; fields[0] is field 3 (state)
 
 
+def cpu_mhz(cpu: int | None) -> float | None:
+    """``cpu``'s current clock (cpufreq's ``scaling_cur_freq``, else its /proc/cpuinfo line) in MHz; None where
+    neither says (a turbo budget spent by a compile's workers would show here as a slow host mode)."""
+    if cpu is None:
+        return None
+    khz = _read(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/scaling_cur_freq")
+    if khz and khz.isdigit():
+        return round(int(khz) / 1e3, 1)
+    info = _read("/proc/cpuinfo") or ""
+    for block in info.split("\n\n"):
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
+        if fields.get("processor") == str(cpu):
+            return round(float(fields["cpu MHz"]), 1) if fields.get("cpu MHz") else None
+    return None
+
+
 def numa_node(cpu: int | None) -> int | None:
     """The NUMA node of ``cpu`` (sysfs ``node<N>`` entry of the CPU); None where unknown."""
     if cpu is None:

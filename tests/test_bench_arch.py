@@ -361,7 +361,7 @@ def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
     assert all(r["overlapped_setup"] for r in rows)
     # where each timed step ran (item 87); --pin-gpu-cpus reaches each process and pins nothing without a GPU
     assert all(len(r["runs_cpu"]) == 1 and isinstance(r["runs_cpu"][0], int) for r in rows)
-    assert all(len(r["runs_host_us"]) == 1 and r["runs_host_us"][0] > 0 for r in rows)
+    assert all(len(r["runs_host_us"]) == 1 and r["runs_host_us"][0] > 0 and len(r["runs_mhz"]) == 1 for r in rows)
     assert all(r["pinned_cpus"] is None for r in rows)
     sqnr = {(r["variant"], r["mode"]): r["sqnr_vs_bf16"] for r in rows}
     assert sqnr[("bf16", "eager")] == math.inf and sqnr[("bf16", "compile")] > 60

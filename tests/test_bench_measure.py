@@ -75,6 +75,9 @@ def test_cpu_placement_helpers():
     cpu = common.current_cpu()
     if os.path.exists("/proc/thread-self/stat"):
         assert cpu in os.sched_getaffinity(0)
+    if os.path.exists("/proc/cpuinfo"):
+        assert common.cpu_mhz(cpu) is None or common.cpu_mhz(cpu) > 0
+    assert common.cpu_mhz(None) is None and common.cpu_mhz(10**6) is None
     placement = common.cpu_placement()
     assert common.parse_cpulist(placement["cpus_allowed"]) == sorted(os.sched_getaffinity(0))
     if not torch.cuda.is_available():
