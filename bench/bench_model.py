@@ -161,7 +161,7 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     earlier variants can keep their models alive; they are not this variant's peak). ``before_timing`` runs after
     the first call and the warm-up steps, before the timed ones (``bench_arch --overlap`` waits there for its turn).
     ``runs_cpu`` / ``runs_numa`` / ``runs_mhz``: the CPU each timed step ended on, its NUMA node and clock;
-    ``runs_host_us``: ``common.host_probe`` right after each timed step (bench/NOTES.md item 87). Dynamo's counters
+    ``runs_host_us``: ``common.host_us`` right after each timed step (bench/NOTES.md item 87). Dynamo's counters
     (``dynamo_counts``): ``dynamo`` what moved from the first call through the timed steps (frames
     compiled, graphs, graph breaks, recompile limits hit), ``runs_dynamo`` what moved in each timed step (empty
     where the step ran the graphs already compiled: a compiled row whose steps spread shows a recompile there)."""
@@ -187,7 +187,7 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
         runs_cpu.append(common.current_cpu())  # the host's slow mode against where the thread ran (item 87)
         # and against the host's speed at a tiny CPU op right after the step (outside its time): a slow step with a
         # slow probe is the CPU; with a normal probe, something CUDA-side
-        runs_host_us.append(common.host_probe(calls=300, rounds=3)["host_us"])
+        runs_host_us.append(common.host_us(calls=300, rounds=3))
         runs_mhz.append(common.cpu_mhz(runs_cpu[-1]))
         gc_ms.append(round(gc_s[0] * 1e3, 2))
         launch_path.append({k: v - before[k] for k, v in direct.counts().items() if v != before[k]})

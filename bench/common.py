@@ -104,13 +104,17 @@ def format_cpulist(cpus: list[int]) -> str:
     return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
+def proc_stat(path: str) -> list[str] | None:
+    """The fields of a /proc ``stat`` file after the command name (whose parentheses may hold spaces): element 0 is
+    field 3 (state), element 1 field 4 (parent pid), element 36 field 39 (last CPU); None where the file is missing."""
+    stat = _read(path)
+    return None if stat is None else stat.rsplit(")", 1)[1].split()
+
+
 def current_cpu() -> int | None:
     """The CPU this thread last ran on (field 39 of /proc/thread-self/stat); None where /proc has no such file."""
-    stat = _read("/proc/thread-self/stat")
-    if stat is None:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[36]) if len(fields) > 36 else None  # field 39 overall; fields[0] is field 3 (state)
+    fields = proc_stat("/proc/thread-self/stat")
+    return int(fields[36]) if fields and len(fields) > 36 else None
 
 
 def cpu_mhz(cpu: int | None) -> float | None:
@@ -184,6 +188,12 @@ def host_probe(calls: int = 2000, rounds: int = 15) -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    return {"cpu": cpu, "host_us": host_us(calls, rounds)}
+
+
+def host_us(calls: int = 2000, rounds: int = 15) -> float:
+    """``host_probe``'s speed alone (no CPU name lookup): the median us of one tiny CPU ``torch.add``, cheap enough
+    to take after every timed step (``bench_model.measure``)."""
     a, b = torch.ones(16), torch.ones(16)
     per_call = []
     for _ in range(rounds):
@@ -191,7 +201,7 @@ def host_probe(calls: int = 2000, rounds: int = 15) -> dict:
         for _ in range(calls):
             torch.add(a, b)
         per_call.append((time.perf_counter() - t0) / calls * 1e6)
-    return {"cpu": cpu, "host_us": round(statistics.median(per_call), 3)}
+    return round(statistics.median(per_call), 3)
 
 
 def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:

@@ -11,7 +11,7 @@ host, so wall time / layers is host time per layer):
 * ``direct``: ``fused.int8_linear_eager`` (what the eager fused blocks call: the recorded launches replayed);
 * ``torch_ops``: the same through ``torch.ops.int8_w8a8.int8_linear`` (the dispatcher and the op's Python kernel);
 * ``compiled``: the chain under ``torch.compile`` (Inductor's wrapper calling the op);
-* ``host_us``: ``common.host_probe`` (a tiny CPU op, no CUDA).
+* ``host_us``: ``common.host_us`` (a tiny CPU op, no CUDA).
 
 The compile also compiles one pointwise graph, whose Triton kernel starts Inductor's compile workers as a model's
 kernels do.
@@ -73,18 +73,12 @@ def _per_layer_us(fn, x, weights, reps: int) -> float:
 
 def _children() -> int:
     """Child processes of this one (Inductor's compile workers), from /proc; -1 where /proc is missing."""
-    me, n = str(os.getpid()), 0
+    me = str(os.getpid())
     try:
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/stat") as f:
-                        n += f.read().rsplit(")", 1)[1].split()[1] == me
-                except OSError:
-                    pass
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return -1
-    return n
+    return sum((common.proc_stat(f"/proc/{p}/stat") or ["", ""])[1] == me for p in pids)
 
 
 def run(layers: int = 200, m: int = 64, width: int = 256, reps: int = 20, backend: str = "inductor") -> dict:
@@ -96,7 +90,7 @@ def run(layers: int = 200, m: int = 64, width: int = 256, reps: int = 20, backen
     compiled = torch.compile(_torch_ops, dynamic=False, backend=backend)
 
     def phase(with_compiled: bool) -> dict:
-        out = {"host_us": common.host_probe(calls=1000, rounds=5)["host_us"],
+        out = {"host_us": common.host_us(calls=1000, rounds=5),
                "direct": _per_layer_us(_direct, x, weights, reps),
                "torch_ops": _per_layer_us(_torch_ops, x, weights, reps)}
         if with_compiled:

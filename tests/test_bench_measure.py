@@ -45,6 +45,9 @@ def test_compile_host_measures_each_path_in_each_phase(tmp_path):
     """bench/compile_host.py on the CPU (the torch twin; a smoke run of the GPU benchmark): host us per layer of
     the direct, torch.ops and compiled paths before compiling, after, and with the compile workers shut down."""
     import json
+    import os
+    import subprocess
+    import sys
 
     from int8_w8a8.bench import compile_host
 
@@ -59,6 +62,15 @@ def test_compile_host_measures_each_path_in_each_phase(tmp_path):
         assert all(p[k] > 0 for k in ("host_us", "direct", "torch_ops")) and p["children"] >= -1
     assert r["phases"]["after_compile"]["compiled"] > 0
     assert json.loads(out.read_text())["layers"] == 3
+    if os.path.exists("/proc/self/stat"):  # the phases' CPU, and the child count compile workers would show in
+        assert all(p["cpu"] in os.sched_getaffinity(0) for p in r["phases"].values())
+        before = compile_host._children()
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            assert compile_host._children() == before + 1
+        finally:
+            child.kill()
+            child.wait()
 
 
 def test_cpu_placement_helpers():
