@@ -311,6 +311,10 @@ def _print_row(row: dict) -> None:
     if row.get("runs_host_us"):  # the host's speed after each timed step, and where it ran (item 87)
         print(f"    per run host_us {row['runs_host_us']}; CPU {row['runs_cpu']}, NUMA node {row['runs_numa']}, MHz "
               f"{row.get('runs_mhz')}", flush=True)
+    if row.get("runs_sys"):  # preempted, stolen or sharing the host in each timed step (item 88)
+        print("    per run thread CPU % / busy CPUs / steal % / preempted: " + "  ".join(
+            f"{s['thread_cpu_pct']}/{s['busy_cpus']}/{s['steal_pct']}/{s['nivcsw']}" for s in row["runs_sys"]),
+            flush=True)
     idle = row.get("idle")
     if idle and idle["idle_ms"] is not None:  # where the GPU waited for the host (profile_step.idle_report)
         print(f"    GPU idle {idle['idle_ms']:.1f} ms after its first kernel ({idle['lead_ms']:.1f} ms before it); "

@@ -161,7 +161,9 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     earlier variants can keep their models alive; they are not this variant's peak). ``before_timing`` runs after
     the first call and the warm-up steps, before the timed ones (``bench_arch --overlap`` waits there for its turn).
     ``runs_cpu`` / ``runs_numa`` / ``runs_mhz``: the CPU each timed step ended on, its NUMA node and clock;
-    ``runs_host_us``: ``common.host_us`` right after each timed step (bench/NOTES.md item 87). Dynamo's counters
+    ``runs_host_us``: ``common.host_us`` right after each timed step (bench/NOTES.md item 87); ``runs_sys``: each
+    timed step's ``common.cpu_moved`` (the thread's CPU share and preemptions, the host's busy CPUs and steal time:
+    item 88). Dynamo's counters
     (``dynamo_counts``): ``dynamo`` what moved from the first call through the timed steps (frames
     compiled, graphs, graph breaks, recompile limits hit), ``runs_dynamo`` what moved in each timed step (empty
     where the step ran the graphs already compiled: a compiled row whose steps spread shows a recompile there)."""
@@ -175,15 +177,17 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     common.sync()
     if before_timing is not None:
         before_timing()
-    times, launch_path, gc_ms, runs_dynamo, runs_cpu, runs_host_us, runs_mhz = [], [], [], [], [], [], []
+    times, launch_path, gc_ms, runs_dynamo, runs_cpu, runs_host_us, runs_mhz, runs_sys = [], [], [], [], [], [], [], []
     for _ in range(reps):
         common.sync()
         before, dynamo_before = direct.counts(), dynamo_counts()
         with _gc_time() as gc_s:
+            cpu_before = common.cpu_counters()
             t0 = time.perf_counter()
             step(patcher, inputs)
             common.sync()
             times.append((time.perf_counter() - t0) * 1e3)
+            runs_sys.append(common.cpu_moved(cpu_before, common.cpu_counters()))
         runs_cpu.append(common.current_cpu())  # the host's slow mode against where the thread ran (item 87)
         # and against the host's speed at a tiny CPU op right after the step (outside its time): a slow step with a
         # slow probe is the CPU; with a normal probe, something CUDA-side
@@ -211,7 +215,7 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
         peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9
     return {"ms": common.median(times), "runs_ms": times, "runs_gc_ms": gc_ms, "runs_launch_path": launch_path,
             "runs_cpu": runs_cpu, "runs_numa": [common.numa_node(c) for c in runs_cpu], "runs_host_us": runs_host_us,
-            "runs_mhz": runs_mhz,
+            "runs_mhz": runs_mhz, "runs_sys": runs_sys,
             "dynamo": counts_moved(dynamo_start, dynamo_counts()), "runs_dynamo": runs_dynamo,
             "first_call_s": first_s, "peak_gb": peak,
             "sm_mhz": power.get("sm_mhz"), "watts": power.get("watts"),

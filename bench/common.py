@@ -177,6 +177,40 @@ def pin_to_gpu_cpus(device: int = 0) -> list[int] | None:
     return cpus
 
 
+def cpu_counters() -> dict:
+    """A snapshot of what decides whether the host ran at full speed: the system's CPU time by kind (/proc/stat's
+    ``cpu`` line, in clock ticks: busy, idle, steal), this thread's CPU time and context switches (getrusage), and
+    the wall clock. ``cpu_moved`` turns two snapshots into a step's figures (bench/NOTES.md item 88)."""
+    import resource
+
+    fields = (_read("/proc/stat") or "").split("\n", 1)[0].split()
+    ticks = [int(v) for v in fields[1:9]] if fields[:1] == ["cpu"] and len(fields) >= 9 else None
+    usage = resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+    return {"wall": time.perf_counter(), "thread_cpu": time.thread_time(), "ticks": ticks,
+            "nvcsw": usage.ru_nvcsw, "nivcsw": usage.ru_nivcsw}
+
+
+def cpu_moved(before: dict, after: dict) -> dict:
+    """Between two ``cpu_counters`` snapshots: ``thread_cpu_pct`` this thread's CPU time over the wall time (the
+    CUDA sync spins, so a GPU-bound step is near 100 % too: compare the slow runs with the fast ones);
+    ``busy_cpus`` the system's CPUs busy on average (this thread included: other work on the host shows as more
+    than ~1); ``steal_pct`` the time the hypervisor gave the system's CPUs to other guests, as a share of all CPU
+    time; ``nivcsw`` / ``nvcsw`` this thread's involuntary (preempted) and voluntary context switches. A slow host
+    mode with high steal or preemption is the machine's neighbours; with neither, the CPU itself (clock, cache,
+    remote memory)."""
+    wall = max(after["wall"] - before["wall"], 1e-9)
+    out = {"thread_cpu_pct": round(100 * (after["thread_cpu"] - before["thread_cpu"]) / wall, 1),
+           "nivcsw": after["nivcsw"] - before["nivcsw"], "nvcsw": after["nvcsw"] - before["nvcsw"],
+           "busy_cpus": None, "steal_pct": None}
+    if before["ticks"] and after["ticks"]:
+        moved = (b - a for a, b in zip(before["ticks"], after["ticks"], strict=True))
+        user, nice, system, idle, iowait, irq, softirq, steal = moved
+        total = max(user + nice + system + idle + iowait + irq + softirq + steal, 1)
+        out["busy_cpus"] = round((user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK") / wall, 2)
+        out["steal_pct"] = round(100 * steal / total, 2)
+    return out
+
+
 def host_probe(calls: int = 2000, rounds: int = 15) -> dict:
     """The host CPU and its speed at what bounds eager steps: ``host_us`` is the median time of one tiny torch op
     (``torch.add`` of two 16-element CPU tensors: Python, argument parsing and the dispatcher, no real work).

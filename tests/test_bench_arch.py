@@ -363,6 +363,8 @@ def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
     assert all(len(r["runs_cpu"]) == 1 and isinstance(r["runs_cpu"][0], int) for r in rows)
     assert all(len(r["runs_host_us"]) == 1 and r["runs_host_us"][0] > 0 and len(r["runs_mhz"]) == 1 for r in rows)
     assert all(r["pinned_cpus"] is None for r in rows)
+    # and what the host did meanwhile (item 88): the thread's CPU share, busy CPUs, steal, preemptions
+    assert all(len(r["runs_sys"]) == 1 and r["runs_sys"][0]["thread_cpu_pct"] >= 0 for r in rows)
     sqnr = {(r["variant"], r["mode"]): r["sqnr_vs_bf16"] for r in rows}
     assert sqnr[("bf16", "eager")] == math.inf and sqnr[("bf16", "compile")] > 60
     assert all(15 < sqnr[(v, m)] < math.inf for v in ("fp8-fast", "pack-convert") for m in ("eager", "compile"))

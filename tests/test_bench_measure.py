@@ -95,3 +95,28 @@ def test_cpu_placement_helpers():
     if not torch.cuda.is_available():
         assert common.gpu_local_cpus() is None and common.pin_to_gpu_cpus() is None
         assert placement["gpu_local_cpus"] is None
+
+
+def test_cpu_counters_moved():
+    """bench/common.py's per-step host record (item 88): a thread spinning on the CPU shows a high CPU share and
+    at least one busy CPU; a sleeping one a low share; steal is a share of all CPU time."""
+    import os
+    import time
+
+    from int8_w8a8.bench import common
+
+    before = common.cpu_counters()
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        pass
+    spun = common.cpu_moved(before, common.cpu_counters())
+    before = common.cpu_counters()
+    time.sleep(0.3)
+    slept = common.cpu_moved(before, common.cpu_counters())
+    assert spun["thread_cpu_pct"] > 50 > slept["thread_cpu_pct"] >= 0
+    assert slept["nvcsw"] >= 1 and spun["nivcsw"] >= 0
+    if os.path.exists("/proc/stat"):
+        assert spun["busy_cpus"] > 0.5 and 0 <= spun["steal_pct"] <= 100
+    # without /proc/stat's ticks the host-wide figures are unknown, not zero
+    no_ticks = dict(common.cpu_counters(), ticks=None)
+    assert common.cpu_moved(no_ticks, no_ticks)["busy_cpus"] is None
