@@ -227,11 +227,13 @@ def _with_lora(patcher, arch: arch_models.Arch, tiny: bool, rank: int, pack: boo
 
 def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = False, ref_dir: str | None = None,
         native_file: str = "auto", reps: int = 7, warmup: int = 2, power_s: float = 0.0,
-        backend: str = "inductor", trace_dir: str | None = None, sections: turns.Turns | None = None) -> list[dict]:
+        backend: str = "inductor", trace_dir: str | None = None, sections: turns.Turns | None = None,
+        settle: common.HostSettle | None = None) -> list[dict]:
     """Rows of measurements in this process (ratios added by ``add_ratios``); ``trace_dir``: a gzipped Chrome trace
     of each row's gap-profiled step (host ops with Python frames, GPU activity) goes there. ``sections``: this
     process's end of ``turns.run`` (``--overlap``): each variant's build and each row's timed part (the timed steps,
-    the peak-memory step, the profile) wait for their grants; None: no parent, nothing waits."""
+    the peak-memory step, the profile) wait for their grants; None: no parent, nothing waits. ``settle``: each row
+    waits for the host's normal speed before its timed steps (``common.settle_host``)."""
     from ..ops import native
 
     if "eager-dvram" in modes and len(modes) > 1:
@@ -266,7 +268,7 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
                 with held:
                     timed = functools.partial(held.enter_context, sections.section("timed"))
                     out = bench_model.measure(model, inputs, reps=reps, warmup=warmup, baseline=baseline,
-                                              power_s=power_s, before_timing=timed)
+                                              power_s=power_s, before_timing=timed, settle=settle)
                     y = out.pop("y")
                     if base == "bf16" and mode != "compile":
                         refs[rank] = y
@@ -308,6 +310,10 @@ def _print_row(row: dict) -> None:
               f"dynamo {row['runs_dynamo']}", flush=True)
     if row["mode"] == "compile":  # what compiled from the first call on: graphs, breaks, recompile limits
         print(f"    dynamo: {row['dynamo']}", flush=True)
+    settled = row.get("host_settle")
+    if settled:  # how long the row waited for the host's normal speed before its timed steps (item 88)
+        print(f"    host {'settled' if settled['settled'] else 'NOT settled'} after {settled['settle_s']} s: host_us "
+              f"{settled['host_us']} against {settled['reference_us']} at the start", flush=True)
     if row.get("runs_host_us"):  # the host's speed after each timed step, and where it ran (item 87)
         print(f"    per run host_us {row['runs_host_us']}; CPU {row['runs_cpu']}, NUMA node {row['runs_numa']}, MHz "
               f"{row.get('runs_mhz')}", flush=True)
@@ -356,6 +362,8 @@ def run_isolated(args) -> list[dict]:
                          "the other processes would hold; run it without --overlap")
     rows = []
     ref_dir = args.ref_dir or tempfile.mkdtemp(prefix="int8_w8a8-arch-")
+    # the host's speed before any variant built or compiled: what each child waits for (item 88)
+    reference = args.host_reference_us or common.host_us()
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
             outs, cmds = [], []
@@ -366,7 +374,8 @@ def run_isolated(args) -> list[dict]:
                 cmds.append(head + ["--models", key, "--variants", variant,
                             "--modes", *args.modes, "--ref-dir", ref_dir, "--rows-out", outs[-1], "--no-isolate",
                             "--native-file", args.native_file, "--reps", str(args.reps), "--warmup", str(args.warmup),
-                            "--power-s", str(args.power_s), "--backend", args.backend]
+                            "--power-s", str(args.power_s), "--backend", args.backend,
+                            "--settle-s", str(args.settle_s), "--host-reference-us", str(reference)]
                             + (["--tiny"] if args.tiny else [])
                             + (["--pin-gpu-cpus"] if args.pin_gpu_cpus else [])
                             + (["--trace-dir", args.trace_dir] if args.trace_dir else []))
@@ -447,6 +456,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge result files, print the table")
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # used by the isolated children
     parser.add_argument("--turns", default=None, help=argparse.SUPPRESS)  # an --overlap child's pipes (turns.Turns)
+    parser.add_argument("--settle-s", type=float, default=30.0,
+                        help="before each row's timed steps, wait up to this long for the host's normal speed (a tiny "
+                             "CPU op within 1.25x of its time at the start; bench/NOTES.md item 88); 0: do not wait")
+    parser.add_argument("--host-reference-us", type=float, default=None, help=argparse.SUPPRESS)  # from the parent
     args = parser.parse_args(argv)
     if args.merge:
         rows = merge(args.merge)
@@ -464,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.pin_gpu_cpus:
             print(f"pinned to the GPU's local CPUs {pinned}" if pinned else "--pin-gpu-cpus: the GPU's local CPUs "
                   "are unknown here (no CUDA device or no sysfs entry); not pinned", flush=True)
+        reference = args.host_reference_us or common.host_us()  # before this process builds or compiles anything
+        settle = common.HostSettle(reference, timeout_s=args.settle_s) if args.settle_s > 0 else None
         flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
         if "eager-dvram" in args.modes:
             flux2_model.enable_dynamic_vram()
@@ -471,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
 
         native.install()  # as in ComfyUI with the pack installed; comfy-int8 switches it off for its own load
         rows = run(args.models, args.variants, args.modes, args.tiny, args.ref_dir, args.native_file, args.reps,
-                   args.warmup, args.power_s, args.backend, args.trace_dir, turns.Turns.from_arg(args.turns))
+                   args.warmup, args.power_s, args.backend, args.trace_dir, turns.Turns.from_arg(args.turns),
+                   settle)
         for row in rows:
             row["pinned_cpus"] = common.format_cpulist(pinned) if pinned else None
         if args.rows_out:

@@ -154,7 +154,7 @@ def step(patcher, inputs) -> torch.Tensor:
 
 
 def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, power_s: float = 2.5,
-            before_timing: Callable[[], object] | None = None) -> dict:
+            before_timing: Callable[[], object] | None = None, settle: common.HostSettle | None = None) -> dict:
     """Median step ms, first-call s, peak GB, and the median SM clock and board power while steps run back to
     back for ``power_s`` seconds after the timed ones (``bench/NOTES.md`` item 13: 8-bit GEMMs alone hold an
     H200 at its power cap); ``baseline``: bytes allocated before the variant was built (graphs compiled for
@@ -163,7 +163,8 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     ``runs_cpu`` / ``runs_numa`` / ``runs_mhz``: the CPU each timed step ended on, its NUMA node and clock;
     ``runs_host_us``: ``common.host_us`` right after each timed step (bench/NOTES.md item 87); ``runs_sys``: each
     timed step's ``common.cpu_moved`` (the thread's CPU share and preemptions, the host's busy CPUs and steal time:
-    item 88). Dynamo's counters
+    item 88); ``settle``: wait for the host's speed first (``common.settle_host``; what it did in ``host_settle``,
+    None without). Dynamo's counters
     (``dynamo_counts``): ``dynamo`` what moved from the first call through the timed steps (frames
     compiled, graphs, graph breaks, recompile limits hit), ``runs_dynamo`` what moved in each timed step (empty
     where the step ran the graphs already compiled: a compiled row whose steps spread shows a recompile there)."""
@@ -177,6 +178,8 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     common.sync()
     if before_timing is not None:
         before_timing()
+    # after the turn is granted: nothing else of the benchmark runs on the host while it settles
+    host_settle = common.settle_host(settle) if settle is not None else None
     times, launch_path, gc_ms, runs_dynamo, runs_cpu, runs_host_us, runs_mhz, runs_sys = [], [], [], [], [], [], [], []
     for _ in range(reps):
         common.sync()
@@ -215,7 +218,7 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
         peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9
     return {"ms": common.median(times), "runs_ms": times, "runs_gc_ms": gc_ms, "runs_launch_path": launch_path,
             "runs_cpu": runs_cpu, "runs_numa": [common.numa_node(c) for c in runs_cpu], "runs_host_us": runs_host_us,
-            "runs_mhz": runs_mhz, "runs_sys": runs_sys,
+            "runs_mhz": runs_mhz, "runs_sys": runs_sys, "host_settle": host_settle,
             "dynamo": counts_moved(dynamo_start, dynamo_counts()), "runs_dynamo": runs_dynamo,
             "first_call_s": first_s, "peak_gb": peak,
             "sm_mhz": power.get("sm_mhz"), "watts": power.get("watts"),

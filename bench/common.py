@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -236,6 +237,37 @@ def host_us(calls: int = 2000, rounds: int = 15) -> float:
             torch.add(a, b)
         per_call.append((time.perf_counter() - t0) / calls * 1e6)
     return round(statistics.median(per_call), 3)
+
+
+@dataclass(frozen=True)
+class HostSettle:
+    """Wait before timed steps until the host is back at its normal speed (bench/NOTES.md item 88): on the lent
+    GPU machines a tiny CPU op (``host_us``) runs ~2x slower for seconds after a compile or a model build, on
+    the same CPU, without steal, preemption or other load, and host-bound steps (a compiled Qwen-Image step: 112
+    -> 135-220 ms) follow it. ``reference_us``: the host's speed before that work (the benchmark's parent process
+    at its start); settled once a probe is within ``tolerance`` of it; ``timeout_s``: give up (the row says so)."""
+
+    reference_us: float
+    tolerance: float = 1.25
+    timeout_s: float = 30.0
+    interval_s: float = 0.2
+
+
+def settle_host(settle: HostSettle) -> dict:
+    """Probe ``host_us`` (idle ``interval_s`` between probes) until it is within ``settle.tolerance`` of
+    ``settle.reference_us`` or ``settle.timeout_s`` passed; returns ``settled`` (bool), ``settle_s`` (the wait),
+    ``host_us`` (the last probe), ``reference_us`` and ``probes``."""
+    start = time.perf_counter()
+    probes = 0
+    while True:
+        probe = host_us(calls=300, rounds=3)
+        probes += 1
+        waited = time.perf_counter() - start
+        settled = probe <= settle.tolerance * settle.reference_us
+        if settled or waited >= settle.timeout_s:
+            return {"settled": settled, "settle_s": round(waited, 2), "host_us": probe,
+                    "reference_us": settle.reference_us, "probes": probes}
+        time.sleep(settle.interval_s)
 
 
 def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:

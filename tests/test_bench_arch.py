@@ -99,7 +99,7 @@ def test_harness_runs_every_variant_tiny(comfyui, pack_layout, key, tmp_path, ca
 
     out = tmp_path / "rows.json"
     bench_arch.main(["--tiny", "--no-isolate", "--models", key, "--variants", *bench_arch.VARIANTS, "--reps", "1",
-                     "--warmup", "0", "--out", str(out)])
+                     "--warmup", "0", "--settle-s", "0", "--out", str(out)])
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [r["variant"] for r in rows] == list(bench_arch.VARIANTS)
@@ -136,7 +136,7 @@ def test_harness_lora_variants_tiny(comfyui, pack_layout, key, tmp_path, capsys)
     out = tmp_path / "rows.json"
     bench_arch.main(["--tiny", "--no-isolate", "--models", key, "--variants", "bf16", "pack-convert",
                      *bench_arch.LORA_VARIANTS, "--reps", "1", "--warmup", "0", "--ref-dir", str(tmp_path / "refs"),
-                     "--out", str(out)])
+                     "--settle-s", "0", "--out", str(out)])
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["bf16", "pack-convert", "bf16-lora64", "pack-convert-lora64"]
     assert os.path.exists(tmp_path / "refs" / f"ref-{key}-tiny-lora64.pt")
@@ -177,7 +177,7 @@ def test_harness_compile_mode_and_native_state_dict_in_memory(comfyui, pack_layo
     out = tmp_path / "rows.json"
     bench_arch.main(["--tiny", "--no-isolate", "--models", "zimage", "--variants", "bf16", "pack-native",
                      "--modes", "compile", "--backend", "eager", "--native-file", "memory", "--reps", "1",
-                     "--warmup", "1", "--ref-dir", str(tmp_path / "refs"), "--out", str(out)])
+                     "--warmup", "1", "--ref-dir", str(tmp_path / "refs"), "--settle-s", "0", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["mode"]) for r in rows] == [("bf16", "compile"), ("pack-native", "compile")]
     # without an eager BF16 row the BF16 process still makes the eager reference for SQNR
@@ -191,7 +191,7 @@ def test_harness_isolates_variants_and_merges_files(comfyui, tmp_path):
     result files merged into one table with the ratios recomputed."""
     env = _package_env()
     run = [sys.executable, "-m", "int8_w8a8.bench.bench_arch", "--tiny", "--models", "wan14b", "--reps", "1",
-           "--warmup", "0"]
+           "--warmup", "0", "--settle-s", "0"]
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     subprocess.run([*run, "--variants", "bf16", "pack-convert", "--out", str(first)], env=env, check=True,
                    timeout=600)
@@ -353,7 +353,8 @@ def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
     out = tmp_path / "rows.json"
     subprocess.run([sys.executable, "-m", "int8_w8a8.bench.bench_arch", "--tiny", "--overlap", "--models", "zimage",
                     "--variants", "bf16", "fp8-fast", "pack-convert", "--modes", "eager", "compile", "--backend",
-                    "eager", "--reps", "1", "--warmup", "1", "--pin-gpu-cpus", "--out", str(out)], env=_package_env(),
+                    "eager", "--reps", "1", "--warmup", "1", "--pin-gpu-cpus", "--settle-s", "2", "--out", str(out)],
+                   env=_package_env(),
                    check=True, timeout=900)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["mode"]) for r in rows] == [
@@ -365,6 +366,9 @@ def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
     assert all(r["pinned_cpus"] is None for r in rows)
     # and what the host did meanwhile (item 88): the thread's CPU share, busy CPUs, steal, preemptions
     assert all(len(r["runs_sys"]) == 1 and r["runs_sys"][0]["thread_cpu_pct"] >= 0 for r in rows)
+    # each row waited (at most --settle-s) for the host's speed the parent measured at its start (item 88)
+    assert len({r["host_settle"]["reference_us"] for r in rows}) == 1
+    assert all(r["host_settle"]["probes"] >= 1 and r["host_settle"]["settle_s"] <= 2 + 1 for r in rows)
     sqnr = {(r["variant"], r["mode"]): r["sqnr_vs_bf16"] for r in rows}
     assert sqnr[("bf16", "eager")] == math.inf and sqnr[("bf16", "compile")] > 60
     assert all(15 < sqnr[(v, m)] < math.inf for v in ("fp8-fast", "pack-convert") for m in ("eager", "compile"))

@@ -120,3 +120,15 @@ def test_cpu_counters_moved():
     # without /proc/stat's ticks the host-wide figures are unknown, not zero
     no_ticks = dict(common.cpu_counters(), ticks=None)
     assert common.cpu_moved(no_ticks, no_ticks)["busy_cpus"] is None
+
+
+def test_settle_host():
+    """common.settle_host (item 88): a host at its reference speed settles on the first probe; one that never
+    reaches it gives up after the timeout and says so."""
+    from int8_w8a8.bench import common
+
+    fast = common.settle_host(common.HostSettle(reference_us=1e6))
+    assert fast["settled"] and fast["probes"] == 1 and fast["host_us"] > 0
+    slow = common.settle_host(common.HostSettle(reference_us=1e-6, timeout_s=0.3, interval_s=0.05))
+    assert not slow["settled"] and slow["settle_s"] >= 0.3 and slow["probes"] >= 2
+    assert slow["reference_us"] == 1e-6
