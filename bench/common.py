@@ -182,7 +182,7 @@ def cpu_counters() -> dict:
     """A snapshot of what decides whether the host ran at full speed: the system's CPU time by kind (/proc/stat's
     ``cpu`` line, in clock ticks: busy, idle, steal), this thread's CPU time and context switches (getrusage), and
     the wall clock. ``cpu_moved`` turns two snapshots into a step's figures (bench/NOTES.md item 88)."""
-    import resource
+    import resource  # Unix only: imported where it is used, so the module still imports elsewhere
 
     fields = (_read("/proc/stat") or "").split("\n", 1)[0].split()
     ticks = [int(v) for v in fields[1:9]] if fields[:1] == ["cpu"] and len(fields) >= 9 else None
