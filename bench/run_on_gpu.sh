@@ -103,13 +103,14 @@ for step in "$@"; do
         host) python3 -m int8_w8a8.bench.profile_host --out "$OUT/profile_host.json" 2>&1 | tee "$OUT/profile_host.txt" ;;
         # the host's slow mode (bench/NOTES.md item 87; ~7 min): one INT8 linear's host cost direct / through torch.ops /
         # compiled, before and after compiling, unpinned and on the GPU's local CPUs; then the pack's eager and compiled
-        # rows (MODELS, default Qwen-Image) unpinned and pinned, each with its per-run CPU, NUMA node and host probe
+        # rows (MODELS, default Qwen-Image) unpinned and pinned, each with its per-run CPU, NUMA node and host probe;
+        # the rows do not wait for the host to settle (--settle-s 0: this step observes the slow mode, item 88)
         host-mode) for pin in "" --pin-gpu-cpus; do tag=${pin:+-pinned}
                 python3 -m int8_w8a8.bench.compile_host $pin --out "$OUT/compile_host$tag.json" 2>&1 \
                     | tee "$OUT/compile_host$tag.txt"; done
             for pin in "" --pin-gpu-cpus; do tag=${pin:+-pinned}; m=${MODELS:-qwen-image}
                 python3 -m int8_w8a8.bench.bench_arch --models $m --variants ${VARIANTS:-pack-convert} \
-                    --modes eager compile --reps 15 $pin --out "$OUT/bench_arch_host_mode_${m// /_}$tag.json" 2>&1 \
+                    --modes eager compile --reps 15 --settle-s 0 $pin --out "$OUT/bench_arch_host_mode_${m// /_}$tag.json" 2>&1 \
                     | tee "$OUT/bench_arch_host_mode_${m// /_}$tag.txt"; done ;;
         # ARCH_ARGS: more bench_arch arguments (e.g. "--trace-dir $OUT/traces": a Chrome trace of each row's step;
         # "--overlap": the variants' processes build and compile together and take turns for their timed steps,
