@@ -294,9 +294,10 @@ def _ref_path(ref_dir: str, model: str, res: int, rank: int = 0) -> str:
 
 
 def run(models: list[str], resolutions: list[int], variants: list[str], compile_: bool,
-        ref_dir: str | None = None) -> list[dict]:
+        ref_dir: str | None = None, settle: common.HostSettle | None = None) -> list[dict]:
     """Rows of measurements (speed-ups added by ``add_ratios``). ``ref_dir``: where BF16 eager outputs are
-    saved, and read back by runs of other variants (``--isolate`` runs each variant in its own process)."""
+    saved, and read back by runs of other variants (``--isolate`` runs each variant in its own process).
+    ``settle``: each row waits for the host's normal speed before its timed steps (``common.settle_host``)."""
     from ..ops import native
 
     rows = []
@@ -321,7 +322,7 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
                 for res in resolutions:
                     if mode == "compile":
                         torch._dynamo.reset()
-                    out = measure(model, step_inputs(cfg, res), baseline=baseline)
+                    out = measure(model, step_inputs(cfg, res), baseline=baseline, settle=settle)
                     y = out.pop("y")
                     base, rank = split_lora(variant)
                     if base == "bf16" and mode == "eager":
@@ -337,12 +338,21 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
                           f"({' '.join(f'{t:.1f}' for t in row['runs_ms'])})  weights "
                           f"{weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
                           f"{row['first_call_s']:.1f} s  SQNR {sqnr if sqnr is not None else float('nan'):5.1f} dB  "
-                          f"SM {row['sm_mhz'] or 0:.0f} MHz {row['watts'] or 0:.0f} W", flush=True)
+                          f"SM {row['sm_mhz'] or 0:.0f} MHz {row['watts'] or 0:.0f} W"
+                          + _settle_note(row["host_settle"]), flush=True)
             del patcher, modes, model
             torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
             native.install()  # undo comfy-int8's switch (a no-op when the pack's hook is already in place)
             _free()
     return rows
+
+
+def _settle_note(settled: dict | None) -> str:
+    """How long a row waited for the host's normal speed (bench/NOTES.md item 88), for its printed line."""
+    if not settled:
+        return ""
+    return f"  host settled in {settled['settle_s']} s" if settled["settled"] else \
+        f"  host NOT settled after {settled['settle_s']} s ({settled['host_us']} us against {settled['reference_us']})"
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -365,11 +375,13 @@ def run_isolated(args) -> list[dict]:
     """Each variant in a fresh process: graphs compiled for one variant can keep its model and guards alive
     in the process (peak memory and guard time of the next variant would include them)."""
     rows = []
+    reference = args.host_reference_us or common.host_us()  # the host's speed before any variant built (item 88)
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:  # bf16 first when listed: the others read its outputs for SQNR
             out = os.path.join(tmp, f"{variant}.json")
             cmd = [sys.executable, "-m", __spec__.name, "--models", *args.models, "--res", *map(str, args.res),
-                   "--variants", variant, "--ref-dir", tmp, "--rows-out", out] + (["--compile"] if args.compile else [])
+                   "--variants", variant, "--ref-dir", tmp, "--rows-out", out, "--settle-s", str(args.settle_s),
+                   "--host-reference-us", str(reference)] + (["--compile"] if args.compile else [])
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 rows += json.load(f)
@@ -394,7 +406,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["klein9b", "klein4b"], choices=sorted(flux2_model.CONFIGS))
     parser.add_argument("--res", type=int, nargs="+", default=[1024])
@@ -404,7 +416,11 @@ def main() -> None:
     parser.add_argument("--isolate", action="store_true", help="run each variant in its own process")
     parser.add_argument("--ref-dir", default=None, help=argparse.SUPPRESS)  # used by --isolate's children
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--settle-s", type=float, default=30.0,
+                        help="before each row's timed steps, wait up to this long for the host's normal speed (a tiny "
+                             "CPU op within 1.25x of its time at the start; bench/NOTES.md item 88); 0: do not wait")
+    parser.add_argument("--host-reference-us", type=float, default=None, help=argparse.SUPPRESS)  # from the parent
+    args = parser.parse_args(argv)
     if args.isolate:
         rows = add_ratios(run_isolated(args))
         print(table(rows))
@@ -414,11 +430,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     for name in ("int8_w8a8.ops.blocks.attention_choice", "int8_w8a8.kernels.attention"):
         logging.getLogger(name).setLevel(logging.INFO)  # which attention the fused blocks ran, once per choice
+    reference = args.host_reference_us or common.host_us()  # before this process builds or compiles anything
+    settle = common.HostSettle(reference, timeout_s=args.settle_s) if args.settle_s > 0 else None
     flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
     from ..ops import native
 
     native.install()  # as in ComfyUI with the pack installed; comfy-int8 switches it off for its own load
-    rows = run(args.models, args.res, args.variants, args.compile, args.ref_dir)
+    rows = run(args.models, args.res, args.variants, args.compile, args.ref_dir, settle)
     if args.rows_out:
         with open(args.rows_out, "w") as f:
             json.dump(rows, f)

@@ -379,3 +379,17 @@ def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
 
     with pytest.raises(ValueError, match="does not apply to eager-dvram"):
         bench_arch.main(["--tiny", "--overlap", "--models", "zimage", "--modes", "eager-dvram"])
+
+
+def test_flux2_harness_rows_wait_for_the_host(comfyui, tmp_path):
+    """bench_model (the FLUX.2 harness behind `model-attn8` and the klein rows), each variant in its own process: every
+    row waits for the host speed the parent measured at its start (item 88; bounded by --settle-s) and records it."""
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, "-m", "int8_w8a8.bench.bench_model", "--models", "tiny", "--res", "64",
+                    "--variants", "bf16", "pack-row", "--isolate", "--settle-s", "2", "--out", str(out)],
+                   env=_package_env(), check=True, timeout=600)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bf16", "pack-row"}
+    assert len({r["host_settle"]["reference_us"] for r in rows.values()}) == 1
+    assert all(r["host_settle"]["probes"] >= 1 and r["host_settle"]["settle_s"] <= 2 + 1 for r in rows.values())
+    assert 20 < rows["pack-row"]["sqnr_vs_bf16"] < math.inf
