@@ -363,7 +363,7 @@ def run_isolated(args) -> list[dict]:
     rows = []
     ref_dir = args.ref_dir or tempfile.mkdtemp(prefix="int8_w8a8-arch-")
     # the host's speed before any variant built or compiled: what each child waits for (item 88)
-    reference = args.host_reference_us or common.host_us()
+    settle = common.settle_child_args(args.settle_s)
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
             outs, cmds = [], []
@@ -374,8 +374,7 @@ def run_isolated(args) -> list[dict]:
                 cmds.append(head + ["--models", key, "--variants", variant,
                             "--modes", *args.modes, "--ref-dir", ref_dir, "--rows-out", outs[-1], "--no-isolate",
                             "--native-file", args.native_file, "--reps", str(args.reps), "--warmup", str(args.warmup),
-                            "--power-s", str(args.power_s), "--backend", args.backend,
-                            "--settle-s", str(args.settle_s), "--host-reference-us", str(reference)]
+                            "--power-s", str(args.power_s), "--backend", args.backend, *settle]
                             + (["--tiny"] if args.tiny else [])
                             + (["--pin-gpu-cpus"] if args.pin_gpu_cpus else [])
                             + (["--trace-dir", args.trace_dir] if args.trace_dir else []))
@@ -477,8 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.pin_gpu_cpus:
             print(f"pinned to the GPU's local CPUs {pinned}" if pinned else "--pin-gpu-cpus: the GPU's local CPUs "
                   "are unknown here (no CUDA device or no sysfs entry); not pinned", flush=True)
-        reference = args.host_reference_us or common.host_us()  # before this process builds or compiles anything
-        settle = common.HostSettle(reference, timeout_s=args.settle_s) if args.settle_s > 0 else None
+        # the host's speed before this process builds or compiles anything
+        settle = common.HostSettle(args.host_reference_us or common.reference_host_us(), timeout_s=args.settle_s) \
+            if args.settle_s > 0 else None
         flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
         if "eager-dvram" in args.modes:
             flux2_model.enable_dynamic_vram()

@@ -375,13 +375,14 @@ def run_isolated(args) -> list[dict]:
     """Each variant in a fresh process: graphs compiled for one variant can keep its model and guards alive
     in the process (peak memory and guard time of the next variant would include them)."""
     rows = []
-    reference = args.host_reference_us or common.host_us()  # the host's speed before any variant built (item 88)
+    # the host's speed before any variant built: what each child waits for (item 88)
+    settle = common.settle_child_args(args.settle_s)
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:  # bf16 first when listed: the others read its outputs for SQNR
             out = os.path.join(tmp, f"{variant}.json")
             cmd = [sys.executable, "-m", __spec__.name, "--models", *args.models, "--res", *map(str, args.res),
-                   "--variants", variant, "--ref-dir", tmp, "--rows-out", out, "--settle-s", str(args.settle_s),
-                   "--host-reference-us", str(reference)] + (["--compile"] if args.compile else [])
+                   "--variants", variant, "--ref-dir", tmp, "--rows-out", out, *settle] \
+                + (["--compile"] if args.compile else [])
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 rows += json.load(f)
@@ -430,8 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     for name in ("int8_w8a8.ops.blocks.attention_choice", "int8_w8a8.kernels.attention"):
         logging.getLogger(name).setLevel(logging.INFO)  # which attention the fused blocks ran, once per choice
-    reference = args.host_reference_us or common.host_us()  # before this process builds or compiles anything
-    settle = common.HostSettle(reference, timeout_s=args.settle_s) if args.settle_s > 0 else None
+    # the host's speed before this process builds or compiles anything
+    settle = common.HostSettle(args.host_reference_us or common.reference_host_us(), timeout_s=args.settle_s) \
+        if args.settle_s > 0 else None
     flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
     from ..ops import native
 

@@ -253,6 +253,23 @@ class HostSettle:
     interval_s: float = 0.2
 
 
+def reference_host_us(probes: int = 3, interval_s: float = 0.5) -> float:
+    """The host's normal speed for ``HostSettle``: the fastest of ``probes`` ``host_us`` probes ``interval_s``
+    apart, so a benchmark started right after other work (a compile in an earlier step of the same call) does not take
+    the slow mode for its reference."""
+    best = host_us()
+    for _ in range(probes - 1):
+        time.sleep(interval_s)
+        best = min(best, host_us())
+    return best
+
+
+def settle_child_args(settle_s: float) -> list[str]:
+    """A benchmark parent's ``--settle-s`` for its per-variant child processes, with the host's normal speed taken
+    now (``--host-reference-us``, before any child builds or compiles) when they are to wait at all."""
+    return ["--settle-s", str(settle_s)] + (["--host-reference-us", str(reference_host_us())] if settle_s > 0 else [])
+
+
 def settle_host(settle: HostSettle) -> dict:
     """Probe ``host_us`` (idle ``interval_s`` between probes) until it is within ``settle.tolerance`` of
     ``settle.reference_us`` or ``settle.timeout_s`` passed; returns ``settled`` (bool), ``settle_s`` (the wait),
