@@ -3,7 +3,8 @@
     python -m int8_w8a8.bench.profile_host [--out host.json]      (GPU; ComfyUI layers need COMFYUI_PATH)
     python -m int8_w8a8.bench.profile_host --cpu-proxy            (no GPU: the Python layers, CPU proxy)
     python -m int8_w8a8.bench.profile_host --cpu-proxy-step qwen-image [--layers 20] [--cprofile 60]
-                                                                  (no GPU: a whole eager step's host time)
+                                           [--compile inductor]
+                                                                  (no GPU: a whole step's host time, eager or compiled)
 
 Batch-1 layers run in tens of microseconds on the GPU, so Python and launch overhead decide
 whether they beat BF16. Prints microseconds per call (median of several runs of many calls, no
@@ -167,11 +168,11 @@ def _null_kernels():
 
 
 @contextlib.contextmanager
-def _null_launches():
+def _null_launches(replayed: list[float] | None = None):
     """CPU proxy only: a FastLauncher call does its Python (specialization key, cache lookup, argument list) and
     stops where the GPU path calls Triton's C launcher; a replayed launch stops at the same place. Inside
     ``launch.recording()`` the launches are recorded as compiled ones (a kernel, device 0), so replays substitute
-    addresses, as on a GPU."""
+    addresses, as on a GPU. ``replayed``: each replayed launch appends its ``perf_counter`` time there."""
     from ..kernels import launch
 
     call, replay = launch.FastLauncher.__call__, launch.Launch.replay
@@ -185,8 +186,12 @@ def _null_launches():
         if records is not None:
             records.append(launch.Launch(self, grid, args, kwargs, object(), 0))
 
+    def replay_stopped(self, args):
+        if replayed is not None:
+            replayed.append(time.perf_counter())
+
     launch.FastLauncher.__call__ = key_only
-    launch.Launch.replay = lambda self, args: None
+    launch.Launch.replay = replay_stopped
     try:
         yield
     finally:
@@ -426,9 +431,10 @@ def print_fused_rows(rows: list[dict], title: str) -> None:
 
 
 @contextlib.contextmanager
-def _proxy_launches():
+def _proxy_launches(replayed: list[float] | None = None):
     """CPU proxy of the fused path: Triton's path forced (the interpreter never runs: launches stop where Triton's
-    C launcher would run and are recorded as compiled ones: ``_null_launches``)."""
+    C launcher would run and are recorded as compiled ones: ``_null_launches``, which appends each replay's time to
+    ``replayed``)."""
     from ..kernels import api, direct, fused, triton_fused
     from ..kernels.dispatch import Backend
 
@@ -439,7 +445,7 @@ def _proxy_launches():
     fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend, triton_fused._resident = (
         (lambda d: True), (lambda d: hopper), (lambda d: hopper), (lambda d: hopper), (lambda *a: 0))
     try:
-        with _null_launches():
+        with _null_launches(replayed):
             yield
     finally:
         (fused._triton, fused.choose_backend, api.choose_backend, direct.choose_backend,
@@ -482,16 +488,21 @@ def _null_attention():
         comfy.ops.scaled_dot_product_attention = sdpa
 
 
-def cpu_proxy_step(arch_key: str, layers: int, reps: int = 25, cprofile_rows: int = 0) -> dict:
-    """CPU proxy of a whole eager step: the pack's load (converted on load, fused blocks) of ``arch_key``'s tiny
+def cpu_proxy_step(arch_key: str, layers: int, reps: int = 25, cprofile_rows: int = 0,
+                   backend: str | None = None) -> dict:
+    """CPU proxy of a whole step: the pack's load (converted on load, fused blocks) of ``arch_key``'s tiny
     config with ``layers`` blocks, one ``apply_model`` step as samplers call it (ComfyUI's model code, the block
     hooks, the fused-block glue, the replays, ComfyUI's attention function up to its SDPA call), launches stopped
     where Triton's C launcher would run and the SDPA call returning at once (``_null_attention``). What a GPU adds
     per block on top: the C launches (~5 us each) and cuDNN's attention call. Layers ComfyUI runs in float (Z-Image's
     refiners, embedders) compute for real on the CPU: compare a change's before and after, not architectures.
-    Returns ``{"ms_min", "ms_median", "us_per_block", "launch_path_per_step"}`` (host time of one step, per block
-    including the step's fixed part, the minimum being the steadier number on a shared machine; INT8 linears a step
-    runs through the launch path instead of a replay); ``cprofile_rows``: also print a cProfile of 5 steps."""
+    Returns ``{"ms_min", "ms_median", "us_per_block", "launch_path_per_step", "first_launch_ms"}`` (host time of
+    one step, per block including the step's fixed part, the minimum being the steadier number on a shared machine;
+    INT8 linears a step runs through the launch path instead of a replay; the median time from the step's start to
+    its first replayed pack launch, before which a GPU has none of the pack's kernels to run); ``cprofile_rows``:
+    also print a cProfile of 5 steps. ``backend``: the step under the stock TorchCompileModel node with this
+    torch.compile backend (None: eager); a compiled step's first launch waits for Dynamo's guards, the graph's input
+    asserts and its wrapper (bench/NOTES.md item 87), and its float ops run as Inductor's CPU kernels."""
     from . import arch_models, bench_arch, flux2_model, guard_report
 
     flux2_model.setup_comfyui(cpu=True)
@@ -507,25 +518,39 @@ def cpu_proxy_step(arch_key: str, layers: int, reps: int = 25, cprofile_rows: in
         return linear_impl(*args, **kwargs)
 
     api.int8_linear_impl = counted
+    replayed: list[float] = []
     try:
-        with _proxy_launches(), _replay(True), _null_attention():
-            times = _proxy_steps(patcher, inputs, reps, cprofile_rows)
+        with _proxy_launches(replayed), _replay(True), _null_attention():
+            model = patcher
+            if backend is not None:
+                from . import bench_model
+
+                torch._dynamo.reset()
+                model = bench_model.compiled(patcher, backend)
+            times, first = _proxy_steps(model, inputs, reps, cprofile_rows, replayed)
     finally:
         api.int8_linear_impl = linear_impl
     return {"ms_min": min(times), "ms_median": statistics.median(times), "us_per_block": min(times) / layers * 1e3,
-            "launch_path_per_step": len(launch_path) / (reps + 3 + (5 if cprofile_rows else 0))}
+            "launch_path_per_step": len(launch_path) / (reps + 3 + (5 if cprofile_rows else 0)),
+            "first_launch_ms": statistics.median(first) if first else None}
 
 
-def _proxy_steps(patcher, inputs, reps: int, cprofile_rows: int) -> list[float]:
+def _proxy_steps(patcher, inputs, reps: int, cprofile_rows: int,
+                 replayed: list[float]) -> tuple[list[float], list[float]]:
+    """``reps`` timed steps after three untimed ones: each step's ms, and the ms from its start to its first
+    replayed launch (``replayed``, filled by the null launcher) where it replayed any."""
     from . import bench_model
 
     for _ in range(3):
         bench_model.step(patcher, inputs)
-    times = []
+    times, first = [], []
     for _ in range(reps):
+        replayed.clear()
         t0 = time.perf_counter()
         bench_model.step(patcher, inputs)
         times.append((time.perf_counter() - t0) * 1e3)
+        if replayed:
+            first.append((replayed[0] - t0) * 1e3)
     if cprofile_rows:
         prof = cProfile.Profile()
         prof.enable()
@@ -533,7 +558,7 @@ def _proxy_steps(patcher, inputs, reps: int, cprofile_rows: int) -> list[float]:
             bench_model.step(patcher, inputs)
         prof.disable()
         pstats.Stats(prof).sort_stats("cumulative").print_stats(cprofile_rows)
-    return times
+    return times, first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,13 +568,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU proxy of one eager step of a tiny ARCH (bench/arch_models.py) with --layers blocks")
     parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--cprofile", type=int, default=0, metavar="ROWS", help="with --cpu-proxy-step: a cProfile")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="with --cpu-proxy-step: the step under TorchCompileModel with this backend (inductor)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.cpu_proxy_step:
-        r = cpu_proxy_step(args.cpu_proxy_step, args.layers, cprofile_rows=args.cprofile)
-        print(f"{args.cpu_proxy_step}, {args.layers} blocks: step host {r['ms_min']:.2f} ms (min; median "
-              f"{r['ms_median']:.2f}), {r['us_per_block']:.0f} us per block, {r['launch_path_per_step']:g} INT8 "
-              "linears a step on the launch path")
+        r = cpu_proxy_step(args.cpu_proxy_step, args.layers, cprofile_rows=args.cprofile, backend=args.compile)
+        first = "no" if r["first_launch_ms"] is None else f"{r['first_launch_ms']:.2f} ms to the"
+        print(f"{args.cpu_proxy_step}, {args.layers} blocks{f' ({args.compile})' if args.compile else ''}: "
+              f"{first} first pack launch; step host {r['ms_min']:.2f} ms (min; median {r['ms_median']:.2f}), "
+              f"{r['us_per_block']:.0f} us per block, {r['launch_path_per_step']:g} INT8 linears a step on the "
+              "launch path")
         return 0
     if args.cpu_proxy:
         return cpu_proxy()

@@ -263,14 +263,22 @@ def test_guard_report_interleaved_times_each_variants_own_check(comfyui, tmp_pat
 
 
 def test_cpu_proxy_step_replays_every_int8_linear(comfyui):
-    """profile_host's whole-step CPU proxy (a tiny Qwen-Image, launches stopped at Triton's C launcher) times a step
-    and counts INT8 linears that took the launch path: none, the per-block modulation layers included (their
-    LinearPlans must take the proxy's Triton backend, or they ran the launch path and inflated the step)."""
+    """profile_host's whole-step CPU proxy (a tiny Qwen-Image, launches stopped at Triton's C launcher), eager and
+    compiled, times a step and its first pack launch and counts INT8 linears that took the launch path: none, the
+    per-block modulation layers included (their LinearPlans must take the proxy's Triton backend, or they ran the
+    launch path and inflated the step)."""
     out = subprocess.run([sys.executable, "-m", "int8_w8a8.bench.profile_host", "--cpu-proxy-step", "qwen-image",
                           "--layers", "2"], env=_package_env(), check=True, timeout=600, capture_output=True, text=True)
     line = out.stdout.strip().splitlines()[-1]
-    assert line.startswith("qwen-image, 2 blocks: step host ") and line.endswith(
-        " us per block, 0 INT8 linears a step on the launch path"), line
+    assert line.startswith("qwen-image, 2 blocks: ") and " ms to the first pack launch; step host " in line and \
+        line.endswith(" us per block, 0 INT8 linears a step on the launch path"), line
+    # the same step compiled (TorchCompileModel; the eager backend keeps the test short): the pack's ops still replay
+    out = subprocess.run([sys.executable, "-m", "int8_w8a8.bench.profile_host", "--cpu-proxy-step", "qwen-image",
+                          "--layers", "2", "--compile", "eager"], env=_package_env(), check=True, timeout=600,
+                         capture_output=True, text=True)
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("qwen-image, 2 blocks (eager): ") and " ms to the first pack launch; " in line and \
+        line.endswith(" 0 INT8 linears a step on the launch path"), line
 
 
 def _package_env() -> dict:
