@@ -310,10 +310,8 @@ def _print_row(row: dict) -> None:
               f"dynamo {row['runs_dynamo']}", flush=True)
     if row["mode"] == "compile":  # what compiled from the first call on: graphs, breaks, recompile limits
         print(f"    dynamo: {row['dynamo']}", flush=True)
-    settled = row.get("host_settle")
-    if settled:  # how long the row waited for the host's normal speed before its timed steps (item 88)
-        print(f"    host {'settled' if settled['settled'] else 'NOT settled'} after {settled['settle_s']} s: host_us "
-              f"{settled['host_us']} against {settled['reference_us']} at the start", flush=True)
+    if row.get("host_settle"):  # how long the row waited for the host's normal speed before its timed steps (item 88)
+        print(f"    {common.settle_note(row['host_settle'])}", flush=True)
     if row.get("runs_host_us"):  # the host's speed after each timed step, and where it ran (item 87)
         print(f"    per run host_us {row['runs_host_us']}; CPU {row['runs_cpu']}, NUMA node {row['runs_numa']}, MHz "
               f"{row.get('runs_mhz')}", flush=True)
@@ -455,10 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge result files, print the table")
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # used by the isolated children
     parser.add_argument("--turns", default=None, help=argparse.SUPPRESS)  # an --overlap child's pipes (turns.Turns)
-    parser.add_argument("--settle-s", type=float, default=30.0,
-                        help="before each row's timed steps, wait up to this long for the host's normal speed (a tiny "
-                             "CPU op within 1.25x of its time at the start; bench/NOTES.md item 88); 0: do not wait")
-    parser.add_argument("--host-reference-us", type=float, default=None, help=argparse.SUPPRESS)  # from the parent
+    common.add_settle_args(parser)
     args = parser.parse_args(argv)
     if args.merge:
         rows = merge(args.merge)
@@ -476,9 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.pin_gpu_cpus:
             print(f"pinned to the GPU's local CPUs {pinned}" if pinned else "--pin-gpu-cpus: the GPU's local CPUs "
                   "are unknown here (no CUDA device or no sysfs entry); not pinned", flush=True)
-        # the host's speed before this process builds or compiles anything
-        settle = common.HostSettle(args.host_reference_us or common.reference_host_us(), timeout_s=args.settle_s) \
-            if args.settle_s > 0 else None
+        settle = common.settle_from_args(args)
         flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
         if "eager-dvram" in args.modes:
             flux2_model.enable_dynamic_vram()

@@ -339,20 +339,13 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
                           f"{weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
                           f"{row['first_call_s']:.1f} s  SQNR {sqnr if sqnr is not None else float('nan'):5.1f} dB  "
                           f"SM {row['sm_mhz'] or 0:.0f} MHz {row['watts'] or 0:.0f} W"
-                          + _settle_note(row["host_settle"]), flush=True)
+                          + (f"  {common.settle_note(row['host_settle'])}" if row["host_settle"] else ""),
+                          flush=True)
             del patcher, modes, model
             torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
             native.install()  # undo comfy-int8's switch (a no-op when the pack's hook is already in place)
             _free()
     return rows
-
-
-def _settle_note(settled: dict | None) -> str:
-    """How long a row waited for the host's normal speed (bench/NOTES.md item 88), for its printed line."""
-    if not settled:
-        return ""
-    return f"  host settled in {settled['settle_s']} s" if settled["settled"] else \
-        f"  host NOT settled after {settled['settle_s']} s ({settled['host_us']} us against {settled['reference_us']})"
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -417,10 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--isolate", action="store_true", help="run each variant in its own process")
     parser.add_argument("--ref-dir", default=None, help=argparse.SUPPRESS)  # used by --isolate's children
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--settle-s", type=float, default=30.0,
-                        help="before each row's timed steps, wait up to this long for the host's normal speed (a tiny "
-                             "CPU op within 1.25x of its time at the start; bench/NOTES.md item 88); 0: do not wait")
-    parser.add_argument("--host-reference-us", type=float, default=None, help=argparse.SUPPRESS)  # from the parent
+    common.add_settle_args(parser)
     args = parser.parse_args(argv)
     if args.isolate:
         rows = add_ratios(run_isolated(args))
@@ -431,9 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     for name in ("int8_w8a8.ops.blocks.attention_choice", "int8_w8a8.kernels.attention"):
         logging.getLogger(name).setLevel(logging.INFO)  # which attention the fused blocks ran, once per choice
-    # the host's speed before this process builds or compiles anything
-    settle = common.HostSettle(args.host_reference_us or common.reference_host_us(), timeout_s=args.settle_s) \
-        if args.settle_s > 0 else None
+    settle = common.settle_from_args(args)
     flux2_model.setup_comfyui(cpu=not torch.cuda.is_available())
     from ..ops import native
 

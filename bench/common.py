@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -262,6 +263,31 @@ def reference_host_us(probes: int = 3, interval_s: float = 0.5) -> float:
         time.sleep(interval_s)
         best = min(best, host_us())
     return best
+
+
+def add_settle_args(parser: argparse.ArgumentParser) -> None:
+    """A benchmark's ``--settle-s`` (how long each row may wait for the host's normal speed) and the hidden
+    ``--host-reference-us`` its parent passes to per-variant children (``settle_child_args``)."""
+    parser.add_argument("--settle-s", type=float, default=30.0,
+                        help="before each row's timed steps, wait up to this long for the host's normal speed (a tiny "
+                             "CPU op within 1.25x of its time at the start; bench/NOTES.md item 88); 0: do not wait")
+    parser.add_argument("--host-reference-us", type=float, default=None, help=argparse.SUPPRESS)  # from the parent
+
+
+def settle_from_args(args: argparse.Namespace) -> HostSettle | None:
+    """The ``HostSettle`` of a benchmark process from ``add_settle_args``' arguments (the parent's reference, or this
+    host's speed now, before the process builds or compiles anything); None with ``--settle-s 0``."""
+    if args.settle_s <= 0:
+        return None
+    return HostSettle(args.host_reference_us or reference_host_us(), timeout_s=args.settle_s)
+
+
+def settle_note(settled: dict) -> str:
+    """One line on what ``settle_host`` did for a row (printed by the benchmarks beside the row)."""
+    if settled["settled"]:
+        return f"host settled in {settled['settle_s']} s"
+    return (f"host NOT settled after {settled['settle_s']} s ({settled['host_us']} us against "
+            f"{settled['reference_us']})")
 
 
 def settle_child_args(settle_s: float) -> list[str]:

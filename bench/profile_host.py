@@ -565,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-proxy", action="store_true", help="CPU tensors, no GPU: the Python layers only")
     parser.add_argument("--cpu-proxy-step", metavar="ARCH", default=None,
-                        help="CPU proxy of one eager step of a tiny ARCH (bench/arch_models.py) with --layers blocks")
+                        help="CPU proxy of one step (eager, or compiled with --compile) of a tiny ARCH "
+                             "(bench/arch_models.py) with --layers blocks")
     parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--cprofile", type=int, default=0, metavar="ROWS", help="with --cpu-proxy-step: a cProfile")
     parser.add_argument("--compile", default=None, metavar="BACKEND",

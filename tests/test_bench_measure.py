@@ -132,4 +132,7 @@ def test_settle_host():
     slow = common.settle_host(common.HostSettle(reference_us=1e-6, timeout_s=0.3, interval_s=0.05))
     assert not slow["settled"] and slow["settle_s"] >= 0.3 and slow["probes"] >= 2
     assert slow["reference_us"] == 1e-6
+    assert common.settle_note(fast).startswith("host settled in ")
+    note = common.settle_note(slow)
+    assert note.startswith("host NOT settled after ") and "against 1e-06" in note
     assert 0 < common.reference_host_us(probes=2, interval_s=0.01) < 1e3
