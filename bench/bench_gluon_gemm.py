@@ -3,6 +3,7 @@
     python -m int8_w8a8.bench.bench_gluon_gemm --check            # no GPU: compile every config for sm_90
     python -m int8_w8a8.bench.bench_gluon_gemm [--out gluon.json]  # H200: bit identity, then ms and TOPS
                                                                    # (plain, then the gated residual epilogue)
+    python -m int8_w8a8.bench.bench_gluon_gemm --glu [--out glu.json]  # the SwiGLU GEMM against two GEMMs
 
 ``--check`` reports for each ``CONFIGS`` entry the wgmma instruction, the ``wgmma.wait_group`` arguments (1: a
 product stays in flight while the next is issued; the pack's Triton kernels show only 0, bench/NOTES.md item 56),
@@ -37,6 +38,10 @@ CONFIGS: dict[str, GluonGemmConfig] = {
     "gluon 128x128x64 s4 w8 r128 2/SM": GluonGemmConfig(128, 128, 64, 4, 8, max_registers=128),
     "gluon 128x128x128 s3 w8 r128 2/SM": GluonGemmConfig(128, 128, 128, 3, 8, max_registers=128),
 }  # 128 x 256 at 8 warps compiles with 255 registers and a 64-byte stack (spills): not a candidate
+# the configs the SwiGLU GEMM (``_gluon_glu_kernel``) is compiled and timed with: the dispatched large-M row's form
+GLU_CONFIGS = ("gluon 128x128x128 s3 w8 r128 2/SM",)
+# SwiGLU up projections (M, K, F): Z-Image's w1/w3 pair, FLUX.2 klein 9B's and 4B's double-block MLP input
+GLU_SHAPES = [(4608, 3840, 10240), (4096, 4096, 12288), (4096, 3072, 9216)]
 # the large-M GEMMs of Z-Image, FLUX.2 klein 9B and Qwen-Image (sweep_gemm.WS_SHAPES and Qwen-Image's widths),
 # and one of each smaller M bucket
 SHAPES = [(4608, 3840, 11520), (4608, 3840, 3840), (4608, 3840, 10240), (4608, 10240, 3840), (4608, 4096, 36864),
@@ -45,9 +50,10 @@ SHAPES = [(4608, 3840, 11520), (4608, 3840, 3840), (4608, 3840, 10240), (4608, 1
 SMEM_LIMIT = 232448  # bytes per block on sm_90
 
 
-def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", residual: bool = False) -> dict:
+def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", residual: bool = False,
+                    glu: bool = False) -> dict:
     """Compile the kernel of ``cfg`` for ``sm_<arch>`` without a GPU (per-row scales, a bias, and with ``residual``
-    the gated residual epilogue); its PTX/cubin summary."""
+    the gated residual epilogue; ``glu``: the SwiGLU GEMM, ``_gluon_glu_kernel``); its PTX/cubin summary."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -55,14 +61,22 @@ def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", res
     from .check_ptx import _resource_usage, int8_desc_sig, ptxas_waits
     from .check_ptx_attention import wgmma_overlap
 
-    sig = {"a_desc": int8_desc_sig(cfg.block_m, cfg.block_k), "b_desc": int8_desc_sig(cfg.block_n, cfg.block_k),
-           "out_ptr": f"*{out}", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{out}", "gate_ptr": f"*{out}",
-           "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32", "stride_gb": "i32", "rows_per_batch": "i32",
-           "PER_ROW": "constexpr", "HAS_BIAS": "constexpr", "RESIDUAL": "constexpr", "STAGES": "constexpr",
-           "GROUP_M": "constexpr", "num_warps": "constexpr"}
-    consts = {"PER_ROW": True, "HAS_BIAS": True, "RESIDUAL": residual, "STAGES": cfg.stages, "GROUP_M": cfg.group_m,
-              "num_warps": cfg.num_warps}
-    kernel = gluon_gemm._gluon_gemm_persistent_kernel if cfg.persistent else gluon_gemm._gluon_gemm_kernel
+    sizes = {"M": "i32", "N": "i32", "K": "i32", "stride_om": "i32"}
+    if glu:
+        half = int8_desc_sig(cfg.block_n // 2, cfg.block_k)
+        sig = {"a_desc": int8_desc_sig(cfg.block_m, cfg.block_k), "g_desc": half, "u_desc": half,
+               "out_ptr": f"*{out}", "xs_ptr": "*fp32", "gs_ptr": "*fp32", "us_ptr": "*fp32", "gb_ptr": f"*{out}",
+               "ub_ptr": f"*{out}", "M": "i32", "F": "i32", "K": "i32", "stride_om": "i32"}
+        consts = {"PER_ROW": True, "HAS_BIAS": True}
+        kernel = gluon_gemm._gluon_glu_kernel
+    else:
+        sig = {"a_desc": int8_desc_sig(cfg.block_m, cfg.block_k), "b_desc": int8_desc_sig(cfg.block_n, cfg.block_k),
+               "out_ptr": f"*{out}", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": f"*{out}",
+               "gate_ptr": f"*{out}", **sizes, "stride_gb": "i32", "rows_per_batch": "i32"}
+        consts = {"PER_ROW": True, "HAS_BIAS": True, "RESIDUAL": residual}
+        kernel = gluon_gemm._gluon_gemm_persistent_kernel if cfg.persistent else gluon_gemm._gluon_gemm_kernel
+    consts.update(STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.num_warps)
+    sig.update(dict.fromkeys(consts, "constexpr"))
     compiled = triton.compile(GluonASTSource(kernel, sig, consts, {}),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": cfg.num_warps, "enable_fp_fusion": gluon_gemm.FP_FUSION,
@@ -111,7 +125,14 @@ def check_launches(arch: int = 90) -> list[dict]:
                                   GluonGemmConfig(persistent=True), gate=torch.zeros(3, 200, dtype=dtype))
                 gluon_gemm.launch(xq, xs, wq, w_scale, bias, torch.empty(300, 200, dtype=dtype),
                                   GluonGemmConfig(128, 128, 64, 4, 8, max_registers=128))
-                bad = [] if len(attempts) == 3 and all(a["fits"] for a in attempts) else [
+                # the SwiGLU GEMM's launch (``glu_launch_args``, as ``triton_gemm.gemm_glu`` binds it)
+                half, other = ((wq[cut], w_scale[cut] if w_scale.dim() else w_scale,
+                                bias[cut] if bias is not None else None) for cut in (slice(0, 100), slice(100, 200)))
+                kernel, grid, g_args, g_kwargs = gluon_gemm.glu_launch_args(
+                    xq, xs, half, other, torch.empty(300, 100, dtype=dtype), GluonGemmConfig(128, 128, 128, 3, 8,
+                                                                                             max_registers=128))
+                kernel[grid](*g_args, **g_kwargs)
+                bad = [] if len(attempts) == 4 and all(a["fits"] for a in attempts) else [
                     f"compiled {[a['kernel'] for a in attempts]}, fits {[a['fits'] for a in attempts]}"]
                 if attempts and attempts[-1]["regs"] > 128:  # the cap reached ptxas through Triton's launch
                     bad.append(f"max_registers 128 launched with {attempts[-1]['regs']} registers")
@@ -132,6 +153,14 @@ def check(arch: int = 90) -> list[dict]:
                 rows.append({"name": label, **row, "problems": problems(row)})
             except Exception as exc:  # a compiler failure is this config's result
                 rows.append({"name": label, "problems": [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]})
+    for name in GLU_CONFIGS:
+        cfg = CONFIGS[name]
+        label = name.replace("gluon ", "glu ", 1)
+        try:
+            row = {**compile_offline(cfg, arch, glu=True), "max_registers": cfg.max_registers}
+            rows.append({"name": label, **row, "problems": problems(row)})
+        except Exception as exc:  # a compiler failure is this config's result
+            rows.append({"name": label, "problems": [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]})
     return rows + check_launches(arch)
 
 
@@ -217,10 +246,62 @@ def run_residual(warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
     return results
 
 
+def run_glu(shapes=GLU_SHAPES, warmup_ms: int = 10, rep_ms: int = 50) -> list[dict]:
+    """The SwiGLU MLP input as a fused block runs it, per shape (M, K, F): the two GEMMs and ``glu_quantize`` (what
+    runs without the GLU GEMM) against ``glu_gemm`` + ``quantize_rows`` (Hopper's Gluon row), both through the
+    replayed eager functions; ms of the pair and of each part, and the int8 codes' agreement (h is rounded to bf16
+    before its quantization in the GLU form: a code may differ by one)."""
+    return [_glu_row(m, k, f, warmup_ms, rep_ms) for m, k, f in shapes]
+
+
+def _glu_row(m: int, k: int, f: int, warmup_ms: int, rep_ms: int) -> dict:
+    from ..kernels import fused, quantize_rows, reference_fused
+    from . import common
+    from .sweep_gemm import _operands
+
+    _, _, xq, xs, wq, ws, _, _ = _operands(m, k, 2 * f)
+    xs = xs.reshape(-1)
+    gate, up = (wq[:f], ws[:f], None), (wq[f:], ws[f:], None)
+    row = {"M": m, "K": k, "F": f, "rule": fused.glu_gemm_rule(xq, wq[:f], wq[f:])}
+
+    def two_gemms():
+        g = fused.int8_gemm(xq, xs, *gate[:2], None, torch.bfloat16)
+        u = fused.int8_gemm(xq, xs, *up[:2], None, torch.bfloat16)
+        return fused.glu_quantize(None, (g, u))
+
+    def glu():
+        return fused.glu_gemm(xq, xs, gate, up, torch.bfloat16)
+
+    def one_gemm():
+        hq, hs = quantize_rows(glu())
+        return hq, hs.reshape(-1)
+
+    h, twin = glu(), reference_fused.glu_gemm(xq, xs, gate, up, torch.bfloat16)
+    torch.cuda.synchronize()
+    differ = h.float() != twin.float()
+    rel = (h.float() - twin.float()).abs() / twin.float().abs().clamp_min(1e-30)
+    row["h_vs_twin"] = {"differing": int(differ.sum()), "max_rel": float(rel[differ].max()) if differ.any() else 0.0}
+    (q0, s0), (q1, s1) = two_gemms(), one_gemm()
+    codes = (q0.int() - q1.int()).abs()
+    row["codes_vs_two_gemms"] = {"max_abs": int(codes.max()), "differing": int((codes > 0).sum()),
+                                 "sqnr_db": common.sqnr_db(q0.float() * s0[:, None], q1.float() * s1[:, None])}
+    for name, fn in (("two GEMMs + glu_quantize", two_gemms), ("glu_gemm + quantize_rows", one_gemm),
+                     ("glu_gemm", glu), ("glu_quantize", lambda: fused.glu_quantize(None, (h, h))),
+                     ("quantize_rows of h", lambda: quantize_rows(h))):
+        row[name] = common.bench_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    print(f"M={m} K={k} F={f} rule={row['rule']}: two GEMMs + glu_quantize {row['two GEMMs + glu_quantize']:.4f} ms, "
+          f"glu_gemm + quantize_rows {row['glu_gemm + quantize_rows']:.4f} ms "
+          f"(x{row['two GEMMs + glu_quantize'] / row['glu_gemm + quantize_rows']:.3f}); glu_gemm "
+          f"{row['glu_gemm']:.4f}, quantize_rows {row['quantize_rows of h']:.4f}; h vs twin {row['h_vs_twin']}; "
+          f"codes {row['codes_vs_two_gemms']}", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compile every config for sm_90 (no GPU needed)")
     parser.add_argument("--out", default="bench_gluon_gemm.json")
+    parser.add_argument("--glu", action="store_true", help="only the SwiGLU GEMM against two GEMMs + glu_quantize")
     args = parser.parse_args(argv)
     if args.check:
         rows = check()
@@ -235,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from . import common
 
+    if args.glu:
+        common.write_json(args.out, {"env": common.environment(), "glu": run_glu()})
+        return 0
     common.write_json(args.out, {"env": common.environment(), "shapes": run(), "residual": run_residual()})
     return 0
 

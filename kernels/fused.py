@@ -18,6 +18,8 @@ holds and returns what the next INT8 GEMM consumes, so the intermediate activati
 - ``int8_gemm(xq, x_scale, q, scale, bias, out_dtype, lora_h=None, lora_b=None) -> y [M, N]`` (the GEMM on rows
   quantized here); both with an optional low-rank (dynamic LoRA) term in the epilogue
 - ``lora_down(xq, x_scale, a_q, a_scale, out_dtype) -> h [M, R]`` (that term's down projection of the same rows)
+- ``glu_gemm(xq, x_scale, gate, up, out_dtype) -> h [M, F]`` (a SwiGLU's two GEMMs on the same rows as one, writing
+  only ``silu(g) * u``; where ``glu_gemm_rule`` allows it: Hopper's Gluon row)
 
 Under torch.compile each function is one ``int8_w8a8::*`` custom op (``library.py``) with a shape-only
 fake, like the rest of the kernel API, so fused blocks trace into one graph; ``qk_norm_rope`` and
@@ -45,7 +47,9 @@ _NORM_GATE_ADD_QUANT = Replayer("rms_norm_gate_add_quantize", interpreted=False)
 _QK_NORM_ROPE = Replayer("qk_norm_rope", interpreted=False)
 _GEMM_RESIDUAL = Replayer("int8_gemm_residual", interpreted=False)
 _GEMM = Replayer("int8_gemm", interpreted=False)
-REPLAYERS = (_NORM_MODULATE, _GLU, _NORM_GATE_ADD, _NORM_GATE_ADD_QUANT, _QK_NORM_ROPE, _GEMM_RESIDUAL, _GEMM)
+_GLU_GEMM = Replayer("glu_gemm", interpreted=False)
+REPLAYERS = (_NORM_MODULATE, _GLU, _NORM_GATE_ADD, _NORM_GATE_ADD_QUANT, _QK_NORM_ROPE, _GEMM_RESIDUAL, _GEMM,
+             _GLU_GEMM)
 
 
 def _triton(device: torch.device) -> bool:
@@ -562,3 +566,85 @@ def lora_down(xq: torch.Tensor, x_scale: torch.Tensor, a_q: torch.Tensor, a_scal
     columns: it reads the rows once, as int8, on the INT8 tensor cores (M * K bytes, where converting the rows to
     bf16 for a float matmul would move 5 * M * K), and its epilogue applies both scales."""
     return int8_gemm(xq, x_scale, a_q, a_scale, None, out_dtype)
+
+
+def glu_gemm_rule(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) -> str | None:
+    """Why ``glu_gemm`` would not run its own kernel for these operands, or None. It does where both GEMMs would
+    run Hopper's Gluon row: a Triton backend on an SM 9.x GPU with Gluon (not the interpreter), M in the large-M
+    bucket, outputs at least as wide as its tile, TMA-legal int8 operands of one shape (unit column stride, rows 16
+    bytes apart, 16-byte aligned bases: checked on the addresses outside tracing). Elsewhere a fused block runs the
+    two GEMMs and ``glu_quantize`` (every other GPU generation: its kernels have no GLU epilogue)."""
+    if xq.device.type != "cuda":
+        return "not on a CUDA GPU"
+    backend = choose_backend(xq.device)
+    if backend.name != "triton":
+        return f"the {backend.name} backend"
+    from .triton_quant import interpreting
+
+    if interpreting():
+        return "Triton's interpreter (Gluon kernels do not run in it)"
+    if backend.table.pick(xq.shape[0], n=gate_q.shape[0]).kernel != "gluon":
+        return f"{xq.shape[0]} rows: the GEMM table's row is not the Gluon one"
+    if gate_q.shape != up_q.shape or gate_q.dim() != 2 or xq.shape[1] != gate_q.shape[1] or xq.shape[1] % 16:
+        return (f"operands xq {list(xq.shape)}, gate {list(gate_q.shape)}, up {list(up_q.shape)}: one [F, K], "
+                f"K % 16 == 0")
+    traced = torch.compiler.is_compiling()
+    for name, t in (("xq", xq), ("gate", gate_q), ("up", up_q)):
+        if t.dtype != torch.int8 or t.stride(1) != 1 or t.stride(0) % 16 or (not traced and t.data_ptr() % 16):
+            return f"{name}: int8 rows with unit column stride, 16-byte aligned (TMA)"
+    return None
+
+
+def glu_gemm(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, out_dtype: torch.dtype) -> torch.Tensor:
+    """``h [M, F] = silu(g) * u`` in ``out_dtype``, rounded once, where ``g`` and ``u`` are the INT8 GEMMs of the
+    rows ``xq`` int8 ``[M, K]``, ``x_scale`` float32 ``[M]`` with ``gate = (q [F, K] int8, scale, bias)`` and ``up``
+    likewise (scales ``[]``, ``[F]`` or ``[F, 1]``; bias ``[F]`` or None), each rounded to ``out_dtype`` as
+    ``int8_gemm`` writes it (``reference_fused.glu_gemm``, the twin).
+
+    Where ``glu_gemm_rule`` allows (Hopper's Gluon row) one GEMM computes both products, half of each output tile
+    the gate's and half the up projection's, and writes only ``h``: half the bytes two GEMMs write and half what
+    ``glu_quantize`` reads after them (``h`` then goes to ``quantize_rows``). Elsewhere the same values come from
+    the two GEMMs and a float32 SwiGLU by torch; a fused block asks the rule first and keeps its two-GEMM path
+    there. The weights' values were validated when they were loaded."""
+    (gq, gs, gb), (uq, us, ub) = gate, up
+    if torch.compiler.is_compiling():
+        _check_glu_gemm(xq, gq, gs, gb, uq, us, ub, out_dtype)
+        return torch.ops.int8_w8a8.glu_gemm(xq, x_scale.reshape(-1), gq, gs, gb, uq, us, ub, out_dtype)
+    return glu_gemm_eager(xq, x_scale.reshape(-1), gq, gs, gb, uq, us, ub, out_dtype)
+
+
+def glu_gemm_eager(xq, x_scale, gq, gs, gb, uq, us, ub, out_dtype) -> torch.Tensor:
+    """``glu_gemm`` outside tracing, its checks once per specialization and its launch replayed."""
+    return _GLU_GEMM((xq, x_scale, gq, gs, gb, uq, us, ub), (out_dtype,),
+                     lambda: _check_glu_gemm(xq, gq, gs, gb, uq, us, ub, out_dtype),
+                     lambda: glu_gemm_impl(xq, x_scale, gq, gs, gb, uq, us, ub, out_dtype))
+
+
+def _check_glu_gemm(xq, gq, gs, gb, uq, us, ub, out_dtype) -> None:
+    """Metadata checks of ``glu_gemm``: int8 rows and two weights of one shape, scales of one kind, biases on both
+    or neither, a float output."""
+    if xq.dtype != torch.int8 or xq.dim() != 2 or gq.dtype != torch.int8 or gq.dim() != 2 or gq.shape != uq.shape:
+        raise ValueError(f"glu_gemm: expected int8 xq [M, K] and gate/up weights of one shape [F, K], got "
+                         f"{xq.dtype} {list(xq.shape)}, {gq.dtype} {list(gq.shape)} and {uq.dtype} {list(uq.shape)}")
+    if xq.shape[1] != gq.shape[1]:
+        raise ValueError(f"glu_gemm: K = {xq.shape[1]} of the rows does not match the weights' {gq.shape[1]}")
+    if (gs.dim() > 0) != (us.dim() > 0) or (gb is None) != (ub is None):
+        raise ValueError("glu_gemm: give both weights per-row or per-tensor scales, and a bias to both or neither")
+    if out_dtype not in _FLOATS:
+        raise ValueError(f"glu_gemm: out_dtype must be one of {_FLOATS}, got {out_dtype}")
+
+
+def glu_gemm_impl(xq, x_scale, gq, gs, gb, uq, us, ub, out_dtype) -> torch.Tensor:
+    """``glu_gemm`` after its checks passed (eager, and the body of its custom op): the GEMM table's Gluon config
+    for these rows through the recording launcher (``triton_gemm.gemm_glu``) where ``glu_gemm_rule`` allows, else
+    the two GEMMs and a float32 SwiGLU (the same values up to the sigmoid's last bits)."""
+    if glu_gemm_rule(xq, gq, uq) is None:
+        from . import triton_gemm
+
+        out = torch.empty((xq.shape[0], gq.shape[0]), dtype=out_dtype, device=xq.device)
+        cfg = choose_backend(xq.device).table.pick(xq.shape[0], n=gq.shape[0])
+        return triton_gemm.gemm_glu(xq, x_scale, (gq, gs, gb), (uq, us, ub), out, cfg)
+    xs = x_scale.reshape(-1, 1)
+    g, u = (api.int8_gemm_impl(xq, xs, q, scale, bias, out_dtype, False)
+            for q, scale, bias in ((gq, gs, gb), (uq, us, ub)))
+    return reference_fused.activated(g, g.shape[1], "swiglu", u).to(out_dtype)

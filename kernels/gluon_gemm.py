@@ -258,6 +258,90 @@ def _gluon_gemm_persistent_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_
         mbarrier.invalidate(ready.index(i))
 
 
+@gluon.jit
+def _glu_epilogue(acc, out_ptr, xs_ptr, gs_ptr, us_ptr, gb_ptr, ub_ptr, M, F, stride_om, off_m, off_f,
+                  PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
+    """The SwiGLU of one finished tile: ``acc [BM, 2 * BH]`` holds the gate's products for outputs
+    ``off_f + c`` in columns ``c < BH`` and the up projection's in ``BH + c``. Each half becomes
+    ``((acc * x_scale) * w_scale) + bias`` rounded to the output dtype (what the two GEMMs would write), then
+    ``h = g * sigmoid(g) * u`` in float32, rounded once and stored as ``out [M, F]`` with masks."""
+    mma: gl.constexpr = acc.type.layout
+    BM: gl.constexpr = acc.type.shape[0]
+    BN: gl.constexpr = acc.type.shape[1]
+    BH: gl.constexpr = BN // 2
+    rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+    c = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+    up = c >= BH
+    f = off_f + gl.where(up, c - BH, c)
+    ok = f < F
+    xs = gl.load(xs_ptr + rows, mask=rows < M, other=0.0)
+    if PER_ROW:
+        ws = gl.where(up, gl.load(us_ptr + f, mask=up & ok, other=0.0), gl.load(gs_ptr + f, mask=(~up) & ok, other=0.0))
+    else:
+        ws = gl.where(up, gl.load(us_ptr + c * 0), gl.load(gs_ptr + c * 0))
+    y = (acc.to(gl.float32) * xs[:, None]) * ws[None, :]
+    if HAS_BIAS:
+        b = gl.where(up, gl.load(ub_ptr + f, mask=up & ok, other=0.0), gl.load(gb_ptr + f, mask=(~up) & ok, other=0.0))
+        y = y + b.to(gl.float32)[None, :]
+    y = y.to(out_ptr.dtype.element_ty).to(gl.float32)  # the rounding of the two GEMMs' outputs
+    # column c and c + BH sit in one thread's registers (the wgmma layout repeats every 8 columns): the split is free
+    g, u = gl.split(gl.permute(gl.reshape(y, [BM, 2, BH]), [0, 2, 1]))
+    h = (g * (1.0 / (1.0 + gl.exp(-g)))) * u
+    store: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    h = gl.convert_layout(h.to(out_ptr.dtype.element_ty), store)
+    rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, store))
+    cols = off_f + gl.arange(0, BH, layout=gl.SliceLayout(0, store))
+    ptrs = out_ptr + rows.to(gl.int64)[:, None] * stride_om + cols[None, :]
+    gl.store(ptrs, h, mask=(rows[:, None] < M) & (cols[None, :] < F))
+
+
+@gluon.jit
+def _gluon_glu_kernel(a_desc, g_desc, u_desc, out_ptr, xs_ptr, gs_ptr, us_ptr, gb_ptr, ub_ptr, M, F, K, stride_om,
+                      PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                      num_warps: gl.constexpr):
+    """One program per [BM, BH] tile of ``h = silu(x @ w_gate.T) * (x @ w_up.T)``: each K step loads the gate's
+    and the up projection's BH weight rows into the two halves of one [2 * BH, BK] buffer, so one wgmma of width
+    2 * BH computes both (the tiled form of ``_gluon_gemm_kernel``, its ring and its wait)."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BH: gl.constexpr = g_desc.block_type.shape[0]
+    off_m, off_f = _tile_offsets(gl.program_id(0), M, F, BM, BH, GROUP_M)
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+    b_s = gl.allocate_shared_memory(g_desc.dtype, [STAGES, 2 * BH, BK], g_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    acc = gl.zeros((BM, 2 * BH), gl.int32, layout=_mma_layout(2 * BH, num_warps))
+    k_tiles = gl.cdiv(K, BK)
+    for i in gl.static_range(STAGES - 1):
+        if i < k_tiles:
+            _load_pair(a_desc, g_desc, u_desc, a_s, b_s, ready, i, off_m, off_f, i * BK)
+    for kt in range(k_tiles):
+        s = kt % STAGES
+        mbarrier.wait(ready.index(s), (kt // STAGES) & 1)
+        acc = warpgroup_mma(a_s.index(s), b_s.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        nk = kt + STAGES - 1
+        if nk < k_tiles:
+            _load_pair(a_desc, g_desc, u_desc, a_s, b_s, ready, nk % STAGES, off_m, off_f, nk * BK)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+    _glu_epilogue(acc, out_ptr, xs_ptr, gs_ptr, us_ptr, gb_ptr, ub_ptr, M, F, stride_om, off_m, off_f, PER_ROW,
+                  HAS_BIAS, num_warps)
+
+
+@gluon.jit
+def _load_pair(a_desc, g_desc, u_desc, a_s, b_s, ready, stage, off_m, off_f, k):
+    """TMA loads of one K step of the GLU GEMM: the rows' tile, then the gate's and the up projection's weight
+    tiles into the two halves of ring buffer ``stage``, all signalled on its barrier."""
+    BH: gl.constexpr = g_desc.block_type.shape[0]
+    mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + 2 * g_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(stage), a_s.index(stage))
+    tma.async_copy_global_to_shared(g_desc, [off_f, k], ready.index(stage), b_s.index(stage).slice(0, BH))
+    tma.async_copy_global_to_shared(u_desc, [off_f, k], ready.index(stage), b_s.index(stage).slice(BH, BH))
+
+
 def supports(xq: torch.Tensor, wq: torch.Tensor) -> str | None:
     """Why the Gluon GEMM cannot take these operands (None: it can): TMA needs int8 rows with unit column
     stride, row strides and base addresses that are multiples of 16 bytes, and K % 16 == 0; a CUDA SM 9.x GPU."""
@@ -340,6 +424,60 @@ def launch_args(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
                   STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
                   **cfg.launch_options())
     return kernel, grid, args, kwargs
+
+
+def glu_supports(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) -> str | None:
+    """Why ``gemm_glu`` cannot take these operands (None: it can): ``supports`` for each weight, and one width."""
+    for name, wq in (("gate", gate_q), ("up", up_q)):
+        why = supports(xq, wq)
+        if why is not None:
+            return f"{name}: {why}"
+    if gate_q.shape != up_q.shape:
+        return f"gate {list(gate_q.shape)} and up {list(up_q.shape)} weights differ in shape"
+    return None
+
+
+def gemm_glu(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, out_dtype: torch.dtype,
+             cfg: GluonGemmConfig = DEFAULT) -> torch.Tensor:
+    """``h [M, F]`` in ``out_dtype`` (bf16/fp16/fp32) = ``silu(g) * u`` rounded once, with ``g`` and ``u`` the two
+    GEMMs ``gemm`` would write (each rounded to ``out_dtype``) for ``gate = (wq [F, K], w_scale, bias)`` and
+    ``up`` likewise (``reference_fused.glu_gemm``, the twin). ``cfg.block_n`` is the wgmma's width: half of it
+    gate columns, half up. Raises ValueError for operands ``glu_supports`` rejects or a bad dtype."""
+    why = glu_supports(xq, gate[0], up[0])
+    if why is not None:
+        raise ValueError(f"gluon_gemm.gemm_glu: {why}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"gluon_gemm.gemm_glu: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    out = torch.empty((xq.shape[0], gate[0].shape[0]), dtype=out_dtype, device=xq.device)
+    if out.numel():
+        kernel, grid, args, kwargs = glu_launch_args(xq, x_scale, gate, up, out, cfg)
+        kernel[grid](*args, **kwargs)
+    return out
+
+
+def glu_launch_args(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, out: torch.Tensor,
+                    cfg: GluonGemmConfig) -> tuple:
+    """``(kernel, grid, args, kwargs)`` of the GLU GEMM into ``out [M, F]`` (M, F > 0; unit column stride), as
+    ``launch_args`` gives them for the plain GEMM. ``gate`` and ``up``: ``(wq [F, K] int8, w_scale, bias or None)``,
+    both per-row or both per-tensor, with a bias on both or neither."""
+    m, k = xq.shape
+    f = gate[0].shape[0]
+    half = cfg.block_n // 2
+    (gq, gs, gb), (uq, us, ub) = gate, up
+    if (gs.dim() > 0) != (us.dim() > 0) or (gb is None) != (ub is None):
+        raise ValueError("gluon_gemm.gemm_glu: give both weights per-row or per-tensor scales, and a bias to both or "
+                         "neither")
+    xs = x_scale.reshape(-1).float().contiguous()
+    a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k],
+                              _shared_layout(cfg.block_m, cfg.block_k))
+    g_desc, u_desc = (TensorDescriptor(w, [f, k], [w.stride(0), 1], [half, cfg.block_k],
+                                       _shared_layout(half, cfg.block_k)) for w in (gq, uq))
+    grid = (-(-m // cfg.block_m) * -(-f // half),)
+    args = (a_desc, g_desc, u_desc, out, xs, gs.reshape(-1).float().contiguous(), us.reshape(-1).float().contiguous(),
+            gb if gb is not None else xs, ub if ub is not None else xs, m, f, k, out.stride(0))
+    kwargs = dict(PER_ROW=gs.dim() > 0, HAS_BIAS=gb is not None, STAGES=cfg.stages, GROUP_M=cfg.group_m,
+                  num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, **cfg.launch_options())
+    return _gluon_glu_kernel, grid, args, kwargs
 
 
 @functools.cache

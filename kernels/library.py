@@ -134,6 +134,20 @@ def _(prefix, glu, rotate_group, activation="swiglu", up=None):
     return glu.new_empty((m, width), dtype=torch.int8), glu.new_empty((m,), dtype=torch.float32)
 
 
+@custom_op(f"{LIB}::glu_gemm", mutates_args=())
+def glu_gemm_op(
+    xq: torch.Tensor, x_scale: torch.Tensor, gate_q: torch.Tensor, gate_scale: torch.Tensor,
+    gate_bias: torch.Tensor | None, up_q: torch.Tensor, up_scale: torch.Tensor, up_bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return fused.glu_gemm_eager(xq, x_scale, gate_q, gate_scale, gate_bias, up_q, up_scale, up_bias, out_dtype)
+
+
+@glu_gemm_op.register_fake
+def _(xq, x_scale, gate_q, gate_scale, gate_bias, up_q, up_scale, up_bias, out_dtype):
+    return xq.new_empty((xq.shape[0], gate_q.shape[0]), dtype=out_dtype)
+
+
 @custom_op(f"{LIB}::rms_norm_gate_add", mutates_args=())
 def rms_norm_gate_add_op(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float

@@ -61,6 +61,16 @@ def activated(glu: torch.Tensor, f: int, activation: str = "swiglu", up=None) ->
     return torch.nn.functional.silu(g) * u.float()
 
 
+def glu_gemm(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, out_dtype: torch.dtype) -> torch.Tensor:
+    """``h [M, F]`` in ``out_dtype`` = ``silu(g) * u`` in float32, rounded once, where ``g`` and ``u`` are the
+    INT8 GEMMs of ``xq [M, K]`` (int8), ``x_scale [M]`` or ``[M, 1]`` with ``gate = (q [F, K], scale, bias)`` and
+    ``up`` likewise, each rounded to ``out_dtype`` as the two GEMMs write them (``reference.epilogue``): the twin of
+    the GLU GEMM, which writes only ``h`` (half the bytes of ``g`` and ``u``)."""
+    xs = x_scale.reshape(-1, 1)
+    g, u = (epilogue(int8_matmul(xq, q), xs, scale, bias, out_dtype) for q, scale, bias in (gate, up))
+    return activated(g, g.shape[1], "swiglu", u).to(out_dtype)
+
+
 def glu_rows(prefix, glu, f: int, activation: str = "swiglu", up=None) -> torch.Tensor:
     """Float32 rows ``[prefix | act(glu)]`` [M, P + F] (``activated``)."""
     act = activated(glu, f, activation, up)

@@ -552,3 +552,16 @@ def gemm(
     first_fit("int8 GEMM", spec, cfg, smaller, launch,
               f"set {DISABLE_ENV}=1 to run the torch twin on this GPU")
     return out
+
+
+def gemm_glu(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, out: torch.Tensor,
+             cfg: GemmConfig) -> torch.Tensor:
+    """The SwiGLU GEMM (``gluon_gemm.gemm_glu``: ``out [M, F] = silu(g) * u``) with the Gluon config ``cfg``,
+    launched through the recording launcher so eager calls replay (``fused.glu_gemm``). Hopper only: no other
+    kernel has the GLU epilogue (``fused.glu_gemm_rule``)."""
+    if cfg.kernel != "gluon":
+        raise ValueError(f"gemm_glu: needs a Gluon config (Hopper's large-M row), got {cfg.kernel!r}")
+    if out.numel():
+        kernel, grid, args, kwargs = _gluon().glu_launch_args(xq, x_scale, gate, up, out, _gluon_config(cfg))
+        _gluon_launcher(kernel)(grid, *args, **kwargs)
+    return out

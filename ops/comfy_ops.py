@@ -409,6 +409,56 @@ def run_quantized_shared(layers, xq: torch.Tensor, x_scale: torch.Tensor,
     return tuple(out)
 
 
+def _resident_operands(layer: Int8Linear, device: torch.device, out_dtype: torch.dtype) -> tuple | None:
+    """``(q [N, K], scale, bias in out_dtype)`` of ``layer``'s INT8 weight as its GEMM reads it without ComfyUI's
+    cast path (``_resident_plan``, or the traced parts under torch.compile), or None: a dynamic LoRA term, a weight
+    ComfyUI streams or casts per call (``_streamed``), a float weight, another device."""
+    if layer.int8_lora is not None:
+        return None
+    if torch.compiler.is_compiling():
+        traced = layer._traced_now()
+        if traced is None or traced.qdata.device != device:
+            return None
+        return traced.qdata, traced.scale, None if layer.bias is None else layer.bias.to(out_dtype)
+    plan = layer._plan_if_resident()
+    if plan is None or plan.device != device:
+        return None
+    return plan.q, plan.scale, plan.bias_for(out_dtype)
+
+
+def _halves(operands: tuple) -> tuple[tuple, tuple] | None:
+    """One weight's ``(q [2F, K], scale, bias)`` as its gate rows ``[0, F)`` and up rows ``[F, 2F)``."""
+    q, scale, bias = operands
+    f = q.shape[0] // 2
+    if 2 * f != q.shape[0]:
+        return None
+    part = (lambda t, i: t[i * f:(i + 1) * f]) if scale.dim() else (lambda t, i: t)
+    return tuple((q[i * f:(i + 1) * f], part(scale, i), None if bias is None else bias[i * f:(i + 1) * f])
+                 for i in (0, 1))
+
+
+def run_glu(xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype, gate: Int8Linear,
+            up: Int8Linear | None = None) -> torch.Tensor | None:
+    """``h [M, F] = silu(gate(x)) * up(x)`` for rows a fused kernel quantized (``xq`` int8 ``[M, K]``, ``x_scale``
+    float32 ``[M]``) as one GEMM that writes only ``h`` (``kernels.fused.glu_gemm``), or None where that GEMM does
+    not run and the caller runs the layers and ``glu_quantize``: ``kernels.fused.glu_gemm_rule`` (Hopper's Gluon
+    row), a dynamic LoRA term or a weight ComfyUI streams or casts per call. ``gate`` and ``up``: two fusable
+    layers of one width fed the same rows (Z-Image's w1 and w3); ``up`` None: ``gate``'s output halves
+    ``[g | u]`` (FLUX.2's MLP input layer)."""
+    ops = _resident_operands(gate, xq.device, out_dtype)
+    if ops is None:
+        return None
+    if up is None:
+        pair = _halves(ops)
+    else:
+        other = _resident_operands(up, xq.device, out_dtype)
+        pair = None if other is None else (ops, other)
+    if pair is None or kernels.fused.glu_gemm_rule(xq, pair[0][0], pair[1][0]) is not None:
+        return None
+    comfy.ops.run_every_op()
+    return kernels.fused.glu_gemm(xq, x_scale, *pair, out_dtype)
+
+
 def make_operations(config: LoadConfig) -> type:
     """A ComfyUI operations class for one load: ComfyUI's manual_cast ops with ``Int8Linear``."""
 

@@ -18,7 +18,8 @@ import torch
 from comfy.ldm.flux.layers import EmbedND, SiLUActivation
 from comfy.model_management import supports_fp64
 
-from ..comfy_ops import Int8Linear, run_quantized_shared
+from ... import kernels
+from ..comfy_ops import Int8Linear, run_glu, run_quantized_shared
 from . import attention_choice
 from .log_once import log_once
 
@@ -35,6 +36,22 @@ def run_shared(layers, xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, s
     """Layers fed one quantization of the same rows (q/k/v, w1/w3), each output viewed as ``shape``; their dynamic
     LoRA terms' down projections run as one GEMM (``comfy_ops.run_quantized_shared``)."""
     return tuple(y.view(shape) for y in run_quantized_shared(layers, xq, xs, dtype))
+
+
+def glu_quantized(xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, gate, up, rotate_group: int) -> tuple:
+    """The int8 rows ``(q [M, F], scale [M])`` of a SwiGLU MLP's hidden activation ``silu(g) * u`` for the down
+    projection (rotated by its ConvRot group), from rows quantized for the up projections: ``gate`` and ``up`` two
+    layers (Z-Image's w1, w3) or ``up`` None and ``gate``'s output halves ``[g | u]`` (FLUX.2). On Hopper's Gluon
+    row one GEMM writes ``h`` in the activation dtype and ``quantize_rows`` reads it (``comfy_ops.run_glu``: half
+    the bytes); elsewhere, and with a dynamic LoRA term, the layers' GEMMs and ``glu_quantize`` (h in float32)."""
+    h = run_glu(xq, xs, dtype, gate, up)
+    if h is not None:
+        hq, hs = kernels.quantize_rows(h, rotate_group=rotate_group)
+        return hq, hs.reshape(-1)
+    if up is None:
+        return kernels.fused.glu_quantize(None, gate.run_quantized(xq, xs, dtype), rotate_group=rotate_group)
+    g, u = run_shared((gate, up), xq, xs, dtype, (xq.shape[0], -1))
+    return kernels.fused.glu_quantize(None, (g, u), rotate_group=rotate_group)
 
 
 def fallback(arch: str, reason: str) -> None:

@@ -67,8 +67,11 @@ def _stream_out(x, attn, mod1, mod2, proj, norm2, mlp, activation: str) -> None:
     proj.run_quantized(aq, a_scale.reshape(-1), x.dtype, residual=x, gate=mod1.gate)
     xq, xs = kernels.fused.norm_modulate_quantize(x, mod2.shift, mod2.scale, norm2.eps,
                                                   rotate_group=mlp[0].input_rotation())
-    h = mlp[0].run_quantized(xq, xs, x.dtype)
-    hq, hs = kernels.fused.glu_quantize(None, h, rotate_group=mlp[2].input_rotation(), activation=activation)
+    if activation == "swiglu":
+        hq, hs = common.glu_quantized(xq, xs, x.dtype, mlp[0], None, mlp[2].input_rotation())
+    else:
+        h = mlp[0].run_quantized(xq, xs, x.dtype)
+        hq, hs = kernels.fused.glu_quantize(None, h, rotate_group=mlp[2].input_rotation(), activation=activation)
     mlp[2].run_quantized(hq, hs, x.dtype, residual=x, gate=mod2.gate)
 
 

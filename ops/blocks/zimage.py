@@ -12,8 +12,9 @@ The fused version runs, per block:
   attention (ComfyUI's ``optimized_attention``, the user's backend, or 8-bit: ``attention_choice``)
   attention output + quantization -> INT8 out GEMM
   ``x + tanh(g1) * RMSNorm(y) * w``, then RMSNorm + modulation + quantization of that, in one pass, ONCE -> w1
-  and w3 (two INT8 GEMMs on the same rows)
-  SwiGLU of the (w1, w3) pair + quantization -> w2; ``x + tanh(g2) * RMSNorm(y) * w`` in one pass.
+  and w3: on Hopper's Gluon row one GEMM writing only their SwiGLU, then its quantization; elsewhere two INT8
+  GEMMs on the same rows, then SwiGLU + quantization (``common.glu_quantized``) -> w2
+  ``x + tanh(g2) * RMSNorm(y) * w`` in one pass.
 
 The post-norm needs each output row whole, so the gated residual add is a pass of its own
 (``kernels.fused.rms_norm_gate_add``) rather than the GEMM epilogue; it writes a new tensor, as ComfyUI's
@@ -111,9 +112,7 @@ class FusedForward:
             x, y, common.small(block.attention_norm2.weight, x), gate_msa.tanh(),
             common.rms_eps(block.attention_norm2, x.dtype), scale_mlp, common.rms_eps(block.ffn_norm1, x.dtype),
             weight=common.small(block.ffn_norm1.weight, x), rotate_group=ff.w1.input_rotation())
-        gate, up = common.run_shared((ff.w1, ff.w3), xq, xs, x.dtype, (b * s, -1))
-        hq, hs = kernels.fused.glu_quantize(None, (gate, up), rotate_group=ff.w2.input_rotation())
-        del gate, up
+        hq, hs = common.glu_quantized(xq, xs, x.dtype, ff.w1, ff.w3, ff.w2.input_rotation())
         y = ff.w2.run_quantized(hq, hs, x.dtype)
         return kernels.fused.rms_norm_gate_add(x, y, common.small(block.ffn_norm2.weight, x), gate_mlp.tanh(),
                                                common.rms_eps(block.ffn_norm2, x.dtype))
