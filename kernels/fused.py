@@ -7,7 +7,7 @@ holds and returns what the next INT8 GEMM consumes, so the intermediate activati
 - ``norm_modulate_quantize(x, shift, scale, eps, *, rotate_group=0, norm="layer", weight=None)
   -> (q [M, K] int8, x_scale [M] float32)`` (LayerNorm or RMSNorm, ``NORMS``)
 - ``glu_quantize(prefix, glu, *, rotate_group=0, activation="swiglu") -> (q [M, P + F] int8, x_scale [M] float32)``
-  (the MLP activation function is an argument: ``ACTIVATIONS``, SwiGLU or GELU-tanh)
+  (the MLP activation function is an argument: ``ACTIVATIONS``, SwiGLU, GELU-tanh or the identity)
 - ``rms_norm_gate_add(x, y, weight, gate, eps) -> x + gate * RMSNorm(y) * weight`` (a new tensor)
 - ``rms_norm_gate_add_quantize(x, y, post_weight, gate, eps_post, scale, eps, *, weight=None, rotate_group=0)
   -> (x_new, q, x_scale)`` (the two above in one pass: RMS norm + scale modulation of the new residual stream)
@@ -28,11 +28,13 @@ fake, like the rest of the kernel API, so fused blocks trace into one graph; ``q
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _checks, api, reference, reference_fused
 from .direct import Replayer
-from .dispatch import choose_backend
+from .dispatch import DISABLE_GLU_GEMM_ENV, choose_backend
 from .reference_fused import ACTIVATIONS, NORMS, QK_NORMS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -159,7 +161,8 @@ def glu_quantize(
         glu: the MLP's up projection output, same leading dims (any row stride: a column slice of a wider
             output): ``[..., 2F]`` gate and up halves for ``activation="swiglu"`` (``silu(g) * u``, FLUX.2), or
             the pair ``(gate, up)`` of ``[..., F]`` outputs of two projections (Z-Image's w1 / w3); ``[..., F]``
-            for ``"gelu_tanh"`` (GELU, tanh approximation: FLUX.1, Chroma, Qwen-Image, Wan).
+            for ``"gelu_tanh"`` (GELU, tanh approximation: FLUX.1, Chroma, Qwen-Image, Wan) and ``"identity"``
+            (an activation computed already: ``glu_gemm``'s output in FLUX.2's single blocks).
         rotate_group: 0, or the ConvRot group of the layer the rows feed (divides P and F): each group of
             the row is rotated by a Hadamard matrix before quantizing.
     Returns:
@@ -569,11 +572,20 @@ def lora_down(xq: torch.Tensor, x_scale: torch.Tensor, a_q: torch.Tensor, a_scal
 
 
 def glu_gemm_rule(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) -> str | None:
+    """Why a fused block should not take ``glu_gemm`` for these operands, or None: where its own kernel does not run
+    (``glu_kernel_rule``) or ``INT8_W8A8_DISABLE_GLU_GEMM`` is set (A/B runs), the block runs the two GEMMs and
+    ``glu_quantize`` (every GPU generation but Hopper: their kernels have no GLU epilogue). The blocks' tests on the
+    CPU replace this rule to run the block's other form through ``glu_gemm``'s two-GEMM body."""
+    if os.environ.get(DISABLE_GLU_GEMM_ENV, "0") not in ("", "0"):
+        return f"{DISABLE_GLU_GEMM_ENV} is set"
+    return glu_kernel_rule(xq, gate_q, up_q)
+
+
+def glu_kernel_rule(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) -> str | None:
     """Why ``glu_gemm`` would not run its own kernel for these operands, or None. It does where both GEMMs would
     run Hopper's Gluon row: a Triton backend on an SM 9.x GPU with Gluon (not the interpreter), M in the large-M
     bucket, outputs at least as wide as its tile, TMA-legal int8 operands of one shape (unit column stride, rows 16
-    bytes apart, 16-byte aligned bases: checked on the addresses outside tracing). Elsewhere a fused block runs the
-    two GEMMs and ``glu_quantize`` (every other GPU generation: its kernels have no GLU epilogue)."""
+    bytes apart, 16-byte aligned bases: checked on the addresses outside tracing)."""
     if xq.device.type != "cuda":
         return "not on a CUDA GPU"
     backend = choose_backend(xq.device)
@@ -601,7 +613,7 @@ def glu_gemm(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, ou
     likewise (scales ``[]``, ``[F]`` or ``[F, 1]``; bias ``[F]`` or None), each rounded to ``out_dtype`` as
     ``int8_gemm`` writes it (``reference_fused.glu_gemm``, the twin).
 
-    Where ``glu_gemm_rule`` allows (Hopper's Gluon row) one GEMM computes both products, half of each output tile
+    Where ``glu_kernel_rule`` allows (Hopper's Gluon row) one GEMM computes both products, half of each output tile
     the gate's and half the up projection's, and writes only ``h``: half the bytes two GEMMs write and half what
     ``glu_quantize`` reads after them (``h`` then goes to ``quantize_rows``). Elsewhere the same values come from
     the two GEMMs and a float32 SwiGLU by torch; a fused block asks the rule first and keeps its two-GEMM path
@@ -636,9 +648,9 @@ def _check_glu_gemm(xq, gq, gs, gb, uq, us, ub, out_dtype) -> None:
 
 def glu_gemm_impl(xq, x_scale, gq, gs, gb, uq, us, ub, out_dtype) -> torch.Tensor:
     """``glu_gemm`` after its checks passed (eager, and the body of its custom op): the GEMM table's Gluon config
-    for these rows through the recording launcher (``triton_gemm.gemm_glu``) where ``glu_gemm_rule`` allows, else
+    for these rows through the recording launcher (``triton_gemm.gemm_glu``) where ``glu_kernel_rule`` allows, else
     the two GEMMs and a float32 SwiGLU (the same values up to the sigmoid's last bits)."""
-    if glu_gemm_rule(xq, gq, uq) is None:
+    if glu_kernel_rule(xq, gq, uq) is None:
         from . import triton_gemm
 
         out = torch.empty((xq.shape[0], gq.shape[0]), dtype=out_dtype, device=xq.device)

@@ -47,14 +47,17 @@ def norm_modulate_quantize(x2, shift, mscale, rows_per_batch: int, eps: float, r
 
 # The MLP activation functions of the fused quantizer (``glu_quantize``) -> input columns per output column:
 # SwiGLU reads a gate and an up half (FLUX.2, Z-Image), GELU with the tanh approximation one column (FLUX.1,
-# Chroma, Qwen-Image, Wan).
-ACTIVATIONS = {"swiglu": 2, "gelu_tanh": 1}
+# Chroma, Qwen-Image, Wan); "identity" takes an activation computed already (the SwiGLU GEMM's output, after
+# FLUX.2's single-block attention output: ``kernels.fused.glu_gemm``).
+ACTIVATIONS = {"swiglu": 2, "gelu_tanh": 1, "identity": 1}
 
 
 def activated(glu: torch.Tensor, f: int, activation: str = "swiglu", up=None) -> torch.Tensor:
-    """Float32 ``silu(glu[:, :f]) * u`` ("swiglu"; u = ``up`` [M, F] or ``glu[:, f:2f]``) or
-    ``gelu_tanh(glu[:, :f])`` ("gelu_tanh")."""
+    """Float32 ``silu(glu[:, :f]) * u`` ("swiglu"; u = ``up`` [M, F] or ``glu[:, f:2f]``),
+    ``gelu_tanh(glu[:, :f])`` ("gelu_tanh") or ``glu[:, :f]`` ("identity")."""
     g = glu[:, :f].float()
+    if activation == "identity":
+        return g
     if activation == "gelu_tanh":
         return torch.nn.functional.gelu(g, approximate="tanh")
     u = up if up is not None else glu[:, f:2 * f]

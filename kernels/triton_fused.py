@@ -189,7 +189,7 @@ def _norm_mod_quant_kernel(
 
 
 # ``_glu_quant_kernel``'s ACT meta-parameter for each of ``reference_fused.ACTIVATIONS``
-ACT_CODES = {"swiglu": 0, "gelu_tanh": 1}
+ACT_CODES = {"swiglu": 0, "gelu_tanh": 1, "identity": 2}
 _GELU_2C = tl.constexpr(2.0 * 0.7978845608028654)  # 2 * sqrt(2 / pi)
 # |gelu_tanh(x)| for x < 0 peaks at 0.170040 (x = -0.75179); a row absmax above this bound is set by its positive side
 _GELU_NEG_BOUND = tl.constexpr(0.171)
@@ -223,7 +223,8 @@ def _glu_tile(g_ptr, u_ptr, rows, row_ok, cols, F, stride_gm, stride_um, ACT: tl
     ACT 0, SwiGLU: silu(g) * u with g = columns [0, F) of g's rows, u = columns [0, F) of u's rows (the second
     half of the same rows for a fused gate|up projection, or a separate one: Z-Image's w1 / w3). ACT 1, GELU-tanh:
     0.5 * x * (1 + tanh(c * (x + 0.044715 * x^3))) on columns [0, F), written as x * sigmoid(2c * (...))
-    (the same function; Triton has no tanh that runs in the interpreter). ``_times_sigmoid`` (FAST_ACT)."""
+    (the same function; Triton has no tanh that runs in the interpreter). ``_times_sigmoid`` (FAST_ACT). ACT 2:
+    g itself (an activation the SwiGLU GEMM computed)."""
     ok = row_ok[:, None] & (cols < F)[None, :]
     base = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
     g = tl.load(base, mask=ok, other=0.0).to(tl.float32)
@@ -231,8 +232,10 @@ def _glu_tile(g_ptr, u_ptr, rows, row_ok, cols, F, stride_gm, stride_um, ACT: tl
         u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_um + cols[None, :], mask=ok, other=0.0)
         u = u.to(tl.float32)
         out = _times_sigmoid(g, g, FAST_ACT) * u
-    else:
+    elif ACT == 1:
         out = _gelu_tile(g, FAST_ACT)
+    else:
+        out = g
     return out
 
 
@@ -717,7 +720,9 @@ GLU_VARIANTS = {
 # (item 86): GELU-tanh's statistics from each row's largest input ("-mx") and the split store: "lean-w4-fs-ss-mx" 59.6 /
 # 84.0 / 228.3 us at Chroma's and Qwen-Image's MLP, Chroma's single block and Wan's ("lean-w4-fs" 79.0 / 100.2 / 303.4),
 # the same codes and scales as "base" on the GPU; SwiGLU's "-ss" / "-mx" forms were not faster (90.2 vs 84.0 us).
-GLU_RULE: dict[str, str] = {"swiglu": "lean-fs", "gelu_tanh": "lean-w4-fs-ss-mx"}
+# "identity" (rows the SwiGLU GEMM activated) reads one column a value, as GELU does, without its activation: the
+# GELU rule's tiles and stores (its "-mx" statistics are GELU's only); not timed on a GPU yet.
+GLU_RULE: dict[str, str] = {"swiglu": "lean-fs", "gelu_tanh": "lean-w4-fs-ss-mx", "identity": "lean-w4-fs-ss"}
 
 
 # Programs of one whole-row kernel specialization an SM holds at once, by launch key (``_resident``).

@@ -558,7 +558,7 @@ def gemm_glu(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, ou
              cfg: GemmConfig) -> torch.Tensor:
     """The SwiGLU GEMM (``gluon_gemm.gemm_glu``: ``out [M, F] = silu(g) * u``) with the Gluon config ``cfg``,
     launched through the recording launcher so eager calls replay (``fused.glu_gemm``). Hopper only: no other
-    kernel has the GLU epilogue (``fused.glu_gemm_rule``)."""
+    kernel has the GLU epilogue (``fused.glu_kernel_rule``)."""
     if cfg.kernel != "gluon":
         raise ValueError(f"gemm_glu: needs a Gluon config (Hopper's large-M row), got {cfg.kernel!r}")
     if out.numel():

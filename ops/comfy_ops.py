@@ -426,15 +426,36 @@ def _resident_operands(layer: Int8Linear, device: torch.device, out_dtype: torch
     return plan.q, plan.scale, plan.bias_for(out_dtype)
 
 
-def _halves(operands: tuple) -> tuple[tuple, tuple] | None:
-    """One weight's ``(q [2F, K], scale, bias)`` as its gate rows ``[0, F)`` and up rows ``[F, 2F)``."""
+def _parts(operands: tuple, *sizes: int) -> tuple[tuple, ...] | None:
+    """One weight's ``(q [N, K], scale, bias)`` as consecutive row blocks of ``sizes`` (summing to N), each its own
+    ``(q, scale, bias)`` (a per-tensor scale shared); None when the sizes do not add up."""
     q, scale, bias = operands
-    f = q.shape[0] // 2
-    if 2 * f != q.shape[0]:
+    if sum(sizes) != q.shape[0]:
         return None
-    part = (lambda t, i: t[i * f:(i + 1) * f]) if scale.dim() else (lambda t, i: t)
-    return tuple((q[i * f:(i + 1) * f], part(scale, i), None if bias is None else bias[i * f:(i + 1) * f])
-                 for i in (0, 1))
+    out, start = [], 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        out.append((q[rows], scale[rows] if scale.dim() else scale, None if bias is None else bias[rows]))
+        start += size
+    return tuple(out)
+
+
+def _glu_operands(xq: torch.Tensor, out_dtype: torch.dtype, gate: Int8Linear, up: Int8Linear | None,
+                  head: int) -> tuple | None:
+    """``(head part or None, gate part, up part)`` of the weights ``run_glu`` / ``run_head_and_glu`` multiply, or
+    None where the SwiGLU GEMM does not run (see ``run_glu``)."""
+    ops = _resident_operands(gate, xq.device, out_dtype)
+    if ops is None:
+        return None
+    if up is None:
+        f = (ops[0].shape[0] - head) // 2
+        parts = _parts(ops, head, f, f) if f > 0 else None
+    else:
+        other = _resident_operands(up, xq.device, out_dtype)
+        parts = None if other is None else (None, ops, other)
+    if parts is None or kernels.fused.glu_gemm_rule(xq, parts[1][0], parts[2][0]) is not None:
+        return None
+    return parts
 
 
 def run_glu(xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype, gate: Int8Linear,
@@ -445,18 +466,25 @@ def run_glu(xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype, gat
     row), a dynamic LoRA term or a weight ComfyUI streams or casts per call. ``gate`` and ``up``: two fusable
     layers of one width fed the same rows (Z-Image's w1 and w3); ``up`` None: ``gate``'s output halves
     ``[g | u]`` (FLUX.2's MLP input layer)."""
-    ops = _resident_operands(gate, xq.device, out_dtype)
-    if ops is None:
-        return None
-    if up is None:
-        pair = _halves(ops)
-    else:
-        other = _resident_operands(up, xq.device, out_dtype)
-        pair = None if other is None else (ops, other)
-    if pair is None or kernels.fused.glu_gemm_rule(xq, pair[0][0], pair[1][0]) is not None:
+    parts = _glu_operands(xq, out_dtype, gate, up, 0)
+    if parts is None:
         return None
     comfy.ops.run_every_op()
-    return kernels.fused.glu_gemm(xq, x_scale, *pair, out_dtype)
+    return kernels.fused.glu_gemm(xq, x_scale, parts[1], parts[2], out_dtype)
+
+
+def run_head_and_glu(layer: Int8Linear, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype,
+                     head: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A layer whose outputs are ``[y_head | g | u]`` (FLUX.2's single-block linear1: q/k/v, then the MLP's gate
+    and up halves) on rows a fused kernel quantized: ``(y_head [M, head], h [M, F] = silu(g) * u)``, the head by
+    the INT8 GEMM on its weight rows and ``h`` by the SwiGLU GEMM (``run_glu``'s rules; None where they fail, and
+    the caller runs the layer whole)."""
+    parts = _glu_operands(xq, out_dtype, layer, None, head)
+    if parts is None:
+        return None
+    comfy.ops.run_every_op()
+    y = kernels.fused.int8_gemm(xq, x_scale, *parts[0], out_dtype)
+    return y, kernels.fused.glu_gemm(xq, x_scale, parts[1], parts[2], out_dtype)
 
 
 def make_operations(config: LoadConfig) -> type:

@@ -101,6 +101,27 @@ def test_fused_matches_comfyui_layers_and_float64(models, calls, dtype):
                            truth)
 
 
+def test_glu_gemm_form_matches_the_two_gemm_form(models, calls, monkeypatch):
+    """Hopper's SwiGLU GEMM form (w1 and w3 as one ``glu_gemm`` writing ``silu(g) * u``, then ``quantize_rows``)
+    run here through ``glu_gemm``'s two-GEMM body by replacing its rule: three linears a layer on pre-quantized
+    rows, as close to float64 as the two-GEMM form and ComfyUI's layers (h is rounded to bf16 first)."""
+    from int8_w8a8.kernels import fused
+
+    args, kwargs = inputs()
+    comfy = bu.run(models["plain-bfloat16"], args, kwargs)
+    two = bu.run(models["fused-bfloat16"], args, kwargs)
+    calls.clear()
+    monkeypatch.setattr(fused, "glu_gemm_rule", lambda *a: None)
+    one = bu.run(models["fused-bfloat16"], args, kwargs)
+    per_layer = {"norm_modulate_quantize": 1, "rms_norm_gate_add_quantize": 1, "qk_norm_rope": 1, "glu_gemm": 1,
+                 "rms_norm_gate_add": 1, "run_quantized": 3}
+    assert calls == {k: v * LAYERS for k, v in per_layer.items()}
+    assert sqnr_db(two, one) > 35
+    truth = bu.float64_truth(models["fused-bfloat16"], zimage_module, args, kwargs)
+    bu.check_against_float64(one, comfy, truth, 25)
+    bu.check_against_float64(one, two, truth, 25)
+
+
 def test_quantize_extra_blocks_fuses_the_noise_refiners(models, calls):
     """``quantize_extra_blocks`` converts the refiners: the two noise refiners run fused like the main layers, the
     context refiners (no modulation, caption tokens) run ComfyUI's block on INT8 linears; the output matches
@@ -203,14 +224,21 @@ def test_dynamic_lora_stays_fused(models, calls, tmp_path, monkeypatch):
     bu.check_dynamic_lora(y, bu.run(plain, *inputs()), without)
 
 
-def test_torch_compile_traces_fused_layers_in_one_graph(models, calls, monkeypatch):
+@pytest.mark.parametrize("glu_gemm", [False, True], ids=["two-gemms", "glu-gemm"])
+def test_torch_compile_traces_fused_layers_in_one_graph(models, calls, monkeypatch, glu_gemm):
+    """One graph with the fused kernels' ops, the eager output; also in Hopper's SwiGLU GEMM form (its rule
+    replaced: w1 and w3 read as traced weights into ``glu_gemm``'s op)."""
+    from int8_w8a8.kernels import fused
+
     bu.sdpa_attention(monkeypatch)
+    if glu_gemm:
+        monkeypatch.setattr(fused, "glu_gemm_rule", lambda *a: None)
     patcher = models["fused-bfloat16"]
     args, kwargs = inputs()
     want = bu.run(patcher, args, kwargs)  # loads the patcher: the object patches are applied
     eager_calls = dict(calls)
     y = bu.compiled_in_one_graph(patcher, args, kwargs, options={}, ops=(
-        "norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "rms_norm_gate_add", "rms_norm_gate_add_quantize",
-        "flux_rope_table"))
+        "norm_modulate_quantize", "glu_gemm" if glu_gemm else "glu_quantize", "qk_norm_rope", "rms_norm_gate_add",
+        "rms_norm_gate_add_quantize", "flux_rope_table"))
     assert eager_calls["qk_norm_rope"] == LAYERS
     assert sqnr_db(want, y) > 60

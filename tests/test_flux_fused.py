@@ -150,6 +150,25 @@ def test_fused_matches_comfyui_blocks(models, calls):
     bu.check_batch_entries(lambda a: step(models["fused"], a), inputs, other, fused, ref)
 
 
+def test_glu_gemm_form_matches_the_two_gemm_form(models, calls, monkeypatch):
+    """Hopper's SwiGLU GEMM form of the blocks (``glu_gemm``: the double blocks' MLP input layer, and the single
+    blocks' linear1 split into its q/k/v rows and a GEMM writing only ``silu(g) * u``, which ``glu_quantize``
+    takes as activated rows), run here through ``glu_gemm``'s two-GEMM body by replacing its rule: as close to
+    the BF16 model as the two-GEMM form (h is rounded to bf16 before its quantization), the same batch rules."""
+    inputs, ref = models["inputs"], models["ref"]
+    two = step(models["fused"], inputs)
+    seen = []
+    glu_gemm = fused_kernels.glu_gemm
+    monkeypatch.setattr(fused_kernels, "glu_gemm_rule", lambda *a: None)
+    monkeypatch.setattr(fused_kernels, "glu_gemm", lambda *a, **k: seen.append(a[0].shape) or glu_gemm(*a, **k))
+    calls.update(glu=0, norm=0)
+    one = step(models["fused"], inputs)
+    assert len(seen) == 3 and calls == {"norm": 5, "glu": 1}  # 2 streams + the single block; its glu_quantize
+    assert sqnr_db(two, one) > 35
+    s_one, s_two = sqnr_db(ref, one), sqnr_db(ref, two)
+    assert s_one > 25 and s_one > s_two - 0.5, (s_one, s_two)
+
+
 @pytest.mark.parametrize("group", [64, 256])
 def test_convrot_model_stays_fused(flux2, models, calls, group, monkeypatch):
     """ConvRot weights keep the fused blocks: each fused quantizer rotates its rows by the group of the layer
@@ -226,11 +245,12 @@ def test_dynamic_and_merged_lora_stay_fused(models, calls, tmp_path, monkeypatch
     assert sqnr_db(step(merged, models["inputs"], fused=False), y_merged) > 30
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["plain", "dynamic-lora"])
-def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch, tmp_path, flux2, lora):
+@pytest.mark.parametrize("form", ["plain", "dynamic-lora", "glu-gemm"])
+def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypatch, tmp_path, flux2, form):
     """Under torch.compile the fused blocks are traced (their kernels are custom ops): one graph, no breaks,
     the fused kernels in it, and the eager fused model's output; also with a dynamic LoRA on every block linear
-    (its down projections and epilogue terms are the same custom ops)."""
+    (its down projections and epilogue terms are the same custom ops), and in Hopper's SwiGLU GEMM form (its rule
+    replaced: ``glu_gemm``'s op, traced weights split into the single blocks' q/k/v and MLP parts)."""
     import comfy.ldm.flux.math
     import comfy.ldm.modules.attention
     import comfy.model_management
@@ -242,9 +262,11 @@ def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypat
     monkeypatch.setattr(comfy.ldm.modules.attention, "optimized_attention",
                         comfy.ldm.modules.attention.attention_pytorch)
     patcher = models["fused"]
-    if lora:
+    if form == "dynamic-lora":
         (patcher,) = bu.dynamic_lora([patcher], flux2["sd"], ("double_blocks.", "single_blocks."), tmp_path,
                                      monkeypatch)
+    if form == "glu-gemm":
+        monkeypatch.setattr(fused_kernels, "glu_gemm_rule", lambda *a: None)
     x, sigma, ctx = models["inputs"]
     options = patcher.model_options["transformer_options"]
     torch._dynamo.reset()
@@ -259,10 +281,12 @@ def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypat
         eager_calls = dict(calls)
         y = compiled(*args, transformer_options=dict(options)).float()
         unfused = patcher.model.diffusion_model(*args).float()
-    assert eager_calls == {"norm": 5, "glu": 3}
+    # the SwiGLU GEMM form: one glu_quantize (the single block's attention output and activated MLP rows)
+    assert eager_calls == {"norm": 5, "glu": 1 if form == "glu-gemm" else 3}
     assert not counters["graph_break"] and backend.frame_count == 1
     ops = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
-    for op in ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "int8_gemm_residual", "flux_rope_table"):
+    for op in ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "int8_gemm_residual", "flux_rope_table",
+               *(("glu_gemm",) if form == "glu-gemm" else ())):
         assert any(op in name for name in ops), (op, sorted(ops))
     assert sqnr_db(want, y) > 60
     assert sqnr_db(unfused, y) > 30

@@ -326,6 +326,8 @@ def _act64(glu: torch.Tensor, activation: str) -> torch.Tensor:
     """float64 truth of the MLP activation: ComfyUI's SiLUActivation (silu(g) * u) or GELU(approximate="tanh")."""
     if activation == "gelu_tanh":
         return torch.nn.functional.gelu(glu.double(), approximate="tanh")
+    if activation == "identity":
+        return glu.double()
     g, u = glu.double().chunk(2, dim=-1)
     return torch.nn.functional.silu(g) * u
 
@@ -543,7 +545,7 @@ def test_glu_variants_rotated(seed, activation, group, m, p, f):
 
 
 def test_glu_quantize_bad_args():
-    with pytest.raises(ValueError, match="activation: expected one of swiglu, gelu_tanh"):
+    with pytest.raises(ValueError, match="activation: expected one of swiglu, gelu_tanh, identity"):
         fused.glu_quantize(None, torch.zeros(2, 8, device=DEV), activation="gelu")
     with pytest.raises(ValueError, match="even for swiglu"):
         fused.glu_quantize(None, torch.zeros(2, 7, device=DEV))

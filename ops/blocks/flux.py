@@ -42,6 +42,7 @@ import torch
 from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
 
 from ... import kernels
+from ..comfy_ops import run_head_and_glu
 from . import common
 
 # ComfyUI model class name -> the name fallbacks are logged under
@@ -173,16 +174,23 @@ class FusedSingleBlock:
         heads = block.num_heads
         xq, xs = kernels.fused.norm_modulate_quantize(x, mod.shift, mod.scale, block.pre_norm.eps,
                                                       rotate_group=block.linear1.input_rotation())
-        h = block.linear1.run_quantized(xq, xs, x.dtype).view(b, s, -1)
+        # on Hopper's Gluon row q/k/v and the SwiGLU's h come from two GEMMs, h written once (half the MLP's bytes)
+        split = run_head_and_glu(block.linear1, xq, xs, x.dtype, 3 * hidden) if activation == "swiglu" else None
+        if split is not None:
+            qkv, mlp, mlp_act = split[0].view(b, s, -1), split[1], "identity"
+        else:
+            h = block.linear1.run_quantized(xq, xs, x.dtype).view(b, s, -1)
+            qkv, mlp, mlp_act = h[..., :3 * hidden], h[..., 3 * hidden:], activation
+            del h
         bufs = common.qkv_buffers(x, heads, hidden // heads, s)
         kernels.fused.qk_norm_rope(
-            h[..., :3 * hidden], common.small(block.norm.query_norm.weight, x),
+            qkv, common.small(block.norm.query_norm.weight, x),
             common.small(block.norm.key_norm.weight, x), args["pe"], *bufs, seq_off=0, heads=heads,
             eps_q=common.rms_eps(block.norm.query_norm, x.dtype), eps_k=common.rms_eps(block.norm.key_norm, x.dtype))
         attn = common.attention(*bufs, heads, args.get("transformer_options") or {})
-        del bufs
-        aq, a_scale = kernels.fused.glu_quantize(attn, h[..., 3 * hidden:], rotate_group=group, activation=activation)
-        del h, attn
+        del bufs, qkv
+        aq, a_scale = kernels.fused.glu_quantize(attn, mlp, rotate_group=group, activation=mlp_act)
+        del mlp, attn
         block.linear2.run_quantized(aq, a_scale, x.dtype, residual=x, gate=mod.gate)
         return {"img": common.clamp_fp16(x)}
 
