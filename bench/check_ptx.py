@@ -103,7 +103,7 @@ def _norm_form_specs() -> tuple[KernelSpec, ...]:
 
 
 def _glu(p: int, f: int, group: int, activation: str = "swiglu", pair: bool = False, variant: str = "") -> None:
-    width = f if activation == "gelu_tanh" or pair else 2 * f
+    width = f if activation != "swiglu" or pair else 2 * f
     triton_fused.glu_quantize(_t(4608, p) if p else None, _t(4608, width), f, rotate_group=group,
                               activation=activation, up=_t(4608, f) if pair else None, variant=variant)
 
@@ -180,6 +180,9 @@ KERNEL_SPECS: tuple[KernelSpec, ...] = (
     KernelSpec("glu_quantize lean-fs-ss-mx GELU-tanh F=13824", lambda: _glu(0, 13824, 0, "gelu_tanh",
                                                                               variant="lean-fs-ss-mx")),
     KernelSpec("glu_quantize lean-fs-ss P=4096 F=12288", lambda: _glu(4096, 12288, 0, variant="lean-fs-ss")),
+    # FLUX.2 9B's single block in the SwiGLU GEMM form: the attention output and the rows glu_gemm activated
+    KernelSpec("glu_quantize identity P=4096 F=12288", lambda: _glu(4096, 12288, 0, "identity")),
+    KernelSpec("glu_quantize identity P=4096 F=12288 G=256", lambda: _glu(4096, 12288, 256, "identity")),
     KernelSpec("norm_modulate_quantize RMS+weight K=3840", lambda: _norm(3840, 0, "rms", shift=False, weight=True)),
     KernelSpec("qk_norm_rope separate H=24 D=128 bf16 table", lambda: _qk_norm_rope(24, 128, True,
                                                                                     pe_dtype=torch.bfloat16)),

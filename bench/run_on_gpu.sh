@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-ncu | attention-pass | lean-checks | host | host-mode | gemm-ws | gemm-ws-residual | gemm-wide | gemm-gluon | gemm-tail | sweep-{large,m1024,m256,m64,small}
+# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-ncu | attention-pass | lean-checks | host | host-mode | gemm-ws | gemm-ws-residual | gemm-wide | gemm-gluon | gemm-tail | glu | glu-ab | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile | arch-dvram (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -189,6 +189,19 @@ for step in "$@"; do
                 | tee "$OUT/pytest-gluon-gemm.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --out "$OUT/bench_gluon_gemm.json" 2>&1 \
                 | tee "$OUT/bench_gluon_gemm.txt"; } ;;
+        # the SwiGLU GEMM (kernels.fused.glu_gemm, bench/NOTES.md item 89): its GPU tests and the blocks' at real
+        # widths (Z-Image's and FLUX.2's blocks take it on this row), then a SwiGLU MLP's input both ways at Z-Image's
+        # and klein's shapes (~3-4 min); glu-ab: whole steps without and with it
+        glu) timeout 360 python3 -m pytest tests/test_glu_gemm.py tests/test_gluon_gemm.py tests/test_blocks_gpu.py \
+                tests/test_fused.py -q -p no:randomly -k "not test_fused or glu" 2>&1 | tee "$OUT/pytest-glu.log" | tail -8; \
+            { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --glu --out "$OUT/bench_glu.json" 2>&1 \
+                | tee "$OUT/bench_glu.txt"; } ;;
+        # one architecture's pack step (MODES, default eager; MODELS, default "zimage klein9b") with
+        # INT8_W8A8_DISABLE_GLU_GEMM=1 (the two GEMMs and glu_quantize), then as dispatched (the SwiGLU GEMM), in one call
+        glu-ab) m=${MODELS:-zimage klein9b}; for ab in 1 0; do INT8_W8A8_DISABLE_GLU_GEMM=$ab \
+                python3 -m int8_w8a8.bench.bench_arch --models $m --modes ${MODES:-eager} --variants ${VARIANTS:-pack-convert} \
+                --ref-dir /tmp/int8_w8a8-arch-refs ${ARCH_ARGS:-} --out "$OUT/bench_arch_glu_off${ab}_${m// /_}.json" 2>&1 \
+                | tee "$OUT/bench_arch_glu_off${ab}_${m// /_}.txt"; done ;;
         # Hopper's large-M GEMM row in Gluon (configs.HOPPER_GLUON_TABLE) where it runs: through the public API, the
         # eager replays (kernels/direct.py) and the fused blocks at the real widths (~2-3 min; gemm-gluon: the kernel's own)
         tests-gluon-row) timeout 300 python3 -m pytest tests/test_gluon_gemm.py tests/test_gpu.py tests/test_fastpath.py \

@@ -8,8 +8,9 @@ Public API (stable; ``int8_w8a8.kernels.reference`` has same-signature twins):
   lora_a=None, lora_b=None, quant_in_graph=False) -> y`` (an optional LoRA term fused into the epilogue)
 - ``dequantize(q, scale, dtype, *, rotate_group=0, validate=True) -> w``
 - ``lora_rank_padded(r) -> int`` (the rank the LoRA epilogue runs at)
-- ``kernels.fused``: LayerNorm/modulation, SwiGLU or GELU-tanh and q/k norm + RoPE fused with quantization, and the
-  gated residual add fused into the GEMM (the fused blocks of ``ops/blocks/``)
+- ``kernels.fused``: LayerNorm/modulation, SwiGLU or GELU-tanh and q/k norm + RoPE fused with quantization, the
+  gated residual add fused into the GEMM, and a SwiGLU's two up projections as one GEMM writing ``silu(g) * u``
+  (Hopper; the fused blocks of ``ops/blocks/``)
 - ``attention_8bit(q, k, v, *, scale=None) -> out`` (``kernels.attention``): INT8 Q K^T and a 16-bit (or 8-bit)
   P V on Hopper, its twin in ``kernels.reference_attention``
 

@@ -18,7 +18,9 @@ the epilogue in registers and stored through pointers with masks. TMA zero-fills
 
 Dispatched as Hopper's large-M row (``configs.HOPPER_GLUON_LARGE``: the 128 x 128 x 128 tiled form, 3 stages,
 registers capped at 128 for two programs per SM; bench/NOTES.md item 60) through ``triton_gemm.gemm``, which
-records its launches for replay (``launch_args``); the other forms are for the benchmarks.
+records its launches for replay (``launch_args``); the other forms are for the benchmarks. ``_gluon_glu_kernel``
+is that row's form for a SwiGLU's gate and up projections on the same rows: one wgmma of width 128 computes 64
+columns of each, and the epilogue writes only ``silu(g) * u`` (``glu_launch_args``; ``kernels.fused.glu_gemm``).
 Needs SM 9.0, a compiled (not interpreted) Triton, and TMA-legal operands: ``xq`` [M, K] and ``wq`` [N, K]
 with unit column stride, K % 16 == 0 and 16-byte aligned rows (``supports``).
 """
@@ -426,40 +428,14 @@ def launch_args(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
     return kernel, grid, args, kwargs
 
 
-def glu_supports(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) -> str | None:
-    """Why ``gemm_glu`` cannot take these operands (None: it can): ``supports`` for each weight, and one width."""
-    for name, wq in (("gate", gate_q), ("up", up_q)):
-        why = supports(xq, wq)
-        if why is not None:
-            return f"{name}: {why}"
-    if gate_q.shape != up_q.shape:
-        return f"gate {list(gate_q.shape)} and up {list(up_q.shape)} weights differ in shape"
-    return None
-
-
-def gemm_glu(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, out_dtype: torch.dtype,
-             cfg: GluonGemmConfig = DEFAULT) -> torch.Tensor:
-    """``h [M, F]`` in ``out_dtype`` (bf16/fp16/fp32) = ``silu(g) * u`` rounded once, with ``g`` and ``u`` the two
-    GEMMs ``gemm`` would write (each rounded to ``out_dtype``) for ``gate = (wq [F, K], w_scale, bias)`` and
-    ``up`` likewise (``reference_fused.glu_gemm``, the twin). ``cfg.block_n`` is the wgmma's width: half of it
-    gate columns, half up. Raises ValueError for operands ``glu_supports`` rejects or a bad dtype."""
-    why = glu_supports(xq, gate[0], up[0])
-    if why is not None:
-        raise ValueError(f"gluon_gemm.gemm_glu: {why}")
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"gluon_gemm.gemm_glu: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    out = torch.empty((xq.shape[0], gate[0].shape[0]), dtype=out_dtype, device=xq.device)
-    if out.numel():
-        kernel, grid, args, kwargs = glu_launch_args(xq, x_scale, gate, up, out, cfg)
-        kernel[grid](*args, **kwargs)
-    return out
-
-
 def glu_launch_args(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, out: torch.Tensor,
                     cfg: GluonGemmConfig) -> tuple:
-    """``(kernel, grid, args, kwargs)`` of the GLU GEMM into ``out [M, F]`` (M, F > 0; unit column stride), as
-    ``launch_args`` gives them for the plain GEMM. ``gate`` and ``up``: ``(wq [F, K] int8, w_scale, bias or None)``,
-    both per-row or both per-tensor, with a bias on both or neither."""
+    """``(kernel, grid, args, kwargs)`` of the SwiGLU GEMM ``out [M, F] = silu(g) * u`` (M, F > 0; unit column
+    stride), as ``launch_args`` gives them for the plain GEMM: ``g`` and ``u`` the GEMMs ``launch`` would write (each
+    rounded to out's dtype) for ``gate = (wq [F, K] int8, w_scale, bias or None)`` and ``up`` likewise, both per-row
+    or both per-tensor, a bias on both or neither; ``cfg.block_n`` is the wgmma's width, half gate columns, half up
+    (the twin: ``reference_fused.glu_gemm``). What ``triton_gemm.gemm_glu`` launches; its rules are
+    ``fused.glu_kernel_rule``'s (``supports`` for each weight)."""
     m, k = xq.shape
     f = gate[0].shape[0]
     half = cfg.block_n // 2
