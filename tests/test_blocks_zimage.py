@@ -211,11 +211,20 @@ def test_w1_w3_with_different_convrot_groups_fall_back(models, calls):
     assert bool(y.isfinite().all())
 
 
-def test_dynamic_lora_stays_fused(models, calls, tmp_path, monkeypatch):
+@pytest.mark.parametrize("glu_gemm", [False, True], ids=["two-gemms", "glu-gemm-rule"])
+def test_dynamic_lora_stays_fused(models, calls, tmp_path, monkeypatch, glu_gemm):
     """A dynamic LoRA on every linear of the main layers (w1 and w3, which share one quantization, each with its
-    own term) keeps them fused and matches ComfyUI's layers with the same LoRA."""
+    own term) keeps them fused and matches ComfyUI's layers with the same LoRA; where the SwiGLU GEMM's rule
+    allows it (replaced here), the LoRA terms keep w1 and w3 as two GEMMs (the SwiGLU GEMM has no LoRA epilogue)."""
+    if glu_gemm:
+        from int8_w8a8.kernels import fused
+
+        monkeypatch.setattr(fused, "glu_gemm_rule", lambda *a: None)
     without = bu.run(models["fused-bfloat16"], *inputs())
     want_calls = dict(calls)
+    if glu_gemm:  # without a LoRA the SwiGLU GEMM ran; with one, the two GEMMs and glu_quantize as by default
+        assert want_calls.pop("glu_gemm") == LAYERS and want_calls["run_quantized"] == 3 * LAYERS
+        want_calls.update({"glu_quantize": LAYERS, "glu_quantize:swiglu": LAYERS, "run_quantized": 5 * LAYERS})
     calls.clear()
     dyn, plain = bu.dynamic_lora([models["fused-bfloat16"], models["plain-bfloat16"]], models["sd"], ("layers.",),
                                  tmp_path, monkeypatch)
