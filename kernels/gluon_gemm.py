@@ -100,12 +100,13 @@ def _tile_offsets(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.co
 
 
 @gluon.jit
-def _ring(a_desc, b_desc, STAGES: gl.constexpr):
-    """The operand ring: ``STAGES`` buffers of each operand's tile and one initialized mbarrier per buffer."""
+def _ring(a_desc, b_desc, STAGES: gl.constexpr, PAIR: gl.constexpr = False):
+    """The operand ring: ``STAGES`` buffers of each operand's tile and one initialized mbarrier per buffer (PAIR:
+    B buffers of two of b_desc's tiles, the SwiGLU GEMM's gate and up rows)."""
     a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, a_desc.block_type.shape[0], a_desc.block_type.shape[1]],
                                     a_desc.layout)
-    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, b_desc.block_type.shape[0], b_desc.block_type.shape[1]],
-                                    b_desc.layout)
+    b_rows: gl.constexpr = b_desc.block_type.shape[0] * (2 if PAIR else 1)
+    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, b_rows, b_desc.block_type.shape[1]], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
@@ -113,11 +114,50 @@ def _ring(a_desc, b_desc, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _load_step(a_desc, b_desc, a_s, b_s, ready, stage, off_m, off_n, k):
-    """TMA loads of one K step's operand tiles into ring buffer ``stage``, signalled on its barrier."""
-    mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(stage), a_s.index(stage))
-    tma.async_copy_global_to_shared(b_desc, [off_n, k], ready.index(stage), b_s.index(stage))
+def _load_step(a_desc, b_desc, a_s, b_s, ready, stage, off_m, off_n, k, u_desc=None, PAIR: gl.constexpr = False):
+    """TMA loads of one K step's operand tiles into ring buffer ``stage``, signalled on its barrier. PAIR: the B
+    tiles of ``b_desc`` and ``u_desc`` at row ``off_n`` into the two halves of the B buffer (the SwiGLU GEMM's
+    gate and up rows, one wgmma for both)."""
+    if PAIR:
+        half: gl.constexpr = b_desc.block_type.shape[0]
+        mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(stage), a_s.index(stage))
+        tma.async_copy_global_to_shared(b_desc, [off_n, k], ready.index(stage), b_s.index(stage).slice(0, half))
+        tma.async_copy_global_to_shared(u_desc, [off_n, k], ready.index(stage), b_s.index(stage).slice(half, half))
+    else:
+        mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(stage), a_s.index(stage))
+        tma.async_copy_global_to_shared(b_desc, [off_n, k], ready.index(stage), b_s.index(stage))
+
+
+@gluon.jit
+def _tile_product(a_desc, b_desc, off_m, off_n, K, STAGES: gl.constexpr, num_warps: gl.constexpr, u_desc=None,
+                  PAIR: gl.constexpr = False):
+    """The int32 product of one output tile over all of K: its ring, the first ``STAGES - 1`` loads, then per K step
+    a wgmma left in flight while the previous one's buffer takes the next load (the tiled kernels' main loop).
+    PAIR: ``b_desc``'s and ``u_desc``'s rows side by side, one wgmma twice as wide (``_load_step``)."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[0] * (2 if PAIR else 1)
+    a_s, b_s, ready = _ring(a_desc, b_desc, STAGES, PAIR)
+    acc = gl.zeros((BM, BN), gl.int32, layout=_mma_layout(BN, num_warps))
+    k_tiles = gl.cdiv(K, BK)
+    for i in gl.static_range(STAGES - 1):  # the ring's first loads
+        if i < k_tiles:
+            _load_step(a_desc, b_desc, a_s, b_s, ready, i, off_m, off_n, i * BK, u_desc, PAIR)
+    for kt in range(k_tiles):
+        s = kt % STAGES
+        mbarrier.wait(ready.index(s), (kt // STAGES) & 1)
+        acc = warpgroup_mma(a_s.index(s), b_s.index(s).permute((1, 0)), acc, is_async=True)
+        # the previous K step's product is done (this one stays in flight), so its buffer takes the next load
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        nk = kt + STAGES - 1
+        if nk < k_tiles:
+            _load_step(a_desc, b_desc, a_s, b_s, ready, nk % STAGES, off_m, off_n, nk * BK, u_desc, PAIR)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+    return acc
 
 
 @gluon.jit
@@ -171,27 +211,9 @@ def _gluon_gemm_kernel(a_desc, b_desc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_p
                        STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
     """One program per output tile."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
-    BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BM, BN, GROUP_M)
-    a_s, b_s, ready = _ring(a_desc, b_desc, STAGES)
-    acc = gl.zeros((BM, BN), gl.int32, layout=_mma_layout(BN, num_warps))
-    k_tiles = gl.cdiv(K, BK)
-    for i in gl.static_range(STAGES - 1):  # the ring's first loads
-        if i < k_tiles:
-            _load_step(a_desc, b_desc, a_s, b_s, ready, i, off_m, off_n, i * BK)
-    for kt in range(k_tiles):
-        s = kt % STAGES
-        mbarrier.wait(ready.index(s), (kt // STAGES) & 1)
-        acc = warpgroup_mma(a_s.index(s), b_s.index(s).permute((1, 0)), acc, is_async=True)
-        # the previous K step's product is done (this one stays in flight), so its buffer takes the next load
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        nk = kt + STAGES - 1
-        if nk < k_tiles:
-            _load_step(a_desc, b_desc, a_s, b_s, ready, nk % STAGES, off_m, off_n, nk * BK)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
+    acc = _tile_product(a_desc, b_desc, off_m, off_n, K, STAGES, num_warps)
     _epilogue(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, gate_ptr, M, N, stride_om, stride_gb, rows_per_batch, off_m,
               off_n, PER_ROW, HAS_BIAS, RESIDUAL, num_warps)
 
@@ -303,45 +325,14 @@ def _gluon_glu_kernel(a_desc, g_desc, u_desc, out_ptr, xs_ptr, gs_ptr, us_ptr, g
                       num_warps: gl.constexpr):
     """One program per [BM, BH] tile of ``h = silu(x @ w_gate.T) * (x @ w_up.T)``: each K step loads the gate's
     and the up projection's BH weight rows into the two halves of one [2 * BH, BK] buffer, so one wgmma of width
-    2 * BH computes both (the tiled form of ``_gluon_gemm_kernel``, its ring and its wait)."""
+    2 * BH computes both (``_tile_product`` with PAIR: the tiled form of ``_gluon_gemm_kernel``, its ring and its
+    wait)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
-    BK: gl.constexpr = a_desc.block_type.shape[1]
     BH: gl.constexpr = g_desc.block_type.shape[0]
     off_m, off_f = _tile_offsets(gl.program_id(0), M, F, BM, BH, GROUP_M)
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_s = gl.allocate_shared_memory(g_desc.dtype, [STAGES, 2 * BH, BK], g_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    acc = gl.zeros((BM, 2 * BH), gl.int32, layout=_mma_layout(2 * BH, num_warps))
-    k_tiles = gl.cdiv(K, BK)
-    for i in gl.static_range(STAGES - 1):
-        if i < k_tiles:
-            _load_pair(a_desc, g_desc, u_desc, a_s, b_s, ready, i, off_m, off_f, i * BK)
-    for kt in range(k_tiles):
-        s = kt % STAGES
-        mbarrier.wait(ready.index(s), (kt // STAGES) & 1)
-        acc = warpgroup_mma(a_s.index(s), b_s.index(s).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        nk = kt + STAGES - 1
-        if nk < k_tiles:
-            _load_pair(a_desc, g_desc, u_desc, a_s, b_s, ready, nk % STAGES, off_m, off_f, nk * BK)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
+    acc = _tile_product(a_desc, g_desc, off_m, off_f, K, STAGES, num_warps, u_desc, True)
     _glu_epilogue(acc, out_ptr, xs_ptr, gs_ptr, us_ptr, gb_ptr, ub_ptr, M, F, stride_om, off_m, off_f, PER_ROW,
                   HAS_BIAS, num_warps)
-
-
-@gluon.jit
-def _load_pair(a_desc, g_desc, u_desc, a_s, b_s, ready, stage, off_m, off_f, k):
-    """TMA loads of one K step of the GLU GEMM: the rows' tile, then the gate's and the up projection's weight
-    tiles into the two halves of ring buffer ``stage``, all signalled on its barrier."""
-    BH: gl.constexpr = g_desc.block_type.shape[0]
-    mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + 2 * g_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(stage), a_s.index(stage))
-    tma.async_copy_global_to_shared(g_desc, [off_f, k], ready.index(stage), b_s.index(stage).slice(0, BH))
-    tma.async_copy_global_to_shared(u_desc, [off_f, k], ready.index(stage), b_s.index(stage).slice(BH, BH))
 
 
 def supports(xq: torch.Tensor, wq: torch.Tensor) -> str | None:
