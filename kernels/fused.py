@@ -571,21 +571,30 @@ def lora_down(xq: torch.Tensor, x_scale: torch.Tensor, a_q: torch.Tensor, a_scal
     return int8_gemm(xq, x_scale, a_q, a_scale, None, out_dtype)
 
 
-def glu_gemm_rule(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) -> str | None:
-    """Why a fused block should not take ``glu_gemm`` for these operands, or None: where its own kernel does not run
-    (``glu_kernel_rule``) or ``INT8_W8A8_DISABLE_GLU_GEMM`` is set (A/B runs), the block runs the two GEMMs and
-    ``glu_quantize`` (every GPU generation but Hopper: their kernels have no GLU epilogue). The blocks' tests on the
-    CPU replace this rule to run the block's other form through ``glu_gemm``'s two-GEMM body."""
+def glu_gemm_rule(xq: torch.Tensor, width: int) -> str | None:
+    """Why a fused block should not take ``glu_gemm`` for rows ``xq`` and a SwiGLU of ``width`` outputs, or None,
+    decided on the rows and shapes alone (before ComfyUI's cast path fetches a streamed weight): ``glu_gemm``'s
+    own kernel runs only on Hopper's Gluon row (``_gluon_row``); elsewhere, and with ``INT8_W8A8_DISABLE_GLU_GEMM``
+    set (A/B runs), the block runs the two GEMMs and ``glu_quantize`` (every GPU generation but Hopper: their
+    kernels have no GLU epilogue). The blocks' tests on the CPU replace this rule to run the block's other form
+    through ``glu_gemm``'s two-GEMM body."""
     if os.environ.get(DISABLE_GLU_GEMM_ENV, "0") not in ("", "0"):
         return f"{DISABLE_GLU_GEMM_ENV} is set"
-    return glu_kernel_rule(xq, gate_q, up_q)
+    return _gluon_row(xq, width)
 
 
 def glu_kernel_rule(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) -> str | None:
-    """Why ``glu_gemm`` would not run its own kernel for these operands, or None. It does where both GEMMs would
-    run Hopper's Gluon row: a Triton backend on an SM 9.x GPU with Gluon (not the interpreter), M in the large-M
-    bucket, outputs at least as wide as its tile, TMA-legal int8 operands of one shape (unit column stride, rows 16
-    bytes apart, 16-byte aligned bases: checked on the addresses outside tracing)."""
+    """Why ``glu_gemm`` would not run its own kernel for these operands, or None: ``_gluon_row`` and TMA-legal
+    weights of one shape ``[F, K]`` matching the rows' K."""
+    if gate_q.shape != up_q.shape or gate_q.dim() != 2 or xq.shape[1] != gate_q.shape[1]:
+        return f"operands xq {list(xq.shape)}, gate {list(gate_q.shape)}, up {list(up_q.shape)}: one [F, K]"
+    return _gluon_row(xq, gate_q.shape[0]) or _tma_rows("gate", gate_q) or _tma_rows("up", up_q)
+
+
+def _gluon_row(xq: torch.Tensor, width: int) -> str | None:
+    """Why a GEMM of rows ``xq`` and ``width`` outputs would not run Hopper's Gluon row, or None: a Triton backend
+    on an SM 9.x GPU with Gluon (not the interpreter), M in the large-M bucket, outputs at least as wide as its
+    tile (``GemmTable.pick``), TMA-legal rows."""
     if xq.device.type != "cuda":
         return "not on a CUDA GPU"
     backend = choose_backend(xq.device)
@@ -595,15 +604,17 @@ def glu_kernel_rule(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) 
 
     if interpreting():
         return "Triton's interpreter (Gluon kernels do not run in it)"
-    if backend.table.pick(xq.shape[0], n=gate_q.shape[0]).kernel != "gluon":
-        return f"{xq.shape[0]} rows: the GEMM table's row is not the Gluon one"
-    if gate_q.shape != up_q.shape or gate_q.dim() != 2 or xq.shape[1] != gate_q.shape[1] or xq.shape[1] % 16:
-        return (f"operands xq {list(xq.shape)}, gate {list(gate_q.shape)}, up {list(up_q.shape)}: one [F, K], "
-                f"K % 16 == 0")
-    traced = torch.compiler.is_compiling()
-    for name, t in (("xq", xq), ("gate", gate_q), ("up", up_q)):
-        if t.dtype != torch.int8 or t.stride(1) != 1 or t.stride(0) % 16 or (not traced and t.data_ptr() % 16):
-            return f"{name}: int8 rows with unit column stride, 16-byte aligned (TMA)"
+    if backend.table.pick(xq.shape[0], n=width).kernel != "gluon":
+        return f"{xq.shape[0]} rows of {width} outputs: the GEMM table's row is not the Gluon one"
+    return _tma_rows("xq", xq)
+
+
+def _tma_rows(name: str, t: torch.Tensor) -> str | None:
+    """Why ``t`` is not an int8 TMA operand (unit column stride, rows 16 bytes apart, a 16-byte aligned base: the
+    address checked outside tracing), or None."""
+    if (t.dtype != torch.int8 or t.dim() != 2 or t.shape[1] % 16 or t.stride(1) != 1 or t.stride(0) % 16
+            or (not torch.compiler.is_compiling() and t.data_ptr() % 16)):
+        return f"{name}: int8 rows with unit column stride, K % 16 == 0, 16-byte aligned (TMA)"
     return None
 
 

@@ -23,6 +23,7 @@ frozen ``LoadConfig``; everything else (norms, convolutions, embeddings) is Comf
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -409,29 +410,34 @@ def run_quantized_shared(layers, xq: torch.Tensor, x_scale: torch.Tensor,
     return tuple(out)
 
 
-def _resident_operands(layer: Int8Linear, device: torch.device, out_dtype: torch.dtype) -> tuple | None:
-    """``(q [N, K], scale, bias in out_dtype)`` of ``layer``'s INT8 weight as its GEMM reads it without ComfyUI's
-    cast path (``_resident_plan``, or the traced parts under torch.compile), or None: a dynamic LoRA term, a weight
-    ComfyUI streams or casts per call (``_streamed``), a float weight, another device."""
-    if layer.int8_lora is not None:
-        return None
+@contextlib.contextmanager
+def _gemm_operands(layer: Int8Linear, device: torch.device, out_dtype: torch.dtype):
+    """``(q [N, K], scale, bias in out_dtype)`` of ``layer``'s INT8 weight from where ``run_quantized`` takes it:
+    the traced parts under torch.compile, the resident ``LinearPlan``, or ComfyUI's cast path (offloading, lowvram,
+    DynamicVRAM: ComfyUI's default memory mode), whose weight is released when the ``with`` block ends. None where
+    the cast path hands over a float weight (a DynamicVRAM layer run on the CPU)."""
     if torch.compiler.is_compiling():
         traced = layer._traced_now()
-        if traced is None or traced.qdata.device != device:
-            return None
-        return traced.qdata, traced.scale, None if layer.bias is None else layer.bias.to(out_dtype)
+        if traced is not None and traced.qdata.device == device:
+            yield traced.qdata, traced.scale, None if layer.bias is None else layer.bias.to(out_dtype)
+            return
     plan = layer._plan_if_resident()
-    if plan is None or plan.device != device:
-        return None
-    return plan.q, plan.scale, plan.bias_for(out_dtype)
+    if plan is not None and plan.device == device:
+        yield plan.q, plan.scale, plan.bias_for(out_dtype)
+        return
+    weight, bias, offload = comfy.ops.cast_bias_weight(
+        layer, input=None, dtype=layer.weight.dtype, device=device, bias_dtype=out_dtype, offloadable=True,
+        compute_dtype=out_dtype, want_requant=True)
+    try:
+        yield (weight._qdata, weight._params.scale, bias) if layout.is_int8_weight(weight) else None
+    finally:
+        comfy.ops.uncast_bias_weight(layer, weight, bias, offload)
 
 
-def _parts(operands: tuple, *sizes: int) -> tuple[tuple, ...] | None:
+def _parts(operands: tuple, *sizes: int) -> tuple[tuple, ...]:
     """One weight's ``(q [N, K], scale, bias)`` as consecutive row blocks of ``sizes`` (summing to N), each its own
-    ``(q, scale, bias)`` (a per-tensor scale shared); None when the sizes do not add up."""
+    ``(q, scale, bias)`` (a per-tensor scale shared)."""
     q, scale, bias = operands
-    if sum(sizes) != q.shape[0]:
-        return None
     out, start = [], 0
     for size in sizes:
         rows = slice(start, start + size)
@@ -440,51 +446,57 @@ def _parts(operands: tuple, *sizes: int) -> tuple[tuple, ...] | None:
     return tuple(out)
 
 
-def _glu_operands(xq: torch.Tensor, out_dtype: torch.dtype, gate: Int8Linear, up: Int8Linear | None,
-                  head: int) -> tuple | None:
-    """``(head part or None, gate part, up part)`` of the weights ``run_glu`` / ``run_head_and_glu`` multiply, or
-    None where the SwiGLU GEMM does not run (see ``run_glu``)."""
-    ops = _resident_operands(gate, xq.device, out_dtype)
-    if ops is None:
+def _glu_width(xq: torch.Tensor, gate: Int8Linear, up: Int8Linear | None, head: int) -> int | None:
+    """F, the SwiGLU's width, where ``run_glu`` / ``run_head_and_glu`` take the SwiGLU GEMM for these layers, else
+    None: a dynamic LoRA term (the SwiGLU GEMM has no LoRA epilogue), widths that do not pair up, or
+    ``kernels.fused.glu_gemm_rule`` (Hopper's Gluon row), decided on shapes before any weight is cast."""
+    layers = (gate,) if up is None else (gate, up)
+    if any(layer.int8_lora is not None for layer in layers):
         return None
-    if up is None:
-        f = (ops[0].shape[0] - head) // 2
-        parts = _parts(ops, head, f, f) if f > 0 else None
-    else:
-        other = _resident_operands(up, xq.device, out_dtype)
-        parts = None if other is None else (None, ops, other)
-    if parts is None or kernels.fused.glu_gemm_rule(xq, parts[1][0], parts[2][0]) is not None:
+    f = (gate.out_features - head) // 2 if up is None else gate.out_features
+    if f <= 0 or (up is None and head + 2 * f != gate.out_features) or (
+            up is not None and (up.out_features, up.in_features) != (f, gate.in_features)):
         return None
-    return parts
+    return f if kernels.fused.glu_gemm_rule(xq, f) is None else None
 
 
 def run_glu(xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype, gate: Int8Linear,
             up: Int8Linear | None = None) -> torch.Tensor | None:
     """``h [M, F] = silu(gate(x)) * up(x)`` for rows a fused kernel quantized (``xq`` int8 ``[M, K]``, ``x_scale``
     float32 ``[M]``) as one GEMM that writes only ``h`` (``kernels.fused.glu_gemm``), or None where that GEMM does
-    not run and the caller runs the layers and ``glu_quantize``: ``kernels.fused.glu_gemm_rule`` (Hopper's Gluon
-    row), a dynamic LoRA term or a weight ComfyUI streams or casts per call. ``gate`` and ``up``: two fusable
-    layers of one width fed the same rows (Z-Image's w1 and w3); ``up`` None: ``gate``'s output halves
-    ``[g | u]`` (FLUX.2's MLP input layer)."""
-    parts = _glu_operands(xq, out_dtype, gate, up, 0)
-    if parts is None:
+    not run and the caller runs the layers and ``glu_quantize`` (``_glu_width``: Hopper's Gluon row, no dynamic
+    LoRA term). ``gate`` and ``up``: two fusable layers of one width fed the same rows (Z-Image's w1 and w3);
+    ``up`` None: ``gate``'s output halves ``[g | u]`` (FLUX.2's MLP input layer). The weights come as
+    ``run_quantized`` takes them: resident, traced, or through ComfyUI's cast path (DynamicVRAM, offloading)."""
+    f = _glu_width(xq, gate, up, 0)
+    if f is None:
         return None
-    comfy.ops.run_every_op()
-    return kernels.fused.glu_gemm(xq, x_scale, parts[1], parts[2], out_dtype)
+    with contextlib.ExitStack() as held:
+        ops = held.enter_context(_gemm_operands(gate, xq.device, out_dtype))
+        other = ops if up is None else held.enter_context(_gemm_operands(up, xq.device, out_dtype))
+        if ops is None or other is None:
+            return None
+        comfy.ops.run_every_op()
+        pair = _parts(ops, f, f) if up is None else (ops, other)
+        return kernels.fused.glu_gemm(xq, x_scale, *pair, out_dtype)
 
 
 def run_head_and_glu(layer: Int8Linear, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype,
                      head: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A layer whose outputs are ``[y_head | g | u]`` (FLUX.2's single-block linear1: q/k/v, then the MLP's gate
     and up halves) on rows a fused kernel quantized: ``(y_head [M, head], h [M, F] = silu(g) * u)``, the head by
-    the INT8 GEMM on its weight rows and ``h`` by the SwiGLU GEMM (``run_glu``'s rules; None where they fail, and
-    the caller runs the layer whole)."""
-    parts = _glu_operands(xq, out_dtype, layer, None, head)
-    if parts is None:
+    the INT8 GEMM on its weight rows and ``h`` by the SwiGLU GEMM (``run_glu``'s rules and weights; None where
+    they fail, and the caller runs the layer whole)."""
+    f = _glu_width(xq, layer, None, head)
+    if f is None:
         return None
-    comfy.ops.run_every_op()
-    y = kernels.fused.int8_gemm(xq, x_scale, *parts[0], out_dtype)
-    return y, kernels.fused.glu_gemm(xq, x_scale, parts[1], parts[2], out_dtype)
+    with _gemm_operands(layer, xq.device, out_dtype) as ops:
+        if ops is None:
+            return None
+        comfy.ops.run_every_op()
+        head_ops, gate, up = _parts(ops, head, f, f)
+        return (kernels.fused.int8_gemm(xq, x_scale, *head_ops, out_dtype),
+                kernels.fused.glu_gemm(xq, x_scale, gate, up, out_dtype))
 
 
 def make_operations(config: LoadConfig) -> type:

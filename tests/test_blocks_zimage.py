@@ -122,6 +122,37 @@ def test_glu_gemm_form_matches_the_two_gemm_form(models, calls, monkeypatch):
     bu.check_against_float64(one, two, truth, 25)
 
 
+def test_glu_gemm_form_with_streamed_weights(models, calls, monkeypatch):
+    """ComfyUI's default memory mode (DynamicVRAM) and offloading stream each layer's weight through its cast path
+    (``comfy_cast_weights``): the SwiGLU GEMM form takes w1 and w3 from there too, released after the GEMM, with
+    the resident weights' result bit for bit."""
+    from int8_w8a8.kernels import fused
+    from int8_w8a8.ops.comfy_ops import Int8Linear
+
+    monkeypatch.setattr(fused, "glu_gemm_rule", lambda *a: None)
+    patcher = models["fused-bfloat16"]
+    args, kwargs = inputs()
+    resident = bu.run(patcher, args, kwargs)
+    layers = [m for m in patcher.model.diffusion_model.layers.modules() if isinstance(m, Int8Linear)]
+    casts = []
+    import comfy.ops
+
+    cast = comfy.ops.cast_bias_weight
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", lambda s, *a, **k: casts.append(s) or cast(s, *a, **k))
+    calls.clear()
+    try:
+        for layer in layers:
+            layer.comfy_cast_weights = True
+        streamed = bu.run(patcher, args, kwargs, load=False)
+    finally:
+        for layer in layers:
+            layer.comfy_cast_weights = False
+    assert calls["glu_gemm"] == LAYERS and "glu_quantize" not in calls
+    ff = [b.feed_forward for b in patcher.model.diffusion_model.layers]
+    assert all(casts.count(f.w1) == 1 and casts.count(f.w3) == 1 for f in ff)  # each cast once a step
+    assert torch.equal(streamed, resident)
+
+
 def test_quantize_extra_blocks_fuses_the_noise_refiners(models, calls):
     """``quantize_extra_blocks`` converts the refiners: the two noise refiners run fused like the main layers, the
     context refiners (no modulation, caption tokens) run ComfyUI's block on INT8 linears; the output matches

@@ -109,13 +109,19 @@ def test_bad_arguments():
 
 
 @pytest.mark.unit
-def test_rule_off_hopper():
-    """The rule names why the Gluon kernel does not run: off CUDA, and (on a CUDA GPU) below the large-M bucket."""
+def test_rule_off_hopper(monkeypatch):
+    """The rule names why the Gluon kernel does not run: off CUDA, and (on a CUDA GPU) below the large-M bucket;
+    ``INT8_W8A8_DISABLE_GLU_GEMM`` turns the blocks' SwiGLU GEMM off for A/B runs."""
     xq, _, gate, up = _operands(4, 32, 8, device="cpu")
-    assert fused.glu_gemm_rule(xq, gate[0], up[0]) == "not on a CUDA GPU"
+    monkeypatch.setenv("INT8_W8A8_DISABLE_GLU_GEMM", "1")
+    assert fused.glu_gemm_rule(xq, 8) == "INT8_W8A8_DISABLE_GLU_GEMM is set"
+    monkeypatch.setenv("INT8_W8A8_DISABLE_GLU_GEMM", "0")
+    assert fused.glu_gemm_rule(xq, 8) == "not on a CUDA GPU"
+    assert fused.glu_kernel_rule(xq, gate[0], up[0]) == "not on a CUDA GPU"
+    assert "one [F, K]" in fused.glu_kernel_rule(xq, gate[0], up[0][:4])
     if HOPPER:
         xq, _, gate, up = _operands(16, 128, 256, device="cuda")
-        assert "not the Gluon one" in fused.glu_gemm_rule(xq, gate[0], up[0])
+        assert "not the Gluon one" in fused.glu_gemm_rule(xq, 256)
 
 
 @pytest.mark.kernels
@@ -140,7 +146,7 @@ def test_op_and_compile(seed):
 def test_gluon_kernel_against_the_twin(seed, per_row, bias, dtype, m, k, f):
     """The Gluon row runs (the rule allows it) and gives the twin's h within one unit in the last place."""
     xq, xs, gate, up = _operands(m, k, f, per_row, bias)
-    assert fused.glu_gemm_rule(xq, gate[0], up[0]) is None
+    assert fused.glu_gemm_rule(xq, f) is None and fused.glu_kernel_rule(xq, gate[0], up[0]) is None
     h = fused.glu_gemm(xq, xs, gate, up, dtype)
     want = reference_fused.glu_gemm(xq, xs, gate, up, dtype)
     assert ulp_diff(h, want) <= 1
