@@ -571,16 +571,18 @@ def lora_down(xq: torch.Tensor, x_scale: torch.Tensor, a_q: torch.Tensor, a_scal
     return int8_gemm(xq, x_scale, a_q, a_scale, None, out_dtype)
 
 
-def glu_gemm_rule(xq: torch.Tensor, width: int) -> str | None:
-    """Why a fused block should not take ``glu_gemm`` for rows ``xq`` and a SwiGLU of ``width`` outputs, or None,
-    decided on the rows and shapes alone (before ComfyUI's cast path fetches a streamed weight): ``glu_gemm``'s
+def glu_gemm_rule(xq: torch.Tensor, width: int | None = None) -> str | None:
+    """Why a fused block should not take ``glu_gemm`` for rows ``xq`` and a SwiGLU of ``width`` outputs (None: on
+    the rows alone, before the width is known), or None, decided on the rows and shapes (before ComfyUI's cast path
+    fetches a streamed weight): ``glu_gemm``'s
     own kernel runs only on Hopper's Gluon row (``_gluon_row``); elsewhere, and with ``INT8_W8A8_DISABLE_GLU_GEMM``
     set (A/B runs), the block runs the two GEMMs and ``glu_quantize`` (every GPU generation but Hopper: their
     kernels have no GLU epilogue). The blocks' tests on the CPU replace this rule to run the block's other form
     through ``glu_gemm``'s two-GEMM body."""
-    if os.environ.get(DISABLE_GLU_GEMM_ENV, "0") not in ("", "0"):
+    why = _gluon_row(xq, width)
+    if why is None and os.environ.get(DISABLE_GLU_GEMM_ENV, "0") not in ("", "0"):
         return f"{DISABLE_GLU_GEMM_ENV} is set"
-    return _gluon_row(xq, width)
+    return why
 
 
 def glu_kernel_rule(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) -> str | None:
@@ -591,10 +593,10 @@ def glu_kernel_rule(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) 
     return _gluon_row(xq, gate_q.shape[0]) or _tma_rows("gate", gate_q) or _tma_rows("up", up_q)
 
 
-def _gluon_row(xq: torch.Tensor, width: int) -> str | None:
-    """Why a GEMM of rows ``xq`` and ``width`` outputs would not run Hopper's Gluon row, or None: a Triton backend
-    on an SM 9.x GPU with Gluon (not the interpreter), M in the large-M bucket, outputs at least as wide as its
-    tile (``GemmTable.pick``), TMA-legal rows."""
+def _gluon_row(xq: torch.Tensor, width: int | None) -> str | None:
+    """Why a GEMM of rows ``xq`` and ``width`` outputs (None: not known yet) would not run Hopper's Gluon row, or
+    None: a Triton backend on an SM 9.x GPU with Gluon (not the interpreter), M in the large-M bucket, outputs at
+    least as wide as its tile (``GemmTable.pick``), TMA-legal rows."""
     if xq.device.type != "cuda":
         return "not on a CUDA GPU"
     backend = choose_backend(xq.device)
@@ -605,7 +607,7 @@ def _gluon_row(xq: torch.Tensor, width: int) -> str | None:
     if interpreting():
         return "Triton's interpreter (Gluon kernels do not run in it)"
     if backend.table.pick(xq.shape[0], n=width).kernel != "gluon":
-        return f"{xq.shape[0]} rows of {width} outputs: the GEMM table's row is not the Gluon one"
+        return f"{xq.shape[0]} rows, {width} outputs: the GEMM table's row is not the Gluon one"
     return _tma_rows("xq", xq)
 
 

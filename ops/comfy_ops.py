@@ -448,16 +448,29 @@ def _parts(operands: tuple, *sizes: int) -> tuple[tuple, ...]:
 
 def _glu_width(xq: torch.Tensor, gate: Int8Linear, up: Int8Linear | None, head: int) -> int | None:
     """F, the SwiGLU's width, where ``run_glu`` / ``run_head_and_glu`` take the SwiGLU GEMM for these layers, else
-    None: a dynamic LoRA term (the SwiGLU GEMM has no LoRA epilogue), widths that do not pair up, or
-    ``kernels.fused.glu_gemm_rule`` (Hopper's Gluon row), decided on shapes before any weight is cast."""
+    None, decided on the rows and shapes before any weight is cast: ``kernels.fused.glu_gemm_rule`` (Hopper's Gluon
+    row; checked first on the rows alone, so elsewhere no layer attribute is read: a compiled graph guards what it
+    reads), no dynamic LoRA term (the SwiGLU GEMM has no LoRA epilogue), widths that pair up."""
+    if kernels.fused.glu_gemm_rule(xq) is not None:
+        return None
     layers = (gate,) if up is None else (gate, up)
     if any(layer.int8_lora is not None for layer in layers):
         return None
-    f = (gate.out_features - head) // 2 if up is None else gate.out_features
-    if f <= 0 or (up is None and head + 2 * f != gate.out_features) or (
-            up is not None and (up.out_features, up.in_features) != (f, gate.in_features)):
+    (n, k), (n_up, k_up) = _weight_shape(gate), _weight_shape(up if up is not None else gate)
+    f = (n - head) // 2 if up is None else n
+    if f <= 0 or (up is None and head + 2 * f != n) or (up is not None and (n_up, k_up) != (f, k)):
         return None
     return f if kernels.fused.glu_gemm_rule(xq, f) is None else None
+
+
+def _weight_shape(layer: Int8Linear) -> tuple[int, int]:
+    """(N, K) of ``layer``'s weight: under torch.compile from its traced int8 data where it has one (whose shape the
+    graph's tensor guard covers already; reading ``out_features`` would add a guard a layer), else the layer's."""
+    if torch.compiler.is_compiling():
+        traced = layer._traced_now()
+        if traced is not None:
+            return tuple(traced.qdata.shape)
+    return layer.out_features, layer.in_features
 
 
 def run_glu(xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype, gate: Int8Linear,
