@@ -113,9 +113,11 @@ def test_rule_off_hopper(monkeypatch):
     """The rule names why the Gluon kernel does not run: off CUDA, and (on a CUDA GPU) below the large-M bucket;
     ``INT8_W8A8_DISABLE_GLU_GEMM`` turns the blocks' SwiGLU GEMM off for A/B runs."""
     xq, _, gate, up = _operands(4, 32, 8, device="cpu")
-    monkeypatch.setenv("INT8_W8A8_DISABLE_GLU_GEMM", "1")
-    assert fused.glu_gemm_rule(xq, 8) == "INT8_W8A8_DISABLE_GLU_GEMM is set"
-    monkeypatch.setenv("INT8_W8A8_DISABLE_GLU_GEMM", "0")
+    with monkeypatch.context() as patch:  # where the Gluon row would run
+        patch.setattr(fused, "_gluon_row", lambda xq, width: None)
+        assert fused.glu_gemm_rule(xq, 8) is None
+        patch.setenv("INT8_W8A8_DISABLE_GLU_GEMM", "1")
+        assert fused.glu_gemm_rule(xq, 8) == "INT8_W8A8_DISABLE_GLU_GEMM is set"
     assert fused.glu_gemm_rule(xq, 8) == "not on a CUDA GPU"
     assert fused.glu_kernel_rule(xq, gate[0], up[0]) == "not on a CUDA GPU"
     assert "one [F, K]" in fused.glu_kernel_rule(xq, gate[0], up[0][:4])
