@@ -573,12 +573,11 @@ def lora_down(xq: torch.Tensor, x_scale: torch.Tensor, a_q: torch.Tensor, a_scal
 
 def glu_gemm_rule(xq: torch.Tensor, width: int | None = None) -> str | None:
     """Why a fused block should not take ``glu_gemm`` for rows ``xq`` and a SwiGLU of ``width`` outputs (None: on
-    the rows alone, before the width is known), or None, decided on the rows and shapes (before ComfyUI's cast path
-    fetches a streamed weight): ``glu_gemm``'s
-    own kernel runs only on Hopper's Gluon row (``_gluon_row``); elsewhere, and with ``INT8_W8A8_DISABLE_GLU_GEMM``
-    set (A/B runs), the block runs the two GEMMs and ``glu_quantize`` (every GPU generation but Hopper: their
-    kernels have no GLU epilogue). The blocks' tests on the CPU replace this rule to run the block's other form
-    through ``glu_gemm``'s two-GEMM body."""
+    the rows alone, before the width is known), or None, decided on the rows and shapes before ComfyUI's cast path
+    fetches a streamed weight. ``glu_gemm``'s own kernel runs only on Hopper's Gluon row (``_gluon_row``);
+    elsewhere, and with ``INT8_W8A8_DISABLE_GLU_GEMM`` set (A/B runs), the block runs the two GEMMs and
+    ``glu_quantize`` (every GPU generation but Hopper: their kernels have no GLU epilogue). The blocks' tests on
+    the CPU replace this rule to run the block's other form through ``glu_gemm``'s two-GEMM body."""
     why = _gluon_row(xq, width)
     if why is None and os.environ.get(DISABLE_GLU_GEMM_ENV, "0") not in ("", "0"):
         return f"{DISABLE_GLU_GEMM_ENV} is set"

@@ -432,8 +432,8 @@ def glu_launch_args(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tu
     half = cfg.block_n // 2
     (gq, gs, gb), (uq, us, ub) = gate, up
     if (gs.dim() > 0) != (us.dim() > 0) or (gb is None) != (ub is None):
-        raise ValueError("gluon_gemm.gemm_glu: give both weights per-row or per-tensor scales, and a bias to both or "
-                         "neither")
+        raise ValueError("gluon_gemm.glu_launch_args: give both weights per-row or per-tensor scales, and a bias to "
+                         "both or neither")
     xs = x_scale.reshape(-1).float().contiguous()
     a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k],
                               _shared_layout(cfg.block_m, cfg.block_k))

@@ -556,7 +556,7 @@ def gemm(
 
 def gemm_glu(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, out: torch.Tensor,
              cfg: GemmConfig) -> torch.Tensor:
-    """The SwiGLU GEMM (``gluon_gemm.gemm_glu``: ``out [M, F] = silu(g) * u``) with the Gluon config ``cfg``,
+    """The SwiGLU GEMM (``gluon_gemm.glu_launch_args``: ``out [M, F] = silu(g) * u``) with the Gluon config ``cfg``,
     launched through the recording launcher so eager calls replay (``fused.glu_gemm``). Hopper only: no other
     kernel has the GLU epilogue (``fused.glu_kernel_rule``)."""
     if cfg.kernel != "gluon":
