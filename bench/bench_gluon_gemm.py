@@ -42,6 +42,8 @@ CONFIGS: dict[str, GluonGemmConfig] = {
 GLU_CONFIGS = ("gluon 128x128x128 s3 w8 r128 2/SM",)
 # SwiGLU up projections (M, K, F): Z-Image's w1/w3 pair, FLUX.2 klein 9B's and 4B's double-block MLP input
 GLU_SHAPES = [(4608, 3840, 10240), (4096, 4096, 12288), (4096, 3072, 9216)]
+# single-block linear1s [q/k/v | gate | up] (M, K = hidden, F): FLUX.2 klein 9B's and 4B's
+SPLIT_SHAPES = [(4608, 4096, 12288), (4608, 3072, 9216)]
 # the large-M GEMMs of Z-Image, FLUX.2 klein 9B and Qwen-Image (sweep_gemm.WS_SHAPES and Qwen-Image's widths),
 # and one of each smaller M bucket
 SHAPES = [(4608, 3840, 11520), (4608, 3840, 3840), (4608, 3840, 10240), (4608, 10240, 3840), (4608, 4096, 36864),
@@ -51,9 +53,10 @@ SMEM_LIMIT = 232448  # bytes per block on sm_90
 
 
 def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", residual: bool = False,
-                    glu: bool = False) -> dict:
+                    glu: bool = False, head: bool = False) -> dict:
     """Compile the kernel of ``cfg`` for ``sm_<arch>`` without a GPU (per-row scales, a bias, and with ``residual``
-    the gated residual epilogue; ``glu``: the SwiGLU GEMM, ``_gluon_glu_kernel``); its PTX/cubin summary."""
+    the gated residual epilogue; ``glu``: the SwiGLU GEMM, ``_gluon_glu_kernel``, with ``head`` its HEAD form: a
+    plain GEMM's tiles first); its PTX/cubin summary."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -66,8 +69,10 @@ def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", res
         half = int8_desc_sig(cfg.block_n // 2, cfg.block_k)
         sig = {"a_desc": int8_desc_sig(cfg.block_m, cfg.block_k), "g_desc": half, "u_desc": half,
                "out_ptr": f"*{out}", "xs_ptr": "*fp32", "gs_ptr": "*fp32", "us_ptr": "*fp32", "gb_ptr": f"*{out}",
-               "ub_ptr": f"*{out}", "M": "i32", "F": "i32", "K": "i32", "stride_om": "i32"}
-        consts = {"PER_ROW": True, "HAS_BIAS": True}
+               "ub_ptr": f"*{out}", "M": "i32", "F": "i32", "K": "i32", "stride_om": "i32", "G_ROW": "i32",
+               "U_ROW": "i32", "head_ptr": f"*{out}", "hs_ptr": "*fp32", "hb_ptr": f"*{out}", "HEAD_N": "i32",
+               "stride_hm": "i32"}
+        consts = {"PER_ROW": True, "HAS_BIAS": True, "HEAD": head}
         kernel = gluon_gemm._gluon_glu_kernel
     else:
         sig = {"a_desc": int8_desc_sig(cfg.block_m, cfg.block_k), "b_desc": int8_desc_sig(cfg.block_n, cfg.block_k),
@@ -125,14 +130,19 @@ def check_launches(arch: int = 90) -> list[dict]:
                                   GluonGemmConfig(persistent=True), gate=torch.zeros(3, 200, dtype=dtype))
                 gluon_gemm.launch(xq, xs, wq, w_scale, bias, torch.empty(300, 200, dtype=dtype),
                                   GluonGemmConfig(128, 128, 64, 4, 8, max_registers=128))
-                # the SwiGLU GEMM's launch (``glu_launch_args``, as ``triton_gemm.gemm_glu`` binds it)
+                # the SwiGLU GEMM's launches (``glu_launch_args`` / ``split_glu_launch_args``, as
+                # ``triton_gemm.gemm_glu`` binds them): two weights, then one weight [head | gate | up]
+                row128 = GluonGemmConfig(128, 128, 128, 3, 8, max_registers=128)
                 half, other = ((wq[cut], w_scale[cut] if w_scale.dim() else w_scale,
                                 bias[cut] if bias is not None else None) for cut in (slice(0, 100), slice(100, 200)))
                 kernel, grid, g_args, g_kwargs = gluon_gemm.glu_launch_args(
-                    xq, xs, half, other, torch.empty(300, 100, dtype=dtype), GluonGemmConfig(128, 128, 128, 3, 8,
-                                                                                             max_registers=128))
+                    xq, xs, half, other, torch.empty(300, 100, dtype=dtype), row128)
                 kernel[grid](*g_args, **g_kwargs)
-                bad = [] if len(attempts) == 4 and all(a["fits"] for a in attempts) else [
+                kernel, grid, g_args, g_kwargs = gluon_gemm.split_glu_launch_args(
+                    xq, xs, (wq, w_scale, bias), 40, torch.empty(300, 40, dtype=dtype),
+                    torch.empty(300, 80, dtype=dtype), row128)
+                kernel[grid](*g_args, **g_kwargs)
+                bad = [] if len(attempts) == 5 and all(a["fits"] for a in attempts) else [
                     f"compiled {[a['kernel'] for a in attempts]}, fits {[a['fits'] for a in attempts]}"]
                 if attempts and attempts[-1]["regs"] > 128:  # the cap reached ptxas through Triton's launch
                     bad.append(f"max_registers 128 launched with {attempts[-1]['regs']} registers")
@@ -155,12 +165,13 @@ def check(arch: int = 90) -> list[dict]:
                 rows.append({"name": label, "problems": [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]})
     for name in GLU_CONFIGS:
         cfg = CONFIGS[name]
-        label = name.replace("gluon ", "glu ", 1)
-        try:
-            row = {**compile_offline(cfg, arch, glu=True), "max_registers": cfg.max_registers}
-            rows.append({"name": label, **row, "problems": problems(row)})
-        except Exception as exc:  # a compiler failure is this config's result
-            rows.append({"name": label, "problems": [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]})
+        for head in (False, True):
+            label = name.replace("gluon ", "glu ", 1) + (" +head" if head else "")
+            try:
+                row = {**compile_offline(cfg, arch, glu=True, head=head), "max_registers": cfg.max_registers}
+                rows.append({"name": label, **row, "problems": problems(row)})
+            except Exception as exc:  # a compiler failure is this config's result
+                rows.append({"name": label, "problems": [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]})
     return rows + check_launches(arch)
 
 
@@ -251,7 +262,45 @@ def run_glu(shapes=GLU_SHAPES, warmup_ms: int = 10, rep_ms: int = 50) -> list[di
     runs without the GLU GEMM) against ``glu_gemm`` + ``quantize_rows`` (Hopper's Gluon row), both through the
     replayed eager functions; ms of the pair and of each part, and the int8 codes' agreement (h is rounded to bf16
     before its quantization in the GLU form: a code may differ by one)."""
-    return [_glu_row(m, k, f, warmup_ms, rep_ms) for m, k, f in shapes]
+    return ([_glu_row(m, k, f, warmup_ms, rep_ms) for m, k, f in shapes]
+            + [_split_row(m, k, f, warmup_ms, rep_ms) for m, k, f in SPLIT_SHAPES])
+
+
+def _split_row(m: int, k: int, f: int, warmup_ms: int, rep_ms: int) -> dict:
+    """A FLUX.2 single block's linear1 [q/k/v (3k) | gate | up] and the quantization of [attention | h] three ways:
+    one GEMM and ``glu_quantize`` (the two-GEMM form's), q/k/v and the SwiGLU GEMM as two launches, and
+    ``split_glu_gemm`` (one launch), each with its ``glu_quantize``; ms of each whole."""
+    from ..kernels import fused
+    from . import common
+    from .sweep_gemm import _operands
+
+    head = 3 * k
+    _, _, xq, xs, wq, ws, _, _ = _operands(m, k, head + 2 * f)
+    xs = xs.reshape(-1)
+    attn = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    rows = [slice(0, head), slice(head, head + f), slice(head + f, head + 2 * f)]
+    parts = [(wq[r], ws[r], None) for r in rows]
+
+    def one_gemm():
+        y = fused.int8_gemm(xq, xs, wq, ws, None, torch.bfloat16)
+        return y[:, :head], fused.glu_quantize(attn, y[:, head:])
+
+    def two_launches():
+        y = fused.int8_gemm(xq, xs, *parts[0][:2], None, torch.bfloat16)
+        return y, fused.glu_quantize(attn, fused.glu_gemm(xq, xs, parts[1], parts[2], torch.bfloat16),
+                                     activation="identity")
+
+    def one_launch():
+        y, h = fused.split_glu_gemm(xq, xs, wq, ws, None, head, torch.bfloat16)
+        return y, fused.glu_quantize(attn, h, activation="identity")
+
+    row = {"M": m, "K": k, "head": head, "F": f, "rule": fused.split_glu_rule(xq, wq, head)}
+    for name, fn in (("one GEMM + glu_quantize", one_gemm), ("q/k/v GEMM + glu_gemm + glu_quantize", two_launches),
+                     ("split_glu_gemm + glu_quantize", one_launch)):
+        row[name] = common.bench_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    print(f"single block M={m} K={k} head={head} F={f} rule={row['rule']}: "
+          + ", ".join(f"{name} {row[name]:.4f} ms" for name in list(row)[5:]), flush=True)
+    return row
 
 
 def _glu_row(m: int, k: int, f: int, warmup_ms: int, rep_ms: int) -> dict:

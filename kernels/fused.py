@@ -19,7 +19,8 @@ holds and returns what the next INT8 GEMM consumes, so the intermediate activati
   quantized here); both with an optional low-rank (dynamic LoRA) term in the epilogue
 - ``lora_down(xq, x_scale, a_q, a_scale, out_dtype) -> h [M, R]`` (that term's down projection of the same rows)
 - ``glu_gemm(xq, x_scale, gate, up, out_dtype) -> h [M, F]`` (a SwiGLU's two GEMMs on the same rows as one, writing
-  only ``silu(g) * u``; where ``glu_gemm_rule`` allows it: Hopper's Gluon row)
+  only ``silu(g) * u``; where ``glu_gemm_rule`` allows it: Hopper's Gluon row), and ``split_glu_gemm(xq, x_scale, q,
+  scale, bias, head, out_dtype) -> (y_head [M, head], h [M, F])`` for one weight ``[head | gate | up]`` (FLUX.2)
 
 Under torch.compile each function is one ``int8_w8a8::*`` custom op (``library.py``) with a shape-only
 fake, like the rest of the kernel API, so fused blocks trace into one graph; ``qk_norm_rope`` and
@@ -50,8 +51,9 @@ _QK_NORM_ROPE = Replayer("qk_norm_rope", interpreted=False)
 _GEMM_RESIDUAL = Replayer("int8_gemm_residual", interpreted=False)
 _GEMM = Replayer("int8_gemm", interpreted=False)
 _GLU_GEMM = Replayer("glu_gemm", interpreted=False)
+_SPLIT_GLU_GEMM = Replayer("split_glu_gemm", interpreted=False)
 REPLAYERS = (_NORM_MODULATE, _GLU, _NORM_GATE_ADD, _NORM_GATE_ADD_QUANT, _QK_NORM_ROPE, _GEMM_RESIDUAL, _GEMM,
-             _GLU_GEMM)
+             _GLU_GEMM, _SPLIT_GLU_GEMM)
 
 
 def _triton(device: torch.device) -> bool:
@@ -672,3 +674,58 @@ def glu_gemm_impl(xq, x_scale, gq, gs, gb, uq, us, ub, out_dtype) -> torch.Tenso
     g, u = (api.int8_gemm_impl(xq, xs, q, scale, bias, out_dtype, False)
             for q, scale, bias in ((gq, gs, gb), (uq, us, ub)))
     return reference_fused.activated(g, g.shape[1], "swiglu", u).to(out_dtype)
+
+
+def split_glu_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None, head: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``glu_gemm`` for one weight ``q [head + 2F, K]`` (``scale`` ``[]``, ``[N]`` or ``[N, 1]``, ``bias [N]`` or
+    None) whose output columns are ``[y_head | g | u]``: ``(y_head [M, head], h [M, F] = silu(g) * u)``, the first
+    as ``int8_gemm`` writes it (FLUX.2's single-block q/k/v; head >= 1: without one, ``glu_gemm`` on the weight's
+    halves, since an empty output would not replay).
+    Where ``split_glu_rule`` allows, one launch of the SwiGLU GEMM's kernel computes both parts (their tiles share
+    the GPU's waves; two launches would add a partial one); elsewhere the GEMM and a float32 SwiGLU by torch
+    (``reference_fused.split_glu_gemm``'s values)."""
+    if torch.compiler.is_compiling():
+        _check_split_glu_gemm(xq, q, scale, bias, head, out_dtype)
+        return torch.ops.int8_w8a8.split_glu_gemm(xq, x_scale.reshape(-1), q, scale, bias, head, out_dtype)
+    return split_glu_gemm_eager(xq, x_scale.reshape(-1), q, scale, bias, head, out_dtype)
+
+
+def split_glu_gemm_eager(xq, x_scale, q, scale, bias, head, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``split_glu_gemm`` outside tracing, its checks once per specialization and its launch replayed."""
+    return _SPLIT_GLU_GEMM((xq, x_scale, q, scale, bias), (head, out_dtype),
+                           lambda: _check_split_glu_gemm(xq, q, scale, bias, head, out_dtype),
+                           lambda: split_glu_gemm_impl(xq, x_scale, q, scale, bias, head, out_dtype))
+
+
+def _check_split_glu_gemm(xq, q, scale, bias, head, out_dtype) -> None:
+    """Metadata checks of ``split_glu_gemm``: int8 rows and weight of one K, ``head + 2F`` rows with F >= 1."""
+    if xq.dtype != torch.int8 or xq.dim() != 2 or q.dtype != torch.int8 or q.dim() != 2 or xq.shape[1] != q.shape[1]:
+        raise ValueError(f"split_glu_gemm: expected int8 xq [M, K] and q [N, K], got {xq.dtype} {list(xq.shape)} and "
+                         f"{q.dtype} {list(q.shape)}")
+    if head < 1 or (q.shape[0] - head) % 2 or q.shape[0] - head < 2:
+        raise ValueError(f"split_glu_gemm: {q.shape[0]} weight rows are not head {head} + 2F with head, F >= 1 "
+                         "(without a head part: glu_gemm on the weight's two halves)")
+    if out_dtype not in _FLOATS:
+        raise ValueError(f"split_glu_gemm: out_dtype must be one of {_FLOATS}, got {out_dtype}")
+
+
+def split_glu_rule(xq: torch.Tensor, q: torch.Tensor, head: int) -> str | None:
+    """Why ``split_glu_gemm`` would not run the SwiGLU GEMM's kernel for these operands, or None: ``_gluon_row``
+    for the SwiGLU's width and a TMA-legal weight."""
+    return _gluon_row(xq, (q.shape[0] - head) // 2) or _tma_rows("q", q)
+
+
+def split_glu_gemm_impl(xq, x_scale, q, scale, bias, head, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``split_glu_gemm`` after its checks passed (eager, and the body of its custom op)."""
+    m, f = xq.shape[0], (q.shape[0] - head) // 2
+    if split_glu_rule(xq, q, head) is None:
+        from . import triton_gemm
+
+        y_head = torch.empty((m, head), dtype=out_dtype, device=xq.device)
+        h = torch.empty((m, f), dtype=out_dtype, device=xq.device)
+        cfg = choose_backend(xq.device).table.pick(m, n=f)
+        triton_gemm.gemm_split_glu(xq, x_scale, (q, scale, bias), head, y_head, h, cfg)
+        return y_head, h
+    y = api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False)
+    return y[:, :head].contiguous(), reference_fused.activated(y[:, head:], f, "swiglu").to(out_dtype)

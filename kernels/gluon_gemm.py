@@ -114,16 +114,17 @@ def _ring(a_desc, b_desc, STAGES: gl.constexpr, PAIR: gl.constexpr = False):
 
 
 @gluon.jit
-def _load_step(a_desc, b_desc, a_s, b_s, ready, stage, off_m, off_n, k, u_desc=None, PAIR: gl.constexpr = False):
+def _load_step(a_desc, b_desc, a_s, b_s, ready, stage, off_m, off_n, k, u_desc=None, PAIR: gl.constexpr = False,
+               off_u=0):
     """TMA loads of one K step's operand tiles into ring buffer ``stage``, signalled on its barrier. PAIR: the B
-    tiles of ``b_desc`` and ``u_desc`` at row ``off_n`` into the two halves of the B buffer (the SwiGLU GEMM's
-    gate and up rows, one wgmma for both)."""
+    tiles of ``b_desc`` at row ``off_n`` and of ``u_desc`` at row ``off_u`` into the two halves of the B buffer
+    (the SwiGLU GEMM's gate and up rows, or two halves of a wider tile: one wgmma for both)."""
     if PAIR:
         half: gl.constexpr = b_desc.block_type.shape[0]
         mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(stage), a_s.index(stage))
         tma.async_copy_global_to_shared(b_desc, [off_n, k], ready.index(stage), b_s.index(stage).slice(0, half))
-        tma.async_copy_global_to_shared(u_desc, [off_n, k], ready.index(stage), b_s.index(stage).slice(half, half))
+        tma.async_copy_global_to_shared(u_desc, [off_u, k], ready.index(stage), b_s.index(stage).slice(half, half))
     else:
         mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(stage), a_s.index(stage))
@@ -132,10 +133,11 @@ def _load_step(a_desc, b_desc, a_s, b_s, ready, stage, off_m, off_n, k, u_desc=N
 
 @gluon.jit
 def _tile_product(a_desc, b_desc, off_m, off_n, K, STAGES: gl.constexpr, num_warps: gl.constexpr, u_desc=None,
-                  PAIR: gl.constexpr = False):
+                  PAIR: gl.constexpr = False, off_u=0):
     """The int32 product of one output tile over all of K: its ring, the first ``STAGES - 1`` loads, then per K step
     a wgmma left in flight while the previous one's buffer takes the next load (the tiled kernels' main loop).
-    PAIR: ``b_desc``'s and ``u_desc``'s rows side by side, one wgmma twice as wide (``_load_step``)."""
+    PAIR: ``b_desc``'s rows from ``off_n`` and ``u_desc``'s from ``off_u`` side by side, one wgmma twice as wide
+    (``_load_step``)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0] * (2 if PAIR else 1)
@@ -144,7 +146,7 @@ def _tile_product(a_desc, b_desc, off_m, off_n, K, STAGES: gl.constexpr, num_war
     k_tiles = gl.cdiv(K, BK)
     for i in gl.static_range(STAGES - 1):  # the ring's first loads
         if i < k_tiles:
-            _load_step(a_desc, b_desc, a_s, b_s, ready, i, off_m, off_n, i * BK, u_desc, PAIR)
+            _load_step(a_desc, b_desc, a_s, b_s, ready, i, off_m, off_n, i * BK, u_desc, PAIR, off_u)
     for kt in range(k_tiles):
         s = kt % STAGES
         mbarrier.wait(ready.index(s), (kt // STAGES) & 1)
@@ -153,7 +155,7 @@ def _tile_product(a_desc, b_desc, off_m, off_n, K, STAGES: gl.constexpr, num_war
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         nk = kt + STAGES - 1
         if nk < k_tiles:
-            _load_step(a_desc, b_desc, a_s, b_s, ready, nk % STAGES, off_m, off_n, nk * BK, u_desc, PAIR)
+            _load_step(a_desc, b_desc, a_s, b_s, ready, nk % STAGES, off_m, off_n, nk * BK, u_desc, PAIR, off_u)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -321,18 +323,43 @@ def _glu_epilogue(acc, out_ptr, xs_ptr, gs_ptr, us_ptr, gb_ptr, ub_ptr, M, F, st
 
 @gluon.jit
 def _gluon_glu_kernel(a_desc, g_desc, u_desc, out_ptr, xs_ptr, gs_ptr, us_ptr, gb_ptr, ub_ptr, M, F, K, stride_om,
-                      PER_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                      G_ROW, U_ROW, head_ptr, hs_ptr, hb_ptr, HEAD_N, stride_hm, PER_ROW: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                       num_warps: gl.constexpr):
-    """One program per [BM, BH] tile of ``h = silu(x @ w_gate.T) * (x @ w_up.T)``: each K step loads the gate's
-    and the up projection's BH weight rows into the two halves of one [2 * BH, BK] buffer, so one wgmma of width
-    2 * BH computes both (``_tile_product`` with PAIR: the tiled form of ``_gluon_gemm_kernel``, its ring and its
-    wait)."""
+    """One program per [BM, BH] tile of ``h = silu(x @ w_gate.T) * (x @ w_up.T)``: each K step loads the gate's BH
+    weight rows (``g_desc`` from row ``G_ROW``) and the up projection's (``u_desc`` from ``U_ROW``) into the two
+    halves of one [2 * BH, BK] buffer, so one wgmma of width 2 * BH computes both (``_tile_product`` with PAIR: the
+    tiled form of ``_gluon_gemm_kernel``, its ring and its wait).
+
+    HEAD (one weight ``[HEAD_N | gate | up]`` behind both descriptors, FLUX.2's single-block linear1): the first
+    programs compute the plain GEMM of its first HEAD_N rows into ``head [M, HEAD_N]`` (its scales ``hs``, bias
+    ``hb``) in [BM, 2 * BH] tiles, the tile's two halves loaded as the SwiGLU's are, with the plain epilogue; one
+    launch for both parts, so their tiles share the waves (two launches would add a partial one)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BH: gl.constexpr = g_desc.block_type.shape[0]
-    off_m, off_f = _tile_offsets(gl.program_id(0), M, F, BM, BH, GROUP_M)
-    acc = _tile_product(a_desc, g_desc, off_m, off_f, K, STAGES, num_warps, u_desc, True)
-    _glu_epilogue(acc, out_ptr, xs_ptr, gs_ptr, us_ptr, gb_ptr, ub_ptr, M, F, stride_om, off_m, off_f, PER_ROW,
-                  HAS_BIAS, num_warps)
+    pid = gl.program_id(0)
+    if HEAD:
+        head_tiles = gl.cdiv(M, BM) * gl.cdiv(HEAD_N, 2 * BH)
+        if pid < head_tiles:
+            off_m, off_n = _tile_offsets(pid, M, HEAD_N, BM, 2 * BH, GROUP_M)
+            row_g = off_n
+            row_u = off_n + BH
+        else:
+            off_m, off_n = _tile_offsets(pid - head_tiles, M, F, BM, BH, GROUP_M)
+            row_g = G_ROW + off_n
+            row_u = U_ROW + off_n
+        acc = _tile_product(a_desc, g_desc, off_m, row_g, K, STAGES, num_warps, u_desc, True, row_u)
+        if pid < head_tiles:
+            _epilogue(acc, head_ptr, xs_ptr, hs_ptr, hb_ptr, hs_ptr, M, HEAD_N, stride_hm, 0, 1, off_m, off_n,
+                      PER_ROW, HAS_BIAS, False, num_warps)
+        else:
+            _glu_epilogue(acc, out_ptr, xs_ptr, gs_ptr, us_ptr, gb_ptr, ub_ptr, M, F, stride_om, off_m, off_n,
+                          PER_ROW, HAS_BIAS, num_warps)
+    else:
+        off_m, off_f = _tile_offsets(pid, M, F, BM, BH, GROUP_M)
+        acc = _tile_product(a_desc, g_desc, off_m, G_ROW + off_f, K, STAGES, num_warps, u_desc, True, U_ROW + off_f)
+        _glu_epilogue(acc, out_ptr, xs_ptr, gs_ptr, us_ptr, gb_ptr, ub_ptr, M, F, stride_om, off_m, off_f, PER_ROW,
+                      HAS_BIAS, num_warps)
 
 
 def supports(xq: torch.Tensor, wq: torch.Tensor) -> str | None:
@@ -427,24 +454,57 @@ def glu_launch_args(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tu
     or both per-tensor, a bias on both or neither; ``cfg.block_n`` is the wgmma's width, half gate columns, half up
     (the twin: ``reference_fused.glu_gemm``). What ``triton_gemm.gemm_glu`` launches; its rules are
     ``fused.glu_kernel_rule``'s (``supports`` for each weight)."""
-    m, k = xq.shape
-    f = gate[0].shape[0]
-    half = cfg.block_n // 2
     (gq, gs, gb), (uq, us, ub) = gate, up
     if (gs.dim() > 0) != (us.dim() > 0) or (gb is None) != (ub is None):
         raise ValueError("gluon_gemm.glu_launch_args: give both weights per-row or per-tensor scales, and a bias to "
                          "both or neither")
+    return _glu_args(xq, x_scale, gq, uq, (gs, us), (gb, ub), out, cfg, 0, 0)
+
+
+def split_glu_launch_args(xq: torch.Tensor, x_scale: torch.Tensor, weight: tuple, head: int, out_head: torch.Tensor,
+                          out: torch.Tensor, cfg: GluonGemmConfig) -> tuple:
+    """The SwiGLU GEMM's launch for one weight ``(wq [head + 2F, K] int8, w_scale [], [N] or [N, 1], bias [N] or
+    None)`` whose rows are ``[head | gate | up]`` (head >= 1): ``out_head [M, head]`` its first rows' GEMM
+    (``launch``'s values) and ``out [M, F] = silu(g) * u`` of the rest (the twin: ``reference_fused.split_glu_gemm``),
+    one launch (``_gluon_glu_kernel`` with HEAD)."""
+    wq, ws, bias = weight
+    f = out.shape[1]
+    per_row = ws.dim() > 0
+
+    def part(t, start, size):
+        return t.reshape(-1)[start:start + size] if t is not None and (t is bias or per_row) else t
+
+    return _glu_args(xq, x_scale, wq, wq, (part(ws, head, f), part(ws, head + f, f)),
+                     (part(bias, head, f), part(bias, head + f, f)), out, cfg, head, head + f,
+                     (out_head, part(ws, 0, head), part(bias, 0, head)) if head else None)
+
+
+def _glu_args(xq, x_scale, gq, uq, scales, biases, out, cfg, g_row, u_row, head=None) -> tuple:
+    """The launch of ``_gluon_glu_kernel``: gate rows from ``g_row`` of ``gq``, up rows from ``u_row`` of ``uq``
+    (two weights, or one weight twice), their scales and biases, and ``head`` = (out_head, scales, bias) or None."""
+    m, k = xq.shape
+    f = out.shape[1]
+    half = cfg.block_n // 2
     xs = x_scale.reshape(-1).float().contiguous()
     a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k],
                               _shared_layout(cfg.block_m, cfg.block_k))
-    g_desc, u_desc = (TensorDescriptor(w, [f, k], [w.stride(0), 1], [half, cfg.block_k],
+    g_desc, u_desc = (TensorDescriptor(w, [w.shape[0], k], [w.stride(0), 1], [half, cfg.block_k],
                                        _shared_layout(half, cfg.block_k)) for w in (gq, uq))
-    grid = (-(-m // cfg.block_m) * -(-f // half),)
-    args = (a_desc, g_desc, u_desc, out, xs, gs.reshape(-1).float().contiguous(), us.reshape(-1).float().contiguous(),
-            gb if gb is not None else xs, ub if ub is not None else xs, m, f, k, out.stride(0))
-    kwargs = dict(PER_ROW=gs.dim() > 0, HAS_BIAS=gb is not None, STAGES=cfg.stages, GROUP_M=cfg.group_m,
-                  num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, **cfg.launch_options())
-    return _gluon_glu_kernel, grid, args, kwargs
+    gs, us = (s.reshape(-1).float().contiguous() for s in scales)
+    gb, ub = (b if b is not None else xs for b in biases)
+    tiles = -(-m // cfg.block_m) * -(-f // half)
+    if head is not None:
+        out_head, hs, hb = head
+        tiles += -(-m // cfg.block_m) * -(-out_head.shape[1] // cfg.block_n)
+        head_args = (out_head, hs.reshape(-1).float().contiguous(), hb if hb is not None else xs, out_head.shape[1],
+                     out_head.stride(0))
+    else:
+        head_args = (out, xs, xs, 0, 0)
+    args = (a_desc, g_desc, u_desc, out, xs, gs, us, gb, ub, m, f, k, out.stride(0), g_row, u_row, *head_args)
+    kwargs = dict(PER_ROW=scales[0].dim() > 0, HAS_BIAS=biases[0] is not None, HEAD=head is not None,
+                  STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
+                  **cfg.launch_options())
+    return _gluon_glu_kernel, (tiles,), args, kwargs
 
 
 @functools.cache

@@ -148,6 +148,20 @@ def _(xq, x_scale, gate_q, gate_scale, gate_bias, up_q, up_scale, up_bias, out_d
     return xq.new_empty((xq.shape[0], gate_q.shape[0]), dtype=out_dtype)
 
 
+@custom_op(f"{LIB}::split_glu_gemm", mutates_args=())
+def split_glu_gemm_op(
+    xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+    head: int, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused.split_glu_gemm_eager(xq, x_scale, q, scale, bias, head, out_dtype)
+
+
+@split_glu_gemm_op.register_fake
+def _(xq, x_scale, q, scale, bias, head, out_dtype):
+    m, f = xq.shape[0], (q.shape[0] - head) // 2
+    return xq.new_empty((m, head), dtype=out_dtype), xq.new_empty((m, f), dtype=out_dtype)
+
+
 @custom_op(f"{LIB}::rms_norm_gate_add", mutates_args=())
 def rms_norm_gate_add_op(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float

@@ -74,6 +74,17 @@ def glu_gemm(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, ou
     return activated(g, g.shape[1], "swiglu", u).to(out_dtype)
 
 
+def split_glu_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None, head: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight ``q [head + 2F, K]`` whose output columns are ``[y_head | g | u]`` (FLUX.2's single-block linear1:
+    q/k/v then the MLP's gate and up halves): ``(y_head [M, head], h [M, F])``,
+    the INT8 GEMM's first columns as ``int8_gemm`` writes them and ``silu(g) * u`` of the rest, each of g and u
+    rounded to ``out_dtype`` first and h rounded once (``glu_gemm``'s values for the weight's row blocks)."""
+    y = epilogue(int8_matmul(xq, q), x_scale.reshape(-1, 1), scale, bias, out_dtype)
+    f = (q.shape[0] - head) // 2
+    return y[:, :head].contiguous(), activated(y[:, head:], f, "swiglu").to(out_dtype)
+
+
 def glu_rows(prefix, glu, f: int, activation: str = "swiglu", up=None) -> torch.Tensor:
     """Float32 rows ``[prefix | act(glu)]`` [M, P + F] (``activated``)."""
     act = activated(glu, f, activation, up)

@@ -554,6 +554,19 @@ def gemm(
     return out
 
 
+def gemm_split_glu(xq: torch.Tensor, x_scale: torch.Tensor, weight: tuple, head: int, out_head: torch.Tensor,
+                   out: torch.Tensor, cfg: GemmConfig) -> None:
+    """The SwiGLU GEMM of one weight ``[head | gate | up]`` (``gluon_gemm.split_glu_launch_args``: ``out_head``
+    the first rows' GEMM, ``out = silu(g) * u``, one launch) with the Gluon config ``cfg``, through the recording
+    launcher (``fused.split_glu_gemm``)."""
+    if cfg.kernel != "gluon":
+        raise ValueError(f"gemm_split_glu: needs a Gluon config (Hopper's large-M row), got {cfg.kernel!r}")
+    if out.numel() or out_head.numel():
+        kernel, grid, args, kwargs = _gluon().split_glu_launch_args(xq, x_scale, weight, head, out_head, out,
+                                                                    _gluon_config(cfg))
+        _gluon_launcher(kernel)(grid, *args, **kwargs)
+
+
 def gemm_glu(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, out: torch.Tensor,
              cfg: GemmConfig) -> torch.Tensor:
     """The SwiGLU GEMM (``gluon_gemm.glu_launch_args``: ``out [M, F] = silu(g) * u``) with the Gluon config ``cfg``,

@@ -497,19 +497,16 @@ def run_glu(xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype, gat
 def run_head_and_glu(layer: Int8Linear, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype,
                      head: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A layer whose outputs are ``[y_head | g | u]`` (FLUX.2's single-block linear1: q/k/v, then the MLP's gate
-    and up halves) on rows a fused kernel quantized: ``(y_head [M, head], h [M, F] = silu(g) * u)``, the head by
-    the INT8 GEMM on its weight rows and ``h`` by the SwiGLU GEMM (``run_glu``'s rules and weights; None where
-    they fail, and the caller runs the layer whole)."""
-    f = _glu_width(xq, layer, None, head)
-    if f is None:
+    and up halves) on rows a fused kernel quantized: ``(y_head [M, head], h [M, F] = silu(g) * u)`` in one launch
+    of the SwiGLU GEMM's kernel (``kernels.fused.split_glu_gemm``; ``run_glu``'s rules and weights; None where they
+    fail, and the caller runs the layer whole)."""
+    if _glu_width(xq, layer, None, head) is None:
         return None
     with _gemm_operands(layer, xq.device, out_dtype) as ops:
         if ops is None:
             return None
         comfy.ops.run_every_op()
-        head_ops, gate, up = _parts(ops, head, f, f)
-        return (kernels.fused.int8_gemm(xq, x_scale, *head_ops, out_dtype),
-                kernels.fused.glu_gemm(xq, x_scale, gate, up, out_dtype))
+        return kernels.fused.split_glu_gemm(xq, x_scale, *ops, head, out_dtype)
 
 
 def make_operations(config: LoadConfig) -> type:

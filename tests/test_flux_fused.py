@@ -158,12 +158,16 @@ def test_glu_gemm_form_matches_the_two_gemm_form(models, calls, monkeypatch):
     inputs, ref = models["inputs"], models["ref"]
     two = step(models["fused"], inputs)
     seen = []
-    glu_gemm = fused_kernels.glu_gemm
     monkeypatch.setattr(fused_kernels, "glu_gemm_rule", lambda *a: None)
-    monkeypatch.setattr(fused_kernels, "glu_gemm", lambda *a, **k: seen.append(a[0].shape) or glu_gemm(*a, **k))
+    def recording(name, fn):
+        return lambda *a, **k: seen.append(name) or fn(*a, **k)
+
+    for name in ("glu_gemm", "split_glu_gemm"):
+        monkeypatch.setattr(fused_kernels, name, recording(name, getattr(fused_kernels, name)))
     calls.update(glu=0, norm=0)
     one = step(models["fused"], inputs)
-    assert len(seen) == 3 and calls == {"norm": 5, "glu": 1}  # 2 streams + the single block; its glu_quantize
+    # the double block's 2 streams, then the single block's q/k/v and SwiGLU in one; its glu_quantize
+    assert seen == ["glu_gemm", "glu_gemm", "split_glu_gemm"] and calls == {"norm": 5, "glu": 1}
     assert sqnr_db(two, one) > 35
     s_one, s_two = sqnr_db(ref, one), sqnr_db(ref, two)
     assert s_one > 25 and s_one > s_two - 0.5, (s_one, s_two)
@@ -286,7 +290,7 @@ def test_torch_compile_traces_fused_blocks_in_one_graph(models, calls, monkeypat
     assert not counters["graph_break"] and backend.frame_count == 1
     ops = {str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"}
     for op in ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "int8_gemm_residual", "flux_rope_table",
-               *(("glu_gemm",) if form == "glu-gemm" else ())):
+               *(("glu_gemm", "split_glu_gemm") if form == "glu-gemm" else ())):
         assert any(op in name for name in ops), (op, sorted(ops))
     assert sqnr_db(want, y) > 60
     assert sqnr_db(unfused, y) > 30

@@ -140,6 +140,67 @@ def test_op_and_compile(seed):
     torch.testing.assert_close(compiled(xq, xs, *gate, *up), mlp_in(xq, xs, *gate, *up), rtol=0, atol=0)
 
 
+def _split_operands(m: int, k: int, head: int, f: int, per_row: bool = True, bias: bool = False, device=DEV):
+    """Rows and one weight ``[head | gate | up]`` (``(q [head + 2F, K], scale, bias)``)."""
+    xq, xs, _, _ = _operands(m, k, 1, device=device)
+    q, scale = ref.quantize_weight(torch.randn(head + 2 * f, k, device=device) * 0.05, per_row=per_row)
+    b = (torch.randn(head + 2 * f, device=device) * 0.1).to(torch.bfloat16) if bias else None
+    return xq, xs, q, scale, b
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("per_row,bias", [(True, True), (False, False)])
+@pytest.mark.parametrize("m,k,head,f", [(1, 40, 3, 7), (17, 96, 48, 130)])
+def test_split_twin_is_the_gemm_and_glu_gemm(seed, per_row, bias, m, k, head, f):
+    """One weight ``[head | gate | up]``: the head part is the INT8 GEMM's first columns and h ``glu_gemm``'s twin on
+    the weight's row blocks, bit for bit."""
+    xq, xs, q, scale, b = _split_operands(m, k, head, f, per_row, bias, device="cpu")
+    y_head, h = reference_fused.split_glu_gemm(xq, xs, q, scale, b, head, torch.bfloat16)
+    rows = [slice(0, head), slice(head, head + f), slice(head + f, head + 2 * f)]
+    parts = [(q[r], scale[r] if scale.dim() else scale, b[r] if b is not None else None) for r in rows]
+    assert torch.equal(y_head, ref.epilogue(ref.int8_matmul(xq, parts[0][0]), xs.reshape(-1, 1), *parts[0][1:],
+                                            torch.bfloat16))
+    assert torch.equal(h, reference_fused.glu_gemm(xq, xs, parts[1], parts[2], torch.bfloat16))
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("m,k,head,f", [(15, 100, 24, 33), (1100, 160, 384, 200)])
+def test_split_matches_the_twin_op_and_compile(seed, m, k, head, f):
+    """``split_glu_gemm`` against its twin (one ulp where the Gluon kernel's sigmoid differs), its op (opcheck)
+    and a fullgraph compile; its argument checks."""
+    xq, xs, q, scale, b = _split_operands(m, k, head, f, bias=True)
+    y_head, h = fused.split_glu_gemm(xq, xs, q, scale, b, head, torch.bfloat16)
+    want_head, want = reference_fused.split_glu_gemm(xq, xs, q, scale, b, head, torch.bfloat16)
+    assert torch.equal(y_head, want_head) and ulp_diff(h, want) <= 1
+    torch.library.opcheck(torch.ops.int8_w8a8.split_glu_gemm, (xq, xs, q, scale, b, head, torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda *a: fused.split_glu_gemm(*a, head, torch.bfloat16), fullgraph=True,
+                             backend="aot_eager")
+    c_head, c_h = compiled(xq, xs, q, scale, b)
+    assert torch.equal(c_head, y_head) and torch.equal(c_h, h)
+    with pytest.raises(ValueError, match="head 0"):
+        fused.split_glu_gemm(xq, xs, q, scale, b, 0, torch.bfloat16)
+    with pytest.raises(ValueError, match="not head"):
+        fused.split_glu_gemm(xq, xs, q, scale, b, head + 1, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the SwiGLU GEMM's kernel is written for SM 9.x (Hopper)")
+@pytest.mark.parametrize("per_row,bias", [(True, True), (False, False)])
+@pytest.mark.parametrize("m,k,head,f", [(1025, 144, 200, 128), (4608, 4096, 12288, 1024)])
+def test_split_gluon_kernel_against_the_twin(seed, per_row, bias, m, k, head, f):
+    """The one-launch form (q/k/v tiles first, then the SwiGLU's) runs and gives the twin's head bit for bit and its
+    h within one unit in the last place, replayed too."""
+    xq, xs, q, scale, b = _split_operands(m, k, head, f, per_row, bias)
+    assert fused.split_glu_rule(xq, q, head) is None
+    y_head, h = fused.split_glu_gemm(xq, xs, q, scale, b, head, torch.bfloat16)
+    want_head, want = reference_fused.split_glu_gemm(xq, xs, q, scale, b, head, torch.bfloat16)
+    assert torch.equal(y_head, want_head)
+    assert ulp_diff(h, want) <= 1 and float((h != want).float().mean()) < 1e-2
+    again = fused.split_glu_gemm(xq, xs, q, scale, b, head, torch.bfloat16)
+    assert torch.equal(again[0], y_head) and torch.equal(again[1], h)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="the SwiGLU GEMM's kernel is written for SM 9.x (Hopper)")
 @pytest.mark.parametrize("per_row,bias", [(True, False), (True, True), (False, False)])
