@@ -189,9 +189,10 @@ for step in "$@"; do
                 | tee "$OUT/pytest-gluon-gemm.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --out "$OUT/bench_gluon_gemm.json" 2>&1 \
                 | tee "$OUT/bench_gluon_gemm.txt"; } ;;
-        # the SwiGLU GEMM (kernels.fused.glu_gemm, bench/NOTES.md item 89): its GPU tests and the blocks' at real
-        # widths (Z-Image's and FLUX.2's blocks take it on this row), then a SwiGLU MLP's input both ways at Z-Image's
-        # and klein's shapes (~3-4 min); glu-ab: whole steps without and with it
+        # the SwiGLU GEMM (kernels.fused.glu_gemm / split_glu_gemm, bench/NOTES.md item 89): its GPU tests and the
+        # blocks' at real widths (Z-Image's and FLUX.2's blocks take it on this row), then a SwiGLU MLP's input both
+        # ways at Z-Image's and klein's shapes and klein's single-block linear1 three ways (~3-4 min); glu-ab: whole
+        # steps without and with it
         glu) timeout 360 python3 -m pytest tests/test_glu_gemm.py tests/test_gluon_gemm.py tests/test_blocks_gpu.py \
                 tests/test_fused.py -q -p no:randomly -k "not test_fused or glu" 2>&1 | tee "$OUT/pytest-glu.log" | tail -8; \
             { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --glu --out "$OUT/bench_glu.json" 2>&1 \
