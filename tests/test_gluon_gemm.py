@@ -78,10 +78,10 @@ def test_configs_compile_for_hopper_with_a_product_in_flight():
     from int8_w8a8.bench.bench_gluon_gemm import CONFIGS
 
     assert out.returncode == 0 and len(lines) == 2 * len(CONFIGS), (out.stdout[-3000:], out.stderr[-3000:])
-    glu = [ln for ln in out.stdout.splitlines() if ln.startswith("glu ")]  # the SwiGLU GEMM, dispatched form
+    glu = [ln for ln in out.stdout.splitlines() if ln.startswith("glu ")]  # the SwiGLU GEMM, with and without HEAD
     from int8_w8a8.bench.bench_gluon_gemm import GLU_CONFIGS
 
-    assert len(glu) == len(GLU_CONFIGS) and all("s32.s8.s8" in ln and "wait=[0, 1]" in ln and "regs=128 " in ln
+    assert len(glu) == 2 * len(GLU_CONFIGS) and all("s32.s8.s8" in ln and "wait=[0, 1]" in ln and "regs=128 " in ln
                                                  and ln.endswith(" OK") for ln in glu), glu
     capped = [ln for ln in lines if " r128 " in ln]  # max_registers=128: the cap holds
     assert len(capped) == 4 and all("regs=128 " in ln for ln in capped), capped
