@@ -261,7 +261,8 @@ def run_glu(shapes=GLU_SHAPES, warmup_ms: int = 10, rep_ms: int = 50) -> list[di
     """The SwiGLU MLP input as a fused block runs it, per shape (M, K, F): the two GEMMs and ``glu_quantize`` (what
     runs without the GLU GEMM) against ``glu_gemm`` + ``quantize_rows`` (Hopper's Gluon row), both through the
     replayed eager functions; ms of the pair and of each part, and the int8 codes' agreement (h is rounded to bf16
-    before its quantization in the GLU form: a code may differ by one)."""
+    before its quantization in the GLU form: a code may differ by one). Then FLUX.2's single-block linear1 three
+    ways (``_split_row``)."""
     return ([_glu_row(m, k, f, warmup_ms, rep_ms) for m, k, f in shapes]
             + [_split_row(m, k, f, warmup_ms, rep_ms) for m, k, f in SPLIT_SHAPES])
 

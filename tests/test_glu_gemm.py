@@ -1,6 +1,7 @@
 """The SwiGLU GEMM (``kernels.fused.glu_gemm``): a SwiGLU MLP's two up projections on the same int8 rows as one GEMM
-that writes only ``h = silu(g) * u`` (Hopper's Gluon row, ``gluon_gemm._gluon_glu_kernel``), and the fused blocks'
-choice between it and the two GEMMs + ``glu_quantize`` (``ops.blocks.common.glu_quantized``).
+that writes only ``h = silu(g) * u`` (Hopper's Gluon row, ``gluon_gemm._gluon_glu_kernel``), its one-weight form
+with a plain head part in the same launch (``split_glu_gemm``: FLUX.2's single-block linear1), and the fused
+blocks' choice between it and the two GEMMs + ``glu_quantize`` (``ops.blocks.common.glu_quantized``).
 
 Everywhere: the twin (``reference_fused.glu_gemm``) against float64, the function against the twin at odd shapes
 (M = 1, 15, 16, 17; K and F not multiples of 16), per-row and per-tensor scales, biases, strided rows, NaN and
