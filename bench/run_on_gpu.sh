@@ -194,7 +194,8 @@ for step in "$@"; do
         # ways at Z-Image's and klein's shapes and klein's single-block linear1 three ways (~3-4 min); glu-ab: whole
         # steps without and with it
         glu) timeout 360 python3 -m pytest tests/test_glu_gemm.py tests/test_gluon_gemm.py tests/test_blocks_gpu.py \
-                tests/test_fused.py -q -p no:randomly -k "not test_fused or glu" 2>&1 | tee "$OUT/pytest-glu.log" | tail -8; \
+                tests/test_fused.py $XDIST -q -p no:randomly -k "glu or zimage or klein9b" 2>&1 \
+                | tee "$OUT/pytest-glu.log" | tail -8; \
             { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --glu --out "$OUT/bench_glu.json" 2>&1 \
                 | tee "$OUT/bench_glu.txt"; } ;;
         # one architecture's pack step (MODES, default eager; MODELS, default "zimage klein9b") with

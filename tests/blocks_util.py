@@ -29,7 +29,7 @@ from int8_w8a8.kernels import fused as fused_kernels
 from .conftest import sqnr_db
 
 KERNELS = ("norm_modulate_quantize", "glu_quantize", "qk_norm_rope", "int8_gemm_residual")  # FLUX-style blocks
-COUNTED = (*KERNELS, "rms_norm_gate_add", "rms_norm_gate_add_quantize", "glu_gemm")
+COUNTED = (*KERNELS, "rms_norm_gate_add", "rms_norm_gate_add_quantize", "glu_gemm", "split_glu_gemm")
 
 
 def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:

@@ -36,6 +36,9 @@ from . import blocks_util as bu
 from .conftest import HAS_CUDA, sqnr_db
 
 SMOKE = os.environ.get("INT8_W8A8_BLOCKS_CPU_SMOKE", "0") not in ("", "0")
+# the fused blocks take the SwiGLU GEMM (kernels.fused.glu_gemm_rule): an SM 9.x GPU whose table has the Gluon row
+GLU_GEMM = (HAS_CUDA and not SMOKE and torch.cuda.get_device_capability()[0] == 9
+            and os.environ.get("INT8_W8A8_DISABLE_GLU_GEMM", "0") in ("", "0"))
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TEXT_TOKENS = 7 if SMOKE else 154  # 154: not a multiple of any tile, padded to 160 by Z-Image
 PEAK_GIB = 40  # per test, so that `pytest -n 12` fits the H200's 139 GiB
@@ -58,7 +61,9 @@ class Case:
         32-64 in the CPU smoke run.
     blocks: name prefixes of the fused blocks' linears (the LoRA's layers).
     calls: fused-kernel calls of one step at this depth and Int8Linear calls on rows quantized before them
-        (``run_quantized``), from the per-block counts of the CPU tests (tests/test_blocks_*.py).
+        (``run_quantized``), from the per-block counts of the CPU tests (tests/test_blocks_*.py); ``glu_calls``
+        those where the SwiGLU GEMM runs (Hopper's Gluon row, rows above its 1024-row bucket, no LoRA term:
+        ``kernels.fused.glu_gemm_rule``), None where it is the same.
     kwargs: the forward's extra arguments: ``guidance`` (Chroma), ``num_tokens`` (Z-Image).
     """
 
@@ -68,13 +73,24 @@ class Case:
     blocks: tuple[str, ...]
     calls: dict[str, int]
     kwargs: tuple[str, ...] = field(default=())
+    glu_calls: dict[str, int] | None = None
+
+    def want(self, lora: bool = False) -> dict[str, int]:
+        """The calls of one step here: ``glu_calls`` where the SwiGLU GEMM runs and no LoRA term keeps two GEMMs."""
+        return self.glu_calls if self.glu_calls is not None and GLU_GEMM and not lora else self.calls
 
 
-def _flux_calls(activation: str) -> dict[str, int]:
+def _flux_calls(activation: str, glu_gemm: bool = False) -> dict[str, int]:
     """One double block (2 streams x norm1/norm2, both MLPs) and one single block (pre_norm, its MLP); all 10
-    INT8 linears of the two blocks run on rows a fused kernel quantized."""
-    return {"norm_modulate_quantize": 5, "glu_quantize": 3, f"glu_quantize:{activation}": 3, "qk_norm_rope": 3,
-            "int8_gemm_residual": 5, "run_quantized": 10}
+    INT8 linears of the two blocks run on rows a fused kernel quantized. ``glu_gemm``: the SwiGLU GEMM's form, where
+    the single block's 1178 rows take ``split_glu_gemm`` (its linear1 not a ``run_quantized`` call; its
+    ``glu_quantize`` the identity) and the double block's streams (1024 and 154 rows) keep the two-GEMM form."""
+    calls = {"norm_modulate_quantize": 5, "glu_quantize": 3, f"glu_quantize:{activation}": 3, "qk_norm_rope": 3,
+             "int8_gemm_residual": 5, "run_quantized": 10}
+    if glu_gemm:
+        calls.update({f"glu_quantize:{activation}": 2, "glu_quantize:identity": 1, "split_glu_gemm": 1,
+                      "run_quantized": 9})
+    return calls
 
 
 def _times(per_block: dict[str, int], blocks: int) -> dict[str, int]:
@@ -83,7 +99,8 @@ def _times(per_block: dict[str, int], blocks: int) -> dict[str, int]:
 
 CASES: dict[str, Case] = {
     "klein9b": Case({"depth": 1, "depth_single_blocks": 1}, (128, 32, 32), (128, 8, 8),
-                    ("double_blocks.", "single_blocks."), _flux_calls("swiglu")),
+                    ("double_blocks.", "single_blocks."), _flux_calls("swiglu"),
+                    glu_calls=_flux_calls("swiglu", glu_gemm=True)),
     "chroma": Case({"depth": 1, "depth_single_blocks": 1}, (16, 64, 64), (16, 16, 16),
                    ("double_blocks.", "single_blocks."), _flux_calls("gelu_tanh"), ("guidance",)),
     # per block and stream: one modulated-norm quantization feeds q, k and v, one the MLP
@@ -96,7 +113,10 @@ CASES: dict[str, Case] = {
                    _times({"norm_modulate_quantize": 1, "rms_norm_gate_add_quantize": 1, "qk_norm_rope": 1,
                            "glu_quantize": 1, "glu_quantize:swiglu": 1, "rms_norm_gate_add": 1, "run_quantized": 5},
                           2),
-                   ("num_tokens",)),
+                   ("num_tokens",),
+                   # w1 and w3 (1184 rows) as one glu_gemm, its h quantized by quantize_rows (not counted)
+                   _times({"norm_modulate_quantize": 1, "rms_norm_gate_add_quantize": 1, "qk_norm_rope": 1,
+                           "glu_gemm": 1, "rms_norm_gate_add": 1, "run_quantized": 3}, 2)),
     # per block: one quantization for self-attention's q/k/v, one for cross-attention's q (norm3 fused), one for the
     # FFN; cross-attention's k/v (text tokens) are ComfyUI's layers
     "wan14b": Case({"num_layers": 2}, (16, 4, 32, 32), (16, 2, 8, 8), ("blocks.",),
@@ -187,7 +207,7 @@ def test_fused_matches_comfyui_blocks_and_float64(model, calls, gpu_peak):
     comfy = bu.run(model.plain, args, kwargs)
     assert not calls, calls  # ComfyUI's blocks: no fused kernel, every INT8 layer quantizes its own input
     fused = bu.run(model.fused, args, kwargs)
-    assert calls == model.case.calls
+    assert calls == model.case.want()
     assert bool(fused.isfinite().all())
     s = sqnr_db(comfy, fused)
     print(f"[{model.arch.title}] fused vs ComfyUI's blocks {s:.2f} dB, output {tuple(fused.shape)}")
@@ -207,12 +227,12 @@ def test_dynamic_lora_stays_fused_and_matches_bf16_lora(model, calls, gpu_peak, 
     bf16 = bu.load_bf16(model.sd)
     ref = bu.run(bf16, args, kwargs)
     without = bu.run(model.fused, args, kwargs)
-    assert calls == model.case.calls
+    assert calls == model.case.want()
     calls.clear()
     dyn, dyn_plain = bu.dynamic_lora([model.fused, model.plain], model.sd, model.case.blocks, tmp_path, monkeypatch,
                                      rank=LORA_RANK)
     y = bu.run(dyn, args, kwargs)
-    assert calls == model.case.calls  # still fused with the LoRA's terms
+    assert calls == model.case.want(lora=True)  # still fused with the LoRA's terms (SwiGLU as two GEMMs)
     y_plain = bu.run(dyn_plain, args, kwargs)
     ref_lora = bu.run(bu.comfy_lora(bf16, tmp_path / bu.DYNAMIC_LORA), args, kwargs)
     del bf16, dyn, dyn_plain
