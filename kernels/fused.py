@@ -587,11 +587,11 @@ def glu_gemm_rule(xq: torch.Tensor, width: int | None = None) -> str | None:
 
 
 def glu_kernel_rule(xq: torch.Tensor, gate_q: torch.Tensor, up_q: torch.Tensor) -> str | None:
-    """Why ``glu_gemm`` would not run its own kernel for these operands, or None: ``_gluon_row`` and TMA-legal
-    weights of one shape ``[F, K]`` matching the rows' K."""
+    """Why ``glu_gemm`` would not run its own kernel for these operands (eager tensors), or None: ``_gluon_row`` and
+    weights of one shape ``[F, K]`` the Gluon GEMM takes (``gluon_gemm.supports``)."""
     if gate_q.shape != up_q.shape or gate_q.dim() != 2 or xq.shape[1] != gate_q.shape[1]:
         return f"operands xq {list(xq.shape)}, gate {list(gate_q.shape)}, up {list(up_q.shape)}: one [F, K]"
-    return _gluon_row(xq, gate_q.shape[0]) or _tma_rows("gate", gate_q) or _tma_rows("up", up_q)
+    return _gluon_row(xq, gate_q.shape[0]) or _gluon_operand(xq, gate_q) or _gluon_operand(xq, up_q)
 
 
 def _gluon_row(xq: torch.Tensor, width: int | None) -> str | None:
@@ -614,7 +614,7 @@ def _gluon_row(xq: torch.Tensor, width: int | None) -> str | None:
 
 def _tma_rows(name: str, t: torch.Tensor) -> str | None:
     """Why ``t`` is not an int8 TMA operand (unit column stride, rows 16 bytes apart, a 16-byte aligned base: the
-    address checked outside tracing), or None."""
+    address checked outside tracing, where ``launch.tma_ok`` would read a fake tensor's address), or None."""
     if (t.dtype != torch.int8 or t.dim() != 2 or t.shape[1] % 16 or t.stride(1) != 1 or t.stride(0) % 16
             or (not torch.compiler.is_compiling() and t.data_ptr() % 16)):
         return f"{name}: int8 rows with unit column stride, K % 16 == 0, 16-byte aligned (TMA)"
@@ -711,9 +711,17 @@ def _check_split_glu_gemm(xq, q, scale, bias, head, out_dtype) -> None:
 
 
 def split_glu_rule(xq: torch.Tensor, q: torch.Tensor, head: int) -> str | None:
-    """Why ``split_glu_gemm`` would not run the SwiGLU GEMM's kernel for these operands, or None: ``_gluon_row``
-    for the SwiGLU's width and a TMA-legal weight."""
-    return _gluon_row(xq, (q.shape[0] - head) // 2) or _tma_rows("q", q)
+    """Why ``split_glu_gemm`` would not run the SwiGLU GEMM's kernel for these operands (eager tensors), or None:
+    ``_gluon_row`` for the SwiGLU's width and a weight the Gluon GEMM takes."""
+    return _gluon_row(xq, (q.shape[0] - head) // 2) or _gluon_operand(xq, q)
+
+
+def _gluon_operand(xq: torch.Tensor, wq: torch.Tensor) -> str | None:
+    """``gluon_gemm.supports`` (imported only where ``_gluon_row`` passed: the table has a Gluon row only where
+    Gluon imports)."""
+    from .gluon_gemm import supports
+
+    return supports(xq, wq)
 
 
 def split_glu_gemm_impl(xq, x_scale, q, scale, bias, head, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -453,11 +453,8 @@ def glu_launch_args(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tu
     rounded to out's dtype) for ``gate = (wq [F, K] int8, w_scale, bias or None)`` and ``up`` likewise, both per-row
     or both per-tensor, a bias on both or neither; ``cfg.block_n`` is the wgmma's width, half gate columns, half up
     (the twin: ``reference_fused.glu_gemm``). What ``triton_gemm.gemm_glu`` launches; its rules are
-    ``fused.glu_kernel_rule``'s (``supports`` for each weight)."""
+    ``fused.glu_kernel_rule``'s (``supports`` for each weight) and its arguments ``fused.glu_gemm``'s checks."""
     (gq, gs, gb), (uq, us, ub) = gate, up
-    if (gs.dim() > 0) != (us.dim() > 0) or (gb is None) != (ub is None):
-        raise ValueError("gluon_gemm.glu_launch_args: give both weights per-row or per-tensor scales, and a bias to "
-                         "both or neither")
     return _glu_args(xq, x_scale, gq, uq, (gs, us), (gb, ub), out, cfg, 0, 0)
 
 

@@ -318,20 +318,16 @@ class Int8Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
                 # the rotation is read only where it is used (a few us a call, 12 calls a Qwen-Image block)
                 a_q, a_scale = term.int8_down(self.input_rotation())
                 lora_h = kernels.fused.lora_down(xq, x_scale, a_q, a_scale, lora_b.dtype)
-        traced = self._traced_now() if torch.compiler.is_compiling() else None
-        if traced is not None and traced.qdata.device == xq.device:
-            bias = None if self.bias is None else self.bias.to(out_dtype)
-            return _gemm_quantized(xq, x_scale, traced.qdata, traced.scale, bias, out_dtype, residual, gate, lora_h,
-                                   lora_b)
+        traced = _traced_operands(self, xq.device, out_dtype)
+        if traced is not None:
+            return _gemm_quantized(xq, x_scale, *traced, out_dtype, residual, gate, lora_h, lora_b)
         plan = self._plan_if_resident()
         if plan is not None:
             y = (plan.gemm(xq, x_scale, out_dtype, lora_h, lora_b) if residual is None
                  else plan.gemm_residual(xq, x_scale, out_dtype, residual, gate, lora_h, lora_b))
             if y is not None:
                 return y
-        weight, bias, offload = comfy.ops.cast_bias_weight(
-            self, input=None, dtype=self.weight.dtype, device=xq.device, bias_dtype=out_dtype, offloadable=True,
-            compute_dtype=out_dtype, want_requant=True)
+        weight, bias, offload = _cast_for_rows(self, xq.device, out_dtype)
         if layout.is_int8_weight(weight):
             y = _gemm_quantized(xq, x_scale, weight._qdata, weight._params.scale, bias, out_dtype, residual, gate,
                                 lora_h, lora_b)
@@ -378,6 +374,22 @@ def _streamed(layer: Int8Linear) -> bool:
                 or layer.comfy_force_cast_weights)
 
 
+def _traced_operands(layer: Int8Linear, device: torch.device, out_dtype: torch.dtype) -> tuple | None:
+    """While torch.compile traces: ``(q [N, K], scale, bias in out_dtype)`` of ``layer``'s weight as the graph reads
+    it (``Int8Linear._traced_now``) when it is on ``device``; else None (eager, or a weight the cast path streams)."""
+    traced = layer._traced_now() if torch.compiler.is_compiling() else None
+    if traced is None or traced.qdata.device != device:
+        return None
+    return traced.qdata, traced.scale, None if layer.bias is None else layer.bias.to(out_dtype)
+
+
+def _cast_for_rows(layer: Int8Linear, device: torch.device, out_dtype: torch.dtype) -> tuple:
+    """ComfyUI's cast path for a GEMM on rows quantized before it (offloading, lowvram, DynamicVRAM): ``(weight,
+    bias in out_dtype, offload)``, an INT8 weight handed over as it is; ``comfy.ops.uncast_bias_weight`` releases it."""
+    return comfy.ops.cast_bias_weight(layer, input=None, dtype=layer.weight.dtype, device=device, bias_dtype=out_dtype,
+                                      offloadable=True, compute_dtype=out_dtype, want_requant=True)
+
+
 def _gemm_quantized(xq, x_scale, q, scale, bias, out_dtype, residual, gate, lora_h, lora_b) -> torch.Tensor:
     """``Int8Linear.run_quantized``'s GEMM on a weight's int8 ``q [N, K]`` and ``scale``: ``y [M, N]``, or
     ``residual += gate * y`` in place when ``residual`` is given."""
@@ -416,18 +428,14 @@ def _gemm_operands(layer: Int8Linear, device: torch.device, out_dtype: torch.dty
     the traced parts under torch.compile, the resident ``LinearPlan``, or ComfyUI's cast path (offloading, lowvram,
     DynamicVRAM: ComfyUI's default memory mode), whose weight is released when the ``with`` block ends. None where
     the cast path hands over a float weight (a DynamicVRAM layer run on the CPU)."""
-    if torch.compiler.is_compiling():
-        traced = layer._traced_now()
-        if traced is not None and traced.qdata.device == device:
-            yield traced.qdata, traced.scale, None if layer.bias is None else layer.bias.to(out_dtype)
-            return
-    plan = layer._plan_if_resident()
+    ops = _traced_operands(layer, device, out_dtype)
+    plan = layer._plan_if_resident() if ops is None else None
     if plan is not None and plan.device == device:
-        yield plan.q, plan.scale, plan.bias_for(out_dtype)
+        ops = plan.q, plan.scale, plan.bias_for(out_dtype)
+    if ops is not None:
+        yield ops
         return
-    weight, bias, offload = comfy.ops.cast_bias_weight(
-        layer, input=None, dtype=layer.weight.dtype, device=device, bias_dtype=out_dtype, offloadable=True,
-        compute_dtype=out_dtype, want_requant=True)
+    weight, bias, offload = _cast_for_rows(layer, device, out_dtype)
     try:
         yield (weight._qdata, weight._params.scale, bias) if layout.is_int8_weight(weight) else None
     finally:
