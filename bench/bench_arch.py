@@ -33,6 +33,9 @@ TorchCompileModel path (``--modes compile``) works as in a workflow. Variants, a
   pack-convert-attn8  (not in the defaults) pack-convert with ``LoadOptions(attention="8-bit")``: the fused blocks'
                 attention is the pack's 8-bit one (``kernels.attention_8bit``: its quantization pass, then the
                 Triton kernel on Hopper)
+  pack-convert-twogemm  (not in the defaults) pack-convert with the SwiGLU GEMM off (``INT8_W8A8_DISABLE_GLU_GEMM``
+                set for the variant's build and steps): a SwiGLU MLP's gate and up as two GEMMs and ``glu_quantize``,
+                as before bench/NOTES.md item 89, for an A/B of the SwiGLU GEMM in one call
   bf16-lora64, pack-convert-lora64  (not in the defaults) with a random rank-64 LoRA on every linear
                 (``bench_model.with_lora``): ComfyUI's LoRA patches (merged on load) for bf16, the pack's dynamic
                 LoRA for the pack (as "Load LoRA (INT8 dynamic)" applies it); their SQNR is against bf16-lora64
@@ -64,18 +67,22 @@ import tempfile
 
 import torch
 
+from ..kernels.dispatch import DISABLE_GLU_GEMM_ENV
 from . import arch_models, bench_model, common, flux2_model, profile_step, turns
 
 VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "stock-native", "pack-native-cpu-offload",
-            "pack-convert-qt", "pack-convert-opt", "pack-convert-attn8")
+            "pack-convert-qt", "pack-convert-opt", "pack-convert-attn8", "pack-convert-twogemm")
 DEFAULT_VARIANTS = VARIANTS[:5]
 LORA_VARIANTS = tuple(f"{v}{bench_model.LORA_SUFFIX}" for v in ("bf16", "pack-convert"))
 MODES = ("eager", "compile", "eager-dvram")
 # the ones eager-dvram builds
-DVRAM_VARIANTS = ("bf16", "fp8-fast", "pack-convert", "pack-convert-qt", "pack-convert-opt")
+DVRAM_VARIANTS = ("bf16", "fp8-fast", "pack-convert", "pack-convert-qt", "pack-convert-opt", "pack-convert-twogemm")
 # the pack-convert variants: their LoadOptions
 _CONVERT_OPTIONS = {"pack-convert": {}, "pack-convert-qt": {"traced_weights": False},
-                    "pack-convert-opt": {"quantize_extra_blocks": True}, "pack-convert-attn8": {"attention": "8-bit"}}
+                    "pack-convert-opt": {"quantize_extra_blocks": True}, "pack-convert-attn8": {"attention": "8-bit"},
+                    "pack-convert-twogemm": {}}
+# the variants run with these environment variables set (the kernels' A/B switches, read when a block runs or traces)
+_VARIANT_ENV = {"pack-convert-twogemm": {DISABLE_GLU_GEMM_ENV: "1"}}
 # an isolated eager-dvram child loads comfy-aimdo's library before torch initializes CUDA, as ComfyUI's main.py does
 _AIMDO_BOOT = ("import runpy, sys\nimport comfy_aimdo.control\ncomfy_aimdo.control.init()\n"
                "sys.argv[0] = 'bench_arch'\nrunpy.run_module('int8_w8a8.bench.bench_arch', run_name='__main__')\n")
@@ -181,6 +188,22 @@ def build(variant: str, arch: arch_models.Arch, tiny: bool, native_file: str = "
                                                         disable_dynamic=True), info
 
 
+@contextlib.contextmanager
+def variant_env(variant: str):
+    """``variant``'s environment (``_VARIANT_ENV``) set for its build and rows, the previous values restored after."""
+    env = _VARIANT_ENV.get(bench_model.split_lora(variant)[0], {})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _free() -> None:
     bench_model._free()
 
@@ -247,50 +270,52 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
         shape = arch.step_shape(tiny)
         refs: dict[int, torch.Tensor] = {}  # LoRA rank (0: none) -> BF16 eager output
         for variant in variants:
-            base, rank = bench_model.split_lora(variant)
-            _load_ref(refs, ref_dir, key, shape.res, rank, device)
-            baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-            with sections.section("build"):
-                patcher, info = build(base, arch, tiny, native_file, dynamic=dynamic)
-            native.install()  # comfy-int8 switched the pack's layout hook off for its own load
-            if rank:
-                patcher = _with_lora(patcher, arch, tiny, rank, pack=base.startswith("pack-"))
-            inputs = arch_models.step_inputs(patcher, shape, device)
-            weights = flux2_model.weight_bytes(patcher) / 1e9
-            if base == "bf16" and not any(m.startswith("eager") for m in modes) and rank not in refs:
-                refs[rank] = bench_model.step(patcher, inputs).float()  # SQNR is always against BF16 eager
-                if ref_dir:
-                    torch.save(refs[rank].cpu(), _ref_path(ref_dir, key, shape.res, rank))
-            for mode in modes:
-                model = bench_model.compiled(patcher, backend) if mode == "compile" else patcher
-                torch._dynamo.reset()
-                held = contextlib.ExitStack()  # the timed section: from the first timed step to the row's print
-                with held:
-                    timed = functools.partial(held.enter_context, sections.section("timed"))
-                    out = bench_model.measure(model, inputs, reps=reps, warmup=warmup, baseline=baseline,
-                                              power_s=power_s, before_timing=timed, settle=settle)
-                    y = out.pop("y")
-                    if base == "bf16" and mode != "compile":
-                        refs[rank] = y
-                        if ref_dir:
-                            torch.save(y.cpu(), _ref_path(ref_dir, key, shape.res, rank))
-                    # again: with --overlap the BF16 process saves it in its timed section, which comes first
-                    ref = _load_ref(refs, ref_dir, key, shape.res, rank, device)
-                    trace = os.path.join(trace_dir, f"trace-{key}-{variant}-{mode}.json.gz") if trace_dir else None
-                    prof = profile_step.profile(model, inputs, warmup=0, gaps=True, gaps_trace=trace)
-                    row = {"model": arch.title, "arch": key, "res": shape.res, "variant": variant, "mode": mode,
-                           "dtype": _dtype_of(patcher), "weights_gb": weights,
-                           "sqnr_vs_bf16": None if ref is None else common.sqnr_db(ref, y),
-                           "device_ms": prof["kernel_ms"], "profiled_wall_ms": prof["wall_ms"],
-                           "families": {k: round(v["ms"], 3) for k, v in prof["families"].items()},
-                           "top_kernels": prof["top"][:12], "idle": prof.get("idle"), **layer_states(patcher), **info,
-                           "overlapped_setup": sections.active, **out}
-                    rows.append(row)
-                    _print_row(row)
-                del model
-            del patcher, inputs
-            torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
-            _free()
+            with variant_env(variant):  # e.g. an A/B switch, read when the blocks run and trace
+                base, rank = bench_model.split_lora(variant)
+                _load_ref(refs, ref_dir, key, shape.res, rank, device)
+                baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+                with sections.section("build"):
+                    patcher, info = build(base, arch, tiny, native_file, dynamic=dynamic)
+                native.install()  # comfy-int8 switched the pack's layout hook off for its own load
+                if rank:
+                    patcher = _with_lora(patcher, arch, tiny, rank, pack=base.startswith("pack-"))
+                inputs = arch_models.step_inputs(patcher, shape, device)
+                weights = flux2_model.weight_bytes(patcher) / 1e9
+                if base == "bf16" and not any(m.startswith("eager") for m in modes) and rank not in refs:
+                    refs[rank] = bench_model.step(patcher, inputs).float()  # SQNR is always against BF16 eager
+                    if ref_dir:
+                        torch.save(refs[rank].cpu(), _ref_path(ref_dir, key, shape.res, rank))
+                for mode in modes:
+                    model = bench_model.compiled(patcher, backend) if mode == "compile" else patcher
+                    torch._dynamo.reset()
+                    held = contextlib.ExitStack()  # the timed section: from the first timed step to the row's print
+                    with held:
+                        timed = functools.partial(held.enter_context, sections.section("timed"))
+                        out = bench_model.measure(model, inputs, reps=reps, warmup=warmup, baseline=baseline,
+                                                  power_s=power_s, before_timing=timed, settle=settle)
+                        y = out.pop("y")
+                        if base == "bf16" and mode != "compile":
+                            refs[rank] = y
+                            if ref_dir:
+                                torch.save(y.cpu(), _ref_path(ref_dir, key, shape.res, rank))
+                        # again: with --overlap the BF16 process saves it in its timed section, which comes first
+                        ref = _load_ref(refs, ref_dir, key, shape.res, rank, device)
+                        trace = os.path.join(trace_dir, f"trace-{key}-{variant}-{mode}.json.gz") if trace_dir else None
+                        prof = profile_step.profile(model, inputs, warmup=0, gaps=True, gaps_trace=trace)
+                        row = {"model": arch.title, "arch": key, "res": shape.res, "variant": variant, "mode": mode,
+                               "dtype": _dtype_of(patcher), "weights_gb": weights,
+                               "sqnr_vs_bf16": None if ref is None else common.sqnr_db(ref, y),
+                               "device_ms": prof["kernel_ms"], "profiled_wall_ms": prof["wall_ms"],
+                               "families": {k: round(v["ms"], 3) for k, v in prof["families"].items()},
+                               "top_kernels": prof["top"][:12], "idle": prof.get("idle"), **layer_states(patcher),
+                               **info,
+                               "overlapped_setup": sections.active, **out}
+                        rows.append(row)
+                        _print_row(row)
+                    del model
+                del patcher, inputs
+                torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
+                _free()
     return rows
 
 
