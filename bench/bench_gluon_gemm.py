@@ -312,7 +312,7 @@ def _glu_row(m: int, k: int, f: int, warmup_ms: int, rep_ms: int) -> dict:
     _, _, xq, xs, wq, ws, _, _ = _operands(m, k, 2 * f)
     xs = xs.reshape(-1)
     gate, up = (wq[:f], ws[:f], None), (wq[f:], ws[f:], None)
-    row = {"M": m, "K": k, "F": f, "rule": fused.glu_gemm_rule(xq, f)}
+    row = {"M": m, "K": k, "F": f, "rule": fused.glu_kernel_rule(xq, gate[0], up[0])}
 
     def two_gemms():
         g = fused.int8_gemm(xq, xs, *gate[:2], None, torch.bfloat16)

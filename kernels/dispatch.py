@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "INT8_W8A8_DISABLE_TRITON"
 DISABLE_GLUON_ENV = "INT8_W8A8_DISABLE_GLUON"  # a switch for debugging and A/B runs: the tables without Gluon rows
-DISABLE_GLU_GEMM_ENV = "INT8_W8A8_DISABLE_GLU_GEMM"  # the same for the SwiGLU GEMM (``fused.glu_gemm_rule``)
+GLU_GEMM_ENV = "INT8_W8A8_GLU_GEMM"  # opts the fused blocks into the SwiGLU GEMM (``fused.glu_gemm_rule``)
 GLUON_MIN_TRITON = (3, 6)  # the Triton the Gluon GEMM was written, checked and measured with
 FORCE_ARCH_ENV = "INT8_W8A8_FORCE_ARCH"
 

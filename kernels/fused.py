@@ -35,7 +35,7 @@ import torch
 
 from . import _checks, api, reference, reference_fused
 from .direct import Replayer
-from .dispatch import DISABLE_GLU_GEMM_ENV, choose_backend
+from .dispatch import GLU_GEMM_ENV, choose_backend
 from .reference_fused import ACTIVATIONS, NORMS, QK_NORMS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -577,12 +577,14 @@ def glu_gemm_rule(xq: torch.Tensor, width: int | None = None) -> str | None:
     """Why a fused block should not take ``glu_gemm`` for rows ``xq`` and a SwiGLU of ``width`` outputs (None: on
     the rows alone, before the width is known), or None, decided on the rows and shapes before ComfyUI's cast path
     fetches a streamed weight. ``glu_gemm``'s own kernel runs only on Hopper's Gluon row (``_gluon_row``);
-    elsewhere, and with ``INT8_W8A8_DISABLE_GLU_GEMM`` set (A/B runs), the block runs the two GEMMs and
-    ``glu_quantize`` (every GPU generation but Hopper: their kernels have no GLU epilogue). The blocks' tests on
-    the CPU replace this rule to run the block's other form through ``glu_gemm``'s two-GEMM body."""
+    elsewhere the block runs the two GEMMs and ``glu_quantize`` (every GPU generation but Hopper: their kernels have
+    no GLU epilogue). Off unless ``INT8_W8A8_GLU_GEMM=1``: on the H100 it measured no faster than the two GEMMs and
+    ``glu_quantize`` (bench/NOTES.md item 90: the kernel is ~7 % slower than the two GEMMs, which eats the bytes it
+    saves), and it rounds h to 16 bits before its quantization. The blocks' tests on the CPU replace this rule to run
+    the block's other form through ``glu_gemm``'s two-GEMM body."""
     why = _gluon_row(xq, width)
-    if why is None and os.environ.get(DISABLE_GLU_GEMM_ENV, "0") not in ("", "0"):
-        return f"{DISABLE_GLU_GEMM_ENV} is set"
+    if why is None and os.environ.get(GLU_GEMM_ENV, "0") in ("", "0"):
+        return f"off unless {GLU_GEMM_ENV}=1 (measured no faster on the H100)"
     return why
 
 

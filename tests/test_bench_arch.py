@@ -78,21 +78,21 @@ def test_dynamic_vram_mode_builds_for_host_memory_and_runs_alone(comfyui, pack_l
 
 
 def test_variant_env_sets_the_switch_for_its_variant_only(monkeypatch):
-    """pack-convert-twogemm runs with the SwiGLU GEMM's A/B switch set, in its own process or in a shared one: the
+    """pack-convert-glugemm runs with the SwiGLU GEMM's opt-in switch set, in its own process or in a shared one: the
     switch is set for the variant and the earlier value restored after, so later variants run as dispatched."""
     from int8_w8a8.bench import bench_arch
-    from int8_w8a8.kernels.dispatch import DISABLE_GLU_GEMM_ENV
+    from int8_w8a8.kernels.dispatch import GLU_GEMM_ENV
 
-    monkeypatch.delenv(DISABLE_GLU_GEMM_ENV, raising=False)
-    with bench_arch.variant_env("pack-convert-twogemm"):
-        assert os.environ[DISABLE_GLU_GEMM_ENV] == "1"
-    assert DISABLE_GLU_GEMM_ENV not in os.environ
-    monkeypatch.setenv(DISABLE_GLU_GEMM_ENV, "0")
+    monkeypatch.delenv(GLU_GEMM_ENV, raising=False)
+    with bench_arch.variant_env("pack-convert-glugemm"):
+        assert os.environ[GLU_GEMM_ENV] == "1"
+    assert GLU_GEMM_ENV not in os.environ
+    monkeypatch.setenv(GLU_GEMM_ENV, "0")
     with bench_arch.variant_env("pack-convert"):
-        assert os.environ[DISABLE_GLU_GEMM_ENV] == "0"
-    with bench_arch.variant_env("pack-convert-twogemm"):
-        assert os.environ[DISABLE_GLU_GEMM_ENV] == "1"
-    assert os.environ[DISABLE_GLU_GEMM_ENV] == "0"
+        assert os.environ[GLU_GEMM_ENV] == "0"
+    with bench_arch.variant_env("pack-convert-glugemm"):
+        assert os.environ[GLU_GEMM_ENV] == "1"
+    assert os.environ[GLU_GEMM_ENV] == "0"
 
 
 def test_fp8_weights_stored_in_the_dtype_their_modules_were_built_for(comfyui):

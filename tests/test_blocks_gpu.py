@@ -36,9 +36,10 @@ from . import blocks_util as bu
 from .conftest import HAS_CUDA, sqnr_db
 
 SMOKE = os.environ.get("INT8_W8A8_BLOCKS_CPU_SMOKE", "0") not in ("", "0")
-# the fused blocks take the SwiGLU GEMM (kernels.fused.glu_gemm_rule): an SM 9.x GPU whose table has the Gluon row
+# the fused blocks take the SwiGLU GEMM (kernels.fused.glu_gemm_rule): opted in (INT8_W8A8_GLU_GEMM=1, as
+# `run_on_gpu.sh glu` runs these tests) on an SM 9.x GPU whose table has the Gluon row
 GLU_GEMM = (HAS_CUDA and not SMOKE and torch.cuda.get_device_capability()[0] == 9
-            and os.environ.get("INT8_W8A8_DISABLE_GLU_GEMM", "0") in ("", "0"))
+            and os.environ.get("INT8_W8A8_GLU_GEMM", "0") not in ("", "0"))
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TEXT_TOKENS = 7 if SMOKE else 154  # 154: not a multiple of any tile, padded to 160 by Z-Image
 PEAK_GIB = 40  # per test, so that `pytest -n 12` fits the H200's 139 GiB

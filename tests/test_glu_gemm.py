@@ -112,13 +112,16 @@ def test_bad_arguments():
 @pytest.mark.unit
 def test_rule_off_hopper(monkeypatch):
     """The rule names why the Gluon kernel does not run: off CUDA, and (on a CUDA GPU) below the large-M bucket;
-    ``INT8_W8A8_DISABLE_GLU_GEMM`` turns the blocks' SwiGLU GEMM off for A/B runs."""
+    where it would run, the blocks take it only with ``INT8_W8A8_GLU_GEMM=1`` (opt-in: measured no faster)."""
     xq, _, gate, up = _operands(4, 32, 8, device="cpu")
     with monkeypatch.context() as patch:  # where the Gluon row would run
         patch.setattr(fused, "_gluon_row", lambda xq, width: None)
+        patch.delenv("INT8_W8A8_GLU_GEMM", raising=False)
+        assert fused.glu_gemm_rule(xq, 8).startswith("off unless INT8_W8A8_GLU_GEMM=1")
+        patch.setenv("INT8_W8A8_GLU_GEMM", "0")
+        assert fused.glu_gemm_rule(xq, 8).startswith("off unless")
+        patch.setenv("INT8_W8A8_GLU_GEMM", "1")
         assert fused.glu_gemm_rule(xq, 8) is None
-        patch.setenv("INT8_W8A8_DISABLE_GLU_GEMM", "1")
-        assert fused.glu_gemm_rule(xq, 8) == "INT8_W8A8_DISABLE_GLU_GEMM is set"
     assert fused.glu_gemm_rule(xq, 8) == "not on a CUDA GPU"
     assert fused.glu_kernel_rule(xq, gate[0], up[0]) == "not on a CUDA GPU"
     assert "one [F, K]" in fused.glu_kernel_rule(xq, gate[0], up[0][:4])
@@ -207,14 +210,21 @@ def test_split_gluon_kernel_against_the_twin(seed, per_row, bias, m, k, head, f)
 @pytest.mark.parametrize("per_row,bias", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
 @pytest.mark.parametrize("m,k,f", [(1025, 144, 128), (1100, 4000, 200), (4608, 3840, 1024)])
-def test_gluon_kernel_against_the_twin(seed, per_row, bias, dtype, m, k, f):
-    """The Gluon row runs (the rule allows it) and gives the twin's h within one unit in the last place."""
+def test_gluon_kernel_against_the_twin(seed, per_row, bias, dtype, m, k, f, monkeypatch):
+    """The Gluon row runs (the rule allows it, opted in) and gives the twin's h within one unit in the last place of
+    a 16-bit output; float32 h within 1e-5 relative (its exp and reciprocal are approximations, a few float32 ulps
+    from torch's silu: the 16-bit roundings hide them)."""
+    monkeypatch.setenv("INT8_W8A8_GLU_GEMM", "1")
     xq, xs, gate, up = _operands(m, k, f, per_row, bias)
     assert fused.glu_gemm_rule(xq, f) is None and fused.glu_kernel_rule(xq, gate[0], up[0]) is None
     h = fused.glu_gemm(xq, xs, gate, up, dtype)
     want = reference_fused.glu_gemm(xq, xs, gate, up, dtype)
-    assert ulp_diff(h, want) <= 1
-    assert float((h != want).float().mean()) < 1e-2
+    if dtype == torch.float32:
+        err = (h.double() - want.double()).abs() / want.double().abs().clamp_min(1e-30)
+        assert float(err.max()) < 1e-5
+    else:
+        assert ulp_diff(h, want) <= 1
+        assert float((h != want).float().mean()) < 1e-2
     again = fused.glu_gemm(xq, xs, gate, up, dtype)  # the replayed launch
     assert torch.equal(again, h)
 
@@ -223,7 +233,9 @@ def test_gluon_kernel_against_the_twin(seed, per_row, bias, dtype, m, k, f):
 @pytest.mark.skipif(not HOPPER, reason="the SwiGLU GEMM's kernel is written for SM 9.x (Hopper)")
 def test_block_paths_agree(seed):
     """A fused block's SwiGLU input for the down projection, both ways: two GEMMs + ``glu_quantize`` (h in float32)
-    and the GLU GEMM + ``quantize_rows`` (h rounded to bf16 first): int8 codes within one, SQNR far above int8's."""
+    and the GLU GEMM + ``quantize_rows`` (h rounded to bf16 first): int8 codes within one, and both forms as close
+    to float h (g and u as the GEMMs write them): rounding h to bf16 costs nothing against int8's own error (the
+    twins on the CPU: 34.80 / 34.77 dB to h, 42.7 dB to each other; H100, item 90: 40.4 dB to each other)."""
     from int8_w8a8.kernels import quantize_rows
 
     xq, xs, gate, up = _operands(4608, 3840, 1024)
@@ -232,4 +244,7 @@ def test_block_paths_agree(seed):
     q0, s0 = fused.glu_quantize(None, (g, u))
     q1, s1 = quantize_rows(fused.glu_gemm(xq, xs, gate, up, torch.bfloat16))
     assert int((q0.int() - q1.int()).abs().max()) <= 1
-    assert sqnr_db(q0.double() * s0.double().reshape(-1, 1), q1.double() * s1.double().reshape(-1, 1)) > 45
+    h = (torch.nn.functional.silu(g.float()) * u.float()).double()
+    d0, d1 = q0.double() * s0.double().reshape(-1, 1), q1.double() * s1.double().reshape(-1, 1)
+    assert abs(sqnr_db(h, d1) - sqnr_db(h, d0)) < 0.25
+    assert sqnr_db(d0, d1) > sqnr_db(h, d0) + 3
