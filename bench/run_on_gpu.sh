@@ -3,7 +3,7 @@
 #
 #   bash bench/run_on_gpu.sh STEP [STEP ...]     (from the repository root)
 #
-# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-ncu | attention-pass | lean-checks | host | host-mode | gemm-ws | gemm-ws-residual | gemm-wide | gemm-gluon | gemm-tail | glu | glu-tests | glu-ab | sweep-{large,m1024,m256,m64,small}
+# STEPs: guards | fused-gate-add | tests | tests-gluon-row | tests-sm8x | tests-comfy | tests-fused | tests-blocks | tests-blocks-gpu | tests-fastpath | blocks | ptx | bench | sustained | bench-quick | model | model-compile | lora | profile | fused | model-9b | model-9b-sm8x | model-9b-lora | model-attn8 | attention | attention-16bit | attention-defer | attention-safe | attention-gluon | attention-ncu | attention-pass | lean-checks | host | host-mode | gemm-ws | gemm-ws-residual | gemm-wide | gemm-gluon | gemm-tail | glu | glu-tests | glu-bench | glu-ab | sweep-{large,m1024,m256,m64,small}
 #        arch-eager | arch-compile | arch-dvram (MODELS="zimage chroma" VARIANTS=... ; bench/bench_arch.py)
 # Results go to $OUT (the device tool brings that folder back) or ./gpu-out.
 # Wheels in .whl/ (comfy-kitchen without its HIP library) are installed into /tmp/site first; the
@@ -198,6 +198,8 @@ for step in "$@"; do
                 | tee "$OUT/pytest-glu.log" | tail -8; \
             { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --glu --out "$OUT/bench_glu.json" 2>&1 \
                 | tee "$OUT/bench_glu.txt"; } ;;
+        glu-bench) timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --glu --out "$OUT/bench_glu.json" 2>&1 \
+                | tee "$OUT/bench_glu.txt" ;;
         glu-tests) INT8_W8A8_GLU_GEMM=1 timeout 300 python3 -m pytest tests/test_glu_gemm.py $XDIST -q -p no:randomly 2>&1 \
                 | tee "$OUT/pytest-glu-gemm.log" | tail -8 ;;
         # one architecture's pack step (MODES, default eager; MODELS, default "zimage klein9b") with

@@ -195,6 +195,14 @@ _GELU_2C = tl.constexpr(2.0 * 0.7978845608028654)  # 2 * sqrt(2 / pi)
 _GELU_NEG_BOUND = tl.constexpr(0.171)
 
 
+# ``x * sigmoid(z)`` as one inline-PTX block ($0 = out, $1 = x, $2 = z; float32): ``_times_sigmoid``'s FAST_ACT form,
+# also the Gluon SwiGLU GEMM's epilogue (``gluon_gemm._glu_epilogue``). 0fBFB8AA3B: -log2(e), the float32 Triton's
+# exp multiplies by (negated: exact)
+TIMES_SIGMOID_PTX: tl.constexpr = tl.constexpr(
+    "{ .reg .f32 t; mul.rn.f32 t, $2, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; "
+    "add.rn.f32 t, t, 0f3F800000; rcp.approx.ftz.f32 t, t; mul.rn.f32 $0, $1, t; }")
+
+
 @triton.jit
 def _times_sigmoid(x, z, FAST_ACT: tl.constexpr):
     """``x * sigmoid(z)``, float32.
@@ -206,11 +214,7 @@ def _times_sigmoid(x, z, FAST_ACT: tl.constexpr):
     (z < -87.3), there ``x * sigmoid(z)`` is 0 instead of |x| * 1e-38 or less. The interpreter, which cannot
     run PTX, takes the Triton form."""
     if FAST_ACT:
-        return tl.inline_asm_elementwise(
-            # 0fBFB8AA3B: -log2(e), the float32 Triton's exp multiplies by (negated: exact)
-            "{ .reg .f32 t; mul.rn.f32 t, $2, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; "
-            "add.rn.f32 t, t, 0f3F800000; rcp.approx.ftz.f32 t, t; mul.rn.f32 $0, $1, t; }",
-            "=r,r,r", [x, z], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(TIMES_SIGMOID_PTX, "=r,r,r", [x, z], dtype=tl.float32, is_pure=True, pack=1)
     else:
         return x * tl.sigmoid(z)
 
