@@ -314,7 +314,7 @@ def _glu_epilogue(acc, out_ptr, xs_ptr, gs_ptr, us_ptr, gb_ptr, ub_ptr, M, F, st
     # column c and c + BH sit in one thread's registers (the wgmma layout repeats every 8 columns): the split is free
     g, u = gl.split(gl.permute(gl.reshape(y, [BM, 2, BH]), [0, 2, 1]))
     # silu(g) as the SwiGLU quantizer's fast form computes it (``triton_fused.TIMES_SIGMOID_PTX``: 5 instructions
-    # instead of exp's and the division's range fix-ups, ~12; item 90: the epilogue is what the pair's time lost)
+    # instead of exp's and the division's range fix-ups, ~12; bench/NOTES.md item 90)
     h = gl.inline_asm_elementwise(TIMES_SIGMOID_PTX, "=r,r,r", [g, g], dtype=gl.float32, is_pure=True, pack=1) * u
     store: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     h = gl.convert_layout(h.to(out_ptr.dtype.element_ty), store)
