@@ -580,8 +580,8 @@ def glu_gemm_rule(xq: torch.Tensor, width: int | None = None) -> str | None:
     elsewhere the block runs the two GEMMs and ``glu_quantize`` (every GPU generation but Hopper: their kernels have
     no GLU epilogue). Off unless ``INT8_W8A8_GLU_GEMM=1``: on the H100 and the H200 it measured 0.96-1.01x the two
     GEMMs and ``glu_quantize`` at Z-Image's and klein's shapes (bench/NOTES.md item 90: the kernel is slower than the
-    two GEMMs by about the bytes it saves), and it rounds h to 16 bits before its quantization. The blocks' tests on the CPU replace this rule to run
-    the block's other form through ``glu_gemm``'s two-GEMM body."""
+    two GEMMs by about the bytes it saves), and it rounds h to 16 bits before its quantization. The blocks' tests
+    on the CPU replace this rule to run the block's other form through ``glu_gemm``'s two-GEMM body."""
     why = _gluon_row(xq, width)
     if why is None and os.environ.get(GLU_GEMM_ENV, "0") in ("", "0"):
         return f"off unless {GLU_GEMM_ENV}=1 (measured no faster on Hopper)"
