@@ -190,24 +190,21 @@ for step in "$@"; do
             { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --out "$OUT/bench_gluon_gemm.json" 2>&1 \
                 | tee "$OUT/bench_gluon_gemm.txt"; } ;;
         # the SwiGLU GEMM (kernels.fused.glu_gemm / split_glu_gemm, bench/NOTES.md items 89-90; opt-in): its GPU tests
-        # and the blocks' at real widths with it on (Z-Image's and FLUX.2's blocks take it on this row), then a SwiGLU MLP's input both
-        # ways at Z-Image's and klein's shapes and klein's single-block linear1 three ways (~3-4 min); glu-ab: whole
-        # steps without and with it
+        # and the blocks' at real widths with it on (Z-Image's and FLUX.2's blocks take it on this row), then (;&, as
+        # glu-bench alone) a SwiGLU MLP's input both ways at Z-Image's and klein's shapes and klein's single-block
+        # linear1 three ways (~3-4 min); glu-tests: its own GPU tests alone
         glu) INT8_W8A8_GLU_GEMM=1 timeout 360 python3 -m pytest tests/test_glu_gemm.py tests/test_gluon_gemm.py \
                 tests/test_blocks_gpu.py tests/test_fused.py $XDIST -q -p no:randomly -k "glu or zimage or klein9b" 2>&1 \
-                | tee "$OUT/pytest-glu.log" | tail -8; \
-            { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --glu --out "$OUT/bench_glu.json" 2>&1 \
-                | tee "$OUT/bench_glu.txt"; } ;;
+                | tee "$OUT/pytest-glu.log" | tail -8 ;&
         glu-bench) timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --glu --out "$OUT/bench_glu.json" 2>&1 \
                 | tee "$OUT/bench_glu.txt" ;;
         glu-tests) INT8_W8A8_GLU_GEMM=1 timeout 300 python3 -m pytest tests/test_glu_gemm.py $XDIST -q -p no:randomly 2>&1 \
                 | tee "$OUT/pytest-glu-gemm.log" | tail -8 ;;
-        # one architecture's pack step (MODES, default eager; MODELS, default "zimage klein9b") with
-        # the two GEMMs and glu_quantize (the default), then INT8_W8A8_GLU_GEMM=1 (the SwiGLU GEMM), in one call
-        glu-ab) m=${MODELS:-zimage klein9b}; for ab in 0 1; do INT8_W8A8_GLU_GEMM=$ab \
-                python3 -m int8_w8a8.bench.bench_arch --models $m --modes ${MODES:-eager} --variants ${VARIANTS:-pack-convert} \
-                --ref-dir /tmp/int8_w8a8-arch-refs ${ARCH_ARGS:-} --out "$OUT/bench_arch_glu_on${ab}_${m// /_}.json" 2>&1 \
-                | tee "$OUT/bench_arch_glu_on${ab}_${m// /_}.txt"; done ;;
+        # whole steps (MODES, default eager; MODELS, default "zimage klein9b") without and with the SwiGLU GEMM in one
+        # call: bench_arch's pack-convert and pack-convert-glugemm variants (VARIANTS to add fp8-fast, ARCH_ARGS --overlap)
+        glu-ab) m=${MODELS:-zimage klein9b}; python3 -m int8_w8a8.bench.bench_arch --models $m --modes ${MODES:-eager} \
+                --variants ${VARIANTS:-pack-convert pack-convert-glugemm} --ref-dir /tmp/int8_w8a8-arch-refs ${ARCH_ARGS:-} \
+                --out "$OUT/bench_arch_glu_ab_${m// /_}.json" 2>&1 | tee "$OUT/bench_arch_glu_ab_${m// /_}.txt" ;;
         # Hopper's large-M GEMM row in Gluon (configs.HOPPER_GLUON_TABLE) where it runs: through the public API, the
         # eager replays (kernels/direct.py) and the fused blocks at the real widths (~2-3 min; gemm-gluon: the kernel's own)
         tests-gluon-row) timeout 300 python3 -m pytest tests/test_gluon_gemm.py tests/test_gpu.py tests/test_fastpath.py \
