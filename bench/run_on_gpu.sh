@@ -26,7 +26,8 @@ mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/int8_w8a8
 export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-}
 # a pruned ComfyUI checkout carried in .comfyui/ enables the GPU tier's ComfyUI tests
 [ -f .comfyui/comfy/model_patcher.py ] && export COMFYUI_PATH=$PWD/.comfyui
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.limit,power.max_limit,clocks.max.sm \
+    --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 # the host's speed at tiny torch ops (what bounds eager steps; it differs between lent machines)
 python3 -c "from int8_w8a8.bench import common; print('host', common.host_probe())" | tee -a "$OUT/gpu.txt"
@@ -58,7 +59,8 @@ for step in "$@"; do
         blocks) python3 -m int8_w8a8.bench.bench_blocks --out "$OUT/bench_blocks.json" 2>&1 | tee "$OUT/bench_blocks.txt" ;;
         ptx) python3 -m int8_w8a8.bench.check_ptx --arch 90 2>&1 | tee "$OUT/ptx.txt" ;;
         bench) python3 -m int8_w8a8.bench.bench_linear --out "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.txt" ;;
-        sustained) python3 -m int8_w8a8.bench.sustained_gemm --out "$OUT/sustained_gemm.json" 2>&1 \
+        # SUSTAINED_ARGS: e.g. "--shapes zimage --no-extra --seconds 2"
+        sustained) python3 -m int8_w8a8.bench.sustained_gemm ${SUSTAINED_ARGS:-} --out "$OUT/sustained_gemm.json" 2>&1 \
             | tee "$OUT/sustained_gemm.txt" ;;
         bench-quick) python3 -m int8_w8a8.bench.bench_linear --quick --out "$OUT/bench_linear.json" 2>&1 \
             | tee "$OUT/bench_linear.txt" ;;

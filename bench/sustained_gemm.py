@@ -25,8 +25,15 @@ from .. import kernels
 from ..kernels import configs, dispatch, triton_gemm, triton_quant
 from . import common
 
-SHAPES = (("9B single.linear1", 4608, 4096, 36864), ("9B single.linear2", 4608, 16384, 4096),
-          ("9B img.mlp0", 4096, 4096, 24576))
+# --shapes: the FLUX.2 klein 9B step's largest GEMMs, or Z-Image Turbo's main-layer GEMMs at 1024x1024 (M = 4096
+# image + 512 caption tokens; qkv, attention out, w1 (w3 the same), w2), where the compiled step is GPU-bound and on
+# the H100 the pack's GEMMs took 0.272 ms a call against cuBLAS FP8's ~0.23 (bench/NOTES.md item 88)
+SHAPE_SETS = {
+    "9b": (("9B single.linear1", 4608, 4096, 36864), ("9B single.linear2", 4608, 16384, 4096),
+           ("9B img.mlp0", 4096, 4096, 24576)),
+    "zimage": (("Z-Image qkv", 4608, 3840, 11520), ("Z-Image out", 4608, 3840, 3840),
+               ("Z-Image w1", 4608, 3840, 10240), ("Z-Image w2", 4608, 10240, 3840)),
+}
 PEAK_TOPS, PEAK_MHZ = 1979.0, 1980.0  # H200 dense INT8/FP8 peak at its maximum boost clock (datasheet)
 # Tile configs tried besides the table's: at the power cap, bigger tiles move fewer operand bytes from L2 and
 # shared memory per multiply-add (12 KB per 1M MACs at 128x256 vs 16 KB at 128x128), which may buy clock.
@@ -62,7 +69,8 @@ def sustained(fn, seconds: float) -> tuple[float, dict | None]:
     return start.elapsed_time(stop) / calls, samples
 
 
-def run_shape(name: str, m: int, k: int, n: int, seconds: float) -> list[dict]:
+def run_shape(name: str, m: int, k: int, n: int, seconds: float, extra: bool = True) -> list[dict]:
+    """Each method at one shape for ``seconds``: ms, TOPS, clock, power. ``extra``: also ``EXTRA_CONFIGS``."""
     gen = torch.Generator(device="cuda").manual_seed(m + k + n)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
@@ -76,11 +84,15 @@ def run_shape(name: str, m: int, k: int, n: int, seconds: float) -> list[dict]:
     x8s = x.abs().amax(1, keepdim=True).float() / fp8
     w8s = w.abs().amax(1, keepdim=True).float() / fp8
     x8, w8 = (x.float() / x8s).to(torch.float8_e4m3fn), (w.float() / w8s).to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda", dtype=torch.float32)
     methods = {
         "pack int8": lambda: triton_gemm.gemm(xq, xs, q, s.reshape(-1), None, out, cfg),
         **{f"pack {name}": (lambda c=c: triton_gemm.gemm(xq, xs, q, s.reshape(-1), None, out, c))
-           for name, c in EXTRA_CONFIGS.items()},
+           for name, c in (EXTRA_CONFIGS.items() if extra else ())},
         "cuBLAS fp8": lambda: torch._scaled_mm(x8, w8.t(), scale_a=x8s, scale_b=w8s.t(), out_dtype=torch.bfloat16),
+        # ComfyUI's FP8 fast path (fp8_linear): one scale per tensor for the weight and the input
+        "cuBLAS fp8 per-tensor": lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one,
+                                                          out_dtype=torch.bfloat16),
         "cuBLAS int8": lambda: torch._int_mm(xq, q.t()),
         "cuBLAS bf16": lambda: torch.mm(x, w.t()),
     }
@@ -104,11 +116,13 @@ def run_shape(name: str, m: int, k: int, n: int, seconds: float) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="9b")
+    parser.add_argument("--no-extra", action="store_true", help="only the dispatched config and cuBLAS")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = []
-    for shape in SHAPES:
-        rows += run_shape(*shape, seconds=args.seconds)
+    for shape in SHAPE_SETS[args.shapes]:
+        rows += run_shape(*shape, seconds=args.seconds, extra=not args.no_extra)
     print("clock_event_reasons bits (nvidia-smi): 0x1 idle, 0x4 SW power cap, 0x8 HW slowdown, "
           "0x20 SW thermal, 0x40 HW thermal, 0x80 HW power brake")
     if args.out:
