@@ -38,6 +38,8 @@ TorchCompileModel path (``--modes compile``) works as in a workflow. Variants, a
                 Hopper's large-M row (bench/NOTES.md items 89-90), for an A/B in one call
   pack-convert-nogluon  (not in the defaults) pack-convert with ``INT8_W8A8_DISABLE_GLUON=1``: Hopper's large-M
                 GEMMs on ``HOPPER_TABLE``'s warp-specialized row instead of the Gluon one (bench/NOTES.md item 92)
+  pack-convert-gluon128  (not in the defaults) pack-convert with ``INT8_W8A8_DISABLE_GLUON_XL=1``: past 8192 rows
+                the 128-wide Gluon row instead of the 256-wide one (``configs.HOPPER_GLUON_XL``), for an A/B in one call
   bf16-lora64, pack-convert-lora64  (not in the defaults) with a random rank-64 LoRA on every linear
                 (``bench_model.with_lora``): ComfyUI's LoRA patches (merged on load) for bf16, the pack's dynamic
                 LoRA for the pack (as "Load LoRA (INT8 dynamic)" applies it); their SQNR is against bf16-lora64
@@ -69,12 +71,12 @@ import tempfile
 
 import torch
 
-from ..kernels.dispatch import DISABLE_GLUON_ENV, GLU_GEMM_ENV
+from ..kernels.dispatch import DISABLE_GLUON_ENV, DISABLE_GLUON_XL_ENV, GLU_GEMM_ENV
 from . import arch_models, bench_model, common, flux2_model, profile_step, turns
 
 VARIANTS = ("bf16", "fp8-fast", "comfy-int8", "pack-native", "pack-convert", "stock-native", "pack-native-cpu-offload",
             "pack-convert-qt", "pack-convert-opt", "pack-convert-attn8", "pack-convert-glugemm",
-            "pack-convert-nogluon")
+            "pack-convert-nogluon", "pack-convert-gluon128")
 DEFAULT_VARIANTS = VARIANTS[:5]
 LORA_VARIANTS = tuple(f"{v}{bench_model.LORA_SUFFIX}" for v in ("bf16", "pack-convert"))
 MODES = ("eager", "compile", "eager-dvram")
@@ -83,9 +85,10 @@ DVRAM_VARIANTS = ("bf16", "fp8-fast", "pack-convert", "pack-convert-qt", "pack-c
 # the pack-convert variants: their LoadOptions
 _CONVERT_OPTIONS = {"pack-convert": {}, "pack-convert-qt": {"traced_weights": False},
                     "pack-convert-opt": {"quantize_extra_blocks": True}, "pack-convert-attn8": {"attention": "8-bit"},
-                    "pack-convert-glugemm": {}, "pack-convert-nogluon": {}}
+                    "pack-convert-glugemm": {}, "pack-convert-nogluon": {}, "pack-convert-gluon128": {}}
 # the variants run with these environment variables set (the kernels' A/B switches, read when a block runs or traces)
-_VARIANT_ENV = {"pack-convert-glugemm": {GLU_GEMM_ENV: "1"}, "pack-convert-nogluon": {DISABLE_GLUON_ENV: "1"}}
+_VARIANT_ENV = {"pack-convert-glugemm": {GLU_GEMM_ENV: "1"}, "pack-convert-nogluon": {DISABLE_GLUON_ENV: "1"},
+                "pack-convert-gluon128": {DISABLE_GLUON_XL_ENV: "1"}}
 # an isolated eager-dvram child loads comfy-aimdo's library before torch initializes CUDA, as ComfyUI's main.py does
 _AIMDO_BOOT = ("import runpy, sys\nimport comfy_aimdo.control\ncomfy_aimdo.control.init()\n"
                "sys.argv[0] = 'bench_arch'\nrunpy.run_module('int8_w8a8.bench.bench_arch', run_name='__main__')\n")

@@ -37,6 +37,9 @@ CONFIGS: dict[str, GluonGemmConfig] = {
     # two programs per SM by capping registers at 128 (the epilogue spills, the K loop does not: item 59)
     "gluon 128x128x64 s4 w8 r128 2/SM": GluonGemmConfig(128, 128, 64, 4, 8, max_registers=128),
     "gluon 128x128x128 s3 w8 r128 2/SM": GluonGemmConfig(128, 128, 128, 3, 8, max_registers=128),
+    # Hopper's Gluon row past 8192 rows (configs.HOPPER_GLUON_XL): one program an SM, 255 registers, the epilogue
+    # spills (an 80-byte stack), the K loop does not (``k_loop_spills``)
+    "gluon 128x256x128 s3 w8": GluonGemmConfig(128, 256, 128, 3, 8),
 }  # 128 x 256 at 8 warps compiles with 255 registers and a 64-byte stack (spills): not a candidate
 # the configs the SwiGLU GEMM (``_gluon_glu_kernel``) is compiled and timed with: the dispatched large-M row's form
 GLU_CONFIGS = ("gluon 128x128x128 s3 w8 r128 2/SM",)
@@ -62,7 +65,7 @@ def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", res
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .check_ptx import _resource_usage, int8_desc_sig, ptxas_waits
-    from .check_ptx_attention import wgmma_overlap
+    from .check_ptx_attention import _sass, innermost_loops, wgmma_overlap
 
     sizes = {"M": "i32", "N": "i32", "K": "i32", "stride_om": "i32"}
     if glu:
@@ -87,7 +90,12 @@ def compile_offline(cfg: GluonGemmConfig, arch: int = 90, out: str = "bf16", res
                               options={"num_warps": cfg.num_warps, "enable_fp_fusion": gluon_gemm.FP_FUSION,
                                        **cfg.launch_options()})
     ptx = compiled.asm["ptx"]
+    loops = innermost_loops(_sass(compiled.asm["cubin"]))
+    # the K loop: the shortest SASS loop holding wgmma (a longer one spans the epilogue: the barrier-retry stubs
+    # after it branch back); None where cuobjdump is missing
+    k_loop_spills = sum(bool(re.search(r"\b(STL|LDL)\b", t)) for t in min(loops, key=len)) if loops else None
     return {"wgmma": sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))), **wgmma_overlap(ptx),
+            "k_loop_spills": k_loop_spills,
             "fp32_fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)), "ptxas_waits": ptxas_waits(ptx, arch),
             "shared_bytes": compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"])}
 
@@ -99,8 +107,11 @@ def problems(row: dict) -> list[str]:
         bad.append("no wgmma s8")
     if max(row["wgmma_waits"], default=0) < 1:
         bad.append("every wgmma waited for at once (wait_group 0 only)")
-    if (row["local"] > 0 or row["stack"] > 0) and not row.get("max_registers"):
-        # a register cap is chosen knowing the epilogue spills (GluonGemmConfig.max_registers); without one, none
+    if row.get("k_loop_spills"):
+        bad.append(f"{row['k_loop_spills']} spill instructions in the K loop")
+    if (row["local"] > 0 or row["stack"] > 0) and not row.get("max_registers") and row.get("k_loop_spills") is None:
+        # a register cap is chosen knowing the epilogue spills (GluonGemmConfig.max_registers); without one and
+        # without the SASS to show a clean K loop, none
         bad.append(f"register spills: local {row['local']} B, stack {row['stack']} B")
     if row["ptxas_waits"]:  # ptxas waits for the wgmma itself: nothing stays in flight (bench/NOTES.md item 59)
         bad.append(f"ptxas: {row['ptxas_waits'][0][:160]}")

@@ -191,6 +191,9 @@ for step in "$@"; do
                 | tee "$OUT/pytest-gluon-gemm.log" | tail -5; \
             { timeout 300 python3 -m int8_w8a8.bench.bench_gluon_gemm --out "$OUT/bench_gluon_gemm.json" 2>&1 \
                 | tee "$OUT/bench_gluon_gemm.txt"; } ;;
+        # the Gluon GEMM's GPU tests alone, PYTEST_K selecting (e.g. "256 or replays": the 256-wide row, item 92)
+        gemm-gluon-tests) timeout 240 python3 -m pytest tests/test_gluon_gemm.py -q -p no:randomly -k "${PYTEST_K:-}" \
+                2>&1 | tee "$OUT/pytest-gluon-gemm.log" | tail -5 ;;
         # the SwiGLU GEMM (kernels.fused.glu_gemm / split_glu_gemm, bench/NOTES.md items 89-90; opt-in): its GPU tests
         # and the blocks' at real widths with it on (Z-Image's and FLUX.2's blocks take it on this row), then (;&, as
         # glu-bench alone) a SwiGLU MLP's input both ways at Z-Image's and klein's shapes and klein's single-block

@@ -44,19 +44,17 @@ PEAK_TOPS, PEAK_MHZ = 1979.0, 1980.0  # H200 dense INT8/FP8 peak at its maximum 
 # shared memory per multiply-add (12 KB per 1M MACs at 128x256 vs 16 KB at 128x128), which may buy clock.
 EXTRA_CONFIGS = {
     "128x256x128 w8 s3": configs.GemmConfig("tma", 128, 256, 128, group_m=8, num_warps=8, num_stages=3),
-    "256x128x128 w8 s4 sub": configs.GemmConfig("tma", 256, 128, 128, group_m=8, num_warps=8, num_stages=4,
-                                                epilogue_subtile=True),
-    "128x256x64 w8 s4": configs.GemmConfig("tma", 128, 256, 64, group_m=8, num_warps=8, num_stages=4),
     "ws 128x256x64 s4 (HOPPER_TABLE)": configs.HOPPER_WS_LARGE,
-    # the Gluon row's tile with another grouping, and Gluon tiles of 256 columns (one program an SM: the int32
-    # accumulator alone takes 128 registers a thread), which read 25 % fewer operand bytes per multiply-add
+    # the 128-wide Gluon row (the table's up to 8192 rows) and its forms, and the 256-wide Gluon tiles (one program
+    # an SM: the int32 accumulator alone takes 128 registers a thread), which read 25 % fewer operand bytes per
+    # multiply-add; session 31 also timed 256x128x128 s4 (TMA, subtiled epilogue), 128x256x64 s4 (TMA), Gluon
+    # 128x128x128 s4 r128 and 128x256x128 s2, none faster than the 256-wide Gluon tile at 3 stages (results/
+    # h100-sustained-gemm-wan-session31.txt)
+    "gluon 128x128x128 s3 r128 (HOPPER_GLUON_LARGE)": configs.HOPPER_GLUON_LARGE,
     "gluon 128x128x128 s3 r128 g16": configs.GemmConfig("gluon", 128, 128, 128, group_m=16, num_warps=8,
                                                         num_stages=3, max_registers=128),
-    "gluon 128x128x128 s4 r128": configs.GemmConfig("gluon", 128, 128, 128, group_m=8, num_warps=8, num_stages=4,
-                                                    max_registers=128),
     "gluon 128x256x64 s4": configs.GemmConfig("gluon", 128, 256, 64, group_m=8, num_warps=8, num_stages=4),
-    "gluon 128x256x128 s2": configs.GemmConfig("gluon", 128, 256, 128, group_m=8, num_warps=8, num_stages=2),
-    "gluon 128x256x128 s3": configs.GemmConfig("gluon", 128, 256, 128, group_m=8, num_warps=8, num_stages=3),
+    "gluon 128x256x128 s3 (HOPPER_GLUON_XL)": configs.HOPPER_GLUON_XL,
 }
 
 
@@ -84,8 +82,10 @@ def sustained(fn, seconds: float) -> tuple[float, dict | None]:
     return start.elapsed_time(stop) / calls, samples
 
 
-def run_shape(name: str, m: int, k: int, n: int, seconds: float, extra: bool = True) -> list[dict]:
-    """Each method at one shape for ``seconds``: ms, TOPS, clock, power. ``extra``: also ``EXTRA_CONFIGS``."""
+def run_shape(name: str, m: int, k: int, n: int, seconds: float, extra: bool = True,
+              only: tuple[str, ...] = ()) -> list[dict]:
+    """Each method at one shape for ``seconds``: ms, TOPS, clock, power. ``extra``: also ``EXTRA_CONFIGS`` (and on
+    a Gluon row the gated residual epilogues); ``only``: just the methods whose label holds one of these."""
     gen = torch.Generator(device="cuda").manual_seed(m + k + n)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
@@ -112,10 +112,21 @@ def run_shape(name: str, m: int, k: int, n: int, seconds: float, extra: bool = T
         "cuBLAS int8": lambda: torch._int_mm(xq, q.t()),
         "cuBLAS bf16": lambda: torch.mm(x, w.t()),
     }
+    # the gated residual epilogue (Wan's o, cross-attention o and FFN down projections) of the 128- and 256-wide
+    # Gluon rows, into a residual updated in place (gate 1/64: the values stay finite; not checked here)
+    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    gate = torch.full((1, n), 1 / 64, device="cuda", dtype=torch.bfloat16)
+    if extra and cfg.kernel == "gluon":
+        for label, c in (("gluon 128 +residual", configs.HOPPER_GLUON_LARGE),
+                         ("gluon XL +residual", configs.HOPPER_GLUON_XL)):
+            methods[f"residual {label}"] = (lambda c=c: triton_gemm.gemm(xq, xs, q, s.reshape(-1), None, res, c,
+                                                                         gate=gate, rows_per_batch=m))
     methods["pack int8"]()
     want = out.clone()  # every other pack config must write the table's bits (checked once after its timing)
     rows = []
     for label, fn in methods.items():
+        if only and not any(word in label for word in only):
+            continue
         ms, power = sustained(fn, seconds)
         same = None
         if label.startswith("pack "):
@@ -142,11 +153,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="9b")
     parser.add_argument("--no-extra", action="store_true", help="only the dispatched config and cuBLAS")
+    parser.add_argument("--only", nargs="*", default=(), help="only the methods whose label holds one of these")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = []
     for shape in SHAPE_SETS[args.shapes]:
-        rows += run_shape(*shape, seconds=args.seconds, extra=not args.no_extra)
+        rows += run_shape(*shape, seconds=args.seconds, extra=not args.no_extra, only=tuple(args.only))
     print("clock_event_reasons bits (nvidia-smi): 0x1 idle, 0x4 SW power cap, 0x8 HW slowdown, "
           "0x20 SW thermal, 0x40 HW thermal, 0x80 HW power brake")
     if args.out:

@@ -132,6 +132,9 @@ class GemmTable:
     GEMMs and narrow outputs run ``plain`` there too.
     without_gluon: for a table with Gluon rows, the table to run where the Gluon kernel cannot
     (``dispatch.gluon_error``: a Triton without Gluon or older than the one it was measured with).
+    narrow: where the largest-M row has a wider tile than the row below it, the table without that row, for the GEMMs
+    the wide tile was not measured or is too wide for: a gated residual epilogue, outputs narrower than its tile;
+    also what ``dispatch`` runs under ``INT8_W8A8_DISABLE_GLUON_XL=1`` (an A/B switch).
     """
 
     name: str
@@ -140,6 +143,7 @@ class GemmTable:
     unaligned: GemmTable | None = None
     plain: GemmTable | None = None
     without_gluon: GemmTable | None = None
+    narrow: GemmTable | None = None
 
     def __post_init__(self) -> None:
         if self.gluon and self.without_gluon is None:
@@ -151,6 +155,8 @@ class GemmTable:
         ``lora``: the GEMM adds a LoRA term in its epilogue; ``n``: its output columns, when known; ``residual``:
         its epilogue adds into a gated residual (see ``plain``)."""
         cfg = self._pick(m, tma_ok)
+        if self.narrow is not None and (residual or (n is not None and n < cfg.block_n)):
+            return self.narrow.pick(m, tma_ok, lora, n, residual)
         special = cfg.warp_spec or cfg.kernel == "gluon"
         if special and self.plain is not None and (lora or (residual and cfg.warp_spec)
                                                     or (n is not None and n < cfg.block_n)):
@@ -181,7 +187,7 @@ class GemmTable:
         """Every config a GEMM may run with from this table (also those for unaligned operands and LoRA terms),
         each once."""
         own = tuple(cfg for _, cfg in self.rows)
-        for other in (self.unaligned, self.plain):
+        for other in (self.unaligned, self.plain, self.narrow):
             own += other.configs() if other else ()
         return tuple(dict.fromkeys(own))
 
@@ -246,10 +252,31 @@ HOPPER_TABLE = GemmTable(
 # epilogue; bit for bit the twin. Where Triton has no Gluon (or is older than 3.6, what it was measured with) the
 # dispatch runs HOPPER_TABLE (``dispatch.gluon_error``).
 HOPPER_GLUON_LARGE = GemmConfig("gluon", 128, 128, 128, num_warps=8, num_stages=3, max_registers=128)
-HOPPER_GLUON_TABLE = GemmTable(
+HOPPER_GLUON_128_TABLE = GemmTable(
     "hopper (sm_90), Gluon large-M row", (*HOPPER_PLAIN_TABLE.rows[:-1], (_LARGE, HOPPER_GLUON_LARGE)),
     smem_bytes=HOPPER_PLAIN_TABLE.smem_bytes, unaligned=MMA_TABLE, plain=HOPPER_PLAIN_TABLE,
     without_gluon=HOPPER_TABLE)
+# Past 8192 rows (Wan's 14040 video tokens at 832x480x33; FLUX.2 and Z-Image at 2048x2048) the Gluon row in
+# 128 x 256 x 128 tiles, 3 stages, one program an SM (the int32 accumulator takes 128 registers a thread; 147 KB of
+# shared memory): 25 % fewer operand bytes per multiply-add than two 128 x 128 programs. On the H100 at the 700 W
+# cap (2026-12-05, ``results/h100-sustained-gemm-wan-session31.txt``, bench/NOTES.md item 92) at Wan's three GEMM
+# shapes (M = 14040): 0.621 / 1.632 / 1.499 ms against the 128-wide row's 0.658 / 1.805 / 1.746 (1.06 / 1.11 /
+# 1.16x; cuBLAS FP8 per tensor 0.605 / 1.634 / 1.631), the table's bits. Its K loop keeps every value in registers;
+# the epilogue spills (80-byte stack, like the 128-wide row's 48). Measured with the plain epilogue only, so gated
+# residual GEMMs keep the 128-wide row (``GemmTable.narrow``), as do outputs narrower than 256 columns.
+HOPPER_GLUON_XL = GemmConfig("gluon", 128, 256, 128, num_warps=8, num_stages=3)
+GLUON_XL_M = 8192  # the largest M of the 128-wide Gluon row's bucket
+HOPPER_GLUON_TABLE = GemmTable(
+    "hopper (sm_90), Gluon large-M rows",
+    (*HOPPER_PLAIN_TABLE.rows[:-1], (GLUON_XL_M, HOPPER_GLUON_LARGE), (_LARGE, HOPPER_GLUON_XL)),
+    smem_bytes=HOPPER_PLAIN_TABLE.smem_bytes, unaligned=MMA_TABLE, plain=HOPPER_PLAIN_TABLE,
+    without_gluon=HOPPER_TABLE, narrow=HOPPER_GLUON_128_TABLE)
+
+
+def glu_form(cfg: GemmConfig) -> GemmConfig:
+    """The SwiGLU GEMM's config for a Gluon row ``cfg``: the 128-wide form (``HOPPER_GLUON_LARGE``), the one its
+    kernel (``gluon_gemm._gluon_glu_kernel``) was checked and measured with; other configs as given."""
+    return HOPPER_GLUON_LARGE if cfg.kernel == "gluon" else cfg
 
 
 # The warp-specialized Hopper configs the sweep compares (``GemmConfig.warp_spec``; ``bench/sweep_gemm.py --bucket ws``,

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "INT8_W8A8_DISABLE_TRITON"
 DISABLE_GLUON_ENV = "INT8_W8A8_DISABLE_GLUON"  # a switch for debugging and A/B runs: the tables without Gluon rows
+# a switch for A/B runs: Hopper's Gluon table without its widest large-M row (``GemmTable.narrow``)
+DISABLE_GLUON_XL_ENV = "INT8_W8A8_DISABLE_GLUON_XL"
 GLU_GEMM_ENV = "INT8_W8A8_GLU_GEMM"  # opts the fused blocks into the SwiGLU GEMM (``fused.glu_gemm_rule``)
 GLUON_MIN_TRITON = (3, 6)  # the Triton the Gluon GEMM was written, checked and measured with
 FORCE_ARCH_ENV = "INT8_W8A8_FORCE_ARCH"
@@ -136,9 +138,14 @@ def triton_import_error() -> str | None:
 
 
 def runnable(table: GemmTable) -> tuple[GemmTable, str | None]:
-    """``table``, or its ``without_gluon`` table and the reason when it has Gluon rows that cannot run here."""
+    """``table``, or its ``without_gluon`` table and the reason when it has Gluon rows that cannot run here, or its
+    ``narrow`` table and the reason under ``INT8_W8A8_DISABLE_GLUON_XL=1``."""
     why = gluon_error() if table.gluon else None
-    return (table, None) if why is None else (table.without_gluon, why)
+    if why is not None:
+        return table.without_gluon, why
+    if table.narrow is not None and os.environ.get(DISABLE_GLUON_XL_ENV, "0") not in ("", "0"):
+        return table.narrow, f"{DISABLE_GLUON_XL_ENV} is set"
+    return table, None
 
 
 def gluon_error() -> str | None:
@@ -254,7 +261,7 @@ def _decide(device_type: str, index: int) -> Backend:
     table, why = runnable(table)
     if why is not None:
         note += f"; {why}: the {table.name} table instead"
-    path = gen.path if table in (gen.table, gen.table.without_gluon) else configs.MMA_TABLE.name
+    path = gen.path if table in (gen.table, gen.table.without_gluon, gen.table.narrow) else configs.MMA_TABLE.name
     return Backend("triton", f"{what} ({gen.name}): {path}{note}", arch, table=table)
 
 

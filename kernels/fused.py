@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from . import _checks, api, reference, reference_fused
+from . import _checks, api, configs, reference, reference_fused
 from .direct import Replayer
 from .dispatch import GLU_GEMM_ENV, choose_backend
 from .reference_fused import ACTIVATIONS, NORMS, QK_NORMS
@@ -670,7 +670,7 @@ def glu_gemm_impl(xq, x_scale, gq, gs, gb, uq, us, ub, out_dtype) -> torch.Tenso
         from . import triton_gemm
 
         out = torch.empty((xq.shape[0], gq.shape[0]), dtype=out_dtype, device=xq.device)
-        cfg = choose_backend(xq.device).table.pick(xq.shape[0], n=gq.shape[0])
+        cfg = configs.glu_form(choose_backend(xq.device).table.pick(xq.shape[0], n=gq.shape[0]))
         return triton_gemm.gemm_glu(xq, x_scale, (gq, gs, gb), (uq, us, ub), out, cfg)
     xs = x_scale.reshape(-1, 1)
     g, u = (api.int8_gemm_impl(xq, xs, q, scale, bias, out_dtype, False)
@@ -734,7 +734,7 @@ def split_glu_gemm_impl(xq, x_scale, q, scale, bias, head, out_dtype) -> tuple[t
 
         y_head = torch.empty((m, head), dtype=out_dtype, device=xq.device)
         h = torch.empty((m, f), dtype=out_dtype, device=xq.device)
-        cfg = choose_backend(xq.device).table.pick(m, n=f)
+        cfg = configs.glu_form(choose_backend(xq.device).table.pick(m, n=f))
         triton_gemm.gemm_split_glu(xq, x_scale, (q, scale, bias), head, y_head, h, cfg)
         return y_head, h
     y = api.int8_gemm_impl(xq, x_scale.reshape(-1, 1), q, scale, bias, out_dtype, False)

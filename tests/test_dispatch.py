@@ -21,8 +21,8 @@ pytestmark = pytest.mark.unit
 def _fresh_decisions():
     """Decisions made afresh, without the switches of the calling environment (set back afterwards; this
     fixture is set up before and torn down after the tests' own monkeypatches)."""
-    saved = {k: os.environ.pop(k) for k in (dispatch.FORCE_ARCH_ENV, dispatch.DISABLE_ENV, dispatch.DISABLE_GLUON_ENV)
-             if k in os.environ}
+    saved = {k: os.environ.pop(k) for k in (dispatch.FORCE_ARCH_ENV, dispatch.DISABLE_ENV, dispatch.DISABLE_GLUON_ENV,
+                                            dispatch.DISABLE_GLUON_XL_ENV) if k in os.environ}
     dispatch.reset()
     yield
     os.environ.update(saved)
@@ -181,6 +181,22 @@ def test_hopper_without_gluon_runs_the_warp_specialized_table(monkeypatch, caplo
     assert "Triton 3.5 is older than 3.6" in dispatch._gluon_import_error()
 
 
+def test_hopper_without_the_wide_gluon_row_on_request(monkeypatch, caplog):
+    """``INT8_W8A8_DISABLE_GLUON_XL=1`` (an A/B switch): Hopper runs the Gluon table without its 256-wide row past
+    8192 rows (``GemmTable.narrow``), said in the decision's log line; with Gluon off as well, HOPPER_TABLE."""
+    _as_gpu(monkeypatch, (9, 0), name="NVIDIA H100 80GB HBM3")
+    monkeypatch.setenv(dispatch.DISABLE_GLUON_XL_ENV, "1")
+    with caplog.at_level(logging.INFO, logger="int8_w8a8.kernels.dispatch"):
+        b = dispatch.choose_backend(torch.device("cuda", 0))
+    assert b.table is configs.HOPPER_GLUON_128_TABLE and dispatch.DISABLE_GLUON_XL_ENV in b.reason
+    assert "Triton TMA + wgmma" in b.reason and dispatch.DISABLE_GLUON_XL_ENV in caplog.records[-1].getMessage()
+    assert b.table.pick(14040) is configs.HOPPER_GLUON_LARGE
+    assert dispatch.Backend("triton", "test", (9, 0)).table is configs.HOPPER_GLUON_128_TABLE
+    _forget_hardware()
+    monkeypatch.setenv(dispatch.DISABLE_GLUON_ENV, "1")
+    assert dispatch.choose_backend(torch.device("cuda", 0)).table is configs.HOPPER_TABLE
+
+
 def test_rocm_uses_generic_triton(monkeypatch):
     _as_gpu(monkeypatch, (9, 4), hip="6.2")
     b = dispatch._decide("cuda", 0)
@@ -301,17 +317,28 @@ def test_gluon_row_rules():
     terms, outputs narrower than its tile and operands TMA cannot take run the plain and unaligned tables; the
     other rows are the plain table's. Off Hopper, with a LoRA term given directly and when the GPU rejects it,
     the plain TMA kernel's large-M config runs (the same bits); Gluon's own rules are checked."""
-    table, gluon = configs.HOPPER_GLUON_TABLE, configs.HOPPER_GLUON_LARGE
+    table, gluon, xl = configs.HOPPER_GLUON_TABLE, configs.HOPPER_GLUON_LARGE, configs.HOPPER_GLUON_XL
     assert table.gluon and not configs.HOPPER_TABLE.gluon and table.without_gluon is configs.HOPPER_TABLE
     assert table.tma and not any(c.warp_spec for c in table.configs())
+    assert table.narrow is configs.HOPPER_GLUON_128_TABLE and table.narrow.narrow is None
+    assert table.narrow.without_gluon is configs.HOPPER_TABLE and xl in table.configs()
     plain_large = configs.HOPPER_PLAIN_TABLE.rows[-1][1]
-    for m in (1, 17, 200, 1024, 1025, 4608):
-        want = gluon if m > 1024 else configs.HOPPER_PLAIN_TABLE.pick(m)
-        assert table.pick(m) == want and table.pick(m, residual=True) == want
+    for m in (1, 17, 200, 1024, 1025, 4608, configs.GLUON_XL_M, configs.GLUON_XL_M + 1, 14040):
+        below = gluon if m > 1024 else configs.HOPPER_PLAIN_TABLE.pick(m)  # the 128-wide rows
+        want = xl if m > configs.GLUON_XL_M else below
+        assert table.pick(m) == want and table.narrow.pick(m) == below
+        # a gated residual and outputs narrower than the 256-wide tile keep the 128-wide row (``narrow``)
+        assert table.pick(m, residual=True) == below and table.pick(m, n=200) == below
+        assert table.pick(m, n=256) == want
         assert table.pick(m, lora=True) == configs.HOPPER_PLAIN_TABLE.pick(m)
+        assert table.pick(m, residual=True, lora=True) == configs.HOPPER_PLAIN_TABLE.pick(m)
         assert table.pick(m, n=64) == configs.HOPPER_PLAIN_TABLE.pick(m)
         if table.pick(m).kernel != "generic":
             assert table.pick(m, tma_ok=False) == configs.MMA_TABLE.pick(m)
+    # the SwiGLU GEMM runs the 128-wide form it was checked with, whatever row the rows pick
+    assert configs.glu_form(xl) is gluon and configs.glu_form(gluon) is gluon
+    assert configs.glu_form(plain_large) is plain_large
+    assert configs.without_gluon(xl) == plain_large and configs.for_residual(xl) is xl
     assert configs.without_gluon(gluon) == plain_large and configs.without_gluon(plain_large) is plain_large
     assert configs.for_launch(gluon, (9, 0), lora=False, residual=True) is gluon
     assert configs.for_launch(gluon, None, lora=False, residual=False) is gluon  # offline: as given

@@ -67,14 +67,15 @@ def test_gemm_configs_fit_and_use_the_intended_tensor_cores(report, arch):
 
 def test_hopper_gemms_run_on_wgmma_with_tma_and_do_not_spill(report):
     """The measured path: every TMA config on INT8 wgmma, loads and stores through TMA, no register spills; the
-    large-M row in Gluon (``configs.HOPPER_GLUON_LARGE``) with its plain, residual and LoRA epilogues (the LoRA
-    ones run the plain TMA kernel: the Gluon kernel has no LoRA epilogue)."""
+    large-M rows in Gluon (``configs.HOPPER_GLUON_LARGE``, ``HOPPER_GLUON_XL``) with their plain, residual and LoRA
+    epilogues (the LoRA ones run the plain TMA kernel: the Gluon kernel has no LoRA epilogue)."""
     tma = [r for r in report[90]["rows"] if r["kind"] == "gemm" and r["kernel"] == "_gemm_tma_kernel"]
     assert tma and all(r["int8_mma"] == [dispatch.WGMMA] for r in tma)
-    gluon = {r["what"].split(" gluon 128x128x128 w8 s3 r128")[-1]: r["kernel"] for r in report[90]["rows"]
-             if r["what"].startswith("gemm gluon")}
-    assert gluon == {"": "_gluon_gemm_kernel", " +residual": "_gluon_gemm_kernel", " +LoRA16": "_gemm_tma_kernel",
-                     " +LoRA512": "_gemm_tma_kernel", " +residual +LoRA512": "_gemm_tma_kernel"}, gluon
+    for tile in ("128x128x128 w8 s3 r128", "128x256x128 w8 s3"):  # HOPPER_GLUON_LARGE, HOPPER_GLUON_XL
+        gluon = {r["what"].split(f" gluon {tile}")[-1]: r["kernel"] for r in report[90]["rows"]
+                 if r["what"].startswith(f"gemm gluon {tile}")}
+        assert gluon == {"": "_gluon_gemm_kernel", " +residual": "_gluon_gemm_kernel", " +LoRA16": "_gemm_tma_kernel",
+                         " +LoRA512": "_gemm_tma_kernel", " +residual +LoRA512": "_gemm_tma_kernel"}, (tile, gluon)
     assert all(r["local"] == 0 for r in report[90]["rows"]), [r["what"] for r in report[90]["rows"] if r["local"]]
     # ptxas did not serialize any kernel's wgmma (its notes C7510-C7517: an in-flight accumulator's registers
     # touched by other instructions; bench/NOTES.md item 59)
