@@ -34,7 +34,7 @@ class GemmConfig:
     made in the kernel (see ``triton_gemm._gemm_tma_kernel``). The register split leaves one program per SM.
     lora_loop: a LoRA term of more than one 64-rank chunk runs its chunks in a loop, one accumulator for all,
     instead of unrolled (datacenter Blackwell: see ``BLACKWELL_TABLE``).
-    kernel "gluon" (Hopper only; ``HOPPER_GLUON_TABLE``'s large-M row): ``kernels/gluon_gemm.py``, one program per
+    kernel "gluon" (Hopper only; ``HOPPER_GLUON_TABLE``'s large-M rows): ``kernels/gluon_gemm.py``, one program per
     output tile with each K step's wgmma left in flight while the next is issued (Triton 3.6 waits for every int32
     wgmma at once, bench/NOTES.md item 56); block_m = 16 * num_warps, block_n 64/128/256, num_stages its TMA ring.
     No LoRA epilogue, split tail or subtiles: GEMMs with a LoRA term run the table's ``plain`` configs.

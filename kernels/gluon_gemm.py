@@ -17,7 +17,8 @@ into a ring of ``stages`` shared-memory buffers (one mbarrier each), both operan
 the epilogue in registers and stored through pointers with masks. TMA zero-fills reads past M, N and K.
 
 Dispatched as Hopper's large-M row (``configs.HOPPER_GLUON_LARGE``: the 128 x 128 x 128 tiled form, 3 stages,
-registers capped at 128 for two programs per SM; bench/NOTES.md item 60) through ``triton_gemm.gemm``, which
+registers capped at 128 for two programs per SM; bench/NOTES.md item 60; past 8192 rows ``HOPPER_GLUON_XL``, 128 x
+256 x 128 tiles, one program an SM, item 92) through ``triton_gemm.gemm``, which
 records its launches for replay (``launch_args``); the other forms are for the benchmarks. ``_gluon_glu_kernel``
 is that row's form for a SwiGLU's gate and up projections on the same rows: one wgmma of width 128 computes 64
 columns of each, and the epilogue writes only ``silu(g) * u`` (``glu_launch_args``; ``kernels.fused.glu_gemm``).
