@@ -132,9 +132,8 @@ class GemmTable:
     GEMMs and narrow outputs run ``plain`` there too.
     without_gluon: for a table with Gluon rows, the table to run where the Gluon kernel cannot
     (``dispatch.gluon_error``: a Triton without Gluon or older than the one it was measured with).
-    narrow: where the largest-M row has a wider tile than the row below it, the table without that row, for the GEMMs
-    the wide tile was not measured or is too wide for: a gated residual epilogue, outputs narrower than its tile;
-    also what ``dispatch`` runs under ``INT8_W8A8_DISABLE_GLUON_XL=1`` (an A/B switch).
+    narrow: where the largest-M row has a wider tile than the row below it, the table without that row, for outputs
+    narrower than that tile; also what ``dispatch`` runs under ``INT8_W8A8_DISABLE_GLUON_XL=1`` (an A/B switch).
     """
 
     name: str
@@ -155,7 +154,7 @@ class GemmTable:
         ``lora``: the GEMM adds a LoRA term in its epilogue; ``n``: its output columns, when known; ``residual``:
         its epilogue adds into a gated residual (see ``plain``)."""
         cfg = self._pick(m, tma_ok)
-        if self.narrow is not None and (residual or (n is not None and n < cfg.block_n)):
+        if self.narrow is not None and n is not None and n < cfg.block_n:
             return self.narrow.pick(m, tma_ok, lora, n, residual)
         special = cfg.warp_spec or cfg.kernel == "gluon"
         if special and self.plain is not None and (lora or (residual and cfg.warp_spec)
@@ -261,9 +260,11 @@ HOPPER_GLUON_128_TABLE = GemmTable(
 # shared memory): 25 % fewer operand bytes per multiply-add than two 128 x 128 programs. On the H100 at the 700 W
 # cap (2026-12-05, ``results/h100-sustained-gemm-wan-session31.txt``, bench/NOTES.md item 92) at Wan's three GEMM
 # shapes (M = 14040): 0.621 / 1.632 / 1.499 ms against the 128-wide row's 0.658 / 1.805 / 1.746 (1.06 / 1.11 /
-# 1.16x; cuBLAS FP8 per tensor 0.605 / 1.634 / 1.631), the table's bits. Its K loop keeps every value in registers;
-# the epilogue spills (80-byte stack, like the 128-wide row's 48). Measured with the plain epilogue only, so gated
-# residual GEMMs keep the 128-wide row (``GemmTable.narrow``), as do outputs narrower than 256 columns.
+# 1.16x; cuBLAS FP8 per tensor 0.605 / 1.634 / 1.631), the table's bits; with the gated residual epilogue 0.668 /
+# 1.777 / 1.559 against 0.705 / 1.911 / 1.826 (1.06 / 1.08 / 1.17x). Its K loop keeps every value in registers; the
+# epilogue spills (an 80-byte stack, 296 with the residual; the 128-wide row's 48 / 184). Wan's eager step on the
+# H100: 587.7 ms against 624.1 with the 128-wide row in one call. Outputs narrower than 256 columns keep the
+# 128-wide row (``GemmTable.narrow``).
 HOPPER_GLUON_XL = GemmConfig("gluon", 128, 256, 128, num_warps=8, num_stages=3)
 GLUON_XL_M = 8192  # the largest M of the 128-wide Gluon row's bucket
 HOPPER_GLUON_TABLE = GemmTable(
