@@ -381,11 +381,29 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+# the exit code of a variant's process that ran out of GPU memory (EX_TEMPFAIL): under --overlap the parent runs it
+# again alone once the others have exited (session 31: BF16 + Wan's native build + the converted pack exceed 80 GB)
+OUT_OF_MEMORY_EXIT = 75
+
+
+def rerun_out_of_memory(cmds: list[list[str]], codes: list[int], labels: list[str]) -> list[int]:
+    """``codes`` of processes that ran together, with each one that exited with ``OUT_OF_MEMORY_EXIT`` run again
+    alone (in order, one after the other) and its new code in its place; each rerun said on stdout."""
+    codes = list(codes)
+    for i, code in enumerate(codes):
+        if code == OUT_OF_MEMORY_EXIT:
+            print(f"{labels[i]}: out of GPU memory beside the other variants' processes; running it again alone",
+                  flush=True)
+            codes[i] = subprocess.run(cmds[i]).returncode
+    return codes
+
+
 def run_isolated(args) -> list[dict]:
     """Each (architecture, variant) in a fresh process: a process keeps compiled graphs, the caching
     allocator's blocks and Triton's state of earlier variants (see bench/NOTES.md item 12). With ``args.overlap``
     one architecture's processes start together and take turns (``turns.run``): builds one at a time, compiles
-    and warm-ups concurrently, each timed section alone."""
+    and warm-ups concurrently, each timed section alone; a variant that runs out of GPU memory beside the others
+    runs again alone after them (``rerun_out_of_memory``)."""
     if args.overlap and "eager-dvram" in args.modes:
         raise ValueError("--overlap does not apply to eager-dvram: DynamicVRAM sizes its staging from the free VRAM "
                          "the other processes would hold; run it without --overlap")
@@ -407,7 +425,10 @@ def run_isolated(args) -> list[dict]:
                             + (["--tiny"] if args.tiny else [])
                             + (["--pin-gpu-cpus"] if args.pin_gpu_cpus else [])
                             + (["--trace-dir", args.trace_dir] if args.trace_dir else []))
-            codes = turns.run(cmds) if args.overlap else [subprocess.run(cmd).returncode for cmd in cmds]
+            if args.overlap:
+                codes = rerun_out_of_memory(cmds, turns.run(cmds), [f"{key} {v}" for v in args.variants])
+            else:
+                codes = [subprocess.run(cmd).returncode for cmd in cmds]
             for variant, out, code in zip(args.variants, outs, codes, strict=True):
                 if code != 0:  # one failing variant (e.g. out of memory) does not lose the others
                     print(f"{key} {variant}: process failed with exit code {code}", flush=True)
@@ -509,9 +530,15 @@ def main(argv: list[str] | None = None) -> None:
         from ..ops import native
 
         native.install()  # as in ComfyUI with the pack installed; comfy-int8 switches it off for its own load
-        rows = run(args.models, args.variants, args.modes, args.tiny, args.ref_dir, args.native_file, args.reps,
-                   args.warmup, args.power_s, args.backend, args.trace_dir, turns.Turns.from_arg(args.turns),
-                   settle)
+        try:
+            rows = run(args.models, args.variants, args.modes, args.tiny, args.ref_dir, args.native_file, args.reps,
+                       args.warmup, args.power_s, args.backend, args.trace_dir, turns.Turns.from_arg(args.turns),
+                       settle)
+        except torch.OutOfMemoryError as exc:
+            if not args.rows_out:  # not a parent's child: nothing runs it again
+                raise
+            print(f"{' '.join(args.variants)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            sys.exit(OUT_OF_MEMORY_EXIT)
         for row in rows:
             row["pinned_cpus"] = common.format_cpulist(pinned) if pinned else None
         if args.rows_out:

@@ -407,6 +407,41 @@ def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
         bench_arch.main(["--tiny", "--overlap", "--models", "zimage", "--modes", "eager-dvram"])
 
 
+def test_out_of_memory_variants_run_again_alone(tmp_path, capsys):
+    """``--overlap``: a variant process that exits with ``OUT_OF_MEMORY_EXIT`` runs again by itself after the others
+    (real processes: the first attempt of the second command runs out, its second succeeds); other failures keep
+    their code and are not rerun."""
+    from int8_w8a8.bench import bench_arch
+
+    marker = tmp_path / "tried"
+    flaky = [sys.executable, "-c", f"import os, sys; p = {str(marker)!r}; "
+             f"sys.exit(0 if os.path.exists(p) else (open(p, 'w').close() or {bench_arch.OUT_OF_MEMORY_EXIT}))"]
+    cmds = [[sys.executable, "-c", "pass"], flaky, [sys.executable, "-c", "raise SystemExit(1)"]]
+    first = [subprocess.run(c).returncode for c in cmds]
+    assert first == [0, bench_arch.OUT_OF_MEMORY_EXIT, 1]
+    assert bench_arch.rerun_out_of_memory(cmds, first, ["a", "b", "c"]) == [0, 0, 1]
+    said = capsys.readouterr().out
+    assert "b: out of GPU memory beside the other variants' processes; running it again alone" in said
+    assert "a:" not in said and "c:" not in said
+
+
+def test_child_out_of_memory_exits_with_its_code(comfyui, monkeypatch, tmp_path):
+    """A variant's child process (``--rows-out``) that runs out of GPU memory exits with ``OUT_OF_MEMORY_EXIT`` (its
+    parent runs it again alone); run directly, the error propagates."""
+    from int8_w8a8.bench import bench_arch
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 26.00 MiB.")
+
+    monkeypatch.setattr(bench_arch, "run", oom)
+    argv = ["--tiny", "--no-isolate", "--models", "zimage", "--variants", "pack-native", "--settle-s", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        bench_arch.main([*argv, "--rows-out", str(tmp_path / "rows.json")])
+    assert exit_info.value.code == bench_arch.OUT_OF_MEMORY_EXIT
+    with pytest.raises(torch.OutOfMemoryError):
+        bench_arch.main(argv)
+
+
 def test_flux2_harness_rows_wait_for_the_host(comfyui, tmp_path):
     """bench_model (the FLUX.2 harness behind `model-attn8` and the klein rows), each variant in its own process: every
     row waits for the host speed the parent measured at its start (item 88; bounded by --settle-s) and records it."""
