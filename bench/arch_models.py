@@ -39,6 +39,21 @@ class StepShape:
     text: tuple[int, int]
     res: str
 
+    def scaled(self, factor: int) -> StepShape:
+        """This shape with the latent's height and width ``factor`` times larger (2: 1024x1024 -> 2048x2048, Wan's
+        832x480x33 -> 1664x960x33); the text stays."""
+        if factor < 1:
+            raise ValueError(f"StepShape.scaled: factor >= 1, got {factor}")
+        if factor == 1:
+            return self
+        *lead, h, w = self.latent
+        parts = self.res.split("x")  # width x height [x frames]; the tiny shapes' "tiny" has no sizes
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            res = "x".join([str(int(parts[0]) * factor), str(int(parts[1]) * factor), *parts[2:]])
+        else:
+            res = f"{self.res}*{factor}"
+        return StepShape((*lead, h * factor, w * factor), self.text, res)
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -54,8 +69,9 @@ class Arch:
     def unet_config(self, tiny: bool = False) -> dict:
         return {**self.config, **self.tiny} if tiny else dict(self.config)
 
-    def step_shape(self, tiny: bool = False) -> StepShape:
-        return self.tiny_shape if tiny else self.shape
+    def step_shape(self, tiny: bool = False, scale: int = 1) -> StepShape:
+        """The step's inputs (``tiny``: the small config's), the image ``scale`` times wider and taller."""
+        return (self.tiny_shape if tiny else self.shape).scaled(scale)
 
 
 _IMAGE = "1024x1024"

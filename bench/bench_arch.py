@@ -257,8 +257,9 @@ def _with_lora(patcher, arch: arch_models.Arch, tiny: bool, rank: int, pack: boo
 def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = False, ref_dir: str | None = None,
         native_file: str = "auto", reps: int = 7, warmup: int = 2, power_s: float = 0.0,
         backend: str = "inductor", trace_dir: str | None = None, sections: turns.Turns | None = None,
-        settle: common.HostSettle | None = None) -> list[dict]:
-    """Rows of measurements in this process (ratios added by ``add_ratios``); ``trace_dir``: a gzipped Chrome trace
+        settle: common.HostSettle | None = None, scale: int = 1) -> list[dict]:
+    """Rows of measurements in this process (ratios added by ``add_ratios``), each architecture's image ``scale``
+    times wider and taller than its default (``StepShape.scaled``); ``trace_dir``: a gzipped Chrome trace
     of each row's gap-profiled step (host ops with Python frames, GPU activity) goes there. ``sections``: this
     process's end of ``turns.run`` (``--overlap``): each variant's build and each row's timed part (the timed steps,
     the peak-memory step, the profile) wait for their grants; None: no parent, nothing waits. ``settle``: each row
@@ -273,7 +274,7 @@ def run(archs: list[str], variants: list[str], modes: list[str], tiny: bool = Fa
     device = _device()
     for key in archs:
         arch = arch_models.ARCHS[key]
-        shape = arch.step_shape(tiny)
+        shape = arch.step_shape(tiny, scale)
         refs: dict[int, torch.Tensor] = {}  # LoRA rank (0: none) -> BF16 eager output
         for variant in variants:
             with variant_env(variant):  # e.g. an A/B switch, read when the blocks run and trace
@@ -421,7 +422,8 @@ def run_isolated(args) -> list[dict]:
                 cmds.append(head + ["--models", key, "--variants", variant,
                             "--modes", *args.modes, "--ref-dir", ref_dir, "--rows-out", outs[-1], "--no-isolate",
                             "--native-file", args.native_file, "--reps", str(args.reps), "--warmup", str(args.warmup),
-                            "--power-s", str(args.power_s), "--backend", args.backend, *settle]
+                            "--power-s", str(args.power_s), "--backend", args.backend, "--scale", str(args.scale),
+                            *settle]
                             + (["--tiny"] if args.tiny else [])
                             + (["--pin-gpu-cpus"] if args.pin_gpu_cpus else [])
                             + (["--trace-dir", args.trace_dir] if args.trace_dir else []))
@@ -493,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="start one architecture's variant processes together: builds one at a time, compiles and "
                              "warm-ups concurrently, each row's timed steps while the others wait (bench/turns.py); "
                              "their models must fit in GPU memory together")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="images this many times wider and taller (2: 2048x2048; Wan 1664x960x33)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--power-s", type=float, default=0.0, help="seconds of back-to-back steps with power sampled")
@@ -533,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             rows = run(args.models, args.variants, args.modes, args.tiny, args.ref_dir, args.native_file, args.reps,
                        args.warmup, args.power_s, args.backend, args.trace_dir, turns.Turns.from_arg(args.turns),
-                       settle)
+                       settle, args.scale)
         except torch.OutOfMemoryError as exc:
             if not args.rows_out:  # not a parent's child: nothing runs it again
                 raise

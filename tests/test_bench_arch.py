@@ -407,6 +407,31 @@ def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
         bench_arch.main(["--tiny", "--overlap", "--models", "zimage", "--modes", "eager-dvram"])
 
 
+def test_step_shapes_scale_the_image_not_the_text():
+    """``--scale``: the latent's height and width grow, the text and the frames stay; the table's res follows."""
+    from int8_w8a8.bench import arch_models
+
+    zimage, wan = arch_models.ARCHS["zimage"], arch_models.ARCHS["wan14b"]
+    assert zimage.step_shape(scale=2) == arch_models.StepShape((16, 256, 256), (512, 2560), "2048x2048")
+    assert wan.step_shape(scale=2) == arch_models.StepShape((16, 9, 120, 208), (512, 4096), "1664x960x33")
+    assert zimage.step_shape() is zimage.shape and zimage.step_shape(True, 2).res == "tiny*2"
+    with pytest.raises(ValueError, match="factor >= 1"):
+        zimage.shape.scaled(0)
+
+
+def test_harness_scaled_image_tiny(comfyui, pack_layout, tmp_path):
+    """A step at twice the tiny image's size through ComfyUI's Z-Image, BF16 and the pack in one process: rows
+    named by the scaled res, the pack's SQNR against the BF16 output of that size."""
+    from int8_w8a8.bench import bench_arch
+
+    out = tmp_path / "rows.json"
+    bench_arch.main(["--tiny", "--no-isolate", "--models", "zimage", "--variants", "bf16", "pack-convert",
+                     "--scale", "2", "--reps", "1", "--warmup", "1", "--settle-s", "0", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["res"]) for r in rows] == [("bf16", "tiny*2"), ("pack-convert", "tiny*2")]
+    assert 15 < rows[1]["sqnr_vs_bf16"] < math.inf
+
+
 def test_out_of_memory_variants_run_again_alone(tmp_path, capsys):
     """``--overlap``: a variant process that exits with ``OUT_OF_MEMORY_EXIT`` runs again by itself after the others
     (real processes: the first attempt of the second command runs out, its second succeeds); other failures keep
