@@ -450,7 +450,7 @@ def test_out_of_memory_variants_run_again_alone(tmp_path, capsys):
     assert "a:" not in said and "c:" not in said
 
 
-def test_child_out_of_memory_exits_with_its_code(comfyui, monkeypatch, tmp_path):
+def test_child_out_of_memory_exits_with_its_code(comfyui, pack_layout, monkeypatch, tmp_path):
     """A variant's child process (``--rows-out``) that runs out of GPU memory exits with ``OUT_OF_MEMORY_EXIT`` (its
     parent runs it again alone); run directly, the error propagates."""
     from int8_w8a8.bench import bench_arch
