@@ -114,9 +114,9 @@ def run_shape(name: str, m: int, k: int, n: int, seconds: float, extra: bool = T
     }
     # the gated residual epilogue (Wan's o, cross-attention o and FFN down projections) of the 128- and 256-wide
     # Gluon rows, into a residual updated in place (gate 1/64: the values stay finite; not checked here)
-    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=gen)
-    gate = torch.full((1, n), 1 / 64, device="cuda", dtype=torch.bfloat16)
     if extra and cfg.kernel == "gluon":
+        res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+        gate = torch.full((1, n), 1 / 64, device="cuda", dtype=torch.bfloat16)
         for label, c in (("gluon 128 +residual", configs.HOPPER_GLUON_LARGE),
                          ("gluon XL +residual", configs.HOPPER_GLUON_XL)):
             methods[f"residual {label}"] = (lambda c=c: triton_gemm.gemm(xq, xs, q, s.reshape(-1), None, res, c,

@@ -327,7 +327,8 @@ def test_gluon_row_rules():
         below = gluon if m > 1024 else configs.HOPPER_PLAIN_TABLE.pick(m)  # the 128-wide rows
         want = xl if m > configs.GLUON_XL_M else below
         assert table.pick(m) == want and table.narrow.pick(m) == below
-        # outputs narrower than the 256-wide tile keep the 128-wide row (``narrow``); a gated residual takes either
+        # outputs narrower than the 256-wide tile keep the 128-wide row (``narrow``); a gated residual takes the
+        # row its M picks, as the plain epilogue does
         assert table.pick(m, residual=True) == want and table.pick(m, n=200) == below
         assert table.pick(m, n=256) == want
         assert table.pick(m, lora=True) == configs.HOPPER_PLAIN_TABLE.pick(m)
