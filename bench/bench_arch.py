@@ -344,6 +344,8 @@ def _print_row(row: dict) -> None:
         print(f"    dynamo: {row['dynamo']}", flush=True)
     if row.get("host_settle"):  # how long the row waited for the host's normal speed before its timed steps (item 88)
         print(f"    {common.settle_note(row['host_settle'])}", flush=True)
+    if row.get("retimed"):  # earlier attempts at the timed steps that the host's slow mode stretched
+        print(f"    {common.retimed_note(row['retimed'])}", flush=True)
     if row.get("runs_host_us"):  # the host's speed after each timed step, and where it ran (item 87)
         print(f"    per run host_us {row['runs_host_us']}; CPU {row['runs_cpu']}, NUMA node {row['runs_numa']}, MHz "
               f"{row.get('runs_mhz')}", flush=True)
@@ -411,7 +413,7 @@ def run_isolated(args) -> list[dict]:
     rows = []
     ref_dir = args.ref_dir or tempfile.mkdtemp(prefix="int8_w8a8-arch-")
     # the host's speed before any variant built or compiled: what each child waits for (item 88)
-    settle = common.settle_child_args(args.settle_s)
+    settle = common.settle_child_args(args)
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
             outs, cmds = [], []

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -164,7 +165,9 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
     ``runs_host_us``: ``common.host_us`` right after each timed step (bench/NOTES.md item 87); ``runs_sys``: each
     timed step's ``common.cpu_moved`` (the thread's CPU share and preemptions, the host's busy CPUs and steal time:
     item 88); ``settle``: wait for the host's speed first (``common.settle_host``; what it did in ``host_settle``,
-    None without). Dynamo's counters
+    None without), and time the steps again, up to ``settle.retimes`` times, when the host's slow mode stretched
+    some of them anyway (``common.slow_host_runs``); ``retimed``: the attempts set aside (``runs_ms``,
+    ``runs_host_us``, ``slow_runs``, ``host_settle``), the row's runs being the last. Dynamo's counters
     (``dynamo_counts``): ``dynamo`` what moved from the first call through the timed steps (frames
     compiled, graphs, graph breaks, recompile limits hit), ``runs_dynamo`` what moved in each timed step (empty
     where the step ran the graphs already compiled: a compiled row whose steps spread shows a recompile there)."""
@@ -180,6 +183,47 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
         before_timing()
     # after the turn is granted: nothing else of the benchmark runs on the host while it settles
     host_settle = common.settle_host(settle) if settle is not None else None
+    runs, retimed = _timed_steps(patcher, inputs, reps), []
+    while settle is not None and len(retimed) < settle.retimes:
+        slow = common.slow_host_runs(runs["runs_ms"], runs["runs_host_us"], settle)
+        if not slow:
+            break
+        # the slow mode started after the settle: keep these steps for the record, wait until the host is out of it
+        # (against the fastest probe seen, in case the reference was taken in the slow mode; within the bound that
+        # marked the slow steps, as normal-mode probes spread more than the settle's tolerance) and time them again
+        retimed.append({"runs_ms": runs["runs_ms"], "runs_host_us": runs["runs_host_us"], "slow_runs": slow,
+                        "host_settle": host_settle})
+        settle = dataclasses.replace(settle, reference_us=min([settle.reference_us, *runs["runs_host_us"]]),
+                                     tolerance=max(settle.tolerance, settle.slow))
+        host_settle = common.settle_host(settle)
+        runs = _timed_steps(patcher, inputs, reps)
+    power = {}
+    if torch.cuda.is_available() and power_s > 0:
+        sampler, n = common.PowerSampler(), 0
+        end = time.perf_counter() + power_s
+        while time.perf_counter() < end:
+            step(patcher, inputs)
+            n += 1
+            if n % 2 == 0:
+                common.sync()  # the host stays within two steps of the GPU
+        common.sync()
+        power = sampler.stop() or {}
+    peak = None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        step(patcher, inputs)
+        common.sync()
+        peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9
+    return {"ms": common.median(runs["runs_ms"]), **runs, "host_settle": host_settle, "retimed": retimed,
+            "dynamo": counts_moved(dynamo_start, dynamo_counts()),
+            "first_call_s": first_s, "peak_gb": peak,
+            "sm_mhz": power.get("sm_mhz"), "watts": power.get("watts"),
+            "clock_event_reasons": power.get("clock_event_reasons"), "y": y}
+
+
+def _timed_steps(patcher, inputs, reps: int) -> dict[str, list]:
+    """``reps`` timed steps back to back, and beside each (outside its time) what explains a spread: the ``runs_*``
+    lists of ``measure``."""
     times, launch_path, gc_ms, runs_dynamo, runs_cpu, runs_host_us, runs_mhz, runs_sys = [], [], [], [], [], [], [], []
     for _ in range(reps):
         common.sync()
@@ -199,30 +243,9 @@ def measure(patcher, inputs, reps: int = 7, warmup: int = 2, baseline: int = 0, 
         gc_ms.append(round(gc_s[0] * 1e3, 2))
         launch_path.append({k: v - before[k] for k, v in direct.counts().items() if v != before[k]})
         runs_dynamo.append(counts_moved(dynamo_before, dynamo_counts()))
-    power = {}
-    if torch.cuda.is_available() and power_s > 0:
-        sampler, n = common.PowerSampler(), 0
-        end = time.perf_counter() + power_s
-        while time.perf_counter() < end:
-            step(patcher, inputs)
-            n += 1
-            if n % 2 == 0:
-                common.sync()  # the host stays within two steps of the GPU
-        common.sync()
-        power = sampler.stop() or {}
-    peak = None
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        step(patcher, inputs)
-        common.sync()
-        peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9
-    return {"ms": common.median(times), "runs_ms": times, "runs_gc_ms": gc_ms, "runs_launch_path": launch_path,
-            "runs_cpu": runs_cpu, "runs_numa": [common.numa_node(c) for c in runs_cpu], "runs_host_us": runs_host_us,
-            "runs_mhz": runs_mhz, "runs_sys": runs_sys, "host_settle": host_settle,
-            "dynamo": counts_moved(dynamo_start, dynamo_counts()), "runs_dynamo": runs_dynamo,
-            "first_call_s": first_s, "peak_gb": peak,
-            "sm_mhz": power.get("sm_mhz"), "watts": power.get("watts"),
-            "clock_event_reasons": power.get("clock_event_reasons"), "y": y}
+    return {"runs_ms": times, "runs_gc_ms": gc_ms, "runs_launch_path": launch_path, "runs_cpu": runs_cpu,
+            "runs_numa": [common.numa_node(c) for c in runs_cpu], "runs_host_us": runs_host_us, "runs_mhz": runs_mhz,
+            "runs_sys": runs_sys, "runs_dynamo": runs_dynamo}
 
 
 def dynamo_counts() -> dict[str, int]:
@@ -339,7 +362,8 @@ def run(models: list[str], resolutions: list[int], variants: list[str], compile_
                           f"{weights:5.2f} GB  peak {row['peak_gb'] or 0:5.2f} GB  first call "
                           f"{row['first_call_s']:.1f} s  SQNR {sqnr if sqnr is not None else float('nan'):5.1f} dB  "
                           f"SM {row['sm_mhz'] or 0:.0f} MHz {row['watts'] or 0:.0f} W"
-                          + (f"  {common.settle_note(row['host_settle'])}" if row["host_settle"] else ""),
+                          + (f"  {common.settle_note(row['host_settle'])}" if row["host_settle"] else "")
+                          + (f"  {common.retimed_note(row['retimed'])}" if row["retimed"] else ""),
                           flush=True)
             del patcher, modes, model
             torch._dynamo.reset()  # compiled graphs hold the module: drop them before the next variant
@@ -369,7 +393,7 @@ def run_isolated(args) -> list[dict]:
     in the process (peak memory and guard time of the next variant would include them)."""
     rows = []
     # the host's speed before any variant built: what each child waits for (item 88)
-    settle = common.settle_child_args(args.settle_s)
+    settle = common.settle_child_args(args)
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:  # bf16 first when listed: the others read its outputs for SQNR
             out = os.path.join(tmp, f"{variant}.json")

@@ -246,12 +246,18 @@ class HostSettle:
     GPU machines a tiny CPU op (``host_us``) runs ~2x slower for seconds after a compile or a model build, on
     the same CPU, without steal, preemption or other load, and host-bound steps (a compiled Qwen-Image step: 112
     -> 135-220 ms) follow it. ``reference_us``: the host's speed before that work (the benchmark's parent process
-    at its start); settled once a probe is within ``tolerance`` of it; ``timeout_s``: give up (the row says so)."""
+    at its start); settled once a probe is within ``tolerance`` of it; ``timeout_s``: give up (the row says so);
+    ``retimes``: how many more times a row's timed steps run when the slow mode caught them anyway
+    (``slow_host_runs``: it can start mid-row, after the settle); ``slow``: a probe over this many times the host's
+    normal speed marks a step the slow mode caught (in session 31's rows, probes in the normal mode spread up to
+    1.45x, 1.26-1.82 us; in the slow mode they were 2-3x the fastest)."""
 
     reference_us: float
     tolerance: float = 1.25
     timeout_s: float = 30.0
     interval_s: float = 0.2
+    retimes: int = 1
+    slow: float = 1.5
 
 
 def reference_host_us(probes: int = 3, interval_s: float = 0.5) -> float:
@@ -266,11 +272,14 @@ def reference_host_us(probes: int = 3, interval_s: float = 0.5) -> float:
 
 
 def add_settle_args(parser: argparse.ArgumentParser) -> None:
-    """A benchmark's ``--settle-s`` (how long each row may wait for the host's normal speed) and the hidden
-    ``--host-reference-us`` its parent passes to per-variant children (``settle_child_args``)."""
+    """A benchmark's ``--settle-s`` (how long each row may wait for the host's normal speed), ``--retimes`` and the
+    hidden ``--host-reference-us`` its parent passes to per-variant children (``settle_child_args``)."""
     parser.add_argument("--settle-s", type=float, default=30.0,
                         help="before each row's timed steps, wait up to this long for the host's normal speed (a tiny "
                              "CPU op within 1.25x of its time at the start; bench/NOTES.md item 88); 0: do not wait")
+    parser.add_argument("--retimes", type=int, default=1,
+                        help="run a row's timed steps again (after another wait) up to this many times when the host's "
+                             "slow mode stretched some of them (their spread over 10 %% and the host slow right after)")
     parser.add_argument("--host-reference-us", type=float, default=None, help=argparse.SUPPRESS)  # from the parent
 
 
@@ -279,7 +288,7 @@ def settle_from_args(args: argparse.Namespace) -> HostSettle | None:
     host's speed now, before the process builds or compiles anything); None with ``--settle-s 0``."""
     if args.settle_s <= 0:
         return None
-    return HostSettle(args.host_reference_us or reference_host_us(), timeout_s=args.settle_s)
+    return HostSettle(args.host_reference_us or reference_host_us(), timeout_s=args.settle_s, retimes=args.retimes)
 
 
 def settle_note(settled: dict) -> str:
@@ -290,10 +299,32 @@ def settle_note(settled: dict) -> str:
             f"{settled['reference_us']})")
 
 
-def settle_child_args(settle_s: float) -> list[str]:
-    """A benchmark parent's ``--settle-s`` for its per-variant child processes, with the host's normal speed taken
-    now (``--host-reference-us``, before any child builds or compiles) when they are to wait at all."""
-    return ["--settle-s", str(settle_s)] + (["--host-reference-us", str(reference_host_us())] if settle_s > 0 else [])
+def retimed_note(retimed: list[dict]) -> str:
+    """One line on the attempts ``bench_model.measure`` set aside because the host's slow mode stretched them."""
+    return "; ".join(f"retimed after host slow mode: steps {' '.join(f'{t:.1f}' for t in r['runs_ms'])} ms, host_us "
+                     f"{r['runs_host_us']}, slow after steps {r['slow_runs']}" for r in retimed)
+
+
+def settle_child_args(args: argparse.Namespace) -> list[str]:
+    """A benchmark parent's ``--settle-s`` and ``--retimes`` (``add_settle_args``) for its per-variant child
+    processes, with the host's normal speed taken now (``--host-reference-us``, before any child builds or compiles)
+    when they are to wait at all."""
+    return (["--settle-s", str(args.settle_s), "--retimes", str(args.retimes)]
+            + (["--host-reference-us", str(reference_host_us())] if args.settle_s > 0 else []))
+
+
+def slow_host_runs(runs_ms: list[float], runs_host_us: list[float], settle: HostSettle,
+                   spread: float = 1.10) -> list[int]:
+    """The timed steps the host's slow mode stretched (indices into ``runs_ms``), or [] when the row stands: the
+    steps spread by more than ``spread`` (slowest / fastest) and the ``host_us`` probe right after a step is over
+    ``settle.slow`` times the host's normal speed. That speed is the fastest of ``settle.reference_us`` and the
+    row's own probes: a reference taken in the slow mode lets everything through (session 31's Qwen-Image rows:
+    reference 3.04 us, probes 1.26-1.8 us in the normal mode and 2.8-3.6 us in the slow one, the pack row's steps
+    104.5-179.4 ms). A slow probe without a spread is a step the host did not bound; it stands."""
+    if not runs_ms or max(runs_ms) <= spread * min(runs_ms):
+        return []
+    normal = min([settle.reference_us, *runs_host_us])
+    return [i for i, probe in enumerate(runs_host_us) if probe > settle.slow * normal]
 
 
 def settle_host(settle: HostSettle) -> dict:

@@ -395,6 +395,7 @@ def test_harness_overlapped_processes_take_turns(comfyui, tmp_path):
     # each row waited (at most --settle-s) for the host's speed the parent measured at its start (item 88)
     assert len({r["host_settle"]["reference_us"] for r in rows}) == 1
     assert all(r["host_settle"]["probes"] >= 1 and r["host_settle"]["settle_s"] <= 2 + 1 for r in rows)
+    assert all(r["retimed"] == [] for r in rows)  # one step a row: no spread, nothing timed again
     sqnr = {(r["variant"], r["mode"]): r["sqnr_vs_bf16"] for r in rows}
     assert sqnr[("bf16", "eager")] == math.inf and sqnr[("bf16", "compile")] > 60
     assert all(15 < sqnr[(v, m)] < math.inf for v in ("fp8-fast", "pack-convert") for m in ("eager", "compile"))

@@ -136,3 +136,92 @@ def test_settle_host():
     note = common.settle_note(slow)
     assert note.startswith("host NOT settled after ") and "against 1e-06" in note
     assert 0 < common.reference_host_us(probes=2, interval_s=0.01) < 1e3
+
+
+def test_slow_host_runs_on_session_31_rows():
+    """common.slow_host_runs on the steps and probes of session 31's Qwen-Image rows (H100): the parent's reference
+    (3.035 us) was taken in the host's slow mode, so the row's own fastest probe sets the normal speed."""
+    from int8_w8a8.bench import common
+
+    settle = common.HostSettle(reference_us=3.035)
+    native_ms = [105.0, 104.6, 123.2, 125.7, 104.5, 128.8, 179.4]
+    native_us = [1.698, 1.643, 3.649, 1.351, 2.835, 2.936, 3.025]
+    assert common.slow_host_runs(native_ms, native_us, settle) == [2, 4, 5, 6]
+    bf16_ms = [173.8, 174.7, 175.8, 182.9, 197.7, 172.7, 173.0]
+    bf16_us = [1.684, 1.627, 1.359, 1.407, 1.769, 1.407, 1.574]
+    # BF16's 197.7 ms step came with a probe in the normal mode's range: not the host's (BF16 is not host-bound)
+    assert common.slow_host_runs(bf16_ms, bf16_us, settle) == []
+    assert common.slow_host_runs(bf16_ms, [*bf16_us[:4], 2.1, *bf16_us[5:]], settle) == [4]
+    # spread under 10 %: the converted row stands, slow probes or not
+    convert_ms = [105.0, 104.7, 104.3, 105.0, 103.8, 105.8, 109.7]
+    assert common.slow_host_runs(convert_ms, [1.258, 3.0, 1.617, 1.419, 1.344, 1.557, 1.61], settle) == []
+    # a spread with every probe at the host's normal speed is not the host's: it stands too
+    assert common.slow_host_runs(native_ms, [1.5] * 7, settle) == []
+    assert common.slow_host_runs([], [], settle) == []
+
+
+def _scripted_measure(monkeypatch, retimes: int, probes: list[float], sleeps_ms: list[float], reps: int = 4) -> dict:
+    """bench_model.measure with its step and host probe scripted: each step sleeps the next of ``sleeps_ms`` (the
+    first call included), each ``host_us`` probe (settles and after-step probes alike) returns the next of
+    ``probes``; both lists must be used up exactly."""
+    import time
+
+    from int8_w8a8.bench import common
+
+    probes, sleeps_ms = list(probes), list(sleeps_ms)
+
+    def step(patcher, inputs):
+        time.sleep(sleeps_ms.pop(0) / 1e3)
+        return torch.zeros(2)
+
+    monkeypatch.setattr(bench_model, "step", step)
+    monkeypatch.setattr(common, "host_us", lambda calls=0, rounds=0: probes.pop(0))
+    settle = common.HostSettle(reference_us=1.0, timeout_s=5.0, interval_s=0.0, retimes=retimes)
+    out = bench_model.measure(None, None, reps=reps, warmup=1, power_s=0, settle=settle)
+    assert probes == [] and sleeps_ms == []
+    return out
+
+
+def test_measure_times_again_after_the_host_slow_mode(monkeypatch):
+    """measure's retime (bench/NOTES.md item 93): steps the host's slow mode stretched after the settle are set
+    aside with their probes, the host settles again and the steps run again; the row's runs are the last attempt."""
+    out = _scripted_measure(monkeypatch, retimes=1,
+                            probes=[1.0, 1.0, 1.0, 1.0, 3.0,  # settle, then the slow mode after the fourth step
+                                    3.0, 1.4,  # the second settle waits one probe out (1.4: within 1.5x)
+                                    1.0, 1.0, 1.0, 1.0],
+                            sleeps_ms=[0, 10, 10, 10, 40, 10, 10, 10, 10])
+    [aside] = out["retimed"]
+    assert aside["slow_runs"] == [3] and aside["runs_host_us"] == [1.0, 1.0, 1.0, 3.0]
+    assert aside["runs_ms"][3] > 30 and aside["host_settle"]["probes"] == 1
+    assert out["host_settle"]["settled"] and out["host_settle"]["probes"] == 2
+    assert out["runs_host_us"] == [1.0] * 4 and max(out["runs_ms"]) < 30 and len(out["runs_ms"]) == 4
+    assert out["ms"] < 30
+    from int8_w8a8.bench import common
+
+    assert common.retimed_note(out["retimed"]).startswith("retimed after host slow mode: steps ")
+
+
+def test_measure_keeps_the_last_attempt_when_retimes_run_out(monkeypatch):
+    """With no retimes left (or none asked for) the stretched steps are the row, and nothing is set aside."""
+    out = _scripted_measure(monkeypatch, retimes=0, probes=[1.0, 1.0, 1.0, 1.0, 3.0],
+                            sleeps_ms=[0, 10, 10, 10, 40])
+    assert out["retimed"] == [] and out["runs_host_us"][3] == 3.0 and out["runs_ms"][3] > 30
+    out = _scripted_measure(monkeypatch, retimes=1,
+                            probes=[1.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0, 3.0],
+                            sleeps_ms=[0, 10, 10, 10, 40, 10, 10, 10, 40])
+    assert len(out["retimed"]) == 1 and out["runs_host_us"][3] == 3.0  # slow again: kept, and said by the spread
+
+
+def test_settle_arguments_reach_the_children():
+    """A benchmark parent's --settle-s and --retimes reach its per-variant children with the reference it took."""
+    import argparse
+
+    from int8_w8a8.bench import common
+
+    parser = argparse.ArgumentParser()
+    common.add_settle_args(parser)
+    child_argv = common.settle_child_args(parser.parse_args(["--settle-s", "5", "--retimes", "2"]))
+    child = common.settle_from_args(parser.parse_args(child_argv))
+    assert child.timeout_s == 5 and child.retimes == 2 and child.reference_us > 0
+    no_wait = common.settle_child_args(parser.parse_args(["--settle-s", "0"]))
+    assert common.settle_from_args(parser.parse_args(no_wait)) is None
