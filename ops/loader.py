@@ -98,11 +98,29 @@ def _plan(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
     return profile, len(todo) + len([k for k in fp8 if not profile.keeps(k)]), kept
 
 
+def _dtype_counts(counts: Counter) -> str:
+    return " and ".join(f"{n} in {dtype}" for dtype, n in sorted(counts.items()))
+
+
+def held_dtypes(diffusion_model: torch.nn.Module) -> Counter:
+    """The dtypes (``formats.dtype_name``) of the 2-D float weights a built model holds outside its INT8 layers:
+    what ComfyUI cast the layers kept in high precision to (its weight dtype for the model on this device)."""
+    return Counter(formats.dtype_name(w.dtype) for m in diffusion_model.modules()
+                   if isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.dim() == 2
+                   and w.is_floating_point() and not layout.is_int8_weight(w))
+
+
 def describe(report: formats.FormatReport, profile, converted: int, kept: Counter, options: LoadOptions,
-             n_int8: int) -> str:
+             n_int8: int, held: Counter | None = None) -> str:
     """What a load did, in words: the source, its INT8 layers as stored, converted and kept (for the log and
-    the loader node)."""
-    kept_text = " and ".join(f"{n} in {dtype}" for dtype, n in sorted(kept.items())) or "none"
+    the loader node). ``kept``: the source's dtypes of the layers kept in high precision; ``held``: the dtypes the
+    built model holds them in (``held_dtypes``), said when ComfyUI cast them (float32 on the CPU, float16 for Wan
+    on NVIDIA GPUs), so the text does not read as if they ran in the file's dtype."""
+    kept_text = _dtype_counts(kept) or "none"
+    if held and kept and set(held) != set(kept):
+        only = next(iter(held)) if len(held) == 1 else None
+        kept_text += (f", held in {only}" if only else f", held as {_dtype_counts(held)}") + (
+            " (ComfyUI's weight dtype for this model on this device)")
     if profile is None:
         text = (f"{report.source}: {report.quantized} layers INT8 as stored ({'; '.join(sorted(report.int8))}); "
                 f"layers kept in high precision as the file has them: {kept_text}")
@@ -113,8 +131,8 @@ def describe(report: formats.FormatReport, profile, converted: int, kept: Counte
         origin = ", ".join([f"{n} {dtype}" for dtype, n in sorted(report.floating.items())]
                            + [f"{n} FP8-scaled ({fmt})" for fmt, n in sorted(report.fp8.items())])
         text = (f"{report.source} ({origin} weights): {converted} layers converted to INT8 ({how}); kept in high "
-                f"precision: {kept_text} (the {profile.name} profile keeps embedders, modulation and output "
-                "layers unquantized)")
+                f"precision (the {profile.name} profile keeps embedders, modulation and output layers unquantized): "
+                f"{kept_text}")
         extra = ", ".join(profiles.BY_NAME[profile.name].optional)
         if extra and options.quantize_extra_blocks:
             text += f"; {extra} converted too (quantize_extra_blocks)"
@@ -155,7 +173,14 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
     if options.fused_blocks:
         blocks.install(patcher, options.attention)
     n_int8 = sum(layout.is_int8_weight(getattr(m, "weight", None)) for m in patcher.model.diffusion_model.modules())
-    text = describe(report, profile, todo, kept, options, n_int8)
+    text = describe(report, profile, todo, kept, options, n_int8, held_dtypes(patcher.model.diffusion_model))
+    if options.fused_blocks and blocks.architecture_of(patcher.model.diffusion_model) is not None:
+        from .blocks import attention_choice  # imports ComfyUI's attention, as the blocks do
+
+        model = patcher.model
+        said = attention_choice.describe_choice(options.attention, torch.device(patcher.load_device),
+                                                model.manual_cast_dtype or model.get_dtype())
+        text += f"; {said}" if said else ""
     logger.info("int8_w8a8: loaded %s", text)
     if options.notify is not None:
         options.notify(text)
@@ -181,7 +206,7 @@ def quantize_model(model, options: LoadOptions | None = None, disable_dynamic: b
     from the model's current (unpatched) weights, converted layer by layer.
     """
     options = options or LoadOptions()
-    source = f"the input model ({type(model.model).__name__})"
+    source = f"the {type(model.model).__name__} input model"
     sd = model.model.diffusion_model.state_dict()
     nsd, report = formats.normalize(sd, None, source)
     if report.quantized and not report.floating:

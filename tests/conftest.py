@@ -166,6 +166,24 @@ def triton_gemms(monkeypatch):
     return fused
 
 
+@pytest.fixture
+def gpu(monkeypatch):
+    """A simulated CUDA device whose generation the test sets (``gpu["arch"]``); decisions reset around it."""
+    from int8_w8a8.kernels import attention as attn
+
+    state = {"arch": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["arch"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(attn, "triton_import_error", lambda: None)
+    monkeypatch.setattr(attn, "_kitchen_op", lambda: object())
+    # the Triton kernel's table (test_gluon_counts_by_its_own_entry: the Gluon kernel's)
+    monkeypatch.setattr(attn, "_gluon_error", lambda cfg: "Gluon off in this test")
+    monkeypatch.delenv("INT8_W8A8_DISABLE_TRITON", raising=False)
+    attn.reset()
+    yield state
+    attn.reset()
+
+
 @pytest.fixture(autouse=True)
 def _integration_needs_comfyui(request):
     """Every ``integration`` test goes through the ``comfyui`` fixture, also one that does not name it: without a

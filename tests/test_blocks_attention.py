@@ -340,3 +340,55 @@ def test_log_once_leaves_no_guard_in_compiled_graphs(comfyui, fresh_log, monkeyp
     assert sum("a test" in r.getMessage() for r in caplog.records) == 2
     step(torch.ones(3))
     assert counter.frame_count == 1
+
+
+def test_the_loader_says_which_attention_will_run(comfyui):
+    """The loader's report (the node's text) says what the choice will run on the model's device in the dtype
+    ComfyUI computes in, so a user who picked "8-bit" where it cannot run sees it on the node, not only in the log:
+    on the CPU ComfyUI computes a BF16 model in float32 (its manual cast), so "8-bit" runs ComfyUI's attention;
+    "auto" keeps ComfyUI's (the twin is not measured faster than SDPA); "bf16" adds nothing."""
+    build, _, _ = ARCHS["flux2"]
+    sd = bu.random_state_dict(build(device="meta"), seed=23)
+    said = {}
+    with bu.tiny_detection():
+        for choice in CHOICES:
+            texts = []
+            model = bu.load(sd, torch.bfloat16, attention=choice, notify=texts.append)
+            said[choice] = texts[0]
+    assert model.model.manual_cast_dtype == torch.float32  # what ComfyUI's _apply_model casts the inputs to here
+    assert said["8-bit"].endswith("; attention (8-bit chosen): ComfyUI's on cpu: the model computes in float32 "
+                                  "there; 8-bit attention takes bf16 or fp16"), said["8-bit"]
+    assert "; attention (auto chosen): ComfyUI's on cpu: tensors are on cpu: the torch twin" in said["auto"]
+    assert "attention" not in said["bf16"].split("; ")[-1]
+    # held in BF16 (the load's dtype), computed in float32: the kept layers' text stays the file's dtype
+    # (test_nodes_ui: a load without a dtype, where ComfyUI holds them in FP32 and the text says so)
+    assert said["bf16"].endswith("output layers unquantized): 9 in BF16")
+
+
+def test_attention_said_by_device_and_dtype(comfyui, gpu, monkeypatch):
+    """``attention_choice.describe_choice`` by the same rules as the calls: the twin for a BF16 model on the CPU;
+    on a simulated Hopper GPU "auto" keeps ComfyUI's where no 8-bit kernel is measured faster and states the key
+    count where one is measured faster from it."""
+    from int8_w8a8.kernels import attention as attn
+    from int8_w8a8.kernels.attention_configs import config_for
+    from int8_w8a8.ops.blocks import attention_choice
+
+    monkeypatch.setattr(attention_choice, "_device_rule_cached", _uncached(attention_choice._device_rule_cached))
+    monkeypatch.setattr(attention_choice, "_auto_min_keys_cached", _uncached(attention_choice._auto_min_keys_cached))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert attention_choice.describe_choice("bf16", cpu, torch.bfloat16) is None
+    assert attention_choice.describe_choice("8-bit", cpu, torch.bfloat16) == (
+        "attention (8-bit chosen): 8-bit on cpu (calls it cannot take run ComfyUI's, logged once)")
+    assert attention_choice.describe_choice("8-bit", cuda, torch.float16).startswith("attention (8-bit chosen): 8-bit")
+    assert "not faster" in attention_choice.describe_choice("auto", cuda, torch.bfloat16)
+    key = ((9, 0), config_for((9, 0)).name)
+    monkeypatch.setitem(attn.TRITON_MEASURED, key, attn.Measured(0.8, 0.012, min_keys=8192, speedup_from=1.1))
+    attn.reset()
+    assert attention_choice.describe_choice("auto", cuda, torch.bfloat16) == (
+        "attention (auto chosen): 8-bit on cuda:0 for calls with at least 8192 keys, ComfyUI's for shorter ones "
+        "(measured slower there)")
+
+
+def _uncached(cached):
+    """The function behind a ``functools.cache`` wrapper, so a test's simulated GPU is not kept for later tests."""
+    return cached.__wrapped__

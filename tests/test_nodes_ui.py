@@ -166,9 +166,13 @@ def test_nodes_show_what_they_did_on_the_node(workspace, texts):
     executor, errors = _execute(prompt, ["4"])
     assert executor.success and not errors, errors
     loaded = texts.of("1")
+    # on the CPU ComfyUI holds the model in float32: the kept layers' dtype in the file and the one they run in; and
+    # the attention the loader's choice (auto) runs there
     assert loaded == ("bf16.safetensors (19 BF16 weights): 10 layers converted to INT8 (per-row scales, no ConvRot); "
-                      "kept in high precision: 9 in BF16 (the flux2 profile keeps embedders, modulation and output "
-                      "layers unquantized)")
+                      "kept in high precision (the flux2 profile keeps embedders, modulation and output layers "
+                      "unquantized): 9 in BF16, held in FP32 (ComfyUI's weight dtype for this model on this device); "
+                      "attention (auto chosen): ComfyUI's on cpu: tensors are on cpu: the torch twin (8-bit numerics, "
+                      "float32), slower than SDPA (no GPU measured)")
     n_a = 2 * (len(QUANTIZED_LAYERS) + len(KEPT_LAYERS))  # lora_up and lora_down per layer
     assert texts.of("2") == f"a.safetensors: {n_a}/{n_a} LoRA keys matched (13 weights)"
     assert texts.of("3").startswith("b.safetensors: 36/36 LoRA keys matched")
@@ -231,7 +235,7 @@ def test_reporting_nodes_return_their_text_as_ui_output(workspace, texts):
         assert all(isinstance(line, str) and line for line in output["text"])
         assert "\n".join(output["text"]) == texts.of(node_id)
     assert outputs["2"]["text"][0].startswith("a.safetensors: ")
-    assert outputs["4"]["text"][0].startswith("the input model (Flux2): 10 layers INT8 as stored")
+    assert outputs["4"]["text"][0].startswith("the Flux2 input model: 10 layers INT8 as stored")
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -116,6 +116,25 @@ def why_not_8bit(choice: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return attention_rules.attention_problem(q, k, v)
 
 
+def describe_choice(choice: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """What the fused blocks' attention will be for a model that runs on ``device`` in ``dtype``, in words for the
+    loader's report, from the rules that need no call (4 and 5, and rule 6's dtype); None for "bf16" (ComfyUI's, as
+    chosen). So a user who picked "8-bit" sees on the node, not only in the log, where it cannot run."""
+    if choice == "bf16":
+        return None
+    index = -1 if device.index is None else device.index
+    why = _device_rule(choice, device.type, index)
+    if why is None and dtype not in (torch.bfloat16, torch.float16):
+        why = f"the model computes in {str(dtype).replace('torch.', '')} there; 8-bit attention takes bf16 or fp16"
+    if why is not None:
+        return f"attention ({choice} chosen): ComfyUI's on {device}: {why.removeprefix('auto: ')}"
+    min_keys = _auto_min_keys(choice, device.type, index)
+    if min_keys:
+        return (f"attention ({choice} chosen): 8-bit on {device} for calls with at least {min_keys} keys, ComfyUI's "
+                "for shorter ones (measured slower there)")
+    return f"attention ({choice} chosen): 8-bit on {device} (calls it cannot take run ComfyUI's, logged once)"
+
+
 def _log_once(choice: str, outcome: str) -> None:
     log_once(logger, _LOGGED, (choice, outcome), "int8_w8a8: fused blocks' attention (%s chosen): %s", choice, outcome)
 
