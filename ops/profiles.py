@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from .formats import Int8FormatError
+
 
 @dataclass(frozen=True)
 class ModelProfile:
@@ -107,14 +109,14 @@ def detect(keys: Iterable[str]) -> ModelProfile | None:
 def resolve(choice: str, keys: Iterable[str], source: str = "the model") -> ModelProfile:
     """The profile for ``choice`` ("auto" or a name), checked against the keys of ``source``.
 
-    Raises ValueError when auto-detection fails, when the name is unknown, or when the keys show
-    another architecture than the one chosen.
+    Raises ``Int8FormatError`` (a ValueError: the file, what is wrong, what to do) when auto-detection fails or
+    when the keys show another architecture than the one chosen, and ValueError when the name is unknown.
     """
     keyset = set(keys)
     found = detect(keyset)
     if choice == AUTO:
         if found is None:
-            raise ValueError(
+            raise Int8FormatError(
                 f"{source}: could not detect the model architecture from its keys; supported: "
                 f"{', '.join(p.name for p in PROFILES)}. If it is one of them under other key names, "
                 "load it with the matching profile selected; otherwise it is not supported yet."
@@ -124,13 +126,13 @@ def resolve(choice: str, keys: Iterable[str], source: str = "the model") -> Mode
         raise ValueError(f"model profile: unknown {choice!r}; choose one of {', '.join(CHOICES)}")
     chosen = BY_NAME[choice]
     if found is not None and found is not chosen:
-        raise ValueError(
+        raise Int8FormatError(
             f"{source}: is a {found.title} model, but the profile {chosen.name!r} was selected; "
             f"select {found.name!r} or 'auto'"
         )
     if found is None:
         missing = [k for k in chosen.detect if k not in keyset]
-        raise ValueError(
+        raise Int8FormatError(
             f"{source}: does not look like {chosen.title} (missing {', '.join(missing[:3])}); "
             "check that the file is a diffusion model of that architecture"
         )

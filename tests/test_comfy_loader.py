@@ -261,7 +261,8 @@ def test_wrong_architecture_and_bad_layers_fail_before_building(flux2, tmp_path)
     from int8_w8a8.ops import formats, loader, profiles
 
     path = _write(tmp_path, "bf16.safetensors", flux2["sd"])
-    with pytest.raises(ValueError, match=r"bf16\.safetensors: is a FLUX\.2 .* profile 'chroma' was selected"):
+    wrong = r"bf16\.safetensors: is a FLUX\.2 .* profile 'chroma' was selected"
+    with pytest.raises(formats.Int8FormatError, match=wrong):
         loader.load_file(path, loader.LoadOptions(profile="chroma"))
     sd, meta = fu.native(flux2["sd"], _quantized_layer)
     sd["single_blocks.0.linear2.weight_scale"] = torch.full((H, 1), float("inf"))

@@ -114,9 +114,9 @@ def test_optional_keep_patterns():
 def test_profile_resolution_errors():
     sd = flux2_sd()
     assert profiles.resolve("auto", sd, "f.safetensors").name == "flux2"
-    with pytest.raises(ValueError, match=r"is a FLUX\.2 .* but the profile 'wan' was selected"):
+    with pytest.raises(formats.Int8FormatError, match=r"is a FLUX\.2 .* but the profile 'wan' was selected"):
         profiles.resolve("wan", sd, "f.safetensors")
-    with pytest.raises(ValueError, match="could not detect the model architecture"):
+    with pytest.raises(formats.Int8FormatError, match="could not detect the model architecture"):
         profiles.resolve("auto", {"foo.weight": 1}, "f.safetensors")
     with pytest.raises(ValueError, match="unknown 'sdxl'"):
         profiles.resolve("sdxl", sd, "f.safetensors")
