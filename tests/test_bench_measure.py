@@ -189,13 +189,13 @@ def test_measure_times_again_after_the_host_slow_mode(monkeypatch):
                             probes=[1.0, 1.0, 1.0, 1.0, 3.0,  # settle, then the slow mode after the fourth step
                                     3.0, 1.4,  # the second settle waits one probe out (1.4: within 1.5x)
                                     1.0, 1.0, 1.0, 1.0],
-                            sleeps_ms=[0, 10, 10, 10, 40, 10, 10, 10, 10])
+                            sleeps_ms=[0, 10, 10, 10, 120, 10, 10, 10, 10])
     [aside] = out["retimed"]
     assert aside["slow_runs"] == [3] and aside["runs_host_us"] == [1.0, 1.0, 1.0, 3.0]
-    assert aside["runs_ms"][3] > 30 and aside["host_settle"]["probes"] == 1
+    assert aside["runs_ms"][3] >= 120 and aside["host_settle"]["probes"] == 1
     assert out["host_settle"]["settled"] and out["host_settle"]["probes"] == 2
-    assert out["runs_host_us"] == [1.0] * 4 and max(out["runs_ms"]) < 30 and len(out["runs_ms"]) == 4
-    assert out["ms"] < 30
+    assert out["runs_host_us"] == [1.0] * 4 and max(out["runs_ms"]) < 100 and len(out["runs_ms"]) == 4
+    assert out["ms"] < 100
     from int8_w8a8.bench import common
 
     assert common.retimed_note(out["retimed"]).startswith("retimed after host slow mode: steps ")
@@ -204,11 +204,11 @@ def test_measure_times_again_after_the_host_slow_mode(monkeypatch):
 def test_measure_keeps_the_last_attempt_when_retimes_run_out(monkeypatch):
     """With no retimes left (or none asked for) the stretched steps are the row, and nothing is set aside."""
     out = _scripted_measure(monkeypatch, retimes=0, probes=[1.0, 1.0, 1.0, 1.0, 3.0],
-                            sleeps_ms=[0, 10, 10, 10, 40])
-    assert out["retimed"] == [] and out["runs_host_us"][3] == 3.0 and out["runs_ms"][3] > 30
+                            sleeps_ms=[0, 10, 10, 10, 120])
+    assert out["retimed"] == [] and out["runs_host_us"][3] == 3.0 and out["runs_ms"][3] >= 120
     out = _scripted_measure(monkeypatch, retimes=1,
                             probes=[1.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0, 3.0],
-                            sleeps_ms=[0, 10, 10, 10, 40, 10, 10, 10, 40])
+                            sleeps_ms=[0, 10, 10, 10, 120, 10, 10, 10, 120])
     assert len(out["retimed"]) == 1 and out["runs_host_us"][3] == 3.0  # slow again: kept, and said by the spread
 
 
