@@ -170,11 +170,10 @@ def build(nsd: dict, report: formats.FormatReport, options: LoadOptions, source:
     saving.remember_source_dtypes(patcher.model, dtypes)
     if prepare is not None:
         prepare.attach(patcher)
-    if options.fused_blocks:
-        blocks.install(patcher, options.attention)
+    fused = blocks.install(patcher, options.attention) if options.fused_blocks else 0
     n_int8 = sum(layout.is_int8_weight(getattr(m, "weight", None)) for m in patcher.model.diffusion_model.modules())
     text = describe(report, profile, todo, kept, options, n_int8, held_dtypes(patcher.model.diffusion_model))
-    if options.fused_blocks and blocks.architecture_of(patcher.model.diffusion_model) is not None:
+    if fused:  # the choice only reaches fused blocks
         from .blocks import attention_choice  # imports ComfyUI's attention, as the blocks do
 
         model = patcher.model

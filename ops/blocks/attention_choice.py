@@ -124,7 +124,7 @@ def describe_choice(choice: str, device: torch.device, dtype: torch.dtype) -> st
         return None
     index = -1 if device.index is None else device.index
     why = _device_rule(choice, device.type, index)
-    if why is None and dtype not in (torch.bfloat16, torch.float16):
+    if why is None and dtype not in attention_rules.SUPPORTED_DTYPES:  # rule 6's dtype check, before any call
         why = f"the model computes in {str(dtype).replace('torch.', '')} there; 8-bit attention takes bf16 or fp16"
     if why is not None:
         return f"attention ({choice} chosen): ComfyUI's on {device}: {why.removeprefix('auto: ')}"
